@@ -1,6 +1,12 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod config;
+pub mod error;
+pub mod reactor;
+pub mod reaper;
+pub mod runtime;
+pub mod spawn;
 
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {

@@ -1,0 +1,136 @@
+//! berthd's flags. Every flag can also be given as an environment variable `BERTH_<NAME>`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// berthd: a container runtime daemon for dense hosts, serving the containerd v0.2 gRPC API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "berthd", version)]
+pub struct Config {
+    /// Unix socket to serve the API on; its parent is created with mode 0711.
+    #[arg(long, env = "BERTH_LISTEN", default_value = "/run/berth/berth.sock")]
+    pub listen: PathBuf,
+
+    /// Group that owns the socket (mode 0660); a name or a numeric gid.
+    #[arg(long, env = "BERTH_GROUP", default_value = "root")]
+    pub group: String,
+
+    /// Directory for per-container state files and the runtime's own state.
+    #[arg(long, env = "BERTH_STATE_DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
+
+    /// OCI runtime: runc, crun or youki by name (looked up in PATH) or a path to the binary.
+    #[arg(long, env = "BERTH_RUNTIME", default_value = "runc")]
+    pub runtime: String,
+
+    /// Seconds a runtime command may run before it is killed and its request fails.
+    #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub runtime_timeout: u64,
+
+    /// Machine id reported by State; defaults to the host name.
+    #[arg(long, env = "BERTH_ID")]
+    pub id: Option<String>,
+
+    /// Events kept for subscribers that are behind; a subscriber further behind is cut off.
+    #[arg(long, env = "BERTH_EVENTS_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub events_buffer: u64,
+
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing directive.
+    #[arg(long, env = "BERTH_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Config {
+    pub fn runtime_timeout(&self) -> Duration {
+        Duration::from_secs(self.runtime_timeout)
+    }
+
+    pub fn runtime_root(&self) -> PathBuf {
+        self.state_dir.join("runtime")
+    }
+
+    pub fn containers_dir(&self) -> PathBuf {
+        self.state_dir.join("containers")
+    }
+
+    /// Scratch space for pid files, process specs and console sockets of requests in flight.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.state_dir.join("tmp")
+    }
+}
+
+/// Finds the runtime binary: a name is looked up in `PATH`, anything with a slash is taken as is.
+pub fn resolve_runtime(runtime: &str, path_var: Option<&std::ffi::OsStr>) -> Result<PathBuf> {
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if runtime.contains('/') {
+        let path = PathBuf::from(runtime);
+        return if executable(&path) {
+            Ok(path)
+        } else {
+            Err(Error::NotFound(format!(
+                "runtime {runtime} is not an executable file"
+            )))
+        };
+    }
+    path_var
+        .into_iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(runtime))
+        .find(|p| executable(p))
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "runtime {runtime} not found in PATH; install it (apt-get install {runtime}) or pass --runtime /path/to/it"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_reads_an_environment_variable() {
+        let cmd = <Config as clap::CommandFactory>::command();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let expected = format!("BERTH_{}", id.to_uppercase());
+            assert_eq!(env.as_deref(), Some(expected.as_str()), "flag {id}");
+        }
+    }
+
+    #[test]
+    fn runtime_is_found_in_path_or_reported_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("fake-runc");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::join_paths([Path::new("/nonexistent"), dir.path()]).unwrap();
+        assert_eq!(resolve_runtime("fake-runc", Some(&path)).unwrap(), bin);
+        let err = resolve_runtime("no-such-runtime", Some(&path)).unwrap_err();
+        assert!(err.to_string().contains("not found in PATH"), "{err}");
+        assert!(resolve_runtime("/nonexistent/runc", None).is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! Typed runtime operations and the one place they become argv for runc, crun or youki.
+//!
+//! Owns: the argv of every runtime invocation, its timeout, and turning a failed invocation into
+//! an error that carries the runtime's own message (from its JSON log, else its stderr).
+//! Does not own: starting processes (behind [`Spawner`], implemented by the spawn helper) or what
+//! the supervisor does with the result.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use crate::error::{Error, Result};
+use crate::reaper::exit_code;
+use crate::spawn::protocol::{Outcome, Response};
+use crate::spawn::{SpawnHelper, SpawnStdio};
+
+/// One runtime invocation, with everything its argv needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Operation<'a> {
+    Create {
+        id: &'a str,
+        bundle: &'a Path,
+        pid_file: &'a Path,
+        console_socket: Option<&'a Path>,
+    },
+    Start {
+        id: &'a str,
+    },
+    Exec {
+        id: &'a str,
+        process: &'a Path,
+        pid_file: &'a Path,
+        console_socket: Option<&'a Path>,
+    },
+    Kill {
+        id: &'a str,
+        signal: i32,
+    },
+    Pause {
+        id: &'a str,
+    },
+    Resume {
+        id: &'a str,
+    },
+    Delete {
+        id: &'a str,
+    },
+    State {
+        id: &'a str,
+    },
+}
+
+impl Operation<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Create { .. } => "create",
+            Operation::Start { .. } => "start",
+            Operation::Exec { .. } => "exec",
+            Operation::Kill { .. } => "kill",
+            Operation::Pause { .. } => "pause",
+            Operation::Resume { .. } => "resume",
+            Operation::Delete { .. } => "delete",
+            Operation::State { .. } => "state",
+        }
+    }
+
+    /// Whether the runtime's stdio becomes the container process's stdio, so output cannot be
+    /// captured and the error text must come from the log file.
+    fn passes_stdio(&self) -> bool {
+        matches!(self, Operation::Create { .. } | Operation::Exec { .. })
+    }
+}
+
+/// The runtime binary and where it keeps its state.
+#[derive(Debug, Clone)]
+pub struct RuntimeBinary {
+    pub path: PathBuf,
+    pub root: PathBuf,
+}
+
+impl RuntimeBinary {
+    /// The runtime's short name for messages: `runc`, `crun`, or the file name given.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+
+    /// The full argv for `op`. runc, crun and youki share these flags.
+    pub fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        let mut argv = vec![
+            path(&self.path),
+            "--root".into(),
+            path(&self.root),
+            "--log".into(),
+            path(log),
+            "--log-format".into(),
+            "json".into(),
+            op.name().into(),
+        ];
+        match *op {
+            Operation::Create {
+                id,
+                bundle,
+                pid_file,
+                console_socket,
+            } => {
+                argv.extend(["--bundle".into(), path(bundle)]);
+                argv.extend(["--pid-file".into(), path(pid_file)]);
+                if let Some(socket) = console_socket {
+                    argv.extend(["--console-socket".into(), path(socket)]);
+                }
+                argv.push(id.into());
+            }
+            Operation::Exec {
+                id,
+                process,
+                pid_file,
+                console_socket,
+            } => {
+                argv.push("--detach".into());
+                argv.extend(["--pid-file".into(), path(pid_file)]);
+                argv.extend(["--process".into(), path(process)]);
+                if let Some(socket) = console_socket {
+                    argv.extend(["--console-socket".into(), path(socket)]);
+                }
+                argv.push(id.into());
+            }
+            Operation::Kill { id, signal } => {
+                argv.extend([id.into(), signal.to_string()]);
+            }
+            Operation::Delete { id } => {
+                argv.extend(["--force".into(), id.into()]);
+            }
+            Operation::Start { id }
+            | Operation::Pause { id }
+            | Operation::Resume { id }
+            | Operation::State { id } => argv.push(id.into()),
+        }
+        argv
+    }
+}
+
+/// Starts processes for the runtime; the spawn helper in berthd, a stub in unit tests.
+pub trait Spawner: Send + Sync + 'static {
+    fn spawn(
+        &self,
+        argv: Vec<String>,
+        stdio: [SpawnStdio; 3],
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Response>>;
+}
+
+impl Spawner for SpawnHelper {
+    fn spawn(
+        &self,
+        argv: Vec<String>,
+        stdio: [SpawnStdio; 3],
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Response>> {
+        Box::pin(self.run(argv, stdio, timeout))
+    }
+}
+
+/// Runs typed operations through a spawner, with a timeout and the runtime's errors.
+pub struct Runtime {
+    binary: RuntimeBinary,
+    spawner: Arc<dyn Spawner>,
+    timeout: Duration,
+    log_dir: PathBuf,
+    next_log: AtomicU64,
+}
+
+impl Runtime {
+    pub fn new(
+        binary: RuntimeBinary,
+        spawner: Arc<dyn Spawner>,
+        timeout: Duration,
+        log_dir: PathBuf,
+    ) -> Self {
+        Runtime {
+            binary,
+            spawner,
+            timeout,
+            log_dir,
+            next_log: AtomicU64::new(0),
+        }
+    }
+
+    pub fn binary(&self) -> &RuntimeBinary {
+        &self.binary
+    }
+
+    /// Runs `op` with its output captured; returns its stdout.
+    pub async fn run(&self, op: Operation<'_>) -> Result<String> {
+        self.run_with_stdio(op, [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture])
+            .await
+    }
+
+    /// Runs `op` with the given stdio (the container's, for create and exec).
+    pub async fn run_with_stdio(&self, op: Operation<'_>, stdio: [SpawnStdio; 3]) -> Result<String> {
+        let log = self
+            .log_dir
+            .join(format!("{}.log", self.next_log.fetch_add(1, Ordering::Relaxed)));
+        let argv = self.binary.argv(&op, &log);
+        let what = format!("{} {}", self.binary.name(), op.name());
+        tracing::debug!(?argv, "runtime");
+        let response = self.spawner.spawn(argv, stdio, self.timeout).await;
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        let response = response?;
+        match response.outcome {
+            Outcome::Exited { wait_status } => {
+                let status = nix::sys::wait::WaitStatus::from_raw(
+                    nix::unistd::Pid::from_raw(response.pid),
+                    wait_status,
+                )
+                .ok()
+                .and_then(|s| exit_code(&s));
+                if status == Some(0) {
+                    Ok(response.stdout)
+                } else {
+                    let captured = if op.passes_stdio() { "" } else { &response.stderr };
+                    Err(Error::Runtime {
+                        op: what,
+                        message: failure_message(&log_text, captured, status),
+                    })
+                }
+            }
+            Outcome::TimedOut => Err(Error::Timeout {
+                what,
+                secs: self.timeout.as_secs(),
+            }),
+            Outcome::SpawnFailed { error } => Err(Error::Runtime { op: what, message: error }),
+        }
+    }
+}
+
+/// The most useful line a failed runtime left: the last error in its JSON log, else the last
+/// non-empty line of its stderr, else its exit status.
+fn failure_message(log: &str, stderr: &str, status: Option<u32>) -> String {
+    #[derive(serde::Deserialize)]
+    struct LogLine {
+        level: String,
+        msg: String,
+    }
+    let from_log = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<LogLine>(line).ok())
+        .filter(|line| line.level == "error" || line.level == "fatal")
+        .map(|line| line.msg)
+        .last();
+    from_log
+        .or_else(|| {
+            stderr
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .last()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| match status {
+            Some(code) => format!("exited with status {code} and no message"),
+            None => "ended abnormally with no message".into(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn binary() -> RuntimeBinary {
+        RuntimeBinary {
+            path: "/usr/bin/runc".into(),
+            root: "/run/berth/runtime".into(),
+        }
+    }
+
+    fn args(op: Operation<'_>) -> Vec<String> {
+        binary().argv(&op, Path::new("/run/berth/tmp/1.log"))[7..].to_vec()
+    }
+
+    #[test]
+    fn global_flags_come_first() {
+        let argv = binary().argv(&Operation::Start { id: "a" }, Path::new("/l.log"));
+        assert_eq!(
+            argv,
+            [
+                "/usr/bin/runc",
+                "--root",
+                "/run/berth/runtime",
+                "--log",
+                "/l.log",
+                "--log-format",
+                "json",
+                "start",
+                "a"
+            ]
+        );
+    }
+
+    #[test]
+    fn create_and_exec_argv() {
+        let create = Operation::Create {
+            id: "web",
+            bundle: Path::new("/b"),
+            pid_file: Path::new("/p"),
+            console_socket: None,
+        };
+        assert_eq!(args(create), ["create", "--bundle", "/b", "--pid-file", "/p", "web"]);
+        let with_console = Operation::Create {
+            id: "web",
+            bundle: Path::new("/b"),
+            pid_file: Path::new("/p"),
+            console_socket: Some(Path::new("/c.sock")),
+        };
+        assert_eq!(
+            args(with_console),
+            ["create", "--bundle", "/b", "--pid-file", "/p", "--console-socket", "/c.sock", "web"]
+        );
+        let exec = Operation::Exec {
+            id: "web",
+            process: Path::new("/proc.json"),
+            pid_file: Path::new("/p"),
+            console_socket: None,
+        };
+        assert_eq!(
+            args(exec),
+            ["exec", "--detach", "--pid-file", "/p", "--process", "/proc.json", "web"]
+        );
+    }
+
+    #[test]
+    fn other_operations_argv() {
+        assert_eq!(args(Operation::Kill { id: "a", signal: 9 }), ["kill", "a", "9"]);
+        assert_eq!(args(Operation::Delete { id: "a" }), ["delete", "--force", "a"]);
+        assert_eq!(args(Operation::Pause { id: "a" }), ["pause", "a"]);
+        assert_eq!(args(Operation::Resume { id: "a" }), ["resume", "a"]);
+        assert_eq!(args(Operation::State { id: "a" }), ["state", "a"]);
+    }
+
+    #[test]
+    fn failure_message_prefers_the_log_then_stderr_then_status() {
+        let log = concat!(
+            r#"{"level":"warning","msg":"ignored","time":"t"}"#,
+            "\n",
+            r#"{"level":"error","msg":"runc create failed: exec: \"/nope\": no such file or directory","time":"t"}"#,
+            "\n"
+        );
+        assert!(failure_message(log, "x", Some(1)).contains("/nope"));
+        assert_eq!(failure_message("", "first\nlast line\n\n", Some(1)), "last line");
+        assert_eq!(
+            failure_message("", "", Some(2)),
+            "exited with status 2 and no message"
+        );
+    }
+
+    /// A spawner that records argv and answers with a fixed outcome.
+    struct StubSpawner {
+        outcome: Outcome,
+        stderr: String,
+        seen: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Spawner for StubSpawner {
+        fn spawn(
+            &self,
+            argv: Vec<String>,
+            _stdio: [SpawnStdio; 3],
+            _timeout: Duration,
+        ) -> BoxFuture<'_, Result<Response>> {
+            self.seen.lock().unwrap().push(argv);
+            let response = Response {
+                id: 1,
+                pid: 42,
+                outcome: self.outcome.clone(),
+                stdout: "{\"status\":\"running\"}".into(),
+                stderr: self.stderr.clone(),
+            };
+            Box::pin(async move { Ok(response) })
+        }
+    }
+
+    fn runtime_with(outcome: Outcome, stderr: &str) -> (Runtime, Arc<StubSpawner>) {
+        let stub = Arc::new(StubSpawner {
+            outcome,
+            stderr: stderr.into(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let runtime = Runtime::new(
+            binary(),
+            stub.clone(),
+            Duration::from_secs(3),
+            std::env::temp_dir(),
+        );
+        (runtime, stub)
+    }
+
+    #[tokio::test]
+    async fn success_returns_stdout() {
+        let (runtime, stub) = runtime_with(Outcome::Exited { wait_status: 0 }, "");
+        let out = runtime.run(Operation::State { id: "a" }).await.unwrap();
+        assert_eq!(out, "{\"status\":\"running\"}");
+        assert_eq!(stub.seen.lock().unwrap()[0][7], "state");
+    }
+
+    #[tokio::test]
+    async fn failures_carry_the_runtime_message() {
+        let (runtime, _) = runtime_with(
+            Outcome::Exited { wait_status: 1 << 8 },
+            "container \"a\" does not exist\n",
+        );
+        let err = runtime.run(Operation::Kill { id: "a", signal: 9 }).await.unwrap_err();
+        assert_eq!(err.to_string(), "runc kill failed: container \"a\" does not exist");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn timeouts_and_spawn_failures_map_to_their_errors() {
+        let (runtime, _) = runtime_with(Outcome::TimedOut, "");
+        let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::DeadlineExceeded);
+        let (runtime, _) = runtime_with(
+            Outcome::SpawnFailed {
+                error: "/usr/bin/runc: No such file or directory".into(),
+            },
+            "",
+        );
+        let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
+        assert!(err.to_string().contains("No such file"), "{err}");
+    }
+}

@@ -1,0 +1,46 @@
+//! What berthd and the spawn helper say to each other: one JSON message per `SOCK_SEQPACKET`
+//! datagram, stdio descriptors attached with `SCM_RIGHTS` in stdin, stdout, stderr order.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest message either side sends; captured output is cut to fit.
+pub const MAX_MESSAGE: usize = 128 * 1024;
+/// Captured stdout or stderr kept per command: plenty for `state` JSON and error text.
+pub const CAPTURE_LIMIT: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StdioSpec {
+    /// `/dev/null`.
+    Null,
+    /// The next descriptor attached to the request.
+    Passed,
+    /// A pipe whose contents come back in the response.
+    Capture,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub argv: Vec<String>,
+    pub stdio: [StdioSpec; 3],
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The command ended; the raw wait status is decoded by `reaper::exit_code`.
+    Exited { wait_status: i32 },
+    /// The command outlived its timeout and was killed.
+    TimedOut,
+    /// The command could not be started at all.
+    SpawnFailed { error: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub pid: i32,
+    pub outcome: Outcome,
+    pub stdout: String,
+    pub stderr: String,
+}
