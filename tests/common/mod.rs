@@ -1,0 +1,701 @@
+//! Shared helpers for the integration tests: OCI bundles built from busybox, a real berthd on a
+//! temp socket and state dir, event and FIFO helpers, and the "nothing left behind" checks.
+
+// Every test crate compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::Read;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use berth::proto::api_client::ApiClient;
+use berth::proto::{
+    AddProcessRequest, CreateContainerRequest, Event, EventsRequest, SignalRequest, StateRequest,
+    StateResponse,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::Mode;
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+pub type Client = ApiClient<Channel>;
+
+/// Longest any single test may run before it fails instead of hanging CI.
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest we wait for one expected event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time the daemon gets to close fds and reap children after a request returned.
+const SETTLE: Duration = Duration::from_secs(5);
+
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "sleep", "cat", "echo", "true", "env", "id", "pwd", "ls",
+];
+
+pub const SIGKILL: u32 = libc::SIGKILL as u32;
+pub const SIGTERM: u32 = libc::SIGTERM as u32;
+
+/// Runs a test body with a deadline. The body stays alive while the timeout panic unwinds, so a
+/// `Daemon` inside it still sees `thread::panicking()` and prints berthd's log.
+pub async fn within<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match tokio::time::timeout(TEST_TIMEOUT, &mut fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("test did not finish within {TEST_TIMEOUT:?}"),
+    }
+}
+
+/// A container id unique to this test run, so parallel tests never share a cgroup.
+pub fn id(name: &str) -> String {
+    let id = format!("{name}-{}", std::process::id());
+    assert!(id.len() <= 64, "test container id too long: {id}");
+    id
+}
+
+fn unmet_requirement() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    let runc = Command::new("runc").arg("--version").output();
+    if !runc.is_ok_and(|out| out.status.success()) {
+        return Some("runc is not installed (not found in PATH)".into());
+    }
+    if !Path::new(BUSYBOX).is_file() {
+        return Some(format!("{BUSYBOX} is missing (install busybox-static)"));
+    }
+    None
+}
+
+/// Whether the host can run the integration tests. Under CI a missing requirement is a failure;
+/// elsewhere the test prints why it skipped.
+pub fn ready() -> bool {
+    static UNMET: OnceLock<Option<String>> = OnceLock::new();
+    let Some(why) = UNMET.get_or_init(unmet_requirement) else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "integration tests need root, runc and busybox-static: {why} (run scripts/test as root)"
+        );
+    }
+    eprintln!("skipping integration test: {why} (with CI set this is a failure)");
+    false
+}
+
+/// `runc spec` output, generated once per test binary.
+fn base_spec() -> &'static Value {
+    static SPEC: OnceLock<Value> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let dir = TempDir::new().expect("temp dir");
+        let out = Command::new("runc")
+            .arg("spec")
+            .arg("--bundle")
+            .arg(dir.path())
+            .output()
+            .expect("run runc spec");
+        assert!(out.status.success(), "runc spec: {out:?}");
+        let text = fs::read_to_string(dir.path().join("config.json")).expect("runc spec output");
+        serde_json::from_str(&text).expect("runc spec writes JSON")
+    })
+}
+
+/// An OCI bundle in a temp dir: a rootfs holding busybox and its applets, and the `runc spec`
+/// config with `process.args` set and no terminal.
+pub struct Bundle {
+    dir: TempDir,
+}
+
+impl Bundle {
+    pub fn new(args: &[&str]) -> Bundle {
+        let dir = TempDir::new().expect("temp dir");
+        let bin = dir.path().join("rootfs/bin");
+        fs::create_dir_all(&bin).expect("rootfs/bin");
+        fs::create_dir_all(dir.path().join("rootfs/tmp")).expect("rootfs/tmp");
+        fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+        for applet in APPLETS {
+            symlink("busybox", bin.join(applet)).expect("applet symlink");
+        }
+        let bundle = Bundle { dir };
+        let mut spec = base_spec().clone();
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = args.into();
+        bundle.write_config(&spec);
+        bundle
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> String {
+        self.dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned()
+    }
+
+    /// Changes config.json, e.g. `b.edit(|c| c["process"]["terminal"] = true.into())`.
+    pub fn edit(&self, change: impl FnOnce(&mut Value)) {
+        let mut spec = self.config();
+        change(&mut spec);
+        self.write_config(&spec);
+    }
+
+    pub fn config(&self) -> Value {
+        let text = fs::read_to_string(self.path().join("config.json")).expect("config.json");
+        serde_json::from_str(&text).expect("config.json is JSON")
+    }
+
+    fn write_config(&self, spec: &Value) {
+        let text = serde_json::to_string_pretty(spec).expect("serialize spec");
+        fs::write(self.path().join("config.json"), text).expect("write config.json");
+    }
+}
+
+/// A berthd started for one test on its own socket and state dir.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: TempDir,
+    pub client: Client,
+}
+
+impl Daemon {
+    /// Starts berthd with the default flags, or returns None (after printing why) when the host
+    /// cannot run integration tests.
+    pub async fn start() -> Option<Daemon> {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Option<Daemon> {
+        if !ready() {
+            return None;
+        }
+        let dir = TempDir::new().expect("temp dir");
+        let child = spawn_berthd(dir.path(), extra);
+        let socket = dir.path().join("berth.sock");
+        let mut daemon = Daemon {
+            child: Some(child),
+            client: wait_for_socket(&socket, dir.path()).await,
+            dir,
+        };
+        if let Some(status) = daemon.try_wait() {
+            panic!("berthd exited right after start: {status}");
+        }
+        Some(daemon)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("berthd running").id()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("berth.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn state_file(&self, id: &str) -> PathBuf {
+        self.state_dir()
+            .join("containers")
+            .join(format!("{id}.json"))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("berthd.log")).unwrap_or_default()
+    }
+
+    /// A second, independent connection (its own HTTP/2 flow-control windows).
+    pub async fn connect(&self) -> Client {
+        berth::api::client::connect(&self.socket())
+            .await
+            .expect("connect to berthd")
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("berthd running");
+        child.try_wait().expect("try_wait berthd")
+    }
+
+    /// Container ids the runtime knows under berthd's runtime root.
+    pub fn runtime_ids(&self) -> Vec<String> {
+        runtime_ids(&self.state_dir().join("runtime"))
+    }
+
+    /// The targets of berthd's open fds.
+    pub fn fds(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut fds: Vec<String> = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let target = fs::read_link(entry.path()).ok()?;
+                Some(format!(
+                    "{} -> {}",
+                    entry.file_name().to_string_lossy(),
+                    target.display()
+                ))
+            })
+            .collect();
+        fds.sort();
+        fds
+    }
+
+    /// Waits until berthd has at most as many fds open as in `baseline`.
+    pub async fn assert_fds_settle(&self, baseline: &[String]) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let now = self.fds();
+            if now.len() <= baseline.len() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let added: Vec<&String> = now.iter().filter(|fd| !baseline.contains(fd)).collect();
+                panic!(
+                    "berthd holds {} fds, {} before; not in the baseline: {added:#?}",
+                    now.len(),
+                    baseline.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// berthd's direct children: the spawn helper, container inits and added processes.
+    pub fn children(&self) -> Vec<u32> {
+        children_of(self.pid())
+    }
+
+    /// Waits until no child of berthd is a zombie.
+    pub async fn assert_no_zombies(&self) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let zombies: Vec<u32> = self
+                .children()
+                .into_iter()
+                .filter(|&pid| proc_stat(pid).is_some_and(|s| s.state == 'Z'))
+                .collect();
+            if zombies.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berthd leaves zombie children: {zombies:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Container `id` is gone everywhere: runtime state, cgroups, registry and state file.
+    pub async fn assert_gone(&mut self, id: &str) {
+        assert!(
+            !self.runtime_ids().iter().any(|c| c == id),
+            "runtime still has container {id}: {:?}",
+            self.runtime_ids()
+        );
+        let cgroups = cgroup_dirs(id);
+        assert!(cgroups.is_empty(), "cgroups left for {id}: {cgroups:?}");
+        let listed: Vec<String> = state(&mut self.client)
+            .await
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
+        let file = self.state_file(id);
+        assert!(!file.exists(), "state file left behind: {}", file.display());
+    }
+
+    /// A request failed: nothing of `id` may remain, berthd's fds are back to `baseline` and
+    /// it has no zombie child.
+    pub async fn assert_nothing_left(&mut self, id: &str, baseline: &[String]) {
+        self.assert_gone(id).await;
+        self.assert_fds_settle(baseline).await;
+        self.assert_no_zombies().await;
+    }
+
+    /// SIGTERM berthd and wait for it to exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("berthd running");
+        terminate(&mut child)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // berthd leaves containers running when it stops, so remove them through the runtime.
+        let root = self.state_dir().join("runtime");
+        for id in runtime_ids(&root) {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["delete", "-f", &id])
+                .output();
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- berthd log -----\n{}----- end of berthd log -----",
+                self.log()
+            );
+        }
+    }
+}
+
+fn spawn_berthd(dir: &Path, extra: &[&str]) -> Child {
+    let log = File::create(dir.join("berthd.log")).expect("berthd log file");
+    Command::new(env!("CARGO_BIN_EXE_berthd"))
+        .arg("--listen")
+        .arg(dir.join("berth.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--log-level", "debug"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn berthd")
+}
+
+async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if socket.exists()
+            && let Ok(client) = berth::api::client::connect(socket).await
+        {
+            return client;
+        }
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(dir.join("berthd.log")).unwrap_or_default();
+            panic!(
+                "berthd did not serve {} within 10 s; log:\n{log}",
+                socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn terminate(child: &mut Child) -> ExitStatus {
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait berthd") {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let status = child.wait().expect("wait berthd");
+    panic!("berthd ignored SIGTERM for 10 s; killed it ({status})");
+}
+
+fn runtime_ids(root: &Path) -> Vec<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "-q"])
+        .output()
+        .expect("run runc list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The cgroup directories of `id` that exist, under each v1 controller or the v2 root. runc puts
+/// a container without `cgroupsPath` at `/<id>`.
+pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![root.join(id)];
+    if let Ok(entries) = fs::read_dir(root) {
+        candidates.extend(entries.flatten().map(|e| e.path().join(id)));
+    }
+    candidates.into_iter().filter(|p| p.exists()).collect()
+}
+
+pub struct ProcStat {
+    pub state: char,
+    pub ppid: u32,
+}
+
+/// State and parent of `pid` from /proc, None once it is gone.
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: the fields we want follow the last ')'.
+    let mut fields = text[text.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some(ProcStat { state, ppid })
+}
+
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    children.sort_unstable();
+    children.dedup();
+    children
+}
+
+/// Every process below `pid`: its children, their children, and so on.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let children = children_of(parent);
+        queue.extend(&children);
+        found.extend(children);
+    }
+    found
+}
+
+pub fn create_req(id: &str, bundle: &Bundle) -> CreateContainerRequest {
+    CreateContainerRequest {
+        id: id.to_owned(),
+        bundle_path: bundle.path_str(),
+        ..Default::default()
+    }
+}
+
+/// Creates a container and returns its init pid, failing the test on error.
+pub async fn create(client: &mut Client, req: CreateContainerRequest) -> u32 {
+    let id = req.id.clone();
+    match client.create_container(req).await {
+        Ok(resp) => resp.into_inner().pid,
+        Err(status) => panic!("CreateContainer {id}: {status:?}"),
+    }
+}
+
+pub fn exec_req(id: &str, args: &[&str]) -> AddProcessRequest {
+    AddProcessRequest {
+        id: id.to_owned(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Adds a process and returns its host pid, failing the test on error.
+pub async fn exec(client: &mut Client, req: AddProcessRequest) -> u32 {
+    let what = format!("{} {:?}", req.id, req.args);
+    match client.add_process(req).await {
+        Ok(resp) => resp.into_inner().pid,
+        Err(status) => panic!("AddProcess {what}: {status:?}"),
+    }
+}
+
+pub async fn signal(client: &mut Client, id: &str, pid: u32, signal: u32) {
+    let req = SignalRequest {
+        id: id.to_owned(),
+        pid,
+        signal,
+    };
+    if let Err(status) = client.signal(req).await {
+        panic!("Signal {signal} to {id}/{pid}: {status:?}");
+    }
+}
+
+pub async fn state(client: &mut Client) -> StateResponse {
+    match client.state(StateRequest {}).await {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => panic!("State: {status:?}"),
+    }
+}
+
+/// Asserts that `result` failed with `code`, returning the status message.
+pub fn expect_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+) -> String {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got success: {value:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "wrong code; status: {status:?}");
+            status.message().to_owned()
+        }
+    }
+}
+
+/// One Events subscription.
+pub struct Events {
+    stream: tonic::Streaming<Event>,
+}
+
+impl Events {
+    /// Subscribes; events published after this returns are delivered.
+    pub async fn subscribe(client: &mut Client) -> Events {
+        let stream = client
+            .events(EventsRequest {})
+            .await
+            .expect("Events")
+            .into_inner();
+        Events { stream }
+    }
+
+    pub async fn next(&mut self) -> Event {
+        match tokio::time::timeout(EVENT_TIMEOUT, self.stream.message()).await {
+            Ok(Ok(Some(event))) => event,
+            Ok(Ok(None)) => panic!("event stream ended"),
+            Ok(Err(status)) => panic!("event stream failed: {status:?}"),
+            Err(_) => panic!("no event within {EVENT_TIMEOUT:?}"),
+        }
+    }
+
+    /// Skips events until one matches.
+    pub async fn wait_for(&mut self, what: &str, matches: impl Fn(&Event) -> bool) -> Event {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let mut skipped = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.message()).await {
+                Ok(Ok(Some(event))) if matches(&event) => return event,
+                Ok(Ok(Some(event))) => skipped.push(event),
+                Ok(Ok(None)) => panic!("event stream ended waiting for {what}; saw {skipped:#?}"),
+                Ok(Err(status)) => panic!("event stream failed waiting for {what}: {status:?}"),
+                Err(_) => panic!("no {what} within {EVENT_TIMEOUT:?}; saw {skipped:#?}"),
+            }
+        }
+    }
+
+    /// Waits for the exit event of `pid` in container `id` and returns its status.
+    pub async fn exit_status(&mut self, id: &str, pid: u32) -> u32 {
+        let what = format!("exit of {id}/{pid}");
+        let event = self
+            .wait_for(&what, |e| e.r#type == "exit" && e.id == id && e.pid == pid)
+            .await;
+        event.status
+    }
+
+    /// The next event or the error that ended the stream, for streams expected to fail.
+    pub async fn next_result(&mut self) -> Result<Option<Event>, tonic::Status> {
+        match tokio::time::timeout(EVENT_TIMEOUT, self.stream.message()).await {
+            Ok(result) => result,
+            Err(_) => panic!("event stream neither yielded nor ended within {EVENT_TIMEOUT:?}"),
+        }
+    }
+}
+
+pub fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600))
+        .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
+}
+
+pub fn path_str(path: &Path) -> String {
+    path.to_str().expect("utf-8 path").to_owned()
+}
+
+/// Reads a FIFO or file on a plain thread (a blocking open never stalls the runtime, and a
+/// reader that hangs does not keep the test binary alive).
+pub struct Reader {
+    chunks: mpsc::UnboundedReceiver<Vec<u8>>,
+    data: Vec<u8>,
+    eof: bool,
+}
+
+impl Reader {
+    pub fn spawn(path: &Path) -> Reader {
+        let (tx, chunks) = mpsc::unbounded_channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let mut file =
+                File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = file.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Reader {
+            chunks,
+            data: Vec::new(),
+            eof: false,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+
+    /// Reads until the output contains `needle` (or the writers closed), returning all of it.
+    pub async fn read_until(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !self.text().contains(needle) && !self.eof {
+            self.read_some(deadline, needle).await;
+        }
+        self.text()
+    }
+
+    /// Reads until every writer closed, returning all output.
+    pub async fn read_to_end(&mut self) -> String {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !self.eof {
+            self.read_some(deadline, "end of file").await;
+        }
+        self.text()
+    }
+
+    async fn read_some(&mut self, deadline: Instant, what: &str) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.chunks.recv()).await {
+            Ok(Some(chunk)) => self.data.extend_from_slice(&chunk),
+            Ok(None) => self.eof = true,
+            Err(_) => panic!(
+                "waited {EVENT_TIMEOUT:?} for {what}; read so far: {:?}",
+                self.text()
+            ),
+        }
+    }
+}
+
+/// Opens a FIFO read-write: never blocks, and keeps the FIFO open until dropped.
+pub fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Writes an executable shell script.
+pub fn write_script(path: &Path, body: &str) {
+    fs::write(path, body).expect("write script");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
+/// The absolute path of `runc` as found in PATH.
+pub fn runc_path() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc in PATH")
+}

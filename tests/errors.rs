@@ -1,0 +1,499 @@
+//! Bad input gets the right gRPC code and a useful message, and a failed request leaves
+//! nothing behind: no runtime state, cgroup, registry entry, state file, fd or zombie.
+
+mod common;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use berth::proto::{
+    Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
+    SignalRequest, StatsRequest, UpdateContainerRequest,
+};
+use common::{
+    Bundle, Daemon, Events, SIGKILL, create, create_req, exec, exec_req, expect_code, id, path_str,
+    proc_stat, signal, state, within,
+};
+use tonic::Code;
+
+/// One full create/exec/kill cycle so that lazily opened fds are in the baseline it returns.
+async fn warm_up(d: &mut Daemon) -> Vec<String> {
+    let id = id("warm-up");
+    let bundle = Bundle::new(&["sleep", "1000"]);
+    let mut events = Events::subscribe(&mut d.client).await;
+    let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+    let child = exec(&mut d.client, exec_req(&id, &["/bin/true"])).await;
+    assert_eq!(events.exit_status(&id, child).await, 0);
+    signal(&mut d.client, &id, pid, SIGKILL).await;
+    assert_eq!(events.exit_status(&id, pid).await, 137);
+    d.assert_no_zombies().await;
+    d.fds()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_container_ids_are_rejected() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let too_long = "x".repeat(65);
+        for bad in [
+            "", "-a", ".a", "_a", "a/b", "../x", "a b", "a:b", "ä", &too_long,
+        ] {
+            let result = d.client.create_container(create_req(bad, &bundle)).await;
+            expect_code(result, Code::InvalidArgument);
+        }
+        assert!(d.runtime_ids().is_empty(), "runtime: {:?}", d.runtime_ids());
+        assert!(state(&mut d.client).await.containers.is_empty());
+        d.assert_fds_settle(&baseline).await;
+        d.assert_no_zombies().await;
+
+        // The longest valid id, using every allowed punctuation mark.
+        let base = id("Max_len.ok");
+        let longest = format!("{base}{}", "x".repeat(64 - base.len()));
+        let mut events = Events::subscribe(&mut d.client).await;
+        let pid = create(&mut d.client, create_req(&longest, &bundle)).await;
+        signal(&mut d.client, &longest, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&longest, pid).await, 137);
+        d.assert_nothing_left(&longest, &baseline).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_bundle_paths_are_rejected_with_the_path_in_the_message() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let id = id("bad-bundle");
+        let no_config = tempfile::TempDir::new().expect("temp dir");
+        let a_file = d.dir().join("not-a-dir");
+        fs::write(&a_file, "").expect("write file");
+        let garbage = Bundle::new(&["true"]);
+        fs::write(garbage.path().join("config.json"), "{ not json").expect("write config");
+        let not_a_spec = Bundle::new(&["true"]);
+        fs::write(not_a_spec.path().join("config.json"), r#"{"process": 5}"#).expect("write");
+
+        let cases: Vec<(String, &[Code])> = vec![
+            ("relative/bundle".into(), &[Code::InvalidArgument]),
+            (path_str(&d.dir().join("missing")), &[Code::NotFound]),
+            (path_str(&a_file), &[Code::NotFound, Code::InvalidArgument]),
+            (path_str(no_config.path()), &[Code::NotFound]),
+            (garbage.path_str(), &[Code::InvalidArgument]),
+            (not_a_spec.path_str(), &[Code::InvalidArgument]),
+        ];
+        for (bundle_path, codes) in cases {
+            let mut req = create_req(&id, &garbage);
+            req.bundle_path = bundle_path.clone();
+            let status = d
+                .client
+                .create_container(req)
+                .await
+                .expect_err(&format!("CreateContainer with bundle {bundle_path}"));
+            assert!(codes.contains(&status.code()), "{bundle_path}: {status:?}");
+            assert!(
+                status.message().contains(&bundle_path),
+                "message lacks the path {bundle_path}: {status:?}"
+            );
+            d.assert_nothing_left(&id, &baseline).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_id_is_rejected_and_the_original_keeps_running() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("dup");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let fds = d.fds();
+
+        let other = Bundle::new(&["sleep", "1000"]);
+        let result = d.client.create_container(create_req(&id, &other)).await;
+        expect_code(result, Code::AlreadyExists);
+
+        assert!(proc_stat(pid).is_some_and(|s| s.state != 'Z'));
+        assert_eq!(d.runtime_ids(), vec![id.clone()]);
+        assert!(d.state_file(&id).exists());
+        let st = state(&mut d.client).await;
+        let listed: Vec<_> = st.containers.iter().filter(|c| c.id == id).collect();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].bundle_path, bundle.path_str());
+        assert_eq!(listed[0].processes[0].pid, pid);
+        d.assert_fds_settle(&fds).await;
+
+        signal(&mut d.client, &id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_stdio_paths_are_rejected_and_never_created() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let id = id("no-stdio");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        for field in ["stdin", "stdout", "stderr"] {
+            let missing = d.dir().join(format!("missing-{field}"));
+            let mut req = create_req(&id, &bundle);
+            match field {
+                "stdin" => req.stdin = path_str(&missing),
+                "stdout" => req.stdout = path_str(&missing),
+                _ => req.stderr = path_str(&missing),
+            }
+            let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+            assert!(message.contains(&path_str(&missing)), "{field}: {message}");
+            assert!(!missing.exists(), "berthd created {}", missing.display());
+            d.assert_nothing_left(&id, &baseline).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifos_without_a_peer_do_not_hang_create() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("lonely-fifo");
+        let bundle = Bundle::new(&["echo", "late"]);
+        let out = d.dir().join("out");
+        common::mkfifo(&out);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut req = create_req(&id, &bundle);
+        req.stdout = path_str(&out);
+        let pid = tokio::time::timeout(Duration::from_secs(10), create(&mut d.client, req))
+            .await
+            .expect("CreateContainer with an unread stdout FIFO hung");
+        // The reader comes late; the output waits in the FIFO and the writers close after it.
+        let mut reader = common::Reader::spawn(&out);
+        assert_eq!(reader.read_to_end().await, "late\n");
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+
+        let id = common::id("lonely-stdin");
+        let bundle = Bundle::new(&["cat"]);
+        let input = d.dir().join("in");
+        common::mkfifo(&input);
+        let mut req = create_req(&id, &bundle);
+        req.stdin = path_str(&input);
+        let pid = tokio::time::timeout(Duration::from_secs(10), create(&mut d.client, req))
+            .await
+            .expect("CreateContainer with an unwritten stdin FIFO hung");
+        // `cat` saw end-of-file or still waits for a writer; either way SIGKILL ends it.
+        let _ = d
+            .client
+            .signal(SignalRequest {
+                id: id.clone(),
+                pid,
+                signal: SIGKILL,
+            })
+            .await;
+        let status = events.exit_status(&id, pid).await;
+        assert!(status == 0 || status == 137, "cat exit status {status}");
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_from_checkpoint_is_rejected_for_now() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let id = id("restore");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut req = create_req(&id, &bundle);
+        req.checkpoint = "cp1".into();
+        expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+        d.assert_nothing_left(&id, &baseline).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_failure_returns_the_runtime_error_and_leaves_nothing() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let id = id("no-binary");
+        let bundle = Bundle::new(&["/nonexistent"]);
+        for _ in 0..3 {
+            let status = d
+                .client
+                .create_container(create_req(&id, &bundle))
+                .await
+                .expect_err("CreateContainer of a missing binary");
+            let message = status.message().to_lowercase();
+            assert!(
+                message.contains("nonexistent") && message.contains("no such file"),
+                "not the runtime's error: {status:?}"
+            );
+            d.assert_nothing_left(&id, &baseline).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let (a, b) = (id("sig-a"), id("sig-b"));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let init_a = create(&mut d.client, create_req(&a, &bundle)).await;
+        let init_b = create(&mut d.client, create_req(&b, &bundle)).await;
+        let child_b = exec(&mut d.client, exec_req(&b, &["/bin/sleep", "1000"])).await;
+        let child_a = exec(&mut d.client, exec_req(&a, &["/bin/sleep", "1000"])).await;
+
+        let req = |id: &str, pid: u32, signal: u32| SignalRequest {
+            id: id.to_owned(),
+            pid,
+            signal,
+        };
+        let unknown = common::id("sig-unknown");
+        let cases = [
+            (req(&unknown, init_a, SIGKILL), Code::NotFound),
+            (req(&a, init_b, SIGKILL), Code::NotFound),
+            (req(&a, child_b, SIGKILL), Code::NotFound),
+            (req(&a, d.pid(), SIGKILL), Code::NotFound),
+            (req(&a, 1, SIGKILL), Code::NotFound),
+            (req(&a, 0, SIGKILL), Code::NotFound),
+            (req(&a, init_a, 0), Code::InvalidArgument),
+            (req(&a, init_a, 65), Code::InvalidArgument),
+            (req(&a, child_a, 1000), Code::InvalidArgument),
+        ];
+        for (request, code) in cases {
+            let what = format!("{request:?}");
+            let status = d.client.signal(request).await.expect_err(&what);
+            assert_eq!(status.code(), code, "{what}: {status:?}");
+        }
+        for pid in [init_a, init_b, child_a, child_b] {
+            assert!(proc_stat(pid).is_some_and(|s| s.state != 'Z'), "{pid} died");
+        }
+
+        // 64 is the last valid signal; its default action terminates the process.
+        signal(&mut d.client, &a, child_a, 64).await;
+        assert_eq!(events.exit_status(&a, child_a).await, 128 + 64);
+        for (id, pid) in [(&a, init_a), (&b, init_b)] {
+            signal(&mut d.client, id, pid, SIGKILL).await;
+            assert_eq!(events.exit_status(id, pid).await, 137);
+        }
+        assert!(d.try_wait().is_none(), "berthd died");
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_process_errors_leave_nothing_behind() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let id = id("exec-errors");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let fds = d.fds();
+
+        expect_code(
+            d.client.add_process(exec_req(&id, &[])).await,
+            Code::InvalidArgument,
+        );
+        let unknown = common::id("exec-unknown");
+        expect_code(
+            d.client
+                .add_process(exec_req(&unknown, &["/bin/true"]))
+                .await,
+            Code::NotFound,
+        );
+        let missing = d.dir().join("missing-out");
+        let mut req = exec_req(&id, &["/bin/true"]);
+        req.stdout = path_str(&missing);
+        let message = expect_code(d.client.add_process(req).await, Code::InvalidArgument);
+        assert!(message.contains(&path_str(&missing)), "{message}");
+        assert!(!missing.exists(), "berthd created {}", missing.display());
+
+        let status = d
+            .client
+            .add_process(exec_req(&id, &["/nonexistent"]))
+            .await
+            .expect_err("AddProcess of a missing binary");
+        let message = status.message().to_lowercase();
+        assert!(
+            message.contains("nonexistent") && message.contains("no such file"),
+            "not the runtime's error: {status:?}"
+        );
+
+        let st = state(&mut d.client).await;
+        let c = st.containers.iter().find(|c| c.id == id).expect("listed");
+        let pids: Vec<u32> = c.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [init], "only the init is registered");
+        d.assert_fds_settle(&fds).await;
+        d.assert_no_zombies().await;
+
+        signal(&mut d.client, &id, init, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, init).await, 137);
+        d.assert_nothing_left(&id, &baseline).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_rejects_unknown_ids_and_statuses() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("update-errors");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let req = |id: &str, status: &str| UpdateContainerRequest {
+            id: id.to_owned(),
+            signal: 0,
+            status: status.to_owned(),
+        };
+        let unknown = common::id("update-unknown");
+        expect_code(
+            d.client.update_container(req(&unknown, "paused")).await,
+            Code::NotFound,
+        );
+        for bad in ["frozen", "PAUSED", "stopped"] {
+            expect_code(
+                d.client.update_container(req(&id, bad)).await,
+                Code::InvalidArgument,
+            );
+        }
+        let st = state(&mut d.client).await;
+        let c = st.containers.iter().find(|c| c.id == id).expect("listed");
+        assert_eq!(c.status, "running");
+
+        signal(&mut d.client, &id, init, SIGKILL).await;
+        // Nothing was published for the rejected updates.
+        let first = events
+            .wait_for("an event of the container", |e| e.id == id)
+            .await;
+        assert_eq!(first.r#type, "start-container");
+        assert_eq!(events.next().await.r#type, "exit");
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_and_checkpoint_rpcs_are_unimplemented() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("unimplemented");
+        let stats = d.client.get_stats(StatsRequest { id: id.clone() }).await;
+        match stats {
+            Err(status) => assert_eq!(status.code(), Code::Unimplemented, "{status:?}"),
+            Ok(resp) => {
+                let first = resp.into_inner().message().await;
+                let status = first.expect_err("GetStats yields nothing");
+                assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+            }
+        }
+        let checkpoint = Some(Checkpoint {
+            name: "cp".into(),
+            ..Default::default()
+        });
+        let create = CreateCheckpointRequest {
+            id: id.clone(),
+            checkpoint,
+        };
+        expect_code(
+            d.client.create_checkpoint(create).await,
+            Code::Unimplemented,
+        );
+        let list = ListCheckpointRequest { id: id.clone() };
+        expect_code(d.client.list_checkpoint(list).await, Code::Unimplemented);
+        let delete = DeleteCheckpointRequest {
+            id,
+            name: "cp".into(),
+        };
+        expect_code(
+            d.client.delete_checkpoint(delete).await,
+            Code::Unimplemented,
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_timeout_fails_create_and_cleans_up() {
+    within(async {
+        if !common::ready() {
+            return;
+        }
+        // Real runc for everything except `start`, which outlives the 2 s timeout.
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let wrapper = scripts.path().join("slow-start-runc");
+        let runc = common::runc_path();
+        common::write_script(
+            &wrapper,
+            &format!(
+                "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep 30\ndone\nexec {} \"$@\"\n",
+                runc.display()
+            ),
+        );
+        let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "2"];
+        let Some(mut d) = Daemon::start_with(&flags).await else {
+            return;
+        };
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut baseline = Vec::new();
+        for round in 0..2 {
+            let id = id(&format!("timeout-{round}"));
+            let started = Instant::now();
+            let result = d.client.create_container(create_req(&id, &bundle)).await;
+            expect_code(result, Code::DeadlineExceeded);
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(15), "took {took:?} with a 2 s timeout");
+            d.assert_gone(&id).await;
+            d.assert_no_zombies().await;
+            let sleepers: Vec<u32> = common::descendants_of(d.pid())
+                .into_iter()
+                .filter(|pid| {
+                    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\0")
+                })
+                .collect();
+            assert!(sleepers.is_empty(), "the timed-out runtime still runs: {sleepers:?}");
+            // The first round is the warm-up for the fd baseline.
+            if round == 0 {
+                baseline = d.fds();
+            } else {
+                d.assert_fds_settle(&baseline).await;
+            }
+        }
+    })
+    .await
+}

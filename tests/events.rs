@@ -1,0 +1,236 @@
+//! The Events stream: what is published, in which order, to whom, and what happens to a
+//! subscriber that cannot keep up.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use berth::proto::{Event, UpdateContainerRequest};
+use common::{
+    Bundle, Daemon, Events, SIGKILL, SIGTERM, create, create_req, exec, exec_req, id, signal,
+    state, within,
+};
+use tonic::Code;
+
+/// Reads events of container `id` until the exit of `pid`, skipping other containers'.
+async fn events_until_exit(events: &mut Events, id: &str, pid: u32) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        let event = events.next().await;
+        if event.id != id {
+            continue;
+        }
+        let done = event.r#type == "exit" && event.pid == pid;
+        seen.push(event);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_lifecycle_publishes_its_events_in_order() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("ev-order");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut req = exec_req(&id, &["/bin/sleep", "1000"]);
+        req.env = vec!["PATH=/bin".into(), "WHO=child".into()];
+        req.cwd = "/tmp".into();
+        let child = exec(&mut d.client, req).await;
+        for status in ["paused", "running"] {
+            let req = UpdateContainerRequest {
+                id: id.clone(),
+                signal: 0,
+                status: status.into(),
+            };
+            d.client.update_container(req).await.expect(status);
+        }
+        signal(&mut d.client, &id, child, SIGTERM).await;
+        // The child's exit comes first: killing the init would also end the child.
+        let mut seen = events_until_exit(&mut events, &id, child).await;
+        signal(&mut d.client, &id, init, SIGKILL).await;
+        seen.extend(events_until_exit(&mut events, &id, init).await);
+
+        let kinds: Vec<(&str, u32)> = seen.iter().map(|e| (e.r#type.as_str(), e.pid)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("start-container", init),
+                ("start-process", child),
+                ("pause", 0),
+                ("resume", 0),
+                ("exit", child),
+                ("exit", init),
+            ],
+            "events: {seen:#?}"
+        );
+        assert_eq!(seen[0].bundle_path, bundle.path_str());
+        let process = seen[1]
+            .process
+            .as_ref()
+            .expect("start-process carries the process");
+        assert_eq!(process.args, ["/bin/sleep", "1000"]);
+        assert_eq!(process.env, ["PATH=/bin", "WHO=child"]);
+        assert_eq!(process.cwd, "/tmp");
+        assert_eq!(seen[4].status, 128 + SIGTERM);
+        assert_eq!(seen[5].status, 128 + SIGKILL);
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_sees_only_what_happens_after_it_subscribed() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let (before, after) = (id("ev-before"), id("ev-after"));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut early = Events::subscribe(&mut d.client).await;
+        let first = create(&mut d.client, create_req(&before, &bundle)).await;
+        early.wait_for("start-container", |e| e.id == before).await;
+
+        let mut late = Events::subscribe(&mut d.client).await;
+        let second = create(&mut d.client, create_req(&after, &bundle)).await;
+        let event = late.next().await;
+        assert_eq!(
+            (event.r#type.as_str(), event.id.as_str(), event.pid),
+            ("start-container", after.as_str(), second),
+            "the first event after subscribing: {event:?}"
+        );
+        signal(&mut d.client, &before, first, SIGKILL).await;
+        assert_eq!(late.exit_status(&before, first).await, 137);
+        signal(&mut d.client, &after, second, SIGKILL).await;
+        assert_eq!(late.exit_status(&after, second).await, 137);
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_subscriber_gets_every_event() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("ev-fanout");
+        let bundle = Bundle::new(&["sh", "-c", "exit 5"]);
+        let mut other = d.connect().await;
+        let mut subscribers = vec![
+            Events::subscribe(&mut d.client).await,
+            Events::subscribe(&mut d.client).await,
+            Events::subscribe(&mut other).await,
+        ];
+        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        for events in &mut subscribers {
+            let seen = events_until_exit(events, &id, pid).await;
+            let kinds: Vec<&str> = seen.iter().map(|e| e.r#type.as_str()).collect();
+            assert_eq!(kinds, ["start-container", "exit"]);
+            assert_eq!(seen[1].status, 5);
+        }
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
+    const PROCESSES: usize = 40;
+    within(async {
+        let Some(mut d) = Daemon::start_with(&["--events-buffer", "8"]).await else {
+            return;
+        };
+        let id = id("ev-slow");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        // Each on its own connection, so HTTP/2 flow control of one cannot stall the other.
+        let mut slow_client = d.connect().await;
+        let mut slow = Events::subscribe(&mut slow_client).await;
+        let mut fast_client = d.connect().await;
+        let mut fast = Events::subscribe(&mut fast_client).await;
+        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+
+        let reader_id = id.clone();
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen.iter().filter(|e: &&Event| e.r#type == "exit").count() < PROCESSES {
+                let event = fast.next().await;
+                if event.id == reader_id {
+                    seen.push(event);
+                }
+            }
+            seen
+        });
+
+        // 128 KiB of environment per process makes each start-process event that large, so
+        // the unread stream's socket and HTTP/2 windows fill after a few dozen events.
+        let mut env: Vec<String> = (0..32)
+            .map(|i| format!("BIG{i}={}", "x".repeat(4096)))
+            .collect();
+        env.push("PATH=/bin".into());
+        let mut pids = Vec::new();
+        for _ in 0..PROCESSES {
+            let mut req = exec_req(&id, &["/bin/true"]);
+            req.env = env.clone();
+            let pid = tokio::time::timeout(Duration::from_secs(10), exec(&mut d.client, req))
+                .await
+                .expect("AddProcess blocked while a subscriber lags");
+            pids.push(pid);
+        }
+        let seen = reader.await.expect("fast subscriber");
+
+        let mut order: HashMap<u32, Vec<&str>> = HashMap::new();
+        for event in &seen {
+            if event.r#type == "exit" {
+                assert_eq!(
+                    event.status, 0,
+                    "{} exited with {}",
+                    event.pid, event.status
+                );
+            }
+            order.entry(event.pid).or_default().push(&event.r#type);
+        }
+        for pid in &pids {
+            assert_eq!(
+                order.get(pid).map(Vec::as_slice),
+                Some(&["start-process", "exit"][..]),
+                "events of {pid}"
+            );
+        }
+        state(&mut d.client).await;
+
+        // Reading the slow stream now drains what was buffered, then ends with the error.
+        let mut drained = 0usize;
+        let status = loop {
+            match slow.next_result().await {
+                Ok(Some(_)) => drained += 1,
+                Ok(None) => panic!("slow stream ended without an error after {drained} events"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let message = status.message();
+        let missed: u64 = message
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .max()
+            .unwrap_or(0);
+        assert!(
+            message.contains("missed") && missed > 0,
+            "the error should say how many events were missed: {message:?}"
+        );
+
+        let mut events = Events::subscribe(&mut d.client).await;
+        signal(&mut d.client, &id, init, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, init).await, 137);
+        d.assert_no_zombies().await;
+    })
+    .await
+}

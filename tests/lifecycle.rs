@@ -1,0 +1,451 @@
+//! Container lifecycle through a real berthd and runc: create, state, stdio, terminal, pause and
+//! resume, exit, id reuse, shutdown, and berthd's own resources over many cycles.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::proto::UpdateContainerRequest;
+use common::{
+    Bundle, Daemon, Events, Reader, SIGKILL, create, create_req, exec, exec_req, id, mkfifo,
+    open_rw, path_str, proc_stat, signal, state, within,
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("create-state");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+
+        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+
+        let stat = proc_stat(pid).expect("init is alive");
+        assert_eq!(
+            stat.ppid,
+            d.pid(),
+            "the init is reparented to berthd (subreaper)"
+        );
+        assert_eq!(d.runtime_ids(), vec![id.clone()]);
+        let file = fs::read_to_string(d.state_file(&id)).expect("state file exists");
+        let saved: serde_json::Value = serde_json::from_str(&file).expect("state file is JSON");
+        assert!(
+            file.contains(&id) && file.contains(&pid.to_string()),
+            "state file: {saved}"
+        );
+
+        let started = events.wait_for("start-container", |e| e.id == id).await;
+        assert_eq!(started.r#type, "start-container");
+        assert_eq!(started.pid, pid);
+        assert_eq!(started.bundle_path, bundle.path_str());
+
+        let st = state(&mut d.client).await;
+        let c = st.containers.iter().find(|c| c.id == id).expect("listed");
+        assert_eq!(c.bundle_path, bundle.path_str());
+        assert_eq!(c.status, "running");
+        let init = c.processes.first().expect("init listed");
+        let spec = bundle.config();
+        assert_eq!(init.pid, pid);
+        assert_eq!(init.args, ["sleep", "1000"]);
+        assert_eq!(
+            init.env,
+            spec["process"]["env"].as_array().unwrap().as_slice()
+        );
+        assert_eq!(init.cwd, "/");
+        assert!(!init.terminal);
+        let user = init.user.as_ref().expect("init user");
+        assert_eq!((user.uid, user.gid), (0, 0));
+
+        signal(&mut d.client, &id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_gone(&id).await;
+        assert!(proc_stat(pid).is_none(), "the init was reaped");
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_that_exits_at_once_reports_its_real_status() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        // Repeated because the race between exit and registration does not show every time.
+        for round in 0..5 {
+            let id = id(&format!("exit7-{round}"));
+            let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+            assert_eq!(events.exit_status(&id, pid).await, 7, "round {round}");
+            d.assert_gone(&id).await;
+        }
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn id_is_free_again_as_soon_as_the_exit_event_arrives() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("reuse");
+        let bundle = Bundle::new(&["sh", "-c", "exit 3"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        for round in 0..3 {
+            let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+            assert_eq!(events.exit_status(&id, pid).await, 3, "round {round}");
+            // Deleted from runtime and registry before the event: no waiting here.
+            d.assert_gone(&id).await;
+        }
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        signal(&mut d.client, &id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// The freezer state of a container's cgroup (v1 `freezer.state`, v2 `cgroup.freeze`).
+fn freezer_state(id: &str) -> String {
+    if let Ok(state) = fs::read_to_string(format!("/sys/fs/cgroup/freezer/{id}/freezer.state")) {
+        return state.trim().to_owned();
+    }
+    match fs::read_to_string(format!("/sys/fs/cgroup/{id}/cgroup.freeze")) {
+        Ok(frozen) if frozen.trim() == "1" => "FROZEN".into(),
+        Ok(_) => "THAWED".into(),
+        Err(e) => panic!("no freezer cgroup for {id}: {e}"),
+    }
+}
+
+fn update(id: &str, status: &str, signal: u32) -> UpdateContainerRequest {
+    UpdateContainerRequest {
+        id: id.to_owned(),
+        signal,
+        status: status.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_pauses_resumes_and_signals() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("pause");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let status_of = |st: berth::proto::StateResponse| {
+            st.containers
+                .into_iter()
+                .find(|c| c.id == id)
+                .expect("listed")
+                .status
+        };
+
+        d.client
+            .update_container(update(&id, "paused", 0))
+            .await
+            .expect("pause");
+        assert_eq!(freezer_state(&id), "FROZEN");
+        assert_eq!(status_of(state(&mut d.client).await), "paused");
+        let paused = events
+            .wait_for("pause", |e| e.id == id && e.r#type != "start-container")
+            .await;
+        assert_eq!(paused.r#type, "pause");
+
+        d.client
+            .update_container(update(&id, "running", 0))
+            .await
+            .expect("resume");
+        assert_eq!(freezer_state(&id), "THAWED");
+        assert_eq!(status_of(state(&mut d.client).await), "running");
+        assert_eq!(events.next().await.r#type, "resume");
+
+        d.client
+            .update_container(update(&id, "", SIGKILL))
+            .await
+            .expect("signal");
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_reports_the_machine() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let machine = state(&mut d.client).await.machine.expect("machine");
+        let host = nix::unistd::gethostname().expect("hostname");
+        assert_eq!(machine.id, host.to_string_lossy());
+        assert!(machine.cpus >= 1);
+        let meminfo = fs::read_to_string("/proc/meminfo").expect("meminfo");
+        let total_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("MemTotal");
+        let total = total_kib * 1024;
+        assert!(
+            machine.memory.abs_diff(total) <= total / 100,
+            "memory {} bytes, MemTotal {total} bytes",
+            machine.memory
+        );
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn machine_id_comes_from_the_id_flag() {
+    within(async {
+        let Some(mut d) = Daemon::start_with(&["--id", "berth-test-machine"]).await else {
+            return;
+        };
+        let machine = state(&mut d.client).await.machine.expect("machine");
+        assert_eq!(machine.id, "berth-test-machine");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdout_and_stderr_fifos_carry_the_init_output() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("stdio");
+        let bundle = Bundle::new(&["sh", "-c", "echo out; echo err >&2"]);
+        let (out, err) = (d.dir().join("out"), d.dir().join("err"));
+        mkfifo(&out);
+        mkfifo(&err);
+        let mut out_reader = Reader::spawn(&out);
+        let mut err_reader = Reader::spawn(&err);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut req = create_req(&id, &bundle);
+        req.stdout = path_str(&out);
+        req.stderr = path_str(&err);
+        let pid = create(&mut d.client, req).await;
+
+        assert_eq!(out_reader.read_to_end().await, "out\n");
+        assert_eq!(err_reader.read_to_end().await, "err\n");
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_fifo_feeds_the_init() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("stdin");
+        let bundle = Bundle::new(&["cat"]);
+        let (input, output) = (d.dir().join("in"), d.dir().join("out"));
+        mkfifo(&input);
+        mkfifo(&output);
+        // Held open across the create so `cat` cannot see end-of-file before our data.
+        let mut writer = open_rw(&input);
+        let mut reader = Reader::spawn(&output);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut req = create_req(&id, &bundle);
+        req.stdin = path_str(&input);
+        req.stdout = path_str(&output);
+        let pid = create(&mut d.client, req).await;
+
+        std::io::Write::write_all(&mut writer, b"ping\n").expect("write stdin");
+        assert_eq!(reader.read_until("ping").await, "ping\n");
+        // Closing the last writer must reach `cat` as end-of-file: berthd keeps no copy open.
+        drop(writer);
+        assert_eq!(reader.read_to_end().await, "ping\n");
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_output_is_relayed_to_the_stdout_fifo() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("tty");
+        let bundle = Bundle::new(&["sh", "-c", "echo hi; [ -t 1 ] && echo is-a-tty"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let out = d.dir().join("out");
+        mkfifo(&out);
+        let mut reader = Reader::spawn(&out);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut req = create_req(&id, &bundle);
+        req.stdout = path_str(&out);
+        let pid = create(&mut d.client, req).await;
+
+        let text = reader.read_until("is-a-tty").await;
+        assert!(text.contains("hi\r\n"), "pty output: {text:?}");
+        assert!(text.contains("is-a-tty"), "pty output: {text:?}");
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+        let st = state(&mut d.client).await;
+        assert!(st.containers.iter().all(|c| c.id != id));
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regular_file_stdout_is_not_truncated() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("file-stdout");
+        let bundle = Bundle::new(&["echo", "new"]);
+        let out = d.dir().join("out.txt");
+        fs::write(&out, "previous content\n").expect("write file");
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut req = create_req(&id, &bundle);
+        req.stdout = path_str(&out);
+        let pid = create(&mut d.client, req).await;
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+
+        let text = fs::read_to_string(&out).expect("read file");
+        assert!(text.contains("new\n"), "file: {text:?}");
+        assert!(
+            text.len() >= "previous content\n".len(),
+            "file was truncated: {text:?}"
+        );
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_removes_the_socket_and_leaves_containers_running() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("survive");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+
+        let status = d.stop();
+        assert!(
+            status.success(),
+            "berthd exit status after SIGTERM: {status}"
+        );
+        assert!(!d.socket().exists(), "socket left behind");
+        let init = proc_stat(pid).expect("the container outlives berthd");
+        assert_ne!(init.state, 'Z');
+        assert_eq!(d.runtime_ids(), vec![id]);
+    })
+    .await
+}
+
+/// Runs a second berthd and returns its exit status and output, killing it if it serves.
+fn second_berthd(socket: &std::path::Path, state_dir: &std::path::Path) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berthd"))
+        .arg("--listen")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn berthd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if child.try_wait().expect("try_wait").is_some() {
+            let out = child.wait_with_output().expect("output");
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            return (out.status.success(), text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("a second berthd kept running for 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_berthd_on_the_same_socket_or_state_dir_refuses() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let (ok, text) = second_berthd(&d.socket(), &d.dir().join("other-state"));
+        assert!(
+            !ok && !text.trim().is_empty(),
+            "same socket: ok={ok}, said {text:?}"
+        );
+        let (ok, text) = second_berthd(&d.dir().join("other.sock"), &d.state_dir());
+        assert!(
+            !ok && !text.trim().is_empty(),
+            "same state dir: ok={ok}, said {text:?}"
+        );
+        assert!(
+            d.socket().exists(),
+            "the refused berthd removed the first one's socket"
+        );
+        // The first daemon still serves on a fresh connection.
+        let mut client = d.connect().await;
+        state(&mut client).await;
+        state(&mut d.client).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fd_count_stays_flat_across_create_exec_kill_cycles() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let out = d.dir().join("out.txt");
+        fs::write(&out, "").expect("create output file");
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut baseline = Vec::new();
+        for round in 0..21 {
+            let id = id(&format!("fds-{round}"));
+            let mut req = create_req(&id, &bundle);
+            req.stdout = path_str(&out);
+            let init = create(&mut d.client, req).await;
+            let mut req = exec_req(&id, &["/bin/echo", "exec"]);
+            req.stdout = path_str(&out);
+            let child = exec(&mut d.client, req).await;
+            assert_eq!(events.exit_status(&id, child).await, 0);
+            signal(&mut d.client, &id, init, SIGKILL).await;
+            assert_eq!(events.exit_status(&id, init).await, 137);
+            d.assert_gone(&id).await;
+            if round == 0 {
+                // Measured after a warm-up cycle: lazily opened fds are not leaks.
+                d.assert_no_zombies().await;
+                baseline = d.fds();
+            }
+        }
+        d.assert_fds_settle(&baseline).await;
+        d.assert_no_zombies().await;
+        let text = fs::read_to_string(&out).expect("read output");
+        assert!(text.contains("exec"), "output file: {text:?}");
+    })
+    .await
+}
