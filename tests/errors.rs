@@ -172,23 +172,27 @@ async fn fifos_without_a_peer_do_not_hang_create() {
             return;
         };
         let id = id("lonely-fifo");
-        let bundle = Bundle::new(&["echo", "late"]);
-        let out = d.dir().join("out");
+        let bundle = Bundle::new(&["cat"]);
+        let (input, out) = (d.dir().join("in"), d.dir().join("out"));
+        common::mkfifo(&input);
         common::mkfifo(&out);
+        // Our end of stdin keeps `cat` alive until the late reader of stdout is there.
+        let mut writer = common::open_rw(&input);
         let mut events = Events::subscribe(&mut d.client).await;
         let mut req = create_req(&id, &bundle);
+        req.stdin = path_str(&input);
         req.stdout = path_str(&out);
         let pid = tokio::time::timeout(Duration::from_secs(10), create(&mut d.client, req))
             .await
             .expect("CreateContainer with an unread stdout FIFO hung");
-        // The reader comes late; the output waits in the FIFO and the writers close after it.
         let mut reader = common::Reader::spawn(&out);
+        std::io::Write::write_all(&mut writer, b"late\n").expect("write stdin");
+        drop(writer);
         assert_eq!(reader.read_to_end().await, "late\n");
         assert_eq!(events.exit_status(&id, pid).await, 0);
 
         let id = common::id("lonely-stdin");
-        let bundle = Bundle::new(&["cat"]);
-        let input = d.dir().join("in");
+        let input = d.dir().join("in-unwritten");
         common::mkfifo(&input);
         let mut req = create_req(&id, &bundle);
         req.stdin = path_str(&input);
@@ -444,6 +448,7 @@ async fn stats_and_checkpoint_rpcs_are_unimplemented() {
             d.client.delete_checkpoint(delete).await,
             Code::Unimplemented,
         );
+        d.assert_no_zombies().await;
     })
     .await
 }

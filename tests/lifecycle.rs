@@ -217,6 +217,7 @@ async fn machine_id_comes_from_the_id_flag() {
         };
         let machine = state(&mut d.client).await.machine.expect("machine");
         assert_eq!(machine.id, "berth-test-machine");
+        d.assert_no_zombies().await;
     })
     .await
 }
@@ -409,6 +410,7 @@ async fn second_berthd_on_the_same_socket_or_state_dir_refuses() {
         let mut client = d.connect().await;
         state(&mut client).await;
         state(&mut d.client).await;
+        d.assert_no_zombies().await;
     })
     .await
 }
