@@ -3,10 +3,13 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod reactor;
 pub mod reaper;
 pub mod runtime;
 pub mod spawn;
+pub mod store;
+pub mod supervisor;
 
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {

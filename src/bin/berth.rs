@@ -5,7 +5,8 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{self, IsTerminal, Write as _};
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::process::ExitCode;
@@ -18,18 +19,22 @@ use berth::proto::{
     Machine, Process, SignalRequest, StateRequest, StateResponse, UpdateContainerRequest, User,
 };
 use clap::{Args, Parser, Subcommand};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::sys::termios::{self, SetArg, Termios};
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::unix::pipe;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "Command-line client of berthd, the berth container daemon")]
+#[command(
+    name = "berth",
+    version,
+    about = "Command-line client of berthd, the berth container daemon"
+)]
 struct Cli {
     /// The unix socket berthd listens on
     #[arg(
@@ -249,7 +254,11 @@ async fn init_pid(client: &mut ApiClient<Channel>, id: &str) -> Result<u32, Erro
         .ok_or_else(|| Error::NoProcesses(id.to_owned()))
 }
 
-async fn set_status(client: &mut ApiClient<Channel>, id: String, status: &str) -> Result<(), Error> {
+async fn set_status(
+    client: &mut ApiClient<Channel>,
+    id: String,
+    status: &str,
+) -> Result<(), Error> {
     client
         .update_container(UpdateContainerRequest {
             id,
@@ -336,29 +345,38 @@ fn exit_code(status: u32) -> ExitCode {
 struct Attachment {
     dir: PathBuf,
     stdin_writer: File,
-    stdout_reader: pipe::Receiver,
-    stderr_reader: pipe::Receiver,
+    stdout_reader: File,
+    stderr_reader: File,
 }
 
 impl Attachment {
     fn create() -> Result<Self, Error> {
         let template = std::env::temp_dir().join("berth-attach-XXXXXX");
-        let dir = nix::unistd::mkdtemp(&template)
-            .map_err(|errno| io_error(format!("creating a directory like {}", template.display()))(errno.into()))?;
+        let dir = nix::unistd::mkdtemp(&template).map_err(|errno| {
+            io_error(format!("creating a directory like {}", template.display()))(errno.into())
+        })?;
         // Build the rest inside a guard so a failure halfway removes the directory.
         let guard = TempDir(dir);
         for name in ["stdin", "stdout", "stderr"] {
             let path = guard.0.join(name);
-            nix::unistd::mkfifo(&path, Mode::S_IRUSR | Mode::S_IWUSR)
-                .map_err(|errno| io_error(format!("making fifo {}", path.display()))(errno.into()))?;
+            nix::unistd::mkfifo(&path, Mode::S_IRUSR | Mode::S_IWUSR).map_err(|errno| {
+                io_error(format!("making fifo {}", path.display()))(errno.into())
+            })?;
         }
         // Our read sides are open before berthd opens the write sides, so its non-blocking opens
-        // find a reader; they only see EOF once every writer the process holds is closed.
+        // find a reader. Opening them must not wait for a writer either; reads then block as
+        // usual, and start only once berthd has opened the write side.
         let open_reader = |name: &str| {
             let path = guard.0.join(name);
-            pipe::OpenOptions::new()
-                .open_receiver(&path)
-                .map_err(io_error(format!("opening {}", path.display())))
+            let context = format!("opening {}", path.display());
+            let reader = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(OFlag::O_NONBLOCK.bits())
+                .open(&path)
+                .map_err(io_error(context.clone()))?;
+            fcntl(&reader, FcntlArg::F_SETFL(OFlag::empty()))
+                .map_err(|errno| io_error(context)(errno.into()))?;
+            Ok::<_, Error>(reader)
         };
         let stdout_reader = open_reader("stdout")?;
         let stderr_reader = open_reader("stderr")?;
@@ -399,15 +417,20 @@ impl Attachment {
         } = self;
         let _dir = TempDir(dir);
         forward_stdin(stdin_writer);
+        let stdout_relayed = relay_in_thread(stdout_reader, io::stdout());
+        let stderr_relayed = relay_in_thread(stderr_reader, io::stderr());
         let finished = async {
-            let output = async {
-                tokio::try_join!(
-                    relay(stdout_reader, tokio::io::stdout()),
-                    relay(stderr_reader, tokio::io::stderr())
-                )
-            };
-            let (output, status) = tokio::join!(output, wait_for_exit(&mut events, &id, pid));
-            output.map_err(io_error("relaying the process's output"))?;
+            let (stdout_result, stderr_result, status) = tokio::join!(
+                stdout_relayed,
+                stderr_relayed,
+                wait_for_exit(&mut events, &id, pid)
+            );
+            for result in [stdout_result, stderr_result] {
+                // A closed sender means the relay thread panicked.
+                result
+                    .unwrap_or_else(|_| Err(io::Error::other("the relay thread stopped")))
+                    .map_err(io_error("relaying the process's output"))?;
+            }
             status
         };
         let mut finished = pin!(finished);
@@ -423,7 +446,10 @@ impl Attachment {
                 _ = terminations.recv() => Signal::SIGTERM,
             };
             if forwarded {
-                return Err(Error::Detached { id, pid });
+                return Err(Error::Detached {
+                    id: id.clone(),
+                    pid,
+                });
             }
             forwarded = true;
             // A failure here means the process is already gone; its exit event follows.
@@ -466,23 +492,35 @@ fn forward_stdin(mut writer: File) {
     });
 }
 
-/// Copies a FIFO to `to` until EOF. If `to` is closed by its reader, keeps draining the FIFO so
+/// Runs [`relay`] in a thread of its own, so a slow reader of our output never delays reading
+/// the event stream, and a relay still running (detached) does not hold up the exit.
+fn relay_in_thread(
+    mut from: File,
+    mut to: impl Write + Send + 'static,
+) -> oneshot::Receiver<io::Result<()>> {
+    let (done, finished) = oneshot::channel();
+    std::thread::spawn(move || {
+        // Nobody waits for the result any more once we have detached.
+        let _ = done.send(relay(&mut from, &mut to));
+    });
+    finished
+}
+
+/// Copies `from` to `to` until EOF. If `to` is closed by its reader, keeps draining `from` so
 /// the process never blocks on a full pipe.
-async fn relay(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> io::Result<()> {
+fn relay(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
     let mut buffer = vec![0; 64 * 1024];
     let mut to_open = true;
     loop {
-        let read = from.read(&mut buffer).await?;
-        if read == 0 {
-            return Ok(());
-        }
+        let read = match from.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
         if to_open {
             // Flushing every chunk shows prompts that end without a newline.
-            let written = match to.write_all(&buffer[..read]).await {
-                Ok(()) => to.flush().await,
-                Err(error) => Err(error),
-            };
-            match written {
+            match to.write_all(&buffer[..read]).and_then(|()| to.flush()) {
                 Err(error) if error.kind() == io::ErrorKind::BrokenPipe => to_open = false,
                 other => other?,
             }
@@ -509,7 +547,8 @@ struct RawTerminal {
 
 impl RawTerminal {
     fn enter() -> Result<Self, Error> {
-        let terminal_error = |errno: nix::Error| io_error("setting the terminal to raw mode")(errno.into());
+        let terminal_error =
+            |errno: nix::Error| io_error("setting the terminal to raw mode")(errno.into());
         let original = termios::tcgetattr(io::stdin()).map_err(terminal_error)?;
         let mut raw = original.clone();
         termios::cfmakeraw(&mut raw);
@@ -541,7 +580,10 @@ async fn watch_events(client: &mut ApiClient<Channel>, json: bool) -> Result<(),
 
 fn write_stdout(text: &str) -> Result<(), Error> {
     let mut stdout = io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Err(Error::StdoutClosed),
         result => result.map_err(io_error("writing to stdout")),
     }
@@ -578,7 +620,9 @@ fn parse_signal(text: &str) -> Result<u32, String> {
     let name = upper.strip_prefix("SIG").unwrap_or(&upper);
     Signal::from_str(&format!("SIG{name}"))
         .map(|signal| signal as u32)
-        .map_err(|_| format!("unknown signal {text:?}: give a number or a name such as TERM, KILL or HUP"))
+        .map_err(|_| {
+            format!("unknown signal {text:?}: give a number or a name such as TERM, KILL or HUP")
+        })
 }
 
 /// Parses `UID[:GID]`; the gid defaults to 0 since ids are numeric and no passwd file is read.
@@ -588,9 +632,9 @@ fn parse_user(text: &str) -> Result<User, String> {
         None => (text, None),
     };
     let number = |field: &str, value: &str| {
-        value
-            .parse::<u32>()
-            .map_err(|_| format!("{field} {value:?} is not a number: the user is numeric UID[:GID]"))
+        value.parse::<u32>().map_err(|_| {
+            format!("{field} {value:?} is not a number: the user is numeric UID[:GID]")
+        })
     };
     Ok(User {
         uid: number("uid", uid)?,
@@ -743,7 +787,15 @@ fn state_text(state: &StateResponse) -> String {
         })
         .collect();
     let table = format_table(
-        &["CONTAINER", "STATUS", "PID", "USER", "TERMINAL", "CWD", "ARGS"],
+        &[
+            "CONTAINER",
+            "STATUS",
+            "PID",
+            "USER",
+            "TERMINAL",
+            "CWD",
+            "ARGS",
+        ],
         &rows,
     );
     format!("{machine}\n{table}")
@@ -800,9 +852,10 @@ fn shell_quote(word: &str) -> Cow<'_, str> {
 
 /// Field names follow the proto3 JSON mapping (lowerCamelCase), as other clients of the API see them.
 fn user_json(user: Option<&User>) -> Value {
-    user.map_or(Value::Null, |user| {
-        json!({"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids})
-    })
+    user.map_or(
+        Value::Null,
+        |user| json!({"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids}),
+    )
 }
 
 fn process_json(process: &Process) -> Value {
@@ -826,9 +879,10 @@ fn container_json(container: &Container) -> Value {
 }
 
 fn machine_json(machine: Option<&Machine>) -> Value {
-    machine.map_or(Value::Null, |machine| {
-        json!({"id": machine.id, "cpus": machine.cpus, "memory": machine.memory})
-    })
+    machine.map_or(
+        Value::Null,
+        |machine| json!({"id": machine.id, "cpus": machine.cpus, "memory": machine.memory}),
+    )
 }
 
 fn checkpoint_json(checkpoint: Option<&Checkpoint>) -> Value {
@@ -1079,6 +1133,30 @@ mod tests {
         );
         assert_eq!(event_json(&exit, UNIX_EPOCH)["process"], Value::Null);
         assert_eq!(event_json(&start, UNIX_EPOCH)["bundlePath"], "/b");
+    }
+
+    /// A writer whose reader has gone away.
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn relay_copies_to_eof_and_drains_when_the_output_is_closed() {
+        let data = vec![7u8; 200_000];
+        let mut copied = Vec::new();
+        relay(&mut data.as_slice(), &mut copied).unwrap();
+        assert_eq!(copied, data);
+        let mut input = data.as_slice();
+        relay(&mut input, &mut ClosedPipe).unwrap();
+        assert!(input.is_empty());
     }
 
     #[test]

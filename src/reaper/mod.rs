@@ -182,9 +182,10 @@ impl TrackedProcess {
 
     /// Sends `signal` through the pidfd, so a recycled pid is never signalled by mistake.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        let fd = self.fd.as_ref().ok_or_else(|| {
-            Error::NotFound(format!("process {} has already exited", self.pid))
-        })?;
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| Error::NotFound(format!("process {} has already exited", self.pid)))?;
         pidfd::send_signal(fd.get_ref().as_fd(), signal).map_err(|e| {
             if e.raw_os_error() == Some(libc::ESRCH) {
                 Error::NotFound(format!("process {} has already exited", self.pid))
@@ -264,10 +265,7 @@ pub(crate) mod tests {
             Some(139)
         );
         assert_eq!(exit_code(&WaitStatus::StillAlive), None);
-        assert_eq!(
-            exit_code(&WaitStatus::Stopped(pid, Signal::SIGSTOP)),
-            None
-        );
+        assert_eq!(exit_code(&WaitStatus::Stopped(pid, Signal::SIGSTOP)), None);
     }
 
     #[test]

@@ -198,15 +198,23 @@ impl Runtime {
 
     /// Runs `op` with its output captured; returns its stdout.
     pub async fn run(&self, op: Operation<'_>) -> Result<String> {
-        self.run_with_stdio(op, [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture])
-            .await
+        self.run_with_stdio(
+            op,
+            [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
+        )
+        .await
     }
 
     /// Runs `op` with the given stdio (the container's, for create and exec).
-    pub async fn run_with_stdio(&self, op: Operation<'_>, stdio: [SpawnStdio; 3]) -> Result<String> {
-        let log = self
-            .log_dir
-            .join(format!("{}.log", self.next_log.fetch_add(1, Ordering::Relaxed)));
+    pub async fn run_with_stdio(
+        &self,
+        op: Operation<'_>,
+        stdio: [SpawnStdio; 3],
+    ) -> Result<String> {
+        let log = self.log_dir.join(format!(
+            "{}.log",
+            self.next_log.fetch_add(1, Ordering::Relaxed)
+        ));
         let argv = self.binary.argv(&op, &log);
         let what = format!("{} {}", self.binary.name(), op.name());
         tracing::debug!(?argv, "runtime");
@@ -225,7 +233,11 @@ impl Runtime {
                 if status == Some(0) {
                     Ok(response.stdout)
                 } else {
-                    let captured = if op.passes_stdio() { "" } else { &response.stderr };
+                    let captured = if op.passes_stdio() {
+                        ""
+                    } else {
+                        &response.stderr
+                    };
                     Err(Error::Runtime {
                         op: what,
                         message: failure_message(&log_text, captured, status),
@@ -236,7 +248,10 @@ impl Runtime {
                 what,
                 secs: self.timeout.as_secs(),
             }),
-            Outcome::SpawnFailed { error } => Err(Error::Runtime { op: what, message: error }),
+            Outcome::SpawnFailed { error } => Err(Error::Runtime {
+                op: what,
+                message: error,
+            }),
         }
     }
 }
@@ -251,17 +266,17 @@ fn failure_message(log: &str, stderr: &str, status: Option<u32>) -> String {
     }
     let from_log = log
         .lines()
+        .rev()
         .filter_map(|line| serde_json::from_str::<LogLine>(line).ok())
-        .filter(|line| line.level == "error" || line.level == "fatal")
-        .map(|line| line.msg)
-        .last();
+        .find(|line| line.level == "error" || line.level == "fatal")
+        .map(|line| line.msg);
     from_log
         .or_else(|| {
             stderr
                 .lines()
+                .rev()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .last()
+                .find(|l| !l.is_empty())
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| match status {
@@ -313,7 +328,10 @@ mod tests {
             pid_file: Path::new("/p"),
             console_socket: None,
         };
-        assert_eq!(args(create), ["create", "--bundle", "/b", "--pid-file", "/p", "web"]);
+        assert_eq!(
+            args(create),
+            ["create", "--bundle", "/b", "--pid-file", "/p", "web"]
+        );
         let with_console = Operation::Create {
             id: "web",
             bundle: Path::new("/b"),
@@ -322,7 +340,16 @@ mod tests {
         };
         assert_eq!(
             args(with_console),
-            ["create", "--bundle", "/b", "--pid-file", "/p", "--console-socket", "/c.sock", "web"]
+            [
+                "create",
+                "--bundle",
+                "/b",
+                "--pid-file",
+                "/p",
+                "--console-socket",
+                "/c.sock",
+                "web"
+            ]
         );
         let exec = Operation::Exec {
             id: "web",
@@ -332,14 +359,28 @@ mod tests {
         };
         assert_eq!(
             args(exec),
-            ["exec", "--detach", "--pid-file", "/p", "--process", "/proc.json", "web"]
+            [
+                "exec",
+                "--detach",
+                "--pid-file",
+                "/p",
+                "--process",
+                "/proc.json",
+                "web"
+            ]
         );
     }
 
     #[test]
     fn other_operations_argv() {
-        assert_eq!(args(Operation::Kill { id: "a", signal: 9 }), ["kill", "a", "9"]);
-        assert_eq!(args(Operation::Delete { id: "a" }), ["delete", "--force", "a"]);
+        assert_eq!(
+            args(Operation::Kill { id: "a", signal: 9 }),
+            ["kill", "a", "9"]
+        );
+        assert_eq!(
+            args(Operation::Delete { id: "a" }),
+            ["delete", "--force", "a"]
+        );
         assert_eq!(args(Operation::Pause { id: "a" }), ["pause", "a"]);
         assert_eq!(args(Operation::Resume { id: "a" }), ["resume", "a"]);
         assert_eq!(args(Operation::State { id: "a" }), ["state", "a"]);
@@ -354,7 +395,10 @@ mod tests {
             "\n"
         );
         assert!(failure_message(log, "x", Some(1)).contains("/nope"));
-        assert_eq!(failure_message("", "first\nlast line\n\n", Some(1)), "last line");
+        assert_eq!(
+            failure_message("", "first\nlast line\n\n", Some(1)),
+            "last line"
+        );
         assert_eq!(
             failure_message("", "", Some(2)),
             "exited with status 2 and no message"
@@ -413,11 +457,19 @@ mod tests {
     #[tokio::test]
     async fn failures_carry_the_runtime_message() {
         let (runtime, _) = runtime_with(
-            Outcome::Exited { wait_status: 1 << 8 },
+            Outcome::Exited {
+                wait_status: 1 << 8,
+            },
             "container \"a\" does not exist\n",
         );
-        let err = runtime.run(Operation::Kill { id: "a", signal: 9 }).await.unwrap_err();
-        assert_eq!(err.to_string(), "runc kill failed: container \"a\" does not exist");
+        let err = runtime
+            .run(Operation::Kill { id: "a", signal: 9 })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "runc kill failed: container \"a\" does not exist"
+        );
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
     }
 
@@ -425,7 +477,10 @@ mod tests {
     async fn timeouts_and_spawn_failures_map_to_their_errors() {
         let (runtime, _) = runtime_with(Outcome::TimedOut, "");
         let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
-        assert_eq!(tonic::Status::from(err).code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::DeadlineExceeded
+        );
         let (runtime, _) = runtime_with(
             Outcome::SpawnFailed {
                 error: "/usr/bin/runc: No such file or directory".into(),

@@ -30,7 +30,10 @@ pub fn send(socket: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Resu
         SendFlags::NOSIGNAL,
     )?;
     if sent != bytes.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "message truncated"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "message truncated",
+        ));
     }
     Ok(())
 }

@@ -96,18 +96,22 @@ pub fn serve(socket: OwnedFd) -> ! {
                 }
             }
             let timespec = timeout.map(|d| {
-                rustix::time::Timespec::try_from(d.max(Duration::from_millis(1)))
-                    .unwrap_or(rustix::time::Timespec {
+                rustix::time::Timespec::try_from(d.max(Duration::from_millis(1))).unwrap_or(
+                    rustix::time::Timespec {
                         tv_sec: 1,
                         tv_nsec: 0,
-                    })
+                    },
+                )
             });
             match rustix::event::poll(&mut fds, timespec.as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => fatal(&format!("poll: {e}")),
             }
             let socket_ready = !fds[0].revents().is_empty();
-            (socket_ready, fds.iter().skip(1).any(|f| !f.revents().is_empty()))
+            (
+                socket_ready,
+                fds.iter().skip(1).any(|f| !f.revents().is_empty()),
+            )
         };
 
         if ready || timeout.is_some() {
@@ -132,7 +136,12 @@ fn fatal(message: &str) -> ! {
     std::process::exit(1)
 }
 
-fn start(socket: &OwnedFd, request: Request, fds: Vec<OwnedFd>, running: &mut HashMap<u64, Running>) {
+fn start(
+    socket: &OwnedFd,
+    request: Request,
+    fds: Vec<OwnedFd>,
+    running: &mut HashMap<u64, Running>,
+) {
     let mut fds = fds.into_iter();
     let [stdin, stdout, stderr] = request.stdio.map(|spec| match spec {
         StdioSpec::Null => Stdio::null(),

@@ -150,7 +150,12 @@ impl SpawnHelper {
         }
         let connection = Arc::clone(&self.current.lock().expect("spawn lock poisoned"));
         let (tx, rx) = oneshot::channel();
-        match connection.pending.lock().expect("spawn lock poisoned").as_mut() {
+        match connection
+            .pending
+            .lock()
+            .expect("spawn lock poisoned")
+            .as_mut()
+        {
             Some(pending) => pending.insert(id, tx),
             None => return Err(helper_gone()),
         };
@@ -167,7 +172,12 @@ impl SpawnHelper {
         };
         drop(fds);
         if let Err(e) = sent {
-            if let Some(pending) = connection.pending.lock().expect("spawn lock poisoned").as_mut() {
+            if let Some(pending) = connection
+                .pending
+                .lock()
+                .expect("spawn lock poisoned")
+                .as_mut()
+            {
                 pending.remove(&id);
             }
             return Err(Error::Unavailable(format!(

@@ -1,0 +1,248 @@
+//! The tonic service: converts wire requests to supervisor calls and results back, with one
+//! tracing span per request carrying the container id.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::events::{Event, EventKind, Lagged};
+use crate::proto;
+use crate::supervisor::{
+    ContainerInfo, CreateRequest, ExecRequest, ProcessSpec, StdioPaths, Supervisor, User,
+};
+
+pub struct ApiService {
+    supervisor: Arc<Supervisor>,
+    /// Turns true when berthd is stopping, which ends the streams that would otherwise never end.
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ApiService {
+    pub fn new(supervisor: Arc<Supervisor>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        ApiService {
+            supervisor,
+            stopping,
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+type StatsStream = Pin<Box<dyn Stream<Item = Result<proto::Stats, Status>> + Send>>;
+
+fn process_to_wire(pid: u32, spec: &ProcessSpec) -> proto::Process {
+    proto::Process {
+        pid,
+        terminal: spec.terminal,
+        user: Some(proto::User {
+            uid: spec.uid,
+            gid: spec.gid,
+            additional_gids: spec.additional_gids.clone(),
+        }),
+        args: spec.args.clone(),
+        env: spec.env.clone(),
+        cwd: spec.cwd.clone(),
+    }
+}
+
+fn container_to_wire(info: &ContainerInfo) -> proto::Container {
+    proto::Container {
+        id: info.id.clone(),
+        name: info.id.clone(),
+        bundle_path: info.bundle.display().to_string(),
+        processes: info
+            .processes
+            .iter()
+            .map(|(pid, spec)| process_to_wire(*pid, spec))
+            .collect(),
+        status: info.status.as_str().into(),
+    }
+}
+
+fn event_to_wire(event: &Event) -> proto::Event {
+    let mut wire = proto::Event {
+        r#type: event.kind.name().into(),
+        id: event.id.clone(),
+        pid: event.pid,
+        ..Default::default()
+    };
+    match &event.kind {
+        EventKind::StartContainer { bundle } => wire.bundle_path = bundle.clone(),
+        EventKind::StartProcess { process } => {
+            wire.process = Some(process_to_wire(event.pid, process))
+        }
+        EventKind::Exit { status } => wire.status = *status,
+        EventKind::Pause | EventKind::Resume => {}
+    }
+    wire
+}
+
+#[tonic::async_trait]
+impl proto::api_server::Api for ApiService {
+    async fn create_container(
+        &self,
+        request: Request<proto::CreateContainerRequest>,
+    ) -> Result<Response<proto::CreateContainerResponse>, Status> {
+        let r = request.into_inner();
+        let span = tracing::info_span!("create_container", id = %r.id);
+        let request = CreateRequest {
+            id: r.id,
+            bundle: r.bundle_path,
+            stdio: StdioPaths {
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+                console: r.console,
+            },
+            checkpoint: r.checkpoint,
+        };
+        let pid = self.supervisor.create(request).instrument(span).await?;
+        Ok(Response::new(proto::CreateContainerResponse { pid }))
+    }
+
+    async fn update_container(
+        &self,
+        request: Request<proto::UpdateContainerRequest>,
+    ) -> Result<Response<proto::UpdateContainerResponse>, Status> {
+        let r = request.into_inner();
+        let span = tracing::info_span!("update_container", id = %r.id);
+        self.supervisor
+            .update(&r.id, &r.status, r.signal)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(proto::UpdateContainerResponse {}))
+    }
+
+    async fn signal(
+        &self,
+        request: Request<proto::SignalRequest>,
+    ) -> Result<Response<proto::SignalResponse>, Status> {
+        let r = request.into_inner();
+        let _span = tracing::info_span!("signal", id = %r.id).entered();
+        self.supervisor.signal(&r.id, r.pid, r.signal)?;
+        Ok(Response::new(proto::SignalResponse {}))
+    }
+
+    async fn add_process(
+        &self,
+        request: Request<proto::AddProcessRequest>,
+    ) -> Result<Response<proto::AddProcessResponse>, Status> {
+        let r = request.into_inner();
+        let span = tracing::info_span!("add_process", id = %r.id);
+        let request = ExecRequest {
+            id: r.id,
+            args: r.args,
+            env: r.env,
+            cwd: r.cwd,
+            user: r.user.map(|u| User {
+                uid: u.uid,
+                gid: u.gid,
+                additional_gids: u.additional_gids,
+            }),
+            terminal: r.terminal,
+            stdio: StdioPaths {
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+                console: r.console,
+            },
+        };
+        let pid = self.supervisor.exec(request).instrument(span).await?;
+        Ok(Response::new(proto::AddProcessResponse { pid }))
+    }
+
+    async fn create_checkpoint(
+        &self,
+        request: Request<proto::CreateCheckpointRequest>,
+    ) -> Result<Response<proto::CreateCheckpointResponse>, Status> {
+        let _span = tracing::info_span!("create_checkpoint", id = %request.get_ref().id).entered();
+        Err(checkpoints_unimplemented())
+    }
+
+    async fn delete_checkpoint(
+        &self,
+        request: Request<proto::DeleteCheckpointRequest>,
+    ) -> Result<Response<proto::DeleteCheckpointResponse>, Status> {
+        let _span = tracing::info_span!("delete_checkpoint", id = %request.get_ref().id).entered();
+        Err(checkpoints_unimplemented())
+    }
+
+    async fn list_checkpoint(
+        &self,
+        request: Request<proto::ListCheckpointRequest>,
+    ) -> Result<Response<proto::ListCheckpointResponse>, Status> {
+        let _span = tracing::info_span!("list_checkpoint", id = %request.get_ref().id).entered();
+        Err(checkpoints_unimplemented())
+    }
+
+    async fn state(
+        &self,
+        _request: Request<proto::StateRequest>,
+    ) -> Result<Response<proto::StateResponse>, Status> {
+        let _span = tracing::info_span!("state").entered();
+        let machine = self.supervisor.machine();
+        Ok(Response::new(proto::StateResponse {
+            containers: self
+                .supervisor
+                .containers()
+                .iter()
+                .map(container_to_wire)
+                .collect(),
+            machine: Some(proto::Machine {
+                id: machine.id.clone(),
+                cpus: machine.cpus,
+                memory: machine.memory,
+            }),
+        }))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        _request: Request<proto::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        tracing::info_span!("events").in_scope(|| tracing::debug!("subscribed"));
+        let subscription = self.supervisor.events().subscribe();
+        // Polled only as fast as the client reads: a slow client falls behind on the event
+        // ring instead of growing a buffer here, and is told how much it missed.
+        let stopping = self.stopping.clone();
+        let stream = futures_util::stream::unfold(
+            Some((subscription, stopping)),
+            |state| async move {
+                let (mut subscription, mut stopping) = state?;
+                let next = tokio::select! {
+                    next = subscription.next() => next?,
+                    _ = stopping.wait_for(|stop| *stop) => return None,
+                };
+                match next {
+                    Ok(event) => Some((Ok(event_to_wire(&event)), Some((subscription, stopping)))),
+                    Err(Lagged::Missed(missed)) => Some((
+                        Err(Status::resource_exhausted(format!(
+                            "events subscriber fell behind and missed {missed} events; subscribe again and re-read State"
+                        ))),
+                        None,
+                    )),
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type GetStatsStream = StatsStream;
+
+    async fn get_stats(
+        &self,
+        request: Request<proto::StatsRequest>,
+    ) -> Result<Response<Self::GetStatsStream>, Status> {
+        let _span = tracing::info_span!("get_stats", id = %request.get_ref().id).entered();
+        Err(Error::Unimplemented("GetStats is not implemented in this berthd yet".into()).into())
+    }
+}
+
+fn checkpoints_unimplemented() -> Status {
+    Error::Unimplemented("checkpoints are not implemented in this berthd yet".into()).into()
+}

@@ -1,0 +1,118 @@
+//! The event bus: one publisher side, any number of subscribers, bounded memory.
+//!
+//! A ring of `--events-buffer` events ([`tokio::sync::broadcast`]): publishing never waits for a
+//! subscriber, and a subscriber that falls more than the ring behind learns how many events it
+//! missed instead of being silently skipped. Events are published in the order they happened for
+//! each container, so every subscriber sees them in that order.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::supervisor::ProcessSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    StartContainer { bundle: String },
+    StartProcess { process: ProcessSpec },
+    Exit { status: u32 },
+    Pause,
+    Resume,
+}
+
+impl EventKind {
+    /// The event's `type` on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::StartContainer { .. } => "start-container",
+            EventKind::StartProcess { .. } => "start-process",
+            EventKind::Exit { .. } => "exit",
+            EventKind::Pause => "pause",
+            EventKind::Resume => "resume",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub pid: u32,
+    pub kind: EventKind,
+}
+
+pub struct EventBus {
+    sender: broadcast::Sender<Arc<Event>>,
+}
+
+/// Why a subscription ended early.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lagged {
+    Missed(u64),
+}
+
+pub struct Subscription {
+    receiver: broadcast::Receiver<Arc<Event>>,
+}
+
+impl Subscription {
+    /// The next event, or how many were missed when this subscriber fell behind. `None` when the
+    /// bus is gone (berthd is stopping).
+    pub async fn next(&mut self) -> Option<Result<Arc<Event>, Lagged>> {
+        match self.receiver.recv().await {
+            Ok(event) => Some(Ok(event)),
+            Err(broadcast::error::RecvError::Lagged(missed)) => Some(Err(Lagged::Missed(missed))),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+impl EventBus {
+    pub fn new(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity.max(1));
+        EventBus { sender }
+    }
+
+    pub fn publish(&self, id: &str, pid: u32, kind: EventKind) {
+        tracing::debug!(id, pid, kind = kind.name(), "event");
+        // No subscriber is not an error: the event simply has nobody to go to.
+        let _ = self.sender.send(Arc::new(Event {
+            id: id.to_owned(),
+            pid,
+            kind,
+        }));
+    }
+
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            receiver: self.sender.subscribe(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn subscribers_see_events_from_the_moment_they_subscribe_in_order() {
+        let bus = EventBus::new(8);
+        bus.publish("early", 1, EventKind::Pause);
+        let mut sub = bus.subscribe();
+        bus.publish("a", 2, EventKind::Pause);
+        bus.publish("a", 2, EventKind::Resume);
+        assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Pause);
+        assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Resume);
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_learns_how_many_it_missed_and_others_are_unaffected() {
+        let bus = EventBus::new(4);
+        let mut slow = bus.subscribe();
+        let mut fast = bus.subscribe();
+        for pid in 0..10 {
+            bus.publish("a", pid, EventKind::Exit { status: 0 });
+            assert_eq!(fast.next().await.unwrap().unwrap().pid, pid);
+        }
+        assert_eq!(slow.next().await.unwrap(), Err(Lagged::Missed(6)));
+    }
+}

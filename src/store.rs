@@ -1,0 +1,138 @@
+//! The state directory: one small JSON file per container with what a restarted berthd needs to
+//! find it again. Writes are atomic: a temp file, fsync, rename, fsync of the directory.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::supervisor::ProcessSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (field 22 of /proc/<pid>/stat): with the pid, it
+    /// tells the process from a later one that reused its pid.
+    pub start_time: u64,
+    pub spec: ProcessSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub runtime: PathBuf,
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub console: String,
+    pub init: ProcessRecord,
+    pub processes: Vec<ProcessRecord>,
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(Store { dir })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    pub fn write(&self, record: &ContainerRecord) -> Result<()> {
+        let path = self.path(&record.id);
+        let tmp = self.dir.join(format!(".{}.json.tmp", record.id));
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::Internal(format!("encode state of {}: {e}", record.id)))?;
+        let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        file.write_all(&bytes)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| Error::io(&self.dir, e))
+    }
+
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let path = self.path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot.
+pub fn process_start_time(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    parse_start_time(&stat)
+        .ok_or_else(|| Error::Internal(format!("{path}: no start time in its contents")))
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from the last `)`.
+pub fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // After ")" come field 3 (state) onwards; field 22 is the 20th of them.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_field_22_even_with_odd_command_names() {
+        let stat = b"4242 (sh (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 2461696 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time(b"12 (sh) S 1 2"), None);
+        assert_eq!(parse_start_time(b"garbage"), None);
+    }
+
+    #[test]
+    fn own_start_time_is_readable() {
+        assert!(process_start_time(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn records_are_written_atomically_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("containers")).unwrap();
+        let record = ContainerRecord {
+            id: "a".into(),
+            bundle: "/b".into(),
+            runtime: "/usr/sbin/runc".into(),
+            stdin: String::new(),
+            stdout: "/tmp/out".into(),
+            stderr: String::new(),
+            console: String::new(),
+            init: ProcessRecord {
+                pid: 10,
+                start_time: 99,
+                spec: ProcessSpec::default(),
+            },
+            processes: vec![],
+        };
+        store.write(&record).unwrap();
+        let path = dir.path().join("containers/a.json");
+        let read: ContainerRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(read, record);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("containers"))
+            .unwrap()
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temp file is left beside the record");
+        store.remove("a").unwrap();
+        assert!(!path.exists());
+        store.remove("a").unwrap();
+    }
+}

@@ -1,0 +1,310 @@
+//! A container process's stdio: opening the client's paths without creating, truncating or
+//! blocking, and relaying a pty master to them when the process has a terminal.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::fs::{Mode, OFlags};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UnixListener;
+
+use crate::error::{Error, Result};
+use crate::spawn::fdpass;
+
+/// The client's stdio paths for a process; empty means none (`/dev/null`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub console: String,
+}
+
+impl StdioPaths {
+    /// Every non-empty path must be absolute and exist: berthd never creates one.
+    pub fn check(&self) -> Result<()> {
+        for (name, path) in self.named() {
+            if path.is_empty() {
+                continue;
+            }
+            if !Path::new(path).is_absolute() {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} path {path} is not absolute"
+                )));
+            }
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} path {path} cannot be used ({e}); berthd opens existing files only, make it first (for example with mkfifo)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn named(&self) -> [(&'static str, &str); 4] {
+        [
+            ("stdin", &self.stdin),
+            ("stdout", &self.stdout),
+            ("stderr", &self.stderr),
+            ("console", &self.console),
+        ]
+    }
+
+    /// Opens stdin, stdout and stderr for a process without a terminal.
+    pub fn open_all(&self) -> Result<[OwnedFd; 3]> {
+        Ok([
+            open(&self.stdin, Direction::Input)?,
+            open(&self.stdout, Direction::Output)?,
+            open(&self.stderr, Direction::Output)?,
+        ])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Input,
+    Output,
+    Both,
+}
+
+/// Opens `path` (or `/dev/null` when empty) without O_CREAT or O_TRUNC and without blocking.
+///
+/// A FIFO is opened for output with O_RDWR, since a write-only open fails (or blocks) until a
+/// reader appears; for input it is opened non-blocking, which always succeeds. The descriptor is
+/// switched back to blocking mode because it becomes the container's own stdio.
+pub fn open(path: &str, direction: Direction) -> Result<OwnedFd> {
+    let path = if path.is_empty() { "/dev/null" } else { path };
+    let is_fifo = std::fs::metadata(path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
+        .map_err(|e| Error::io(path, e))?;
+    let access = match (direction, is_fifo) {
+        (Direction::Input, _) => OFlags::RDONLY,
+        (Direction::Output, true) | (Direction::Both, _) => OFlags::RDWR,
+        (Direction::Output, false) => OFlags::WRONLY | OFlags::APPEND,
+    };
+    let fd = rustix::fs::open(
+        path,
+        access | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(path, e.into()))?;
+    set_nonblocking(&fd, false).map_err(|e| Error::io(path, e))?;
+    Ok(fd)
+}
+
+fn set_nonblocking(fd: impl AsFd, on: bool) -> std::io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    let flags = if on {
+        flags | OFlags::NONBLOCK
+    } else {
+        flags - OFlags::NONBLOCK
+    };
+    Ok(rustix::fs::fcntl_setfl(&fd, flags)?)
+}
+
+/// The socket a runtime hands a new process's pty master over (`--console-socket`).
+pub struct ConsoleSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ConsoleSocket {
+    pub fn bind(path: PathBuf) -> Result<Self> {
+        let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(ConsoleSocket { listener, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the runtime to connect and send the pty master.
+    pub async fn receive_master(&self, timeout: Duration) -> Result<OwnedFd> {
+        let receive = async {
+            let (stream, _) = self
+                .listener
+                .accept()
+                .await
+                .map_err(|e| Error::io(&self.path, e))?;
+            let mut buf = [0u8; 4096];
+            loop {
+                stream
+                    .readable()
+                    .await
+                    .map_err(|e| Error::io(&self.path, e))?;
+                match stream.try_io(Interest::READABLE, || fdpass::recv(&stream, &mut buf)) {
+                    Ok((_, fds)) => {
+                        return fds.into_iter().next().ok_or_else(|| {
+                            Error::Internal(
+                                "the runtime sent no pty master on the console socket".into(),
+                            )
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(Error::io(&self.path, e)),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, receive)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "receiving the pty master from the runtime".into(),
+                secs: timeout.as_secs(),
+            })?
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One end of a relay: pollable descriptors go through the reactor; regular files, which
+/// epoll refuses and which never block for long, are written directly.
+enum Endpoint {
+    Polled(AsyncFd<OwnedFd>),
+    File(OwnedFd),
+}
+
+impl Endpoint {
+    fn new(fd: OwnedFd) -> std::io::Result<Self> {
+        let regular = rustix::fs::fstat(&fd)
+            .map(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            })
+            .unwrap_or(false);
+        if regular {
+            return Ok(Endpoint::File(fd));
+        }
+        set_nonblocking(&fd, true)?;
+        Ok(Endpoint::Polled(crate::reactor::register(
+            fd,
+            Interest::READABLE | Interest::WRITABLE,
+        )?))
+    }
+
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Endpoint::File(fd) => Ok(rustix::io::read(fd, buf)?),
+            Endpoint::Polled(fd) => loop {
+                let mut guard = fd.readable().await?;
+                match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *buf)?)) {
+                    Ok(result) => return result,
+                    Err(_would_block) => continue,
+                }
+            },
+        }
+    }
+
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let written = match self {
+                Endpoint::File(fd) => rustix::io::write(fd, bytes)?,
+                Endpoint::Polled(fd) => loop {
+                    let mut guard = fd.writable().await?;
+                    match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), bytes)?)) {
+                        Ok(result) => break result?,
+                        Err(_would_block) => continue,
+                    }
+                },
+            };
+            bytes = &bytes[written..];
+        }
+        Ok(())
+    }
+}
+
+async fn copy(from: &Endpoint, to: Option<&Endpoint>) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        // A pty master reads EIO once the process side has closed: that is the end.
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(to) = to
+            && to.write_all(&buf[..n]).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Relays a pty master to the client's paths until the process side closes: output to the
+/// console path if one was given, else to stdout; input from the console path or stdin.
+pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<()> {
+    let (input, output) = if paths.console.is_empty() {
+        let input = (!paths.stdin.is_empty())
+            .then(|| open(&paths.stdin, Direction::Input))
+            .transpose()?;
+        let output = (!paths.stdout.is_empty())
+            .then(|| open(&paths.stdout, Direction::Output))
+            .transpose()?;
+        (input, output)
+    } else {
+        let console = open(&paths.console, Direction::Both)?;
+        let input = console
+            .try_clone()
+            .map_err(|e| Error::io(&paths.console, e))?;
+        (Some(input), Some(console))
+    };
+    let endpoint = |fd: OwnedFd| Endpoint::new(fd).map_err(|e| Error::sys("relay terminal", e));
+    let master = Arc::new(endpoint(master)?);
+    let input = input.map(endpoint).transpose()?;
+    let output = output.map(endpoint).transpose()?;
+    let to_master = input.map(|input| {
+        let master = Arc::clone(&master);
+        tokio::spawn(async move { copy(&input, Some(&master)).await })
+    });
+    tokio::spawn(async move {
+        copy(&master, output.as_ref()).await;
+        if let Some(task) = to_master {
+            task.abort();
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_relative_paths_are_invalid_and_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("out").display().to_string();
+        let paths = StdioPaths {
+            stdout: missing.clone(),
+            ..Default::default()
+        };
+        assert!(matches!(paths.check(), Err(Error::InvalidArgument(_))));
+        assert!(!Path::new(&missing).exists());
+        let relative = StdioPaths {
+            stdin: "in".into(),
+            ..Default::default()
+        };
+        assert!(matches!(relative.check(), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn fifos_open_without_a_peer_and_regular_files_are_not_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let fifo = fifo.display().to_string();
+        // Neither open may block although nobody has the other end open.
+        open(&fifo, Direction::Output).unwrap();
+        open(&fifo, Direction::Input).unwrap();
+
+        let file = dir.path().join("log");
+        std::fs::write(&file, "kept\n").unwrap();
+        let fd = open(file.to_str().unwrap(), Direction::Output).unwrap();
+        rustix::io::write(&fd, b"added\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept\nadded\n");
+        assert!(open("", Direction::Input).is_ok());
+    }
+}
