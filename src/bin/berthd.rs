@@ -68,7 +68,6 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(config, runtime_path, helper_socket)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("berthd: {e}");
             ExitCode::FAILURE
         }

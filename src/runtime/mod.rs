@@ -238,10 +238,13 @@ impl Runtime {
                     } else {
                         &response.stderr
                     };
-                    Err(Error::Runtime {
-                        op: what,
-                        message: failure_message(&log_text, captured, status),
-                    })
+                    let message = failure_message(&log_text, captured, status);
+                    // runc already says "runc create failed: ..."; say it once.
+                    let message = match message.strip_prefix(&format!("{what} failed: ")) {
+                        Some(rest) => rest.to_owned(),
+                        None => message,
+                    };
+                    Err(Error::Runtime { op: what, message })
                 }
             }
             Outcome::TimedOut => Err(Error::Timeout {

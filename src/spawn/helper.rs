@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -151,8 +151,10 @@ fn start(
     let Some((program, args)) = request.argv.split_first() else {
         return respond(socket, failed(request.id, "empty argv".into()));
     };
+    // A group of its own, so a timeout kills what the command started as well.
     let spawned = Command::new(program)
         .args(args)
+        .process_group(0)
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
@@ -206,6 +208,9 @@ fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>) {
         r.stderr.drain();
         if !r.timed_out && now >= r.deadline {
             r.timed_out = true;
+            if let Some(group) = rustix::process::Pid::from_raw(r.child.id() as i32) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = r.child.kill();
         }
         if let Ok(Some(status)) = r.child.try_wait() {
