@@ -210,6 +210,10 @@ impl Supervisor {
         scratch: PathBuf,
         machine: Machine,
     ) -> Result<Arc<Self>> {
+        // Scratch files belong to requests in flight; any found now are from a berthd that died.
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+        }
         std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
         Ok(Arc::new(Supervisor {
             registry: Mutex::new(HashMap::new()),
