@@ -185,7 +185,7 @@ async fn fifos_without_a_peer_do_not_hang_create() {
         let pid = tokio::time::timeout(Duration::from_secs(10), create(&mut d.client, req))
             .await
             .expect("CreateContainer with an unread stdout FIFO hung");
-        let mut reader = common::Reader::spawn(&out);
+        let mut reader = common::Reader::open(&out);
         std::io::Write::write_all(&mut writer, b"late\n").expect("write stdin");
         drop(writer);
         assert_eq!(reader.read_to_end().await, "late\n");

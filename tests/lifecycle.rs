@@ -233,8 +233,8 @@ async fn stdout_and_stderr_fifos_carry_the_init_output() {
         let (out, err) = (d.dir().join("out"), d.dir().join("err"));
         mkfifo(&out);
         mkfifo(&err);
-        let mut out_reader = Reader::spawn(&out);
-        let mut err_reader = Reader::spawn(&err);
+        let mut out_reader = Reader::open(&out);
+        let mut err_reader = Reader::open(&err);
         let mut events = Events::subscribe(&mut d.client).await;
         let mut req = create_req(&id, &bundle);
         req.stdout = path_str(&out);
@@ -263,7 +263,7 @@ async fn stdin_fifo_feeds_the_init() {
         mkfifo(&output);
         // Held open across the create so `cat` cannot see end-of-file before our data.
         let mut writer = open_rw(&input);
-        let mut reader = Reader::spawn(&output);
+        let mut reader = Reader::open(&output);
         let mut events = Events::subscribe(&mut d.client).await;
         let mut req = create_req(&id, &bundle);
         req.stdin = path_str(&input);
@@ -292,7 +292,7 @@ async fn terminal_output_is_relayed_to_the_stdout_fifo() {
         bundle.edit(|c| c["process"]["terminal"] = true.into());
         let out = d.dir().join("out");
         mkfifo(&out);
-        let mut reader = Reader::spawn(&out);
+        let mut reader = Reader::open(&out);
         let mut events = Events::subscribe(&mut d.client).await;
         let mut req = create_req(&id, &bundle);
         req.stdout = path_str(&out);

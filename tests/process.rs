@@ -21,7 +21,7 @@ async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
         let init = create(&mut d.client, create_req(&id, &bundle)).await;
         let out = d.dir().join("out");
         mkfifo(&out);
-        let mut reader = Reader::spawn(&out);
+        let mut reader = Reader::open(&out);
         let script = "echo $GREETING; pwd; id -u; id -g; id -G";
         let mut req = exec_req(&id, &["/bin/sh", "-c", script]);
         req.env = vec!["PATH=/bin".into(), "GREETING=hello".into()];
@@ -84,7 +84,7 @@ async fn add_process_defaults_to_the_container_user_and_env() {
         let init = create(&mut d.client, create_req(&id, &bundle)).await;
         let out = d.dir().join("out");
         mkfifo(&out);
-        let mut reader = Reader::spawn(&out);
+        let mut reader = Reader::open(&out);
         let mut req = exec_req(&id, &["/bin/sh", "-c", "id -u; id -g; echo $FROM_SPEC"]);
         req.stdout = path_str(&out);
         let pid = exec(&mut d.client, req).await;
@@ -198,7 +198,7 @@ async fn added_process_stdin_and_stdout_fifos() {
         mkfifo(&output);
         // Held open across AddProcess so `cat` cannot see end-of-file before our data.
         let mut writer = open_rw(&input);
-        let mut reader = Reader::spawn(&output);
+        let mut reader = Reader::open(&output);
         let mut req = exec_req(&id, &["/bin/cat"]);
         req.stdin = path_str(&input);
         req.stdout = path_str(&output);
@@ -228,7 +228,7 @@ async fn added_process_with_terminal_is_relayed_to_the_stdout_fifo() {
         let init = create(&mut d.client, create_req(&id, &bundle)).await;
         let out = d.dir().join("out");
         mkfifo(&out);
-        let mut reader = Reader::spawn(&out);
+        let mut reader = Reader::open(&out);
         let mut req = exec_req(&id, &["/bin/sh", "-c", "[ -t 1 ] && echo tty-ok"]);
         req.terminal = true;
         req.stdout = path_str(&out);

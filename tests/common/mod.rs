@@ -7,7 +7,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::Read;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -18,6 +19,7 @@ use berth::proto::{
     AddProcessRequest, CreateContainerRequest, Event, EventsRequest, SignalRequest, StateRequest,
     StateResponse,
 };
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
 use nix::unistd::Pid;
@@ -612,8 +614,8 @@ pub fn path_str(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_owned()
 }
 
-/// Reads a FIFO or file on a plain thread (a blocking open never stalls the runtime, and a
-/// reader that hangs does not keep the test binary alive).
+/// Reads a FIFO on a plain thread, so a reader that hangs never stalls the runtime or keeps
+/// the test binary alive.
 pub struct Reader {
     chunks: mpsc::UnboundedReceiver<Vec<u8>>,
     data: Vec<u8>,
@@ -621,16 +623,32 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn spawn(path: &Path) -> Reader {
+    /// Opens the FIFO for reading before returning, so nothing written from now on is lost even
+    /// if its writers come and go before the thread runs.
+    pub fn open(path: &Path) -> Reader {
+        // Non-blocking so the open does not wait for a writer.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
         let (tx, chunks) = mpsc::unbounded_channel();
-        let path = path.to_owned();
         std::thread::spawn(move || {
-            let mut file =
-                File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            let mut file = file;
             let mut buf = vec![0; 64 * 1024];
-            while let Ok(n @ 1..) = file.read(&mut buf) {
-                if tx.send(buf[..n].to_vec()).is_err() {
+            loop {
+                // A FIFO polls as hung up only after a writer came and went, and reads 0 bytes
+                // only then (or before any writer, which the poll rules out).
+                let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::NONE).is_err() {
                     break;
+                }
+                match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) if tx.send(buf[..n].to_vec()).is_err() => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
                 }
             }
         });
