@@ -14,6 +14,8 @@ use common::{
     Bundle, Daemon, Events, SIGKILL, create, create_req, exec, exec_req, expect_code, id, path_str,
     proc_stat, signal, state, within,
 };
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tonic::Code;
 
 /// One full create/exec/kill cycle so that lazily opened fds are in the baseline it returns.
@@ -302,6 +304,8 @@ async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
         // 64 is the last valid signal; its default action terminates the process.
         signal(&mut d.client, &a, child_a, 64).await;
         assert_eq!(events.exit_status(&a, child_a).await, 128 + 64);
+        let gone = d.client.signal(req(&a, child_a, SIGKILL)).await;
+        expect_code(gone, Code::NotFound);
         for (id, pid) in [(&a, init_a), (&b, init_b)] {
             signal(&mut d.client, id, pid, SIGKILL).await;
             assert_eq!(events.exit_status(id, pid).await, 137);
@@ -459,17 +463,8 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
         if !common::ready() {
             return;
         }
-        // Real runc for everything except `start`, which outlives the 2 s timeout.
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let wrapper = scripts.path().join("slow-start-runc");
-        let runc = common::runc_path();
-        common::write_script(
-            &wrapper,
-            &format!(
-                "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep 30\ndone\nexec {} \"$@\"\n",
-                runc.display()
-            ),
-        );
+        let wrapper = common::slow_start_runtime(scripts.path());
         let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "2"];
         let Some(mut d) = Daemon::start_with(&flags).await else {
             return;
@@ -482,16 +477,17 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
             let result = d.client.create_container(create_req(&id, &bundle)).await;
             expect_code(result, Code::DeadlineExceeded);
             let took = started.elapsed();
-            assert!(took < Duration::from_secs(15), "took {took:?} with a 2 s timeout");
+            assert!(
+                took < Duration::from_secs(15),
+                "took {took:?} with a 2 s timeout"
+            );
             d.assert_gone(&id).await;
             d.assert_no_zombies().await;
-            let sleepers: Vec<u32> = common::descendants_of(d.pid())
-                .into_iter()
-                .filter(|pid| {
-                    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\0")
-                })
-                .collect();
-            assert!(sleepers.is_empty(), "the timed-out runtime still runs: {sleepers:?}");
+            let sleepers = common::slow_starts(d.pid());
+            assert!(
+                sleepers.is_empty(),
+                "the timed-out runtime still runs: {sleepers:?}"
+            );
             // The first round is the warm-up for the fd baseline.
             if round == 0 {
                 baseline = d.fds();
@@ -499,6 +495,51 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
                 d.assert_fds_settle(&baseline).await;
             }
         }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
+    within(async {
+        if !common::ready() {
+            return;
+        }
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let wrapper = common::slow_start_runtime(scripts.path());
+        let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "25"];
+        let Some(mut d) = Daemon::start_with(&flags).await else {
+            return;
+        };
+        let id = id("helper-dies");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let helper = common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        let mut client = d.client.clone();
+        let request = create_req(&id, &bundle);
+        let create = tokio::spawn(async move { client.create_container(request).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while common::slow_starts(d.pid()).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the create never reached `start`"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        kill(Pid::from_raw(helper as i32), Signal::SIGKILL).expect("kill the helper");
+        let result = tokio::time::timeout(Duration::from_secs(10), create)
+            .await
+            .expect("the in-flight create did not fail when the helper died")
+            .expect("create task");
+        expect_code(result, Code::Unavailable);
+        // The stranded `start` is berthd's orphan now; it would linger for 30 s.
+        for pid in common::slow_starts(d.pid()) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+        let new_helper = common::spawn_helper(d.pid()).expect("a new spawn helper");
+        assert_ne!(new_helper, helper);
     })
     .await
 }

@@ -4,14 +4,29 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth::proto::UpdateContainerRequest;
 use common::{
-    Bundle, Daemon, Events, Reader, SIGKILL, create, create_req, exec, exec_req, id, mkfifo,
-    open_rw, path_str, proc_stat, signal, state, within,
+    Bundle, Daemon, Events, Options, Reader, SIGKILL, create, create_req, exec, exec_req, id,
+    mkfifo, open_rw, path_str, proc_stat, signal, state, within,
 };
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Every string and number in a JSON document, as text.
+fn json_leaves(value: &serde_json::Value) -> Vec<String> {
+    match value {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Number(n) => vec![n.to_string()],
+        serde_json::Value::Array(items) => items.iter().flat_map(json_leaves).collect(),
+        serde_json::Value::Object(map) => map.values().flat_map(json_leaves).collect(),
+        _ => Vec::new(),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
@@ -34,10 +49,13 @@ async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
         assert_eq!(d.runtime_ids(), vec![id.clone()]);
         let file = fs::read_to_string(d.state_file(&id)).expect("state file exists");
         let saved: serde_json::Value = serde_json::from_str(&file).expect("state file is JSON");
-        assert!(
-            file.contains(&id) && file.contains(&pid.to_string()),
-            "state file: {saved}"
-        );
+        let values = json_leaves(&saved);
+        for wanted in [id.clone(), bundle.path_str(), pid.to_string()] {
+            assert!(
+                values.contains(&wanted),
+                "state file lacks {wanted}: {saved}"
+            );
+        }
 
         let started = events.wait_for("start-container", |e| e.id == id).await;
         assert_eq!(started.r#type, "start-container");
@@ -359,13 +377,15 @@ async fn sigterm_removes_the_socket_and_leaves_containers_running() {
     .await
 }
 
-/// Runs a second berthd and returns its exit status and output, killing it if it serves.
-fn second_berthd(socket: &std::path::Path, state_dir: &std::path::Path) -> (bool, String) {
+/// Runs a berthd expected to refuse to start: returns whether it exited successfully and what
+/// it printed, killing it if it serves instead.
+fn refused_berthd(socket: &Path, state_dir: &Path, extra: &[&str]) -> (bool, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_berthd"))
         .arg("--listen")
         .arg(socket)
         .arg("--state-dir")
         .arg(state_dir)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -383,7 +403,7 @@ fn second_berthd(socket: &std::path::Path, state_dir: &std::path::Path) -> (bool
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("a second berthd kept running for 10 s");
+    panic!("berthd kept running for 10 s instead of refusing to start");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -392,12 +412,12 @@ async fn second_berthd_on_the_same_socket_or_state_dir_refuses() {
         let Some(mut d) = Daemon::start().await else {
             return;
         };
-        let (ok, text) = second_berthd(&d.socket(), &d.dir().join("other-state"));
+        let (ok, text) = refused_berthd(&d.socket(), &d.dir().join("other-state"), &[]);
         assert!(
             !ok && !text.trim().is_empty(),
             "same socket: ok={ok}, said {text:?}"
         );
-        let (ok, text) = second_berthd(&d.dir().join("other.sock"), &d.state_dir());
+        let (ok, text) = refused_berthd(&d.dir().join("other.sock"), &d.state_dir(), &[]);
         assert!(
             !ok && !text.trim().is_empty(),
             "same state dir: ok={ok}, said {text:?}"
@@ -448,6 +468,126 @@ async fn fd_count_stays_flat_across_create_exec_kill_cycles() {
         d.assert_no_zombies().await;
         let text = fs::read_to_string(&out).expect("read output");
         assert!(text.contains("exec"), "output file: {text:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_runtime_stops_berthd_at_start() {
+    within(async {
+        if !common::ready() {
+            return;
+        }
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let runtime = ["--runtime", "no-such-runtime-berth-test"];
+        let (ok, text) =
+            refused_berthd(&dir.path().join("s.sock"), &dir.path().join("st"), &runtime);
+        assert!(!ok, "berthd started without its runtime");
+        assert!(
+            text.contains("no-such-runtime-berth-test"),
+            "unclear error: {text:?}"
+        );
+        assert!(!dir.path().join("s.sock").exists(), "socket left behind");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_parent_is_created_0711_and_socket_is_0660() {
+    within(async {
+        let options = Options {
+            socket: Some("run/berth/berth.sock"),
+            ..Options::default()
+        };
+        let Some(mut d) = Daemon::start_with_options(options).await else {
+            return;
+        };
+        let socket = fs::metadata(d.socket()).expect("socket");
+        assert!(socket.file_type().is_socket());
+        assert_eq!(socket.permissions().mode() & 0o7777, 0o660);
+        let parent = fs::metadata(d.socket().parent().unwrap()).expect("parent");
+        assert_eq!(parent.permissions().mode() & 0o7777, 0o711);
+        state(&mut d.client).await;
+        d.stop();
+        assert!(!d.socket().exists(), "socket left behind");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flags_are_read_from_berth_environment_variables() {
+    within(async {
+        let options = Options {
+            env: &[("BERTH_ID", "machine-from-env")],
+            ..Options::default()
+        };
+        let Some(mut d) = Daemon::start_with_options(options).await else {
+            return;
+        };
+        let machine = state(&mut d.client).await.machine.expect("machine");
+        assert_eq!(machine.id, "machine-from-env");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_output_goes_to_the_console_path_when_given() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let id = id("console");
+        let bundle = Bundle::new(&["sh", "-c", "[ -t 1 ] && echo on-the-console"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let console = d.dir().join("console");
+        mkfifo(&console);
+        let mut reader = Reader::open(&console);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let mut req = create_req(&id, &bundle);
+        req.console = path_str(&console);
+        let pid = create(&mut d.client, req).await;
+
+        let text = reader.read_until("on-the-console").await;
+        assert!(
+            text.contains("on-the-console\r\n"),
+            "console output: {text:?}"
+        );
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_spawn_helper_is_replaced() {
+    within(async {
+        let Some(mut d) = Daemon::start().await else {
+            return;
+        };
+        let helper = common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        kill(Pid::from_raw(helper as i32), Signal::SIGKILL).expect("kill the helper");
+
+        // A request racing the restart may fail with Unavailable; soon one must succeed.
+        let id = id("new-helper");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = Events::subscribe(&mut d.client).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            match d.client.create_container(create_req(&id, &bundle)).await {
+                Ok(resp) => break resp.into_inner().pid,
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    assert!(Instant::now() < deadline, "still unavailable: {status:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("CreateContainer after the helper died: {status:?}"),
+            }
+        };
+        let new_helper = common::spawn_helper(d.pid()).expect("a new spawn helper");
+        assert_ne!(new_helper, helper);
+        signal(&mut d.client, &id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
     })
     .await
 }

@@ -108,6 +108,11 @@ fn holds_string(value: &serde_json::Value, s: &str) -> bool {
     }
 }
 
+fn saved_state(d: &Daemon, id: &str) -> serde_json::Value {
+    let file = std::fs::read_to_string(d.state_file(id)).expect("state file");
+    serde_json::from_str(&file).expect("state file is JSON")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
     within(async {
@@ -135,6 +140,11 @@ async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
         assert_eq!(added.cwd, "/tmp");
         assert!(!added.terminal);
 
+        assert!(
+            holds_string(&saved_state(&d, &id), "999"),
+            "added process not saved"
+        );
+
         signal(&mut d.client, &id, child, SIGTERM).await;
         assert_eq!(events.exit_status(&id, child).await, 128 + SIGTERM);
         let st = state(&mut d.client).await;
@@ -146,8 +156,7 @@ async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
         let pids: Vec<u32> = c.processes.iter().map(|p| p.pid).collect();
         assert_eq!(pids, [init], "the exited process is no longer listed");
         assert!(proc_stat(child).is_none(), "the added process was reaped");
-        let file = std::fs::read_to_string(d.state_file(&id)).expect("state file");
-        let saved: serde_json::Value = serde_json::from_str(&file).expect("state file is JSON");
+        let saved = saved_state(&d, &id);
         assert!(
             !holds_string(&saved, "999"),
             "state file still holds the exited process: {saved}"

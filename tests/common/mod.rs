@@ -167,7 +167,19 @@ impl Bundle {
 pub struct Daemon {
     child: Option<Child>,
     dir: TempDir,
+    socket: PathBuf,
     pub client: Client,
+}
+
+/// How to start a berthd beyond the defaults.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Extra flags.
+    pub args: &'a [&'a str],
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// The socket path relative to the daemon's temp dir (default `berth.sock`).
+    pub socket: Option<&'a str>,
 }
 
 impl Daemon {
@@ -177,16 +189,25 @@ impl Daemon {
         Self::start_with(&[]).await
     }
 
-    pub async fn start_with(extra: &[&str]) -> Option<Daemon> {
+    pub async fn start_with(args: &[&str]) -> Option<Daemon> {
+        Self::start_with_options(Options {
+            args,
+            ..Options::default()
+        })
+        .await
+    }
+
+    pub async fn start_with_options(options: Options<'_>) -> Option<Daemon> {
         if !ready() {
             return None;
         }
         let dir = TempDir::new().expect("temp dir");
-        let child = spawn_berthd(dir.path(), extra);
-        let socket = dir.path().join("berth.sock");
+        let socket = dir.path().join(options.socket.unwrap_or("berth.sock"));
+        let child = spawn_berthd(dir.path(), &socket, &options);
         let mut daemon = Daemon {
             child: Some(child),
             client: wait_for_socket(&socket, dir.path()).await,
+            socket,
             dir,
         };
         if let Some(status) = daemon.try_wait() {
@@ -204,7 +225,7 @@ impl Daemon {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("berth.sock")
+        self.socket.clone()
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -360,15 +381,16 @@ impl Drop for Daemon {
     }
 }
 
-fn spawn_berthd(dir: &Path, extra: &[&str]) -> Child {
+fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
     let log = File::create(dir.join("berthd.log")).expect("berthd log file");
     Command::new(env!("CARGO_BIN_EXE_berthd"))
         .arg("--listen")
-        .arg(dir.join("berth.sock"))
+        .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--log-level", "debug"])
-        .args(extra)
+        .args(options.args)
+        .envs(options.env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log fd"))
         .stderr(log)
@@ -703,17 +725,35 @@ pub fn open_rw(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
-/// Writes an executable shell script.
-pub fn write_script(path: &Path, body: &str) {
-    fs::write(path, body).expect("write script");
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod script");
-}
-
-/// The absolute path of `runc` as found in PATH.
-pub fn runc_path() -> PathBuf {
+/// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
+/// sleeps 30 s instead: a create through it hangs in `start` until berthd gives up.
+pub fn slow_start_runtime(dir: &Path) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    let runc = std::env::split_paths(&path)
         .map(|dir| dir.join("runc"))
         .find(|p| p.is_file())
-        .expect("runc in PATH")
+        .expect("runc in PATH");
+    let script = dir.join("slow-start-runc");
+    let body = format!(
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep 30\ndone\nexec {} \"$@\"\n",
+        runc.display()
+    );
+    fs::write(&script, body).expect("write runtime script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
+    script
+}
+
+/// The pids of the slow runtime's `sleep 30` below berthd.
+pub fn slow_starts(berthd: u32) -> Vec<u32> {
+    descendants_of(berthd)
+        .into_iter()
+        .filter(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\0"))
+        .collect()
+}
+
+/// The spawn helper among berthd's children, known by its process name.
+pub fn spawn_helper(berthd: u32) -> Option<u32> {
+    children_of(berthd).into_iter().find(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "berthd-spawn")
+    })
 }
