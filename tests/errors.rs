@@ -538,8 +538,7 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
         }
         d.assert_gone(&id).await;
         d.assert_no_zombies().await;
-        let new_helper = common::spawn_helper(d.pid()).expect("a new spawn helper");
-        assert_ne!(new_helper, helper);
+        common::new_spawn_helper(d.pid(), helper).await;
     })
     .await
 }

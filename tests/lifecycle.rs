@@ -582,8 +582,7 @@ async fn a_killed_spawn_helper_is_replaced() {
                 Err(status) => panic!("CreateContainer after the helper died: {status:?}"),
             }
         };
-        let new_helper = common::spawn_helper(d.pid()).expect("a new spawn helper");
-        assert_ne!(new_helper, helper);
+        common::new_spawn_helper(d.pid(), helper).await;
         signal(&mut d.client, &id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_gone(&id).await;

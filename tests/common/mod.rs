@@ -751,9 +751,23 @@ pub fn slow_starts(berthd: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The spawn helper among berthd's children, known by its process name.
+/// The live spawn helper among berthd's children, known by its process name.
 pub fn spawn_helper(berthd: u32) -> Option<u32> {
-    children_of(berthd).into_iter().find(|pid| {
-        fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "berthd-spawn")
+    children_of(berthd).into_iter().find(|&pid| {
+        proc_stat(pid).is_some_and(|s| s.state != 'Z')
+            && fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "berthd-spawn")
     })
+}
+
+/// Waits for a live spawn helper other than `old`: a restarted one names itself after exec.
+pub async fn new_spawn_helper(berthd: u32, old: u32) -> u32 {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match spawn_helper(berthd) {
+            Some(pid) if pid != old => return pid,
+            _ if Instant::now() > deadline => panic!("berthd has no new spawn helper"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
