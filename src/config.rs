@@ -45,6 +45,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_EVENTS_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub events_buffer: u64,
 
+    /// Seconds after start during which new Events subscribers first receive the restart's own
+    /// events (`live` for adopted containers, `exit` for those that ended while berthd was down).
+    #[arg(long, env = "BERTH_RECOVERY_REPLAY", default_value_t = 60)]
+    pub recovery_replay: u64,
+
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 

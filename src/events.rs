@@ -4,8 +4,14 @@
 //! subscriber, and a subscriber that falls more than the ring behind learns how many events it
 //! missed instead of being silently skipped. Events are published in the order they happened for
 //! each container, so every subscriber sees them in that order.
+//!
+//! The events of a restart (`live` for each adopted container, `exit` for each that ended while
+//! berthd was down) happen before anyone can subscribe, so they are kept as a backlog that
+//! every subscriber connecting within the replay window receives first.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
@@ -13,11 +19,19 @@ use crate::supervisor::ProcessSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
-    StartContainer { bundle: String },
-    StartProcess { process: ProcessSpec },
-    Exit { status: u32 },
+    StartContainer {
+        bundle: String,
+    },
+    StartProcess {
+        process: ProcessSpec,
+    },
+    Exit {
+        status: u32,
+    },
     Pause,
     Resume,
+    /// A container adopted by a restarted or upgraded berthd.
+    Live,
 }
 
 impl EventKind {
@@ -29,6 +43,7 @@ impl EventKind {
             EventKind::Exit { .. } => "exit",
             EventKind::Pause => "pause",
             EventKind::Resume => "resume",
+            EventKind::Live => "live",
         }
     }
 }
@@ -42,6 +57,12 @@ pub struct Event {
 
 pub struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
+    recovery: Mutex<Option<Recovery>>,
+}
+
+struct Recovery {
+    until: Instant,
+    events: Vec<Arc<Event>>,
 }
 
 /// Why a subscription ended early.
@@ -51,6 +72,7 @@ pub enum Lagged {
 }
 
 pub struct Subscription {
+    backlog: VecDeque<Arc<Event>>,
     receiver: broadcast::Receiver<Arc<Event>>,
 }
 
@@ -58,6 +80,9 @@ impl Subscription {
     /// The next event, or how many were missed when this subscriber fell behind. `None` when the
     /// bus is gone (berthd is stopping).
     pub async fn next(&mut self) -> Option<Result<Arc<Event>, Lagged>> {
+        if let Some(event) = self.backlog.pop_front() {
+            return Some(Ok(event));
+        }
         match self.receiver.recv().await {
             Ok(event) => Some(Ok(event)),
             Err(broadcast::error::RecvError::Lagged(missed)) => Some(Err(Lagged::Missed(missed))),
@@ -69,7 +94,26 @@ impl Subscription {
 impl EventBus {
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        EventBus { sender }
+        EventBus {
+            sender,
+            recovery: Mutex::new(None),
+        }
+    }
+
+    /// Records an event of the restart itself, replayed to subscribers for `window` from now.
+    pub fn record_recovery(&self, id: &str, pid: u32, kind: EventKind, window: Duration) {
+        tracing::debug!(id, pid, kind = kind.name(), "recovery event");
+        let event = Arc::new(Event {
+            id: id.to_owned(),
+            pid,
+            kind,
+        });
+        let mut recovery = self.recovery.lock().expect("event lock poisoned");
+        let recovery = recovery.get_or_insert_with(|| Recovery {
+            until: Instant::now() + window,
+            events: Vec::new(),
+        });
+        recovery.events.push(event);
     }
 
     pub fn publish(&self, id: &str, pid: u32, kind: EventKind) {
@@ -83,7 +127,17 @@ impl EventBus {
     }
 
     pub fn subscribe(&self) -> Subscription {
+        let mut recovery = self.recovery.lock().expect("event lock poisoned");
+        let backlog = match recovery.as_ref() {
+            Some(r) if Instant::now() < r.until => r.events.iter().cloned().collect(),
+            Some(_) => {
+                *recovery = None;
+                VecDeque::new()
+            }
+            None => VecDeque::new(),
+        };
         Subscription {
+            backlog,
             receiver: self.sender.subscribe(),
         }
     }
@@ -101,6 +155,29 @@ mod tests {
         bus.publish("a", 2, EventKind::Pause);
         bus.publish("a", 2, EventKind::Resume);
         assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Pause);
+        assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Resume);
+    }
+
+    #[tokio::test]
+    async fn recovery_events_come_first_within_the_window_only() {
+        let bus = EventBus::new(8);
+        bus.record_recovery("a", 1, EventKind::Live, Duration::from_secs(60));
+        bus.record_recovery(
+            "b",
+            2,
+            EventKind::Exit { status: 255 },
+            Duration::from_secs(60),
+        );
+        let mut sub = bus.subscribe();
+        bus.publish("a", 1, EventKind::Pause);
+        assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Live);
+        assert_eq!(sub.next().await.unwrap().unwrap().id, "b");
+        assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Pause);
+
+        let late = EventBus::new(8);
+        late.record_recovery("a", 1, EventKind::Live, Duration::ZERO);
+        let mut sub = late.subscribe();
+        late.publish("a", 1, EventKind::Resume);
         assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Resume);
     }
 

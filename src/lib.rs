@@ -10,8 +10,14 @@ pub mod runtime;
 pub mod spawn;
 pub mod store;
 pub mod supervisor;
+pub mod upgrade;
 
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {
     tonic::include_proto!("types");
+}
+
+/// Code generated from `proto/daemon.proto`: berthd's own administration service.
+pub mod daemon_proto {
+    tonic::include_proto!("berth.daemon");
 }

@@ -60,6 +60,46 @@ impl Store {
             .map_err(|e| Error::io(&self.dir, e))
     }
 
+    /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
+    /// edited by hand) is logged by name and skipped, never deleted; temp files of writes that
+    /// never finished are removed.
+    pub fn load_all(&self) -> Result<Vec<ContainerRecord>> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let mut records = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let parsed = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    serde_json::from_slice::<ContainerRecord>(&bytes).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(record) if name == format!("{}.json", record.id) => records.push(record),
+                Ok(record) => tracing::error!(
+                    file = %path.display(),
+                    id = %record.id,
+                    "state file name does not match its container id; skipped"
+                ),
+                Err(e) => tracing::error!(
+                    file = %path.display(),
+                    error = %e,
+                    "corrupt state file skipped; remove it once the container is dealt with"
+                ),
+            }
+        }
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(records)
+    }
+
     pub fn remove(&self, id: &str) -> Result<()> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
@@ -131,6 +171,14 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(leftovers.len(), 1, "no temp file is left beside the record");
+        std::fs::write(dir.path().join("containers/torn.json"), "{\"id\": \"to").unwrap();
+        std::fs::write(dir.path().join("containers/.b.json.tmp"), "{").unwrap();
+        assert_eq!(store.load_all().unwrap(), vec![record]);
+        assert!(
+            dir.path().join("containers/torn.json").exists(),
+            "corrupt files are kept"
+        );
+        assert!(!dir.path().join("containers/.b.json.tmp").exists());
         store.remove("a").unwrap();
         assert!(!path.exists());
         store.remove("a").unwrap();

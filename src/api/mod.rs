@@ -1,4 +1,5 @@
-//! The gRPC layer: a thin tonic service that converts requests and delegates to the supervisor.
+//! The gRPC layer: thin tonic services that convert requests and delegate, and the client side.
 
 pub mod client;
+pub mod daemon;
 pub mod service;

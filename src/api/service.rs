@@ -75,7 +75,7 @@ fn event_to_wire(event: &Event) -> proto::Event {
             wire.process = Some(process_to_wire(event.pid, process))
         }
         EventKind::Exit { status } => wire.status = *status,
-        EventKind::Pause | EventKind::Resume => {}
+        EventKind::Pause | EventKind::Resume | EventKind::Live => {}
     }
     wire
 }
@@ -216,7 +216,12 @@ impl proto::api_server::Api for ApiService {
                 let (mut subscription, mut stopping) = state?;
                 let next = tokio::select! {
                     next = subscription.next() => next?,
-                    _ = stopping.wait_for(|stop| *stop) => return None,
+                    _ = stopping.wait_for(|stop| *stop) => {
+                        let going = Status::unavailable(
+                            "berthd is stopping or upgrading; reconnect to the same socket and subscribe again",
+                        );
+                        return Some((Err(going), None));
+                    }
                 };
                 match next {
                     Ok(event) => Some((Ok(event_to_wire(&event)), Some((subscription, stopping)))),

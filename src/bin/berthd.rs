@@ -2,7 +2,7 @@
 //! and serve the API until SIGTERM or SIGINT. Containers keep running when berthd stops.
 
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,19 +13,24 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
+use berth::api::daemon::{DaemonService, UpgradeReady};
 use berth::api::service::ApiService;
 use berth::config::{Config, LogFormat, resolve_runtime};
+use berth::daemon_proto::daemon_server::DaemonServer;
 use berth::error::{Error, Result};
 use berth::events::EventBus;
 use berth::proto::api_server::ApiServer;
-use berth::reaper::Reaper;
+use berth::reaper::{Reaper, exit_code};
 use berth::runtime::{Runtime, RuntimeBinary};
-use berth::spawn::{self, SpawnHelper};
+use berth::spawn::protocol::Outcome;
+use berth::spawn::{self, SpawnHelper, SpawnStdio};
 use berth::store::Store;
 use berth::supervisor::{Machine, Supervisor};
 
 /// How long requests in flight get to finish once berthd is told to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long an upgrade waits after answering before the exec drops the connection.
+const UPGRADE_REPLY_GRACE: Duration = Duration::from_millis(100);
 
 fn main() -> ExitCode {
     if std::env::args_os()
@@ -35,6 +40,14 @@ fn main() -> ExitCode {
         spawn::serve_stdin();
     }
     let config = Config::parse();
+    // Before any thread: an upgrade hands the listener over through the environment.
+    let inherited = match berth::upgrade::take_inherited_listener() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("berthd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = init_tracing(&config) {
         eprintln!("berthd: {e}");
         return ExitCode::FAILURE;
@@ -65,7 +78,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, runtime_path, helper_socket)) {
+    match runtime.block_on(serve(config, runtime_path, helper_socket, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("berthd: {e}");
@@ -87,7 +100,14 @@ fn init_tracing(config: &Config) -> std::result::Result<(), String> {
     Ok(())
 }
 
-async fn serve(config: Config, runtime_path: PathBuf, helper_socket: OwnedFd) -> Result<()> {
+async fn serve(
+    config: Config,
+    runtime_path: PathBuf,
+    helper_socket: OwnedFd,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> Result<()> {
+    // Recorded now: an upgrade runs whatever binary is at this path by then.
+    let exe = std::env::current_exe().map_err(|e| Error::sys("find berthd's own binary", e))?;
     raise_fd_limit();
     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
         .map_err(|e| Error::sys("become the child subreaper", e))?;
@@ -103,12 +123,22 @@ async fn serve(config: Config, runtime_path: PathBuf, helper_socket: OwnedFd) ->
         create_socket_dir(parent)?;
     }
     let _socket_lock = lock(&socket_lock_path, "socket", &config.listen)?;
-    let listener = bind_socket(&config.listen, &config.group)?;
+    let listener = match inherited {
+        Some(listener) => listener,
+        None => bind_socket(&config.listen, &config.group)?,
+    };
+    // Kept apart from the server's copy: it survives the server's shutdown and an upgrade.
+    let handover = OwnedFd::from(listener);
 
     let reaper = Reaper::new();
-    reaper
-        .spawn_orphan_sweeper()
-        .map_err(|e| Error::sys("watch SIGCHLD", e))?;
+    tracing::info!(
+        adopted_exit_codes = if reaper.exit_info_supported() {
+            "exact, from the pidfd (PIDFD_INFO_EXIT)"
+        } else {
+            "unknown (255): this kernel has no PIDFD_INFO_EXIT"
+        },
+        "exit status path for processes adopted after a restart"
+    );
     let helper =
         SpawnHelper::start(helper_socket).map_err(|e| Error::sys("start the spawn helper", e))?;
     let scratch = config.scratch_dir();
@@ -116,26 +146,43 @@ async fn serve(config: Config, runtime_path: PathBuf, helper_socket: OwnedFd) ->
         path: runtime_path,
         root: config.runtime_root(),
     };
-    let runtime = Runtime::new(binary, helper, config.runtime_timeout(), scratch.clone());
+    let runtime = Runtime::new(
+        binary,
+        helper.clone(),
+        config.runtime_timeout(),
+        scratch.clone(),
+    );
     let supervisor = Supervisor::new(
         runtime,
-        reaper,
+        Arc::clone(&reaper),
         Arc::new(EventBus::new(config.events_buffer as usize)),
         Store::open(config.containers_dir())?,
         scratch,
         machine(&config),
     )?;
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let service = ApiServer::new(ApiService::new(supervisor, stop_rx.clone()));
-    let mut stopped = stop_rx.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            }),
+    let recovery = supervisor
+        .recover(Duration::from_secs(config.recovery_replay))
+        .await?;
+    tracing::info!(
+        adopted = recovery.adopted,
+        ended = recovery.ended,
+        leftovers = recovery.leftovers,
+        took_ms = recovery.took.as_millis() as u64,
+        "state directory recovered"
     );
+    // Only now: until every recorded process is tracked again, a sweep could reap one of them.
+    reaper
+        .spawn_orphan_sweeper()
+        .map_err(|e| Error::sys("watch SIGCHLD", e))?;
+
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
+    let serve_on = |handover: &OwnedFd| -> Result<Serving> {
+        let listener = handover
+            .try_clone()
+            .map_err(|e| Error::sys("duplicate the listener", e))?;
+        Serving::start(listener, Arc::clone(&supervisor), upgrade_tx.clone())
+    };
+    let mut serving = serve_on(&handover)?;
     tracing::info!(
         listen = %config.listen.display(),
         state_dir = %config.state_dir.display(),
@@ -143,26 +190,134 @@ async fn serve(config: Config, runtime_path: PathBuf, helper_socket: OwnedFd) ->
         "berthd serving"
     );
 
-    wait_for_stop_signal().await?;
-    tracing::info!("stopping; containers keep running");
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
-        Err(_) => tracing::warn!("requests still in flight after the grace period were dropped"),
-        _ => {}
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::sys("watch SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::sys("watch SIGINT", e))?;
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(|e| Error::sys("watch SIGUSR2", e))?;
+    loop {
+        let order = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr2.recv() => None,
+            order = upgrade_rx.recv() => order,
+        };
+        let binary = match check_binary(&helper, &exe).await {
+            Ok(ready) => {
+                let binary = ready.binary.clone();
+                if let Some(order) = order {
+                    let _ = order.reply.send(Ok(ready));
+                    // Let the answer reach the client before the server goes.
+                    tokio::time::sleep(UPGRADE_REPLY_GRACE).await;
+                }
+                binary
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade refused; still serving");
+                if let Some(order) = order {
+                    let _ = order.reply.send(Err(e));
+                }
+                continue;
+            }
+        };
+        tracing::info!(binary = %binary, "upgrading in place");
+        // The handed-over descriptor keeps the socket listening meanwhile: clients that
+        // connect now are queued for the new image.
+        serving.stop().await;
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let err = berth::upgrade::exec(&exe, &args, handover.as_fd());
+        tracing::error!(error = %err, "upgrade failed; serving again");
+        serving = serve_on(&handover)?;
     }
+    tracing::info!("stopping; containers keep running");
+    serving.stop().await;
     let _ = std::fs::remove_file(&config.listen);
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> Result<()> {
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::sys("watch SIGTERM", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::sys("watch SIGINT", e))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The gRPC server running on the listener, and how to stop it.
+struct Serving {
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl Serving {
+    fn start(
+        listener: OwnedFd,
+        supervisor: Arc<Supervisor>,
+        upgrades: tokio::sync::mpsc::Sender<berth::api::daemon::UpgradeOrder>,
+    ) -> Result<Self> {
+        let listener = std::os::unix::net::UnixListener::from(listener);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::sys("make the listener non-blocking", e))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| Error::sys("register the listener", e))?;
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut stopped = stopping.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
+                .add_service(DaemonServer::new(DaemonService::new(upgrades)))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                }),
+        );
+        Ok(Serving { stop, server })
     }
-    Ok(())
+
+    /// Ends the streams (UNAVAILABLE: reconnect), lets requests in flight finish for a grace
+    /// period, and stops accepting.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(SHUTDOWN_GRACE, self.server).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+            Err(_) => {
+                tracing::warn!("requests still in flight after the grace period were dropped")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs the binary an upgrade would execute with `--version`, so a missing or broken binary
+/// is refused while this image still serves.
+async fn check_binary(helper: &SpawnHelper, exe: &Path) -> Result<UpgradeReady> {
+    let binary = exe.display().to_string();
+    let response = helper
+        .run(
+            vec![binary.clone(), "--version".into()],
+            [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
+            Duration::from_secs(10),
+        )
+        .await?;
+    let status = nix::sys::wait::WaitStatus::from_raw(
+        nix::unistd::Pid::from_raw(response.pid),
+        match response.outcome {
+            Outcome::Exited { wait_status } => wait_status,
+            Outcome::TimedOut => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{binary} --version did not finish; not upgrading to it"
+                )));
+            }
+            Outcome::SpawnFailed { error } => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{binary} cannot run ({error}); not upgrading to it"
+                )));
+            }
+        },
+    )
+    .ok()
+    .and_then(|s| exit_code(&s));
+    if status != Some(0) || !response.stdout.starts_with("berthd ") {
+        return Err(Error::FailedPrecondition(format!(
+            "{binary} --version failed ({}); not upgrading to it",
+            response.stderr.trim()
+        )));
+    }
+    Ok(UpgradeReady {
+        binary,
+        version: response.stdout.trim().to_owned(),
+    })
 }
 
 /// Dense hosts need an fd per container and more; the hard limit is the operator's ceiling.
@@ -208,7 +363,7 @@ fn create_socket_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
-fn bind_socket(path: &Path, group: &str) -> Result<tokio::net::UnixListener> {
+fn bind_socket(path: &Path, group: &str) -> Result<std::os::unix::net::UnixListener> {
     // We hold the socket's lock, so a socket file left there is stale.
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -223,7 +378,7 @@ fn bind_socket(path: &Path, group: &str) -> Result<tokio::net::UnixListener> {
             .gid
             .as_raw(),
     };
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| Error::io(path, e))?;
     std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| Error::io(path, e))?;

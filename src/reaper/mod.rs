@@ -11,6 +11,10 @@
 //! the same lock that registration takes. A process that exits before it is registered (a
 //! container whose init exits at once) may be reaped as an orphan first; its exit code is kept
 //! for a while so registration still reports the true code.
+//!
+//! Processes adopted after a restart are not berthd's children: their exit code comes from the
+//! pidfd (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux ≥ 6.15) whoever reaps them, or is
+//! reported as [`UNKNOWN_EXIT`] where the kernel lacks it.
 
 mod pidfd;
 
@@ -25,8 +29,12 @@ use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, Result};
 
+/// The exit code reported when the true one cannot be known.
+pub const UNKNOWN_EXIT: u32 = 255;
 /// How long the exit code of an orphan reaped before registration is kept for it.
 const ORPHAN_EXIT_RETENTION: Duration = Duration::from_secs(300);
+/// How long to wait for the parent of an adopted process to reap it so its status is known.
+const EXIT_INFO_WAIT: Duration = Duration::from_secs(5);
 /// How soon to look again when the oldest zombie is a tracked process its waiter has not reaped yet.
 const SWEEP_RETRY: Duration = Duration::from_millis(20);
 
@@ -47,14 +55,59 @@ struct Tables {
 }
 
 /// Tracks child processes by pidfd and reaps orphans.
-#[derive(Default)]
 pub struct Reaper {
     tables: Mutex<Tables>,
+    exit_info: bool,
 }
 
 impl Reaper {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        let exit_info = kernel_reports_exit_status();
+        Arc::new(Reaper {
+            tables: Mutex::default(),
+            exit_info,
+        })
+    }
+
+    /// Whether the kernel reports the exit status of processes berthd is not the parent of.
+    pub fn exit_info_supported(&self) -> bool {
+        self.exit_info
+    }
+
+    /// Starts tracking `pid` again after a restart or upgrade, if it is still the process that
+    /// started at `start_time` (clock ticks since boot). `Ok(None)` when it is gone.
+    pub fn adopt(self: &Arc<Self>, pid: i32, start_time: u64) -> Result<Option<TrackedProcess>> {
+        let mut tables = self.tables.lock().expect("reaper lock poisoned");
+        let fd = match pidfd::open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(e) => return Err(Error::sys(format!("pidfd_open {pid}"), e)),
+        };
+        // Checked after the pidfd is open: if the pid was reused before, the start time differs;
+        // if the process ends after, the pidfd still refers to it and reports its exit.
+        match crate::store::process_start_time(pid as u32) {
+            Ok(now) if now == start_time => {}
+            _ => return Ok(None),
+        }
+        let child = !matches!(
+            waitid(
+                Id::PIDFd(fd.as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            ),
+            Err(nix::errno::Errno::ECHILD)
+        );
+        let fd = crate::reactor::register(fd, tokio::io::Interest::READABLE)
+            .map_err(|e| Error::sys(format!("register pidfd of {pid}"), e))?;
+        if child {
+            tables.tracked.insert(pid);
+        }
+        Ok(Some(TrackedProcess {
+            pid,
+            fd: Some(fd),
+            early_exit: None,
+            child,
+            reaper: Arc::clone(self),
+        }))
     }
 
     /// Starts tracking `pid`, a child of this process. Must be called from within the tokio
@@ -81,6 +134,7 @@ impl Reaper {
                     pid,
                     fd: Some(fd),
                     early_exit: None,
+                    child: true,
                     reaper: Arc::clone(self),
                 })
             }
@@ -90,6 +144,7 @@ impl Reaper {
                         pid,
                         fd: None,
                         early_exit: Some(code),
+                        child: true,
                         reaper: Arc::clone(self),
                     }),
                     None => Err(Error::Internal(format!(
@@ -172,6 +227,8 @@ pub struct TrackedProcess {
     pid: i32,
     fd: Option<AsyncFd<OwnedFd>>,
     early_exit: Option<u32>,
+    /// False for a process adopted after a restart: someone else is its parent.
+    child: bool,
     reaper: Arc<Reaper>,
 }
 
@@ -198,16 +255,20 @@ impl TrackedProcess {
     /// Waits for the process to exit, reaps it and returns its exit code.
     pub async fn wait(&self) -> u32 {
         let Some(fd) = &self.fd else {
-            return self.early_exit.unwrap_or(255);
+            return self.early_exit.unwrap_or(UNKNOWN_EXIT);
         };
         loop {
             let mut guard = match fd.readable().await {
                 Ok(guard) => guard,
                 Err(e) => {
                     tracing::error!(pid = self.pid, error = %e, "pidfd poll failed");
-                    return 255;
+                    return UNKNOWN_EXIT;
                 }
             };
+            if !self.child {
+                // Readable means it exited; its parent, not berthd, reaps it.
+                return self.exit_code_from_pidfd(fd.get_ref().as_fd()).await;
+            }
             let reaped = {
                 // Hold the table lock so the orphan sweep never sees this pid half-reaped.
                 let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
@@ -219,12 +280,12 @@ impl TrackedProcess {
                     Ok(WaitStatus::StillAlive) => None,
                     Ok(status) => {
                         tables.tracked.remove(&self.pid);
-                        Some(exit_code(&status).unwrap_or(255))
+                        Some(exit_code(&status).unwrap_or(UNKNOWN_EXIT))
                     }
                     Err(e) => {
                         tables.tracked.remove(&self.pid);
                         tracing::error!(pid = self.pid, error = %e, "waitid on pidfd failed");
-                        Some(255)
+                        Some(UNKNOWN_EXIT)
                     }
                 }
             };
@@ -236,9 +297,58 @@ impl TrackedProcess {
     }
 }
 
+impl TrackedProcess {
+    async fn exit_code_from_pidfd(&self, fd: std::os::fd::BorrowedFd<'_>) -> u32 {
+        let mut raw = None;
+        if self.reaper.exit_info {
+            // The kernel records the status when the parent reaps the process, which a host's
+            // init does promptly but not necessarily before we look.
+            let deadline = Instant::now() + EXIT_INFO_WAIT;
+            loop {
+                raw = pidfd::exit_status(fd).ok().flatten();
+                if raw.is_some() || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(SWEEP_RETRY).await;
+            }
+        }
+        match raw
+            .and_then(|raw| WaitStatus::from_raw(nix::unistd::Pid::from_raw(self.pid), raw).ok())
+        {
+            Some(status) => exit_code(&status).unwrap_or(UNKNOWN_EXIT),
+            None => {
+                tracing::warn!(
+                    pid = self.pid,
+                    "exit status unknown: berthd is not this process's parent, and the kernel did not report it (PIDFD_INFO_EXIT needs Linux 6.15 and a parent that reaps)"
+                );
+                UNKNOWN_EXIT
+            }
+        }
+    }
+}
+
+/// Whether `PIDFD_GET_INFO` reports exit statuses, found by asking it about a child that has
+/// exited with a known code.
+fn kernel_reports_exit_status() -> bool {
+    let Ok(mut child) = std::process::Command::new("/bin/sh")
+        .args(["-c", "exit 3"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let fd = pidfd::open(child.id() as i32);
+    let _ = child.wait();
+    let Ok(fd) = fd else { return false };
+    let raw = pidfd::exit_status(fd.as_fd()).ok().flatten();
+    raw.and_then(|raw| WaitStatus::from_raw(nix::unistd::Pid::from_raw(0), raw).ok())
+        .and_then(|status| exit_code(&status))
+        == Some(3)
+}
+
 impl Drop for TrackedProcess {
     fn drop(&mut self) {
-        if self.fd.is_some() {
+        if self.fd.is_some() && self.child {
             let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
             tables.tracked.remove(&self.pid);
         }
@@ -333,6 +443,48 @@ pub(crate) mod tests {
         assert!(reaper.sweep());
         let process = reaper.track(pid).unwrap();
         assert_eq!(process.wait().await, 9);
+    }
+
+    #[tokio::test]
+    async fn adopted_children_report_exact_codes_and_strangers_are_checked() {
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        let pid = spawn_child("sleep 0.2; exit 4");
+        let start = crate::store::process_start_time(pid as u32).unwrap();
+        assert!(
+            reaper.adopt(pid, start + 1).unwrap().is_none(),
+            "start time must match"
+        );
+        let adopted = reaper.adopt(pid, start).unwrap().unwrap();
+        assert_eq!(adopted.wait().await, 4);
+    }
+
+    #[tokio::test]
+    async fn adopted_non_children_report_their_code_through_the_pidfd() {
+        use std::io::BufRead;
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        // A grandchild whose parent (the outer shell) reaps it, as a host's init reaps the
+        // orphans of a berthd that died.
+        let mut shell = std::process::Command::new("/bin/sh")
+            .args(["-c", "(sleep 0.3; exit 5) & echo $!; wait $!"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(shell.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid: i32 = line.trim().parse().unwrap();
+        let start = crate::store::process_start_time(pid as u32).unwrap();
+        let adopted = reaper.adopt(pid, start).unwrap().unwrap();
+        let expected = if reaper.exit_info_supported() {
+            5
+        } else {
+            UNKNOWN_EXIT
+        };
+        assert_eq!(adopted.wait().await, expected);
+        shell.wait().unwrap();
     }
 
     #[tokio::test]

@@ -35,10 +35,6 @@ pub enum Operation<'a> {
         pid_file: &'a Path,
         console_socket: Option<&'a Path>,
     },
-    Kill {
-        id: &'a str,
-        signal: i32,
-    },
     Pause {
         id: &'a str,
     },
@@ -48,9 +44,8 @@ pub enum Operation<'a> {
     Delete {
         id: &'a str,
     },
-    State {
-        id: &'a str,
-    },
+    /// Every container the runtime knows, as JSON.
+    List,
 }
 
 impl Operation<'_> {
@@ -59,11 +54,10 @@ impl Operation<'_> {
             Operation::Create { .. } => "create",
             Operation::Start { .. } => "start",
             Operation::Exec { .. } => "exec",
-            Operation::Kill { .. } => "kill",
             Operation::Pause { .. } => "pause",
             Operation::Resume { .. } => "resume",
             Operation::Delete { .. } => "delete",
-            Operation::State { .. } => "state",
+            Operation::List => "list",
         }
     }
 
@@ -131,16 +125,13 @@ impl RuntimeBinary {
                 }
                 argv.push(id.into());
             }
-            Operation::Kill { id, signal } => {
-                argv.extend([id.into(), signal.to_string()]);
-            }
             Operation::Delete { id } => {
                 argv.extend(["--force".into(), id.into()]);
             }
-            Operation::Start { id }
-            | Operation::Pause { id }
-            | Operation::Resume { id }
-            | Operation::State { id } => argv.push(id.into()),
+            Operation::List => argv.extend(["--format".into(), "json".into()]),
+            Operation::Start { id } | Operation::Pause { id } | Operation::Resume { id } => {
+                argv.push(id.into())
+            }
         }
         argv
     }
@@ -377,16 +368,12 @@ mod tests {
     #[test]
     fn other_operations_argv() {
         assert_eq!(
-            args(Operation::Kill { id: "a", signal: 9 }),
-            ["kill", "a", "9"]
-        );
-        assert_eq!(
             args(Operation::Delete { id: "a" }),
             ["delete", "--force", "a"]
         );
         assert_eq!(args(Operation::Pause { id: "a" }), ["pause", "a"]);
         assert_eq!(args(Operation::Resume { id: "a" }), ["resume", "a"]);
-        assert_eq!(args(Operation::State { id: "a" }), ["state", "a"]);
+        assert_eq!(args(Operation::List), ["list", "--format", "json"]);
     }
 
     #[test]
@@ -452,9 +439,9 @@ mod tests {
     #[tokio::test]
     async fn success_returns_stdout() {
         let (runtime, stub) = runtime_with(Outcome::Exited { wait_status: 0 }, "");
-        let out = runtime.run(Operation::State { id: "a" }).await.unwrap();
+        let out = runtime.run(Operation::List).await.unwrap();
         assert_eq!(out, "{\"status\":\"running\"}");
-        assert_eq!(stub.seen.lock().unwrap()[0][7], "state");
+        assert_eq!(stub.seen.lock().unwrap()[0][7], "list");
     }
 
     #[tokio::test]
@@ -465,13 +452,10 @@ mod tests {
             },
             "container \"a\" does not exist\n",
         );
-        let err = runtime
-            .run(Operation::Kill { id: "a", signal: 9 })
-            .await
-            .unwrap_err();
+        let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
         assert_eq!(
             err.to_string(),
-            "runc kill failed: container \"a\" does not exist"
+            "runc pause failed: container \"a\" does not exist"
         );
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
     }

@@ -6,6 +6,7 @@
 //! Does not own: argv (runtime), process spawning (spawn), exit collection (reaper), the wire
 //! format (api).
 
+mod recovery;
 mod stdio;
 pub mod validate;
 
@@ -365,12 +366,36 @@ impl Supervisor {
                 bundle: bundle.display().to_string(),
             },
         );
+        self.watch_init(container);
+        Ok(pid)
+    }
+
+    /// Cleans up after the container once its init exits.
+    fn watch_init(self: &Arc<Self>, container: Arc<Container>) {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
             let status = container.init.tracked.wait().await;
             supervisor.init_exited(&container, status).await;
         });
-        Ok(pid)
+    }
+
+    /// Forgets an added process and reports its exit once it exits.
+    fn watch_process(self: &Arc<Self>, container: Arc<Container>, process: Arc<Process>) {
+        let supervisor = Arc::clone(self);
+        tokio::spawn(async move {
+            let status = process.tracked.wait().await;
+            let still_live = {
+                let mut mutable = container.lock();
+                mutable.added.retain(|p| !Arc::ptr_eq(p, &process));
+                matches!(supervisor.registry().get(&container.id), Some(Slot::Live(c)) if Arc::ptr_eq(c, &container))
+            };
+            if still_live {
+                supervisor.save(&container);
+            }
+            supervisor
+                .events
+                .publish(&container.id, process.pid(), EventKind::Exit { status });
+        });
     }
 
     /// The part of create between `create` and a running container: the pty, then `start`.
@@ -475,22 +500,7 @@ impl Supervisor {
             pid,
             EventKind::StartProcess { process: spec },
         );
-        let supervisor = Arc::clone(self);
-        let container = Arc::clone(&container);
-        tokio::spawn(async move {
-            let status = process.tracked.wait().await;
-            let still_live = {
-                let mut mutable = container.lock();
-                mutable.added.retain(|p| !Arc::ptr_eq(p, &process));
-                matches!(supervisor.registry().get(&container.id), Some(Slot::Live(c)) if Arc::ptr_eq(c, &container))
-            };
-            if still_live {
-                supervisor.save(&container);
-            }
-            supervisor
-                .events
-                .publish(&container.id, pid, EventKind::Exit { status });
-        });
+        self.watch_process(Arc::clone(&container), process);
         Ok(pid)
     }
 

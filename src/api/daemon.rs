@@ -1,0 +1,55 @@
+//! The Daemon service (proto/daemon.proto): hands an upgrade request to berthd's main loop,
+//! which owns the process, and returns its answer.
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::daemon_proto;
+use crate::error::Error;
+
+/// A request for an in-place upgrade, answered once the new binary has been checked.
+pub struct UpgradeOrder {
+    pub reply: oneshot::Sender<Result<UpgradeReady, Error>>,
+}
+
+/// The checked binary the main loop is about to execute.
+pub struct UpgradeReady {
+    pub binary: String,
+    pub version: String,
+}
+
+pub struct DaemonService {
+    upgrades: mpsc::Sender<UpgradeOrder>,
+}
+
+impl DaemonService {
+    pub fn new(upgrades: mpsc::Sender<UpgradeOrder>) -> Self {
+        DaemonService { upgrades }
+    }
+}
+
+#[tonic::async_trait]
+impl daemon_proto::daemon_server::Daemon for DaemonService {
+    async fn upgrade(
+        &self,
+        _request: Request<daemon_proto::UpgradeRequest>,
+    ) -> Result<Response<daemon_proto::UpgradeResponse>, Status> {
+        tracing::info_span!("upgrade").in_scope(|| tracing::info!("upgrade requested"));
+        let (reply, answer) = oneshot::channel();
+        let busy = || {
+            Status::from(Error::Unavailable(
+                "berthd is stopping or already upgrading".into(),
+            ))
+        };
+        self.upgrades
+            .send(UpgradeOrder { reply })
+            .await
+            .map_err(|_| busy())?;
+        let ready = answer.await.map_err(|_| busy())??;
+        Ok(Response::new(daemon_proto::UpgradeResponse {
+            binary: ready.binary,
+            version: ready.version,
+            pid: std::process::id(),
+        }))
+    }
+}
