@@ -70,10 +70,25 @@ fn unmet_requirement() -> Option<String> {
     if !runc.is_ok_and(|out| out.status.success()) {
         return Some("runc is not installed (not found in PATH)".into());
     }
-    if !Path::new(BUSYBOX).is_file() {
-        return Some(format!("{BUSYBOX} is missing (install busybox-static)"));
+    match fs::read(BUSYBOX) {
+        Err(e) => Some(format!("{BUSYBOX}: {e} (install busybox-static)")),
+        Ok(elf) if has_interpreter(&elf) => Some(format!(
+            "{BUSYBOX} is dynamically linked and cannot run in a bare rootfs (install busybox-static)"
+        )),
+        Ok(_) => None,
     }
-    None
+}
+
+/// Whether a 64-bit little-endian ELF file asks for a dynamic loader (has a PT_INTERP header).
+fn has_interpreter(elf: &[u8]) -> bool {
+    let read = |at: usize, len: usize| -> u64 {
+        elf.get(at..at + len).map_or(0, |b| {
+            b.iter().rev().fold(0, |n, &byte| n << 8 | u64::from(byte))
+        })
+    };
+    let (phoff, phentsize, phnum) = (read(0x20, 8), read(0x36, 2), read(0x38, 2));
+    const PT_INTERP: u64 = 3;
+    (0..phnum).any(|i| read((phoff + i * phentsize) as usize, 4) == PT_INTERP)
 }
 
 /// Whether the host can run the integration tests. Under CI a missing requirement is a failure;
@@ -180,6 +195,8 @@ pub struct Options<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// The socket path relative to the daemon's temp dir (default `berth.sock`).
     pub socket: Option<&'a str>,
+    /// The berthd binary to run (default: the one cargo built).
+    pub binary: Option<&'a Path>,
 }
 
 impl Daemon {
@@ -352,6 +369,27 @@ impl Daemon {
     }
 
     /// SIGTERM berthd and wait for it to exit.
+    /// Kills berthd with SIGKILL, as a crash would, leaving its containers running, then starts
+    /// a new berthd on the same socket and state dir.
+    pub async fn kill_and_restart(&mut self, options: Options<'_>) {
+        self.crash();
+        self.start_again(options).await;
+    }
+
+    /// Kills berthd with SIGKILL, leaving its containers, socket file and state dir behind.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("berthd running");
+        child.kill().expect("kill -9 berthd");
+        child.wait().expect("wait for berthd");
+    }
+
+    /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
+    pub async fn start_again(&mut self, options: Options<'_>) {
+        assert!(self.child.is_none(), "berthd is still running");
+        self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
+        self.client = wait_for_socket(&self.socket, self.dir.path()).await;
+    }
+
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("berthd running");
         terminate(&mut child)
@@ -383,7 +421,11 @@ impl Drop for Daemon {
 
 fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
     let log = File::create(dir.join("berthd.log")).expect("berthd log file");
-    Command::new(env!("CARGO_BIN_EXE_berthd"))
+    let binary = options.binary.map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_berthd")),
+        Path::to_owned,
+    );
+    Command::new(binary)
         .arg("--listen")
         .arg(socket)
         .arg("--state-dir")
