@@ -368,7 +368,6 @@ impl Daemon {
         self.assert_no_zombies().await;
     }
 
-    /// SIGTERM berthd and wait for it to exit.
     /// Kills berthd with SIGKILL, as a crash would, leaving its containers running, then starts
     /// a new berthd on the same socket and state dir.
     pub async fn kill_and_restart(&mut self, options: Options<'_>) {
@@ -390,6 +389,7 @@ impl Daemon {
         self.client = wait_for_socket(&self.socket, self.dir.path()).await;
     }
 
+    /// SIGTERM berthd and wait for it to exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("berthd running");
         terminate(&mut child)
