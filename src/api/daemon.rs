@@ -20,11 +20,16 @@ pub struct UpgradeReady {
 
 pub struct DaemonService {
     upgrades: mpsc::Sender<UpgradeOrder>,
+    image_started: u64,
 }
 
 impl DaemonService {
-    pub fn new(upgrades: mpsc::Sender<UpgradeOrder>) -> Self {
-        DaemonService { upgrades }
+    /// `image_started`: when this process image started, in nanoseconds since the epoch.
+    pub fn new(upgrades: mpsc::Sender<UpgradeOrder>, image_started: u64) -> Self {
+        DaemonService {
+            upgrades,
+            image_started,
+        }
     }
 }
 
@@ -50,6 +55,17 @@ impl daemon_proto::daemon_server::Daemon for DaemonService {
             binary: ready.binary,
             version: ready.version,
             pid: std::process::id(),
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<daemon_proto::InfoRequest>,
+    ) -> Result<Response<daemon_proto::InfoResponse>, Status> {
+        Ok(Response::new(daemon_proto::InfoResponse {
+            pid: std::process::id(),
+            version: format!("berthd {}", env!("CARGO_PKG_VERSION")),
+            image_started: self.image_started,
         }))
     }
 }

@@ -58,6 +58,11 @@ enum Command {
         json: bool,
     },
     /// Create and start a container from an OCI bundle; prints the init's pid
+    ///
+    /// With --attach, the container's stdio goes through FIFOs in a private temporary directory:
+    /// berth forwards its stdin, streams stdout and stderr, and exits with the init's exit code.
+    /// The first SIGINT or SIGTERM berth receives is forwarded to the init; a second one detaches,
+    /// leaving the container running.
     Run(RunArgs),
     /// Send a signal to a container's init, or to one of its processes
     Kill {
@@ -70,6 +75,11 @@ enum Command {
         signal: u32,
     },
     /// Run a process in a running container and attach to it, exiting with its exit code
+    ///
+    /// The process's stdio goes through FIFOs in a private temporary directory: berth forwards its
+    /// stdin, streams stdout and stderr, and exits with the process's exit code. The first SIGINT
+    /// or SIGTERM berth receives is forwarded to the process; a second one detaches, leaving it
+    /// running. With --detach, berth prints the pid and returns at once.
     Exec(ExecArgs),
     /// Freeze every process of a container
     Pause {
@@ -95,8 +105,6 @@ enum Command {
     },
 }
 
-/// Attached runs (`run --attach`, `exec`) forward the first SIGINT or SIGTERM they receive to the
-/// process; a second one detaches, leaving the process running.
 #[derive(Args)]
 struct RunArgs {
     /// Container id
@@ -120,8 +128,6 @@ struct RunArgs {
     console: Option<PathBuf>,
 }
 
-/// Unless detached, the process's stdio is streamed through FIFOs. The first SIGINT or SIGTERM
-/// is forwarded to the process; a second one detaches, leaving it running.
 #[derive(Args)]
 struct ExecArgs {
     /// Container id
@@ -135,7 +141,7 @@ struct ExecArgs {
     /// Working directory inside the container (default: the container's)
     #[arg(short = 'w', long, value_name = "DIR")]
     cwd: Option<String>,
-    /// Environment variable for the process, repeatable
+    /// Environment variable added to the container's environment, repeatable
     #[arg(short, long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<String>,
     /// Print the process's pid and return instead of attaching
@@ -170,6 +176,16 @@ enum Error {
     NoProcesses(String),
     #[error("berthd ended the event stream before process {pid} of {id} exited")]
     EventsEnded { id: String, pid: u32 },
+    #[error(
+        "lost berthd's event stream while waiting for process {pid} of {id} to exit: {} ({})",
+        status_message(.status),
+        code_name(.status.code())
+    )]
+    EventsLost {
+        id: String,
+        pid: u32,
+        status: Status,
+    },
     #[error("detached from process {pid} of {id}, which keeps running")]
     Detached { id: String, pid: u32 },
     /// Our stdout was closed by its reader (`berth events | head`): not worth a message.
@@ -215,7 +231,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, Error> {
         Command::Kill { id, pid, signal } => {
             let pid = match pid {
                 Some(pid) => pid,
-                None => init_pid(&mut client, &id).await?,
+                None => init_process(&mut client, &id).await?.pid,
             };
             client.signal(SignalRequest { id, pid, signal }).await?;
         }
@@ -239,18 +255,18 @@ async fn fetch_state(client: &mut ApiClient<Channel>) -> Result<StateResponse, E
     Ok(client.state(StateRequest {}).await?.into_inner())
 }
 
-async fn init_pid(client: &mut ApiClient<Channel>, id: &str) -> Result<u32, Error> {
+async fn init_process(client: &mut ApiClient<Channel>, id: &str) -> Result<Process, Error> {
     let state = fetch_state(client).await?;
     let container = state
         .containers
-        .iter()
+        .into_iter()
         .find(|container| container.id == id)
         .ok_or_else(|| Error::NoSuchContainer(id.to_owned()))?;
     // The daemon lists the init first.
     container
         .processes
-        .first()
-        .map(|process| process.pid)
+        .into_iter()
+        .next()
         .ok_or_else(|| Error::NoProcesses(id.to_owned()))
 }
 
@@ -304,12 +320,20 @@ async fn run(mut client: ApiClient<Channel>, args: RunArgs) -> Result<ExitCode, 
 }
 
 async fn exec(mut client: ApiClient<Channel>, args: ExecArgs) -> Result<ExitCode, Error> {
+    // berthd gives a process with an empty env the container's, and any other env as it is; so
+    // variables given here go on top of the init's environment rather than losing its PATH.
+    let env = if args.env.is_empty() {
+        Vec::new()
+    } else {
+        let init = init_process(&mut client, &args.id).await?;
+        merge_env(&init.env, &args.env)
+    };
     let mut request = AddProcessRequest {
         id: args.id.clone(),
         terminal: args.tty,
         user: args.user,
         args: args.args,
-        env: args.env,
+        env,
         cwd: args.cwd.unwrap_or_default(),
         stdin: String::new(),
         stdout: String::new(),
@@ -343,7 +367,7 @@ fn exit_code(status: u32) -> ExitCode {
 
 /// The stdio FIFOs of an attached process, in a private directory that is removed on drop.
 struct Attachment {
-    dir: PathBuf,
+    dir: TempDir,
     stdin_writer: File,
     stdout_reader: File,
     stderr_reader: File,
@@ -355,10 +379,9 @@ impl Attachment {
         let dir = nix::unistd::mkdtemp(&template).map_err(|errno| {
             io_error(format!("creating a directory like {}", template.display()))(errno.into())
         })?;
-        // Build the rest inside a guard so a failure halfway removes the directory.
-        let guard = TempDir(dir);
+        let dir = TempDir(dir);
         for name in ["stdin", "stdout", "stderr"] {
-            let path = guard.0.join(name);
+            let path = dir.0.join(name);
             nix::unistd::mkfifo(&path, Mode::S_IRUSR | Mode::S_IWUSR).map_err(|errno| {
                 io_error(format!("making fifo {}", path.display()))(errno.into())
             })?;
@@ -367,7 +390,7 @@ impl Attachment {
         // find a reader. Opening them must not wait for a writer either; reads then block as
         // usual, and start only once berthd has opened the write side.
         let open_reader = |name: &str| {
-            let path = guard.0.join(name);
+            let path = dir.0.join(name);
             let context = format!("opening {}", path.display());
             let reader = std::fs::OpenOptions::new()
                 .read(true)
@@ -382,14 +405,14 @@ impl Attachment {
         let stderr_reader = open_reader("stderr")?;
         // Read-write, so opening does not wait for a reader and the process sees no EOF on stdin
         // until we close it.
-        let stdin_path = guard.0.join("stdin");
+        let stdin_path = dir.0.join("stdin");
         let stdin_writer = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&stdin_path)
             .map_err(io_error(format!("opening {}", stdin_path.display())))?;
         Ok(Self {
-            dir: guard.into_path(),
+            dir,
             stdin_writer,
             stdout_reader,
             stderr_reader,
@@ -397,7 +420,7 @@ impl Attachment {
     }
 
     fn path_of(&self, name: &str) -> Result<String, Error> {
-        utf8(self.dir.join(name))
+        utf8(self.dir.0.join(name))
     }
 
     /// Forwards stdin, streams stdout and stderr until EOF, and returns the exit status from the
@@ -409,29 +432,23 @@ impl Attachment {
         id: String,
         pid: u32,
     ) -> Result<u32, Error> {
+        // The directory lives until we return; dropping it removes the FIFOs.
         let Self {
-            dir,
+            dir: _dir,
             stdin_writer,
             stdout_reader,
             stderr_reader,
         } = self;
-        let _dir = TempDir(dir);
         forward_stdin(stdin_writer);
         let stdout_relayed = relay_in_thread(stdout_reader, io::stdout());
         let stderr_relayed = relay_in_thread(stderr_reader, io::stderr());
         let finished = async {
-            let (stdout_result, stderr_result, status) = tokio::join!(
+            let ((), (), status) = tokio::try_join!(
                 stdout_relayed,
                 stderr_relayed,
                 wait_for_exit(&mut events, &id, pid)
-            );
-            for result in [stdout_result, stderr_result] {
-                // A closed sender means the relay thread panicked.
-                result
-                    .unwrap_or_else(|_| Err(io::Error::other("the relay thread stopped")))
-                    .map_err(io_error("relaying the process's output"))?;
-            }
-            status
+            )?;
+            Ok(status)
         };
         let mut finished = pin!(finished);
         let mut interrupts =
@@ -467,14 +484,6 @@ impl Attachment {
 /// A directory removed, with its contents, when dropped.
 struct TempDir(PathBuf);
 
-impl TempDir {
-    fn into_path(self) -> PathBuf {
-        let path = self.0.clone();
-        std::mem::forget(self);
-        path
-    }
-}
-
 impl Drop for TempDir {
     fn drop(&mut self) {
         // Nothing useful can be done if it fails; the directory is in the temp dir.
@@ -497,13 +506,19 @@ fn forward_stdin(mut writer: File) {
 fn relay_in_thread(
     mut from: File,
     mut to: impl Write + Send + 'static,
-) -> oneshot::Receiver<io::Result<()>> {
+) -> impl Future<Output = Result<(), Error>> {
     let (done, finished) = oneshot::channel();
     std::thread::spawn(move || {
         // Nobody waits for the result any more once we have detached.
         let _ = done.send(relay(&mut from, &mut to));
     });
-    finished
+    async {
+        finished
+            .await
+            // A dropped sender means the relay thread panicked.
+            .unwrap_or_else(|_| Err(io::Error::other("the relay thread stopped")))
+            .map_err(io_error("relaying the process's output"))
+    }
 }
 
 /// Copies `from` to `to` until EOF. If `to` is closed by its reader, keeps draining `from` so
@@ -529,7 +544,12 @@ fn relay(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
 }
 
 async fn wait_for_exit(events: &mut Streaming<Event>, id: &str, pid: u32) -> Result<u32, Error> {
-    while let Some(event) = events.message().await? {
+    let lost = |status| Error::EventsLost {
+        id: id.to_owned(),
+        pid,
+        status,
+    };
+    while let Some(event) = events.message().await.map_err(lost)? {
         if event.r#type == "exit" && event.id == id && event.pid == pid {
             return Ok(event.status);
         }
@@ -648,6 +668,23 @@ fn parse_env(text: &str) -> Result<String, String> {
         Some((key, _)) if !key.is_empty() => Ok(text.to_owned()),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
     }
+}
+
+/// `base` with each `K=V` of `overrides` replacing the entry for K, or added at the end.
+fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
+    let key = |entry: &str| {
+        entry
+            .split_once('=')
+            .map_or(entry, |(key, _)| key)
+            .to_owned()
+    };
+    let mut merged = base.to_vec();
+    for entry in overrides {
+        let overridden = key(entry);
+        merged.retain(|existing| key(existing) != overridden);
+        merged.push(entry.clone());
+    }
+    merged
 }
 
 fn status_message(status: &Status) -> &str {
@@ -1020,6 +1057,19 @@ mod tests {
     }
 
     #[test]
+    fn env_given_goes_on_top_of_the_container_env() {
+        let strings = |entries: &[&str]| -> Vec<String> {
+            entries.iter().map(|entry| (*entry).to_owned()).collect()
+        };
+        let base = strings(&["PATH=/bin", "TERM=xterm", "HOME=/"]);
+        assert_eq!(
+            merge_env(&base, &strings(&["TERM=dumb", "A=1", "A=2"])),
+            strings(&["PATH=/bin", "HOME=/", "TERM=dumb", "A=2"])
+        );
+        assert_eq!(merge_env(&[], &strings(&["A=1"])), strings(&["A=1"]));
+    }
+
+    #[test]
     fn tables_align_columns_without_trailing_blanks() {
         let rows = vec![
             vec!["web".to_owned(), "12345".to_owned(), "".to_owned()],
@@ -1181,6 +1231,12 @@ mod tests {
         };
         assert!(!exec.tty);
         assert_eq!(exec.args, ["sh", "-c", "exit 3"]);
+        let cli = Cli::try_parse_from(["berth", "exec", "c1", "-e", "A=1", "--", "env"]).unwrap();
+        let Command::Exec(exec) = cli.command else {
+            panic!("not an exec");
+        };
+        assert_eq!(exec.env, ["A=1"]);
+        assert_eq!(exec.args, ["env"]);
         assert!(Cli::try_parse_from(["berth", "exec", "c1"]).is_err());
     }
 }

@@ -106,6 +106,9 @@ async fn serve(
     helper_socket: OwnedFd,
     inherited: Option<std::os::unix::net::UnixListener>,
 ) -> Result<()> {
+    let image_started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     // Recorded now: an upgrade runs whatever binary is at this path by then.
     let exe = std::env::current_exe().map_err(|e| Error::sys("find berthd's own binary", e))?;
     raise_fd_limit();
@@ -180,7 +183,11 @@ async fn serve(
         let listener = handover
             .try_clone()
             .map_err(|e| Error::sys("duplicate the listener", e))?;
-        Serving::start(listener, Arc::clone(&supervisor), upgrade_tx.clone())
+        Serving::start(
+            listener,
+            Arc::clone(&supervisor),
+            DaemonService::new(upgrade_tx.clone(), image_started),
+        )
     };
     let mut serving = serve_on(&handover)?;
     tracing::info!(
@@ -244,7 +251,7 @@ impl Serving {
     fn start(
         listener: OwnedFd,
         supervisor: Arc<Supervisor>,
-        upgrades: tokio::sync::mpsc::Sender<berth::api::daemon::UpgradeOrder>,
+        daemon: DaemonService,
     ) -> Result<Self> {
         let listener = std::os::unix::net::UnixListener::from(listener);
         listener
@@ -257,7 +264,7 @@ impl Serving {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
-                .add_service(DaemonServer::new(DaemonService::new(upgrades)))
+                .add_service(DaemonServer::new(daemon))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }),

@@ -34,7 +34,7 @@ pub const UNKNOWN_EXIT: u32 = 255;
 /// How long the exit code of an orphan reaped before registration is kept for it.
 const ORPHAN_EXIT_RETENTION: Duration = Duration::from_secs(300);
 /// How long to wait for the parent of an adopted process to reap it so its status is known.
-const EXIT_INFO_WAIT: Duration = Duration::from_secs(5);
+const EXIT_INFO_WAIT: Duration = Duration::from_secs(15);
 /// How soon to look again when the oldest zombie is a tracked process its waiter has not reaped yet.
 const SWEEP_RETRY: Duration = Duration::from_millis(20);
 

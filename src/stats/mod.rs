@@ -1,0 +1,252 @@
+//! Container stats for GetStats: one sampler thread, one shared snapshot per container and tick.
+//!
+//! Owns: the stats registry (container id → its open stats files and its snapshot channel), the
+//! subscriptions, the sampler thread's life and its counters, and the OOM watches. Does not own:
+//! the container's lifecycle (supervisor: it registers a container once it has started and
+//! unregisters it when its init exits), the wire types (api).
+//!
+//! How it works: `register` resolves the init's cgroup from `/proc/<pid>/cgroup` (v1 or v2) and
+//! opens its stats files and the network namespace's `net/dev` once. The sampler thread wakes once
+//! an interval, reads at offset 0 every file of every container that has at least one subscriber
+//! (one io_uring batch, or pread), parses without allocating per file and publishes one
+//! `Arc<Snapshot>` per container through a `tokio::sync::watch`: every subscriber of a container
+//! shares that one snapshot and never reads a file. Unregistering drops the channel's sender, which
+//! ends every subscription cleanly.
+//!
+//! cgroup v1 → proto (files that do not exist on a kernel are not read; their fields stay 0):
+//! - cpu_usage: `cpuacct.usage_all`: percpu_usage = user + system per CPU, total_usage = their sum,
+//!   usage_in_usermode / usage_in_kernelmode = the user / system columns summed (nanoseconds).
+//! - throttling_data: `cpu.stat` nr_periods, nr_throttled, throttled_time.
+//! - memory usage / swap_usage / kernel_usage: `memory.`, `memory.memsw.`, `memory.kmem.`
+//!   {usage_in_bytes, max_usage_in_bytes, failcnt}; cache and the stats map: `memory.stat`.
+//! - blkio: the eight `*_recursive` lists from `blkio.<list>` (CFQ), else `blkio.throttle.<list>`,
+//!   else `blkio.bfq.<list>`; the closing `Total` line is not an entry.
+//! - hugetlb: `hugetlb.<size>.{usage_in_bytes, max_usage_in_bytes, failcnt}` keyed by size.
+//!
+//! cgroup v2 → proto:
+//! - cpu_usage: `cpu.stat` usage_usec → total_usage, user_usec → usage_in_usermode, system_usec
+//!   → usage_in_kernelmode (all × 1000 to nanoseconds); percpu_usage is empty (v2 has no per-CPU
+//!   usage). throttling_data: nr_periods, nr_throttled, throttled_usec × 1000.
+//! - memory usage: usage = `memory.current`, max_usage = `memory.peak` (Linux ≥ 5.19), failcnt =
+//!   `max` of `memory.events`. swap_usage.usage = `memory.current` + `memory.swap.current`
+//!   (v1's memsw counts memory plus swap; v2 has no combined peak or failcnt, so those stay 0).
+//!   kernel_usage.usage = `kernel` of `memory.stat` (kernel_stack + slab before Linux 5.18).
+//!   cache = `file` of `memory.stat`; the stats map is the whole `memory.stat`.
+//! - blkio: `io.stat` rbytes/wbytes → io_service_bytes_recursive Read/Write, rios/wios →
+//!   io_serviced_recursive Read/Write; the other six lists have no v2 source and stay empty.
+//! - hugetlb: usage = `hugetlb.<size>.current`, failcnt = `max` of `hugetlb.<size>.events`;
+//!   max_usage has no v2 source.
+//! - OOM: `oom_kill` of `memory.events` (v1: `oom_kill` of `memory.oom_control`).
+//!
+//! Both: network_stats from `/proc/<init pid>/net/dev`, one entry per interface; timestamp in
+//! nanoseconds since the epoch, taken when the tick's reads are done.
+
+pub mod cgroup;
+pub mod oom;
+pub mod parse;
+pub mod sampler;
+pub mod snapshot;
+mod uring;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::events::EventBus;
+pub use sampler::{Backend, Sampler};
+pub use snapshot::Snapshot;
+
+/// Sampler counters, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Ticks that read files: one batch each, however many subscribers.
+    pub batches: AtomicU64,
+    pub files_read: AtomicU64,
+    pub read_errors: AtomicU64,
+    /// `io_uring_enter` calls, or preads.
+    pub syscalls: AtomicU64,
+    pub tick_nanos_total: AtomicU64,
+    pub last_tick_nanos: AtomicU64,
+}
+
+/// What only the sampler thread changes, between ticks.
+#[derive(Debug, Default)]
+pub struct SamplerState {
+    names: snapshot::Names,
+    /// Per file: whether its failure was logged already.
+    warned: Vec<bool>,
+}
+
+/// The stats side of one container: its open files and the channel its snapshots go out on.
+pub struct ContainerStats {
+    id: String,
+    source: cgroup::Source,
+    state: Mutex<SamplerState>,
+    sender: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl ContainerStats {
+    pub fn new(id: impl Into<String>, source: cgroup::Source) -> Self {
+        let state = SamplerState {
+            names: snapshot::Names::default(),
+            warned: vec![false; source.files.len()],
+        };
+        ContainerStats {
+            id: id.into(),
+            source,
+            state: Mutex::new(state),
+            sender: watch::Sender::new(None),
+        }
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, SamplerState> {
+        self.state.lock().expect("sampler state lock poisoned")
+    }
+
+    /// A subscription to the snapshots published from now on.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            receiver: self.sender.subscribe(),
+        }
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.sender.receiver_count()
+    }
+
+    pub fn files(&self) -> usize {
+        self.source.files.len()
+    }
+}
+
+/// One GetStats subscriber's view of a container's snapshots.
+pub struct Subscription {
+    receiver: watch::Receiver<Option<Arc<Snapshot>>>,
+}
+
+impl Subscription {
+    /// The next snapshot published after the previous one returned (or after subscribing); a
+    /// subscriber slower than the interval gets the newest and skips the rest. `None` once the
+    /// container is unregistered.
+    pub async fn next(&mut self) -> Option<Arc<Snapshot>> {
+        loop {
+            self.receiver.changed().await.ok()?;
+            if let Some(snapshot) = self.receiver.borrow_and_update().clone() {
+                return Some(snapshot);
+            }
+        }
+    }
+}
+
+/// What the hub and its sampler thread share.
+pub(crate) struct Shared {
+    registry: Mutex<HashMap<String, Arc<ContainerStats>>>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, HashMap<String, Arc<ContainerStats>>> {
+        self.registry.lock().expect("stats registry lock poisoned")
+    }
+
+    /// The containers someone is subscribed to.
+    fn subscribed(&self) -> Vec<Arc<ContainerStats>> {
+        self.registry()
+            .values()
+            .filter(|c| c.subscribers() > 0)
+            .cloned()
+            .collect()
+    }
+}
+
+pub struct StatsHub {
+    shared: Arc<Shared>,
+    mounts: cgroup::Mounts,
+    oom: oom::Watcher,
+    interval: Duration,
+    backend: Backend,
+    /// Dropping it stops the sampler thread.
+    _stop: mpsc::Sender<()>,
+}
+
+impl StatsHub {
+    /// Starts the sampler thread, sampling every `interval` with `backend` (io_uring falls back to
+    /// pread where it cannot be set up). OOM events go to `events`. Must be called inside the tokio
+    /// runtime.
+    pub fn start(
+        interval: Duration,
+        backend: Backend,
+        events: Arc<EventBus>,
+    ) -> Result<Arc<StatsHub>> {
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        });
+        let sampler = Sampler::new(backend, None);
+        let backend = sampler.backend();
+        let (stop, stopped) = mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("berth-stats".into())
+            .spawn(move || sampler::run(thread_shared, sampler, interval, stopped))
+            .map_err(|e| Error::sys("start the stats sampler thread", e))?;
+        Ok(Arc::new(StatsHub {
+            shared,
+            mounts: cgroup::Mounts::discover(),
+            oom: oom::Watcher::new(events),
+            interval,
+            backend,
+            _stop: stop,
+        }))
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The backend the sampler really uses.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Opens the stats files of container `id`, whose init is `pid`, and watches it for OOM kills.
+    pub fn register(&self, id: &str, pid: u32) -> Result<()> {
+        let location = self.mounts.locate(pid)?;
+        let source = cgroup::Source::open(&location, Some(pid))?;
+        tracing::debug!(id, files = source.files.len(), ?location, "stats registered");
+        if let Err(e) = self.oom.watch(id, pid, &location) {
+            tracing::warn!(id, error = %e, "no OOM events for this container");
+        }
+        self.shared
+            .registry()
+            .insert(id.to_owned(), Arc::new(ContainerStats::new(id, source)));
+        Ok(())
+    }
+
+    /// Closes container `id`'s files, which ends its subscriptions, and reports an OOM kill not
+    /// reported yet, so that it comes before the container's exit.
+    pub fn unregister(&self, id: &str) {
+        self.shared.registry().remove(id);
+        self.oom.unwatch(id);
+    }
+
+    /// Subscribes to container `id`'s snapshots; `None` if it is not registered.
+    pub fn subscribe(&self, id: &str) -> Option<Subscription> {
+        self.shared.registry().get(id).map(|c| c.subscribe())
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Registered containers and their subscribers in total.
+    pub fn tracked(&self) -> (usize, usize) {
+        let registry = self.shared.registry();
+        let subscribers = registry.values().map(|c| c.subscribers()).sum();
+        (registry.len(), subscribers)
+    }
+}

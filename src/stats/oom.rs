@@ -1,0 +1,368 @@
+//! OOM events: an `oom` event when the kernel's OOM killer kills in a container's cgroup.
+//!
+//! Owns: one watch per container and the rule that decides an OOM kill happened: the cgroup's
+//! `oom_kill` counter went up since the last report. The wake-ups only say when to look:
+//! - v1: an eventfd registered for `memory.oom_control` through `cgroup.event_control`, in the
+//!   tokio reactor, with one small task per container;
+//! - v2: one inotify instance for all containers, watching each `memory.events` for changes, read by
+//!   one task: no thread and no inotify instance per container.
+//!
+//! Does not own: the event bus (events) or when a container is watched (hub, supervisor).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustix::event::EventfdFlags;
+use rustix::fs::inotify;
+use rustix::fs::{Mode, OFlags};
+use tokio::io::Interest;
+use tokio::task::AbortHandle;
+
+use crate::error::{Error, Result};
+use crate::events::{EventBus, EventKind};
+use crate::stats::cgroup::Location;
+use crate::stats::parse;
+
+/// After a v1 notification the kill follows within the same kernel call path; look again a few
+/// times in case the counter was read between the two.
+const RECHECKS: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+];
+
+/// One container's OOM watch.
+struct Watch {
+    id: String,
+    pid: u32,
+    /// `memory.oom_control` (v1) or `memory.events` (v2), open for the counter.
+    counter: OwnedFd,
+    counter_path: PathBuf,
+    reported: Mutex<u64>,
+    /// v1: the task waiting on the eventfd. v2: the inotify watch descriptor.
+    waker: Waker,
+}
+
+enum Waker {
+    Eventfd(AbortHandle),
+    Inotify(i32),
+}
+
+impl Watch {
+    /// Publishes an `oom` event if the kill counter went up since the last one; says whether it did.
+    fn check(&self, events: &EventBus) -> bool {
+        let mut buffer = [0u8; 512];
+        let count = rustix::io::pread(&self.counter, &mut buffer, 0)
+            .map_err(|e| Error::io(&self.counter_path, e.into()))
+            .and_then(|n| oom_kills(&buffer[..n]));
+        let count = match count {
+            Ok(count) => count,
+            Err(e) => {
+                tracing::debug!(id = %self.id, error = %e, "OOM counter unreadable");
+                return false;
+            }
+        };
+        let mut reported = self.reported.lock().expect("oom counter lock poisoned");
+        if count <= *reported {
+            return false;
+        }
+        *reported = count;
+        tracing::info!(id = %self.id, oom_kills = count, "container hit its memory limit");
+        events.publish(&self.id, self.pid, EventKind::Oom);
+        true
+    }
+}
+
+/// `oom_kill` of a `memory.oom_control` or `memory.events` file.
+fn oom_kills(content: &[u8]) -> Result<u64> {
+    let mut kills = None;
+    parse::flat_keyed("oom counter", content, |key, value| {
+        if key == "oom_kill" {
+            kills = Some(value);
+        }
+    })?;
+    kills.ok_or_else(|| Error::Internal("no oom_kill line: this kernel does not count OOM kills".into()))
+}
+
+struct Inotify {
+    fd: Arc<tokio::io::unix::AsyncFd<OwnedFd>>,
+    by_wd: Arc<Mutex<HashMap<i32, Arc<Watch>>>>,
+    reader: AbortHandle,
+}
+
+pub struct Watcher {
+    events: Arc<EventBus>,
+    watches: Mutex<HashMap<String, Arc<Watch>>>,
+    /// Created with the first v2 watch.
+    inotify: Mutex<Option<Inotify>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().expect("oom watcher lock poisoned")
+}
+
+fn open_counter(path: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io(path, e.into()))
+}
+
+impl Watcher {
+    pub fn new(events: Arc<EventBus>) -> Watcher {
+        Watcher {
+            events,
+            watches: Mutex::new(HashMap::new()),
+            inotify: Mutex::new(None),
+        }
+    }
+
+    /// Watches container `id` (init `pid`) in the cgroup at `location`. Every kill the cgroup
+    /// counts is reported, including kills before this call. Must be called inside the tokio
+    /// runtime.
+    pub fn watch(&self, id: &str, pid: u32, location: &Location) -> Result<()> {
+        let watch = match location {
+            Location::V1(dirs) => {
+                let dir = dirs.memory.as_deref().ok_or_else(|| {
+                    Error::NotFound("no v1 memory hierarchy to watch for OOM kills".into())
+                })?;
+                self.watch_v1(id, pid, dir)?
+            }
+            Location::V2(dir) => self.watch_v2(id, pid, &dir.join("memory.events"))?,
+        };
+        if let Some(old) = lock(&self.watches).insert(id.to_owned(), Arc::clone(&watch)) {
+            self.stop(&old);
+        }
+        // A kill before the watch existed wakes nothing: look now.
+        watch.check(&self.events);
+        Ok(())
+    }
+
+    fn watch_v1(&self, id: &str, pid: u32, dir: &Path) -> Result<Arc<Watch>> {
+        let counter_path = dir.join("memory.oom_control");
+        let counter = open_counter(&counter_path)?;
+        let eventfd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| Error::sys("create an eventfd", e))?;
+        let control = dir.join("cgroup.event_control");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&control)
+            .and_then(|mut file| {
+                write!(file, "{} {}", eventfd.as_raw_fd(), counter.as_raw_fd())
+            })
+            .map_err(|e| Error::io(&control, e))?;
+        let eventfd = crate::reactor::register(eventfd, Interest::READABLE)
+            .map_err(|e| Error::sys("watch the OOM eventfd", e))?;
+        let watch = Arc::new_cyclic(|me: &std::sync::Weak<Watch>| {
+            let me = me.clone();
+            let events = Arc::clone(&self.events);
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok(mut ready) = eventfd.readable().await else {
+                        return;
+                    };
+                    let mut count = [0u8; 8];
+                    match rustix::io::read(eventfd.get_ref(), &mut count) {
+                        Ok(_) => {}
+                        Err(rustix::io::Errno::AGAIN) => {
+                            ready.clear_ready();
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                    let Some(watch) = me.upgrade() else { return };
+                    for delay in RECHECKS {
+                        tokio::time::sleep(delay).await;
+                        if watch.check(&events) {
+                            break;
+                        }
+                    }
+                }
+            });
+            Watch {
+                id: id.to_owned(),
+                pid,
+                counter,
+                counter_path,
+                reported: Mutex::new(0),
+                waker: Waker::Eventfd(task.abort_handle()),
+            }
+        });
+        Ok(watch)
+    }
+
+    fn watch_v2(&self, id: &str, pid: u32, events_path: &Path) -> Result<Arc<Watch>> {
+        let counter = open_counter(events_path)?;
+        let mut inotify = lock(&self.inotify);
+        if inotify.is_none() {
+            *inotify = Some(self.start_inotify()?);
+        }
+        let shared = inotify.as_ref().expect("inotify just started");
+        let wd = inotify::add_watch(shared.fd.get_ref(), events_path, inotify::WatchFlags::MODIFY)
+            .map_err(|e| Error::io(events_path, e.into()))?;
+        let watch = Arc::new(Watch {
+            id: id.to_owned(),
+            pid,
+            counter,
+            counter_path: events_path.to_owned(),
+            reported: Mutex::new(0),
+            waker: Waker::Inotify(wd),
+        });
+        lock(&shared.by_wd).insert(wd, Arc::clone(&watch));
+        Ok(watch)
+    }
+
+    fn start_inotify(&self) -> Result<Inotify> {
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .map_err(|e| Error::sys("create an inotify instance", e))?;
+        let fd = Arc::new(
+            crate::reactor::register(fd, Interest::READABLE)
+                .map_err(|e| Error::sys("watch the inotify instance", e))?,
+        );
+        let by_wd: Arc<Mutex<HashMap<i32, Arc<Watch>>>> = Arc::default();
+        let events = Arc::clone(&self.events);
+        let (task_fd, task_by_wd) = (Arc::clone(&fd), Arc::clone(&by_wd));
+        let reader = tokio::spawn(async move {
+            let mut buffer = [MaybeUninit::<u8>::uninit(); 4096];
+            loop {
+                let Ok(mut ready) = task_fd.readable().await else {
+                    return;
+                };
+                let mut changed = Vec::new();
+                let mut reader = inotify::Reader::new(task_fd.get_ref().as_fd(), &mut buffer);
+                loop {
+                    match reader.next() {
+                        Ok(event) => changed.push(event.wd()),
+                        Err(rustix::io::Errno::AGAIN) => {
+                            ready.clear_ready();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading OOM inotify events failed; v2 OOM events stop");
+                            return;
+                        }
+                    }
+                }
+                let watches: Vec<Arc<Watch>> = {
+                    let by_wd = lock(&task_by_wd);
+                    changed.iter().filter_map(|wd| by_wd.get(wd).cloned()).collect()
+                };
+                for watch in watches {
+                    watch.check(&events);
+                }
+            }
+        });
+        Ok(Inotify {
+            fd,
+            by_wd,
+            reader: reader.abort_handle(),
+        })
+    }
+
+    /// Stops watching container `id`, first reporting a kill not reported yet.
+    pub fn unwatch(&self, id: &str) {
+        let Some(watch) = lock(&self.watches).remove(id) else {
+            return;
+        };
+        watch.check(&self.events);
+        self.stop(&watch);
+    }
+
+    fn stop(&self, watch: &Watch) {
+        match watch.waker {
+            // Aborting the task drops the eventfd; the kernel then drops the registration.
+            Waker::Eventfd(ref task) => task.abort(),
+            Waker::Inotify(wd) => {
+                if let Some(inotify) = lock(&self.inotify).as_ref() {
+                    lock(&inotify.by_wd).remove(&wd);
+                    // The cgroup may be gone already, which removed the watch with it.
+                    let _ = inotify::remove_watch(inotify.fd.get_ref(), wd);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        for watch in lock(&self.watches).values() {
+            if let Waker::Eventfd(task) = &watch.waker {
+                task.abort();
+            }
+        }
+        if let Some(inotify) = lock(&self.inotify).take() {
+            inotify.reader.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Lagged;
+
+    #[test]
+    fn the_kill_counter_of_both_versions() {
+        assert_eq!(
+            oom_kills(b"oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").unwrap(),
+            3
+        );
+        assert_eq!(
+            oom_kills(b"low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 0\n").unwrap(),
+            2
+        );
+        let old_kernel = oom_kills(b"oom_kill_disable 0\nunder_oom 0\n").unwrap_err();
+        assert!(old_kernel.to_string().contains("no oom_kill line"));
+        assert!(oom_kills(b"oom_kill many\n").is_err());
+    }
+
+    async fn next_kind(sub: &mut crate::events::Subscription) -> Result<EventKind, Lagged> {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("bus open")
+            .map(|e| e.kind.clone())
+    }
+
+    #[tokio::test]
+    async fn a_v2_kill_count_change_is_one_oom_event_and_unwatch_reports_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let events_file = dir.path().join("memory.events");
+        std::fs::write(&events_file, "max 0\noom 0\noom_kill 0\n").unwrap();
+        let bus = Arc::new(EventBus::new(16));
+        let mut sub = bus.subscribe();
+        let watcher = Watcher::new(Arc::clone(&bus));
+        watcher
+            .watch("c", 7, &Location::V2(dir.path().to_owned()))
+            .unwrap();
+        std::fs::write(&events_file, "max 4\noom 1\noom_kill 1\n").unwrap();
+        assert_eq!(next_kind(&mut sub).await, Ok(EventKind::Oom));
+        // A change that is not a kill is no event; a kill nobody was woken for is reported when
+        // the watch ends, before the container's exit would be.
+        std::fs::write(&events_file, "max 5\noom 1\noom_kill 1\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        watcher.stop(&lock(&watcher.watches)["c"]);
+        std::fs::write(&events_file, "max 6\noom 2\noom_kill 2\n").unwrap();
+        watcher.unwatch("c");
+        bus.publish("c", 7, EventKind::Exit { status: 137 });
+        assert_eq!(next_kind(&mut sub).await, Ok(EventKind::Oom));
+        assert_eq!(next_kind(&mut sub).await, Ok(EventKind::Exit { status: 137 }));
+    }
+
+    #[tokio::test]
+    async fn kills_before_the_watch_are_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory.events"), "oom_kill 1\n").unwrap();
+        let bus = Arc::new(EventBus::new(16));
+        let mut sub = bus.subscribe();
+        let watcher = Watcher::new(Arc::clone(&bus));
+        watcher
+            .watch("c", 7, &Location::V2(dir.path().to_owned()))
+            .unwrap();
+        assert_eq!(next_kind(&mut sub).await, Ok(EventKind::Oom));
+    }
+}

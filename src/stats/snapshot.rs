@@ -1,0 +1,403 @@
+//! One container's stats at one instant, and how each kind of stats file fills it in.
+//!
+//! Owns: the snapshot types (mirroring the proto's `Stats`, field for field) and the mapping of
+//! every file kind, cgroup v1 and v2, onto them. Does not own: reading (sampler), which files
+//! exist (cgroup), the wire types (api).
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::stats::parse;
+
+/// Which of a container's three memory counters a v1 file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCounter {
+    /// `memory.*`
+    Usage,
+    /// `memory.memsw.*`: memory plus swap.
+    Swap,
+    /// `memory.kmem.*`
+    Kernel,
+}
+
+/// Which field of a usage/max_usage/failcnt triple a single-value file fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Usage,
+    MaxUsage,
+    Failcnt,
+}
+
+/// The proto's eight blkio lists, in proto order; the index into [`Blkio::lists`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlkioList {
+    ServiceBytes,
+    Serviced,
+    Queued,
+    ServiceTime,
+    WaitTime,
+    Merged,
+    Time,
+    Sectors,
+}
+
+impl BlkioList {
+    pub const ALL: [BlkioList; 8] = [
+        BlkioList::ServiceBytes,
+        BlkioList::Serviced,
+        BlkioList::Queued,
+        BlkioList::ServiceTime,
+        BlkioList::WaitTime,
+        BlkioList::Merged,
+        BlkioList::Time,
+        BlkioList::Sectors,
+    ];
+
+    /// The v1 file name after `blkio.` (and after `blkio.throttle.` or `blkio.bfq.`).
+    pub fn file_name(self) -> &'static str {
+        match self {
+            BlkioList::ServiceBytes => "io_service_bytes_recursive",
+            BlkioList::Serviced => "io_serviced_recursive",
+            BlkioList::Queued => "io_queued_recursive",
+            BlkioList::ServiceTime => "io_service_time_recursive",
+            BlkioList::WaitTime => "io_wait_time_recursive",
+            BlkioList::Merged => "io_merged_recursive",
+            BlkioList::Time => "io_time_recursive",
+            BlkioList::Sectors => "sectors_recursive",
+        }
+    }
+}
+
+/// What an open stats file is and so how its content fills a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// v1 `cpuacct.usage_all`: per-CPU user and system nanoseconds.
+    CpuacctUsageAll,
+    /// v1 and v2 `cpu.stat`: throttling (v1, v2) and usage (v2).
+    CpuStat,
+    /// v1 single-value memory files; v2 `memory.current` and `memory.peak`.
+    Memory(MemoryCounter, Field),
+    MemoryStatV1,
+    MemoryStatV2,
+    /// v2 `memory.events`: `max` is the failcnt.
+    MemoryEventsV2,
+    /// v2 `memory.swap.current`: swap without memory.
+    SwapCurrentV2,
+    BlkioV1(BlkioList),
+    /// v2 `io.stat`.
+    IoStat,
+    /// v1 `hugetlb.<size>.*` and v2 `hugetlb.<size>.current`; the index of the page size.
+    Hugetlb(u8, Field),
+    /// v2 `hugetlb.<size>.events`: `max` is the failcnt.
+    HugetlbEventsV2(u8),
+    /// `/proc/<pid>/net/dev`.
+    NetDev,
+}
+
+impl FileKind {
+    /// A file holding a single number fits a small buffer; tables need a large one.
+    pub fn is_single_value(self) -> bool {
+        matches!(
+            self,
+            FileKind::Memory(..) | FileKind::SwapCurrentV2 | FileKind::Hugetlb(..)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    pub name: Arc<str>,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cpu {
+    pub total: u64,
+    pub percpu: Vec<u64>,
+    pub kernel: u64,
+    pub user: u64,
+    pub periods: u64,
+    pub throttled_periods: u64,
+    pub throttled_time: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryData {
+    pub usage: u64,
+    pub max_usage: u64,
+    pub failcnt: u64,
+}
+
+impl MemoryData {
+    fn set(&mut self, field: Field, value: u64) {
+        match field {
+            Field::Usage => self.usage = value,
+            Field::MaxUsage => self.max_usage = value,
+            Field::Failcnt => self.failcnt = value,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub cache: u64,
+    pub usage: MemoryData,
+    pub swap: MemoryData,
+    pub kernel: MemoryData,
+    /// The whole `memory.stat`, in file order.
+    pub stats: Vec<(Arc<str>, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkioEntry {
+    pub major: u64,
+    pub minor: u64,
+    pub op: Arc<str>,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Blkio {
+    /// Indexed by [`BlkioList`] as usize, in proto order.
+    pub lists: [Vec<BlkioEntry>; 8],
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Nanoseconds since the epoch.
+    pub timestamp: u64,
+    pub network: Vec<Interface>,
+    pub cpu: Cpu,
+    pub memory: Memory,
+    pub blkio: Blkio,
+    /// Page size ("2MB") → usage, max_usage, failcnt.
+    pub hugetlb: Vec<(Arc<str>, MemoryData)>,
+}
+
+/// Names seen in a container's files (memory.stat keys, interfaces, blkio ops), kept across
+/// ticks so a snapshot shares them instead of allocating a string per name per tick.
+#[derive(Debug, Default)]
+pub struct Names {
+    names: Vec<Arc<str>>,
+    next: usize,
+}
+
+impl Names {
+    /// The shared copy of `name`. Files list their names in the same order every tick, so the
+    /// name after the previous one is tried first.
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        let index = match self.names.get(self.next) {
+            Some(hint) if &**hint == name => self.next,
+            _ => match self.names.iter().position(|n| &**n == name) {
+                Some(found) => found,
+                None => {
+                    self.names.push(Arc::from(name));
+                    self.names.len() - 1
+                }
+            },
+        };
+        self.next = index + 1;
+        Arc::clone(&self.names[index])
+    }
+}
+
+/// Builds one snapshot from the files of one tick, in any order.
+pub struct Builder<'a> {
+    names: &'a mut Names,
+    snapshot: Snapshot,
+    swap_only: Option<u64>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(names: &'a mut Names, hugetlb_sizes: &[Arc<str>]) -> Self {
+        let snapshot = Snapshot {
+            hugetlb: hugetlb_sizes
+                .iter()
+                .map(|size| (Arc::clone(size), MemoryData::default()))
+                .collect(),
+            ..Snapshot::default()
+        };
+        Builder {
+            names,
+            snapshot,
+            swap_only: None,
+        }
+    }
+
+    /// Fills in what a file of `kind` holding `content` says. On error the snapshot keeps the
+    /// file's fields as they were (zero) and stays consistent.
+    pub fn apply(&mut self, kind: FileKind, content: &[u8]) -> Result<()> {
+        let snap = &mut self.snapshot;
+        match kind {
+            FileKind::CpuacctUsageAll => {
+                let (mut percpu, mut user, mut kernel) = (Vec::new(), 0, 0);
+                parse::cpuacct_usage_all(content, |cpu_user, cpu_system| {
+                    percpu.push(cpu_user + cpu_system);
+                    user += cpu_user;
+                    kernel += cpu_system;
+                })?;
+                snap.cpu.total = percpu.iter().sum();
+                (snap.cpu.percpu, snap.cpu.user, snap.cpu.kernel) = (percpu, user, kernel);
+            }
+            FileKind::CpuStat => {
+                // Microseconds (v2) become nanoseconds, the unit of the proto and of v1.
+                let mut found: [Option<u64>; 6] = [None; 6];
+                parse::flat_keyed("cpu.stat", content, |key, value| {
+                    let (slot, value) = match key {
+                        "nr_periods" => (0, value),
+                        "nr_throttled" => (1, value),
+                        "throttled_time" => (2, value),
+                        "throttled_usec" => (2, value.saturating_mul(1000)),
+                        "usage_usec" => (3, value.saturating_mul(1000)),
+                        "user_usec" => (4, value.saturating_mul(1000)),
+                        "system_usec" => (5, value.saturating_mul(1000)),
+                        _ => return,
+                    };
+                    found[slot] = Some(value);
+                })?;
+                let cpu = &mut snap.cpu;
+                let targets = [
+                    &mut cpu.periods,
+                    &mut cpu.throttled_periods,
+                    &mut cpu.throttled_time,
+                    &mut cpu.total,
+                    &mut cpu.user,
+                    &mut cpu.kernel,
+                ];
+                for (target, value) in targets.into_iter().zip(found) {
+                    if let Some(value) = value {
+                        *target = value;
+                    }
+                }
+            }
+            FileKind::Memory(counter, field) => {
+                let value = parse::single_u64("memory counter", content)?;
+                let data = match counter {
+                    MemoryCounter::Usage => &mut snap.memory.usage,
+                    MemoryCounter::Swap => &mut snap.memory.swap,
+                    MemoryCounter::Kernel => &mut snap.memory.kernel,
+                };
+                data.set(field, value);
+            }
+            FileKind::MemoryStatV1 | FileKind::MemoryStatV2 => {
+                let v2 = kind == FileKind::MemoryStatV2;
+                let names = &mut *self.names;
+                let mut stats = Vec::with_capacity(64);
+                let (mut cache, mut kernel, mut kernel_parts) = (0, None, 0);
+                parse::flat_keyed("memory.stat", content, |key, value| {
+                    match (v2, key) {
+                        (false, "cache") | (true, "file") => cache = value,
+                        (true, "kernel") => kernel = Some(value),
+                        (true, "kernel_stack" | "slab") => kernel_parts += value,
+                        _ => {}
+                    }
+                    stats.push((names.get(key), value));
+                })?;
+                snap.memory.cache = cache;
+                snap.memory.stats = stats;
+                if v2 {
+                    // Kernels before 5.18 have no "kernel" line; stack and slab are most of it.
+                    snap.memory.kernel.usage = kernel.unwrap_or(kernel_parts);
+                }
+            }
+            FileKind::MemoryEventsV2 => {
+                let mut failcnt = 0;
+                parse::flat_keyed("memory.events", content, |key, value| {
+                    if key == "max" {
+                        failcnt = value;
+                    }
+                })?;
+                snap.memory.usage.failcnt = failcnt;
+            }
+            FileKind::SwapCurrentV2 => {
+                self.swap_only = Some(parse::single_u64("memory.swap.current", content)?);
+            }
+            FileKind::BlkioV1(list) => {
+                let names = &mut *self.names;
+                let mut entries = Vec::new();
+                parse::blkio_v1(list.file_name(), content, |line| {
+                    entries.push(BlkioEntry {
+                        major: line.major,
+                        minor: line.minor,
+                        op: names.get(line.op),
+                        value: line.value,
+                    })
+                })?;
+                snap.blkio.lists[list as usize] = entries;
+            }
+            FileKind::IoStat => {
+                let names = &mut *self.names;
+                let (mut bytes, mut ios) = (Vec::new(), Vec::new());
+                parse::io_stat(content, |major, minor, key, value| {
+                    let (list, op) = match key {
+                        "rbytes" => (&mut bytes, "Read"),
+                        "wbytes" => (&mut bytes, "Write"),
+                        "rios" => (&mut ios, "Read"),
+                        "wios" => (&mut ios, "Write"),
+                        _ => return,
+                    };
+                    list.push(BlkioEntry {
+                        major,
+                        minor,
+                        op: names.get(op),
+                        value,
+                    });
+                })?;
+                snap.blkio.lists[BlkioList::ServiceBytes as usize] = bytes;
+                snap.blkio.lists[BlkioList::Serviced as usize] = ios;
+            }
+            FileKind::Hugetlb(size, field) => {
+                let value = parse::single_u64("hugetlb counter", content)?;
+                if let Some((_, data)) = snap.hugetlb.get_mut(usize::from(size)) {
+                    data.set(field, value);
+                }
+            }
+            FileKind::HugetlbEventsV2(size) => {
+                let mut failcnt = 0;
+                parse::flat_keyed("hugetlb events", content, |key, value| {
+                    if key == "max" {
+                        failcnt = value;
+                    }
+                })?;
+                if let Some((_, data)) = snap.hugetlb.get_mut(usize::from(size)) {
+                    data.failcnt = failcnt;
+                }
+            }
+            FileKind::NetDev => {
+                let names = &mut *self.names;
+                let mut network = Vec::new();
+                parse::net_dev(content, |line| {
+                    network.push(Interface {
+                        name: names.get(line.name),
+                        rx_bytes: line.rx_bytes,
+                        rx_packets: line.rx_packets,
+                        rx_errors: line.rx_errors,
+                        rx_dropped: line.rx_dropped,
+                        tx_bytes: line.tx_bytes,
+                        tx_packets: line.tx_packets,
+                        tx_errors: line.tx_errors,
+                        tx_dropped: line.tx_dropped,
+                    })
+                })?;
+                snap.network = network;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self, timestamp: u64) -> Snapshot {
+        if let Some(swap) = self.swap_only {
+            // v1 reports memory plus swap (memsw); v2 reports swap alone, so add memory to match.
+            self.snapshot.memory.swap.usage = self.snapshot.memory.usage.usage.saturating_add(swap);
+        }
+        self.snapshot.timestamp = timestamp;
+        self.snapshot
+    }
+}
