@@ -165,6 +165,8 @@ async fn a_corrupt_state_file_is_skipped_with_a_log_line_naming_it() {
         std::fs::write(&corrupt, "{\"id\": \"torn\", \"bund").expect("write a torn state file");
 
         crash_and_restart(&mut daemon).await;
+        // Answered only once recovery is over, so the log is complete after it.
+        let state = state(&mut daemon.client).await;
 
         let log = daemon.log();
         assert!(
@@ -176,7 +178,6 @@ async fn a_corrupt_state_file_is_skipped_with_a_log_line_naming_it() {
             corrupt.exists(),
             "a corrupt state file is kept for the operator"
         );
-        let state = state(&mut daemon.client).await;
         let adopted: Vec<_> = state
             .containers
             .iter()
