@@ -297,24 +297,19 @@ async fn check_binary(helper: &SpawnHelper, exe: &Path) -> Result<UpgradeReady> 
             Duration::from_secs(10),
         )
         .await?;
-    let status = nix::sys::wait::WaitStatus::from_raw(
-        nix::unistd::Pid::from_raw(response.pid),
-        match response.outcome {
-            Outcome::Exited { wait_status } => wait_status,
-            Outcome::TimedOut => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{binary} --version did not finish; not upgrading to it"
-                )));
-            }
-            Outcome::SpawnFailed { error } => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{binary} cannot run ({error}); not upgrading to it"
-                )));
-            }
-        },
-    )
-    .ok()
-    .and_then(|s| exit_code(&s));
+    let status = match response.outcome {
+        Outcome::Exited { wait_status } => exit_code(wait_status),
+        Outcome::TimedOut => {
+            return Err(Error::FailedPrecondition(format!(
+                "{binary} --version did not finish; not upgrading to it"
+            )));
+        }
+        Outcome::SpawnFailed { error } => {
+            return Err(Error::FailedPrecondition(format!(
+                "{binary} cannot run ({error}); not upgrading to it"
+            )));
+        }
+    };
     if status != Some(0) || !response.stdout.starts_with("berthd ") {
         return Err(Error::FailedPrecondition(format!(
             "{binary} --version failed ({}); not upgrading to it",

@@ -16,7 +16,7 @@
 //! pidfd (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux ≥ 6.15) whoever reaps them, or is
 //! reported as [`UNKNOWN_EXIT`] where the kernel lacks it.
 
-mod pidfd;
+mod sys;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -24,8 +24,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use tokio::io::unix::AsyncFd;
+
+use sys::WaitTarget;
 
 use crate::error::{Error, Result};
 
@@ -38,13 +39,16 @@ const EXIT_INFO_WAIT: Duration = Duration::from_secs(15);
 /// How soon to look again when the oldest zombie is a tracked process its waiter has not reaped yet.
 const SWEEP_RETRY: Duration = Duration::from_millis(20);
 
-/// The exit code the API reports for a wait status: the code for a normal exit, 128 + the signal
-/// number for a process killed by a signal. `None` for states that are not an exit.
-pub fn exit_code(status: &WaitStatus) -> Option<u32> {
-    match *status {
-        WaitStatus::Exited(_, code) => Some((code & 0xff) as u32),
-        WaitStatus::Signaled(_, signal, _) => Some(128 + signal as u32),
-        _ => None,
+/// The exit code the API reports for a raw wait status (as `waitpid` gives it): the code for a
+/// normal exit, 128 + the signal number for a process killed by a signal. `None` for states
+/// that are not an exit (stopped, continued).
+pub fn exit_code(raw: i32) -> Option<u32> {
+    if libc::WIFEXITED(raw) {
+        Some(libc::WEXITSTATUS(raw) as u32)
+    } else if libc::WIFSIGNALED(raw) {
+        Some(128 + libc::WTERMSIG(raw) as u32)
+    } else {
+        None
     }
 }
 
@@ -78,7 +82,7 @@ impl Reaper {
     /// started at `start_time` (clock ticks since boot). `Ok(None)` when it is gone.
     pub fn adopt(self: &Arc<Self>, pid: i32, start_time: u64) -> Result<Option<TrackedProcess>> {
         let mut tables = self.tables.lock().expect("reaper lock poisoned");
-        let fd = match pidfd::open(pid) {
+        let fd = match sys::open(pid) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
             Err(e) => return Err(Error::sys(format!("pidfd_open {pid}"), e)),
@@ -89,13 +93,7 @@ impl Reaper {
             Ok(now) if now == start_time => {}
             _ => return Ok(None),
         }
-        let child = !matches!(
-            waitid(
-                Id::PIDFd(fd.as_fd()),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-            ),
-            Err(nix::errno::Errno::ECHILD)
-        );
+        let child = !is_not_our_child(sys::waitid(WaitTarget::PidFd(fd.as_fd()), true));
         let fd = crate::reactor::register(fd, tokio::io::Interest::READABLE)
             .map_err(|e| Error::sys(format!("register pidfd of {pid}"), e))?;
         if child {
@@ -115,14 +113,10 @@ impl Reaper {
     /// wait returns at once with its recorded code.
     pub fn track(self: &Arc<Self>, pid: i32) -> Result<TrackedProcess> {
         let mut tables = self.tables.lock().expect("reaper lock poisoned");
-        match pidfd::open(pid) {
+        match sys::open(pid) {
             Ok(fd) => {
                 // A pidfd of a process that is not our child would never yield a status.
-                let probe = waitid(
-                    Id::PIDFd(fd.as_fd()),
-                    WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-                );
-                if let Err(nix::errno::Errno::ECHILD) = probe {
+                if is_not_our_child(sys::waitid(WaitTarget::PidFd(fd.as_fd()), true)) {
                     return Err(Error::Internal(format!(
                         "pid {pid} is not a child of berthd; is berthd the child subreaper?"
                     )));
@@ -160,34 +154,28 @@ impl Reaper {
     /// the way and the sweep should be retried shortly.
     fn sweep(&self) -> bool {
         loop {
-            let peek = waitid(
-                Id::All,
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-            );
-            let pid = match peek {
-                Ok(WaitStatus::StillAlive) | Err(_) => return true,
-                Ok(status) => match status.pid() {
-                    Some(pid) => pid,
-                    None => return true,
-                },
+            let pid = match sys::waitid(WaitTarget::Any, true) {
+                Ok(Some((pid, _))) => pid,
+                Ok(None) | Err(_) => return true,
             };
             let mut tables = self.tables.lock().expect("reaper lock poisoned");
-            if tables.tracked.contains(&pid.as_raw()) {
+            if tables.tracked.contains(&pid) {
                 return false;
             }
-            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
-                Ok(status) => {
-                    if let Some(code) = exit_code(&status) {
-                        tracing::debug!(pid = pid.as_raw(), code, "reaped an orphan");
+            match sys::waitid(WaitTarget::Pid(pid), false) {
+                Ok(Some((_, raw))) => {
+                    if let Some(code) = exit_code(raw) {
+                        tracing::debug!(pid, code, "reaped an orphan");
                         let now = Instant::now();
                         tables
                             .orphan_exits
                             .retain(|_, (_, at)| now.duration_since(*at) < ORPHAN_EXIT_RETENTION);
-                        tables.orphan_exits.insert(pid.as_raw(), (code, now));
+                        tables.orphan_exits.insert(pid, (code, now));
                     }
                 }
+                Ok(None) => return true,
                 Err(e) => {
-                    tracing::warn!(pid = pid.as_raw(), error = %e, "could not reap orphan");
+                    tracing::warn!(pid, error = %e, "could not reap orphan");
                     return true;
                 }
             }
@@ -243,7 +231,7 @@ impl TrackedProcess {
             .fd
             .as_ref()
             .ok_or_else(|| Error::NotFound(format!("process {} has already exited", self.pid)))?;
-        pidfd::send_signal(fd.get_ref().as_fd(), signal).map_err(|e| {
+        sys::send_signal(fd.get_ref().as_fd(), signal).map_err(|e| {
             if e.raw_os_error() == Some(libc::ESRCH) {
                 Error::NotFound(format!("process {} has already exited", self.pid))
             } else {
@@ -272,15 +260,11 @@ impl TrackedProcess {
             let reaped = {
                 // Hold the table lock so the orphan sweep never sees this pid half-reaped.
                 let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
-                let status = waitid(
-                    Id::PIDFd(fd.get_ref().as_fd()),
-                    WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-                );
-                match status {
-                    Ok(WaitStatus::StillAlive) => None,
-                    Ok(status) => {
+                match sys::waitid(WaitTarget::PidFd(fd.get_ref().as_fd()), false) {
+                    Ok(None) => None,
+                    Ok(Some((_, raw))) => {
                         tables.tracked.remove(&self.pid);
-                        Some(exit_code(&status).unwrap_or(UNKNOWN_EXIT))
+                        Some(exit_code(raw).unwrap_or(UNKNOWN_EXIT))
                     }
                     Err(e) => {
                         tables.tracked.remove(&self.pid);
@@ -305,17 +289,15 @@ impl TrackedProcess {
             // init does promptly but not necessarily before we look.
             let deadline = Instant::now() + EXIT_INFO_WAIT;
             loop {
-                raw = pidfd::exit_status(fd).ok().flatten();
+                raw = sys::exit_status(fd).ok().flatten();
                 if raw.is_some() || Instant::now() >= deadline {
                     break;
                 }
                 tokio::time::sleep(SWEEP_RETRY).await;
             }
         }
-        match raw
-            .and_then(|raw| WaitStatus::from_raw(nix::unistd::Pid::from_raw(self.pid), raw).ok())
-        {
-            Some(status) => exit_code(&status).unwrap_or(UNKNOWN_EXIT),
+        match raw {
+            Some(raw) => exit_code(raw).unwrap_or(UNKNOWN_EXIT),
             None => {
                 tracing::warn!(
                     pid = self.pid,
@@ -337,13 +319,16 @@ fn kernel_reports_exit_status() -> bool {
     else {
         return false;
     };
-    let fd = pidfd::open(child.id() as i32);
+    let fd = sys::open(child.id() as i32);
     let _ = child.wait();
     let Ok(fd) = fd else { return false };
-    let raw = pidfd::exit_status(fd.as_fd()).ok().flatten();
-    raw.and_then(|raw| WaitStatus::from_raw(nix::unistd::Pid::from_raw(0), raw).ok())
-        .and_then(|status| exit_code(&status))
-        == Some(3)
+    let raw = sys::exit_status(fd.as_fd()).ok().flatten();
+    raw.and_then(exit_code) == Some(3)
+}
+
+/// Whether a `waitid` on a pidfd failed because the process is not our child.
+fn is_not_our_child(result: io::Result<Option<(i32, i32)>>) -> bool {
+    matches!(result, Err(e) if e.raw_os_error() == Some(libc::ECHILD))
 }
 
 impl Drop for TrackedProcess {
@@ -358,33 +343,30 @@ impl Drop for TrackedProcess {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use nix::sys::signal::Signal;
-    use nix::unistd::Pid;
 
     #[test]
     fn exit_codes_follow_the_shell_convention() {
-        let pid = Pid::from_raw(1);
-        assert_eq!(exit_code(&WaitStatus::Exited(pid, 0)), Some(0));
-        assert_eq!(exit_code(&WaitStatus::Exited(pid, 7)), Some(7));
-        assert_eq!(
-            exit_code(&WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
-            Some(137)
-        );
-        assert_eq!(
-            exit_code(&WaitStatus::Signaled(pid, Signal::SIGSEGV, true)),
-            Some(139)
-        );
-        assert_eq!(exit_code(&WaitStatus::StillAlive), None);
-        assert_eq!(exit_code(&WaitStatus::Stopped(pid, Signal::SIGSTOP)), None);
+        assert_eq!(exit_code(0), Some(0));
+        assert_eq!(exit_code(7 << 8), Some(7));
+        assert_eq!(exit_code(255 << 8), Some(255));
+        assert_eq!(exit_code(libc::SIGKILL), Some(137));
+        assert_eq!(exit_code(libc::SIGTERM), Some(143));
+        // Killed by SIGSEGV with a core dump.
+        assert_eq!(exit_code(libc::SIGSEGV | 0x80), Some(139));
+        // Real-time signals are signals too: 128 + 64.
+        assert_eq!(exit_code(64), Some(192));
+        // Stopped by SIGSTOP, and continued: not exits.
+        assert_eq!(exit_code((libc::SIGSTOP << 8) | 0x7f), None);
+        assert_eq!(exit_code(0xffff), None);
     }
 
-    #[test]
-    fn raw_wait_statuses_decode_through_the_same_function() {
-        let pid = Pid::from_raw(1);
-        let exited = WaitStatus::from_raw(pid, 3 << 8).unwrap();
-        assert_eq!(exit_code(&exited), Some(3));
-        let killed = WaitStatus::from_raw(pid, libc::SIGTERM).unwrap();
-        assert_eq!(exit_code(&killed), Some(143));
+    #[tokio::test]
+    async fn a_child_killed_by_a_real_time_signal_reports_128_plus_it() {
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        let process = reaper.track(spawn_child("sleep 30")).unwrap();
+        process.signal(64).unwrap();
+        assert_eq!(process.wait().await, 192);
     }
 
     /// Tests in this process share one set of children; a sweep in one test would reap another's.
@@ -430,12 +412,7 @@ pub(crate) mod tests {
         let pid = spawn_child("exit 9");
         // Wait until it is a zombie, then let the sweep reap it as an unknown orphan.
         loop {
-            let peek = waitid(
-                Id::Pid(Pid::from_raw(pid)),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-            )
-            .unwrap();
-            if peek != WaitStatus::StillAlive {
+            if sys::waitid(WaitTarget::Pid(pid), true).unwrap().is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

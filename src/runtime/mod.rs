@@ -215,12 +215,7 @@ impl Runtime {
         let response = response?;
         match response.outcome {
             Outcome::Exited { wait_status } => {
-                let status = nix::sys::wait::WaitStatus::from_raw(
-                    nix::unistd::Pid::from_raw(response.pid),
-                    wait_status,
-                )
-                .ok()
-                .and_then(|s| exit_code(&s));
+                let status = exit_code(wait_status);
                 if status == Some(0) {
                     Ok(response.stdout)
                 } else {

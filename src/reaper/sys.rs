@@ -1,9 +1,49 @@
-//! Sending any signal (1..=64, including the real-time signals that rustix's `Signal` does not
-//! name) through a pidfd needs the raw syscall.
+//! The raw system calls the reaper needs, where the wrappers in nix and rustix fall short:
+//! `waitid` that keeps the waited pid and real-time signals (nix turns the siginfo into a
+//! `Signal`, which has no 34..=64), `pidfd_send_signal` for any signal 1..=64, and
+//! `PIDFD_GET_INFO`.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+/// Which children `waitid` looks at.
+#[derive(Clone, Copy)]
+pub enum WaitTarget<'a> {
+    Any,
+    Pid(i32),
+    PidFd(BorrowedFd<'a>),
+}
+
+/// `waitid(target, WEXITED | WNOHANG | extra)`: the pid and raw wait status of an exited child,
+/// `None` when none has exited. With `peek`, the child is left unreaped (`WNOWAIT`).
+pub fn waitid(target: WaitTarget<'_>, peek: bool) -> io::Result<Option<(i32, i32)>> {
+    let (idtype, id) = match target {
+        WaitTarget::Any => (libc::P_ALL, 0),
+        WaitTarget::Pid(pid) => (libc::P_PID, pid as libc::id_t),
+        WaitTarget::PidFd(fd) => (libc::P_PIDFD, fd.as_raw_fd() as libc::id_t),
+    };
+    let flags = libc::WEXITED | libc::WNOHANG | if peek { libc::WNOWAIT } else { 0 };
+    // SAFETY: an all-zero siginfo_t is a valid value, and waitid writes only into it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` outlives the call; `idtype`, `id` and `flags` are plain integers.
+    if unsafe { libc::waitid(idtype, id, &mut info, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: for SIGCHLD-style results the kernel fills si_pid and si_status (the union's child
+    // fields); with WNOHANG and nothing to report it leaves si_pid 0.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // The wait status word, as waitpid would have given it, so one decoder serves every source.
+    let raw = match info.si_code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => status & 0x7f,
+    };
+    Ok(Some((pid, raw)))
+}
 
 pub fn open(pid: i32) -> io::Result<OwnedFd> {
     let pid = rustix::process::Pid::from_raw(pid)
