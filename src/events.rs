@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use crate::supervisor::ProcessSpec;
+use crate::supervisor::checkpoint::Checkpoint;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
@@ -32,6 +33,9 @@ pub enum EventKind {
     Resume,
     /// A container adopted by a restarted or upgraded berthd.
     Live,
+    Checkpoint {
+        checkpoint: Checkpoint,
+    },
 }
 
 impl EventKind {
@@ -44,6 +48,7 @@ impl EventKind {
             EventKind::Pause => "pause",
             EventKind::Resume => "resume",
             EventKind::Live => "live",
+            EventKind::Checkpoint { .. } => "checkpoint",
         }
     }
 }

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
 use crate::proto;
+use crate::supervisor::checkpoint::Checkpoint;
 use crate::supervisor::{
     ContainerInfo, CreateRequest, ExecRequest, ProcessSpec, StdioPaths, Supervisor, User,
 };
@@ -62,6 +63,16 @@ fn container_to_wire(info: &ContainerInfo) -> proto::Container {
     }
 }
 
+fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {
+    proto::Checkpoint {
+        name: checkpoint.name.clone(),
+        exit: checkpoint.exit,
+        tcp: checkpoint.tcp,
+        unix_sockets: checkpoint.unix_sockets,
+        shell: checkpoint.shell,
+    }
+}
+
 fn event_to_wire(event: &Event) -> proto::Event {
     let mut wire = proto::Event {
         r#type: event.kind.name().into(),
@@ -75,6 +86,9 @@ fn event_to_wire(event: &Event) -> proto::Event {
             wire.process = Some(process_to_wire(event.pid, process))
         }
         EventKind::Exit { status } => wire.status = *status,
+        EventKind::Checkpoint { checkpoint } => {
+            wire.checkpoint = Some(checkpoint_to_wire(checkpoint))
+        }
         EventKind::Pause | EventKind::Resume | EventKind::Live => {}
     }
     wire
@@ -158,24 +172,50 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::CreateCheckpointRequest>,
     ) -> Result<Response<proto::CreateCheckpointResponse>, Status> {
-        let _span = tracing::info_span!("create_checkpoint", id = %request.get_ref().id).entered();
-        Err(checkpoints_unimplemented())
+        let r = request.into_inner();
+        let span = tracing::info_span!("create_checkpoint", id = %r.id);
+        let wire = r.checkpoint.ok_or_else(|| {
+            Status::from(Error::InvalidArgument(
+                "checkpoint is missing: give at least its name".into(),
+            ))
+        })?;
+        let checkpoint = Checkpoint {
+            name: wire.name,
+            exit: wire.exit,
+            tcp: wire.tcp,
+            unix_sockets: wire.unix_sockets,
+            shell: wire.shell,
+        };
+        self.supervisor
+            .checkpoint(&r.id, checkpoint)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(proto::CreateCheckpointResponse {}))
     }
 
     async fn delete_checkpoint(
         &self,
         request: Request<proto::DeleteCheckpointRequest>,
     ) -> Result<Response<proto::DeleteCheckpointResponse>, Status> {
-        let _span = tracing::info_span!("delete_checkpoint", id = %request.get_ref().id).entered();
-        Err(checkpoints_unimplemented())
+        let r = request.into_inner();
+        let span = tracing::info_span!("delete_checkpoint", id = %r.id);
+        self.supervisor
+            .delete_checkpoint(&r.id, &r.name)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(proto::DeleteCheckpointResponse {}))
     }
 
     async fn list_checkpoint(
         &self,
         request: Request<proto::ListCheckpointRequest>,
     ) -> Result<Response<proto::ListCheckpointResponse>, Status> {
-        let _span = tracing::info_span!("list_checkpoint", id = %request.get_ref().id).entered();
-        Err(checkpoints_unimplemented())
+        let r = request.into_inner();
+        let _span = tracing::info_span!("list_checkpoint", id = %r.id).entered();
+        let checkpoints = self.supervisor.list_checkpoints(&r.id)?;
+        Ok(Response::new(proto::ListCheckpointResponse {
+            checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
+        }))
     }
 
     async fn state(
@@ -246,8 +286,4 @@ impl proto::api_server::Api for ApiService {
         let _span = tracing::info_span!("get_stats", id = %request.get_ref().id).entered();
         Err(Error::Unimplemented("GetStats is not implemented in this berthd yet".into()).into())
     }
-}
-
-fn checkpoints_unimplemented() -> Status {
-    Error::Unimplemented("checkpoints are not implemented in this berthd yet".into()).into()
 }

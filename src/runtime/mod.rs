@@ -46,6 +46,43 @@ pub enum Operation<'a> {
     },
     /// Every container the runtime knows, as JSON.
     List,
+    Checkpoint {
+        id: &'a str,
+        image: &'a Path,
+        work: &'a Path,
+        options: CriuOptions,
+    },
+    Restore {
+        id: &'a str,
+        bundle: &'a Path,
+        image: &'a Path,
+        work: &'a Path,
+        pid_file: &'a Path,
+        console_socket: Option<&'a Path>,
+        options: CriuOptions,
+    },
+}
+
+/// What CRIU may dump and restore, and whether the container keeps running after a dump.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CriuOptions {
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub external_unix_sockets: bool,
+    pub shell_job: bool,
+}
+
+impl CriuOptions {
+    fn flags(&self) -> impl Iterator<Item = String> {
+        [
+            (self.tcp_established, "--tcp-established"),
+            (self.external_unix_sockets, "--ext-unix-sk"),
+            (self.shell_job, "--shell-job"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, flag)| flag.to_owned())
+    }
 }
 
 impl Operation<'_> {
@@ -58,13 +95,18 @@ impl Operation<'_> {
             Operation::Resume { .. } => "resume",
             Operation::Delete { .. } => "delete",
             Operation::List => "list",
+            Operation::Checkpoint { .. } => "checkpoint",
+            Operation::Restore { .. } => "restore",
         }
     }
 
     /// Whether the runtime's stdio becomes the container process's stdio, so output cannot be
     /// captured and the error text must come from the log file.
     fn passes_stdio(&self) -> bool {
-        matches!(self, Operation::Create { .. } | Operation::Exec { .. })
+        matches!(
+            self,
+            Operation::Create { .. } | Operation::Exec { .. } | Operation::Restore { .. }
+        )
     }
 }
 
@@ -129,6 +171,40 @@ impl RuntimeBinary {
                 argv.extend(["--force".into(), id.into()]);
             }
             Operation::List => argv.extend(["--format".into(), "json".into()]),
+            Operation::Checkpoint {
+                id,
+                image,
+                work,
+                options,
+            } => {
+                argv.extend(["--image-path".into(), path(image)]);
+                argv.extend(["--work-path".into(), path(work)]);
+                if options.leave_running {
+                    argv.push("--leave-running".into());
+                }
+                argv.extend(options.flags());
+                argv.push(id.into());
+            }
+            Operation::Restore {
+                id,
+                bundle,
+                image,
+                work,
+                pid_file,
+                console_socket,
+                options,
+            } => {
+                argv.push("--detach".into());
+                argv.extend(["--bundle".into(), path(bundle)]);
+                argv.extend(["--image-path".into(), path(image)]);
+                argv.extend(["--work-path".into(), path(work)]);
+                argv.extend(["--pid-file".into(), path(pid_file)]);
+                if let Some(socket) = console_socket {
+                    argv.extend(["--console-socket".into(), path(socket)]);
+                }
+                argv.extend(options.flags());
+                argv.push(id.into());
+            }
             Operation::Start { id } | Operation::Pause { id } | Operation::Resume { id } => {
                 argv.push(id.into())
             }
@@ -356,6 +432,76 @@ mod tests {
                 "--process",
                 "/proc.json",
                 "web"
+            ]
+        );
+    }
+
+    #[test]
+    fn checkpoint_and_restore_argv_map_every_flag() {
+        let all = CriuOptions {
+            leave_running: true,
+            tcp_established: true,
+            external_unix_sockets: true,
+            shell_job: true,
+        };
+        let checkpoint = Operation::Checkpoint {
+            id: "a",
+            image: Path::new("/b/checkpoints/c1"),
+            work: Path::new("/w"),
+            options: all,
+        };
+        assert_eq!(
+            args(checkpoint),
+            [
+                "checkpoint",
+                "--image-path",
+                "/b/checkpoints/c1",
+                "--work-path",
+                "/w",
+                "--leave-running",
+                "--tcp-established",
+                "--ext-unix-sk",
+                "--shell-job",
+                "a"
+            ]
+        );
+        let exiting = Operation::Checkpoint {
+            id: "a",
+            image: Path::new("/i"),
+            work: Path::new("/w"),
+            options: CriuOptions::default(),
+        };
+        assert_eq!(
+            args(exiting),
+            ["checkpoint", "--image-path", "/i", "--work-path", "/w", "a"]
+        );
+        let restore = Operation::Restore {
+            id: "a",
+            bundle: Path::new("/b"),
+            image: Path::new("/i"),
+            work: Path::new("/w"),
+            pid_file: Path::new("/p"),
+            console_socket: None,
+            options: CriuOptions {
+                shell_job: true,
+                ..CriuOptions::default()
+            },
+        };
+        assert_eq!(
+            args(restore),
+            [
+                "restore",
+                "--detach",
+                "--bundle",
+                "/b",
+                "--image-path",
+                "/i",
+                "--work-path",
+                "/w",
+                "--pid-file",
+                "/p",
+                "--shell-job",
+                "a"
             ]
         );
     }

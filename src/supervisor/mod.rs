@@ -6,6 +6,7 @@
 //! Does not own: argv (runtime), process spawning (spawn), exit collection (reaper), the wire
 //! format (api).
 
+pub mod checkpoint;
 mod recovery;
 mod stdio;
 pub mod validate;
@@ -171,6 +172,7 @@ pub struct Supervisor {
     scratch: PathBuf,
     next_scratch: AtomicU64,
     machine: Machine,
+    checkpoint_locks: checkpoint::BundleLocks,
 }
 
 /// Frees a reserved id unless the create that reserved it succeeded.
@@ -202,6 +204,21 @@ impl Drop for ScratchFiles {
     }
 }
 
+/// A scratch directory (CRIU's work directory) removed with what is in it when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Supervisor {
     pub fn new(
         runtime: Runtime,
@@ -225,6 +242,7 @@ impl Supervisor {
             scratch,
             next_scratch: AtomicU64::new(0),
             machine,
+            checkpoint_locks: checkpoint::BundleLocks::default(),
         }))
     }
 
@@ -256,6 +274,12 @@ impl Supervisor {
         self.scratch.join(format!("{n}{suffix}"))
     }
 
+    fn scratch_dir(&self, suffix: &str) -> Result<ScratchDir> {
+        let path = self.scratch_path(suffix);
+        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(ScratchDir(path))
+    }
+
     fn save(&self, container: &Container) {
         if let Err(e) = self
             .store
@@ -265,16 +289,14 @@ impl Supervisor {
         }
     }
 
-    /// Creates and starts a container; returns its init's pid. On failure nothing is left.
+    /// Creates and starts a container, or restores it from `<bundle>/checkpoints/<checkpoint>`;
+    /// returns its init's pid. On failure nothing is left.
     pub async fn create(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
-        if !request.checkpoint.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "checkpoint {:?}: restoring a container from a checkpoint is not supported yet; leave checkpoint empty",
-                request.checkpoint
-            )));
-        }
         let (bundle, spec) = validate::bundle(&request.bundle)?;
+        let restore = (!request.checkpoint.is_empty())
+            .then(|| checkpoint::for_restore(&bundle, &request.checkpoint))
+            .transpose()?;
         request.stdio.check()?;
         let process = spec.process().as_ref().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())
@@ -306,18 +328,32 @@ impl Supervisor {
             .then(|| stdio::ConsoleSocket::bind(self.scratch_path(".sock")))
             .transpose()?;
         let stdio = process_stdio(&request.stdio, init_spec.terminal).await?;
-        let created = self
-            .runtime
-            .run_with_stdio(
-                Operation::Create {
+        let console_socket = console.as_ref().map(|c| c.path());
+        let created = match &restore {
+            None => {
+                let create = Operation::Create {
                     id: &request.id,
                     bundle: &bundle,
                     pid_file: &pid_file,
-                    console_socket: console.as_ref().map(|c| c.path()),
-                },
-                stdio,
-            )
-            .await;
+                    console_socket,
+                };
+                self.runtime.run_with_stdio(create, stdio).await
+            }
+            Some((image, options)) => {
+                let work = self.scratch_dir(".criu")?;
+                let restore = Operation::Restore {
+                    id: &request.id,
+                    bundle: &bundle,
+                    image,
+                    work: work.path(),
+                    pid_file: &pid_file,
+                    console_socket,
+                    options: *options,
+                };
+                let restored = self.runtime.run_with_stdio(restore, stdio).await;
+                restored.map_err(|e| checkpoint::with_criu_log(e, work.path(), "restore.log"))
+            }
+        };
         if let Err(e) = created {
             self.delete_from_runtime(&request.id).await;
             return Err(e);
@@ -330,7 +366,12 @@ impl Supervisor {
             }
         };
         let started = self
-            .start_registered(&request.id, console.as_ref(), &request.stdio)
+            .start_registered(
+                &request.id,
+                console.as_ref(),
+                &request.stdio,
+                restore.is_none(),
+            )
             .await;
         if let Err(e) = started {
             self.delete_from_runtime(&request.id).await;
@@ -398,18 +439,23 @@ impl Supervisor {
         });
     }
 
-    /// The part of create between `create` and a running container: the pty, then `start`.
+    /// The part of create between `create` and a running container: the pty, then `start`
+    /// (a restored container is already running).
     async fn start_registered(
         &self,
         id: &str,
         console: Option<&stdio::ConsoleSocket>,
         paths: &StdioPaths,
+        start: bool,
     ) -> Result<()> {
         if let Some(console) = console {
             let master = console.receive_master(CONSOLE_TIMEOUT).await?;
             stdio::relay_terminal(master, paths)?;
         }
-        self.runtime.run(Operation::Start { id }).await.map(drop)
+        if start {
+            self.runtime.run(Operation::Start { id }).await?;
+        }
+        Ok(())
     }
 
     /// Best effort: removes whatever the runtime holds for `id` after a failed request.
