@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::error::{Error, Result};
+use crate::stats::Backend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -50,6 +51,20 @@ pub struct Config {
     #[arg(long, env = "BERTH_RECOVERY_REPLAY", default_value_t = 60)]
     pub recovery_replay: u64,
 
+    /// How often GetStats samples: milliseconds (500, 500ms) or seconds (2s, 1.5s).
+    #[arg(long, env = "BERTH_STATS_INTERVAL", default_value = "1s", value_parser = parse_interval)]
+    pub stats_interval: Duration,
+
+    /// How the stats sampler reads cgroup files; io-uring falls back to pread where the kernel
+    /// refuses it.
+    #[arg(long, env = "BERTH_STATS_BACKEND", value_enum, default_value_t = Backend::IoUring)]
+    pub stats_backend: Backend,
+
+    /// Serve Prometheus metrics at /metrics on this TCP address (127.0.0.1:9323) or unix socket
+    /// path; off when not given.
+    #[arg(long, env = "BERTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
@@ -75,6 +90,25 @@ impl Config {
     pub fn scratch_dir(&self) -> PathBuf {
         self.state_dir.join("tmp")
     }
+}
+
+/// A sampling interval: `500`, `500ms`, `2s` or `1.5s`; at least 10 ms.
+pub fn parse_interval(text: &str) -> std::result::Result<Duration, String> {
+    let invalid = || {
+        format!("{text:?} is not an interval: give milliseconds (500, 500ms) or seconds (2s, 1.5s)")
+    };
+    let interval = if let Some(ms) = text.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| invalid())?)
+    } else if let Some(secs) = text.strip_suffix('s') {
+        let secs: f64 = secs.parse().map_err(|_| invalid())?;
+        Duration::try_from_secs_f64(secs).map_err(|_| invalid())?
+    } else {
+        Duration::from_millis(text.parse().map_err(|_| invalid())?)
+    };
+    if interval < Duration::from_millis(10) {
+        return Err(format!("{text:?} is shorter than the 10 ms minimum"));
+    }
+    Ok(interval)
 }
 
 /// Finds the runtime binary: a name is looked up in `PATH`, anything with a slash is taken as is.
@@ -123,6 +157,22 @@ mod tests {
             let expected = format!("BERTH_{}", id.to_uppercase());
             assert_eq!(env.as_deref(), Some(expected.as_str()), "flag {id}");
         }
+    }
+
+    #[test]
+    fn stats_intervals_in_milliseconds_or_seconds() {
+        assert_eq!(parse_interval("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_interval("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_interval("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_interval("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_interval("5ms").unwrap_err().contains("10 ms minimum"));
+        assert!(parse_interval("-1s").is_err());
+        assert!(
+            parse_interval("1m")
+                .unwrap_err()
+                .contains("not an interval")
+        );
+        assert!(parse_interval("").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! every subscriber connecting within the replay window receives first.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ pub enum EventKind {
     Resume,
     /// A container adopted by a restarted or upgraded berthd.
     Live,
+    /// The container's cgroup hit its memory limit and the OOM killer killed in it.
+    Oom,
     Checkpoint {
         checkpoint: Checkpoint,
     },
@@ -48,6 +51,7 @@ impl EventKind {
             EventKind::Pause => "pause",
             EventKind::Resume => "resume",
             EventKind::Live => "live",
+            EventKind::Oom => "oom",
             EventKind::Checkpoint { .. } => "checkpoint",
         }
     }
@@ -63,6 +67,21 @@ pub struct Event {
 pub struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
     recovery: Mutex<Option<Recovery>>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    published: AtomicU64,
+    cut_off: AtomicU64,
+}
+
+/// What the bus did so far, for the metrics endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventCounts {
+    pub published: u64,
+    /// Subscribers told they fell behind, which ends their stream.
+    pub cut_off: u64,
 }
 
 struct Recovery {
@@ -79,6 +98,7 @@ pub enum Lagged {
 pub struct Subscription {
     backlog: VecDeque<Arc<Event>>,
     receiver: broadcast::Receiver<Arc<Event>>,
+    counts: Arc<Counts>,
 }
 
 impl Subscription {
@@ -90,7 +110,10 @@ impl Subscription {
         }
         match self.receiver.recv().await {
             Ok(event) => Some(Ok(event)),
-            Err(broadcast::error::RecvError::Lagged(missed)) => Some(Err(Lagged::Missed(missed))),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                self.counts.cut_off.fetch_add(1, Ordering::Relaxed);
+                Some(Err(Lagged::Missed(missed)))
+            }
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
@@ -102,6 +125,7 @@ impl EventBus {
         EventBus {
             sender,
             recovery: Mutex::new(None),
+            counts: Arc::default(),
         }
     }
 
@@ -123,6 +147,7 @@ impl EventBus {
 
     pub fn publish(&self, id: &str, pid: u32, kind: EventKind) {
         tracing::debug!(id, pid, kind = kind.name(), "event");
+        self.counts.published.fetch_add(1, Ordering::Relaxed);
         // No subscriber is not an error: the event simply has nobody to go to.
         let _ = self.sender.send(Arc::new(Event {
             id: id.to_owned(),
@@ -144,6 +169,14 @@ impl EventBus {
         Subscription {
             backlog,
             receiver: self.sender.subscribe(),
+            counts: Arc::clone(&self.counts),
+        }
+    }
+
+    pub fn counts(&self) -> EventCounts {
+        EventCounts {
+            published: self.counts.published.load(Ordering::Relaxed),
+            cut_off: self.counts.cut_off.load(Ordering::Relaxed),
         }
     }
 }
@@ -196,5 +229,12 @@ mod tests {
             assert_eq!(fast.next().await.unwrap().unwrap().pid, pid);
         }
         assert_eq!(slow.next().await.unwrap(), Err(Lagged::Missed(6)));
+        assert_eq!(
+            bus.counts(),
+            EventCounts {
+                published: 10,
+                cut_off: 1
+            }
+        );
     }
 }

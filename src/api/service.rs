@@ -11,6 +11,7 @@ use tracing::Instrument;
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
 use crate::proto;
+use crate::stats::snapshot::{self, Snapshot};
 use crate::supervisor::checkpoint::Checkpoint;
 use crate::supervisor::{
     ContainerInfo, CreateRequest, ExecRequest, ProcessSpec, StdioPaths, Supervisor, User,
@@ -89,9 +90,109 @@ fn event_to_wire(event: &Event) -> proto::Event {
         EventKind::Checkpoint { checkpoint } => {
             wire.checkpoint = Some(checkpoint_to_wire(checkpoint))
         }
-        EventKind::Pause | EventKind::Resume | EventKind::Live => {}
+        EventKind::Pause | EventKind::Resume | EventKind::Live | EventKind::Oom => {}
     }
     wire
+}
+
+fn memory_to_wire(data: &snapshot::MemoryData) -> proto::MemoryData {
+    proto::MemoryData {
+        usage: data.usage,
+        max_usage: data.max_usage,
+        failcnt: data.failcnt,
+    }
+}
+
+fn blkio_to_wire(entries: &[snapshot::BlkioEntry]) -> Vec<proto::BlkioStatsEntry> {
+    entries
+        .iter()
+        .map(|e| proto::BlkioStatsEntry {
+            major: e.major,
+            minor: e.minor,
+            op: e.op.to_string(),
+            value: e.value,
+        })
+        .collect()
+}
+
+fn stats_to_wire(s: &Snapshot) -> proto::Stats {
+    let [
+        service_bytes,
+        serviced,
+        queued,
+        service_time,
+        wait_time,
+        merged,
+        time,
+        sectors,
+    ] = &s.blkio.lists;
+    proto::Stats {
+        network_stats: s
+            .network
+            .iter()
+            .map(|i| proto::NetworkStats {
+                name: i.name.to_string(),
+                rx_bytes: i.rx_bytes,
+                rx_packets: i.rx_packets,
+                rx_errors: i.rx_errors,
+                rx_dropped: i.rx_dropped,
+                tx_bytes: i.tx_bytes,
+                tx_packets: i.tx_packets,
+                tx_errors: i.tx_errors,
+                tx_dropped: i.tx_dropped,
+            })
+            .collect(),
+        cgroup_stats: Some(proto::CgroupStats {
+            cpu_stats: Some(proto::CpuStats {
+                cpu_usage: Some(proto::CpuUsage {
+                    total_usage: s.cpu.total,
+                    percpu_usage: s.cpu.percpu.clone(),
+                    usage_in_kernelmode: s.cpu.kernel,
+                    usage_in_usermode: s.cpu.user,
+                }),
+                throttling_data: Some(proto::ThrottlingData {
+                    periods: s.cpu.periods,
+                    throttled_periods: s.cpu.throttled_periods,
+                    throttled_time: s.cpu.throttled_time,
+                }),
+            }),
+            memory_stats: Some(proto::MemoryStats {
+                cache: s.memory.cache,
+                usage: Some(memory_to_wire(&s.memory.usage)),
+                swap_usage: Some(memory_to_wire(&s.memory.swap)),
+                kernel_usage: Some(memory_to_wire(&s.memory.kernel)),
+                stats: s
+                    .memory
+                    .stats
+                    .iter()
+                    .map(|(key, value)| (key.to_string(), *value))
+                    .collect(),
+            }),
+            blkio_stats: Some(proto::BlkioStats {
+                io_service_bytes_recursive: blkio_to_wire(service_bytes),
+                io_serviced_recursive: blkio_to_wire(serviced),
+                io_queued_recursive: blkio_to_wire(queued),
+                io_service_time_recursive: blkio_to_wire(service_time),
+                io_wait_time_recursive: blkio_to_wire(wait_time),
+                io_merged_recursive: blkio_to_wire(merged),
+                io_time_recursive: blkio_to_wire(time),
+                sectors_recursive: blkio_to_wire(sectors),
+            }),
+            hugetlb_stats: s
+                .hugetlb
+                .iter()
+                .map(|(size, data)| {
+                    let data = proto::HugetlbStats {
+                        usage: data.usage,
+                        max_usage: data.max_usage,
+                        failcnt: data.failcnt,
+                    };
+                    (size.to_string(), data)
+                })
+                .collect(),
+        }),
+        timestamp: s.timestamp,
+    }
 }
 
 #[tonic::async_trait]
@@ -283,7 +384,26 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::StatsRequest>,
     ) -> Result<Response<Self::GetStatsStream>, Status> {
-        let _span = tracing::info_span!("get_stats", id = %request.get_ref().id).entered();
-        Err(Error::Unimplemented("GetStats is not implemented in this berthd yet".into()).into())
+        let id = request.into_inner().id;
+        let _span = tracing::info_span!("get_stats", id = %id).entered();
+        crate::supervisor::validate::container_id(&id)?;
+        let subscription = self.supervisor.stats().subscribe(&id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "container {id} does not exist or has no stats (its cgroup could not be read when it started)"
+            ))
+        })?;
+        // Each subscriber waits for the shared snapshot; the stream ends when the container is
+        // unregistered (its init exited) or berthd stops.
+        let stopping = self.stopping.clone();
+        let stream =
+            futures_util::stream::unfold(Some((subscription, stopping)), |state| async move {
+                let (mut subscription, mut stopping) = state?;
+                let snapshot = tokio::select! {
+                    next = subscription.next() => next?,
+                    _ = stopping.wait_for(|stop| *stop) => return None,
+                };
+                Some((Ok(stats_to_wire(&snapshot)), Some((subscription, stopping))))
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

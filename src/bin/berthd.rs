@@ -24,6 +24,7 @@ use berth::reaper::{Reaper, exit_code};
 use berth::runtime::{Runtime, RuntimeBinary};
 use berth::spawn::protocol::Outcome;
 use berth::spawn::{self, SpawnHelper, SpawnStdio};
+use berth::stats::StatsHub;
 use berth::store::Store;
 use berth::supervisor::{Machine, Supervisor};
 
@@ -155,10 +156,17 @@ async fn serve(
         config.runtime_timeout(),
         scratch.clone(),
     );
+    let events = Arc::new(EventBus::new(config.events_buffer as usize));
+    let stats = StatsHub::start(
+        config.stats_interval,
+        config.stats_backend,
+        Arc::clone(&events),
+    )?;
     let supervisor = Supervisor::new(
         runtime,
         Arc::clone(&reaper),
-        Arc::new(EventBus::new(config.events_buffer as usize)),
+        events,
+        Arc::clone(&stats),
         Store::open(config.containers_dir())?,
         scratch,
         machine(&config),
@@ -177,6 +185,14 @@ async fn serve(
     reaper
         .spawn_orphan_sweeper()
         .map_err(|e| Error::sys("watch SIGCHLD", e))?;
+
+    let (metrics_stop, metrics_stopping) = tokio::sync::watch::channel(false);
+    if let Some(addr) = &config.metrics_listen {
+        let listener = berth::metrics::Listener::bind(addr).await?;
+        let metrics = Arc::new(berth::metrics::Metrics::new(Arc::clone(&supervisor), stats));
+        tracing::info!(addr = %addr, bound = ?listener.local_addr(), "metrics endpoint serving /metrics");
+        tokio::spawn(listener.serve(metrics, metrics_stopping));
+    }
 
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
     let serve_on = |handover: &OwnedFd| -> Result<Serving> {
@@ -236,6 +252,7 @@ async fn serve(
         serving = serve_on(&handover)?;
     }
     tracing::info!("stopping; containers keep running");
+    let _ = metrics_stop.send(true);
     serving.stop().await;
     let _ = std::fs::remove_file(&config.listen);
     Ok(())

@@ -58,9 +58,11 @@ impl Mounts {
 
     fn v1_dir(&self, controller: Controllers, cgroup: &str) -> Option<PathBuf> {
         let (mount_point, mount_root) = self.v1.get_mount_point(controller)?;
-        let relative = Path::new(cgroup)
-            .strip_prefix(&mount_root)
-            .unwrap_or(Path::new(cgroup).strip_prefix("/").unwrap_or(Path::new(cgroup)));
+        let relative = Path::new(cgroup).strip_prefix(&mount_root).unwrap_or(
+            Path::new(cgroup)
+                .strip_prefix("/")
+                .unwrap_or(Path::new(cgroup)),
+        );
         Some(mount_point.join(relative))
     }
 
@@ -186,6 +188,7 @@ impl Source {
             }
         }
         if let Some(dir) = &dirs.cpuacct {
+            self.add(&dir.join("cpuacct.usage_percpu"), FileKind::CpuacctPercpu)?;
             self.add(&dir.join("cpuacct.usage_all"), FileKind::CpuacctUsageAll)?;
         }
         if let Some(dir) = &dirs.cpu {
@@ -244,8 +247,14 @@ impl Source {
         }
         let files = [
             ("cpu.stat", FileKind::CpuStat),
-            ("memory.current", FileKind::Memory(MemoryCounter::Usage, Field::Usage)),
-            ("memory.peak", FileKind::Memory(MemoryCounter::Usage, Field::MaxUsage)),
+            (
+                "memory.current",
+                FileKind::Memory(MemoryCounter::Usage, Field::Usage),
+            ),
+            (
+                "memory.peak",
+                FileKind::Memory(MemoryCounter::Usage, Field::MaxUsage),
+            ),
             ("memory.events", FileKind::MemoryEventsV2),
             ("memory.stat", FileKind::MemoryStatV2),
             ("memory.swap.current", FileKind::SwapCurrentV2),
@@ -277,8 +286,9 @@ impl Source {
         sizes.sort();
         let mut found = Vec::new();
         for size in sizes {
-            let index = u8::try_from(self.hugetlb_sizes.len())
-                .map_err(|_| Error::Internal(format!("{}: too many huge page sizes", dir.display())))?;
+            let index = u8::try_from(self.hugetlb_sizes.len()).map_err(|_| {
+                Error::Internal(format!("{}: too many huge page sizes", dir.display()))
+            })?;
             let size: Arc<str> = size.into();
             self.hugetlb_sizes.push(Arc::clone(&size));
             found.push((index, size));
@@ -299,7 +309,10 @@ mod tests {
             cgroup2_mount(mountinfo),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(cgroup2_mount(b"31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            cgroup2_mount(b"31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 
     #[test]
@@ -312,8 +325,14 @@ mod tests {
             mounts.locate_in(b"0::/system.slice/ctr\n").unwrap(),
             Location::V2(PathBuf::from("/sys/fs/cgroup/system.slice/ctr"))
         );
-        let none = Mounts { v1: V1::new(), v2: None };
-        assert!(matches!(none.locate_in(b"0::/ctr\n"), Err(Error::NotFound(_))));
+        let none = Mounts {
+            v1: V1::new(),
+            v2: None,
+        };
+        assert!(matches!(
+            none.locate_in(b"0::/ctr\n"),
+            Err(Error::NotFound(_))
+        ));
     }
 
     fn v2_fixture() -> tempfile::TempDir {

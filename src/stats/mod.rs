@@ -14,8 +14,9 @@
 //! ends every subscription cleanly.
 //!
 //! cgroup v1 → proto (files that do not exist on a kernel are not read; their fields stay 0):
-//! - cpu_usage: `cpuacct.usage_all`: percpu_usage = user + system per CPU, total_usage = their sum,
-//!   usage_in_usermode / usage_in_kernelmode = the user / system columns summed (nanoseconds).
+//! - cpu_usage: percpu_usage = `cpuacct.usage_percpu`, total_usage = its sum (what
+//!   `cpuacct.usage` adds up); usage_in_usermode / usage_in_kernelmode = the user / system columns
+//!   of `cpuacct.usage_all` summed, in nanoseconds (as `cpuacct.usage_user` / `usage_sys`).
 //! - throttling_data: `cpu.stat` nr_periods, nr_throttled, throttled_time.
 //! - memory usage / swap_usage / kernel_usage: `memory.`, `memory.memsw.`, `memory.kmem.`
 //!   {usage_in_bytes, max_usage_in_bytes, failcnt}; cache and the stats map: `memory.stat`.
@@ -217,7 +218,12 @@ impl StatsHub {
     pub fn register(&self, id: &str, pid: u32) -> Result<()> {
         let location = self.mounts.locate(pid)?;
         let source = cgroup::Source::open(&location, Some(pid))?;
-        tracing::debug!(id, files = source.files.len(), ?location, "stats registered");
+        tracing::debug!(
+            id,
+            files = source.files.len(),
+            ?location,
+            "stats registered"
+        );
         if let Err(e) = self.oom.watch(id, pid, &location) {
             tracing::warn!(id, error = %e, "no OOM events for this container");
         }

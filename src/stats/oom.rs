@@ -87,7 +87,9 @@ fn oom_kills(content: &[u8]) -> Result<u64> {
             kills = Some(value);
         }
     })?;
-    kills.ok_or_else(|| Error::Internal("no oom_kill line: this kernel does not count OOM kills".into()))
+    kills.ok_or_else(|| {
+        Error::Internal("no oom_kill line: this kernel does not count OOM kills".into())
+    })
 }
 
 struct Inotify {
@@ -151,8 +153,10 @@ impl Watcher {
         std::fs::OpenOptions::new()
             .write(true)
             .open(&control)
+            // One write: the kernel parses each write on its own.
             .and_then(|mut file| {
-                write!(file, "{} {}", eventfd.as_raw_fd(), counter.as_raw_fd())
+                let line = format!("{} {}", eventfd.as_raw_fd(), counter.as_raw_fd());
+                file.write_all(line.as_bytes())
             })
             .map_err(|e| Error::io(&control, e))?;
         let eventfd = crate::reactor::register(eventfd, Interest::READABLE)
@@ -202,8 +206,12 @@ impl Watcher {
             *inotify = Some(self.start_inotify()?);
         }
         let shared = inotify.as_ref().expect("inotify just started");
-        let wd = inotify::add_watch(shared.fd.get_ref(), events_path, inotify::WatchFlags::MODIFY)
-            .map_err(|e| Error::io(events_path, e.into()))?;
+        let wd = inotify::add_watch(
+            shared.fd.get_ref(),
+            events_path,
+            inotify::WatchFlags::MODIFY,
+        )
+        .map_err(|e| Error::io(events_path, e.into()))?;
         let watch = Arc::new(Watch {
             id: id.to_owned(),
             pid,
@@ -249,7 +257,10 @@ impl Watcher {
                 }
                 let watches: Vec<Arc<Watch>> = {
                     let by_wd = lock(&task_by_wd);
-                    changed.iter().filter_map(|wd| by_wd.get(wd).cloned()).collect()
+                    changed
+                        .iter()
+                        .filter_map(|wd| by_wd.get(wd).cloned())
+                        .collect()
                 };
                 for watch in watches {
                     watch.check(&events);
@@ -350,7 +361,10 @@ mod tests {
         watcher.unwatch("c");
         bus.publish("c", 7, EventKind::Exit { status: 137 });
         assert_eq!(next_kind(&mut sub).await, Ok(EventKind::Oom));
-        assert_eq!(next_kind(&mut sub).await, Ok(EventKind::Exit { status: 137 }));
+        assert_eq!(
+            next_kind(&mut sub).await,
+            Ok(EventKind::Exit { status: 137 })
+        );
     }
 
     #[tokio::test]

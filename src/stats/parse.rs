@@ -272,15 +272,24 @@ mod tests {
 
     #[test]
     fn single_values_parse_and_reject_junk() {
-        assert_eq!(single_u64("memory.usage_in_bytes", b"10834243584\n").unwrap(), 10834243584);
+        assert_eq!(
+            single_u64("memory.usage_in_bytes", b"10834243584\n").unwrap(),
+            10834243584
+        );
         assert_eq!(single_u64("memory.current", b"0").unwrap(), 0);
         let err = err_text(single_u64("memory.current", b"max\n"));
-        assert_eq!(err, "malformed memory.current: not a number in line \"max\"");
+        assert_eq!(
+            err,
+            "malformed memory.current: not a number in line \"max\""
+        );
         assert!(err_text(single_u64("memory.current", b"")).contains("no value"));
         assert!(err_text(single_u64("memory.current", b"1\n2\n")).contains("more than one line"));
         assert!(err_text(single_u64("x", b"-1\n")).contains("not a number"));
         assert!(err_text(single_u64("x", b"18446744073709551616\n")).contains("not a number"));
-        assert_eq!(single_u64("x", b"18446744073709551615\n").unwrap(), u64::MAX);
+        assert_eq!(
+            single_u64("x", b"18446744073709551615\n").unwrap(),
+            u64::MAX
+        );
     }
 
     const MEMORY_STAT_V1: &str = "cache 42221568\nrss 5722112\nrss_huge 0\nshmem 9068544\n\
@@ -295,7 +304,10 @@ mod tests {
         let v1 = keyed("memory.stat", MEMORY_STAT_V1).unwrap();
         assert_eq!(v1.len(), 10);
         assert_eq!(v1[0], ("cache".into(), 42221568));
-        assert_eq!(v1[7], ("hierarchical_memory_limit".into(), 9223372036854771712));
+        assert_eq!(
+            v1[7],
+            ("hierarchical_memory_limit".into(), 9223372036854771712)
+        );
         let v2 = keyed("memory.stat", MEMORY_STAT_V2).unwrap();
         assert_eq!(v2[1], ("file".into(), 4096000));
         assert_eq!(v2.len(), 11);
@@ -312,9 +324,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cpu_v2[0], ("usage_usec".into(), 1831662252));
-        let oom = keyed("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        let oom = keyed(
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
         assert_eq!(oom[2], ("oom_kill".into(), 2));
-        let events = keyed("memory.events", "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n").unwrap();
+        let events = keyed(
+            "memory.events",
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
         assert_eq!(events[2], ("max".into(), 12));
     }
 
@@ -335,8 +355,12 @@ mod tests {
     #[test]
     fn percpu_lists() {
         let mut values = Vec::new();
-        u64_list("cpuacct.usage_percpu", b"898608012028 886911362398 \n", |v| values.push(v))
-            .unwrap();
+        u64_list(
+            "cpuacct.usage_percpu",
+            b"898608012028 886911362398 \n",
+            |v| values.push(v),
+        )
+        .unwrap();
         assert_eq!(values, [898608012028, 886911362398]);
         let bad = u64_list("cpuacct.usage_percpu", b"1 two 3\n", |_| {});
         assert!(err_text(bad).contains("not a number in line \"1 two 3\""));
@@ -373,7 +397,13 @@ mod tests {
         let mut none = 0;
         blkio_v1("blkio", b"Total 0\n", |_| none += 1).unwrap();
         assert_eq!(none, 0);
-        for bad in [&b"8-0 Read 1\n"[..], b"8:0 Read\n", b"8:0 Read x\n", b"8:0 Read 1 2\n", b"Total\n"] {
+        for bad in [
+            &b"8-0 Read 1\n"[..],
+            b"8:0 Read\n",
+            b"8:0 Read x\n",
+            b"8:0 Read 1 2\n",
+            b"Total\n",
+        ] {
             assert!(blkio_v1("blkio", bad, |_| {}).is_err(), "{bad:?}");
         }
     }
@@ -383,7 +413,10 @@ mod tests {
         let text = b"8:16 rbytes=1459200 wbytes=314773504 rios=192 wios=353 dbytes=0 dios=0\n\
             253:0 rbytes=4096 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n";
         let mut pairs = Vec::new();
-        io_stat(text, |maj, min, key, value| pairs.push((maj, min, key.to_owned(), value))).unwrap();
+        io_stat(text, |maj, min, key, value| {
+            pairs.push((maj, min, key.to_owned(), value))
+        })
+        .unwrap();
         assert_eq!(pairs.len(), 12);
         assert_eq!(pairs[1], (8, 16, "wbytes".into(), 314773504));
         assert_eq!(pairs[6], (253, 0, "rbytes".into(), 4096));
@@ -441,7 +474,10 @@ mod tests {
         assert_eq!(lines[2], (2, "cpu,cpuacct".into(), "/ctr".into()));
         assert_eq!(lines[3], (0, "".into(), "/".into()));
         let mut v2 = Vec::new();
-        proc_cgroup(b"0::/system.slice/x:y.scope\n", |l| v2.push(l.path.to_owned())).unwrap();
+        proc_cgroup(b"0::/system.slice/x:y.scope\n", |l| {
+            v2.push(l.path.to_owned())
+        })
+        .unwrap();
         assert_eq!(v2, ["/system.slice/x:y.scope"]);
         assert!(err_text(proc_cgroup(b"4:memory\n", |_| {})).contains("not id:controllers:path"));
         assert!(err_text(proc_cgroup(b"x:memory:/a\n", |_| {})).contains("hierarchy id"));

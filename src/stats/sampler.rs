@@ -32,7 +32,7 @@ pub enum Backend {
 }
 
 enum Reader {
-    IoUring(Ring),
+    IoUring(Box<Ring>),
     Pread(Box<[u8; LARGE_BUFFER]>),
 }
 
@@ -65,7 +65,7 @@ impl Sampler {
             Backend::IoUring => match Ring::new(iowq_workers) {
                 Ok(ring) => {
                     tracing::info!("stats sampler reads with io_uring");
-                    Reader::IoUring(ring)
+                    Reader::IoUring(Box::new(ring))
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring is unavailable; stats sampler reads with pread");
@@ -118,9 +118,9 @@ impl Sampler {
                             file.path.display()
                         )));
                     }
-                    builders[ci].apply(file.kind, content).map_err(|e| {
-                        Error::Internal(format!("{}: {e}", file.path.display()))
-                    })
+                    builders[ci]
+                        .apply(file.kind, content)
+                        .map_err(|e| Error::Internal(format!("{}: {e}", file.path.display())))
                 });
             if let Err(e) = applied {
                 failures.push((ci, fi, e));
@@ -212,11 +212,195 @@ pub(super) fn run(
         active.clear();
         let counters = &shared.counters;
         counters.batches.fetch_add(1, Ordering::Relaxed);
-        counters.files_read.fetch_add(tick.files_read, Ordering::Relaxed);
-        counters.read_errors.fetch_add(tick.read_errors, Ordering::Relaxed);
-        counters.syscalls.fetch_add(tick.syscalls, Ordering::Relaxed);
+        counters
+            .files_read
+            .fetch_add(tick.files_read, Ordering::Relaxed);
+        counters
+            .read_errors
+            .fetch_add(tick.read_errors, Ordering::Relaxed);
+        counters
+            .syscalls
+            .fetch_add(tick.syscalls, Ordering::Relaxed);
         let nanos = now.elapsed().as_nanos() as u64;
-        counters.tick_nanos_total.fetch_add(nanos, Ordering::Relaxed);
+        counters
+            .tick_nanos_total
+            .fetch_add(nanos, Ordering::Relaxed);
         counters.last_tick_nanos.store(nanos, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::stats::cgroup::{Location, Source, V1Dirs};
+    use crate::stats::{Snapshot, Subscription};
+
+    fn write_all(dir: &Path, files: &[(&str, &str)]) {
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+    }
+
+    fn v1_fixture() -> (tempfile::TempDir, Location) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let path = root.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            path
+        };
+        let (cpuacct, cpu, memory, blkio) =
+            (dir("cpuacct"), dir("cpu"), dir("memory"), dir("blkio"));
+        write_all(
+            &cpuacct,
+            &[
+                ("cpuacct.usage_percpu", "6 \n"),
+                ("cpuacct.usage_all", "cpu user system\n0 5 1\n"),
+            ],
+        );
+        write_all(
+            &cpu,
+            &[(
+                "cpu.stat",
+                "nr_periods 1\nnr_throttled 0\nthrottled_time 0\n",
+            )],
+        );
+        write_all(
+            &memory,
+            &[
+                ("memory.usage_in_bytes", "4096\n"),
+                ("memory.failcnt", "0\n"),
+                ("memory.stat", "cache 8\nrss 16\n"),
+            ],
+        );
+        write_all(
+            &blkio,
+            &[
+                (
+                    "blkio.throttle.io_serviced_recursive",
+                    "8:0 Read 3\nTotal 3\n",
+                ),
+                (
+                    "blkio.bfq.io_serviced_recursive",
+                    "8:0 Read 999\nTotal 999\n",
+                ),
+            ],
+        );
+        let dirs = V1Dirs {
+            cpuacct: Some(cpuacct),
+            cpu: Some(cpu),
+            memory: Some(memory),
+            blkio: Some(blkio),
+            hugetlb: None,
+        };
+        (root, Location::V1(dirs))
+    }
+
+    fn sample(backend: Backend, location: &Location) -> (Arc<Snapshot>, Tick) {
+        let source = Source::open(location, Some(std::process::id())).unwrap();
+        let container = Arc::new(ContainerStats::new("c", source));
+        let mut sub = container.subscribe();
+        let mut sampler = Sampler::new(backend, None);
+        assert_eq!(sampler.backend(), backend);
+        let tick = sampler.tick(std::slice::from_ref(&container));
+        let snapshot = sub.receiver.borrow_and_update().clone().expect("published");
+        (snapshot, tick)
+    }
+
+    #[test]
+    fn both_backends_read_the_same_v1_snapshot() {
+        let (_root, location) = v1_fixture();
+        let (uring, tick) = sample(Backend::IoUring, &location);
+        // Two cpuacct, cpu, two memory counters, memory.stat, blkio serviced, net/dev.
+        assert_eq!(
+            tick,
+            Tick {
+                files_read: 8,
+                read_errors: 0,
+                syscalls: 1
+            }
+        );
+        let (pread, tick) = sample(Backend::Pread, &location);
+        assert_eq!(tick.syscalls, 8);
+        assert_eq!(uring.cpu, pread.cpu);
+        assert_eq!(uring.memory, pread.memory);
+        assert_eq!(uring.blkio, pread.blkio);
+        assert_eq!(uring.cpu.total, 6);
+        assert_eq!(uring.memory.usage.usage, 4096);
+        assert_eq!(uring.memory.cache, 8);
+        // The throttle policy's file is preferred over BFQ's.
+        assert_eq!(uring.blkio.lists[1][0].value, 3);
+        assert!(uring.network.iter().any(|i| &*i.name == "lo"));
+        assert!(uring.timestamp > 1_600_000_000_000_000_000);
+    }
+
+    #[test]
+    fn a_v2_fixture_is_sampled_with_every_mapped_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write_all(
+            dir.path(),
+            &[
+                ("cpu.stat", "usage_usec 7\nuser_usec 5\nsystem_usec 2\n"),
+                ("memory.current", "100\n"),
+                ("memory.peak", "200\n"),
+                ("memory.swap.current", "1\n"),
+                ("memory.events", "max 3\noom_kill 0\n"),
+                ("memory.stat", "file 11\nkernel 12\n"),
+                ("io.stat", "8:0 rbytes=1 wbytes=2 rios=3 wios=4\n"),
+            ],
+        );
+        let location = Location::V2(dir.path().to_owned());
+        let (snap, tick) = sample(Backend::IoUring, &location);
+        assert_eq!(tick.read_errors, 0);
+        assert_eq!(snap.cpu.total, 7000);
+        assert_eq!(snap.memory.usage.max_usage, 200);
+        assert_eq!(snap.memory.usage.failcnt, 3);
+        assert_eq!(snap.memory.swap.usage, 101);
+        assert_eq!(snap.memory.kernel.usage, 12);
+        assert_eq!(snap.blkio.lists[0].len(), 2);
+    }
+
+    #[test]
+    fn unreadable_and_oversized_files_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        write_all(
+            dir.path(),
+            &[
+                ("cpu.stat", "usage_usec seven\n"),
+                ("memory.current", &"9".repeat(SMALL_BUFFER)),
+                ("memory.stat", &"x 1\n".repeat(LARGE_BUFFER)),
+            ],
+        );
+        let location = Location::V2(dir.path().to_owned());
+        for backend in [Backend::IoUring, Backend::Pread] {
+            let (snap, tick) = sample(backend, &location);
+            assert_eq!(tick.read_errors, 3, "{backend:?}");
+            assert_eq!(snap.cpu.total, 0);
+            assert_eq!(snap.memory.usage.usage, 0);
+            assert!(snap.memory.stats.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_buffer_pool_reads_every_file() {
+        let (_root, location) = v1_fixture();
+        let containers: Vec<Arc<ContainerStats>> = (0..300)
+            .map(|n| {
+                Arc::new(ContainerStats::new(
+                    format!("c{n}"),
+                    Source::open(&location, None).unwrap(),
+                ))
+            })
+            .collect();
+        let mut subs: Vec<Subscription> = containers.iter().map(|c| c.subscribe()).collect();
+        let mut sampler = Sampler::new(Backend::IoUring, None);
+        let tick = sampler.tick(&containers);
+        assert_eq!((tick.files_read, tick.read_errors), (2100, 0));
+        assert!(tick.syscalls > 1, "2100 reads do not fit the pool at once");
+        for sub in &mut subs {
+            let snap = sub.receiver.borrow_and_update().clone().unwrap();
+            assert_eq!((snap.cpu.total, snap.memory.cache), (6, 8));
+        }
     }
 }

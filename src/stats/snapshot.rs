@@ -71,7 +71,10 @@ impl BlkioList {
 /// What an open stats file is and so how its content fills a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
-    /// v1 `cpuacct.usage_all`: per-CPU user and system nanoseconds.
+    /// v1 `cpuacct.usage_percpu`: per-CPU usage in nanoseconds, whose sum is the total.
+    CpuacctPercpu,
+    /// v1 `cpuacct.usage_all`: per-CPU user and system nanoseconds. Their sum is not the usage:
+    /// the kernel measures usage exactly and splits user from system at accounting ticks.
     CpuacctUsageAll,
     /// v1 and v2 `cpu.stat`: throttling (v1, v2) and usage (v2).
     CpuStat,
@@ -236,15 +239,19 @@ impl<'a> Builder<'a> {
     pub fn apply(&mut self, kind: FileKind, content: &[u8]) -> Result<()> {
         let snap = &mut self.snapshot;
         match kind {
+            FileKind::CpuacctPercpu => {
+                let mut percpu = Vec::new();
+                parse::u64_list("cpuacct.usage_percpu", content, |usage| percpu.push(usage))?;
+                snap.cpu.total = percpu.iter().sum();
+                snap.cpu.percpu = percpu;
+            }
             FileKind::CpuacctUsageAll => {
-                let (mut percpu, mut user, mut kernel) = (Vec::new(), 0, 0);
+                let (mut user, mut kernel) = (0, 0);
                 parse::cpuacct_usage_all(content, |cpu_user, cpu_system| {
-                    percpu.push(cpu_user + cpu_system);
                     user += cpu_user;
                     kernel += cpu_system;
                 })?;
-                snap.cpu.total = percpu.iter().sum();
-                (snap.cpu.percpu, snap.cpu.user, snap.cpu.kernel) = (percpu, user, kernel);
+                (snap.cpu.user, snap.cpu.kernel) = (user, kernel);
             }
             FileKind::CpuStat => {
                 // Microseconds (v2) become nanoseconds, the unit of the proto and of v1.
@@ -399,5 +406,186 @@ impl<'a> Builder<'a> {
         }
         self.snapshot.timestamp = timestamp;
         self.snapshot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(sizes: &[&str], files: &[(FileKind, &str)]) -> Result<Snapshot> {
+        let mut names = Names::default();
+        let sizes: Vec<Arc<str>> = sizes.iter().map(|s| Arc::from(*s)).collect();
+        let mut builder = Builder::new(&mut names, &sizes);
+        for (kind, content) in files {
+            builder.apply(*kind, content.as_bytes())?;
+        }
+        Ok(builder.finish(42))
+    }
+
+    #[test]
+    fn v1_files_fill_the_proto_fields() {
+        let snap = build(
+            &["2MB"],
+            &[
+                (FileKind::CpuacctPercpu, "111 222 \n"),
+                (
+                    FileKind::CpuacctUsageAll,
+                    "cpu user system\n0 100 10\n1 200 20\n",
+                ),
+                (
+                    FileKind::CpuStat,
+                    "nr_periods 9\nnr_throttled 2\nthrottled_time 3000\nnr_bursts 0\n",
+                ),
+                (
+                    FileKind::Memory(MemoryCounter::Usage, Field::Usage),
+                    "4096\n",
+                ),
+                (
+                    FileKind::Memory(MemoryCounter::Usage, Field::MaxUsage),
+                    "8192\n",
+                ),
+                (FileKind::Memory(MemoryCounter::Swap, Field::Failcnt), "3\n"),
+                (
+                    FileKind::Memory(MemoryCounter::Kernel, Field::Usage),
+                    "512\n",
+                ),
+                (FileKind::MemoryStatV1, "cache 1024\nrss 2048\nfile 7\n"),
+                (
+                    FileKind::BlkioV1(BlkioList::ServiceBytes),
+                    "8:0 Read 10\n8:0 Write 20\nTotal 30\n",
+                ),
+                (FileKind::Hugetlb(0, Field::MaxUsage), "2097152\n"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(snap.timestamp, 42);
+        assert_eq!(snap.cpu.percpu, [111, 222]);
+        assert_eq!(
+            (snap.cpu.total, snap.cpu.user, snap.cpu.kernel),
+            (333, 300, 30)
+        );
+        assert_eq!(
+            (
+                snap.cpu.periods,
+                snap.cpu.throttled_periods,
+                snap.cpu.throttled_time
+            ),
+            (9, 2, 3000)
+        );
+        assert_eq!(
+            (snap.memory.usage.usage, snap.memory.usage.max_usage),
+            (4096, 8192)
+        );
+        assert_eq!(snap.memory.swap.failcnt, 3);
+        assert_eq!(snap.memory.kernel.usage, 512);
+        // v1's cache is "cache", not "file".
+        assert_eq!(snap.memory.cache, 1024);
+        assert_eq!(snap.memory.stats.len(), 3);
+        assert_eq!(&*snap.memory.stats[1].0, "rss");
+        let bytes = &snap.blkio.lists[BlkioList::ServiceBytes as usize];
+        assert_eq!(bytes.len(), 2);
+        assert_eq!((&*bytes[1].op, bytes[1].value), ("Write", 20));
+        assert!(snap.blkio.lists[BlkioList::Serviced as usize].is_empty());
+        assert_eq!(&*snap.hugetlb[0].0, "2MB");
+        assert_eq!(snap.hugetlb[0].1.max_usage, 2097152);
+    }
+
+    #[test]
+    fn v2_files_map_onto_the_same_fields() {
+        let snap = build(
+            &["2MB"],
+            &[
+                (
+                    FileKind::CpuStat,
+                    "usage_usec 300\nuser_usec 200\nsystem_usec 100\nnr_periods 4\n\
+                     nr_throttled 1\nthrottled_usec 5\n",
+                ),
+                (
+                    FileKind::Memory(MemoryCounter::Usage, Field::Usage),
+                    "1000\n",
+                ),
+                (
+                    FileKind::Memory(MemoryCounter::Usage, Field::MaxUsage),
+                    "3000\n",
+                ),
+                (
+                    FileKind::MemoryEventsV2,
+                    "low 0\nhigh 0\nmax 6\noom 1\noom_kill 1\n",
+                ),
+                (FileKind::SwapCurrentV2, "24\n"),
+                (
+                    FileKind::MemoryStatV2,
+                    "anon 10\nfile 20\nkernel 30\nslab 4\n",
+                ),
+                (
+                    FileKind::IoStat,
+                    "8:0 rbytes=1 wbytes=2 rios=3 wios=4 dbytes=5 dios=6\n",
+                ),
+                (FileKind::Hugetlb(0, Field::Usage), "0\n"),
+                (FileKind::HugetlbEventsV2(0), "max 2\n"),
+            ],
+        )
+        .unwrap();
+        assert!(snap.cpu.percpu.is_empty());
+        assert_eq!(
+            (snap.cpu.total, snap.cpu.user, snap.cpu.kernel),
+            (300_000, 200_000, 100_000)
+        );
+        assert_eq!(snap.cpu.throttled_time, 5000);
+        assert_eq!(
+            snap.memory.usage,
+            MemoryData {
+                usage: 1000,
+                max_usage: 3000,
+                failcnt: 6
+            }
+        );
+        assert_eq!(snap.memory.swap.usage, 1024);
+        assert_eq!((snap.memory.cache, snap.memory.kernel.usage), (20, 30));
+        let bytes = &snap.blkio.lists[BlkioList::ServiceBytes as usize];
+        let ios = &snap.blkio.lists[BlkioList::Serviced as usize];
+        let values = |list: &Vec<BlkioEntry>| -> Vec<(String, u64)> {
+            list.iter().map(|e| (e.op.to_string(), e.value)).collect()
+        };
+        assert_eq!(values(bytes), [("Read".into(), 1), ("Write".into(), 2)]);
+        assert_eq!(values(ios), [("Read".into(), 3), ("Write".into(), 4)]);
+        assert_eq!(snap.hugetlb[0].1.failcnt, 2);
+        // Before Linux 5.18 there is no "kernel" line.
+        let old = build(&[], &[(FileKind::MemoryStatV2, "kernel_stack 3\nslab 4\n")]).unwrap();
+        assert_eq!(old.memory.kernel.usage, 7);
+    }
+
+    #[test]
+    fn a_malformed_file_leaves_its_fields_zero_and_the_rest_intact() {
+        let mut names = Names::default();
+        let mut builder = Builder::new(&mut names, &[]);
+        builder
+            .apply(
+                FileKind::Memory(MemoryCounter::Usage, Field::Usage),
+                b"77\n",
+            )
+            .unwrap();
+        let err = builder
+            .apply(FileKind::CpuacctUsageAll, b"cpu user system\n0 1 x\n")
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("malformed cpuacct.usage_all"),
+            "{err}"
+        );
+        assert!(builder.apply(FileKind::CpuStat, b"nr_periods\n").is_err());
+        let snap = builder.finish(1);
+        assert_eq!(snap.cpu, Cpu::default());
+        assert_eq!(snap.memory.usage.usage, 77);
+    }
+
+    #[test]
+    fn names_are_shared_between_snapshots() {
+        let mut names = Names::default();
+        let first = names.get("cache");
+        names.get("rss");
+        assert!(Arc::ptr_eq(&first, &names.get("cache")));
+        assert_eq!(&*names.get("rss"), "rss");
+        assert_eq!(names.names.len(), 2);
     }
 }

@@ -24,6 +24,7 @@ use crate::events::{EventBus, EventKind};
 use crate::reaper::{Reaper, TrackedProcess};
 use crate::runtime::{Operation, Runtime};
 use crate::spawn::SpawnStdio;
+use crate::stats::StatsHub;
 use crate::store::{ContainerRecord, ProcessRecord, Store, process_start_time};
 pub use stdio::StdioPaths;
 
@@ -168,6 +169,7 @@ pub struct Supervisor {
     runtime: Runtime,
     reaper: Arc<Reaper>,
     events: Arc<EventBus>,
+    stats: Arc<StatsHub>,
     store: Store,
     scratch: PathBuf,
     next_scratch: AtomicU64,
@@ -224,6 +226,7 @@ impl Supervisor {
         runtime: Runtime,
         reaper: Arc<Reaper>,
         events: Arc<EventBus>,
+        stats: Arc<StatsHub>,
         store: Store,
         scratch: PathBuf,
         machine: Machine,
@@ -238,6 +241,7 @@ impl Supervisor {
             runtime,
             reaper,
             events,
+            stats,
             store,
             scratch,
             next_scratch: AtomicU64::new(0),
@@ -248,6 +252,10 @@ impl Supervisor {
 
     pub fn events(&self) -> &EventBus {
         &self.events
+    }
+
+    pub fn stats(&self) -> &StatsHub {
+        &self.stats
     }
 
     pub fn machine(&self) -> &Machine {
@@ -400,6 +408,9 @@ impl Supervisor {
         self.registry()
             .insert(request.id.clone(), Slot::Live(Arc::clone(&container)));
         reservation.committed = true;
+        if let Err(e) = self.stats.register(&request.id, pid) {
+            tracing::warn!(id = %request.id, error = %e, "no stats or OOM events for this container");
+        }
         self.events.publish(
             &request.id,
             pid,
@@ -469,6 +480,8 @@ impl Supervisor {
         let id = &container.id;
         let pid = container.init.pid();
         tracing::info!(id = %id, pid, status, "container exited");
+        // Before the runtime removes the cgroup, and so that an OOM kill is published before the exit.
+        self.stats.unregister(id);
         if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
             tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
         }

@@ -1,0 +1,262 @@
+//! The metrics endpoint (`--metrics-listen`): berth's own counters and gauges in the Prometheus
+//! (OpenMetrics) text format, over HTTP/1 on a TCP address or a unix socket.
+//!
+//! Owns: the metric names, reading them from their owners at scrape time, and the tiny HTTP
+//! server. Does not own: the values (supervisor, stats hub, event bus keep them).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::error::{Error, Result};
+use crate::stats::StatsHub;
+use crate::supervisor::Supervisor;
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Reads every value from its owner when scraped, so nothing is counted twice.
+struct Sources {
+    supervisor: Arc<Supervisor>,
+    stats: Arc<StatsHub>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("berth metric sources")
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn counter<N: prometheus_client::encoding::EncodeCounterValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let containers = self.supervisor.containers();
+        let processes: usize = containers.iter().map(|c| c.processes.len()).sum();
+        let (sampled, subscribers) = self.stats.tracked();
+        let sampler = self.stats.counters();
+        let events = self.supervisor.events().counts();
+        let e = &mut encoder;
+        gauge(
+            e,
+            "berth_containers",
+            "Containers tracked",
+            containers.len() as i64,
+        )?;
+        gauge(
+            e,
+            "berth_processes",
+            "Processes tracked: container inits and added processes",
+            processes as i64,
+        )?;
+        gauge(
+            e,
+            "berth_stats_containers",
+            "Containers with open stats files",
+            sampled as i64,
+        )?;
+        gauge(
+            e,
+            "berth_stats_subscribers",
+            "GetStats subscribers",
+            subscribers as i64,
+        )?;
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        counter(
+            e,
+            "berth_sampler_batches",
+            "Sampler ticks that read files, one read batch each",
+            load(&sampler.batches),
+        )?;
+        counter(
+            e,
+            "berth_sampler_files_read",
+            "Stats files read",
+            load(&sampler.files_read),
+        )?;
+        counter(
+            e,
+            "berth_sampler_read_errors",
+            "Stats files that could not be read or parsed",
+            load(&sampler.read_errors),
+        )?;
+        counter(
+            e,
+            "berth_sampler_syscalls",
+            "io_uring_enter calls, or preads, of the sampler",
+            load(&sampler.syscalls),
+        )?;
+        counter(
+            e,
+            "berth_sampler_tick_seconds",
+            "Time spent in sampler ticks",
+            load(&sampler.tick_nanos_total) as f64 / 1e9,
+        )?;
+        let last = ConstGauge::new(load(&sampler.last_tick_nanos) as f64 / 1e9);
+        last.encode(e.encode_descriptor(
+            "berth_sampler_last_tick_seconds",
+            "Duration of the latest sampler tick",
+            None,
+            last.metric_type(),
+        )?)?;
+        counter(
+            e,
+            "berth_events_published",
+            "Events published",
+            events.published,
+        )?;
+        counter(
+            e,
+            "berth_events_subscribers_cut_off",
+            "Events subscribers cut off for falling behind",
+            events.cut_off,
+        )?;
+        Ok(())
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(supervisor: Arc<Supervisor>, stats: Arc<StatsHub>) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Sources { supervisor, stats }));
+        Metrics { registry }
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    if request.uri().path() != "/metrics" {
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        *response.body_mut() = Full::new(Bytes::from_static(b"not found: try /metrics\n"));
+        return response;
+    }
+    *response.body_mut() = Full::new(Bytes::from(metrics.render()));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+    );
+    response
+}
+
+fn serve_connection<S>(metrics: Arc<Metrics>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let response = respond(&metrics, &request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    tokio::spawn(async move {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "metrics connection");
+        }
+    });
+}
+
+/// Where the endpoint listens: a path (anything with a `/`) is a unix socket, else a TCP
+/// address.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    pub async fn bind(addr: &str) -> Result<Listener> {
+        if addr.contains('/') {
+            // A socket file left by a berthd that died; the caller holds berthd's locks.
+            match std::fs::remove_file(addr) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(addr, e)),
+            }
+            let listener = tokio::net::UnixListener::bind(addr).map_err(|e| Error::io(addr, e))?;
+            return Ok(Listener::Unix(listener));
+        }
+        let socket_addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "--metrics-listen {addr:?} is neither host:port nor a socket path"
+            ))
+        })?;
+        let listener = tokio::net::TcpListener::bind(socket_addr)
+            .await
+            .map_err(|e| Error::sys(format!("listen on {addr}"), e))?;
+        Ok(Listener::Tcp(listener))
+    }
+
+    /// The TCP address actually bound (port 0 picks one).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(listener) => listener.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+
+    /// Serves `metrics` until `stopping` turns true.
+    pub async fn serve(
+        self,
+        metrics: Arc<Metrics>,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.accept(&metrics) => accepted,
+                _ = stopping.wait_for(|stop| *stop) => return,
+            };
+            if let Err(e) = accepted {
+                tracing::warn!(error = %e, "metrics endpoint accept failed");
+                // Out of fds or similar: do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    async fn accept(&self, metrics: &Arc<Metrics>) -> std::io::Result<()> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept().await?;
+                serve_connection(Arc::clone(metrics), stream);
+            }
+            Listener::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                serve_connection(Arc::clone(metrics), stream);
+            }
+        }
+        Ok(())
+    }
+}
