@@ -70,15 +70,16 @@ pub fn tick_time(before: &[Sample], after: &[Sample]) -> Option<TickTime> {
         let (sum, count) = (format!("{base}_sum"), format!("{base}_count"));
         let d_sum = total(after, &sum)? - total(before, &sum).unwrap_or(0.0);
         let d_count = total(after, &count)? - total(before, &count).unwrap_or(0.0);
+        let factor = unit_to_ms(&base)?;
         return (d_count > 0.0).then(|| TickTime {
-            mean_ms: d_sum / d_count * unit_to_ms(&base)?,
+            mean_ms: d_sum / d_count * factor,
             ticks: Some(d_count),
             metric: base,
         });
     }
-    let gauge = after
-        .iter()
-        .find(|s| mentions_tick(&s.name) && !s.name.ends_with("_total") && unit_to_ms(&s.name).is_some())?;
+    let gauge = after.iter().find(|s| {
+        mentions_tick(&s.name) && !s.name.ends_with("_total") && unit_to_ms(&s.name).is_some()
+    })?;
     Some(TickTime {
         mean_ms: gauge.value * unit_to_ms(&gauge.name)?,
         ticks: None,

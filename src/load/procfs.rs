@@ -165,7 +165,8 @@ Swap:                  0 kB
     fn status_threads_and_meminfo() {
         let status = "Name:\tberthd\nState:\tS (sleeping)\nThreads:\t5\nSigQ:\t0/1\n";
         assert_eq!(parse_status_threads(status), Ok(5));
-        let meminfo = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        let meminfo =
+            "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
         assert_eq!(parse_mem_available(meminfo), Ok(20_000_000));
         assert!(parse_status_threads("Name:\tx\n").is_err());
     }

@@ -36,7 +36,10 @@ impl Percentiles {
 
     /// "p50 / p90 / p99" with one decimal.
     pub fn triple(&self) -> String {
-        format!("{:.1} / {:.1} / {:.1}", self.p50_ms, self.p90_ms, self.p99_ms)
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            self.p50_ms, self.p90_ms, self.p99_ms
+        )
     }
 }
 

@@ -1,10 +1,18 @@
 //! A plain text table: left-aligned first column, the others right-aligned, widths from content.
 
-/// Rows of cells under a header; a row of one cell is a section title spanning the table.
+/// Rows of cells under a header. A section title spans the table; a note's text spans every
+/// column after the first and does not widen them.
 #[derive(Debug, Default)]
 pub struct Table {
     header: Vec<String>,
-    rows: Vec<Vec<String>>,
+    rows: Vec<Row>,
+}
+
+#[derive(Debug)]
+enum Row {
+    Cells(Vec<String>),
+    Section(String),
+    Note(String, String),
 }
 
 impl Table {
@@ -16,19 +24,29 @@ impl Table {
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(Row::Cells(cells));
     }
 
     pub fn section(&mut self, title: impl Into<String>) {
-        self.rows.push(vec![title.into()]);
+        self.rows.push(Row::Section(title.into()));
+    }
+
+    pub fn note(&mut self, label: impl Into<String>, text: impl Into<String>) {
+        self.rows.push(Row::Note(label.into(), text.into()));
     }
 
     pub fn render(&self) -> String {
         let columns = self.header.len();
         let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
-        for row in self.rows.iter().filter(|r| r.len() > 1) {
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                widths[i] = widths[i].max(cell.chars().count());
+        for row in &self.rows {
+            match row {
+                Row::Cells(cells) => {
+                    for (i, cell) in cells.iter().enumerate().take(columns) {
+                        widths[i] = widths[i].max(cell.chars().count());
+                    }
+                }
+                Row::Note(label, _) => widths[0] = widths[0].max(label.chars().count()),
+                Row::Section(_) => {}
             }
         }
         let line = |cells: &[String]| -> String {
@@ -52,11 +70,16 @@ impl Table {
         out.push_str(&"-".repeat(total));
         out.push('\n');
         for row in &self.rows {
-            if row.len() == 1 {
-                out.push_str(&row[0]);
-                out.push('\n');
-            } else {
-                out.push_str(&line(row));
+            match row {
+                Row::Cells(cells) => out.push_str(&line(cells)),
+                Row::Section(title) => {
+                    out.push_str(title);
+                    out.push('\n');
+                }
+                Row::Note(label, text) => {
+                    let pad = widths[0] - label.chars().count();
+                    out.push_str(&format!("{label}{}  {text}\n", " ".repeat(pad)));
+                }
             }
         }
         out
@@ -73,6 +96,7 @@ mod tests {
         table.section("C=1");
         table.row(vec!["create /s".into(), "31.5".into(), "0.97".into()]);
         table.row(vec!["exit p99 ms".into(), "1234.0".into(), String::new()]);
+        table.note("stats", "skipped: a reason longer than any column");
         assert_eq!(
             table.render(),
             "\
@@ -81,6 +105,7 @@ figure       berthd  ratio
 C=1
 create /s      31.5   0.97
 exit p99 ms  1234.0
+stats        skipped: a reason longer than any column
 "
         );
     }

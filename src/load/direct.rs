@@ -1,0 +1,228 @@
+//! The floor: the same containers created, started, killed and deleted by running the OCI
+//! runtime directly from the load client, at the same concurrency, with no daemon in between.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::LoadError;
+use super::daemon::{join_all, per_sec};
+use super::progress::Progress;
+use super::session::{Session, reap_zombie_children};
+use super::summary::Percentiles;
+
+/// How the runtime starts a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Launch {
+    /// `create` then `start`: two runtime processes, what berthd does.
+    CreateStart,
+    /// `run -d`: one runtime process.
+    RunDetached,
+}
+
+impl Launch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Launch::CreateStart => "create+start",
+            Launch::RunDetached => "run -d",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub per_sec: f64,
+    pub latency: Option<Percentiles>,
+    /// `delete -f` of every container afterwards, containers a second.
+    pub teardown_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Floor {
+    pub create_start: Throughput,
+    pub run_detached: Throughput,
+}
+
+impl Floor {
+    /// The faster way to start a container, which is the floor berthd is held to.
+    pub fn best(&self) -> (Launch, &Throughput) {
+        if self.run_detached.per_sec > self.create_start.per_sec {
+            (Launch::RunDetached, &self.run_detached)
+        } else {
+            (Launch::CreateStart, &self.create_start)
+        }
+    }
+}
+
+/// Checks that the runtime can run the bundle here: one `run -d` and `delete -f`.
+pub async fn probe(session: &Session) -> Result<(), LoadError> {
+    let root = session.runtime_root("probe-root");
+    let err = session.dir.join("probe.err");
+    let id = format!("berth-load-probe-{}", std::process::id());
+    let bundle = session.bundle_str();
+    let result = session
+        .runtime
+        .run(&root, &["run", "-d", "--bundle", &bundle, &id], &err)
+        .await;
+    let _ = session
+        .runtime
+        .run(&root, &["delete", "-f", &id], &err)
+        .await;
+    reap_zombie_children(Duration::from_secs(5)).await;
+    result
+}
+
+/// N containers started each way at concurrency `c`, each set deleted before the next.
+pub async fn floor(session: &Arc<Session>, n: usize, c: usize) -> Result<Floor, LoadError> {
+    let root = session.runtime_root(&format!("direct-c{c}"));
+    let create_start = measure(session, &root, n, c, Launch::CreateStart).await?;
+    let run_detached = measure(session, &root, n, c, Launch::RunDetached).await?;
+    Ok(Floor {
+        create_start,
+        run_detached,
+    })
+}
+
+async fn measure(
+    session: &Arc<Session>,
+    root: &Path,
+    n: usize,
+    c: usize,
+    launch: Launch,
+) -> Result<Throughput, LoadError> {
+    let ids: Vec<String> = (0..n).map(|i| format!("direct-{i}")).collect();
+    let label = format!("{} {} C={c}", session.runtime.name, launch.name());
+    let started = Instant::now();
+    let latencies = for_each(session, root, &ids, c, &label, move |ctx| async move {
+        let bundle = ctx.session.bundle_str();
+        let pid_file = ctx.pid_file();
+        let pid_file = pid_file.to_string_lossy();
+        let began = Instant::now();
+        match launch {
+            Launch::CreateStart => {
+                let args = [
+                    "create",
+                    "--bundle",
+                    &bundle,
+                    "--pid-file",
+                    &pid_file,
+                    &ctx.id,
+                ];
+                ctx.runtime(&args).await?;
+                fs::read_to_string(ctx.pid_file())
+                    .map_err(|e| LoadError(format!("{pid_file}: {e}")))?;
+                ctx.runtime(&["start", &ctx.id]).await?;
+            }
+            Launch::RunDetached => {
+                let args = [
+                    "run",
+                    "-d",
+                    "--bundle",
+                    &bundle,
+                    "--pid-file",
+                    &pid_file,
+                    &ctx.id,
+                ];
+                ctx.runtime(&args).await?;
+            }
+        }
+        Ok(began.elapsed())
+    })
+    .await?;
+    let created = started.elapsed();
+    let label = format!("{} delete -f C={c}", session.runtime.name);
+    let deleting = Instant::now();
+    for_each(session, root, &ids, c, &label, |ctx| async move {
+        ctx.runtime(&["delete", "-f", &ctx.id]).await?;
+        Ok(Duration::ZERO)
+    })
+    .await?;
+    let deleted = deleting.elapsed();
+    reap_zombie_children(Duration::from_secs(10)).await;
+    Ok(Throughput {
+        per_sec: per_sec(n, created),
+        latency: Percentiles::of(&latencies),
+        teardown_per_sec: per_sec(n, deleted),
+    })
+}
+
+/// What one runtime job knows: its container, its task's stderr file, the root.
+struct Job {
+    session: Arc<Session>,
+    root: PathBuf,
+    id: String,
+    stderr: PathBuf,
+}
+
+impl Job {
+    async fn runtime(&self, args: &[&str]) -> Result<(), LoadError> {
+        self.session
+            .runtime
+            .run(&self.root, args, &self.stderr)
+            .await
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.root
+            .with_extension("pids")
+            .join(format!("{}.pid", self.id))
+    }
+}
+
+/// Runs `job` for every id on `c` tasks, returning what each returned, in id order.
+async fn for_each<F, Fut>(
+    session: &Arc<Session>,
+    root: &Path,
+    ids: &[String],
+    c: usize,
+    label: &str,
+    job: F,
+) -> Result<Vec<Duration>, LoadError>
+where
+    F: Fn(Job) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Duration, LoadError>> + Send,
+{
+    let pids = root.with_extension("pids");
+    fs::create_dir_all(&pids).map_err(|e| LoadError(format!("{}: {e}", pids.display())))?;
+    let ids = Arc::new(ids.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(std::sync::Mutex::new(vec![Duration::ZERO; ids.len()]));
+    let progress = Arc::new(Progress::start(label, ids.len()));
+    let mut tasks = JoinSet::new();
+    for task in 0..c {
+        let (ids, next, results, progress) =
+            (ids.clone(), next.clone(), results.clone(), progress.clone());
+        let (session, root, job) = (session.clone(), root.to_owned(), job.clone());
+        let stderr = session.dir.join(format!("direct-task-{task}.err"));
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else {
+                    return Ok(());
+                };
+                let ctx = Job {
+                    session: session.clone(),
+                    root: root.clone(),
+                    id: id.clone(),
+                    stderr: stderr.clone(),
+                };
+                let took = job(ctx).await?;
+                results.lock().expect("results lock")[i] = took;
+                progress.inc();
+            }
+        });
+    }
+    let outcome = join_all(tasks).await;
+    if let Ok(progress) = Arc::try_unwrap(progress) {
+        progress.finish();
+    }
+    outcome?;
+    let results = std::mem::take(&mut *results.lock().expect("results lock"));
+    Ok(results)
+}

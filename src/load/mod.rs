@@ -1,0 +1,424 @@
+//! The density benchmark's load client (`scripts/load`): drives a berthd through its gRPC API at
+//! a chosen concurrency and measures it beside the same work done by the OCI runtime directly.
+//!
+//! A run, for each concurrency C: start a fresh berthd (or use `--address`); create N containers
+//! of one shared busybox bundle (rate, latency percentiles); sample berthd's RSS, PSS, threads,
+//! fds and CPU time from /proc; hold M GetStats subscribers for a while; SIGKILL every container
+//! through Signal and time each kill to its `exit` event on an Events stream opened first; stop
+//! berthd; then the floor: the same N containers by `<runtime> create` + `start` and by
+//! `run -d`, each followed by `delete -f`, at the same concurrency. The table puts berthd beside
+//! the floor and says which of the targets pass. `--soak SECS` runs a churn soak instead.
+//!
+//! This process is a child subreaper: containers started by the direct floor are reparented to
+//! it and reaped here, never left as zombies for a pid 1 that may not reap.
+
+mod daemon;
+mod direct;
+mod metrics;
+mod procfs;
+mod progress;
+mod report;
+mod session;
+mod soak;
+mod summary;
+mod table;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use procfs::ProcSample;
+use report::{Creates, DaemonCost, Host, Report, Run};
+use session::{BerthdFlags, Session};
+use summary::Percentiles;
+
+/// A load run's failure, said so a person can act on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadError(pub String);
+
+/// How the load tasks reach berthd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelMode {
+    /// One HTTP/2 connection shared by every task (requests multiplexed as streams).
+    Shared,
+    /// One connection per task.
+    PerTask,
+}
+
+/// The load client's flags; each also reads `BERTH_<NAME>`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Containers created at each concurrency level
+    #[arg(long, env = "BERTH_N", default_value_t = 200)]
+    pub n: usize,
+
+    /// Concurrency levels, comma separated: each gets a fresh berthd and its own floor
+    #[arg(long, env = "BERTH_CONCURRENCY", value_delimiter = ',', default_value = "1,8",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub concurrency: Vec<u64>,
+
+    /// OCI runtime for berthd and for the direct floor: runc or crun
+    #[arg(long, env = "BERTH_RUNTIME", default_value = "runc")]
+    pub runtime: String,
+
+    /// Drive the berthd already listening on this socket instead of starting one per level
+    #[arg(long, env = "BERTH_ADDRESS")]
+    pub address: Option<PathBuf>,
+
+    /// The berthd binary to start (default: berthd beside this program)
+    #[arg(long, env = "BERTH_BERTHD")]
+    pub berthd: Option<PathBuf>,
+
+    /// Where the bundle, berthd's socket and state and the floor's runtime roots go
+    #[arg(long, env = "BERTH_WORK_DIR", default_value = "/run/berth-load")]
+    pub work_dir: PathBuf,
+
+    /// One HTTP/2 connection shared by all load tasks, or one per task
+    #[arg(long, env = "BERTH_CHANNEL", value_enum, default_value_t = ChannelMode::Shared)]
+    pub channel: ChannelMode,
+
+    /// GetStats subscribers spread over the running containers
+    #[arg(long, env = "BERTH_SUBSCRIBERS", default_value_t = 100)]
+    pub subscribers: usize,
+
+    /// Seconds the stats subscribers stay attached
+    #[arg(long, env = "BERTH_STATS_SECS", default_value_t = 10)]
+    pub stats_secs: u64,
+
+    /// berthd's metrics endpoint (TCP host:port or a unix socket path), passed to the berthd this
+    /// starts as --metrics-listen and scraped for the sampler's tick time
+    #[arg(long, env = "BERTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
+    /// Skip the direct-runtime floor
+    #[arg(long, env = "BERTH_NO_DIRECT")]
+    pub no_direct: bool,
+
+    /// Run a churn soak for this many seconds instead of the density runs (at the highest
+    /// concurrency given)
+    #[arg(long, env = "BERTH_SOAK")]
+    pub soak: Option<u64>,
+
+    /// Long-lived containers carrying the soak's stats subscribers
+    #[arg(long, env = "BERTH_SOAK_BASE", default_value_t = 20)]
+    pub soak_base: usize,
+
+    /// Also write the figures as JSON to this file
+    #[arg(long, env = "BERTH_JSON")]
+    pub json: Option<PathBuf>,
+
+    /// A shell command run while the creates run, with BERTHD_PID in its environment, and sent
+    /// SIGINT when they end (e.g. perf record -g -p "$BERTHD_PID")
+    #[arg(long, env = "BERTH_PROFILE_CREATE")]
+    pub profile_create: Option<String>,
+
+    /// Seconds after which the run stops, cleans up and fails
+    #[arg(long, env = "BERTH_TIMEOUT", default_value_t = 3600)]
+    pub timeout: u64,
+
+    /// The log level of the berthd this starts
+    #[arg(long, env = "BERTH_LOG_LEVEL", default_value = "warn")]
+    pub log_level: String,
+}
+
+/// Readies this process before any thread starts: the open file limit raised to the kernel's
+/// maximum (each berthd it starts inherits it), and child subreaper for the floor's containers.
+pub fn prepare_process() -> Result<(), LoadError> {
+    use rustix::process::{Resource, Rlimit, getrlimit, set_child_subreaper, setrlimit};
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: most.or(limit.maximum),
+        maximum: most.or(limit.maximum),
+    };
+    // Raising the hard limit needs CAP_SYS_RESOURCE; without it, the soft limit up to the hard.
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let soft = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        setrlimit(Resource::Nofile, soft)
+            .map_err(|e| LoadError(format!("raising the open file limit: {e}")))?;
+    }
+    set_child_subreaper(Some(rustix::process::getpid()))
+        .map_err(|e| LoadError(format!("becoming a child subreaper: {e}")))
+}
+
+/// Runs the benchmark, prints its table (and writes `--json`), cleaning up every container it
+/// made even when it fails, times out or is interrupted (SIGINT, SIGTERM).
+pub async fn bench(options: &Options) -> Result<(), LoadError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let session = Arc::new(Session::new(&options.work_dir, &options.runtime)?);
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| LoadError(e.to_string()))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| LoadError(e.to_string()))?;
+    let outcome = tokio::select! {
+        report = run(options, &session) => report,
+        _ = interrupt.recv() => Err(LoadError("interrupted".into())),
+        _ = terminate.recv() => Err(LoadError("terminated".into())),
+        _ = tokio::time::sleep(Duration::from_secs(options.timeout)) => Err(LoadError(format!(
+            "the run took longer than --timeout {} s", options.timeout
+        ))),
+    };
+    let client = match &options.address {
+        Some(address) => crate::api::client::connect(address).await.ok(),
+        None => None,
+    };
+    session.cleanup(client).await;
+    let report = outcome?;
+    print!("{}", report::render(&report));
+    if let Some(path) = &options.json {
+        let text = serde_json::to_string_pretty(&report).expect("the report serializes");
+        std::fs::write(path, text + "\n")
+            .map_err(|e| LoadError(format!("{}: {e}", path.display())))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadError> {
+    let mut report = Report {
+        host: host(),
+        runtime: options.runtime.clone(),
+        runtime_version: session.runtime.version(),
+        n: options.n,
+        channel: options.channel,
+        runtime_skipped: None,
+        runs: Vec::new(),
+        soak: None,
+        targets: Vec::new(),
+    };
+    if let Err(e) = direct::probe(session).await {
+        eprintln!(
+            "{}: cannot run containers here, skipped: {e}",
+            options.runtime
+        );
+        report.runtime_skipped = Some(e.0);
+        return Ok(report);
+    }
+    match options.soak {
+        Some(secs) => report.soak = Some(run_soak(options, session, secs).await?),
+        None => {
+            for &c in &options.concurrency {
+                report
+                    .runs
+                    .push(run_level(options, session, c as usize).await?);
+            }
+        }
+    }
+    report.host.load_average_end = procfs::load_average();
+    report.targets = report::targets(&report);
+    Ok(report)
+}
+
+/// berthd's socket and pid: the `--address` one, or a fresh one started in `<dir>/<name>`.
+async fn berthd(
+    options: &Options,
+    session: &Session,
+    name: &str,
+) -> Result<(PathBuf, u32), LoadError> {
+    if let Some(address) = &options.address {
+        let mut daemon = crate::api::client::connect_daemon(address)
+            .await
+            .map_err(|e| LoadError(format!("connect to {}: {e}", address.display())))?;
+        let info = daemon::rpc(
+            "Daemon.Info".into(),
+            daemon.info(crate::daemon_proto::InfoRequest {}),
+        )
+        .await?;
+        return Ok((address.clone(), info.pid));
+    }
+    let binary = match &options.berthd {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| LoadError(format!("finding this program: {e}")))?
+            .with_file_name("berthd"),
+    };
+    let flags = BerthdFlags {
+        binary: &binary,
+        runtime: &options.runtime,
+        log_level: &options.log_level,
+        metrics_listen: options.metrics_listen.as_deref(),
+    };
+    session.start_berthd(name, &flags).await?;
+    let (socket, pid, _) = session.berthd().expect("berthd just started");
+    Ok((socket, pid))
+}
+
+async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Result<Run, LoadError> {
+    let n = options.n;
+    let (socket, pid) = berthd(options, session, &format!("berthd-c{c}")).await?;
+    let clients = daemon::clients(&socket, options.channel, c).await?;
+    let ids = (0..n).map(|i| format!("load-c{c}-{i}")).collect();
+    let mem_before = procfs::mem_available_kb().unwrap_or(0);
+    let before = sample(pid)?;
+    let profiler = match &options.profile_create {
+        Some(command) => Some(Profiler::start(command, pid).await?),
+        None => None,
+    };
+    let label = format!("berthd create C={c}");
+    let created = daemon::create(session, &clients, ids, &label).await;
+    if let Some(profiler) = profiler {
+        profiler.stop().await;
+    }
+    let created = created?;
+    let at_n = sample(pid)?;
+    let mem_after = procfs::mem_available_kb().unwrap_or(0);
+    let stats = daemon::stats(
+        &clients[0],
+        &created.containers,
+        options.subscribers,
+        Duration::from_secs(options.stats_secs),
+        pid,
+        options.metrics_listen.as_deref(),
+    )
+    .await;
+    let label = format!("berthd kill C={c}");
+    let exits = daemon::kill_all(session, &clients, &created.containers, &label).await?;
+    drop(clients);
+    session.stop_berthd().await;
+    let floor = if options.no_direct {
+        None
+    } else {
+        Some(direct::floor(session, n, c).await?)
+    };
+    let edge = |range: std::ops::Range<usize>| {
+        (n >= 200).then(|| Percentiles::of(&created.latencies[range]).map(|p| p.p50_ms))?
+    };
+    Ok(Run {
+        concurrency: c,
+        create: Creates {
+            per_sec: daemon::per_sec(n, created.elapsed),
+            latency: Percentiles::of(&created.latencies),
+            p50_first_100_ms: edge(0..100.min(n)),
+            p50_last_100_ms: edge(n.saturating_sub(100)..n),
+        },
+        daemon: DaemonCost {
+            create_cpu_secs: at_n.cpu_secs - before.cpu_secs,
+            host_kb_per_container: mem_before.saturating_sub(mem_after) as f64 / n.max(1) as f64,
+            other_children: at_n.children as i64 - n as i64,
+            before,
+            at_n,
+        },
+        stats,
+        exits,
+        floor,
+    })
+}
+
+async fn run_soak(
+    options: &Options,
+    session: &Arc<Session>,
+    secs: u64,
+) -> Result<soak::Soak, LoadError> {
+    let c = options.concurrency.iter().copied().max().unwrap_or(1) as usize;
+    let (socket, pid) = berthd(options, session, "berthd-soak").await?;
+    let clients = daemon::clients(&socket, options.channel, c).await?;
+    let plan = soak::SoakPlan {
+        duration: Duration::from_secs(secs),
+        base: options.soak_base,
+        subscribers: options.subscribers,
+    };
+    let soak = soak::soak(session, &clients, pid, plan).await;
+    drop(clients);
+    session.stop_berthd().await;
+    soak
+}
+
+fn sample(pid: u32) -> Result<ProcSample, LoadError> {
+    ProcSample::take(pid).map_err(|e| LoadError(format!("sampling berthd (pid {pid}): {e}")))
+}
+
+fn host() -> Host {
+    let uname = rustix::system::uname();
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    Host {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel: uname.release().to_string_lossy().into_owned(),
+        memory_gib,
+        load_average_start: procfs::load_average(),
+        load_average_end: None,
+    }
+}
+
+/// The `--profile-create` command, in its own process group so SIGINT reaches all of it.
+struct Profiler {
+    child: tokio::process::Child,
+}
+
+impl Profiler {
+    async fn start(command: &str, berthd_pid: u32) -> Result<Profiler, LoadError> {
+        let child = tokio::process::Command::new("sh")
+            .args(["-c", command])
+            .env("BERTHD_PID", berthd_pid.to_string())
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| LoadError(format!("--profile-create: {e}")))?;
+        // Give the profiler time to attach before the first create.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(Profiler { child })
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let group = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
+        }
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+            Ok(Ok(status)) if !status.success() && status.code() != Some(130) => {
+                eprintln!("--profile-create command ended with {status}");
+            }
+            Ok(_) => {}
+            Err(_) => eprintln!("--profile-create command ignored SIGINT for 60 s; killed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    #[test]
+    fn every_flag_reads_an_environment_variable() {
+        for arg in Cli::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let expected = format!("BERTH_{}", id.to_uppercase());
+            assert_eq!(env.as_deref(), Some(expected.as_str()), "flag {id}");
+        }
+    }
+
+    #[test]
+    fn concurrency_is_a_comma_separated_list() {
+        let cli = Cli::parse_from(["berth-load", "--concurrency", "1,8", "--n", "20"]);
+        assert_eq!(cli.options.concurrency, vec![1, 8]);
+        assert_eq!(cli.options.n, 20);
+        assert!(Cli::try_parse_from(["berth-load", "--concurrency", "0"]).is_err());
+    }
+}

@@ -1,0 +1,547 @@
+//! The figures of a load run, the targets they are held to, and the table that shows them.
+
+use serde::Serialize;
+
+use super::ChannelMode;
+use super::daemon::{Exits, StatsLoad};
+use super::direct::Floor;
+use super::procfs::ProcSample;
+use super::soak::Soak;
+use super::summary::Percentiles;
+use super::table::Table;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub host: Host,
+    pub runtime: String,
+    pub runtime_version: String,
+    pub n: usize,
+    pub channel: ChannelMode,
+    /// Why the runtime could not run here, when it could not: nothing else was measured.
+    pub runtime_skipped: Option<String>,
+    pub runs: Vec<Run>,
+    pub soak: Option<Soak>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    pub cpus: usize,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub load_average_start: Option<f64>,
+    pub load_average_end: Option<f64>,
+}
+
+/// One concurrency level: berthd's figures, then the direct floor's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub concurrency: usize,
+    pub create: Creates,
+    pub daemon: DaemonCost,
+    pub stats: StatsLoad,
+    pub exits: Exits,
+    pub floor: Option<Floor>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Creates {
+    pub per_sec: f64,
+    pub latency: Option<Percentiles>,
+    /// p50 of the first and of the last 100 creates: does a create get slower with more running?
+    pub p50_first_100_ms: Option<f64>,
+    pub p50_last_100_ms: Option<f64>,
+}
+
+/// berthd before the creates and with all N running.
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonCost {
+    pub before: ProcSample,
+    pub at_n: ProcSample,
+    pub create_cpu_secs: f64,
+    /// The host's MemAvailable drop over the creates, per container.
+    pub host_kb_per_container: f64,
+    /// berthd's children that are not container inits (the spawn helper).
+    pub other_children: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub pass: bool,
+    pub detail: String,
+}
+
+/// The targets, for whatever this run measured.
+pub fn targets(report: &Report) -> Vec<Target> {
+    let mut out = Vec::new();
+    let n = report.n;
+    for run in &report.runs {
+        let c = run.concurrency;
+        if let Some(floor) = &run.floor {
+            let (launch, best) = floor.best();
+            let ratio = run.create.per_sec / best.per_sec;
+            out.push(Target {
+                what: format!("C={c}: create rate ≥ 0.95 × the direct floor"),
+                pass: ratio >= 0.95,
+                detail: format!(
+                    "{:.1}/s vs {:.1}/s ({}) = {ratio:.2}",
+                    run.create.per_sec,
+                    best.per_sec,
+                    launch.name()
+                ),
+            });
+        }
+        let limit_kb = 10 * 1024 + 16 * n as u64;
+        out.push(Target {
+            what: format!("C={c}: berthd RSS at {n} ≤ 10 MB + 16 KB each"),
+            pass: run.daemon.at_n.rss_kb <= limit_kb,
+            detail: format!("{} ≤ {}", mb(run.daemon.at_n.rss_kb), mb(limit_kb)),
+        });
+        out.push(Target {
+            what: format!("C={c}: no process per container besides its own"),
+            pass: run.daemon.other_children <= 1,
+            detail: format!(
+                "{} children of berthd besides the {n} inits",
+                run.daemon.other_children
+            ),
+        });
+        if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms)
+        {
+            out.push(Target {
+                what: format!("C={c}: create p50 with {n} running within 10% of the first 100"),
+                pass: last <= first * 1.10,
+                detail: format!(
+                    "{first:.1} ms → {last:.1} ms ({:+.0}%)",
+                    (last / first - 1.0) * 100.0
+                ),
+            });
+        }
+        if let Some(exit) = &run.exits.latency {
+            out.push(Target {
+                what: format!("C={c}: exit event p99 ≤ 5 ms after the kill"),
+                pass: exit.p99_ms <= 5.0 && run.exits.missing == 0,
+                detail: format!("p99 {:.1} ms, {} missing", exit.p99_ms, run.exits.missing),
+            });
+        }
+    }
+    if let Some(soak) = &report.soak {
+        let (rss, fds) = soak.drift_percent();
+        out.push(Target {
+            what: "soak: RSS and fds flat (± 5%) from the middle to the end".into(),
+            pass: rss.abs() <= 5.0 && fds.abs() <= 5.0,
+            detail: format!("RSS {rss:+.1}%, fds {fds:+.1}%"),
+        });
+        out.push(Target {
+            what: "soak: no exit event missing".into(),
+            pass: soak.missing_exits == 0,
+            detail: format!("{} missing of {}", soak.missing_exits, soak.cycles),
+        });
+    }
+    out
+}
+
+pub fn render(report: &Report) -> String {
+    let mut out = format!(
+        "berth load: {} ({}), N={}, {} connection{}; {} CPUs, {:.0} GiB, kernel {}, load average {} → {}\n",
+        report.runtime,
+        report.runtime_version,
+        report.n,
+        match report.channel {
+            ChannelMode::Shared => "one shared",
+            ChannelMode::PerTask => "one per task",
+        },
+        if report.channel == ChannelMode::Shared {
+            ""
+        } else {
+            "s"
+        },
+        report.host.cpus,
+        report.host.memory_gib,
+        report.host.kernel,
+        opt(report.host.load_average_start, 2),
+        opt(report.host.load_average_end, 2),
+    );
+    if let Some(why) = &report.runtime_skipped {
+        out.push_str(&format!("{}: skipped: {why}\n", report.runtime));
+        return out;
+    }
+    if !report.runs.is_empty() {
+        out.push('\n');
+        out.push_str(&runs_table(report).render());
+    }
+    if let Some(soak) = &report.soak {
+        out.push('\n');
+        out.push_str(&soak_table(soak).render());
+    }
+    if !report.targets.is_empty() {
+        out.push_str("\ntargets\n");
+        for target in &report.targets {
+            let verdict = if target.pass { "pass" } else { "MISS" };
+            out.push_str(&format!(
+                "  {verdict}  {}: {}\n",
+                target.what, target.detail
+            ));
+        }
+    }
+    out
+}
+
+fn runs_table(report: &Report) -> Table {
+    let mut table = Table::new(&["figure", "berthd", "direct", "berthd/direct"]);
+    let n = report.n;
+    for run in &report.runs {
+        table.section(format!("C={}, N={n}", run.concurrency));
+        let best = run.floor.as_ref().map(Floor::best);
+        let floor_rate = best.map(|(launch, t)| format!("{:.1} ({})", t.per_sec, launch.name()));
+        table.row(vec![
+            "create rate (containers/s)".into(),
+            format!("{:.1}", run.create.per_sec),
+            floor_rate.unwrap_or_default(),
+            best.map(|(_, t)| ratio(run.create.per_sec, t.per_sec))
+                .unwrap_or_default(),
+        ]);
+        table.row(vec![
+            "create latency p50 / p90 / p99 (ms)".into(),
+            run.create.latency.map(|p| p.triple()).unwrap_or_default(),
+            best.and_then(|(_, t)| t.latency.map(|p| p.triple()))
+                .unwrap_or_default(),
+            match (run.create.latency, best.and_then(|(_, t)| t.latency)) {
+                (Some(ours), Some(floor)) => ratio(ours.p50_ms, floor.p50_ms),
+                _ => String::new(),
+            },
+        ]);
+        if let Some(floor) = &run.floor {
+            table.row(vec![
+                "direct create+start / run -d (containers/s)".into(),
+                String::new(),
+                format!(
+                    "{:.1} / {:.1}",
+                    floor.create_start.per_sec, floor.run_detached.per_sec
+                ),
+                String::new(),
+            ]);
+        }
+        if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms)
+        {
+            table.row(vec![
+                "create p50, first → last 100 (ms)".into(),
+                format!("{first:.1} → {last:.1}"),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        let (before, at_n) = (&run.daemon.before, &run.daemon.at_n);
+        table.row(vec![
+            format!("berthd RSS / PSS at {n} (MB)"),
+            format!("{} / {}", mb(at_n.rss_kb), mb(at_n.pss_kb)),
+            String::new(),
+            String::new(),
+        ]);
+        table.row(vec![
+            "berthd RSS before → growth per container".into(),
+            format!(
+                "{} → {:.1} KB",
+                mb(before.rss_kb),
+                (at_n.rss_kb as f64 - before.rss_kb as f64) / n.max(1) as f64
+            ),
+            String::new(),
+            String::new(),
+        ]);
+        table.row(vec![
+            format!("berthd threads / fds at {n}"),
+            format!("{} / {}", at_n.threads, at_n.fds),
+            String::new(),
+            String::new(),
+        ]);
+        table.row(vec![
+            "berthd children besides inits".into(),
+            run.daemon.other_children.to_string(),
+            String::new(),
+            String::new(),
+        ]);
+        table.row(vec![
+            "berthd CPU during creates (s, ms each)".into(),
+            format!(
+                "{:.2} s, {:.2} ms",
+                run.daemon.create_cpu_secs,
+                run.daemon.create_cpu_secs * 1000.0 / n.max(1) as f64
+            ),
+            String::new(),
+            String::new(),
+        ]);
+        table.row(vec![
+            "host memory per container (MB)".into(),
+            format!("{:.2}", run.daemon.host_kb_per_container / 1024.0),
+            String::new(),
+            String::new(),
+        ]);
+        let stats = &run.stats;
+        match &stats.skipped {
+            Some(why) => table.note("stats load", format!("skipped: {why}")),
+            None => {
+                table.note(
+                    "stats load",
+                    format!(
+                        "{} subscribers for {:.0} s: berthd {:.1}% CPU, {} samples received",
+                        stats.subscribers,
+                        stats.secs,
+                        stats.berthd_cpu_percent,
+                        stats.samples_received
+                    ),
+                );
+                match (&stats.tick, &stats.tick_skipped) {
+                    (Some(tick), _) => table.note(
+                        "sampler tick",
+                        format!("{:.2} ms ({})", tick.mean_ms, tick.metric),
+                    ),
+                    (None, Some(why)) => table.note("sampler tick", format!("skipped: {why}")),
+                    (None, None) => {}
+                }
+            }
+        }
+        table.row(vec![
+            "exit event after Signal p50 / p90 / p99 (ms)".into(),
+            run.exits.latency.map(|p| p.triple()).unwrap_or_default(),
+            String::new(),
+            String::new(),
+        ]);
+        let direct_teardown = run.floor.as_ref().map(|f| f.create_start.teardown_per_sec);
+        table.row(vec![
+            "teardown (containers/s)".into(),
+            format!(
+                "{:.1} ({} missing)",
+                run.exits.teardown_per_sec, run.exits.missing
+            ),
+            direct_teardown
+                .map(|t| format!("{t:.1} (delete -f)"))
+                .unwrap_or_default(),
+            direct_teardown
+                .map(|t| ratio(run.exits.teardown_per_sec, t))
+                .unwrap_or_default(),
+        ]);
+    }
+    table
+}
+
+fn soak_table(soak: &Soak) -> Table {
+    let mut table = Table::new(&["soak", "start", "middle", "end", "middle → end"]);
+    table.section(format!(
+        "{:.0} s at C={}: {} cycles ({:.1}/s), {} base containers, stats: {}",
+        soak.secs,
+        soak.concurrency,
+        soak.cycles,
+        soak.cycles_per_sec,
+        soak.base_containers,
+        match &soak.stats_skipped {
+            Some(why) => format!("skipped: {why}"),
+            None => format!("{} subscribers", soak.stats_subscribers),
+        }
+    ));
+    let (rss_drift, fd_drift) = soak.drift_percent();
+    let row = |what: &str, pick: fn(&ProcSample) -> String, drift: String| {
+        vec![
+            what.to_owned(),
+            pick(&soak.start),
+            pick(&soak.middle),
+            pick(&soak.end),
+            drift,
+        ]
+    };
+    table.row(row(
+        "berthd RSS (MB)",
+        |s| mb(s.rss_kb),
+        format!("{rss_drift:+.1}%"),
+    ));
+    table.row(row("berthd PSS (MB)", |s| mb(s.pss_kb), String::new()));
+    table.row(row(
+        "berthd fds",
+        |s| s.fds.to_string(),
+        format!("{fd_drift:+.1}%"),
+    ));
+    table.row(row(
+        "berthd threads",
+        |s| s.threads.to_string(),
+        String::new(),
+    ));
+    let triple = |p: Option<Percentiles>| p.map(|p| p.triple()).unwrap_or_default();
+    table.row(vec![
+        "create p50 / p90 / p99 (ms)".into(),
+        triple(soak.create),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    table.row(vec![
+        "exit event p50 / p90 / p99 (ms)".into(),
+        triple(soak.exit),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    table.row(vec![
+        "exit events missing / unexpected".into(),
+        format!("{} / {}", soak.missing_exits, soak.unexpected_exits),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    table
+}
+
+/// KiB as MB with one decimal.
+pub fn mb(kb: u64) -> String {
+    format!("{:.1}", kb as f64 / 1024.0)
+}
+
+fn ratio(ours: f64, floor: f64) -> String {
+    if floor > 0.0 {
+        format!("{:.2}", ours / floor)
+    } else {
+        String::new()
+    }
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "?".into(), |v| format!("{v:.decimals$}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::load::direct::Throughput;
+
+    fn run() -> Run {
+        let latency = Percentiles::of(&[Duration::from_millis(40), Duration::from_millis(60)]);
+        let throughput = |per_sec| Throughput {
+            per_sec,
+            latency,
+            teardown_per_sec: 50.0,
+        };
+        Run {
+            concurrency: 8,
+            create: Creates {
+                per_sec: 30.0,
+                latency,
+                p50_first_100_ms: Some(40.0),
+                p50_last_100_ms: Some(48.0),
+            },
+            daemon: DaemonCost {
+                before: ProcSample {
+                    rss_kb: 8 * 1024,
+                    ..ProcSample::default()
+                },
+                at_n: ProcSample {
+                    rss_kb: 20 * 1024,
+                    pss_kb: 19 * 1024,
+                    threads: 4,
+                    fds: 3000,
+                    ..ProcSample::default()
+                },
+                create_cpu_secs: 2.0,
+                host_kb_per_container: 700.0,
+                other_children: 1,
+            },
+            stats: StatsLoad {
+                skipped: Some("GetStats answers UNIMPLEMENTED".into()),
+                ..StatsLoad::default()
+            },
+            exits: Exits {
+                latency: Percentiles::of(&[Duration::from_millis(2), Duration::from_millis(9)]),
+                teardown_per_sec: 45.0,
+                missing: 0,
+            },
+            floor: Some(Floor {
+                create_start: throughput(25.0),
+                run_detached: throughput(40.0),
+            }),
+        }
+    }
+
+    fn report() -> Report {
+        let mut report = Report {
+            host: Host {
+                cpus: 2,
+                kernel: "6.18".into(),
+                memory_gib: 24.0,
+                load_average_start: Some(0.1),
+                load_average_end: Some(0.5),
+            },
+            runtime: "runc".into(),
+            runtime_version: "runc version 1.1.5".into(),
+            n: 1000,
+            channel: ChannelMode::Shared,
+            runtime_skipped: None,
+            runs: vec![run()],
+            soak: None,
+            targets: Vec::new(),
+        };
+        report.targets = targets(&report);
+        report
+    }
+
+    #[test]
+    fn targets_hold_each_figure_to_its_limit() {
+        let report = report();
+        let verdicts: Vec<(bool, &str)> = report
+            .targets
+            .iter()
+            .map(|t| (t.pass, t.detail.as_str()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            vec![
+                (false, "30.0/s vs 40.0/s (run -d) = 0.75"),
+                (true, "20.0 ≤ 25.6"),
+                (true, "1 children of berthd besides the 1000 inits"),
+                (false, "40.0 ms → 48.0 ms (+20%)"),
+                (false, "p99 9.0 ms, 0 missing"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_table_puts_berthd_beside_the_floor() {
+        let text = render(&report());
+        assert!(
+            text.starts_with(
+                "berth load: runc (runc version 1.1.5), N=1000, one shared connection;"
+            ),
+            "{text}"
+        );
+        let create = text
+            .lines()
+            .find(|l| l.starts_with("create rate"))
+            .expect("a create rate row");
+        assert!(
+            create.contains("30.0") && create.contains("40.0 (run -d)") && create.ends_with("0.75"),
+            "{create}"
+        );
+        assert!(
+            text.contains("skipped: GetStats answers UNIMPLEMENTED"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  MISS  C=8: exit event p99 ≤ 5 ms after the kill: p99 9.0 ms, 0 missing"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("teardown (containers/s)"), "{text}");
+    }
+
+    #[test]
+    fn a_skipped_runtime_says_so_and_nothing_else() {
+        let mut report = report();
+        report.runtime = "crun".into();
+        report.runtime_skipped = Some("crun run -d failed: cannot set hugetlb".into());
+        let text = render(&report);
+        assert!(
+            text.ends_with("crun: skipped: crun run -d failed: cannot set hugetlb\n"),
+            "{text}"
+        );
+        assert!(!text.contains("create rate"), "{text}");
+    }
+}

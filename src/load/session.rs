@@ -1,0 +1,400 @@
+//! One load run's resources: its work directory, the shared busybox bundle, the berthd it
+//! started, the runtime roots it used, and the cleanup that removes every container they hold,
+//! whether the run finished, failed or was interrupted.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::proto::SignalRequest;
+use crate::proto::api_client::ApiClient;
+use futures_util::{StreamExt, stream};
+use tonic::transport::Channel;
+
+use super::LoadError;
+use super::procfs::children_of;
+
+const BUSYBOX: &str = "/bin/busybox";
+/// Applets the bundle's `sleep` container needs, plus a shell for poking at it by hand.
+const APPLETS: &[&str] = &["sh", "sleep"];
+/// Longest one runtime command may take before it is killed and counted as failed.
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(120);
+/// Runtime commands in flight while cleaning up.
+const CLEANUP_CONCURRENCY: usize = 8;
+
+/// The OCI runtime, run directly by the direct floor and by cleanup.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub name: String,
+}
+
+impl Runtime {
+    /// Runs `<runtime> --root <root> <args>` with stdin and stdout on /dev/null and stderr in
+    /// `stderr` (a container started by `create` or `run -d` keeps these as its stdio, so a pipe
+    /// would never reach end of file). Fails with the runtime's own error text.
+    pub async fn run(&self, root: &Path, args: &[&str], stderr: &Path) -> Result<(), LoadError> {
+        let what = || format!("{} {}", self.name, args.join(" "));
+        let err_file =
+            File::create(stderr).map_err(|e| LoadError(format!("{}: {e}", stderr.display())))?;
+        let mut child = tokio::process::Command::new(&self.name)
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err_file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| LoadError(format!("{}: {e}", what())))?;
+        let status = tokio::time::timeout(RUNTIME_TIMEOUT, child.wait())
+            .await
+            .map_err(|_| LoadError(format!("{} took longer than {RUNTIME_TIMEOUT:?}", what())))?
+            .map_err(|e| LoadError(format!("{}: {e}", what())))?;
+        if status.success() {
+            return Ok(());
+        }
+        let text = fs::read_to_string(stderr).unwrap_or_default();
+        Err(LoadError(format!(
+            "{} failed ({status}): {}",
+            what(),
+            text.trim().lines().last().unwrap_or("no error text")
+        )))
+    }
+
+    /// The ids of the containers under `root`.
+    pub fn list(&self, root: &Path) -> Vec<String> {
+        let out = Command::new(&self.name)
+            .arg("--root")
+            .arg(root)
+            .args(["list", "-q"])
+            .stderr(Stdio::null())
+            .output();
+        out.map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The first line of `<runtime> --version`.
+    pub fn version(&self) -> String {
+        Command::new(&self.name)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|out| {
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.lines().next().map(str::to_owned)
+            })
+            .unwrap_or_else(|| format!("{} (version unknown)", self.name))
+    }
+}
+
+/// A berthd this run started on its own socket and state directory.
+pub struct Berthd {
+    child: Child,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Berthd {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn runtime_root(&self) -> PathBuf {
+        self.state_dir.join("runtime")
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("berthd ignored SIGTERM for 10 s; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How to start a berthd.
+pub struct BerthdFlags<'a> {
+    pub binary: &'a Path,
+    pub runtime: &'a str,
+    pub log_level: &'a str,
+    pub metrics_listen: Option<&'a str>,
+}
+
+pub struct Session {
+    pub dir: PathBuf,
+    pub runtime: Runtime,
+    pub bundle: PathBuf,
+    berthd: Mutex<Option<Berthd>>,
+    roots: Mutex<Vec<PathBuf>>,
+    /// Containers made through a berthd this run did not start, with their init pids, so an
+    /// interrupted run can still kill them through the API.
+    live: Mutex<HashMap<String, u32>>,
+}
+
+impl Session {
+    /// Makes the work directory `<work_dir>/<pid>` and the bundle every container shares: a
+    /// read-only busybox rootfs and the runtime's default spec running `sleep`.
+    pub fn new(work_dir: &Path, runtime: &str) -> Result<Session, LoadError> {
+        let dir = work_dir.join(std::process::id().to_string());
+        let io = |what: &Path, e: std::io::Error| LoadError(format!("{}: {e}", what.display()));
+        fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let session = Session {
+            bundle: dir.join("bundle"),
+            dir,
+            runtime: Runtime {
+                name: runtime.to_owned(),
+            },
+            berthd: Mutex::new(None),
+            roots: Mutex::new(Vec::new()),
+            live: Mutex::new(HashMap::new()),
+        };
+        session.make_bundle()?;
+        Ok(session)
+    }
+
+    fn make_bundle(&self) -> Result<(), LoadError> {
+        let io = |what: &Path, e: std::io::Error| LoadError(format!("{}: {e}", what.display()));
+        let bin = self.bundle.join("rootfs/bin");
+        fs::create_dir_all(&bin).map_err(|e| io(&bin, e))?;
+        fs::copy(BUSYBOX, bin.join("busybox"))
+            .map_err(|e| LoadError(format!("{BUSYBOX}: {e} (install busybox-static)")))?;
+        for applet in APPLETS {
+            symlink("busybox", bin.join(applet)).map_err(|e| io(&bin.join(applet), e))?;
+        }
+        // runc and crun both write their default spec with `spec`; runc's serves both.
+        let out = Command::new("runc")
+            .arg("spec")
+            .arg("--bundle")
+            .arg(&self.bundle)
+            .output()
+            .map_err(|e| LoadError(format!("runc spec: {e} (install runc)")))?;
+        if !out.status.success() {
+            return Err(LoadError(format!(
+                "runc spec: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let config = self.bundle.join("config.json");
+        let text = fs::read_to_string(&config).map_err(|e| io(&config, e))?;
+        let mut spec: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LoadError(format!("{}: {e}", config.display())))?;
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = serde_json::json!(["sleep", "100000"]);
+        let text = serde_json::to_string_pretty(&spec).expect("a JSON value serializes");
+        fs::write(&config, text).map_err(|e| io(&config, e))
+    }
+
+    pub fn bundle_str(&self) -> String {
+        self.bundle.to_string_lossy().into_owned()
+    }
+
+    /// A runtime root for the direct floor, swept at cleanup.
+    pub fn runtime_root(&self, name: &str) -> PathBuf {
+        let root = self.dir.join(name);
+        self.roots.lock().expect("roots lock").push(root.clone());
+        root
+    }
+
+    /// Starts a fresh berthd in `<dir>/<name>` and waits until it serves its socket.
+    pub async fn start_berthd(&self, name: &str, flags: &BerthdFlags<'_>) -> Result<(), LoadError> {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir).map_err(|e| LoadError(format!("{}: {e}", dir.display())))?;
+        let socket = dir.join("berth.sock");
+        let state_dir = dir.join("state");
+        let log = dir.join("berthd.log");
+        let log_file =
+            File::create(&log).map_err(|e| LoadError(format!("{}: {e}", log.display())))?;
+        let mut command = Command::new(flags.binary);
+        command
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--runtime", flags.runtime, "--log-level", flags.log_level]);
+        if let Some(metrics) = flags.metrics_listen {
+            command.args(["--metrics-listen", metrics]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(|e| LoadError(e.to_string()))?)
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| {
+                LoadError(format!(
+                    "{}: {e} (build it with cargo build --release)",
+                    flags.binary.display()
+                ))
+            })?;
+        let mut berthd = Berthd {
+            child,
+            socket,
+            state_dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = berthd.child.try_wait() {
+                let log = fs::read_to_string(&berthd.log).unwrap_or_default();
+                return Err(LoadError(format!(
+                    "berthd exited at start ({status}): {}",
+                    log.trim()
+                )));
+            }
+            if berthd.socket.exists() && crate::api::client::connect(&berthd.socket).await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                berthd.stop();
+                return Err(LoadError(
+                    "berthd did not serve its socket within 15 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        *self.berthd.lock().expect("berthd lock") = Some(berthd);
+        Ok(())
+    }
+
+    /// Socket, pid and runtime root of the berthd this run started.
+    pub fn berthd(&self) -> Option<(PathBuf, u32, PathBuf)> {
+        let berthd = self.berthd.lock().expect("berthd lock");
+        berthd
+            .as_ref()
+            .map(|b| (b.socket.clone(), b.pid(), b.runtime_root()))
+    }
+
+    /// Stops the berthd this run started and removes whatever containers it left.
+    pub async fn stop_berthd(&self) {
+        let berthd = self.berthd.lock().expect("berthd lock").take();
+        if let Some(berthd) = berthd {
+            let root = berthd.runtime_root();
+            tokio::task::spawn_blocking(move || berthd.stop())
+                .await
+                .expect("stopping berthd does not panic");
+            self.delete_all(&root).await;
+        }
+    }
+
+    pub fn track(&self, id: &str, pid: u32) {
+        self.live
+            .lock()
+            .expect("live lock")
+            .insert(id.to_owned(), pid);
+    }
+
+    pub fn untrack(&self, id: &str) {
+        self.live.lock().expect("live lock").remove(id);
+    }
+
+    /// Removes every container this run made: those of the berthd it started and of every
+    /// direct-floor root through the runtime, those of a berthd it did not start through that
+    /// berthd (`client`); then reaps the inits that were reparented to this process.
+    pub async fn cleanup(&self, client: Option<ApiClient<Channel>>) {
+        self.stop_berthd().await;
+        let roots = self.roots.lock().expect("roots lock").clone();
+        for root in roots {
+            self.delete_all(&root).await;
+        }
+        let live: Vec<(String, u32)> = self.live.lock().expect("live lock").drain().collect();
+        if let (Some(client), false) = (client, live.is_empty()) {
+            eprintln!("cleanup: killing {} containers through berthd", live.len());
+            stream::iter(live)
+                .for_each_concurrent(CLEANUP_CONCURRENCY, |(id, pid)| {
+                    let mut client = client.clone();
+                    async move {
+                        let req = SignalRequest {
+                            id,
+                            pid,
+                            signal: libc::SIGKILL as u32,
+                        };
+                        let _ = client.signal(req).await;
+                    }
+                })
+                .await;
+        }
+        reap_zombie_children(Duration::from_secs(5)).await;
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            eprintln!("cleanup: {}: {e}", self.dir.display());
+        }
+    }
+
+    async fn delete_all(&self, root: &Path) {
+        let runtime = self.runtime.clone();
+        let list_root = root.to_owned();
+        let ids = tokio::task::spawn_blocking(move || runtime.list(&list_root))
+            .await
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return;
+        }
+        eprintln!(
+            "cleanup: deleting {} containers under {}",
+            ids.len(),
+            root.display()
+        );
+        stream::iter(ids.into_iter().enumerate())
+            .for_each_concurrent(CLEANUP_CONCURRENCY, |(i, id)| async move {
+                let err = self
+                    .dir
+                    .join(format!("cleanup-{}.err", i % CLEANUP_CONCURRENCY));
+                if let Err(e) = self.runtime.run(root, &["delete", "-f", &id], &err).await {
+                    eprintln!("cleanup: {e}");
+                }
+            })
+            .await;
+    }
+}
+
+/// Reaps the zombie children of this process (container inits reparented to it, the subreaper,
+/// once their runtime exited), waiting up to `patience` for dying ones to turn zombie.
+pub async fn reap_zombie_children(patience: Duration) {
+    use rustix::process::{Pid, WaitOptions, waitpid};
+    let deadline = Instant::now() + patience;
+    loop {
+        let mut dying = 0;
+        for pid in children_of(std::process::id()) {
+            let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = state
+                .rfind(')')
+                .and_then(|at| state[at + 1..].split_whitespace().next().map(str::to_owned));
+            match state.as_deref() {
+                Some("Z") => {
+                    if let Some(pid) = Pid::from_raw(pid as i32) {
+                        let _ = waitpid(Some(pid), WaitOptions::NOHANG);
+                    }
+                }
+                // Killed but not yet dead.
+                Some(_) if is_container_init(pid) => dying += 1,
+                _ => {}
+            }
+        }
+        if dying == 0 || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `pid` is a container init of ours (its command is `sleep`) rather than berthd or a
+/// runtime command tokio is waiting for.
+fn is_container_init(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "sleep")
+}
