@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use berth::daemon_proto::{InfoRequest, UpgradeRequest};
-use berth::proto::UpdateContainerRequest;
+use berth::proto::{StatsRequest, UpdateContainerRequest};
 use common::*;
 
 /// Restarts on the same state dir, as after a crash.
@@ -91,6 +91,27 @@ async fn a_restart_adopts_running_and_paused_containers_and_their_processes() {
             })
             .await
             .expect("resume an adopted paused container");
+        let mut stats = daemon
+            .client
+            .get_stats(StatsRequest {
+                id: running.clone(),
+            })
+            .await
+            .expect("GetStats on an adopted container")
+            .into_inner();
+        let sample = stats
+            .message()
+            .await
+            .expect("a stats sample")
+            .expect("the stream yields");
+        let memory = sample
+            .cgroup_stats
+            .and_then(|c| c.memory_stats)
+            .and_then(|m| m.usage);
+        assert!(
+            memory.is_some_and(|m| m.usage > 0),
+            "the adopted container's cgroup is sampled"
+        );
         let quick = exec(
             &mut daemon.client,
             exec_req(&running, &["sh", "-c", "exit 4"]),

@@ -170,6 +170,9 @@ impl Supervisor {
         self.save(&container);
         self.registry()
             .insert(record.id.clone(), Slot::Live(Arc::clone(&container)));
+        if let Err(e) = self.stats.register(&record.id, record.init.pid) {
+            tracing::warn!(id = %record.id, error = %e, "no stats or OOM events for this adopted container");
+        }
         self.events
             .record_recovery(&record.id, record.init.pid, EventKind::Live, replay);
         for process in added {
