@@ -1,5 +1,10 @@
 #![deny(unsafe_code)]
 
+/// With the `mimalloc` feature every binary of the crate allocates with mimalloc.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod api;
 pub mod config;
 pub mod error;

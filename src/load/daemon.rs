@@ -286,7 +286,10 @@ pub async fn stats(
         let address = address.map(str::to_owned);
         async move {
             match address {
-                None => Err("no metrics endpoint configured (pass --metrics-listen)".to_owned()),
+                None => Err(
+                    "no metrics endpoint configured (pass --metrics-listen with --address)"
+                        .to_owned(),
+                ),
                 Some(address) => metrics::scrape(&address).await.map(|t| metrics::parse(&t)),
             }
         }

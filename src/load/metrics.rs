@@ -49,8 +49,10 @@ pub struct TickTime {
 }
 
 /// The tick time between two scrapes: the mean of a histogram or summary whose name mentions
-/// `tick` (Δsum / Δcount), else the last value of such a gauge. Units come from the name's
-/// suffix (`_seconds`, `_milliseconds`, `_microseconds`, `_nanoseconds`).
+/// `tick` (Δsum / Δcount); else the mean of a `…tick…_total` time counter over a `…batches_total`
+/// or `…ticks_total` counter (berthd's `berth_sampler_tick_seconds` over
+/// `berth_sampler_batches`); else the last value of a gauge mentioning `tick`. Units come from the
+/// name's suffix (`_seconds`, `_milliseconds`, `_microseconds`, `_nanoseconds`).
 pub fn tick_time(before: &[Sample], after: &[Sample]) -> Option<TickTime> {
     let total = |samples: &[Sample], name: &str| -> Option<f64> {
         let matching: Vec<f64> = samples
@@ -75,6 +77,24 @@ pub fn tick_time(before: &[Sample], after: &[Sample]) -> Option<TickTime> {
             mean_ms: d_sum / d_count * factor,
             ticks: Some(d_count),
             metric: base,
+        });
+    }
+    let timer = after.iter().find_map(|s| {
+        let base = s.name.strip_suffix("_total")?;
+        (mentions_tick(base) && unit_to_ms(base).is_some()).then(|| s.name.clone())
+    });
+    let ticks = after
+        .iter()
+        .find(|s| s.name.ends_with("batches_total") || s.name.ends_with("ticks_total"))
+        .map(|s| s.name.clone());
+    if let (Some(timer), Some(ticks)) = (timer, ticks) {
+        let factor = unit_to_ms(timer.trim_end_matches("_total"))?;
+        let d_time = total(after, &timer)? - total(before, &timer).unwrap_or(0.0);
+        let d_ticks = total(after, &ticks)? - total(before, &ticks).unwrap_or(0.0);
+        return (d_ticks > 0.0).then(|| TickTime {
+            mean_ms: d_time / d_ticks * factor,
+            ticks: Some(d_ticks),
+            metric: format!("{timer} / {ticks}"),
         });
     }
     let gauge = after.iter().find(|s| {
@@ -169,6 +189,25 @@ berth_sampler_tick_seconds_count 20
         let tick = tick_time(&parse(HISTOGRAM_BEFORE), &parse(HISTOGRAM_AFTER)).unwrap();
         assert_eq!(tick.metric, "berth_sampler_tick_seconds");
         assert!((tick.mean_ms - 5.0).abs() < 1e-9, "{tick:?}");
+        assert_eq!(tick.ticks, Some(10.0));
+    }
+
+    #[test]
+    fn tick_time_from_berthds_time_and_batch_counters() {
+        let before = parse(
+            "berth_sampler_batches_total 4\nberth_sampler_tick_seconds_total 0.01\n\
+             berth_sampler_last_tick_seconds 0.002\n# EOF\n",
+        );
+        let after = parse(
+            "berth_sampler_batches_total 14\nberth_sampler_tick_seconds_total 0.04\n\
+             berth_sampler_last_tick_seconds 0.009\n# EOF\n",
+        );
+        let tick = tick_time(&before, &after).unwrap();
+        assert_eq!(
+            tick.metric,
+            "berth_sampler_tick_seconds_total / berth_sampler_batches_total"
+        );
+        assert!((tick.mean_ms - 3.0).abs() < 1e-9, "{tick:?}");
         assert_eq!(tick.ticks, Some(10.0));
     }
 

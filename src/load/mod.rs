@@ -91,8 +91,9 @@ pub struct Options {
     #[arg(long, env = "BERTH_STATS_SECS", default_value_t = 10)]
     pub stats_secs: u64,
 
-    /// berthd's metrics endpoint (TCP host:port or a unix socket path), passed to the berthd this
-    /// starts as --metrics-listen and scraped for the sampler's tick time
+    /// berthd's metrics endpoint (TCP host:port or a unix socket path), scraped for the sampler's
+    /// tick time; a berthd this starts gets it as --metrics-listen (default: a socket beside its
+    /// API socket)
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
@@ -113,8 +114,9 @@ pub struct Options {
     #[arg(long, env = "BERTH_JSON")]
     pub json: Option<PathBuf>,
 
-    /// A shell command run while the creates run, with BERTHD_PID in its environment, and sent
-    /// SIGINT when they end (e.g. perf record -g -p "$BERTHD_PID")
+    /// A shell command run while the creates run, with BERTHD_PID (berthd) and BERTHD_PIDS
+    /// (berthd and its children before the creates: the spawn helper, comma separated) in its
+    /// environment, and sent SIGINT when they end (e.g. perf record -g -p "$BERTHD_PIDS")
     #[arg(long, env = "BERTH_PROFILE_CREATE")]
     pub profile_create: Option<String>,
 
@@ -201,6 +203,7 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
             options.runtime
         );
         report.runtime_skipped = Some(e.0);
+        report.host.load_average_end = procfs::load_average();
         return Ok(report);
     }
     match options.soak {
@@ -218,12 +221,15 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
     Ok(report)
 }
 
-/// berthd's socket and pid: the `--address` one, or a fresh one started in `<dir>/<name>`.
-async fn berthd(
-    options: &Options,
-    session: &Session,
-    name: &str,
-) -> Result<(PathBuf, u32), LoadError> {
+/// The berthd a level drives.
+struct Berthd {
+    socket: PathBuf,
+    pid: u32,
+    metrics: Option<String>,
+}
+
+/// The `--address` berthd, or a fresh one started in `<dir>/<name>`.
+async fn berthd(options: &Options, session: &Session, name: &str) -> Result<Berthd, LoadError> {
     if let Some(address) = &options.address {
         let mut daemon = crate::api::client::connect_daemon(address)
             .await
@@ -233,7 +239,11 @@ async fn berthd(
             daemon.info(crate::daemon_proto::InfoRequest {}),
         )
         .await?;
-        return Ok((address.clone(), info.pid));
+        return Ok(Berthd {
+            socket: address.clone(),
+            pid: info.pid,
+            metrics: options.metrics_listen.clone(),
+        });
     }
     let binary = match &options.berthd {
         Some(path) => path.clone(),
@@ -248,13 +258,21 @@ async fn berthd(
         metrics_listen: options.metrics_listen.as_deref(),
     };
     session.start_berthd(name, &flags).await?;
-    let (socket, pid, _) = session.berthd().expect("berthd just started");
-    Ok((socket, pid))
+    let (socket, pid, metrics) = session.berthd().expect("berthd just started");
+    Ok(Berthd {
+        socket,
+        pid,
+        metrics: Some(metrics),
+    })
 }
 
 async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Result<Run, LoadError> {
     let n = options.n;
-    let (socket, pid) = berthd(options, session, &format!("berthd-c{c}")).await?;
+    let Berthd {
+        socket,
+        pid,
+        metrics,
+    } = berthd(options, session, &format!("berthd-c{c}")).await?;
     let clients = daemon::clients(&socket, options.channel, c).await?;
     let ids = (0..n).map(|i| format!("load-c{c}-{i}")).collect();
     let mem_before = procfs::mem_available_kb().unwrap_or(0);
@@ -277,7 +295,7 @@ async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Resul
         options.subscribers,
         Duration::from_secs(options.stats_secs),
         pid,
-        options.metrics_listen.as_deref(),
+        metrics.as_deref(),
     )
     .await;
     let label = format!("berthd kill C={c}");
@@ -319,7 +337,7 @@ async fn run_soak(
     secs: u64,
 ) -> Result<soak::Soak, LoadError> {
     let c = options.concurrency.iter().copied().max().unwrap_or(1) as usize;
-    let (socket, pid) = berthd(options, session, "berthd-soak").await?;
+    let Berthd { socket, pid, .. } = berthd(options, session, "berthd-soak").await?;
     let clients = daemon::clients(&socket, options.channel, c).await?;
     let plan = soak::SoakPlan {
         duration: Duration::from_secs(secs),
@@ -361,9 +379,14 @@ struct Profiler {
 
 impl Profiler {
     async fn start(command: &str, berthd_pid: u32) -> Result<Profiler, LoadError> {
+        let pids: Vec<String> = std::iter::once(berthd_pid)
+            .chain(procfs::children_of(berthd_pid))
+            .map(|pid| pid.to_string())
+            .collect();
         let child = tokio::process::Command::new("sh")
             .args(["-c", command])
             .env("BERTHD_PID", berthd_pid.to_string())
+            .env("BERTHD_PIDS", pids.join(","))
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true)

@@ -103,6 +103,8 @@ pub struct Berthd {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
+    /// Where it serves its metrics.
+    pub metrics: String,
 }
 
 impl Berthd {
@@ -135,6 +137,7 @@ pub struct BerthdFlags<'a> {
     pub binary: &'a Path,
     pub runtime: &'a str,
     pub log_level: &'a str,
+    /// Its metrics endpoint; a socket beside its API socket when None.
     pub metrics_listen: Option<&'a str>,
 }
 
@@ -220,6 +223,10 @@ impl Session {
         let socket = dir.join("berth.sock");
         let state_dir = dir.join("state");
         let log = dir.join("berthd.log");
+        let metrics = flags.metrics_listen.map_or_else(
+            || dir.join("metrics.sock").to_string_lossy().into_owned(),
+            str::to_owned,
+        );
         let log_file =
             File::create(&log).map_err(|e| LoadError(format!("{}: {e}", log.display())))?;
         let mut command = Command::new(flags.binary);
@@ -228,10 +235,8 @@ impl Session {
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(["--runtime", flags.runtime, "--log-level", flags.log_level]);
-        if let Some(metrics) = flags.metrics_listen {
-            command.args(["--metrics-listen", metrics]);
-        }
+            .args(["--runtime", flags.runtime, "--log-level", flags.log_level])
+            .args(["--metrics-listen", &metrics]);
         let child = command
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|e| LoadError(e.to_string()))?)
@@ -248,6 +253,7 @@ impl Session {
             socket,
             state_dir,
             log,
+            metrics,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -273,12 +279,12 @@ impl Session {
         Ok(())
     }
 
-    /// Socket, pid and runtime root of the berthd this run started.
-    pub fn berthd(&self) -> Option<(PathBuf, u32, PathBuf)> {
+    /// Socket, pid and metrics endpoint of the berthd this run started.
+    pub fn berthd(&self) -> Option<(PathBuf, u32, String)> {
         let berthd = self.berthd.lock().expect("berthd lock");
         berthd
             .as_ref()
-            .map(|b| (b.socket.clone(), b.pid(), b.runtime_root()))
+            .map(|b| (b.socket.clone(), b.pid(), b.metrics.clone()))
     }
 
     /// Stops the berthd this run started and removes whatever containers it left.
