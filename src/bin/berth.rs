@@ -24,7 +24,7 @@ use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::sys::termios::{self, SetArg, Termios};
 use serde_json::{Value, json};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -371,10 +371,18 @@ struct Attachment {
     stdin_writer: File,
     stdout_reader: File,
     stderr_reader: File,
+    // Watched from the start, so a Ctrl-C while the process is being started is forwarded to it
+    // once it runs, instead of killing berth and leaving the directory behind.
+    interrupts: UnixSignal,
+    terminations: UnixSignal,
 }
 
 impl Attachment {
     fn create() -> Result<Self, Error> {
+        let interrupts =
+            signal(SignalKind::interrupt()).map_err(io_error("watching for SIGINT"))?;
+        let terminations =
+            signal(SignalKind::terminate()).map_err(io_error("watching for SIGTERM"))?;
         let template = std::env::temp_dir().join("berth-attach-XXXXXX");
         let dir = nix::unistd::mkdtemp(&template).map_err(|errno| {
             io_error(format!("creating a directory like {}", template.display()))(errno.into())
@@ -416,6 +424,8 @@ impl Attachment {
             stdin_writer,
             stdout_reader,
             stderr_reader,
+            interrupts,
+            terminations,
         })
     }
 
@@ -438,6 +448,8 @@ impl Attachment {
             stdin_writer,
             stdout_reader,
             stderr_reader,
+            mut interrupts,
+            mut terminations,
         } = self;
         forward_stdin(stdin_writer);
         let stdout_relayed = relay_in_thread(stdout_reader, io::stdout());
@@ -451,10 +463,6 @@ impl Attachment {
             Ok(status)
         };
         let mut finished = pin!(finished);
-        let mut interrupts =
-            signal(SignalKind::interrupt()).map_err(io_error("watching for SIGINT"))?;
-        let mut terminations =
-            signal(SignalKind::terminate()).map_err(io_error("watching for SIGTERM"))?;
         let mut forwarded = false;
         loop {
             let received = tokio::select! {
