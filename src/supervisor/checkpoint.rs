@@ -50,14 +50,7 @@ struct Metadata {
 
 /// `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`: a plain directory name under `checkpoints/`.
 pub fn validate_name(name: &str) -> Result<()> {
-    let bytes = name.as_bytes();
-    let valid = !bytes.is_empty()
-        && bytes.len() <= 128
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[1..]
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if valid {
+    if super::validate::plain_name(name, 128) {
         Ok(())
     } else if name.is_empty() {
         Err(Error::InvalidArgument(

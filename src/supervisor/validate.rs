@@ -6,16 +6,21 @@ use oci_spec::runtime::Spec;
 
 use crate::error::{Error, Result};
 
-/// `^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`: safe as a file name, a cgroup name and a runtime id.
-pub fn container_id(id: &str) -> Result<()> {
-    let bytes = id.as_bytes();
-    let valid = !bytes.is_empty()
-        && bytes.len() <= 64
+/// Whether `name` matches `^[A-Za-z0-9][A-Za-z0-9_.-]{0,max-1}$`: a plain file name that can
+/// never be `.`, `..` or hold a slash.
+pub fn plain_name(name: &str, max: usize) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= max
         && bytes[0].is_ascii_alphanumeric()
         && bytes[1..]
             .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if valid {
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// `^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`: safe as a file name, a cgroup name and a runtime id.
+pub fn container_id(id: &str) -> Result<()> {
+    if plain_name(id, 64) {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
