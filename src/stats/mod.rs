@@ -122,6 +122,11 @@ impl ContainerStats {
     pub fn files(&self) -> usize {
         self.source.files.len()
     }
+
+    /// The open files, for measuring reads of them.
+    pub fn source(&self) -> &cgroup::Source {
+        &self.source
+    }
 }
 
 /// One GetStats subscriber's view of a container's snapshots.
