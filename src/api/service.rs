@@ -64,6 +64,14 @@ fn container_to_wire(info: &ContainerInfo) -> proto::Container {
     }
 }
 
+/// How a stream ends when berthd stops or upgrades: distinct from its natural end, so a client
+/// knows to reconnect.
+fn going_away() -> Status {
+    Status::unavailable(
+        "berthd is stopping or upgrading; reconnect to the same socket and subscribe again",
+    )
+}
+
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {
     proto::Checkpoint {
         name: checkpoint.name.clone(),
@@ -357,12 +365,7 @@ impl proto::api_server::Api for ApiService {
                 let (mut subscription, mut stopping) = state?;
                 let next = tokio::select! {
                     next = subscription.next() => next?,
-                    _ = stopping.wait_for(|stop| *stop) => {
-                        let going = Status::unavailable(
-                            "berthd is stopping or upgrading; reconnect to the same socket and subscribe again",
-                        );
-                        return Some((Err(going), None));
-                    }
+                    _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
                 };
                 match next {
                     Ok(event) => Some((Ok(event_to_wire(&event)), Some((subscription, stopping)))),
@@ -392,15 +395,15 @@ impl proto::api_server::Api for ApiService {
                 "container {id} does not exist or has no stats (its cgroup could not be read when it started)"
             ))
         })?;
-        // Each subscriber waits for the shared snapshot; the stream ends when the container is
-        // unregistered (its init exited) or berthd stops.
+        // Each subscriber waits for the shared snapshot; the stream ends with OK when the container
+        // is unregistered (its init exited), with UNAVAILABLE when berthd stops or upgrades.
         let stopping = self.stopping.clone();
         let stream =
             futures_util::stream::unfold(Some((subscription, stopping)), |state| async move {
                 let (mut subscription, mut stopping) = state?;
                 let snapshot = tokio::select! {
                     next = subscription.next() => next?,
-                    _ = stopping.wait_for(|stop| *stop) => return None,
+                    _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
                 };
                 Some((Ok(stats_to_wire(&snapshot)), Some((subscription, stopping))))
             });
