@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::proto::api_client::ApiClient;
 use crate::proto::{CreateContainerRequest, EventsRequest, SignalRequest, StatsRequest};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -26,8 +26,8 @@ pub type Client = ApiClient<Channel>;
 
 /// Longest one create or signal may take before the run fails.
 const RPC_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long after the last kill the exit events may still arrive.
-const EXIT_GRACE: Duration = Duration::from_secs(30);
+/// How long a killed container's `exit` event may take before it counts as missing.
+const EXIT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// One client per load task: clones of one HTTP/2 connection, or a connection each.
 pub async fn clients(
@@ -131,124 +131,159 @@ pub async fn create(
 #[derive(Debug, Clone, Serialize)]
 pub struct Exits {
     pub latency: Option<Percentiles>,
-    /// Containers gone a second, from the first Signal to the last `exit` event.
+    /// Containers killed and gone a second, at the load's concurrency.
     pub teardown_per_sec: f64,
     pub missing: usize,
 }
 
-/// Sends SIGKILL to every container at the clients' concurrency, with an Events stream opened
-/// first, and times each Signal → `exit` event.
+/// SIGKILLs every container, each load task sending one Signal and waiting for that container's
+/// `exit` event (on an Events stream opened first) before the next, so the latency is the
+/// daemon's exit path at concurrency C and not the queue of a burst of kills.
 pub async fn kill_all(
     session: &Arc<Session>,
     clients: &[Client],
     containers: &[(String, u32)],
     label: &str,
 ) -> Result<Exits, LoadError> {
-    let mut exits = exit_events(clients[0].clone()).await?;
-    let sent = Arc::new(Mutex::new(HashMap::with_capacity(containers.len())));
+    let watch = Arc::new(ExitWatch::open(clients[0].clone()).await?);
     let queue = Arc::new(Mutex::new(containers.to_vec()));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(containers.len())));
+    let missing = Arc::new(AtomicUsize::new(0));
     let progress = Arc::new(Progress::start(label, containers.len()));
+    let start = Instant::now();
     let mut tasks = JoinSet::new();
     for client in clients {
-        let (mut client, queue, sent) = (client.clone(), queue.clone(), sent.clone());
+        let (mut client, queue, watch) = (client.clone(), queue.clone(), watch.clone());
+        let (latencies, missing, progress) = (latencies.clone(), missing.clone(), progress.clone());
+        let session = session.clone();
         tasks.spawn(async move {
             loop {
                 let Some((id, pid)) = queue.lock().expect("queue lock").pop() else {
                     return Ok(());
                 };
-                let req = SignalRequest {
-                    id: id.clone(),
-                    pid,
-                    signal: libc::SIGKILL as u32,
-                };
-                sent.lock()
-                    .expect("sent lock")
-                    .insert(id.clone(), Instant::now());
-                rpc(format!("Signal {id}"), client.signal(req)).await?;
+                match watch.kill(&mut client, &id, pid).await? {
+                    Some(latency) => latencies.lock().expect("latencies lock").push(latency),
+                    None => {
+                        missing.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                session.untrack(&id);
+                progress.inc();
             }
         });
     }
-    let mut received: HashMap<String, Instant> = HashMap::with_capacity(containers.len());
-    // Collect exits while the kills are being sent; then wait at most EXIT_GRACE more.
-    let mut grace_until = None;
-    while received.len() < containers.len() {
-        let event = match grace_until {
-            None => tokio::select! {
-                event = exits.recv() => event,
-                joined = tasks.join_next() => {
-                    match joined {
-                        None => grace_until = Some(Instant::now() + EXIT_GRACE),
-                        Some(Ok(Ok(()))) => {}
-                        Some(Ok(Err(e))) => return Err(e),
-                        Some(Err(e)) => return Err(LoadError(format!("signal task: {e}"))),
-                    }
-                    continue;
-                }
-            },
-            Some(until) => match tokio::time::timeout_at(until.into(), exits.recv()).await {
-                Ok(event) => event,
-                Err(_) => break,
-            },
-        };
-        match event {
-            Some(Ok((id, at))) => {
-                if received.insert(id, at).is_none() {
-                    progress.inc();
-                }
-            }
-            Some(Err(e)) => return Err(e),
-            None => return Err(LoadError("the Events stream ended".into())),
-        }
-    }
-    join_all(tasks).await?;
+    let outcome = join_all(tasks).await;
+    let elapsed = start.elapsed();
     if let Ok(progress) = Arc::try_unwrap(progress) {
         progress.finish();
     }
-    let sent = std::mem::take(&mut *sent.lock().expect("sent lock"));
-    let mut latencies = Vec::with_capacity(received.len());
-    let mut missing = 0;
-    for (id, _) in containers {
-        match (sent.get(id), received.get(id)) {
-            (Some(&sent), Some(&got)) => latencies.push(got.saturating_duration_since(sent)),
-            _ => missing += 1,
-        }
-        session.untrack(id);
-    }
-    let first = sent.values().min().copied();
-    let last = received.values().max().copied();
-    let span = match (first, last) {
-        (Some(first), Some(last)) => last.saturating_duration_since(first),
-        _ => Duration::ZERO,
-    };
+    outcome?;
+    let latencies = std::mem::take(&mut *latencies.lock().expect("latencies lock"));
     Ok(Exits {
         latency: Percentiles::of(&latencies),
-        teardown_per_sec: per_sec(latencies.len(), span),
-        missing,
+        teardown_per_sec: per_sec(latencies.len(), elapsed),
+        missing: missing.load(Ordering::Relaxed),
     })
 }
 
-/// `exit` events as (container id, when received) from an Events stream that is open when this
-/// returns; the stream's failure arrives as an error.
-pub async fn exit_events(
-    mut client: Client,
-) -> Result<mpsc::UnboundedReceiver<Result<(String, Instant), LoadError>>, LoadError> {
-    let mut stream = rpc("Events".into(), client.events(EventsRequest {})).await?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let item = match stream.message().await {
-                Ok(Some(event)) if event.r#type == "exit" => Ok((event.id, Instant::now())),
-                Ok(Some(_)) => continue,
-                Ok(None) => Err(LoadError("berthd ended the Events stream".into())),
-                Err(status) => Err(LoadError(format!("Events stream: {status}"))),
-            };
-            let failed = item.is_err();
-            if tx.send(item).is_err() || failed {
-                return;
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
+
+/// `exit` events of an Events stream, handed to whoever waits for that container's.
+pub struct ExitWatch {
+    waiters: Waiters,
+    unexpected: Arc<AtomicUsize>,
+    failure: Arc<Mutex<Option<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ExitWatch {
+    /// Subscribes to Events; the stream is open when this returns.
+    pub async fn open(mut client: Client) -> Result<ExitWatch, LoadError> {
+        let mut stream = rpc("Events".into(), client.events(EventsRequest {})).await?;
+        let waiters: Waiters = Arc::default();
+        let unexpected = Arc::new(AtomicUsize::new(0));
+        let failure = Arc::new(Mutex::new(None));
+        let reader = tokio::spawn({
+            let (waiters, unexpected, failure) =
+                (waiters.clone(), unexpected.clone(), failure.clone());
+            async move {
+                let ended = loop {
+                    match stream.message().await {
+                        Ok(Some(event)) if event.r#type == "exit" => {
+                            let at = Instant::now();
+                            let waiter = waiters.lock().expect("waiters lock").remove(&event.id);
+                            match waiter {
+                                Some(waiter) => {
+                                    let _ = waiter.send(at);
+                                }
+                                None => {
+                                    unexpected.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break "berthd ended the Events stream".to_owned(),
+                        Err(status) => break format!("Events stream: {status}"),
+                    }
+                };
+                *failure.lock().expect("failure lock") = Some(ended);
+                // Dropping every waiter's sender tells it the stream is gone.
+                waiters.lock().expect("waiters lock").clear();
+            }
+        });
+        Ok(ExitWatch {
+            waiters,
+            unexpected,
+            failure,
+            reader,
+        })
+    }
+
+    /// SIGKILLs the container and waits for its `exit` event: the time from Signal to event, or
+    /// None when the event did not come within EXIT_PATIENCE.
+    pub async fn kill(
+        &self,
+        client: &mut Client,
+        id: &str,
+        pid: u32,
+    ) -> Result<Option<Duration>, LoadError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(id.to_owned(), tx);
+        let req = SignalRequest {
+            id: id.to_owned(),
+            pid,
+            signal: libc::SIGKILL as u32,
+        };
+        let sent = Instant::now();
+        rpc(format!("Signal {id}"), client.signal(req)).await?;
+        match tokio::time::timeout(EXIT_PATIENCE, rx).await {
+            Ok(Ok(at)) => Ok(Some(at.saturating_duration_since(sent))),
+            Ok(Err(_)) => {
+                let failure = self.failure.lock().expect("failure lock").clone();
+                Err(LoadError(
+                    failure.unwrap_or_else(|| "the Events stream ended".into()),
+                ))
+            }
+            Err(_) => {
+                self.waiters.lock().expect("waiters lock").remove(id);
+                Ok(None)
             }
         }
-    });
-    Ok(rx)
+    }
+
+    /// `exit` events for containers nobody was waiting for.
+    pub fn unexpected(&self) -> usize {
+        self.unexpected.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ExitWatch {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// M GetStats subscribers over the running containers for a while.

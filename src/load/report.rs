@@ -143,10 +143,14 @@ pub fn targets(report: &Report) -> Vec<Target> {
 
 pub fn render(report: &Report) -> String {
     let mut out = format!(
-        "berth load: {} ({}), N={}, {} connection{}; {} CPUs, {:.0} GiB, kernel {}, load average {} → {}\n",
+        "berth load: {} ({}){}, {} connection{}; {} CPUs, {:.0} GiB, kernel {}, load average {} → {}\n",
         report.runtime,
         report.runtime_version,
-        report.n,
+        if report.soak.is_some() {
+            String::new()
+        } else {
+            format!(", N={}", report.n)
+        },
         match report.channel {
             ChannelMode::Shared => "one shared",
             ChannelMode::PerTask => "one per task",

@@ -1,24 +1,19 @@
 //! Churn soak: containers created and killed continuously for a while, with an Events stream and
 //! stats subscribers attached, watching berthd's memory and fds and every exit event.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::proto::{CreateContainerRequest, SignalRequest};
+use crate::proto::CreateContainerRequest;
 use serde::Serialize;
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::LoadError;
-use super::daemon::{self, Client, join_all, rpc};
+use super::daemon::{self, Client, ExitWatch, join_all, rpc};
 use super::procfs::ProcSample;
 use super::session::Session;
 use super::summary::Percentiles;
-
-/// How long a killed container's `exit` event may take before it counts as missing.
-const EXIT_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Soak {
@@ -35,6 +30,7 @@ pub struct Soak {
     pub unexpected_exits: usize,
     pub stats_subscribers: usize,
     pub stats_skipped: Option<String>,
+    /// Medians of berthd's figures over the first, middle and last tenth or so of the soak.
     pub start: ProcSample,
     pub middle: ProcSample,
     pub end: ProcSample,
@@ -50,6 +46,41 @@ impl Soak {
             change(self.middle.rss_kb, self.end.rss_kb),
             change(self.middle.fds, self.end.fds),
         )
+    }
+}
+
+/// berthd around `fraction` of the soak: the median of each figure over the samples within a
+/// tenth of the soak of that point, since the containers in flight at any one instant (each with
+/// its open files) make single samples jump.
+fn around(timeline: &[(f64, ProcSample)], secs: f64, fraction: f64) -> ProcSample {
+    let point = secs * fraction;
+    let mut near: Vec<ProcSample> = timeline
+        .iter()
+        .filter(|(at, _)| (at - point).abs() <= secs / 10.0)
+        .map(|&(_, sample)| sample)
+        .collect();
+    if near.is_empty() {
+        near.extend(
+            timeline
+                .iter()
+                .min_by(|a, b| (a.0 - point).abs().total_cmp(&(b.0 - point).abs()))
+                .map(|&(_, sample)| sample),
+        );
+    }
+    let median = |pick: fn(&ProcSample) -> u64| -> u64 {
+        let mut values: Vec<u64> = near.iter().map(pick).collect();
+        values.sort_unstable();
+        values.get(values.len() / 2).copied().unwrap_or(0)
+    };
+    let mut cpu: Vec<f64> = near.iter().map(|s| s.cpu_secs).collect();
+    cpu.sort_by(f64::total_cmp);
+    ProcSample {
+        rss_kb: median(|s| s.rss_kb),
+        pss_kb: median(|s| s.pss_kb),
+        threads: median(|s| s.threads),
+        fds: median(|s| s.fds),
+        children: median(|s| s.children),
+        cpu_secs: cpu.get(cpu.len() / 2).copied().unwrap_or(0.0),
     }
 }
 
@@ -72,27 +103,7 @@ pub async fn soak(
         Ok(_) => (plan.subscribers, None),
         Err(why) => (0, Some(why.clone())),
     };
-    let waiters: Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>> = Arc::default();
-    let unexpected = Arc::new(AtomicUsize::new(0));
-    let mut exits = daemon::exit_events(clients[0].clone()).await?;
-    let dispatcher = tokio::spawn({
-        let (waiters, unexpected) = (waiters.clone(), unexpected.clone());
-        async move {
-            while let Some(event) = exits.recv().await {
-                let (id, at) = event?;
-                match waiters.lock().expect("waiters lock").remove(&id) {
-                    Some(waiter) => {
-                        let _ = waiter.send(at);
-                    }
-                    None => {
-                        unexpected.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            Ok::<(), LoadError>(())
-        }
-    });
-
+    let watch = Arc::new(ExitWatch::open(clients[0].clone()).await?);
     let began = Instant::now();
     let timeline = Arc::new(Mutex::new(Vec::new()));
     let sampler = tokio::spawn({
@@ -118,7 +129,7 @@ pub async fn soak(
         let mut client = client.clone();
         let (creates, exit_latencies, missing) =
             (creates.clone(), exit_latencies.clone(), missing.clone());
-        let (waiters, session, bundle) = (waiters.clone(), session.clone(), bundle.clone());
+        let (watch, session, bundle) = (watch.clone(), session.clone(), bundle.clone());
         workers.spawn(async move {
             for cycle in 0.. {
                 if Instant::now() >= deadline {
@@ -139,22 +150,12 @@ pub async fn soak(
                 .pid;
                 creates.lock().expect("creates lock").push(start.elapsed());
                 session.track(&id, pid);
-                let (tx, rx) = oneshot::channel();
-                waiters.lock().expect("waiters lock").insert(id.clone(), tx);
-                let sent = Instant::now();
-                let req = SignalRequest {
-                    id: id.clone(),
-                    pid,
-                    signal: libc::SIGKILL as u32,
-                };
-                rpc(format!("Signal {id}"), client.signal(req)).await?;
-                match tokio::time::timeout(EXIT_PATIENCE, rx).await {
-                    Ok(Ok(at)) => exit_latencies
+                match watch.kill(&mut client, &id, pid).await? {
+                    Some(latency) => exit_latencies
                         .lock()
                         .expect("exit latencies lock")
-                        .push(at.saturating_duration_since(sent)),
-                    _ => {
-                        waiters.lock().expect("waiters lock").remove(&id);
+                        .push(latency),
+                    None => {
                         missing.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -168,15 +169,12 @@ pub async fn soak(
         plan.duration.as_secs(),
         clients.len()
     );
-    let churned = tokio::select! {
-        joined = join_all(workers) => joined,
-        dispatched = dispatcher => match dispatched {
-            Ok(Err(e)) => Err(e),
-            _ => Err(LoadError("the exit event dispatcher stopped".into())),
-        },
-    };
+    let churned = join_all(workers).await;
     let secs = began.elapsed().as_secs_f64();
     sampler.abort();
+    // Read before the base containers' exits, which are not the churn's.
+    let unexpected_exits = watch.unexpected();
+    drop(watch);
     if let Ok((mut streams, _)) = stats {
         streams.abort_all();
     }
@@ -184,13 +182,7 @@ pub async fn soak(
     daemon::kill_all(session, clients, &base.containers, "soak: base teardown").await?;
 
     let timeline = std::mem::take(&mut *timeline.lock().expect("timeline lock"));
-    let at = |secs_in: f64| {
-        timeline
-            .iter()
-            .min_by(|a, b| (a.0 - secs_in).abs().total_cmp(&(b.0 - secs_in).abs()))
-            .map(|&(_, sample)| sample)
-            .unwrap_or_default()
-    };
+    let at = |fraction: f64| around(&timeline, secs, fraction);
     let creates = std::mem::take(&mut *creates.lock().expect("creates lock"));
     let exits = std::mem::take(&mut *exit_latencies.lock().expect("exit latencies lock"));
     Ok(Soak {
@@ -202,12 +194,42 @@ pub async fn soak(
         create: Percentiles::of(&creates),
         exit: Percentiles::of(&exits),
         missing_exits: missing.load(Ordering::Relaxed),
-        unexpected_exits: unexpected.load(Ordering::Relaxed),
+        unexpected_exits,
         stats_subscribers,
         stats_skipped,
         start: at(0.0),
-        middle: at(secs / 2.0),
-        end: at(secs),
+        middle: at(0.5),
+        end: at(1.0),
         timeline,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rss_kb: u64, fds: u64) -> ProcSample {
+        ProcSample {
+            rss_kb,
+            fds,
+            ..ProcSample::default()
+        }
+    }
+
+    #[test]
+    fn around_takes_the_median_near_the_point() {
+        let timeline: Vec<(f64, ProcSample)> = (0..=100)
+            .map(|t| {
+                (
+                    t as f64,
+                    sample(1000 + t, if t % 2 == 0 { 200 } else { 260 }),
+                )
+            })
+            .collect();
+        let middle = around(&timeline, 100.0, 0.5);
+        assert_eq!(middle.rss_kb, 1050);
+        assert_eq!(middle.fds, 200);
+        assert_eq!(around(&timeline, 100.0, 1.0).rss_kb, 1095);
+        assert_eq!(around(&[], 10.0, 0.5), ProcSample::default());
+    }
 }
