@@ -342,7 +342,7 @@ pub async fn stats(
             Some(tick) => (Some(tick), None),
             None => (
                 None,
-                Some("the metrics endpoint serves no tick time metric".into()),
+                Some("no sampler tick in the window, or no tick time metric".into()),
             ),
         },
         (Err(e), _) | (_, Err(e)) => (None, Some(e)),
