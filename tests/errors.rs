@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use berth::proto::{SignalRequest, StatsRequest, UpdateContainerRequest};
+use berth::proto::{SignalRequest, UpdateContainerRequest};
 use common::{
     Bundle, Daemon, Events, SIGKILL, create, create_req, exec, exec_req, expect_code, id, path_str,
     proc_stat, signal, state, within,
@@ -409,27 +409,6 @@ async fn update_rejects_unknown_ids_and_statuses() {
             .await;
         assert_eq!(first.r#type, "start-container");
         assert_eq!(events.next().await.r#type, "exit");
-        d.assert_no_zombies().await;
-    })
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn get_stats_is_unimplemented() {
-    within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("unimplemented");
-        let stats = d.client.get_stats(StatsRequest { id: id.clone() }).await;
-        match stats {
-            Err(status) => assert_eq!(status.code(), Code::Unimplemented, "{status:?}"),
-            Ok(resp) => {
-                let first = resp.into_inner().message().await;
-                let status = first.expect_err("GetStats yields nothing");
-                assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-            }
-        }
         d.assert_no_zombies().await;
     })
     .await
