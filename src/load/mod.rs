@@ -6,8 +6,9 @@
 //! fds and CPU time from /proc; hold M GetStats subscribers for a while; SIGKILL every container
 //! through Signal and time each kill to its `exit` event on an Events stream opened first; stop
 //! berthd; then the floor: the same N containers by `<runtime> create` + `start` and by
-//! `run -d`, each followed by `delete -f`, at the same concurrency. The table puts berthd beside
-//! the floor and says which of the targets pass. `--soak SECS` runs a churn soak instead.
+//! `run -d`, each followed by SIGKILL, reap and `delete`, at the same concurrency. The table puts
+//! berthd beside the floor and says which of the targets pass. `--soak SECS` runs a
+//! churn soak instead.
 //!
 //! This process is a child subreaper: containers started by the direct floor are reparented to
 //! it and reaped here, never left as zombies for a pid 1 that may not reap.

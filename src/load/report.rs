@@ -318,7 +318,7 @@ fn runs_table(report: &Report) -> Table {
                 run.exits.teardown_per_sec, run.exits.missing
             ),
             direct_teardown
-                .map(|t| format!("{t:.1} (delete -f)"))
+                .map(|t| format!("{t:.1} (kill+delete)"))
                 .unwrap_or_default(),
             direct_teardown
                 .map(|t| ratio(run.exits.teardown_per_sec, t))
