@@ -143,7 +143,12 @@ pub fn prepare_process() -> Result<(), LoadError> {
         maximum: most.or(limit.maximum),
     };
     // Raising the hard limit needs CAP_SYS_RESOURCE; without it, the soft limit up to the hard.
-    if setrlimit(Resource::Nofile, raised).is_err() {
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        eprintln!(
+            "berth-load: open file limit stays at {} for berthd too ({e}): a berthd needing more \
+             fds than that fails its creates",
+            limit.maximum.map_or("unlimited".into(), |m| m.to_string())
+        );
         let soft = Rlimit {
             current: limit.maximum,
             maximum: limit.maximum,
@@ -287,7 +292,7 @@ async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Resul
     if let Some(profiler) = profiler {
         profiler.stop().await;
     }
-    let created = created?;
+    let created = created.map_err(|e| explain_fd_exhaustion(e, pid, session.tracked()))?;
     let at_n = sample(pid)?;
     let mem_after = procfs::mem_available_kb().unwrap_or(0);
     let stats = daemon::stats(
@@ -349,6 +354,22 @@ async fn run_soak(
     drop(clients);
     session.stop_berthd().await;
     soak
+}
+
+/// A create that failed for want of file descriptors, with what berthd holds against its limit.
+fn explain_fd_exhaustion(error: LoadError, pid: u32, running: usize) -> LoadError {
+    if !error.0.contains("Too many open files") {
+        return error;
+    }
+    let (Ok(now), Ok(limit)) = (ProcSample::take(pid), procfs::open_files_limit(pid)) else {
+        return error;
+    };
+    LoadError(format!(
+        "{error}: berthd holds {} fds of its limit {limit}, about {:.1} per container with {running} \
+         running; its hard RLIMIT_NOFILE can only be raised with CAP_SYS_RESOURCE",
+        now.fds,
+        now.fds as f64 / running.max(1) as f64
+    ))
 }
 
 fn sample(pid: u32) -> Result<ProcSample, LoadError> {

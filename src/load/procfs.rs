@@ -80,6 +80,21 @@ pub fn parse_stat_cpu_ticks(text: &str) -> Result<u64, String> {
     Ok(tick(11)? + tick(12)?)
 }
 
+/// The soft limit of `Max open files` in /proc/<pid>/limits.
+pub fn parse_open_files_limit(text: &str) -> Result<u64, String> {
+    let soft = field(text, "Max open files")?
+        .split_whitespace()
+        .next()
+        .ok_or("Max open files: no value")?;
+    soft.parse()
+        .map_err(|e| format!("Max open files {soft:?}: {e}"))
+}
+
+pub fn open_files_limit(pid: u32) -> io::Result<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    parse_open_files_limit(&text).map_err(io::Error::other)
+}
+
 /// `MemAvailable:` of /proc/meminfo, in KiB.
 pub fn parse_mem_available(text: &str) -> Result<u64, String> {
     kib_field(text, "MemAvailable:")
@@ -169,6 +184,18 @@ Swap:                  0 kB
             "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
         assert_eq!(parse_mem_available(meminfo), Ok(20_000_000));
         assert!(parse_status_threads("Name:\tx\n").is_err());
+    }
+
+    #[test]
+    fn open_files_limit_is_the_soft_column() {
+        let limits = "\
+Limit                     Soft Limit           Hard Limit           Units
+Max processes             95000                95000                processes
+Max open files            20000                40000                files
+Max locked memory         8388608              8388608              bytes
+";
+        assert_eq!(parse_open_files_limit(limits), Ok(20000));
+        assert!(parse_open_files_limit("Max processes 1 1 processes\n").is_err());
     }
 
     #[test]

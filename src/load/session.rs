@@ -306,6 +306,11 @@ impl Session {
             .insert(id.to_owned(), pid);
     }
 
+    /// Containers made and not yet killed.
+    pub fn tracked(&self) -> usize {
+        self.live.lock().expect("live lock").len()
+    }
+
     pub fn untrack(&self, id: &str) {
         self.live.lock().expect("live lock").remove(id);
     }
