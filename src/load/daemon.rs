@@ -308,6 +308,12 @@ pub async fn stats(
     berthd_pid: u32,
     metrics_address: Option<&str>,
 ) -> StatsLoad {
+    if window.is_zero() {
+        return StatsLoad {
+            skipped: Some("no stats window (--stats-secs 0)".into()),
+            ..StatsLoad::default()
+        };
+    }
     let (mut streams, received) = match subscribe(client, containers, subscribers).await {
         Ok(subscribed) => subscribed,
         Err(why) => {
