@@ -49,7 +49,7 @@ fn nearest_rank(sorted: &[Duration], percent: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-pub fn millis(d: Duration) -> f64 {
+fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
