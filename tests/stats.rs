@@ -360,20 +360,34 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
         let mem = reference.controller_of::<MemController>().unwrap();
         let (memory, swap, kmem) = (mem.memory_stat(), mem.memswap(), mem.kmem_stat());
         let ms = cg.memory_stats.as_ref().unwrap();
-        let data = |d: &Option<berth::proto::MemoryData>| {
-            let d = d.as_ref().unwrap();
-            (d.usage, d.max_usage, d.failcnt)
+        // Current usage moves by a few pages between our tick and the reference's read (kernel
+        // allocations charged to the cgroup); peaks and failure counts must match exactly.
+        let agree = |ours: &Option<berth::proto::MemoryData>,
+                     (usage, max, failcnt): (u64, u64, u64)| {
+            let ours = ours.as_ref().unwrap();
+            assert!(
+                ours.usage.abs_diff(usage) <= 256 * 1024,
+                "usage {} vs {usage}",
+                ours.usage
+            );
+            assert_eq!((ours.max_usage, ours.failcnt), (max, failcnt));
         };
-        let expected = (
-            memory.usage_in_bytes,
-            memory.max_usage_in_bytes,
-            memory.fail_cnt,
+        agree(
+            &ms.usage,
+            (
+                memory.usage_in_bytes,
+                memory.max_usage_in_bytes,
+                memory.fail_cnt,
+            ),
         );
-        assert_eq!(data(&ms.usage), expected);
-        let expected = (swap.usage_in_bytes, swap.max_usage_in_bytes, swap.fail_cnt);
-        assert_eq!(data(&ms.swap_usage), expected);
-        let expected = (kmem.usage_in_bytes, kmem.max_usage_in_bytes, kmem.fail_cnt);
-        assert_eq!(data(&ms.kernel_usage), expected);
+        agree(
+            &ms.swap_usage,
+            (swap.usage_in_bytes, swap.max_usage_in_bytes, swap.fail_cnt),
+        );
+        agree(
+            &ms.kernel_usage,
+            (kmem.usage_in_bytes, kmem.max_usage_in_bytes, kmem.fail_cnt),
+        );
         assert_eq!(ms.cache, memory.stat.cache);
         assert_eq!(ms.stats["rss"], memory.stat.rss);
 

@@ -390,7 +390,7 @@ impl proto::api_server::Api for ApiService {
         let id = request.into_inner().id;
         let _span = tracing::info_span!("get_stats", id = %id).entered();
         crate::supervisor::validate::container_id(&id)?;
-        let subscription = self.supervisor.stats().subscribe(&id).ok_or_else(|| {
+        let subscription = self.supervisor.stats().subscribe(&id)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "container {id} does not exist or has no stats (its cgroup could not be read when it started)"
             ))

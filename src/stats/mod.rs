@@ -1,12 +1,16 @@
 //! Container stats for GetStats: one sampler thread, one shared snapshot per container and tick.
 //!
-//! Owns: the stats registry (container id → its open stats files and its snapshot channel), the
-//! subscriptions, the sampler thread's life and its counters, and the OOM watches. Does not own:
+//! Owns: the stats registry (container id → its cgroup, and while it has subscribers its open
+//! stats files and snapshot channel), the subscriptions, the sampler thread's life and its
+//! counters, and the OOM watches. Does not own:
 //! the container's lifecycle (supervisor: it registers a container once it has started and
 //! unregisters it when its init exits), the wire types (api).
 //!
-//! How it works: `register` resolves the init's cgroup from `/proc/<pid>/cgroup` (v1 or v2) and
-//! opens its stats files and the network namespace's `net/dev` once. The sampler thread wakes once
+//! How it works: `register` resolves the init's cgroup from `/proc/<pid>/cgroup` (v1 or v2). The
+//! first subscriber opens its stats files and the network namespace's `net/dev`, once for all
+//! subscribers; the sampler closes them when the last subscriber has gone, so an idle container
+//! costs no stats descriptors (a dense host runs out of descriptors long before memory: sixteen
+//! files a container would cap it near a thousand under a 20000 limit). The sampler thread wakes once
 //! an interval, reads at offset 0 every file of every container that has at least one subscriber
 //! (one io_uring batch, or pread), parses without allocating per file and publishes one
 //! `Arc<Snapshot>` per container through a `tokio::sync::watch`: every subscriber of a container
@@ -150,22 +154,33 @@ impl Subscription {
 
 /// What the hub and its sampler thread share.
 pub(crate) struct Shared {
-    registry: Mutex<HashMap<String, Arc<ContainerStats>>>,
+    registry: Mutex<HashMap<String, Registered>>,
     counters: Counters,
 }
 
+/// A registered container: where its cgroup is, and its files while someone subscribes.
+struct Registered {
+    pid: u32,
+    location: cgroup::Location,
+    open: Option<Arc<ContainerStats>>,
+}
+
 impl Shared {
-    fn registry(&self) -> MutexGuard<'_, HashMap<String, Arc<ContainerStats>>> {
+    fn registry(&self) -> MutexGuard<'_, HashMap<String, Registered>> {
         self.registry.lock().expect("stats registry lock poisoned")
     }
 
-    /// The containers someone is subscribed to.
+    /// The containers someone is subscribed to. Closes the files of those nobody is any more.
     fn subscribed(&self) -> Vec<Arc<ContainerStats>> {
-        self.registry()
-            .values()
-            .filter(|c| c.subscribers() > 0)
-            .cloned()
-            .collect()
+        let mut active = Vec::new();
+        for registered in self.registry().values_mut() {
+            match &registered.open {
+                Some(stats) if stats.subscribers() > 0 => active.push(Arc::clone(stats)),
+                Some(_) => registered.open = None,
+                None => {}
+            }
+        }
+        active
     }
 }
 
@@ -219,35 +234,49 @@ impl StatsHub {
         self.backend
     }
 
-    /// Opens the stats files of container `id`, whose init is `pid`, and watches it for OOM kills.
+    /// Finds the cgroup of container `id`, whose init is `pid`, and watches it for OOM kills.
     pub fn register(&self, id: &str, pid: u32) -> Result<()> {
         let location = self.mounts.locate(pid)?;
-        let source = cgroup::Source::open(&location, Some(pid))?;
-        tracing::debug!(
-            id,
-            files = source.files.len(),
-            ?location,
-            "stats registered"
-        );
+        tracing::debug!(id, ?location, "stats registered");
         if let Err(e) = self.oom.watch(id, pid, &location) {
             tracing::warn!(id, error = %e, "no OOM events for this container");
         }
-        self.shared
-            .registry()
-            .insert(id.to_owned(), Arc::new(ContainerStats::new(id, source)));
+        self.shared.registry().insert(
+            id.to_owned(),
+            Registered {
+                pid,
+                location,
+                open: None,
+            },
+        );
         Ok(())
     }
 
-    /// Closes container `id`'s files, which ends its subscriptions, and reports an OOM kill not
-    /// reported yet, so that it comes before the container's exit.
+    /// Forgets container `id`, which closes its files and ends its subscriptions, and reports an
+    /// OOM kill not reported yet, so that it comes before the container's exit.
     pub fn unregister(&self, id: &str) {
         self.shared.registry().remove(id);
         self.oom.unwatch(id);
     }
 
-    /// Subscribes to container `id`'s snapshots; `None` if it is not registered.
-    pub fn subscribe(&self, id: &str) -> Option<Subscription> {
-        self.shared.registry().get(id).map(|c| c.subscribe())
+    /// Subscribes to container `id`'s snapshots, opening its stats files if it has no subscriber
+    /// yet; `Ok(None)` if it is not registered.
+    pub fn subscribe(&self, id: &str) -> Result<Option<Subscription>> {
+        let mut registry = self.shared.registry();
+        let Some(registered) = registry.get_mut(id) else {
+            return Ok(None);
+        };
+        let stats = match &registered.open {
+            Some(stats) => Arc::clone(stats),
+            None => {
+                let source = cgroup::Source::open(&registered.location, Some(registered.pid))?;
+                tracing::debug!(id, files = source.files.len(), "stats files opened");
+                let stats = Arc::new(ContainerStats::new(id, source));
+                registered.open = Some(Arc::clone(&stats));
+                stats
+            }
+        };
+        Ok(Some(stats.subscribe()))
     }
 
     pub fn counters(&self) -> &Counters {
@@ -257,7 +286,11 @@ impl StatsHub {
     /// Registered containers and their subscribers in total.
     pub fn tracked(&self) -> (usize, usize) {
         let registry = self.shared.registry();
-        let subscribers = registry.values().map(|c| c.subscribers()).sum();
+        let subscribers = registry
+            .values()
+            .filter_map(|r| r.open.as_ref())
+            .map(|c| c.subscribers())
+            .sum();
         (registry.len(), subscribers)
     }
 }

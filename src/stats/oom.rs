@@ -41,8 +41,8 @@ const RECHECKS: [Duration; 4] = [
 struct Watch {
     id: String,
     pid: u32,
-    /// `memory.oom_control` (v1) or `memory.events` (v2), open for the counter.
-    counter: OwnedFd,
+    /// `memory.oom_control` (v1) or `memory.events` (v2). Opened only to look: an idle container
+    /// keeps no descriptor for it (the v1 registration does not need it open).
     counter_path: PathBuf,
     reported: Mutex<u64>,
     /// v1: the task waiting on the eventfd. v2: the inotify watch descriptor.
@@ -58,8 +58,11 @@ impl Watch {
     /// Publishes an `oom` event if the kill counter went up since the last one; says whether it did.
     fn check(&self, events: &EventBus) -> bool {
         let mut buffer = [0u8; 512];
-        let count = rustix::io::pread(&self.counter, &mut buffer, 0)
-            .map_err(|e| Error::io(&self.counter_path, e.into()))
+        let count = open_counter(&self.counter_path)
+            .and_then(|counter| {
+                rustix::io::pread(&counter, &mut buffer, 0)
+                    .map_err(|e| Error::io(&self.counter_path, e.into()))
+            })
             .and_then(|n| oom_kills(&buffer[..n]));
         let count = match count {
             Ok(count) => count,
@@ -190,7 +193,6 @@ impl Watcher {
             Watch {
                 id: id.to_owned(),
                 pid,
-                counter,
                 counter_path,
                 reported: Mutex::new(0),
                 waker: Waker::Eventfd(task.abort_handle()),
@@ -200,7 +202,7 @@ impl Watcher {
     }
 
     fn watch_v2(&self, id: &str, pid: u32, events_path: &Path) -> Result<Arc<Watch>> {
-        let counter = open_counter(events_path)?;
+        open_counter(events_path)?;
         let mut inotify = lock(&self.inotify);
         if inotify.is_none() {
             *inotify = Some(self.start_inotify()?);
@@ -215,7 +217,6 @@ impl Watcher {
         let watch = Arc::new(Watch {
             id: id.to_owned(),
             pid,
-            counter,
             counter_path: events_path.to_owned(),
             reported: Mutex::new(0),
             waker: Waker::Inotify(wd),
