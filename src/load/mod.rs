@@ -16,7 +16,7 @@
 mod daemon;
 mod direct;
 mod metrics;
-mod procfs;
+pub mod procfs;
 mod progress;
 mod report;
 mod session;

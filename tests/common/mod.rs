@@ -514,23 +514,7 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     Some(ProcStat { state, ppid })
 }
 
-pub fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    let mut children: Vec<u32> = tasks
-        .flatten()
-        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect();
-    children.sort_unstable();
-    children.dedup();
-    children
-}
+pub use berth::load::procfs::children_of;
 
 /// Every process below `pid`: its children, their children, and so on.
 pub fn descendants_of(pid: u32) -> Vec<u32> {
