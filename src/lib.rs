@@ -9,7 +9,6 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod events;
-pub mod load;
 pub mod metrics;
 pub mod reactor;
 pub mod reaper;
@@ -20,12 +19,4 @@ pub mod store;
 pub mod supervisor;
 pub mod upgrade;
 
-/// Code generated from `proto/api.proto` (package `types`, service `API`).
-pub mod proto {
-    tonic::include_proto!("types");
-}
-
-/// Code generated from `proto/daemon.proto`: berthd's own administration service.
-pub mod daemon_proto {
-    tonic::include_proto!("berth.daemon");
-}
+pub use berth_api::{daemon_proto, proto};

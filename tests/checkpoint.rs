@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use berth::proto::{
+use berth_api::proto::{
     Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
 };
 use common::*;

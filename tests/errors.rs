@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use berth::proto::{SignalRequest, UpdateContainerRequest};
+use berth_api::proto::{SignalRequest, UpdateContainerRequest};
 use common::{
     Bundle, Daemon, Events, SIGKILL, create, create_req, exec, exec_req, expect_code, id, path_str,
     proc_stat, signal, state, within,

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use berth::proto::{Event, UpdateContainerRequest};
+use berth_api::proto::{Event, UpdateContainerRequest};
 use common::{
     Bundle, Daemon, Events, SIGKILL, SIGTERM, create, create_req, exec, exec_req, id, signal,
     state, within,

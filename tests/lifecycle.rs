@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth::proto::UpdateContainerRequest;
+use berth_api::proto::UpdateContainerRequest;
 use common::{
     Bundle, Daemon, Events, Options, Reader, SIGKILL, create, create_req, exec, exec_req, id,
     mkfifo, open_rw, path_str, proc_stat, signal, state, within,
@@ -162,7 +162,7 @@ async fn update_pauses_resumes_and_signals() {
         let bundle = Bundle::new(&["sleep", "1000"]);
         let mut events = Events::subscribe(&mut d.client).await;
         let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        let status_of = |st: berth::proto::StateResponse| {
+        let status_of = |st: berth_api::proto::StateResponse| {
             st.containers
                 .into_iter()
                 .find(|c| c.id == id)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use berth::proto::User;
+use berth_api::proto::User;
 use common::{
     Bundle, Daemon, Events, Reader, SIGKILL, SIGTERM, create, create_req, exec, exec_req, id,
     mkfifo, open_rw, path_str, proc_stat, signal, state, within,

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use berth::daemon_proto::{InfoRequest, UpgradeRequest};
-use berth::proto::{StatsRequest, UpdateContainerRequest};
+use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
+use berth_api::proto::{StatsRequest, UpdateContainerRequest};
 use common::*;
 
 /// Restarts on the same state dir, as after a crash.
@@ -238,7 +238,7 @@ async fn a_restart_with_200_containers_reattaches_them_all() {
         crash_and_restart(&mut daemon).await;
         let after = state(&mut daemon.client).await;
         let took = started.elapsed();
-        let pids = |s: &berth::proto::StateResponse| {
+        let pids = |s: &berth_api::proto::StateResponse| {
             s.containers
                 .iter()
                 .map(|c| (c.id.clone(), c.processes[0].pid))
@@ -289,7 +289,7 @@ async fn an_in_place_upgrade_keeps_pids_exit_codes_and_the_socket() {
                 }
             })
         };
-        let mut admin = berth::api::client::connect_daemon(&daemon.socket())
+        let mut admin = berth_api::client::connect_daemon(&daemon.socket())
             .await
             .expect("connect to the Daemon service");
         let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
@@ -304,7 +304,7 @@ async fn an_in_place_upgrade_keeps_pids_exit_codes_and_the_socket() {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             assert!(Instant::now() < deadline, "the new image never answered");
-            if let Ok(mut admin) = berth::api::client::connect_daemon(&daemon.socket()).await
+            if let Ok(mut admin) = berth_api::client::connect_daemon(&daemon.socket()).await
                 && let Ok(info) = admin.info(InfoRequest {}).await
                 && info.get_ref().image_started != old_image.image_started
             {
@@ -329,7 +329,7 @@ async fn an_in_place_upgrade_keeps_pids_exit_codes_and_the_socket() {
             "berthd is the same, still running process"
         );
 
-        let pids = |s: &berth::proto::StateResponse| {
+        let pids = |s: &berth_api::proto::StateResponse| {
             s.containers
                 .iter()
                 .map(|c| {
@@ -378,7 +378,7 @@ async fn an_upgrade_to_a_broken_binary_is_refused_and_berthd_keeps_serving() {
 
         std::fs::remove_file(&binary).expect("remove the binary");
         std::fs::write(&binary, "#!/bin/sh\nexit 1\n").expect("write a broken binary");
-        let mut admin = berth::api::client::connect_daemon(&daemon.socket())
+        let mut admin = berth_api::client::connect_daemon(&daemon.socket())
             .await
             .expect("connect to the Daemon service");
         let message = expect_code(

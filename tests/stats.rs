@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth::proto::{Stats, StatsRequest};
+use berth_api::proto::{Stats, StatsRequest};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -362,7 +362,7 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
         let ms = cg.memory_stats.as_ref().unwrap();
         // Current usage moves by a few pages between our tick and the reference's read (kernel
         // allocations charged to the cgroup); peaks and failure counts must match exactly.
-        let agree = |ours: &Option<berth::proto::MemoryData>,
+        let agree = |ours: &Option<berth_api::proto::MemoryData>,
                      (usage, max, failcnt): (u64, u64, u64)| {
             let ours = ours.as_ref().unwrap();
             assert!(

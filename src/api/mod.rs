@@ -1,5 +1,4 @@
-//! The gRPC layer: thin tonic services that convert requests and delegate, and the client side.
+//! The gRPC layer: thin tonic services that convert requests and delegate.
 
-pub mod client;
 pub mod daemon;
 pub mod service;

@@ -14,8 +14,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use berth::proto::api_client::ApiClient;
-use berth::proto::{
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{
     AddProcessRequest, CreateContainerRequest, Event, EventsRequest, SignalRequest, StateRequest,
     StateResponse,
 };
@@ -261,7 +261,7 @@ impl Daemon {
 
     /// A second, independent connection (its own HTTP/2 flow-control windows).
     pub async fn connect(&self) -> Client {
-        berth::api::client::connect(&self.socket())
+        berth_api::client::connect(&self.socket())
             .await
             .expect("connect to berthd")
     }
@@ -444,7 +444,7 @@ async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if socket.exists()
-            && let Ok(client) = berth::api::client::connect(socket).await
+            && let Ok(client) = berth_api::client::connect(socket).await
         {
             return client;
         }
@@ -514,7 +514,7 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     Some(ProcStat { state, ppid })
 }
 
-pub use berth::load::procfs::children_of;
+pub use berth_load::procfs::children_of;
 
 /// Every process below `pid`: its children, their children, and so on.
 pub fn descendants_of(pid: u32) -> Vec<u32> {

@@ -1,4 +1,4 @@
-//! `berth-load`: the density benchmark's load client (see `berth::load`); `scripts/load` builds
+//! `berth-load`: the density benchmark's load client (see the `berth_load` library); `scripts/load` builds
 //! and runs it.
 
 #![deny(unsafe_code)]
@@ -15,12 +15,12 @@ use clap::Parser;
 )]
 struct Cli {
     #[command(flatten)]
-    options: berth::load::Options,
+    options: berth_load::Options,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = berth::load::prepare_process() {
+    if let Err(e) = berth_load::prepare_process() {
         eprintln!("berth-load: {e}");
         return ExitCode::FAILURE;
     }
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(berth::load::bench(&cli.options)) {
+    match runtime.block_on(berth_load::bench(&cli.options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("berth-load: {e}");

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use berth::proto::{Checkpoint, Container, Event, Machine, Process, StateResponse, User};
+use berth_api::proto::{Checkpoint, Container, Event, Machine, Process, StateResponse, User};
 use serde_json::{Value, json};
 
 use crate::error::{Error, io_error};

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::proto::CreateContainerRequest;
+use berth_api::proto::CreateContainerRequest;
 use serde::Serialize;
 use tokio::task::JoinSet;
 

@@ -6,8 +6,8 @@ use std::io::{self, IsTerminal};
 use std::pin::Pin;
 use std::time::{Duration, UNIX_EPOCH};
 
-use berth::proto::api_client::ApiClient;
-use berth::proto::{BlkioStatsEntry, NetworkStats, Stats, StatsRequest};
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{BlkioStatsEntry, NetworkStats, Stats, StatsRequest};
 use clap::Args;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -392,7 +392,7 @@ async fn stream_table(
 
 #[cfg(test)]
 mod tests {
-    use berth::proto::{CgroupStats, CpuStats, CpuUsage, MemoryData, MemoryStats};
+    use berth_api::proto::{CgroupStats, CpuStats, CpuUsage, MemoryData, MemoryStats};
 
     use super::*;
 
@@ -439,7 +439,7 @@ mod tests {
                     stats: [("hierarchical_memory_limit".to_owned(), 16 << 20)].into(),
                     ..MemoryStats::default()
                 }),
-                blkio_stats: Some(berth::proto::BlkioStats {
+                blkio_stats: Some(berth_api::proto::BlkioStats {
                     io_service_bytes_recursive: vec![
                         blkio("Read", 4096),
                         blkio("Write", 1024),

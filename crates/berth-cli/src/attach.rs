@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::pin::pin;
 use std::process::ExitCode;
 
-use berth::proto::api_client::ApiClient;
-use berth::proto::{Event, SignalRequest};
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{Event, SignalRequest};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;

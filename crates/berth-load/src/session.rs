@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::proto::SignalRequest;
-use crate::proto::api_client::ApiClient;
+use berth_api::proto::SignalRequest;
+use berth_api::proto::api_client::ApiClient;
 use futures_util::{StreamExt, stream};
 use tonic::transport::Channel;
 
@@ -264,7 +264,7 @@ impl Session {
                     log.trim()
                 )));
             }
-            if berthd.socket.exists() && crate::api::client::connect(&berthd.socket).await.is_ok() {
+            if berthd.socket.exists() && berth_api::client::connect(&berthd.socket).await.is_ok() {
                 break;
             }
             if Instant::now() > deadline {

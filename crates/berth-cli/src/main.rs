@@ -16,9 +16,9 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use berth::daemon_proto::daemon_client::DaemonClient;
-use berth::proto::api_client::ApiClient;
-use berth::proto::{
+use berth_api::daemon_proto::daemon_client::DaemonClient;
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{
     AddProcessRequest, CreateContainerRequest, EventsRequest, Process, SignalRequest, StateRequest,
     StateResponse, UpdateContainerRequest, User,
 };
@@ -191,7 +191,7 @@ async fn main() -> ExitCode {
 }
 
 async fn execute(cli: Cli) -> Result<ExitCode, Error> {
-    let channel = berth::api::client::channel(&cli.address)
+    let channel = berth_api::client::channel(&cli.address)
         .await
         .map_err(|source| Error::Connect {
             address: cli.address.clone(),

@@ -176,7 +176,7 @@ pub async fn bench(options: &Options) -> Result<(), LoadError> {
         ))),
     };
     let client = match &options.address {
-        Some(address) => crate::api::client::connect(address).await.ok(),
+        Some(address) => berth_api::client::connect(address).await.ok(),
         None => None,
     };
     session.cleanup(client).await;
@@ -237,12 +237,12 @@ struct Berthd {
 /// The `--address` berthd, or a fresh one started in `<dir>/<name>`.
 async fn berthd(options: &Options, session: &Session, name: &str) -> Result<Berthd, LoadError> {
     if let Some(address) = &options.address {
-        let mut daemon = crate::api::client::connect_daemon(address)
+        let mut daemon = berth_api::client::connect_daemon(address)
             .await
             .map_err(|e| LoadError(format!("connect to {}: {e}", address.display())))?;
         let info = daemon::rpc(
             "Daemon.Info".into(),
-            daemon.info(crate::daemon_proto::InfoRequest {}),
+            daemon.info(berth_api::daemon_proto::InfoRequest {}),
         )
         .await?;
         return Ok(Berthd {

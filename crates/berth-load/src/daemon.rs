@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::proto::api_client::ApiClient;
-use crate::proto::{CreateContainerRequest, EventsRequest, SignalRequest, StatsRequest};
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{CreateContainerRequest, EventsRequest, SignalRequest, StatsRequest};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -36,7 +36,7 @@ pub async fn clients(
     tasks: usize,
 ) -> Result<Vec<Client>, LoadError> {
     let connect = || async {
-        crate::api::client::connect(socket)
+        berth_api::client::connect(socket)
             .await
             .map_err(|e| LoadError(format!("connect to {}: {e}", socket.display())))
     };

@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use berth::daemon_proto::daemon_client::DaemonClient;
-use berth::daemon_proto::{InfoRequest, InfoResponse, UpgradeRequest};
+use berth_api::daemon_proto::daemon_client::DaemonClient;
+use berth_api::daemon_proto::{InfoRequest, InfoResponse, UpgradeRequest};
 use clap::Subcommand;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -90,7 +90,7 @@ async fn wait_for_new_image(address: &Path, before: &InfoResponse) -> Result<Inf
     let mut last = "no answer yet".to_owned();
     while Instant::now() < deadline {
         tokio::time::sleep(UPGRADE_POLL_INTERVAL).await;
-        let mut daemon = match berth::api::client::connect_daemon(address).await {
+        let mut daemon = match berth_api::client::connect_daemon(address).await {
             Ok(daemon) => daemon,
             Err(error) => {
                 last = root_cause(&error);

@@ -415,7 +415,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::load::direct::Throughput;
+    use crate::direct::Throughput;
 
     fn run() -> Run {
         let latency = Percentiles::of(&[Duration::from_millis(40), Duration::from_millis(60)]);

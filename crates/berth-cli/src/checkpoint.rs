@@ -1,7 +1,7 @@
 //! `berth checkpoint`: CreateCheckpoint, ListCheckpoint and DeleteCheckpoint.
 
-use berth::proto::api_client::ApiClient;
-use berth::proto::{
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{
     Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
 };
 use clap::Subcommand;
