@@ -1,16 +1,16 @@
 //! Finding a container's cgroup and opening its stats files once.
 //!
 //! Owns: the cgroup location of a process (from `/proc/<pid>/cgroup` and the host's cgroup
-//! mounts; cgroups-rs finds the v1 mount points and tells a unified host), the choice of files per
-//! hierarchy, and the open descriptors. Does not own: reading them (sampler), what they mean
-//! (snapshot), OOM notification (oom).
+//! mounts, read once from `/proc/self/mountinfo`), the choice of files per hierarchy, and the open
+//! descriptors. Does not own: reading them (sampler), what they mean (snapshot), OOM notification
+//! (oom).
 
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cgroups_rs::fs::Controllers;
-use cgroups_rs::fs::hierarchies::{self, V1};
 use rustix::fs::{Mode, OFlags};
 
 use crate::error::{Error, Result};
@@ -36,45 +36,127 @@ pub struct V1Dirs {
     pub hugetlb: Option<PathBuf>,
 }
 
+/// Where the unified hierarchy is when the host runs it alone.
+const UNIFIED_MOUNT_POINT: &str = "/sys/fs/cgroup";
+
+/// Super options of a v1 cgroup mount that are not controllers: `rw`/`ro` and the flags the
+/// kernel's `cgroup1_show_options` writes (`release_agent=` is told apart by its `=`).
+const V1_FLAGS: [&[u8]; 7] = [
+    b"rw",
+    b"ro",
+    b"noprefix",
+    b"xattr",
+    b"clone_children",
+    b"cpuset_v2_mode",
+    b"favordynmods",
+];
+
+/// A mounted v1 hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct V1Mount {
+    /// Its controllers from the super options, comma-separated (`cpu,cpuacct`), a named
+    /// hierarchy as `name=systemd`.
+    controllers: String,
+    /// The cgroup at the root of the mount: `/` unless a subtree is mounted.
+    root: PathBuf,
+    /// Where it is mounted.
+    point: PathBuf,
+}
+
+impl V1Mount {
+    fn carries(&self, controller: &str) -> bool {
+        self.controllers.split(',').any(|c| c == controller)
+    }
+}
+
 /// The host's cgroup mounts, found once.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mounts {
-    v1: V1,
+    /// The v1 hierarchies in mount order; the first that carries a controller is the one read.
+    v1: Vec<V1Mount>,
     /// Where the unified hierarchy is mounted, if it is.
     v2: Option<PathBuf>,
 }
 
 impl Mounts {
+    /// The cgroup mounts of berthd's mount namespace. Without them no container's cgroup can be
+    /// located, which `locate` reports per container; so an unreadable mountinfo is logged here
+    /// and not fatal.
     pub fn discover() -> Mounts {
-        let v2 = if hierarchies::is_cgroup2_unified_mode() {
-            Some(PathBuf::from(hierarchies::UNIFIED_MOUNTPOINT))
-        } else {
-            std::fs::read("/proc/self/mountinfo")
-                .ok()
-                .and_then(|text| cgroup2_mount(&text))
-        };
-        Mounts { v1: V1::new(), v2 }
+        const PATH: &str = "/proc/self/mountinfo";
+        match std::fs::read(PATH) {
+            Ok(text) => Mounts::from_mountinfo(&text),
+            Err(e) => {
+                let error = Error::io(PATH, e);
+                tracing::warn!(%error, "no cgroup mounts known: container stats are unavailable");
+                Mounts::default()
+            }
+        }
     }
 
-    fn v1_dir(&self, controller: Controllers, cgroup: &str) -> Option<PathBuf> {
-        let (mount_point, mount_root) = self.v1.get_mount_point(controller)?;
-        let relative = Path::new(cgroup).strip_prefix(&mount_root).unwrap_or(
-            Path::new(cgroup)
-                .strip_prefix("/")
-                .unwrap_or(Path::new(cgroup)),
-        );
-        Some(mount_point.join(relative))
+    /// The cgroup mounts in `/proc/<pid>/mountinfo` text: every `cgroup` (v1) mount with its
+    /// controllers, and the unified (`cgroup2`) mount: `/sys/fs/cgroup` if that is one, as on a
+    /// unified host, else the first one (`/sys/fs/cgroup/unified` on a hybrid host). Lines that
+    /// are not a mount as proc(5) describes it are skipped; mount points and roots are unescaped
+    /// (`\040` is a space).
+    fn from_mountinfo(mountinfo: &[u8]) -> Mounts {
+        let mut mounts = Mounts::default();
+        // Whether the last mount on /sys/fs/cgroup, the one visible there, is cgroup2.
+        let mut unified_host = false;
+        for line in mountinfo.split(|&b| b == b'\n') {
+            // `id parent major:minor root point options [optional...] - fstype source super`
+            let mut fields = line.split(|&b| b == b' ');
+            let (Some(root), Some(point)) = (fields.nth(3), fields.next()) else {
+                continue;
+            };
+            let mut fs = fields.skip_while(|&f| f != b"-").skip(1);
+            let (Some(fstype), Some(_source), Some(options)) = (fs.next(), fs.next(), fs.next())
+            else {
+                continue;
+            };
+            if point == UNIFIED_MOUNT_POINT.as_bytes() {
+                unified_host = fstype == b"cgroup2";
+            }
+            match fstype {
+                b"cgroup" => mounts.v1.push(V1Mount {
+                    controllers: v1_controllers(options),
+                    root: unescape(root),
+                    point: unescape(point),
+                }),
+                b"cgroup2" if mounts.v2.is_none() => mounts.v2 = Some(unescape(point)),
+                _ => {}
+            }
+        }
+        if unified_host {
+            mounts.v2 = Some(PathBuf::from(UNIFIED_MOUNT_POINT));
+        }
+        mounts
+    }
+
+    /// The first v1 hierarchy that carries `controller`.
+    fn v1_mount(&self, controller: &str) -> Option<&V1Mount> {
+        self.v1.iter().find(|mount| mount.carries(controller))
+    }
+
+    fn v1_dir(&self, controller: &str, cgroup: &str) -> Option<PathBuf> {
+        let mount = self.v1_mount(controller)?;
+        let cgroup = Path::new(cgroup);
+        let relative = cgroup
+            .strip_prefix(&mount.root)
+            .or_else(|_| cgroup.strip_prefix("/"))
+            .unwrap_or(cgroup);
+        Some(mount.point.join(relative))
     }
 
     /// The v1 directories of cgroup path `cgroup` (as `/proc/<pid>/cgroup` writes it) in every
     /// hierarchy, as when all controllers share one path.
     pub fn v1_dirs(&self, cgroup: &str) -> V1Dirs {
         V1Dirs {
-            cpuacct: self.v1_dir(Controllers::CpuAcct, cgroup),
-            cpu: self.v1_dir(Controllers::Cpu, cgroup),
-            memory: self.v1_dir(Controllers::Mem, cgroup),
-            blkio: self.v1_dir(Controllers::BlkIo, cgroup),
-            hugetlb: self.v1_dir(Controllers::HugeTlb, cgroup),
+            cpuacct: self.v1_dir("cpuacct", cgroup),
+            cpu: self.v1_dir("cpu", cgroup),
+            memory: self.v1_dir("memory", cgroup),
+            blkio: self.v1_dir("blkio", cgroup),
+            hugetlb: self.v1_dir("hugetlb", cgroup),
         }
     }
 
@@ -95,15 +177,15 @@ impl Mounts {
                 return;
             }
             for controller in line.controllers.split(',') {
-                let (slot, which) = match controller {
-                    "cpuacct" => (&mut v1.cpuacct, Controllers::CpuAcct),
-                    "cpu" => (&mut v1.cpu, Controllers::Cpu),
-                    "memory" => (&mut v1.memory, Controllers::Mem),
-                    "blkio" => (&mut v1.blkio, Controllers::BlkIo),
-                    "hugetlb" => (&mut v1.hugetlb, Controllers::HugeTlb),
+                let slot = match controller {
+                    "cpuacct" => &mut v1.cpuacct,
+                    "cpu" => &mut v1.cpu,
+                    "memory" => &mut v1.memory,
+                    "blkio" => &mut v1.blkio,
+                    "hugetlb" => &mut v1.hugetlb,
                     _ => continue,
                 };
-                *slot = self.v1_dir(which, line.path);
+                *slot = self.v1_dir(controller, line.path);
             }
         })?;
         if v1.cpuacct.is_some() || v1.memory.is_some() {
@@ -120,14 +202,44 @@ impl Mounts {
     }
 }
 
-/// The mount point of the unified hierarchy in `/proc/self/mountinfo` text.
-fn cgroup2_mount(mountinfo: &[u8]) -> Option<PathBuf> {
-    let text = std::str::from_utf8(mountinfo).ok()?;
-    text.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        fs.starts_with("cgroup2 ")
-            .then(|| mount.split(' ').nth(4).map(PathBuf::from))?
-    })
+/// The controllers among the super options of a v1 cgroup mount (`rw,cpu,cpuacct` gives
+/// `cpu,cpuacct`; `rw,xattr,name=systemd` gives `name=systemd`).
+fn v1_controllers(options: &[u8]) -> String {
+    let is_flag = |option: &[u8]| {
+        V1_FLAGS.contains(&option) || (option.contains(&b'=') && !option.starts_with(b"name="))
+    };
+    let mut controllers = String::new();
+    for option in options.split(|&b| b == b',') {
+        if option.is_empty() || is_flag(option) {
+            continue;
+        }
+        if !controllers.is_empty() {
+            controllers.push(',');
+        }
+        controllers.push_str(&String::from_utf8_lossy(option));
+    }
+    controllers
+}
+
+/// A mountinfo path field with the kernel's octal escapes (`\040` space, `\011` tab, `\012`
+/// newline, `\134` backslash) undone.
+fn unescape(field: &[u8]) -> PathBuf {
+    let mut bytes = Vec::with_capacity(field.len());
+    let mut rest = field;
+    while let Some((&first, tail)) = rest.split_first() {
+        let (byte, after) = match tail {
+            [
+                a @ b'0'..=b'3',
+                b @ b'0'..=b'7',
+                c @ b'0'..=b'7',
+                after @ ..,
+            ] if first == b'\\' => (((a - b'0') << 6) | ((b - b'0') << 3) | (c - b'0'), after),
+            _ => (first, tail),
+        };
+        bytes.push(byte);
+        rest = after;
+    }
+    PathBuf::from(OsString::from_vec(bytes))
 }
 
 /// One open stats file.
@@ -301,36 +413,258 @@ impl Source {
 mod tests {
     use super::*;
 
+    /// This host (a VM with every v1 controller on its own hierarchy, systemd's named one and
+    /// the unified hierarchy beside them; no hugetlb).
+    const THIS_HOST: &[u8] = b"\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+23 27 0:22 / /sys rw,relatime - sysfs sysfs rw
+24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw,size=12334460k,nr_inodes=3083615,mode=755
+25 24 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684084k
+26 24 0:24 / /dev/pts rw,relatime - devpts devpts rw,mode=600,ptmxmode=000
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,resv_strict,resuid=65534,resgid=65534
+28 27 0:25 / /mnt/sandboxing/model_tools_env/v1/python ro,nosuid,nodev,relatime - tmpfs model_tools_unavailable ro,size=4k,mode=755
+29 26 0:26 / /dev/pts rw,relatime - devpts devpts rw,mode=600,ptmxmode=000
+30 25 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684084k
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    /// A unified systemd host (Ubuntu 22.04): cgroup2 alone on /sys/fs/cgroup, with a
+    /// delegated subtree bind-mounted at a path with a space, and a USB stick's label escaped.
+    const UNIFIED_HOST: &[u8] = b"\
+24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+25 30 0:23 / /proc rw,nosuid,nodev,noexec,relatime shared:14 - proc proc rw
+26 30 0:5 / /dev rw,nosuid,relatime shared:2 - devtmpfs udev rw,size=8119212k,nr_inodes=2029803,mode=755,inode64
+27 26 0:24 / /dev/pts rw,nosuid,noexec,relatime shared:3 - devpts devpts rw,gid=5,mode=620,ptmxmode=000
+28 30 0:25 / /run rw,nosuid,nodev,noexec,relatime shared:5 - tmpfs tmpfs rw,size=1634400k,mode=755,inode64
+30 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+31 24 0:6 / /sys/kernel/security rw,nosuid,nodev,noexec,relatime shared:8 - securityfs securityfs rw
+32 26 0:26 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw,inode64
+33 28 0:27 / /run/lock rw,nosuid,nodev,noexec,relatime shared:6 - tmpfs tmpfs rw,size=5120k,inode64
+34 24 0:28 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+35 24 0:29 / /sys/fs/pstore rw,nosuid,nodev,noexec,relatime shared:10 - pstore pstore rw
+36 24 0:30 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:11 - bpf bpf rw,mode=700
+61 30 259:1 / /boot/efi rw,relatime shared:31 - vfat /dev/nvme0n1p1 rw,fmask=0077,dmask=0077,codepage=437,iocharset=iso8859-1,shortname=mixed,errors=remount-ro
+512 28 0:28 /user.slice/user-1000.slice /run/user/1000/my\\040cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+530 30 8:17 / /media/ana/USB\\040STICK rw,nosuid,nodev,relatime shared:280 - vfat /dev/sdb1 rw,uid=1000,gid=1000,fmask=0022,dmask=0022
+";
+
+    /// A hybrid systemd host (Ubuntu 20.04): v1 controllers, some sharing a hierarchy, systemd's
+    /// named hierarchy with `xattr`, cgroup2 at /sys/fs/cgroup/unified, and a hand-mounted named
+    /// hierarchy at a path with a space.
+    const HYBRID_HOST: &[u8] = b"\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+26 30 0:5 / /proc rw,nosuid,nodev,noexec,relatime shared:14 - proc proc rw
+27 30 0:6 / /dev rw,nosuid,noexec,relatime shared:2 - devtmpfs udev rw,size=4013440k,nr_inodes=1003360,mode=755
+30 1 8:2 / / rw,relatime shared:1 - ext4 /dev/sda2 rw,errors=remount-ro
+34 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+35 34 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+36 34 0:30 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+37 25 0:31 / /sys/fs/pstore rw,nosuid,nodev,noexec,relatime shared:12 - pstore pstore rw
+40 34 0:34 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+41 34 0:35 / /sys/fs/cgroup/net_cls,net_prio rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,net_cls,net_prio
+42 34 0:36 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:18 - cgroup cgroup rw,memory
+43 34 0:37 / /sys/fs/cgroup/blkio rw,nosuid,nodev,noexec,relatime shared:19 - cgroup cgroup rw,blkio
+44 34 0:38 / /sys/fs/cgroup/hugetlb rw,nosuid,nodev,noexec,relatime shared:20 - cgroup cgroup rw,hugetlb
+45 34 0:39 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:21 - cgroup cgroup rw,pids
+46 34 0:40 / /sys/fs/cgroup/cpuset rw,nosuid,nodev,noexec,relatime shared:22 - cgroup cgroup rw,cpuset,clone_children
+47 34 0:41 / /sys/fs/cgroup/rdma rw,nosuid,nodev,noexec,relatime shared:23 - cgroup cgroup rw,rdma
+610 30 0:60 / /srv/cgroup\\040tools rw,relatime shared:300 - cgroup tools rw,release_agent=/usr/sbin/agent,name=tools
+";
+
+    fn v1_mount(mounts: &Mounts, controller: &str) -> Option<(String, String, String)> {
+        let mount = mounts.v1_mount(controller)?;
+        Some((
+            mount.controllers.clone(),
+            mount.root.display().to_string(),
+            mount.point.display().to_string(),
+        ))
+    }
+
+    fn at(controllers: &str, point: &str) -> Option<(String, String, String)> {
+        Some((controllers.into(), "/".into(), point.into()))
+    }
+
     #[test]
-    fn the_unified_mount_is_found_in_mountinfo() {
-        let mountinfo = b"32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
-            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+    fn this_host_has_one_hierarchy_per_controller_beside_the_unified_one() {
+        let mounts = Mounts::from_mountinfo(THIS_HOST);
+        assert_eq!(mounts.v1.len(), 9);
+        for name in ["cpu", "cpuacct", "memory", "blkio", "pids"] {
+            let point = format!("/sys/fs/cgroup/{name}");
+            assert_eq!(v1_mount(&mounts, name), at(name, &point));
+        }
         assert_eq!(
-            cgroup2_mount(mountinfo),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            v1_mount(&mounts, "name=systemd"),
+            at("name=systemd", "/sys/fs/cgroup/systemd")
+        );
+        assert_eq!(v1_mount(&mounts, "hugetlb"), None);
+        assert_eq!(mounts.v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            mounts.v1_dirs("/ctr"),
+            V1Dirs {
+                cpuacct: Some(PathBuf::from("/sys/fs/cgroup/cpuacct/ctr")),
+                cpu: Some(PathBuf::from("/sys/fs/cgroup/cpu/ctr")),
+                memory: Some(PathBuf::from("/sys/fs/cgroup/memory/ctr")),
+                blkio: Some(PathBuf::from("/sys/fs/cgroup/blkio/ctr")),
+                hugetlb: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_unified_host_has_only_its_cgroup2_mount() {
+        let mounts = Mounts::from_mountinfo(UNIFIED_HOST);
+        assert_eq!(mounts.v1, []);
+        assert_eq!(mounts.v2, Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            mounts.locate_in(b"0::/system.slice/ctr\n").unwrap(),
+            Location::V2(PathBuf::from("/sys/fs/cgroup/system.slice/ctr"))
+        );
+    }
+
+    #[test]
+    fn a_hybrid_host_has_shared_and_named_hierarchies() {
+        let mounts = Mounts::from_mountinfo(HYBRID_HOST);
+        assert_eq!(mounts.v1.len(), 10);
+        let cpu = at("cpu,cpuacct", "/sys/fs/cgroup/cpu,cpuacct");
+        assert_eq!(v1_mount(&mounts, "cpu"), cpu);
+        assert_eq!(v1_mount(&mounts, "cpuacct"), cpu);
+        assert_eq!(
+            v1_mount(&mounts, "net_prio"),
+            at("net_cls,net_prio", "/sys/fs/cgroup/net_cls,net_prio")
         );
         assert_eq!(
-            cgroup2_mount(b"31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
-            None
+            v1_mount(&mounts, "cpuset"),
+            at("cpuset", "/sys/fs/cgroup/cpuset")
         );
+        assert_eq!(
+            v1_mount(&mounts, "name=systemd"),
+            at("name=systemd", "/sys/fs/cgroup/systemd")
+        );
+        assert_eq!(
+            v1_mount(&mounts, "name=tools"),
+            at("name=tools", "/srv/cgroup tools")
+        );
+        assert_eq!(mounts.v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let proc_cgroup = b"12:hugetlb:/ctr\n11:pids:/ctr\n7:memory:/ctr\n\
+            5:blkio:/ctr\n3:cpu,cpuacct:/ctr\n1:name=systemd:/ctr\n0::/ctr\n";
+        assert_eq!(
+            mounts.locate_in(proc_cgroup).unwrap(),
+            Location::V1(V1Dirs {
+                cpuacct: Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/ctr")),
+                cpu: Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/ctr")),
+                memory: Some(PathBuf::from("/sys/fs/cgroup/memory/ctr")),
+                blkio: Some(PathBuf::from("/sys/fs/cgroup/blkio/ctr")),
+                hugetlb: Some(PathBuf::from("/sys/fs/cgroup/hugetlb/ctr")),
+            })
+        );
+    }
+
+    #[test]
+    fn the_first_cgroup2_mount_stands_in_when_sys_fs_cgroup_is_none() {
+        let mountinfo = b"31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+            41 30 0:38 / /run/cgroup\\040two rw - cgroup2 none rw\n\
+            42 30 0:38 / /run/cgroup3 rw - cgroup2 none rw\n";
+        let mounts = Mounts::from_mountinfo(mountinfo);
+        assert_eq!(mounts.v2, Some(PathBuf::from("/run/cgroup two")));
+        // cgroup2 on /sys/fs/cgroup, then covered by a tmpfs: the tmpfs is what is there.
+        let covered = b"34 24 0:28 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+            35 34 0:29 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+            36 35 0:30 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            Mounts::from_mountinfo(covered).v2,
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(Mounts::from_mountinfo(b"").v2, None);
+    }
+
+    #[test]
+    fn a_hierarchy_mounted_from_a_subtree_is_joined_below_its_root() {
+        let mountinfo = b"1093 1085 0:32 /docker/abc /sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory\n";
+        let mounts = Mounts::from_mountinfo(mountinfo);
+        assert_eq!(
+            mounts.v1_dirs("/docker/abc/ctr").memory,
+            Some(PathBuf::from("/sys/fs/cgroup/memory/ctr"))
+        );
+        assert_eq!(
+            mounts.v1_dirs("/elsewhere").memory,
+            Some(PathBuf::from("/sys/fs/cgroup/memory/elsewhere"))
+        );
+    }
+
+    #[test]
+    fn lines_that_are_not_mounts_are_skipped() {
+        let mountinfo = b"\n32 31 0:29 / /sys/fs/cgroup/cpu rw\n\
+            33 31 0:30 / /sys/fs/cgroup/memory rw - cgroup\n\
+            35 31 0:32 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids\n";
+        let mounts = Mounts::from_mountinfo(mountinfo);
+        assert_eq!(mounts.v1.len(), 1);
+        assert_eq!(v1_mount(&mounts, "pids"), at("pids", "/sys/fs/cgroup/pids"));
+    }
+
+    #[test]
+    fn octal_escapes_are_undone_and_anything_else_kept() {
+        assert_eq!(
+            unescape(br"/a\040b\011c\012d\134e"),
+            PathBuf::from("/a b\tc\nd\\e")
+        );
+        assert_eq!(unescape(br"/a\04b\9"), PathBuf::from(r"/a\04b\9"));
+    }
+
+    #[test]
+    fn discovery_agrees_with_cgroups_rs_on_this_host() {
+        use cgroups_rs::fs::hierarchies;
+        let ours = Mounts::discover();
+        let theirs = hierarchies::auto();
+        if theirs.v2() {
+            assert_eq!(ours.v2, Some(theirs.root()));
+            return;
+        }
+        let subsystems = theirs.subsystems();
+        for name in [
+            "memory",
+            "cpuacct",
+            "cpu",
+            "blkio",
+            "pids",
+            "hugetlb",
+            "name=systemd",
+        ] {
+            let theirs = subsystems
+                .iter()
+                .find(|s| s.controller_name() == name)
+                .map(|s| {
+                    let controller = s.to_controller();
+                    (controller.path().to_owned(), controller.base().to_owned())
+                });
+            let ours = ours
+                .v1_mount(name)
+                .map(|m| (m.point.clone(), m.root.clone()));
+            assert_eq!(ours, theirs, "{name}");
+        }
     }
 
     #[test]
     fn a_v2_only_process_is_located_under_the_unified_mount() {
         let mounts = Mounts {
-            v1: V1::new(),
+            v1: Vec::new(),
             v2: Some(PathBuf::from("/sys/fs/cgroup")),
         };
         assert_eq!(
             mounts.locate_in(b"0::/system.slice/ctr\n").unwrap(),
             Location::V2(PathBuf::from("/sys/fs/cgroup/system.slice/ctr"))
         );
-        let none = Mounts {
-            v1: V1::new(),
-            v2: None,
-        };
         assert!(matches!(
-            none.locate_in(b"0::/ctr\n"),
+            Mounts::default().locate_in(b"0::/ctr\n"),
             Err(Error::NotFound(_))
         ));
     }
