@@ -415,71 +415,16 @@ mod tests {
 
     /// This host (a VM with every v1 controller on its own hierarchy, systemd's named one and
     /// the unified hierarchy beside them; no hugetlb).
-    const THIS_HOST: &[u8] = b"\
-22 27 0:21 / /proc rw,relatime - proc proc rw
-23 27 0:22 / /sys rw,relatime - sysfs sysfs rw
-24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw,size=12334460k,nr_inodes=3083615,mode=755
-25 24 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684084k
-26 24 0:24 / /dev/pts rw,relatime - devpts devpts rw,mode=600,ptmxmode=000
-27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,resv_strict,resuid=65534,resgid=65534
-28 27 0:25 / /mnt/sandboxing/model_tools_env/v1/python ro,nosuid,nodev,relatime - tmpfs model_tools_unavailable ro,size=4k,mode=755
-29 26 0:26 / /dev/pts rw,relatime - devpts devpts rw,mode=600,ptmxmode=000
-30 25 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684084k
-31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
-34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
-35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
-37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
-38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
-39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-";
+    const THIS_HOST: &[u8] = include_bytes!("fixtures/mountinfo-this-host");
 
     /// A unified systemd host (Ubuntu 22.04): cgroup2 alone on /sys/fs/cgroup, with a
     /// delegated subtree bind-mounted at a path with a space, and a USB stick's label escaped.
-    const UNIFIED_HOST: &[u8] = b"\
-24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-25 30 0:23 / /proc rw,nosuid,nodev,noexec,relatime shared:14 - proc proc rw
-26 30 0:5 / /dev rw,nosuid,relatime shared:2 - devtmpfs udev rw,size=8119212k,nr_inodes=2029803,mode=755,inode64
-27 26 0:24 / /dev/pts rw,nosuid,noexec,relatime shared:3 - devpts devpts rw,gid=5,mode=620,ptmxmode=000
-28 30 0:25 / /run rw,nosuid,nodev,noexec,relatime shared:5 - tmpfs tmpfs rw,size=1634400k,mode=755,inode64
-30 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
-31 24 0:6 / /sys/kernel/security rw,nosuid,nodev,noexec,relatime shared:8 - securityfs securityfs rw
-32 26 0:26 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw,inode64
-33 28 0:27 / /run/lock rw,nosuid,nodev,noexec,relatime shared:6 - tmpfs tmpfs rw,size=5120k,inode64
-34 24 0:28 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-35 24 0:29 / /sys/fs/pstore rw,nosuid,nodev,noexec,relatime shared:10 - pstore pstore rw
-36 24 0:30 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:11 - bpf bpf rw,mode=700
-61 30 259:1 / /boot/efi rw,relatime shared:31 - vfat /dev/nvme0n1p1 rw,fmask=0077,dmask=0077,codepage=437,iocharset=iso8859-1,shortname=mixed,errors=remount-ro
-512 28 0:28 /user.slice/user-1000.slice /run/user/1000/my\\040cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-530 30 8:17 / /media/ana/USB\\040STICK rw,nosuid,nodev,relatime shared:280 - vfat /dev/sdb1 rw,uid=1000,gid=1000,fmask=0022,dmask=0022
-";
+    const UNIFIED_HOST: &[u8] = include_bytes!("fixtures/mountinfo-unified-host");
 
     /// A hybrid systemd host (Ubuntu 20.04): v1 controllers, some sharing a hierarchy, systemd's
     /// named hierarchy with `xattr`, cgroup2 at /sys/fs/cgroup/unified, and a hand-mounted named
     /// hierarchy at a path with a space.
-    const HYBRID_HOST: &[u8] = b"\
-25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-26 30 0:5 / /proc rw,nosuid,nodev,noexec,relatime shared:14 - proc proc rw
-27 30 0:6 / /dev rw,nosuid,noexec,relatime shared:2 - devtmpfs udev rw,size=4013440k,nr_inodes=1003360,mode=755
-30 1 8:2 / / rw,relatime shared:1 - ext4 /dev/sda2 rw,errors=remount-ro
-34 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-35 34 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
-36 34 0:30 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
-37 25 0:31 / /sys/fs/pstore rw,nosuid,nodev,noexec,relatime shared:12 - pstore pstore rw
-40 34 0:34 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
-41 34 0:35 / /sys/fs/cgroup/net_cls,net_prio rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,net_cls,net_prio
-42 34 0:36 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:18 - cgroup cgroup rw,memory
-43 34 0:37 / /sys/fs/cgroup/blkio rw,nosuid,nodev,noexec,relatime shared:19 - cgroup cgroup rw,blkio
-44 34 0:38 / /sys/fs/cgroup/hugetlb rw,nosuid,nodev,noexec,relatime shared:20 - cgroup cgroup rw,hugetlb
-45 34 0:39 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:21 - cgroup cgroup rw,pids
-46 34 0:40 / /sys/fs/cgroup/cpuset rw,nosuid,nodev,noexec,relatime shared:22 - cgroup cgroup rw,cpuset,clone_children
-47 34 0:41 / /sys/fs/cgroup/rdma rw,nosuid,nodev,noexec,relatime shared:23 - cgroup cgroup rw,rdma
-610 30 0:60 / /srv/cgroup\\040tools rw,relatime shared:300 - cgroup tools rw,release_agent=/usr/sbin/agent,name=tools
-";
+    const HYBRID_HOST: &[u8] = include_bytes!("fixtures/mountinfo-hybrid-host");
 
     fn v1_mount(mounts: &Mounts, controller: &str) -> Option<(String, String, String)> {
         let mount = mounts.v1_mount(controller)?;
