@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use crate::supervisor::ProcessSpec;
-use crate::supervisor::checkpoint::Checkpoint;
+use crate::model::{Checkpoint, ProcessSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {

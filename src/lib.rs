@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod model;
 pub mod reactor;
 pub mod reaper;
 pub mod runtime;

@@ -13,30 +13,19 @@ use serde::{Deserialize, Serialize};
 use super::Supervisor;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
+use crate::model::Checkpoint;
 use crate::runtime::{CriuOptions, Operation};
 
 /// The file beside the images that records how a checkpoint was taken.
 const METADATA: &str = "berth-checkpoint.json";
 
-/// A checkpoint as the API describes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub name: String,
-    /// The container stopped after the dump.
-    pub exit: bool,
-    pub tcp: bool,
-    pub unix_sockets: bool,
-    pub shell: bool,
-}
-
-impl Checkpoint {
-    fn options(&self) -> CriuOptions {
-        CriuOptions {
-            leave_running: !self.exit,
-            tcp_established: self.tcp,
-            external_unix_sockets: self.unix_sockets,
-            shell_job: self.shell,
-        }
+/// The CRIU options a checkpoint is dumped and restored with.
+fn criu_options(checkpoint: &Checkpoint) -> CriuOptions {
+    CriuOptions {
+        leave_running: !checkpoint.exit,
+        tcp_established: checkpoint.tcp,
+        external_unix_sockets: checkpoint.unix_sockets,
+        shell_job: checkpoint.shell,
     }
 }
 
@@ -114,7 +103,7 @@ pub fn for_restore(bundle: &Path, name: &str) -> Result<(PathBuf, CriuOptions)> 
         )));
     }
     let checkpoint = read_checkpoint(&dir, name);
-    Ok((dir, checkpoint.options()))
+    Ok((dir, criu_options(&checkpoint)))
 }
 
 /// The lines of a CRIU log in `work` that say why a dump or restore failed: its last errors, or
@@ -178,7 +167,7 @@ impl Supervisor {
                 id,
                 image: &image,
                 work: work.path(),
-                options: checkpoint.options(),
+                options: criu_options(&checkpoint),
             })
             .await;
         if let Err(e) = dumped {

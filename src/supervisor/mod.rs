@@ -17,10 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
+use crate::model::ProcessSpec;
 use crate::reaper::{Reaper, TrackedProcess};
 use crate::runtime::{Operation, Runtime};
 use crate::spawn::SpawnStdio;
@@ -30,18 +29,6 @@ pub use stdio::StdioPaths;
 
 /// How long a runtime may take to hand over a pty master once it has been started.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a process runs and as whom, as State and events report it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessSpec {
-    pub args: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub additional_gids: Vec<u32>,
-    pub terminal: bool,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
