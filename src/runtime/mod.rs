@@ -13,9 +13,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
-use crate::reaper::exit_code;
 use crate::spawn::protocol::{Outcome, Response};
 use crate::spawn::{SpawnHelper, SpawnStdio};
+use crate::wait_status::exit_code;
 
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]

@@ -28,7 +28,7 @@ pub struct Request {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// The command ended; the raw wait status is decoded by `reaper::exit_code`.
+    /// The command ended; the raw wait status is decoded by `wait_status::exit_code`.
     Exited { wait_status: i32 },
     /// The command outlived its timeout and was killed.
     TimedOut,

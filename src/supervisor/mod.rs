@@ -20,11 +20,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
 use crate::model::ProcessSpec;
+use crate::procfs::process_start_time;
 use crate::reaper::{Reaper, TrackedProcess};
 use crate::runtime::{Operation, Runtime};
 use crate::spawn::SpawnStdio;
 use crate::stats::StatsHub;
-use crate::store::{ContainerRecord, ProcessRecord, Store, process_start_time};
+use crate::store::{ContainerRecord, ProcessRecord, Store};
 pub use stdio::StdioPaths;
 
 /// How long a runtime may take to hand over a pty master once it has been started.
