@@ -2,6 +2,7 @@
 //! `<bundle>/checkpoints/<name>`, with a small metadata file beside the images recording the
 //! flags and the time so List answers truthfully. One lock per bundle keeps two containers
 //! that share a bundle from racing on the same directory.
+//! Does not own: the Checkpoint record (model), the argv (runtime), restoring (create).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
