@@ -19,7 +19,7 @@ use tokio::sync::broadcast;
 use crate::model::{Checkpoint, ProcessSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     StartContainer {
         bundle: String,
     },
@@ -57,7 +57,7 @@ impl EventKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
+pub(crate) struct Event {
     pub id: String,
     pub pid: u32,
     pub kind: EventKind,
@@ -77,7 +77,7 @@ struct Counts {
 
 /// What the bus did so far, for the metrics endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventCounts {
+pub(crate) struct EventCounts {
     pub published: u64,
     /// Subscribers told they fell behind, which ends their stream.
     pub cut_off: u64,
@@ -90,11 +90,11 @@ struct Recovery {
 
 /// Why a subscription ended early.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Lagged {
+pub(crate) enum Lagged {
     Missed(u64),
 }
 
-pub struct Subscription {
+pub(crate) struct Subscription {
     backlog: VecDeque<Arc<Event>>,
     receiver: broadcast::Receiver<Arc<Event>>,
     counts: Arc<Counts>,
@@ -129,7 +129,7 @@ impl EventBus {
     }
 
     /// Records an event of the restart itself, replayed to subscribers for `window` from now.
-    pub fn record_recovery(&self, id: &str, pid: u32, kind: EventKind, window: Duration) {
+    pub(crate) fn record_recovery(&self, id: &str, pid: u32, kind: EventKind, window: Duration) {
         tracing::debug!(id, pid, kind = kind.name(), "recovery event");
         let event = Arc::new(Event {
             id: id.to_owned(),
@@ -144,7 +144,7 @@ impl EventBus {
         recovery.events.push(event);
     }
 
-    pub fn publish(&self, id: &str, pid: u32, kind: EventKind) {
+    pub(crate) fn publish(&self, id: &str, pid: u32, kind: EventKind) {
         tracing::debug!(id, pid, kind = kind.name(), "event");
         self.counts.published.fetch_add(1, Ordering::Relaxed);
         // No subscriber is not an error: the event simply has nobody to go to.
@@ -155,7 +155,7 @@ impl EventBus {
         }));
     }
 
-    pub fn subscribe(&self) -> Subscription {
+    pub(crate) fn subscribe(&self) -> Subscription {
         let mut recovery = self.recovery.lock().expect("event lock poisoned");
         let backlog = match recovery.as_ref() {
             Some(r) if Instant::now() < r.until => r.events.iter().cloned().collect(),
@@ -172,7 +172,7 @@ impl EventBus {
         }
     }
 
-    pub fn counts(&self) -> EventCounts {
+    pub(crate) fn counts(&self) -> EventCounts {
         EventCounts {
             published: self.counts.published.load(Ordering::Relaxed),
             cut_off: self.counts.cut_off.load(Ordering::Relaxed),

@@ -10,7 +10,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod metrics;
-pub mod model;
+mod model;
 mod procfs;
 pub mod reactor;
 pub mod reaper;

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::ProcessSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRecord {
+pub(crate) struct ProcessRecord {
     pub pid: u32,
     /// Start time in clock ticks since boot (field 22 of /proc/<pid>/stat): with the pid, it
     /// tells the process from a later one that reused its pid.
@@ -19,7 +19,7 @@ pub struct ProcessRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerRecord {
+pub(crate) struct ContainerRecord {
     pub id: String,
     pub bundle: PathBuf,
     pub runtime: PathBuf,
@@ -45,7 +45,7 @@ impl Store {
         self.dir.join(format!("{id}.json"))
     }
 
-    pub fn write(&self, record: &ContainerRecord) -> Result<()> {
+    pub(crate) fn write(&self, record: &ContainerRecord) -> Result<()> {
         let path = self.path(&record.id);
         let tmp = self.dir.join(format!(".{}.json.tmp", record.id));
         let bytes = serde_json::to_vec_pretty(record)
@@ -63,7 +63,7 @@ impl Store {
     /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
     /// edited by hand) is logged by name and skipped, never deleted; temp files of writes that
     /// never finished are removed.
-    pub fn load_all(&self) -> Result<Vec<ContainerRecord>> {
+    pub(crate) fn load_all(&self) -> Result<Vec<ContainerRecord>> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let mut records = Vec::new();
         for entry in entries {
@@ -100,7 +100,7 @@ impl Store {
         Ok(records)
     }
 
-    pub fn remove(&self, id: &str) -> Result<()> {
+    pub(crate) fn remove(&self, id: &str) -> Result<()> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::wait_status::exit_code;
 
 /// The exit code reported when the true one cannot be known.
-pub const UNKNOWN_EXIT: u32 = 255;
+pub(crate) const UNKNOWN_EXIT: u32 = 255;
 /// How long the exit code of an orphan reaped before registration is kept for it.
 const ORPHAN_EXIT_RETENTION: Duration = Duration::from_secs(300);
 /// How long to wait for the parent of an adopted process to reap it so its status is known.
@@ -69,7 +69,11 @@ impl Reaper {
 
     /// Starts tracking `pid` again after a restart or upgrade, if it is still the process that
     /// started at `start_time` (clock ticks since boot). `Ok(None)` when it is gone.
-    pub fn adopt(self: &Arc<Self>, pid: i32, start_time: u64) -> Result<Option<TrackedProcess>> {
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        pid: i32,
+        start_time: u64,
+    ) -> Result<Option<TrackedProcess>> {
         let mut tables = self.tables.lock().expect("reaper lock poisoned");
         let fd = match sys::open(pid) {
             Ok(fd) => fd,
@@ -100,7 +104,7 @@ impl Reaper {
     /// Starts tracking `pid`, a child of this process. Must be called from within the tokio
     /// runtime. A child that already exited and was reaped as an orphan yields a process whose
     /// wait returns at once with its recorded code.
-    pub fn track(self: &Arc<Self>, pid: i32) -> Result<TrackedProcess> {
+    pub(crate) fn track(self: &Arc<Self>, pid: i32) -> Result<TrackedProcess> {
         let mut tables = self.tables.lock().expect("reaper lock poisoned");
         match sys::open(pid) {
             Ok(fd) => {
@@ -200,7 +204,7 @@ impl Reaper {
 
 /// A tracked child process: its pidfd in the reactor, or the exit code recorded when it was
 /// reaped as an orphan before registration.
-pub struct TrackedProcess {
+pub(crate) struct TrackedProcess {
     pid: i32,
     fd: Option<AsyncFd<OwnedFd>>,
     early_exit: Option<u32>,

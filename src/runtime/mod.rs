@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]
-pub enum Operation<'a> {
+pub(crate) enum Operation<'a> {
     Create {
         id: &'a str,
         bundle: &'a Path,
@@ -64,7 +64,7 @@ pub enum Operation<'a> {
 
 /// What CRIU may dump and restore, and whether the container keeps running after a dump.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CriuOptions {
+pub(crate) struct CriuOptions {
     pub leave_running: bool,
     pub tcp_established: bool,
     pub external_unix_sockets: bool,
@@ -118,7 +118,7 @@ pub struct RuntimeBinary {
 
 impl RuntimeBinary {
     /// The runtime's short name for messages: `runc`, `crun`, or the file name given.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -126,7 +126,7 @@ impl RuntimeBinary {
     }
 
     /// The full argv for `op`. runc, crun and youki share these flags.
-    pub fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
+    pub(crate) fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let mut argv = vec![
             path(&self.path),
@@ -275,12 +275,12 @@ impl Runtime {
         }
     }
 
-    pub fn binary(&self) -> &RuntimeBinary {
+    pub(crate) fn binary(&self) -> &RuntimeBinary {
         &self.binary
     }
 
     /// Runs `op` with its output captured; returns its stdout.
-    pub async fn run(&self, op: Operation<'_>) -> Result<String> {
+    pub(crate) async fn run(&self, op: Operation<'_>) -> Result<String> {
         self.run_with_stdio(
             op,
             [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
@@ -289,7 +289,7 @@ impl Runtime {
     }
 
     /// Runs `op` with the given stdio (the container's, for create and exec).
-    pub async fn run_with_stdio(
+    pub(crate) async fn run_with_stdio(
         &self,
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],

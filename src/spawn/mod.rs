@@ -9,7 +9,7 @@
 //! [`Completion`] with the wait status decoded.
 //! Does not own: what commands are run (runtime) or the processes they leave behind (reaper).
 
-pub mod fdpass;
+pub(crate) mod fdpass;
 mod fork;
 mod helper;
 pub mod protocol;
@@ -34,7 +34,7 @@ use protocol::{MAX_MESSAGE, Request, Response, StdioSpec};
 /// The argument that makes the berthd binary run as a restarted spawn helper on its stdin.
 pub const HELPER_ARG: &str = "__spawn-helper";
 /// The helper's process name, so operators and tests can tell it from berthd.
-pub const HELPER_NAME: &str = "berthd-spawn";
+const HELPER_NAME: &str = "berthd-spawn";
 
 fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::net::socketpair(

@@ -142,7 +142,7 @@ impl BundleLocks {
 impl Supervisor {
     /// Dumps container `id` into `<bundle>/checkpoints/<name>`. On failure the partial directory
     /// is removed and the container keeps running.
-    pub async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
+    pub(crate) async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
         let container = self.container(id)?;
         validate_name(&checkpoint.name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
@@ -194,12 +194,12 @@ impl Supervisor {
     }
 
     /// The checkpoints in container `id`'s bundle.
-    pub fn list_checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>> {
+    pub(crate) fn list_checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>> {
         list(&self.container(id)?.bundle)
     }
 
     /// Removes checkpoint `name` from container `id`'s bundle.
-    pub async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<()> {
+    pub(crate) async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<()> {
         let container = self.container(id)?;
         validate_name(name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;

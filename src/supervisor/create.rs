@@ -27,7 +27,7 @@ pub struct CreateRequest {
 impl Supervisor {
     /// Creates and starts a container, or restores it from `<bundle>/checkpoints/<checkpoint>`;
     /// returns its init's pid. On failure nothing is left.
-    pub async fn create(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
+    pub(crate) async fn create(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
         let (bundle, spec) = validate::bundle(&request.bundle)?;
         let restore = (!request.checkpoint.is_empty())

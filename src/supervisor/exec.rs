@@ -40,7 +40,7 @@ pub struct ExecRequest {
 
 impl Supervisor {
     /// Starts an added process in a running container; returns its host pid.
-    pub async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
+    pub(crate) async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
         let container = self.container(&request.id)?;
         if request.args.is_empty() {
             return Err(Error::InvalidArgument(

@@ -17,7 +17,7 @@ mod scratch;
 mod signal;
 mod stdio;
 mod update;
-pub mod validate;
+pub(crate) mod validate;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,11 +30,11 @@ use crate::reaper::Reaper;
 use crate::runtime::Runtime;
 use crate::stats::StatsHub;
 use crate::store::Store;
-pub use create::CreateRequest;
-pub use exec::{ExecRequest, User};
+pub(crate) use create::CreateRequest;
+pub(crate) use exec::{ExecRequest, User};
+pub(crate) use registry::ContainerInfo;
 use registry::Slot;
-pub use registry::{ContainerInfo, Status};
-pub use stdio::StdioPaths;
+pub(crate) use stdio::StdioPaths;
 
 /// The host: State's `machine`.
 #[derive(Debug, Clone)]
@@ -86,15 +86,15 @@ impl Supervisor {
         }))
     }
 
-    pub fn events(&self) -> &EventBus {
+    pub(crate) fn events(&self) -> &EventBus {
         &self.events
     }
 
-    pub fn stats(&self) -> &StatsHub {
+    pub(crate) fn stats(&self) -> &StatsHub {
         &self.stats
     }
 
-    pub fn machine(&self) -> &Machine {
+    pub(crate) fn machine(&self) -> &Machine {
         &self.machine
     }
 }

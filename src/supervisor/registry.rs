@@ -192,7 +192,7 @@ impl Supervisor {
     }
 
     /// Every container, ordered by id.
-    pub fn containers(&self) -> Vec<ContainerInfo> {
+    pub(crate) fn containers(&self) -> Vec<ContainerInfo> {
         let live: Vec<Arc<Container>> = self
             .registry()
             .values()

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 impl Supervisor {
     /// Sends `signal` to `pid`, which must be the init or an added process of container `id`.
-    pub fn signal(&self, id: &str, pid: u32, signal: u32) -> Result<()> {
+    pub(crate) fn signal(&self, id: &str, pid: u32, signal: u32) -> Result<()> {
         let container = self.container(id)?;
         let signal = validate::signal(signal)?;
         if container.init.pid() == pid {

@@ -13,7 +13,7 @@ use crate::runtime::Operation;
 impl Supervisor {
     /// Freezes ("paused") or thaws ("running") the container, then signals its init if `signal`
     /// is not 0.
-    pub async fn update(&self, id: &str, status: &str, signal: u32) -> Result<()> {
+    pub(crate) async fn update(&self, id: &str, status: &str, signal: u32) -> Result<()> {
         let container = self.container(id)?;
         let target = match status {
             "" => None,
