@@ -8,6 +8,8 @@
 //! The events of a restart (`live` for each adopted container, `exit` for each that ended while
 //! berthd was down) happen before anyone can subscribe, so they are kept as a backlog that
 //! every subscriber connecting within the replay window receives first.
+//!
+//! Does not own: when events happen (supervisor, stats) or their wire form (api).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,5 +1,6 @@
 //! The state directory: one small JSON file per container with what a restarted berthd needs to
 //! find it again. Writes are atomic: a temp file, fsync, rename, fsync of the directory.
+//! Does not own: what goes in a record or when it is written (supervisor).
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -2,10 +2,10 @@
 //! orphans reparented to it as the child subreaper.
 //!
 //! Owns: one pidfd per tracked process, polled by the tokio reactor; collecting a tracked
-//! process's status with `waitid(P_PIDFD)`; reaping orphans nobody registered; the exit code each
-//! of them reports.
-//! Does not own: decoding wait statuses ([`crate::wait_status`]), what an exit means for a
-//! container (the supervisor) or spawning (spawn).
+//! process's status with `waitid(P_PIDFD)`, or from the pidfd for an adopted one; reaping orphans
+//! nobody registered.
+//! Does not own: decoding a wait status (the one decoder is [`crate::wait_status::exit_code`]),
+//! what an exit means for a container (the supervisor) or spawning (spawn).
 //!
 //! Nothing here reaps with `waitpid(-1)`. Orphans are found by peeking with
 //! `waitid(P_ALL, WNOWAIT)`, which reaps nothing, and reaped by pid only when untracked, under
