@@ -8,6 +8,8 @@
 //! The events of a restart (`live` for each adopted container, `exit` for each that ended while
 //! berthd was down) happen before anyone can subscribe, so they are kept as a backlog that
 //! every subscriber connecting within the replay window receives first.
+//!
+//! Does not own: when events happen (supervisor, stats) or their wire form (api).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,11 +18,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use crate::supervisor::ProcessSpec;
-use crate::supervisor::checkpoint::Checkpoint;
+use crate::model::{Checkpoint, ProcessSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     StartContainer {
         bundle: String,
     },
@@ -58,7 +59,7 @@ impl EventKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
+pub(crate) struct Event {
     pub id: String,
     pub pid: u32,
     pub kind: EventKind,
@@ -78,7 +79,7 @@ struct Counts {
 
 /// What the bus did so far, for the metrics endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventCounts {
+pub(crate) struct EventCounts {
     pub published: u64,
     /// Subscribers told they fell behind, which ends their stream.
     pub cut_off: u64,
@@ -91,11 +92,11 @@ struct Recovery {
 
 /// Why a subscription ended early.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Lagged {
+pub(crate) enum Lagged {
     Missed(u64),
 }
 
-pub struct Subscription {
+pub(crate) struct Subscription {
     backlog: VecDeque<Arc<Event>>,
     receiver: broadcast::Receiver<Arc<Event>>,
     counts: Arc<Counts>,
@@ -130,7 +131,7 @@ impl EventBus {
     }
 
     /// Records an event of the restart itself, replayed to subscribers for `window` from now.
-    pub fn record_recovery(&self, id: &str, pid: u32, kind: EventKind, window: Duration) {
+    pub(crate) fn record_recovery(&self, id: &str, pid: u32, kind: EventKind, window: Duration) {
         tracing::debug!(id, pid, kind = kind.name(), "recovery event");
         let event = Arc::new(Event {
             id: id.to_owned(),
@@ -145,7 +146,7 @@ impl EventBus {
         recovery.events.push(event);
     }
 
-    pub fn publish(&self, id: &str, pid: u32, kind: EventKind) {
+    pub(crate) fn publish(&self, id: &str, pid: u32, kind: EventKind) {
         tracing::debug!(id, pid, kind = kind.name(), "event");
         self.counts.published.fetch_add(1, Ordering::Relaxed);
         // No subscriber is not an error: the event simply has nobody to go to.
@@ -156,7 +157,7 @@ impl EventBus {
         }));
     }
 
-    pub fn subscribe(&self) -> Subscription {
+    pub(crate) fn subscribe(&self) -> Subscription {
         let mut recovery = self.recovery.lock().expect("event lock poisoned");
         let backlog = match recovery.as_ref() {
             Some(r) if Instant::now() < r.until => r.events.iter().cloned().collect(),
@@ -173,7 +174,7 @@ impl EventBus {
         }
     }
 
-    pub fn counts(&self) -> EventCounts {
+    pub(crate) fn counts(&self) -> EventCounts {
         EventCounts {
             published: self.counts.published.load(Ordering::Relaxed),
             cut_off: self.counts.cut_off.load(Ordering::Relaxed),

@@ -10,6 +10,8 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod metrics;
+mod model;
+mod procfs;
 pub mod reactor;
 pub mod reaper;
 pub mod runtime;
@@ -18,5 +20,6 @@ pub mod stats;
 pub mod store;
 pub mod supervisor;
 pub mod upgrade;
+pub mod wait_status;
 
 pub use berth_api::{daemon_proto, proto};

@@ -149,7 +149,7 @@ impl Metrics {
         Metrics { registry }
     }
 
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

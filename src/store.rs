@@ -1,5 +1,6 @@
 //! The state directory: one small JSON file per container with what a restarted berthd needs to
 //! find it again. Writes are atomic: a temp file, fsync, rename, fsync of the directory.
+//! Does not own: what goes in a record or when it is written (supervisor).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,10 +8,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::supervisor::ProcessSpec;
+use crate::model::ProcessSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRecord {
+pub(crate) struct ProcessRecord {
     pub pid: u32,
     /// Start time in clock ticks since boot (field 22 of /proc/<pid>/stat): with the pid, it
     /// tells the process from a later one that reused its pid.
@@ -19,7 +20,7 @@ pub struct ProcessRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerRecord {
+pub(crate) struct ContainerRecord {
     pub id: String,
     pub bundle: PathBuf,
     pub runtime: PathBuf,
@@ -45,7 +46,7 @@ impl Store {
         self.dir.join(format!("{id}.json"))
     }
 
-    pub fn write(&self, record: &ContainerRecord) -> Result<()> {
+    pub(crate) fn write(&self, record: &ContainerRecord) -> Result<()> {
         let path = self.path(&record.id);
         let tmp = self.dir.join(format!(".{}.json.tmp", record.id));
         let bytes = serde_json::to_vec_pretty(record)
@@ -63,7 +64,7 @@ impl Store {
     /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
     /// edited by hand) is logged by name and skipped, never deleted; temp files of writes that
     /// never finished are removed.
-    pub fn load_all(&self) -> Result<Vec<ContainerRecord>> {
+    pub(crate) fn load_all(&self) -> Result<Vec<ContainerRecord>> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let mut records = Vec::new();
         for entry in entries {
@@ -100,7 +101,7 @@ impl Store {
         Ok(records)
     }
 
-    pub fn remove(&self, id: &str) -> Result<()> {
+    pub(crate) fn remove(&self, id: &str) -> Result<()> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -110,39 +111,9 @@ impl Store {
     }
 }
 
-/// The start time of `pid` in clock ticks since boot.
-pub fn process_start_time(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    parse_start_time(&stat)
-        .ok_or_else(|| Error::Internal(format!("{path}: no start time in its contents")))
-}
-
-/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
-/// parentheses, so fields are counted from the last `)`.
-pub fn parse_start_time(stat: &[u8]) -> Option<u64> {
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    // After ")" come field 3 (state) onwards; field 22 is the 20th of them.
-    rest.split_ascii_whitespace().nth(19)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn start_time_is_field_22_even_with_odd_command_names() {
-        let stat = b"4242 (sh (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 2461696 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
-        assert_eq!(parse_start_time(stat), Some(987654));
-        assert_eq!(parse_start_time(b"12 (sh) S 1 2"), None);
-        assert_eq!(parse_start_time(b"garbage"), None);
-    }
-
-    #[test]
-    fn own_start_time_is_readable() {
-        assert!(process_start_time(std::process::id()).unwrap() > 0);
-    }
 
     #[test]
     fn records_are_written_atomically_and_removed() {

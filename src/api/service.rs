@@ -10,12 +10,10 @@ use tracing::Instrument;
 
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
+use crate::model::{Checkpoint, ProcessSpec};
 use crate::proto;
 use crate::stats::snapshot::{self, Snapshot};
-use crate::supervisor::checkpoint::Checkpoint;
-use crate::supervisor::{
-    ContainerInfo, CreateRequest, ExecRequest, ProcessSpec, StdioPaths, Supervisor, User,
-};
+use crate::supervisor::{ContainerInfo, CreateRequest, ExecRequest, StdioPaths, Supervisor, User};
 
 pub struct ApiService {
     supervisor: Arc<Supervisor>,

@@ -20,13 +20,14 @@ use berth::daemon_proto::daemon_server::DaemonServer;
 use berth::error::{Error, Result};
 use berth::events::EventBus;
 use berth::proto::api_server::ApiServer;
-use berth::reaper::{Reaper, exit_code};
-use berth::runtime::{Runtime, RuntimeBinary};
+use berth::reaper::Reaper;
+use berth::runtime::{Runtime, RuntimeBinary, SpawnStdio};
 use berth::spawn::protocol::Outcome;
-use berth::spawn::{self, SpawnHelper, SpawnStdio};
+use berth::spawn::{self, SpawnHelper};
 use berth::stats::StatsHub;
 use berth::store::Store;
 use berth::supervisor::{Machine, Supervisor};
+use berth::wait_status::exit_code;
 
 /// How long requests in flight get to finish once berthd is told to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -2,9 +2,10 @@
 //! orphans reparented to it as the child subreaper.
 //!
 //! Owns: one pidfd per tracked process, polled by the tokio reactor; collecting a tracked
-//! process's status with `waitid(P_PIDFD)`; reaping orphans nobody registered; decoding a wait
-//! status into the exit code the API reports ([`exit_code`], the only place that does).
-//! Does not own: what an exit means for a container (the supervisor) or spawning (spawn).
+//! process's status with `waitid(P_PIDFD)`, or from the pidfd for an adopted one; reaping orphans
+//! nobody registered.
+//! Does not own: decoding a wait status (the one decoder is [`crate::wait_status::exit_code`]),
+//! what an exit means for a container (the supervisor) or spawning (spawn).
 //!
 //! Nothing here reaps with `waitpid(-1)`. Orphans are found by peeking with
 //! `waitid(P_ALL, WNOWAIT)`, which reaps nothing, and reaped by pid only when untracked, under
@@ -29,28 +30,16 @@ use tokio::io::unix::AsyncFd;
 use sys::WaitTarget;
 
 use crate::error::{Error, Result};
+use crate::wait_status::exit_code;
 
 /// The exit code reported when the true one cannot be known.
-pub const UNKNOWN_EXIT: u32 = 255;
+pub(crate) const UNKNOWN_EXIT: u32 = 255;
 /// How long the exit code of an orphan reaped before registration is kept for it.
 const ORPHAN_EXIT_RETENTION: Duration = Duration::from_secs(300);
 /// How long to wait for the parent of an adopted process to reap it so its status is known.
 const EXIT_INFO_WAIT: Duration = Duration::from_secs(15);
 /// How soon to look again when the oldest zombie is a tracked process its waiter has not reaped yet.
 const SWEEP_RETRY: Duration = Duration::from_millis(20);
-
-/// The exit code the API reports for a raw wait status (as `waitpid` gives it): the code for a
-/// normal exit, 128 + the signal number for a process killed by a signal. `None` for states
-/// that are not an exit (stopped, continued).
-pub fn exit_code(raw: i32) -> Option<u32> {
-    if libc::WIFEXITED(raw) {
-        Some(libc::WEXITSTATUS(raw) as u32)
-    } else if libc::WIFSIGNALED(raw) {
-        Some(128 + libc::WTERMSIG(raw) as u32)
-    } else {
-        None
-    }
-}
 
 #[derive(Default)]
 struct Tables {
@@ -80,7 +69,11 @@ impl Reaper {
 
     /// Starts tracking `pid` again after a restart or upgrade, if it is still the process that
     /// started at `start_time` (clock ticks since boot). `Ok(None)` when it is gone.
-    pub fn adopt(self: &Arc<Self>, pid: i32, start_time: u64) -> Result<Option<TrackedProcess>> {
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        pid: i32,
+        start_time: u64,
+    ) -> Result<Option<TrackedProcess>> {
         let mut tables = self.tables.lock().expect("reaper lock poisoned");
         let fd = match sys::open(pid) {
             Ok(fd) => fd,
@@ -89,7 +82,7 @@ impl Reaper {
         };
         // Checked after the pidfd is open: if the pid was reused before, the start time differs;
         // if the process ends after, the pidfd still refers to it and reports its exit.
-        match crate::store::process_start_time(pid as u32) {
+        match crate::procfs::process_start_time(pid as u32) {
             Ok(now) if now == start_time => {}
             _ => return Ok(None),
         }
@@ -111,7 +104,7 @@ impl Reaper {
     /// Starts tracking `pid`, a child of this process. Must be called from within the tokio
     /// runtime. A child that already exited and was reaped as an orphan yields a process whose
     /// wait returns at once with its recorded code.
-    pub fn track(self: &Arc<Self>, pid: i32) -> Result<TrackedProcess> {
+    pub(crate) fn track(self: &Arc<Self>, pid: i32) -> Result<TrackedProcess> {
         let mut tables = self.tables.lock().expect("reaper lock poisoned");
         match sys::open(pid) {
             Ok(fd) => {
@@ -211,7 +204,7 @@ impl Reaper {
 
 /// A tracked child process: its pidfd in the reactor, or the exit code recorded when it was
 /// reaped as an orphan before registration.
-pub struct TrackedProcess {
+pub(crate) struct TrackedProcess {
     pid: i32,
     fd: Option<AsyncFd<OwnedFd>>,
     early_exit: Option<u32>,
@@ -344,22 +337,6 @@ impl Drop for TrackedProcess {
 pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn exit_codes_follow_the_shell_convention() {
-        assert_eq!(exit_code(0), Some(0));
-        assert_eq!(exit_code(7 << 8), Some(7));
-        assert_eq!(exit_code(255 << 8), Some(255));
-        assert_eq!(exit_code(libc::SIGKILL), Some(137));
-        assert_eq!(exit_code(libc::SIGTERM), Some(143));
-        // Killed by SIGSEGV with a core dump.
-        assert_eq!(exit_code(libc::SIGSEGV | 0x80), Some(139));
-        // Real-time signals are signals too: 128 + 64.
-        assert_eq!(exit_code(64), Some(192));
-        // Stopped by SIGSTOP, and continued: not exits.
-        assert_eq!(exit_code((libc::SIGSTOP << 8) | 0x7f), None);
-        assert_eq!(exit_code(0xffff), None);
-    }
-
     #[tokio::test]
     async fn a_child_killed_by_a_real_time_signal_reports_128_plus_it() {
         let _children = CHILD_PROCESSES.lock().await;
@@ -427,7 +404,7 @@ pub(crate) mod tests {
         let _children = CHILD_PROCESSES.lock().await;
         let reaper = Reaper::new();
         let pid = spawn_child("sleep 0.2; exit 4");
-        let start = crate::store::process_start_time(pid as u32).unwrap();
+        let start = crate::procfs::process_start_time(pid as u32).unwrap();
         assert!(
             reaper.adopt(pid, start + 1).unwrap().is_none(),
             "start time must match"
@@ -453,7 +430,7 @@ pub(crate) mod tests {
             .read_line(&mut line)
             .unwrap();
         let pid: i32 = line.trim().parse().unwrap();
-        let start = crate::store::process_start_time(pid as u32).unwrap();
+        let start = crate::procfs::process_start_time(pid as u32).unwrap();
         let adopted = reaper.adopt(pid, start).unwrap().unwrap();
         let expected = if reaper.exit_info_supported() {
             5

@@ -1,10 +1,12 @@
 //! Typed runtime operations and the one place they become argv for runc, crun or youki.
 //!
-//! Owns: the argv of every runtime invocation, its timeout, and turning a failed invocation into
-//! an error that carries the runtime's own message (from its JSON log, else its stderr).
-//! Does not own: starting processes (behind [`Spawner`], implemented by the spawn helper) or what
-//! the supervisor does with the result.
+//! Owns: the argv of every runtime invocation, its timeout, turning a failed invocation into an
+//! error that carries the runtime's own message (from its JSON log, else its stderr), and the
+//! [`Spawner`] interface with what it takes ([`SpawnStdio`]) and returns ([`Completion`]).
+//! Does not own: starting processes or decoding how they ended (the spawn helper implements
+//! [`Spawner`]), or what the supervisor does with the result.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,13 +15,10 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
-use crate::reaper::exit_code;
-use crate::spawn::protocol::{Outcome, Response};
-use crate::spawn::{SpawnHelper, SpawnStdio};
 
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]
-pub enum Operation<'a> {
+pub(crate) enum Operation<'a> {
     Create {
         id: &'a str,
         bundle: &'a Path,
@@ -65,7 +64,7 @@ pub enum Operation<'a> {
 
 /// What CRIU may dump and restore, and whether the container keeps running after a dump.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CriuOptions {
+pub(crate) struct CriuOptions {
     pub leave_running: bool,
     pub tcp_established: bool,
     pub external_unix_sockets: bool,
@@ -119,7 +118,7 @@ pub struct RuntimeBinary {
 
 impl RuntimeBinary {
     /// The runtime's short name for messages: `runc`, `crun`, or the file name given.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -127,7 +126,7 @@ impl RuntimeBinary {
     }
 
     /// The full argv for `op`. runc, crun and youki share these flags.
-    pub fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
+    pub(crate) fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let mut argv = vec![
             path(&self.path),
@@ -213,25 +212,42 @@ impl RuntimeBinary {
     }
 }
 
-/// Starts processes for the runtime; the spawn helper in berthd, a stub in unit tests.
-pub trait Spawner: Send + Sync + 'static {
-    fn spawn(
-        &self,
-        argv: Vec<String>,
-        stdio: [SpawnStdio; 3],
-        timeout: Duration,
-    ) -> BoxFuture<'_, Result<Response>>;
+/// One stdio stream of a spawned command.
+pub enum SpawnStdio {
+    Null,
+    Capture,
+    Fd(OwnedFd),
 }
 
-impl Spawner for SpawnHelper {
+/// How a spawned command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command ended with this exit code; `None` when its wait status was not an exit.
+    Exited { code: Option<u32> },
+    /// The command outlived its timeout and was killed.
+    TimedOut,
+    /// The command could not be started at all.
+    SpawnFailed { error: String },
+}
+
+/// A spawned command that has ended, with what it wrote to its captured streams.
+#[derive(Debug)]
+pub struct Completion {
+    pub pid: i32,
+    pub outcome: Outcome,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Starts processes for the runtime; the spawn helper in berthd, a stub in unit tests.
+pub trait Spawner: Send + Sync + 'static {
+    /// Runs `argv`, killing it (and its process group) after `timeout`.
     fn spawn(
         &self,
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
-    ) -> BoxFuture<'_, Result<Response>> {
-        Box::pin(self.run(argv, stdio, timeout))
-    }
+    ) -> BoxFuture<'_, Result<Completion>>;
 }
 
 /// Runs typed operations through a spawner, with a timeout and the runtime's errors.
@@ -259,12 +275,12 @@ impl Runtime {
         }
     }
 
-    pub fn binary(&self) -> &RuntimeBinary {
+    pub(crate) fn binary(&self) -> &RuntimeBinary {
         &self.binary
     }
 
     /// Runs `op` with its output captured; returns its stdout.
-    pub async fn run(&self, op: Operation<'_>) -> Result<String> {
+    pub(crate) async fn run(&self, op: Operation<'_>) -> Result<String> {
         self.run_with_stdio(
             op,
             [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
@@ -273,7 +289,7 @@ impl Runtime {
     }
 
     /// Runs `op` with the given stdio (the container's, for create and exec).
-    pub async fn run_with_stdio(
+    pub(crate) async fn run_with_stdio(
         &self,
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],
@@ -285,22 +301,21 @@ impl Runtime {
         let argv = self.binary.argv(&op, &log);
         let what = format!("{} {}", self.binary.name(), op.name());
         tracing::debug!(?argv, "runtime");
-        let response = self.spawner.spawn(argv, stdio, self.timeout).await;
+        let completion = self.spawner.spawn(argv, stdio, self.timeout).await;
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
-        let response = response?;
-        match response.outcome {
-            Outcome::Exited { wait_status } => {
-                let status = exit_code(wait_status);
-                if status == Some(0) {
-                    Ok(response.stdout)
+        let completion = completion?;
+        match completion.outcome {
+            Outcome::Exited { code } => {
+                if code == Some(0) {
+                    Ok(completion.stdout)
                 } else {
                     let captured = if op.passes_stdio() {
                         ""
                     } else {
-                        &response.stderr
+                        &completion.stderr
                     };
-                    let message = failure_message(&log_text, captured, status);
+                    let message = failure_message(&log_text, captured, code);
                     // runc already says "runc create failed: ..."; say it once.
                     let message = match message.strip_prefix(&format!("{what} failed: ")) {
                         Some(rest) => rest.to_owned(),
@@ -549,16 +564,15 @@ mod tests {
             argv: Vec<String>,
             _stdio: [SpawnStdio; 3],
             _timeout: Duration,
-        ) -> BoxFuture<'_, Result<Response>> {
+        ) -> BoxFuture<'_, Result<Completion>> {
             self.seen.lock().unwrap().push(argv);
-            let response = Response {
-                id: 1,
+            let completion = Completion {
                 pid: 42,
                 outcome: self.outcome.clone(),
                 stdout: "{\"status\":\"running\"}".into(),
                 stderr: self.stderr.clone(),
             };
-            Box::pin(async move { Ok(response) })
+            Box::pin(async move { Ok(completion) })
         }
     }
 
@@ -579,7 +593,7 @@ mod tests {
 
     #[tokio::test]
     async fn success_returns_stdout() {
-        let (runtime, stub) = runtime_with(Outcome::Exited { wait_status: 0 }, "");
+        let (runtime, stub) = runtime_with(Outcome::Exited { code: Some(0) }, "");
         let out = runtime.run(Operation::List).await.unwrap();
         assert_eq!(out, "{\"status\":\"running\"}");
         assert_eq!(stub.seen.lock().unwrap()[0][7], "list");
@@ -588,9 +602,7 @@ mod tests {
     #[tokio::test]
     async fn failures_carry_the_runtime_message() {
         let (runtime, _) = runtime_with(
-            Outcome::Exited {
-                wait_status: 1 << 8,
-            },
+            Outcome::Exited { code: Some(1) },
             "container \"a\" does not exist\n",
         );
         let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();

@@ -5,9 +5,11 @@
 //! `SOCK_SEQPACKET` socketpair (stdio passed with `SCM_RIGHTS`), restarting the helper when it
 //! dies (re-exec of berthd's own binary, since forking the grown multi-threaded daemon is what the
 //! helper exists to avoid) and failing the requests it had in flight with Unavailable.
+//! It implements the runtime's [`Spawner`], turning the helper's wire response into the runtime's
+//! [`Completion`] with the wait status decoded.
 //! Does not own: what commands are run (runtime) or the processes they leave behind (reaper).
 
-pub mod fdpass;
+pub(crate) mod fdpass;
 mod fork;
 mod helper;
 pub mod protocol;
@@ -19,24 +21,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::runtime::{self, Completion, SpawnStdio, Spawner};
+use crate::wait_status::exit_code;
 use protocol::{MAX_MESSAGE, Request, Response, StdioSpec};
 
 /// The argument that makes the berthd binary run as a restarted spawn helper on its stdin.
 pub const HELPER_ARG: &str = "__spawn-helper";
 /// The helper's process name, so operators and tests can tell it from berthd.
-pub const HELPER_NAME: &str = "berthd-spawn";
-
-/// One stdio stream of a spawned command.
-pub enum SpawnStdio {
-    Null,
-    Capture,
-    Fd(OwnedFd),
-}
+const HELPER_NAME: &str = "berthd-spawn";
 
 fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::net::socketpair(
@@ -198,6 +196,34 @@ impl SpawnHelper {
         *self.current.lock().expect("spawn lock poisoned") = Arc::clone(&connection);
         tokio::spawn(read_responses(Arc::downgrade(self), connection));
         Ok(())
+    }
+}
+
+impl Spawner for SpawnHelper {
+    fn spawn(
+        &self,
+        argv: Vec<String>,
+        stdio: [SpawnStdio; 3],
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Completion>> {
+        Box::pin(async move { self.run(argv, stdio, timeout).await.map(completion) })
+    }
+}
+
+/// The runtime's view of a helper response: the wait status decoded into an exit code.
+fn completion(response: Response) -> Completion {
+    let outcome = match response.outcome {
+        protocol::Outcome::Exited { wait_status } => runtime::Outcome::Exited {
+            code: exit_code(wait_status),
+        },
+        protocol::Outcome::TimedOut => runtime::Outcome::TimedOut,
+        protocol::Outcome::SpawnFailed { error } => runtime::Outcome::SpawnFailed { error },
+    };
+    Completion {
+        pid: response.pid,
+        outcome,
+        stdout: response.stdout,
+        stderr: response.stderr,
     }
 }
 

@@ -4,12 +4,12 @@
 use serde::{Deserialize, Serialize};
 
 /// Largest message either side sends; captured output is cut to fit.
-pub const MAX_MESSAGE: usize = 128 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 128 * 1024;
 /// Captured stdout or stderr kept per command: plenty for `state` JSON and error text.
-pub const CAPTURE_LIMIT: usize = 16 * 1024;
+pub(crate) const CAPTURE_LIMIT: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StdioSpec {
+pub(crate) enum StdioSpec {
     /// `/dev/null`.
     Null,
     /// The next descriptor attached to the request.
@@ -19,7 +19,7 @@ pub enum StdioSpec {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Request {
+pub(crate) struct Request {
     pub id: u64,
     pub argv: Vec<String>,
     pub stdio: [StdioSpec; 3],
@@ -28,7 +28,7 @@ pub struct Request {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// The command ended; the raw wait status is decoded by `reaper::exit_code`.
+    /// The command ended; the raw wait status is decoded by `wait_status::exit_code`.
     Exited { wait_status: i32 },
     /// The command outlived its timeout and was killed.
     TimedOut,

@@ -2,6 +2,7 @@
 //! `<bundle>/checkpoints/<name>`, with a small metadata file beside the images recording the
 //! flags and the time so List answers truthfully. One lock per bundle keeps two containers
 //! that share a bundle from racing on the same directory.
+//! Does not own: the Checkpoint record (model), the argv (runtime), restoring (create).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,30 +14,19 @@ use serde::{Deserialize, Serialize};
 use super::Supervisor;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
+use crate::model::Checkpoint;
 use crate::runtime::{CriuOptions, Operation};
 
 /// The file beside the images that records how a checkpoint was taken.
 const METADATA: &str = "berth-checkpoint.json";
 
-/// A checkpoint as the API describes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub name: String,
-    /// The container stopped after the dump.
-    pub exit: bool,
-    pub tcp: bool,
-    pub unix_sockets: bool,
-    pub shell: bool,
-}
-
-impl Checkpoint {
-    fn options(&self) -> CriuOptions {
-        CriuOptions {
-            leave_running: !self.exit,
-            tcp_established: self.tcp,
-            external_unix_sockets: self.unix_sockets,
-            shell_job: self.shell,
-        }
+/// The CRIU options a checkpoint is dumped and restored with.
+fn criu_options(checkpoint: &Checkpoint) -> CriuOptions {
+    CriuOptions {
+        leave_running: !checkpoint.exit,
+        tcp_established: checkpoint.tcp,
+        external_unix_sockets: checkpoint.unix_sockets,
+        shell_job: checkpoint.shell,
     }
 }
 
@@ -114,7 +104,7 @@ pub fn for_restore(bundle: &Path, name: &str) -> Result<(PathBuf, CriuOptions)> 
         )));
     }
     let checkpoint = read_checkpoint(&dir, name);
-    Ok((dir, checkpoint.options()))
+    Ok((dir, criu_options(&checkpoint)))
 }
 
 /// The lines of a CRIU log in `work` that say why a dump or restore failed: its last errors, or
@@ -152,7 +142,7 @@ impl BundleLocks {
 impl Supervisor {
     /// Dumps container `id` into `<bundle>/checkpoints/<name>`. On failure the partial directory
     /// is removed and the container keeps running.
-    pub async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
+    pub(crate) async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
         let container = self.container(id)?;
         validate_name(&checkpoint.name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
@@ -178,7 +168,7 @@ impl Supervisor {
                 id,
                 image: &image,
                 work: work.path(),
-                options: checkpoint.options(),
+                options: criu_options(&checkpoint),
             })
             .await;
         if let Err(e) = dumped {
@@ -204,12 +194,12 @@ impl Supervisor {
     }
 
     /// The checkpoints in container `id`'s bundle.
-    pub fn list_checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>> {
+    pub(crate) fn list_checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>> {
         list(&self.container(id)?.bundle)
     }
 
     /// Removes checkpoint `name` from container `id`'s bundle.
-    pub async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<()> {
+    pub(crate) async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<()> {
         let container = self.container(id)?;
         validate_name(name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;

@@ -1,12 +1,15 @@
 //! Taking containers back after berthd restarts (stop, crash, kill -9) or upgrades in place:
 //! adopting the ones still running, reporting the ones that ended while berthd was away, and
 //! removing runtime leftovers of requests that never finished.
+//! Does not own: telling a process from a later one with its pid (reaper), the state files
+//! (store).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Container, Mutable, Process, Slot, Status, StdioPaths, Supervisor, validate};
+use super::registry::{Container, Mutable, Process, Status};
+use super::{StdioPaths, Supervisor, validate};
 use crate::error::Result;
 use crate::events::EventKind;
 use crate::reaper::UNKNOWN_EXIT;
@@ -168,8 +171,7 @@ impl Supervisor {
             operations: tokio::sync::Mutex::new(()),
         });
         self.save(&container);
-        self.registry()
-            .insert(record.id.clone(), Slot::Live(Arc::clone(&container)));
+        self.insert(Arc::clone(&container));
         if let Err(e) = self.stats.register(&record.id, record.init.pid) {
             tracing::warn!(id = %record.id, error = %e, "no stats or OOM events for this adopted container");
         }

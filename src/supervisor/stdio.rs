@@ -1,5 +1,8 @@
 //! A container process's stdio: opening the client's paths without creating, truncating or
-//! blocking, and relaying a pty master to them when the process has a terminal.
+//! blocking, handing them to a runtime command, and relaying a pty master to them when the
+//! process has a terminal.
+//! Does not own: passing descriptors over a socket (spawn's fdpass), running the command
+//! (runtime).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -12,7 +15,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::UnixListener;
 
 use crate::error::{Error, Result};
+use crate::runtime::SpawnStdio;
 use crate::spawn::fdpass;
+
+/// How long a runtime may take to hand over a pty master once it has been started.
+pub const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client's stdio paths for a process; empty means none (`/dev/null`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,6 +68,19 @@ impl StdioPaths {
             open(&self.stderr, Direction::Output)?,
         ])
     }
+}
+
+/// The stdio a runtime command gets: the client's paths, or nothing when a pty replaces them.
+pub async fn process_stdio(paths: &StdioPaths, terminal: bool) -> Result<[SpawnStdio; 3]> {
+    if terminal {
+        return Ok([SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]);
+    }
+    let paths = paths.clone();
+    // Opening a file can block (a slow filesystem); keep it off the reactor threads.
+    let fds = tokio::task::spawn_blocking(move || paths.open_all())
+        .await
+        .map_err(|e| Error::Internal(format!("open stdio: {e}")))??;
+    Ok(fds.map(SpawnStdio::Fd))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

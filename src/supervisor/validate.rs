@@ -1,4 +1,5 @@
 //! Checks on request fields that need no daemon state: ids, bundles, signals.
+//! Does not own: checks that need the registry (each operation makes those).
 
 use std::path::{Path, PathBuf};
 

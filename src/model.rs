@@ -1,0 +1,30 @@
+//! The records several layers share: what a process runs, and how a checkpoint was taken.
+//!
+//! Owns: the plain data that the supervisor builds and the event bus, the store and the API
+//! carry. Does not own: how the records are made (supervisor), stored (store) or put on the
+//! wire (api); nothing here does any work.
+
+use serde::{Deserialize, Serialize};
+
+/// What a process runs and as whom, as State and events report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub terminal: bool,
+}
+
+/// A checkpoint as the API describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub name: String,
+    /// The container stopped after the dump.
+    pub exit: bool,
+    pub tcp: bool,
+    pub unix_sockets: bool,
+    pub shell: bool,
+}

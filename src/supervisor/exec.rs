@@ -1,0 +1,237 @@
+//! AddProcess: starting another process in a running container with `runtime exec`, and
+//! forgetting it once it exits.
+//!
+//! Owns: the process JSON an added process runs with (the bundle's process with the request's
+//! args, env, cwd, user and terminal) and the order of exec (check, write, run, track, register,
+//! publish). Does not own: the argv (runtime), the stdio paths (stdio).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Supervisor;
+use super::create::spec_of;
+use super::registry::{Container, Process, Status};
+use super::scratch::{ScratchFiles, read_pid_file};
+use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
+use crate::error::{Error, Result};
+use crate::events::EventKind;
+use crate::model::ProcessSpec;
+use crate::procfs::process_start_time;
+use crate::runtime::Operation;
+
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+pub struct ExecRequest {
+    pub id: String,
+    pub args: Vec<String>,
+    /// Empty means the container's environment.
+    pub env: Vec<String>,
+    /// Empty means the container's working directory.
+    pub cwd: String,
+    /// `None` means the container's user.
+    pub user: Option<User>,
+    pub terminal: bool,
+    pub stdio: StdioPaths,
+}
+
+impl Supervisor {
+    /// Starts an added process in a running container; returns its host pid.
+    pub(crate) async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
+        let container = self.container(&request.id)?;
+        if request.args.is_empty() {
+            return Err(Error::InvalidArgument(
+                "args is empty: give the program to run and its arguments".into(),
+            ));
+        }
+        request.stdio.check()?;
+        let _operations = container.operations.lock().await;
+        if container.lock().status == Status::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is paused; resume it before adding a process",
+                container.id
+            )));
+        }
+        let (process_json, spec) = added_process(&container.base_process, &request)?;
+        let process_file = self.scratch_path(".json");
+        let pid_file = self.scratch_path(".pid");
+        let _scratch = ScratchFiles(vec![process_file.clone(), pid_file.clone()]);
+        std::fs::write(&process_file, process_json).map_err(|e| Error::io(&process_file, e))?;
+        let console = spec
+            .terminal
+            .then(|| stdio::ConsoleSocket::bind(self.scratch_path(".sock")))
+            .transpose()?;
+        let stdio = process_stdio(&request.stdio, spec.terminal).await?;
+        let exec = Operation::Exec {
+            id: &container.id,
+            process: &process_file,
+            pid_file: &pid_file,
+            console_socket: console.as_ref().map(|c| c.path()),
+        };
+        let run = async {
+            if let Some(console) = &console {
+                // runc sends the master before it returns, so receive while it runs.
+                let (ran, master) = tokio::join!(
+                    self.runtime.run_with_stdio(exec, stdio),
+                    console.receive_master(CONSOLE_TIMEOUT)
+                );
+                ran?;
+                stdio::relay_terminal(master?, &request.stdio)
+            } else {
+                self.runtime.run_with_stdio(exec, stdio).await.map(drop)
+            }
+        };
+        run.await?;
+        let tracked = read_pid_file(&pid_file).and_then(|pid| self.reaper.track(pid))?;
+        let pid = tracked.pid() as u32;
+        let process = Arc::new(Process {
+            start_time: process_start_time(pid).unwrap_or(0),
+            tracked,
+            spec: spec.clone(),
+        });
+        container.lock().added.push(Arc::clone(&process));
+        self.save(&container);
+        self.events.publish(
+            &container.id,
+            pid,
+            EventKind::StartProcess { process: spec },
+        );
+        self.watch_process(Arc::clone(&container), process);
+        Ok(pid)
+    }
+
+    /// Forgets an added process and reports its exit once it exits.
+    pub(super) fn watch_process(
+        self: &Arc<Self>,
+        container: Arc<Container>,
+        process: Arc<Process>,
+    ) {
+        let supervisor = Arc::clone(self);
+        tokio::spawn(async move {
+            let status = process.tracked.wait().await;
+            let still_live = {
+                let mut mutable = container.lock();
+                mutable.added.retain(|p| !Arc::ptr_eq(p, &process));
+                supervisor.is_registered(&container)
+            };
+            if still_live {
+                supervisor.save(&container);
+            }
+            supervisor
+                .events
+                .publish(&container.id, process.pid(), EventKind::Exit { status });
+        });
+    }
+}
+
+/// The process JSON for `runtime exec --process`: the bundle's process (capabilities, rlimits,
+/// security settings) with the request's args, env, cwd, user and terminal.
+fn added_process(
+    base: &serde_json::Value,
+    request: &ExecRequest,
+) -> Result<(Vec<u8>, ProcessSpec)> {
+    let mut process: oci_spec::runtime::Process = serde_json::from_value(base.clone())
+        .map_err(|e| Error::Internal(format!("decode the bundle's process: {e}")))?;
+    process.set_args(Some(request.args.clone()));
+    if !request.env.is_empty() {
+        process.set_env(Some(request.env.clone()));
+    }
+    if !request.cwd.is_empty() {
+        if !Path::new(&request.cwd).is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "cwd {} is not absolute",
+                request.cwd
+            )));
+        }
+        process.set_cwd(PathBuf::from(&request.cwd));
+    }
+    if let Some(user) = &request.user {
+        let mut spec_user = process.user().clone();
+        spec_user.set_uid(user.uid);
+        spec_user.set_gid(user.gid);
+        spec_user.set_additional_gids(
+            (!user.additional_gids.is_empty()).then(|| user.additional_gids.clone()),
+        );
+        spec_user.set_username(None);
+        process.set_user(spec_user);
+    }
+    process.set_terminal(Some(request.terminal));
+    if !request.terminal {
+        process.set_console_size(None);
+    }
+    let spec = spec_of(&process);
+    let json = serde_json::to_vec(&process)
+        .map_err(|e| Error::Internal(format!("encode the added process: {e}")))?;
+    Ok((json, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "terminal": true,
+            "consoleSize": {"height": 24, "width": 80},
+            "user": {"uid": 1000, "gid": 1000},
+            "args": ["sh"],
+            "env": ["PATH=/bin", "TERM=xterm"],
+            "cwd": "/srv",
+            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
+            "noNewPrivileges": true
+        })
+    }
+
+    fn request() -> ExecRequest {
+        ExecRequest {
+            id: "a".into(),
+            args: vec!["ls".into(), "-l".into()],
+            env: vec![],
+            cwd: String::new(),
+            user: None,
+            terminal: false,
+            stdio: StdioPaths::default(),
+        }
+    }
+
+    #[test]
+    fn added_process_inherits_what_the_request_leaves_empty() {
+        let (json, spec) = added_process(&base(), &request()).unwrap();
+        assert_eq!(spec.args, ["ls", "-l"]);
+        assert_eq!(spec.env, ["PATH=/bin", "TERM=xterm"]);
+        assert_eq!(spec.cwd, "/srv");
+        assert_eq!((spec.uid, spec.gid), (1000, 1000));
+        assert!(!spec.terminal);
+        let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(value["capabilities"]["bounding"][0], "CAP_KILL");
+        assert_eq!(value["noNewPrivileges"], true);
+        assert!(value.get("consoleSize").is_none());
+    }
+
+    #[test]
+    fn added_process_takes_what_the_request_gives() {
+        let mut req = request();
+        req.env = vec!["A=1".into()];
+        req.cwd = "/tmp".into();
+        req.terminal = true;
+        req.user = Some(User {
+            uid: 0,
+            gid: 5,
+            additional_gids: vec![7, 8],
+        });
+        let (_, spec) = added_process(&base(), &req).unwrap();
+        assert_eq!(spec.env, ["A=1"]);
+        assert_eq!(spec.cwd, "/tmp");
+        assert_eq!((spec.uid, spec.gid), (0, 5));
+        assert_eq!(spec.additional_gids, [7, 8]);
+        assert!(spec.terminal);
+        req.cwd = "relative".into();
+        assert!(matches!(
+            added_process(&base(), &req),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,59 @@
+//! Request scratch files in the scratch directory: pid files, process JSON, console sockets and
+//! CRIU work directories, each removed when its request ends, however it ends.
+//!
+//! Owns: naming scratch files, removing them, reading a runtime's pid file. Does not own: what
+//! goes in them (the operations that make them).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use super::Supervisor;
+use crate::error::{Error, Result};
+
+/// Removes request scratch files however the request ends.
+pub(super) struct ScratchFiles(pub(super) Vec<PathBuf>);
+
+impl Drop for ScratchFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A scratch directory (CRIU's work directory) removed with what is in it when dropped.
+pub(super) struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Supervisor {
+    /// A fresh path in the scratch directory, ending in `suffix`.
+    pub(super) fn scratch_path(&self, suffix: &str) -> PathBuf {
+        let n = self.next_scratch.fetch_add(1, Ordering::Relaxed);
+        self.scratch.join(format!("{n}{suffix}"))
+    }
+
+    pub(super) fn scratch_dir(&self, suffix: &str) -> Result<ScratchDir> {
+        let path = self.scratch_path(suffix);
+        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(ScratchDir(path))
+    }
+}
+
+/// The pid a runtime wrote to its `--pid-file`.
+pub(super) fn read_pid_file(path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Internal(format!("{}: not a pid: {text:?}", path.display())))
+}

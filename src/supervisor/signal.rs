@@ -1,0 +1,30 @@
+//! Signal: a signal to a container's init or one of its added processes, through its pidfd.
+//!
+//! Owns: checking that the pid belongs to the container. Does not own: sending it (reaper).
+
+use super::Supervisor;
+use super::validate;
+use crate::error::{Error, Result};
+
+impl Supervisor {
+    /// Sends `signal` to `pid`, which must be the init or an added process of container `id`.
+    pub(crate) fn signal(&self, id: &str, pid: u32, signal: u32) -> Result<()> {
+        let container = self.container(id)?;
+        let signal = validate::signal(signal)?;
+        if container.init.pid() == pid {
+            return container.init.tracked.signal(signal);
+        }
+        let process = container
+            .lock()
+            .added
+            .iter()
+            .find(|p| p.pid() == pid)
+            .cloned();
+        match process {
+            Some(process) => process.tracked.signal(signal),
+            None => Err(Error::NotFound(format!(
+                "process {pid} is not part of container {id}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! UpdateContainer: pausing and resuming a container, and signalling its init.
+//!
+//! Owns: the status a container moves between (running, paused) and the events that say so.
+//! Does not own: freezing (the runtime) or signalling (reaper).
+
+use super::Supervisor;
+use super::registry::Status;
+use super::validate;
+use crate::error::{Error, Result};
+use crate::events::EventKind;
+use crate::runtime::Operation;
+
+impl Supervisor {
+    /// Freezes ("paused") or thaws ("running") the container, then signals its init if `signal`
+    /// is not 0.
+    pub(crate) async fn update(&self, id: &str, status: &str, signal: u32) -> Result<()> {
+        let container = self.container(id)?;
+        let target = match status {
+            "" => None,
+            "paused" => Some(Status::Paused),
+            "running" => Some(Status::Running),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "invalid status {other:?}: use \"paused\" or \"running\""
+                )));
+            }
+        };
+        let signal = (signal != 0)
+            .then(|| validate::signal(signal))
+            .transpose()?;
+        if let Some(target) = target {
+            let _operations = container.operations.lock().await;
+            if container.lock().status == target {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} is already {}",
+                    target.as_str()
+                )));
+            }
+            let (op, kind) = match target {
+                Status::Paused => (Operation::Pause { id }, EventKind::Pause),
+                Status::Running => (Operation::Resume { id }, EventKind::Resume),
+            };
+            self.runtime.run(op).await?;
+            container.lock().status = target;
+            self.events.publish(id, container.init.pid(), kind);
+        }
+        if let Some(signal) = signal {
+            container.init.tracked.signal(signal)?;
+        }
+        Ok(())
+    }
+}
