@@ -1,3 +1,5 @@
+//! berth: the daemon as a library. `berthd` (src/bin/berthd.rs) does the work that must come
+//! before any thread exists and then calls [`daemon::run`]; everything else lives here.
 #![deny(unsafe_code)]
 
 /// With the `mimalloc` feature every binary of the crate allocates with mimalloc.
@@ -7,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod metrics;
