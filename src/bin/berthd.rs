@@ -18,6 +18,7 @@ use berth::spawn::{self, SpawnHelper};
 /// How long the runtime of a run whose upgrade failed to exec gets to wind down before the next.
 const RUN_WIND_DOWN: Duration = Duration::from_secs(5);
 
+#[allow(unsafe_code)]
 fn main() -> ExitCode {
     if std::env::args_os()
         .nth(1)
@@ -27,7 +28,8 @@ fn main() -> ExitCode {
     }
     let config = Config::parse();
     // An upgrade hands the listener over through the environment.
-    let inherited = match berth::upgrade::take_inherited_listener() {
+    // SAFETY: the only call, made before any thread exists.
+    let inherited = match unsafe { berth::upgrade::take_inherited_listener() } {
         Ok(inherited) => inherited,
         Err(e) => return fail(e),
     };
@@ -36,7 +38,8 @@ fn main() -> ExitCode {
     }
     // The helper is forked now, while berthd is one small thread; every runtime command is
     // forked from it later instead of from the grown daemon.
-    let helper_socket = match spawn::fork_helper() {
+    // SAFETY: no thread has been started yet (tracing's subscriber starts none).
+    let helper_socket = match unsafe { spawn::fork_helper() } {
         Ok(socket) => socket,
         Err(e) => return fail(format!("could not fork the spawn helper: {e}")),
     };
