@@ -1,4 +1,7 @@
 //! berthd's flags. Every flag can also be given as an environment variable `BERTH_<NAME>`.
+//!
+//! Owns: parsing flags and the paths derived from them. Does not own: acting on them (the wiring
+//! in `daemon` reads the config; nothing here knows the modules it configures).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -6,7 +9,15 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::error::{Error, Result};
-use crate::stats::Backend;
+
+/// `--stats-backend`: how the stats sampler reads cgroup files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatsBackend {
+    /// One io_uring submission per tick.
+    IoUring,
+    /// One pread per file.
+    Pread,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -57,8 +68,8 @@ pub struct Config {
 
     /// How the stats sampler reads cgroup files; io-uring falls back to pread where the kernel
     /// refuses it.
-    #[arg(long, env = "BERTH_STATS_BACKEND", value_enum, default_value_t = Backend::IoUring)]
-    pub stats_backend: Backend,
+    #[arg(long, env = "BERTH_STATS_BACKEND", value_enum, default_value_t = StatsBackend::IoUring)]
+    pub stats_backend: StatsBackend,
 
     /// Serve Prometheus metrics at /metrics on this TCP address (127.0.0.1:9323) or unix socket
     /// path; off when not given.

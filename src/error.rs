@@ -15,8 +15,6 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
-    Unimplemented(String),
-    #[error("{0}")]
     Unavailable(String),
     #[error("{what} did not finish within {secs} s and was killed")]
     Timeout { what: String, secs: u64 },
@@ -66,7 +64,6 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::Runtime { .. } => Code::Internal,

@@ -1,25 +1,50 @@
+//! berthd as a library: everything the daemon does, so `src/bin/berthd.rs` only does the work
+//! that must happen before threads exist and then calls [`daemon::run`].
+//!
+//! How a request flows, top to bottom (imports run the same way, never back up):
+//!
+//! - [`api`]: the tonic services. Convert wire messages, call the supervisor, convert back.
+//! - [`supervisor`]: the registry of containers and every operation on them (create, exec,
+//!   signal, update, checkpoint, recovery at start), each undone by its own guard on failure.
+//! - below it, each knowing nothing of the supervisor:
+//!   - [`runtime`]: typed runtime operations turned into argv, run through the [`runtime::Spawner`]
+//!     trait; [`spawn`] implements it with the helper forked before the daemon grew.
+//!   - [`reaper`]: a pidfd per process in the reactor, exit statuses, orphans.
+//!   - [`stats`]: the io_uring sampler and the shared snapshots GetStats streams; OOM watches.
+//!   - [`events`]: the bounded event bus. [`store`]: the state files.
+//! - leaves: [`model`] (records shared by several modules), [`procfs`], [`wait_status`] (the one
+//!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
+//!
+//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`metrics`]
+//! (the Prometheus endpoint), [`upgrade`] (the listener across `execve`), [`reactor`]
+//! (registering owned fds with tokio).
+//!
+//! Unsafe code is denied crate-wide; the modules allowed it are named on their `mod` lines below.
 #![deny(unsafe_code)]
 
-/// With the `mimalloc` feature every binary of the crate allocates with mimalloc.
+/// With the `mimalloc` feature berthd allocates with mimalloc.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub mod api;
+mod api;
 pub mod config;
+pub mod daemon;
 pub mod error;
-pub mod events;
-pub mod metrics;
+mod events;
+mod metrics;
 mod model;
 mod procfs;
-pub mod reactor;
-pub mod reaper;
+#[allow(unsafe_code)]
+mod reactor;
+mod reaper;
 pub mod runtime;
 pub mod spawn;
 pub mod stats;
-pub mod store;
-pub mod supervisor;
+mod store;
+mod supervisor;
+#[allow(unsafe_code)]
 pub mod upgrade;
-pub mod wait_status;
+mod wait_status;
 
 pub use berth_api::{daemon_proto, proto};

@@ -1,6 +1,5 @@
 //! Registering owned descriptors with the tokio reactor, the one wrapper every pidfd, socket,
 //! FIFO and pty goes through.
-#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::OwnedFd;

@@ -4,8 +4,8 @@
 //! is rebuilt from the state directory as after a restart.
 //!
 //! Owns: passing the listener across `execve` and taking it on the other side.
-//! Does not own: deciding when to upgrade (berthd's main loop) or recovery (supervisor).
-#![allow(unsafe_code)]
+//! Does not own: deciding when to upgrade (`daemon::run`), performing it (berthd's `main`) or
+//! recovery (supervisor).
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -21,12 +21,16 @@ const LISTENER_FD_ENV: &str = "BERTH_UPGRADE_LISTENER_FD";
 
 /// The listening socket handed over by the image that exec'd this one, if any.
 ///
-/// Call from `main` before any thread starts: it takes the variable out of the environment.
-pub fn take_inherited_listener() -> Result<Option<std::os::unix::net::UnixListener>> {
+/// # Safety
+///
+/// Call at most once, from `main` before any other thread exists: it takes the variable out of
+/// the environment, which no other thread may read or write meanwhile, and takes ownership of
+/// the descriptor it names, which nothing else in this image may own.
+pub unsafe fn take_inherited_listener() -> Result<Option<std::os::unix::net::UnixListener>> {
     let Some(value) = std::env::var_os(LISTENER_FD_ENV) else {
         return Ok(None);
     };
-    // SAFETY: called from main before any other thread exists, so nothing reads the environment
+    // SAFETY: the caller guarantees no other thread exists, so nothing reads the environment
     // concurrently.
     unsafe { std::env::remove_var(LISTENER_FD_ENV) };
     let fd: i32 = value.to_str().and_then(|v| v.parse().ok()).ok_or_else(|| {
@@ -45,7 +49,8 @@ pub fn take_inherited_listener() -> Result<Option<std::os::unix::net::UnixListen
         )));
     }
     // SAFETY: the previous image left this descriptor open for us under this number, it is a
-    // socket (checked above), and nothing else in this new image knows of it.
+    // socket (checked above), and the caller guarantees this is the only call, so nothing else
+    // in this new image owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
         .map_err(|e| Error::sys("mark the inherited listener close-on-exec", e))?;

@@ -17,6 +17,7 @@
 //! pidfd (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux ≥ 6.15) whoever reaps them, or is
 //! reported as [`UNKNOWN_EXIT`] where the kernel lacks it.
 
+#[allow(unsafe_code)]
 mod sys;
 
 use std::collections::{HashMap, HashSet};

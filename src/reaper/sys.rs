@@ -2,7 +2,6 @@
 //! `waitid` that keeps the waited pid and real-time signals (nix turns the siginfo into a
 //! `Signal`, which has no 34..=64), `pidfd_send_signal` for any signal 1..=64, and
 //! `PIDFD_GET_INFO`.
-#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};

@@ -1,15 +1,23 @@
 //! Forking the spawn helper while berthd is still single-threaded.
-#![allow(unsafe_code)]
+//!
+//! Owns: the `fork` and what each side keeps of the socketpair. Does not own: what the helper
+//! does once forked (helper) or restarting it later (by re-exec, in the parent module).
 
 use std::io;
 use std::os::fd::OwnedFd;
 
-/// Forks; the child serves spawn requests on `helper_end` and never returns.
+/// Forks the helper, which serves spawn requests on its end of a new socketpair and never
+/// returns; returns berthd's end.
 ///
-/// Must be called before any thread is started (before the tokio runtime is built).
-pub fn fork_helper(berthd_end: OwnedFd, helper_end: OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: berthd calls this from main before it starts any thread, so the child is a copy of
-    // a single-threaded process and may run ordinary Rust code (allocation, locks) after fork.
+/// # Safety
+///
+/// Call before any other thread exists (before the tokio runtime is built): the child is a copy
+/// of the calling process and runs ordinary Rust code (allocation, locks) after the fork, which
+/// is sound only if no other thread could have held a lock at that instant.
+pub unsafe fn fork_helper() -> io::Result<OwnedFd> {
+    let (berthd_end, helper_end) = super::socketpair()?;
+    // SAFETY: the caller guarantees this process is single-threaded, so the child may run
+    // ordinary Rust code after the fork.
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             drop(berthd_end);

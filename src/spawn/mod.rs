@@ -10,9 +10,12 @@
 //! Does not own: what commands are run (runtime) or the processes they leave behind (reaper).
 
 pub(crate) mod fdpass;
+#[allow(unsafe_code)]
 mod fork;
 mod helper;
 pub mod protocol;
+
+pub use fork::fork_helper;
 
 use std::collections::HashMap;
 use std::io;
@@ -43,12 +46,6 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
         SocketFlags::CLOEXEC,
         None,
     )?)
-}
-
-/// Forks the helper. Call before any thread exists; returns berthd's end of the socket.
-pub fn fork_helper() -> io::Result<OwnedFd> {
-    let (berthd_end, helper_end) = socketpair()?;
-    fork::fork_helper(berthd_end, helper_end)
 }
 
 /// Entry point of a restarted helper: serves the socket it was given as stdin.

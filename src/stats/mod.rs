@@ -51,6 +51,7 @@ pub mod oom;
 pub mod parse;
 pub mod sampler;
 pub mod snapshot;
+#[allow(unsafe_code)]
 mod uring;
 
 use std::collections::HashMap;

@@ -23,7 +23,7 @@ pub const SMALL_BUFFER: usize = 64;
 pub const LARGE_BUFFER: usize = 16 * 1024;
 
 /// How the sampler reads files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// One io_uring submission per tick.
     IoUring,

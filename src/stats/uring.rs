@@ -3,7 +3,6 @@
 //! Owns: the ring, the buffer pool and the only unsafe code of stats (queueing a read hands the
 //! kernel a buffer it writes later). Does not own: which files are read or what is done with
 //! their content (sampler).
-#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

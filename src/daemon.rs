@@ -1,0 +1,423 @@
+//! The daemon as one call, in the shape of tokio-rs/mini-redis: [`run`] serves the API on a
+//! listener until a shutdown future completes or an upgrade is ready, and says which.
+//!
+//! Owns: the wiring and its order (state directory and its lock, reaper, runtime, event bus,
+//! stats hub, supervisor, recovery before the orphan sweep, the metrics endpoint, the gRPC
+//! server), the upgrade trigger (Daemon.Upgrade and SIGUSR2) with its pre-flight, and a
+//! graceful stop; and what berthd needs around [`run`]: the API socket and its lock, the open
+//! file limit.
+//! Does not own: what must happen before any thread exists (forking the spawn helper, taking an
+//! inherited listener, tracing: berthd's `main`), the `execve` of an upgrade (berthd's `main`,
+//! through [`crate::upgrade`]), or what a request does (api, supervisor).
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::daemon::{DaemonService, UpgradeReady};
+use crate::api::service::ApiService;
+use crate::config::{Config, StatsBackend, resolve_runtime};
+use crate::daemon_proto::daemon_server::DaemonServer;
+use crate::error::{Error, Result};
+use crate::events::EventBus;
+use crate::metrics::{self, Metrics};
+use crate::proto::api_server::ApiServer;
+use crate::reaper::Reaper;
+use crate::runtime::{Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
+use crate::stats::{self, StatsHub};
+use crate::store::Store;
+use crate::supervisor::{Machine, Supervisor};
+
+/// How long requests in flight get to finish once berthd is told to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long an upgrade waits after answering before the exec drops the connection.
+const UPGRADE_REPLY_GRACE: Duration = Duration::from_millis(100);
+/// How long the binary an upgrade would run has to answer `--version`.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What berthd must do once [`run`] returns.
+#[derive(Debug)]
+pub enum Exit {
+    /// Told to stop: the server is down and the socket file removed. Containers keep running.
+    Stopped,
+    /// An upgrade passed its pre-flight and the server is down: `execve` `binary`, handing over
+    /// `listener`, which still listens (clients connecting meanwhile queue for the new image).
+    Upgrade { binary: PathBuf, listener: OwnedFd },
+}
+
+/// Serves the API on `listener`, bound at `config.listen` (whose [`SocketLock`] the caller
+/// holds, if the path is shared), until `shutdown` completes or an upgrade is ready. Every
+/// runtime command, and an upgrade's pre-flight, runs through `spawner`.
+///
+/// Call inside a multi-thread tokio runtime, and call it again only in a new one: the tasks it
+/// leaves (exit watchers, the orphan sweeper) belong to this run and end with its runtime.
+pub async fn run(
+    config: Config,
+    spawner: Arc<dyn Spawner>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Exit> {
+    // Kept apart from the server's copy: it outlives the server, to be handed to an upgrade.
+    let handover = OwnedFd::from(listener);
+    match serve(&config, spawner, &handover, shutdown).await {
+        Ok(Some(binary)) => Ok(Exit::Upgrade {
+            binary,
+            listener: handover,
+        }),
+        stopped => {
+            let _ = std::fs::remove_file(&config.listen);
+            stopped.map(|_| Exit::Stopped)
+        }
+    }
+}
+
+/// Wires the daemon, serves, and returns the binary to upgrade to, or `None` once stopped.
+async fn serve(
+    config: &Config,
+    spawner: Arc<dyn Spawner>,
+    handover: &OwnedFd,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Option<PathBuf>> {
+    let image = image()?;
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+        .map_err(|e| Error::sys("become the child subreaper", e))?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| Error::io(&config.state_dir, e))?;
+    let _state_lock = lock(
+        &config.state_dir.join("berthd.lock"),
+        "state dir",
+        &config.state_dir,
+    )?;
+    let binary = RuntimeBinary {
+        path: resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?,
+        root: config.runtime_root(),
+    };
+
+    let reaper = Reaper::new();
+    tracing::info!(
+        adopted_exit_codes = if reaper.exit_info_supported() {
+            "exact, from the pidfd (PIDFD_INFO_EXIT)"
+        } else {
+            "unknown (255): this kernel has no PIDFD_INFO_EXIT"
+        },
+        "exit status path for processes adopted after a restart"
+    );
+    let scratch = config.scratch_dir();
+    let runtime = Runtime::new(
+        binary,
+        Arc::clone(&spawner),
+        config.runtime_timeout(),
+        scratch.clone(),
+    );
+    let events = Arc::new(EventBus::new(config.events_buffer as usize));
+    let backend = match config.stats_backend {
+        StatsBackend::IoUring => stats::Backend::IoUring,
+        StatsBackend::Pread => stats::Backend::Pread,
+    };
+    let stats = StatsHub::start(config.stats_interval, backend, Arc::clone(&events))?;
+    let supervisor = Supervisor::new(
+        runtime,
+        Arc::clone(&reaper),
+        events,
+        Arc::clone(&stats),
+        Store::open(config.containers_dir())?,
+        scratch,
+        machine(config),
+    )?;
+    let recovery = supervisor
+        .recover(Duration::from_secs(config.recovery_replay))
+        .await?;
+    tracing::info!(
+        adopted = recovery.adopted,
+        ended = recovery.ended,
+        leftovers = recovery.leftovers,
+        took_ms = recovery.took.as_millis() as u64,
+        "state directory recovered"
+    );
+    // Only now: until every recorded process is tracked again, a sweep could reap one of them.
+    reaper
+        .spawn_orphan_sweeper()
+        .map_err(|e| Error::sys("watch SIGCHLD", e))?;
+
+    let (metrics_stop, metrics_stopping) = tokio::sync::watch::channel(false);
+    if let Some(addr) = &config.metrics_listen {
+        let listener = metrics::Listener::bind(addr).await?;
+        let metrics = Arc::new(Metrics::new(Arc::clone(&supervisor), stats));
+        tracing::info!(addr = %addr, bound = ?listener.local_addr(), "metrics endpoint serving /metrics");
+        tokio::spawn(listener.serve(metrics, metrics_stopping));
+    }
+
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
+    let serving = Serving::start(
+        handover,
+        supervisor,
+        DaemonService::new(upgrade_tx, image.started),
+    )?;
+    tracing::info!(
+        listen = %config.listen.display(),
+        state_dir = %config.state_dir.display(),
+        runtime = %config.runtime,
+        "berthd serving"
+    );
+
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(|e| Error::sys("watch SIGUSR2", e))?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let upgrade = loop {
+        let order = tokio::select! {
+            () = &mut shutdown => break None,
+            _ = usr2.recv() => None,
+            order = upgrade_rx.recv() => order,
+        };
+        match preflight(spawner.as_ref(), &image.exe).await {
+            Ok(ready) => {
+                if let Some(order) = order {
+                    let _ = order.reply.send(Ok(ready));
+                    // Let the answer reach the client before the server goes.
+                    tokio::time::sleep(UPGRADE_REPLY_GRACE).await;
+                }
+                break Some(image.exe.clone());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade refused; still serving");
+                if let Some(order) = order {
+                    let _ = order.reply.send(Err(e));
+                }
+            }
+        }
+    };
+    match &upgrade {
+        // The handed-over descriptor keeps the socket listening meanwhile.
+        Some(binary) => tracing::info!(binary = %binary.display(), "upgrading in place"),
+        None => tracing::info!("stopping; containers keep running"),
+    }
+    let _ = metrics_stop.send(true);
+    serving.stop().await;
+    Ok(upgrade)
+}
+
+/// This process image: the binary an upgrade executes and when the image started. Recorded when
+/// the image first runs the daemon and kept for its lifetime: an upgrade runs whatever binary is
+/// at that path by then, while `/proc/self/exe` names a replaced one "… (deleted)".
+struct Image {
+    exe: PathBuf,
+    /// Nanoseconds since the epoch, as Daemon.Info reports it.
+    started: u64,
+}
+
+fn image() -> Result<&'static Image> {
+    static IMAGE: OnceLock<Image> = OnceLock::new();
+    if let Some(image) = IMAGE.get() {
+        return Ok(image);
+    }
+    let started = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let exe = std::env::current_exe().map_err(|e| Error::sys("find berthd's own binary", e))?;
+    Ok(IMAGE.get_or_init(|| Image { exe, started }))
+}
+
+/// The gRPC server running on the listener, and how to stop it.
+struct Serving {
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl Serving {
+    fn start(
+        handover: &OwnedFd,
+        supervisor: Arc<Supervisor>,
+        daemon: DaemonService,
+    ) -> Result<Self> {
+        let listener = handover
+            .try_clone()
+            .map_err(|e| Error::sys("duplicate the listener", e))?;
+        let listener = UnixListener::from(listener);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::sys("make the listener non-blocking", e))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| Error::sys("register the listener", e))?;
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut stopped = stopping.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
+                .add_service(DaemonServer::new(daemon))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                }),
+        );
+        Ok(Serving { stop, server })
+    }
+
+    /// Ends the streams (UNAVAILABLE: reconnect), lets requests in flight finish for a grace
+    /// period, and stops accepting.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(SHUTDOWN_GRACE, self.server).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+            Err(_) => {
+                tracing::warn!("requests still in flight after the grace period were dropped")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs the binary an upgrade would execute with `--version`, so a missing or broken binary
+/// is refused while this image still serves.
+async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
+    let binary = exe.display().to_string();
+    let response = spawner
+        .spawn(
+            vec![binary.clone(), "--version".into()],
+            [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
+            PREFLIGHT_TIMEOUT,
+        )
+        .await?;
+    let version = version_of(&binary, response)?;
+    Ok(UpgradeReady { binary, version })
+}
+
+/// The version a pre-flight run of `binary` printed, or why it is refused.
+fn version_of(binary: &str, response: Completion) -> Result<String> {
+    let status = match response.outcome {
+        Outcome::Exited { code } => code,
+        Outcome::TimedOut => {
+            return Err(Error::FailedPrecondition(format!(
+                "{binary} --version did not finish; not upgrading to it"
+            )));
+        }
+        Outcome::SpawnFailed { error } => {
+            return Err(Error::FailedPrecondition(format!(
+                "{binary} cannot run ({error}); not upgrading to it"
+            )));
+        }
+    };
+    if status != Some(0) || !response.stdout.starts_with("berthd ") {
+        return Err(Error::FailedPrecondition(format!(
+            "{binary} --version failed ({}); not upgrading to it",
+            response.stderr.trim()
+        )));
+    }
+    Ok(response.stdout.trim().to_owned())
+}
+
+/// Dense hosts need several fds per container. The ceiling is the kernel's `fs/nr_open`, which
+/// root (with CAP_SYS_RESOURCE) can raise the hard limit to; without it, the hard limit stays
+/// the operator's ceiling and only the soft limit rises. Failing to raise it is only a warning.
+pub fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    let wanted = |limit: Option<u64>| Rlimit {
+        current: limit,
+        maximum: limit,
+    };
+    let raised = ceiling.is_some_and(|n| setrlimit(Resource::Nofile, wanted(Some(n))).is_ok())
+        || setrlimit(Resource::Nofile, wanted(before.maximum)).is_ok();
+    let after = getrlimit(Resource::Nofile);
+    if raised {
+        tracing::info!(soft = ?after.current, hard = ?after.maximum, "open file limit");
+    } else {
+        tracing::warn!(soft = ?after.current, hard = ?after.maximum, "could not raise the open file limit");
+    }
+}
+
+/// The lock on the API socket's path (the file `<listen>.lock`, holding the pid): while it is
+/// held, a socket file at the path belongs to this berthd, also across an upgrade.
+pub struct SocketLock {
+    listen: PathBuf,
+    _file: File,
+}
+
+impl SocketLock {
+    /// Creates the socket's directory (mode 0711) if it is missing and takes the lock, or says
+    /// which berthd holds it.
+    pub fn take(listen: &Path) -> Result<SocketLock> {
+        if let Some(dir) = listen.parent().filter(|dir| !dir.exists()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| Error::io(dir, e))?;
+        }
+        let path = PathBuf::from(format!("{}.lock", listen.display()));
+        Ok(SocketLock {
+            listen: listen.to_owned(),
+            _file: lock(&path, "socket", listen)?,
+        })
+    }
+
+    /// Binds the socket afresh, replacing a stale socket file: mode 0660, owned by `group` (a
+    /// name or a numeric gid).
+    pub fn bind(&self, group: &str) -> Result<UnixListener> {
+        let path = &self.listen;
+        // We hold the socket's lock, so a socket file left there is stale.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+        let gid = match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => nix::unistd::Group::from_name(group)
+                .map_err(|e| Error::sys(format!("look up group {group}"), e))?
+                .ok_or_else(|| Error::NotFound(format!("group {group} does not exist")))?
+                .gid
+                .as_raw(),
+        };
+        let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| Error::io(path, e))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| Error::io(path, e))?;
+        Ok(listener)
+    }
+}
+
+/// Takes an exclusive lock on `path`, writing our pid into it, or says who holds it.
+fn lock(path: &Path, what: &str, guarded: &Path) -> Result<File> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        return Err(Error::FailedPrecondition(format!(
+            "another berthd (pid {}) is already using {what} {}; stop it first or choose another",
+            holder.trim(),
+            guarded.display()
+        )));
+    }
+    file.set_len(0).map_err(|e| Error::io(path, e))?;
+    write!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
+    Ok(file)
+}
+
+/// What State reports about this host: `--id` or the host name, CPUs, memory.
+fn machine(config: &Config) -> Machine {
+    let id = config.id.clone().unwrap_or_else(|| {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    });
+    let info = rustix::system::sysinfo();
+    Machine {
+        id,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory: info.totalram as u64 * u64::from(info.mem_unit.max(1)),
+    }
+}
