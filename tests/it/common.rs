@@ -1,12 +1,12 @@
-//! Shared helpers for the integration tests: OCI bundles built from busybox, a real berthd on a
-//! temp socket and state dir, event and FIFO helpers, and the "nothing left behind" checks.
+//! Shared fixture for the integration tests: OCI bundles built from busybox, a real berthd on a
+//! temp socket and state dir, event and FIFO helpers, loud skips, and the "nothing left behind"
+//! checks, which look at the kernel's own account (the cgroups a process was put in, berthd's fd
+//! table, its children) rather than at berthd's.
 
-// Every test crate compiles this module and uses only part of it.
-#![allow(dead_code)]
-
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
+
+pub use berth_load::procfs::children_of;
 
 pub type Client = ApiClient<Channel>;
 
@@ -62,20 +64,71 @@ pub fn id(name: &str) -> String {
     id
 }
 
-fn unmet_requirement() -> Option<String> {
+// ----- skips -----
+
+/// The running test's name (libtest names each test's thread after it).
+fn test_name() -> String {
+    match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_owned(),
+        _ => "<unnamed test>".to_owned(),
+    }
+}
+
+/// Writes `line` to stdout (shown for failing tests, or with --nocapture) and appends it to the
+/// file `BERTH_SKIP_LOG` names, which scripts/test prints and counts: libtest hides the stdout
+/// of passing tests, and a skipped test passes.
+fn report(line: &str) {
+    println!("{line}");
+    if let Some(path) = std::env::var_os("BERTH_SKIP_LOG") {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("BERTH_SKIP_LOG {}: {e}", Path::new(&path).display()));
+        // One write per line, so lines of parallel tests never interleave.
+        file.write_all(format!("{line}\n").as_bytes())
+            .expect("write BERTH_SKIP_LOG");
+    }
+}
+
+/// Records that the running test skips itself, and why. The caller returns right after.
+pub fn skip(reason: &str) {
+    report(&format!("SKIP {}: {reason}", test_name()));
+}
+
+/// Records something the running test could not check on this host while the rest of it ran.
+pub fn note(what: &str) {
+    report(&format!("NOTE {}: {what}", test_name()));
+}
+
+/// Whether a host-dependent mode can run. Where it cannot: with `CI` set the test fails (every
+/// mode this project's CI host supports must run there), elsewhere it is a loud skip.
+pub fn host_supports(what: &str, check: Result<(), String>) -> bool {
+    let Err(why) = check else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is required with CI set: {why} (scripts/test installs what it can)");
+    }
+    skip(&format!("{what}: {why} (with CI set this fails)"));
+    false
+}
+
+/// Root, runc and a static busybox: what every test that runs a berthd needs.
+fn basic_requirements() -> Result<(), String> {
     if !rustix::process::geteuid().is_root() {
-        return Some("not running as root".into());
+        return Err("not running as root".into());
     }
     let runc = Command::new("runc").arg("--version").output();
     if !runc.is_ok_and(|out| out.status.success()) {
-        return Some("runc is not installed (not found in PATH)".into());
+        return Err("runc is not installed (not found in PATH)".into());
     }
     match fs::read(BUSYBOX) {
-        Err(e) => Some(format!("{BUSYBOX}: {e} (install busybox-static)")),
-        Ok(elf) if has_interpreter(&elf) => Some(format!(
+        Err(e) => Err(format!("{BUSYBOX}: {e} (install busybox-static)")),
+        Ok(elf) if has_interpreter(&elf) => Err(format!(
             "{BUSYBOX} is dynamically linked and cannot run in a bare rootfs (install busybox-static)"
         )),
-        Ok(_) => None,
+        Ok(_) => Ok(()),
     }
 }
 
@@ -91,21 +144,28 @@ fn has_interpreter(elf: &[u8]) -> bool {
     (0..phnum).any(|i| read((phoff + i * phentsize) as usize, 4) == PT_INTERP)
 }
 
-/// Whether the host can run the integration tests. Under CI a missing requirement is a failure;
-/// elsewhere the test prints why it skipped.
+/// Whether the host can run a berthd with containers (see `host_supports`).
 pub fn ready() -> bool {
-    static UNMET: OnceLock<Option<String>> = OnceLock::new();
-    let Some(why) = UNMET.get_or_init(unmet_requirement) else {
-        return true;
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "integration tests need root, runc and busybox-static: {why} (run scripts/test as root)"
-        );
-    }
-    eprintln!("skipping integration test: {why} (with CI set this is a failure)");
-    false
+    static UNMET: OnceLock<Result<(), String>> = OnceLock::new();
+    let check = UNMET.get_or_init(basic_requirements).clone();
+    host_supports("root, runc and busybox-static", check)
 }
+
+/// Starts a berthd for the test (`daemon!()`, or `daemon!(Options { .. })`), or returns from the
+/// test after a loud skip when the host cannot run one.
+macro_rules! daemon {
+    () => {
+        daemon!($crate::common::Options::default())
+    };
+    ($options:expr) => {
+        match $crate::common::Daemon::start($options).await {
+            Some(daemon) => daemon,
+            None => return,
+        }
+    };
+}
+
+// ----- bundles -----
 
 /// `runc spec` output, generated once per test binary.
 fn base_spec() -> &'static Value {
@@ -153,11 +213,15 @@ impl Bundle {
     }
 
     pub fn path_str(&self) -> String {
-        self.dir
-            .path()
-            .to_str()
-            .expect("utf-8 temp path")
-            .to_owned()
+        path_str(self.dir.path())
+    }
+
+    /// A FIFO at `/tmp/<name>` inside the container, for the test to release a process that
+    /// waits on it (`read x < /tmp/<name>`): returns its host path.
+    pub fn gate(&self, name: &str) -> PathBuf {
+        let path = self.path().join("rootfs/tmp").join(name);
+        mkfifo(&path);
+        path
     }
 
     /// Changes config.json, e.g. `b.edit(|c| c["process"]["terminal"] = true.into())`.
@@ -178,12 +242,32 @@ impl Bundle {
     }
 }
 
+/// Opens a gate made by `Bundle::gate`: the process reading it goes on. Keep the returned end
+/// until it has (a FIFO's data is lost when both ends close).
+#[must_use]
+pub fn open_gate(gate: &Path) -> File {
+    let mut file = open_rw(gate);
+    file.write_all(b"go\n").expect("write gate");
+    file
+}
+
+/// A container a test started: its id, init pid and bundle (kept as long as the container).
+pub struct Container {
+    pub id: String,
+    pub pid: u32,
+    pub bundle: Bundle,
+}
+
+// ----- the daemon -----
+
 /// A berthd started for one test on its own socket and state dir.
 pub struct Daemon {
     child: Option<Child>,
     dir: TempDir,
     socket: PathBuf,
     pub client: Client,
+    /// The cgroup directories of each container's init, read from /proc when it was created.
+    cgroups: HashMap<String, Vec<PathBuf>>,
 }
 
 /// How to start a berthd beyond the defaults.
@@ -199,22 +283,19 @@ pub struct Options<'a> {
     pub binary: Option<&'a Path>,
 }
 
-impl Daemon {
-    /// Starts berthd with the default flags, or returns None (after printing why) when the host
-    /// cannot run integration tests.
-    pub async fn start() -> Option<Daemon> {
-        Self::start_with(&[]).await
-    }
-
-    pub async fn start_with(args: &[&str]) -> Option<Daemon> {
-        Self::start_with_options(Options {
+impl<'a> Options<'a> {
+    pub fn args(args: &'a [&'a str]) -> Options<'a> {
+        Options {
             args,
             ..Options::default()
-        })
-        .await
+        }
     }
+}
 
-    pub async fn start_with_options(options: Options<'_>) -> Option<Daemon> {
+impl Daemon {
+    /// Starts berthd, or returns None after a loud skip when the host cannot run containers
+    /// (use `daemon!`).
+    pub async fn start(options: Options<'_>) -> Option<Daemon> {
         if !ready() {
             return None;
         }
@@ -226,6 +307,7 @@ impl Daemon {
             client: wait_for_socket(&socket, dir.path()).await,
             socket,
             dir,
+            cgroups: HashMap::new(),
         };
         if let Some(status) = daemon.try_wait() {
             panic!("berthd exited right after start: {status}");
@@ -271,85 +353,192 @@ impl Daemon {
         child.try_wait().expect("try_wait berthd")
     }
 
+    // ----- requests -----
+
+    /// Creates a container and returns its init pid, failing the test on error. The init's
+    /// cgroups are recorded for `assert_gone`.
+    pub async fn create(&mut self, req: CreateContainerRequest) -> u32 {
+        let id = req.id.clone();
+        let pid = create(&mut self.client, req).await;
+        self.record_cgroups(&id, pid);
+        pid
+    }
+
+    /// Creates container `id(name)` running `args` from a fresh busybox bundle.
+    pub async fn run(&mut self, name: &str, args: &[&str]) -> Container {
+        let bundle = Bundle::new(args);
+        let id = id(name);
+        let pid = self.create(create_req(&id, &bundle)).await;
+        Container { id, pid, bundle }
+    }
+
+    /// Adds a process and returns its host pid, failing the test on error.
+    pub async fn exec(&mut self, req: AddProcessRequest) -> u32 {
+        let what = format!("{} {:?}", req.id, req.args);
+        match self.client.add_process(req).await {
+            Ok(resp) => resp.into_inner().pid,
+            Err(status) => panic!("AddProcess {what}: {status:?}"),
+        }
+    }
+
+    pub async fn signal(&mut self, id: &str, pid: u32, signal: u32) {
+        let req = SignalRequest {
+            id: id.to_owned(),
+            pid,
+            signal,
+        };
+        if let Err(status) = self.client.signal(req).await {
+            panic!("Signal {signal} to {id}/{pid}: {status:?}");
+        }
+    }
+
+    pub async fn state(&mut self) -> StateResponse {
+        state(&mut self.client).await
+    }
+
+    pub async fn events(&mut self) -> Events {
+        Events::subscribe(&mut self.client).await
+    }
+
+    // ----- what berthd holds, from the kernel -----
+
     /// Container ids the runtime knows under berthd's runtime root.
     pub fn runtime_ids(&self) -> Vec<String> {
         runtime_ids(&self.state_dir().join("runtime"))
     }
 
-    /// The targets of berthd's open fds.
+    /// The targets of berthd's open fds, sorted (a multiset: pidfds all read `anon_inode:[pidfd]`).
     pub fn fds(&self) -> Vec<String> {
         let dir = format!("/proc/{}/fd", self.pid());
         let mut fds: Vec<String> = fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{dir}: {e}"))
             .filter_map(|entry| {
-                let entry = entry.ok()?;
-                let target = fs::read_link(entry.path()).ok()?;
-                Some(format!(
-                    "{} -> {}",
-                    entry.file_name().to_string_lossy(),
-                    target.display()
-                ))
+                let target = fs::read_link(entry.ok()?.path()).ok()?;
+                Some(target.display().to_string())
             })
             .collect();
         fds.sort();
         fds
     }
 
-    /// Waits until berthd has at most as many fds open as in `baseline`.
-    pub async fn assert_fds_settle(&self, baseline: &[String]) {
+    /// berthd's direct children other than its spawn helper: container inits, added processes,
+    /// and whatever else it has become the parent of.
+    pub fn children(&self) -> BTreeSet<u32> {
+        children_of(self.pid())
+            .into_iter()
+            .filter(|&pid| !is_spawn_helper(pid))
+            .collect()
+    }
+
+    /// What berthd holds now, to compare against after a request (`assert_settles`).
+    pub fn baseline(&self) -> Baseline {
+        Baseline {
+            fds: self.fds(),
+            children: self.children(),
+        }
+    }
+
+    /// Waits until every fd berthd holds was already open in `baseline` (by target, counted per
+    /// target) and it has no child that was not there then.
+    pub async fn assert_settles(&self, baseline: &Baseline) {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let now = self.fds();
-            if now.len() <= baseline.len() {
+            let extra_fds = multiset_minus(&self.fds(), &baseline.fds);
+            let extra_children: Vec<u32> = self
+                .children()
+                .difference(&baseline.children)
+                .copied()
+                .collect();
+            if extra_fds.is_empty() && extra_children.is_empty() {
                 return;
             }
             if Instant::now() > deadline {
-                let added: Vec<&String> = now.iter().filter(|fd| !baseline.contains(fd)).collect();
+                let described: Vec<String> = extra_children.iter().map(|&p| describe(p)).collect();
                 panic!(
-                    "berthd holds {} fds, {} before; not in the baseline: {added:#?}",
-                    now.len(),
-                    baseline.len()
+                    "berthd holds fds not in the baseline: {extra_fds:#?}\n\
+                     and children not in the baseline: {described:#?}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// berthd's direct children: the spawn helper, container inits and added processes.
-    pub fn children(&self) -> Vec<u32> {
-        children_of(self.pid())
-    }
-
-    /// Waits until no child of berthd is a zombie.
-    pub async fn assert_no_zombies(&self) {
+    /// `assert_settles` for fds only, by kind: `socket:[N]` and `pipe:[N]` count as `socket` and
+    /// `pipe`, for comparisons across an upgrade, after which berthd's own sockets are new ones.
+    pub async fn assert_fd_kinds_settle(&self, baseline: &Baseline) {
+        let kinds = |fds: &[String]| -> Vec<String> {
+            let mut kinds: Vec<String> = fds
+                .iter()
+                .map(|fd| match fd.split_once(":[") {
+                    Some((kind, _)) if kind == "socket" || kind == "pipe" => kind.to_owned(),
+                    _ => fd.clone(),
+                })
+                .collect();
+            kinds.sort();
+            kinds
+        };
+        let before = kinds(&baseline.fds);
         let deadline = Instant::now() + SETTLE;
         loop {
-            let zombies: Vec<u32> = self
-                .children()
-                .into_iter()
-                .filter(|&pid| proc_stat(pid).is_some_and(|s| s.state == 'Z'))
-                .collect();
-            if zombies.is_empty() {
+            let extra = multiset_minus(&kinds(&self.fds()), &before);
+            if extra.is_empty() {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "berthd leaves zombie children: {zombies:?}"
+                "berthd holds fds of kinds not in the baseline: {extra:#?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Container `id` is gone everywhere: runtime state, cgroups, registry and state file.
+    /// Waits until berthd has no zombie child and every other child of it is a process it
+    /// tracks (listed by State): nothing it became the parent of is forgotten.
+    pub async fn assert_no_zombies(&mut self) {
+        self.assert_no_zombies_except(&[]).await;
+    }
+
+    /// `assert_no_zombies`, allowing the live, untracked children `allowed`.
+    pub async fn assert_no_zombies_except(&mut self, allowed: &[u32]) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let tracked: BTreeSet<u32> = self
+                .state()
+                .await
+                .containers
+                .iter()
+                .flat_map(|c| c.processes.iter().map(|p| p.pid))
+                .collect();
+            let bad: Vec<String> = self
+                .children()
+                .into_iter()
+                .filter(|&pid| {
+                    let zombie = proc_stat(pid).is_some_and(|s| s.state == 'Z');
+                    zombie || !(tracked.contains(&pid) || allowed.contains(&pid))
+                })
+                .map(describe)
+                .collect();
+            if bad.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berthd has zombie or untracked children: {bad:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Container `id` is gone everywhere: runtime state, every cgroup its init was in, registry
+    /// and state file.
     pub async fn assert_gone(&mut self, id: &str) {
+        let runtime = self.runtime_ids();
         assert!(
-            !self.runtime_ids().iter().any(|c| c == id),
-            "runtime still has container {id}: {:?}",
-            self.runtime_ids()
+            !runtime.iter().any(|c| c == id),
+            "runtime still has container {id}: {runtime:?}"
         );
-        let cgroups = cgroup_dirs(id);
-        assert!(cgroups.is_empty(), "cgroups left for {id}: {cgroups:?}");
-        let listed: Vec<String> = state(&mut self.client)
+        let listed: Vec<String> = self
+            .state()
             .await
             .containers
             .into_iter()
@@ -358,21 +547,62 @@ impl Daemon {
         assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
         let file = self.state_file(id);
         assert!(!file.exists(), "state file left behind: {}", file.display());
+        self.assert_cgroups_gone(id).await;
     }
 
-    /// A request failed: nothing of `id` may remain, berthd's fds are back to `baseline` and
-    /// it has no zombie child.
-    pub async fn assert_nothing_left(&mut self, id: &str, baseline: &[String]) {
+    /// A request failed: nothing of `id` may remain, and berthd holds no fd or child that it did
+    /// not hold in `baseline`, and no zombie.
+    pub async fn assert_nothing_left(&mut self, id: &str, baseline: &Baseline) {
         self.assert_gone(id).await;
-        self.assert_fds_settle(baseline).await;
+        self.assert_settles(baseline).await;
         self.assert_no_zombies().await;
     }
 
+    /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
+    /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
+    /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
+    fn record_cgroups(&mut self, id: &str, pid: u32) {
+        let own = cgroups_of(self.pid());
+        let dirs: Vec<PathBuf> = cgroups_of(pid)
+            .into_iter()
+            .filter(|dir| !own.iter().any(|mine| mine.starts_with(dir)))
+            .collect();
+        self.cgroups.entry(id.to_owned()).or_default().extend(dirs);
+    }
+
+    /// Every cgroup directory recorded for `id`, and where runc puts a container without
+    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group), is gone.
+    async fn assert_cgroups_gone(&mut self, id: &str) {
+        let mut dirs = self.cgroups.remove(id).unwrap_or_default();
+        for mount in cgroup_mounts() {
+            dirs.push(mount.dir.join(id));
+        }
+        for own in cgroups_of(self.pid()) {
+            dirs.push(own.join(id));
+        }
+        dirs.sort();
+        dirs.dedup();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let left: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cgroups left for {id}: {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // ----- stopping and restarting -----
+
     /// Kills berthd with SIGKILL, as a crash would, leaving its containers running, then starts
     /// a new berthd on the same socket and state dir.
-    pub async fn kill_and_restart(&mut self, options: Options<'_>) {
+    pub async fn kill_and_restart(&mut self) {
         self.crash();
-        self.start_again(options).await;
+        self.start_again().await;
     }
 
     /// Kills berthd with SIGKILL, leaving its containers, socket file and state dir behind.
@@ -383,16 +613,22 @@ impl Daemon {
     }
 
     /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
-    pub async fn start_again(&mut self, options: Options<'_>) {
+    pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "berthd is still running");
+        let options = Options::default();
         self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
         self.client = wait_for_socket(&self.socket, self.dir.path()).await;
     }
 
+    /// Sends `signal` to berthd and waits for it to exit.
+    pub fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        let mut child = self.child.take().expect("berthd running");
+        terminate(&mut child, signal)
+    }
+
     /// SIGTERM berthd and wait for it to exit.
     pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("berthd running");
-        terminate(&mut child)
+        self.stop_with(Signal::SIGTERM)
     }
 }
 
@@ -408,7 +644,7 @@ impl Drop for Daemon {
                 .output();
         }
         if let Some(mut child) = self.child.take() {
-            terminate(&mut child);
+            terminate(&mut child, Signal::SIGTERM);
         }
         if std::thread::panicking() {
             eprintln!(
@@ -417,6 +653,39 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// What berthd held at one moment: its fds' targets and its children (spawn helper excluded).
+pub struct Baseline {
+    fds: Vec<String>,
+    children: BTreeSet<u32>,
+}
+
+/// The items of sorted `now` beyond those in sorted `before`, counting repeats.
+fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for fd in before {
+        *counts.entry(fd).or_default() += 1;
+    }
+    now.iter()
+        .filter(|fd| match counts.get_mut(fd.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+fn describe(pid: u32) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let state = proc_stat(pid).map_or('?', |s| s.state);
+    format!(
+        "{pid} ({state}) {}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ").trim()
+    )
 }
 
 fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
@@ -459,9 +728,9 @@ async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
     }
 }
 
-fn terminate(child: &mut Child) -> ExitStatus {
+fn terminate(child: &mut Child, signal: Signal) -> ExitStatus {
     let pid = Pid::from_raw(child.id() as i32);
-    let _ = kill(pid, Signal::SIGTERM);
+    let _ = kill(pid, signal);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().expect("try_wait berthd") {
@@ -471,7 +740,7 @@ fn terminate(child: &mut Child) -> ExitStatus {
     }
     let _ = child.kill();
     let status = child.wait().expect("wait berthd");
-    panic!("berthd ignored SIGTERM for 10 s; killed it ({status})");
+    panic!("berthd ignored {signal} for 10 s; killed it ({status})");
 }
 
 fn runtime_ids(root: &Path) -> Vec<String> {
@@ -488,16 +757,79 @@ fn runtime_ids(root: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The cgroup directories of `id` that exist, under each v1 controller or the v2 root. runc puts
-/// a container without `cgroupsPath` at `/<id>`.
-pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    let root = Path::new("/sys/fs/cgroup");
-    let mut candidates = vec![root.join(id)];
-    if let Ok(entries) = fs::read_dir(root) {
-        candidates.extend(entries.flatten().map(|e| e.path().join(id)));
-    }
-    candidates.into_iter().filter(|p| p.exists()).collect()
+// ----- cgroups, from /proc -----
+
+/// A cgroup hierarchy mounted in this mount namespace.
+struct CgroupMount {
+    /// The mount point.
+    dir: PathBuf,
+    /// The path inside the hierarchy that is mounted there (mountinfo's root field).
+    root: PathBuf,
+    /// v1: the controllers (and `name=`) in its super options; v2: None.
+    controllers: Option<Vec<String>>,
 }
+
+fn cgroup_mounts() -> Vec<CgroupMount> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    text.lines()
+        .filter_map(|line| {
+            // `id parent major:minor root mountpoint options [optional...] - fstype source super`
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let right: Vec<&str> = right.split(' ').collect();
+            let (root, dir) = (unescape(left.get(3)?), unescape(left.get(4)?));
+            let controllers = match *right.first()? {
+                "cgroup2" => None,
+                "cgroup" => Some(right.get(2)?.split(',').map(str::to_owned).collect()),
+                _ => return None,
+            };
+            Some(CgroupMount {
+                dir: dir.into(),
+                root: root.into(),
+                controllers,
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The directories of every cgroup `pid` is in, one per line of /proc/<pid>/cgroup (v1
+/// hierarchies and the v2 one), resolved under the hierarchy's mount; empty once it is gone.
+pub fn cgroups_of(pid: u32) -> Vec<PathBuf> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    let mounts = cgroup_mounts();
+    let mut dirs: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let mount = mounts.iter().find(|m| match &m.controllers {
+                None => controllers.is_empty(),
+                Some(opts) => {
+                    !controllers.is_empty()
+                        && controllers.split(',').all(|c| opts.iter().any(|o| o == c))
+                }
+            })?;
+            let inside = Path::new(path).strip_prefix(&mount.root).ok()?;
+            Some(mount.dir.join(inside))
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+// ----- processes, from /proc -----
 
 pub struct ProcStat {
     pub state: char,
@@ -514,10 +846,12 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     Some(ProcStat { state, ppid })
 }
 
-pub use berth_load::procfs::children_of;
+fn is_spawn_helper(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "berthd-spawn")
+}
 
 /// Every process below `pid`: its children, their children, and so on.
-pub fn descendants_of(pid: u32) -> Vec<u32> {
+fn descendants_of(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     let mut queue = vec![pid];
     while let Some(parent) = queue.pop() {
@@ -528,6 +862,27 @@ pub fn descendants_of(pid: u32) -> Vec<u32> {
     found
 }
 
+/// The live spawn helper among berthd's children, known by its process name.
+pub fn spawn_helper(berthd: u32) -> Option<u32> {
+    children_of(berthd)
+        .into_iter()
+        .find(|&pid| proc_stat(pid).is_some_and(|s| s.state != 'Z') && is_spawn_helper(pid))
+}
+
+/// Waits for a live spawn helper other than `old`: a restarted one names itself after exec.
+pub async fn new_spawn_helper(berthd: u32, old: u32) -> u32 {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match spawn_helper(berthd) {
+            Some(pid) if pid != old => return pid,
+            _ if Instant::now() > deadline => panic!("berthd has no new spawn helper"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+// ----- requests -----
+
 pub fn create_req(id: &str, bundle: &Bundle) -> CreateContainerRequest {
     CreateContainerRequest {
         id: id.to_owned(),
@@ -536,7 +891,8 @@ pub fn create_req(id: &str, bundle: &Bundle) -> CreateContainerRequest {
     }
 }
 
-/// Creates a container and returns its init pid, failing the test on error.
+/// Creates a container on `client` and returns its init pid, failing the test on error.
+/// (`Daemon::create` also records its cgroups.)
 pub async fn create(client: &mut Client, req: CreateContainerRequest) -> u32 {
     let id = req.id.clone();
     match client.create_container(req).await {
@@ -550,26 +906,6 @@ pub fn exec_req(id: &str, args: &[&str]) -> AddProcessRequest {
         id: id.to_owned(),
         args: args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
-    }
-}
-
-/// Adds a process and returns its host pid, failing the test on error.
-pub async fn exec(client: &mut Client, req: AddProcessRequest) -> u32 {
-    let what = format!("{} {:?}", req.id, req.args);
-    match client.add_process(req).await {
-        Ok(resp) => resp.into_inner().pid,
-        Err(status) => panic!("AddProcess {what}: {status:?}"),
-    }
-}
-
-pub async fn signal(client: &mut Client, id: &str, pid: u32, signal: u32) {
-    let req = SignalRequest {
-        id: id.to_owned(),
-        pid,
-        signal,
-    };
-    if let Err(status) = client.signal(req).await {
-        panic!("Signal {signal} to {id}/{pid}: {status:?}");
     }
 }
 
@@ -594,6 +930,8 @@ pub fn expect_code<T: std::fmt::Debug>(
     }
 }
 
+// ----- events -----
+
 /// One Events subscription.
 pub struct Events {
     stream: tonic::Streaming<Event>,
@@ -611,11 +949,10 @@ impl Events {
     }
 
     pub async fn next(&mut self) -> Event {
-        match tokio::time::timeout(EVENT_TIMEOUT, self.stream.message()).await {
-            Ok(Ok(Some(event))) => event,
-            Ok(Ok(None)) => panic!("event stream ended"),
-            Ok(Err(status)) => panic!("event stream failed: {status:?}"),
-            Err(_) => panic!("no event within {EVENT_TIMEOUT:?}"),
+        match self.next_result().await {
+            Ok(Some(event)) => event,
+            Ok(None) => panic!("event stream ended"),
+            Err(status) => panic!("event stream failed: {status:?}"),
         }
     }
 
@@ -635,6 +972,13 @@ impl Events {
         }
     }
 
+    /// Waits for the start-container event of `id`.
+    pub async fn started(&mut self, id: &str) -> Event {
+        let what = format!("start-container of {id}");
+        self.wait_for(&what, |e| e.r#type == "start-container" && e.id == id)
+            .await
+    }
+
     /// Waits for the exit event of `pid` in container `id` and returns its status.
     pub async fn exit_status(&mut self, id: &str, pid: u32) -> u32 {
         let what = format!("exit of {id}/{pid}");
@@ -644,7 +988,7 @@ impl Events {
         event.status
     }
 
-    /// The next event or the error that ended the stream, for streams expected to fail.
+    /// The next event or the error that ended the stream, for streams expected to end.
     pub async fn next_result(&mut self) -> Result<Option<Event>, tonic::Status> {
         match tokio::time::timeout(EVENT_TIMEOUT, self.stream.message()).await {
             Ok(result) => result,
@@ -652,6 +996,8 @@ impl Events {
         }
     }
 }
+
+// ----- FIFOs -----
 
 pub fn mkfifo(path: &Path) {
     nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600))
@@ -751,6 +1097,8 @@ pub fn open_rw(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
+// ----- a runtime that hangs -----
+
 /// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
 /// sleeps 30 s instead: a create through it hangs in `start` until berthd gives up.
 pub fn slow_start_runtime(dir: &Path) -> PathBuf {
@@ -775,25 +1123,4 @@ pub fn slow_starts(berthd: u32) -> Vec<u32> {
         .into_iter()
         .filter(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\0"))
         .collect()
-}
-
-/// The live spawn helper among berthd's children, known by its process name.
-pub fn spawn_helper(berthd: u32) -> Option<u32> {
-    children_of(berthd).into_iter().find(|&pid| {
-        proc_stat(pid).is_some_and(|s| s.state != 'Z')
-            && fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "berthd-spawn")
-    })
-}
-
-/// Waits for a live spawn helper other than `old`: a restarted one names itself after exec.
-pub async fn new_spawn_helper(berthd: u32, old: u32) -> u32 {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        match spawn_helper(berthd) {
-            Some(pid) if pid != old => return pid,
-            _ if Instant::now() > deadline => panic!("berthd has no new spawn helper"),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
