@@ -14,10 +14,15 @@ use tonic::Code;
 fn criu_works() -> Result<(), String> {
     match Command::new("criu").arg("check").output() {
         Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "criu check failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            Err(format!("criu check failed: {}", lines.join("; ")))
+        }
         Err(e) => Err(format!("criu is not installed ({e})")),
     }
 }

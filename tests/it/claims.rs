@@ -171,6 +171,7 @@ async fn two_concurrent_creates_of_one_id_one_wins_and_nothing_leaks() {
 
         d.signal(&id, winner, SIGKILL).await;
         assert_eq!(events.exit_status(&id, winner).await, 137);
+        drop((a, b));
         d.assert_nothing_left(&id, &baseline).await;
     })
     .await

@@ -78,6 +78,8 @@ fn test_name() -> String {
 /// file `BERTH_SKIP_LOG` names, which scripts/test prints and counts: libtest hides the stdout
 /// of passing tests, and a skipped test passes.
 fn report(line: &str) {
+    // One line per report, so scripts/test can count them.
+    let line = line.replace('\n', "; ");
     println!("{line}");
     if let Some(path) = std::env::var_os("BERTH_SKIP_LOG") {
         let mut file = OpenOptions::new()
