@@ -1102,8 +1102,8 @@ pub fn open_rw(path: &Path) -> File {
 // ----- a runtime that hangs -----
 
 /// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
-/// sleeps 30 s instead: a create through it hangs in `start` until berthd gives up.
-pub fn slow_start_runtime(dir: &Path) -> PathBuf {
+/// sleeps `secs` seconds instead: a create through it hangs in `start` until berthd gives up.
+pub fn slow_start_runtime(dir: &Path, secs: u32) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let runc = std::env::split_paths(&path)
         .map(|dir| dir.join("runc"))
@@ -1111,7 +1111,7 @@ pub fn slow_start_runtime(dir: &Path) -> PathBuf {
         .expect("runc in PATH");
     let script = dir.join("slow-start-runc");
     let body = format!(
-        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep 30\ndone\nexec {} \"$@\"\n",
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
         runc.display()
     );
     fs::write(&script, body).expect("write runtime script");
@@ -1119,10 +1119,39 @@ pub fn slow_start_runtime(dir: &Path) -> PathBuf {
     script
 }
 
-/// The pids of the slow runtime's `sleep 30` below berthd.
-pub fn slow_starts(berthd: u32) -> Vec<u32> {
+/// The pids of the slow runtime's `sleep <secs>` below berthd.
+pub fn slow_starts(berthd: u32, secs: u32) -> Vec<u32> {
+    let cmdline = format!("sleep\0{secs}\0");
     descendants_of(berthd)
         .into_iter()
-        .filter(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x0030\0"))
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+        })
         .collect()
+}
+
+// ----- the fixture's own checks -----
+
+#[test]
+fn fds_are_compared_as_a_multiset_of_targets() {
+    let fds = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let before = fds(&["anon_inode:[pidfd]", "anon_inode:[pidfd]", "socket:[1]"]);
+    let now = fds(&["anon_inode:[pidfd]", "socket:[2]", "anon_inode:[pidfd]"]);
+    // Same count, but socket:[1] was closed and socket:[2] opened: that is a new fd.
+    assert_eq!(multiset_minus(&now, &before), ["socket:[2]"]);
+    let now = fds(&["anon_inode:[pidfd]"; 3]);
+    assert_eq!(multiset_minus(&now, &before), ["anon_inode:[pidfd]"]);
+    assert!(multiset_minus(&before[..1], &before).is_empty());
+}
+
+#[test]
+fn every_cgroup_of_this_process_resolves_to_an_existing_directory() {
+    let lines = fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let dirs = cgroups_of(std::process::id());
+    assert!(!dirs.is_empty(), "no cgroup resolved from {lines:?}");
+    for dir in &dirs {
+        assert!(dir.is_dir(), "{} (from {lines:?})", dir.display());
+    }
+    let hierarchies: BTreeSet<&str> = lines.lines().filter_map(|l| l.split(':').nth(1)).collect();
+    assert_eq!(dirs.len(), hierarchies.len(), "{dirs:?} from {lines:?}");
 }

@@ -398,7 +398,7 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
             return;
         }
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let wrapper = crate::common::slow_start_runtime(scripts.path());
+        let wrapper = slow_start_runtime(scripts.path(), 30);
         let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "2"];
         let mut d = daemon!(Options::args(&flags));
         let bundle = Bundle::new(&["sleep", "1000"]);
@@ -415,7 +415,7 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
             );
             d.assert_gone(&id).await;
             d.assert_no_zombies().await;
-            let sleepers = crate::common::slow_starts(d.pid());
+            let sleepers = slow_starts(d.pid(), 30);
             assert!(
                 sleepers.is_empty(),
                 "the timed-out runtime still runs: {sleepers:?}"
@@ -438,7 +438,10 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
             return;
         }
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let wrapper = crate::common::slow_start_runtime(scripts.path());
+        // `start` hangs for STRANDED seconds: long enough to kill the helper under it, short
+        // enough to see what becomes of it afterwards.
+        const STRANDED: u32 = 8;
+        let wrapper = slow_start_runtime(scripts.path(), STRANDED);
         let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "25"];
         let mut d = daemon!(Options::args(&flags));
         let id = id("helper-dies");
@@ -448,7 +451,7 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
         let request = create_req(&id, &bundle);
         let create = tokio::spawn(async move { client.create_container(request).await });
         let deadline = Instant::now() + Duration::from_secs(10);
-        while crate::common::slow_starts(d.pid()).is_empty() {
+        while slow_starts(d.pid(), STRANDED).is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "the create never reached `start`"
@@ -477,10 +480,20 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
         }
         d.assert_gone(&id).await;
         // The stranded `start` (the runtime's own command, not a container process) is
-        // berthd's orphan now and may outlive the helper whose timeout would have killed it;
-        // nothing else may be left.
-        let stranded = crate::common::slow_starts(d.pid());
+        // berthd's orphan now, and nothing times it out any more (that was the dead helper's
+        // job): it may run on, but only it, and once it ends berthd reaps it.
+        let stranded = slow_starts(d.pid(), STRANDED);
         d.assert_no_zombies_except(&stranded).await;
+        let deadline =
+            Instant::now() + Duration::from_secs(STRANDED.into()) + Duration::from_secs(5);
+        while !slow_starts(d.pid(), STRANDED).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the stranded `start` never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        d.assert_no_zombies().await;
         crate::common::new_spawn_helper(d.pid(), helper).await;
     })
     .await

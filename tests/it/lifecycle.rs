@@ -439,7 +439,7 @@ async fn a_refused_second_berthd_names_the_pid_holding_the_socket_or_state_dir()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn fd_count_stays_flat_across_create_exec_kill_cycles() {
+async fn fds_and_children_stay_the_same_across_create_exec_kill_cycles() {
     within(async {
         let mut d = daemon!();
         let bundle = Bundle::new(&["sleep", "1000"]);
