@@ -23,7 +23,7 @@ fn python_has_grpc() -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_generated_by_other_tools_gets_the_documented_semantics() {
     within(async {
-        if !host_supports("python grpc", python_has_grpc()) {
+        if !host_supports("needs python3 grpc and grpc_tools", python_has_grpc()) {
             return;
         }
         let mut daemon = daemon!();
