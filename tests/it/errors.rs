@@ -16,8 +16,7 @@ async fn warm_up(d: &mut Daemon) -> Baseline {
     let ctr = d.run("warm-up", &["sleep", "1000"]).await;
     let child = d.exec(exec_req(&ctr.id, &["/bin/true"])).await;
     assert_eq!(events.exit_status(&ctr.id, child).await, 0);
-    d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-    assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+    d.kill_container(&mut events, &ctr.id, ctr.pid).await;
     d.assert_no_zombies().await;
     d.baseline()
 }
@@ -342,8 +341,7 @@ async fn add_process_errors_leave_nothing_behind() {
         d.assert_settles(&fds).await;
         d.assert_no_zombies().await;
 
-        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_nothing_left(&ctr.id, &baseline).await;
     })
     .await
@@ -475,8 +473,7 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
                 .expect("a listed container has its init")
                 .pid;
             let mut events = d.events().await;
-            d.signal(&id, init, SIGKILL).await;
-            assert_eq!(events.exit_status(&id, init).await, 137);
+            d.kill_container(&mut events, &id, init).await;
         }
         d.assert_gone(&id).await;
         // The stranded `start` (the runtime's own command, not a container process) is

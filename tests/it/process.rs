@@ -51,8 +51,7 @@ async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
         assert_eq!(process.user, req.user);
         assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
 
-        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -80,8 +79,7 @@ async fn add_process_defaults_to_the_container_user_and_env() {
 
         assert_eq!(reader.read_to_end().await, "1234\n1234\nyes\n");
         assert_eq!(events.exit_status(&id, pid).await, 0);
-        d.signal(&id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        d.kill_container(&mut events, &id, init).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -151,9 +149,7 @@ async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
             "state file still holds the exited process: {saved}"
         );
 
-        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
-        d.assert_gone(&ctr.id).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -170,8 +166,7 @@ async fn added_process_exit_code_is_reported() {
             let pid = d.exec(exec_req(&ctr.id, &["/bin/sh", "-c", &script])).await;
             assert_eq!(events.exit_status(&ctr.id, pid).await, code);
         }
-        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -199,8 +194,7 @@ async fn added_process_stdin_and_stdout_fifos() {
         drop(writer);
         assert_eq!(reader.read_to_end().await, "pong\n");
         assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
-        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -223,8 +217,7 @@ async fn added_process_with_terminal_is_relayed_to_the_stdout_fifo() {
         let text = reader.read_until("tty-ok").await;
         assert!(text.contains("tty-ok\r\n"), "pty output: {text:?}");
         assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
-        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
-        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await

@@ -306,6 +306,18 @@ impl Daemon {
         }
     }
 
+    /// Kills container `id` through its init with SIGKILL, expects its exit event (137) on
+    /// `events`, and checks it is gone everywhere (`assert_gone`).
+    pub async fn kill_container(&mut self, events: &mut Events, id: &str, init: u32) {
+        self.signal(id, init, SIGKILL).await;
+        assert_eq!(
+            events.exit_status(id, init).await,
+            137,
+            "exit of {id}/{init}"
+        );
+        self.assert_gone(id).await;
+    }
+
     pub async fn state(&mut self) -> StateResponse {
         state(&mut self.client).await
     }
