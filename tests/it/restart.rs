@@ -358,6 +358,8 @@ async fn an_in_place_upgrade_keeps_pids_exit_codes_and_the_socket() {
             .await
             .expect("connect to the Daemon service");
         let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+        // README: streams end with UNAVAILABLE when berthd upgrades.
+        let mut old_events = daemon.events().await;
         let answer = admin
             .upgrade(UpgradeRequest {})
             .await
@@ -365,6 +367,16 @@ async fn an_in_place_upgrade_keeps_pids_exit_codes_and_the_socket() {
             .into_inner();
         assert_eq!(answer.pid, daemon.pid());
         assert!(answer.version.starts_with("berthd "), "{answer:?}");
+        let ended = loop {
+            match old_events.next_result().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        match ended {
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+            Ok(_) => panic!("Events ended with OK at the upgrade, not UNAVAILABLE"),
+        }
         // Clients reconnect to the same path; the new image answers once it has recovered.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
