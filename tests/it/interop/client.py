@@ -40,8 +40,10 @@ def watch(stream):
 
 stream = api.Events(pb.EventsRequest())
 watcher = threading.Thread(target=watch, args=(stream,), daemon=True)
+# The response headers arrive once berthd has subscribed this stream: from then on, nothing
+# published is missed.
+stream.initial_metadata()
 watcher.start()
-time.sleep(0.2)
 
 create = pb.CreateContainerRequest(id=cid, bundlePath=bundle)
 pid = api.CreateContainer(create).pid

@@ -1,13 +1,11 @@
 //! GetStats, OOM events and the metrics endpoint against a real berthd, real runc containers and
 //! their real cgroups (v1 on this host).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::*;
 use berth_api::proto::{Stats, StatsRequest};
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Short, so a test sees several samples quickly.
@@ -43,9 +41,10 @@ fn cpu_total(stats: &Stats) -> u64 {
 }
 
 /// A berthd with a short stats interval and its metrics endpoint on a unix socket.
-async fn daemon(metrics: &Path) -> Option<Daemon> {
+async fn stats_daemon(metrics: &Path) -> Option<Daemon> {
     let metrics = path_str(metrics);
-    Daemon::start_with(&["--stats-interval", INTERVAL, "--metrics-listen", &metrics]).await
+    let args = ["--stats-interval", INTERVAL, "--metrics-listen", &metrics];
+    Daemon::start(Options::args(&args)).await
 }
 
 async fn scrape(socket: &Path) -> String {
@@ -75,14 +74,14 @@ fn metrics_socket(dir: &tempfile::TempDir) -> PathBuf {
 #[tokio::test]
 async fn a_busy_container_reports_growing_cpu_memory_and_its_network() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut d) = daemon(&metrics_socket(&dir)).await else {
+    let Some(mut d) = stats_daemon(&metrics_socket(&dir)).await else {
         return;
     };
     within(async {
-        let id = id("stats-busy");
-        let bundle = Bundle::new(&["sh", "-c", "while :; do :; done"]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        let mut stream = subscribe(&mut d.client, &id).await;
+        let ctr = d
+            .run("stats-busy", &["sh", "-c", "while :; do :; done"])
+            .await;
+        let mut stream = subscribe(&mut d.client, &ctr.id).await;
         let samples = [
             next_sample(&mut stream).await,
             next_sample(&mut stream).await,
@@ -123,7 +122,7 @@ async fn a_busy_container_reports_growing_cpu_memory_and_its_network() {
             .collect();
         assert!(names.contains(&"lo"), "interfaces: {names:?}");
         assert!(cgroup.hugetlb_stats.is_empty() || cgroup.hugetlb_stats.contains_key("2MB"));
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
     })
     .await;
 }
@@ -132,13 +131,11 @@ async fn a_busy_container_reports_growing_cpu_memory_and_its_network() {
 async fn two_hundred_subscribers_share_one_read_batch_per_tick() {
     let dir = tempfile::tempdir().unwrap();
     let socket = metrics_socket(&dir);
-    let Some(mut d) = daemon(&socket).await else {
+    let Some(mut d) = stats_daemon(&socket).await else {
         return;
     };
     within(async {
-        let id = id("stats-fanout");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let ctr = d.run("stats-fanout", &["sleep", "1000"]).await;
         // Several connections: one HTTP/2 connection caps its concurrent streams.
         let mut clients = Vec::new();
         for _ in 0..4 {
@@ -153,7 +150,7 @@ async fn two_hundred_subscribers_share_one_read_batch_per_tick() {
         let started = std::time::Instant::now();
         let mut streams = Vec::new();
         for n in 0..200 {
-            streams.push(subscribe(&mut clients[n % 4], &id).await);
+            streams.push(subscribe(&mut clients[n % 4], &ctr.id).await);
         }
         let subscribed = scrape(&socket).await;
         assert_eq!(metric(&subscribed, "berth_stats_subscribers"), 200.0);
@@ -194,7 +191,7 @@ async fn two_hundred_subscribers_share_one_read_batch_per_tick() {
             (5.0..=40.0).contains(&per_batch),
             "{per_batch} files a batch"
         );
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
     })
     .await;
 }
@@ -202,7 +199,7 @@ async fn two_hundred_subscribers_share_one_read_batch_per_tick() {
 #[tokio::test]
 async fn the_stream_ends_when_the_container_exits_and_unknown_ids_are_not_found() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut d) = daemon(&metrics_socket(&dir)).await else {
+    let Some(mut d) = stats_daemon(&metrics_socket(&dir)).await else {
         return;
     };
     within(async {
@@ -214,14 +211,11 @@ async fn the_stream_ends_when_the_container_exits_and_unknown_ids_are_not_found(
             .await;
         let message = expect_code(unknown, tonic::Code::NotFound);
         assert!(message.contains("no-such-container"), "{message}");
-
-        let id = id("stats-end");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        let mut stream = subscribe(&mut d.client, &id).await;
+        let ctr = d.run("stats-end", &["sleep", "1000"]).await;
+        let mut stream = subscribe(&mut d.client, &ctr.id).await;
         next_sample(&mut stream).await;
         let baseline = d.fds();
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
         let end = tokio::time::timeout(SAMPLE_TIMEOUT, async {
             loop {
                 match stream.message().await {
@@ -234,12 +228,19 @@ async fn the_stream_ends_when_the_container_exits_and_unknown_ids_are_not_found(
         .expect("the stream ends within 10 s of the exit");
         assert!(matches!(end, Ok(None)), "ended with {end:?}");
         // The container's stats files are closed with it.
-        let open: Vec<String> = d.fds().into_iter().filter(|fd| fd.contains(&id)).collect();
+        let open: Vec<String> = d
+            .fds()
+            .into_iter()
+            .filter(|fd| fd.contains(&ctr.id))
+            .collect();
         assert!(
             open.is_empty(),
             "still open: {open:?} (baseline {baseline:?})"
         );
-        let again = d.client.get_stats(StatsRequest { id: id.clone() }).await;
+        let again = d
+            .client
+            .get_stats(StatsRequest { id: ctr.id.clone() })
+            .await;
         expect_code(again, tonic::Code::NotFound);
     })
     .await;
@@ -248,7 +249,7 @@ async fn the_stream_ends_when_the_container_exits_and_unknown_ids_are_not_found(
 #[tokio::test]
 async fn a_container_over_its_memory_limit_gets_oom_then_exit_137() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut d) = daemon(&metrics_socket(&dir)).await else {
+    let Some(mut d) = stats_daemon(&metrics_socket(&dir)).await else {
         return;
     };
     within(async {
@@ -257,13 +258,16 @@ async fn a_container_over_its_memory_limit_gets_oom_then_exit_137() {
         let bundle = Bundle::new(&[
             "sh",
             "-c",
-            "sleep 1; x=$(busybox head -c 67108864 /dev/zero | busybox tr '\\0' x); echo survived",
+            "read x < /tmp/go; x=$(busybox head -c 67108864 /dev/zero | busybox tr '\\0' x); echo survived",
         ]);
         bundle.edit(|c| {
             c["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 * 1024 * 1024});
         });
-        let mut events = Events::subscribe(&mut d.client).await;
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let gate = bundle.gate("go");
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&id, &bundle)).await;
+        // Registered now: let it allocate.
+        let _gate = open_gate(&gate);
         let oom = events
             .wait_for("oom", |e| {
                 e.id == id && (e.r#type == "oom" || e.r#type == "exit")
@@ -281,16 +285,16 @@ async fn a_container_over_its_memory_limit_gets_oom_then_exit_137() {
 #[tokio::test]
 async fn a_read_at_offset_zero_of_an_open_cgroup_file_is_fresh() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut d) = daemon(&metrics_socket(&dir)).await else {
+    let Some(mut d) = stats_daemon(&metrics_socket(&dir)).await else {
         return;
     };
     within(async {
-        let id = id("stats-fresh");
-        let bundle = Bundle::new(&["sh", "-c", "while :; do :; done"]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        let cgroup = cgroup_dirs(&id)
+        let ctr = d
+            .run("stats-fresh", &["sh", "-c", "while :; do :; done"])
+            .await;
+        let cgroup = cgroups_of(ctr.pid)
             .into_iter()
-            .find(|p| p.starts_with("/sys/fs/cgroup/cpuacct"))
+            .find(|p| p.join("cpuacct.usage").exists())
             .expect("a cpuacct cgroup");
         for name in ["cpuacct.usage", "cpuacct.usage_all"] {
             let path = cgroup.join(name);
@@ -308,7 +312,7 @@ async fn a_read_at_offset_zero_of_an_open_cgroup_file_is_fresh() {
                 "{name} did not change on a second read at offset 0"
             );
         }
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
     })
     .await;
 }
@@ -320,7 +324,7 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
         memory::MemController,
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut d) = daemon(&metrics_socket(&dir)).await else {
+    let Some(mut d) = stats_daemon(&metrics_socket(&dir)).await else {
         return;
     };
     within(async {
@@ -331,8 +335,20 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
             "-c",
             "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 1000",
         ]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pid = d.create(create_req(&id, &bundle)).await;
+        // Idle once the shell has exec'd `sleep`.
+        let deadline = std::time::Instant::now() + SAMPLE_TIMEOUT;
+        while std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .as_deref()
+            != Some(b"sleep\x001000\0")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the init never went idle"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut stream = subscribe(&mut d.client, &id).await;
         let ours = next_sample(&mut stream).await;
         // The container's own cgroup paths: runc nests a v1 cgroup under berthd's own where
@@ -426,7 +442,7 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
             .controller_of::<cgroups_rs::fs::hugetlb::HugeTlbController>()
             .map_or(0, |h| h.get_sizes().len());
         assert_eq!(cg.hugetlb_stats.len(), hugetlb);
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&id, pid, SIGKILL).await;
     })
     .await;
 }

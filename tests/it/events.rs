@@ -1,16 +1,11 @@
 //! The Events stream: what is published, in which order, to whom, and what happens to a
 //! subscriber that cannot keep up.
 
-mod common;
-
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::common::*;
 use berth_api::proto::{Event, UpdateContainerRequest};
-use common::{
-    Bundle, Daemon, Events, SIGKILL, SIGTERM, create, create_req, exec, exec_req, id, signal,
-    state, within,
-};
 use tonic::Code;
 
 /// Reads events of container `id` until the exit of `pid`, skipping other containers'.
@@ -32,17 +27,15 @@ async fn events_until_exit(events: &mut Events, id: &str, pid: u32) -> Vec<Event
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_lifecycle_publishes_its_events_in_order() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("ev-order");
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut events = d.events().await;
+        let init = d.create(create_req(&id, &bundle)).await;
         let mut req = exec_req(&id, &["/bin/sleep", "1000"]);
         req.env = vec!["PATH=/bin".into(), "WHO=child".into()];
         req.cwd = "/tmp".into();
-        let child = exec(&mut d.client, req).await;
+        let child = d.exec(req).await;
         for status in ["paused", "running"] {
             let req = UpdateContainerRequest {
                 id: id.clone(),
@@ -51,10 +44,10 @@ async fn a_container_lifecycle_publishes_its_events_in_order() {
             };
             d.client.update_container(req).await.expect(status);
         }
-        signal(&mut d.client, &id, child, SIGTERM).await;
+        d.signal(&id, child, SIGTERM).await;
         // The child's exit comes first: killing the init would also end the child.
         let mut seen = events_until_exit(&mut events, &id, child).await;
-        signal(&mut d.client, &id, init, SIGKILL).await;
+        d.signal(&id, init, SIGKILL).await;
         seen.extend(events_until_exit(&mut events, &id, init).await);
 
         let kinds: Vec<&str> = seen.iter().map(|e| e.r#type.as_str()).collect();
@@ -91,26 +84,24 @@ async fn a_container_lifecycle_publishes_its_events_in_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_sees_only_what_happens_after_it_subscribed() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let (before, after) = (id("ev-before"), id("ev-after"));
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut early = Events::subscribe(&mut d.client).await;
-        let first = create(&mut d.client, create_req(&before, &bundle)).await;
-        early.wait_for("start-container", |e| e.id == before).await;
+        let mut early = d.events().await;
+        let first = d.create(create_req(&before, &bundle)).await;
+        early.started(&before).await;
 
-        let mut late = Events::subscribe(&mut d.client).await;
-        let second = create(&mut d.client, create_req(&after, &bundle)).await;
+        let mut late = d.events().await;
+        let second = d.create(create_req(&after, &bundle)).await;
         let event = late.next().await;
         assert_eq!(
             (event.r#type.as_str(), event.id.as_str(), event.pid),
             ("start-container", after.as_str(), second),
             "the first event after subscribing: {event:?}"
         );
-        signal(&mut d.client, &before, first, SIGKILL).await;
+        d.signal(&before, first, SIGKILL).await;
         assert_eq!(late.exit_status(&before, first).await, 137);
-        signal(&mut d.client, &after, second, SIGKILL).await;
+        d.signal(&after, second, SIGKILL).await;
         assert_eq!(late.exit_status(&after, second).await, 137);
         d.assert_no_zombies().await;
     })
@@ -120,20 +111,16 @@ async fn a_subscriber_sees_only_what_happens_after_it_subscribed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_subscriber_gets_every_event() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("ev-fanout");
-        let bundle = Bundle::new(&["sh", "-c", "exit 5"]);
+        let mut d = daemon!();
         let mut other = d.connect().await;
         let mut subscribers = vec![
-            Events::subscribe(&mut d.client).await,
-            Events::subscribe(&mut d.client).await,
+            d.events().await,
+            d.events().await,
             Events::subscribe(&mut other).await,
         ];
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let ctr = d.run("ev-fanout", &["sh", "-c", "exit 5"]).await;
         for events in &mut subscribers {
-            let seen = events_until_exit(events, &id, pid).await;
+            let seen = events_until_exit(events, &ctr.id, ctr.pid).await;
             let kinds: Vec<&str> = seen.iter().map(|e| e.r#type.as_str()).collect();
             assert_eq!(kinds, ["start-container", "exit"]);
             assert_eq!(seen[1].status, 5);
@@ -143,26 +130,42 @@ async fn every_subscriber_gets_every_event() {
     .await
 }
 
+/// Adds `n` processes running `/bin/true` with environment `env`, returning their pids and how
+/// long each AddProcess took.
+async fn timed_execs(
+    d: &mut Daemon,
+    id: &str,
+    env: &[String],
+    n: usize,
+) -> (Vec<u32>, Vec<Duration>) {
+    let (mut pids, mut took) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let mut req = exec_req(id, &["/bin/true"]);
+        req.env = env.to_vec();
+        let started = Instant::now();
+        pids.push(d.exec(req).await);
+        took.push(started.elapsed());
+    }
+    (pids, took)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
+    const BASELINE: usize = 20;
     const PROCESSES: usize = 40;
     within(async {
-        let Some(mut d) = Daemon::start_with(&["--events-buffer", "8"]).await else {
-            return;
-        };
-        let id = id("ev-slow");
-        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut d = daemon!(Options::args(&["--events-buffer", "8"]));
+        let c = d.run("ev-slow", &["sleep", "1000"]).await;
+        let id = c.id.clone();
         // Each on its own connection, so HTTP/2 flow control of one cannot stall the other.
-        let mut slow_client = d.connect().await;
-        let mut slow = Events::subscribe(&mut slow_client).await;
         let mut fast_client = d.connect().await;
         let mut fast = Events::subscribe(&mut fast_client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
 
         let reader_id = id.clone();
         let reader = tokio::spawn(async move {
             let mut seen = Vec::new();
-            while seen.iter().filter(|e: &&Event| e.r#type == "exit").count() < PROCESSES {
+            while seen.iter().filter(|e: &&Event| e.r#type == "exit").count() < BASELINE + PROCESSES
+            {
                 let event = fast.next().await;
                 if event.id == reader_id {
                     seen.push(event);
@@ -177,15 +180,20 @@ async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
             .map(|i| format!("BIG{i}={}", "x".repeat(4096)))
             .collect();
         env.push("PATH=/bin".into());
-        let mut pids = Vec::new();
-        for _ in 0..PROCESSES {
-            let mut req = exec_req(&id, &["/bin/true"]);
-            req.env = env.clone();
-            let pid = tokio::time::timeout(Duration::from_secs(10), exec(&mut d.client, req))
-                .await
-                .expect("AddProcess blocked while a subscriber lags");
-            pids.push(pid);
-        }
+        // How long AddProcess takes here with no subscriber lagging, then with one that never
+        // reads: a daemon that waited for it, even for a second, shows above the margin.
+        let (mut pids, base) = timed_execs(&mut d, &id, &env, BASELINE).await;
+        let mut slow_client = d.connect().await;
+        let mut slow = Events::subscribe(&mut slow_client).await;
+        let (lagging_pids, lagging) = timed_execs(&mut d, &id, &env, PROCESSES).await;
+        pids.extend(lagging_pids);
+        let base_max = base.iter().max().copied().unwrap_or_default();
+        let lagging_max = lagging.iter().max().copied().unwrap_or_default();
+        assert!(
+            lagging_max < base_max + Duration::from_millis(500),
+            "AddProcess took up to {lagging_max:?} with a lagging subscriber, up to {base_max:?} \
+             without: {lagging:?}"
+        );
         let seen = reader.await.expect("fast subscriber");
 
         let mut order: HashMap<u32, Vec<&str>> = HashMap::new();
@@ -206,7 +214,7 @@ async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
                 "events of {pid}"
             );
         }
-        state(&mut d.client).await;
+        d.state().await;
 
         // Reading the slow stream now drains what was buffered, then ends with the error.
         let mut drained = 0usize;
@@ -229,9 +237,9 @@ async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
             "the error should say how many events were missed: {message:?}"
         );
 
-        let mut events = Events::subscribe(&mut d.client).await;
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        let mut events = d.events().await;
+        d.signal(&id, c.pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, c.pid).await, 137);
         d.assert_no_zombies().await;
     })
     .await

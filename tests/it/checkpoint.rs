@@ -2,24 +2,27 @@
 //! check` fails on this development machine's vDSO): there the full cycle is skipped with the
 //! reason printed, and the failure path runs for real instead.
 
-mod common;
-
 use std::process::Command;
 
+use crate::common::*;
 use berth_api::proto::{
     Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
 };
-use common::*;
 use tonic::Code;
 
 /// `Ok` when CRIU can checkpoint on this host, else why not.
 fn criu_works() -> Result<(), String> {
     match Command::new("criu").arg("check").output() {
         Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "criu check failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            Err(format!("criu check failed: {}", lines.join("; ")))
+        }
         Err(e) => Err(format!("criu is not installed ({e})")),
     }
 }
@@ -54,9 +57,7 @@ fn delete(id: &str, name: &str) -> DeleteCheckpointRequest {
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoint_requests_are_validated() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let unknown = id("cp-unknown");
         let c = &mut d.client;
         expect_code(
@@ -76,7 +77,7 @@ async fn checkpoint_requests_are_validated() {
 
         let bundle = Bundle::new(&["sleep", "1000"]);
         let running = id("cp-validate");
-        create(&mut d.client, create_req(&running, &bundle)).await;
+        d.create(create_req(&running, &bundle)).await;
         let c = &mut d.client;
         for bad in ["", "-x", "a/b", "..", &"n".repeat(129)] {
             let message = expect_code(
@@ -107,12 +108,10 @@ async fn checkpoint_requests_are_validated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hand_made_checkpoints_are_listed_refused_as_duplicates_and_deleted() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let bundle = Bundle::new(&["sleep", "1000"]);
         let container = id("cp-hand-made");
-        create(&mut d.client, create_req(&container, &bundle)).await;
+        d.create(create_req(&container, &bundle)).await;
         let dir = bundle.path().join("checkpoints");
         std::fs::create_dir_all(dir.join("plain")).unwrap();
         std::fs::create_dir_all(dir.join("flagged")).unwrap();
@@ -154,16 +153,14 @@ async fn hand_made_checkpoints_are_listed_refused_as_duplicates_and_deleted() {
 async fn a_failed_dump_reports_criu_and_leaves_the_container_running() {
     within(async {
         if criu_works().is_ok() {
-            eprintln!("skipped: criu works on this host, so a dump does not fail here");
+            skip("criu works on this host, so a dump does not fail here");
             return;
         }
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let bundle = Bundle::new(&["sleep", "1000"]);
         let container = id("cp-fails");
-        let pid = create(&mut d.client, create_req(&container, &bundle)).await;
-        let mut events = Events::subscribe(&mut d.client).await;
+        let pid = d.create(create_req(&container, &bundle)).await;
+        let mut events = d.events().await;
 
         let message = expect_code(
             d.client
@@ -171,7 +168,6 @@ async fn a_failed_dump_reports_criu_and_leaves_the_container_running() {
                 .await,
             Code::Internal,
         );
-        eprintln!("the dump failed as it must on this host: {message}");
         assert!(message.contains("runc checkpoint failed"), "{message}");
         assert!(
             message.to_lowercase().contains("criu"),
@@ -180,7 +176,7 @@ async fn a_failed_dump_reports_criu_and_leaves_the_container_running() {
         assert!(!bundle.path().join("checkpoints").join("c1").exists());
         assert!(list(&mut d.client, &container).await.is_empty());
 
-        let state = state(&mut d.client).await;
+        let state = d.state().await;
         let still = state
             .containers
             .iter()
@@ -192,7 +188,7 @@ async fn a_failed_dump_reports_criu_and_leaves_the_container_running() {
             Some('S'),
             "the init still runs"
         );
-        signal(&mut d.client, &container, pid, SIGKILL).await;
+        d.signal(&container, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&container, pid).await, 137);
     })
     .await
@@ -201,17 +197,20 @@ async fn a_failed_dump_reports_criu_and_leaves_the_container_running() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dump_list_restore_delete_with_real_criu() {
     within(async {
+        // Not CI-strict yet: this host's CRIU (3.17) fails `criu check` on its kernel, and
+        // berthd cannot be pointed at another CRIU (no `--criu` flag yet).
         if let Err(why) = criu_works() {
-            eprintln!("skipped the real checkpoint/restore cycle: {why}");
+            skip(&format!(
+                "no working CRIU for a real checkpoint/restore cycle: {why} \
+                 (berthd has no --criu flag to use another one yet)"
+            ));
             return;
         }
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let bundle = Bundle::new(&["sleep", "1000"]);
         let container = id("cp-cycle");
-        let pid = create(&mut d.client, create_req(&container, &bundle)).await;
-        let mut events = Events::subscribe(&mut d.client).await;
+        let pid = d.create(create_req(&container, &bundle)).await;
+        let mut events = d.events().await;
         d.client
             .create_checkpoint(checkpoint(&container, "c1", true))
             .await
@@ -226,8 +225,8 @@ async fn dump_list_restore_delete_with_real_criu() {
 
         let mut restore = create_req(&container, &bundle);
         restore.checkpoint = "c1".into();
-        let restored = create(&mut d.client, restore).await;
-        let state = state(&mut d.client).await;
+        let restored = d.create(restore).await;
+        let state = d.state().await;
         assert!(
             state
                 .containers
@@ -244,7 +243,7 @@ async fn dump_list_restore_delete_with_real_criu() {
             .delete_checkpoint(delete(&container, "c1"))
             .await
             .expect("DeleteCheckpoint");
-        signal(&mut d.client, &container, restored, SIGKILL).await;
+        d.signal(&container, restored, SIGKILL).await;
         assert_eq!(events.exit_status(&container, restored).await, 137);
     })
     .await

@@ -1,29 +1,20 @@
 //! AddProcess: what the added process runs as, where its stdio goes, and how it is tracked,
 //! listed, signalled and reported.
 
-mod common;
-
+use crate::common::*;
 use berth_api::proto::User;
-use common::{
-    Bundle, Daemon, Events, Reader, SIGKILL, SIGTERM, create, create_req, exec, exec_req, id,
-    mkfifo, open_rw, path_str, proc_stat, signal, state, within,
-};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("exec-spec");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("exec-spec", &["sleep", "1000"]).await;
         let out = d.dir().join("out");
         mkfifo(&out);
         let mut reader = Reader::open(&out);
         let script = "echo $GREETING; pwd; id -u; id -g; id -G";
-        let mut req = exec_req(&id, &["/bin/sh", "-c", script]);
+        let mut req = exec_req(&ctr.id, &["/bin/sh", "-c", script]);
         req.env = vec!["PATH=/bin".into(), "GREETING=hello".into()];
         req.cwd = "/tmp".into();
         req.user = Some(User {
@@ -32,7 +23,7 @@ async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
             additional_gids: vec![1002, 1003],
         });
         req.stdout = path_str(&out);
-        let pid = exec(&mut d.client, req.clone()).await;
+        let pid = d.exec(req.clone()).await;
 
         let text = reader.read_to_end().await;
         let lines: Vec<&str> = text.lines().collect();
@@ -49,7 +40,7 @@ async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
 
         let started = events
             .wait_for("start-process", |e| {
-                e.r#type == "start-process" && e.id == id
+                e.r#type == "start-process" && e.id == ctr.id
             })
             .await;
         assert_eq!(started.pid, pid);
@@ -58,10 +49,9 @@ async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
         assert_eq!(process.env, req.env);
         assert_eq!(process.cwd, "/tmp");
         assert_eq!(process.user, req.user);
-        assert_eq!(events.exit_status(&id, pid).await, 0);
+        assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
 
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -70,9 +60,7 @@ async fn add_process_runs_with_the_given_args_env_cwd_and_user() {
 #[tokio::test(flavor = "multi_thread")]
 async fn add_process_defaults_to_the_container_user_and_env() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("exec-defaults");
         let bundle = Bundle::new(&["sleep", "1000"]);
         bundle.edit(|c| {
@@ -80,19 +68,18 @@ async fn add_process_defaults_to_the_container_user_and_env() {
             let env = c["process"]["env"].as_array_mut().expect("spec env");
             env.push("FROM_SPEC=yes".into());
         });
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut events = d.events().await;
+        let init = d.create(create_req(&id, &bundle)).await;
         let out = d.dir().join("out");
         mkfifo(&out);
         let mut reader = Reader::open(&out);
         let mut req = exec_req(&id, &["/bin/sh", "-c", "id -u; id -g; echo $FROM_SPEC"]);
         req.stdout = path_str(&out);
-        let pid = exec(&mut d.client, req).await;
+        let pid = d.exec(req).await;
 
         assert_eq!(reader.read_to_end().await, "1234\n1234\nyes\n");
         assert_eq!(events.exit_status(&id, pid).await, 0);
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        d.kill_container(&mut events, &id, init).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -116,24 +103,24 @@ fn saved_state(d: &Daemon, id: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("exec-track");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("exec-track", &["sleep", "1000"]).await;
         let args = ["/bin/sleep", "999"];
-        let mut req = exec_req(&id, &args);
+        let mut req = exec_req(&ctr.id, &args);
         req.env = vec!["PATH=/bin".into(), "ADDED=1".into()];
         req.cwd = "/tmp".into();
-        let child = exec(&mut d.client, req).await;
+        let child = d.exec(req).await;
         assert_eq!(proc_stat(child).expect("alive").ppid, d.pid());
 
-        let st = state(&mut d.client).await;
-        let c = st.containers.iter().find(|c| c.id == id).expect("listed");
+        let st = d.state().await;
+        let c = st
+            .containers
+            .iter()
+            .find(|c| c.id == ctr.id)
+            .expect("listed");
         let pids: Vec<u32> = c.processes.iter().map(|p| p.pid).collect();
-        assert_eq!(pids, [init, child], "init first, then the added process");
+        assert_eq!(pids, [ctr.pid, child], "init first, then the added process");
         let added = &c.processes[1];
         assert_eq!(added.args, args);
         assert_eq!(added.env, ["PATH=/bin", "ADDED=1"]);
@@ -141,30 +128,28 @@ async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
         assert!(!added.terminal);
 
         assert!(
-            holds_string(&saved_state(&d, &id), "999"),
+            holds_string(&saved_state(&d, &ctr.id), "999"),
             "added process not saved"
         );
 
-        signal(&mut d.client, &id, child, SIGTERM).await;
-        assert_eq!(events.exit_status(&id, child).await, 128 + SIGTERM);
-        let st = state(&mut d.client).await;
+        d.signal(&ctr.id, child, SIGTERM).await;
+        assert_eq!(events.exit_status(&ctr.id, child).await, 128 + SIGTERM);
+        let st = d.state().await;
         let c = st
             .containers
             .iter()
-            .find(|c| c.id == id)
+            .find(|c| c.id == ctr.id)
             .expect("still listed");
         let pids: Vec<u32> = c.processes.iter().map(|p| p.pid).collect();
-        assert_eq!(pids, [init], "the exited process is no longer listed");
+        assert_eq!(pids, [ctr.pid], "the exited process is no longer listed");
         assert!(proc_stat(child).is_none(), "the added process was reaped");
-        let saved = saved_state(&d, &id);
+        let saved = saved_state(&d, &ctr.id);
         assert!(
             !holds_string(&saved, "999"),
             "state file still holds the exited process: {saved}"
         );
 
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
-        d.assert_gone(&id).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -173,20 +158,15 @@ async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn added_process_exit_code_is_reported() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("exec-exit");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("exec-exit", &["sleep", "1000"]).await;
         for code in [0, 3, 255] {
             let script = format!("exit {code}");
-            let pid = exec(&mut d.client, exec_req(&id, &["/bin/sh", "-c", &script])).await;
-            assert_eq!(events.exit_status(&id, pid).await, code);
+            let pid = d.exec(exec_req(&ctr.id, &["/bin/sh", "-c", &script])).await;
+            assert_eq!(events.exit_status(&ctr.id, pid).await, code);
         }
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -195,31 +175,26 @@ async fn added_process_exit_code_is_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn added_process_stdin_and_stdout_fifos() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("exec-stdin");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("exec-stdin", &["sleep", "1000"]).await;
         let (input, output) = (d.dir().join("in"), d.dir().join("out"));
         mkfifo(&input);
         mkfifo(&output);
         // Held open across AddProcess so `cat` cannot see end-of-file before our data.
         let mut writer = open_rw(&input);
         let mut reader = Reader::open(&output);
-        let mut req = exec_req(&id, &["/bin/cat"]);
+        let mut req = exec_req(&ctr.id, &["/bin/cat"]);
         req.stdin = path_str(&input);
         req.stdout = path_str(&output);
-        let pid = exec(&mut d.client, req).await;
+        let pid = d.exec(req).await;
 
         std::io::Write::write_all(&mut writer, b"pong\n").expect("write stdin");
         assert_eq!(reader.read_until("pong").await, "pong\n");
         drop(writer);
         assert_eq!(reader.read_to_end().await, "pong\n");
-        assert_eq!(events.exit_status(&id, pid).await, 0);
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -228,26 +203,21 @@ async fn added_process_stdin_and_stdout_fifos() {
 #[tokio::test(flavor = "multi_thread")]
 async fn added_process_with_terminal_is_relayed_to_the_stdout_fifo() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("exec-tty");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("exec-tty", &["sleep", "1000"]).await;
         let out = d.dir().join("out");
         mkfifo(&out);
         let mut reader = Reader::open(&out);
-        let mut req = exec_req(&id, &["/bin/sh", "-c", "[ -t 1 ] && echo tty-ok"]);
+        let mut req = exec_req(&ctr.id, &["/bin/sh", "-c", "[ -t 1 ] && echo tty-ok"]);
         req.terminal = true;
         req.stdout = path_str(&out);
-        let pid = exec(&mut d.client, req).await;
+        let pid = d.exec(req).await;
 
         let text = reader.read_until("tty-ok").await;
         assert!(text.contains("tty-ok\r\n"), "pty output: {text:?}");
-        assert_eq!(events.exit_status(&id, pid).await, 0);
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
+        assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
     })
     .await

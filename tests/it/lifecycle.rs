@@ -1,19 +1,14 @@
 //! Container lifecycle through a real berthd and runc: create, state, stdio, terminal, pause and
 //! resume, exit, id reuse, shutdown, and berthd's own resources over many cycles.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use berth_api::proto::UpdateContainerRequest;
-use common::{
-    Bundle, Daemon, Events, Options, Reader, SIGKILL, create, create_req, exec, exec_req, id,
-    mkfifo, open_rw, path_str, proc_stat, signal, state, within,
-};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -31,14 +26,9 @@ fn json_leaves(value: &serde_json::Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("create-state");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let Container { id, pid, bundle } = d.run("create-state", &["sleep", "1000"]).await;
 
         let stat = proc_stat(pid).expect("init is alive");
         assert_eq!(
@@ -57,12 +47,12 @@ async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
             );
         }
 
-        let started = events.wait_for("start-container", |e| e.id == id).await;
+        let started = events.started(&id).await;
         assert_eq!(started.r#type, "start-container");
         assert_eq!(started.pid, pid);
         assert_eq!(started.bundle_path, bundle.path_str());
 
-        let st = state(&mut d.client).await;
+        let st = d.state().await;
         let c = st.containers.iter().find(|c| c.id == id).expect("listed");
         assert_eq!(c.bundle_path, bundle.path_str());
         assert_eq!(c.status, "running");
@@ -79,7 +69,7 @@ async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
         let user = init.user.as_ref().expect("init user");
         assert_eq!((user.uid, user.gid), (0, 0));
 
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_gone(&id).await;
         assert!(proc_stat(pid).is_none(), "the init was reaped");
@@ -91,15 +81,13 @@ async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn init_that_exits_at_once_reports_its_real_status() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         // Repeated because the race between exit and registration does not show every time.
         for round in 0..5 {
             let id = id(&format!("exit7-{round}"));
-            let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+            let pid = d.create(create_req(&id, &bundle)).await;
             assert_eq!(events.exit_status(&id, pid).await, 7, "round {round}");
             d.assert_gone(&id).await;
         }
@@ -111,40 +99,47 @@ async fn init_that_exits_at_once_reports_its_real_status() {
 #[tokio::test(flavor = "multi_thread")]
 async fn id_is_free_again_as_soon_as_the_exit_event_arrives() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("reuse");
         let bundle = Bundle::new(&["sh", "-c", "exit 3"]);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         for round in 0..3 {
-            let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+            let pid = d.create(create_req(&id, &bundle)).await;
             assert_eq!(events.exit_status(&id, pid).await, 3, "round {round}");
             // Deleted from runtime and registry before the event: no waiting here.
             d.assert_gone(&id).await;
         }
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        let pid = d.create(create_req(&id, &bundle)).await;
+        d.signal(&id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_no_zombies().await;
     })
     .await
 }
 
-/// The freezer state of a container's cgroup (v1 `freezer.state`, v2 `cgroup.freeze`).
-fn freezer_state(id: &str) -> String {
-    if let Ok(state) = fs::read_to_string(format!("/sys/fs/cgroup/freezer/{id}/freezer.state")) {
-        return state.trim().to_owned();
+/// The freezer state of the cgroup `pid` is in (v1 `freezer.state`, v2 `cgroup.freeze`).
+pub fn freezer_state(pid: u32) -> String {
+    let dirs = cgroups_of(pid);
+    for dir in &dirs {
+        if let Ok(state) = fs::read_to_string(dir.join("freezer.state")) {
+            return state.trim().to_owned();
+        }
     }
-    match fs::read_to_string(format!("/sys/fs/cgroup/{id}/cgroup.freeze")) {
-        Ok(frozen) if frozen.trim() == "1" => "FROZEN".into(),
-        Ok(_) => "THAWED".into(),
-        Err(e) => panic!("no freezer cgroup for {id}: {e}"),
+    for dir in &dirs {
+        if let Ok(frozen) = fs::read_to_string(dir.join("cgroup.freeze")) {
+            return if frozen.trim() == "1" {
+                "FROZEN"
+            } else {
+                "THAWED"
+            }
+            .into();
+        }
     }
+    panic!("no freezer cgroup for {pid} among {dirs:?}")
 }
 
-fn update(id: &str, status: &str, signal: u32) -> UpdateContainerRequest {
+pub fn update(id: &str, status: &str, signal: u32) -> UpdateContainerRequest {
     UpdateContainerRequest {
         id: id.to_owned(),
         signal,
@@ -155,46 +150,42 @@ fn update(id: &str, status: &str, signal: u32) -> UpdateContainerRequest {
 #[tokio::test(flavor = "multi_thread")]
 async fn update_pauses_resumes_and_signals() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("pause");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("pause", &["sleep", "1000"]).await;
         let status_of = |st: berth_api::proto::StateResponse| {
             st.containers
                 .into_iter()
-                .find(|c| c.id == id)
+                .find(|c| c.id == ctr.id)
                 .expect("listed")
                 .status
         };
 
         d.client
-            .update_container(update(&id, "paused", 0))
+            .update_container(update(&ctr.id, "paused", 0))
             .await
             .expect("pause");
-        assert_eq!(freezer_state(&id), "FROZEN");
-        assert_eq!(status_of(state(&mut d.client).await), "paused");
+        assert_eq!(freezer_state(ctr.pid), "FROZEN");
+        assert_eq!(status_of(d.state().await), "paused");
         let paused = events
-            .wait_for("pause", |e| e.id == id && e.r#type != "start-container")
+            .wait_for("pause", |e| e.id == ctr.id && e.r#type != "start-container")
             .await;
         assert_eq!(paused.r#type, "pause");
 
         d.client
-            .update_container(update(&id, "running", 0))
+            .update_container(update(&ctr.id, "running", 0))
             .await
             .expect("resume");
-        assert_eq!(freezer_state(&id), "THAWED");
-        assert_eq!(status_of(state(&mut d.client).await), "running");
+        assert_eq!(freezer_state(ctr.pid), "THAWED");
+        assert_eq!(status_of(d.state().await), "running");
         assert_eq!(events.next().await.r#type, "resume");
 
         d.client
-            .update_container(update(&id, "", SIGKILL))
+            .update_container(update(&ctr.id, "", SIGKILL))
             .await
             .expect("signal");
-        assert_eq!(events.exit_status(&id, pid).await, 137);
-        d.assert_gone(&id).await;
+        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 137);
+        d.assert_gone(&ctr.id).await;
         d.assert_no_zombies().await;
     })
     .await
@@ -203,10 +194,8 @@ async fn update_pauses_resumes_and_signals() {
 #[tokio::test(flavor = "multi_thread")]
 async fn state_reports_the_machine() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let machine = state(&mut d.client).await.machine.expect("machine");
+        let mut d = daemon!();
+        let machine = d.state().await.machine.expect("machine");
         let host = nix::unistd::gethostname().expect("hostname");
         assert_eq!(machine.id, host.to_string_lossy());
         assert!(machine.cpus >= 1);
@@ -230,10 +219,8 @@ async fn state_reports_the_machine() {
 #[tokio::test(flavor = "multi_thread")]
 async fn machine_id_comes_from_the_id_flag() {
     within(async {
-        let Some(mut d) = Daemon::start_with(&["--id", "berth-test-machine"]).await else {
-            return;
-        };
-        let machine = state(&mut d.client).await.machine.expect("machine");
+        let mut d = daemon!(Options::args(&["--id", "berth-test-machine"]));
+        let machine = d.state().await.machine.expect("machine");
         assert_eq!(machine.id, "berth-test-machine");
         d.assert_no_zombies().await;
     })
@@ -243,9 +230,7 @@ async fn machine_id_comes_from_the_id_flag() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stdout_and_stderr_fifos_carry_the_init_output() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("stdio");
         let bundle = Bundle::new(&["sh", "-c", "echo out; echo err >&2"]);
         let (out, err) = (d.dir().join("out"), d.dir().join("err"));
@@ -253,11 +238,11 @@ async fn stdout_and_stderr_fifos_carry_the_init_output() {
         mkfifo(&err);
         let mut out_reader = Reader::open(&out);
         let mut err_reader = Reader::open(&err);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.stdout = path_str(&out);
         req.stderr = path_str(&err);
-        let pid = create(&mut d.client, req).await;
+        let pid = d.create(req).await;
 
         assert_eq!(out_reader.read_to_end().await, "out\n");
         assert_eq!(err_reader.read_to_end().await, "err\n");
@@ -271,9 +256,7 @@ async fn stdout_and_stderr_fifos_carry_the_init_output() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stdin_fifo_feeds_the_init() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("stdin");
         let bundle = Bundle::new(&["cat"]);
         let (input, output) = (d.dir().join("in"), d.dir().join("out"));
@@ -282,11 +265,11 @@ async fn stdin_fifo_feeds_the_init() {
         // Held open across the create so `cat` cannot see end-of-file before our data.
         let mut writer = open_rw(&input);
         let mut reader = Reader::open(&output);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.stdin = path_str(&input);
         req.stdout = path_str(&output);
-        let pid = create(&mut d.client, req).await;
+        let pid = d.create(req).await;
 
         std::io::Write::write_all(&mut writer, b"ping\n").expect("write stdin");
         assert_eq!(reader.read_until("ping").await, "ping\n");
@@ -302,25 +285,23 @@ async fn stdin_fifo_feeds_the_init() {
 #[tokio::test(flavor = "multi_thread")]
 async fn terminal_output_is_relayed_to_the_stdout_fifo() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("tty");
         let bundle = Bundle::new(&["sh", "-c", "echo hi; [ -t 1 ] && echo is-a-tty"]);
         bundle.edit(|c| c["process"]["terminal"] = true.into());
         let out = d.dir().join("out");
         mkfifo(&out);
         let mut reader = Reader::open(&out);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.stdout = path_str(&out);
-        let pid = create(&mut d.client, req).await;
+        let pid = d.create(req).await;
 
         let text = reader.read_until("is-a-tty").await;
         assert!(text.contains("hi\r\n"), "pty output: {text:?}");
         assert!(text.contains("is-a-tty"), "pty output: {text:?}");
         assert_eq!(events.exit_status(&id, pid).await, 0);
-        let st = state(&mut d.client).await;
+        let st = d.state().await;
         assert!(st.containers.iter().all(|c| c.id != id));
         d.assert_no_zombies().await;
     })
@@ -330,17 +311,15 @@ async fn terminal_output_is_relayed_to_the_stdout_fifo() {
 #[tokio::test(flavor = "multi_thread")]
 async fn regular_file_stdout_is_not_truncated() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("file-stdout");
         let bundle = Bundle::new(&["echo", "new"]);
         let out = d.dir().join("out.txt");
         fs::write(&out, "previous content\n").expect("write file");
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.stdout = path_str(&out);
-        let pid = create(&mut d.client, req).await;
+        let pid = d.create(req).await;
         assert_eq!(events.exit_status(&id, pid).await, 0);
 
         let text = fs::read_to_string(&out).expect("read file");
@@ -354,27 +333,32 @@ async fn regular_file_stdout_is_not_truncated() {
     .await
 }
 
+/// berthd stops cleanly on `signal`: exit status 0, socket removed, containers still running.
+async fn stopping_leaves_containers_running(signal: Signal) {
+    let mut d = daemon!();
+    let c = d.run("survive", &["sleep", "1000"]).await;
+
+    let status = d.stop_with(signal);
+    assert!(
+        status.success(),
+        "berthd exit status after {signal}: {status}"
+    );
+    assert!(!d.socket().exists(), "socket left behind");
+    let init = proc_stat(c.pid).expect("the container outlives berthd");
+    assert_ne!(init.state, 'Z');
+    assert_eq!(d.runtime_ids(), vec![c.id]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_removes_the_socket_and_leaves_containers_running() {
-    within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("survive");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
+    within(stopping_leaves_containers_running(Signal::SIGTERM)).await
+}
 
-        let status = d.stop();
-        assert!(
-            status.success(),
-            "berthd exit status after SIGTERM: {status}"
-        );
-        assert!(!d.socket().exists(), "socket left behind");
-        let init = proc_stat(pid).expect("the container outlives berthd");
-        assert_ne!(init.state, 'Z');
-        assert_eq!(d.runtime_ids(), vec![id]);
-    })
-    .await
+/// README: "SIGTERM or SIGINT stops berthd cleanly: the socket is removed, containers keep
+/// running."
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_removes_the_socket_and_leaves_containers_running() {
+    within(stopping_leaves_containers_running(Signal::SIGINT)).await
 }
 
 /// Runs a berthd expected to refuse to start: returns whether it exited successfully and what
@@ -409,9 +393,7 @@ fn refused_berthd(socket: &Path, state_dir: &Path, extra: &[&str]) -> (bool, Str
 #[tokio::test(flavor = "multi_thread")]
 async fn second_berthd_on_the_same_socket_or_state_dir_refuses() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let (ok, text) = refused_berthd(&d.socket(), &d.dir().join("other-state"), &[]);
         assert!(
             !ok && !text.trim().is_empty(),
@@ -429,42 +411,60 @@ async fn second_berthd_on_the_same_socket_or_state_dir_refuses() {
         // The first daemon still serves on a fresh connection.
         let mut client = d.connect().await;
         state(&mut client).await;
-        state(&mut d.client).await;
+        d.state().await;
         d.assert_no_zombies().await;
     })
     .await
 }
 
+/// README: "A second berthd on the same socket or state directory refuses to start and names the
+/// pid holding it."
 #[tokio::test(flavor = "multi_thread")]
-async fn fd_count_stays_flat_across_create_exec_kill_cycles() {
+async fn a_refused_second_berthd_names_the_pid_holding_the_socket_or_state_dir() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let d = daemon!();
+        let holder = d.pid().to_string();
+        let (_, text) = refused_berthd(&d.socket(), &d.dir().join("other-state"), &[]);
+        assert!(
+            text.contains(&holder),
+            "same socket, pid {holder} not named: {text:?}"
+        );
+        let (_, text) = refused_berthd(&d.dir().join("other.sock"), &d.state_dir(), &[]);
+        assert!(
+            text.contains(&holder),
+            "same state dir, pid {holder} not named: {text:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fds_and_children_stay_the_same_across_create_exec_kill_cycles() {
+    within(async {
+        let mut d = daemon!();
         let bundle = Bundle::new(&["sleep", "1000"]);
         let out = d.dir().join("out.txt");
         fs::write(&out, "").expect("create output file");
-        let mut events = Events::subscribe(&mut d.client).await;
-        let mut baseline = Vec::new();
+        let mut events = d.events().await;
+        let mut baseline = None;
         for round in 0..21 {
             let id = id(&format!("fds-{round}"));
             let mut req = create_req(&id, &bundle);
             req.stdout = path_str(&out);
-            let init = create(&mut d.client, req).await;
+            let init = d.create(req).await;
             let mut req = exec_req(&id, &["/bin/echo", "exec"]);
             req.stdout = path_str(&out);
-            let child = exec(&mut d.client, req).await;
+            let child = d.exec(req).await;
             assert_eq!(events.exit_status(&id, child).await, 0);
-            signal(&mut d.client, &id, init, SIGKILL).await;
-            assert_eq!(events.exit_status(&id, init).await, 137);
-            d.assert_gone(&id).await;
+            d.kill_container(&mut events, &id, init).await;
             if round == 0 {
                 // Measured after a warm-up cycle: lazily opened fds are not leaks.
                 d.assert_no_zombies().await;
-                baseline = d.fds();
+                baseline = Some(d.baseline());
             }
         }
-        d.assert_fds_settle(&baseline).await;
+        d.assert_settles(&baseline.expect("measured in round 0"))
+            .await;
         d.assert_no_zombies().await;
         let text = fs::read_to_string(&out).expect("read output");
         assert!(text.contains("exec"), "output file: {text:?}");
@@ -475,7 +475,7 @@ async fn fd_count_stays_flat_across_create_exec_kill_cycles() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_runtime_stops_berthd_at_start() {
     within(async {
-        if !common::ready() {
+        if !crate::common::ready() {
             return;
         }
         let dir = tempfile::TempDir::new().expect("temp dir");
@@ -499,15 +499,13 @@ async fn socket_parent_is_created_0711_and_socket_is_0660() {
             socket: Some("run/berth/berth.sock"),
             ..Options::default()
         };
-        let Some(mut d) = Daemon::start_with_options(options).await else {
-            return;
-        };
+        let mut d = daemon!(options);
         let socket = fs::metadata(d.socket()).expect("socket");
         assert!(socket.file_type().is_socket());
         assert_eq!(socket.permissions().mode() & 0o7777, 0o660);
         let parent = fs::metadata(d.socket().parent().unwrap()).expect("parent");
         assert_eq!(parent.permissions().mode() & 0o7777, 0o711);
-        state(&mut d.client).await;
+        d.state().await;
         d.stop();
         assert!(!d.socket().exists(), "socket left behind");
     })
@@ -521,10 +519,8 @@ async fn flags_are_read_from_berth_environment_variables() {
             env: &[("BERTH_ID", "machine-from-env")],
             ..Options::default()
         };
-        let Some(mut d) = Daemon::start_with_options(options).await else {
-            return;
-        };
-        let machine = state(&mut d.client).await.machine.expect("machine");
+        let mut d = daemon!(options);
+        let machine = d.state().await.machine.expect("machine");
         assert_eq!(machine.id, "machine-from-env");
     })
     .await
@@ -533,19 +529,17 @@ async fn flags_are_read_from_berth_environment_variables() {
 #[tokio::test(flavor = "multi_thread")]
 async fn terminal_output_goes_to_the_console_path_when_given() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("console");
         let bundle = Bundle::new(&["sh", "-c", "[ -t 1 ] && echo on-the-console"]);
         bundle.edit(|c| c["process"]["terminal"] = true.into());
         let console = d.dir().join("console");
         mkfifo(&console);
         let mut reader = Reader::open(&console);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.console = path_str(&console);
-        let pid = create(&mut d.client, req).await;
+        let pid = d.create(req).await;
 
         let text = reader.read_until("on-the-console").await;
         assert!(
@@ -561,16 +555,14 @@ async fn terminal_output_goes_to_the_console_path_when_given() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_spawn_helper_is_replaced() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let helper = common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        let mut d = daemon!();
+        let helper = crate::common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
         kill(Pid::from_raw(helper as i32), Signal::SIGKILL).expect("kill the helper");
 
         // A request racing the restart may fail with Unavailable; soon one must succeed.
         let id = id("new-helper");
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut events = d.events().await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let pid = loop {
             match d.client.create_container(create_req(&id, &bundle)).await {
@@ -582,8 +574,8 @@ async fn a_killed_spawn_helper_is_replaced() {
                 Err(status) => panic!("CreateContainer after the helper died: {status:?}"),
             }
         };
-        common::new_spawn_helper(d.pid(), helper).await;
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        crate::common::new_spawn_helper(d.pid(), helper).await;
+        d.signal(&id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_gone(&id).await;
         d.assert_no_zombies().await;

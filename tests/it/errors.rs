@@ -1,40 +1,30 @@
 //! Bad input gets the right gRPC code and a useful message, and a failed request leaves
 //! nothing behind: no runtime state, cgroup, registry entry, state file, fd or zombie.
 
-mod common;
-
 use std::fs;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use berth_api::proto::{SignalRequest, UpdateContainerRequest};
-use common::{
-    Bundle, Daemon, Events, SIGKILL, create, create_req, exec, exec_req, expect_code, id, path_str,
-    proc_stat, signal, state, within,
-};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::Code;
 
 /// One full create/exec/kill cycle so that lazily opened fds are in the baseline it returns.
-async fn warm_up(d: &mut Daemon) -> Vec<String> {
-    let id = id("warm-up");
-    let bundle = Bundle::new(&["sleep", "1000"]);
-    let mut events = Events::subscribe(&mut d.client).await;
-    let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-    let child = exec(&mut d.client, exec_req(&id, &["/bin/true"])).await;
-    assert_eq!(events.exit_status(&id, child).await, 0);
-    signal(&mut d.client, &id, pid, SIGKILL).await;
-    assert_eq!(events.exit_status(&id, pid).await, 137);
+async fn warm_up(d: &mut Daemon) -> Baseline {
+    let mut events = d.events().await;
+    let ctr = d.run("warm-up", &["sleep", "1000"]).await;
+    let child = d.exec(exec_req(&ctr.id, &["/bin/true"])).await;
+    assert_eq!(events.exit_status(&ctr.id, child).await, 0);
+    d.kill_container(&mut events, &ctr.id, ctr.pid).await;
     d.assert_no_zombies().await;
-    d.fds()
+    d.baseline()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_container_ids_are_rejected() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let baseline = warm_up(&mut d).await;
         let bundle = Bundle::new(&["sleep", "1000"]);
         let too_long = "x".repeat(65);
@@ -45,16 +35,16 @@ async fn invalid_container_ids_are_rejected() {
             expect_code(result, Code::InvalidArgument);
         }
         assert!(d.runtime_ids().is_empty(), "runtime: {:?}", d.runtime_ids());
-        assert!(state(&mut d.client).await.containers.is_empty());
-        d.assert_fds_settle(&baseline).await;
+        assert!(d.state().await.containers.is_empty());
+        d.assert_settles(&baseline).await;
         d.assert_no_zombies().await;
 
         // The longest valid id, using every allowed punctuation mark.
         let base = id("Max_len.ok");
         let longest = format!("{base}{}", "x".repeat(64 - base.len()));
-        let mut events = Events::subscribe(&mut d.client).await;
-        let pid = create(&mut d.client, create_req(&longest, &bundle)).await;
-        signal(&mut d.client, &longest, pid, SIGKILL).await;
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&longest, &bundle)).await;
+        d.signal(&longest, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&longest, pid).await, 137);
         d.assert_nothing_left(&longest, &baseline).await;
     })
@@ -64,9 +54,7 @@ async fn invalid_container_ids_are_rejected() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_bundle_paths_are_rejected_with_the_path_in_the_message() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let baseline = warm_up(&mut d).await;
         let id = id("bad-bundle");
         let no_config = tempfile::TempDir::new().expect("temp dir");
@@ -107,14 +95,12 @@ async fn bad_bundle_paths_are_rejected_with_the_path_in_the_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicate_id_is_rejected_and_the_original_keeps_running() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("dup");
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let pid = create(&mut d.client, create_req(&id, &bundle)).await;
-        let fds = d.fds();
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&id, &bundle)).await;
+        let fds = d.baseline();
 
         let other = Bundle::new(&["sleep", "1000"]);
         let result = d.client.create_container(create_req(&id, &other)).await;
@@ -123,14 +109,14 @@ async fn duplicate_id_is_rejected_and_the_original_keeps_running() {
         assert!(proc_stat(pid).is_some_and(|s| s.state != 'Z'));
         assert_eq!(d.runtime_ids(), vec![id.clone()]);
         assert!(d.state_file(&id).exists());
-        let st = state(&mut d.client).await;
+        let st = d.state().await;
         let listed: Vec<_> = st.containers.iter().filter(|c| c.id == id).collect();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].bundle_path, bundle.path_str());
         assert_eq!(listed[0].processes[0].pid, pid);
-        d.assert_fds_settle(&fds).await;
+        d.assert_settles(&fds).await;
 
-        signal(&mut d.client, &id, pid, SIGKILL).await;
+        d.signal(&id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_gone(&id).await;
         d.assert_no_zombies().await;
@@ -141,9 +127,7 @@ async fn duplicate_id_is_rejected_and_the_original_keeps_running() {
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_stdio_paths_are_rejected_and_never_created() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let baseline = warm_up(&mut d).await;
         let id = id("no-stdio");
         let bundle = Bundle::new(&["sleep", "1000"]);
@@ -167,35 +151,33 @@ async fn missing_stdio_paths_are_rejected_and_never_created() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fifos_without_a_peer_do_not_hang_create() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let id = id("lonely-fifo");
         let bundle = Bundle::new(&["cat"]);
         let (input, out) = (d.dir().join("in"), d.dir().join("out"));
-        common::mkfifo(&input);
-        common::mkfifo(&out);
+        crate::common::mkfifo(&input);
+        crate::common::mkfifo(&out);
         // Our end of stdin keeps `cat` alive until the late reader of stdout is there.
-        let mut writer = common::open_rw(&input);
-        let mut events = Events::subscribe(&mut d.client).await;
+        let mut writer = crate::common::open_rw(&input);
+        let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.stdin = path_str(&input);
         req.stdout = path_str(&out);
-        let pid = tokio::time::timeout(Duration::from_secs(10), create(&mut d.client, req))
+        let pid = tokio::time::timeout(Duration::from_secs(10), d.create(req))
             .await
             .expect("CreateContainer with an unread stdout FIFO hung");
-        let mut reader = common::Reader::open(&out);
+        let mut reader = crate::common::Reader::open(&out);
         std::io::Write::write_all(&mut writer, b"late\n").expect("write stdin");
         drop(writer);
         assert_eq!(reader.read_to_end().await, "late\n");
         assert_eq!(events.exit_status(&id, pid).await, 0);
 
-        let id = common::id("lonely-stdin");
+        let id = crate::common::id("lonely-stdin");
         let input = d.dir().join("in-unwritten");
-        common::mkfifo(&input);
+        crate::common::mkfifo(&input);
         let mut req = create_req(&id, &bundle);
         req.stdin = path_str(&input);
-        let pid = tokio::time::timeout(Duration::from_secs(10), create(&mut d.client, req))
+        let pid = tokio::time::timeout(Duration::from_secs(10), d.create(req))
             .await
             .expect("CreateContainer with an unwritten stdin FIFO hung");
         // `cat` saw end-of-file or still waits for a writer; either way SIGKILL ends it.
@@ -218,9 +200,7 @@ async fn fifos_without_a_peer_do_not_hang_create() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restore_from_a_missing_or_misnamed_checkpoint_is_refused() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let baseline = warm_up(&mut d).await;
         let id = id("restore");
         let bundle = Bundle::new(&["sleep", "1000"]);
@@ -238,9 +218,7 @@ async fn restore_from_a_missing_or_misnamed_checkpoint_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn runtime_failure_returns_the_runtime_error_and_leaves_nothing() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let baseline = warm_up(&mut d).await;
         let id = id("no-binary");
         let bundle = Bundle::new(&["/nonexistent"]);
@@ -264,23 +242,21 @@ async fn runtime_failure_returns_the_runtime_error_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let (a, b) = (id("sig-a"), id("sig-b"));
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init_a = create(&mut d.client, create_req(&a, &bundle)).await;
-        let init_b = create(&mut d.client, create_req(&b, &bundle)).await;
-        let child_b = exec(&mut d.client, exec_req(&b, &["/bin/sleep", "1000"])).await;
-        let child_a = exec(&mut d.client, exec_req(&a, &["/bin/sleep", "1000"])).await;
+        let mut events = d.events().await;
+        let init_a = d.create(create_req(&a, &bundle)).await;
+        let init_b = d.create(create_req(&b, &bundle)).await;
+        let child_b = d.exec(exec_req(&b, &["/bin/sleep", "1000"])).await;
+        let child_a = d.exec(exec_req(&a, &["/bin/sleep", "1000"])).await;
 
         let req = |id: &str, pid: u32, signal: u32| SignalRequest {
             id: id.to_owned(),
             pid,
             signal,
         };
-        let unknown = common::id("sig-unknown");
+        let unknown = crate::common::id("sig-unknown");
         let cases = [
             (req(&unknown, init_a, SIGKILL), Code::NotFound),
             (req(&a, init_b, SIGKILL), Code::NotFound),
@@ -302,12 +278,12 @@ async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
         }
 
         // 64 is the last valid signal; its default action terminates the process.
-        signal(&mut d.client, &a, child_a, 64).await;
+        d.signal(&a, child_a, 64).await;
         assert_eq!(events.exit_status(&a, child_a).await, 128 + 64);
         let gone = d.client.signal(req(&a, child_a, SIGKILL)).await;
         expect_code(gone, Code::NotFound);
         for (id, pid) in [(&a, init_a), (&b, init_b)] {
-            signal(&mut d.client, id, pid, SIGKILL).await;
+            d.signal(id, pid, SIGKILL).await;
             assert_eq!(events.exit_status(id, pid).await, 137);
         }
         assert!(d.try_wait().is_none(), "berthd died");
@@ -319,21 +295,17 @@ async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
 #[tokio::test(flavor = "multi_thread")]
 async fn add_process_errors_leave_nothing_behind() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
+        let mut d = daemon!();
         let baseline = warm_up(&mut d).await;
-        let id = id("exec-errors");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
-        let fds = d.fds();
+        let mut events = d.events().await;
+        let ctr = d.run("exec-errors", &["sleep", "1000"]).await;
+        let fds = d.baseline();
 
         expect_code(
-            d.client.add_process(exec_req(&id, &[])).await,
+            d.client.add_process(exec_req(&ctr.id, &[])).await,
             Code::InvalidArgument,
         );
-        let unknown = common::id("exec-unknown");
+        let unknown = crate::common::id("exec-unknown");
         expect_code(
             d.client
                 .add_process(exec_req(&unknown, &["/bin/true"]))
@@ -341,7 +313,7 @@ async fn add_process_errors_leave_nothing_behind() {
             Code::NotFound,
         );
         let missing = d.dir().join("missing-out");
-        let mut req = exec_req(&id, &["/bin/true"]);
+        let mut req = exec_req(&ctr.id, &["/bin/true"]);
         req.stdout = path_str(&missing);
         let message = expect_code(d.client.add_process(req).await, Code::InvalidArgument);
         assert!(message.contains(&path_str(&missing)), "{message}");
@@ -349,7 +321,7 @@ async fn add_process_errors_leave_nothing_behind() {
 
         let status = d
             .client
-            .add_process(exec_req(&id, &["/nonexistent"]))
+            .add_process(exec_req(&ctr.id, &["/nonexistent"]))
             .await
             .expect_err("AddProcess of a missing binary");
         let message = status.message().to_lowercase();
@@ -358,16 +330,19 @@ async fn add_process_errors_leave_nothing_behind() {
             "not the runtime's error: {status:?}"
         );
 
-        let st = state(&mut d.client).await;
-        let c = st.containers.iter().find(|c| c.id == id).expect("listed");
+        let st = d.state().await;
+        let c = st
+            .containers
+            .iter()
+            .find(|c| c.id == ctr.id)
+            .expect("listed");
         let pids: Vec<u32> = c.processes.iter().map(|p| p.pid).collect();
-        assert_eq!(pids, [init], "only the init is registered");
-        d.assert_fds_settle(&fds).await;
+        assert_eq!(pids, [ctr.pid], "only the init is registered");
+        d.assert_settles(&fds).await;
         d.assert_no_zombies().await;
 
-        signal(&mut d.client, &id, init, SIGKILL).await;
-        assert_eq!(events.exit_status(&id, init).await, 137);
-        d.assert_nothing_left(&id, &baseline).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.assert_nothing_left(&ctr.id, &baseline).await;
     })
     .await
 }
@@ -375,37 +350,37 @@ async fn add_process_errors_leave_nothing_behind() {
 #[tokio::test(flavor = "multi_thread")]
 async fn update_rejects_unknown_ids_and_statuses() {
     within(async {
-        let Some(mut d) = Daemon::start().await else {
-            return;
-        };
-        let id = id("update-errors");
-        let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut events = Events::subscribe(&mut d.client).await;
-        let init = create(&mut d.client, create_req(&id, &bundle)).await;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("update-errors", &["sleep", "1000"]).await;
         let req = |id: &str, status: &str| UpdateContainerRequest {
             id: id.to_owned(),
             signal: 0,
             status: status.to_owned(),
         };
-        let unknown = common::id("update-unknown");
+        let unknown = crate::common::id("update-unknown");
         expect_code(
             d.client.update_container(req(&unknown, "paused")).await,
             Code::NotFound,
         );
         for bad in ["frozen", "PAUSED", "stopped"] {
             expect_code(
-                d.client.update_container(req(&id, bad)).await,
+                d.client.update_container(req(&ctr.id, bad)).await,
                 Code::InvalidArgument,
             );
         }
-        let st = state(&mut d.client).await;
-        let c = st.containers.iter().find(|c| c.id == id).expect("listed");
+        let st = d.state().await;
+        let c = st
+            .containers
+            .iter()
+            .find(|c| c.id == ctr.id)
+            .expect("listed");
         assert_eq!(c.status, "running");
 
-        signal(&mut d.client, &id, init, SIGKILL).await;
+        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
         // Nothing was published for the rejected updates.
         let first = events
-            .wait_for("an event of the container", |e| e.id == id)
+            .wait_for("an event of the container", |e| e.id == ctr.id)
             .await;
         assert_eq!(first.r#type, "start-container");
         assert_eq!(events.next().await.r#type, "exit");
@@ -417,17 +392,15 @@ async fn update_rejects_unknown_ids_and_statuses() {
 #[tokio::test(flavor = "multi_thread")]
 async fn runtime_timeout_fails_create_and_cleans_up() {
     within(async {
-        if !common::ready() {
+        if !crate::common::ready() {
             return;
         }
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let wrapper = common::slow_start_runtime(scripts.path());
+        let wrapper = slow_start_runtime(scripts.path(), 30);
         let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "2"];
-        let Some(mut d) = Daemon::start_with(&flags).await else {
-            return;
-        };
+        let mut d = daemon!(Options::args(&flags));
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut baseline = Vec::new();
+        let mut baseline = None;
         for round in 0..2 {
             let id = id(&format!("timeout-{round}"));
             let started = Instant::now();
@@ -440,16 +413,16 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
             );
             d.assert_gone(&id).await;
             d.assert_no_zombies().await;
-            let sleepers = common::slow_starts(d.pid());
+            let sleepers = slow_starts(d.pid(), 30);
             assert!(
                 sleepers.is_empty(),
                 "the timed-out runtime still runs: {sleepers:?}"
             );
             // The first round is the warm-up for the fd baseline.
             if round == 0 {
-                baseline = d.fds();
-            } else {
-                d.assert_fds_settle(&baseline).await;
+                baseline = Some(d.baseline());
+            } else if let Some(baseline) = &baseline {
+                d.assert_settles(baseline).await;
             }
         }
     })
@@ -459,23 +432,24 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
     within(async {
-        if !common::ready() {
+        if !crate::common::ready() {
             return;
         }
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let wrapper = common::slow_start_runtime(scripts.path());
+        // `start` hangs for STRANDED seconds: long enough to kill the helper under it, short
+        // enough to see what becomes of it afterwards.
+        const STRANDED: u32 = 8;
+        let wrapper = slow_start_runtime(scripts.path(), STRANDED);
         let flags = ["--runtime", &path_str(&wrapper), "--runtime-timeout", "25"];
-        let Some(mut d) = Daemon::start_with(&flags).await else {
-            return;
-        };
+        let mut d = daemon!(Options::args(&flags));
         let id = id("helper-dies");
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let helper = common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        let helper = crate::common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
         let mut client = d.client.clone();
         let request = create_req(&id, &bundle);
         let create = tokio::spawn(async move { client.create_container(request).await });
         let deadline = Instant::now() + Duration::from_secs(10);
-        while common::slow_starts(d.pid()).is_empty() {
+        while slow_starts(d.pid(), STRANDED).is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "the create never reached `start`"
@@ -489,13 +463,35 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
             .expect("the in-flight create did not fail when the helper died")
             .expect("create task");
         expect_code(result, Code::Unavailable);
-        // The stranded `start` is berthd's orphan now; it would linger for 30 s.
-        for pid in common::slow_starts(d.pid()) {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        // Whatever is left of the container is either still tracked (listed, and it can be
+        // killed through berthd) or gone everywhere: never an untracked container.
+        let st = d.state().await;
+        if let Some(c) = st.containers.iter().find(|c| c.id == id) {
+            let init = c
+                .processes
+                .first()
+                .expect("a listed container has its init")
+                .pid;
+            let mut events = d.events().await;
+            d.kill_container(&mut events, &id, init).await;
         }
         d.assert_gone(&id).await;
+        // The stranded `start` (the runtime's own command, not a container process) is
+        // berthd's orphan now, and nothing times it out any more (that was the dead helper's
+        // job): it may run on, but only it, and once it ends berthd reaps it.
+        let stranded = slow_starts(d.pid(), STRANDED);
+        d.assert_no_zombies_except(&stranded).await;
+        let deadline =
+            Instant::now() + Duration::from_secs(STRANDED.into()) + Duration::from_secs(5);
+        while !slow_starts(d.pid(), STRANDED).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the stranded `start` never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         d.assert_no_zombies().await;
-        common::new_spawn_helper(d.pid(), helper).await;
+        crate::common::new_spawn_helper(d.pid(), helper).await;
     })
     .await
 }

@@ -1,0 +1,217 @@
+//! README claims that no other test covered: streams ending on stop, pause and resume in the
+//! wrong state, AddProcess on a paused container, two creates of one id at once, and an init
+//! exiting under its added processes.
+
+use berth_api::proto::StatsRequest;
+use tonic::Code;
+
+use crate::common::*;
+use crate::lifecycle::{freezer_state, update};
+
+/// README: "Streams (Events, GetStats) end with UNAVAILABLE when berthd stops or upgrades".
+#[tokio::test(flavor = "multi_thread")]
+async fn events_and_stats_streams_end_with_unavailable_when_berthd_stops() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--stats-interval", "200ms"]));
+        let c = d.run("stop-streams", &["sleep", "1000"]).await;
+        let mut events = d.events().await;
+        let mut stats = d
+            .client
+            .get_stats(StatsRequest { id: c.id.clone() })
+            .await
+            .expect("GetStats")
+            .into_inner();
+        // A first sample: the subscription is live.
+        stats.message().await.expect("a sample").expect("a sample");
+
+        let status = d.stop();
+        assert!(status.success(), "berthd after SIGTERM: {status}");
+
+        let ended = loop {
+            match events.next_result().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        match ended {
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "Events: {status:?}"),
+            Ok(_) => panic!("Events ended with OK, not UNAVAILABLE"),
+        }
+        let ended = loop {
+            match stats.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        match ended {
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "GetStats: {status:?}"),
+            Ok(_) => panic!("GetStats ended with OK, not UNAVAILABLE"),
+        }
+    })
+    .await
+}
+
+/// DESIGN: "FailedPrecondition (the state of things forbids it)": pausing a paused container and
+/// resuming a running one are refused, and change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn pausing_twice_or_resuming_a_running_container_fails_precondition() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("pause-twice", &["sleep", "1000"]).await;
+        let mut events = d.events().await;
+
+        let again = d.client.update_container(update(&c.id, "running", 0)).await;
+        let message = expect_code(again, Code::FailedPrecondition);
+        assert!(message.contains(&c.id), "{message}");
+        assert_eq!(freezer_state(c.pid), "THAWED");
+
+        d.client
+            .update_container(update(&c.id, "paused", 0))
+            .await
+            .expect("pause");
+        let again = d.client.update_container(update(&c.id, "paused", 0)).await;
+        let message = expect_code(again, Code::FailedPrecondition);
+        assert!(message.contains(&c.id), "{message}");
+        assert_eq!(freezer_state(c.pid), "FROZEN");
+
+        // One pause event, nothing for the refused requests.
+        d.client
+            .update_container(update(&c.id, "running", SIGKILL))
+            .await
+            .expect("resume and kill");
+        let mut kinds = Vec::new();
+        loop {
+            let event = events.next().await;
+            kinds.push(event.r#type.clone());
+            if event.r#type == "exit" {
+                assert_eq!((event.pid, event.status), (c.pid, 137));
+                break;
+            }
+        }
+        assert_eq!(kinds, ["pause", "resume", "exit"]);
+        d.assert_gone(&c.id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// AddProcess on a paused container is refused (it could not start in a frozen cgroup), and
+/// leaves nothing; after resume it works.
+#[tokio::test(flavor = "multi_thread")]
+async fn add_process_on_a_paused_container_fails_precondition_and_leaves_nothing() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("exec-paused", &["sleep", "1000"]).await;
+        let mut events = d.events().await;
+        d.client
+            .update_container(update(&c.id, "paused", 0))
+            .await
+            .expect("pause");
+        let baseline = d.baseline();
+
+        let refused = d.client.add_process(exec_req(&c.id, &["/bin/true"])).await;
+        let message = expect_code(refused, Code::FailedPrecondition);
+        assert!(message.contains("paused"), "{message}");
+        let st = d.state().await;
+        let listed = st.containers.iter().find(|x| x.id == c.id).expect("listed");
+        let pids: Vec<u32> = listed.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [c.pid], "only the init");
+        d.assert_settles(&baseline).await;
+
+        d.client
+            .update_container(update(&c.id, "running", 0))
+            .await
+            .expect("resume");
+        let added = d.exec(exec_req(&c.id, &["/bin/true"])).await;
+        assert_eq!(events.exit_status(&c.id, added).await, 0);
+        d.signal(&c.id, c.pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&c.id, c.pid).await, 137);
+        d.assert_gone(&c.id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// Two CreateContainer requests for one id at once: one wins, the other gets ALREADY_EXISTS,
+/// and only the winner's container exists; once it is gone nothing of either is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_concurrent_creates_of_one_id_one_wins_and_nothing_leaks() {
+    within(async {
+        let mut d = daemon!();
+        // Warm-up: what berthd opens lazily on its first container is not a leak.
+        let warm = d.run("race-warm-up", &["sleep", "1000"]).await;
+        let mut events = d.events().await;
+        d.signal(&warm.id, warm.pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&warm.id, warm.pid).await, 137);
+        d.assert_no_zombies().await;
+        let baseline = d.baseline();
+
+        let id = id("race");
+        let (first, second) = (
+            Bundle::new(&["sleep", "1000"]),
+            Bundle::new(&["sleep", "1000"]),
+        );
+        let (mut a, mut b) = (d.connect().await, d.connect().await);
+        let (ra, rb) = tokio::join!(
+            a.create_container(create_req(&id, &first)),
+            b.create_container(create_req(&id, &second)),
+        );
+        let (winner, bundle, loser) = match (ra, rb) {
+            (Ok(won), Err(lost)) => (won.into_inner().pid, &first, lost),
+            (Err(lost), Ok(won)) => (won.into_inner().pid, &second, lost),
+            (ra, rb) => panic!("expected one success and one failure: {ra:?}, {rb:?}"),
+        };
+        assert_eq!(loser.code(), Code::AlreadyExists, "{loser:?}");
+        assert_eq!(d.runtime_ids(), vec![id.clone()]);
+        let st = d.state().await;
+        let listed: Vec<_> = st.containers.iter().filter(|c| c.id == id).collect();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].bundle_path, bundle.path_str());
+        assert_eq!(listed[0].processes[0].pid, winner);
+
+        d.signal(&id, winner, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, winner).await, 137);
+        drop((a, b));
+        d.assert_nothing_left(&id, &baseline).await;
+    })
+    .await
+}
+
+/// When the init exits while added processes run, the kernel ends them with it (they share its
+/// pid namespace): each one's exit is reported (killed, 137), and the init's own code, and the
+/// container is gone with nothing left.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_exiting_under_running_added_processes_reports_every_exit() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sh", "-c", "read x < /tmp/stop; exit 5"]);
+        let gate = bundle.gate("stop");
+        let id = id("init-first");
+        let mut events = d.events().await;
+        let init = d.create(create_req(&id, &bundle)).await;
+        let mut added = Vec::new();
+        for _ in 0..3 {
+            added.push(d.exec(exec_req(&id, &["/bin/sleep", "1000"])).await);
+        }
+        let _gate = open_gate(&gate);
+
+        let mut exits = Vec::new();
+        while exits.len() < added.len() + 1 {
+            let event = events
+                .wait_for("an exit", |e| e.r#type == "exit" && e.id == id)
+                .await;
+            exits.push((event.pid, event.status));
+        }
+        let status_of = |pid: u32| exits.iter().find(|(p, _)| *p == pid).map(|(_, s)| *s);
+        assert_eq!(status_of(init), Some(5), "exit of the init: {exits:?}");
+        for &pid in &added {
+            assert_eq!(status_of(pid), Some(137), "exit of added {pid}: {exits:?}");
+        }
+        d.assert_gone(&id).await;
+        d.assert_no_zombies().await;
+        for pid in added.iter().chain([&init]) {
+            assert!(proc_stat(*pid).is_none(), "{pid} is still there");
+        }
+    })
+    .await
+}

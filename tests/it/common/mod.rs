@@ -1,0 +1,776 @@
+//! Shared fixture for the integration tests: OCI bundles built from busybox, a real berthd on a
+//! temp socket and state dir, event and FIFO helpers, loud skips, and the "nothing left behind"
+//! checks, which look at the kernel's own account (the cgroups a process was put in, berthd's fd
+//! table, its children) rather than at berthd's.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use berth_api::proto::api_client::ApiClient;
+use berth_api::proto::{
+    AddProcessRequest, CreateContainerRequest, SignalRequest, StateRequest, StateResponse,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+mod procfs;
+mod skip;
+mod stream;
+
+pub use procfs::*;
+pub use skip::*;
+pub use stream::*;
+
+pub type Client = ApiClient<Channel>;
+
+/// Longest any single test may run before it fails instead of hanging CI.
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest we wait for one expected event.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time the daemon gets to close fds and reap children after a request returned.
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+pub const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "sleep", "cat", "echo", "true", "env", "id", "pwd", "ls",
+];
+
+pub const SIGKILL: u32 = libc::SIGKILL as u32;
+pub const SIGTERM: u32 = libc::SIGTERM as u32;
+
+/// Runs a test body with a deadline. The body stays alive while the timeout panic unwinds, so a
+/// `Daemon` inside it still sees `thread::panicking()` and prints berthd's log.
+pub async fn within<F: Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match tokio::time::timeout(TEST_TIMEOUT, &mut fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("test did not finish within {TEST_TIMEOUT:?}"),
+    }
+}
+
+/// A container id unique to this test run, so parallel tests never share a cgroup.
+pub fn id(name: &str) -> String {
+    let id = format!("{name}-{}", std::process::id());
+    assert!(id.len() <= 64, "test container id too long: {id}");
+    id
+}
+
+/// Starts a berthd for the test (`daemon!()`, or `daemon!(Options { .. })`), or returns from the
+/// test after a loud skip when the host cannot run one.
+macro_rules! daemon {
+    () => {
+        daemon!($crate::common::Options::default())
+    };
+    ($options:expr) => {
+        match $crate::common::Daemon::start($options).await {
+            Some(daemon) => daemon,
+            None => return,
+        }
+    };
+}
+
+// ----- bundles -----
+
+/// `runc spec` output, generated once per test binary.
+fn base_spec() -> &'static Value {
+    static SPEC: OnceLock<Value> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let dir = TempDir::new().expect("temp dir");
+        let out = Command::new("runc")
+            .arg("spec")
+            .arg("--bundle")
+            .arg(dir.path())
+            .output()
+            .expect("run runc spec");
+        assert!(out.status.success(), "runc spec: {out:?}");
+        let text = fs::read_to_string(dir.path().join("config.json")).expect("runc spec output");
+        serde_json::from_str(&text).expect("runc spec writes JSON")
+    })
+}
+
+/// An OCI bundle in a temp dir: a rootfs holding busybox and its applets, and the `runc spec`
+/// config with `process.args` set and no terminal.
+pub struct Bundle {
+    dir: TempDir,
+}
+
+impl Bundle {
+    pub fn new(args: &[&str]) -> Bundle {
+        let dir = TempDir::new().expect("temp dir");
+        let bin = dir.path().join("rootfs/bin");
+        fs::create_dir_all(&bin).expect("rootfs/bin");
+        fs::create_dir_all(dir.path().join("rootfs/tmp")).expect("rootfs/tmp");
+        fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+        for applet in APPLETS {
+            symlink("busybox", bin.join(applet)).expect("applet symlink");
+        }
+        let bundle = Bundle { dir };
+        let mut spec = base_spec().clone();
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = args.into();
+        bundle.write_config(&spec);
+        bundle
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> String {
+        path_str(self.dir.path())
+    }
+
+    /// A FIFO at `/tmp/<name>` inside the container, for the test to release a process that
+    /// waits on it (`read x < /tmp/<name>`): returns its host path.
+    pub fn gate(&self, name: &str) -> PathBuf {
+        let path = self.path().join("rootfs/tmp").join(name);
+        mkfifo(&path);
+        path
+    }
+
+    /// Changes config.json, e.g. `b.edit(|c| c["process"]["terminal"] = true.into())`.
+    pub fn edit(&self, change: impl FnOnce(&mut Value)) {
+        let mut spec = self.config();
+        change(&mut spec);
+        self.write_config(&spec);
+    }
+
+    pub fn config(&self) -> Value {
+        let text = fs::read_to_string(self.path().join("config.json")).expect("config.json");
+        serde_json::from_str(&text).expect("config.json is JSON")
+    }
+
+    fn write_config(&self, spec: &Value) {
+        let text = serde_json::to_string_pretty(spec).expect("serialize spec");
+        fs::write(self.path().join("config.json"), text).expect("write config.json");
+    }
+}
+
+/// Opens a gate made by `Bundle::gate`: the process reading it goes on. Keep the returned end
+/// until it has (a FIFO's data is lost when both ends close).
+#[must_use]
+pub fn open_gate(gate: &Path) -> File {
+    let mut file = open_rw(gate);
+    file.write_all(b"go\n").expect("write gate");
+    file
+}
+
+/// A container a test started: its id, init pid and bundle (kept as long as the container).
+pub struct Container {
+    pub id: String,
+    pub pid: u32,
+    pub bundle: Bundle,
+}
+
+// ----- the daemon -----
+
+/// A berthd started for one test on its own socket and state dir.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: TempDir,
+    socket: PathBuf,
+    pub client: Client,
+    /// The cgroup directories of each container's init, read from /proc when it was created.
+    cgroups: HashMap<String, Vec<PathBuf>>,
+}
+
+/// How to start a berthd beyond the defaults.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Extra flags.
+    pub args: &'a [&'a str],
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// The socket path relative to the daemon's temp dir (default `berth.sock`).
+    pub socket: Option<&'a str>,
+    /// The berthd binary to run (default: the one cargo built).
+    pub binary: Option<&'a Path>,
+}
+
+impl<'a> Options<'a> {
+    pub fn args(args: &'a [&'a str]) -> Options<'a> {
+        Options {
+            args,
+            ..Options::default()
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts berthd, or returns None after a loud skip when the host cannot run containers
+    /// (use `daemon!`).
+    pub async fn start(options: Options<'_>) -> Option<Daemon> {
+        if !ready() {
+            return None;
+        }
+        let dir = TempDir::new().expect("temp dir");
+        let socket = dir.path().join(options.socket.unwrap_or("berth.sock"));
+        let child = spawn_berthd(dir.path(), &socket, &options);
+        let mut daemon = Daemon {
+            child: Some(child),
+            client: wait_for_socket(&socket, dir.path()).await,
+            socket,
+            dir,
+            cgroups: HashMap::new(),
+        };
+        if let Some(status) = daemon.try_wait() {
+            panic!("berthd exited right after start: {status}");
+        }
+        Some(daemon)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("berthd running").id()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn state_file(&self, id: &str) -> PathBuf {
+        self.state_dir()
+            .join("containers")
+            .join(format!("{id}.json"))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("berthd.log")).unwrap_or_default()
+    }
+
+    /// A second, independent connection (its own HTTP/2 flow-control windows).
+    pub async fn connect(&self) -> Client {
+        berth_api::client::connect(&self.socket())
+            .await
+            .expect("connect to berthd")
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("berthd running");
+        child.try_wait().expect("try_wait berthd")
+    }
+
+    // ----- requests -----
+
+    /// Creates a container and returns its init pid, failing the test on error. The init's
+    /// cgroups are recorded for `assert_gone`.
+    pub async fn create(&mut self, req: CreateContainerRequest) -> u32 {
+        let id = req.id.clone();
+        let pid = create(&mut self.client, req).await;
+        self.record_cgroups(&id, pid);
+        pid
+    }
+
+    /// Creates container `id(name)` running `args` from a fresh busybox bundle.
+    pub async fn run(&mut self, name: &str, args: &[&str]) -> Container {
+        let bundle = Bundle::new(args);
+        let id = id(name);
+        let pid = self.create(create_req(&id, &bundle)).await;
+        Container { id, pid, bundle }
+    }
+
+    /// Adds a process and returns its host pid, failing the test on error.
+    pub async fn exec(&mut self, req: AddProcessRequest) -> u32 {
+        let what = format!("{} {:?}", req.id, req.args);
+        match self.client.add_process(req).await {
+            Ok(resp) => resp.into_inner().pid,
+            Err(status) => panic!("AddProcess {what}: {status:?}"),
+        }
+    }
+
+    pub async fn signal(&mut self, id: &str, pid: u32, signal: u32) {
+        let req = SignalRequest {
+            id: id.to_owned(),
+            pid,
+            signal,
+        };
+        if let Err(status) = self.client.signal(req).await {
+            panic!("Signal {signal} to {id}/{pid}: {status:?}");
+        }
+    }
+
+    /// Kills container `id` through its init with SIGKILL, expects its exit event (137) on
+    /// `events`, and checks it is gone everywhere (`assert_gone`).
+    pub async fn kill_container(&mut self, events: &mut Events, id: &str, init: u32) {
+        self.signal(id, init, SIGKILL).await;
+        assert_eq!(
+            events.exit_status(id, init).await,
+            137,
+            "exit of {id}/{init}"
+        );
+        self.assert_gone(id).await;
+    }
+
+    pub async fn state(&mut self) -> StateResponse {
+        state(&mut self.client).await
+    }
+
+    pub async fn events(&mut self) -> Events {
+        Events::subscribe(&mut self.client).await
+    }
+
+    // ----- what berthd holds, from the kernel -----
+
+    /// Container ids the runtime knows under berthd's runtime root.
+    pub fn runtime_ids(&self) -> Vec<String> {
+        runtime_ids(&self.state_dir().join("runtime"))
+    }
+
+    /// The targets of berthd's open fds, sorted (a multiset: pidfds all read `anon_inode:[pidfd]`).
+    pub fn fds(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut fds: Vec<String> = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .filter_map(|entry| {
+                let target = fs::read_link(entry.ok()?.path()).ok()?;
+                Some(target.display().to_string())
+            })
+            .collect();
+        fds.sort();
+        fds
+    }
+
+    /// berthd's direct children other than its spawn helper: container inits, added processes,
+    /// and whatever else it has become the parent of.
+    pub fn children(&self) -> BTreeSet<u32> {
+        children_of(self.pid())
+            .into_iter()
+            .filter(|&pid| !is_spawn_helper(pid))
+            .collect()
+    }
+
+    /// What berthd holds now, to compare against after a request (`assert_settles`).
+    pub fn baseline(&self) -> Baseline {
+        Baseline {
+            fds: self.fds(),
+            children: self.children(),
+        }
+    }
+
+    /// Waits until every fd berthd holds was already open in `baseline` (by target, counted per
+    /// target) and it has no child that was not there then.
+    pub async fn assert_settles(&self, baseline: &Baseline) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let extra_fds = multiset_minus(&self.fds(), &baseline.fds);
+            let extra_children: Vec<u32> = self
+                .children()
+                .difference(&baseline.children)
+                .copied()
+                .collect();
+            if extra_fds.is_empty() && extra_children.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let described: Vec<String> = extra_children.iter().map(|&p| describe(p)).collect();
+                panic!(
+                    "berthd holds fds not in the baseline: {extra_fds:#?}\n\
+                     and children not in the baseline: {described:#?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `assert_settles` for fds only, by kind: `socket:[N]` and `pipe:[N]` count as `socket` and
+    /// `pipe`, for comparisons across an upgrade, after which berthd's own sockets are new ones.
+    pub async fn assert_fd_kinds_settle(&self, baseline: &Baseline) {
+        let kinds = |fds: &[String]| -> Vec<String> {
+            let mut kinds: Vec<String> = fds
+                .iter()
+                .map(|fd| match fd.split_once(":[") {
+                    Some((kind, _)) if kind == "socket" || kind == "pipe" => kind.to_owned(),
+                    _ => fd.clone(),
+                })
+                .collect();
+            kinds.sort();
+            kinds
+        };
+        let before = kinds(&baseline.fds);
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let extra = multiset_minus(&kinds(&self.fds()), &before);
+            if extra.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berthd holds fds of kinds not in the baseline: {extra:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until berthd has no zombie child and every other child of it is a process it
+    /// tracks (listed by State): nothing it became the parent of is forgotten.
+    pub async fn assert_no_zombies(&mut self) {
+        self.assert_no_zombies_except(&[]).await;
+    }
+
+    /// `assert_no_zombies`, allowing the live, untracked children `allowed`.
+    pub async fn assert_no_zombies_except(&mut self, allowed: &[u32]) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let tracked: BTreeSet<u32> = self
+                .state()
+                .await
+                .containers
+                .iter()
+                .flat_map(|c| c.processes.iter().map(|p| p.pid))
+                .collect();
+            let bad: Vec<String> = self
+                .children()
+                .into_iter()
+                .filter(|&pid| {
+                    let zombie = proc_stat(pid).is_some_and(|s| s.state == 'Z');
+                    zombie || !(tracked.contains(&pid) || allowed.contains(&pid))
+                })
+                .map(describe)
+                .collect();
+            if bad.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berthd has zombie or untracked children: {bad:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Container `id` is gone everywhere: runtime state, every cgroup its init was in, registry
+    /// and state file.
+    pub async fn assert_gone(&mut self, id: &str) {
+        let runtime = self.runtime_ids();
+        assert!(
+            !runtime.iter().any(|c| c == id),
+            "runtime still has container {id}: {runtime:?}"
+        );
+        let listed: Vec<String> = self
+            .state()
+            .await
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
+        let file = self.state_file(id);
+        assert!(!file.exists(), "state file left behind: {}", file.display());
+        self.assert_cgroups_gone(id).await;
+    }
+
+    /// A request failed: nothing of `id` may remain, and berthd holds no fd or child that it did
+    /// not hold in `baseline`, and no zombie.
+    pub async fn assert_nothing_left(&mut self, id: &str, baseline: &Baseline) {
+        self.assert_gone(id).await;
+        self.assert_settles(baseline).await;
+        self.assert_no_zombies().await;
+    }
+
+    /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
+    /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
+    /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
+    fn record_cgroups(&mut self, id: &str, pid: u32) {
+        let own = cgroups_of(self.pid());
+        let dirs: Vec<PathBuf> = cgroups_of(pid)
+            .into_iter()
+            .filter(|dir| !own.iter().any(|mine| mine.starts_with(dir)))
+            .collect();
+        self.cgroups.entry(id.to_owned()).or_default().extend(dirs);
+    }
+
+    /// Every cgroup directory recorded for `id`, and where runc puts a container without
+    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group), is gone.
+    async fn assert_cgroups_gone(&mut self, id: &str) {
+        let mut dirs = self.cgroups.remove(id).unwrap_or_default();
+        for mount in cgroup_mounts() {
+            dirs.push(mount.dir.join(id));
+        }
+        for own in cgroups_of(self.pid()) {
+            dirs.push(own.join(id));
+        }
+        dirs.sort();
+        dirs.dedup();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let left: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cgroups left for {id}: {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // ----- stopping and restarting -----
+
+    /// Kills berthd with SIGKILL, as a crash would, leaving its containers running, then starts
+    /// a new berthd on the same socket and state dir.
+    pub async fn kill_and_restart(&mut self) {
+        self.crash();
+        self.start_again().await;
+    }
+
+    /// Kills berthd with SIGKILL, leaving its containers, socket file and state dir behind.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("berthd running");
+        child.kill().expect("kill -9 berthd");
+        child.wait().expect("wait for berthd");
+    }
+
+    /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "berthd is still running");
+        let options = Options::default();
+        self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
+        self.client = wait_for_socket(&self.socket, self.dir.path()).await;
+    }
+
+    /// Sends `signal` to berthd and waits for it to exit.
+    pub fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        let mut child = self.child.take().expect("berthd running");
+        terminate(&mut child, signal)
+    }
+
+    /// SIGTERM berthd and wait for it to exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with(Signal::SIGTERM)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // berthd leaves containers running when it stops, so remove them through the runtime.
+        let root = self.state_dir().join("runtime");
+        for id in runtime_ids(&root) {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["delete", "-f", &id])
+                .output();
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Signal::SIGTERM);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- berthd log -----\n{}----- end of berthd log -----",
+                self.log()
+            );
+        }
+    }
+}
+
+/// What berthd held at one moment: its fds' targets and its children (spawn helper excluded).
+pub struct Baseline {
+    fds: Vec<String>,
+    children: BTreeSet<u32>,
+}
+
+/// The items of sorted `now` beyond those in sorted `before`, counting repeats.
+fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for fd in before {
+        *counts.entry(fd).or_default() += 1;
+    }
+    now.iter()
+        .filter(|fd| match counts.get_mut(fd.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+fn describe(pid: u32) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let state = proc_stat(pid).map_or('?', |s| s.state);
+    format!(
+        "{pid} ({state}) {}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ").trim()
+    )
+}
+
+fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
+    let log = File::create(dir.join("berthd.log")).expect("berthd log file");
+    let binary = options.binary.map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_berthd")),
+        Path::to_owned,
+    );
+    Command::new(binary)
+        .arg("--listen")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--log-level", "debug"])
+        .args(options.args)
+        .envs(options.env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn berthd")
+}
+
+async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if socket.exists()
+            && let Ok(client) = berth_api::client::connect(socket).await
+        {
+            return client;
+        }
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(dir.join("berthd.log")).unwrap_or_default();
+            panic!(
+                "berthd did not serve {} within 10 s; log:\n{log}",
+                socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn terminate(child: &mut Child, signal: Signal) -> ExitStatus {
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, signal);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait berthd") {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let status = child.wait().expect("wait berthd");
+    panic!("berthd ignored {signal} for 10 s; killed it ({status})");
+}
+
+fn runtime_ids(root: &Path) -> Vec<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "-q"])
+        .output()
+        .expect("run runc list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+// ----- requests -----
+
+pub fn create_req(id: &str, bundle: &Bundle) -> CreateContainerRequest {
+    CreateContainerRequest {
+        id: id.to_owned(),
+        bundle_path: bundle.path_str(),
+        ..Default::default()
+    }
+}
+
+/// Creates a container on `client` and returns its init pid, failing the test on error.
+/// (`Daemon::create` also records its cgroups.)
+pub async fn create(client: &mut Client, req: CreateContainerRequest) -> u32 {
+    let id = req.id.clone();
+    match client.create_container(req).await {
+        Ok(resp) => resp.into_inner().pid,
+        Err(status) => panic!("CreateContainer {id}: {status:?}"),
+    }
+}
+
+pub fn exec_req(id: &str, args: &[&str]) -> AddProcessRequest {
+    AddProcessRequest {
+        id: id.to_owned(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn state(client: &mut Client) -> StateResponse {
+    match client.state(StateRequest {}).await {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => panic!("State: {status:?}"),
+    }
+}
+
+/// Asserts that `result` failed with `code`, returning the status message.
+pub fn expect_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+) -> String {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got success: {value:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "wrong code; status: {status:?}");
+            status.message().to_owned()
+        }
+    }
+}
+
+// ----- a runtime that hangs -----
+
+/// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
+/// sleeps `secs` seconds instead: a create through it hangs in `start` until berthd gives up.
+pub fn slow_start_runtime(dir: &Path, secs: u32) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let runc = std::env::split_paths(&path)
+        .map(|dir| dir.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc in PATH");
+    let script = dir.join("slow-start-runc");
+    let body = format!(
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
+        runc.display()
+    );
+    fs::write(&script, body).expect("write runtime script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
+    script
+}
+
+/// The pids of the slow runtime's `sleep <secs>` below berthd.
+pub fn slow_starts(berthd: u32, secs: u32) -> Vec<u32> {
+    let cmdline = format!("sleep\0{secs}\0");
+    descendants_of(berthd)
+        .into_iter()
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+        })
+        .collect()
+}
+
+#[test]
+fn fds_are_compared_as_a_multiset_of_targets() {
+    let fds = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let before = fds(&["anon_inode:[pidfd]", "anon_inode:[pidfd]", "socket:[1]"]);
+    let now = fds(&["anon_inode:[pidfd]", "socket:[2]", "anon_inode:[pidfd]"]);
+    // Same count, but socket:[1] was closed and socket:[2] opened: that is a new fd.
+    assert_eq!(multiset_minus(&now, &before), ["socket:[2]"]);
+    let now = fds(&["anon_inode:[pidfd]"; 3]);
+    assert_eq!(multiset_minus(&now, &before), ["anon_inode:[pidfd]"]);
+    assert!(multiset_minus(&before[..1], &before).is_empty());
+}

@@ -1,0 +1,15 @@
+//! The integration tests: one binary driving real berthd processes, runc and busybox containers.
+//! Each module is one area; `common` is the shared fixture.
+
+#[macro_use]
+mod common;
+
+mod checkpoint;
+mod claims;
+mod errors;
+mod events;
+mod interop;
+mod lifecycle;
+mod process;
+mod restart;
+mod stats;
