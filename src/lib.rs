@@ -6,6 +6,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod api;
+pub mod client_fs;
 pub mod config;
 pub mod error;
 pub mod events;
