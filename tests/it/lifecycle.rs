@@ -556,7 +556,7 @@ async fn terminal_output_goes_to_the_console_path_when_given() {
 async fn a_killed_spawn_helper_is_replaced() {
     within(async {
         let mut d = daemon!();
-        let helper = crate::common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        let helper = wait_for_spawn_helper(d.pid(), None).await;
         kill(Pid::from_raw(helper as i32), Signal::SIGKILL).expect("kill the helper");
 
         // A request racing the restart may fail with Unavailable; soon one must succeed.
@@ -574,7 +574,7 @@ async fn a_killed_spawn_helper_is_replaced() {
                 Err(status) => panic!("CreateContainer after the helper died: {status:?}"),
             }
         };
-        crate::common::new_spawn_helper(d.pid(), helper).await;
+        wait_for_spawn_helper(d.pid(), Some(helper)).await;
         d.signal(&id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_gone(&id).await;

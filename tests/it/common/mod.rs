@@ -455,8 +455,9 @@ impl Daemon {
         }
     }
 
-    /// Container `id` is gone everywhere: runtime state, every cgroup its init was in, registry
-    /// and state file.
+    /// Container `id` is gone everywhere: from the runtime and the registry at once (README:
+    /// before its exit event), and its state file and every cgroup its init was in soon after
+    /// (DESIGN: their removal follows the event).
     pub async fn assert_gone(&mut self, id: &str) {
         let runtime = self.runtime_ids();
         assert!(
@@ -471,9 +472,20 @@ impl Daemon {
             .map(|c| c.id)
             .collect();
         assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
-        let file = self.state_file(id);
-        assert!(!file.exists(), "state file left behind: {}", file.display());
-        self.assert_cgroups_gone(id).await;
+        let mut left = self.cgroup_dirs(id);
+        left.push(self.state_file(id));
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            left.retain(|path| path.exists());
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind by {id} (state file, cgroups): {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A request failed: nothing of `id` may remain, and berthd holds no fd or child that it did
@@ -486,7 +498,7 @@ impl Daemon {
 
     /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
     /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
-    /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
+    /// own group). An init that is already gone leaves only the guesses of `cgroup_dirs`.
     fn record_cgroups(&mut self, id: &str, pid: u32) {
         let own = cgroups_of(self.pid());
         let dirs: Vec<PathBuf> = cgroups_of(pid)
@@ -497,8 +509,8 @@ impl Daemon {
     }
 
     /// Every cgroup directory recorded for `id`, and where runc puts a container without
-    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group), is gone.
-    async fn assert_cgroups_gone(&mut self, id: &str) {
+    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group).
+    fn cgroup_dirs(&mut self, id: &str) -> Vec<PathBuf> {
         let mut dirs = self.cgroups.remove(id).unwrap_or_default();
         for mount in cgroup_mounts() {
             dirs.push(mount.dir.join(id));
@@ -508,18 +520,7 @@ impl Daemon {
         }
         dirs.sort();
         dirs.dedup();
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let left: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cgroups left for {id}: {left:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        dirs
     }
 
     // ----- stopping and restarting -----

@@ -114,19 +114,22 @@ pub fn descendants_of(pid: u32) -> Vec<u32> {
 }
 
 /// The live spawn helper among berthd's children, known by its process name.
-pub fn spawn_helper(berthd: u32) -> Option<u32> {
+fn spawn_helper(berthd: u32) -> Option<u32> {
     children_of(berthd)
         .into_iter()
         .find(|&pid| proc_stat(pid).is_some_and(|s| s.state != 'Z') && is_spawn_helper(pid))
 }
 
-/// Waits for a live spawn helper other than `old`: a restarted one names itself after exec.
-pub async fn new_spawn_helper(berthd: u32, old: u32) -> u32 {
+/// Waits for berthd's live spawn helper, other than `old` if given: a helper names itself
+/// after it starts, so right after berthd does it may not be known by name yet.
+pub async fn wait_for_spawn_helper(berthd: u32, old: Option<u32>) -> u32 {
     let deadline = Instant::now() + SETTLE;
     loop {
         match spawn_helper(berthd) {
-            Some(pid) if pid != old => return pid,
-            _ if Instant::now() > deadline => panic!("berthd has no new spawn helper"),
+            Some(pid) if Some(pid) != old => return pid,
+            _ if Instant::now() > deadline => {
+                panic!("berthd has no spawn helper (other than {old:?})")
+            }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
