@@ -541,8 +541,12 @@ impl Daemon {
 
     /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
     pub async fn start_again(&mut self) {
+        self.start_again_with(Options::default()).await;
+    }
+
+    /// `start_again` with more flags (the socket and binary stay those of the first start).
+    pub async fn start_again_with(&mut self, options: Options<'_>) {
         assert!(self.child.is_none(), "berthd is still running");
-        let options = Options::default();
         self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
         self.client = wait_for_socket(&self.socket, self.dir.path()).await;
     }
