@@ -226,6 +226,7 @@ impl Daemon {
         if let Some(status) = daemon.try_wait() {
             panic!("berthd exited right after start: {status}");
         }
+        daemon.wait_for_signal_handlers().await;
         Some(daemon)
     }
 
@@ -539,6 +540,20 @@ impl Daemon {
         child.wait().expect("wait for berthd");
     }
 
+    /// Waits until berthd handles SIGTERM and SIGINT, so that a test's `stop` is the clean stop
+    /// README promises. berthd serves a moment before it installs them (tested on its own by
+    /// `lifecycle::sigterm_once_the_socket_exists_stops_berthd_cleanly`).
+    async fn wait_for_signal_handlers(&self) {
+        let deadline = Instant::now() + SETTLE;
+        while !(catches(self.pid(), libc::SIGTERM) && catches(self.pid(), libc::SIGINT)) {
+            assert!(
+                Instant::now() < deadline,
+                "berthd serves but does not handle SIGTERM and SIGINT"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
     pub async fn start_again(&mut self) {
         self.start_again_with(Options::default()).await;
@@ -549,6 +564,7 @@ impl Daemon {
         assert!(self.child.is_none(), "berthd is still running");
         self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
         self.client = wait_for_socket(&self.socket, self.dir.path()).await;
+        self.wait_for_signal_handlers().await;
     }
 
     /// Sends `signal` to berthd and waits for it to exit.
