@@ -226,6 +226,7 @@ impl Daemon {
         if let Some(status) = daemon.try_wait() {
             panic!("berthd exited right after start: {status}");
         }
+        daemon.wait_for_signal_handlers().await;
         Some(daemon)
     }
 
@@ -455,8 +456,9 @@ impl Daemon {
         }
     }
 
-    /// Container `id` is gone everywhere: runtime state, every cgroup its init was in, registry
-    /// and state file.
+    /// Container `id` is gone everywhere: from the runtime and the registry at once (README:
+    /// before its exit event), and its state file and every cgroup its init was in soon after
+    /// (DESIGN: their removal follows the event).
     pub async fn assert_gone(&mut self, id: &str) {
         let runtime = self.runtime_ids();
         assert!(
@@ -471,9 +473,20 @@ impl Daemon {
             .map(|c| c.id)
             .collect();
         assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
-        let file = self.state_file(id);
-        assert!(!file.exists(), "state file left behind: {}", file.display());
-        self.assert_cgroups_gone(id).await;
+        let mut left = self.cgroup_dirs(id);
+        left.push(self.state_file(id));
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            left.retain(|path| path.exists());
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind by {id} (state file, cgroups): {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A request failed: nothing of `id` may remain, and berthd holds no fd or child that it did
@@ -486,7 +499,7 @@ impl Daemon {
 
     /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
     /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
-    /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
+    /// own group). An init that is already gone leaves only the guesses of `cgroup_dirs`.
     fn record_cgroups(&mut self, id: &str, pid: u32) {
         let own = cgroups_of(self.pid());
         let dirs: Vec<PathBuf> = cgroups_of(pid)
@@ -497,8 +510,8 @@ impl Daemon {
     }
 
     /// Every cgroup directory recorded for `id`, and where runc puts a container without
-    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group), is gone.
-    async fn assert_cgroups_gone(&mut self, id: &str) {
+    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group).
+    fn cgroup_dirs(&mut self, id: &str) -> Vec<PathBuf> {
         let mut dirs = self.cgroups.remove(id).unwrap_or_default();
         for mount in cgroup_mounts() {
             dirs.push(mount.dir.join(id));
@@ -508,18 +521,7 @@ impl Daemon {
         }
         dirs.sort();
         dirs.dedup();
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let left: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cgroups left for {id}: {left:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        dirs
     }
 
     // ----- stopping and restarting -----
@@ -538,12 +540,31 @@ impl Daemon {
         child.wait().expect("wait for berthd");
     }
 
+    /// Waits until berthd handles SIGTERM and SIGINT, so that a test's `stop` is the clean stop
+    /// README promises. berthd serves a moment before it installs them (tested on its own by
+    /// `lifecycle::sigterm_once_the_socket_exists_stops_berthd_cleanly`).
+    async fn wait_for_signal_handlers(&self) {
+        let deadline = Instant::now() + SETTLE;
+        while !(catches(self.pid(), libc::SIGTERM) && catches(self.pid(), libc::SIGINT)) {
+            assert!(
+                Instant::now() < deadline,
+                "berthd serves but does not handle SIGTERM and SIGINT"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
     pub async fn start_again(&mut self) {
+        self.start_again_with(Options::default()).await;
+    }
+
+    /// `start_again` with more flags (the socket and binary stay those of the first start).
+    pub async fn start_again_with(&mut self, options: Options<'_>) {
         assert!(self.child.is_none(), "berthd is still running");
-        let options = Options::default();
         self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
         self.client = wait_for_socket(&self.socket, self.dir.path()).await;
+        self.wait_for_signal_handlers().await;
     }
 
     /// Sends `signal` to berthd and waits for it to exit.
