@@ -184,7 +184,7 @@ async fn two_concurrent_creates_of_one_id_one_wins_and_nothing_leaks() {
 #[ignore = "berthd leaves the container's state file behind for good when an added process's \
             exit is handled after the init's (within 10 rounds on every run here): the added \
             process's exit rewrites <state-dir>/containers/<id>.json after the container was \
-            deleted, and a restart would then report the long-gone container again"]
+            deleted"]
 async fn an_init_exiting_under_running_added_processes_reports_every_exit() {
     within(async {
         let mut d = daemon!();
