@@ -364,11 +364,6 @@ async fn sigint_removes_the_socket_and_leaves_containers_running() {
 /// README: "SIGTERM or SIGINT stops berthd cleanly: the socket is removed". A script that waits
 /// for the socket to appear and then stops berthd must be able to rely on that.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "berthd makes its socket, and even answers on it, before it handles SIGTERM and \
-            SIGINT (src/bin/berthd.rs: serve_on, then signal()): a signal in between kills it \
-            with the default action and leaves the socket behind (also seen once in \
-            socket_parent_is_created_0711_and_socket_is_0660, which stopped berthd right after \
-            its first State answer)"]
 async fn sigterm_once_the_socket_exists_stops_berthd_cleanly() {
     within(async {
         if !ready() {
