@@ -11,5 +11,6 @@ mod events;
 mod interop;
 mod lifecycle;
 mod process;
+mod recovery;
 mod restart;
 mod stats;

@@ -609,7 +609,7 @@ pub struct Baseline {
 }
 
 /// The items of sorted `now` beyond those in sorted `before`, counting repeats.
-fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
+pub fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for fd in before {
         *counts.entry(fd).or_default() += 1;
@@ -659,8 +659,11 @@ fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
 async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        // A connection alone proves little: the socket listens (and the HTTP/2 client's
+        // handshake completes) before berthd has recovered and serves. An answered State does.
         if socket.exists()
-            && let Ok(client) = berth_api::client::connect(socket).await
+            && let Ok(mut client) = berth_api::client::connect(socket).await
+            && client.state(StateRequest::default()).await.is_ok()
         {
             return client;
         }
@@ -758,14 +761,20 @@ pub fn expect_code<T: std::fmt::Debug>(
 /// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
 /// sleeps `secs` seconds instead: a create through it hangs in `start` until berthd gives up.
 pub fn slow_start_runtime(dir: &Path, secs: u32) -> PathBuf {
+    slow_runtime(dir, "start", secs)
+}
+
+/// Writes, in `dir`, a runtime that is real runc for every command except `command`, which
+/// sleeps `secs` seconds instead.
+pub fn slow_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let runc = std::env::split_paths(&path)
         .map(|dir| dir.join("runc"))
         .find(|p| p.is_file())
         .expect("runc in PATH");
-    let script = dir.join("slow-start-runc");
+    let script = dir.join(format!("slow-{command}-runc"));
     let body = format!(
-        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
         runc.display()
     );
     fs::write(&script, body).expect("write runtime script");
