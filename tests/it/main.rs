@@ -14,3 +14,4 @@ mod process;
 mod recovery;
 mod restart;
 mod stats;
+mod upgrade;

@@ -500,7 +500,7 @@ impl Daemon {
     /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
     /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
     /// own group). An init that is already gone leaves only the guesses of `cgroup_dirs`.
-    fn record_cgroups(&mut self, id: &str, pid: u32) {
+    pub fn record_cgroups(&mut self, id: &str, pid: u32) {
         let own = cgroups_of(self.pid());
         let dirs: Vec<PathBuf> = cgroups_of(pid)
             .into_iter()
@@ -775,6 +775,24 @@ pub fn slow_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
     let script = dir.join(format!("slow-{command}-runc"));
     let body = format!(
         "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
+        runc.display()
+    );
+    fs::write(&script, body).expect("write runtime script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
+    script
+}
+
+/// Writes, in `dir`, a runtime that is real runc, except that `command` first waits `secs`
+/// seconds: a request through it is in flight for that long and then completes for real.
+pub fn delayed_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let runc = std::env::split_paths(&path)
+        .map(|dir| dir.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc in PATH");
+    let script = dir.join(format!("delayed-{command}-runc"));
+    let body = format!(
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && sleep {secs}\ndone\nexec {} \"$@\"\n",
         runc.display()
     );
     fs::write(&script, body).expect("write runtime script");
