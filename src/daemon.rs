@@ -158,7 +158,7 @@ async fn serve(
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
     let serving = Serving::start(
         handover,
-        supervisor,
+        Arc::clone(&supervisor),
         DaemonService::new(upgrade_tx, image.started),
     )?;
     tracing::info!(
@@ -198,6 +198,15 @@ async fn serve(
         // The handed-over descriptor keeps the socket listening meanwhile.
         Some(binary) => tracing::info!(binary = %binary.display(), "upgrading in place"),
         None => tracing::info!("stopping; containers keep running"),
+    }
+    // Operations are the supervisor's, not their requests': let them finish (within one runtime
+    // timeout) so their clients get answers and nothing is cut in half by the exit or execve.
+    let abandoned = supervisor.drain_operations(config.runtime_timeout()).await;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "operations still in flight after the grace period; the next start removes what they left"
+        );
     }
     let _ = metrics_stop.send(true);
     serving.stop().await;

@@ -4,6 +4,7 @@
 #[macro_use]
 mod common;
 
+mod cancel;
 mod checkpoint;
 mod claims;
 mod errors;

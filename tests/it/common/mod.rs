@@ -487,7 +487,7 @@ impl Daemon {
     /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
     /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
     /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
-    fn record_cgroups(&mut self, id: &str, pid: u32) {
+    pub fn record_cgroups(&mut self, id: &str, pid: u32) {
         let own = cgroups_of(self.pid());
         let dirs: Vec<PathBuf> = cgroups_of(pid)
             .into_iter()
