@@ -16,6 +16,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A configured limit refused the request; the message names the limit's flag.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{what} did not finish within {secs} s and was killed")]
     Timeout { what: String, secs: u64 },
     #[error("{op} failed: {message}")]
@@ -65,6 +68,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::Runtime { .. } => Code::Internal,
             Error::Io { source, .. } | Error::Sys { source, .. } => match source.kind() {

@@ -33,6 +33,8 @@ pub struct CreateRequest {
     pub bundle: String,
     pub stdio: StdioPaths,
     pub checkpoint: String,
+    /// `--max-process-spec-bytes`, which the bundle's process must fit.
+    pub max_spec_bytes: usize,
 }
 
 impl Supervisor {
@@ -56,6 +58,7 @@ impl Supervisor {
             Error::InvalidArgument("the bundle's config.json has no process".into())
         })?;
         let init_spec = spec_of(process);
+        validate::process_spec_size(&init_spec.args, &init_spec.env, request.max_spec_bytes)?;
         let base_process = serde_json::to_value(process)
             .map_err(|e| Error::Internal(format!("encode the bundle's process: {e}")))?;
 

@@ -37,6 +37,8 @@ pub struct ExecRequest {
     pub user: Option<User>,
     pub terminal: bool,
     pub stdio: StdioPaths,
+    /// `--max-process-spec-bytes`, which args and env must fit.
+    pub max_spec_bytes: usize,
 }
 
 impl Supervisor {
@@ -50,6 +52,7 @@ impl Supervisor {
     }
 
     async fn exec_owned(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
+        super::validate::process_spec_size(&request.args, &request.env, request.max_spec_bytes)?;
         let container = self.container(&request.id)?;
         if request.args.is_empty() {
             return Err(Error::InvalidArgument(
@@ -235,6 +238,7 @@ mod tests {
             user: None,
             terminal: false,
             stdio: StdioPaths::default(),
+            max_spec_bytes: 1024,
         }
     }
 

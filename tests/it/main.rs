@@ -11,6 +11,7 @@ mod errors;
 mod events;
 mod interop;
 mod lifecycle;
+mod limits;
 mod process;
 mod restart;
 mod stats;

@@ -712,7 +712,7 @@ pub fn exec_req(id: &str, args: &[&str]) -> AddProcessRequest {
 }
 
 pub async fn state(client: &mut Client) -> StateResponse {
-    match client.state(StateRequest {}).await {
+    match client.state(StateRequest::default()).await {
         Ok(resp) => resp.into_inner(),
         Err(status) => panic!("State: {status:?}"),
     }
