@@ -78,7 +78,7 @@ pub struct Config {
 
     /// Most bytes of args plus env one process may have (CreateContainer's bundle process,
     /// AddProcess); a larger one is refused with RESOURCE_EXHAUSTED naming this flag.
-    #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 128 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_process_spec_bytes: u64,
 
     /// Largest gRPC message berthd decodes or encodes; State that would be larger is refused

@@ -38,7 +38,7 @@ impl ApiService {
             stopping,
             limits: Limits {
                 message_bytes: 4 * 1024 * 1024,
-                spec_bytes: 128 * 1024,
+                spec_bytes: 256 * 1024,
             },
         }
     }

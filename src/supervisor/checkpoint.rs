@@ -48,7 +48,8 @@ pub fn validate_name(name: &str) -> Result<()> {
         ))
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid checkpoint name {name:?}: use 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "invalid checkpoint name {}: use 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            crate::error::quote(name)
         )))
     }
 }

@@ -187,7 +187,7 @@ fn added_process(
         if !Path::new(&request.cwd).is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "cwd {} is not absolute",
-                request.cwd
+                crate::error::quote(&request.cwd)
             )));
         }
         process.set_cwd(PathBuf::from(&request.cwd));

@@ -36,7 +36,8 @@ impl Supervisor {
             "running" => Some(Status::Running),
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "invalid status {other:?}: use \"paused\" or \"running\""
+                    "invalid status {}: use \"paused\" or \"running\"",
+                    crate::error::quote(other)
                 )));
             }
         };

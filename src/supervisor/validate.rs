@@ -25,7 +25,8 @@ pub fn container_id(id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid container id {id:?}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "invalid container id {}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            crate::error::quote(id)
         )))
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_api::proto::StateRequest;
+use berth_api::proto::{StateRequest, UpdateContainerRequest};
 use tonic::Code;
 
 use crate::common::*;
@@ -111,6 +111,43 @@ async fn state_is_never_built_larger_than_it_may_be_sent() {
         assert_eq!(d.state().await.containers.len(), 2);
         d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.kill_container(&mut events, &small.id, small.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_input_is_refused_without_being_echoed() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("echo-limit", &["sleep", "1000"]).await;
+        let big = "z".repeat(100_000);
+        let update = UpdateContainerRequest {
+            id: ctr.id.clone(),
+            status: big.clone(),
+            ..Default::default()
+        };
+        let message = expect_code(
+            d.client.update_container(update).await,
+            Code::InvalidArgument,
+        );
+        assert!(message.len() < 400, "{} bytes echoed", message.len());
+        assert!(message.contains("(100000 bytes)"), "{message}");
+        let unknown = UpdateContainerRequest {
+            id: big.clone(),
+            status: "paused".into(),
+            ..Default::default()
+        };
+        let message = expect_code(
+            d.client.update_container(unknown).await,
+            Code::InvalidArgument,
+        );
+        assert!(message.len() < 400, "{} bytes echoed", message.len());
+        let mut exec = exec_req(&ctr.id, &["true"]);
+        exec.cwd = big;
+        let message = expect_code(d.client.add_process(exec).await, Code::InvalidArgument);
+        assert!(message.len() < 400, "{} bytes echoed", message.len());
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
     })
     .await
 }
