@@ -2,7 +2,8 @@
 //! [`ConnectionPermit`] until it closes), a connection that sends nothing within
 //! `--handshake-timeout` is closed, and when the limit is reached a connection still waiting to
 //! speak gives its place to a new one, so idle sockets can never lock out a client that talks.
-//! Accept errors (EMFILE, ENFILE, ENOMEM) back off instead of spinning.
+//! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
+//! ENOMEM) back off instead of spinning.
 //!
 //! Owns: the accept loop and its limits. [`accept`] yields plain [`UnixStream`]s with their
 //! permit, so whatever wraps a stream (an `:authority` rewriter, peer credentials) composes
@@ -87,11 +88,28 @@ async fn accept_loop(
     let silent = Arc::new(Mutex::new(Silent::default()));
     let mut backoff = FIRST_BACKOFF;
     loop {
+        let stream = tokio::select! {
+            result = listener.accept() => result,
+            () = accepted.closed() => return,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => {
+                backoff = FIRST_BACKOFF;
+                stream
+            }
+            Err(e) => {
+                // Out of fds or memory: accepting again at once would fail again at once.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
         let permit = match Arc::clone(&places).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                // Full: the oldest silent connection makes room; if none is silent, wait until a
-                // connection closes (new ones queue in the socket's backlog meanwhile).
+                // Full: the oldest silent connection makes room for this one; if none is silent,
+                // wait until a connection closes (new ones queue in the socket's backlog).
                 let evicted = silent
                     .lock()
                     .expect("silent lock poisoned")
@@ -107,24 +125,6 @@ async fn accept_loop(
                     },
                     () = accepted.closed() => return,
                 }
-            }
-        };
-        let stream = tokio::select! {
-            result = listener.accept() => result,
-            () = accepted.closed() => return,
-        };
-        let stream = match stream {
-            Ok((stream, _)) => {
-                backoff = FIRST_BACKOFF;
-                stream
-            }
-            Err(e) => {
-                // Out of fds or memory: accepting again at once would fail again at once.
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                drop(permit);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
             }
         };
         let (evict, evicted) = oneshot::channel();
@@ -235,5 +235,86 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio_stream::StreamExt;
+
+    fn bound(dir: &tempfile::TempDir) -> (UnixListener, std::path::PathBuf) {
+        let path = dir.path().join("s.sock");
+        (UnixListener::bind(&path).unwrap(), path)
+    }
+
+    async fn next(incoming: &mut ReceiverStream<io::Result<Accepted>>) -> Option<Accepted> {
+        let accepted = tokio::time::timeout(Duration::from_secs(2), incoming.next()).await;
+        accepted.ok().flatten().map(|a| a.unwrap())
+    }
+
+    #[tokio::test]
+    async fn silent_connections_give_way_and_time_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bound(&dir);
+        let limits = Limits {
+            max_connections: 2,
+            handshake_timeout: Duration::from_millis(300),
+        };
+        let mut incoming = accept(listener, limits);
+        // Two silent connections fill the table; a third that talks still gets in.
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(UnixStream::connect(&path).await.unwrap());
+        }
+        let mut talker = UnixStream::connect(&path).await.unwrap();
+        talker.write_all(b"PRI").await.unwrap();
+        let first = next(&mut incoming).await.expect("the talking connection");
+        drop(first);
+        // The silent ones are closed by berthd: reading them ends.
+        for mut stream in silent {
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+            );
+            assert!(matches!(read.await, Ok(Ok(0)) | Ok(Err(_))), "still open");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_talking_connection_holds_its_place_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bound(&dir);
+        let limits = Limits {
+            max_connections: 1,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let mut incoming = accept(listener, limits);
+        let mut a = UnixStream::connect(&path).await.unwrap();
+        a.write_all(b"a").await.unwrap();
+        let held = next(&mut incoming).await.expect("first connection");
+        let mut b = UnixStream::connect(&path).await.unwrap();
+        b.write_all(b"b").await.unwrap();
+        assert!(next(&mut incoming).await.is_none(), "over the limit");
+        drop(held);
+        assert!(
+            next(&mut incoming).await.is_some(),
+            "its place was given back"
+        );
+    }
+
+    #[test]
+    fn the_connection_limit_keeps_most_fds_for_containers() {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap();
+        let limits = Limits::within_fd_limit(u64::MAX, Duration::from_secs(1));
+        assert_eq!(limits.max_connections as u64, (soft / 4).max(1));
+        assert_eq!(
+            Limits::within_fd_limit(1, Duration::ZERO).max_connections,
+            1
+        );
     }
 }
