@@ -76,6 +76,34 @@ pub struct Config {
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
+    /// Most bytes of args plus env one process may have (CreateContainer's bundle process,
+    /// AddProcess); a larger one is refused with RESOURCE_EXHAUSTED naming this flag.
+    #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_process_spec_bytes: u64,
+
+    /// Largest gRPC message berthd decodes or encodes; State that would be larger is refused
+    /// with RESOURCE_EXHAUSTED (ask for one container with StateRequest.id).
+    #[arg(long, env = "BERTH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..=(1 << 30)))]
+    pub max_message_bytes: u64,
+
+    /// Client connections open at once; capped at a quarter of the open file limit so the
+    /// rest stays for containers (two fds each). Silent connections give way to new ones.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// HTTP/2 streams (requests and subscriptions) open at once on one connection.
+    #[arg(long, env = "BERTH_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// How long a new connection may stay silent before it is closed (500ms, 10s, ...).
+    #[arg(long, env = "BERTH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub handshake_timeout: Duration,
+
+    /// Interval of HTTP/2 keepalive pings on idle connections; a peer that does not answer
+    /// within the same interval is disconnected.
+    #[arg(long, env = "BERTH_KEEPALIVE", default_value = "60s", value_parser = parse_interval)]
+    pub keepalive: Duration,
+
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::api::daemon::{DaemonService, UpgradeReady};
 use crate::api::service::ApiService;
@@ -29,6 +29,7 @@ use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::listener::{self, Limited, Limits};
 use crate::metrics::{self, Metrics};
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
@@ -157,8 +158,9 @@ async fn serve(
 
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
     let serving = Serving::start(
+        config,
         handover,
-        supervisor,
+        Arc::clone(&supervisor),
         DaemonService::new(upgrade_tx, image.started),
     )?;
     tracing::info!(
@@ -199,6 +201,15 @@ async fn serve(
         Some(binary) => tracing::info!(binary = %binary.display(), "upgrading in place"),
         None => tracing::info!("stopping; containers keep running"),
     }
+    // Operations are the supervisor's, not their requests': let them finish (within one runtime
+    // timeout) so their clients get answers and nothing is cut in half by the exit or execve.
+    let abandoned = supervisor.drain_operations(config.runtime_timeout()).await;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "operations still in flight after the grace period; the next start removes what they left"
+        );
+    }
     let _ = metrics_stop.send(true);
     serving.stop().await;
     Ok(upgrade)
@@ -233,6 +244,7 @@ struct Serving {
 
 impl Serving {
     fn start(
+        config: &Config,
         handover: &OwnedFd,
         supervisor: Arc<Supervisor>,
         daemon: DaemonService,
@@ -248,11 +260,24 @@ impl Serving {
             .map_err(|e| Error::sys("register the listener", e))?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut stopped = stopping.clone();
+        let limits = Limits::within_fd_limit(config.max_connections, config.handshake_timeout);
+        let incoming = listener::accept(listener, limits)
+            .map(|accepted| accepted.map(|a| Limited::new(a.stream, a.permit)));
+        let max_message = config.max_message_bytes as usize;
+        let api = ApiService::new(supervisor, stopping)
+            .limit(max_message, config.max_process_spec_bytes as usize);
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
+                .max_concurrent_streams(config.max_streams_per_connection)
+                .http2_keepalive_interval(Some(config.keepalive))
+                .http2_keepalive_timeout(Some(config.keepalive))
+                .add_service(
+                    ApiServer::new(api)
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                )
                 .add_service(DaemonServer::new(daemon))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }),
         );

@@ -15,7 +15,8 @@
 //! - leaves: [`model`] (records shared by several modules), [`procfs`], [`wait_status`] (the one
 //!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
 //!
-//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`metrics`]
+//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`listener`]
+//! (accepting connections within limits), [`metrics`]
 //! (the Prometheus endpoint), [`upgrade`] (the listener across `execve`), [`reactor`]
 //! (registering owned fds with tokio).
 //!
@@ -33,6 +34,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 mod events;
+mod listener;
 mod metrics;
 mod model;
 mod procfs;

@@ -19,6 +19,16 @@ pub struct ApiService {
     supervisor: Arc<Supervisor>,
     /// Turns true when berthd is stopping, which ends the streams that would otherwise never end.
     stopping: tokio::sync::watch::Receiver<bool>,
+    limits: Limits,
+}
+
+/// The limits requests and responses are held to (their flags' defaults until set).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// `--max-message-bytes`: no response is built larger (State is refused instead).
+    message_bytes: usize,
+    /// `--max-process-spec-bytes`: args plus env of one process.
+    spec_bytes: usize,
 }
 
 impl ApiService {
@@ -26,7 +36,20 @@ impl ApiService {
         ApiService {
             supervisor,
             stopping,
+            limits: Limits {
+                message_bytes: 4 * 1024 * 1024,
+                spec_bytes: 256 * 1024,
+            },
         }
+    }
+
+    /// Holds responses to `message_bytes` and each process's args plus env to `spec_bytes`.
+    pub fn limit(mut self, message_bytes: usize, spec_bytes: usize) -> Self {
+        self.limits = Limits {
+            message_bytes,
+            spec_bytes,
+        };
+        self
     }
 }
 
@@ -60,6 +83,20 @@ fn container_to_wire(info: &ContainerInfo) -> proto::Container {
             .collect(),
         status: info.status.as_str().into(),
     }
+}
+
+/// Refuses a response that would be larger than `limit` once framed: berthd never builds a
+/// message it cannot send, and says what to ask for instead.
+fn within_message_limit(response: &proto::StateResponse, limit: usize) -> Result<(), Error> {
+    // The gRPC frame adds a flag byte and a 4-byte length.
+    let size = prost::Message::encoded_len(response) + 5;
+    if size > limit {
+        return Err(Error::ResourceExhausted(format!(
+            "State of {} containers would be {size} bytes, more than --max-message-bytes ({limit}); ask for one container with StateRequest.id",
+            response.containers.len()
+        )));
+    }
+    Ok(())
 }
 
 /// How a stream ends when berthd stops or upgrades: distinct from its natural end, so a client
@@ -219,6 +256,7 @@ impl proto::api_server::Api for ApiService {
                 console: r.console,
             },
             checkpoint: r.checkpoint,
+            max_spec_bytes: self.limits.spec_bytes,
         };
         let pid = self.supervisor.create(request).instrument(span).await?;
         Ok(Response::new(proto::CreateContainerResponse { pid }))
@@ -270,6 +308,7 @@ impl proto::api_server::Api for ApiService {
                 stderr: r.stderr,
                 console: r.console,
             },
+            max_spec_bytes: self.limits.spec_bytes,
         };
         let pid = self.supervisor.exec(request).instrument(span).await?;
         Ok(Response::new(proto::AddProcessResponse { pid }))
@@ -327,23 +366,26 @@ impl proto::api_server::Api for ApiService {
 
     async fn state(
         &self,
-        _request: Request<proto::StateRequest>,
+        request: Request<proto::StateRequest>,
     ) -> Result<Response<proto::StateResponse>, Status> {
-        let _span = tracing::info_span!("state").entered();
+        let id = request.into_inner().id;
+        let _span = tracing::info_span!("state", id = %id).entered();
         let machine = self.supervisor.machine();
-        Ok(Response::new(proto::StateResponse {
-            containers: self
-                .supervisor
-                .containers()
-                .iter()
-                .map(container_to_wire)
-                .collect(),
+        let containers = if id.is_empty() {
+            self.supervisor.containers()
+        } else {
+            vec![self.supervisor.container_info(&id)?]
+        };
+        let response = proto::StateResponse {
+            containers: containers.iter().map(container_to_wire).collect(),
             machine: Some(proto::Machine {
                 id: machine.id.clone(),
                 cpus: machine.cpus,
                 memory: machine.memory,
             }),
-        }))
+        };
+        within_message_limit(&response, self.limits.message_bytes)?;
+        Ok(Response::new(response))
     }
 
     type EventsStream = EventStream;

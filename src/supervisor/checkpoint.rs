@@ -48,7 +48,8 @@ pub fn validate_name(name: &str) -> Result<()> {
         ))
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid checkpoint name {name:?}: use 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "invalid checkpoint name {}: use 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            crate::error::quote(name)
         )))
     }
 }
@@ -140,9 +141,21 @@ impl BundleLocks {
 }
 
 impl Supervisor {
-    /// Dumps container `id` into `<bundle>/checkpoints/<name>`. On failure the partial directory
+    /// Dumps container `id` into `<bundle>/checkpoints/<name>`. The dump is the supervisor's: a
+    /// caller that goes away changes nothing about its outcome. On failure the partial directory
     /// is removed and the container keeps running.
-    pub(crate) async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
+    pub(crate) async fn checkpoint(
+        self: &Arc<Self>,
+        id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<()> {
+        let supervisor = Arc::clone(self);
+        let id = id.to_owned();
+        self.owned(async move { supervisor.checkpoint_owned(&id, checkpoint).await })
+            .await
+    }
+
+    async fn checkpoint_owned(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
         let container = self.container(id)?;
         validate_name(&checkpoint.name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
@@ -161,20 +174,31 @@ impl Supervisor {
             }
             Err(e) => return Err(Error::io(&image, e)),
         }
+        // From here the image directory is this dump's: any failure removes it.
+        if let Err(e) = self.dump(id, &image, &checkpoint).await {
+            let _ = std::fs::remove_dir_all(&image);
+            return Err(e);
+        }
+        self.events.publish(
+            id,
+            container.init.pid(),
+            EventKind::Checkpoint { checkpoint },
+        );
+        Ok(())
+    }
+
+    /// Dumps `id` into the fresh directory `image` and writes the metadata beside the images.
+    async fn dump(&self, id: &str, image: &Path, checkpoint: &Checkpoint) -> Result<()> {
         let work = self.scratch_dir(".criu")?;
-        let dumped = self
-            .runtime
+        self.runtime
             .run(Operation::Checkpoint {
                 id,
-                image: &image,
+                image,
                 work: work.path(),
-                options: criu_options(&checkpoint),
+                options: criu_options(checkpoint),
             })
-            .await;
-        if let Err(e) = dumped {
-            let _ = std::fs::remove_dir_all(&image);
-            return Err(with_criu_log(e, work.path(), "dump.log"));
-        }
+            .await
+            .map_err(|e| with_criu_log(e, work.path(), "dump.log"))?;
         let metadata = Metadata {
             checkpoint: checkpoint.clone(),
             created: SystemTime::now()
@@ -184,13 +208,7 @@ impl Supervisor {
         let path = image.join(METADATA);
         let bytes = serde_json::to_vec_pretty(&metadata)
             .map_err(|e| Error::Internal(format!("encode checkpoint metadata: {e}")))?;
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-        self.events.publish(
-            id,
-            container.init.pid(),
-            EventKind::Checkpoint { checkpoint },
-        );
-        Ok(())
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
     }
 
     /// The checkpoints in container `id`'s bundle.

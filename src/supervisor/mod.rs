@@ -3,14 +3,16 @@
 //! Owns: the registry (id → container), each container's state machine (reserved while it is
 //! being created, then running or paused, gone once its init has exited and it is deleted), its
 //! added processes, the state files, and the order of events for each container. One file per
-//! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `registry` holds
-//! the containers, `stdio`, `scratch` and `validate` serve the operations.
+//! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `operation` runs
+//! them as the supervisor's own tasks and undoes them; `registry` holds the containers,
+//! `stdio`, `scratch` and `validate` serve the operations.
 //! Does not own: argv (runtime), process spawning (spawn), exit collection (reaper), the wire
 //! format (api), the records it shares with them (model).
 
 mod checkpoint;
 mod create;
 mod exec;
+mod operation;
 mod recovery;
 mod registry;
 mod scratch;
@@ -55,6 +57,7 @@ pub struct Supervisor {
     next_scratch: AtomicU64,
     machine: Machine,
     checkpoint_locks: checkpoint::BundleLocks,
+    in_flight: Arc<operation::InFlight>,
 }
 
 impl Supervisor {
@@ -83,6 +86,7 @@ impl Supervisor {
             next_scratch: AtomicU64::new(0),
             machine,
             checkpoint_locks: checkpoint::BundleLocks::default(),
+            in_flight: Arc::default(),
         }))
     }
 

@@ -254,9 +254,23 @@ async fn copy(from: &Endpoint, to: Option<&Endpoint>) {
     }
 }
 
+/// A running pty relay: its tasks end by themselves when the process side closes.
+pub struct Relay {
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Relay {
+    /// Stops relaying now (the operation that started the process failed).
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// Relays a pty master to the client's paths until the process side closes: output to the
 /// console path if one was given, else to stdout; input from the console path or stdin.
-pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<()> {
+pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<Relay> {
     let (input, output) = if paths.console.is_empty() {
         let input = (!paths.stdin.is_empty())
             .then(|| open(&paths.stdin, Direction::Input))
@@ -280,13 +294,16 @@ pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<()> {
         let master = Arc::clone(&master);
         tokio::spawn(async move { copy(&input, Some(&master)).await })
     });
-    tokio::spawn(async move {
+    let mut tasks: Vec<tokio::task::AbortHandle> =
+        to_master.iter().map(|t| t.abort_handle()).collect();
+    let from_master = tokio::spawn(async move {
         copy(&master, output.as_ref()).await;
         if let Some(task) = to_master {
             task.abort();
         }
     });
-    Ok(())
+    tasks.push(from_master.abort_handle());
+    Ok(Relay { tasks })
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@ pub fn container_id(id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid container id {id:?}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "invalid container id {}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            crate::error::quote(id)
         )))
     }
 }
@@ -39,6 +40,18 @@ pub fn signal(signal: u32) -> Result<i32> {
             "invalid signal {signal}: use a number from 1 to 64 (see man 7 signal)"
         )))
     }
+}
+
+/// Args plus env of one process must fit in `limit` bytes (each string with its NUL, as
+/// `execve` counts them): they are stored, sent in State and events, and passed to the runtime.
+pub fn process_spec_size(args: &[String], env: &[String], limit: usize) -> Result<()> {
+    let size: usize = args.iter().chain(env).map(|s| s.len() + 1).sum();
+    if size > limit {
+        return Err(Error::ResourceExhausted(format!(
+            "the process's args and env are {size} bytes, more than --max-process-spec-bytes ({limit})"
+        )));
+    }
+    Ok(())
 }
 
 /// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec.
@@ -115,6 +128,24 @@ mod tests {
             let err = container_id(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}");
         }
+    }
+
+    #[test]
+    fn process_specs_are_bounded_by_args_and_env_together() {
+        let args = vec!["sh".to_owned(), "-c".to_owned()];
+        let env = vec!["A=1".to_owned()];
+        // "sh\0" + "-c\0" + "A=1\0" = 10 bytes.
+        assert!(process_spec_size(&args, &env, 10).is_ok());
+        let err = process_spec_size(&args, &env, 9).unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)));
+        assert_eq!(
+            err.to_string(),
+            "the process's args and env are 10 bytes, more than --max-process-spec-bytes (9)"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
     }
 
     #[test]

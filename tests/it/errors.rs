@@ -228,6 +228,8 @@ async fn runtime_failure_returns_the_runtime_error_and_leaves_nothing() {
                 .create_container(create_req(&id, &bundle))
                 .await
                 .expect_err("CreateContainer of a missing binary");
+            // The runtime refused the client's bundle: not berthd's internal error.
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             let message = status.message().to_lowercase();
             assert!(
                 message.contains("nonexistent") && message.contains("no such file"),

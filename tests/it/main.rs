@@ -4,12 +4,14 @@
 #[macro_use]
 mod common;
 
+mod cancel;
 mod checkpoint;
 mod claims;
 mod errors;
 mod events;
 mod interop;
 mod lifecycle;
+mod limits;
 mod process;
 mod recovery;
 mod restart;

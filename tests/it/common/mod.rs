@@ -499,7 +499,7 @@ impl Daemon {
 
     /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
     /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
-    /// own group). An init that is already gone leaves only the guesses of `cgroup_dirs`.
+    /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
     pub fn record_cgroups(&mut self, id: &str, pid: u32) {
         let own = cgroups_of(self.pid());
         let dirs: Vec<PathBuf> = cgroups_of(pid)
@@ -736,7 +736,7 @@ pub fn exec_req(id: &str, args: &[&str]) -> AddProcessRequest {
 }
 
 pub async fn state(client: &mut Client) -> StateResponse {
-    match client.state(StateRequest {}).await {
+    match client.state(StateRequest::default()).await {
         Ok(resp) => resp.into_inner(),
         Err(status) => panic!("State: {status:?}"),
     }
