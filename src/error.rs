@@ -16,6 +16,18 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The peer may not do this (its credentials, or its access to a path it named).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A limit was reached; the message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Something berthd waited for (a read, a pre-flight) did not finish in time and was left.
+    #[error("{what} did not finish within {bound:?}")]
+    DeadlineExceeded {
+        what: String,
+        bound: std::time::Duration,
+    },
     #[error("{what} did not finish within {secs} s and was killed")]
     Timeout { what: String, secs: u64 },
     #[error("{op} failed: {message}")]
@@ -65,6 +77,9 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::Runtime { .. } => Code::Internal,
             Error::Io { source, .. } | Error::Sys { source, .. } => match source.kind() {
@@ -91,6 +106,38 @@ mod tests {
         let status = tonic::Status::from(err);
         assert_eq!(status.code(), tonic::Code::NotFound);
         assert!(status.message().starts_with("/nope/config.json: "));
+    }
+
+    #[test]
+    fn refusals_and_limits_have_their_own_codes() {
+        let cases = [
+            (
+                Error::PermissionDenied("no".into()),
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                Error::ResourceExhausted("full".into()),
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                Error::DeadlineExceeded {
+                    what: "reading config /b/config.json".into(),
+                    bound: std::time::Duration::from_millis(1500),
+                },
+                tonic::Code::DeadlineExceeded,
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(tonic::Status::from(err).code(), code);
+        }
+        let status = tonic::Status::from(Error::DeadlineExceeded {
+            what: "reading config /b/config.json".into(),
+            bound: std::time::Duration::from_secs(5),
+        });
+        assert_eq!(
+            status.message(),
+            "reading config /b/config.json did not finish within 5s"
+        );
     }
 
     #[test]
