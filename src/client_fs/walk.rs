@@ -185,6 +185,11 @@ impl<'a> Walk<'a> {
                 )),
                 Err(_) => Error::io(shown(at), e.into()),
             },
+            Errno::NAMETOOLONG => Error::InvalidArgument(format!(
+                "{} {}: a component is longer than the file system allows; give a shorter path",
+                self.what,
+                shown(self.path)
+            )),
             e => Error::io(shown(at), e.into()),
         }
     }
