@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::registry::{Container, Mutable, Process, Status};
+use super::scratch::ScratchFiles;
 use super::{StdioPaths, Supervisor, validate};
 use crate::client_fs::Peer;
 use crate::error::Result;
 use crate::events::EventKind;
 use crate::reaper::UNKNOWN_EXIT;
-use crate::runtime::Operation;
+use crate::runtime::{Operation, SpawnStdio};
 use crate::store::{ContainerRecord, ProcessRecord};
 
 /// What a recovery found, for the start-up log.
@@ -141,10 +142,11 @@ impl Supervisor {
         .unwrap_or_else(|| minimal_process(&record.init))
     }
 
-    /// Every container the runtime holds, by id.
+    /// Every container the runtime holds, by id. The list goes to a scratch file rather than
+    /// through the spawn helper's capture, which is cut at 16 KiB (about 60 containers).
     async fn runtime_statuses(&self) -> HashMap<String, Listed> {
-        match self.runtime.run(Operation::List).await {
-            Ok(out) => serde_json::from_str::<Option<Vec<Listed>>>(&out)
+        match self.runtime_list().await {
+            Ok(bytes) => serde_json::from_slice::<Option<Vec<Listed>>>(&bytes)
                 .unwrap_or_else(|e| {
                     tracing::error!(error = %e, "could not parse the runtime's container list");
                     None
@@ -158,6 +160,25 @@ impl Supervisor {
                 HashMap::new()
             }
         }
+    }
+
+    async fn runtime_list(&self) -> Result<Vec<u8>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.scratch_path(".list");
+        let _scratch = ScratchFiles(vec![path.clone()]);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| crate::error::Error::io(&path, e))?;
+        let stdio = [
+            SpawnStdio::Null,
+            SpawnStdio::Fd(file.into()),
+            SpawnStdio::Capture,
+        ];
+        self.runtime.run_with_stdio(Operation::List, stdio).await?;
+        std::fs::read(&path).map_err(|e| crate::error::Error::io(&path, e))
     }
 
     fn adopt(

@@ -96,19 +96,14 @@ impl StdioPaths {
 }
 
 /// The stdio a runtime command gets: the client's paths, or nothing when a pty replaces them
-/// (the paths it will be relayed to are still opened once here, so a path the caller may not
-/// use is refused before the runtime runs).
+/// (those are opened by [`relay_terminal`]; opening and closing a FIFO here would show its
+/// reader a writer that came and went).
 pub async fn process_stdio(paths: &StdioPaths, terminal: bool) -> Result<[SpawnStdio; 3]> {
-    let caller = paths.caller()?;
-    let paths = paths.clone();
     if terminal {
-        caller
-            .off_reactor("opening the terminal's stdio paths", move || {
-                paths.open_relay().map(drop)
-            })
-            .await?;
         return Ok([SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]);
     }
+    let caller = paths.caller()?;
+    let paths = paths.clone();
     let fds = caller
         .off_reactor("opening the stdio paths", move || paths.open_all())
         .await?;

@@ -13,3 +13,4 @@ mod lifecycle;
 mod process;
 mod restart;
 mod stats;
+mod trust;
