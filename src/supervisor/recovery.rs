@@ -46,7 +46,13 @@ impl Supervisor {
                 tracing::error!(error = %e, "state file with an invalid id skipped");
                 continue;
             }
-            let init = match self.confirmed(record, listed.get(&record.id)) {
+            let confirmed = self.confirmed(record, listed.get(&record.id));
+            // A live runtime container the record does not match is not the record's to kill.
+            let unmatched_live = confirmed.is_err()
+                && listed
+                    .get(&record.id)
+                    .is_some_and(|l| l.status != "stopped");
+            let init = match confirmed {
                 Err(why) => {
                     tracing::warn!(id = %record.id, pid = record.init.pid, why, "the runtime does not confirm this record; not adopted");
                     Ok(None)
@@ -72,8 +78,12 @@ impl Supervisor {
                     recovery.adopted += 1;
                 }
                 None => {
-                    tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
-                    self.delete_from_runtime(&record.id).await;
+                    if unmatched_live {
+                        tracing::error!(id = %record.id, "a live runtime container of this id does not match its record; left running for an operator (runtime delete --force to remove it)");
+                    } else {
+                        tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
+                        self.delete_from_runtime(&record.id).await;
+                    }
                     if let Err(e) = self.store.remove(&record.id) {
                         tracing::error!(id = %record.id, error = %e, "could not remove the state file");
                     }

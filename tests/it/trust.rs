@@ -438,7 +438,8 @@ async fn a_forged_record_is_not_adopted() {
     within(async {
         let mut d = daemon!();
         let real = d.run("template", &["sleep", "1000"]).await;
-        // A host process the forged record names, with its true start time.
+        let tampered = d.run("tampered", &["sleep", "1000"]).await;
+        // A host process the forged records name, with its true start time.
         let mut host = Command::new("sleep").arg("1000").spawn().expect("sleep");
         let stat = fs::read_to_string(format!("/proc/{}/stat", host.id())).unwrap();
         let fields: Vec<&str> = stat
@@ -448,33 +449,57 @@ async fn a_forged_record_is_not_adopted() {
             .split_whitespace()
             .collect();
         let start_time: u64 = fields[19].parse().unwrap();
-        let mut record: serde_json::Value =
-            serde_json::from_slice(&fs::read(d.state_file(&real.id)).unwrap()).unwrap();
+        let forge = |record: &mut serde_json::Value| {
+            record["init"]["pid"] = host.id().into();
+            record["init"]["start_time"] = start_time.into();
+        };
+        let read = |id: &str| -> serde_json::Value {
+            serde_json::from_slice(&fs::read(d.state_file(id)).unwrap()).unwrap()
+        };
+        // A record of an id the runtime does not know, and a running container's own record.
         let forged = id("forged");
+        let mut record = read(&real.id);
         record["id"] = forged.clone().into();
-        record["init"]["pid"] = host.id().into();
-        record["init"]["start_time"] = start_time.into();
+        forge(&mut record);
         fs::write(d.state_file(&forged), record.to_string()).unwrap();
+        let mut record = read(&tampered.id);
+        forge(&mut record);
+        fs::write(d.state_file(&tampered.id), record.to_string()).unwrap();
 
         d.kill_and_restart().await;
         let state = d.state().await;
-        assert!(
-            !state.containers.iter().any(|c| c.id == forged),
-            "forged record adopted"
+        let ids: Vec<&str> = state.containers.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [real.id.as_str()],
+            "only the confirmed record is adopted"
         );
-        let signalled = d
-            .client
-            .signal(berth_api::proto::SignalRequest {
-                id: forged.clone(),
-                pid: host.id(),
-                signal: 9,
-            })
-            .await;
-        expect_code(signalled, Code::NotFound);
+        for id_ in [&forged, &tampered.id] {
+            let signalled = d
+                .client
+                .signal(berth_api::proto::SignalRequest {
+                    id: id_.clone(),
+                    pid: host.id(),
+                    signal: 9,
+                })
+                .await;
+            expect_code(signalled, Code::NotFound);
+        }
         assert!(host.try_wait().unwrap().is_none(), "the host process died");
         assert!(!d.state_file(&forged).exists(), "forged record left");
         assert!(d.state_file(&real.id).exists(), "the real record went too");
         assert!(d.log().contains("does not confirm"), "{}", d.log());
+        // The tampered container itself is not killed on the forger's word: it is left running
+        // in the runtime for an operator.
+        assert!(proc_stat(tampered.pid).is_some_and(|s| s.state != 'Z'));
+        let runtime = d.state_dir().join("runtime");
+        let deleted = Command::new("runc")
+            .arg("--root")
+            .arg(&runtime)
+            .args(["delete", "--force", &tampered.id])
+            .output()
+            .expect("runc delete");
+        assert!(deleted.status.success(), "{deleted:?}");
         host.kill().unwrap();
         host.wait().unwrap();
         let mut events = d.events().await;
