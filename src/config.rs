@@ -49,6 +49,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub runtime_timeout: u64,
 
+    /// The largest file a client names that berthd reads (a bundle's config.json, checkpoint
+    /// metadata), in bytes; a larger one is refused.
+    #[arg(long, env = "BERTH_CLIENT_FILE_MAX_BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_file_max_bytes: u64,
+
+    /// Seconds berthd waits for the file system to open or read a file a client names (a hung
+    /// NFS or FUSE mount) before the request fails with DEADLINE_EXCEEDED.
+    #[arg(long, env = "BERTH_CLIENT_FILE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_file_timeout: u64,
+
     /// Machine id reported by State; defaults to the host name.
     #[arg(long, env = "BERTH_ID")]
     pub id: Option<String>,
@@ -103,6 +113,11 @@ pub struct Config {
     /// within the same interval is disconnected.
     #[arg(long, env = "BERTH_KEEPALIVE", default_value = "60s", value_parser = parse_interval)]
     pub keepalive: Duration,
+    /// Check that this binary can start with this configuration, and exit: loads the config,
+    /// finds the runtime and the group, probes the kernel features berthd needs (pidfds,
+    /// openat2) and opens the state dir read-only. An upgrade runs the new binary so first.
+    #[arg(long, env = "BERTH_PREFLIGHT")]
+    pub preflight: bool,
 
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

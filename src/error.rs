@@ -16,9 +16,18 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
-    /// A configured limit refused the request; the message names the limit's flag.
+    /// The peer may not do this (its credentials, or its access to a path it named).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A limit was reached; the message names it.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Something berthd waited for (a read, a pre-flight) did not finish in time and was left.
+    #[error("{what} did not finish within {bound:?}")]
+    DeadlineExceeded {
+        what: String,
+        bound: std::time::Duration,
+    },
     #[error("{what} did not finish within {secs} s and was killed")]
     Timeout { what: String, secs: u64 },
     #[error("{op} failed: {message}")]
@@ -80,7 +89,9 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             // The runtime refused the client's bundle or request (a missing binary, a container
             // in the wrong state, CRIU unable to dump): its text says why, berthd is fine.
@@ -142,6 +153,14 @@ mod tests {
             ),
             (io(std::io::ErrorKind::Other), Code::Internal),
             (Error::Internal("x".into()), Code::Internal),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied),
+            (
+                Error::DeadlineExceeded {
+                    what: "reading config /b/config.json".into(),
+                    bound: std::time::Duration::from_millis(1500),
+                },
+                Code::DeadlineExceeded,
+            ),
         ];
         for (err, code) in cases {
             let what = format!("{err:?}");
@@ -156,6 +175,18 @@ mod tests {
         let quoted = quote(&long);
         assert_eq!(quoted.chars().filter(|&c| c == 'é').count(), 200);
         assert!(quoted.ends_with("… (100000 bytes)"), "{quoted}");
+    }
+
+    #[test]
+    fn a_deadline_names_what_was_left_and_its_bound() {
+        let status = tonic::Status::from(Error::DeadlineExceeded {
+            what: "reading config /b/config.json".into(),
+            bound: std::time::Duration::from_secs(5),
+        });
+        assert_eq!(
+            status.message(),
+            "reading config /b/config.json did not finish within 5s"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
-pub mod client_fs;
+mod client_fs;
 pub mod config;
 pub mod daemon;
 pub mod error;

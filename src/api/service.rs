@@ -1,5 +1,5 @@
 //! The tonic service: converts wire requests to supervisor calls and results back, with one
-//! tracing span per request carrying the container id.
+//! tracing span per request carrying the container id and the peer (see `api::peer`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use super::peer::{audit, peer};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
 use crate::model::{Checkpoint, ProcessSpec};
@@ -244,8 +245,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::CreateContainerRequest>,
     ) -> Result<Response<proto::CreateContainerResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("create_container", id = %r.id);
+        let span = tracing::info_span!("create_container", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "CreateContainer", &r.id));
+        let caller = self.supervisor.caller(peer);
         let request = CreateRequest {
             id: r.id,
             bundle: r.bundle_path,
@@ -254,9 +258,11 @@ impl proto::api_server::Api for ApiService {
                 stdout: r.stdout,
                 stderr: r.stderr,
                 console: r.console,
+                caller: Some(std::sync::Arc::clone(&caller)),
             },
             checkpoint: r.checkpoint,
             max_spec_bytes: self.limits.spec_bytes,
+            caller,
         };
         let pid = self.supervisor.create(request).instrument(span).await?;
         Ok(Response::new(proto::CreateContainerResponse { pid }))
@@ -266,8 +272,10 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::UpdateContainerRequest>,
     ) -> Result<Response<proto::UpdateContainerResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("update_container", id = %r.id);
+        let span = tracing::info_span!("update_container", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "UpdateContainer", &r.id));
         self.supervisor
             .update(&r.id, &r.status, r.signal)
             .instrument(span)
@@ -279,8 +287,12 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::SignalRequest>,
     ) -> Result<Response<proto::SignalResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let _span = tracing::info_span!("signal", id = %r.id).entered();
+        let _span =
+            tracing::info_span!("signal", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid)
+                .entered();
+        audit(&peer, "Signal", &r.id);
         self.supervisor.signal(&r.id, r.pid, r.signal)?;
         Ok(Response::new(proto::SignalResponse {}))
     }
@@ -289,8 +301,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::AddProcessRequest>,
     ) -> Result<Response<proto::AddProcessResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("add_process", id = %r.id);
+        let span = tracing::info_span!("add_process", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "AddProcess", &r.id));
+        let caller = self.supervisor.caller(peer);
         let request = ExecRequest {
             id: r.id,
             args: r.args,
@@ -307,6 +322,7 @@ impl proto::api_server::Api for ApiService {
                 stdout: r.stdout,
                 stderr: r.stderr,
                 console: r.console,
+                caller: Some(caller),
             },
             max_spec_bytes: self.limits.spec_bytes,
         };
@@ -318,8 +334,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::CreateCheckpointRequest>,
     ) -> Result<Response<proto::CreateCheckpointResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("create_checkpoint", id = %r.id);
+        let span = tracing::info_span!("create_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "CreateCheckpoint", &r.id));
+        let caller = self.supervisor.caller(peer);
         let wire = r.checkpoint.ok_or_else(|| {
             Status::from(Error::InvalidArgument(
                 "checkpoint is missing: give at least its name".into(),
@@ -333,7 +352,7 @@ impl proto::api_server::Api for ApiService {
             shell: wire.shell,
         };
         self.supervisor
-            .checkpoint(&r.id, checkpoint)
+            .checkpoint(&r.id, checkpoint, &caller)
             .instrument(span)
             .await?;
         Ok(Response::new(proto::CreateCheckpointResponse {}))
@@ -343,10 +362,13 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::DeleteCheckpointRequest>,
     ) -> Result<Response<proto::DeleteCheckpointResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("delete_checkpoint", id = %r.id);
+        let span = tracing::info_span!("delete_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "DeleteCheckpoint", &r.id));
+        let caller = self.supervisor.caller(peer);
         self.supervisor
-            .delete_checkpoint(&r.id, &r.name)
+            .delete_checkpoint(&r.id, &r.name, &caller)
             .instrument(span)
             .await?;
         Ok(Response::new(proto::DeleteCheckpointResponse {}))
@@ -356,9 +378,15 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::ListCheckpointRequest>,
     ) -> Result<Response<proto::ListCheckpointResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let _span = tracing::info_span!("list_checkpoint", id = %r.id).entered();
-        let checkpoints = self.supervisor.list_checkpoints(&r.id)?;
+        let span = tracing::info_span!("list_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let caller = self.supervisor.caller(peer);
+        let checkpoints = self
+            .supervisor
+            .list_checkpoints(&r.id, &caller)
+            .instrument(span)
+            .await?;
         Ok(Response::new(proto::ListCheckpointResponse {
             checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
         }))
@@ -368,8 +396,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::StateRequest>,
     ) -> Result<Response<proto::StateResponse>, Status> {
+        let peer = peer(&request)?;
         let id = request.into_inner().id;
-        let _span = tracing::info_span!("state", id = %id).entered();
+        let _span =
+            tracing::info_span!("state", id = %id, peer_uid = peer.uid, peer_pid = peer.pid)
+                .entered();
         let machine = self.supervisor.machine();
         let containers = if id.is_empty() {
             self.supervisor.containers()
@@ -392,9 +423,11 @@ impl proto::api_server::Api for ApiService {
 
     async fn events(
         &self,
-        _request: Request<proto::EventsRequest>,
+        request: Request<proto::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        tracing::info_span!("events").in_scope(|| tracing::debug!("subscribed"));
+        let peer = peer(&request)?;
+        tracing::info_span!("events", peer_uid = peer.uid, peer_pid = peer.pid)
+            .in_scope(|| tracing::debug!("subscribed"));
         let subscription = self.supervisor.events().subscribe();
         // Polled only as fast as the client reads: a slow client falls behind on the event
         // ring instead of growing a buffer here, and is told how much it missed.
@@ -427,8 +460,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::StatsRequest>,
     ) -> Result<Response<Self::GetStatsStream>, Status> {
+        let peer = peer(&request)?;
         let id = request.into_inner().id;
-        let _span = tracing::info_span!("get_stats", id = %id).entered();
+        let _span =
+            tracing::info_span!("get_stats", id = %id, peer_uid = peer.uid, peer_pid = peer.pid)
+                .entered();
         crate::supervisor::validate::container_id(&id)?;
         let subscription = self.supervisor.stats().subscribe(&id)?.ok_or_else(|| {
             Error::NotFound(format!(

@@ -27,6 +27,15 @@ fn main() -> ExitCode {
         spawn::serve_stdin();
     }
     let config = Config::parse();
+    if config.preflight {
+        return match daemon::preflight_check(&config) {
+            Ok(version) => {
+                println!("{version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("pre-flight failed: {e}")),
+        };
+    }
     // An upgrade hands the listener over through the environment.
     // SAFETY: the only call, made before any thread exists.
     let inherited = match unsafe { berth::upgrade::take_inherited_listener() } {

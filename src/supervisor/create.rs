@@ -12,7 +12,7 @@ use super::operation::Undo;
 use super::registry::{Container, Mutable, Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
-use super::{Supervisor, checkpoint, validate};
+use super::{Caller, Supervisor, checkpoint, validate};
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
@@ -35,6 +35,8 @@ pub struct CreateRequest {
     pub checkpoint: String,
     /// `--max-process-spec-bytes`, which the bundle's process must fit.
     pub max_spec_bytes: usize,
+    /// Who asks: the bundle and the checkpoint are opened as it may open them.
+    pub caller: Arc<Caller>,
 }
 
 impl Supervisor {
@@ -49,10 +51,11 @@ impl Supervisor {
 
     async fn create_owned(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
-        let (bundle, spec) = validate::bundle(&request.bundle)?;
-        let restore = (!request.checkpoint.is_empty())
-            .then(|| checkpoint::for_restore(&bundle, &request.checkpoint))
-            .transpose()?;
+        let (bundle, spec) = validate::bundle(&request.bundle, &request.caller).await?;
+        let restore = match request.checkpoint.as_str() {
+            "" => None,
+            name => Some(checkpoint::for_restore(&request.caller, &bundle, name).await?),
+        };
         request.stdio.check()?;
         let process = spec.process().as_ref().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())

@@ -16,4 +16,5 @@ mod process;
 mod recovery;
 mod restart;
 mod stats;
+mod trust;
 mod upgrade;
