@@ -45,6 +45,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_RUNTIME", default_value = "runc")]
     pub runtime: String,
 
+    /// The CRIU binary runc checkpoints and restores with (runc's `--criu`); default: `criu` in
+    /// PATH. crun and youki cannot take it.
+    #[arg(long, env = "BERTH_CRIU")]
+    pub criu: Option<PathBuf>,
+
     /// Seconds a runtime command may run before it is killed and its request fails.
     #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub runtime_timeout: u64,

@@ -99,7 +99,9 @@ async fn serve(
     let binary = RuntimeBinary {
         path: resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?,
         root: config.runtime_root(),
+        criu: config.criu.clone(),
     };
+    binary.check_criu_flag()?;
 
     let reaper = Reaper::new();
     tracing::info!(
@@ -132,6 +134,11 @@ async fn serve(
         scratch,
         machine(config),
     )?;
+    // Checked off the start path: the log says soon whether checkpoints can work here.
+    let checking = Arc::clone(&supervisor);
+    tokio::spawn(async move {
+        let _ = checking.criu_ready().await;
+    });
     let recovery = supervisor
         .recover(Duration::from_secs(config.recovery_replay))
         .await?;

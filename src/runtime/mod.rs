@@ -4,7 +4,9 @@
 //! error that carries the runtime's own message (from its JSON log, else its stderr), and the
 //! [`Spawner`] interface with what it takes ([`SpawnStdio`]) and returns ([`Completion`]).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
-//! [`Spawner`]), or what the supervisor does with the result.
+//! [`Spawner`]), or what the supervisor does with the result; whether CRIU works ([`criu`]).
+
+mod criu;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,9 @@ impl Operation<'_> {
 pub struct RuntimeBinary {
     pub path: PathBuf,
     pub root: PathBuf,
+    /// The CRIU binary runc checkpoints and restores with (its global `--criu`); `None` for
+    /// `criu` in `PATH`.
+    pub criu: Option<PathBuf>,
 }
 
 impl RuntimeBinary {
@@ -125,7 +130,33 @@ impl RuntimeBinary {
             .unwrap_or_else(|| self.path.display().to_string())
     }
 
-    /// The full argv for `op`. runc, crun and youki share these flags.
+    /// Refuses a `criu` that is not an executable file, or given to a runtime without a
+    /// `--criu` flag: crun and youki link libcriu, which runs the `criu` first in `PATH`.
+    pub fn check_criu_flag(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(criu) = &self.criu else {
+            return Ok(());
+        };
+        let name = self.name();
+        if name == "crun" || name == "youki" {
+            return Err(Error::InvalidArgument(format!(
+                "--criu {} cannot be used with {name}: it has no --criu flag and runs the criu first in PATH; put that CRIU first in berthd's PATH instead",
+                criu.display()
+            )));
+        }
+        let executable = std::fs::metadata(criu)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !executable {
+            return Err(Error::InvalidArgument(format!(
+                "--criu {} is not an executable file",
+                criu.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The full argv for `op`. runc, crun and youki share these flags; only runc takes `--criu`
+    /// ([`RuntimeBinary::check_criu_flag`]).
     pub(crate) fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let mut argv = vec![
@@ -136,8 +167,11 @@ impl RuntimeBinary {
             path(log),
             "--log-format".into(),
             "json".into(),
-            op.name().into(),
         ];
+        if let Some(criu) = &self.criu {
+            argv.extend(["--criu".into(), path(criu)]);
+        }
+        argv.push(op.name().into());
         match *op {
             Operation::Create {
                 id,
@@ -257,6 +291,7 @@ pub struct Runtime {
     timeout: Duration,
     log_dir: PathBuf,
     next_log: AtomicU64,
+    criu: criu::Criu,
 }
 
 impl Runtime {
@@ -267,6 +302,7 @@ impl Runtime {
         log_dir: PathBuf,
     ) -> Self {
         Runtime {
+            criu: criu::Criu::new(binary.criu.clone()),
             binary,
             spawner,
             timeout,
@@ -277,6 +313,12 @@ impl Runtime {
 
     pub(crate) fn binary(&self) -> &RuntimeBinary {
         &self.binary
+    }
+
+    /// Ok when CRIU passed `criu check` on this host (run once, on the first call); else
+    /// FAILED_PRECONDITION with the check's own message.
+    pub(crate) async fn criu_ready(&self) -> Result<()> {
+        self.criu.ready(&self.spawner).await
     }
 
     /// Runs `op` with its output captured; returns its stdout.
@@ -374,6 +416,7 @@ mod tests {
         RuntimeBinary {
             path: "/usr/bin/runc".into(),
             root: "/run/berth/runtime".into(),
+            criu: None,
         }
     }
 
@@ -398,6 +441,36 @@ mod tests {
                 "a"
             ]
         );
+    }
+
+    #[test]
+    fn criu_is_a_global_flag_and_refused_for_crun_and_youki() {
+        let with_criu = RuntimeBinary {
+            criu: Some("/bin/sh".into()),
+            ..binary()
+        };
+        let argv = with_criu.argv(&Operation::Start { id: "a" }, Path::new("/l.log"));
+        assert_eq!(argv[7..], ["--criu", "/bin/sh", "start", "a"]);
+        assert!(with_criu.check_criu_flag().is_ok());
+        let missing = RuntimeBinary {
+            criu: Some("/nonexistent/criu".into()),
+            ..binary()
+        };
+        let err = missing.check_criu_flag().unwrap_err();
+        assert!(err.to_string().contains("not an executable file"), "{err}");
+        for other in ["/usr/bin/crun", "/usr/local/bin/youki"] {
+            let refused = RuntimeBinary {
+                path: other.into(),
+                ..with_criu.clone()
+            };
+            let err = refused.check_criu_flag().unwrap_err();
+            assert!(err.to_string().contains("has no --criu flag"), "{err}");
+        }
+        let crun_without = RuntimeBinary {
+            path: "/usr/bin/crun".into(),
+            ..binary()
+        };
+        assert!(crun_without.check_criu_flag().is_ok());
     }
 
     #[test]

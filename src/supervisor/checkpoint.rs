@@ -140,6 +140,11 @@ impl BundleLocks {
 }
 
 impl Supervisor {
+    /// Ok when CRIU passed `criu check` here; else FAILED_PRECONDITION with its message.
+    pub(crate) async fn criu_ready(&self) -> Result<()> {
+        self.runtime.criu_ready().await
+    }
+
     /// Dumps container `id` into `<bundle>/checkpoints/<name>`. On failure the partial directory
     /// is removed and the container keeps running.
     pub(crate) async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
@@ -162,15 +167,19 @@ impl Supervisor {
             Err(e) => return Err(Error::io(&image, e)),
         }
         let work = self.scratch_dir(".criu")?;
-        let dumped = self
-            .runtime
-            .run(Operation::Checkpoint {
-                id,
-                image: &image,
-                work: work.path(),
-                options: criu_options(&checkpoint),
-            })
-            .await;
+        let dumped = match self.criu_ready().await {
+            Ok(()) => {
+                self.runtime
+                    .run(Operation::Checkpoint {
+                        id,
+                        image: &image,
+                        work: work.path(),
+                        options: criu_options(&checkpoint),
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = dumped {
             let _ = std::fs::remove_dir_all(&image);
             return Err(with_criu_log(e, work.path(), "dump.log"));

@@ -33,6 +33,9 @@ impl Supervisor {
         let restore = (!request.checkpoint.is_empty())
             .then(|| checkpoint::for_restore(&bundle, &request.checkpoint))
             .transpose()?;
+        if restore.is_some() {
+            self.criu_ready().await?;
+        }
         request.stdio.check()?;
         let process = spec.process().as_ref().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())
