@@ -50,6 +50,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_CRIU")]
     pub criu: Option<PathBuf>,
 
+    /// The API socket belongs to the service manager (socket activation): berthd never binds or
+    /// removes it. Set by berthd itself when it was socket-activated, so an upgrade keeps it.
+    #[arg(long, env = "BERTH_SOCKET_ACTIVATED", hide = true)]
+    pub socket_activated: bool,
+
     /// Seconds a runtime command may run before it is killed and its request fails.
     #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub runtime_timeout: u64,
@@ -80,6 +85,11 @@ pub struct Config {
     /// path; off when not given.
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+
+    /// Also serve one series set per running container (CPU, memory, network), from the stats
+    /// sampler's snapshots: the sampler then reads every container's files each interval.
+    #[arg(long, env = "BERTH_METRICS_CONTAINERS")]
+    pub metrics_containers: bool,
 
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -29,7 +29,9 @@ use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::instruments::RpcMetricsLayer;
 use crate::metrics::{self, Metrics};
+use crate::notify;
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
 use crate::runtime::{Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
@@ -74,7 +76,9 @@ pub async fn run(
             listener: handover,
         }),
         stopped => {
-            let _ = std::fs::remove_file(&config.listen);
+            if !config.socket_activated {
+                let _ = std::fs::remove_file(&config.listen);
+            }
             stopped.map(|_| Exit::Stopped)
         }
     }
@@ -157,7 +161,11 @@ async fn serve(
     let (metrics_stop, metrics_stopping) = tokio::sync::watch::channel(false);
     if let Some(addr) = &config.metrics_listen {
         let listener = metrics::Listener::bind(addr).await?;
-        let metrics = Arc::new(Metrics::new(Arc::clone(&supervisor), stats));
+        let metrics = Arc::new(Metrics::new(
+            Arc::clone(&supervisor),
+            stats,
+            config.metrics_containers,
+        ));
         tracing::info!(addr = %addr, bound = ?listener.local_addr(), "metrics endpoint serving /metrics");
         tokio::spawn(listener.serve(metrics, metrics_stopping));
     }
@@ -174,6 +182,8 @@ async fn serve(
         runtime = %config.runtime,
         "berthd serving"
     );
+    notify::ready(recovery.adopted);
+    notify::spawn_watchdog();
 
     let mut usr2 =
         signal(SignalKind::user_defined2()).map_err(|e| Error::sys("watch SIGUSR2", e))?;
@@ -203,8 +213,14 @@ async fn serve(
     };
     match &upgrade {
         // The handed-over descriptor keeps the socket listening meanwhile.
-        Some(binary) => tracing::info!(binary = %binary.display(), "upgrading in place"),
-        None => tracing::info!("stopping; containers keep running"),
+        Some(binary) => {
+            tracing::info!(binary = %binary.display(), "upgrading in place");
+            notify::reloading();
+        }
+        None => {
+            tracing::info!("stopping; containers keep running");
+            notify::stopping();
+        }
     }
     let _ = metrics_stop.send(true);
     serving.stop().await;
@@ -257,6 +273,7 @@ impl Serving {
         let mut stopped = stopping.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(RpcMetricsLayer)
                 .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
                 .add_service(DaemonServer::new(daemon))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {

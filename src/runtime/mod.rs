@@ -343,7 +343,9 @@ impl Runtime {
         let argv = self.binary.argv(&op, &log);
         let what = format!("{} {}", self.binary.name(), op.name());
         tracing::debug!(?argv, "runtime");
+        let started = std::time::Instant::now();
         let completion = self.spawner.spawn(argv, stdio, self.timeout).await;
+        crate::instruments::runtime_command(op.name(), started.elapsed());
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
         let completion = completion?;

@@ -12,4 +12,5 @@ mod interop;
 mod lifecycle;
 mod process;
 mod restart;
+mod service;
 mod stats;
