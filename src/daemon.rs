@@ -92,6 +92,8 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Option<PathBuf>> {
     let image = image()?;
+    // From the start: recovering thousands of containers may outlast the watchdog's timeout.
+    notify::spawn_watchdog();
     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
         .map_err(|e| Error::sys("become the child subreaper", e))?;
     std::fs::create_dir_all(&config.state_dir).map_err(|e| Error::io(&config.state_dir, e))?;
@@ -183,7 +185,6 @@ async fn serve(
         "berthd serving"
     );
     notify::ready(recovery.adopted);
-    notify::spawn_watchdog();
 
     let mut usr2 =
         signal(SignalKind::user_defined2()).map_err(|e| Error::sys("watch SIGUSR2", e))?;

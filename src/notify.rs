@@ -41,7 +41,7 @@ fn address(socket: &std::ffi::OsStr) -> std::io::Result<SocketAddr> {
 /// Ready: recovery has finished and the listener serves.
 pub fn ready(containers: usize) {
     send(&format!(
-        "READY=1\nSTATUS=serving, {containers} containers\nMAINPID={}",
+        "READY=1\nSTATUS=serving, {containers} containers adopted at start\nMAINPID={}",
         std::process::id()
     ));
 }
