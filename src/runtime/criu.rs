@@ -2,7 +2,7 @@
 //! bounded, its verdict logged and kept so CreateCheckpoint and restore fail fast with CRIU's own
 //! message instead of a long dump attempt that fails anyway.
 //!
-//! Owns: which CRIU binary is checked (the `--criu` one, else `criu` from `PATH`, as the runtime
+//! Owns: refusing a `--criu` the runtime cannot take, which CRIU binary is checked (the `--criu` one, else `criu` from `PATH`, as the runtime
 //! would use it), running the check, and the FAILED_PRECONDITION it turns into.
 //! Does not own: passing `--criu` to the runtime (the argv in [`super`]).
 
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-use super::{Outcome, SpawnStdio, Spawner};
+use super::{Outcome, RuntimeBinary, SpawnStdio, Spawner};
 use crate::error::{Error, Result};
 
 /// How long `criu check` may take; it answers in well under a second on an idle host.
@@ -89,6 +89,33 @@ impl Criu {
     }
 }
 
+impl RuntimeBinary {
+    /// Refuses a `criu` that is not an executable file, or given to a runtime without a
+    /// `--criu` flag: crun and youki link libcriu, which runs the `criu` first in `PATH`.
+    pub fn check_criu_flag(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(criu) = &self.criu else {
+            return Ok(());
+        };
+        let name = self.name();
+        if name == "crun" || name == "youki" {
+            return Err(Error::InvalidArgument(format!(
+                "--criu {} cannot be used with {name}: it has no --criu flag and runs the criu first in PATH; put that CRIU first in berthd's PATH instead",
+                criu.display()
+            )));
+        }
+        let executable = std::fs::metadata(criu)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !executable {
+            return Err(Error::InvalidArgument(format!(
+                "--criu {} is not an executable file",
+                criu.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What a failed `criu check` said: its `Error` lines (the last few), else its last line.
 fn check_message(stderr: &str, stdout: &str, code: Option<u32>) -> String {
     let lines: Vec<&str> = stderr
@@ -120,6 +147,46 @@ fn check_message(stderr: &str, stdout: &str, code: Option<u32>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Operation;
+    use std::path::Path;
+
+    fn runc() -> RuntimeBinary {
+        RuntimeBinary {
+            path: "/usr/bin/runc".into(),
+            root: "/run/berth/runtime".into(),
+            criu: None,
+        }
+    }
+
+    #[test]
+    fn criu_is_a_global_flag_and_refused_for_crun_and_youki() {
+        let with_criu = RuntimeBinary {
+            criu: Some("/bin/sh".into()),
+            ..runc()
+        };
+        let argv = with_criu.argv(&Operation::Start { id: "a" }, Path::new("/l.log"));
+        assert_eq!(argv[7..], ["--criu", "/bin/sh", "start", "a"]);
+        assert!(with_criu.check_criu_flag().is_ok());
+        let missing = RuntimeBinary {
+            criu: Some("/nonexistent/criu".into()),
+            ..runc()
+        };
+        let err = missing.check_criu_flag().unwrap_err();
+        assert!(err.to_string().contains("not an executable file"), "{err}");
+        for other in ["/usr/bin/crun", "/usr/local/bin/youki"] {
+            let refused = RuntimeBinary {
+                path: other.into(),
+                ..with_criu.clone()
+            };
+            let err = refused.check_criu_flag().unwrap_err();
+            assert!(err.to_string().contains("has no --criu flag"), "{err}");
+        }
+        let crun_without = RuntimeBinary {
+            path: "/usr/bin/crun".into(),
+            ..runc()
+        };
+        assert!(crun_without.check_criu_flag().is_ok());
+    }
 
     #[test]
     fn check_messages_quote_criu_errors() {

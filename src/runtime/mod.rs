@@ -130,31 +130,6 @@ impl RuntimeBinary {
             .unwrap_or_else(|| self.path.display().to_string())
     }
 
-    /// Refuses a `criu` that is not an executable file, or given to a runtime without a
-    /// `--criu` flag: crun and youki link libcriu, which runs the `criu` first in `PATH`.
-    pub fn check_criu_flag(&self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let Some(criu) = &self.criu else {
-            return Ok(());
-        };
-        let name = self.name();
-        if name == "crun" || name == "youki" {
-            return Err(Error::InvalidArgument(format!(
-                "--criu {} cannot be used with {name}: it has no --criu flag and runs the criu first in PATH; put that CRIU first in berthd's PATH instead",
-                criu.display()
-            )));
-        }
-        let executable = std::fs::metadata(criu)
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-        if !executable {
-            return Err(Error::InvalidArgument(format!(
-                "--criu {} is not an executable file",
-                criu.display()
-            )));
-        }
-        Ok(())
-    }
-
     /// The full argv for `op`. runc, crun and youki share these flags; only runc takes `--criu`
     /// ([`RuntimeBinary::check_criu_flag`]).
     pub(crate) fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
@@ -443,36 +418,6 @@ mod tests {
                 "a"
             ]
         );
-    }
-
-    #[test]
-    fn criu_is_a_global_flag_and_refused_for_crun_and_youki() {
-        let with_criu = RuntimeBinary {
-            criu: Some("/bin/sh".into()),
-            ..binary()
-        };
-        let argv = with_criu.argv(&Operation::Start { id: "a" }, Path::new("/l.log"));
-        assert_eq!(argv[7..], ["--criu", "/bin/sh", "start", "a"]);
-        assert!(with_criu.check_criu_flag().is_ok());
-        let missing = RuntimeBinary {
-            criu: Some("/nonexistent/criu".into()),
-            ..binary()
-        };
-        let err = missing.check_criu_flag().unwrap_err();
-        assert!(err.to_string().contains("not an executable file"), "{err}");
-        for other in ["/usr/bin/crun", "/usr/local/bin/youki"] {
-            let refused = RuntimeBinary {
-                path: other.into(),
-                ..with_criu.clone()
-            };
-            let err = refused.check_criu_flag().unwrap_err();
-            assert!(err.to_string().contains("has no --criu flag"), "{err}");
-        }
-        let crun_without = RuntimeBinary {
-            path: "/usr/bin/crun".into(),
-            ..binary()
-        };
-        assert!(crun_without.check_criu_flag().is_ok());
     }
 
     #[test]
