@@ -30,6 +30,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
+pub mod client_fs;
 pub mod config;
 mod container_metrics;
 pub mod daemon;

@@ -11,6 +11,8 @@ mod events;
 mod interop;
 mod lifecycle;
 mod process;
+mod recovery;
 mod restart;
 mod service;
 mod stats;
+mod upgrade;
