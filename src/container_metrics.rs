@@ -1,5 +1,5 @@
 //! `--metrics-containers`: one series set per running container (CPU seconds, memory usage and
-//! limit, memory limit hits, network bytes by interface), what cAdvisor gives, taken from the
+//! limit, memory limit hits, OOM kills, network bytes by interface), what cAdvisor gives, from the
 //! stats sampler's shared snapshots: the endpoint holds one GetStats-style subscription per
 //! container, so the sampler reads each container's files once per tick for everyone, and a
 //! scrape reads no cgroup file at all.
@@ -156,6 +156,17 @@ impl Collector for Shared {
             "Times the cgroup hit its memory limit (failcnt; cgroup v2: the max events)",
             true,
             per(|s| Some(s.memory.usage.failcnt as f64)),
+        )?;
+        let kills = self.0.stats.oom_kills();
+        family(
+            e,
+            "berth_container_oom_kills",
+            "Processes the OOM killer killed in the container's cgroup",
+            true,
+            snapshots.iter().map(|(id, _)| {
+                let count = kills.get(id).copied().unwrap_or(0);
+                (vec![("id", id.as_str())], count as f64)
+            }),
         )?;
         let network = |bytes: fn(&crate::stats::snapshot::Interface) -> u64| {
             snapshots.iter().flat_map(move |(id, s)| {

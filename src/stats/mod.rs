@@ -285,6 +285,11 @@ impl StatsHub {
         Ok(Some(stats.subscribe()))
     }
 
+    /// OOM kills per container, as last reported by the OOM watches (no file is read).
+    pub fn oom_kills(&self) -> HashMap<String, u64> {
+        self.oom.kills()
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
     }

@@ -297,6 +297,8 @@ async fn per_container_series_follow_every_running_container() {
         for id in [&busy.id, &idle.id] {
             let series = format!("berth_container_memory_usage_bytes{{id=\"{id}\"}}");
             assert!(value(&second, &series) > 0.0);
+            let kills = format!("berth_container_oom_kills_total{{id=\"{id}\"}}");
+            assert_eq!(value(&second, &kills), 0.0);
             assert_eq!(
                 second.matches(&cpu(id)).count(),
                 1,
