@@ -45,6 +45,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_RUNTIME", default_value = "runc")]
     pub runtime: String,
 
+    /// The CRIU binary runc checkpoints and restores with (runc's `--criu`); default: `criu` in
+    /// PATH. crun and youki cannot take it.
+    #[arg(long, env = "BERTH_CRIU")]
+    pub criu: Option<PathBuf>,
+
+    /// The API socket belongs to the service manager (socket activation): berthd never binds or
+    /// removes it. Set by berthd itself when it was socket-activated, so an upgrade keeps it.
+    #[arg(long, env = "BERTH_SOCKET_ACTIVATED", hide = true)]
+    pub socket_activated: bool,
+
     /// Seconds a runtime command may run before it is killed and its request fails.
     #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub runtime_timeout: u64,
@@ -118,6 +128,11 @@ pub struct Config {
     /// openat2) and opens the state dir read-only. An upgrade runs the new binary so first.
     #[arg(long, env = "BERTH_PREFLIGHT")]
     pub preflight: bool,
+
+    /// Also serve one series set per running container (CPU, memory, network), from the stats
+    /// sampler's snapshots: the sampler then reads every container's files each interval.
+    #[arg(long, env = "BERTH_METRICS_CONTAINERS")]
+    pub metrics_containers: bool,
 
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

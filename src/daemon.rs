@@ -31,8 +31,10 @@ use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::instruments::RpcMetricsLayer;
 use crate::listener::{self, Limited, Limits};
 use crate::metrics::{self, Metrics};
+use crate::notify;
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
 use crate::runtime::{Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
@@ -77,7 +79,9 @@ pub async fn run(
             listener: handover,
         }),
         stopped => {
-            let _ = std::fs::remove_file(&config.listen);
+            if !config.socket_activated {
+                let _ = std::fs::remove_file(&config.listen);
+            }
             stopped.map(|_| Exit::Stopped)
         }
     }
@@ -91,6 +95,8 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Option<PathBuf>> {
     let image = image()?;
+    // From the start: recovering thousands of containers may outlast the watchdog's timeout.
+    notify::spawn_watchdog();
     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
         .map_err(|e| Error::sys("become the child subreaper", e))?;
     private_dir(&config.state_dir)?;
@@ -102,7 +108,9 @@ async fn serve(
     let binary = RuntimeBinary {
         path: resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?,
         root: config.runtime_root(),
+        criu: config.criu.clone(),
     };
+    binary.check_criu_flag()?;
 
     let reaper = Reaper::new();
     tracing::info!(
@@ -139,6 +147,11 @@ async fn serve(
             timeout: Duration::from_secs(config.client_file_timeout),
         },
     )?;
+    // Checked off the start path: the log says soon whether checkpoints can work here.
+    let checking = Arc::clone(&supervisor);
+    tokio::spawn(async move {
+        let _ = checking.criu_ready().await;
+    });
     let recovery = supervisor
         .recover(Duration::from_secs(config.recovery_replay))
         .await?;
@@ -157,7 +170,11 @@ async fn serve(
     let (metrics_stop, metrics_stopping) = tokio::sync::watch::channel(false);
     if let Some(addr) = &config.metrics_listen {
         let listener = metrics::Listener::bind(addr).await?;
-        let metrics = Arc::new(Metrics::new(Arc::clone(&supervisor), stats));
+        let metrics = Arc::new(Metrics::new(
+            Arc::clone(&supervisor),
+            stats,
+            config.metrics_containers,
+        ));
         tracing::info!(addr = %addr, bound = ?listener.local_addr(), "metrics endpoint serving /metrics");
         tokio::spawn(listener.serve(metrics, metrics_stopping));
     }
@@ -176,6 +193,7 @@ async fn serve(
         runtime = %config.runtime,
         "berthd serving"
     );
+    notify::ready(recovery.adopted);
 
     let mut usr2 =
         signal(SignalKind::user_defined2()).map_err(|e| Error::sys("watch SIGUSR2", e))?;
@@ -205,8 +223,14 @@ async fn serve(
     };
     match &upgrade {
         // The handed-over descriptor keeps the socket listening meanwhile.
-        Some(binary) => tracing::info!(binary = %binary.display(), "upgrading in place"),
-        None => tracing::info!("stopping; containers keep running"),
+        Some(binary) => {
+            tracing::info!(binary = %binary.display(), "upgrading in place");
+            notify::reloading();
+        }
+        None => {
+            tracing::info!("stopping; containers keep running");
+            notify::stopping();
+        }
     }
     // Operations are the supervisor's, not their requests': let them finish (within one runtime
     // timeout) so their clients get answers and nothing is cut in half by the exit or execve.
@@ -276,6 +300,7 @@ impl Serving {
             .limit(max_message, config.max_process_spec_bytes as usize);
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(RpcMetricsLayer)
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_keepalive_interval(Some(config.keepalive))
                 .http2_keepalive_timeout(Some(config.keepalive))

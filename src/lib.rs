@@ -16,8 +16,10 @@
 //!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
 //!
 //! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`listener`]
-//! (accepting connections within limits), [`metrics`]
-//! (the Prometheus endpoint), [`upgrade`] (the listener across `execve`), [`reactor`]
+//! (accepting connections within limits), [`metrics`] (the Prometheus endpoint; [`instruments`]
+//! the RPC and runtime timings it shows, `container_metrics` the per-container series),
+//! [`upgrade`] (the listener across `execve`, and from socket activation), [`notify`]
+//! (readiness for the service manager), [`reactor`]
 //! (registering owned fds with tokio).
 //!
 //! Unsafe code is denied crate-wide; the modules allowed it are named on their `mod` lines below.
@@ -31,12 +33,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod api;
 mod client_fs;
 pub mod config;
+mod container_metrics;
 pub mod daemon;
 pub mod error;
 mod events;
+pub mod instruments;
 mod listener;
 mod metrics;
 mod model;
+pub mod notify;
 mod procfs;
 #[allow(unsafe_code)]
 mod reactor;

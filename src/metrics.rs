@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::container_metrics::{self, ContainerSeries};
 use crate::error::{Error, Result};
 use crate::stats::StatsHub;
 use crate::supervisor::Supervisor;
@@ -143,9 +144,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(supervisor: Arc<Supervisor>, stats: Arc<StatsHub>) -> Metrics {
+    /// With `per_container`, also one series set per running container
+    /// (`--metrics-containers`).
+    pub fn new(supervisor: Arc<Supervisor>, stats: Arc<StatsHub>, per_container: bool) -> Metrics {
         let mut registry = Registry::default();
+        if per_container {
+            let series = ContainerSeries::start(Arc::clone(&supervisor), Arc::clone(&stats));
+            registry.register_collector(Box::new(container_metrics::Shared(series)));
+        }
         registry.register_collector(Box::new(Sources { supervisor, stats }));
+        crate::instruments::register(&mut registry);
         Metrics { registry }
     }
 

@@ -3,7 +3,8 @@
 //! containers, stay its children, so their exit codes stay exact on any kernel; everything else
 //! is rebuilt from the state directory as after a restart.
 //!
-//! Owns: passing the listener across `execve` and taking it on the other side.
+//! Owns: passing the listener across `execve` and taking it on the other side; taking the
+//! listener a service manager passed (socket activation, `sd_listen_fds` semantics).
 //! Does not own: deciding when to upgrade (`daemon::run`), performing it (berthd's `main`) or
 //! recovery (supervisor).
 
@@ -54,6 +55,59 @@ pub unsafe fn take_inherited_listener() -> Result<Option<std::os::unix::net::Uni
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
         .map_err(|e| Error::sys("mark the inherited listener close-on-exec", e))?;
+    Ok(Some(std::os::unix::net::UnixListener::from(owned)))
+}
+
+/// The first descriptor a service manager passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The listening socket a service manager passed (`LISTEN_FDS`, `LISTEN_PID`), if any, with
+/// `sd_listen_fds` semantics: the variables are only for the process `LISTEN_PID` names, and
+/// are removed from the environment so nothing started later takes them for its own. berthd
+/// serves one socket: more than one, or one that is not a listening stream socket, is an error.
+///
+/// # Safety
+///
+/// As [`take_inherited_listener`]: at most once, from `main` before any other thread exists.
+pub unsafe fn take_activated_listener() -> Result<Option<std::os::unix::net::UnixListener>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    for key in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY: the caller guarantees no other thread exists, so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::remove_var(key) };
+    }
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    match fds.parse::<i32>() {
+        Ok(0) => return Ok(None),
+        Ok(1) => {}
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "LISTEN_FDS={fds:?}: berthd serves exactly one socket; give its socket unit one ListenStream"
+            )));
+        }
+    }
+    let fd = LISTEN_FDS_START;
+    // SAFETY: only borrowed for the checks; an fd number that is not open fails them.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let listening = rustix::net::sockopt::socket_type(borrowed)
+        .is_ok_and(|t| t == rustix::net::SocketType::STREAM)
+        && rustix::net::sockopt::socket_acceptconn(borrowed).unwrap_or(false);
+    if !listening {
+        return Err(Error::InvalidArgument(format!(
+            "the socket passed as fd {fd} (LISTEN_FDS) is not a listening stream socket; use ListenStream= with a path"
+        )));
+    }
+    // SAFETY: the service manager passed this descriptor to this process (LISTEN_PID), it is a
+    // listening socket (checked above), and the caller guarantees this is the only call.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
+        .map_err(|e| Error::sys("mark the activated listener close-on-exec", e))?;
     Ok(Some(std::os::unix::net::UnixListener::from(owned)))
 }
 

@@ -1,5 +1,5 @@
 //! berthd: the work that must come before any thread exists (the spawn helper's fork, taking a
-//! listener handed over by an upgrade), tracing, the socket, then [`berth::daemon::run`] until
+//! listener handed over by an upgrade or passed by the service manager), tracing, the socket, then [`berth::daemon::run`] until
 //! SIGTERM or SIGINT, or an upgrade's `execve`. Containers keep running when berthd stops.
 
 use std::os::fd::AsFd;
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     {
         spawn::serve_stdin();
     }
-    let config = Config::parse();
+    let mut config = Config::parse();
     if config.preflight {
         return match daemon::preflight_check(&config) {
             Ok(version) => {
@@ -42,6 +42,17 @@ fn main() -> ExitCode {
         Ok(inherited) => inherited,
         Err(e) => return fail(e),
     };
+    // SAFETY: the only call, made before any thread exists.
+    let activated = match unsafe { berth::upgrade::take_activated_listener() } {
+        Ok(activated) => activated,
+        Err(e) => return fail(e),
+    };
+    if let Some(listener) = &activated {
+        if let Err(e) = check_activated_path(listener, &config) {
+            return fail(e);
+        }
+        config.socket_activated = true;
+    }
     if let Err(e) = init_tracing(&config) {
         return fail(e);
     }
@@ -57,7 +68,7 @@ fn main() -> ExitCode {
         Ok(lock) => lock,
         Err(e) => return fail(e),
     };
-    let mut handed_over = inherited;
+    let mut handed_over = inherited.or(activated);
     loop {
         // A runtime per run: dropping it ends every task of the run before the next adopts
         // the same containers.
@@ -87,11 +98,31 @@ fn main() -> ExitCode {
             Ok(Exit::Upgrade { binary, listener }) => (binary, listener),
             Err(e) => return fail(e),
         };
-        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        // The next image must not remove the service manager's socket either.
+        if config.socket_activated && !args.iter().any(|a| a == "--socket-activated") {
+            args.push("--socket-activated".into());
+        }
         let err = berth::upgrade::exec(&binary, &args, handover.as_fd());
         tracing::error!(error = %err, "upgrade failed; serving again");
         runtime.shutdown_timeout(RUN_WIND_DOWN);
         handed_over = Some(UnixListener::from(handover));
+    }
+}
+
+/// The socket the service manager passed must be the one `--listen` names: berthd's socket lock
+/// and its logs go by that path.
+fn check_activated_path(listener: &UnixListener, config: &Config) -> Result<()> {
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::sys("read the activated socket's address", e))?;
+    match address.as_pathname() {
+        Some(path) if path == config.listen => Ok(()),
+        other => Err(Error::InvalidArgument(format!(
+            "the socket passed by the service manager is {}, but --listen is {}; make them the same (ListenStream= in berthd.socket)",
+            other.map_or_else(|| "not a path".into(), |p| p.display().to_string()),
+            config.listen.display()
+        ))),
     }
 }
 

@@ -4,7 +4,9 @@
 //! error that carries the runtime's own message (from its JSON log, else its stderr), and the
 //! [`Spawner`] interface with what it takes ([`SpawnStdio`]) and returns ([`Completion`]).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
-//! [`Spawner`]), or what the supervisor does with the result.
+//! [`Spawner`]), or what the supervisor does with the result; whether CRIU works ([`criu`]).
+
+mod criu;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,9 @@ impl Operation<'_> {
 pub struct RuntimeBinary {
     pub path: PathBuf,
     pub root: PathBuf,
+    /// The CRIU binary runc checkpoints and restores with (its global `--criu`); `None` for
+    /// `criu` in `PATH`.
+    pub criu: Option<PathBuf>,
 }
 
 impl RuntimeBinary {
@@ -125,7 +130,8 @@ impl RuntimeBinary {
             .unwrap_or_else(|| self.path.display().to_string())
     }
 
-    /// The full argv for `op`. runc, crun and youki share these flags.
+    /// The full argv for `op`. runc, crun and youki share these flags; only runc takes `--criu`
+    /// ([`RuntimeBinary::check_criu_flag`]).
     pub(crate) fn argv(&self, op: &Operation<'_>, log: &Path) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let mut argv = vec![
@@ -136,8 +142,11 @@ impl RuntimeBinary {
             path(log),
             "--log-format".into(),
             "json".into(),
-            op.name().into(),
         ];
+        if let Some(criu) = &self.criu {
+            argv.extend(["--criu".into(), path(criu)]);
+        }
+        argv.push(op.name().into());
         match *op {
             Operation::Create {
                 id,
@@ -257,6 +266,7 @@ pub struct Runtime {
     timeout: Duration,
     log_dir: PathBuf,
     next_log: AtomicU64,
+    criu: criu::Criu,
 }
 
 impl Runtime {
@@ -267,6 +277,7 @@ impl Runtime {
         log_dir: PathBuf,
     ) -> Self {
         Runtime {
+            criu: criu::Criu::new(binary.criu.clone()),
             binary,
             spawner,
             timeout,
@@ -277,6 +288,12 @@ impl Runtime {
 
     pub(crate) fn binary(&self) -> &RuntimeBinary {
         &self.binary
+    }
+
+    /// Ok when CRIU passed `criu check` on this host (run once, on the first call); else
+    /// FAILED_PRECONDITION with the check's own message.
+    pub(crate) async fn criu_ready(&self) -> Result<()> {
+        self.criu.ready(&self.spawner).await
     }
 
     /// Runs `op` with its output captured; returns its stdout.
@@ -301,7 +318,9 @@ impl Runtime {
         let argv = self.binary.argv(&op, &log);
         let what = format!("{} {}", self.binary.name(), op.name());
         tracing::debug!(?argv, "runtime");
+        let started = std::time::Instant::now();
         let completion = self.spawner.spawn(argv, stdio, self.timeout).await;
+        crate::instruments::runtime_command(op.name(), started.elapsed());
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
         let completion = completion?;
@@ -374,6 +393,7 @@ mod tests {
         RuntimeBinary {
             path: "/usr/bin/runc".into(),
             root: "/run/berth/runtime".into(),
+            criu: None,
         }
     }
 

@@ -140,6 +140,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The newest snapshot published, without waiting (`None` before the first).
+    pub fn latest(&self) -> Option<Arc<Snapshot>> {
+        self.receiver.borrow().clone()
+    }
+
     /// The next snapshot published after the previous one returned (or after subscribing); a
     /// subscriber slower than the interval gets the newest and skips the rest. `None` once the
     /// container is unregistered.
@@ -278,6 +283,11 @@ impl StatsHub {
             }
         };
         Ok(Some(stats.subscribe()))
+    }
+
+    /// OOM kills per container, as last reported by the OOM watches (no file is read).
+    pub fn oom_kills(&self) -> HashMap<String, u64> {
+        self.oom.kills()
     }
 
     pub fn counters(&self) -> &Counters {

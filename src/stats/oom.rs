@@ -147,6 +147,14 @@ impl Watcher {
         Ok(())
     }
 
+    /// The OOM kills reported so far per watched container, as the cgroup counted them.
+    pub fn kills(&self) -> HashMap<String, u64> {
+        lock(&self.watches)
+            .iter()
+            .map(|(id, watch)| (id.clone(), *lock(&watch.reported)))
+            .collect()
+    }
+
     fn watch_v1(&self, id: &str, pid: u32, dir: &Path) -> Result<Arc<Watch>> {
         let counter_path = dir.join("memory.oom_control");
         let counter = open_counter(&counter_path)?;

@@ -231,6 +231,11 @@ impl BundleLocks {
 }
 
 impl Supervisor {
+    /// Ok when CRIU passed `criu check` here; else FAILED_PRECONDITION with its message.
+    pub(crate) async fn criu_ready(&self) -> Result<()> {
+        self.runtime.criu_ready().await
+    }
+
     /// Dumps container `id` into `<bundle>/checkpoints/<name>`. The dump is the supervisor's: a
     /// caller that goes away changes nothing about its outcome. On failure the partial directory
     /// is removed and the container keeps running.
@@ -260,15 +265,19 @@ impl Supervisor {
             create_image_dir(caller, &container.bundle, &checkpoint.name).await?;
         let image = checkpoints_dir(&container.bundle).join(&checkpoint.name);
         let work = self.scratch_dir(".criu")?;
-        let dumped = self
-            .runtime
-            .run(Operation::Checkpoint {
-                id,
-                image: &image,
-                work: work.path(),
-                options: criu_options(&checkpoint),
-            })
-            .await;
+        let dumped = match self.criu_ready().await {
+            Ok(()) => {
+                self.runtime
+                    .run(Operation::Checkpoint {
+                        id,
+                        image: &image,
+                        work: work.path(),
+                        options: criu_options(&checkpoint),
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = dumped {
             let partial = relative(&checkpoint.name);
             let removed = caller

@@ -56,6 +56,9 @@ impl Supervisor {
             "" => None,
             name => Some(checkpoint::for_restore(&request.caller, &bundle, name).await?),
         };
+        if restore.is_some() {
+            self.criu_ready().await?;
+        }
         request.stdio.check()?;
         let process = spec.process().as_ref().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())

@@ -15,6 +15,7 @@ mod limits;
 mod process;
 mod recovery;
 mod restart;
+mod service;
 mod stats;
 mod trust;
 mod upgrade;

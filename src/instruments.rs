@@ -1,0 +1,211 @@
+//! Process-wide instruments the metrics endpoint exposes: per-RPC request counts by gRPC code
+//! and latency histograms (recorded by [`RpcMetricsLayer`], a tower layer on the API server),
+//! and runtime command durations by operation (recorded by the runtime).
+//!
+//! Owns: these instruments, their names and buckets, and the layer. Does not own: serving
+//! them (`metrics`), or what is timed. Names follow Prometheus conventions and
+//! go-grpc-prometheus's labels (`grpc_service`, `grpc_method`, `grpc_code`).
+
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tonic::codegen::http;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Handled {
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Method {
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuntimeOperation {
+    operation: String,
+}
+
+/// Histogram buckets, in seconds, doubling from `start`.
+#[derive(Clone, Copy)]
+struct Buckets {
+    start: f64,
+    count: u16,
+}
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(self.start, 2.0, self.count))
+    }
+}
+
+struct Instruments {
+    handled: Family<Handled, Counter>,
+    handling: Family<Method, Histogram, Buckets>,
+    runtime: Family<RuntimeOperation, Histogram, Buckets>,
+}
+
+fn instruments() -> &'static Instruments {
+    static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
+    INSTRUMENTS.get_or_init(|| Instruments {
+        handled: Family::default(),
+        // 1 ms to 33 s.
+        handling: Family::new_with_constructor(Buckets {
+            start: 0.001,
+            count: 16,
+        }),
+        // 5 ms to 82 s: runtime commands take tens of milliseconds at best.
+        runtime: Family::new_with_constructor(Buckets {
+            start: 0.005,
+            count: 15,
+        }),
+    })
+}
+
+/// Adds the instruments to `registry` (they keep counting across registries).
+pub fn register(registry: &mut Registry) {
+    let i = instruments();
+    registry.register(
+        "berth_grpc_server_handled",
+        "RPCs completed, by method and gRPC status code (streams: once their response starts)",
+        i.handled.clone(),
+    );
+    registry.register(
+        "berth_grpc_server_handling_seconds",
+        "Time until an RPC's response started (the whole of a unary call)",
+        i.handling.clone(),
+    );
+    registry.register(
+        "berth_runtime_command_duration_seconds",
+        "Time runtime commands (runc create, start, exec, checkpoint, ...) took, by operation",
+        i.runtime.clone(),
+    );
+}
+
+/// Records how long one runtime command of `operation` took.
+pub fn runtime_command(operation: &str, took: Duration) {
+    let labels = RuntimeOperation {
+        operation: operation.to_owned(),
+    };
+    instruments()
+        .runtime
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64());
+}
+
+/// `/types.API/CreateContainer` → (`types.API`, `CreateContainer`).
+fn split_path(path: &str) -> (String, String) {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((service, method)) => (service.to_owned(), method.to_owned()),
+        None => (String::new(), path.to_owned()),
+    }
+}
+
+/// The gRPC code a response carries in its headers (a call that failed before its first
+/// message); a response without one has started normally, and its code comes in the trailers.
+fn code_of<B>(response: &http::Response<B>) -> String {
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+    match code {
+        tonic::Code::Ok => "OK".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn record(path: &str, code: String, took: Duration) {
+    let (grpc_service, grpc_method) = split_path(path);
+    let i = instruments();
+    i.handling
+        .get_or_create(&Method {
+            grpc_service: grpc_service.clone(),
+            grpc_method: grpc_method.clone(),
+        })
+        .observe(took.as_secs_f64());
+    i.handled
+        .get_or_create(&Handled {
+            grpc_service,
+            grpc_method,
+            grpc_code: code,
+        })
+        .inc();
+}
+
+/// The tower layer that counts and times every RPC of the server it wraps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RpcMetricsLayer;
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            let code = match &response {
+                Ok(response) => code_of(response),
+                Err(_) => "Unknown".to_owned(),
+            };
+            record(&path, code, started.elapsed());
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_codes() {
+        assert_eq!(
+            split_path("/types.API/CreateContainer"),
+            ("types.API".to_owned(), "CreateContainer".to_owned())
+        );
+        let failed = http::Response::builder()
+            .header("grpc-status", "5")
+            .body(())
+            .unwrap();
+        assert_eq!(code_of(&failed), "NotFound");
+        assert_eq!(code_of(&http::Response::new(())), "OK");
+    }
+}

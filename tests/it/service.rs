@@ -1,0 +1,328 @@
+//! berthd as a host service: the systemd units, socket activation (also across an upgrade),
+//! readiness and stop notifications, and the metrics operators scrape (per-RPC counts and
+//! latencies, runtime command durations, per-container series).
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tool(name: &str) -> Result<(), String> {
+    match Command::new(name).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => Err(format!("{name} is not installed (apt-get install systemd)")),
+    }
+}
+
+#[test]
+fn the_systemd_units_pass_verify() {
+    if !host_supports("needs systemd-analyze", tool("systemd-analyze")) {
+        return;
+    }
+    // verify checks that ExecStart's binary exists: point it at the one cargo built.
+    let dir = tempfile::tempdir().unwrap();
+    let units = repo().join("contrib/systemd");
+    let service = std::fs::read_to_string(units.join("berthd.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/local/bin/berthd"));
+    let service = service.replace("/usr/local/bin/berthd", env!("CARGO_BIN_EXE_berthd"));
+    std::fs::write(dir.path().join("berthd.service"), service).unwrap();
+    std::fs::copy(
+        units.join("berthd.socket"),
+        dir.path().join("berthd.socket"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("berthd.socket"))
+        .arg(dir.path().join("berthd.service"))
+        .current_dir(dir.path())
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    for needed in [
+        "Type=notify",
+        "KillMode=process",
+        "Delegate=yes",
+        "TasksMax=",
+    ] {
+        assert!(
+            std::fs::read_to_string(dir.path().join("berthd.service"))
+                .unwrap()
+                .contains(needed),
+            "{needed}"
+        );
+    }
+}
+
+/// A script that runs berthd under `systemd-socket-activate`, listening on berthd's `--listen`
+/// (the fixture passes it as the second argument).
+fn activating_wrapper(dir: &Path) -> PathBuf {
+    let script = dir.join("activate");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec systemd-socket-activate -l \"$2\" {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_berthd")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_activated_berthd_serves_and_keeps_serving_across_an_upgrade() {
+    within(async {
+        if !host_supports(
+            "needs systemd-socket-activate",
+            tool("systemd-socket-activate"),
+        ) {
+            return;
+        }
+        let tools = tempfile::tempdir().unwrap();
+        let wrapper = activating_wrapper(tools.path());
+        let mut d = daemon!(Options {
+            binary: Some(&wrapper),
+            ..Options::default()
+        });
+        let c = d.run("activated", &["sleep", "1000"]).await;
+        let log = d.log();
+        assert!(log.contains("berthd serving"), "{log}");
+        assert!(
+            log.contains("Execing"),
+            "not started by systemd-socket-activate: {log}"
+        );
+
+        let mut admin = berth_api::client::connect_daemon(&d.socket())
+            .await
+            .expect("connect to the Daemon service");
+        let old = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+        admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "the new image never answered");
+            if let Ok(mut admin) = berth_api::client::connect_daemon(&d.socket()).await
+                && let Ok(info) = admin.info(InfoRequest {}).await
+                && info.get_ref().image_started != old.image_started
+            {
+                assert_eq!(info.get_ref().pid, old.pid);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut client = d.connect().await;
+        let listed = state(&mut client).await;
+        assert!(listed.containers.iter().any(|x| x.id == c.id));
+        d.client = client;
+        let second = d.run("activated-after", &["sleep", "1000"]).await;
+
+        // Stopping leaves the service manager's socket where it is.
+        let mut events = d.events().await;
+        for container in [&c, &second] {
+            d.signal(&container.id, container.pid, SIGKILL).await;
+            events.exit_status(&container.id, container.pid).await;
+        }
+        let status = d.stop();
+        assert!(status.success(), "{status}");
+        assert!(d.socket().exists(), "berthd removed the activated socket");
+    })
+    .await
+}
+
+/// Reads notifications until one contains `wanted`, returning everything read.
+fn read_until(socket: &UnixDatagram, wanted: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    let mut buf = vec![0; 4096];
+    while !seen.contains(wanted) {
+        assert!(Instant::now() < deadline, "no {wanted} in {seen:?}");
+        if let Ok(n) = socket.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_watchdog_and_stop_reach_the_notify_socket() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let notify = path_str(&path);
+        let mut d = daemon!(Options {
+            env: &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+            ..Options::default()
+        });
+        let ready = read_until(&socket, "READY=1");
+        assert!(ready.contains(&format!("MAINPID={}", d.pid())), "{ready}");
+        // Ready means serving: a request answers at once.
+        d.state().await;
+        read_until(&socket, "WATCHDOG=1");
+        read_until(&socket, "WATCHDOG=1");
+        // An upgrade: RELOADING=1 from the old image, READY=1 from the new one, same pid.
+        let mut admin = berth_api::client::connect_daemon(&d.socket())
+            .await
+            .expect("connect to the Daemon service");
+        admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
+        let reloading = read_until(&socket, "RELOADING=1");
+        assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+        let ready = read_until(&socket, "READY=1");
+        assert!(ready.contains(&format!("MAINPID={}", d.pid())), "{ready}");
+        d.client = d.connect().await;
+        d.state().await;
+        let status = d.stop();
+        assert!(status.success(), "{status}");
+        read_until(&socket, "STOPPING=1");
+    })
+    .await
+}
+
+async fn scrape(socket: &Path) -> (String, Duration) {
+    let started = Instant::now();
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    (response, started.elapsed())
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+fn handled(method: &str, code: &str) -> String {
+    format!(
+        "berth_grpc_server_handled_total{{grpc_service=\"types.API\",grpc_method=\"{method}\",grpc_code=\"{code}\"}}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.sock");
+        let args = ["--metrics-listen", metrics.to_str().unwrap()];
+        let mut d = daemon!(Options::args(&args));
+        let first = d.run("metrics-a", &["sleep", "1000"]).await;
+        let second = d.run("metrics-b", &["sleep", "1000"]).await;
+        d.exec(exec_req(&first.id, &["true"])).await;
+        let bad = create_req("bad id!", &first.bundle);
+        expect_code(d.client.create_container(bad).await, tonic::Code::InvalidArgument);
+
+        let (text, _) = scrape(&metrics).await;
+        assert_eq!(value(&text, &handled("CreateContainer", "OK")), 2.0);
+        assert_eq!(value(&text, &handled("CreateContainer", "InvalidArgument")), 1.0);
+        assert_eq!(value(&text, &handled("AddProcess", "OK")), 1.0);
+        let count = "berth_grpc_server_handling_seconds_count{grpc_service=\"types.API\",grpc_method=\"CreateContainer\"}";
+        assert_eq!(value(&text, count), 3.0);
+        let inf = "berth_grpc_server_handling_seconds_bucket{le=\"+Inf\",grpc_service=\"types.API\",grpc_method=\"CreateContainer\"}";
+        assert!(
+            text.contains(inf) || text.contains("grpc_method=\"CreateContainer\",le=\"+Inf\""),
+            "no +Inf bucket in:\n{text}"
+        );
+        let creates = "berth_runtime_command_duration_seconds_count{operation=\"create\"}";
+        assert_eq!(value(&text, creates), 2.0);
+        assert!(value(&text, "berth_runtime_command_duration_seconds_count{operation=\"exec\"}") >= 1.0);
+        assert!(text.contains("# TYPE berth_grpc_server_handling_seconds histogram"));
+        assert!(!text.contains("berth_container_cpu_usage_seconds"), "per-container series are opt-in");
+
+        let mut events = d.events().await;
+        for c in [&first, &second] {
+            d.signal(&c.id, c.pid, SIGKILL).await;
+            events.exit_status(&c.id, c.pid).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_container_series_follow_every_running_container() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.sock");
+        let args = [
+            "--metrics-listen",
+            metrics.to_str().unwrap(),
+            "--metrics-containers",
+            "--stats-interval",
+            "200ms",
+        ];
+        let mut d = daemon!(Options::args(&args));
+        let busy = d
+            .run("series-busy", &["sh", "-c", "while true; do :; done"])
+            .await;
+        let idle = d.run("series-idle", &["sleep", "1000"]).await;
+        let cpu = |id: &str| format!("berth_container_cpu_usage_seconds_total{{id=\"{id}\"}}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            let (text, _) = scrape(&metrics).await;
+            if text.contains(&cpu(&busy.id)) && text.contains(&cpu(&idle.id)) {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no series for both containers:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (second, _) = scrape(&metrics).await;
+        let grew = |id: &str| value(&second, &cpu(id)) - value(&first, &cpu(id));
+        assert!(grew(&busy.id) > 0.2, "busy CPU grew by {}", grew(&busy.id));
+        assert!(grew(&idle.id) < 0.05, "idle CPU grew by {}", grew(&idle.id));
+        for id in [&busy.id, &idle.id] {
+            let series = format!("berth_container_memory_usage_bytes{{id=\"{id}\"}}");
+            assert!(value(&second, &series) > 0.0);
+            let kills = format!("berth_container_oom_kills_total{{id=\"{id}\"}}");
+            assert_eq!(value(&second, &kills), 0.0);
+            assert_eq!(
+                second.matches(&cpu(id)).count(),
+                1,
+                "one series per container"
+            );
+        }
+
+        let mut events = d.events().await;
+        d.signal(&busy.id, busy.pid, SIGKILL).await;
+        events.exit_status(&busy.id, busy.pid).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (text, _) = scrape(&metrics).await;
+            if !text.contains(&cpu(&busy.id)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "series of an exited container stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        d.signal(&idle.id, idle.pid, SIGKILL).await;
+        events.exit_status(&idle.id, idle.pid).await;
+    })
+    .await
+}
