@@ -110,6 +110,7 @@ impl Supervisor {
             mutable: Mutex::new(Mutable {
                 status: Status::Running,
                 added: Vec::new(),
+                removed: false,
             }),
             operations: tokio::sync::Mutex::new(()),
         });
@@ -207,10 +208,10 @@ impl Supervisor {
         if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
             tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
         }
+        // The record goes first: once the id is free, a new container of the same id may
+        // write its own.
+        self.remove_record(container);
         self.forget(container);
-        if let Err(e) = self.store.remove(id) {
-            tracing::error!(id = %id, error = %e, "could not remove the state file");
-        }
         self.events.publish(id, pid, EventKind::Exit { status });
     }
 }

@@ -242,6 +242,7 @@ impl Supervisor {
             mutable: Mutex::new(Mutable {
                 status,
                 added: added.clone(),
+                removed: false,
             }),
             operations: tokio::sync::Mutex::new(()),
         });

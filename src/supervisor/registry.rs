@@ -62,6 +62,8 @@ impl Process {
 pub(super) struct Mutable {
     pub(super) status: Status,
     pub(super) added: Vec<Arc<Process>>,
+    /// The init's exit removed the state file: nothing may write it again.
+    pub(super) removed: bool,
 }
 
 pub(super) struct Container {
@@ -93,7 +95,7 @@ impl Container {
         self.mutable.lock().expect("container lock poisoned")
     }
 
-    fn record(&self, runtime: &Path) -> ContainerRecord {
+    fn record(&self, runtime: &Path, mutable: &Mutable) -> ContainerRecord {
         ContainerRecord {
             id: self.id.clone(),
             bundle: self.bundle.clone(),
@@ -103,7 +105,7 @@ impl Container {
             stderr: self.stdio.stderr.clone(),
             console: self.stdio.console.clone(),
             init: self.init.record(),
-            processes: self.lock().added.iter().map(|p| p.record()).collect(),
+            processes: mutable.added.iter().map(|p| p.record()).collect(),
         }
     }
 }
@@ -194,12 +196,25 @@ impl Supervisor {
     }
 
     /// Writes the container's state file; a failure is logged, the container carries on.
+    /// Under the container's lock, and never after `remove_record`: an added process whose exit
+    /// is handled after the init's must not bring back the record of a deleted container.
     pub(super) fn save(&self, container: &Container) {
-        if let Err(e) = self
-            .store
-            .write(&container.record(&self.runtime.binary().path))
-        {
+        let mutable = container.lock();
+        if mutable.removed {
+            return;
+        }
+        let record = container.record(&self.runtime.binary().path, &mutable);
+        if let Err(e) = self.store.write(&record) {
             tracing::error!(id = %container.id, error = %e, "could not write the state file");
+        }
+    }
+
+    /// Removes the container's state file for good (its init has exited).
+    pub(super) fn remove_record(&self, container: &Container) {
+        let mut mutable = container.lock();
+        mutable.removed = true;
+        if let Err(e) = self.store.remove(&container.id) {
+            tracing::error!(id = %container.id, error = %e, "could not remove the state file");
         }
     }
 

@@ -619,7 +619,12 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
         std::fs::write(image.join("pstree.img"), b"not a pstree image").unwrap();
         let mut corrupt = create_req(&container, &bundle);
         corrupt.checkpoint = "broken".into();
-        let message = expect_code(d.client.create_container(corrupt).await, Code::Internal);
+        // The runtime refuses the request (CRIU cannot read the image): the state of things
+        // forbids it, which is FAILED_PRECONDITION with the runtime's text, not berthd's INTERNAL.
+        let message = expect_code(
+            d.client.create_container(corrupt).await,
+            Code::FailedPrecondition,
+        );
         assert!(message.contains("runc restore failed"), "{message}");
         assert!(message.contains("criu restore.log"), "{message}");
         // Not the fd baseline: run beside other tests, berthd sometimes holds two unix sockets

@@ -181,11 +181,6 @@ async fn two_concurrent_creates_of_one_id_one_wins_and_nothing_leaks() {
 /// pid namespace): each one's exit is reported (killed, 137), and the init's own code, and the
 /// container is gone with nothing left.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "berthd leaves the container's state file behind for good when an added process's \
-            exit is handled after the init's (within 10 rounds on every run here): the added \
-            process's exit rewrites <state-dir>/containers/<id>.json after the container was \
-            deleted (src/supervisor/mod.rs watch_process checks the container is still \
-            registered, then saves it, and init_exited's store.remove can fall in between)"]
 async fn an_init_exiting_under_running_added_processes_reports_every_exit() {
     within(async {
         let mut d = daemon!();
