@@ -202,3 +202,22 @@ impl<'a> Undo<'a> {
         err
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn draining_waits_for_operations_in_flight_within_its_bound() {
+        let in_flight = Arc::new(InFlight::default());
+        let ticket = in_flight.begin().unwrap();
+        assert_eq!(in_flight.drain(Duration::from_millis(50)).await, 1);
+        assert!(matches!(in_flight.begin(), Err(Error::Unavailable(_))));
+        let finishing = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(ticket);
+        });
+        assert_eq!(in_flight.drain(Duration::from_secs(5)).await, 0);
+        finishing.await.unwrap();
+    }
+}

@@ -199,6 +199,7 @@ impl Supervisor {
         base_process: serde_json::Value,
         replay: Duration,
     ) {
+        warn_of_lost_terminals(record);
         let mut added = Vec::new();
         for process in &record.processes {
             let adopted = if same_cgroup(record.init.pid, process.pid) {
@@ -274,6 +275,19 @@ struct Listed {
 fn same_cgroup(init: u32, pid: u32) -> bool {
     let cgroups = |pid: u32| std::fs::read(format!("/proc/{pid}/cgroup")).ok();
     matches!((cgroups(init), cgroups(pid)), (Some(a), Some(b)) if a == b)
+}
+
+/// A pty master lives only in berthd and is not handed over a restart or upgrade yet: the
+/// adopted processes keep running, but their terminal is no longer relayed. Said, not silent.
+fn warn_of_lost_terminals(record: &ContainerRecord) {
+    let processes = std::iter::once(&record.init).chain(&record.processes);
+    for process in processes.filter(|p| p.spec.terminal) {
+        tracing::warn!(
+            id = %record.id,
+            pid = process.pid,
+            "terminal lost: its pty master did not survive berthd's restart, so the process runs on with nothing relaying its terminal"
+        );
+    }
 }
 
 /// The process an added process starts from when the bundle can no longer be read.

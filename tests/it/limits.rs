@@ -218,3 +218,60 @@ async fn a_flood_of_silent_connections_neither_locks_out_a_client_nor_spins() {
     })
     .await
 }
+
+/// berthd's resident memory in KiB, from /proc/<pid>/status.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("berthd status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Opens `CONNECTIONS` × `STREAMS` idle Events streams, then ends them; berthd's RSS with
+/// them open and after.
+async fn idle_streams_round(d: &Daemon) -> (u64, u64) {
+    const CONNECTIONS: usize = 40;
+    const STREAMS: usize = 250;
+    let mut clients = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut client = d.connect().await;
+        for _ in 0..STREAMS {
+            streams.push(Events::subscribe(&mut client).await);
+        }
+        clients.push(client);
+    }
+    let open = rss_kib(d.pid());
+    drop(streams);
+    drop(clients);
+    // berthd sees the streams and connections end within moments.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (open, rss_kib(d.pid()))
+}
+
+/// Memory an idle stream holds is freed when it ends: a second round of 10,000 streams reuses
+/// it instead of growing berthd again. (The allocator keeps freed pages for reuse rather than
+/// handing them back to the kernel, so RSS itself stays near the first round's peak.)
+/// Measured: 15 MB idle, 78 MB with 10,000 streams, 78 MB after; the second round grows to
+/// 101-106 MB (also with MALLOC_ARENA_MAX=1), so about 2 KB per ended stream is still held.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails: about 2 KB per ended Events stream stays held (issue 10); --ignored to measure"]
+async fn memory_of_idle_streams_is_freed_when_they_end() {
+    within(async {
+        let d = daemon!();
+        let idle = rss_kib(d.pid());
+        let (first_open, first_after) = idle_streams_round(&d).await;
+        let (second_open, second_after) = idle_streams_round(&d).await;
+        println!(
+            "berthd RSS: {idle} KiB idle; 10000 idle Events streams on 40 connections: {first_open} KiB, {first_after} KiB after they ended; again: {second_open} KiB, {second_after} KiB after"
+        );
+        let growth = first_open - idle;
+        assert!(
+            second_open <= first_open + growth / 10,
+            "the second round grew berthd again: {idle} → {first_open} → {second_open} KiB"
+        );
+    })
+    .await
+}

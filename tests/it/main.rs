@@ -17,5 +17,6 @@ mod recovery;
 mod restart;
 mod service;
 mod stats;
+mod terminal;
 mod trust;
 mod upgrade;
