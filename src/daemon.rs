@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::api::daemon::{DaemonService, UpgradeReady};
+use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
 use crate::api::peer::Gate;
 use crate::api::service::ApiService;
 use crate::config::{Config, StatsBackend, resolve_runtime};
@@ -208,9 +208,10 @@ async fn serve(
             Ok(ready) => {
                 if let Some(order) = order {
                     let _ = order.reply.send(Ok(ready));
-                    // Let the answer reach the client before the server goes.
-                    tokio::time::sleep(UPGRADE_REPLY_GRACE).await;
                 }
+                refuse_pending_upgrades(&mut upgrade_rx, "berthd is already upgrading");
+                // Let the answers reach their clients before the server goes.
+                tokio::time::sleep(UPGRADE_REPLY_GRACE).await;
                 break Some(image.exe.clone());
             }
             Err(e) => {
@@ -221,6 +222,7 @@ async fn serve(
             }
         }
     };
+    refuse_pending_upgrades(&mut upgrade_rx, "berthd is stopping");
     match &upgrade {
         // The handed-over descriptor keeps the socket listening meanwhile.
         Some(binary) => {
@@ -244,6 +246,18 @@ async fn serve(
     let _ = metrics_stop.send(true);
     serving.stop().await;
     Ok(upgrade)
+}
+
+/// Answers every Upgrade queued behind the one being carried out, and any asked from now on,
+/// with UNAVAILABLE: an order left in the queue would be cut off by the `execve` or the exit
+/// with no answer at all.
+fn refuse_pending_upgrades(orders: &mut tokio::sync::mpsc::Receiver<UpgradeOrder>, why: &str) {
+    orders.close();
+    while let Ok(order) = orders.try_recv() {
+        let _ = order.reply.send(Err(Error::Unavailable(format!(
+            "{why}; ask again once it answers"
+        ))));
+    }
 }
 
 /// This process image: the binary an upgrade executes and when the image started. Recorded when

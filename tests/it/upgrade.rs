@@ -1,9 +1,10 @@
-//! README's in-place upgrade by SIGUSR2, with a request in flight: "lets requests in flight
-//! finish, then `execve`s it in the same process".
+//! README's in-place upgrade by SIGUSR2, with a request in flight ("lets requests in flight
+//! finish, then `execve`s it in the same process"), and a second Upgrade asked while one runs.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use berth_api::daemon_proto::InfoRequest;
+use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -70,6 +71,75 @@ async fn sigusr2_upgrades_in_place_and_a_create_in_flight_finishes() {
         let mut events = d.events().await;
         d.record_cgroups(&id, pid);
         d.kill_container(&mut events, &id, pid).await;
+    })
+    .await
+}
+
+/// A second Upgrade asked while one is under way is not run as well: it is answered
+/// UNAVAILABLE (berthd is already upgrading) and the first one completes once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_upgrade_while_one_runs_is_refused_unavailable() {
+    within(async {
+        // berthd runs from a path the test controls; after start that path becomes a script
+        // that waits before running berthd, so the first upgrade's pre-flight takes a while.
+        let bin_dir = tempfile::TempDir::new().expect("temp dir");
+        let binary = bin_dir.path().join("berthd");
+        let real = bin_dir.path().join("berthd-real");
+        std::fs::copy(env!("CARGO_BIN_EXE_berthd"), &binary).expect("copy berthd");
+        std::fs::copy(env!("CARGO_BIN_EXE_berthd"), &real).expect("copy berthd");
+        let mut d = daemon!(Options {
+            binary: Some(&binary),
+            ..Options::default()
+        });
+        let c = d.run("second-upgrade", &["sleep", "1000"]).await;
+        std::fs::remove_file(&binary).expect("remove the binary");
+        std::fs::write(
+            &binary,
+            format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", real.display()),
+        )
+        .expect("write the slow binary");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut admin = berth_api::client::connect_daemon(&d.socket())
+            .await
+            .expect("connect to the Daemon service");
+        let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+
+        let mut first_admin = admin.clone();
+        let first = tokio::spawn(async move { first_admin.upgrade(UpgradeRequest {}).await });
+        // The first is in its pre-flight: the slow binary's `sleep 2` runs below berthd.
+        let berthd = d.pid();
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while slow_starts(berthd, 2).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the first upgrade's pre-flight never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let second = admin.upgrade(UpgradeRequest {}).await;
+        let message = expect_code(second, tonic::Code::Unavailable);
+        assert!(message.contains("already upgrading"), "{message}");
+        let first = first
+            .await
+            .expect("first upgrade task")
+            .expect("the first upgrade");
+        assert_eq!(first.into_inner().pid, berthd);
+
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            assert!(Instant::now() < deadline, "the new image never answered");
+            if let Ok(mut admin) = berth_api::client::connect_daemon(&d.socket()).await
+                && let Ok(info) = admin.info(InfoRequest {}).await
+                && info.get_ref().image_started != old_image.image_started
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(d.try_wait(), None, "berthd exited");
+        d.client = d.connect().await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &c.id, c.pid).await;
     })
     .await
 }
