@@ -1,7 +1,9 @@
 //! What a restart finds and cleans up, checked against the runtime, the kernel and the state
 //! directory rather than berthd's log: a container berthd died creating, an added process that
-//! ended while berthd was down, and a record whose runtime state is gone.
+//! ended while berthd was down, a record whose runtime state is gone, and a runtime delete that
+//! failed.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -193,6 +195,65 @@ async fn a_record_whose_runtime_state_is_gone_is_reported_ended_and_removed() {
         }
         let pid = d.create(create_req(&c.id, &c.bundle)).await;
         d.kill_container(&mut events, &c.id, pid).await;
+    })
+    .await
+}
+
+/// DESIGN: an init's `exit` is published as soon as its status is collected, and the runtime's
+/// delete follows. A delete that fails does not hold the exit back or keep the container
+/// listed; the runtime's leftover is removed by the next start, which frees the id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_runtime_delete_still_reports_the_exit_and_the_next_start_removes_the_leftover() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let runc = std::env::split_paths(&path)
+            .map(|dir| dir.join("runc"))
+            .find(|p| p.is_file())
+            .expect("runc in PATH");
+        let wrapper = scripts.path().join("failing-delete-runc");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = delete ] && {{ echo 'delete refused by the test' >&2; exit 1; }}\ndone\nexec {} \"$@\"\n",
+                runc.display()
+            ),
+        )
+        .expect("write runtime script");
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let c = d.run("failed-delete", &["sh", "-c", "exit 6"]).await;
+        wait_until("the container leaves State", || {
+            !d.state_file(&c.id).exists()
+        })
+        .await;
+        assert!(
+            d.runtime_ids().contains(&c.id),
+            "the failing delete should have left the runtime's state"
+        );
+        let again = Bundle::new(&["sh", "-c", "read x < /tmp/go; exit 6"]);
+        let gate = again.gate("go");
+        let id = id("failed-delete-2");
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&id, &again)).await;
+        let _gate = open_gate(&gate);
+        assert_eq!(events.exit_status(&id, pid).await, 6, "the exit is published");
+        assert!(!d.state().await.containers.iter().any(|x| x.id == id));
+        assert!(d.runtime_ids().contains(&id), "the runtime still holds {id}");
+
+        // The next start, with a runtime whose delete works, removes both leftovers.
+        d.stop();
+        d.start_again().await;
+        for leftover in [&c.id, &id] {
+            assert!(
+                !d.runtime_ids().contains(leftover),
+                "{leftover} is still in the runtime after the restart"
+            );
+        }
+        let pid = d.create(create_req(&id, &again)).await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &id, pid).await;
     })
     .await
 }
