@@ -1,6 +1,9 @@
 //! README claims that no other test covered: streams ending on stop, pause and resume in the
 //! wrong state, AddProcess on a paused container, two creates of one id at once, an init
-//! exiting under its added processes, the fds an idle container costs, and an exec timeout.
+//! exiting under its added processes, the fds an idle container costs, an exec timeout, and a
+//! pty that never arrives.
+
+use std::os::unix::fs::PermissionsExt;
 
 use berth_api::proto::StatsRequest;
 use tonic::Code;
@@ -337,6 +340,77 @@ async fn an_exec_that_outlives_the_runtime_timeout_fails_and_leaves_the_containe
         d.assert_settles(&baseline).await;
         let mut events = d.events().await;
         d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}
+
+/// README: a terminal's pty master is taken "on a console socket"; a runtime that never hands it
+/// over fails the create once the console wait runs out (10 s), and leaves nothing: no runtime
+/// state, no registry entry, no process. The runtime here is runc behind a wrapper that gives
+/// runc a console socket of its own, which takes the master and keeps it from berthd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_that_never_hands_over_the_pty_fails_the_create_and_leaves_nothing() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let runc = std::env::split_paths(&path)
+            .map(|dir| dir.join("runc"))
+            .find(|p| p.is_file())
+            .expect("runc in PATH");
+        let wrapper = scripts.path().join("pty-keeping-runc");
+        let script = format!(
+            r#"#!/usr/bin/env python3
+import os, socket, sys
+args = sys.argv[1:]
+if "--console-socket" in args:
+    i = args.index("--console-socket")
+    own = os.path.join({scripts:?}, "own-console-%d.sock" % os.getpid())
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(own)
+    listener.listen(1)
+    if os.fork() == 0:
+        # Take the master and hold it for longer than berthd waits.
+        conn, _ = listener.accept()
+        socket.recv_fds(conn, 1024, 1)
+        os.execvp("sleep", ["sleep", "12"])
+    args[i + 1] = own
+os.execv({runc:?}, [{runc:?}] + args)
+"#,
+            scripts = scripts.path().display().to_string(),
+            runc = runc.display().to_string(),
+        );
+        std::fs::write(&wrapper, script).expect("write runtime script");
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let baseline = d.baseline();
+        let id = id("pty-kept");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let started = std::time::Instant::now();
+        let result = d.client.create_container(create_req(&id, &bundle)).await;
+        let took = started.elapsed();
+        let status = result.expect_err("a create whose pty never arrives");
+        assert!(
+            status.message().contains("console") || status.message().contains("pty"),
+            "{status:?}"
+        );
+        assert!(
+            took >= std::time::Duration::from_secs(9),
+            "failed before the console wait ran out ({took:?}): {status:?}"
+        );
+        d.assert_gone(&id).await;
+        // The wrapper's pty keeper is the test's, not berthd's: berthd, the subreaper, inherits
+        // it and must reap it when it ends.
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !slow_starts(d.pid(), 12).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pty keeper never ended"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        d.assert_no_zombies().await;
+        d.assert_settles(&baseline).await;
     })
     .await
 }
