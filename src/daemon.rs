@@ -21,12 +21,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::daemon::{DaemonService, UpgradeReady};
 use crate::api::service::ApiService;
 use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
+use crate::edge::Edge;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::metrics::{self, Metrics};
@@ -248,11 +250,12 @@ impl Serving {
             .map_err(|e| Error::sys("register the listener", e))?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut stopped = stopping.clone();
+        let incoming = UnixListenerStream::new(listener).map(|stream| stream.map(Edge::new));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
                 .add_service(DaemonServer::new(daemon))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }),
         );

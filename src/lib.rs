@@ -15,7 +15,8 @@
 //! - leaves: [`model`] (records shared by several modules), [`procfs`], [`wait_status`] (the one
 //!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
 //!
-//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`metrics`]
+//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`edge`]
+//! (the `:authority` rewrite on each accepted connection), [`metrics`]
 //! (the Prometheus endpoint), [`upgrade`] (the listener across `execve`), [`reactor`]
 //! (registering owned fds with tokio).
 //!
@@ -30,6 +31,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod api;
 pub mod config;
 pub mod daemon;
+pub mod edge;
 pub mod error;
 mod events;
 mod metrics;
