@@ -25,6 +25,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::daemon::{DaemonService, UpgradeReady};
+use crate::api::grpc_message::readable_grpc_message;
 use crate::api::service::ApiService;
 use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
@@ -253,6 +254,7 @@ impl Serving {
         let incoming = UnixListenerStream::new(listener).map(|stream| stream.map(Edge::new));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(readable_grpc_message))
                 .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
                 .add_service(DaemonServer::new(daemon))
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -1,4 +1,5 @@
 //! The gRPC layer: thin tonic services that convert requests and delegate.
 
 pub mod daemon;
+pub mod grpc_message;
 pub mod service;

@@ -11,5 +11,6 @@ mod events;
 mod interop;
 mod lifecycle;
 mod process;
+mod raw_http2;
 mod restart;
 mod stats;
