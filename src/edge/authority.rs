@@ -9,10 +9,11 @@
 //! the dynamic table: h2's table stops changing and is never referenced again, while this side
 //! keeps decoding the client's references with the client's table.
 //!
-//! Owns: decoding (through `loona-hpack`), the rewrite decision, the literal re-encoding. Does not
-//! own: the frames a block travels in ([`super::rewriter`]).
+//! Owns: the rewrite decision and the literal re-encoding. Does not own: decoding
+//! ([`super::hpack`]) or the frames a block travels in ([`super::rewriter`]).
 
-use loona_hpack::Decoder;
+pub use super::hpack::HpackError;
+use super::hpack::{HpackDecoder, STATIC_TABLE};
 
 /// What an unusable `:authority` becomes: a valid authority, and what gRPC clients that dial a
 /// unix socket by name send anyway.
@@ -21,14 +22,9 @@ pub const REPLACEMENT: &[u8] = b"localhost";
 /// client may not grow its table past it.
 const H2_TABLE_SIZE: usize = 4096;
 
-/// A header block the client sent is not valid HPACK, or the edge refuses it.
-#[derive(Debug, thiserror::Error)]
-#[error("malformed header block: {0}")]
-pub struct HpackError(String);
-
 /// One connection's header blocks, in order.
 pub struct BlockRewriter {
-    decoder: Decoder<'static>,
+    decoder: HpackDecoder,
     /// Set by the first rewrite: from then on every block is re-encoded (see the module header).
     reencoding: bool,
     encoded: Vec<u8>,
@@ -36,10 +32,8 @@ pub struct BlockRewriter {
 
 impl Default for BlockRewriter {
     fn default() -> Self {
-        let mut decoder = Decoder::new();
-        decoder.set_max_allowed_table_size(H2_TABLE_SIZE);
         BlockRewriter {
-            decoder,
+            decoder: HpackDecoder::new(H2_TABLE_SIZE),
             reencoding: false,
             encoded: Vec::new(),
         }
@@ -53,16 +47,14 @@ impl BlockRewriter {
         self.encoded.clear();
         let mut rewrote = false;
         let encoded = &mut self.encoded;
-        self.decoder
-            .decode_with_cb(block, |name, value| {
-                if &*name == b":authority" && !acceptable(&value) {
-                    rewrote = true;
-                    encode_literal(&name, REPLACEMENT, encoded);
-                } else {
-                    encode_literal(&name, &value, encoded);
-                }
-            })
-            .map_err(|e| HpackError(e.to_string()))?;
+        self.decoder.decode(block, |name, value| {
+            if name == b":authority" && !acceptable(value) {
+                rewrote = true;
+                encode(name, REPLACEMENT, encoded);
+            } else {
+                encode(name, value, encoded);
+            }
+        })?;
         self.reencoding |= rewrote;
         Ok(self.reencoding.then_some(&self.encoded[..]))
     }
@@ -73,11 +65,17 @@ fn acceptable(value: &[u8]) -> bool {
     http::uri::Authority::try_from(value).is_ok()
 }
 
-/// Appends `name: value` as a literal header field without indexing (RFC 7541 §6.2.2), the name
-/// by its static table index when it has one. No Huffman coding: the bytes only cross a local
-/// socket.
-fn encode_literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
-    match STATIC_NAMES.iter().position(|n| *n == name) {
+/// Appends `name: value` without touching the dynamic table: as its static table index if the
+/// static table has it (RFC 7541 §6.1), else as a literal without indexing (§6.2.2), the name by
+/// its static table index when it has one. No Huffman coding: the bytes only cross a local socket.
+fn encode(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    if let Some(i) = STATIC_TABLE
+        .iter()
+        .position(|entry| *entry == (name, value))
+    {
+        return encode_integer(i + 1, 7, 0x80, out);
+    }
+    match STATIC_TABLE.iter().position(|(n, _)| *n == name) {
         Some(i) => encode_integer(i + 1, 4, 0x00, out),
         None => {
             out.push(0x00);
@@ -107,71 +105,6 @@ fn encode_integer(mut value: usize, prefix_bits: u8, flags: u8, out: &mut Vec<u8
     }
     out.push(value as u8);
 }
-
-/// The names of RFC 7541's static table (Appendix A), each at its first index minus one.
-const STATIC_NAMES: [&[u8]; 61] = [
-    b":authority",
-    b":method",
-    b":method",
-    b":path",
-    b":path",
-    b":scheme",
-    b":scheme",
-    b":status",
-    b":status",
-    b":status",
-    b":status",
-    b":status",
-    b":status",
-    b":status",
-    b"accept-charset",
-    b"accept-encoding",
-    b"accept-language",
-    b"accept-ranges",
-    b"accept",
-    b"access-control-allow-origin",
-    b"age",
-    b"allow",
-    b"authorization",
-    b"cache-control",
-    b"content-disposition",
-    b"content-encoding",
-    b"content-language",
-    b"content-length",
-    b"content-location",
-    b"content-range",
-    b"content-type",
-    b"cookie",
-    b"date",
-    b"etag",
-    b"expect",
-    b"expires",
-    b"from",
-    b"host",
-    b"if-match",
-    b"if-modified-since",
-    b"if-none-match",
-    b"if-range",
-    b"if-unmodified-since",
-    b"last-modified",
-    b"link",
-    b"location",
-    b"max-forwards",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"range",
-    b"referer",
-    b"refresh",
-    b"retry-after",
-    b"server",
-    b"set-cookie",
-    b"strict-transport-security",
-    b"transfer-encoding",
-    b"user-agent",
-    b"vary",
-    b"via",
-    b"www-authenticate",
-];
 
 #[cfg(test)]
 mod tests;

@@ -4,10 +4,11 @@
 //! what berthd writes goes to the socket untouched.
 //!
 //! Owns: the wrapper and its buffering. Does not own: framing and the rewrite ([`rewriter`],
-//! [`authority`], [`frames`]), accepting connections, or HTTP/2 itself (h2).
+//! [`authority`], [`hpack`], [`frames`]), accepting connections, or HTTP/2 itself (h2).
 
 mod authority;
 mod frames;
+mod hpack;
 mod rewriter;
 
 use std::collections::VecDeque;
