@@ -4,7 +4,9 @@
 //!
 //! Needs root and cgroup v1 controllers for the tick benchmarks (it makes `berth-bench/<n>` in
 //! each hierarchy and removes them after); without them only the parser benchmarks run. After
-//! criterion's runs it prints the goal comparisons from its own short timing loop.
+//! criterion's runs it prints the goal comparisons from its own short timing loop. Those lines
+//! are informational: timing on a shared machine decides nothing here, and nothing checks them;
+//! pass and miss for the density targets come from `scripts/load`.
 
 use std::hint::black_box;
 use std::os::fd::AsFd;
@@ -209,7 +211,9 @@ fn tick(c: &mut Criterion) {
     }
     group.finish();
 
-    println!("\ngoal: a tick costs at most 1.2 x a bare pread loop over the same open fds");
+    println!(
+        "\ngoal (informational): a tick costs at most 1.2 x a bare pread loop over the same open fds"
+    );
     let bare = median(15, || bare_pread(&containers, &mut buffer));
     println!(
         "  bare pread loop: {bare:?} for {files} files ({:?} a file)",
@@ -221,7 +225,7 @@ fn tick(c: &mut Criterion) {
             sampler.tick(&containers);
         });
         let ratio = took.as_secs_f64() / bare.as_secs_f64();
-        let verdict = if ratio <= 1.2 { "meets" } else { "misses" };
+        let verdict = if ratio <= 1.2 { "within" } else { "over" };
         println!(
             "  {:<26} {took:?} = {ratio:.2} x bare ({verdict} the goal)",
             variant.name
@@ -269,7 +273,7 @@ fn fan_out(c: &mut Criterion) {
     }
     group.finish();
     println!(
-        "\ngoal: 1000 subscribers cost at most 1.2 x one (sampler side: one sample, one publish)"
+        "\ngoal (informational): 1000 subscribers cost at most 1.2 x one (sampler side: one sample, one publish)"
     );
     let one = results[0].1;
     for (subscribers, took) in &results {

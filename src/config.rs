@@ -49,6 +49,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub runtime_timeout: u64,
 
+    /// The largest file a client names that berthd reads (a bundle's config.json, checkpoint
+    /// metadata), in bytes; a larger one is refused.
+    #[arg(long, env = "BERTH_CLIENT_FILE_MAX_BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_file_max_bytes: u64,
+
+    /// Seconds berthd waits for the file system to open or read a file a client names (a hung
+    /// NFS or FUSE mount) before the request fails with DEADLINE_EXCEEDED.
+    #[arg(long, env = "BERTH_CLIENT_FILE_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_file_timeout: u64,
+
     /// Machine id reported by State; defaults to the host name.
     #[arg(long, env = "BERTH_ID")]
     pub id: Option<String>,
@@ -75,6 +85,39 @@ pub struct Config {
     /// path; off when not given.
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+
+    /// Most bytes of args plus env one process may have (CreateContainer's bundle process,
+    /// AddProcess); a larger one is refused with RESOURCE_EXHAUSTED naming this flag.
+    #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_process_spec_bytes: u64,
+
+    /// Largest gRPC message berthd decodes or encodes; State that would be larger is refused
+    /// with RESOURCE_EXHAUSTED (ask for one container with StateRequest.id).
+    #[arg(long, env = "BERTH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..=(1 << 30)))]
+    pub max_message_bytes: u64,
+
+    /// Client connections open at once; capped at a quarter of the open file limit so the
+    /// rest stays for containers (two fds each). Silent connections give way to new ones.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// HTTP/2 streams (requests and subscriptions) open at once on one connection.
+    #[arg(long, env = "BERTH_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// How long a new connection may stay silent before it is closed (500ms, 10s, ...).
+    #[arg(long, env = "BERTH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub handshake_timeout: Duration,
+
+    /// Interval of HTTP/2 keepalive pings on idle connections; a peer that does not answer
+    /// within the same interval is disconnected.
+    #[arg(long, env = "BERTH_KEEPALIVE", default_value = "60s", value_parser = parse_interval)]
+    pub keepalive: Duration,
+    /// Check that this binary can start with this configuration, and exit: loads the config,
+    /// finds the runtime and the group, probes the kernel features berthd needs (pidfds,
+    /// openat2) and opens the state dir read-only. An upgrade runs the new binary so first.
+    #[arg(long, env = "BERTH_PREFLIGHT")]
+    pub preflight: bool,
 
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
@@ -22,29 +22,31 @@ use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::api::daemon::{DaemonService, UpgradeReady};
 use crate::api::grpc_message::readable_grpc_message;
+use crate::api::peer::Gate;
 use crate::api::service::ApiService;
 use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
 use crate::edge::Edge;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::listener::{self, Limited, Limits};
 use crate::metrics::{self, Metrics};
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
 use crate::runtime::{Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
-use crate::supervisor::{Machine, Supervisor};
+use crate::supervisor::{ClientFileLimits, Machine, Supervisor};
 
 /// How long requests in flight get to finish once berthd is told to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long an upgrade waits after answering before the exec drops the connection.
 const UPGRADE_REPLY_GRACE: Duration = Duration::from_millis(100);
-/// How long the binary an upgrade would run has to answer `--version`.
+/// How long the binary an upgrade would run has to pass `--preflight`.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What berthd must do once [`run`] returns.
@@ -93,7 +95,7 @@ async fn serve(
     let image = image()?;
     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
         .map_err(|e| Error::sys("become the child subreaper", e))?;
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| Error::io(&config.state_dir, e))?;
+    private_dir(&config.state_dir)?;
     let _state_lock = lock(
         &config.state_dir.join("berthd.lock"),
         "state dir",
@@ -134,6 +136,10 @@ async fn serve(
         Store::open(config.containers_dir())?,
         scratch,
         machine(config),
+        ClientFileLimits {
+            max_bytes: config.client_file_max_bytes,
+            timeout: Duration::from_secs(config.client_file_timeout),
+        },
     )?;
     let recovery = supervisor
         .recover(Duration::from_secs(config.recovery_replay))
@@ -160,8 +166,10 @@ async fn serve(
 
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);
     let serving = Serving::start(
+        config,
         handover,
-        supervisor,
+        Gate::new(group_id(&config.group)?),
+        Arc::clone(&supervisor),
         DaemonService::new(upgrade_tx, image.started),
     )?;
     tracing::info!(
@@ -202,6 +210,15 @@ async fn serve(
         Some(binary) => tracing::info!(binary = %binary.display(), "upgrading in place"),
         None => tracing::info!("stopping; containers keep running"),
     }
+    // Operations are the supervisor's, not their requests': let them finish (within one runtime
+    // timeout) so their clients get answers and nothing is cut in half by the exit or execve.
+    let abandoned = supervisor.drain_operations(config.runtime_timeout()).await;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "operations still in flight after the grace period; the next start removes what they left"
+        );
+    }
     let _ = metrics_stop.send(true);
     serving.stop().await;
     Ok(upgrade)
@@ -236,7 +253,9 @@ struct Serving {
 
 impl Serving {
     fn start(
+        config: &Config,
         handover: &OwnedFd,
+        gate: Gate,
         supervisor: Arc<Supervisor>,
         daemon: DaemonService,
     ) -> Result<Self> {
@@ -251,12 +270,25 @@ impl Serving {
             .map_err(|e| Error::sys("register the listener", e))?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut stopped = stopping.clone();
-        let incoming = UnixListenerStream::new(listener).map(|stream| stream.map(Edge::new));
+        let limits = Limits::within_fd_limit(config.max_connections, config.handshake_timeout);
+        let incoming = listener::accept(listener, limits)
+            .map(|accepted| accepted.map(|a| Edge::new(Limited::new(a.stream, a.permit))));
+        let max_message = config.max_message_bytes as usize;
+        let api = ApiService::new(supervisor, stopping)
+            .limit(max_message, config.max_process_spec_bytes as usize);
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(tower::util::MapResponseLayer::new(readable_grpc_message))
-                .add_service(ApiServer::new(ApiService::new(supervisor, stopping)))
-                .add_service(DaemonServer::new(daemon))
+                .max_concurrent_streams(config.max_streams_per_connection)
+                .http2_keepalive_interval(Some(config.keepalive))
+                .http2_keepalive_timeout(Some(config.keepalive))
+                .add_service(InterceptedService::new(
+                    ApiServer::new(api)
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                    gate,
+                ))
+                .add_service(DaemonServer::with_interceptor(daemon, gate))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }),
@@ -278,13 +310,20 @@ impl Serving {
     }
 }
 
-/// Runs the binary an upgrade would execute with `--version`, so a missing or broken binary
-/// is refused while this image still serves.
+/// Runs the binary an upgrade would execute with this image's own flags and `--preflight`, so a
+/// missing, broken or hanging binary is refused while this image still serves.
 async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
     let binary = exe.display().to_string();
+    let mut argv = vec![binary.clone()];
+    argv.extend(
+        std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned()),
+    );
+    argv.push("--preflight".into());
     let response = spawner
         .spawn(
-            vec![binary.clone(), "--version".into()],
+            argv,
             [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
             PREFLIGHT_TIMEOUT,
         )
@@ -299,7 +338,8 @@ fn version_of(binary: &str, response: Completion) -> Result<String> {
         Outcome::Exited { code } => code,
         Outcome::TimedOut => {
             return Err(Error::FailedPrecondition(format!(
-                "{binary} --version did not finish; not upgrading to it"
+                "{binary} --preflight did not finish within {} s; not upgrading to it",
+                PREFLIGHT_TIMEOUT.as_secs()
             )));
         }
         Outcome::SpawnFailed { error } => {
@@ -310,11 +350,59 @@ fn version_of(binary: &str, response: Completion) -> Result<String> {
     };
     if status != Some(0) || !response.stdout.starts_with("berthd ") {
         return Err(Error::FailedPrecondition(format!(
-            "{binary} --version failed ({}); not upgrading to it",
+            "{binary} --preflight failed ({}); not upgrading to it",
             response.stderr.trim()
         )));
     }
     Ok(response.stdout.trim().to_owned())
+}
+
+/// `berthd --preflight`: whether this binary can start with `config`, changing nothing. Returns
+/// the version line an upgrade reports.
+pub fn preflight_check(config: &Config) -> Result<String> {
+    resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?;
+    group_id(&config.group)?;
+    let own = rustix::process::pidfd_open(
+        rustix::process::getpid(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .map_err(|e| Error::sys("probe pidfd_open (Linux 5.3 or later needed)", e))?;
+    drop(own);
+    let resolve = rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_SYMLINKS;
+    rustix::fs::openat2(
+        rustix::fs::CWD,
+        "/",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::empty(),
+    )
+    .and_then(|root| {
+        rustix::fs::openat2(
+            &root,
+            ".",
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            resolve,
+        )
+    })
+    .map_err(|e| Error::sys("probe openat2 (Linux 5.6 or later needed)", e))?;
+    for dir in [config.state_dir.clone(), config.containers_dir()] {
+        let flags = rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC;
+        match rustix::fs::open(&dir, flags, rustix::fs::Mode::empty()) {
+            Ok(fd) => {
+                rustix::fs::Dir::read_from(&fd)
+                    .map_err(|e| Error::io(&dir, e.into()))?
+                    .next();
+            }
+            // A first start makes it.
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(Error::io(&dir, e.into())),
+        }
+    }
+    Ok(format!("berthd {}", env!("CARGO_PKG_VERSION")))
 }
 
 /// Dense hosts need several fds per container. The ceiling is the kernel's `fs/nr_open`, which
@@ -373,14 +461,7 @@ impl SocketLock {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(path, e)),
         }
-        let gid = match group.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => nix::unistd::Group::from_name(group)
-                .map_err(|e| Error::sys(format!("look up group {group}"), e))?
-                .ok_or_else(|| Error::NotFound(format!("group {group} does not exist")))?
-                .gid
-                .as_raw(),
-        };
+        let gid = group_id(group)?;
         let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
             .map_err(|e| Error::io(path, e))?;
@@ -389,17 +470,48 @@ impl SocketLock {
     }
 }
 
-/// Takes an exclusive lock on `path`, writing our pid into it, or says who holds it.
+/// `--group` as a gid: a numeric gid or a group name.
+fn group_id(group: &str) -> Result<u32> {
+    match group.parse::<u32>() {
+        Ok(gid) => Ok(gid),
+        Err(_) => Ok(nix::unistd::Group::from_name(group)
+            .map_err(|e| Error::sys(format!("look up group {group}"), e))?
+            .ok_or_else(|| Error::NotFound(format!("group {group} does not exist")))?
+            .gid
+            .as_raw()),
+    }
+}
+
+/// Takes an exclusive lock on `path`, writing our pid into it, or says who holds it. The file is
+/// opened `O_NOFOLLOW` and must be a regular file with one link, so neither a symbolic nor a hard
+/// link planted at that name (in a shared directory) gets truncated or written.
 fn lock(path: &Path, what: &str, guarded: &Path) -> Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| Error::io(path, e))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::FailedPrecondition(format!(
+                "lock file {} is a symbolic link, which berthd does not follow; remove it",
+                path.display()
+            )),
+            _ => Error::io(path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(Error::FailedPrecondition(format!(
+            "lock file {} is not a regular file with a single link; remove it",
+            path.display()
+        )));
+    }
     if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        let mut holder = String::new();
+        let _ = (&file).take(32).read_to_string(&mut holder);
         return Err(Error::FailedPrecondition(format!(
             "another berthd (pid {}) is already using {what} {}; stop it first or choose another",
             holder.trim(),
@@ -409,6 +521,14 @@ fn lock(path: &Path, what: &str, guarded: &Path) -> Result<File> {
     file.set_len(0).map_err(|e| Error::io(path, e))?;
     write!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
     Ok(file)
+}
+
+/// Makes `dir` (and its parents) if missing and gives it mode 0700: berthd's state holds every
+/// process's environment, which no other user may read. An existing directory is fixed too.
+fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// What State reports about this host: `--id` or the host name, CPUs, memory.

@@ -16,6 +16,18 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The peer may not do this (its credentials, or its access to a path it named).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A limit was reached; the message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Something berthd waited for (a read, a pre-flight) did not finish in time and was left.
+    #[error("{what} did not finish within {bound:?}")]
+    DeadlineExceeded {
+        what: String,
+        bound: std::time::Duration,
+    },
     #[error("{what} did not finish within {secs} s and was killed")]
     Timeout { what: String, secs: u64 },
     #[error("{op} failed: {message}")]
@@ -56,6 +68,18 @@ impl Error {
     }
 }
 
+/// How much of a client's input a message quotes.
+const QUOTED_CHARS: usize = 200;
+
+/// `text` quoted for a message: in full when short, else its first 200 characters and its size,
+/// so an error never echoes a client's oversized input back at it.
+pub fn quote(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &text[..end], text.len()),
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         use tonic::Code;
@@ -65,8 +89,13 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::Timeout { .. } => Code::DeadlineExceeded,
-            Error::Runtime { .. } => Code::Internal,
+            // The runtime refused the client's bundle or request (a missing binary, a container
+            // in the wrong state, CRIU unable to dump): its text says why, berthd is fine.
+            Error::Runtime { .. } => Code::FailedPrecondition,
             Error::Io { source, .. } | Error::Sys { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => Code::NotFound,
                 std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
@@ -91,6 +120,73 @@ mod tests {
         let status = tonic::Status::from(err);
         assert_eq!(status.code(), tonic::Code::NotFound);
         assert!(status.message().starts_with("/nope/config.json: "));
+    }
+
+    #[test]
+    fn every_kind_maps_to_its_code() {
+        use tonic::Code;
+        let io = |kind| Error::io("/p", std::io::Error::from(kind));
+        let cases = [
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (Error::NotFound("x".into()), Code::NotFound),
+            (Error::AlreadyExists("x".into()), Code::AlreadyExists),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::Unavailable("x".into()), Code::Unavailable),
+            (
+                Error::ResourceExhausted("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (
+                Error::Runtime {
+                    op: "runc create".into(),
+                    message: "exec: \"/nope\": no such file or directory".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (io(std::io::ErrorKind::NotFound), Code::NotFound),
+            (
+                io(std::io::ErrorKind::PermissionDenied),
+                Code::PermissionDenied,
+            ),
+            (io(std::io::ErrorKind::Other), Code::Internal),
+            (Error::Internal("x".into()), Code::Internal),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied),
+            (
+                Error::DeadlineExceeded {
+                    what: "reading config /b/config.json".into(),
+                    bound: std::time::Duration::from_millis(1500),
+                },
+                Code::DeadlineExceeded,
+            ),
+        ];
+        for (err, code) in cases {
+            let what = format!("{err:?}");
+            assert_eq!(tonic::Status::from(err).code(), code, "{what}");
+        }
+    }
+
+    #[test]
+    fn quotes_keep_short_input_and_cut_long_input() {
+        assert_eq!(quote("paused!"), "\"paused!\"");
+        let long = "é".repeat(50_000);
+        let quoted = quote(&long);
+        assert_eq!(quoted.chars().filter(|&c| c == 'é').count(), 200);
+        assert!(quoted.ends_with("… (100000 bytes)"), "{quoted}");
+    }
+
+    #[test]
+    fn a_deadline_names_what_was_left_and_its_bound() {
+        let status = tonic::Status::from(Error::DeadlineExceeded {
+            what: "reading config /b/config.json".into(),
+            bound: std::time::Duration::from_secs(5),
+        });
+        assert_eq!(
+            status.message(),
+            "reading config /b/config.json did not finish within 5s"
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
 //!
 //! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`edge`]
-//! (the `:authority` rewrite on each accepted connection), [`metrics`]
+//! (the `:authority` rewrite on each accepted connection), [`listener`] (accepting connections
+//! within limits), [`metrics`]
 //! (the Prometheus endpoint), [`upgrade`] (the listener across `execve`), [`reactor`]
 //! (registering owned fds with tokio).
 //!
@@ -29,11 +30,13 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
+mod client_fs;
 pub mod config;
 pub mod daemon;
 pub mod edge;
 pub mod error;
 mod events;
+mod listener;
 mod metrics;
 mod model;
 mod procfs;

@@ -1,5 +1,6 @@
 //! The state directory: one small JSON file per container with what a restarted berthd needs to
-//! find it again. Writes are atomic: a temp file, fsync, rename, fsync of the directory.
+//! find it again. Writes are atomic: a temp file, fsync, rename, fsync of the directory. The
+//! directory is 0700 and every record 0600: records hold each process's environment.
 //! Does not own: what goes in a record or when it is written (supervisor).
 
 use std::io::Write;
@@ -38,7 +39,10 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: PathBuf) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(&dir, e))?;
         Ok(Store { dir })
     }
 
@@ -51,7 +55,23 @@ impl Store {
         let tmp = self.dir.join(format!(".{}.json.tmp", record.id));
         let bytes = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::Internal(format!("encode state of {}: {e}", record.id)))?;
-        let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+                .map_err(|e| Error::io(&tmp, e))?
+        };
+        // An existing temp file keeps its mode through O_CREAT; make it private either way.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(&tmp, e))?;
+        }
         file.write_all(&bytes)
             .and_then(|_| file.sync_all())
             .map_err(|e| Error::io(&tmp, e))?;
@@ -136,6 +156,10 @@ mod tests {
         };
         store.write(&record).unwrap();
         let path = dir.path().join("containers/a.json");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600, "records hold environments");
+        assert_eq!(mode(&dir.path().join("containers")), 0o700);
         let read: ContainerRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(read, record);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("containers"))

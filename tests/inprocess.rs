@@ -108,7 +108,7 @@ async fn serves_refuses_and_stops_without_root() {
             .lock()
             .unwrap()
             .iter()
-            .any(|argv| argv[1..] == ["--version"]),
+            .any(|argv| argv.last().is_some_and(|arg| arg == "--preflight")),
         "the pre-flight did not go through the spawner"
     );
     client

@@ -4,6 +4,7 @@
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
+use super::peer::{audit, peer, require_root};
 use crate::daemon_proto;
 use crate::error::Error;
 
@@ -37,9 +38,13 @@ impl DaemonService {
 impl daemon_proto::daemon_server::Daemon for DaemonService {
     async fn upgrade(
         &self,
-        _request: Request<daemon_proto::UpgradeRequest>,
+        request: Request<daemon_proto::UpgradeRequest>,
     ) -> Result<Response<daemon_proto::UpgradeResponse>, Status> {
-        tracing::info_span!("upgrade").in_scope(|| tracing::info!("upgrade requested"));
+        let peer = peer(&request)?;
+        let span = tracing::info_span!("upgrade", peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "Daemon.Upgrade", ""));
+        require_root(&peer, "Daemon.Upgrade")?;
+        span.in_scope(|| tracing::info!("upgrade requested"));
         let (reply, answer) = oneshot::channel();
         let busy = || {
             Status::from(Error::Unavailable(

@@ -2,4 +2,5 @@
 
 pub mod daemon;
 pub mod grpc_message;
+pub mod peer;
 pub mod service;

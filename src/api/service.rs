@@ -1,5 +1,5 @@
 //! The tonic service: converts wire requests to supervisor calls and results back, with one
-//! tracing span per request carrying the container id.
+//! tracing span per request carrying the container id and the peer (see `api::peer`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use super::peer::{audit, peer};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
 use crate::model::{Checkpoint, ProcessSpec};
@@ -19,6 +20,16 @@ pub struct ApiService {
     supervisor: Arc<Supervisor>,
     /// Turns true when berthd is stopping, which ends the streams that would otherwise never end.
     stopping: tokio::sync::watch::Receiver<bool>,
+    limits: Limits,
+}
+
+/// The limits requests and responses are held to (their flags' defaults until set).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// `--max-message-bytes`: no response is built larger (State is refused instead).
+    message_bytes: usize,
+    /// `--max-process-spec-bytes`: args plus env of one process.
+    spec_bytes: usize,
 }
 
 impl ApiService {
@@ -26,7 +37,20 @@ impl ApiService {
         ApiService {
             supervisor,
             stopping,
+            limits: Limits {
+                message_bytes: 4 * 1024 * 1024,
+                spec_bytes: 256 * 1024,
+            },
         }
+    }
+
+    /// Holds responses to `message_bytes` and each process's args plus env to `spec_bytes`.
+    pub fn limit(mut self, message_bytes: usize, spec_bytes: usize) -> Self {
+        self.limits = Limits {
+            message_bytes,
+            spec_bytes,
+        };
+        self
     }
 }
 
@@ -60,6 +84,20 @@ fn container_to_wire(info: &ContainerInfo) -> proto::Container {
             .collect(),
         status: info.status.as_str().into(),
     }
+}
+
+/// Refuses a response that would be larger than `limit` once framed: berthd never builds a
+/// message it cannot send, and says what to ask for instead.
+fn within_message_limit(response: &proto::StateResponse, limit: usize) -> Result<(), Error> {
+    // The gRPC frame adds a flag byte and a 4-byte length.
+    let size = prost::Message::encoded_len(response) + 5;
+    if size > limit {
+        return Err(Error::ResourceExhausted(format!(
+            "State of {} containers would be {size} bytes, more than --max-message-bytes ({limit}); ask for one container with StateRequest.id",
+            response.containers.len()
+        )));
+    }
+    Ok(())
 }
 
 /// How a stream ends when berthd stops or upgrades: distinct from its natural end, so a client
@@ -207,8 +245,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::CreateContainerRequest>,
     ) -> Result<Response<proto::CreateContainerResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("create_container", id = %r.id);
+        let span = tracing::info_span!("create_container", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "CreateContainer", &r.id));
+        let caller = self.supervisor.caller(peer);
         let request = CreateRequest {
             id: r.id,
             bundle: r.bundle_path,
@@ -217,8 +258,11 @@ impl proto::api_server::Api for ApiService {
                 stdout: r.stdout,
                 stderr: r.stderr,
                 console: r.console,
+                caller: Some(std::sync::Arc::clone(&caller)),
             },
             checkpoint: r.checkpoint,
+            max_spec_bytes: self.limits.spec_bytes,
+            caller,
         };
         let pid = self.supervisor.create(request).instrument(span).await?;
         Ok(Response::new(proto::CreateContainerResponse { pid }))
@@ -228,8 +272,10 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::UpdateContainerRequest>,
     ) -> Result<Response<proto::UpdateContainerResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("update_container", id = %r.id);
+        let span = tracing::info_span!("update_container", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "UpdateContainer", &r.id));
         self.supervisor
             .update(&r.id, &r.status, r.signal)
             .instrument(span)
@@ -241,8 +287,12 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::SignalRequest>,
     ) -> Result<Response<proto::SignalResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let _span = tracing::info_span!("signal", id = %r.id).entered();
+        let _span =
+            tracing::info_span!("signal", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid)
+                .entered();
+        audit(&peer, "Signal", &r.id);
         self.supervisor.signal(&r.id, r.pid, r.signal)?;
         Ok(Response::new(proto::SignalResponse {}))
     }
@@ -251,8 +301,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::AddProcessRequest>,
     ) -> Result<Response<proto::AddProcessResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("add_process", id = %r.id);
+        let span = tracing::info_span!("add_process", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "AddProcess", &r.id));
+        let caller = self.supervisor.caller(peer);
         let request = ExecRequest {
             id: r.id,
             args: r.args,
@@ -269,7 +322,9 @@ impl proto::api_server::Api for ApiService {
                 stdout: r.stdout,
                 stderr: r.stderr,
                 console: r.console,
+                caller: Some(caller),
             },
+            max_spec_bytes: self.limits.spec_bytes,
         };
         let pid = self.supervisor.exec(request).instrument(span).await?;
         Ok(Response::new(proto::AddProcessResponse { pid }))
@@ -279,8 +334,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::CreateCheckpointRequest>,
     ) -> Result<Response<proto::CreateCheckpointResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("create_checkpoint", id = %r.id);
+        let span = tracing::info_span!("create_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "CreateCheckpoint", &r.id));
+        let caller = self.supervisor.caller(peer);
         let wire = r.checkpoint.ok_or_else(|| {
             Status::from(Error::InvalidArgument(
                 "checkpoint is missing: give at least its name".into(),
@@ -294,7 +352,7 @@ impl proto::api_server::Api for ApiService {
             shell: wire.shell,
         };
         self.supervisor
-            .checkpoint(&r.id, checkpoint)
+            .checkpoint(&r.id, checkpoint, &caller)
             .instrument(span)
             .await?;
         Ok(Response::new(proto::CreateCheckpointResponse {}))
@@ -304,10 +362,13 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::DeleteCheckpointRequest>,
     ) -> Result<Response<proto::DeleteCheckpointResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("delete_checkpoint", id = %r.id);
+        let span = tracing::info_span!("delete_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        span.in_scope(|| audit(&peer, "DeleteCheckpoint", &r.id));
+        let caller = self.supervisor.caller(peer);
         self.supervisor
-            .delete_checkpoint(&r.id, &r.name)
+            .delete_checkpoint(&r.id, &r.name, &caller)
             .instrument(span)
             .await?;
         Ok(Response::new(proto::DeleteCheckpointResponse {}))
@@ -317,9 +378,15 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::ListCheckpointRequest>,
     ) -> Result<Response<proto::ListCheckpointResponse>, Status> {
+        let peer = peer(&request)?;
         let r = request.into_inner();
-        let _span = tracing::info_span!("list_checkpoint", id = %r.id).entered();
-        let checkpoints = self.supervisor.list_checkpoints(&r.id)?;
+        let span = tracing::info_span!("list_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let caller = self.supervisor.caller(peer);
+        let checkpoints = self
+            .supervisor
+            .list_checkpoints(&r.id, &caller)
+            .instrument(span)
+            .await?;
         Ok(Response::new(proto::ListCheckpointResponse {
             checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
         }))
@@ -327,32 +394,40 @@ impl proto::api_server::Api for ApiService {
 
     async fn state(
         &self,
-        _request: Request<proto::StateRequest>,
+        request: Request<proto::StateRequest>,
     ) -> Result<Response<proto::StateResponse>, Status> {
-        let _span = tracing::info_span!("state").entered();
+        let peer = peer(&request)?;
+        let id = request.into_inner().id;
+        let _span =
+            tracing::info_span!("state", id = %id, peer_uid = peer.uid, peer_pid = peer.pid)
+                .entered();
         let machine = self.supervisor.machine();
-        Ok(Response::new(proto::StateResponse {
-            containers: self
-                .supervisor
-                .containers()
-                .iter()
-                .map(container_to_wire)
-                .collect(),
+        let containers = if id.is_empty() {
+            self.supervisor.containers()
+        } else {
+            vec![self.supervisor.container_info(&id)?]
+        };
+        let response = proto::StateResponse {
+            containers: containers.iter().map(container_to_wire).collect(),
             machine: Some(proto::Machine {
                 id: machine.id.clone(),
                 cpus: machine.cpus,
                 memory: machine.memory,
             }),
-        }))
+        };
+        within_message_limit(&response, self.limits.message_bytes)?;
+        Ok(Response::new(response))
     }
 
     type EventsStream = EventStream;
 
     async fn events(
         &self,
-        _request: Request<proto::EventsRequest>,
+        request: Request<proto::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        tracing::info_span!("events").in_scope(|| tracing::debug!("subscribed"));
+        let peer = peer(&request)?;
+        tracing::info_span!("events", peer_uid = peer.uid, peer_pid = peer.pid)
+            .in_scope(|| tracing::debug!("subscribed"));
         let subscription = self.supervisor.events().subscribe();
         // Polled only as fast as the client reads: a slow client falls behind on the event
         // ring instead of growing a buffer here, and is told how much it missed.
@@ -385,8 +460,11 @@ impl proto::api_server::Api for ApiService {
         &self,
         request: Request<proto::StatsRequest>,
     ) -> Result<Response<Self::GetStatsStream>, Status> {
+        let peer = peer(&request)?;
         let id = request.into_inner().id;
-        let _span = tracing::info_span!("get_stats", id = %id).entered();
+        let _span =
+            tracing::info_span!("get_stats", id = %id, peer_uid = peer.uid, peer_pid = peer.pid)
+                .entered();
         crate::supervisor::validate::container_id(&id)?;
         let subscription = self.supervisor.stats().subscribe(&id)?.ok_or_else(|| {
             Error::NotFound(format!(

@@ -27,6 +27,15 @@ fn main() -> ExitCode {
         spawn::serve_stdin();
     }
     let config = Config::parse();
+    if config.preflight {
+        return match daemon::preflight_check(&config) {
+            Ok(version) => {
+                println!("{version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("pre-flight failed: {e}")),
+        };
+    }
     // An upgrade hands the listener over through the environment.
     // SAFETY: the only call, made before any thread exists.
     let inherited = match unsafe { berth::upgrade::take_inherited_listener() } {
@@ -48,10 +57,7 @@ fn main() -> ExitCode {
         Ok(lock) => lock,
         Err(e) => return fail(e),
     };
-    let mut listener = match inherited.map_or_else(|| socket_lock.bind(&config.group), Ok) {
-        Ok(listener) => listener,
-        Err(e) => return fail(e),
-    };
+    let mut handed_over = inherited;
     loop {
         // A runtime per run: dropping it ends every task of the run before the next adopts
         // the same containers.
@@ -63,11 +69,18 @@ fn main() -> ExitCode {
             Err(e) => return fail(format!("could not start the async runtime: {e}")),
         };
         let exit = runtime.block_on(async {
+            // Watched before the socket exists: a stop that comes as soon as clients can
+            // connect must find its handler, not kill berthd and leave the socket file.
+            let stop = stop_signal()?;
+            let listener = match handed_over.take() {
+                Some(listener) => listener,
+                None => socket_lock.bind(&config.group)?,
+            };
             let helper = helper_socket
                 .try_clone()
                 .and_then(SpawnHelper::start)
                 .map_err(|e| Error::sys("start the spawn helper", e))?;
-            daemon::run(config.clone(), helper, listener, stop_signal()?).await
+            daemon::run(config.clone(), helper, listener, stop).await
         });
         let (binary, handover) = match exit {
             Ok(Exit::Stopped) => return ExitCode::SUCCESS,
@@ -78,7 +91,7 @@ fn main() -> ExitCode {
         let err = berth::upgrade::exec(&binary, &args, handover.as_fd());
         tracing::error!(error = %err, "upgrade failed; serving again");
         runtime.shutdown_timeout(RUN_WIND_DOWN);
-        listener = UnixListener::from(handover);
+        handed_over = Some(UnixListener::from(handover));
     }
 }
 

@@ -18,10 +18,13 @@ pub struct HpackError(pub &'static str);
 /// RFC 7541 §4.1: an entry's size is its name and value plus 32.
 const ENTRY_OVERHEAD: usize = 32;
 
+/// A dynamic table entry: name and value.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// The decoder of one connection's header blocks, its dynamic table following the client's.
 pub struct HpackDecoder {
     /// Newest first.
-    table: VecDeque<(Box<[u8]>, Box<[u8]>)>,
+    table: VecDeque<Entry>,
     size: usize,
     max_size: usize,
     /// The largest table size the client may choose (the server's SETTINGS_HEADER_TABLE_SIZE).

@@ -144,5 +144,9 @@ impl<S: Connected> Connected for Edge<S> {
     }
 }
 
+/// The tests' HPACK encoder, shared with the integration tests.
+#[cfg(test)]
+#[path = "../../tests/it/common/hpack.rs"]
+mod test_hpack;
 #[cfg(test)]
 mod tests;

@@ -610,7 +610,10 @@ mod tests {
             err.to_string(),
             "runc pause failed: container \"a\" does not exist"
         );
-        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::FailedPrecondition
+        );
     }
 
     #[tokio::test]

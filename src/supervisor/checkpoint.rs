@@ -5,13 +5,19 @@
 //! Does not own: the Checkpoint record (model), the argv (runtime), restoring (create).
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use rustix::fs::{Mode, OFlags};
+
 use super::Supervisor;
+use super::caller::{Caller, shown};
+use crate::client_fs::{self, Peer};
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::Checkpoint;
@@ -48,7 +54,8 @@ pub fn validate_name(name: &str) -> Result<()> {
         ))
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid checkpoint name {name:?}: use 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "invalid checkpoint name {}: use 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            crate::error::quote(name)
         )))
     }
 }
@@ -57,11 +64,30 @@ fn checkpoints_dir(bundle: &Path) -> PathBuf {
     bundle.join("checkpoints")
 }
 
-/// Reads how the checkpoint in `dir` was taken. A directory made by hand or by another tool has
-/// no metadata: it is listed with its name and no flags.
-fn read_checkpoint(dir: &Path, name: &str) -> Checkpoint {
-    std::fs::read(dir.join(METADATA))
+/// How many checkpoint directories berthd lists in one bundle.
+const MAX_CHECKPOINTS: usize = 4096;
+
+/// `checkpoints/<name>` inside a bundle.
+fn relative(name: &str) -> PathBuf {
+    Path::new("checkpoints").join(name)
+}
+
+/// Reads how the checkpoint `name` beneath `bundle` was taken, as `peer` may read it, at most
+/// `max_bytes`. A directory made by hand or by another tool has no metadata: it is listed with
+/// its name and no flags.
+fn read_checkpoint(bundle: &OwnedFd, name: &str, peer: &Peer, max_bytes: u64) -> Checkpoint {
+    let path = relative(name).join(METADATA);
+    let read = |fd: OwnedFd| {
+        let mut bytes = Vec::new();
+        std::fs::File::from(fd)
+            .take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .ok()?;
+        (bytes.len() as u64 <= max_bytes).then_some(bytes)
+    };
+    client_fs::open_beneath(bundle, &path, OFlags::RDONLY | OFlags::NONBLOCK, peer)
         .ok()
+        .and_then(read)
         .and_then(|bytes| serde_json::from_slice::<Metadata>(&bytes).ok())
         .map(|m| Checkpoint {
             name: name.to_owned(),
@@ -73,38 +99,103 @@ fn read_checkpoint(dir: &Path, name: &str) -> Checkpoint {
         })
 }
 
-/// The checkpoints of a bundle, by name.
-pub fn list(bundle: &Path) -> Result<Vec<Checkpoint>> {
-    let dir = checkpoints_dir(bundle);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(&dir, e)),
-    };
-    let mut checkpoints = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(&dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.file_type().is_ok_and(|t| t.is_dir()) && validate_name(&name).is_ok() {
-            checkpoints.push(read_checkpoint(&entry.path(), &name));
-        }
-    }
-    checkpoints.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(checkpoints)
+/// The checkpoints of a bundle, by name: the real directories beneath it, no link followed.
+pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
+    let fd = caller.open_dir("bundle", bundle).await?;
+    let peer = caller.peer.clone();
+    let max_bytes = caller.limits().max_bytes;
+    caller
+        .off_reactor("listing checkpoints", move || {
+            let names = client_fs::list_dirs_beneath(
+                &fd,
+                Path::new("checkpoints"),
+                &peer,
+                MAX_CHECKPOINTS,
+            )?;
+            Ok(names
+                .iter()
+                .filter(|name| validate_name(name).is_ok())
+                .map(|name| read_checkpoint(&fd, name, &peer, max_bytes))
+                .collect())
+        })
+        .await
 }
 
 /// The image directory and CRIU options to restore `name` of `bundle` with.
-pub fn for_restore(bundle: &Path, name: &str) -> Result<(PathBuf, CriuOptions)> {
+pub async fn for_restore(
+    caller: &Caller,
+    bundle: &Path,
+    name: &str,
+) -> Result<(PathBuf, CriuOptions)> {
     validate_name(name)?;
-    let dir = checkpoints_dir(bundle).join(name);
-    if !dir.is_dir() {
-        return Err(Error::NotFound(format!(
-            "checkpoint {name} does not exist in {}",
-            checkpoints_dir(bundle).display()
-        )));
-    }
-    let checkpoint = read_checkpoint(&dir, name);
-    Ok((dir, criu_options(&checkpoint)))
+    let fd = caller.open_dir("bundle", bundle).await?;
+    let (peer, owned_name) = (caller.peer.clone(), name.to_owned());
+    let max_bytes = caller.limits().max_bytes;
+    let missing = format!(
+        "checkpoint {name} does not exist in {}",
+        shown(&checkpoints_dir(bundle))
+    );
+    let checkpoint = caller
+        .off_reactor("reading the checkpoint", move || {
+            let dir = OFlags::RDONLY | OFlags::DIRECTORY;
+            match client_fs::open_beneath(&fd, &relative(&owned_name), dir, &peer) {
+                Ok(_) => Ok(read_checkpoint(&fd, &owned_name, &peer, max_bytes)),
+                Err(Error::NotFound(_)) => Err(Error::NotFound(missing)),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    Ok((
+        checkpoints_dir(bundle).join(name),
+        criu_options(&checkpoint),
+    ))
+}
+
+/// Makes `<bundle>/checkpoints/<name>` (and `checkpoints` when missing) beneath the bundle, owned
+/// by the caller; returns the bundle's and the new directory's descriptors.
+async fn create_image_dir(
+    caller: &Caller,
+    bundle: &Path,
+    name: &str,
+) -> Result<(Arc<OwnedFd>, OwnedFd)> {
+    let fd = Arc::new(caller.open_dir("bundle", bundle).await?);
+    let (peer, owned_name, bundle_fd) = (caller.peer.clone(), name.to_owned(), Arc::clone(&fd));
+    let exists = format!(
+        "checkpoint {name} already exists in {}",
+        shown(&checkpoints_dir(bundle))
+    );
+    let image = caller
+        .off_reactor("creating the checkpoint directory", move || {
+            let parent = Path::new("checkpoints");
+            match client_fs::create_dir_beneath(&bundle_fd, parent, 0o700, &peer) {
+                Ok(_) | Err(Error::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+            match client_fs::create_dir_beneath(&bundle_fd, &relative(&owned_name), 0o700, &peer) {
+                Err(Error::AlreadyExists(_)) => Err(Error::AlreadyExists(exists)),
+                made => made,
+            }
+        })
+        .await?;
+    Ok((fd, image))
+}
+
+/// Writes how the checkpoint was taken into its directory (never through a link).
+fn write_metadata(image: &OwnedFd, checkpoint: &Checkpoint) -> Result<()> {
+    let metadata = Metadata {
+        checkpoint: checkpoint.clone(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let bytes = serde_json::to_vec_pretty(&metadata)
+        .map_err(|e| Error::Internal(format!("encode checkpoint metadata: {e}")))?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let file = rustix::fs::openat(image, METADATA, flags, Mode::from_raw_mode(0o600))
+        .map_err(|e| Error::io(METADATA, e.into()))?;
+    std::fs::File::from(file)
+        .write_all(&bytes)
+        .map_err(|e| Error::io(METADATA, e))
 }
 
 /// The lines of a CRIU log in `work` that say why a dump or restore failed: its last errors, or
@@ -140,27 +231,34 @@ impl BundleLocks {
 }
 
 impl Supervisor {
-    /// Dumps container `id` into `<bundle>/checkpoints/<name>`. On failure the partial directory
+    /// Dumps container `id` into `<bundle>/checkpoints/<name>`. The dump is the supervisor's: a
+    /// caller that goes away changes nothing about its outcome. On failure the partial directory
     /// is removed and the container keeps running.
-    pub(crate) async fn checkpoint(&self, id: &str, checkpoint: Checkpoint) -> Result<()> {
+    pub(crate) async fn checkpoint(
+        self: &Arc<Self>,
+        id: &str,
+        checkpoint: Checkpoint,
+        caller: &Caller,
+    ) -> Result<()> {
+        let supervisor = Arc::clone(self);
+        let (id, caller) = (id.to_owned(), caller.clone());
+        self.owned(async move { supervisor.checkpoint_owned(&id, checkpoint, &caller).await })
+            .await
+    }
+
+    async fn checkpoint_owned(
+        &self,
+        id: &str,
+        checkpoint: Checkpoint,
+        caller: &Caller,
+    ) -> Result<()> {
         let container = self.container(id)?;
         validate_name(&checkpoint.name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
         let _operations = container.operations.lock().await;
-        let parent = checkpoints_dir(&container.bundle);
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let image = parent.join(&checkpoint.name);
-        match std::fs::create_dir(&image) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::AlreadyExists(format!(
-                    "checkpoint {} already exists in {}",
-                    checkpoint.name,
-                    parent.display()
-                )));
-            }
-            Err(e) => return Err(Error::io(&image, e)),
-        }
+        let (bundle_fd, image_fd) =
+            create_image_dir(caller, &container.bundle, &checkpoint.name).await?;
+        let image = checkpoints_dir(&container.bundle).join(&checkpoint.name);
         let work = self.scratch_dir(".criu")?;
         let dumped = self
             .runtime
@@ -172,19 +270,18 @@ impl Supervisor {
             })
             .await;
         if let Err(e) = dumped {
-            let _ = std::fs::remove_dir_all(&image);
+            let partial = relative(&checkpoint.name);
+            let removed = caller
+                .off_reactor("removing a partial checkpoint", move || {
+                    client_fs::remove_beneath(&bundle_fd, &partial, &Peer::root())
+                })
+                .await;
+            if let Err(removal) = removed {
+                tracing::warn!(id, error = %removal, "partial checkpoint left in place");
+            }
             return Err(with_criu_log(e, work.path(), "dump.log"));
         }
-        let metadata = Metadata {
-            checkpoint: checkpoint.clone(),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        let path = image.join(METADATA);
-        let bytes = serde_json::to_vec_pretty(&metadata)
-            .map_err(|e| Error::Internal(format!("encode checkpoint metadata: {e}")))?;
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        write_metadata(&image_fd, &checkpoint)?;
         self.events.publish(
             id,
             container.init.pid(),
@@ -194,24 +291,39 @@ impl Supervisor {
     }
 
     /// The checkpoints in container `id`'s bundle.
-    pub(crate) fn list_checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>> {
-        list(&self.container(id)?.bundle)
+    pub(crate) async fn list_checkpoints(
+        &self,
+        id: &str,
+        caller: &Caller,
+    ) -> Result<Vec<Checkpoint>> {
+        list(caller, &self.container(id)?.bundle).await
     }
 
-    /// Removes checkpoint `name` from container `id`'s bundle.
-    pub(crate) async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<()> {
+    /// Removes checkpoint `name` from container `id`'s bundle, as the caller may remove it.
+    pub(crate) async fn delete_checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<()> {
         let container = self.container(id)?;
         validate_name(name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
-        let dir = checkpoints_dir(&container.bundle).join(name);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!(
-                "checkpoint {name} does not exist in {}",
-                checkpoints_dir(&container.bundle).display()
-            ))),
-            Err(e) => Err(Error::io(&dir, e)),
-        }
+        let fd = caller.open_dir("bundle", &container.bundle).await?;
+        let (peer, path) = (caller.peer.clone(), relative(name));
+        let missing = format!(
+            "checkpoint {name} does not exist in {}",
+            shown(&checkpoints_dir(&container.bundle))
+        );
+        caller
+            .off_reactor(
+                "removing the checkpoint",
+                move || match client_fs::remove_beneath(&fd, &path, &peer) {
+                    Err(Error::NotFound(_)) => Err(Error::NotFound(missing)),
+                    removed => removed,
+                },
+            )
+            .await
     }
 }
 
@@ -243,9 +355,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn metadata_round_trips_and_hand_made_directories_are_listed() {
+    #[tokio::test]
+    async fn metadata_round_trips_and_hand_made_directories_are_listed() {
         let bundle = tempfile::tempdir().unwrap();
+        let caller = Caller::berthd(bundle.path().join("state"));
         let dir = checkpoints_dir(bundle.path());
         std::fs::create_dir_all(dir.join("taken")).unwrap();
         std::fs::create_dir_all(dir.join("by-hand")).unwrap();
@@ -267,7 +380,7 @@ mod tests {
             serde_json::to_vec(&metadata).unwrap(),
         )
         .unwrap();
-        let listed = list(bundle.path()).unwrap();
+        let listed = list(&caller, bundle.path()).await.unwrap();
         assert_eq!(
             listed,
             [
@@ -278,14 +391,17 @@ mod tests {
                 taken
             ]
         );
-        let (image, options) = for_restore(bundle.path(), "taken").unwrap();
+        let (image, options) = for_restore(&caller, bundle.path(), "taken").await.unwrap();
         assert_eq!(image, dir.join("taken"));
         assert!(options.tcp_established && options.shell_job && !options.external_unix_sockets);
         assert!(matches!(
-            for_restore(bundle.path(), "missing"),
+            for_restore(&caller, bundle.path(), "missing").await,
             Err(Error::NotFound(_))
         ));
-        assert!(list(&bundle.path().join("nowhere")).unwrap().is_empty());
+        assert!(matches!(
+            list(&caller, &bundle.path().join("nowhere")).await,
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[test]

@@ -5,101 +5,93 @@
 //! over the pty, start, register, publish) and undoing it on failure; what happens when an init
 //! exits. Does not own: the argv (runtime), CRIU images (checkpoint), the stdio paths (stdio).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::operation::Undo;
 use super::registry::{Container, Mutable, Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
-use super::{Supervisor, checkpoint, validate};
+use super::{Caller, Supervisor, checkpoint, validate};
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
-use crate::runtime::Operation;
+use crate::runtime::{CriuOptions, Operation};
+
+/// What [`Supervisor::create_steps`] works from.
+struct CreateSteps<'a> {
+    request: &'a CreateRequest,
+    bundle: &'a Path,
+    restore: Option<&'a (PathBuf, CriuOptions)>,
+    pid_file: &'a Path,
+    console: Option<&'a stdio::ConsoleSocket>,
+}
 
 pub struct CreateRequest {
     pub id: String,
     pub bundle: String,
     pub stdio: StdioPaths,
     pub checkpoint: String,
+    /// `--max-process-spec-bytes`, which the bundle's process must fit.
+    pub max_spec_bytes: usize,
+    /// Who asks: the bundle and the checkpoint are opened as it may open them.
+    pub caller: Arc<Caller>,
 }
 
 impl Supervisor {
     /// Creates and starts a container, or restores it from `<bundle>/checkpoints/<checkpoint>`;
-    /// returns its init's pid. On failure nothing is left.
+    /// returns its init's pid. The create is the supervisor's: a caller that goes away changes
+    /// nothing about its outcome. On failure nothing is left.
     pub(crate) async fn create(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
+        let supervisor = Arc::clone(self);
+        self.owned(async move { supervisor.create_owned(request).await })
+            .await
+    }
+
+    async fn create_owned(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
-        let (bundle, spec) = validate::bundle(&request.bundle)?;
-        let restore = (!request.checkpoint.is_empty())
-            .then(|| checkpoint::for_restore(&bundle, &request.checkpoint))
-            .transpose()?;
+        let (bundle, spec) = validate::bundle(&request.bundle, &request.caller).await?;
+        let restore = match request.checkpoint.as_str() {
+            "" => None,
+            name => Some(checkpoint::for_restore(&request.caller, &bundle, name).await?),
+        };
         request.stdio.check()?;
         let process = spec.process().as_ref().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())
         })?;
         let init_spec = spec_of(process);
+        validate::process_spec_size(&init_spec.args, &init_spec.env, request.max_spec_bytes)?;
         let base_process = serde_json::to_value(process)
             .map_err(|e| Error::Internal(format!("encode the bundle's process: {e}")))?;
 
-        let reservation = self.reserve(&request.id)?;
-
+        let mut undo = Undo::new(self, &request.id);
+        undo.reserved(self.reserve(&request.id)?);
         let pid_file = self.scratch_path(".pid");
         let _scratch = ScratchFiles(vec![pid_file.clone()]);
-        let console = init_spec
-            .terminal
-            .then(|| stdio::ConsoleSocket::bind(self.scratch_path(".sock")))
-            .transpose()?;
-        let stdio = process_stdio(&request.stdio, init_spec.terminal).await?;
-        let console_socket = console.as_ref().map(|c| c.path());
-        let created = match &restore {
-            None => {
-                let create = Operation::Create {
-                    id: &request.id,
-                    bundle: &bundle,
-                    pid_file: &pid_file,
-                    console_socket,
-                };
-                self.runtime.run_with_stdio(create, stdio).await
-            }
-            Some((image, options)) => {
-                let work = self.scratch_dir(".criu")?;
-                let restore = Operation::Restore {
-                    id: &request.id,
-                    bundle: &bundle,
-                    image,
-                    work: work.path(),
-                    pid_file: &pid_file,
-                    console_socket,
-                    options: *options,
-                };
-                let restored = self.runtime.run_with_stdio(restore, stdio).await;
-                restored.map_err(|e| checkpoint::with_criu_log(e, work.path(), "restore.log"))
-            }
+        let steps = async {
+            let console = init_spec
+                .terminal
+                .then(|| stdio::ConsoleSocket::bind(self.scratch_path(".sock")))
+                .transpose()?;
+            let steps = CreateSteps {
+                request: &request,
+                bundle: &bundle,
+                restore: restore.as_ref(),
+                pid_file: &pid_file,
+                console: console.as_ref(),
+            };
+            self.create_steps(steps, &mut undo).await
         };
-        if let Err(e) = created {
-            self.delete_from_runtime(&request.id).await;
-            return Err(e);
+        if let Err(e) = steps.await {
+            return Err(undo.undo(e).await);
         }
-        let init = match read_pid_file(&pid_file).and_then(|pid| self.reaper.track(pid)) {
-            Ok(init) => init,
-            Err(e) => {
-                self.delete_from_runtime(&request.id).await;
-                return Err(e);
-            }
+        let (Some(init), Some(reservation)) = undo.keep() else {
+            return Err(Error::Internal(format!(
+                "create of {} finished without its init or its reservation",
+                request.id
+            )));
         };
-        let started = self
-            .start_registered(
-                &request.id,
-                console.as_ref(),
-                &request.stdio,
-                restore.is_none(),
-            )
-            .await;
-        if let Err(e) = started {
-            self.delete_from_runtime(&request.id).await;
-            init.wait().await;
-            return Err(e);
-        }
 
         let pid = init.pid() as u32;
         let container = Arc::new(Container {
@@ -118,6 +110,7 @@ impl Supervisor {
             }),
             operations: tokio::sync::Mutex::new(()),
         });
+        // Nothing below can fail: the state file is written once the container is certain.
         self.save(&container);
         reservation.commit(Arc::clone(&container));
         if let Err(e) = self.stats.register(&request.id, pid) {
@@ -134,6 +127,58 @@ impl Supervisor {
         Ok(pid)
     }
 
+    /// The steps of create that leave something behind, each recorded in `undo` before it acts:
+    /// runtime create (or restore), tracking the init, the pty relay, runtime start.
+    async fn create_steps(&self, steps: CreateSteps<'_>, undo: &mut Undo<'_>) -> Result<()> {
+        let CreateSteps {
+            request,
+            bundle,
+            restore,
+            pid_file,
+            console,
+        } = steps;
+        let id = &request.id;
+        let stdio = process_stdio(&request.stdio, console.is_some()).await?;
+        let console_socket = console.map(|c| c.path());
+        undo.runtime_state();
+        match restore {
+            None => {
+                let create = Operation::Create {
+                    id,
+                    bundle,
+                    pid_file,
+                    console_socket,
+                };
+                self.runtime.run_with_stdio(create, stdio).await?;
+            }
+            Some((image, options)) => {
+                let work = self.scratch_dir(".criu")?;
+                let restore = Operation::Restore {
+                    id,
+                    bundle,
+                    image,
+                    work: work.path(),
+                    pid_file,
+                    console_socket,
+                    options: *options,
+                };
+                let restored = self.runtime.run_with_stdio(restore, stdio).await;
+                restored.map_err(|e| checkpoint::with_criu_log(e, work.path(), "restore.log"))?;
+            }
+        }
+        let pid = read_pid_file(pid_file)?;
+        undo.started(pid);
+        undo.tracked(self.reaper.track(pid)?);
+        if let Some(console) = console {
+            let master = console.receive_master(CONSOLE_TIMEOUT).await?;
+            undo.relay(stdio::relay_terminal(master, &request.stdio)?);
+        }
+        if restore.is_none() {
+            self.runtime.run(Operation::Start { id }).await?;
+        }
+        Ok(())
+    }
+
     /// Cleans up after the container once its init exits.
     pub(super) fn watch_init(self: &Arc<Self>, container: Arc<Container>) {
         let supervisor = Arc::clone(self);
@@ -141,25 +186,6 @@ impl Supervisor {
             let status = container.init.tracked.wait().await;
             supervisor.init_exited(&container, status).await;
         });
-    }
-
-    /// The part of create between `create` and a running container: the pty, then `start`
-    /// (a restored container is already running).
-    async fn start_registered(
-        &self,
-        id: &str,
-        console: Option<&stdio::ConsoleSocket>,
-        paths: &StdioPaths,
-        start: bool,
-    ) -> Result<()> {
-        if let Some(console) = console {
-            let master = console.receive_master(CONSOLE_TIMEOUT).await?;
-            stdio::relay_terminal(master, paths)?;
-        }
-        if start {
-            self.runtime.run(Operation::Start { id }).await?;
-        }
-        Ok(())
     }
 
     /// Best effort: removes whatever the runtime holds for `id` after a failed request.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::Supervisor;
 use super::create::spec_of;
+use super::operation::Undo;
 use super::registry::{Container, Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
@@ -36,11 +37,22 @@ pub struct ExecRequest {
     pub user: Option<User>,
     pub terminal: bool,
     pub stdio: StdioPaths,
+    /// `--max-process-spec-bytes`, which args and env must fit.
+    pub max_spec_bytes: usize,
 }
 
 impl Supervisor {
-    /// Starts an added process in a running container; returns its host pid.
+    /// Starts an added process in a running container; returns its host pid. The exec is the
+    /// supervisor's: a caller that goes away changes nothing about its outcome, and a failure
+    /// after the runtime started the process kills and reaps it.
     pub(crate) async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
+        let supervisor = Arc::clone(self);
+        self.owned(async move { supervisor.exec_owned(request).await })
+            .await
+    }
+
+    async fn exec_owned(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
+        super::validate::process_spec_size(&request.args, &request.env, request.max_spec_bytes)?;
         let container = self.container(&request.id)?;
         if request.args.is_empty() {
             return Err(Error::InvalidArgument(
@@ -64,28 +76,25 @@ impl Supervisor {
             .terminal
             .then(|| stdio::ConsoleSocket::bind(self.scratch_path(".sock")))
             .transpose()?;
-        let stdio = process_stdio(&request.stdio, spec.terminal).await?;
+        let mut undo = Undo::new(self, &container.id);
         let exec = Operation::Exec {
             id: &container.id,
             process: &process_file,
             pid_file: &pid_file,
             console_socket: console.as_ref().map(|c| c.path()),
         };
-        let run = async {
-            if let Some(console) = &console {
-                // runc sends the master before it returns, so receive while it runs.
-                let (ran, master) = tokio::join!(
-                    self.runtime.run_with_stdio(exec, stdio),
-                    console.receive_master(CONSOLE_TIMEOUT)
-                );
-                ran?;
-                stdio::relay_terminal(master?, &request.stdio)
-            } else {
-                self.runtime.run_with_stdio(exec, stdio).await.map(drop)
-            }
+        let started = self
+            .exec_steps(exec, &pid_file, &request.stdio, console.as_ref(), &mut undo)
+            .await;
+        if let Err(e) = started {
+            return Err(undo.undo(e).await);
+        }
+        let (Some(tracked), _) = undo.keep() else {
+            return Err(Error::Internal(format!(
+                "exec in {} finished without its process",
+                container.id
+            )));
         };
-        run.await?;
-        let tracked = read_pid_file(&pid_file).and_then(|pid| self.reaper.track(pid))?;
         let pid = tracked.pid() as u32;
         let process = Arc::new(Process {
             start_time: process_start_time(pid).unwrap_or(0),
@@ -101,6 +110,41 @@ impl Supervisor {
         );
         self.watch_process(Arc::clone(&container), process);
         Ok(pid)
+    }
+
+    /// The steps of exec that leave something behind, each recorded in `undo`: the runtime
+    /// starts the process, berthd tracks it and relays its pty.
+    async fn exec_steps(
+        &self,
+        exec: Operation<'_>,
+        pid_file: &Path,
+        paths: &StdioPaths,
+        console: Option<&stdio::ConsoleSocket>,
+        undo: &mut Undo<'_>,
+    ) -> Result<()> {
+        let stdio = process_stdio(paths, console.is_some()).await?;
+        let master = match console {
+            Some(console) => {
+                // runc sends the master before it returns, so receive while it runs.
+                let (ran, master) = tokio::join!(
+                    self.runtime.run_with_stdio(exec, stdio),
+                    console.receive_master(CONSOLE_TIMEOUT)
+                );
+                ran?;
+                Some(master)
+            }
+            None => {
+                self.runtime.run_with_stdio(exec, stdio).await?;
+                None
+            }
+        };
+        let pid = read_pid_file(pid_file)?;
+        undo.started(pid);
+        undo.tracked(self.reaper.track(pid)?);
+        if let Some(master) = master {
+            undo.relay(stdio::relay_terminal(master?, paths)?);
+        }
+        Ok(())
     }
 
     /// Forgets an added process and reports its exit once it exits.
@@ -143,7 +187,7 @@ fn added_process(
         if !Path::new(&request.cwd).is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "cwd {} is not absolute",
-                request.cwd
+                crate::error::quote(&request.cwd)
             )));
         }
         process.set_cwd(PathBuf::from(&request.cwd));
@@ -194,6 +238,7 @@ mod tests {
             user: None,
             terminal: false,
             stdio: StdioPaths::default(),
+            max_spec_bytes: 1024,
         }
     }
 

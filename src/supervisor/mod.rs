@@ -3,14 +3,17 @@
 //! Owns: the registry (id → container), each container's state machine (reserved while it is
 //! being created, then running or paused, gone once its init has exited and it is deleted), its
 //! added processes, the state files, and the order of events for each container. One file per
-//! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `registry` holds
-//! the containers, `stdio`, `scratch` and `validate` serve the operations.
+//! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `operation` runs
+//! them as the supervisor's own tasks and undoes them; `registry` holds the containers,
+//! `stdio`, `scratch` and `validate` serve the operations.
 //! Does not own: argv (runtime), process spawning (spawn), exit collection (reaper), the wire
 //! format (api), the records it shares with them (model).
 
+mod caller;
 mod checkpoint;
 mod create;
 mod exec;
+mod operation;
 mod recovery;
 mod registry;
 mod scratch;
@@ -24,12 +27,15 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use crate::client_fs::Peer;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::reaper::Reaper;
 use crate::runtime::Runtime;
 use crate::stats::StatsHub;
 use crate::store::Store;
+pub(crate) use caller::Caller;
+pub use caller::ClientFileLimits;
 pub(crate) use create::CreateRequest;
 pub(crate) use exec::{ExecRequest, User};
 pub(crate) use registry::ContainerInfo;
@@ -55,9 +61,14 @@ pub struct Supervisor {
     next_scratch: AtomicU64,
     machine: Machine,
     checkpoint_locks: checkpoint::BundleLocks,
+    in_flight: Arc<operation::InFlight>,
+    client_files: ClientFileLimits,
 }
 
 impl Supervisor {
+    // Each argument is a part the wiring (daemon::run) builds and owns; a struct of them would
+    // only restate this list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         runtime: Runtime,
         reaper: Arc<Reaper>,
@@ -66,6 +77,7 @@ impl Supervisor {
         store: Store,
         scratch: PathBuf,
         machine: Machine,
+        client_files: ClientFileLimits,
     ) -> Result<Arc<Self>> {
         // Scratch files belong to requests in flight; any found now are from a berthd that died.
         if scratch.exists() {
@@ -83,6 +95,8 @@ impl Supervisor {
             next_scratch: AtomicU64::new(0),
             machine,
             checkpoint_locks: checkpoint::BundleLocks::default(),
+            in_flight: Arc::default(),
+            client_files,
         }))
     }
 
@@ -96,5 +110,12 @@ impl Supervisor {
 
     pub(crate) fn machine(&self) -> &Machine {
         &self.machine
+    }
+
+    /// `peer` as the requests it makes are checked: against what it may open itself, and never
+    /// inside berthd's state directory (the scratch directory's parent, `<state-dir>/tmp`).
+    pub(crate) fn caller(&self, peer: Peer) -> Arc<Caller> {
+        let state_dir = self.scratch.parent().unwrap_or(&self.scratch).to_owned();
+        Arc::new(Caller::new(peer, state_dir, self.client_files))
     }
 }

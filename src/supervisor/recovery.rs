@@ -5,15 +5,18 @@
 //! (store).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::registry::{Container, Mutable, Process, Status};
+use super::scratch::ScratchFiles;
 use super::{StdioPaths, Supervisor, validate};
+use crate::client_fs::Peer;
 use crate::error::Result;
 use crate::events::EventKind;
 use crate::reaper::UNKNOWN_EXIT;
-use crate::runtime::Operation;
+use crate::runtime::{Operation, SpawnStdio};
 use crate::store::{ContainerRecord, ProcessRecord};
 
 /// What a recovery found, for the start-up log.
@@ -35,15 +38,30 @@ impl Supervisor {
         let mut recovery = Recovery::default();
         let listed = self.runtime_statuses().await;
         let records = self.store.load_all()?;
-        for record in &records {
+        // Every bundle's config at once, each bounded: one that hangs costs one bound in all.
+        let base_processes =
+            futures_util::future::join_all(records.iter().map(|r| self.recorded_process(r))).await;
+        for (record, base_process) in records.iter().zip(base_processes) {
             if let Err(e) = validate::container_id(&record.id) {
                 tracing::error!(error = %e, "state file with an invalid id skipped");
                 continue;
             }
-            let init = match self
-                .reaper
-                .adopt(record.init.pid as i32, record.init.start_time)
-            {
+            let confirmed = self.confirmed(record, listed.get(&record.id));
+            // A live runtime container the record does not match is not the record's to kill.
+            let unmatched_live = confirmed.is_err()
+                && listed
+                    .get(&record.id)
+                    .is_some_and(|l| l.status != "stopped");
+            let init = match confirmed {
+                Err(why) => {
+                    tracing::warn!(id = %record.id, pid = record.init.pid, why, "the runtime does not confirm this record; not adopted");
+                    Ok(None)
+                }
+                Ok(()) => self
+                    .reaper
+                    .adopt(record.init.pid as i32, record.init.start_time),
+            };
+            let init = match init {
                 Ok(init) => init,
                 Err(e) => {
                     tracing::error!(id = %record.id, error = %e, "could not adopt; left as it is");
@@ -52,20 +70,20 @@ impl Supervisor {
             };
             match init {
                 Some(init) => {
-                    let status = match listed.get(&record.id).map(String::as_str) {
+                    let status = match listed.get(&record.id).map(|l| l.status.as_str()) {
                         Some("paused") => Status::Paused,
-                        Some(_) => Status::Running,
-                        None => {
-                            tracing::warn!(id = %record.id, "the runtime no longer knows this running container; pause and resume will fail");
-                            Status::Running
-                        }
+                        _ => Status::Running,
                     };
-                    self.adopt(record, init, status, replay);
+                    self.adopt(record, init, status, base_process, replay);
                     recovery.adopted += 1;
                 }
                 None => {
-                    tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
-                    self.delete_from_runtime(&record.id).await;
+                    if unmatched_live {
+                        tracing::error!(id = %record.id, "a live runtime container of this id does not match its record; left running for an operator (runtime delete --force to remove it)");
+                    } else {
+                        tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
+                        self.delete_from_runtime(&record.id).await;
+                    }
                     if let Err(e) = self.store.remove(&record.id) {
                         tracing::error!(id = %record.id, error = %e, "could not remove the state file");
                     }
@@ -92,22 +110,60 @@ impl Supervisor {
         Ok(recovery)
     }
 
-    /// Status of every container the runtime holds, by id.
-    async fn runtime_statuses(&self) -> HashMap<String, String> {
-        #[derive(serde::Deserialize)]
-        struct Listed {
-            id: String,
-            status: String,
+    /// Whether the runtime confirms `record`: it holds a live container of that id, with that
+    /// init pid, from that bundle. A record the runtime does not confirm is never adopted, so a
+    /// forged or stale record cannot make berthd signal a process that is not its container's.
+    fn confirmed(&self, record: &ContainerRecord, listed: Option<&Listed>) -> Result<(), String> {
+        let Some(listed) = listed else {
+            return Err("the runtime holds no container of this id".into());
+        };
+        if listed.status == "stopped" || listed.pid != record.init.pid {
+            return Err(format!(
+                "the runtime reports init pid {} ({}), the record {}",
+                listed.pid, listed.status, record.init.pid
+            ));
         }
-        match self.runtime.run(Operation::List).await {
-            Ok(out) => serde_json::from_str::<Option<Vec<Listed>>>(&out)
+        if listed.bundle != record.bundle {
+            return Err(format!(
+                "the runtime reports bundle {}, the record {}",
+                listed.bundle.display(),
+                record.bundle.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The bundle's process of a record, the base of later added processes: read as berthd
+    /// reads any client's config (no link, bounded size, off the reactor within a bound), or
+    /// the recorded init's process when it cannot be.
+    async fn recorded_process(&self, record: &ContainerRecord) -> serde_json::Value {
+        let caller = self.caller(Peer::root());
+        let path = record.bundle.display().to_string();
+        match super::validate::bundle(&path, &caller).await {
+            Ok((_, spec)) => spec
+                .process()
+                .clone()
+                .and_then(|process| serde_json::to_value(process).ok()),
+            Err(e) => {
+                tracing::warn!(id = %record.id, error = %e, "bundle config unreadable; added processes will run with the recorded process only");
+                None
+            }
+        }
+        .unwrap_or_else(|| minimal_process(&record.init))
+    }
+
+    /// Every container the runtime holds, by id. The list goes to a scratch file rather than
+    /// through the spawn helper's capture, which is cut at 16 KiB (about 60 containers).
+    async fn runtime_statuses(&self) -> HashMap<String, Listed> {
+        match self.runtime_list().await {
+            Ok(bytes) => serde_json::from_slice::<Option<Vec<Listed>>>(&bytes)
                 .unwrap_or_else(|e| {
                     tracing::error!(error = %e, "could not parse the runtime's container list");
                     None
                 })
                 .unwrap_or_default()
                 .into_iter()
-                .map(|l| (l.id, l.status))
+                .map(|l| (l.id.clone(), l))
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "could not list the runtime's containers");
@@ -116,24 +172,42 @@ impl Supervisor {
         }
     }
 
+    async fn runtime_list(&self) -> Result<Vec<u8>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.scratch_path(".list");
+        let _scratch = ScratchFiles(vec![path.clone()]);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| crate::error::Error::io(&path, e))?;
+        let stdio = [
+            SpawnStdio::Null,
+            SpawnStdio::Fd(file.into()),
+            SpawnStdio::Capture,
+        ];
+        self.runtime.run_with_stdio(Operation::List, stdio).await?;
+        std::fs::read(&path).map_err(|e| crate::error::Error::io(&path, e))
+    }
+
     fn adopt(
         self: &Arc<Self>,
         record: &ContainerRecord,
         init: crate::reaper::TrackedProcess,
         status: Status,
+        base_process: serde_json::Value,
         replay: Duration,
     ) {
-        let base_process = super::validate::bundle(&record.bundle.display().to_string())
-            .ok()
-            .and_then(|(_, spec)| spec.process().clone())
-            .and_then(|process| serde_json::to_value(process).ok())
-            .unwrap_or_else(|| {
-                tracing::warn!(id = %record.id, "bundle config unreadable; added processes will run with the recorded process only");
-                minimal_process(&record.init)
-            });
         let mut added = Vec::new();
         for process in &record.processes {
-            match self.reaper.adopt(process.pid as i32, process.start_time) {
+            let adopted = if same_cgroup(record.init.pid, process.pid) {
+                self.reaper.adopt(process.pid as i32, process.start_time)
+            } else {
+                tracing::warn!(id = %record.id, pid = process.pid, "recorded added process is not in its container's cgroup; not adopted");
+                Ok(None)
+            };
+            match adopted {
                 Ok(Some(tracked)) => added.push(Arc::new(Process {
                     tracked,
                     spec: process.spec.clone(),
@@ -157,6 +231,7 @@ impl Supervisor {
                 stdout: record.stdout.clone(),
                 stderr: record.stderr.clone(),
                 console: record.console.clone(),
+                caller: None,
             },
             base_process,
             init: Arc::new(Process {
@@ -182,6 +257,22 @@ impl Supervisor {
         }
         self.watch_init(container);
     }
+}
+
+/// A container as `runtime list --format json` reports it.
+#[derive(serde::Deserialize)]
+struct Listed {
+    id: String,
+    pid: u32,
+    status: String,
+    bundle: PathBuf,
+}
+
+/// Whether `pid` is in the same cgroups as the init `init`, as every process `runtime exec`
+/// starts is: a recorded added process elsewhere is not the container's.
+fn same_cgroup(init: u32, pid: u32) -> bool {
+    let cgroups = |pid: u32| std::fs::read(format!("/proc/{pid}/cgroup")).ok();
+    matches!((cgroups(init), cgroups(pid)), (Some(a), Some(b)) if a == b)
 }
 
 /// The process an added process starts from when the bundle can no longer be read.

@@ -77,6 +77,18 @@ pub(super) struct Container {
 }
 
 impl Container {
+    fn info(&self) -> ContainerInfo {
+        let mutable = self.lock();
+        let mut processes = vec![(self.init.pid(), self.init.spec.clone())];
+        processes.extend(mutable.added.iter().map(|p| (p.pid(), p.spec.clone())));
+        ContainerInfo {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            status: mutable.status,
+            processes,
+        }
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, Mutable> {
         self.mutable.lock().expect("container lock poisoned")
     }
@@ -201,21 +213,13 @@ impl Supervisor {
                 Slot::Reserved => None,
             })
             .collect();
-        let mut infos: Vec<ContainerInfo> = live
-            .iter()
-            .map(|c| {
-                let mutable = c.lock();
-                let mut processes = vec![(c.init.pid(), c.init.spec.clone())];
-                processes.extend(mutable.added.iter().map(|p| (p.pid(), p.spec.clone())));
-                ContainerInfo {
-                    id: c.id.clone(),
-                    bundle: c.bundle.clone(),
-                    status: mutable.status,
-                    processes,
-                }
-            })
-            .collect();
+        let mut infos: Vec<ContainerInfo> = live.iter().map(|c| c.info()).collect();
         infos.sort_by(|a, b| a.id.cmp(&b.id));
         infos
+    }
+
+    /// Container `id` as State reports it.
+    pub(crate) fn container_info(&self, id: &str) -> Result<ContainerInfo> {
+        Ok(self.container(id)?.info())
     }
 }

@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::OFlags;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixListener;
 
+use super::caller::{Caller, shown};
+use crate::client_fs::Access;
 use crate::error::{Error, Result};
 use crate::runtime::SpawnStdio;
 use crate::spawn::fdpass;
@@ -21,34 +23,30 @@ use crate::spawn::fdpass;
 /// How long a runtime may take to hand over a pty master once it has been started.
 pub const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The client's stdio paths for a process; empty means none (`/dev/null`).
+/// The client's stdio paths for a process; empty means none (`/dev/null`). They are opened as
+/// the request's caller may open them (see [`Caller::open_stdio`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StdioPaths {
     pub stdin: String,
     pub stdout: String,
     pub stderr: String,
     pub console: String,
+    /// Who named them; `None` for paths read back from a state file, which are never opened.
+    pub caller: Option<Arc<Caller>>,
 }
 
 impl StdioPaths {
-    /// Every non-empty path must be absolute and exist: berthd never creates one.
+    /// Every non-empty path must be absolute (the rest is checked when it is opened).
     pub fn check(&self) -> Result<()> {
         for (name, path) in self.named() {
-            if path.is_empty() {
-                continue;
-            }
-            if !Path::new(path).is_absolute() {
+            if !path.is_empty() && !Path::new(path).is_absolute() {
                 return Err(Error::InvalidArgument(format!(
-                    "{name} path {path} is not absolute"
-                )));
-            }
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(Error::InvalidArgument(format!(
-                    "{name} path {path} cannot be used ({e}); berthd opens existing files only, make it first (for example with mkfifo)"
+                    "{name} path {} is not absolute",
+                    shown(Path::new(path))
                 )));
             }
         }
-        Ok(())
+        self.caller().map(drop)
     }
 
     fn named(&self) -> [(&'static str, &str); 4] {
@@ -60,59 +58,56 @@ impl StdioPaths {
         ]
     }
 
+    fn caller(&self) -> Result<&Caller> {
+        self.caller.as_deref().ok_or_else(|| {
+            Error::Internal("stdio paths without the caller to check them against".into())
+        })
+    }
+
     /// Opens stdin, stdout and stderr for a process without a terminal.
     pub fn open_all(&self) -> Result<[OwnedFd; 3]> {
+        let caller = self.caller()?;
         Ok([
-            open(&self.stdin, Direction::Input)?,
-            open(&self.stdout, Direction::Output)?,
-            open(&self.stderr, Direction::Output)?,
+            caller.open_stdio("stdin", &self.stdin, Access::Read)?,
+            caller.open_stdio("stdout", &self.stdout, Access::Write)?,
+            caller.open_stdio("stderr", &self.stderr, Access::Write)?,
         ])
+    }
+
+    /// What a pty master is relayed to: input from the console path or stdin, output to the
+    /// console path or stdout.
+    fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+        let caller = self.caller()?;
+        if self.console.is_empty() {
+            let input = (!self.stdin.is_empty())
+                .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
+                .transpose()?;
+            let output = (!self.stdout.is_empty())
+                .then(|| caller.open_stdio("stdout", &self.stdout, Access::Write))
+                .transpose()?;
+            return Ok((input, output));
+        }
+        let console = caller.open_stdio("console", &self.console, Access::ReadWrite)?;
+        let input = console
+            .try_clone()
+            .map_err(|e| Error::sys("duplicate the console descriptor", e))?;
+        Ok((Some(input), Some(console)))
     }
 }
 
-/// The stdio a runtime command gets: the client's paths, or nothing when a pty replaces them.
+/// The stdio a runtime command gets: the client's paths, or nothing when a pty replaces them
+/// (those are opened by [`relay_terminal`]; opening and closing a FIFO here would show its
+/// reader a writer that came and went).
 pub async fn process_stdio(paths: &StdioPaths, terminal: bool) -> Result<[SpawnStdio; 3]> {
     if terminal {
         return Ok([SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]);
     }
+    let caller = paths.caller()?;
     let paths = paths.clone();
-    // Opening a file can block (a slow filesystem); keep it off the reactor threads.
-    let fds = tokio::task::spawn_blocking(move || paths.open_all())
-        .await
-        .map_err(|e| Error::Internal(format!("open stdio: {e}")))??;
+    let fds = caller
+        .off_reactor("opening the stdio paths", move || paths.open_all())
+        .await?;
     Ok(fds.map(SpawnStdio::Fd))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    Input,
-    Output,
-    Both,
-}
-
-/// Opens `path` (or `/dev/null` when empty) without O_CREAT or O_TRUNC and without blocking.
-///
-/// A FIFO is opened for output with O_RDWR, since a write-only open fails (or blocks) until a
-/// reader appears; for input it is opened non-blocking, which always succeeds. The descriptor is
-/// switched back to blocking mode because it becomes the container's own stdio.
-pub fn open(path: &str, direction: Direction) -> Result<OwnedFd> {
-    let path = if path.is_empty() { "/dev/null" } else { path };
-    let is_fifo = std::fs::metadata(path)
-        .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
-        .map_err(|e| Error::io(path, e))?;
-    let access = match (direction, is_fifo) {
-        (Direction::Input, _) => OFlags::RDONLY,
-        (Direction::Output, true) | (Direction::Both, _) => OFlags::RDWR,
-        (Direction::Output, false) => OFlags::WRONLY | OFlags::APPEND,
-    };
-    let fd = rustix::fs::open(
-        path,
-        access | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(path, e.into()))?;
-    set_nonblocking(&fd, false).map_err(|e| Error::io(path, e))?;
-    Ok(fd)
 }
 
 fn set_nonblocking(fd: impl AsFd, on: bool) -> std::io::Result<()> {
@@ -254,24 +249,24 @@ async fn copy(from: &Endpoint, to: Option<&Endpoint>) {
     }
 }
 
+/// A running pty relay: its tasks end by themselves when the process side closes.
+pub struct Relay {
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Relay {
+    /// Stops relaying now (the operation that started the process failed).
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// Relays a pty master to the client's paths until the process side closes: output to the
 /// console path if one was given, else to stdout; input from the console path or stdin.
-pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<()> {
-    let (input, output) = if paths.console.is_empty() {
-        let input = (!paths.stdin.is_empty())
-            .then(|| open(&paths.stdin, Direction::Input))
-            .transpose()?;
-        let output = (!paths.stdout.is_empty())
-            .then(|| open(&paths.stdout, Direction::Output))
-            .transpose()?;
-        (input, output)
-    } else {
-        let console = open(&paths.console, Direction::Both)?;
-        let input = console
-            .try_clone()
-            .map_err(|e| Error::io(&paths.console, e))?;
-        (Some(input), Some(console))
-    };
+pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<Relay> {
+    let (input, output) = paths.open_relay()?;
     let endpoint = |fd: OwnedFd| Endpoint::new(fd).map_err(|e| Error::sys("relay terminal", e));
     let master = Arc::new(endpoint(master)?);
     let input = input.map(endpoint).transpose()?;
@@ -280,34 +275,37 @@ pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<()> {
         let master = Arc::clone(&master);
         tokio::spawn(async move { copy(&input, Some(&master)).await })
     });
-    tokio::spawn(async move {
+    let mut tasks: Vec<tokio::task::AbortHandle> =
+        to_master.iter().map(|t| t.abort_handle()).collect();
+    let from_master = tokio::spawn(async move {
         copy(&master, output.as_ref()).await;
         if let Some(task) = to_master {
             task.abort();
         }
     });
-    Ok(())
+    tasks.push(from_master.abort_handle());
+    Ok(Relay { tasks })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn as_root(dir: &Path) -> Option<Arc<Caller>> {
+        Some(Arc::new(Caller::berthd(dir.join("state"))))
+    }
+
     #[test]
-    fn missing_and_relative_paths_are_invalid_and_never_created() {
+    fn relative_paths_and_a_missing_caller_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("out").display().to_string();
-        let paths = StdioPaths {
-            stdout: missing.clone(),
-            ..Default::default()
-        };
-        assert!(matches!(paths.check(), Err(Error::InvalidArgument(_))));
-        assert!(!Path::new(&missing).exists());
         let relative = StdioPaths {
             stdin: "in".into(),
+            caller: as_root(dir.path()),
             ..Default::default()
         };
         assert!(matches!(relative.check(), Err(Error::InvalidArgument(_))));
+        let no_caller = StdioPaths::default();
+        assert!(matches!(no_caller.check(), Err(Error::Internal(_))));
     }
 
     #[test]
@@ -315,16 +313,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let fifo = fifo.display().to_string();
-        // Neither open may block although nobody has the other end open.
-        open(&fifo, Direction::Output).unwrap();
-        open(&fifo, Direction::Input).unwrap();
-
         let file = dir.path().join("log");
         std::fs::write(&file, "kept\n").unwrap();
-        let fd = open(file.to_str().unwrap(), Direction::Output).unwrap();
-        rustix::io::write(&fd, b"added\n").unwrap();
+        // Neither FIFO open may block although nobody has the other end open.
+        let paths = StdioPaths {
+            stdin: fifo.display().to_string(),
+            stdout: fifo.display().to_string(),
+            stderr: file.display().to_string(),
+            console: String::new(),
+            caller: as_root(dir.path()),
+        };
+        let [_, _, stderr] = paths.open_all().unwrap();
+        rustix::io::write(&stderr, b"added\n").unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept\nadded\n");
-        assert!(open("", Direction::Input).is_ok());
+        let empty = StdioPaths {
+            caller: as_root(dir.path()),
+            ..Default::default()
+        };
+        empty.open_all().unwrap();
     }
 }

@@ -3,6 +3,8 @@
 //! Owns: the status a container moves between (running, paused) and the events that say so.
 //! Does not own: freezing (the runtime) or signalling (reaper).
 
+use std::sync::Arc;
+
 use super::Supervisor;
 use super::registry::Status;
 use super::validate;
@@ -12,8 +14,21 @@ use crate::runtime::Operation;
 
 impl Supervisor {
     /// Freezes ("paused") or thaws ("running") the container, then signals its init if `signal`
-    /// is not 0.
-    pub(crate) async fn update(&self, id: &str, status: &str, signal: u32) -> Result<()> {
+    /// is not 0. The update is the supervisor's: a caller that goes away between the runtime's
+    /// pause and the recorded status cannot leave the two disagreeing.
+    pub(crate) async fn update(
+        self: &Arc<Self>,
+        id: &str,
+        status: &str,
+        signal: u32,
+    ) -> Result<()> {
+        let supervisor = Arc::clone(self);
+        let (id, status) = (id.to_owned(), status.to_owned());
+        self.owned(async move { supervisor.update_owned(&id, &status, signal).await })
+            .await
+    }
+
+    async fn update_owned(&self, id: &str, status: &str, signal: u32) -> Result<()> {
         let container = self.container(id)?;
         let target = match status {
             "" => None,
@@ -21,7 +36,8 @@ impl Supervisor {
             "running" => Some(Status::Running),
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "invalid status {other:?}: use \"paused\" or \"running\""
+                    "invalid status {}: use \"paused\" or \"running\"",
+                    crate::error::quote(other)
                 )));
             }
         };

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
+use super::caller::{Caller, shown};
 use crate::error::{Error, Result};
 
 /// Whether `name` matches `^[A-Za-z0-9][A-Za-z0-9_.-]{0,max-1}$`: a plain file name that can
@@ -25,7 +26,8 @@ pub fn container_id(id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid container id {id:?}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "invalid container id {}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            crate::error::quote(id)
         )))
     }
 }
@@ -42,8 +44,22 @@ pub fn signal(signal: u32) -> Result<i32> {
     }
 }
 
-/// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec.
-pub fn bundle(path: &str) -> Result<(PathBuf, Spec)> {
+/// Args plus env of one process must fit in `limit` bytes (each string with its NUL, as
+/// `execve` counts them): they are stored, sent in State and events, and passed to the runtime.
+pub fn process_spec_size(args: &[String], env: &[String], limit: usize) -> Result<()> {
+    let size: usize = args.iter().chain(env).map(|s| s.len() + 1).sum();
+    if size > limit {
+        return Err(Error::ResourceExhausted(format!(
+            "the process's args and env are {size} bytes, more than --max-process-spec-bytes ({limit})"
+        )));
+    }
+    Ok(())
+}
+
+/// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec,
+/// both opened as `caller` may open them: no symbolic link on the way, the config a regular file
+/// of bounded size, read off the reactor within a bound.
+pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Spec)> {
     if path.is_empty() {
         return Err(Error::InvalidArgument(
             "bundlePath is empty: give the absolute path of an OCI bundle".into(),
@@ -52,42 +68,32 @@ pub fn bundle(path: &str) -> Result<(PathBuf, Spec)> {
     let dir = Path::new(path);
     if !dir.is_absolute() {
         return Err(Error::InvalidArgument(format!(
-            "bundlePath {path} is not absolute"
+            "bundlePath {} is not absolute",
+            shown(dir)
         )));
     }
-    match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "bundlePath {path} is not a directory"
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::NotFound(format!("bundle {path} does not exist")));
-        }
-        Err(e) => return Err(Error::io(dir, e)),
-    }
+    caller.open_dir("bundle", dir).await?;
     let config = dir.join("config.json");
-    let bytes = match std::fs::read(&config) {
+    let bytes = match caller.read_file("config", config.clone()).await {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(Error::NotFound(_)) => {
             return Err(Error::NotFound(format!(
                 "{} does not exist: a bundle needs a config.json (runc spec makes one)",
-                config.display()
+                shown(&config)
             )));
         }
-        Err(e) => return Err(Error::io(&config, e)),
+        Err(e) => return Err(e),
     };
     let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| {
         Error::InvalidArgument(format!(
             "{} is not a valid OCI runtime spec: {e}",
-            config.display()
+            shown(&config)
         ))
     })?;
     if spec.process().is_none() {
         return Err(Error::InvalidArgument(format!(
             "{} has no process to run",
-            config.display()
+            shown(&config)
         )));
     }
     Ok((dir.to_owned(), spec))
@@ -119,6 +125,24 @@ mod tests {
     }
 
     #[test]
+    fn process_specs_are_bounded_by_args_and_env_together() {
+        let args = vec!["sh".to_owned(), "-c".to_owned()];
+        let env = vec!["A=1".to_owned()];
+        // "sh\0" + "-c\0" + "A=1\0" = 10 bytes.
+        assert!(process_spec_size(&args, &env, 10).is_ok());
+        let err = process_spec_size(&args, &env, 9).unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)));
+        assert_eq!(
+            err.to_string(),
+            "the process's args and env are 10 bytes, more than --max-process-spec-bytes (9)"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
+    }
+
+    #[test]
     fn signals() {
         assert_eq!(signal(9).unwrap(), 9);
         assert_eq!(signal(64).unwrap(), 64);
@@ -126,29 +150,44 @@ mod tests {
         assert!(signal(65).is_err());
     }
 
-    #[test]
-    fn bundles() {
+    #[tokio::test]
+    async fn bundles() {
+        use crate::client_fs::Peer;
+        use crate::supervisor::caller::ClientFileLimits;
+        let limits = ClientFileLimits {
+            max_bytes: 1 << 20,
+            timeout: std::time::Duration::from_secs(5),
+        };
+        let caller = Caller::new(Peer::root(), "/nonexistent-state".into(), limits);
+        let bundle = |path: &str| {
+            let path = path.to_owned();
+            let caller = caller.clone();
+            async move { super::bundle(&path, &caller).await }
+        };
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_str().unwrap();
-        assert!(matches!(bundle("rel/path"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(bundle(""), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            bundle("rel/path").await,
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(bundle("").await, Err(Error::InvalidArgument(_))));
         let missing = format!("{root}/missing");
-        match bundle(&missing) {
+        match bundle(&missing).await {
             Err(Error::NotFound(m)) => assert!(m.contains(&missing)),
             other => panic!("{other:?}"),
         }
-        match bundle(root) {
+        match bundle(root).await {
             Err(Error::NotFound(m)) => assert!(m.contains("config.json")),
             other => panic!("{other:?}"),
         }
         std::fs::write(dir.path().join("config.json"), "{not json").unwrap();
-        assert!(matches!(bundle(root), Err(Error::InvalidArgument(_))));
+        assert!(matches!(bundle(root).await, Err(Error::InvalidArgument(_))));
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#,
         )
         .unwrap();
-        let (path, spec) = bundle(root).unwrap();
+        let (path, spec) = bundle(root).await.unwrap();
         assert_eq!(path, dir.path());
         assert!(spec.process().is_some());
     }

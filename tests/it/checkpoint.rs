@@ -166,7 +166,7 @@ async fn a_failed_dump_reports_criu_and_leaves_the_container_running() {
             d.client
                 .create_checkpoint(checkpoint(&container, "c1", false))
                 .await,
-            Code::Internal,
+            Code::FailedPrecondition,
         );
         assert!(message.contains("runc checkpoint failed"), "{message}");
         assert!(

@@ -228,6 +228,8 @@ async fn runtime_failure_returns_the_runtime_error_and_leaves_nothing() {
                 .create_container(create_req(&id, &bundle))
                 .await
                 .expect_err("CreateContainer of a missing binary");
+            // The runtime refused the client's bundle: not berthd's internal error.
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             let message = status.message().to_lowercase();
             assert!(
                 message.contains("nonexistent") && message.contains("no such file"),
@@ -444,7 +446,7 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
         let mut d = daemon!(Options::args(&flags));
         let id = id("helper-dies");
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let helper = crate::common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        let helper = wait_for_spawn_helper(d.pid(), None).await;
         let mut client = d.client.clone();
         let request = create_req(&id, &bundle);
         let create = tokio::spawn(async move { client.create_container(request).await });
@@ -491,7 +493,7 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         d.assert_no_zombies().await;
-        crate::common::new_spawn_helper(d.pid(), helper).await;
+        wait_for_spawn_helper(d.pid(), Some(helper)).await;
     })
     .await
 }

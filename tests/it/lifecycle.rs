@@ -361,6 +361,48 @@ async fn sigint_removes_the_socket_and_leaves_containers_running() {
     within(stopping_leaves_containers_running(Signal::SIGINT)).await
 }
 
+/// README: "SIGTERM or SIGINT stops berthd cleanly: the socket is removed". A script that waits
+/// for the socket to appear and then stops berthd must be able to rely on that.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_once_the_socket_exists_stops_berthd_cleanly() {
+    within(async {
+        if !ready() {
+            return;
+        }
+        for round in 0..20 {
+            let dir = tempfile::TempDir::new().expect("temp dir");
+            let socket = dir.path().join("s.sock");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_berthd"))
+                .arg("--listen")
+                .arg(&socket)
+                .arg("--state-dir")
+                .arg(dir.path().join("state"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn berthd");
+            // The socket is there, as a script waiting for berthd would check.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !socket.exists() {
+                assert!(Instant::now() < deadline, "berthd never made its socket");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let pid = child.id();
+            let handled = catches(pid, libc::SIGTERM) && catches(pid, libc::SIGINT);
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let status = child.wait().expect("wait berthd");
+            assert!(
+                handled && status.success() && !socket.exists(),
+                "round {round}: socket there, SIGTERM/SIGINT handled: {handled}; after SIGTERM: \
+                 {status}, socket left: {}",
+                socket.exists()
+            );
+        }
+    })
+    .await
+}
+
 /// Runs a berthd expected to refuse to start: returns whether it exited successfully and what
 /// it printed, killing it if it serves instead.
 fn refused_berthd(socket: &Path, state_dir: &Path, extra: &[&str]) -> (bool, String) {
@@ -556,7 +598,7 @@ async fn terminal_output_goes_to_the_console_path_when_given() {
 async fn a_killed_spawn_helper_is_replaced() {
     within(async {
         let mut d = daemon!();
-        let helper = crate::common::spawn_helper(d.pid()).expect("berthd has a spawn helper");
+        let helper = wait_for_spawn_helper(d.pid(), None).await;
         kill(Pid::from_raw(helper as i32), Signal::SIGKILL).expect("kill the helper");
 
         // A request racing the restart may fail with Unavailable; soon one must succeed.
@@ -574,7 +616,7 @@ async fn a_killed_spawn_helper_is_replaced() {
                 Err(status) => panic!("CreateContainer after the helper died: {status:?}"),
             }
         };
-        crate::common::new_spawn_helper(d.pid(), helper).await;
+        wait_for_spawn_helper(d.pid(), Some(helper)).await;
         d.signal(&id, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&id, pid).await, 137);
         d.assert_gone(&id).await;

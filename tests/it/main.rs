@@ -4,13 +4,18 @@
 #[macro_use]
 mod common;
 
+mod cancel;
 mod checkpoint;
 mod claims;
 mod errors;
 mod events;
 mod interop;
 mod lifecycle;
+mod limits;
 mod process;
 mod raw_http2;
+mod recovery;
 mod restart;
 mod stats;
+mod trust;
+mod upgrade;

@@ -241,6 +241,44 @@ async fn a_container_that_ended_while_berthd_was_down_is_reported_and_its_id_fre
     .await;
 }
 
+/// README: restart's `live` and `exit` events are replayed to subscribers that connect within
+/// `--recovery-replay` seconds, and only to those.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_events_are_replayed_only_within_the_recovery_replay_window() {
+    within(async {
+        let mut daemon = daemon!();
+        let kept = daemon.run("replayed", &["sleep", "1000"]).await;
+        daemon.crash();
+        daemon
+            .start_again_with(Options::args(&["--recovery-replay", "2"]))
+            .await;
+        let started = Instant::now();
+
+        let mut early = daemon.events().await;
+        let live = early.wait_for("live", |e| e.r#type == "live").await;
+        assert_eq!((live.id.as_str(), live.pid), (kept.id.as_str(), kept.pid));
+
+        // The window is what is under test here, so the test waits it out.
+        tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut late = daemon.events().await;
+        let other = daemon.run("after-window", &["sleep", "1000"]).await;
+        let first = late.next().await;
+        assert_eq!(
+            (first.r#type.as_str(), first.id.as_str()),
+            ("start-container", other.id.as_str()),
+            "a subscriber after the window got a replayed event first: {first:?}"
+        );
+        daemon.kill_container(&mut late, &other.id, other.pid).await;
+        // Adopted: its code comes from the kernel, where the kernel gives it.
+        daemon.signal(&kept.id, kept.pid, SIGKILL).await;
+        let expected = adopted_sigkill_status();
+        assert_eq!(late.exit_status(&kept.id, kept.pid).await, expected);
+        daemon.assert_gone(&kept.id).await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_state_file_is_skipped_with_a_log_line_naming_it() {
     within(async {

@@ -237,7 +237,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 async fn fetch_state(client: &mut ApiClient<Channel>) -> Result<StateResponse, Error> {
-    Ok(client.state(StateRequest {}).await?.into_inner())
+    Ok(client.state(StateRequest::default()).await?.into_inner())
 }
 
 async fn init_process(client: &mut ApiClient<Channel>, id: &str) -> Result<Process, Error> {

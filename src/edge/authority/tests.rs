@@ -2,8 +2,7 @@ use loona_hpack::{Decoder, Encoder};
 
 use super::*;
 
-#[path = "../../../tests/it/common/hpack.rs"]
-mod hpack;
+use crate::edge::test_hpack as hpack;
 
 type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 

@@ -3,8 +3,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-#[path = "../../../tests/it/common/hpack.rs"]
-mod encode;
+use crate::edge::test_hpack as encode;
 
 type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 

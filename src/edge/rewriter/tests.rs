@@ -4,8 +4,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::edge::frames::{PADDED, PREFACE};
 
-#[path = "../../../tests/it/common/hpack.rs"]
-mod hpack;
+use crate::edge::test_hpack as hpack;
 
 type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -213,9 +212,12 @@ fn a_large_rewritten_block_is_split_at_the_frame_size_limit() {
     assert_eq!(headers[5].1.len(), 40_000);
 }
 
+/// Writes frames onto a connection's bytes.
+type Writes = dyn Fn(&mut Vec<u8>);
+
 #[test]
 fn broken_framing_ends_the_connection() {
-    let broken: [&dyn Fn(&mut Vec<u8>); 5] = [
+    let broken: [&Writes; 5] = [
         &|w| frame(CONTINUATION, END_HEADERS, 1, &[0x82], w),
         &|w| {
             frame(HEADERS, 0, 1, &[0x82], w);

@@ -227,6 +227,7 @@ impl Daemon {
         if let Some(status) = daemon.try_wait() {
             panic!("berthd exited right after start: {status}");
         }
+        daemon.wait_for_signal_handlers().await;
         Some(daemon)
     }
 
@@ -456,8 +457,9 @@ impl Daemon {
         }
     }
 
-    /// Container `id` is gone everywhere: runtime state, every cgroup its init was in, registry
-    /// and state file.
+    /// Container `id` is gone everywhere: from the runtime and the registry at once (README:
+    /// before its exit event), and its state file and every cgroup its init was in soon after
+    /// (DESIGN: their removal follows the event).
     pub async fn assert_gone(&mut self, id: &str) {
         let runtime = self.runtime_ids();
         assert!(
@@ -472,9 +474,20 @@ impl Daemon {
             .map(|c| c.id)
             .collect();
         assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
-        let file = self.state_file(id);
-        assert!(!file.exists(), "state file left behind: {}", file.display());
-        self.assert_cgroups_gone(id).await;
+        let mut left = self.cgroup_dirs(id);
+        left.push(self.state_file(id));
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            left.retain(|path| path.exists());
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind by {id} (state file, cgroups): {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A request failed: nothing of `id` may remain, and berthd holds no fd or child that it did
@@ -488,7 +501,7 @@ impl Daemon {
     /// Records the cgroup directories of container `id`'s init `pid`: those of every line of its
     /// /proc/<pid>/cgroup that berthd itself is not in (so never a hierarchy's root or berthd's
     /// own group). An init that is already gone leaves only the guesses of `assert_cgroups_gone`.
-    fn record_cgroups(&mut self, id: &str, pid: u32) {
+    pub fn record_cgroups(&mut self, id: &str, pid: u32) {
         let own = cgroups_of(self.pid());
         let dirs: Vec<PathBuf> = cgroups_of(pid)
             .into_iter()
@@ -498,8 +511,8 @@ impl Daemon {
     }
 
     /// Every cgroup directory recorded for `id`, and where runc puts a container without
-    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group), is gone.
-    async fn assert_cgroups_gone(&mut self, id: &str) {
+    /// `cgroupsPath` (`<id>` under each hierarchy's root and under berthd's own group).
+    fn cgroup_dirs(&mut self, id: &str) -> Vec<PathBuf> {
         let mut dirs = self.cgroups.remove(id).unwrap_or_default();
         for mount in cgroup_mounts() {
             dirs.push(mount.dir.join(id));
@@ -509,18 +522,7 @@ impl Daemon {
         }
         dirs.sort();
         dirs.dedup();
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let left: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cgroups left for {id}: {left:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        dirs
     }
 
     // ----- stopping and restarting -----
@@ -539,12 +541,31 @@ impl Daemon {
         child.wait().expect("wait for berthd");
     }
 
+    /// Waits until berthd handles SIGTERM and SIGINT, so that a test's `stop` is the clean stop
+    /// README promises. berthd serves a moment before it installs them (tested on its own by
+    /// `lifecycle::sigterm_once_the_socket_exists_stops_berthd_cleanly`).
+    async fn wait_for_signal_handlers(&self) {
+        let deadline = Instant::now() + SETTLE;
+        while !(catches(self.pid(), libc::SIGTERM) && catches(self.pid(), libc::SIGINT)) {
+            assert!(
+                Instant::now() < deadline,
+                "berthd serves but does not handle SIGTERM and SIGINT"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts a new berthd on the same socket and state dir after `crash` or `stop`.
     pub async fn start_again(&mut self) {
+        self.start_again_with(Options::default()).await;
+    }
+
+    /// `start_again` with more flags (the socket and binary stay those of the first start).
+    pub async fn start_again_with(&mut self, options: Options<'_>) {
         assert!(self.child.is_none(), "berthd is still running");
-        let options = Options::default();
         self.child = Some(spawn_berthd(self.dir.path(), &self.socket, &options));
         self.client = wait_for_socket(&self.socket, self.dir.path()).await;
+        self.wait_for_signal_handlers().await;
     }
 
     /// Sends `signal` to berthd and waits for it to exit.
@@ -589,7 +610,7 @@ pub struct Baseline {
 }
 
 /// The items of sorted `now` beyond those in sorted `before`, counting repeats.
-fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
+pub fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for fd in before {
         *counts.entry(fd).or_default() += 1;
@@ -639,8 +660,11 @@ fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
 async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        // A connection alone proves little: the socket listens (and the HTTP/2 client's
+        // handshake completes) before berthd has recovered and serves. An answered State does.
         if socket.exists()
-            && let Ok(client) = berth_api::client::connect(socket).await
+            && let Ok(mut client) = berth_api::client::connect(socket).await
+            && client.state(StateRequest::default()).await.is_ok()
         {
             return client;
         }
@@ -713,7 +737,7 @@ pub fn exec_req(id: &str, args: &[&str]) -> AddProcessRequest {
 }
 
 pub async fn state(client: &mut Client) -> StateResponse {
-    match client.state(StateRequest {}).await {
+    match client.state(StateRequest::default()).await {
         Ok(resp) => resp.into_inner(),
         Err(status) => panic!("State: {status:?}"),
     }
@@ -738,14 +762,38 @@ pub fn expect_code<T: std::fmt::Debug>(
 /// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
 /// sleeps `secs` seconds instead: a create through it hangs in `start` until berthd gives up.
 pub fn slow_start_runtime(dir: &Path, secs: u32) -> PathBuf {
+    slow_runtime(dir, "start", secs)
+}
+
+/// Writes, in `dir`, a runtime that is real runc for every command except `command`, which
+/// sleeps `secs` seconds instead.
+pub fn slow_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let runc = std::env::split_paths(&path)
         .map(|dir| dir.join("runc"))
         .find(|p| p.is_file())
         .expect("runc in PATH");
-    let script = dir.join("slow-start-runc");
+    let script = dir.join(format!("slow-{command}-runc"));
     let body = format!(
-        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = start ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
+        runc.display()
+    );
+    fs::write(&script, body).expect("write runtime script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
+    script
+}
+
+/// Writes, in `dir`, a runtime that is real runc, except that `command` first waits `secs`
+/// seconds: a request through it is in flight for that long and then completes for real.
+pub fn delayed_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let runc = std::env::split_paths(&path)
+        .map(|dir| dir.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc in PATH");
+    let script = dir.join(format!("delayed-{command}-runc"));
+    let body = format!(
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && sleep {secs}\ndone\nexec {} \"$@\"\n",
         runc.display()
     );
     fs::write(&script, body).expect("write runtime script");

@@ -97,6 +97,18 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     Some(ProcStat { state, ppid })
 }
 
+/// Whether `pid` has a handler for `signal` (its bit in /proc/<pid>/status `SigCgt`).
+pub fn catches(pid: u32, signal: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
 pub fn is_spawn_helper(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "berthd-spawn")
 }
@@ -114,19 +126,22 @@ pub fn descendants_of(pid: u32) -> Vec<u32> {
 }
 
 /// The live spawn helper among berthd's children, known by its process name.
-pub fn spawn_helper(berthd: u32) -> Option<u32> {
+fn spawn_helper(berthd: u32) -> Option<u32> {
     children_of(berthd)
         .into_iter()
         .find(|&pid| proc_stat(pid).is_some_and(|s| s.state != 'Z') && is_spawn_helper(pid))
 }
 
-/// Waits for a live spawn helper other than `old`: a restarted one names itself after exec.
-pub async fn new_spawn_helper(berthd: u32, old: u32) -> u32 {
+/// Waits for berthd's live spawn helper, other than `old` if given: a helper names itself
+/// after it starts, so right after berthd does it may not be known by name yet.
+pub async fn wait_for_spawn_helper(berthd: u32, old: Option<u32>) -> u32 {
     let deadline = Instant::now() + SETTLE;
     loop {
         match spawn_helper(berthd) {
-            Some(pid) if pid != old => return pid,
-            _ if Instant::now() > deadline => panic!("berthd has no new spawn helper"),
+            Some(pid) if Some(pid) != old => return pid,
+            _ if Instant::now() > deadline => {
+                panic!("berthd has no spawn helper (other than {old:?})")
+            }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }

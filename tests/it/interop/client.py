@@ -36,6 +36,13 @@ def watch(stream):
         events.append(event)
 
 
+def wait_for_event(what, matches):
+    deadline = time.time() + 20
+    while not any(matches(e) for e in events):
+        assert time.time() < deadline, f"no {what} within 20 s; saw {events}"
+        time.sleep(0.05)
+
+
 stream = api.Events(pb.EventsRequest())
 watcher = threading.Thread(target=watch, args=(stream,), daemon=True)
 # The response headers arrive once berthd has subscribed this stream: from then on, nothing
@@ -70,6 +77,8 @@ expect(C.NOT_FOUND, lambda: next(api.GetStats(pb.StatsRequest(id=cid + "x"))))
 expect(C.INVALID_ARGUMENT, lambda: api.AddProcess(pb.AddProcessRequest(id=cid)))
 expect(C.NOT_FOUND, lambda: api.AddProcess(pb.AddProcessRequest(id=cid + "x", args=["true"])))
 added = api.AddProcess(pb.AddProcessRequest(id=cid, args=["sh", "-c", "exit 5"], user=pb.User(uid=0, gid=0))).pid
+# Its exit comes before the pause below only once it has happened: wait for the event.
+wait_for_event("exit of the added process", lambda e: e.type == "exit" and e.pid == added)
 
 expect(C.INVALID_ARGUMENT, lambda: api.UpdateContainer(pb.UpdateContainerRequest(id=cid, status="frozen")))
 expect(C.NOT_FOUND, lambda: api.UpdateContainer(pb.UpdateContainerRequest(id=cid + "x", status="paused")))
@@ -85,9 +94,7 @@ expect(C.NOT_FOUND, lambda: api.DeleteCheckpoint(pb.DeleteCheckpointRequest(id=c
 expect(C.INVALID_ARGUMENT, lambda: api.DeleteCheckpoint(pb.DeleteCheckpointRequest(id=cid, name="")))
 
 api.UpdateContainer(pb.UpdateContainerRequest(id=cid, status="running", signal=9))
-deadline = time.time() + 20
-while time.time() < deadline and not any(e.type == "exit" and e.pid == pid for e in events):
-    time.sleep(0.05)
+wait_for_event("exit of the init", lambda e: e.type == "exit" and e.pid == pid)
 seen = [(e.type, e.id, e.pid, e.status) for e in events if e.id == cid]
 assert seen == [
     ("start-container", cid, pid, 0),

@@ -1,0 +1,91 @@
+//! Who is calling: every request carries the peer of its connection, read from `SO_PEERCRED`
+//! (tonic's `UdsConnectInfo`) with its supplementary groups. Only uid 0 and members of
+//! `--group` are served; what needs uid 0 asks [`require_root`]. Mutating requests leave one
+//! audit line each.
+//!
+//! Owns: reading and admitting the peer, the audit line. Does not own: checking the paths a
+//! peer names (supervisor, client_fs).
+
+use tonic::{Request, Status};
+
+use crate::client_fs::Peer;
+use crate::error::Error;
+
+/// Admits a request's peer (uid 0, or a member of the socket's group) and attaches it to the
+/// request, for the services to read with [`peer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    group: u32,
+}
+
+impl Gate {
+    /// `group`: the gid owning the socket, whose members may use the API.
+    pub fn new(group: u32) -> Self {
+        Gate { group }
+    }
+
+    fn admit(
+        &self,
+        info: Option<&tonic::transport::server::UdsConnectInfo>,
+    ) -> Result<Peer, Error> {
+        let Some(cred) = info.and_then(|info| info.peer_cred) else {
+            return Err(Error::PermissionDenied(
+                "the peer's credentials could not be read from the connection; connect over berthd's unix socket".into(),
+            ));
+        };
+        let pid = cred.pid().map_or(0, |pid| pid.max(0) as u32);
+        let peer = Peer::from_credentials(pid, cred.uid(), cred.gid())?;
+        if peer.is_root() || peer.in_group(self.group) {
+            return Ok(peer);
+        }
+        Err(Error::PermissionDenied(format!(
+            "uid {} (pid {pid}) is neither root nor a member of berthd's group (gid {}); ask an administrator to add it",
+            peer.uid, self.group
+        )))
+    }
+}
+
+impl tonic::service::Interceptor for Gate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let peer = self.admit(
+            request
+                .extensions()
+                .get::<tonic::transport::server::UdsConnectInfo>(),
+        )?;
+        request.extensions_mut().insert(peer);
+        Ok(request)
+    }
+}
+
+/// The peer [`Gate`] attached to `request`.
+pub fn peer<T>(request: &Request<T>) -> Result<Peer, Status> {
+    request.extensions().get::<Peer>().cloned().ok_or_else(|| {
+        Status::from(Error::Internal(
+            "a request reached a service without passing the peer gate".into(),
+        ))
+    })
+}
+
+/// Refuses `rpc` to a peer other than uid 0.
+pub fn require_root(peer: &Peer, rpc: &str) -> Result<(), Status> {
+    if peer.is_root() {
+        return Ok(());
+    }
+    Err(Status::from(Error::PermissionDenied(format!(
+        "{rpc} replaces berthd's running image, which only uid 0 may ask; uid {} is a member of berthd's group, not root",
+        peer.uid
+    ))))
+}
+
+/// One line per mutating request: who asked what, of which container.
+pub fn audit(peer: &Peer, rpc: &str, id: &str) {
+    tracing::info!(
+        target: "berth::audit",
+        peer_uid = peer.uid,
+        peer_gid = peer.gid,
+        peer_pid = peer.pid,
+        rpc,
+        id,
+        "request"
+    );
+}

@@ -1,0 +1,503 @@
+//! Inside a directory berthd already holds (a bundle): opening, listing, creating and removing
+//! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`, so nothing
+//! outside it is ever touched.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+use super::{
+    BENEATH, MAX_PATH_BYTES, MAX_REMOVE_DEPTH, Peer, READ, SEARCH, WRITE, fd_path, kind_name,
+    mode_and_owner, permission_denied, reopen, same_file, shown, truncate,
+};
+use crate::error::{Error, Result};
+
+/// `<dir>/<relative>`, resolved beneath `dir` one component at a time with `openat2`
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: a symbolic link or `..` anywhere is refused. It must
+/// be a directory or a regular file; `flags` are its access mode plus `O_DIRECTORY` or `O_PATH`
+/// (anything that creates or truncates is refused). The peer must be allowed to search every
+/// directory on the way and to use the file with that access mode.
+pub fn open_beneath(dir: &OwnedFd, relative: &Path, flags: OFlags, peer: &Peer) -> Result<OwnedFd> {
+    let creating = OFlags::CREATE | OFlags::EXCL | OFlags::TRUNC;
+    if flags.intersects(creating) || flags.contains(OFlags::TMPFILE) {
+        return Err(Error::Internal(format!(
+            "open_beneath was asked to create or truncate {}",
+            shown(relative)
+        )));
+    }
+    let beneath = Beneath::new(dir, relative)?;
+    let (parent, leaf) = beneath.parent(peer)?;
+    let handle = beneath.open(parent.as_fd(), leaf, OFlags::PATH, ResolveFlags::empty())?;
+    let st = rustix::fs::fstat(&handle).map_err(|e| beneath.io(e))?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::Directory && kind != FileType::RegularFile {
+        return Err(Error::InvalidArgument(format!(
+            "{} is {}; berthd opens only directories and regular files there",
+            beneath.shown(),
+            kind_name(&st)
+        )));
+    }
+    if flags.contains(OFlags::DIRECTORY) && kind != FileType::Directory {
+        return Err(Error::InvalidArgument(format!(
+            "{} is {}, not a directory",
+            beneath.shown(),
+            kind_name(&st)
+        )));
+    }
+    if flags.contains(OFlags::PATH) {
+        return Ok(handle);
+    }
+    let want = match flags & OFlags::ACCMODE {
+        mode if mode == OFlags::WRONLY => WRITE,
+        mode if mode == OFlags::RDWR => READ | WRITE,
+        _ => READ,
+    };
+    if !peer.may(&st, want) {
+        return Err(permission_denied(
+            beneath.shown(),
+            format!(
+                "{} may not {} it ({}); give it that access first",
+                peer.describe(),
+                match want {
+                    READ => "read",
+                    WRITE => "write",
+                    _ => "read and write",
+                },
+                mode_and_owner(&st)
+            ),
+        ));
+    }
+    let fd = reopen(&handle, flags - OFlags::NOFOLLOW).map_err(|e| beneath.io(e))?;
+    same_file(&fd, &st).map_err(|why| {
+        Error::InvalidArgument(format!(
+            "{} {why}; do not change it while berthd opens it",
+            beneath.shown()
+        ))
+    })?;
+    Ok(fd)
+}
+
+/// The names of the real directories (not symbolic links, not files) directly in
+/// `<dir>/<relative>`, sorted; empty when `<dir>/<relative>` does not exist. Names that are not
+/// UTF-8 are left out (a client could not name them back). More than `max` directories is
+/// refused, naming the limit. The peer must be allowed to read the directory.
+pub fn list_dirs_beneath(
+    dir: &OwnedFd,
+    relative: &Path,
+    peer: &Peer,
+    max: usize,
+) -> Result<Vec<String>> {
+    let fd = match open_beneath(dir, relative, OFlags::RDONLY | OFlags::DIRECTORY, peer) {
+        Ok(fd) => fd,
+        Err(Error::NotFound(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let shown_dir = truncate(format!("{}/{}", fd_path(dir), relative.display()));
+    let io = |e: Errno| Error::io(&shown_dir, e.into());
+    let mut entries = Dir::new(fd).map_err(io)?;
+    let mut names = Vec::new();
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let kind = match entry.file_type() {
+            FileType::Unknown => {
+                let st = rustix::fs::statat(
+                    entries.fd().map_err(io)?,
+                    entry.file_name(),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                );
+                match st {
+                    Ok(st) => FileType::from_raw_mode(st.st_mode),
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            kind => kind,
+        };
+        if kind != FileType::Directory {
+            continue;
+        }
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        if names.len() == max {
+            return Err(Error::ResourceExhausted(format!(
+                "{shown_dir} holds more than {max} directories, the most berthd lists; remove some"
+            )));
+        }
+        names.push(name.to_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Removes `<dir>/<relative>` and, when it is a directory, everything in it, never through a
+/// symbolic link: the path to it is resolved beneath `dir` as in [`open_beneath`]; inside, each
+/// directory is opened `O_NOFOLLOW` with `RESOLVE_NO_XDEV` relative to its parent's descriptor
+/// and its entries are removed with `unlinkat`, so a symbolic link inside is removed itself and
+/// never followed, and a mount point inside stops the removal instead of being emptied.
+///
+/// `<dir>/<relative>` itself must not be a symbolic link (it is refused, as
+/// [`list_dirs_beneath`] does not list it). The peer must be allowed to write to and search
+/// the directory that holds it (and own it or the directory, when that one is sticky).
+/// At most [`MAX_REMOVE_DEPTH`] levels are descended.
+pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()> {
+    let beneath = Beneath::new(dir, relative)?;
+    let (parent, leaf) = beneath.parent(peer)?;
+    let parent_st = rustix::fs::fstat(&parent).map_err(|e| beneath.io(e))?;
+    let st = match rustix::fs::statat(&parent, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => {
+            return Err(Error::NotFound(format!(
+                "{} does not exist",
+                beneath.shown()
+            )));
+        }
+        Err(e) => return Err(beneath.io(e)),
+    };
+    let sticky_owner = parent_st.st_mode & 0o1000 == 0
+        || peer.is_root()
+        || st.st_uid == peer.uid
+        || parent_st.st_uid == peer.uid;
+    if !peer.may(&parent_st, WRITE | SEARCH) || !sticky_owner {
+        return Err(permission_denied(
+            beneath.shown(),
+            format!(
+                "{} may not remove it from its directory ({}); remove it yourself or ask its owner",
+                peer.describe(),
+                mode_and_owner(&parent_st)
+            ),
+        ));
+    }
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Symlink => Err(Error::InvalidArgument(format!(
+            "{} is a symbolic link, which berthd does not remove for a client; remove it yourself",
+            beneath.shown()
+        ))),
+        FileType::Directory => {
+            let top = beneath.open(
+                parent.as_fd(),
+                leaf,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+                ResolveFlags::NO_XDEV,
+            )?;
+            remove_tree(top, parent.as_fd(), leaf, &beneath.shown())
+        }
+        _ => match rustix::fs::unlinkat(&parent, leaf, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(beneath.io(e)),
+        },
+    }
+}
+
+/// Creates the directory `<dir>/<relative>` (its parent must exist), resolved beneath `dir` as
+/// in [`open_beneath`], owned by the peer with `mode`, and returns it opened
+/// `O_RDONLY | O_DIRECTORY`. The peer must be allowed to write to and search the parent. An
+/// existing entry of that name, directory or not, is AlreadyExists: nothing is reused.
+pub fn create_dir_beneath(
+    dir: &OwnedFd,
+    relative: &Path,
+    mode: u32,
+    peer: &Peer,
+) -> Result<OwnedFd> {
+    let beneath = Beneath::new(dir, relative)?;
+    let (parent, leaf) = beneath.parent(peer)?;
+    let parent_st = rustix::fs::fstat(&parent).map_err(|e| beneath.io(e))?;
+    if !peer.may(&parent_st, WRITE | SEARCH) {
+        return Err(permission_denied(
+            beneath.shown(),
+            format!(
+                "{} may not create it in its directory ({}); give it write permission there",
+                peer.describe(),
+                mode_and_owner(&parent_st)
+            ),
+        ));
+    }
+    // The parent is an O_PATH descriptor, which mkdirat takes; an O_PATH open never follows
+    // the last component here because mkdirat does not follow one either.
+    match rustix::fs::mkdirat(&parent, leaf, Mode::from_raw_mode(mode & 0o777)) {
+        Ok(()) => {}
+        Err(Errno::EXIST) => {
+            return Err(Error::AlreadyExists(format!(
+                "{} already exists",
+                beneath.shown()
+            )));
+        }
+        Err(e) => return Err(beneath.io(e)),
+    }
+    let created = beneath.open(
+        parent.as_fd(),
+        leaf,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        ResolveFlags::empty(),
+    )?;
+    rustix::fs::fchown(
+        &created,
+        Some(rustix::process::Uid::from_raw(peer.uid)),
+        Some(rustix::process::Gid::from_raw(peer.gid)),
+    )
+    .map_err(|e| beneath.io(e))?;
+    // Past the umask: the mode asked for is the mode made.
+    rustix::fs::fchmod(&created, Mode::from_raw_mode(mode & 0o777)).map_err(|e| beneath.io(e))?;
+    Ok(created)
+}
+
+/// One directory being emptied: its entries, and its name in the directory above.
+struct Frame {
+    entries: Dir,
+    name: std::ffi::CString,
+    passes: u8,
+}
+
+/// Empties and removes the directory `top` (named `top_name` in `top_parent`), depth first,
+/// with an explicit stack of directory descriptors instead of recursion.
+fn remove_tree(
+    top: OwnedFd,
+    top_parent: BorrowedFd<'_>,
+    top_name: &OsStr,
+    shown: &str,
+) -> Result<()> {
+    let inside = |stack: &[Frame], name: Option<&[u8]>| {
+        let mut path = shown.to_owned();
+        for frame in stack.iter().skip(1) {
+            path.push('/');
+            path.push_str(&String::from_utf8_lossy(frame.name.to_bytes()));
+        }
+        if let Some(name) = name {
+            path.push('/');
+            path.push_str(&String::from_utf8_lossy(name));
+        }
+        truncate(path)
+    };
+    let io = |path: String, e: Errno| Error::io(path, e.into());
+    let top_name = std::ffi::CString::new(top_name.as_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("{shown} contains a NUL byte")))?;
+    let mut stack = vec![Frame {
+        entries: Dir::new(top).map_err(|e| io(shown.to_owned(), e))?,
+        name: top_name,
+        passes: 0,
+    }];
+    while let Some(frame) = stack.last_mut() {
+        let next = frame.entries.read();
+        let Some(entry) = next else {
+            let mut frame = stack.pop().expect("the stack is not empty");
+            let parent = match stack.last() {
+                Some(above) => above
+                    .entries
+                    .fd()
+                    .map_err(|e| io(inside(&stack, None), e))?,
+                None => top_parent,
+            };
+            match rustix::fs::unlinkat(parent, frame.name.as_c_str(), AtFlags::REMOVEDIR) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                // Something was added while this directory was read: read it again, twice at most.
+                Err(Errno::NOTEMPTY) if frame.passes < 2 => {
+                    frame.passes += 1;
+                    frame.entries.rewind();
+                    stack.push(frame);
+                }
+                Err(e) => {
+                    let path = inside(&stack, Some(frame.name.to_bytes()));
+                    return Err(io(path, e));
+                }
+            }
+            continue;
+        };
+        let entry = entry.map_err(|e| io(inside(&stack, None), e))?;
+        let frame = stack.last().expect("the stack is not empty");
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let at = frame
+            .entries
+            .fd()
+            .map_err(|e| io(inside(&stack, None), e))?;
+        let kind = match entry.file_type() {
+            FileType::Unknown => match rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => FileType::from_raw_mode(st.st_mode),
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(io(inside(&stack, Some(name.to_bytes())), e)),
+            },
+            kind => kind,
+        };
+        if kind != FileType::Directory {
+            // A symbolic link is removed itself: unlinkat never follows one.
+            match rustix::fs::unlinkat(at, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(io(inside(&stack, Some(name.to_bytes())), e)),
+            }
+            continue;
+        }
+        if stack.len() >= MAX_REMOVE_DEPTH {
+            return Err(Error::ResourceExhausted(format!(
+                "{} is nested more than {MAX_REMOVE_DEPTH} directories deep, more than berthd removes; remove it yourself",
+                inside(&stack, Some(name.to_bytes()))
+            )));
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let child = match rustix::fs::openat2(
+            at,
+            name,
+            flags,
+            Mode::empty(),
+            BENEATH | ResolveFlags::NO_XDEV,
+        ) {
+            Ok(child) => child,
+            Err(Errno::NOENT) => continue,
+            Err(Errno::XDEV) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is a mount point; unmount it before removing {shown}",
+                    inside(&stack, Some(name.to_bytes()))
+                )));
+            }
+            Err(e) => return Err(io(inside(&stack, Some(name.to_bytes())), e)),
+        };
+        let name = name.to_owned();
+        let entries = Dir::new(child).map_err(|e| io(inside(&stack, Some(name.to_bytes())), e))?;
+        stack.push(Frame {
+            entries,
+            name,
+            passes: 0,
+        });
+    }
+    Ok(())
+}
+
+/// `relative` inside the directory `dir`, for the `*_beneath` functions.
+pub(super) struct Beneath<'a> {
+    dir: &'a OwnedFd,
+    relative: &'a Path,
+    components: Vec<&'a OsStr>,
+}
+
+impl<'a> Beneath<'a> {
+    fn new(dir: &'a OwnedFd, relative: &'a Path) -> Result<Self> {
+        let bytes = relative.as_os_str().as_bytes();
+        let refuse = |why: &str| {
+            Err(Error::InvalidArgument(format!(
+                "{} {why}; give a plain name",
+                shown(relative)
+            )))
+        };
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an empty name was given; give a plain name".into(),
+            ));
+        }
+        if bytes.len() > MAX_PATH_BYTES {
+            return refuse(&format!("is longer than {MAX_PATH_BYTES} bytes"));
+        }
+        if bytes.contains(&0) {
+            return refuse("contains a NUL byte");
+        }
+        if bytes[0] == b'/' {
+            return refuse("is absolute where a name inside the bundle is expected");
+        }
+        let components: Vec<&OsStr> = bytes
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+            .map(OsStr::from_bytes)
+            .collect();
+        if components
+            .iter()
+            .any(|c| c.as_bytes() == b"." || c.as_bytes() == b"..")
+        {
+            return refuse("contains a `.` or `..` component");
+        }
+        Ok(Beneath {
+            dir,
+            relative,
+            components,
+        })
+    }
+
+    /// The directory holding the last component, reached beneath `dir` after checking that the
+    /// peer may search each directory on the way (`dir` included), and that last component.
+    fn parent(&self, peer: &Peer) -> Result<(OwnedFd, &'a OsStr)> {
+        let (leaf, dirs) = self
+            .components
+            .split_last()
+            .expect("Beneath::new refuses a path without components");
+        let mut parent = self.dir.try_clone().map_err(|e| Error::sys("dup", e))?;
+        self.may_search(&parent, peer)?;
+        for name in dirs {
+            parent = self.open(
+                parent.as_fd(),
+                name,
+                OFlags::PATH | OFlags::DIRECTORY,
+                ResolveFlags::empty(),
+            )?;
+            self.may_search(&parent, peer)?;
+        }
+        Ok((parent, leaf))
+    }
+
+    fn may_search(&self, dir: &OwnedFd, peer: &Peer) -> Result<()> {
+        let st = rustix::fs::fstat(dir).map_err(|e| self.io(e))?;
+        if peer.may(&st, SEARCH) {
+            return Ok(());
+        }
+        Err(permission_denied(
+            self.shown(),
+            format!(
+                "{} may not search the directories on the way ({} on {}); give it search permission",
+                peer.describe(),
+                mode_and_owner(&st),
+                truncate(fd_path(dir))
+            ),
+        ))
+    }
+
+    /// `name` in `at`, with `openat2` beneath `at` and without following any link.
+    fn open(
+        &self,
+        at: BorrowedFd<'_>,
+        name: &OsStr,
+        flags: OFlags,
+        resolve: ResolveFlags,
+    ) -> Result<OwnedFd> {
+        rustix::fs::openat2(
+            at,
+            name,
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            BENEATH | resolve,
+        )
+        .map_err(|e| match e {
+            Errno::NOENT => Error::NotFound(format!("{} does not exist", self.shown())),
+            Errno::LOOP => Error::InvalidArgument(format!(
+                "{}: {} is a symbolic link, which berthd does not follow here",
+                self.shown(),
+                Path::new(name).display()
+            )),
+            Errno::NOTDIR => Error::InvalidArgument(format!(
+                "{}: {} is not a directory",
+                self.shown(),
+                Path::new(name).display()
+            )),
+            Errno::XDEV => Error::FailedPrecondition(format!(
+                "{}: {} is a mount point, which berthd does not cross here; unmount it first",
+                self.shown(),
+                Path::new(name).display()
+            )),
+            e => self.io(e),
+        })
+    }
+
+    /// `<dir>/<relative>` as a path for messages.
+    fn shown(&self) -> String {
+        truncate(format!("{}/{}", fd_path(self.dir), self.relative.display()))
+    }
+
+    fn io(&self, e: Errno) -> Error {
+        Error::io(self.shown(), e.into())
+    }
+}

@@ -1,0 +1,329 @@
+//! Files a client names, opened so that berthd, which runs as root, is never a confused deputy.
+//!
+//! A path a client names (a stdio or console path, a bundle, a bundle's `config.json`) is
+//! checked as the client itself would be checked, and more strictly:
+//!
+//! - it is absolute, at most [`MAX_PATH_BYTES`] bytes, without NUL and without `.` or `..`
+//!   components;
+//! - it is resolved one component at a time from `/`, each directory opened
+//!   `O_PATH | O_DIRECTORY | O_NOFOLLOW` relative to its parent's descriptor, so no symbolic link
+//!   anywhere on it is followed and nothing can be swapped between the check and the use;
+//! - the peer must be allowed to search every directory on the way and to use the file as berthd
+//!   is asked to (mode bits against the peer's uid, gid and supplementary groups; uid 0 always
+//!   may). POSIX ACLs are not consulted: they can only make berthd refuse what they would allow;
+//! - no directory on the way, nor the file itself, may be one of the `forbidden` directories
+//!   (berthd's state directory), compared by device and inode so that bind mounts and hard links
+//!   are caught too;
+//! - the file is looked at before it is opened: it is first opened `O_PATH | O_NOFOLLOW` (which
+//!   runs no driver code) and fstat'ed, so a directory, socket or device is refused without ever
+//!   being opened for I/O. When it passes, the very same inode is reopened for I/O through
+//!   `/proc/self/fd/<n>` and fstat'ed again.
+//!
+//! Inside a directory berthd already holds (the bundle), the `*_beneath` functions resolve each
+//! component with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`:
+//! nothing outside that directory is ever opened, listed, created or removed.
+//!
+//! Owns: resolving and opening what a client names, and the peer (`SO_PEERCRED` and groups)
+//! it is checked against. Does not own: reading the credentials off a connection (api) or
+//! deciding which paths a request may name (supervisor).
+//!
+//! Every function here blocks (a file system may hang); call them off the reactor, as
+//! [`read_regular_off_reactor`] does.
+
+mod beneath;
+mod peer;
+#[cfg(test)]
+mod tests;
+mod walk;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
+
+use crate::error::{Error, Result};
+pub use beneath::{create_dir_beneath, list_dirs_beneath, open_beneath, remove_beneath};
+pub use peer::Peer;
+use walk::{Missing, Walk};
+
+/// The longest path a client may name, in bytes (PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// How deep [`remove_beneath`] descends; a deeper tree is refused, not half removed blindly.
+pub const MAX_REMOVE_DEPTH: usize = 128;
+
+/// At most this many characters of a path are quoted in a message.
+const SHOWN_CHARS: usize = 200;
+
+/// Every `*_beneath` resolution: never leave the directory, never follow a link.
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Permission bits, as in a mode's `rwx` triplets.
+const READ: u32 = 4;
+const WRITE: u32 = 2;
+const SEARCH: u32 = 1;
+
+/// The access a client asks berthd to use on a stdio path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl Access {
+    fn bits(self) -> u32 {
+        match self {
+            Access::Read => READ,
+            Access::Write => WRITE,
+            Access::ReadWrite => READ | WRITE,
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::ReadWrite => "read and write",
+        }
+    }
+}
+
+/// Opens a stdio or console path for a container: a FIFO, a regular file or `/dev/null` that
+/// exists already and that the peer itself may use with `access`. `what` names it in messages
+/// ("stdout", "console").
+///
+/// Nothing is created or truncated and the open never blocks: a FIFO for output is opened
+/// `O_RDWR`, so it needs no reader yet; a regular file for output is opened
+/// `O_WRONLY | O_APPEND` (`O_RDWR | O_APPEND` for [`Access::ReadWrite`]). The descriptor is
+/// returned in blocking mode, since it becomes the container's own stdio.
+pub fn open_stdio(
+    what: &str,
+    path: &Path,
+    access: Access,
+    peer: &Peer,
+    forbidden: &[&Path],
+) -> Result<OwnedFd> {
+    let walk = Walk::new(
+        what,
+        path,
+        peer,
+        forbidden,
+        Missing::Invalid(
+            "berthd opens existing files only; create it first (for example with mkfifo)",
+        ),
+    )?;
+    let (leaf, st) = walk.leaf()?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let dev_null = is_dev_null(&st);
+    if !(kind == FileType::Fifo || kind == FileType::RegularFile || dev_null) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} is {}; give a FIFO, /dev/null or a regular file",
+            shown(path),
+            kind_name(&st)
+        )));
+    }
+    if !dev_null && !peer.may(&st, access.bits()) {
+        return Err(walk.denied(format!(
+            "{} may not {} this {what} ({}); give a file it may {} itself",
+            peer.describe(),
+            access.verb(),
+            mode_and_owner(&st),
+            access.verb()
+        )));
+    }
+    let mode = match (access, kind) {
+        (Access::Read, _) => OFlags::RDONLY,
+        (Access::Write, FileType::RegularFile) => OFlags::WRONLY | OFlags::APPEND,
+        (Access::ReadWrite, FileType::RegularFile) => OFlags::RDWR | OFlags::APPEND,
+        (Access::Write, FileType::Fifo) | (Access::ReadWrite, _) => OFlags::RDWR,
+        (Access::Write, _) => OFlags::WRONLY,
+    };
+    let fd = walk.reopen(&leaf, &st, mode | OFlags::NONBLOCK)?;
+    let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| walk.io(e))?;
+    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK).map_err(|e| walk.io(e))?;
+    Ok(fd)
+}
+
+/// Reads a client-named regular file of at most `limit` bytes (a bundle's `config.json`,
+/// checkpoint metadata). A FIFO, device or directory is refused without being opened; a file
+/// that grows while it is read is still read no further than `limit + 1` bytes.
+pub fn read_regular(
+    what: &str,
+    path: &Path,
+    limit: u64,
+    peer: &Peer,
+    forbidden: &[&Path],
+) -> Result<Vec<u8>> {
+    let walk = Walk::new(what, path, peer, forbidden, Missing::NotFound)?;
+    let (leaf, st) = walk.leaf()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} is {}, not a regular file; give a regular file",
+            shown(path),
+            kind_name(&st)
+        )));
+    }
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    let over = |size: u64| {
+        Error::InvalidArgument(format!(
+            "{what} {} is {size} bytes, over the limit of {limit} bytes; give a smaller file",
+            shown(path)
+        ))
+    };
+    if size > limit {
+        return Err(over(size));
+    }
+    if !peer.may(&st, READ) {
+        return Err(walk.denied(format!(
+            "{} may not read this {what} ({}); give a file it may read itself",
+            peer.describe(),
+            mode_and_owner(&st)
+        )));
+    }
+    let fd = walk.reopen(&leaf, &st, OFlags::RDONLY | OFlags::NONBLOCK)?;
+    let capacity = usize::try_from(size.min(limit)).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(capacity);
+    std::fs::File::from(fd)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(shown(path), e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} grew past the limit of {limit} bytes while berthd read it; give a file that is not being written",
+            shown(path)
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`read_regular`] on tokio's blocking pool, given up after `timeout` (a hung file system, a
+/// FUSE server that never answers). The read itself cannot be cancelled: on timeout it goes on
+/// in the background and its descriptor is closed when it ends.
+pub async fn read_regular_off_reactor(
+    what: String,
+    path: PathBuf,
+    limit: u64,
+    peer: Peer,
+    forbidden: Vec<PathBuf>,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    let shown_path = shown(&path);
+    let label = what.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let forbidden: Vec<&Path> = forbidden.iter().map(PathBuf::as_path).collect();
+        read_regular(&what, &path, limit, &peer, &forbidden)
+    });
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(Error::Internal(format!(
+            "reading {label} {shown_path} failed: {join}"
+        ))),
+        Err(_elapsed) => Err(Error::DeadlineExceeded {
+            what: format!("reading {label} {shown_path}"),
+            bound: timeout,
+        }),
+    }
+}
+
+/// A directory a client named (the bundle), opened the same way as the files above and
+/// returned as an `O_RDONLY | O_DIRECTORY` descriptor for the `*_beneath` functions. The peer
+/// must be allowed to search it.
+pub fn open_dir(what: &str, path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<OwnedFd> {
+    let walk = Walk::new(what, path, peer, forbidden, Missing::NotFound)?;
+    let (dir, st) = walk.dirs(&walk.components)?;
+    if !peer.may(&st, SEARCH) {
+        return Err(walk.denied(format!(
+            "{} may not search this {what} ({}); give a directory it may search itself",
+            peer.describe(),
+            mode_and_owner(&st)
+        )));
+    }
+    walk.reopen(&dir, &st, OFlags::RDONLY | OFlags::DIRECTORY)
+}
+
+/// The file behind the `O_PATH` descriptor `handle`, opened anew with `flags` through its
+/// `/proc/self/fd` link: exactly that inode, whatever its name points to by now.
+fn reopen(handle: &OwnedFd, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    rustix::fs::openat(
+        rustix::fs::CWD,
+        link,
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Whether `fd` is the file `st` describes.
+fn same_file(fd: &OwnedFd, st: &Stat) -> std::result::Result<(), String> {
+    match rustix::fs::fstat(fd) {
+        Ok(now) if file_id(&now) == file_id(st) => Ok(()),
+        Ok(_) => Err("was replaced by another file".into()),
+        Err(e) => Err(format!("could not be checked ({e})")),
+    }
+}
+
+/// A file's identity: device and inode.
+#[allow(clippy::unnecessary_cast)] // the field types differ between architectures
+fn file_id(st: &Stat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
+/// `/dev/null` wherever it is: the character device 1:3.
+#[allow(clippy::unnecessary_cast)] // the field types differ between architectures
+fn is_dev_null(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
+        && rustix::fs::major(st.st_rdev as _) == 1
+        && rustix::fs::minor(st.st_rdev as _) == 3
+}
+
+fn kind_name(st: &Stat) -> &'static str {
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice if is_dev_null(st) => "/dev/null",
+        FileType::CharacterDevice => "a character device other than /dev/null",
+        FileType::BlockDevice => "a block device",
+        _ => "an unknown kind of file",
+    }
+}
+
+fn mode_and_owner(st: &Stat) -> String {
+    format!(
+        "mode {:04o}, owner {}:{}",
+        st.st_mode & 0o7777,
+        st.st_uid,
+        st.st_gid
+    )
+}
+
+/// The path behind a descriptor, for messages only.
+fn fd_path(fd: &OwnedFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "the bundle".into())
+}
+
+/// At most [`SHOWN_CHARS`] characters of a path, for a message.
+fn shown(path: &Path) -> String {
+    truncate(path.display().to_string())
+}
+
+fn truncate(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(SHOWN_CHARS) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+fn permission_denied(path: String, why: String) -> Error {
+    Error::PermissionDenied(format!("{path}: {why}"))
+}

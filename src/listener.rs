@@ -1,0 +1,320 @@
+//! Accepting API connections within limits: at most `--max-connections` at once (each holds a
+//! [`ConnectionPermit`] until it closes), a connection that sends nothing within
+//! `--handshake-timeout` is closed, and when the limit is reached a connection still waiting to
+//! speak gives its place to a new one, so idle sockets can never lock out a client that talks.
+//! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
+//! ENOMEM) back off instead of spinning.
+//!
+//! Owns: the accept loop and its limits. [`accept`] yields plain [`UnixStream`]s with their
+//! permit, so whatever wraps a stream (an `:authority` rewriter, peer credentials) composes
+//! between it and [`Limited`], which holds the permit for the connection's life.
+//! Does not own: HTTP/2 (tonic and h2: streams per connection, keepalive, message sizes).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The first wait after a failed accept; doubled up to [`MAX_BACKOFF`] while accept keeps failing.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// How long a new connection may stay silent before it is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Limits {
+    /// `max_connections` capped at a quarter of the open file limit: the rest is kept for
+    /// containers (a pidfd and an OOM eventfd each), stats files and runtime commands.
+    pub fn within_fd_limit(max_connections: u64, handshake_timeout: Duration) -> Limits {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let cap = soft.map_or(u64::MAX, |n| (n / 4).max(1));
+        if max_connections > cap {
+            tracing::warn!(
+                max_connections,
+                cap,
+                "--max-connections lowered to a quarter of the open file limit"
+            );
+        }
+        Limits {
+            max_connections: max_connections.min(cap) as usize,
+            handshake_timeout,
+        }
+    }
+}
+
+/// A connection's place under `max_connections`, given back when dropped.
+pub struct ConnectionPermit {
+    _place: OwnedSemaphorePermit,
+}
+
+/// An accepted connection that has spoken, with its permit.
+pub struct Accepted {
+    pub stream: UnixStream,
+    pub permit: ConnectionPermit,
+}
+
+/// Connections accepted but still silent, oldest first: each can be told to give up its place.
+#[derive(Default)]
+struct Silent {
+    next: u64,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+/// Accepts connections on `listener` within `limits` until the returned stream is dropped.
+pub fn accept(listener: UnixListener, limits: Limits) -> ReceiverStream<io::Result<Accepted>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, limits, tx));
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    limits: Limits,
+    accepted: mpsc::Sender<io::Result<Accepted>>,
+) {
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let silent = Arc::new(Mutex::new(Silent::default()));
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let stream = tokio::select! {
+            result = listener.accept() => result,
+            () = accepted.closed() => return,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => {
+                backoff = FIRST_BACKOFF;
+                stream
+            }
+            Err(e) => {
+                // Out of fds or memory: accepting again at once would fail again at once.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let permit = match Arc::clone(&places).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Full: the oldest silent connection makes room for this one; if none is silent,
+                // wait until a connection closes (new ones queue in the socket's backlog).
+                let evicted = silent
+                    .lock()
+                    .expect("silent lock poisoned")
+                    .waiting
+                    .pop_front();
+                if let Some((_, evict)) = evicted {
+                    let _ = evict.send(());
+                }
+                tokio::select! {
+                    permit = Arc::clone(&places).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                    () = accepted.closed() => return,
+                }
+            }
+        };
+        let (evict, evicted) = oneshot::channel();
+        let key = {
+            let mut silent = silent.lock().expect("silent lock poisoned");
+            let key = silent.next;
+            silent.next += 1;
+            silent.waiting.push_back((key, evict));
+            key
+        };
+        let silent = Arc::clone(&silent);
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            let spoke = tokio::select! {
+                spoke = first_bytes(&stream) => spoke,
+                _ = evicted => false,
+                () = tokio::time::sleep(limits.handshake_timeout) => false,
+            };
+            silent
+                .lock()
+                .expect("silent lock poisoned")
+                .waiting
+                .retain(|(k, _)| *k != key);
+            if spoke {
+                let permit = ConnectionPermit { _place: permit };
+                let _ = accepted.send(Ok(Accepted { stream, permit })).await;
+            }
+        });
+    }
+}
+
+/// Waits until the peer has sent something; false when it closed first or failed. Readiness
+/// alone is not proof (tokio may report it spuriously), so the data is peeked at.
+async fn first_bytes(stream: &UnixStream) -> bool {
+    loop {
+        if stream.readable().await.is_err() {
+            return false;
+        }
+        let peek = stream.try_io(tokio::io::Interest::READABLE, || {
+            let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+            Ok(rustix::net::recv(stream, &mut [0u8; 1], flags)?.0)
+        });
+        match peek {
+            Ok(n) => return n > 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A connection's stream holding its [`ConnectionPermit`] for as long as it is open.
+pub struct Limited<S> {
+    stream: S,
+    _permit: ConnectionPermit,
+}
+
+impl<S> Limited<S> {
+    pub fn new(stream: S, permit: ConnectionPermit) -> Self {
+        Limited {
+            stream,
+            _permit: permit,
+        }
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio_stream::StreamExt;
+
+    fn bound(dir: &tempfile::TempDir) -> (UnixListener, std::path::PathBuf) {
+        let path = dir.path().join("s.sock");
+        (UnixListener::bind(&path).unwrap(), path)
+    }
+
+    async fn next(incoming: &mut ReceiverStream<io::Result<Accepted>>) -> Option<Accepted> {
+        let accepted = tokio::time::timeout(Duration::from_secs(2), incoming.next()).await;
+        accepted.ok().flatten().map(|a| a.unwrap())
+    }
+
+    #[tokio::test]
+    async fn silent_connections_give_way_and_time_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bound(&dir);
+        let limits = Limits {
+            max_connections: 2,
+            handshake_timeout: Duration::from_millis(300),
+        };
+        let mut incoming = accept(listener, limits);
+        // Two silent connections fill the table; a third that talks still gets in.
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(UnixStream::connect(&path).await.unwrap());
+        }
+        let mut talker = UnixStream::connect(&path).await.unwrap();
+        talker.write_all(b"PRI").await.unwrap();
+        let first = next(&mut incoming).await.expect("the talking connection");
+        drop(first);
+        // The silent ones are closed by berthd: reading them ends.
+        for mut stream in silent {
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+            );
+            assert!(matches!(read.await, Ok(Ok(0)) | Ok(Err(_))), "still open");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_talking_connection_holds_its_place_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bound(&dir);
+        let limits = Limits {
+            max_connections: 1,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let mut incoming = accept(listener, limits);
+        let mut a = UnixStream::connect(&path).await.unwrap();
+        a.write_all(b"a").await.unwrap();
+        let held = next(&mut incoming).await.expect("first connection");
+        let mut b = UnixStream::connect(&path).await.unwrap();
+        b.write_all(b"b").await.unwrap();
+        assert!(next(&mut incoming).await.is_none(), "over the limit");
+        drop(held);
+        assert!(
+            next(&mut incoming).await.is_some(),
+            "its place was given back"
+        );
+    }
+
+    #[test]
+    fn the_connection_limit_keeps_most_fds_for_containers() {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap();
+        let limits = Limits::within_fd_limit(u64::MAX, Duration::from_secs(1));
+        assert_eq!(limits.max_connections as u64, (soft / 4).max(1));
+        assert_eq!(
+            Limits::within_fd_limit(1, Duration::ZERO).max_connections,
+            1
+        );
+    }
+}

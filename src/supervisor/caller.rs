@@ -1,0 +1,129 @@
+//! The caller of a request, as the supervisor checks what it names: the peer of its connection
+//! and berthd's state directory, which no client may name. Every file a client names is
+//! opened or read through here, with client_fs and off the reactor, bounded in size and time.
+//!
+//! Owns: which client_fs call each kind of client path takes, and the bounds. Does not own:
+//! reading the peer off a connection (api) or resolving paths (client_fs).
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::fs::{Mode, OFlags};
+
+use crate::client_fs::{self, Access, Peer};
+use crate::error::{Error, Result};
+
+/// Bounds on the files a client names that berthd reads (`config.json`, checkpoint metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientFileLimits {
+    /// The largest such file berthd reads, in bytes.
+    pub max_bytes: u64,
+    /// How long berthd waits for the file system to open or read one.
+    pub timeout: Duration,
+}
+
+/// Who asks, and what they may not name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub peer: Peer,
+    state_dir: PathBuf,
+    limits: ClientFileLimits,
+}
+
+impl Caller {
+    pub fn new(peer: Peer, state_dir: PathBuf, limits: ClientFileLimits) -> Self {
+        Caller {
+            peer,
+            state_dir,
+            limits,
+        }
+    }
+
+    /// berthd itself (uid 0), for tests of what a root caller may do.
+    #[cfg(test)]
+    pub fn berthd(state_dir: PathBuf) -> Self {
+        let limits = ClientFileLimits {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(5),
+        };
+        Caller::new(Peer::root(), state_dir, limits)
+    }
+
+    pub fn limits(&self) -> ClientFileLimits {
+        self.limits
+    }
+
+    /// A stdio or console path (`what` names it), or `/dev/null` when it is empty: a FIFO,
+    /// `/dev/null` or a regular file the peer may use with `access`, never under the state dir.
+    /// Blocks on the file system: call it off the reactor.
+    pub fn open_stdio(&self, what: &str, path: &str, access: Access) -> Result<OwnedFd> {
+        if path.is_empty() {
+            let flags = match access {
+                Access::Read => OFlags::RDONLY,
+                Access::Write => OFlags::WRONLY,
+                Access::ReadWrite => OFlags::RDWR,
+            };
+            return rustix::fs::open("/dev/null", flags | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| Error::io("/dev/null", e.into()));
+        }
+        client_fs::open_stdio(
+            what,
+            Path::new(path),
+            access,
+            &self.peer,
+            &[&self.state_dir],
+        )
+    }
+
+    /// A regular file the client named, of at most the size limit, read off the reactor within
+    /// the time limit.
+    pub async fn read_file(&self, what: &str, path: PathBuf) -> Result<Vec<u8>> {
+        client_fs::read_regular_off_reactor(
+            what.to_owned(),
+            path,
+            self.limits.max_bytes,
+            self.peer.clone(),
+            vec![self.state_dir.clone()],
+            self.limits.timeout,
+        )
+        .await
+    }
+
+    /// A directory the client named (a bundle), opened off the reactor within the time limit.
+    pub async fn open_dir(&self, what: &str, path: &Path) -> Result<OwnedFd> {
+        let (what_owned, path_owned) = (what.to_owned(), path.to_owned());
+        let peer = self.peer.clone();
+        let state_dir = self.state_dir.clone();
+        self.off_reactor(&format!("opening {what} {}", shown(path)), move || {
+            client_fs::open_dir(&what_owned, &path_owned, &peer, &[&state_dir])
+        })
+        .await
+    }
+
+    /// Runs `work` (which blocks on the file system) on tokio's blocking pool, given up after
+    /// the time limit. The work cannot be cancelled: it finishes in the background.
+    pub async fn off_reactor<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.limits.timeout, tokio::task::spawn_blocking(work)).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(Error::Internal(format!("{what} failed: {join}"))),
+            Err(_elapsed) => Err(Error::DeadlineExceeded {
+                what: what.to_owned(),
+                bound: self.limits.timeout,
+            }),
+        }
+    }
+}
+
+/// At most 200 characters of a client's path, for a message.
+pub fn shown(path: &Path) -> String {
+    let text = path.display().to_string();
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}

@@ -1,0 +1,204 @@
+//! Operations the supervisor owns rather than the request that asked for them: create (and
+//! restore), exec, checkpoint and update each run as a task of their own, so a client that goes
+//! away or whose deadline passes never cuts one in half; the request only waits for the result.
+//! A stop or upgrade refuses new operations and waits, within a bound, for those in flight.
+//!
+//! Owns: the count of operations in flight, draining them, and [`Undo`], the record of what a
+//! create or exec has done so far and how to take exactly that back.
+//! Does not own: the steps of each operation (create, exec, checkpoint, update).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use super::Supervisor;
+use super::registry::Reservation;
+use super::stdio::Relay;
+use crate::error::{Error, Result};
+use crate::reaper::TrackedProcess;
+use crate::runtime::Operation;
+
+/// Operations in flight, and whether new ones are still taken.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    state: Mutex<Counts>,
+    idle: Notify,
+}
+
+#[derive(Default)]
+struct Counts {
+    running: usize,
+    draining: bool,
+}
+
+/// One operation in flight; counted until dropped.
+struct Ticket(Arc<InFlight>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut counts = self.0.lock();
+        counts.running -= 1;
+        if counts.running == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.state.lock().expect("operations lock poisoned")
+    }
+
+    fn begin(self: &Arc<Self>) -> Result<Ticket> {
+        let mut counts = self.lock();
+        if counts.draining {
+            return Err(Error::Unavailable(
+                "berthd is stopping or upgrading; retry on the same socket in a moment".into(),
+            ));
+        }
+        counts.running += 1;
+        Ok(Ticket(Arc::clone(self)))
+    }
+
+    /// Refuses new operations from now on and waits up to `bound` for those in flight; returns
+    /// how many were still running when the bound passed.
+    async fn drain(&self, bound: Duration) -> usize {
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.lock().running == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        self.lock().draining = true;
+        let _ = tokio::time::timeout(bound, wait).await;
+        self.lock().running
+    }
+}
+
+impl Supervisor {
+    /// Runs `operation` as a task of its own, in the caller's tracing span, and waits for its
+    /// result. Dropping the returned future (the client left) does not stop the operation.
+    pub(super) async fn owned<T: Send + 'static>(
+        &self,
+        operation: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let ticket = self.in_flight.begin()?;
+        let task = tokio::spawn(
+            async move {
+                let _ticket = ticket;
+                operation.await
+            }
+            .instrument(tracing::Span::current()),
+        );
+        task.await
+            .map_err(|e| Error::Internal(format!("an operation's task ended abnormally: {e}")))?
+    }
+
+    /// Refuses new create, exec, checkpoint and update operations and waits up to `bound` for
+    /// those in flight. Returns how many were abandoned (a restart cleans up what they left).
+    pub async fn drain_operations(&self, bound: Duration) -> usize {
+        self.in_flight.drain(bound).await
+    }
+}
+
+/// What a create or exec has done so far, undone in reverse by [`Undo::undo`] when it fails.
+/// Each step records itself just before it acts, so a step that fails halfway is undone too.
+/// The state file is not among the steps: it is written only once nothing can fail any more.
+/// Dropped without `keep` or `undo` (the runtime shutting down mid-operation), it still frees
+/// the id and stops tracking; a restart removes the runtime state as a leftover.
+pub(super) struct Undo<'a> {
+    supervisor: &'a Supervisor,
+    id: &'a str,
+    reservation: Option<Reservation<'a>>,
+    runtime_state: bool,
+    started_pid: Option<i32>,
+    process: Option<TrackedProcess>,
+    relay: Option<Relay>,
+}
+
+impl<'a> Undo<'a> {
+    pub(super) fn new(supervisor: &'a Supervisor, id: &'a str) -> Self {
+        Undo {
+            supervisor,
+            id,
+            reservation: None,
+            runtime_state: false,
+            started_pid: None,
+            process: None,
+            relay: None,
+        }
+    }
+
+    /// The id is taken: free it.
+    pub(super) fn reserved(&mut self, reservation: Reservation<'a>) {
+        self.reservation = Some(reservation);
+    }
+
+    /// The runtime may hold state for the container from here on: delete it.
+    pub(super) fn runtime_state(&mut self) {
+        self.runtime_state = true;
+    }
+
+    /// The runtime started process `pid` (a child of berthd): kill and reap it.
+    pub(super) fn started(&mut self, pid: i32) {
+        self.started_pid = Some(pid);
+    }
+
+    /// The started process is tracked: kill it through its pidfd and reap it.
+    pub(super) fn tracked(&mut self, process: TrackedProcess) -> &TrackedProcess {
+        self.process.insert(process)
+    }
+
+    /// A pty relay runs: stop it.
+    pub(super) fn relay(&mut self, relay: Relay) {
+        self.relay = Some(relay);
+    }
+
+    /// The operation succeeded: hands over the tracked process and the reservation, and undoes
+    /// nothing.
+    pub(super) fn keep(mut self) -> (Option<TrackedProcess>, Option<Reservation<'a>>) {
+        (self.process.take(), self.reservation.take())
+    }
+
+    /// Undoes what was recorded, last step first, and returns `err`.
+    pub(super) async fn undo(mut self, err: Error) -> Error {
+        let id = self.id;
+        tracing::debug!(id, error = %err, "undoing a failed operation");
+        if let Some(relay) = self.relay.take() {
+            relay.stop();
+        }
+        let process = match (self.process.take(), self.started_pid) {
+            (Some(process), _) => Some(process),
+            // Not tracked yet: track it now so it is reaped, not left to the orphan sweep.
+            (None, Some(pid)) => match self.supervisor.reaper.track(pid) {
+                Ok(process) => Some(process),
+                Err(e) => {
+                    tracing::warn!(id, pid, error = %e, "started process of a failed operation not tracked");
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if let Some(process) = &process
+            && let Err(e) = process.signal(libc::SIGKILL)
+        {
+            tracing::debug!(id, pid = process.pid(), error = %e, "kill after a failed operation");
+        }
+        if self.runtime_state
+            && let Err(e) = self.supervisor.runtime.run(Operation::Delete { id }).await
+        {
+            tracing::debug!(id, error = %e, "runtime delete after a failed operation");
+        }
+        if let Some(process) = process {
+            process.wait().await;
+        }
+        drop(self.reservation.take());
+        err
+    }
+}

@@ -1,0 +1,220 @@
+//! Limits that keep one client from costing the others: process specs bounded where they enter,
+//! State never built larger than it may be sent, and idle connections that can neither lock
+//! out a client that talks nor make berthd spin.
+
+use std::time::{Duration, Instant};
+
+use berth_api::proto::{StateRequest, UpdateContainerRequest};
+use tonic::Code;
+
+use crate::common::*;
+
+/// berthd's CPU time (user + system) in clock ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("berthd stat");
+    let fields: Vec<&str> = text[text.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15; the slice starts at field 3.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_process_specs_are_refused_where_they_enter() {
+    within(async {
+        let flags = ["--max-process-spec-bytes", "16384"];
+        let mut d = daemon!(Options::args(&flags));
+        let mut events = d.events().await;
+        let ctr = d.run("spec-limit", &["sleep", "1000"]).await;
+        let baseline = d.baseline();
+
+        let big = "x".repeat(100_000);
+        let request = exec_req(&ctr.id, &["echo", &big]);
+        let message = expect_code(d.client.add_process(request).await, Code::ResourceExhausted);
+        assert!(
+            message.contains("--max-process-spec-bytes (16384)"),
+            "{message}"
+        );
+        assert!(
+            message.len() < 300,
+            "the client's input echoed: {} bytes",
+            message.len()
+        );
+        let mut request = exec_req(&ctr.id, &["true"]);
+        request.env = vec![format!("BIG={big}")];
+        expect_code(d.client.add_process(request).await, Code::ResourceExhausted);
+        d.assert_settles(&baseline).await;
+        d.assert_no_zombies().await;
+
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        bundle.edit(|c| c["process"]["env"] = vec![format!("BIG={big}")].into());
+        let id = id("spec-limit-bundle");
+        let message = expect_code(
+            d.client.create_container(create_req(&id, &bundle)).await,
+            Code::ResourceExhausted,
+        );
+        assert!(message.contains("--max-process-spec-bytes"), "{message}");
+        d.assert_gone(&id).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_is_never_built_larger_than_it_may_be_sent() {
+    within(async {
+        let flags = [
+            "--max-message-bytes",
+            "65536",
+            "--max-process-spec-bytes",
+            "16384",
+        ];
+        let mut d = daemon!(Options::args(&flags));
+        let mut events = d.events().await;
+        let small = d.run("state-small", &["sleep", "1000"]).await;
+        let ctr = d.run("state-big", &["sleep", "1000"]).await;
+        let arg = "y".repeat(15_000);
+        let mut added = Vec::new();
+        for _ in 0..5 {
+            added.push(
+                d.exec(exec_req(&ctr.id, &["sh", "-c", "sleep 1000", &arg]))
+                    .await,
+            );
+        }
+        let message = expect_code(
+            d.client.state(StateRequest::default()).await,
+            Code::ResourceExhausted,
+        );
+        assert!(
+            message.contains("--max-message-bytes (65536)") && message.contains("StateRequest.id"),
+            "{message}"
+        );
+        // One container at a time still answers, for the one that fits.
+        let one = d
+            .client
+            .state(StateRequest {
+                id: small.id.clone(),
+            })
+            .await
+            .expect("State of one container")
+            .into_inner();
+        let ids: Vec<&str> = one.containers.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, [small.id.as_str()]);
+        let unknown = StateRequest {
+            id: id("state-unknown"),
+        };
+        expect_code(d.client.state(unknown).await, Code::NotFound);
+        for pid in added {
+            d.signal(&ctr.id, pid, SIGKILL).await;
+            assert_eq!(events.exit_status(&ctr.id, pid).await, 137);
+        }
+        assert_eq!(d.state().await.containers.len(), 2);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.kill_container(&mut events, &small.id, small.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_input_is_refused_without_being_echoed() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("echo-limit", &["sleep", "1000"]).await;
+        let big = "z".repeat(100_000);
+        let update = UpdateContainerRequest {
+            id: ctr.id.clone(),
+            status: big.clone(),
+            ..Default::default()
+        };
+        let message = expect_code(
+            d.client.update_container(update).await,
+            Code::InvalidArgument,
+        );
+        assert!(message.len() < 400, "{} bytes echoed", message.len());
+        assert!(message.contains("(100000 bytes)"), "{message}");
+        let unknown = UpdateContainerRequest {
+            id: big.clone(),
+            status: "paused".into(),
+            ..Default::default()
+        };
+        let message = expect_code(
+            d.client.update_container(unknown).await,
+            Code::InvalidArgument,
+        );
+        assert!(message.len() < 400, "{} bytes echoed", message.len());
+        let mut exec = exec_req(&ctr.id, &["true"]);
+        exec.cwd = big;
+        let message = expect_code(d.client.add_process(exec).await, Code::InvalidArgument);
+        assert!(message.len() < 400, "{} bytes echoed", message.len());
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
+/// Raises this test process's open file limit to its hard limit, for the flood's sockets.
+fn raise_own_fd_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE");
+    limit.maximum.unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_silent_connections_neither_locks_out_a_client_nor_spins() {
+    within(async {
+        const FLOOD: usize = 3000;
+        if raise_own_fd_limit() < FLOOD as u64 + 256 {
+            skip(&format!("needs an open file limit above {}", FLOOD + 256));
+            return;
+        }
+        let flags = ["--max-connections", "256", "--handshake-timeout", "60s"];
+        let d = daemon!(Options::args(&flags));
+        let socket = d.socket();
+        let started = Instant::now();
+        let mut flood = Vec::with_capacity(FLOOD);
+        while flood.len() < FLOOD {
+            let connect = tokio::net::UnixStream::connect(&socket);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok(stream)) => flood.push(stream),
+                // The listen backlog is full until berthd accepts: try again.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                Ok(Err(e)) => panic!("connection {} of the flood: {e}", flood.len()),
+                Err(_) => panic!("connection {} of the flood hung", flood.len()),
+            }
+        }
+        let flooded = started.elapsed();
+        // A client that talks is served while the silent ones are still open.
+        let served = Instant::now();
+        let mut client = tokio::time::timeout(Duration::from_secs(5), d.connect())
+            .await
+            .expect("a fresh client connects during the flood");
+        tokio::time::timeout(Duration::from_secs(5), client.state(StateRequest::default()))
+            .await
+            .expect("State answers during the flood")
+            .expect("State");
+        let answered = served.elapsed();
+        // Idle, berthd must be idle too: no accept loop spinning on a full table.
+        let before = cpu_ticks(d.pid());
+        let window = Duration::from_secs(2);
+        tokio::time::sleep(window).await;
+        let used = cpu_ticks(d.pid()) - before;
+        // /proc reports CPU time in USER_HZ, which Linux fixes at 100 for user space.
+        let percent = used as f64 * 100.0 / (100.0 * window.as_secs_f64());
+        println!(
+            "flood of {FLOOD} silent connections took {flooded:?}; a fresh client was answered in {answered:?}; berthd used {percent:.1}% CPU over {window:?} after it"
+        );
+        assert!(
+            percent < 10.0,
+            "berthd used {percent:.1}% CPU while only silent connections were open"
+        );
+        drop(flood);
+    })
+    .await
+}

@@ -1,0 +1,198 @@
+//! What a restart finds and cleans up, checked against the runtime, the kernel and the state
+//! directory rather than berthd's log: a container berthd died creating, an added process that
+//! ended while berthd was down, and a record whose runtime state is gone.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::common::*;
+
+/// The init pid the runtime holds for `id` under berthd's runtime root.
+fn runtime_init_pid(d: &Daemon, id: &str) -> u32 {
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(d.state_dir().join("runtime"))
+        .args(["state", id])
+        .output()
+        .expect("run runc state");
+    assert!(out.status.success(), "runc state {id}: {out:?}");
+    let state: Value = serde_json::from_slice(&out.stdout).expect("runc state prints JSON");
+    state["pid"].as_u64().expect("runc state has a pid") as u32
+}
+
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The status reported for a process that ended while berthd was down: 255 (unknown) once the
+/// host's init has reaped it, since nobody can read it then; while it is still a zombie the
+/// kernel keeps its code for a pidfd, so berthd may read the real one.
+fn assert_ended_while_down(status: u32, real: u32, reaped_before_restart: bool) {
+    if reaped_before_restart {
+        assert_eq!(status, 255, "a process reaped before the restart");
+    } else {
+        assert!(
+            status == real || status == 255,
+            "a zombie at the restart reads {real} or, once reaped meanwhile, 255: got {status}"
+        );
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// berthd is killed while a create waits in the runtime's `start`: the runtime holds a created
+/// container that no state file records. The next berthd removes it (its `runc init` and cgroups
+/// included) before serving, and the id can be created again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_berthd_died_creating_is_removed_at_restart_and_its_id_is_free() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let wrapper = slow_start_runtime(scripts.path(), 30);
+        let wrapper = wrapper.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options::args(&["--runtime", wrapper]));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("midcreate");
+        let mut client = d.connect().await;
+        let request = create_req(&id, &bundle);
+        let pending = tokio::spawn(async move { client.create_container(request).await });
+        let berthd = d.pid();
+        wait_until("the runtime's start hangs", || {
+            !slow_starts(berthd, 30).is_empty()
+        })
+        .await;
+        let stranded = slow_starts(berthd, 30);
+        let init = runtime_init_pid(&d, &id);
+        let cgroups = cgroups_of(init);
+        assert!(!cgroups.is_empty(), "the created init has no cgroups");
+
+        d.crash();
+        for pid in stranded {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let answer = pending.await.expect("create task");
+        assert!(
+            answer.is_err(),
+            "a create cut off by a crash succeeded: {answer:?}"
+        );
+        assert!(
+            d.runtime_ids().contains(&id),
+            "the runtime should still hold {id}"
+        );
+
+        // Plain runc: the wrapper passed every command but `start` to it.
+        d.start_again().await;
+        assert!(
+            !d.runtime_ids().contains(&id),
+            "{id} is still in the runtime after the restart"
+        );
+        assert!(
+            !d.state_file(&id).exists(),
+            "a state file appeared for {id}"
+        );
+        assert!(
+            !d.state().await.containers.iter().any(|c| c.id == id),
+            "State lists {id}"
+        );
+        wait_until("the created init is gone", || !alive(init)).await;
+        for dir in &cgroups {
+            wait_until(&format!("{} is removed", dir.display()), || !dir.exists()).await;
+        }
+
+        let pid = d.create(create_req(&id, &bundle)).await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &id, pid).await;
+    })
+    .await
+}
+
+/// An added process that ends while berthd is down is reported at the restart (its exit is
+/// replayed), is gone from State and from the state file, and the container itself is adopted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_added_process_that_ended_while_berthd_was_down_is_reported_at_restart() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("downexec", &["sleep", "1000"]).await;
+        let gate = c.bundle.gate("go");
+        let added = d
+            .exec(exec_req(&c.id, &["sh", "-c", "read x < /tmp/go; exit 4"]))
+            .await;
+        let before = std::fs::read_to_string(d.state_file(&c.id)).expect("state file");
+        assert!(
+            before.contains(&format!("\"pid\":{added}"))
+                || before.contains(&format!("\"pid\": {added}")),
+            "the state file does not record the added process: {before}"
+        );
+
+        d.crash();
+        let _gate = open_gate(&gate);
+        wait_until("the added process has ended", || {
+            proc_stat(added).is_none_or(|stat| stat.state == 'Z')
+        })
+        .await;
+
+        let reaped_before_restart = proc_stat(added).is_none();
+        d.start_again().await;
+        let mut events = d.events().await;
+        let status = events.exit_status(&c.id, added).await;
+        assert_ended_while_down(status, 4, reaped_before_restart);
+        let state = d.state().await;
+        let container = state
+            .containers
+            .iter()
+            .find(|x| x.id == c.id)
+            .expect("the container is adopted");
+        let pids: Vec<u32> = container.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [c.pid], "State after the restart");
+        let after = std::fs::read_to_string(d.state_file(&c.id)).expect("state file");
+        assert!(
+            !after.contains(&format!("\"pid\":{added}"))
+                && !after.contains(&format!("\"pid\": {added}")),
+            "the state file still records the ended process: {after}"
+        );
+        d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}
+
+/// A record whose container the runtime no longer has (deleted by hand while berthd was down,
+/// which kills its init): the restart reports the exit, removes the record and frees the id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_whose_runtime_state_is_gone_is_reported_ended_and_removed() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("gone", &["sleep", "1000"]).await;
+        let cgroups = cgroups_of(c.pid);
+        d.crash();
+        let out = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(d.state_dir().join("runtime"))
+            .args(["delete", "-f", &c.id])
+            .output()
+            .expect("runc delete");
+        assert!(out.status.success(), "runc delete -f: {out:?}");
+        assert!(d.state_file(&c.id).exists());
+
+        let reaped_before_restart = proc_stat(c.pid).is_none();
+        d.start_again().await;
+        let mut events = d.events().await;
+        let status = events.exit_status(&c.id, c.pid).await;
+        assert_ended_while_down(status, 137, reaped_before_restart);
+        assert!(!d.state_file(&c.id).exists(), "the record was kept");
+        assert!(!d.state().await.containers.iter().any(|x| x.id == c.id));
+        for dir in &cgroups {
+            wait_until(&format!("{} is removed", dir.display()), || !dir.exists()).await;
+        }
+        let pid = d.create(create_req(&c.id, &c.bundle)).await;
+        d.kill_container(&mut events, &c.id, pid).await;
+    })
+    .await
+}

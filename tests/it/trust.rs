@@ -1,0 +1,578 @@
+//! Who may do what (issue 11): a real berthd started with `--group 65534`, asked by root and by
+//! a member of that group (uid/gid 65534, through `setpriv` around a Python grpc client), never
+//! becomes the instrument of a request: paths are opened as the caller could open them, without
+//! following links and never under the state dir; checkpoints stay beneath the bundle; Upgrade is
+//! root's; state is private; restart adopts only what runc confirms; the lock file follows no
+//! link; an upgrade whose pre-flight hangs or fails is refused while berthd keeps serving.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, chown, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
+use berth_api::proto::{DeleteCheckpointRequest, ListCheckpointRequest, StateRequest};
+use tonic::Code;
+
+use crate::common::*;
+
+const PYTHON: &str = "/usr/bin/python3";
+/// The unprivileged member of berthd's group.
+const MEMBER: u32 = 65534;
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// The Python client generated into a directory the member can read, or None after a loud skip.
+struct MemberClient {
+    generated: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl MemberClient {
+    fn new(daemon: &Daemon) -> Option<MemberClient> {
+        let python = Command::new(PYTHON)
+            .args(["-c", "import grpc, grpc_tools"])
+            .output()
+            .map_err(|e| format!("{PYTHON}: {e}"))
+            .and_then(|out| {
+                out.status
+                    .success()
+                    .then_some(())
+                    .ok_or_else(|| "python3-grpcio and python3-grpc-tools are not installed".into())
+            });
+        if !host_supports("needs python3 grpc and grpc_tools", python) {
+            return None;
+        }
+        let setpriv = Command::new("setpriv").arg("--version").output();
+        let setpriv = setpriv.map_err(|e| format!("setpriv: {e}")).map(|_| ());
+        if !host_supports("needs setpriv (util-linux)", setpriv) {
+            return None;
+        }
+        let generated = tempfile::TempDir::new().expect("temp dir");
+        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+        let protoc = Command::new(PYTHON)
+            .args(["-m", "grpc_tools.protoc", "-I", proto])
+            .arg(format!("--python_out={}", generated.path().display()))
+            .arg(format!("--grpc_python_out={}", generated.path().display()))
+            .args([
+                format!("{proto}/api.proto"),
+                format!("{proto}/daemon.proto"),
+            ])
+            .output()
+            .expect("run grpc_tools.protoc");
+        assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
+        chmod(generated.path(), 0o755);
+        // The member reaches the socket through the daemon's temp dir.
+        chmod(daemon.dir(), 0o711);
+        Some(MemberClient {
+            generated,
+            socket: daemon.socket(),
+        })
+    }
+
+    /// One request as uid/gid 65534 with no other groups: "OK …" or "<CODE> <message>".
+    async fn ask(&self, op: &[&str]) -> String {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/trust/client.py");
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                format!("--reuid={MEMBER}"),
+                format!("--regid={MEMBER}"),
+                "--clear-groups".into(),
+            ])
+            .arg(PYTHON)
+            .arg(script)
+            .arg(self.generated.path())
+            .arg(&self.socket)
+            .args(op);
+        let out = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("join")
+            .expect("run the member's client");
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success() && !stdout.is_empty(),
+            "member client failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    async fn create(&self, id: &str, bundle: &Bundle, stdio: [&str; 3]) -> String {
+        let bundle = bundle.path_str();
+        let [stdin, stdout, stderr] = stdio;
+        self.ask(&["create", id, &bundle, stdin, stdout, stderr])
+            .await
+    }
+}
+
+/// A bundle the member may read (berthd checks that the caller can read what it names).
+fn member_bundle(args: &[&str]) -> Bundle {
+    let bundle = Bundle::new(args);
+    chmod(bundle.path(), 0o755);
+    chmod(&bundle.path().join("config.json"), 0o644);
+    bundle
+}
+
+/// A directory of the member's own, where it keeps its FIFOs and log files.
+fn member_dir() -> tempfile::TempDir {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    chown(dir.path(), Some(MEMBER), Some(MEMBER)).expect("chown");
+    chmod(dir.path(), 0o755);
+    dir
+}
+
+fn member_file(path: &Path, text: &str) {
+    fs::write(path, text).expect("write");
+    chown(path, Some(MEMBER), Some(MEMBER)).expect("chown");
+    chmod(path, 0o600);
+}
+
+/// Runs and kills one container (and an exec in it) so the baseline holds what berthd opens once
+/// and keeps (io_uring, the events connection).
+async fn warm_up(d: &mut Daemon) -> Baseline {
+    let mut events = d.events().await;
+    let ctr = d.run("warm-up", &["sleep", "1000"]).await;
+    let child = d.exec(exec_req(&ctr.id, &["/bin/true"])).await;
+    assert_eq!(events.exit_status(&ctr.id, child).await, 0);
+    d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    d.assert_no_zombies().await;
+    d.baseline()
+}
+
+fn expect(answer: &str, code: &str, words: &str) {
+    assert!(
+        answer.starts_with(code) && answer.contains(words),
+        "expected {code} mentioning {words:?}, got: {answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_member_cannot_make_berthd_read_or_write_what_it_cannot() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let mine = member_dir();
+        let out = mine.path().join("out.log");
+        member_file(&out, "");
+        let bundle = member_bundle(&["cat"]);
+        let out_str = path_str(&out);
+
+        // /etc/shadow as stdin: it may not read it, so nothing is copied.
+        let id_ = id("shadow");
+        let answer = member
+            .create(&id_, &bundle, ["/etc/shadow", &out_str, ""])
+            .await;
+        expect(&answer, "PERMISSION_DENIED", "/etc/shadow");
+        assert_eq!(fs::read_to_string(&out).unwrap(), "", "shadow was copied");
+
+        // A root-only 0600 file as stdout: untouched.
+        let secret = d.dir().join("root-only");
+        fs::write(&secret, "root's\n").unwrap();
+        chmod(&secret, 0o600);
+        let secret_str = path_str(&secret);
+        let answer = member.create(&id_, &bundle, ["", &secret_str, ""]).await;
+        expect(&answer, "PERMISSION_DENIED", "may not");
+        assert_eq!(fs::read_to_string(&secret).unwrap(), "root's\n");
+
+        // A device other than /dev/null, and a directory: the wrong kind of file.
+        let answer = member.create(&id_, &bundle, ["", "/dev/kmsg", ""]).await;
+        expect(&answer, "INVALID_ARGUMENT", "character device");
+        let answer = member
+            .create(&id_, &bundle, [&path_str(mine.path()), "", ""])
+            .await;
+        expect(&answer, "INVALID_ARGUMENT", "directory");
+
+        // A symbolic link to its own file: refused, no link is followed.
+        let link = mine.path().join("link.log");
+        symlink(&out, &link).unwrap();
+        let answer = member
+            .create(&id_, &bundle, ["", &path_str(&link), ""])
+            .await;
+        expect(&answer, "INVALID_ARGUMENT", "symbolic link");
+        d.assert_nothing_left(&id_, &baseline).await;
+
+        // The normal paths still work: a FIFO it made, /dev/null, its own log file.
+        let fifo = mine.path().join("in.fifo");
+        mkfifo(&fifo);
+        chown(&fifo, Some(MEMBER), Some(MEMBER)).unwrap();
+        chmod(&fifo, 0o600);
+        let mut events = d.events().await;
+        // A writer before the create: a FIFO without one reads as end-of-file at once.
+        let mut writer = open_rw(&fifo);
+        std::io::Write::write_all(&mut writer, b"from the member\n").unwrap();
+        let answer = member
+            .create(&id_, &bundle, [&path_str(&fifo), &out_str, "/dev/null"])
+            .await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        let pid: u32 = answer[3..].parse().expect("a pid");
+        drop(writer);
+        assert_eq!(events.exit_status(&id_, pid).await, 0);
+        assert_eq!(fs::read_to_string(&out).unwrap(), "from the member\n");
+        d.assert_gone(&id_).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
+    within(async {
+        let mut d = daemon!();
+        let victim = d.run("victim", &["sleep", "1000"]).await;
+        let baseline = warm_up(&mut d).await;
+        let record = d.state_file(&victim.id);
+        let before = fs::read(&record).unwrap();
+        let id_ = id("overwrite");
+        let bundle = Bundle::new(&["true"]);
+        let mut req = create_req(&id_, &bundle);
+        req.stdout = path_str(&record);
+        let message = expect_code(d.client.create_container(req).await, Code::PermissionDenied);
+        assert!(message.contains("state directory"), "{message}");
+        assert_eq!(fs::read(&record).unwrap(), before, "the record was written");
+        d.assert_nothing_left(&id_, &baseline).await;
+
+        // The wrong kind of file (issue 10): a directory as stdout, an overlong bundle path.
+        let mut req = create_req(&id_, &bundle);
+        req.stdout = path_str(bundle.path());
+        expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+        let mut req = create_req(&id_, &bundle);
+        req.bundle_path = format!("/{}", "b".repeat(300));
+        expect_code(
+            d.client.create_container(req.clone()).await,
+            Code::InvalidArgument,
+        );
+        req.bundle_path = format!("/{}", "b/".repeat(3000));
+        let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+        assert!(message.chars().count() < 400, "{message}");
+        d.assert_nothing_left(&id_, &baseline).await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &victim.id, victim.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_or_dev_zero_config_is_refused_while_others_are_served() {
+    within(async {
+        let mut d = daemon!();
+        let mut other = d.connect().await;
+        let baseline = warm_up(&mut d).await;
+        let id_ = id("fifo-config");
+        let fifo = Bundle::new(&["true"]);
+        fs::remove_file(fifo.path().join("config.json")).unwrap();
+        mkfifo(&fifo.path().join("config.json"));
+        let zero = Bundle::new(&["true"]);
+        fs::remove_file(zero.path().join("config.json")).unwrap();
+        symlink("/dev/zero", zero.path().join("config.json")).unwrap();
+        for (bundle, words) in [(&fifo, "FIFO"), (&zero, "symbolic link")] {
+            let started = Instant::now();
+            let (created, state) =
+                tokio::join!(d.client.create_container(create_req(&id_, bundle)), async {
+                    let answer = other.state(StateRequest::default()).await;
+                    (answer, started.elapsed())
+                });
+            let message = expect_code(created, Code::InvalidArgument);
+            assert!(message.contains(words), "{message}");
+            let (state, took) = state;
+            state.expect("State beside the refused create");
+            assert!(took < Duration::from_secs(1), "State took {took:?}");
+            d.assert_nothing_left(&id_, &baseline).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_config_at_restart_delays_nothing() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("fifo-restart", &["sleep", "1000"]).await;
+        fs::remove_file(c.bundle.path().join("config.json")).unwrap();
+        mkfifo(&c.bundle.path().join("config.json"));
+        let started = Instant::now();
+        d.kill_and_restart().await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "restart took {took:?}");
+        let state = d.state().await;
+        assert!(
+            state.containers.iter().any(|x| x.id == c.id),
+            "not adopted: {state:?}"
+        );
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_through_a_symlink_are_neither_listed_nor_deleted() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("cp-link", &["sleep", "1000"]).await;
+        let elsewhere = tempfile::TempDir::new().unwrap();
+        let target = elsewhere.path().join("victim");
+        fs::create_dir(&target).unwrap();
+        chmod(&target, 0o700);
+        fs::write(target.join("keep"), "precious").unwrap();
+        symlink(elsewhere.path(), c.bundle.path().join("checkpoints")).unwrap();
+
+        let listed = d
+            .client
+            .list_checkpoint(ListCheckpointRequest { id: c.id.clone() })
+            .await;
+        let message = expect_code(listed, Code::InvalidArgument);
+        assert!(message.contains("symbolic link"), "{message}");
+        let deleted = d
+            .client
+            .delete_checkpoint(DeleteCheckpointRequest {
+                id: c.id.clone(),
+                name: "victim".into(),
+            })
+            .await;
+        let message = expect_code(deleted, Code::InvalidArgument);
+        assert!(message.contains("symbolic link"), "{message}");
+        assert_eq!(fs::read_to_string(target.join("keep")).unwrap(), "precious");
+        assert_eq!(mode(&target), 0o700);
+
+        // A real checkpoints directory holding a link named like a checkpoint: not listed, and
+        // deleting it removes nothing it points to.
+        fs::remove_file(c.bundle.path().join("checkpoints")).unwrap();
+        fs::create_dir(c.bundle.path().join("checkpoints")).unwrap();
+        symlink(&target, c.bundle.path().join("checkpoints/victim")).unwrap();
+        let listed = d
+            .client
+            .list_checkpoint(ListCheckpointRequest { id: c.id.clone() })
+            .await
+            .expect("ListCheckpoint")
+            .into_inner();
+        assert!(listed.checkpoints.is_empty(), "{listed:?}");
+        let deleted = d
+            .client
+            .delete_checkpoint(DeleteCheckpointRequest {
+                id: c.id.clone(),
+                name: "victim".into(),
+            })
+            .await;
+        expect_code(deleted, Code::InvalidArgument);
+        assert_eq!(fs::read_to_string(target.join("keep")).unwrap(), "precious");
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_is_refused_to_a_group_member() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let answer = member.ask(&["upgrade"]).await;
+        expect(&answer, "PERMISSION_DENIED", "only uid 0");
+        assert!(member.ask(&["state"]).await.starts_with("OK "));
+        let mut admin = berth_api::client::connect_daemon(&d.socket())
+            .await
+            .expect("connect to the Daemon service");
+        let info = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+        assert_eq!(info.pid, d.pid());
+        let log = d.log();
+        let audit = log
+            .lines()
+            .find(|l| l.contains("berth::audit") && l.contains("Daemon.Upgrade"));
+        assert!(
+            audit.is_some_and(|l| l.contains("65534")),
+            "no audit line:\n{log}"
+        );
+        d.state().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_files_are_private() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        bundle.edit(|c| c["process"]["env"] = vec!["PATH=/bin", "DB_PASSWORD=hunter2"].into());
+        let id_ = id("private");
+        let pid = d.create(create_req(&id_, &bundle)).await;
+        let record = d.state_file(&id_);
+        assert_eq!(mode(&d.state_dir()), 0o700);
+        assert_eq!(mode(&record), 0o600);
+        chmod(d.dir(), 0o711);
+        let read = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(&record)
+            .output()
+            .expect("run cat as the member");
+        assert!(!read.status.success(), "the member read the record");
+        assert!(!String::from_utf8_lossy(&read.stdout).contains("hunter2"));
+
+        // An existing state dir with open modes is made private at start.
+        chmod(&d.state_dir(), 0o755);
+        d.kill_and_restart().await;
+        assert_eq!(mode(&d.state_dir()), 0o700);
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &id_, pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_record_is_not_adopted() {
+    within(async {
+        let mut d = daemon!();
+        let real = d.run("template", &["sleep", "1000"]).await;
+        let tampered = d.run("tampered", &["sleep", "1000"]).await;
+        // A host process the forged records name, with its true start time.
+        let mut host = Command::new("sleep").arg("1000").spawn().expect("sleep");
+        let stat = fs::read_to_string(format!("/proc/{}/stat", host.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let start_time: u64 = fields[19].parse().unwrap();
+        let forge = |record: &mut serde_json::Value| {
+            record["init"]["pid"] = host.id().into();
+            record["init"]["start_time"] = start_time.into();
+        };
+        let read = |id: &str| -> serde_json::Value {
+            serde_json::from_slice(&fs::read(d.state_file(id)).unwrap()).unwrap()
+        };
+        // A record of an id the runtime does not know, and a running container's own record.
+        let forged = id("forged");
+        let mut record = read(&real.id);
+        record["id"] = forged.clone().into();
+        forge(&mut record);
+        fs::write(d.state_file(&forged), record.to_string()).unwrap();
+        let mut record = read(&tampered.id);
+        forge(&mut record);
+        fs::write(d.state_file(&tampered.id), record.to_string()).unwrap();
+
+        d.kill_and_restart().await;
+        let state = d.state().await;
+        let ids: Vec<&str> = state.containers.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [real.id.as_str()],
+            "only the confirmed record is adopted"
+        );
+        for id_ in [&forged, &tampered.id] {
+            let signalled = d
+                .client
+                .signal(berth_api::proto::SignalRequest {
+                    id: id_.clone(),
+                    pid: host.id(),
+                    signal: 9,
+                })
+                .await;
+            expect_code(signalled, Code::NotFound);
+        }
+        assert!(host.try_wait().unwrap().is_none(), "the host process died");
+        assert!(!d.state_file(&forged).exists(), "forged record left");
+        assert!(d.state_file(&real.id).exists(), "the real record went too");
+        assert!(d.log().contains("does not confirm"), "{}", d.log());
+        // The tampered container itself is not killed on the forger's word: it is left running
+        // in the runtime for an operator.
+        assert!(proc_stat(tampered.pid).is_some_and(|s| s.state != 'Z'));
+        let runtime = d.state_dir().join("runtime");
+        let deleted = Command::new("runc")
+            .arg("--root")
+            .arg(&runtime)
+            .args(["delete", "--force", &tampered.id])
+            .output()
+            .expect("runc delete");
+        assert!(deleted.status.success(), "{deleted:?}");
+        host.kill().unwrap();
+        host.wait().unwrap();
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &real.id, real.pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_lock_file_is_left_untouched() {
+    within(async {
+        if !ready() {
+            return;
+        }
+        let dir = tempfile::TempDir::new().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let socket = dir.path().join("berth.sock");
+        symlink(&victim, dir.path().join("berth.sock.lock")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_berthd"))
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()
+            .expect("run berthd");
+        assert!(
+            !out.status.success(),
+            "berthd started through a linked lock"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("symbolic link"), "{stderr}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_whose_preflight_hangs_or_fails_is_refused() {
+    within(async {
+        let bin_dir = tempfile::TempDir::new().unwrap();
+        let binary = bin_dir.path().join("berthd");
+        fs::copy(env!("CARGO_BIN_EXE_berthd"), &binary).expect("copy berthd");
+        let mut d = daemon!(Options {
+            binary: Some(&binary),
+            ..Options::default()
+        });
+        let pid = d.pid();
+        let mut admin = berth_api::client::connect_daemon(&d.socket())
+            .await
+            .expect("connect to the Daemon service");
+        // Answers --version as berthd would, then hangs at start; then one that fails.
+        let hangs = "#!/bin/sh\ncase \"$*\" in *--version*) echo 'berthd 9.9.9'; exit 0;; esac\nexec sleep 1000\n";
+        let fails = "#!/bin/sh\necho 'berthd 9.9.9'\nexit 3\n";
+        for (script, words) in [(hangs, "did not finish"), (fails, "failed")] {
+            fs::remove_file(&binary).unwrap();
+            fs::write(&binary, script).unwrap();
+            chmod(&binary, 0o755);
+            let started = Instant::now();
+            let status = admin
+                .upgrade(UpgradeRequest {})
+                .await
+                .expect_err("an upgrade to a binary that cannot start");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert!(status.message().contains(words), "{status:?}");
+            assert!(started.elapsed() < Duration::from_secs(20));
+            let info = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+            assert_eq!(info.pid, pid);
+            d.state().await;
+        }
+        let c = d.run("after-refusals", &["sleep", "1000"]).await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}

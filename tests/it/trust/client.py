@@ -1,0 +1,51 @@
+"""One request to berthd from whoever runs this (the trust tests run it as uid 65534).
+
+usage: client.py GENERATED SOCKET create ID BUNDLE STDIN STDOUT STDERR
+       client.py GENERATED SOCKET upgrade
+       client.py GENERATED SOCKET state
+Prints "OK <detail>" or "<CODE> <message>" on one line and exits 0 either way.
+"""
+
+import sys
+
+sys.path.insert(0, sys.argv[1])
+
+import grpc  # noqa: E402
+
+import api_pb2  # noqa: E402
+import api_pb2_grpc  # noqa: E402
+import daemon_pb2  # noqa: E402
+import daemon_pb2_grpc  # noqa: E402
+
+
+def main():
+    socket, op, args = sys.argv[2], sys.argv[3], sys.argv[4:]
+    channel = grpc.insecure_channel(
+        "unix://" + socket, options=[("grpc.default_authority", "localhost")]
+    )
+    api = api_pb2_grpc.APIStub(channel)
+    try:
+        if op == "create":
+            id_, bundle, stdin, stdout, stderr = args
+            reply = api.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    id=id_, bundlePath=bundle, stdin=stdin, stdout=stdout, stderr=stderr
+                ),
+                timeout=30,
+            )
+            print("OK", reply.pid)
+        elif op == "upgrade":
+            reply = daemon_pb2_grpc.DaemonStub(channel).Upgrade(
+                daemon_pb2.UpgradeRequest(), timeout=30
+            )
+            print("OK", reply.pid)
+        elif op == "state":
+            reply = api.State(api_pb2.StateRequest(), timeout=30)
+            print("OK", len(reply.containers))
+        else:
+            raise SystemExit("unknown operation " + op)
+    except grpc.RpcError as e:
+        print(e.code().name, e.details().replace("\n", " "))
+
+
+main()
