@@ -25,10 +25,12 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
+use crate::api::grpc_message::readable_grpc_message;
 use crate::api::peer::Gate;
 use crate::api::service::ApiService;
 use crate::config::{Config, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
+use crate::edge::Edge;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::instruments::RpcMetricsLayer;
@@ -308,13 +310,14 @@ impl Serving {
         let mut stopped = stopping.clone();
         let limits = Limits::within_fd_limit(config.max_connections, config.handshake_timeout);
         let incoming = listener::accept(listener, limits)
-            .map(|accepted| accepted.map(|a| Limited::new(a.stream, a.permit)));
+            .map(|accepted| accepted.map(|a| Edge::new(Limited::new(a.stream, a.permit))));
         let max_message = config.max_message_bytes as usize;
         let api = ApiService::new(supervisor, stopping)
             .limit(max_message, config.max_process_spec_bytes as usize);
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(RpcMetricsLayer)
+                .layer(tower::util::MapResponseLayer::new(readable_grpc_message))
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_keepalive_interval(Some(config.keepalive))
                 .http2_keepalive_timeout(Some(config.keepalive))

@@ -15,11 +15,12 @@
 //! - leaves: [`model`] (records shared by several modules), [`procfs`], [`wait_status`] (the one
 //!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
 //!
-//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`listener`]
-//! (accepting connections within limits), [`metrics`] (the Prometheus endpoint; [`instruments`]
-//! the RPC and runtime timings it shows, `container_metrics` the per-container series),
-//! [`upgrade`] (the listener across `execve`, and from socket activation), [`notify`]
-//! (readiness for the service manager), [`reactor`]
+//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`edge`]
+//! (the `:authority` rewrite on each accepted connection), [`listener`] (accepting connections
+//! within limits), [`metrics`] (the Prometheus endpoint; [`instruments`] the RPC and runtime
+//! timings it shows, `container_metrics` the per-container series), [`upgrade`] (the listener
+//! across `execve`, and from socket activation), [`notify`] (readiness for the service
+//! manager), [`reactor`]
 //! (registering owned fds with tokio).
 //!
 //! Unsafe code is denied crate-wide; the modules allowed it are named on their `mod` lines below.
@@ -35,6 +36,7 @@ mod client_fs;
 pub mod config;
 mod container_metrics;
 pub mod daemon;
+pub mod edge;
 pub mod error;
 mod events;
 pub mod instruments;

@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(std::env::var_os("CARGO_FEATURE_CLIENT").is_some())
         .build_server(std::env::var_os("CARGO_FEATURE_SERVER").is_some())
+        // Hand-written so that every map entry carries its key and value (src/maps.rs).
+        .extern_path(".types.MemoryStats", "crate::maps::MemoryStats")
+        .extern_path(".types.CgroupStats", "crate::maps::CgroupStats")
         .compile_with_config(
             config,
             &["../../proto/api.proto", "../../proto/daemon.proto"],

@@ -1,4 +1,5 @@
-//! Signal: a signal to a container's init or one of its added processes, through its pidfd.
+//! Signal: a signal to a container's init or one of its added processes, through its pidfd;
+//! signal 0 only checks that the process exists (OK, or NOT_FOUND once it has exited).
 //!
 //! Owns: checking that the pid belongs to the container. Does not own: sending it (reaper).
 

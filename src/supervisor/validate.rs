@@ -32,13 +32,14 @@ pub fn container_id(id: &str) -> Result<()> {
     }
 }
 
-/// Signals 1 to 64 are the ones Linux has.
+/// Signals 1 to 64 are the ones Linux has; 0 sends nothing and checks that the process exists,
+/// as `kill -0` (the liveness check the original daemon passed through).
 pub fn signal(signal: u32) -> Result<i32> {
-    if (1..=64).contains(&signal) {
+    if (0..=64).contains(&signal) {
         Ok(signal as i32)
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid signal {signal}: use a number from 1 to 64 (see man 7 signal)"
+            "invalid signal {signal}: use a number from 1 to 64, or 0 to check that the process exists (see man 7 signal)"
         )))
     }
 }
@@ -145,7 +146,7 @@ mod tests {
     fn signals() {
         assert_eq!(signal(9).unwrap(), 9);
         assert_eq!(signal(64).unwrap(), 64);
-        assert!(signal(0).is_err());
+        assert_eq!(signal(0).unwrap(), 0);
         assert!(signal(65).is_err());
     }
 

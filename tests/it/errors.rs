@@ -266,7 +266,7 @@ async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
             (req(&a, d.pid(), SIGKILL), Code::NotFound),
             (req(&a, 1, SIGKILL), Code::NotFound),
             (req(&a, 0, SIGKILL), Code::NotFound),
-            (req(&a, init_a, 0), Code::InvalidArgument),
+            (req(&a, init_b, 0), Code::NotFound),
             (req(&a, init_a, 65), Code::InvalidArgument),
             (req(&a, child_a, 1000), Code::InvalidArgument),
         ];
@@ -279,11 +279,15 @@ async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
             assert!(proc_stat(pid).is_some_and(|s| s.state != 'Z'), "{pid} died");
         }
 
+        // Signal 0 only checks that the process exists, as kill -0.
+        d.signal(&a, init_a, 0).await;
         // 64 is the last valid signal; its default action terminates the process.
         d.signal(&a, child_a, 64).await;
         assert_eq!(events.exit_status(&a, child_a).await, 128 + 64);
-        let gone = d.client.signal(req(&a, child_a, SIGKILL)).await;
-        expect_code(gone, Code::NotFound);
+        for signal in [SIGKILL, 0] {
+            let gone = d.client.signal(req(&a, child_a, signal)).await;
+            expect_code(gone, Code::NotFound);
+        }
         for (id, pid) in [(&a, init_a), (&b, init_b)] {
             d.signal(id, pid, SIGKILL).await;
             assert_eq!(events.exit_status(id, pid).await, 137);

@@ -1,66 +1,144 @@
-//! The wire contract seen from a client that berth did not write: Python's grpc, with code
-//! generated from proto/api.proto by grpc_tools, drives a real berthd (tests/it/interop/client.py).
+//! The wire contract seen from clients that berth did not write, each dialing berthd the way its
+//! own docs say, with no berth-specific option: Python's grpc (Debian's 1.51, which sends
+//! `localhost` as `:authority`, and the newest from PyPI, which sends the socket path) with code
+//! generated from proto/api.proto by grpc_tools (tests/it/interop/client.py), and Node's grpc-js
+//! from npm (tests/it/interop/client.js). scripts/test installs them: the PyPI one in a
+//! virtualenv and grpc-js in a folder, both under target/interop/.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use crate::common::*;
 
 /// Debian's python3-grpcio and python3-grpc-tools, installed by scripts/test.
-const PYTHON: &str = "/usr/bin/python3";
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+/// What scripts/test installs from PyPI and npm.
+const INTEROP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/interop");
+const PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
 
-fn python_has_grpc() -> Result<(), String> {
-    let out = Command::new(PYTHON)
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .map_err(|e| format!("{PYTHON}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err("python3-grpcio and python3-grpc-tools are not installed".into())
+fn runs(program: &str, args: &[&str], what: &str) -> Result<(), String> {
+    match Command::new(program).args(args).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!("{what}: {program}: {e}")),
     }
 }
 
+/// Runs a client program to its end off the runtime's threads, and checks it said "interop ok".
+async fn run_client(mut command: Command, what: &str) {
+    let run: Output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("run the {what} client: {e}"));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "{what} client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("interop ok"), "{stdout}");
+    println!("{what}: {}", stdout.trim());
+}
+
+/// Generates the Python code for proto/api.proto with `python`'s grpc_tools and runs client.py.
+async fn python_client(python: &str, what: &str) {
+    if !host_supports(
+        &format!("needs {what}"),
+        runs(python, &["-c", "import grpc, grpc_tools"], what),
+    ) {
+        return;
+    }
+    let Some(mut daemon) = Daemon::start(Options::default()).await else {
+        return;
+    };
+    let generated = tempfile::TempDir::new().expect("temp dir");
+    let protoc = Command::new(python)
+        .args(["-m", "grpc_tools.protoc", "-I", PROTO])
+        .arg(format!("--python_out={}", generated.path().display()))
+        .arg(format!("--grpc_python_out={}", generated.path().display()))
+        .arg(format!("{PROTO}/api.proto"))
+        .output()
+        .expect("run grpc_tools.protoc");
+    assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
+
+    let bundle = Bundle::new(&["sleep", "1000"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/interop/client.py");
+    let mut command = Command::new(python);
+    command
+        .arg(script)
+        .arg(generated.path())
+        .arg(daemon.socket())
+        .arg(bundle.path())
+        .arg(id("interop"));
+    run_client(command, what).await;
+    daemon.assert_no_zombies().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_client_generated_by_other_tools_gets_the_documented_semantics() {
+async fn debian_grpcio_gets_the_documented_semantics() {
+    within(python_client(DEBIAN_PYTHON, "Debian's python3-grpcio")).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_newest_grpcio_from_pypi_dials_the_socket_path_unchanged() {
+    let python = format!("{INTEROP}/venv/bin/python3");
+    within(python_client(
+        &python,
+        "grpcio from PyPI (target/interop/venv)",
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_grpc_js_gets_state_and_an_events_stream() {
     within(async {
-        if !host_supports("needs python3 grpc and grpc_tools", python_has_grpc()) {
+        let modules = format!("{INTEROP}/npm/node_modules");
+        let installed = if Path::new(&format!("{modules}/@grpc/grpc-js")).is_dir() {
+            runs("node", &["--version"], "node")
+        } else {
+            Err(format!(
+                "{modules}/@grpc/grpc-js is missing (scripts/test installs it)"
+            ))
+        };
+        if !host_supports("needs node and @grpc/grpc-js", installed) {
             return;
         }
         let mut daemon = daemon!();
-        let generated = tempfile::TempDir::new().expect("temp dir");
-        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
-        let protoc = Command::new(PYTHON)
-            .args(["-m", "grpc_tools.protoc", "-I", proto])
-            .arg(format!("--python_out={}", generated.path().display()))
-            .arg(format!("--grpc_python_out={}", generated.path().display()))
-            .arg(format!("{proto}/api.proto"))
-            .output()
-            .expect("run grpc_tools.protoc");
-        assert!(protoc.status.success(), "grpc_tools.protoc: {protoc:?}");
-
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let container = id("interop");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/interop/client.py");
-        let run = tokio::task::spawn_blocking({
-            let args = [
-                generated.path().display().to_string(),
-                daemon.socket().display().to_string(),
-                bundle.path_str(),
-                container.clone(),
-            ];
-            move || Command::new(PYTHON).arg(script).args(args).output()
-        })
-        .await
-        .expect("join")
-        .expect("run the python client");
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(
-            run.status.success(),
-            "python client failed:\n{stdout}\n{stderr}"
-        );
-        assert!(stdout.contains("interop ok"), "{stdout}");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/interop/client.js");
+        let mut command = Command::new("node");
+        command
+            .arg(script)
+            .arg(&modules)
+            .arg(PROTO)
+            .arg(daemon.socket())
+            .arg(bundle.path())
+            .arg(id("interop-node"));
+        run_client(command, "grpc-js from npm").await;
         daemon.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_0_checks_that_the_process_exists() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut events = daemon.events().await;
+        let ctr = daemon.run("signal-zero", &["sleep", "1000"]).await;
+        daemon.signal(&ctr.id, ctr.pid, 0).await;
+        let short = daemon.exec(exec_req(&ctr.id, &["true"])).await;
+        assert_eq!(events.exit_status(&ctr.id, short).await, 0);
+        let gone = berth_api::proto::SignalRequest {
+            id: ctr.id.clone(),
+            pid: short,
+            signal: 0,
+        };
+        expect_code(daemon.client.signal(gone).await, tonic::Code::NotFound);
+        daemon.kill_container(&mut events, &ctr.id, ctr.pid).await;
     })
     .await
 }

@@ -13,6 +13,7 @@ mod interop;
 mod lifecycle;
 mod limits;
 mod process;
+mod raw_http2;
 mod recovery;
 mod restart;
 mod service;

@@ -8,10 +8,12 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+mod maps;
 
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {
     tonic::include_proto!("types");
+    pub use crate::maps::{CgroupStats, MemoryStats};
 }
 
 /// Code generated from `proto/daemon.proto`: berthd's own administration service.

@@ -23,6 +23,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
+pub mod hpack;
 mod procfs;
 mod skip;
 mod stream;

@@ -1,0 +1,167 @@
+use loona_hpack::{Decoder, Encoder};
+
+use super::*;
+
+use crate::edge::test_hpack as hpack;
+
+type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Both ends of the rewrite: the edge, and a decoder standing in for h2's, fed what the edge
+/// passes on.
+struct Link {
+    edge: BlockRewriter,
+    h2: Decoder<'static>,
+}
+
+impl Link {
+    fn new() -> Self {
+        Link {
+            edge: BlockRewriter::default(),
+            h2: Decoder::new(),
+        }
+    }
+
+    /// What h2 decodes from the block the client sent.
+    fn send(&mut self, block: &[u8]) -> Headers {
+        let passed = match self.edge.rewrite(block).expect("valid block") {
+            Some(rewritten) => rewritten.to_vec(),
+            None => block.to_vec(),
+        };
+        self.h2
+            .decode(&passed)
+            .expect("h2 decodes what the edge passes on")
+    }
+}
+
+fn headers(list: &[(&str, &str)]) -> Headers {
+    list.iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn rfc_7541_c4_requests_pass_unchanged_and_keep_the_table() {
+    let mut link = Link::new();
+    let blocks = [
+        "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+        "8286 84be 5886 a8eb 1064 9cbf",
+        "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+    ];
+    for block in blocks {
+        assert_eq!(link.edge.rewrite(&hex(block)).unwrap(), None, "{block}");
+    }
+    // The third request's references resolve against the table the first two built.
+    let mut h2 = Decoder::new();
+    for block in &blocks[..2] {
+        h2.decode(&hex(block)).unwrap();
+    }
+    assert_eq!(
+        h2.decode(&hex(blocks[2])).unwrap(),
+        headers(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/index.html"),
+            (":authority", "www.example.com"),
+            ("custom-key", "custom-value"),
+        ])
+    );
+}
+
+#[test]
+fn a_socket_path_authority_becomes_localhost_however_it_is_encoded() {
+    for authority in [
+        "/run/berth/berth.sock",
+        "%2Frun%2Fberth%2Fberth.sock",
+        "",
+        "a b",
+    ] {
+        for (indexed, huffman) in [(false, false), (false, true), (true, false), (true, true)] {
+            let mut link = Link::new();
+            let mut block = hex("8286 84");
+            hpack::literal(1, authority.as_bytes(), indexed, huffman, &mut block);
+            let expected = headers(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "localhost"),
+            ]);
+            assert_eq!(
+                link.send(&block),
+                expected,
+                "{authority:?} {indexed} {huffman}"
+            );
+            if indexed {
+                // A later request that refers to the client's table entry for the path.
+                assert_eq!(link.send(&hex("8286 84be")), expected);
+            }
+        }
+    }
+}
+
+/// The client's encoder indexes every new header; values change so its table evicts. Requests
+/// with a good authority come first (passed unchanged), then bad ones, then good ones again.
+#[test]
+fn h2_decodes_every_request_of_a_connection_after_rewrites() {
+    let mut link = Link::new();
+    let mut client = Encoder::new();
+    for round in 0..60 {
+        let authority = match round {
+            0..10 => "localhost".to_owned(),
+            10..40 => "/run/berth/berth.sock".to_owned(),
+            _ => format!("host-{}", round % 7),
+        };
+        let path = format!("/types.API/Call{}", round % 13);
+        let timeout = format!("{}m", round * 37);
+        let padding = "x".repeat(round * 17 % 400);
+        let sent = headers(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", &path),
+            (":authority", &authority),
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", &timeout),
+            ("x-padding", &padding),
+        ]);
+        let block = client.encode(sent.iter().map(|(n, v)| (&n[..], &v[..])));
+        let mut expected = sent.clone();
+        if authority.starts_with('/') {
+            expected[3].1 = b"localhost".to_vec();
+        }
+        assert_eq!(link.send(&block), expected, "round {round}");
+    }
+}
+
+#[test]
+fn malformed_blocks_are_errors() {
+    for block in [
+        "ff",
+        "80",
+        "bf",
+        "3fe1ff",
+        "41ff",
+        "4185f1e3c2e5f2",
+        "3fe21f",
+    ] {
+        assert!(
+            BlockRewriter::default().rewrite(&hex(block)).is_err(),
+            "{block}"
+        );
+    }
+}
+
+#[test]
+fn integers_encode_as_in_rfc_7541_c1() {
+    let mut out = Vec::new();
+    encode_integer(10, 5, 0, &mut out);
+    encode_integer(1337, 5, 0, &mut out);
+    encode_integer(42, 8, 0, &mut out);
+    assert_eq!(out, [10, 31, 154, 10, 42]);
+}

@@ -1,0 +1,227 @@
+//! berthd's socket spoken to in raw HTTP/2, a few frames by hand, so the tests choose exactly
+//! how a header block is encoded: `:authority` as an absolute socket path (grpc-java, the 2016
+//! Go client), as C-core's percent-encoded path (grpcio >= 1.57) and as `localhost`, each as a
+//! plain and a Huffman-coded literal, indexed or not, in one frame or across CONTINUATIONs, all
+//! on one connection so the server's header table must stay in step. And what an error's
+//! `grpc-message` looks like on the wire.
+
+use std::time::Duration;
+
+use berth_api::proto::SignalRequest;
+use loona_hpack::Decoder;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::common::hpack;
+use crate::common::*;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+type Headers = Vec<(String, String)>;
+
+/// A raw HTTP/2 client connection to berthd.
+struct Connection {
+    socket: UnixStream,
+    decoder: Decoder<'static>,
+    next_stream: u32,
+}
+
+/// What came back on a stream: its header blocks (response headers, trailers) and data.
+#[derive(Debug, Default)]
+struct Answer {
+    blocks: Vec<Headers>,
+    data: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.blocks
+            .iter()
+            .flatten()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+impl Connection {
+    async fn open(daemon: &Daemon) -> Connection {
+        let mut socket = UnixStream::connect(daemon.socket()).await.expect("connect");
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        socket.write_all(&hello).await.expect("preface");
+        Connection {
+            socket,
+            decoder: Decoder::new(),
+            next_stream: 1,
+        }
+    }
+
+    /// Sends one unary call, its header block split into `pieces` frames, and reads its answer.
+    async fn call(&mut self, block: &[u8], pieces: usize, message: &[u8]) -> Answer {
+        let stream = self.next_stream;
+        self.next_stream += 2;
+        let chunks: Vec<&[u8]> = block.chunks(block.len().div_ceil(pieces)).collect();
+        let mut wire = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = if i + 1 == chunks.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            let kind = if i == 0 { HEADERS } else { CONTINUATION };
+            wire.extend(frame(kind, last, stream, chunk));
+        }
+        let mut grpc = vec![0];
+        grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        grpc.extend_from_slice(message);
+        wire.extend(frame(DATA, END_STREAM, stream, &grpc));
+        self.socket.write_all(&wire).await.expect("send the call");
+        tokio::time::timeout(Duration::from_secs(20), self.answer(stream))
+            .await
+            .expect("an answer within 20s")
+    }
+
+    /// Reads frames until `stream` ends, answering SETTINGS and decoding every header block.
+    async fn answer(&mut self, stream: u32) -> Answer {
+        let mut answer = Answer::default();
+        let mut block = Vec::new();
+        loop {
+            let mut header = [0; 9];
+            self.socket
+                .read_exact(&mut header)
+                .await
+                .expect("a frame from berthd");
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let (kind, flags) = (header[3], header[4]);
+            let on = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0; length];
+            self.socket
+                .read_exact(&mut payload)
+                .await
+                .expect("frame payload");
+            match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    let ack = frame(SETTINGS, ACK, 0, &[]);
+                    self.socket.write_all(&ack).await.expect("ack settings");
+                }
+                0x7 => panic!("GOAWAY from berthd: {payload:?}"),
+                0x3 if on == stream => panic!("RST_STREAM from berthd: {payload:?}"),
+                HEADERS | CONTINUATION => {
+                    block.extend_from_slice(&payload);
+                    if flags & END_HEADERS != 0 {
+                        let headers = self
+                            .decoder
+                            .decode(&block)
+                            .expect("valid HPACK from berthd");
+                        block.clear();
+                        if on == stream {
+                            answer.blocks.push(
+                                headers
+                                    .into_iter()
+                                    .map(|(n, v)| {
+                                        (
+                                            String::from_utf8(n).unwrap(),
+                                            String::from_utf8(v).unwrap(),
+                                        )
+                                    })
+                                    .collect(),
+                            );
+                        }
+                    }
+                }
+                DATA if on == stream => answer.data.extend_from_slice(&payload),
+                _ => {}
+            }
+            if on == stream && flags & END_STREAM != 0 && matches!(kind, HEADERS | DATA) {
+                return answer;
+            }
+        }
+    }
+}
+
+/// A gRPC request's header block with `authority` encoded as asked.
+fn request(path: &str, authority: &str, indexed: bool, huffman: bool) -> Vec<u8> {
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    hpack::literal(4, path.as_bytes(), false, huffman, &mut block);
+    hpack::literal(1, authority.as_bytes(), indexed, huffman, &mut block);
+    hpack::literal(31, b"application/grpc", indexed, huffman, &mut block);
+    block.push(0x00);
+    hpack::string(b"te", huffman, &mut block);
+    hpack::string(b"trailers", huffman, &mut block);
+    block
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_authority_in_any_encoding_gets_an_answer() {
+    within(async {
+        let daemon = daemon!();
+        let socket = daemon.socket().display().to_string();
+        let encoded: String = socket.replace('/', "%2F");
+        let mut connection = Connection::open(&daemon).await;
+        for authority in [socket.as_str(), encoded.as_str(), "localhost"] {
+            for huffman in [false, true] {
+                for pieces in [1, 3] {
+                    let indexed = pieces == 3;
+                    let block = request("/types.API/State", authority, indexed, huffman);
+                    let answer = connection.call(&block, pieces, &[]).await;
+                    let case = format!("{authority:?} huffman={huffman} frames={pieces}");
+                    assert_eq!(answer.header(":status"), Some("200"), "{case}: {answer:?}");
+                    assert_eq!(
+                        answer.header("grpc-status"),
+                        Some("0"),
+                        "{case}: {answer:?}"
+                    );
+                    let state = berth_api::proto::StateResponse::decode(&answer.data[5..])
+                        .unwrap_or_else(|e| panic!("{case}: StateResponse: {e}"));
+                    assert!(state.machine.is_some_and(|m| m.cpus > 0), "{case}");
+                }
+            }
+        }
+        // Refer to the client's table entry for the socket path, the oldest of the twelve the
+        // indexed cases added (index 62 + 11), after all those rewrites.
+        let mut block = vec![0x83, 0x86, 0x80 | 73];
+        hpack::literal(4, b"/types.API/State", false, false, &mut block);
+        hpack::literal(31, b"application/grpc", false, false, &mut block);
+        let answer = connection.call(&block, 1, &[]).await;
+        assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_errors_grpc_message_is_readable_on_the_wire() {
+    within(async {
+        let daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let missing = id("no-such-container");
+        let message = SignalRequest {
+            id: missing.clone(),
+            pid: 1,
+            signal: 9,
+        }
+        .encode_to_vec();
+        let block = request("/types.API/Signal", "localhost", false, true);
+        let answer = connection.call(&block, 1, &message).await;
+        assert_eq!(answer.header("grpc-status"), Some("5"), "{answer:?}");
+        let text = answer.header("grpc-message").expect("grpc-message");
+        assert!(!text.contains("%20"), "{text}");
+        assert!(text.contains(&missing) && text.contains(' '), "{text}");
+    })
+    .await
+}
