@@ -84,7 +84,14 @@ impl Supervisor {
             console_socket: console.as_ref().map(|c| c.path()),
         };
         let started = self
-            .exec_steps(exec, &pid_file, &request.stdio, console.as_ref(), &mut undo)
+            .exec_steps(
+                exec,
+                &container.id,
+                &pid_file,
+                &request.stdio,
+                console.as_ref(),
+                &mut undo,
+            )
             .await;
         if let Err(e) = started {
             return Err(undo.undo(e).await);
@@ -117,6 +124,7 @@ impl Supervisor {
     async fn exec_steps(
         &self,
         exec: Operation<'_>,
+        id: &str,
         pid_file: &Path,
         paths: &StdioPaths,
         console: Option<&stdio::ConsoleSocket>,
@@ -142,7 +150,7 @@ impl Supervisor {
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
         if let Some(master) = master {
-            undo.relay(stdio::relay_terminal(master?, paths)?);
+            undo.relay(self.relay_terminal(id, pid as u32, master?, paths)?);
         }
         Ok(())
     }

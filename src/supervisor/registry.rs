@@ -73,6 +73,8 @@ pub(super) struct Container {
     /// The bundle's `process`, the base of every added process (capabilities, rlimits, ...).
     pub(super) base_process: serde_json::Value,
     pub(super) init: Arc<Process>,
+    /// Processes (by pid) whose terminal berthd no longer relays (see recovery).
+    pub(super) lost_terminals: Vec<u32>,
     pub(super) mutable: Mutex<Mutable>,
     /// Serializes runtime operations that change the container (pause, resume, exec).
     pub(super) operations: tokio::sync::Mutex<()>,
@@ -106,6 +108,7 @@ impl Container {
             console: self.stdio.console.clone(),
             init: self.init.record(),
             processes: mutable.added.iter().map(|p| p.record()).collect(),
+            lost_terminals: self.lost_terminals.clone(),
         }
     }
 }

@@ -1,5 +1,9 @@
-//! Terminals across a restart: berthd does not yet hand pty masters over, so an adopted
-//! container with a terminal keeps running and its lost terminal is stated in the log.
+//! Terminals across a restart and an in-place upgrade: an upgrade hands the pty masters over
+//! and the relays resume; a restart loses them, which the log and the container's record say.
+
+use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
+use std::io::Write;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -32,6 +36,69 @@ async fn a_terminal_lost_at_restart_is_logged_and_the_container_adopted() {
                 .any(|l| l.contains("terminal lost") && l.contains(&id)),
             "no terminal-lost line for {id} in:\n{log}"
         );
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.state_file(&id)).expect("state file"))
+                .expect("state file is JSON");
+        assert_eq!(
+            record["lost_terminals"],
+            serde_json::json!([pid]),
+            "record: {record}"
+        );
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &id, pid).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_keeps_working_across_an_in_place_upgrade() {
+    within(async {
+        let mut d = daemon!();
+        let id = id("tty-upgrade");
+        let bundle = Bundle::new(&["sh", "-c", "while read l; do echo \"got $l\"; done"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let (input, out) = (d.dir().join("in"), d.dir().join("out"));
+        mkfifo(&input);
+        mkfifo(&out);
+        let mut reader = Reader::open(&out);
+        // Held open so neither FIFO reads as hung up while one image hands over to the next.
+        let _out_kept = open_rw(&out);
+        let mut req = create_req(&id, &bundle);
+        req.stdin = path_str(&input);
+        req.stdout = path_str(&out);
+        let pid = d.create(req).await;
+        let mut stdin = open_rw(&input);
+        stdin.write_all(b"before\n").expect("write stdin");
+        reader.read_until("got before").await;
+
+        let mut admin = berth_api::client::connect_daemon(&d.socket())
+            .await
+            .expect("connect to the Daemon service");
+        let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+        admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "the new image never answered");
+            if let Ok(mut admin) = berth_api::client::connect_daemon(&d.socket()).await
+                && let Ok(info) = admin.info(InfoRequest {}).await
+                && info.get_ref().image_started != old_image.image_started
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        stdin.write_all(b"after\n").expect("write stdin");
+        let text = reader.read_until("got after").await;
+        assert!(text.contains("got after"), "pty output: {text:?}");
+        let log = d.log();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("terminal lost") && l.contains(&id)),
+            "terminal reported lost across the upgrade:\n{log}"
+        );
+        let record = std::fs::read_to_string(d.state_file(&id)).expect("state file");
+        assert!(!record.contains("lost_terminals"), "record: {record}");
         let mut events = d.events().await;
         d.kill_container(&mut events, &id, pid).await;
     })
