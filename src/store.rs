@@ -18,6 +18,18 @@ pub(crate) struct ProcessRecord {
     /// tells the process from a later one that reused its pid.
     pub start_time: u64,
     pub spec: ProcessSpec,
+    /// Where an added process's terminal is relayed (the init's goes to its container's paths),
+    /// so an upgrade can resume the relay. Absent in records written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<TerminalPaths>,
+}
+
+/// The client's paths a pty master is relayed to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TerminalPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub console: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +167,7 @@ mod tests {
                 pid: 10,
                 start_time: 99,
                 spec: ProcessSpec::default(),
+                terminal: None,
             },
             processes: vec![],
             lost_terminals: vec![10],

@@ -106,6 +106,7 @@ impl Supervisor {
                 start_time: process_start_time(pid).unwrap_or(0),
                 tracked: init,
                 spec: init_spec,
+                terminal: None,
             }),
             lost_terminals: Vec::new(),
             mutable: Mutex::new(Mutable {

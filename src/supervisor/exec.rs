@@ -19,6 +19,7 @@ use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
 use crate::runtime::Operation;
+use crate::store::TerminalPaths;
 
 pub struct User {
     pub uid: u32,
@@ -106,6 +107,11 @@ impl Supervisor {
         let process = Arc::new(Process {
             start_time: process_start_time(pid).unwrap_or(0),
             tracked,
+            terminal: spec.terminal.then(|| TerminalPaths {
+                stdin: request.stdio.stdin.clone(),
+                stdout: request.stdio.stdout.clone(),
+                console: request.stdio.console.clone(),
+            }),
             spec: spec.clone(),
         });
         container.lock().added.push(Arc::clone(&process));

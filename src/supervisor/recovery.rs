@@ -245,6 +245,7 @@ impl Supervisor {
                     tracked,
                     spec: process.spec.clone(),
                     start_time: process.start_time,
+                    terminal: process.terminal.clone(),
                 })),
                 Ok(None) | Err(_) => self.events.record_recovery(
                     &record.id,
@@ -276,12 +277,28 @@ impl Supervisor {
             lost_terminals.push(record.init.pid);
         }
         for process in added.iter().filter(|p| p.spec.terminal) {
-            tracing::warn!(
-                id = %record.id,
-                pid = process.pid(),
-                "terminal lost: berthd does not record an added process's stdio paths, so nothing relays its terminal after a restart or upgrade"
-            );
-            lost_terminals.push(process.pid());
+            let resumed = match &process.terminal {
+                Some(paths) => {
+                    let paths = StdioPaths {
+                        stdin: paths.stdin.clone(),
+                        stdout: paths.stdout.clone(),
+                        console: paths.console.clone(),
+                        ..StdioPaths::default()
+                    };
+                    self.resume_terminal(&record.id, process.pid(), &paths)
+                }
+                None => {
+                    tracing::warn!(
+                        id = %record.id,
+                        pid = process.pid(),
+                        "terminal lost: this record does not hold the added process's stdio paths, so nothing relays its terminal"
+                    );
+                    false
+                }
+            };
+            if !resumed {
+                lost_terminals.push(process.pid());
+            }
         }
         lost_terminals.sort_unstable();
         lost_terminals.dedup();
@@ -294,6 +311,7 @@ impl Supervisor {
                 tracked: init,
                 spec: record.init.spec.clone(),
                 start_time: record.init.start_time,
+                terminal: None,
             }),
             lost_terminals,
             mutable: Mutex::new(Mutable {

@@ -13,7 +13,7 @@ use super::{StdioPaths, Supervisor, validate};
 use crate::error::{Error, Result};
 use crate::model::ProcessSpec;
 use crate::reaper::TrackedProcess;
-use crate::store::{ContainerRecord, ProcessRecord};
+use crate::store::{ContainerRecord, ProcessRecord, TerminalPaths};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -43,6 +43,9 @@ pub(super) struct Process {
     pub(super) tracked: TrackedProcess,
     pub(super) spec: ProcessSpec,
     pub(super) start_time: u64,
+    /// Where an added process's terminal is relayed; `None` for the init (its container's
+    /// paths) and for a process without a terminal.
+    pub(super) terminal: Option<TerminalPaths>,
 }
 
 impl Process {
@@ -55,6 +58,7 @@ impl Process {
             pid: self.pid(),
             start_time: self.start_time,
             spec: self.spec.clone(),
+            terminal: self.terminal.clone(),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Terminals across a restart and an in-place upgrade: an upgrade hands the pty masters over
-//! and the relays resume; a restart loses them, which the log and the container's record say.
+//! and the relays resume (the init's and an added process's); a restart loses them, which the log and the container's record say.
 
 use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -50,26 +51,71 @@ async fn a_terminal_lost_at_restart_is_logged_and_the_container_adopted() {
     .await
 }
 
+/// A process echoing each line it reads, its terminal relayed to FIFOs the test holds open (so
+/// neither reads as hung up while one image hands over to the next).
+struct Echo {
+    stdin: std::fs::File,
+    reader: Reader,
+    _out_kept: std::fs::File,
+}
+
+impl Echo {
+    const SCRIPT: &str = "while read l; do echo \"got $l\"; done";
+
+    fn fifos(d: &Daemon, name: &str) -> (String, String) {
+        let (input, out) = (
+            d.dir().join(format!("{name}-in")),
+            d.dir().join(format!("{name}-out")),
+        );
+        mkfifo(&input);
+        mkfifo(&out);
+        (path_str(&input), path_str(&out))
+    }
+
+    /// Opens the FIFOs once berthd relays them (the stdin FIFO for writing needs its reader).
+    fn open(stdin: &str, stdout: &str) -> Echo {
+        Echo {
+            stdin: open_rw(Path::new(stdin)),
+            reader: Reader::open(Path::new(stdout)),
+            _out_kept: open_rw(Path::new(stdout)),
+        }
+    }
+
+    async fn echoes(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write stdin");
+        let text = self.reader.read_until(&format!("got {line}")).await;
+        assert!(
+            text.contains(&format!("got {line}")),
+            "pty output: {text:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_terminal_keeps_working_across_an_in_place_upgrade() {
     within(async {
         let mut d = daemon!();
         let id = id("tty-upgrade");
-        let bundle = Bundle::new(&["sh", "-c", "while read l; do echo \"got $l\"; done"]);
+        let bundle = Bundle::new(&["sh", "-c", Echo::SCRIPT]);
         bundle.edit(|c| c["process"]["terminal"] = true.into());
-        let (input, out) = (d.dir().join("in"), d.dir().join("out"));
-        mkfifo(&input);
-        mkfifo(&out);
-        let mut reader = Reader::open(&out);
-        // Held open so neither FIFO reads as hung up while one image hands over to the next.
-        let _out_kept = open_rw(&out);
+        let (stdin, stdout) = Echo::fifos(&d, "init");
         let mut req = create_req(&id, &bundle);
-        req.stdin = path_str(&input);
-        req.stdout = path_str(&out);
+        req.stdin = stdin.clone();
+        req.stdout = stdout.clone();
         let pid = d.create(req).await;
-        let mut stdin = open_rw(&input);
-        stdin.write_all(b"before\n").expect("write stdin");
-        reader.read_until("got before").await;
+        let mut init = Echo::open(&stdin, &stdout);
+        init.echoes("before").await;
+        // An added process's terminal is handed over and resumed too.
+        let (stdin, stdout) = Echo::fifos(&d, "added");
+        let mut req = exec_req(&id, &["sh", "-c", Echo::SCRIPT]);
+        req.terminal = true;
+        req.stdin = stdin.clone();
+        req.stdout = stdout.clone();
+        d.exec(req).await;
+        let mut added = Echo::open(&stdin, &stdout);
+        added.echoes("added-before").await;
 
         let mut admin = berth_api::client::connect_daemon(&d.socket())
             .await
@@ -88,9 +134,8 @@ async fn a_terminal_keeps_working_across_an_in_place_upgrade() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
-        stdin.write_all(b"after\n").expect("write stdin");
-        let text = reader.read_until("got after").await;
-        assert!(text.contains("got after"), "pty output: {text:?}");
+        init.echoes("after").await;
+        added.echoes("added-after").await;
         let log = d.log();
         assert!(
             !log.lines()
