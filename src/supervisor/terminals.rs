@@ -73,18 +73,17 @@ impl Supervisor {
             .drain()
             .map(|(_, running)| running)
             .collect();
-        for Running {
-            container,
-            pid,
-            relay,
-        } in running
-        {
-            let master = relay.stop_for_handover().await;
-            crate::upgrade::hand_over_terminal(HandedTerminal {
-                container,
-                pid,
+        // All at once: each may wait out its bound on a destination nobody reads.
+        let stopped = running.into_iter().map(|running| async move {
+            let master = running.relay.stop_for_handover().await;
+            HandedTerminal {
+                container: running.container,
+                pid: running.pid,
                 master,
-            });
+            }
+        });
+        for terminal in futures_util::future::join_all(stopped).await {
+            crate::upgrade::hand_over_terminal(terminal);
         }
     }
 }
