@@ -247,6 +247,9 @@ async fn serve(
     }
     let _ = metrics_stop.send(true);
     serving.stop().await;
+    if upgrade.is_some() {
+        supervisor.hand_over_terminals().await;
+    }
     Ok(upgrade)
 }
 

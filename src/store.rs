@@ -18,6 +18,18 @@ pub(crate) struct ProcessRecord {
     /// tells the process from a later one that reused its pid.
     pub start_time: u64,
     pub spec: ProcessSpec,
+    /// Where an added process's terminal is relayed (the init's goes to its container's paths),
+    /// so an upgrade can resume the relay. Absent in records written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<TerminalPaths>,
+}
+
+/// The client's paths a pty master is relayed to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TerminalPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub console: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +43,10 @@ pub(crate) struct ContainerRecord {
     pub console: String,
     pub init: ProcessRecord,
     pub processes: Vec<ProcessRecord>,
+    /// Processes (by pid) whose terminal is no longer relayed: their pty master did not survive
+    /// a restart of berthd. Absent in records written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_terminals: Vec<u32>,
 }
 
 pub struct Store {
@@ -151,8 +167,10 @@ mod tests {
                 pid: 10,
                 start_time: 99,
                 spec: ProcessSpec::default(),
+                terminal: None,
             },
             processes: vec![],
+            lost_terminals: vec![10],
         };
         store.write(&record).unwrap();
         let path = dir.path().join("containers/a.json");
@@ -177,5 +195,16 @@ mod tests {
         store.remove("a").unwrap();
         assert!(!path.exists());
         store.remove("a").unwrap();
+    }
+
+    #[test]
+    fn records_written_before_lost_terminals_were_recorded_still_load() {
+        let old = r#"{"id":"a","bundle":"/b","runtime":"/r","stdin":"","stdout":"","stderr":"",
+            "console":"","init":{"pid":10,"start_time":99,"spec":{"args":[],"env":[],"cwd":"/",
+            "uid":0,"gid":0,"additional_gids":[],"terminal":true}},"processes":[]}"#;
+        let record: ContainerRecord = serde_json::from_str(old).unwrap();
+        assert!(record.lost_terminals.is_empty());
+        let written = serde_json::to_string(&record).unwrap();
+        assert!(!written.contains("lost_terminals"), "{written}");
     }
 }

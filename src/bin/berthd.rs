@@ -1,6 +1,6 @@
-//! berthd: the work that must come before any thread exists (the spawn helper's fork, taking a
-//! listener handed over by an upgrade or passed by the service manager), tracing, the socket, then [`berth::daemon::run`] until
-//! SIGTERM or SIGINT, or an upgrade's `execve`. Containers keep running when berthd stops.
+//! berthd: the work that must come before any thread exists (the spawn helper's fork, taking the
+//! listener and pty masters handed over by an upgrade or the listener passed by the service
+//! manager), tracing, the socket, then [`berth::daemon::run`] until SIGTERM or SIGINT, or an upgrade's `execve`. Containers keep running when berthd stops.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
@@ -42,6 +42,9 @@ fn main() -> ExitCode {
         Ok(inherited) => inherited,
         Err(e) => return fail(e),
     };
+    // ... and the containers' pty masters, for recovery to resume their relays.
+    // SAFETY: the only call, made before any thread exists.
+    let terminal_problems = unsafe { berth::upgrade::take_inherited_terminals() };
     // SAFETY: the only call, made before any thread exists.
     let activated = match unsafe { berth::upgrade::take_activated_listener() } {
         Ok(activated) => activated,
@@ -55,6 +58,12 @@ fn main() -> ExitCode {
     }
     if let Err(e) = init_tracing(&config) {
         return fail(e);
+    }
+    for problem in terminal_problems {
+        tracing::warn!(
+            problem,
+            "terminal lost: a pty master handed over by the upgrade could not be taken"
+        );
     }
     // The helper is forked now, while berthd is one small thread; every runtime command is
     // forked from it later instead of from the grown daemon.

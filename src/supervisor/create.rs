@@ -106,7 +106,9 @@ impl Supervisor {
                 start_time: process_start_time(pid).unwrap_or(0),
                 tracked: init,
                 spec: init_spec,
+                terminal: None,
             }),
+            lost_terminals: Vec::new(),
             mutable: Mutex::new(Mutable {
                 status: Status::Running,
                 added: Vec::new(),
@@ -175,7 +177,7 @@ impl Supervisor {
         undo.tracked(self.reaper.track(pid)?);
         if let Some(console) = console {
             let master = console.receive_master(CONSOLE_TIMEOUT).await?;
-            undo.relay(stdio::relay_terminal(master, &request.stdio)?);
+            undo.relay(self.relay_terminal(id, pid as u32, master, &request.stdio)?);
         }
         if restore.is_none() {
             self.runtime.run(Operation::Start { id }).await?;

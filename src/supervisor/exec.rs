@@ -19,6 +19,7 @@ use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
 use crate::runtime::Operation;
+use crate::store::TerminalPaths;
 
 pub struct User {
     pub uid: u32,
@@ -84,7 +85,14 @@ impl Supervisor {
             console_socket: console.as_ref().map(|c| c.path()),
         };
         let started = self
-            .exec_steps(exec, &pid_file, &request.stdio, console.as_ref(), &mut undo)
+            .exec_steps(
+                exec,
+                &container.id,
+                &pid_file,
+                &request.stdio,
+                console.as_ref(),
+                &mut undo,
+            )
             .await;
         if let Err(e) = started {
             return Err(undo.undo(e).await);
@@ -99,6 +107,11 @@ impl Supervisor {
         let process = Arc::new(Process {
             start_time: process_start_time(pid).unwrap_or(0),
             tracked,
+            terminal: spec.terminal.then(|| TerminalPaths {
+                stdin: request.stdio.stdin.clone(),
+                stdout: request.stdio.stdout.clone(),
+                console: request.stdio.console.clone(),
+            }),
             spec: spec.clone(),
         });
         container.lock().added.push(Arc::clone(&process));
@@ -117,6 +130,7 @@ impl Supervisor {
     async fn exec_steps(
         &self,
         exec: Operation<'_>,
+        id: &str,
         pid_file: &Path,
         paths: &StdioPaths,
         console: Option<&stdio::ConsoleSocket>,
@@ -142,7 +156,7 @@ impl Supervisor {
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
         if let Some(master) = master {
-            undo.relay(stdio::relay_terminal(master?, paths)?);
+            undo.relay(self.relay_terminal(id, pid as u32, master?, paths)?);
         }
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! added processes, the state files, and the order of events for each container. One file per
 //! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `operation` runs
 //! them as the supervisor's own tasks and undoes them; `registry` holds the containers,
-//! `stdio`, `scratch` and `validate` serve the operations.
+//! `stdio`, `scratch` and `validate` serve the operations; `terminals` keeps the pty relays
+//! across an upgrade.
 //! Does not own: argv (runtime), process spawning (spawn), exit collection (reaper), the wire
 //! format (api), the records it shares with them (model).
 
@@ -19,6 +20,7 @@ mod registry;
 mod scratch;
 mod signal;
 mod stdio;
+mod terminals;
 mod update;
 pub(crate) mod validate;
 
@@ -63,6 +65,7 @@ pub struct Supervisor {
     checkpoint_locks: checkpoint::BundleLocks,
     in_flight: Arc<operation::InFlight>,
     client_files: ClientFileLimits,
+    terminals: terminals::Terminals,
 }
 
 impl Supervisor {
@@ -97,6 +100,7 @@ impl Supervisor {
             checkpoint_locks: checkpoint::BundleLocks::default(),
             in_flight: Arc::default(),
             client_files,
+            terminals: terminals::Terminals::default(),
         }))
     }
 

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::Supervisor;
 use super::registry::Reservation;
-use super::stdio::Relay;
+use super::terminals::RelayId;
 use crate::error::{Error, Result};
 use crate::reaper::TrackedProcess;
 use crate::runtime::Operation;
@@ -119,7 +119,7 @@ pub(super) struct Undo<'a> {
     runtime_state: bool,
     started_pid: Option<i32>,
     process: Option<TrackedProcess>,
-    relay: Option<Relay>,
+    relay: Option<RelayId>,
 }
 
 impl<'a> Undo<'a> {
@@ -156,7 +156,7 @@ impl<'a> Undo<'a> {
     }
 
     /// A pty relay runs: stop it.
-    pub(super) fn relay(&mut self, relay: Relay) {
+    pub(super) fn relay(&mut self, relay: RelayId) {
         self.relay = Some(relay);
     }
 
@@ -171,7 +171,7 @@ impl<'a> Undo<'a> {
         let id = self.id;
         tracing::debug!(id, error = %err, "undoing a failed operation");
         if let Some(relay) = self.relay.take() {
-            relay.stop();
+            self.supervisor.stop_relay(relay);
         }
         let process = match (self.process.take(), self.started_pid) {
             (Some(process), _) => Some(process),

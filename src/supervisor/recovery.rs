@@ -106,8 +106,41 @@ impl Supervisor {
                 recovery.leftovers += 1;
             }
         }
+        for (id, pid) in crate::upgrade::close_unclaimed_terminals() {
+            tracing::info!(id = %id, pid, "closed a handed-over pty master no adopted container claimed");
+        }
         recovery.took = started.elapsed();
         Ok(recovery)
+    }
+
+    /// Resumes relaying the terminal of process `pid` of container `id` to its recorded `stdio`
+    /// if the image before this one handed its pty master over (an upgrade), and says whether
+    /// it did. After a restart the master is gone: the process runs on, its terminal unrelayed.
+    fn resume_terminal(&self, id: &str, pid: u32, stdio: &StdioPaths) -> bool {
+        let Some(master) = crate::upgrade::claim_terminal(id, pid) else {
+            tracing::warn!(
+                id,
+                pid,
+                "terminal lost: its pty master did not survive berthd's restart, so the process runs on with nothing relaying its terminal"
+            );
+            return false;
+        };
+        // The paths come from berthd's own record; they are opened as root, with the checks
+        // every stdio path gets (FIFO, /dev/null or regular file, never in the state dir).
+        let paths = StdioPaths {
+            caller: Some(self.caller(Peer::root())),
+            ..stdio.clone()
+        };
+        match self.relay_terminal(id, pid, master, &paths) {
+            Ok(_) => {
+                tracing::info!(id, pid, "terminal resumed from the pty master handed over");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(id, pid, error = %e, "terminal lost: the handed-over pty master could not be relayed");
+                false
+            }
+        }
     }
 
     /// Whether the runtime confirms `record`: it holds a live container of that id, with that
@@ -199,7 +232,6 @@ impl Supervisor {
         base_process: serde_json::Value,
         replay: Duration,
     ) {
-        warn_of_lost_terminals(record);
         let mut added = Vec::new();
         for process in &record.processes {
             let adopted = if same_cgroup(record.init.pid, process.pid) {
@@ -213,6 +245,7 @@ impl Supervisor {
                     tracked,
                     spec: process.spec.clone(),
                     start_time: process.start_time,
+                    terminal: process.terminal.clone(),
                 })),
                 Ok(None) | Err(_) => self.events.record_recovery(
                     &record.id,
@@ -224,22 +257,63 @@ impl Supervisor {
                 ),
             }
         }
+        let stdio = StdioPaths {
+            stdin: record.stdin.clone(),
+            stdout: record.stdout.clone(),
+            stderr: record.stderr.clone(),
+            console: record.console.clone(),
+            caller: None,
+        };
+        let live: Vec<u32> = std::iter::once(record.init.pid)
+            .chain(added.iter().map(|p| p.pid()))
+            .collect();
+        let mut lost_terminals: Vec<u32> = record
+            .lost_terminals
+            .iter()
+            .copied()
+            .filter(|pid| live.contains(pid))
+            .collect();
+        if record.init.spec.terminal && !self.resume_terminal(&record.id, record.init.pid, &stdio) {
+            lost_terminals.push(record.init.pid);
+        }
+        for process in added.iter().filter(|p| p.spec.terminal) {
+            let resumed = match &process.terminal {
+                Some(paths) => {
+                    let paths = StdioPaths {
+                        stdin: paths.stdin.clone(),
+                        stdout: paths.stdout.clone(),
+                        console: paths.console.clone(),
+                        ..StdioPaths::default()
+                    };
+                    self.resume_terminal(&record.id, process.pid(), &paths)
+                }
+                None => {
+                    tracing::warn!(
+                        id = %record.id,
+                        pid = process.pid(),
+                        "terminal lost: this record does not hold the added process's stdio paths, so nothing relays its terminal"
+                    );
+                    false
+                }
+            };
+            if !resumed {
+                lost_terminals.push(process.pid());
+            }
+        }
+        lost_terminals.sort_unstable();
+        lost_terminals.dedup();
         let container = Arc::new(Container {
             id: record.id.clone(),
             bundle: record.bundle.clone(),
-            stdio: StdioPaths {
-                stdin: record.stdin.clone(),
-                stdout: record.stdout.clone(),
-                stderr: record.stderr.clone(),
-                console: record.console.clone(),
-                caller: None,
-            },
+            stdio,
             base_process,
             init: Arc::new(Process {
                 tracked: init,
                 spec: record.init.spec.clone(),
                 start_time: record.init.start_time,
+                terminal: None,
             }),
+            lost_terminals,
             mutable: Mutex::new(Mutable {
                 status,
                 added: added.clone(),
@@ -275,19 +349,6 @@ struct Listed {
 fn same_cgroup(init: u32, pid: u32) -> bool {
     let cgroups = |pid: u32| std::fs::read(format!("/proc/{pid}/cgroup")).ok();
     matches!((cgroups(init), cgroups(pid)), (Some(a), Some(b)) if a == b)
-}
-
-/// A pty master lives only in berthd and is not handed over a restart or upgrade yet: the
-/// adopted processes keep running, but their terminal is no longer relayed. Said, not silent.
-fn warn_of_lost_terminals(record: &ContainerRecord) {
-    let processes = std::iter::once(&record.init).chain(&record.processes);
-    for process in processes.filter(|p| p.spec.terminal) {
-        tracing::warn!(
-            id = %record.id,
-            pid = process.pid,
-            "terminal lost: its pty master did not survive berthd's restart, so the process runs on with nothing relaying its terminal"
-        );
-    }
 }
 
 /// The process an added process starts from when the bundle can no longer be read.

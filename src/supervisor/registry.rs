@@ -13,7 +13,7 @@ use super::{StdioPaths, Supervisor, validate};
 use crate::error::{Error, Result};
 use crate::model::ProcessSpec;
 use crate::reaper::TrackedProcess;
-use crate::store::{ContainerRecord, ProcessRecord};
+use crate::store::{ContainerRecord, ProcessRecord, TerminalPaths};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -43,6 +43,9 @@ pub(super) struct Process {
     pub(super) tracked: TrackedProcess,
     pub(super) spec: ProcessSpec,
     pub(super) start_time: u64,
+    /// Where an added process's terminal is relayed; `None` for the init (its container's
+    /// paths) and for a process without a terminal.
+    pub(super) terminal: Option<TerminalPaths>,
 }
 
 impl Process {
@@ -55,6 +58,7 @@ impl Process {
             pid: self.pid(),
             start_time: self.start_time,
             spec: self.spec.clone(),
+            terminal: self.terminal.clone(),
         }
     }
 }
@@ -73,6 +77,8 @@ pub(super) struct Container {
     /// The bundle's `process`, the base of every added process (capabilities, rlimits, ...).
     pub(super) base_process: serde_json::Value,
     pub(super) init: Arc<Process>,
+    /// Processes (by pid) whose terminal berthd no longer relays (see recovery).
+    pub(super) lost_terminals: Vec<u32>,
     pub(super) mutable: Mutex<Mutable>,
     /// Serializes runtime operations that change the container (pause, resume, exec).
     pub(super) operations: tokio::sync::Mutex<()>,
@@ -106,6 +112,7 @@ impl Container {
             console: self.stdio.console.clone(),
             init: self.init.record(),
             processes: mutable.added.iter().map(|p| p.record()).collect(),
+            lost_terminals: self.lost_terminals.clone(),
         }
     }
 }

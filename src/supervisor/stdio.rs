@@ -1,6 +1,6 @@
 //! A container process's stdio: opening the client's paths without creating, truncating or
 //! blocking, handing them to a runtime command, and relaying a pty master to them when the
-//! process has a terminal.
+//! process has a terminal, and stopping that relay so its master can outlive it.
 //! Does not own: passing descriptors over a socket (spawn's fdpass), running the command
 //! (runtime).
 
@@ -13,6 +13,7 @@ use rustix::fs::OFlags;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 
 use super::caller::{Caller, shown};
 use crate::client_fs::Access;
@@ -233,58 +234,111 @@ impl Endpoint {
     }
 }
 
-async fn copy(from: &Endpoint, to: Option<&Endpoint>) {
+/// Why a copy ended.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// The source closed or failed, or the destination refused a write.
+    Closed,
+    /// Told to stop: between two chunks, so nothing read is left unwritten.
+    Stopped,
+}
+
+async fn copy(from: &Endpoint, to: Option<&Endpoint>, mut stop: watch::Receiver<bool>) -> Ended {
     let mut buf = vec![0u8; 8192];
     loop {
-        // A pty master reads EIO once the process side has closed: that is the end.
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        // Stopping only ever interrupts the wait for input: a chunk read is always written.
+        let n = tokio::select! {
+            biased;
+            stopped = stop.wait_for(|stop| *stop) => {
+                return if stopped.is_ok() { Ended::Stopped } else { Ended::Closed };
+            }
+            // A pty master reads EIO once the process side has closed: that is the end.
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(n) => n,
+            },
         };
         if let Some(to) = to
             && to.write_all(&buf[..n]).await.is_err()
         {
-            return;
+            return Ended::Closed;
         }
     }
 }
 
-/// A running pty relay: its tasks end by themselves when the process side closes.
+/// How long a relay stopped for an upgrade may take to finish writing the chunk it holds.
+const STOP_BOUND: Duration = Duration::from_secs(1);
+
+/// A running pty relay: its tasks end by themselves when the process side closes. It keeps its
+/// own descriptor of the master, outside its tasks, so that the master outlives them when they
+/// are stopped for an upgrade (or dropped with the runtime) and can be handed to the next image.
 pub struct Relay {
-    tasks: Vec<tokio::task::AbortHandle>,
+    master: OwnedFd,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Relay {
-    /// Stops relaying now (the operation that started the process failed).
+    /// Stops relaying now and closes the master (the operation that started the process failed).
     pub fn stop(self) {
-        for task in self.tasks {
+        for task in &self.tasks {
             task.abort();
         }
+    }
+
+    /// Stops relaying between two chunks and returns the master, still open, for the next
+    /// image. A relay stuck writing to a destination nobody reads is cut after [`STOP_BOUND`].
+    pub async fn stop_for_handover(self) -> OwnedFd {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(STOP_BOUND, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.master
     }
 }
 
 /// Relays a pty master to the client's paths until the process side closes: output to the
 /// console path if one was given, else to stdout; input from the console path or stdin.
-pub fn relay_terminal(master: OwnedFd, paths: &StdioPaths) -> Result<Relay> {
+/// `on_end` runs once the process side has closed (not when the relay is stopped).
+pub fn relay_terminal(
+    master: OwnedFd,
+    paths: &StdioPaths,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Result<Relay> {
     let (input, output) = paths.open_relay()?;
+    let kept = master
+        .try_clone()
+        .map_err(|e| Error::sys("duplicate the pty master", e))?;
     let endpoint = |fd: OwnedFd| Endpoint::new(fd).map_err(|e| Error::sys("relay terminal", e));
     let master = Arc::new(endpoint(master)?);
     let input = input.map(endpoint).transpose()?;
     let output = output.map(endpoint).transpose()?;
+    let (stop, stopped) = watch::channel(false);
     let to_master = input.map(|input| {
         let master = Arc::clone(&master);
-        tokio::spawn(async move { copy(&input, Some(&master)).await })
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            copy(&input, Some(&master), stopped).await;
+        })
     });
-    let mut tasks: Vec<tokio::task::AbortHandle> =
-        to_master.iter().map(|t| t.abort_handle()).collect();
+    let to_master_abort = to_master.as_ref().map(|t| t.abort_handle());
     let from_master = tokio::spawn(async move {
-        copy(&master, output.as_ref()).await;
-        if let Some(task) = to_master {
-            task.abort();
+        if copy(&master, output.as_ref(), stopped).await == Ended::Closed {
+            if let Some(task) = to_master_abort {
+                task.abort();
+            }
+            on_end();
         }
     });
-    tasks.push(from_master.abort_handle());
-    Ok(Relay { tasks })
+    let tasks = to_master.into_iter().chain([from_master]).collect();
+    Ok(Relay {
+        master: kept,
+        stop,
+        tasks,
+    })
 }
 
 #[cfg(test)]
