@@ -3,8 +3,6 @@
 //! exiting under its added processes, the fds an idle container costs, an exec timeout, and a
 //! pty that never arrives.
 
-use std::os::unix::fs::PermissionsExt;
-
 use berth_api::proto::StatsRequest;
 use tonic::Code;
 
@@ -352,12 +350,7 @@ async fn an_exec_that_outlives_the_runtime_timeout_fails_and_leaves_the_containe
 async fn a_runtime_that_never_hands_over_the_pty_fails_the_create_and_leaves_nothing() {
     within(async {
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let runc = std::env::split_paths(&path)
-            .map(|dir| dir.join("runc"))
-            .find(|p| p.is_file())
-            .expect("runc in PATH");
-        let wrapper = scripts.path().join("pty-keeping-runc");
+        let runc = runc_in_path();
         let script = format!(
             r#"#!/usr/bin/env python3
 import os, socket, sys
@@ -379,8 +372,7 @@ os.execv({runc:?}, [{runc:?}] + args)
             scripts = scripts.path().display().to_string(),
             runc = runc.display().to_string(),
         );
-        std::fs::write(&wrapper, script).expect("write runtime script");
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let wrapper = write_script(scripts.path(), "pty-keeping-runc", &script);
         let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
         let baseline = d.baseline();
         let id = id("pty-kept");

@@ -3,7 +3,6 @@
 //! ended while berthd was down, a record whose runtime state is gone, and a runtime delete that
 //! failed.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -206,22 +205,14 @@ async fn a_record_whose_runtime_state_is_gone_is_reported_ended_and_removed() {
 async fn a_failed_runtime_delete_still_reports_the_exit_and_the_next_start_removes_the_leftover() {
     within(async {
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let runc = std::env::split_paths(&path)
-            .map(|dir| dir.join("runc"))
-            .find(|p| p.is_file())
-            .expect("runc in PATH");
-        let wrapper = scripts.path().join("failing-delete-runc");
-        std::fs::write(
-            &wrapper,
-            format!(
+        let wrapper = write_script(
+            scripts.path(),
+            "failing-delete-runc",
+            &format!(
                 "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = delete ] && {{ echo 'delete refused by the test' >&2; exit 1; }}\ndone\nexec {} \"$@\"\n",
-                runc.display()
+                runc_in_path().display()
             ),
-        )
-        .expect("write runtime script");
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        );
         let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
         let c = d.run("failed-delete", &["sh", "-c", "exit 6"]).await;
         wait_until("the container leaves State", || {

@@ -1,10 +1,11 @@
 //! Terminals across a restart and an in-place upgrade: an upgrade hands the pty masters over
-//! and the relays resume (the init's and an added process's); a restart loses them, which the log and the container's record say.
+//! and the relays resume (the init's and an added process's); a restart loses them, which the
+//! log and the container's record say.
 
-use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+
+use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
 
 use crate::common::*;
 
@@ -122,17 +123,7 @@ async fn a_terminal_keeps_working_across_an_in_place_upgrade() {
             .expect("connect to the Daemon service");
         let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
         admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(Instant::now() < deadline, "the new image never answered");
-            if let Ok(mut admin) = berth_api::client::connect_daemon(&d.socket()).await
-                && let Ok(info) = admin.info(InfoRequest {}).await
-                && info.get_ref().image_started != old_image.image_started
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        new_image(&d.socket(), &old_image).await;
 
         init.echoes("after").await;
         added.echoes("added-after").await;

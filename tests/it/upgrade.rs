@@ -16,10 +16,7 @@ async fn sigusr2_upgrades_in_place_and_a_create_in_flight_finishes() {
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "start", 2);
         let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
-        let mut admin = berth_api::client::connect_daemon(&d.socket())
-            .await
-            .expect("connect to the Daemon service");
-        let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
+        let old_image = image_info(&d.socket()).await;
 
         let bundle = Bundle::new(&["sleep", "1000"]);
         let id = id("usr2-inflight");
@@ -40,17 +37,7 @@ async fn sigusr2_upgrades_in_place_and_a_create_in_flight_finishes() {
             .expect("the create in flight at the upgrade finishes")
             .into_inner()
             .pid;
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        let new_image = loop {
-            assert!(Instant::now() < deadline, "the new image never answered");
-            if let Ok(mut admin) = berth_api::client::connect_daemon(&d.socket()).await
-                && let Ok(info) = admin.info(InfoRequest {}).await
-                && info.get_ref().image_started != old_image.image_started
-            {
-                break info.into_inner();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let new_image = new_image(&d.socket(), &old_image).await;
         assert_eq!(new_image.pid, old_image.pid, "an upgrade keeps the process");
         assert_eq!(d.try_wait(), None, "berthd exited");
 
@@ -125,17 +112,7 @@ async fn a_second_upgrade_while_one_runs_is_refused_unavailable() {
             .expect("the first upgrade");
         assert_eq!(first.into_inner().pid, berthd);
 
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            assert!(Instant::now() < deadline, "the new image never answered");
-            if let Ok(mut admin) = berth_api::client::connect_daemon(&d.socket()).await
-                && let Ok(info) = admin.info(InfoRequest {}).await
-                && info.get_ref().image_started != old_image.image_started
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        new_image(&d.socket(), &old_image).await;
         assert_eq!(d.try_wait(), None, "berthd exited");
         d.client = d.connect().await;
         let mut events = d.events().await;

@@ -757,6 +757,54 @@ pub fn expect_code<T: std::fmt::Debug>(
     }
 }
 
+/// The Info of the berthd image serving `socket` (pid, version, when the image started).
+pub async fn image_info(socket: &Path) -> berth_api::daemon_proto::InfoResponse {
+    let mut admin = berth_api::client::connect_daemon(socket)
+        .await
+        .expect("connect to the Daemon service");
+    admin
+        .info(berth_api::daemon_proto::InfoRequest {})
+        .await
+        .expect("Info")
+        .into_inner()
+}
+
+/// Waits until an image other than `old` answers Info on `socket` (clients reconnect to the
+/// same path; the new image answers once it has recovered), and returns its Info.
+pub async fn new_image(
+    socket: &Path,
+    old: &berth_api::daemon_proto::InfoResponse,
+) -> berth_api::daemon_proto::InfoResponse {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "the new image never answered");
+        if let Ok(mut admin) = berth_api::client::connect_daemon(socket).await
+            && let Ok(info) = admin.info(berth_api::daemon_proto::InfoRequest {}).await
+            && info.get_ref().image_started != old.image_started
+        {
+            return info.into_inner();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The runc the tests run, found in PATH: wrapper runtimes hand their commands to it.
+pub fn runc_in_path() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("runc"))
+        .find(|p| p.is_file())
+        .expect("runc in PATH")
+}
+
+/// Writes an executable script `name` with `body` in `dir`: a wrapper runtime for one test.
+pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let script = dir.join(name);
+    fs::write(&script, body).expect("write runtime script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
+    script
+}
+
 // ----- a runtime that hangs -----
 
 /// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
@@ -768,37 +816,21 @@ pub fn slow_start_runtime(dir: &Path, secs: u32) -> PathBuf {
 /// Writes, in `dir`, a runtime that is real runc for every command except `command`, which
 /// sleeps `secs` seconds instead.
 pub fn slow_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let runc = std::env::split_paths(&path)
-        .map(|dir| dir.join("runc"))
-        .find(|p| p.is_file())
-        .expect("runc in PATH");
-    let script = dir.join(format!("slow-{command}-runc"));
     let body = format!(
         "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && exec sleep {secs}\ndone\nexec {} \"$@\"\n",
-        runc.display()
+        runc_in_path().display()
     );
-    fs::write(&script, body).expect("write runtime script");
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
-    script
+    write_script(dir, &format!("slow-{command}-runc"), &body)
 }
 
 /// Writes, in `dir`, a runtime that is real runc, except that `command` first waits `secs`
 /// seconds: a request through it is in flight for that long and then completes for real.
 pub fn delayed_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let runc = std::env::split_paths(&path)
-        .map(|dir| dir.join("runc"))
-        .find(|p| p.is_file())
-        .expect("runc in PATH");
-    let script = dir.join(format!("delayed-{command}-runc"));
     let body = format!(
         "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = {command} ] && sleep {secs}\ndone\nexec {} \"$@\"\n",
-        runc.display()
+        runc_in_path().display()
     );
-    fs::write(&script, body).expect("write runtime script");
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod script");
-    script
+    write_script(dir, &format!("delayed-{command}-runc"), &body)
 }
 
 /// The pids of the slow runtime's `sleep <secs>` below berthd.
