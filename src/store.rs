@@ -1,6 +1,8 @@
 //! The state directory: one small JSON file per container with what a restarted berthd needs to
-//! find it again. Writes are atomic: a temp file, fsync, rename, fsync of the directory. The
-//! directory is 0700 and every record 0600: records hold each process's environment.
+//! find it again. Writes are atomic: a temp file, then a rename over the record. No fsync: the
+//! records must survive a crash of berthd, which the rename already guarantees, not of the
+//! machine, which takes the containers with it (DESIGN "State on disk"). The directory is 0700
+//! and every record 0600: records hold each process's environment.
 //! Does not own: what goes in a record or when it is written (supervisor).
 
 use std::io::Write;
@@ -88,13 +90,8 @@ impl Store {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| Error::io(&tmp, e))?;
         }
-        file.write_all(&bytes)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| Error::io(&self.dir, e))
+        file.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
     /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
