@@ -27,8 +27,8 @@
 //! it is checked against. Does not own: reading the credentials off a connection (api) or
 //! deciding which paths a request may name (supervisor).
 //!
-//! Every function here blocks (a file system may hang); call them off the reactor, as
-//! [`read_regular_off_reactor`] does.
+//! Every function here blocks (a file system may hang); call them off the reactor, as the
+//! supervisor's `Caller` does.
 
 mod beneath;
 mod peer;
@@ -38,8 +38,7 @@ mod walk;
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
 
@@ -201,35 +200,6 @@ pub fn read_regular(
     Ok(bytes)
 }
 
-/// [`read_regular`] on tokio's blocking pool, given up after `timeout` (a hung file system, a
-/// FUSE server that never answers). The read itself cannot be cancelled: on timeout it goes on
-/// in the background and its descriptor is closed when it ends.
-pub async fn read_regular_off_reactor(
-    what: String,
-    path: PathBuf,
-    limit: u64,
-    peer: Peer,
-    forbidden: Vec<PathBuf>,
-    timeout: Duration,
-) -> Result<Vec<u8>> {
-    let shown_path = shown(&path);
-    let label = what.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let forbidden: Vec<&Path> = forbidden.iter().map(PathBuf::as_path).collect();
-        read_regular(&what, &path, limit, &peer, &forbidden)
-    });
-    match tokio::time::timeout(timeout, task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(Error::Internal(format!(
-            "reading {label} {shown_path} failed: {join}"
-        ))),
-        Err(_elapsed) => Err(Error::DeadlineExceeded {
-            what: format!("reading {label} {shown_path}"),
-            bound: timeout,
-        }),
-    }
-}
-
 /// A directory a client named (the bundle), opened the same way as the files above and
 /// returned as an `O_RDONLY | O_DIRECTORY` descriptor for the `*_beneath` functions. The peer
 /// must be allowed to search it.
@@ -312,7 +282,7 @@ fn fd_path(fd: &OwnedFd) -> String {
 }
 
 /// At most [`SHOWN_CHARS`] characters of a path, for a message.
-fn shown(path: &Path) -> String {
+pub(crate) fn shown(path: &Path) -> String {
     truncate(path.display().to_string())
 }
 

@@ -7,6 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::sync::mpsc;
+use std::time::Duration;
 
 fn nobody() -> Peer {
     Peer {
@@ -341,24 +342,6 @@ fn malformed_paths_are_refused_before_any_lookup() {
     let nul = OsStr::from_bytes(b"/tmp/a\0b");
     invalid(open_dir("bundle", Path::new(nul), &root, &[]));
     invalid(stdio(Path::new("/"), Access::Write, &root));
-}
-
-#[tokio::test]
-async fn read_regular_runs_off_the_reactor() {
-    let dir = open_tempdir();
-    let file = dir.path().join("config.json");
-    std::fs::write(&file, "{}").unwrap();
-    let bytes = read_regular_off_reactor(
-        "config".into(),
-        file,
-        100,
-        Peer::root(),
-        vec![dir.path().join("state")],
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    assert_eq!(bytes, b"{}");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 
-use crate::client_fs::{self, Access, Peer};
+use crate::client_fs::{self, Access, Peer, shown};
 use crate::error::{Error, Result};
 
 /// Bounds on the files a client names that berthd reads (`config.json`, checkpoint metadata).
@@ -79,14 +79,12 @@ impl Caller {
     /// A regular file the client named, of at most the size limit, read off the reactor within
     /// the time limit.
     pub async fn read_file(&self, what: &str, path: PathBuf) -> Result<Vec<u8>> {
-        client_fs::read_regular_off_reactor(
-            what.to_owned(),
-            path,
-            self.limits.max_bytes,
-            self.peer.clone(),
-            vec![self.state_dir.clone()],
-            self.limits.timeout,
-        )
+        let label = format!("reading {what} {}", shown(&path));
+        let (what, limit) = (what.to_owned(), self.limits.max_bytes);
+        let (peer, state_dir) = (self.peer.clone(), self.state_dir.clone());
+        self.off_reactor(&label, move || {
+            client_fs::read_regular(&what, &path, limit, &peer, &[&state_dir])
+        })
         .await
     }
 
@@ -119,11 +117,17 @@ impl Caller {
     }
 }
 
-/// At most 200 characters of a client's path, for a message.
-pub fn shown(path: &Path) -> String {
-    let text = path.display().to_string();
-    match text.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_file_is_read_off_the_reactor() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.json");
+        std::fs::write(&file, "{}").unwrap();
+        let caller = Caller::berthd(dir.path().join("state"));
+        let bytes = caller.read_file("config", file).await.unwrap();
+        assert_eq!(bytes, b"{}");
     }
 }

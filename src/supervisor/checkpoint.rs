@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use rustix::fs::{Mode, OFlags};
 
 use super::Supervisor;
-use super::caller::{Caller, shown};
+use super::caller::Caller;
+use crate::client_fs::shown;
 use crate::client_fs::{self, Peer};
 use crate::error::{Error, Result};
 use crate::events::EventKind;

@@ -15,8 +15,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
-use super::caller::{Caller, shown};
+use super::caller::Caller;
 use crate::client_fs::Access;
+use crate::client_fs::shown;
 use crate::error::{Error, Result};
 use crate::runtime::SpawnStdio;
 use crate::spawn::fdpass;

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
-use super::caller::{Caller, shown};
+use super::caller::Caller;
+use crate::client_fs::shown;
 use crate::error::{Error, Result};
 
 /// Whether `name` matches `^[A-Za-z0-9][A-Za-z0-9_.-]{0,max-1}$`: a plain file name that can
