@@ -266,19 +266,18 @@ impl Supervisor {
             create_image_dir(caller, &container.bundle, &checkpoint.name).await?;
         let image = checkpoints_dir(&container.bundle).join(&checkpoint.name);
         let work = self.scratch_dir(".criu")?;
-        let dumped = match self.criu_ready().await {
-            Ok(()) => {
-                self.runtime
-                    .run(Operation::Checkpoint {
-                        id,
-                        image: &image,
-                        work: work.path(),
-                        options: criu_options(&checkpoint),
-                    })
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let dumped = async {
+            self.criu_ready().await?;
+            self.runtime
+                .run(Operation::Checkpoint {
+                    id,
+                    image: &image,
+                    work: work.path(),
+                    options: criu_options(&checkpoint),
+                })
+                .await
+        }
+        .await;
         if let Err(e) = dumped {
             let partial = relative(&checkpoint.name);
             let removed = caller

@@ -170,14 +170,9 @@ impl Supervisor {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
             let status = process.tracked.wait().await;
-            let still_live = {
-                let mut mutable = container.lock();
-                mutable.added.retain(|p| !Arc::ptr_eq(p, &process));
-                supervisor.is_registered(&container)
-            };
-            if still_live {
-                supervisor.save(&container);
-            }
+            container.lock().added.retain(|p| !Arc::ptr_eq(p, &process));
+            // Skipped by `save` once the init's exit has removed the record.
+            supervisor.save(&container);
             supervisor
                 .events
                 .publish(&container.id, process.pid(), EventKind::Exit { status });

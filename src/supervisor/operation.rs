@@ -19,7 +19,6 @@ use super::registry::Reservation;
 use super::terminals::RelayId;
 use crate::error::{Error, Result};
 use crate::reaper::TrackedProcess;
-use crate::runtime::Operation;
 
 /// Operations in flight, and whether new ones are still taken.
 #[derive(Default)]
@@ -190,10 +189,8 @@ impl<'a> Undo<'a> {
         {
             tracing::debug!(id, pid = process.pid(), error = %e, "kill after a failed operation");
         }
-        if self.runtime_state
-            && let Err(e) = self.supervisor.runtime.run(Operation::Delete { id }).await
-        {
-            tracing::debug!(id, error = %e, "runtime delete after a failed operation");
+        if self.runtime_state {
+            self.supervisor.delete_from_runtime(id).await;
         }
         if let Some(process) = process {
             process.wait().await;

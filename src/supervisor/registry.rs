@@ -176,11 +176,6 @@ impl Supervisor {
             .insert(container.id.clone(), Slot::Live(container));
     }
 
-    /// Whether `container` is still the one registered under its id.
-    pub(super) fn is_registered(&self, container: &Arc<Container>) -> bool {
-        matches!(self.registry().get(&container.id), Some(Slot::Live(c)) if Arc::ptr_eq(c, container))
-    }
-
     /// Removes `container` from the registry unless another has taken its id since.
     pub(super) fn forget(&self, container: &Arc<Container>) {
         let mut registry = self.registry();
