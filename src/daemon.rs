@@ -107,12 +107,7 @@ async fn serve(
         "state dir",
         &config.state_dir,
     )?;
-    let binary = RuntimeBinary {
-        path: resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?,
-        root: config.runtime_root(),
-        criu: config.criu.clone(),
-    };
-    binary.check_criu_flag()?;
+    let binary = runtime_binary(config)?;
 
     let reaper = Reaper::new();
     tracing::info!(
@@ -399,10 +394,22 @@ fn version_of(binary: &str, response: Completion) -> Result<String> {
     Ok(response.stdout.trim().to_owned())
 }
 
+/// The runtime binary the config names, found in PATH, with its `--criu` checked: what both a
+/// start and an upgrade's pre-flight must refuse before anything runs.
+fn runtime_binary(config: &Config) -> Result<RuntimeBinary> {
+    let binary = RuntimeBinary {
+        path: resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?,
+        root: config.runtime_root(),
+        criu: config.criu.clone(),
+    };
+    binary.check_criu_flag()?;
+    Ok(binary)
+}
+
 /// `berthd --preflight`: whether this binary can start with `config`, changing nothing. Returns
 /// the version line an upgrade reports.
 pub fn preflight_check(config: &Config) -> Result<String> {
-    resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?;
+    runtime_binary(config)?;
     group_id(&config.group)?;
     let own = rustix::process::pidfd_open(
         rustix::process::getpid(),
@@ -586,5 +593,29 @@ fn machine(config: &Config) -> Machine {
         id,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         memory: info.totalram as u64 * u64::from(info.mem_unit.max(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// An upgrade's pre-flight refuses what the start would: a `--criu` that is not there.
+    #[test]
+    fn the_preflight_refuses_a_criu_the_start_would_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse_from([
+            "berthd".as_ref(),
+            "--runtime".as_ref(),
+            "/bin/sh".as_ref(),
+            "--criu".as_ref(),
+            dir.path().join("no-criu").as_os_str(),
+            "--state-dir".as_ref(),
+            dir.path().as_os_str(),
+        ]);
+        let err = preflight_check(&config).unwrap_err();
+        assert!(err.to_string().contains("--criu"), "{err}");
     }
 }
