@@ -78,7 +78,7 @@ impl StdioPaths {
 
     /// What a pty master is relayed to: input from the console path or stdin, output to the
     /// console path or stdout.
-    fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    pub(super) fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
         let caller = self.caller()?;
         if self.console.is_empty() {
             let input = (!self.stdin.is_empty())
@@ -306,10 +306,9 @@ impl Relay {
 /// `on_end` runs once the process side has closed (not when the relay is stopped).
 pub fn relay_terminal(
     master: OwnedFd,
-    paths: &StdioPaths,
+    (input, output): (Option<OwnedFd>, Option<OwnedFd>),
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Relay> {
-    let (input, output) = paths.open_relay()?;
     let kept = master
         .try_clone()
         .map_err(|e| Error::sys("duplicate the pty master", e))?;

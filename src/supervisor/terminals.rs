@@ -39,12 +39,14 @@ impl Supervisor {
         master: OwnedFd,
         paths: &StdioPaths,
     ) -> Result<RelayId> {
+        // Opened before the lock below: every other relay's start and end takes that lock.
+        let endpoints = paths.open_relay()?;
         let number = self.terminals.next.fetch_add(1, Ordering::Relaxed);
         let ended = Arc::clone(&self.terminals.running);
         // Held while the relay starts, so a relay that ends at once cannot be forgotten before
         // it is remembered.
         let mut running = lock(&self.terminals.running);
-        let relay = stdio::relay_terminal(master, paths, move || {
+        let relay = stdio::relay_terminal(master, endpoints, move || {
             lock(&ended).remove(&number);
         })?;
         running.insert(
