@@ -7,7 +7,7 @@
 //! Owns: keeping a subscription per running container (synced every stats interval) and
 //! encoding the newest snapshots. Does not own: sampling (stats) or serving (metrics).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use prometheus_client::collector::Collector;
@@ -22,7 +22,7 @@ use crate::supervisor::Supervisor;
 pub struct ContainerSeries {
     supervisor: Arc<Supervisor>,
     stats: Arc<StatsHub>,
-    subscriptions: Mutex<HashMap<String, Subscription>>,
+    subscriptions: Mutex<BTreeMap<String, Subscription>>,
 }
 
 impl std::fmt::Debug for ContainerSeries {
@@ -37,7 +37,7 @@ impl ContainerSeries {
         let series = Arc::new(ContainerSeries {
             supervisor,
             stats,
-            subscriptions: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&series);
         let interval = series.stats.interval();
@@ -56,14 +56,9 @@ impl ContainerSeries {
 
     /// Subscribes to containers new since the last sync and drops those gone.
     fn sync(&self) {
-        let running: Vec<String> = self
-            .supervisor
-            .containers()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let running = self.supervisor.container_ids();
         let mut subscriptions = self.subscriptions.lock().expect("subscriptions poisoned");
-        subscriptions.retain(|id, _| running.contains(id));
+        subscriptions.retain(|id, _| running.binary_search(id).is_ok());
         for id in running {
             if subscriptions.contains_key(&id) {
                 continue;
@@ -78,15 +73,13 @@ impl ContainerSeries {
         }
     }
 
-    /// The newest snapshot of each followed container, by id.
+    /// The newest snapshot of each followed container, ordered by id.
     fn snapshots(&self) -> Vec<(String, Arc<Snapshot>)> {
         let subscriptions = self.subscriptions.lock().expect("subscriptions poisoned");
-        let mut snapshots: Vec<(String, Arc<Snapshot>)> = subscriptions
+        subscriptions
             .iter()
             .filter_map(|(id, s)| s.latest().map(|snap| (id.clone(), snap)))
-            .collect();
-        snapshots.sort_by(|a, b| a.0.cmp(&b.0));
-        snapshots
+            .collect()
     }
 }
 

@@ -235,6 +235,21 @@ impl Supervisor {
         infos
     }
 
+    /// The id of every container, ordered: what needs only the ids need not copy every
+    /// container's processes.
+    pub(crate) fn container_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .registry()
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Live(_) => Some(id.clone()),
+                Slot::Reserved => None,
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Container `id` as State reports it.
     pub(crate) fn container_info(&self, id: &str) -> Result<ContainerInfo> {
         Ok(self.container(id)?.info())
