@@ -15,6 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use rustix::fs::FileType;
 use rustix::io::FdFlags;
 
 use crate::error::{Error, Result};
@@ -115,6 +116,30 @@ fn terminal_entry(entry: &str) -> Option<(&str, u32, i32)> {
 
 /// Takes ownership of inherited descriptor `fd` if it is a character device (a pty master).
 fn take_master(fd: i32) -> Result<OwnedFd> {
+    // SAFETY: the previous image left this descriptor open for us under this number, and the
+    // caller of take_inherited_terminals guarantees one call, so nothing else in this image
+    // owns it (the listener's number is another).
+    unsafe {
+        take_inherited(
+            fd,
+            (FileType::CharacterDevice, "character device"),
+            "pty master",
+        )
+    }
+}
+
+/// Takes ownership of `fd`, left open by the previous image, if it is a `kind` (the `what` it
+/// was handed over as), and marks it close-on-exec again.
+///
+/// # Safety
+///
+/// If `fd` is open, the previous image left it to this one as the `what`, and nothing else in
+/// this image owns it.
+unsafe fn take_inherited(
+    fd: i32,
+    (kind, kind_name): (FileType, &str),
+    what: &str,
+) -> Result<OwnedFd> {
     if fd < 0 {
         return Err(Error::InvalidArgument(format!(
             "fd {fd} is not a descriptor"
@@ -122,18 +147,17 @@ fn take_master(fd: i32) -> Result<OwnedFd> {
     }
     // SAFETY: only borrowed for the check; an fd number that is not open fails fstat.
     let stat = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) })
-        .map_err(|e| Error::sys(format!("inherited pty master fd {fd}"), e))?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::CharacterDevice {
+        .map_err(|e| Error::sys(format!("inherited {what} fd {fd}"), e))?;
+    if FileType::from_raw_mode(stat.st_mode) != kind {
         return Err(Error::InvalidArgument(format!(
-            "inherited fd {fd} is not a pty master"
+            "inherited {what} fd {fd} is not a {kind_name}"
         )));
     }
-    // SAFETY: the previous image left this descriptor open for us under this number, it is a
-    // character device (checked above), and the caller of take_inherited_terminals guarantees
-    // one call, so nothing else in this image owns it (the listener's number is another).
+    // SAFETY: it is open and of the expected kind (checked above), and the caller guarantees
+    // the previous image left it to us and nothing else here owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
-        .map_err(|e| Error::sys("mark an inherited pty master close-on-exec", e))?;
+        .map_err(|e| Error::sys(format!("mark the inherited {what} close-on-exec"), e))?;
     Ok(owned)
 }
 
@@ -156,22 +180,9 @@ pub unsafe fn take_inherited_listener() -> Result<Option<std::os::unix::net::Uni
             "{LISTENER_FD_ENV}={value:?} is not a descriptor number"
         ))
     })?;
-    let stat = rustix::fs::fstat(
-        // SAFETY: only borrowed for the check; an fd number that is not open fails fstat.
-        unsafe { BorrowedFd::borrow_raw(fd) },
-    )
-    .map_err(|e| Error::sys(format!("inherited listener fd {fd}"), e))?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
-        return Err(Error::InvalidArgument(format!(
-            "inherited listener fd {fd} is not a socket"
-        )));
-    }
-    // SAFETY: the previous image left this descriptor open for us under this number, it is a
-    // socket (checked above), and the caller guarantees this is the only call, so nothing else
-    // in this new image owns it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
-        .map_err(|e| Error::sys("mark the inherited listener close-on-exec", e))?;
+    // SAFETY: the previous image left this descriptor open for us under this number, and the
+    // caller guarantees this is the only call, so nothing else in this new image owns it.
+    let owned = unsafe { take_inherited(fd, (FileType::Socket, "socket"), "listener") }?;
     Ok(Some(std::os::unix::net::UnixListener::from(owned)))
 }
 
