@@ -12,7 +12,7 @@ use rustix::io::Errno;
 
 use super::{
     BENEATH, MAX_PATH_BYTES, MAX_REMOVE_DEPTH, Peer, READ, SEARCH, WRITE, fd_path, kind_name,
-    mode_and_owner, permission_denied, reopen, same_file, shown, truncate,
+    mode_and_owner, permission_denied, plain_components, reopen, same_file, shown, truncate,
 };
 use crate::error::{Error, Result};
 
@@ -401,17 +401,9 @@ impl<'a> Beneath<'a> {
         if bytes[0] == b'/' {
             return refuse("is absolute where a name inside the bundle is expected");
         }
-        let components: Vec<&OsStr> = bytes
-            .split(|b| *b == b'/')
-            .filter(|c| !c.is_empty())
-            .map(OsStr::from_bytes)
-            .collect();
-        if components
-            .iter()
-            .any(|c| c.as_bytes() == b"." || c.as_bytes() == b"..")
-        {
+        let Some(components) = plain_components(bytes) else {
             return refuse("contains a `.` or `..` component");
-        }
+        };
         Ok(Beneath {
             dir,
             relative,

@@ -36,8 +36,10 @@ mod peer;
 mod tests;
 mod walk;
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
@@ -279,6 +281,20 @@ fn fd_path(fd: &OwnedFd) -> String {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "the bundle".into())
+}
+
+/// The components of a path split at `/`, empty ones dropped; None when one is `.` or `..`,
+/// which no path a client names may hold.
+fn plain_components(bytes: &[u8]) -> Option<Vec<&OsStr>> {
+    let components: Vec<&OsStr> = bytes
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .map(OsStr::from_bytes)
+        .collect();
+    let dots = components
+        .iter()
+        .any(|c| c.as_bytes() == b"." || c.as_bytes() == b"..");
+    (!dots).then_some(components)
 }
 
 /// At most [`SHOWN_CHARS`] characters of a path, for a message.

@@ -11,8 +11,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use super::{
-    MAX_PATH_BYTES, Peer, SEARCH, file_id, kind_name, mode_and_owner, permission_denied, reopen,
-    same_file, shown,
+    MAX_PATH_BYTES, Peer, SEARCH, file_id, kind_name, mode_and_owner, permission_denied,
+    plain_components, reopen, same_file, shown,
 };
 use crate::error::{Error, Result};
 
@@ -242,19 +242,10 @@ fn client_components<'p>(what: &str, path: &'p Path) -> Result<Vec<&'p OsStr>> {
             shown(path)
         ));
     }
-    let components: Vec<&OsStr> = bytes
-        .split(|b| *b == b'/')
-        .filter(|c| !c.is_empty())
-        .map(OsStr::from_bytes)
-        .collect();
-    if components
-        .iter()
-        .any(|c| c.as_bytes() == b"." || c.as_bytes() == b"..")
-    {
-        return refuse(format!(
-            "{} contains a `.` or `..` component; give the path without them",
+    plain_components(bytes).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{what} path {} contains a `.` or `..` component; give the path without them",
             shown(path)
-        ));
-    }
-    Ok(components)
+        ))
+    })
 }
