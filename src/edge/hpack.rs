@@ -68,14 +68,15 @@ impl HpackDecoder {
             } else {
                 let indexing = first & 0xc0 == 0x40;
                 let index = integer(&mut rest, if indexing { 6 } else { 4 })?;
+                // Borrowed from the block or the table: copied only if the field is indexed.
                 let name = match index {
-                    0 => self.string(&mut rest)?.into_owned(),
-                    i => self.entry(i)?.0.to_vec(),
+                    0 => self.string(&mut rest)?,
+                    i => Cow::Borrowed(self.entry(i)?.0),
                 };
                 let value = self.string(&mut rest)?;
                 field(&name, &value);
                 if indexing {
-                    let value = value.into_owned();
+                    let (name, value) = (name.into_owned(), value.into_owned());
                     self.insert(name, value);
                 }
             }
