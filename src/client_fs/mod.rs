@@ -73,7 +73,6 @@ const SEARCH: u32 = 1;
 pub enum Access {
     Read,
     Write,
-    ReadWrite,
 }
 
 impl Access {
@@ -81,7 +80,6 @@ impl Access {
         match self {
             Access::Read => READ,
             Access::Write => WRITE,
-            Access::ReadWrite => READ | WRITE,
         }
     }
 
@@ -89,7 +87,6 @@ impl Access {
         match self {
             Access::Read => "read",
             Access::Write => "write",
-            Access::ReadWrite => "read and write",
         }
     }
 }
@@ -100,7 +97,7 @@ impl Access {
 ///
 /// Nothing is created or truncated and the open never blocks: a FIFO for output is opened
 /// `O_RDWR`, so it needs no reader yet; a regular file for output is opened
-/// `O_WRONLY | O_APPEND` (`O_RDWR | O_APPEND` for [`Access::ReadWrite`]). The descriptor is
+/// `O_WRONLY | O_APPEND`. The descriptor is
 /// returned in blocking mode, since it becomes the container's own stdio.
 pub fn open_stdio(
     what: &str,
@@ -140,8 +137,7 @@ pub fn open_stdio(
     let mode = match (access, kind) {
         (Access::Read, _) => OFlags::RDONLY,
         (Access::Write, FileType::RegularFile) => OFlags::WRONLY | OFlags::APPEND,
-        (Access::ReadWrite, FileType::RegularFile) => OFlags::RDWR | OFlags::APPEND,
-        (Access::Write, FileType::Fifo) | (Access::ReadWrite, _) => OFlags::RDWR,
+        (Access::Write, FileType::Fifo) => OFlags::RDWR,
         (Access::Write, _) => OFlags::WRONLY,
     };
     let fd = walk.reopen(&leaf, &st, mode | OFlags::NONBLOCK)?;

@@ -62,7 +62,6 @@ impl Caller {
             let flags = match access {
                 Access::Read => OFlags::RDONLY,
                 Access::Write => OFlags::WRONLY,
-                Access::ReadWrite => OFlags::RDWR,
             };
             return rustix::fs::open("/dev/null", flags | OFlags::CLOEXEC, Mode::empty())
                 .map_err(|e| Error::io("/dev/null", e.into()));

@@ -76,24 +76,20 @@ impl StdioPaths {
         ])
     }
 
-    /// What a pty master is relayed to: input from the console path or stdin, output to the
-    /// console path or stdout.
+    /// What a pty master is relayed to: input from stdin, output to the console path or stdout.
+    /// The console is output only: every kind of file it may be (a FIFO, a regular file,
+    /// `/dev/null`) read back would give the terminal its own output as input.
     pub(super) fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
         let caller = self.caller()?;
-        if self.console.is_empty() {
-            let input = (!self.stdin.is_empty())
-                .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
-                .transpose()?;
-            let output = (!self.stdout.is_empty())
-                .then(|| caller.open_stdio("stdout", &self.stdout, Access::Write))
-                .transpose()?;
-            return Ok((input, output));
-        }
-        let console = caller.open_stdio("console", &self.console, Access::ReadWrite)?;
-        let input = console
-            .try_clone()
-            .map_err(|e| Error::sys("duplicate the console descriptor", e))?;
-        Ok((Some(input), Some(console)))
+        let input = (!self.stdin.is_empty())
+            .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
+            .transpose()?;
+        let output = match (self.console.is_empty(), self.stdout.is_empty()) {
+            (false, _) => Some(caller.open_stdio("console", &self.console, Access::Write)?),
+            (true, false) => Some(caller.open_stdio("stdout", &self.stdout, Access::Write)?),
+            (true, true) => None,
+        };
+        Ok((input, output))
     }
 }
 

@@ -2,6 +2,7 @@
 //! resume, exit, id reuse, shutdown, and berthd's own resources over many cycles.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -569,23 +570,33 @@ async fn flags_are_read_from_berth_environment_variables() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn terminal_output_goes_to_the_console_path_when_given() {
+async fn terminal_output_goes_to_the_console_path_and_input_comes_from_stdin() {
     within(async {
         let mut d = daemon!();
         let id = id("console");
-        let bundle = Bundle::new(&["sh", "-c", "[ -t 1 ] && echo on-the-console"]);
+        let bundle = Bundle::new(&[
+            "sh",
+            "-c",
+            "stty -echo; [ -t 1 ] && read line && echo on-the-console-$line",
+        ]);
         bundle.edit(|c| c["process"]["terminal"] = true.into());
         let console = d.dir().join("console");
+        let stdin = d.dir().join("stdin");
         mkfifo(&console);
+        mkfifo(&stdin);
         let mut reader = Reader::open(&console);
         let mut events = d.events().await;
         let mut req = create_req(&id, &bundle);
         req.console = path_str(&console);
+        req.stdin = path_str(&stdin);
         let pid = d.create(req).await;
+        open_rw(&stdin).write_all(b"typed\n").expect("write stdin");
 
-        let text = reader.read_until("on-the-console").await;
+        // The console is output only: were berthd to read it back, the line it wrote would
+        // race the reader here and come back into the terminal as input.
+        let text = reader.read_until("on-the-console-typed").await;
         assert!(
-            text.contains("on-the-console\r\n"),
+            text.contains("on-the-console-typed\r\n"),
             "console output: {text:?}"
         );
         assert_eq!(events.exit_status(&id, pid).await, 0);
