@@ -8,10 +8,15 @@
 //! what an exit means for a container (the supervisor) or spawning (spawn).
 //!
 //! Nothing here reaps with `waitpid(-1)`. Orphans are found by peeking with
-//! `waitid(P_ALL, WNOWAIT)`, which reaps nothing, and reaped by pid only when untracked, under
-//! the same lock that registration takes. A process that exits before it is registered (a
-//! container whose init exits at once) may be reaped as an orphan first; its exit code is kept
-//! for a while so registration still reports the true code.
+//! `waitid(P_ALL, WNOWAIT)`, which reaps nothing, and reaped by pid only when untracked and
+//! unclaimed, under the same lock that registration takes. A runtime command's init becomes
+//! berthd's child only when the command exits, after it wrote the init's pid file (runc writes it
+//! whole, by rename); an init that exits at once is already a zombie then. A [`PidClaim`] on that
+//! pid file, taken before the command runs, keeps the sweep off the pid it names until it is
+//! tracked, so registration collects the true status through the pidfd and the zombie's
+//! `/proc/<pid>` stays readable meanwhile. A process that exits before it is registered without a
+//! claim (an added process) may be reaped as an orphan first; its exit code is kept for a while
+//! so registration still reports the true code.
 //!
 //! Processes adopted after a restart are not berthd's children: their exit code comes from the
 //! pidfd (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux ≥ 6.15) whoever reaps them, or is
@@ -23,6 +28,7 @@ mod sys;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +52,55 @@ const SWEEP_RETRY: Duration = Duration::from_millis(20);
 struct Tables {
     tracked: HashSet<i32>,
     orphan_exits: HashMap<i32, (u32, Instant)>,
+    /// Pid files whose pid registration is about to track, by claim number.
+    claims: HashMap<u64, Claimed>,
+    next_claim: u64,
+}
+
+/// A pid file a [`PidClaim`] holds, and its pid once the sweep has read it.
+struct Claimed {
+    pid_file: PathBuf,
+    pid: Option<i32>,
+}
+
+/// The most a pid file holds: a pid and a newline.
+const PID_FILE_MAX_BYTES: u64 = 32;
+
+impl Tables {
+    /// Whether a claim names `pid`. A claim whose pid file does not exist yet names no zombie:
+    /// its command has not finished, so its init is still the command's child, not berthd's. One
+    /// whose pid file cannot be read whole counts as naming it: the sweep then only waits.
+    fn claimed(&mut self, pid: i32) -> bool {
+        self.claims.values_mut().any(|claim| {
+            if claim.pid.is_none() {
+                match read_pid(&claim.pid_file) {
+                    Ok(Some(read)) => claim.pid = Some(read),
+                    Ok(None) => return false,
+                    Err(e) => {
+                        tracing::debug!(pid_file = %claim.pid_file.display(), error = %e, "claimed pid file unreadable; the sweep waits");
+                        return true;
+                    }
+                }
+            }
+            claim.pid == Some(pid)
+        })
+    }
+}
+
+/// The pid in `path`; `None` while it does not exist.
+fn read_pid(path: &Path) -> io::Result<Option<i32>> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = String::new();
+    file.take(PID_FILE_MAX_BYTES).read_to_string(&mut text)?;
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("not a pid: {text:?}")))
 }
 
 /// Tracks child processes by pidfd and reaps orphans.
@@ -144,8 +199,26 @@ impl Reaper {
         }
     }
 
-    /// Reaps every zombie child that is not tracked. Returns false when a tracked zombie is in
-    /// the way and the sweep should be retried shortly.
+    /// Claims the pid a runtime command will write to `pid_file`: until the claim is dropped,
+    /// the orphan sweep does not reap it, so [`Reaper::track`] finds it even if it exited at
+    /// once. Take it before the command runs and drop it once the pid is tracked.
+    pub(crate) fn claim(self: &Arc<Self>, pid_file: &Path) -> PidClaim {
+        let mut tables = self.tables.lock().expect("reaper lock poisoned");
+        let key = tables.next_claim;
+        tables.next_claim += 1;
+        let claimed = Claimed {
+            pid_file: pid_file.to_owned(),
+            pid: None,
+        };
+        tables.claims.insert(key, claimed);
+        PidClaim {
+            reaper: Arc::clone(self),
+            key,
+        }
+    }
+
+    /// Reaps every zombie child that is neither tracked nor claimed. Returns false when such a
+    /// zombie is in the way and the sweep should be retried shortly.
     fn sweep(&self) -> bool {
         loop {
             let pid = match sys::waitid(WaitTarget::Any, true) {
@@ -153,7 +226,7 @@ impl Reaper {
                 Ok(None) | Err(_) => return true,
             };
             let mut tables = self.tables.lock().expect("reaper lock poisoned");
-            if tables.tracked.contains(&pid) {
+            if tables.tracked.contains(&pid) || tables.claimed(pid) {
                 return false;
             }
             match sys::waitid(WaitTarget::Pid(pid), false) {
@@ -200,6 +273,19 @@ impl Reaper {
     #[cfg(test)]
     fn tracked_count(&self) -> usize {
         self.tables.lock().unwrap().tracked.len()
+    }
+}
+
+/// Keeps the orphan sweep off the pid in a pid file until dropped ([`Reaper::claim`]).
+pub(crate) struct PidClaim {
+    reaper: Arc<Reaper>,
+    key: u64,
+}
+
+impl Drop for PidClaim {
+    fn drop(&mut self) {
+        let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+        tables.claims.remove(&self.key);
     }
 }
 
@@ -388,16 +474,43 @@ pub(crate) mod tests {
         let _children = CHILD_PROCESSES.lock().await;
         let reaper = Reaper::new();
         let pid = spawn_child("exit 9");
-        // Wait until it is a zombie, then let the sweep reap it as an unknown orphan.
-        loop {
-            if sys::waitid(WaitTarget::Pid(pid), true).unwrap().is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // Once it is a zombie, the sweep reaps it as an unknown orphan.
+        until_zombie(pid).await;
         assert!(reaper.sweep());
         let process = reaper.track(pid).unwrap();
         assert_eq!(process.wait().await, 9);
+    }
+
+    async fn until_zombie(pid: i32) {
+        while sys::waitid(WaitTarget::Pid(pid), true).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claimed_zombie_is_left_for_registration_and_others_are_reaped() {
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("init.pid");
+        let claim = reaper.claim(&pid_file);
+        // No pid file yet: the claimed init is not berthd's child, so this zombie is not it.
+        let stranger = spawn_child("exit 1");
+        until_zombie(stranger).await;
+        assert!(reaper.sweep());
+        assert_eq!(reaper.tables.lock().unwrap().orphan_exits[&stranger].0, 1);
+
+        let init = spawn_child("exit 7");
+        std::fs::write(&pid_file, format!("{init}")).unwrap();
+        until_zombie(init).await;
+        assert!(!reaper.sweep(), "the claimed zombie must be left");
+        let process = reaper.track(init).unwrap();
+        drop(claim);
+        assert!(process.fd.is_some(), "tracked through its pidfd, not as an orphan");
+        assert!(!reaper.sweep(), "tracked now, for its waiter to reap");
+        assert_eq!(process.wait().await, 7);
+        assert!(reaper.sweep());
+        assert!(reaper.tables.lock().unwrap().claims.is_empty());
     }
 
     #[tokio::test]

@@ -21,6 +21,14 @@ use crate::error::{Error, Result};
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Operation<'a> {
+    /// Create and start in one runtime process (`run --detach`): the create path of
+    /// [`CreateMode::Run`].
+    Run {
+        id: &'a str,
+        bundle: &'a Path,
+        pid_file: &'a Path,
+        console_socket: Option<&'a Path>,
+    },
     Create {
         id: &'a str,
         bundle: &'a Path,
@@ -89,6 +97,7 @@ impl CriuOptions {
 impl Operation<'_> {
     pub fn name(&self) -> &'static str {
         match self {
+            Operation::Run { .. } => "run",
             Operation::Create { .. } => "create",
             Operation::Start { .. } => "start",
             Operation::Exec { .. } => "exec",
@@ -106,9 +115,24 @@ impl Operation<'_> {
     fn passes_stdio(&self) -> bool {
         matches!(
             self,
-            Operation::Create { .. } | Operation::Exec { .. } | Operation::Restore { .. }
+            Operation::Run { .. }
+                | Operation::Create { .. }
+                | Operation::Exec { .. }
+                | Operation::Restore { .. }
         )
     }
+}
+
+/// How CreateContainer runs the runtime for a new container (a restore always runs `restore`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// One runtime process: `run --detach`. The init may have exited by the time berthd tracks
+    /// it; the reaper's claim on the pid file keeps its status (see [`crate::reaper`]).
+    Run,
+    /// Two runtime processes: `create`, then `start` once the init is tracked. The init waits
+    /// for `start` in the runtime's own code, so it is alive when it is tracked and its cgroup
+    /// is read.
+    CreateStart,
 }
 
 /// The runtime binary and where it keeps its state.
@@ -148,6 +172,20 @@ impl RuntimeBinary {
         }
         argv.push(op.name().into());
         match *op {
+            Operation::Run {
+                id,
+                bundle,
+                pid_file,
+                console_socket,
+            } => {
+                argv.push("--detach".into());
+                argv.extend(["--bundle".into(), path(bundle)]);
+                argv.extend(["--pid-file".into(), path(pid_file)]);
+                if let Some(socket) = console_socket {
+                    argv.extend(["--console-socket".into(), path(socket)]);
+                }
+                argv.push(id.into());
+            }
             Operation::Create {
                 id,
                 bundle,
@@ -267,6 +305,7 @@ pub struct Runtime {
     log_dir: PathBuf,
     next_log: AtomicU64,
     criu: criu::Criu,
+    create_mode: CreateMode,
 }
 
 impl Runtime {
@@ -283,7 +322,20 @@ impl Runtime {
             timeout,
             log_dir,
             next_log: AtomicU64::new(0),
+            create_mode: CreateMode::Run,
         }
+    }
+
+    /// Creates containers with `mode` instead of the default, [`CreateMode::Run`].
+    pub fn with_create_mode(self, mode: CreateMode) -> Self {
+        Runtime {
+            create_mode: mode,
+            ..self
+        }
+    }
+
+    pub(crate) fn create_mode(&self) -> CreateMode {
+        self.create_mode
     }
 
     pub(crate) fn binary(&self) -> &RuntimeBinary {
@@ -294,6 +346,34 @@ impl Runtime {
     /// FAILED_PRECONDITION with the check's own message.
     pub(crate) async fn criu_ready(&self) -> Result<()> {
         self.criu.ready(&self.spawner).await
+    }
+
+    /// The cgroup directories the runtime made for container `id`, by controller (`""` for the
+    /// unified hierarchy), from the `cgroup_paths` of its `state.json` (runc writes them). For a
+    /// container whose init has already exited: a zombie's `/proc/<pid>/cgroup` names the root
+    /// of every v1 hierarchy, not the cgroup it ran in.
+    pub(crate) async fn cgroup_dirs(&self, id: &str) -> Result<Vec<(String, PathBuf)>> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            #[serde(default)]
+            cgroup_paths: std::collections::HashMap<String, PathBuf>,
+        }
+        let path = self.binary.root.join(id).join("state.json");
+        let reading = path.clone();
+        let text = tokio::task::spawn_blocking(move || std::fs::read(reading))
+            .await
+            .map_err(|e| Error::Internal(format!("read {}: {e}", path.display())))?
+            .map_err(|e| Error::io(&path, e))?;
+        let state: State = serde_json::from_slice(&text)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        if state.cgroup_paths.is_empty() {
+            return Err(Error::NotFound(format!(
+                "{} names no cgroup paths ({} keeps them elsewhere)",
+                path.display(),
+                self.binary.name()
+            )));
+        }
+        Ok(state.cgroup_paths.into_iter().collect())
     }
 
     /// Runs `op` with its output captured; returns its stdout.
@@ -385,272 +465,4 @@ fn failure_message(log: &str, stderr: &str, status: Option<u32>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-
-    fn binary() -> RuntimeBinary {
-        RuntimeBinary {
-            path: "/usr/bin/runc".into(),
-            root: "/run/berth/runtime".into(),
-            criu: None,
-        }
-    }
-
-    fn args(op: Operation<'_>) -> Vec<String> {
-        binary().argv(&op, Path::new("/run/berth/tmp/1.log"))[7..].to_vec()
-    }
-
-    #[test]
-    fn global_flags_come_first() {
-        let argv = binary().argv(&Operation::Start { id: "a" }, Path::new("/l.log"));
-        assert_eq!(
-            argv,
-            [
-                "/usr/bin/runc",
-                "--root",
-                "/run/berth/runtime",
-                "--log",
-                "/l.log",
-                "--log-format",
-                "json",
-                "start",
-                "a"
-            ]
-        );
-    }
-
-    #[test]
-    fn create_and_exec_argv() {
-        let create = Operation::Create {
-            id: "web",
-            bundle: Path::new("/b"),
-            pid_file: Path::new("/p"),
-            console_socket: None,
-        };
-        assert_eq!(
-            args(create),
-            ["create", "--bundle", "/b", "--pid-file", "/p", "web"]
-        );
-        let with_console = Operation::Create {
-            id: "web",
-            bundle: Path::new("/b"),
-            pid_file: Path::new("/p"),
-            console_socket: Some(Path::new("/c.sock")),
-        };
-        assert_eq!(
-            args(with_console),
-            [
-                "create",
-                "--bundle",
-                "/b",
-                "--pid-file",
-                "/p",
-                "--console-socket",
-                "/c.sock",
-                "web"
-            ]
-        );
-        let exec = Operation::Exec {
-            id: "web",
-            process: Path::new("/proc.json"),
-            pid_file: Path::new("/p"),
-            console_socket: None,
-        };
-        assert_eq!(
-            args(exec),
-            [
-                "exec",
-                "--detach",
-                "--pid-file",
-                "/p",
-                "--process",
-                "/proc.json",
-                "web"
-            ]
-        );
-    }
-
-    #[test]
-    fn checkpoint_and_restore_argv_map_every_flag() {
-        let all = CriuOptions {
-            leave_running: true,
-            tcp_established: true,
-            external_unix_sockets: true,
-            shell_job: true,
-        };
-        let checkpoint = Operation::Checkpoint {
-            id: "a",
-            image: Path::new("/b/checkpoints/c1"),
-            work: Path::new("/w"),
-            options: all,
-        };
-        assert_eq!(
-            args(checkpoint),
-            [
-                "checkpoint",
-                "--image-path",
-                "/b/checkpoints/c1",
-                "--work-path",
-                "/w",
-                "--leave-running",
-                "--tcp-established",
-                "--ext-unix-sk",
-                "--shell-job",
-                "a"
-            ]
-        );
-        let exiting = Operation::Checkpoint {
-            id: "a",
-            image: Path::new("/i"),
-            work: Path::new("/w"),
-            options: CriuOptions::default(),
-        };
-        assert_eq!(
-            args(exiting),
-            ["checkpoint", "--image-path", "/i", "--work-path", "/w", "a"]
-        );
-        let restore = Operation::Restore {
-            id: "a",
-            bundle: Path::new("/b"),
-            image: Path::new("/i"),
-            work: Path::new("/w"),
-            pid_file: Path::new("/p"),
-            console_socket: None,
-            options: CriuOptions {
-                shell_job: true,
-                ..CriuOptions::default()
-            },
-        };
-        assert_eq!(
-            args(restore),
-            [
-                "restore",
-                "--detach",
-                "--bundle",
-                "/b",
-                "--image-path",
-                "/i",
-                "--work-path",
-                "/w",
-                "--pid-file",
-                "/p",
-                "--shell-job",
-                "a"
-            ]
-        );
-    }
-
-    #[test]
-    fn other_operations_argv() {
-        assert_eq!(
-            args(Operation::Delete { id: "a" }),
-            ["delete", "--force", "a"]
-        );
-        assert_eq!(args(Operation::Pause { id: "a" }), ["pause", "a"]);
-        assert_eq!(args(Operation::Resume { id: "a" }), ["resume", "a"]);
-        assert_eq!(args(Operation::List), ["list", "--format", "json"]);
-    }
-
-    #[test]
-    fn failure_message_prefers_the_log_then_stderr_then_status() {
-        let log = concat!(
-            r#"{"level":"warning","msg":"ignored","time":"t"}"#,
-            "\n",
-            r#"{"level":"error","msg":"runc create failed: exec: \"/nope\": no such file or directory","time":"t"}"#,
-            "\n"
-        );
-        assert!(failure_message(log, "x", Some(1)).contains("/nope"));
-        assert_eq!(
-            failure_message("", "first\nlast line\n\n", Some(1)),
-            "last line"
-        );
-        assert_eq!(
-            failure_message("", "", Some(2)),
-            "exited with status 2 and no message"
-        );
-    }
-
-    /// A spawner that records argv and answers with a fixed outcome.
-    struct StubSpawner {
-        outcome: Outcome,
-        stderr: String,
-        seen: Mutex<Vec<Vec<String>>>,
-    }
-
-    impl Spawner for StubSpawner {
-        fn spawn(
-            &self,
-            argv: Vec<String>,
-            _stdio: [SpawnStdio; 3],
-            _timeout: Duration,
-        ) -> BoxFuture<'_, Result<Completion>> {
-            self.seen.lock().unwrap().push(argv);
-            let completion = Completion {
-                pid: 42,
-                outcome: self.outcome.clone(),
-                stdout: "{\"status\":\"running\"}".into(),
-                stderr: self.stderr.clone(),
-            };
-            Box::pin(async move { Ok(completion) })
-        }
-    }
-
-    fn runtime_with(outcome: Outcome, stderr: &str) -> (Runtime, Arc<StubSpawner>) {
-        let stub = Arc::new(StubSpawner {
-            outcome,
-            stderr: stderr.into(),
-            seen: Mutex::new(Vec::new()),
-        });
-        let runtime = Runtime::new(
-            binary(),
-            stub.clone(),
-            Duration::from_secs(3),
-            std::env::temp_dir(),
-        );
-        (runtime, stub)
-    }
-
-    #[tokio::test]
-    async fn success_returns_stdout() {
-        let (runtime, stub) = runtime_with(Outcome::Exited { code: Some(0) }, "");
-        let out = runtime.run(Operation::List).await.unwrap();
-        assert_eq!(out, "{\"status\":\"running\"}");
-        assert_eq!(stub.seen.lock().unwrap()[0][7], "list");
-    }
-
-    #[tokio::test]
-    async fn failures_carry_the_runtime_message() {
-        let (runtime, _) = runtime_with(
-            Outcome::Exited { code: Some(1) },
-            "container \"a\" does not exist\n",
-        );
-        let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "runc pause failed: container \"a\" does not exist"
-        );
-        assert_eq!(
-            tonic::Status::from(err).code(),
-            tonic::Code::FailedPrecondition
-        );
-    }
-
-    #[tokio::test]
-    async fn timeouts_and_spawn_failures_map_to_their_errors() {
-        let (runtime, _) = runtime_with(Outcome::TimedOut, "");
-        let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
-        assert_eq!(
-            tonic::Status::from(err).code(),
-            tonic::Code::DeadlineExceeded
-        );
-        let (runtime, _) = runtime_with(
-            Outcome::SpawnFailed {
-                error: "/usr/bin/runc: No such file or directory".into(),
-            },
-            "",
-        );
-        let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
-        assert!(err.to_string().contains("No such file"), "{err}");
-    }
-}
+mod tests;

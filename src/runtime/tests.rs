@@ -1,0 +1,334 @@
+use super::*;
+use std::sync::Mutex;
+
+fn binary() -> RuntimeBinary {
+    RuntimeBinary {
+        path: "/usr/bin/runc".into(),
+        root: "/run/berth/runtime".into(),
+        criu: None,
+    }
+}
+
+fn args(op: Operation<'_>) -> Vec<String> {
+    binary().argv(&op, Path::new("/run/berth/tmp/1.log"))[7..].to_vec()
+}
+
+#[test]
+fn global_flags_come_first() {
+    let argv = binary().argv(&Operation::Start { id: "a" }, Path::new("/l.log"));
+    assert_eq!(
+        argv,
+        [
+            "/usr/bin/runc",
+            "--root",
+            "/run/berth/runtime",
+            "--log",
+            "/l.log",
+            "--log-format",
+            "json",
+            "start",
+            "a"
+        ]
+    );
+}
+
+#[test]
+fn create_and_exec_argv() {
+    let create = Operation::Create {
+        id: "web",
+        bundle: Path::new("/b"),
+        pid_file: Path::new("/p"),
+        console_socket: None,
+    };
+    assert_eq!(
+        args(create),
+        ["create", "--bundle", "/b", "--pid-file", "/p", "web"]
+    );
+    let with_console = Operation::Create {
+        id: "web",
+        bundle: Path::new("/b"),
+        pid_file: Path::new("/p"),
+        console_socket: Some(Path::new("/c.sock")),
+    };
+    assert_eq!(
+        args(with_console),
+        [
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "--console-socket",
+            "/c.sock",
+            "web"
+        ]
+    );
+    let exec = Operation::Exec {
+        id: "web",
+        process: Path::new("/proc.json"),
+        pid_file: Path::new("/p"),
+        console_socket: None,
+    };
+    assert_eq!(
+        args(exec),
+        [
+            "exec",
+            "--detach",
+            "--pid-file",
+            "/p",
+            "--process",
+            "/proc.json",
+            "web"
+        ]
+    );
+}
+
+#[test]
+fn checkpoint_and_restore_argv_map_every_flag() {
+    let all = CriuOptions {
+        leave_running: true,
+        tcp_established: true,
+        external_unix_sockets: true,
+        shell_job: true,
+    };
+    let checkpoint = Operation::Checkpoint {
+        id: "a",
+        image: Path::new("/b/checkpoints/c1"),
+        work: Path::new("/w"),
+        options: all,
+    };
+    assert_eq!(
+        args(checkpoint),
+        [
+            "checkpoint",
+            "--image-path",
+            "/b/checkpoints/c1",
+            "--work-path",
+            "/w",
+            "--leave-running",
+            "--tcp-established",
+            "--ext-unix-sk",
+            "--shell-job",
+            "a"
+        ]
+    );
+    let exiting = Operation::Checkpoint {
+        id: "a",
+        image: Path::new("/i"),
+        work: Path::new("/w"),
+        options: CriuOptions::default(),
+    };
+    assert_eq!(
+        args(exiting),
+        ["checkpoint", "--image-path", "/i", "--work-path", "/w", "a"]
+    );
+    let restore = Operation::Restore {
+        id: "a",
+        bundle: Path::new("/b"),
+        image: Path::new("/i"),
+        work: Path::new("/w"),
+        pid_file: Path::new("/p"),
+        console_socket: None,
+        options: CriuOptions {
+            shell_job: true,
+            ..CriuOptions::default()
+        },
+    };
+    assert_eq!(
+        args(restore),
+        [
+            "restore",
+            "--detach",
+            "--bundle",
+            "/b",
+            "--image-path",
+            "/i",
+            "--work-path",
+            "/w",
+            "--pid-file",
+            "/p",
+            "--shell-job",
+            "a"
+        ]
+    );
+}
+
+#[test]
+fn other_operations_argv() {
+    assert_eq!(
+        args(Operation::Delete { id: "a" }),
+        ["delete", "--force", "a"]
+    );
+    assert_eq!(args(Operation::Pause { id: "a" }), ["pause", "a"]);
+    assert_eq!(args(Operation::Resume { id: "a" }), ["resume", "a"]);
+    assert_eq!(args(Operation::List), ["list", "--format", "json"]);
+}
+
+#[test]
+fn failure_message_prefers_the_log_then_stderr_then_status() {
+    let log = concat!(
+        r#"{"level":"warning","msg":"ignored","time":"t"}"#,
+        "\n",
+        r#"{"level":"error","msg":"runc create failed: exec: \"/nope\": no such file or directory","time":"t"}"#,
+        "\n"
+    );
+    assert!(failure_message(log, "x", Some(1)).contains("/nope"));
+    assert_eq!(
+        failure_message("", "first\nlast line\n\n", Some(1)),
+        "last line"
+    );
+    assert_eq!(
+        failure_message("", "", Some(2)),
+        "exited with status 2 and no message"
+    );
+}
+
+/// A spawner that records argv and answers with a fixed outcome.
+struct StubSpawner {
+    outcome: Outcome,
+    stderr: String,
+    seen: Mutex<Vec<Vec<String>>>,
+}
+
+impl Spawner for StubSpawner {
+    fn spawn(
+        &self,
+        argv: Vec<String>,
+        _stdio: [SpawnStdio; 3],
+        _timeout: Duration,
+    ) -> BoxFuture<'_, Result<Completion>> {
+        self.seen.lock().unwrap().push(argv);
+        let completion = Completion {
+            pid: 42,
+            outcome: self.outcome.clone(),
+            stdout: "{\"status\":\"running\"}".into(),
+            stderr: self.stderr.clone(),
+        };
+        Box::pin(async move { Ok(completion) })
+    }
+}
+
+fn runtime_with(outcome: Outcome, stderr: &str) -> (Runtime, Arc<StubSpawner>) {
+    let stub = Arc::new(StubSpawner {
+        outcome,
+        stderr: stderr.into(),
+        seen: Mutex::new(Vec::new()),
+    });
+    let runtime = Runtime::new(
+        binary(),
+        stub.clone(),
+        Duration::from_secs(3),
+        std::env::temp_dir(),
+    );
+    (runtime, stub)
+}
+
+#[tokio::test]
+async fn success_returns_stdout() {
+    let (runtime, stub) = runtime_with(Outcome::Exited { code: Some(0) }, "");
+    let out = runtime.run(Operation::List).await.unwrap();
+    assert_eq!(out, "{\"status\":\"running\"}");
+    assert_eq!(stub.seen.lock().unwrap()[0][7], "list");
+}
+
+#[tokio::test]
+async fn failures_carry_the_runtime_message() {
+    let (runtime, _) = runtime_with(
+        Outcome::Exited { code: Some(1) },
+        "container \"a\" does not exist\n",
+    );
+    let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "runc pause failed: container \"a\" does not exist"
+    );
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn timeouts_and_spawn_failures_map_to_their_errors() {
+    let (runtime, _) = runtime_with(Outcome::TimedOut, "");
+    let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::DeadlineExceeded
+    );
+    let (runtime, _) = runtime_with(
+        Outcome::SpawnFailed {
+            error: "/usr/bin/runc: No such file or directory".into(),
+        },
+        "",
+    );
+    let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
+    assert!(err.to_string().contains("No such file"), "{err}");
+}
+
+#[test]
+fn run_argv_detaches_and_names_the_pid_file_and_console() {
+    let run = Operation::Run {
+        id: "web",
+        bundle: Path::new("/b"),
+        pid_file: Path::new("/p"),
+        console_socket: None,
+    };
+    assert_eq!(
+        args(run),
+        ["run", "--detach", "--bundle", "/b", "--pid-file", "/p", "web"]
+    );
+    let with_console = Operation::Run {
+        id: "web",
+        bundle: Path::new("/b"),
+        pid_file: Path::new("/p"),
+        console_socket: Some(Path::new("/c.sock")),
+    };
+    assert_eq!(
+        args(with_console),
+        [
+            "run",
+            "--detach",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "--console-socket",
+            "/c.sock",
+            "web"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn cgroup_dirs_come_from_the_runtime_state_file() {
+    let root = tempfile::tempdir().unwrap();
+    let (runtime, _) = runtime_with(Outcome::Exited { code: Some(0) }, "");
+    let runtime = Runtime {
+        binary: RuntimeBinary {
+            root: root.path().to_owned(),
+            ..binary()
+        },
+        ..runtime
+    };
+    std::fs::create_dir(root.path().join("a")).unwrap();
+    std::fs::write(
+        root.path().join("a/state.json"),
+        r#"{"id":"a","cgroup_paths":{"memory":"/sys/fs/cgroup/memory/a","":"/sys/fs/cgroup/unified/a"}}"#,
+    )
+    .unwrap();
+    let mut dirs = runtime.cgroup_dirs("a").await.unwrap();
+    dirs.sort();
+    assert_eq!(
+        dirs,
+        [
+            ("".to_owned(), PathBuf::from("/sys/fs/cgroup/unified/a")),
+            ("memory".to_owned(), PathBuf::from("/sys/fs/cgroup/memory/a")),
+        ]
+    );
+    std::fs::create_dir(root.path().join("b")).unwrap();
+    std::fs::write(root.path().join("b/state.json"), r#"{"id":"b"}"#).unwrap();
+    let err = runtime.cgroup_dirs("b").await.unwrap_err();
+    assert!(err.to_string().contains("no cgroup paths"), "{err}");
+    assert!(runtime.cgroup_dirs("missing").await.is_err());
+}
