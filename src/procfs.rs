@@ -1,5 +1,5 @@
 //! What berthd reads about a process from `/proc`: its start time, which with its pid tells it
-//! from a later process that reused the pid.
+//! from a later process that reused the pid, and whether it has begun to exit.
 
 use crate::error::{Error, Result};
 
@@ -11,13 +11,29 @@ pub fn process_start_time(pid: u32) -> Result<u64> {
         .ok_or_else(|| Error::Internal(format!("{path}: no start time in its contents")))
 }
 
-/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
-/// parentheses, so fields are counted from the last `)`.
+/// The kernel's `PF_EXITING`: set when a task begins to exit, never cleared.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether `pid` has begun to exit (it may be a zombie). The kernel shows such a process in the
+/// root of every v1 cgroup hierarchy.
+pub fn process_exiting(pid: u32) -> Result<bool> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let flags: u64 = stat_field(&stat, 9)
+        .ok_or_else(|| Error::Internal(format!("{path}: no flags in its contents")))?;
+    Ok(flags & PF_EXITING != 0)
+}
+
 fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    stat_field(stat, 22)
+}
+
+/// Field `n` (from 3, the state) of a `/proc/<pid>/stat` line. The command name (field 2) may
+/// hold spaces and parentheses, so fields are counted from the last `)`.
+fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    // After ")" come field 3 (state) onwards; field 22 is the 20th of them.
-    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+    rest.split_ascii_whitespace().nth(n - 3)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -35,5 +51,19 @@ mod tests {
     #[test]
     fn own_start_time_is_readable() {
         assert!(process_start_time(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_zombie_is_exiting_and_a_live_process_is_not() {
+        assert!(!process_exiting(std::process::id()).unwrap());
+        let _children = crate::reaper::tests::CHILD_PROCESSES.blocking_lock();
+        let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !process_exiting(pid).unwrap() {
+            assert!(std::time::Instant::now() < deadline, "true never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
     }
 }

@@ -161,11 +161,44 @@ impl Mounts {
     }
 
     /// The cgroup of process `pid`: v1 where its controllers are on v1 hierarchies, else v2.
+    /// Refused for a process that has begun to exit when it is v1: the kernel then shows the
+    /// root of every v1 hierarchy (v2 keeps the cgroup). Checked after the read: a process not
+    /// exiting then was not exiting during it.
     pub fn locate(&self, pid: u32) -> Result<Location> {
         let path = format!("/proc/{pid}/cgroup");
         let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        self.locate_in(&text)
-            .map_err(|e| Error::Internal(format!("{path}: {e}")))
+        let location = self
+            .locate_in(&text)
+            .map_err(|e| Error::Internal(format!("{path}: {e}")))?;
+        if matches!(location, Location::V1(_)) && crate::procfs::process_exiting(pid)? {
+            return Err(Error::NotFound(format!(
+                "process {pid} has exited, and {path} names the v1 roots, not its cgroups"
+            )));
+        }
+        Ok(location)
+    }
+
+    /// The location of a cgroup from its directory per controller, as a runtime records them
+    /// (`""` for the unified hierarchy): v1 where a cpuacct or memory directory is named.
+    pub fn location_of_dirs(dirs: &[(String, PathBuf)]) -> Result<Location> {
+        let dir = |controller: &str| {
+            dirs.iter()
+                .find(|(name, _)| name == controller)
+                .map(|(_, dir)| dir.clone())
+        };
+        let v1 = V1Dirs {
+            cpuacct: dir("cpuacct"),
+            cpu: dir("cpu"),
+            memory: dir("memory"),
+            blkio: dir("blkio"),
+            hugetlb: dir("hugetlb"),
+        };
+        if v1.cpuacct.is_some() || v1.memory.is_some() {
+            return Ok(Location::V1(v1));
+        }
+        dir("").map(Location::V2).ok_or_else(|| {
+            Error::NotFound("no cgroup directory with cpu or memory accounting".into())
+        })
     }
 
     fn locate_in(&self, proc_cgroup: &[u8]) -> Result<Location> {

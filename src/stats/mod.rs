@@ -241,8 +241,16 @@ impl StatsHub {
     }
 
     /// Finds the cgroup of container `id`, whose init is `pid`, and watches it for OOM kills.
+    /// Fails for an init that has already exited on a v1 host ([`cgroup::Mounts::locate`]):
+    /// [`StatsHub::register_at`] then takes the cgroup from the runtime.
     pub fn register(&self, id: &str, pid: u32) -> Result<()> {
-        let location = self.mounts.locate(pid)?;
+        self.register_at(id, pid, self.mounts.locate(pid)?);
+        Ok(())
+    }
+
+    /// Registers container `id` in the cgroup at `location`, and watches it for OOM kills,
+    /// reporting at once a kill it counted already.
+    pub fn register_at(&self, id: &str, pid: u32, location: cgroup::Location) {
         tracing::debug!(id, ?location, "stats registered");
         if let Err(e) = self.oom.watch(id, pid, &location) {
             tracing::warn!(id, error = %e, "no OOM events for this container");
@@ -255,7 +263,6 @@ impl StatsHub {
                 open: None,
             },
         );
-        Ok(())
     }
 
     /// Forgets container `id`, which closes its files and ends its subscriptions, and reports an
