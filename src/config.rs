@@ -19,6 +19,15 @@ pub enum StatsBackend {
     Pread,
 }
 
+/// `--create-mode`: how CreateContainer runs the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CreateMode {
+    /// One runtime process per container: `run --detach`.
+    Run,
+    /// Two: `create`, then `start` once the init is tracked.
+    CreateStart,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -58,6 +67,12 @@ pub struct Config {
     /// Seconds a runtime command may run before it is killed and its request fails.
     #[arg(long, env = "BERTH_RUNTIME_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub runtime_timeout: u64,
+
+    /// How CreateContainer runs the runtime: `run` (one `run --detach` process, the faster) or
+    /// `create-start` (`create`, then `start` once the init is tracked). A restore always runs
+    /// `restore`.
+    #[arg(long, env = "BERTH_CREATE_MODE", value_enum, default_value_t = CreateMode::Run)]
+    pub create_mode: CreateMode,
 
     /// The largest file a client names that berthd reads (a bundle's config.json, checkpoint
     /// metadata), in bytes; a larger one is refused.

@@ -28,7 +28,7 @@ use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
 use crate::api::grpc_message::readable_grpc_message;
 use crate::api::peer::Gate;
 use crate::api::service::ApiService;
-use crate::config::{Config, StatsBackend, resolve_runtime};
+use crate::config::{Config, CreateMode, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
 use crate::edge::Edge;
 use crate::error::{Error, Result};
@@ -39,7 +39,7 @@ use crate::metrics::{self, Metrics};
 use crate::notify;
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
-use crate::runtime::{Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
+use crate::runtime::{self, Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
 use crate::supervisor::{ClientFileLimits, Machine, Supervisor};
@@ -124,7 +124,11 @@ async fn serve(
         Arc::clone(&spawner),
         config.runtime_timeout(),
         scratch.clone(),
-    );
+    )
+    .with_create_mode(match config.create_mode {
+        CreateMode::Run => runtime::CreateMode::Run,
+        CreateMode::CreateStart => runtime::CreateMode::CreateStart,
+    });
     let events = Arc::new(EventBus::new(config.events_buffer as usize));
     let backend = match config.stats_backend {
         StatsBackend::IoUring => stats::Backend::IoUring,

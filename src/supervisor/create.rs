@@ -1,9 +1,10 @@
 //! CreateContainer: from a bundle (or a checkpoint of it) to a running, registered container,
 //! and the clean-up once its init exits.
 //!
-//! Owns: the order of create (reserve the id, runtime create or restore, track the init, hand
-//! over the pty, start, register, publish) and undoing it on failure; what happens when an init
-//! exits. Does not own: the argv (runtime), CRIU images (checkpoint), the stdio paths (stdio).
+//! Owns: the order of create (reserve the id, runtime `run --detach`, or create and later start,
+//! or restore; track the init, hand over the pty, register, publish) and undoing it on failure;
+//! what happens when an init exits. Does not own: the argv or which create mode (runtime), CRIU
+//! images (checkpoint), the stdio paths (stdio).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
-use crate::runtime::{CriuOptions, Operation};
+use crate::runtime::{CreateMode, CriuOptions, Operation};
+use crate::stats::cgroup::Mounts;
 
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
@@ -119,9 +121,7 @@ impl Supervisor {
         // Nothing below can fail: the state file is written once the container is certain.
         self.save(&container);
         reservation.commit(Arc::clone(&container));
-        if let Err(e) = self.stats.register(&request.id, pid) {
-            tracing::warn!(id = %request.id, error = %e, "no stats or OOM events for this container");
-        }
+        self.register_stats(&request.id, pid).await;
         self.events.publish(
             &request.id,
             pid,
@@ -134,7 +134,10 @@ impl Supervisor {
     }
 
     /// The steps of create that leave something behind, each recorded in `undo` before it acts:
-    /// runtime create (or restore), tracking the init, the pty relay, runtime start.
+    /// runtime run (or create, or restore), tracking the init, the pty relay, runtime start
+    /// after create. The pid file is claimed from the reaper before the runtime runs: once the
+    /// runtime exits the init is berthd's child and may already be a zombie, which the orphan
+    /// sweep must leave for `track` (its true status, its `/proc` entry for the cgroup).
     async fn create_steps(&self, steps: CreateSteps<'_>, undo: &mut Undo<'_>) -> Result<()> {
         let CreateSteps {
             request,
@@ -147,13 +150,23 @@ impl Supervisor {
         let stdio = process_stdio(&request.stdio, console.is_some()).await?;
         let console_socket = console.map(|c| c.path());
         undo.runtime_state();
+        let claim = self.reaper.claim(pid_file);
+        let create_mode = self.runtime.create_mode();
         match restore {
             None => {
-                let create = Operation::Create {
-                    id,
-                    bundle,
-                    pid_file,
-                    console_socket,
+                let create = match create_mode {
+                    CreateMode::Run => Operation::Run {
+                        id,
+                        bundle,
+                        pid_file,
+                        console_socket,
+                    },
+                    CreateMode::CreateStart => Operation::Create {
+                        id,
+                        bundle,
+                        pid_file,
+                        console_socket,
+                    },
                 };
                 self.runtime.run_with_stdio(create, stdio).await?;
             }
@@ -175,14 +188,39 @@ impl Supervisor {
         let pid = read_pid_file(pid_file)?;
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
+        drop(claim);
         if let Some(console) = console {
             let master = console.receive_master(CONSOLE_TIMEOUT).await?;
             undo.relay(self.relay_terminal(id, pid as u32, master, &request.stdio)?);
         }
-        if restore.is_none() {
+        if restore.is_none() && create_mode == CreateMode::CreateStart {
             self.runtime.run(Operation::Start { id }).await?;
         }
         Ok(())
+    }
+
+    /// Registers the new container's stats and OOM watch. Its init may have exited already
+    /// (`run --detach`, or an OOM kill before this): on a v1 host its cgroup is then taken from
+    /// the runtime's state, and an OOM kill the cgroup counted is published at once, before the
+    /// exit is.
+    async fn register_stats(&self, id: &str, pid: u32) {
+        let Err(from_proc) = self.stats.register(id, pid) else {
+            return;
+        };
+        let location = self
+            .runtime
+            .cgroup_dirs(id)
+            .await
+            .and_then(|dirs| Mounts::location_of_dirs(&dirs));
+        match location {
+            Ok(location) => self.stats.register_at(id, pid, location),
+            Err(from_runtime) => tracing::warn!(
+                id,
+                error = %from_proc,
+                runtime = %from_runtime,
+                "no stats or OOM events for this container"
+            ),
+        }
     }
 
     /// Cleans up after the container once its init exits.
