@@ -14,7 +14,7 @@ use crate::common::*;
 async fn sigusr2_upgrades_in_place_and_a_create_in_flight_finishes() {
     within(async {
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let wrapper = delayed_runtime(scripts.path(), "start", 2);
+        let wrapper = delayed_runtime(scripts.path(), "run", 2);
         let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
         let old_image = image_info(&d.socket()).await;
 
@@ -26,7 +26,7 @@ async fn sigusr2_upgrades_in_place_and_a_create_in_flight_finishes() {
         let berthd = d.pid();
         let deadline = Instant::now() + EVENT_TIMEOUT;
         while slow_starts(berthd, 2).is_empty() {
-            assert!(Instant::now() < deadline, "the delayed start never ran");
+            assert!(Instant::now() < deadline, "the delayed run never ran");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         kill(Pid::from_raw(berthd as i32), Signal::SIGUSR2).expect("SIGUSR2 to berthd");

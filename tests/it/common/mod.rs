@@ -807,10 +807,30 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 // ----- a runtime that hangs -----
 
-/// Writes, in `dir`, a runtime that is real runc for every command except `start`, which
-/// sleeps `secs` seconds instead: a create through it hangs in `start` until berthd gives up.
+/// Writes, in `dir`, a runtime that is real runc except that a container's start hangs: `start`
+/// sleeps `secs` seconds instead, and `run --detach` (the default create mode) creates the
+/// container and then sleeps instead of starting it. Either way a create through it hangs with a
+/// created container until berthd gives up.
 pub fn slow_start_runtime(dir: &Path, secs: u32) -> PathBuf {
-    slow_runtime(dir, "start", secs)
+    let body = format!(
+        r#"#!/bin/sh
+run=
+for arg in "$@"; do
+  shift
+  case "$arg" in
+    start) exec sleep {secs} ;;
+    run) run=1; set -- "$@" create ;;
+    --detach) [ -n "$run" ] || set -- "$@" "$arg" ;;
+    *) set -- "$@" "$arg" ;;
+  esac
+done
+[ -n "$run" ] || exec {runc} "$@"
+{runc} "$@" || exit
+exec sleep {secs}
+"#,
+        runc = runc_in_path().display()
+    );
+    write_script(dir, "slow-start-runc", &body)
 }
 
 /// Writes, in `dir`, a runtime that is real runc for every command except `command`, which

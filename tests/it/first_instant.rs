@@ -1,0 +1,179 @@
+//! A container's first instant, under the default create mode (one `run --detach`, after which
+//! the init may already have exited when berthd tracks it) and under `--create-mode
+//! create-start`: true exit codes, an OOM kill before registration, a terminal.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::*;
+
+/// Rounds per case: the race between the init's exit and its registration does not show every
+/// time.
+const ROUNDS: usize = 20;
+
+/// Creates `rounds` containers of `bundle` one after another and expects each init's exit event
+/// to carry `status`, each container to be gone after it, and no zombie at the end.
+async fn each_exits_with(d: &mut Daemon, name: &str, bundle: &Bundle, status: u32, rounds: usize) {
+    let mut events = d.events().await;
+    for round in 0..rounds {
+        let id = id(&format!("{name}-{round}"));
+        let pid = d.create(create_req(&id, bundle)).await;
+        assert_eq!(
+            events.exit_status(&id, pid).await,
+            status,
+            "{name}, round {round}"
+        );
+        d.assert_gone(&id).await;
+    }
+    d.assert_no_zombies().await;
+}
+
+/// Writes, in `dir`, a runtime that is real runc but lingers half a second after `run`: berthd
+/// registers the init only after that, when an init that ends at once has long been a zombie
+/// (berthd's child, seen by its orphan sweep; on cgroup v1 shown in the roots by `/proc`).
+fn late_runtime(dir: &Path) -> PathBuf {
+    let body = format!(
+        "#!/bin/sh\n{} \"$@\"\nrc=$?\nfor arg in \"$@\"; do\n  [ \"$arg\" = run ] && sleep 0.5\ndone\nexit $rc\n",
+        runc_in_path().display()
+    );
+    write_script(dir, "late-runc", &body)
+}
+
+/// An init that fills its 16 MiB limit at once: the OOM killer kills it (137).
+fn oom_bundle() -> Bundle {
+    let bundle = Bundle::new(&[
+        "sh",
+        "-c",
+        "x=$(busybox head -c 67108864 /dev/zero | busybox tr '\\0' x); echo survived",
+    ]);
+    bundle.edit(|c| {
+        c["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 * 1024 * 1024});
+    });
+    bundle
+}
+
+/// Creates `rounds` containers of [`oom_bundle`] and expects `oom`, then `exit` 137, for each.
+async fn each_oom_then_exit_137(d: &mut Daemon, name: &str, rounds: usize) {
+    let bundle = oom_bundle();
+    let mut events = d.events().await;
+    for round in 0..rounds {
+        let id = id(&format!("{name}-{round}"));
+        let pid = d.create(create_req(&id, &bundle)).await;
+        let first = events
+            .wait_for("oom or exit", |e| {
+                e.id == id && (e.r#type == "oom" || e.r#type == "exit")
+            })
+            .await;
+        assert_eq!(first.r#type, "oom", "round {round}: exit before oom: {first:?}");
+        assert_eq!(first.pid, pid);
+        assert_eq!(events.exit_status(&id, pid).await, 137, "round {round}");
+        d.assert_gone(&id).await;
+    }
+    d.assert_no_zombies().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn true_at_once_exits_0() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["true"]);
+        each_exits_with(&mut d, "first-true", &bundle, 0, ROUNDS).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_7_at_once_exits_7() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
+        each_exits_with(&mut d, "first-exit7", &bundle, 7, ROUNDS).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_by_a_signal_at_once_exits_128_plus_it() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sh", "-c", "kill -9 $$"]);
+        // Without its own pid namespace: the init of one ignores the signals its own processes
+        // send it, SIGKILL included, and would exit 0.
+        bundle.edit(|c| {
+            let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+            namespaces.retain(|ns| ns["type"] != "pid");
+        });
+        each_exits_with(&mut d, "first-kill9", &bundle, 137, ROUNDS).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oom_kill_in_the_first_instant_gives_oom_then_exit_137() {
+    within(async {
+        let mut d = daemon!();
+        // No gate: the kill may come before berthd registers the init or after.
+        each_oom_then_exit_137(&mut d, "first-oom", 3).await;
+    })
+    .await
+}
+
+/// The same two guarantees where registration is surely late: the init is a zombie (exited,
+/// or killed by the OOM killer) for half a second before berthd tracks it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_dead_long_before_registration_keeps_its_code_and_its_oom() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let late = late_runtime(scripts.path());
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&late)]));
+        let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
+        each_exits_with(&mut d, "late-exit7", &bundle, 7, 3).await;
+        each_oom_then_exit_137(&mut d, "late-oom", 3).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_init_that_writes_and_exits_at_once_is_relayed_whole() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sh", "-c", "[ -t 1 ] && echo tty-up; exit 3"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let mut events = d.events().await;
+        for round in 0..5 {
+            let id = id(&format!("first-tty-{round}"));
+            let out = d.dir().join(format!("out-{round}"));
+            mkfifo(&out);
+            let mut reader = Reader::open(&out);
+            let mut req = create_req(&id, &bundle);
+            req.stdout = path_str(&out);
+            let pid = d.create(req).await;
+            let text = reader.read_until("tty-up").await;
+            assert!(text.contains("tty-up\r\n"), "round {round}: {text:?}");
+            assert_eq!(events.exit_status(&id, pid).await, 3, "round {round}");
+            d.assert_gone(&id).await;
+        }
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_start_mode_still_creates_runs_and_reports_codes() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--create-mode", "create-start"]));
+        let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
+        each_exits_with(&mut d, "cs-exit7", &bundle, 7, 5).await;
+        let mut events = d.events().await;
+        let ctr = d.run("cs-sleep", &["sleep", "1000"]).await;
+        let listed = d.state().await;
+        let container = listed
+            .containers
+            .iter()
+            .find(|c| c.id == ctr.id)
+            .expect("listed");
+        assert_eq!(container.status, "running");
+        assert_eq!(container.processes[0].pid, ctr.pid);
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
