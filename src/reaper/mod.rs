@@ -506,7 +506,10 @@ pub(crate) mod tests {
         assert!(!reaper.sweep(), "the claimed zombie must be left");
         let process = reaper.track(init).unwrap();
         drop(claim);
-        assert!(process.fd.is_some(), "tracked through its pidfd, not as an orphan");
+        assert!(
+            process.fd.is_some(),
+            "tracked through its pidfd, not as an orphan"
+        );
         assert!(!reaper.sweep(), "tracked now, for its waiter to reap");
         assert_eq!(process.wait().await, 7);
         assert!(reaper.sweep());

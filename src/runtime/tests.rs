@@ -276,7 +276,15 @@ fn run_argv_detaches_and_names_the_pid_file_and_console() {
     };
     assert_eq!(
         args(run),
-        ["run", "--detach", "--bundle", "/b", "--pid-file", "/p", "web"]
+        [
+            "run",
+            "--detach",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "web"
+        ]
     );
     let with_console = Operation::Run {
         id: "web",
@@ -323,7 +331,10 @@ async fn cgroup_dirs_come_from_the_runtime_state_file() {
         dirs,
         [
             ("".to_owned(), PathBuf::from("/sys/fs/cgroup/unified/a")),
-            ("memory".to_owned(), PathBuf::from("/sys/fs/cgroup/memory/a")),
+            (
+                "memory".to_owned(),
+                PathBuf::from("/sys/fs/cgroup/memory/a")
+            ),
         ]
     );
     std::fs::create_dir(root.path().join("b")).unwrap();

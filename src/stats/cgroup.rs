@@ -178,29 +178,6 @@ impl Mounts {
         Ok(location)
     }
 
-    /// The location of a cgroup from its directory per controller, as a runtime records them
-    /// (`""` for the unified hierarchy): v1 where a cpuacct or memory directory is named.
-    pub fn location_of_dirs(dirs: &[(String, PathBuf)]) -> Result<Location> {
-        let dir = |controller: &str| {
-            dirs.iter()
-                .find(|(name, _)| name == controller)
-                .map(|(_, dir)| dir.clone())
-        };
-        let v1 = V1Dirs {
-            cpuacct: dir("cpuacct"),
-            cpu: dir("cpu"),
-            memory: dir("memory"),
-            blkio: dir("blkio"),
-            hugetlb: dir("hugetlb"),
-        };
-        if v1.cpuacct.is_some() || v1.memory.is_some() {
-            return Ok(Location::V1(v1));
-        }
-        dir("").map(Location::V2).ok_or_else(|| {
-            Error::NotFound("no cgroup directory with cpu or memory accounting".into())
-        })
-    }
-
     fn locate_in(&self, proc_cgroup: &[u8]) -> Result<Location> {
         let mut v1 = V1Dirs::default();
         let mut unified = None;

@@ -55,6 +55,7 @@ pub mod snapshot;
 mod uring;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
@@ -242,15 +243,22 @@ impl StatsHub {
 
     /// Finds the cgroup of container `id`, whose init is `pid`, and watches it for OOM kills.
     /// Fails for an init that has already exited on a v1 host ([`cgroup::Mounts::locate`]):
-    /// [`StatsHub::register_at`] then takes the cgroup from the runtime.
+    /// [`StatsHub::register_dirs`] then takes the cgroup from the runtime.
     pub fn register(&self, id: &str, pid: u32) -> Result<()> {
         self.register_at(id, pid, self.mounts.locate(pid)?);
         Ok(())
     }
 
+    /// [`StatsHub::register`] with the cgroup's directory per controller as a runtime recorded
+    /// them (`""` for the unified hierarchy).
+    pub fn register_dirs(&self, id: &str, pid: u32, dirs: &[(String, PathBuf)]) -> Result<()> {
+        self.register_at(id, pid, location_of_dirs(dirs)?);
+        Ok(())
+    }
+
     /// Registers container `id` in the cgroup at `location`, and watches it for OOM kills,
     /// reporting at once a kill it counted already.
-    pub fn register_at(&self, id: &str, pid: u32, location: cgroup::Location) {
+    fn register_at(&self, id: &str, pid: u32, location: cgroup::Location) {
         tracing::debug!(id, ?location, "stats registered");
         if let Err(e) = self.oom.watch(id, pid, &location) {
             tracing::warn!(id, error = %e, "no OOM events for this container");
@@ -310,5 +318,61 @@ impl StatsHub {
             .map(|c| c.subscribers())
             .sum();
         (registry.len(), subscribers)
+    }
+}
+
+/// The location of a cgroup from its directory per controller (`""` for the unified
+/// hierarchy): v1 where a cpuacct or memory directory is named, else v2.
+fn location_of_dirs(dirs: &[(String, PathBuf)]) -> Result<cgroup::Location> {
+    let dir = |controller: &str| {
+        dirs.iter()
+            .find(|(name, _)| name == controller)
+            .map(|(_, dir)| dir.clone())
+    };
+    let v1 = cgroup::V1Dirs {
+        cpuacct: dir("cpuacct"),
+        cpu: dir("cpu"),
+        memory: dir("memory"),
+        blkio: dir("blkio"),
+        hugetlb: dir("hugetlb"),
+    };
+    if v1.cpuacct.is_some() || v1.memory.is_some() {
+        return Ok(cgroup::Location::V1(v1));
+    }
+    dir("")
+        .map(cgroup::Location::V2)
+        .ok_or_else(|| Error::NotFound("no cgroup directory with cpu or memory accounting".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtimes_cgroup_dirs_are_v1_where_cpuacct_or_memory_is_named_else_v2() {
+        let dirs = |list: &[(&str, &str)]| -> Vec<(String, PathBuf)> {
+            list.iter()
+                .map(|(name, dir)| (name.to_string(), PathBuf::from(dir)))
+                .collect()
+        };
+        let hybrid = dirs(&[
+            ("", "/sys/fs/cgroup/unified/c"),
+            ("memory", "/sys/fs/cgroup/memory/berthd/c"),
+            ("cpuacct", "/sys/fs/cgroup/cpuacct/c"),
+            ("pids", "/sys/fs/cgroup/pids/c"),
+        ]);
+        assert_eq!(
+            location_of_dirs(&hybrid).unwrap(),
+            cgroup::Location::V1(cgroup::V1Dirs {
+                cpuacct: Some("/sys/fs/cgroup/cpuacct/c".into()),
+                memory: Some("/sys/fs/cgroup/memory/berthd/c".into()),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            location_of_dirs(&dirs(&[("", "/sys/fs/cgroup/c")])).unwrap(),
+            cgroup::Location::V2("/sys/fs/cgroup/c".into())
+        );
+        assert!(location_of_dirs(&dirs(&[("pids", "/sys/fs/cgroup/pids/c")])).is_err());
     }
 }

@@ -19,7 +19,6 @@ use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
 use crate::runtime::{CreateMode, CriuOptions, Operation};
-use crate::stats::cgroup::Mounts;
 
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
@@ -207,19 +206,18 @@ impl Supervisor {
         let Err(from_proc) = self.stats.register(id, pid) else {
             return;
         };
-        let location = self
+        let registered = self
             .runtime
             .cgroup_dirs(id)
             .await
-            .and_then(|dirs| Mounts::location_of_dirs(&dirs));
-        match location {
-            Ok(location) => self.stats.register_at(id, pid, location),
-            Err(from_runtime) => tracing::warn!(
+            .and_then(|dirs| self.stats.register_dirs(id, pid, &dirs));
+        if let Err(from_runtime) = registered {
+            tracing::warn!(
                 id,
                 error = %from_proc,
                 runtime = %from_runtime,
                 "no stats or OOM events for this container"
-            ),
+            );
         }
     }
 

@@ -63,7 +63,10 @@ async fn each_oom_then_exit_137(d: &mut Daemon, name: &str, rounds: usize) {
                 e.id == id && (e.r#type == "oom" || e.r#type == "exit")
             })
             .await;
-        assert_eq!(first.r#type, "oom", "round {round}: exit before oom: {first:?}");
+        assert_eq!(
+            first.r#type, "oom",
+            "round {round}: exit before oom: {first:?}"
+        );
         assert_eq!(first.pid, pid);
         assert_eq!(events.exit_status(&id, pid).await, 137, "round {round}");
         d.assert_gone(&id).await;
