@@ -234,7 +234,8 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
             text.contains(inf) || text.contains("grpc_method=\"CreateContainer\",le=\"+Inf\""),
             "no +Inf bucket in:\n{text}"
         );
-        let creates = "berth_runtime_command_duration_seconds_count{operation=\"create\"}";
+        // One `run --detach` per create under the default create mode.
+        let creates = "berth_runtime_command_duration_seconds_count{operation=\"run\"}";
         assert_eq!(value(&text, creates), 2.0);
         assert!(value(&text, "berth_runtime_command_duration_seconds_count{operation=\"exec\"}") >= 1.0);
         assert!(text.contains("# TYPE berth_grpc_server_handling_seconds histogram"));
