@@ -39,6 +39,8 @@ pub mod daemon;
 pub mod edge;
 pub mod error;
 mod events;
+#[allow(unsafe_code)]
+mod heap;
 pub mod instruments;
 mod listener;
 mod metrics;
