@@ -7,7 +7,8 @@
 //! glibc counted under 2 MB in use), and each later burst grew it further (189, then 223 MB), its
 //! allocations landing in other threads' arenas. `malloc_trim` hands every free page of every
 //! arena back; [`release_soon`] asks for it once a connection or stream ends, at most once per
-//! [`SETTLE`], so a burst of endings costs one trim.
+//! [`SETTLE`]: a burst of endings costs one trim a second while it lasts (20,000 streams ending
+//! on a loaded two-core host: 4 or 5 trims of 0.2–35 ms each, off the reactor's threads).
 //!
 //! Owns: when the heap is trimmed. Does not own: what allocates and frees (everything else), or
 //! the allocator of a `mimalloc` build, which returns memory on its own schedule.
