@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Hand-written so that every map entry carries its key and value (src/maps.rs).
         .extern_path(".types.MemoryStats", "crate::maps::MemoryStats")
         .extern_path(".types.CgroupStats", "crate::maps::CgroupStats")
+        // Each response's encode buffer lasts as long as the response: a small one (src/codec.rs).
+        .codec_path("crate::SmallBufferCodec")
         .compile_with_config(
             config,
             &["../../proto/api.proto", "../../proto/daemon.proto"],

@@ -8,7 +8,10 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+mod codec;
 mod maps;
+
+pub use codec::SmallBufferCodec;
 
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {
