@@ -13,6 +13,8 @@ mod maps;
 
 pub use codec::SmallBufferCodec;
 
+include!(concat!(env!("OUT_DIR"), "/methods.rs"));
+
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {
     tonic::include_proto!("types");
