@@ -300,6 +300,9 @@ impl Supervisor {
                 lost_terminals.push(process.pid());
             }
         }
+        if let Err(e) = self.resume_pipe_relay(&record.id, record.init.pid, &stdio, record.pipes) {
+            tracing::warn!(id = %record.id, error = %e, "stdio not relayed: the init's pipes could not be taken up again, so its output waits in them and then blocks it");
+        }
         lost_terminals.sort_unstable();
         lost_terminals.dedup();
         let container = Arc::new(Container {
@@ -314,6 +317,7 @@ impl Supervisor {
                 terminal: None,
             }),
             lost_terminals,
+            pipes: record.pipes,
             mutable: Mutex::new(Mutable {
                 status,
                 added: added.clone(),

@@ -1,6 +1,7 @@
 //! A container process's stdio: opening the client's paths without creating, truncating or
 //! blocking, handing them to a runtime command, and relaying a pty master to them when the
-//! process has a terminal, and stopping that relay so its master can outlive it.
+//! process has a terminal, and stopping that relay so its master can outlive it; the copy loop
+//! the init's stdio pipes are relayed with too (stdio_pipes).
 //! Does not own: passing descriptors over a socket (spawn's fdpass), running the command
 //! (runtime).
 
@@ -178,13 +179,13 @@ impl Drop for ConsoleSocket {
 
 /// One end of a relay: pollable descriptors go through the reactor; regular files, which
 /// epoll refuses and which never block for long, are written directly.
-enum Endpoint {
+pub(super) enum Endpoint {
     Polled(AsyncFd<OwnedFd>),
     File(OwnedFd),
 }
 
 impl Endpoint {
-    fn new(fd: OwnedFd) -> std::io::Result<Self> {
+    pub(super) fn new(fd: OwnedFd) -> std::io::Result<Self> {
         let regular = rustix::fs::fstat(&fd)
             .map(|st| {
                 rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
@@ -233,14 +234,18 @@ impl Endpoint {
 
 /// Why a copy ended.
 #[derive(PartialEq, Eq)]
-enum Ended {
+pub(super) enum Ended {
     /// The source closed or failed, or the destination refused a write.
     Closed,
     /// Told to stop: between two chunks, so nothing read is left unwritten.
     Stopped,
 }
 
-async fn copy(from: &Endpoint, to: Option<&Endpoint>, mut stop: watch::Receiver<bool>) -> Ended {
+pub(super) async fn copy(
+    from: &Endpoint,
+    to: Option<&Endpoint>,
+    mut stop: watch::Receiver<bool>,
+) -> Ended {
     let mut buf = vec![0u8; 8192];
     loop {
         // Stopping only ever interrupts the wait for input: a chunk read is always written.
@@ -264,7 +269,7 @@ async fn copy(from: &Endpoint, to: Option<&Endpoint>, mut stop: watch::Receiver<
 }
 
 /// How long a relay stopped for an upgrade may take to finish writing the chunk it holds.
-const STOP_BOUND: Duration = Duration::from_secs(1);
+pub(super) const STOP_BOUND: Duration = Duration::from_secs(1);
 
 /// A running pty relay: its tasks end by themselves when the process side closes. It keeps its
 /// own descriptor of the master, outside its tasks, so that the master outlives them when they

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use berth_api::proto::{
-    Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
-    UpdateContainerRequest,
+    Checkpoint, CreateCheckpointRequest, CreateContainerRequest, DeleteCheckpointRequest,
+    ListCheckpointRequest, UpdateContainerRequest,
 };
 use tonic::Code;
 
@@ -452,40 +452,145 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
     .await
 }
 
-/// runc hands CRIU only the init's pipes to reconnect: a FIFO opened from a host path is a named
-/// file on a mount the container does not have, so the dump fails. It must fail cleanly.
+/// A counter printing n1, n2, ... five times a second on stdout, with a reader echoing each
+/// line of stdin as `got <line>` (through fd 3: a background job's own stdin is /dev/null).
+const TALKER: &str = "exec 3<&0; (while read l <&3; do echo \"got $l\"; done) & \
+    i=0; while true; do i=$((i+1)); echo n$i; sleep 0.2; done";
+
+/// The stdin and stdout FIFOs of one run of the talker, held open by the test: the stdin FIFO
+/// read-write so it never reads as closed, and its output read from the start.
+struct Talk {
+    stdin: std::fs::File,
+    reader: Reader,
+    paths: (String, String),
+}
+
+impl Talk {
+    fn new(d: &Daemon, name: &str) -> Talk {
+        let (input, output) = (
+            d.dir().join(format!("{name}-in")),
+            d.dir().join(format!("{name}-out")),
+        );
+        mkfifo(&input);
+        mkfifo(&output);
+        Talk {
+            stdin: open_rw(&input),
+            reader: Reader::open(&output),
+            paths: (path_str(&input), path_str(&output)),
+        }
+    }
+
+    fn request(&self, id: &str, bundle: &Bundle, checkpoint: &str) -> CreateContainerRequest {
+        let mut req = create_req(id, bundle);
+        req.stdin = self.paths.0.clone();
+        req.stdout = self.paths.1.clone();
+        req.checkpoint = checkpoint.into();
+        req
+    }
+
+    /// The counter's values printed so far.
+    fn counts(&self) -> Vec<u64> {
+        let text = self.reader.text();
+        text.lines()
+            .filter_map(|l| l.strip_prefix('n')?.parse().ok())
+            .collect()
+    }
+
+    /// Waits until the counter printed `steps` more values than now; returns the last.
+    async fn counted(&mut self, steps: usize) -> u64 {
+        let wanted = self.counts().len() + steps;
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while self.counts().len() < wanted {
+            assert!(
+                Instant::now() < deadline,
+                "the counter stalled: {:?}",
+                self.reader.text()
+            );
+            let next = format!("n{}", self.counts().last().map_or(1, |n| n + 1));
+            self.reader.read_until(&next).await;
+        }
+        *self.counts().last().expect("counted")
+    }
+
+    /// Sends a line to stdin and waits for its echo.
+    async fn echoes(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").expect("write stdin");
+        let text = self.reader.read_until(&format!("got {line}")).await;
+        assert!(text.contains(&format!("got {line}")), "output: {text:?}");
+    }
+}
+
+/// A container whose stdio are FIFOs is dumped (berthd gives it pipes it relays, which CRIU can
+/// dump, where a FIFO on a host mount it cannot), and restored under the same and a new id with
+/// its stdio on the FIFOs the restore names: the counter goes on there, and input reaches it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_container_with_fifo_stdio_is_refused_by_criu_and_keeps_running() {
+async fn fifo_stdio_is_reattached_to_the_restore_requests_paths() {
     within(async {
         let Some(criu) = criu_or_skip() else { return };
         let mut d = criu_daemon!(criu);
-        let bundle = Bundle::new(&["sh", "-c", "while true; do echo tick; sleep 0.2; done"]);
+        let bundle = Bundle::new(&["sh", "-c", TALKER]);
         let container = id("cp-fifo");
-        let fifo = d.dir().join("out");
-        mkfifo(&fifo);
-        let mut reader = Reader::open(&fifo);
-        let mut req = create_req(&container, &bundle);
-        req.stdout = path_str(&fifo);
-        let pid = d.create(req).await;
-        reader.read_until("tick").await;
+        let mut first = Talk::new(&d, "first");
+        let pid = d.create(first.request(&container, &bundle, "")).await;
         let mut events = d.events().await;
-        let message = expect_code(
-            d.client
-                .create_checkpoint(checkpoint(&container, "c1", true))
-                .await,
-            Code::FailedPrecondition,
-        );
-        assert!(message.contains("runc checkpoint failed"), "{message}");
-        assert!(message.contains("Can't lookup mount"), "{message}");
-        assert!(!bundle.path().join("checkpoints").join("c1").exists());
-        assert_eq!(
-            status_of(&mut d, &container).await.as_deref(),
-            Some("running")
-        );
-        let before = reader.text().len();
-        reader.read_until(&"tick\n".repeat(before / 5 + 2)).await;
-        d.signal(&container, pid, SIGKILL).await;
+        first.counted(2).await;
+        first.echoes("before").await;
+
+        d.client
+            .create_checkpoint(checkpoint(&container, "live", false))
+            .await
+            .expect("CreateCheckpoint of a container with FIFO stdio, left running");
+        let at_live = first.counted(1).await;
+        first.echoes("still-there").await;
+        d.client
+            .create_checkpoint(checkpoint(&container, "stopped", true))
+            .await
+            .expect("CreateCheckpoint of a container with FIFO stdio, with exit");
         assert_eq!(events.exit_status(&container, pid).await, 137);
+        d.assert_gone(&container).await;
+        // Everything the container wrote reached the FIFO before its exit, and the relay ended.
+        first.reader.read_to_end().await;
+        let last = *first.counts().last().expect("counted");
+
+        // The same id, on new FIFOs: the counter goes on from where the dump stopped it.
+        let mut second = Talk::new(&d, "second");
+        let restored = d
+            .create(second.request(&container, &bundle, "stopped"))
+            .await;
+        let resumed = second.counted(1).await;
+        let firsts = second.counts()[0];
+        assert!(
+            firsts + 2 > last && firsts <= last + 5,
+            "the restored counter did not go on from {last}: printed {:?}",
+            second.counts()
+        );
+        assert!(resumed > last, "{resumed} after {last}");
+        second.echoes("after-restore").await;
+        assert!(
+            !first.reader.text().contains("after-restore"),
+            "the old FIFO got the restored container's output"
+        );
+        d.signal(&container, restored, SIGKILL).await;
+        assert_eq!(events.exit_status(&container, restored).await, 137);
+        second.reader.read_to_end().await;
+        d.assert_gone(&container).await;
+
+        // A new id from the dump that left it running: its memory is that dump's.
+        let mut third = Talk::new(&d, "third");
+        let copy = id("cp-fifo-copy");
+        let copied = d.create(third.request(&copy, &bundle, "live")).await;
+        third.counted(1).await;
+        let firsts = third.counts()[0];
+        assert!(
+            firsts + 5 > at_live && firsts <= at_live + 1,
+            "the copy did not go on from the live checkpoint ({at_live}): printed {:?}",
+            third.counts()
+        );
+        third.echoes("in-the-copy").await;
+        d.signal(&copy, copied, SIGKILL).await;
+        assert_eq!(events.exit_status(&copy, copied).await, 137);
+        d.assert_gone(&copy).await;
     })
     .await
 }
