@@ -159,10 +159,6 @@ impl Supervisor {
             relay,
             pipes,
         } = stdio_pipes::pipe_fifos(opened)?;
-        if let Some(relay) = relay {
-            undo.pipe_relay();
-            self.keep_pipe_relay(id, relay);
-        }
         let console_socket = console.map(|c| c.path());
         undo.runtime_state();
         match restore {
@@ -193,6 +189,10 @@ impl Supervisor {
         let pid = read_pid_file(pid_file)?;
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
+        if let Some(relay) = relay {
+            undo.pipe_relay();
+            self.keep_pipe_relay(id, pid as u32, relay);
+        }
         if let Some(console) = console {
             let master = console.receive_master(CONSOLE_TIMEOUT).await?;
             undo.relay(self.relay_terminal(id, pid as u32, master, &request.stdio)?);

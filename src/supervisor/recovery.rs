@@ -109,6 +109,9 @@ impl Supervisor {
         for (id, pid) in crate::upgrade::close_unclaimed_terminals() {
             tracing::info!(id = %id, pid, "closed a handed-over pty master no adopted container claimed");
         }
+        for (stream, pid) in crate::upgrade::close_unclaimed_stdio() {
+            tracing::info!(stream = %stream, pid, "closed a handed-over stdio pipe or FIFO no adopted container claimed");
+        }
         recovery.took = started.elapsed();
         Ok(recovery)
     }

@@ -201,6 +201,14 @@ impl Endpoint {
         )?))
     }
 
+    /// The descriptor, out of the reactor.
+    pub(super) fn into_fd(self) -> OwnedFd {
+        match self {
+            Endpoint::Polled(fd) => fd.into_inner(),
+            Endpoint::File(fd) => fd,
+        }
+    }
+
     async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Endpoint::File(fd) => Ok(rustix::io::read(fd, buf)?),

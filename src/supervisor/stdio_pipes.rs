@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::Supervisor;
-use super::stdio::{self, Endpoint, StdioPaths};
+use super::stdio::{self, Ended, Endpoint, StdioPaths};
 use crate::client_fs::{Access, Peer};
 use crate::error::{Error, Result};
 use crate::runtime::SpawnStdio;
@@ -62,7 +62,7 @@ fn inode(fd: impl AsFd) -> Result<u64> {
 /// starts relaying them.
 pub(super) fn pipe_fifos(opened: [SpawnStdio; 3]) -> Result<InitStdio> {
     let mut pipes = [0; 3];
-    let mut ends: [Option<(OwnedFd, OwnedFd)>; 3] = Default::default();
+    let mut ends: [Option<Ends>; 3] = Default::default();
     let mut container = Vec::with_capacity(3);
     for (n, stdio) in opened.into_iter().enumerate() {
         let client = match stdio {
@@ -100,95 +100,98 @@ fn reopen(fd: impl AsFd, access: OFlags) -> Result<OwnedFd> {
         .map_err(|e| Error::sys("reopen a stdio pipe read-write", e))
 }
 
+/// The streams by fd number, as the relay names them to [`crate::upgrade`].
+const STREAMS: [&str; 3] = ["stdin", "stdout", "stderr"];
+
+/// A stream's two ends: berthd's end of the pipe and the client's FIFO.
+type Ends = (OwnedFd, OwnedFd);
+
 /// The relays of one init's stdio pipes: input from the client's FIFO into the pipe, output
-/// from each pipe to the client's FIFO.
+/// from each pipe to the client's FIFO. Each task gives its ends back when it is stopped.
 pub(super) struct PipeRelay {
     stop: watch::Sender<bool>,
-    input: Option<JoinHandle<()>>,
-    outputs: Vec<JoinHandle<()>>,
+    /// By stream (0 is stdin).
+    tasks: Vec<(usize, JoinHandle<Option<Ends>>)>,
 }
 
 impl PipeRelay {
-    /// Starts relaying `(pipe end, client FIFO)` for each stream that has one (stdin first).
-    fn start(ends: [Option<(OwnedFd, OwnedFd)>; 3]) -> Result<Option<Self>> {
+    /// Starts relaying the ends of each stream that has them (by fd number).
+    fn start(ends: [Option<Ends>; 3]) -> Result<Option<Self>> {
         if ends.iter().all(Option::is_none) {
             return Ok(None);
         }
         let endpoint = |fd: OwnedFd| Endpoint::new(fd).map_err(|e| Error::sys("relay stdio", e));
         let (stop, stopped) = watch::channel(false);
-        let [stdin, stdout, stderr] = ends;
-        let input = match stdin {
-            Some((pipe, client)) => {
-                let (pipe, client) = (endpoint(pipe)?, endpoint(client)?);
-                let stopped = stopped.clone();
-                Some(tokio::spawn(async move {
-                    stdio::copy(&client, Some(&pipe), stopped).await;
-                }))
-            }
-            None => None,
-        };
-        let mut outputs = Vec::new();
-        for (pipe, client) in [stdout, stderr].into_iter().flatten() {
+        let mut tasks = Vec::new();
+        for (n, ends) in ends.into_iter().enumerate() {
+            let Some((pipe, client)) = ends else { continue };
             let (pipe, client) = (endpoint(pipe)?, endpoint(client)?);
             let stopped = stopped.clone();
-            outputs.push(tokio::spawn(async move {
-                stdio::copy(&pipe, Some(&client), stopped).await;
-            }));
+            let task = tokio::spawn(async move {
+                let ended = if n == 0 {
+                    stdio::copy(&client, Some(&pipe), stopped).await
+                } else {
+                    stdio::copy(&pipe, Some(&client), stopped).await
+                };
+                (ended == Ended::Stopped).then(|| (pipe.into_fd(), client.into_fd()))
+            });
+            tasks.push((n, task));
         }
-        Ok(Some(PipeRelay {
-            stop,
-            input,
-            outputs,
-        }))
-    }
-
-    fn tasks(&self) -> impl Iterator<Item = &JoinHandle<()>> {
-        self.input.iter().chain(&self.outputs)
-    }
-
-    /// Stops relaying now (the operation that made the pipes failed).
-    fn abort(self) {
-        for task in self.tasks() {
-            task.abort();
-        }
+        Ok(Some(PipeRelay { stop, tasks }))
     }
 
     /// The init exited: input stops now; each output copies what is left in its pipe until its
     /// last writer is gone, within [`DRAIN_BOUND`].
-    async fn finish(mut self) {
-        if let Some(input) = &self.input {
-            input.abort();
+    async fn finish(&mut self) {
+        let mut outputs = Vec::new();
+        for (n, task) in &mut self.tasks {
+            if *n == 0 {
+                task.abort();
+            } else {
+                outputs.push(task);
+            }
         }
-        let drained = futures_util::future::join_all(self.outputs.iter_mut());
+        let drained = futures_util::future::join_all(outputs);
         if tokio::time::timeout(DRAIN_BOUND, drained).await.is_err() {
             tracing::debug!("stdio output not drained within its bound: cut");
         }
-        for task in &self.outputs {
-            task.abort();
-        }
     }
 
-    /// Stops every stream between two chunks (an upgrade): nothing read is left unwritten, and
-    /// the pipes stay open in the container for the next image to take up.
-    async fn stop_between_chunks(mut self) {
+    /// Stops every stream between two chunks (an upgrade): nothing read is left unwritten.
+    /// Returns each stopped stream's ends, which the next image takes up: closed, the pipe would
+    /// read as end-of-file to the container (stdin) and the FIFO to the client (output).
+    async fn stop_between_chunks(&mut self) -> Vec<(usize, Ends)> {
         let _ = self.stop.send(true);
-        let stopped =
-            futures_util::future::join_all(self.input.iter_mut().chain(&mut self.outputs));
-        if tokio::time::timeout(stdio::STOP_BOUND, stopped)
+        let stopped = self.tasks.iter_mut().map(|(n, task)| async move {
+            match tokio::time::timeout(stdio::STOP_BOUND, task).await {
+                Ok(Ok(Some(ends))) => Some((*n, ends)),
+                _ => None,
+            }
+        });
+        futures_util::future::join_all(stopped)
             .await
-            .is_err()
-        {
-            self.abort();
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// A relay dropped stops at once: the operation that made its pipes failed, it has finished,
+/// or a stream did not stop within its bound for an upgrade.
+impl Drop for PipeRelay {
+    fn drop(&mut self) {
+        for (_, task) in &self.tasks {
+            task.abort();
         }
     }
 }
 
-/// The running pipe relays, by container id.
+/// The running pipe relays, by container id, with their init's pid.
 #[derive(Default)]
-pub(super) struct PipeRelays(Mutex<HashMap<String, PipeRelay>>);
+pub(super) struct PipeRelays(Mutex<HashMap<String, (u32, PipeRelay)>>);
 
 impl PipeRelays {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PipeRelay>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, PipeRelay)>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -196,36 +199,44 @@ impl PipeRelays {
 }
 
 impl Supervisor {
-    /// Keeps container `id`'s pipe relay until its init exits.
-    pub(super) fn keep_pipe_relay(&self, id: &str, relay: PipeRelay) {
-        self.pipe_relays.lock().insert(id.to_owned(), relay);
+    /// Keeps the pipe relay of container `id`, whose init is `pid`, until the init exits.
+    pub(super) fn keep_pipe_relay(&self, id: &str, pid: u32, relay: PipeRelay) {
+        self.pipe_relays.lock().insert(id.to_owned(), (pid, relay));
     }
 
     /// Stops container `id`'s pipe relay now (the create that started it failed).
     pub(super) fn abort_pipe_relay(&self, id: &str) {
-        if let Some(relay) = self.pipe_relays.lock().remove(id) {
-            relay.abort();
-        }
+        drop(self.pipe_relays.lock().remove(id));
     }
 
     /// Container `id`'s init exited: its relay copies what is left and ends.
     pub(super) async fn finish_pipe_relay(&self, id: &str) {
         let relay = self.pipe_relays.lock().remove(id);
-        if let Some(relay) = relay {
+        if let Some((_, mut relay)) = relay {
             relay.finish().await;
         }
     }
 
-    /// Stops every pipe relay between two chunks, all at once, before an upgrade.
+    /// Stops every pipe relay between two chunks, all at once, before an upgrade, and leaves
+    /// their ends with [`crate::upgrade`] for the next image.
     pub(super) async fn stop_pipe_relays(&self) {
-        let relays: Vec<PipeRelay> = self.pipe_relays.lock().drain().map(|(_, r)| r).collect();
-        futures_util::future::join_all(relays.into_iter().map(PipeRelay::stop_between_chunks))
-            .await;
+        let relays: Vec<(String, (u32, PipeRelay))> = self.pipe_relays.lock().drain().collect();
+        let stopped = relays.into_iter().map(|(id, (pid, mut relay))| async move {
+            let ends = relay.stop_between_chunks().await;
+            (id, pid, ends)
+        });
+        for (id, pid, streams) in futures_util::future::join_all(stopped).await {
+            for (n, (pipe, client)) in streams {
+                crate::upgrade::hand_over_stdio(&id, pid, &format!("{}-pipe", STREAMS[n]), pipe);
+                crate::upgrade::hand_over_stdio(&id, pid, &format!("{}-fifo", STREAMS[n]), client);
+            }
+        }
     }
 
     /// Takes up the relay of an adopted init's stdio pipes again: berthd's ends from
-    /// `/proc/<pid>/fd/<n>` if they are still the recorded pipes, the client's FIFOs from their
-    /// recorded paths (opened as root, with the checks every stdio path gets).
+    /// `/proc/<pid>/fd/<n>` if they are still the recorded pipes (stdin's from the image before
+    /// this one when it handed it over), the client's FIFOs from their recorded paths (opened
+    /// as root, with the checks every stdio path gets).
     pub(super) fn resume_pipe_relay(
         &self,
         id: &str,
@@ -237,34 +248,112 @@ impl Supervisor {
             return Ok(());
         }
         let caller = self.caller(Peer::root());
-        let streams = [
-            ("stdin", &paths.stdin, Access::Read, OFlags::WRONLY),
-            ("stdout", &paths.stdout, Access::Write, OFlags::RDONLY),
-            ("stderr", &paths.stderr, Access::Write, OFlags::RDONLY),
+        let client_paths = [
+            (&paths.stdin, Access::Read, OFlags::WRONLY),
+            (&paths.stdout, Access::Write, OFlags::RDONLY),
+            (&paths.stderr, Access::Write, OFlags::RDONLY),
         ];
-        let mut ends: [Option<(OwnedFd, OwnedFd)>; 3] = Default::default();
-        for (n, (name, path, access, ours)) in streams.into_iter().enumerate() {
+        let mut ends: [Option<Ends>; 3] = Default::default();
+        for (n, (path, access, ours)) in client_paths.into_iter().enumerate() {
             if pipes[n] == 0 {
                 continue;
             }
-            let proc_fd = format!("/proc/{pid}/fd/{n}");
-            let pipe = rustix::fs::open(
-                &proc_fd,
-                ours | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::sys(format!("reopen the {name} pipe at {proc_fd}"), e))?;
+            let name = STREAMS[n];
+            let handed = |end: &str| crate::upgrade::claim_stdio(id, pid, &format!("{name}-{end}"));
+            let pipe = match handed("pipe") {
+                Some(pipe) => pipe,
+                None => {
+                    let proc_fd = format!("/proc/{pid}/fd/{n}");
+                    let flags = ours | OFlags::NONBLOCK | OFlags::CLOEXEC;
+                    rustix::fs::open(&proc_fd, flags, Mode::empty()).map_err(|e| {
+                        Error::sys(format!("reopen the {name} pipe at {proc_fd}"), e)
+                    })?
+                }
+            };
             if !is_fifo(&pipe) || inode(&pipe)? != pipes[n] {
                 return Err(Error::FailedPrecondition(format!(
                     "the init's {name} is no longer the pipe berthd made for it"
                 )));
             }
-            let client = caller.open_stdio(name, path, access)?;
+            let client = match handed("fifo") {
+                Some(client) => client,
+                None => caller.open_stdio(name, path, access)?,
+            };
             ends[n] = Some((pipe, client));
         }
         if let Some(relay) = PipeRelay::start(ends)? {
-            self.keep_pipe_relay(id, relay);
+            self.keep_pipe_relay(id, pid, relay);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fifo(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        path
+    }
+
+    fn open(path: &std::path::Path, access: OFlags) -> OwnedFd {
+        rustix::fs::open(
+            path,
+            access | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn fifos_get_pipes_relayed_both_ways_and_dev_null_stays_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (fifo(dir.path(), "in"), fifo(dir.path(), "out"));
+        let client_writer = open(&input, OFlags::RDWR);
+        let client_reader = open(&output, OFlags::RDONLY);
+        let null = rustix::fs::open("/dev/null", OFlags::WRONLY, Mode::empty()).unwrap();
+        let opened = [
+            SpawnStdio::Fd(open(&input, OFlags::RDONLY)),
+            SpawnStdio::Fd(open(&output, OFlags::RDWR)),
+            SpawnStdio::Fd(null),
+        ];
+        let piped = pipe_fifos(opened).unwrap();
+        let [
+            SpawnStdio::Fd(stdin),
+            SpawnStdio::Fd(stdout),
+            SpawnStdio::Fd(stderr),
+        ] = piped.container
+        else {
+            panic!("every stream is a descriptor");
+        };
+        assert!(is_fifo(&stdin) && is_fifo(&stdout) && !is_fifo(&stderr));
+        assert_eq!(piped.pipes[0], inode(&stdin).unwrap());
+        assert_eq!(piped.pipes[1], inode(&stdout).unwrap());
+        assert_eq!(piped.pipes[2], 0);
+        // The container's end of an output pipe also reads it: it always has a reader.
+        let flags = rustix::fs::fcntl_getfl(&stdout).unwrap();
+        assert_eq!(flags & OFlags::RWMODE, OFlags::RDWR);
+
+        rustix::io::write(&stdout, b"out\n").unwrap();
+        rustix::io::write(&client_writer, b"in\n").unwrap();
+        let read = |fd: &OwnedFd| {
+            let fd = fd.try_clone().unwrap();
+            async move {
+                let mut buf = [0u8; 16];
+                for _ in 0..500 {
+                    match rustix::io::read(&fd, &mut buf) {
+                        Ok(n) if n > 0 => return buf[..n].to_vec(),
+                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                panic!("nothing relayed");
+            }
+        };
+        rustix::fs::fcntl_setfl(&stdin, OFlags::NONBLOCK).unwrap();
+        assert_eq!(read(&client_reader).await, b"out\n");
+        assert_eq!(read(&stdin).await, b"in\n");
+        drop(piped.relay);
     }
 }

@@ -10,9 +10,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::fifo_stdio::{TALKER, Talk};
 use berth_api::proto::{
-    Checkpoint, CreateCheckpointRequest, CreateContainerRequest, DeleteCheckpointRequest,
-    ListCheckpointRequest, UpdateContainerRequest,
+    Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
+    UpdateContainerRequest,
 };
 use tonic::Code;
 
@@ -450,75 +451,6 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
         d.assert_gone(&copy).await;
     })
     .await
-}
-
-/// A counter printing n1, n2, ... five times a second on stdout, with a reader echoing each
-/// line of stdin as `got <line>` (through fd 3: a background job's own stdin is /dev/null).
-const TALKER: &str = "exec 3<&0; (while read l <&3; do echo \"got $l\"; done) & \
-    i=0; while true; do i=$((i+1)); echo n$i; sleep 0.2; done";
-
-/// The stdin and stdout FIFOs of one run of the talker, held open by the test: the stdin FIFO
-/// read-write so it never reads as closed, and its output read from the start.
-struct Talk {
-    stdin: std::fs::File,
-    reader: Reader,
-    paths: (String, String),
-}
-
-impl Talk {
-    fn new(d: &Daemon, name: &str) -> Talk {
-        let (input, output) = (
-            d.dir().join(format!("{name}-in")),
-            d.dir().join(format!("{name}-out")),
-        );
-        mkfifo(&input);
-        mkfifo(&output);
-        Talk {
-            stdin: open_rw(&input),
-            reader: Reader::open(&output),
-            paths: (path_str(&input), path_str(&output)),
-        }
-    }
-
-    fn request(&self, id: &str, bundle: &Bundle, checkpoint: &str) -> CreateContainerRequest {
-        let mut req = create_req(id, bundle);
-        req.stdin = self.paths.0.clone();
-        req.stdout = self.paths.1.clone();
-        req.checkpoint = checkpoint.into();
-        req
-    }
-
-    /// The counter's values printed so far.
-    fn counts(&self) -> Vec<u64> {
-        let text = self.reader.text();
-        text.lines()
-            .filter_map(|l| l.strip_prefix('n')?.parse().ok())
-            .collect()
-    }
-
-    /// Waits until the counter printed `steps` more values than now; returns the last.
-    async fn counted(&mut self, steps: usize) -> u64 {
-        let wanted = self.counts().len() + steps;
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        while self.counts().len() < wanted {
-            assert!(
-                Instant::now() < deadline,
-                "the counter stalled: {:?}",
-                self.reader.text()
-            );
-            let next = format!("n{}", self.counts().last().map_or(1, |n| n + 1));
-            self.reader.read_until(&next).await;
-        }
-        *self.counts().last().expect("counted")
-    }
-
-    /// Sends a line to stdin and waits for its echo.
-    async fn echoes(&mut self, line: &str) {
-        use std::io::Write;
-        writeln!(self.stdin, "{line}").expect("write stdin");
-        let text = self.reader.read_until(&format!("got {line}")).await;
-        assert!(text.contains(&format!("got {line}")), "output: {text:?}");
-    }
 }
 
 /// A container whose stdio are FIFOs is dumped (berthd gives it pipes it relays, which CRIU can
