@@ -209,12 +209,20 @@ impl Endpoint {
         }
     }
 
-    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// The next chunk, empty at end of file. The buffer exists only once there is something to
+    /// read: a relay waiting for input holds none (thousands of idle relays hold no memory).
+    async fn read_chunk(&self) -> std::io::Result<Vec<u8>> {
+        let read = |fd: &OwnedFd| {
+            let mut chunk = vec![0u8; CHUNK];
+            let n = rustix::io::read(fd, &mut chunk)?;
+            chunk.truncate(n);
+            Ok(chunk)
+        };
         match self {
-            Endpoint::File(fd) => Ok(rustix::io::read(fd, buf)?),
+            Endpoint::File(fd) => read(fd),
             Endpoint::Polled(fd) => loop {
                 let mut guard = fd.readable().await?;
-                match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *buf)?)) {
+                match guard.try_io(|fd| read(fd.get_ref())) {
                     Ok(result) => return result,
                     Err(_would_block) => continue,
                 }
@@ -240,6 +248,9 @@ impl Endpoint {
     }
 }
 
+/// The most a relay reads at once, and so holds per stream.
+const CHUNK: usize = 8192;
+
 /// Why a copy ended.
 #[derive(PartialEq, Eq)]
 pub(super) enum Ended {
@@ -254,22 +265,21 @@ pub(super) async fn copy(
     to: Option<&Endpoint>,
     mut stop: watch::Receiver<bool>,
 ) -> Ended {
-    let mut buf = vec![0u8; 8192];
     loop {
         // Stopping only ever interrupts the wait for input: a chunk read is always written.
-        let n = tokio::select! {
+        let chunk = tokio::select! {
             biased;
             stopped = stop.wait_for(|stop| *stop) => {
                 return if stopped.is_ok() { Ended::Stopped } else { Ended::Closed };
             }
             // A pty master reads EIO once the process side has closed: that is the end.
-            read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return Ended::Closed,
-                Ok(n) => n,
+            read = from.read_chunk() => match read {
+                Ok(chunk) if !chunk.is_empty() => chunk,
+                _ => return Ended::Closed,
             },
         };
         if let Some(to) = to
-            && to.write_all(&buf[..n]).await.is_err()
+            && to.write_all(&chunk).await.is_err()
         {
             return Ended::Closed;
         }
