@@ -104,7 +104,7 @@ impl Handed {
         let mut problems = Vec::new();
         let value = value.to_string_lossy();
         for entry in value.split(',').filter(|e| !e.is_empty()) {
-            let Some((container, pid, fd)) = terminal_entry(entry) else {
+            let Some((container, pid, fd)) = handed_entry(entry) else {
                 problems.push(format!(
                     "{} entry {entry:?} is not container:pid:fd",
                     self.env
@@ -184,7 +184,7 @@ pub unsafe fn take_inherited_stdio() -> Vec<String> {
 }
 
 /// One `container:pid:fd` entry of [`TERMINALS_ENV`] or [`STDIO_ENV`].
-fn terminal_entry(entry: &str) -> Option<(&str, u32, i32)> {
+fn handed_entry(entry: &str) -> Option<(&str, u32, i32)> {
     let mut parts = entry.rsplitn(3, ':');
     let (fd, pid, container) = (parts.next()?, parts.next()?, parts.next()?);
     if container.is_empty() {
@@ -400,10 +400,10 @@ mod tests {
     }
 
     #[test]
-    fn terminal_entries_name_a_container_a_pid_and_a_descriptor() {
-        assert_eq!(terminal_entry("web-1.x:42:7"), Some(("web-1.x", 42, 7)));
+    fn handed_entries_name_a_container_a_pid_and_a_descriptor() {
+        assert_eq!(handed_entry("web-1.x:42:7"), Some(("web-1.x", 42, 7)));
         for bad in ["", "a:1", ":1:2", "a:x:2", "a:1:y", "a:-1:2"] {
-            assert_eq!(terminal_entry(bad), None, "{bad:?}");
+            assert_eq!(handed_entry(bad), None, "{bad:?}");
         }
     }
 

@@ -672,3 +672,59 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
     })
     .await
 }
+
+/// runc reattaches what was a pipe at the dump to whatever the restore gives in its place: a
+/// restore that names no stdio runs with /dev/null there, and one that names FIFOs for a
+/// container dumped with /dev/null gets nothing on them (its streams stay /dev/null).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_keeps_the_dumped_kind_of_each_stream() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let mut d = criu_daemon!(criu);
+        let bundle = writable(&["sh", "-c", &format!("{COUNTER} & {TALKER}")]);
+        let container = id("cp-kinds");
+        let mut talk = Talk::new(&d, "dumped");
+        let pid = d.create(talk.request(&container, &bundle, "")).await;
+        let mut events = d.events().await;
+        talk.counted(2).await;
+        d.client
+            .create_checkpoint(checkpoint(&container, "piped", true))
+            .await
+            .expect("CreateCheckpoint");
+        assert_eq!(events.exit_status(&container, pid).await, 137);
+        d.assert_gone(&container).await;
+
+        // No stdio in the restore: the process runs on, writing to /dev/null.
+        let last = next_count(&bundle, None).await;
+        let mut bare = create_req(&container, &bundle);
+        bare.checkpoint = "piped".into();
+        let restored = d.create(bare).await;
+        let resumed = next_count(&bundle, Some(last)).await;
+        assert!(
+            resumed > last && resumed <= last + 5,
+            "{resumed} after {last}"
+        );
+        d.signal(&container, restored, SIGKILL).await;
+        assert_eq!(events.exit_status(&container, restored).await, 137);
+        d.assert_gone(&container).await;
+
+        // Dumped with /dev/null, restored with FIFOs: nothing reaches them, and their relays end.
+        let plain = id("cp-kinds-plain");
+        let pid = d.create(create_req(&plain, &bundle)).await;
+        next_count(&bundle, None).await;
+        d.client
+            .create_checkpoint(checkpoint(&plain, "null", true))
+            .await
+            .expect("CreateCheckpoint");
+        assert_eq!(events.exit_status(&plain, pid).await, 137);
+        let last = next_count(&bundle, None).await;
+        let mut fifos = Talk::new(&d, "restored");
+        let restored = d.create(fifos.request(&plain, &bundle, "null")).await;
+        next_count(&bundle, Some(last)).await;
+        assert_eq!(fifos.reader.read_to_end().await, "");
+        d.signal(&plain, restored, SIGKILL).await;
+        assert_eq!(events.exit_status(&plain, restored).await, 137);
+        d.assert_gone(&plain).await;
+    })
+    .await
+}
