@@ -192,3 +192,35 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
 }
+
+/// A create the runtime refuses after berthd made the pipes leaves none of them, nor a relay:
+/// berthd's end of the client's FIFO closes (its reader sees end-of-file) and its fds settle.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_create_with_fifo_stdio_leaves_no_pipe_or_relay() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let mut warm = Talk::new(&d, "warm");
+        let bundle = Bundle::new(&["sh", "-c", TALKER]);
+        let warm_id = id("pipes-warm");
+        let pid = d.create(warm.request(&warm_id, &bundle, "")).await;
+        warm.echoes("warm").await;
+        d.kill_container(&mut events, &warm_id, pid).await;
+        warm.reader.read_to_end().await;
+        let baseline = d.baseline();
+
+        let missing = Bundle::new(&["/nonexistent"]);
+        let container = id("pipes-refused");
+        for attempt in 0..3 {
+            let mut talk = Talk::new(&d, &format!("refused-{attempt}"));
+            let refused = d
+                .client
+                .create_container(talk.request(&container, &missing, ""))
+                .await;
+            expect_code(refused, tonic::Code::FailedPrecondition);
+            assert_eq!(talk.reader.read_to_end().await, "");
+            d.assert_nothing_left(&container, &baseline).await;
+        }
+    })
+    .await
+}
