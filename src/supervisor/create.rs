@@ -2,8 +2,9 @@
 //! and the clean-up once its init exits.
 //!
 //! Owns: the order of create (reserve the id, pipe FIFO stdio, runtime create or restore, track
-//! the init, hand over the pty, start, register, publish) and undoing it on failure; what happens when an init
-//! exits. Does not own: the argv (runtime), CRIU images (checkpoint), the stdio paths (stdio).
+//! the init, hand over the pty, start, register, publish) and undoing it on failure; what
+//! happens when an init exits. Does not own: the argv (runtime), CRIU images (checkpoint), the
+//! stdio paths (stdio), the stdio pipes (stdio_pipes).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

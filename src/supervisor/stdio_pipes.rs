@@ -9,10 +9,12 @@
 //! is refused by CRIU, as before).
 //!
 //! The container's end of an output pipe is opened read-write, as a FIFO for output is, so the
-//! pipe always has a reader: while berthd is away (restart, upgrade) output waits in the pipe,
-//! then blocks the writer, and never raises SIGPIPE. Each relay holds one chunk at a time, so
-//! a client that does not read holds the container up, never berthd's memory. berthd finds
-//! its ends again through `/proc/<pid>/fd/<n>`, checked against each pipe's recorded inode.
+//! pipe always has a reader: while berthd is away (a crash, a restart) output waits in the
+//! pipe, then blocks the writer, and never raises SIGPIPE. Its end of stdin is the read end
+//! alone, so the client closing its FIFO reaches it as end-of-file. Each relay holds at most one
+//! chunk, so a client that does not read holds the container up, never berthd's memory. An
+//! upgrade hands every stream's ends to the next image; after a restart berthd finds its pipe
+//! ends through `/proc/<pid>/fd/<n>`, checked against each pipe's recorded inode.
 //!
 //! Owns: making the pipes, their relays by container, and finding the pipes again after a
 //! restart or an upgrade. Does not own: opening the client's paths (stdio, caller), the copy
@@ -77,7 +79,7 @@ pub(super) fn pipe_fifos(opened: [SpawnStdio; 3]) -> Result<InitStdio> {
         let (theirs, ours) = if n == 0 {
             (read, write)
         } else {
-            (reopen(&write, OFlags::RDWR)?, read)
+            (reopen_read_write(&write)?, read)
         };
         pipes[n] = inode(&ours)?;
         container.push(SpawnStdio::Fd(theirs));
@@ -93,10 +95,10 @@ pub(super) fn pipe_fifos(opened: [SpawnStdio; 3]) -> Result<InitStdio> {
     })
 }
 
-/// A new open of the pipe behind `fd` (through `/proc/self/fd`), with `access`.
-fn reopen(fd: impl AsFd, access: OFlags) -> Result<OwnedFd> {
+/// A new open of the pipe behind `fd` (through `/proc/self/fd`) that both reads and writes it.
+fn reopen_read_write(fd: impl AsFd) -> Result<OwnedFd> {
     let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
-    rustix::fs::open(&path, access | OFlags::CLOEXEC, Mode::empty())
+    rustix::fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| Error::sys("reopen a stdio pipe read-write", e))
 }
 
@@ -122,7 +124,11 @@ impl PipeRelay {
         }
         let endpoint = |fd: OwnedFd| Endpoint::new(fd).map_err(|e| Error::sys("relay stdio", e));
         let (stop, stopped) = watch::channel(false);
-        let mut tasks = Vec::new();
+        // Built first, so that a stream failing to start drops (and stops) those started.
+        let mut relay = PipeRelay {
+            stop,
+            tasks: Vec::new(),
+        };
         for (n, ends) in ends.into_iter().enumerate() {
             let Some((pipe, client)) = ends else { continue };
             let (pipe, client) = (endpoint(pipe)?, endpoint(client)?);
@@ -135,9 +141,9 @@ impl PipeRelay {
                 };
                 (ended == Ended::Stopped).then(|| (pipe.into_fd(), client.into_fd()))
             });
-            tasks.push((n, task));
+            relay.tasks.push((n, task));
         }
-        Ok(Some(PipeRelay { stop, tasks }))
+        Ok(Some(relay))
     }
 
     /// The init exited: input stops now; each output copies what is left in its pipe until its
