@@ -475,10 +475,15 @@ async fn fifo_stdio_is_reattached_to_the_restore_requests_paths() {
             .expect("CreateCheckpoint of a container with FIFO stdio, left running");
         let at_live = first.counted(1).await;
         first.echoes("still-there").await;
+        let started = Instant::now();
         d.client
             .create_checkpoint(checkpoint(&container, "stopped", true))
             .await
             .expect("CreateCheckpoint of a container with FIFO stdio, with exit");
+        println!(
+            "checkpoint with FIFO stdio (exit) took {:?}",
+            started.elapsed()
+        );
         assert_eq!(events.exit_status(&container, pid).await, 137);
         d.assert_gone(&container).await;
         // Everything the container wrote reached the FIFO before its exit, and the relay ended.
@@ -487,9 +492,11 @@ async fn fifo_stdio_is_reattached_to_the_restore_requests_paths() {
 
         // The same id, on new FIFOs: the counter goes on from where the dump stopped it.
         let mut second = Talk::new(&d, "second");
+        let started = Instant::now();
         let restored = d
             .create(second.request(&container, &bundle, "stopped"))
             .await;
+        println!("restore onto new FIFOs took {:?}", started.elapsed());
         let resumed = second.counted(1).await;
         let firsts = second.counts()[0];
         assert!(
@@ -513,10 +520,12 @@ async fn fifo_stdio_is_reattached_to_the_restore_requests_paths() {
         let copy = id("cp-fifo-copy");
         let copied = d.create(third.request(&copy, &bundle, "live")).await;
         third.counted(1).await;
+        // Near the value seen as the live dump returned (the relay may lag it on a busy host),
+        // and before the later dump's.
         let firsts = third.counts()[0];
         assert!(
-            firsts + 5 > at_live && firsts <= at_live + 1,
-            "the copy did not go on from the live checkpoint ({at_live}): printed {:?}",
+            firsts + 5 > at_live && firsts <= at_live + 3 && firsts < last,
+            "the copy did not go on from the live checkpoint ({at_live}, later {last}): printed {:?}",
             third.counts()
         );
         third.echoes("in-the-copy").await;
