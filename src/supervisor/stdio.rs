@@ -17,8 +17,8 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use super::caller::Caller;
-use crate::client_fs::Access;
 use crate::client_fs::shown;
+use crate::client_fs::{Access, Console};
 use crate::error::{Error, Result};
 use crate::runtime::SpawnStdio;
 use crate::spawn::fdpass;
@@ -77,19 +77,27 @@ impl StdioPaths {
         ])
     }
 
-    /// What a pty master is relayed to: input from stdin, output to the console path or stdout.
-    /// The console is output only: every kind of file it may be (a FIFO, a regular file,
-    /// `/dev/null`) read back would give the terminal its own output as input.
+    /// What a pty master is relayed to. A console that is a terminal is both input and output;
+    /// any other console is output only (a FIFO read back would feed the terminal its own
+    /// output), with input from stdin. Without a console: input from stdin, output to stdout.
     pub(super) fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
         let caller = self.caller()?;
-        let input = (!self.stdin.is_empty())
-            .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
-            .transpose()?;
         let output = match (self.console.is_empty(), self.stdout.is_empty()) {
-            (false, _) => Some(caller.open_stdio("console", &self.console, Access::Write)?),
+            (false, _) => match caller.open_console(&self.console)? {
+                Console::Terminal(console) => {
+                    let input = console
+                        .try_clone()
+                        .map_err(|e| Error::sys("duplicate the console descriptor", e))?;
+                    return Ok((Some(input), Some(console)));
+                }
+                Console::Output(output) => Some(output),
+            },
             (true, false) => Some(caller.open_stdio("stdout", &self.stdout, Access::Write)?),
             (true, true) => None,
         };
+        let input = (!self.stdin.is_empty())
+            .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
+            .transpose()?;
         Ok((input, output))
     }
 }
