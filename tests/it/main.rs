@@ -9,6 +9,7 @@ mod checkpoint;
 mod claims;
 mod errors;
 mod events;
+mod fifo_stdio;
 mod interop;
 mod lifecycle;
 mod limits;
