@@ -103,12 +103,14 @@ pub fn runtime_command(operation: &str, took: Duration) {
         .observe(took.as_secs_f64());
 }
 
-/// `/types.API/CreateContainer` → (`types.API`, `CreateContainer`).
+/// `/types.API/CreateContainer` → (`types.API`, `CreateContainer`). Any path that is not one
+/// of the protos' RPCs is `unknown`: a client chooses the path, and a series per made-up path
+/// would hold memory for as long as berthd runs.
 fn split_path(path: &str) -> (String, String) {
-    let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((service, method)) => (service.to_owned(), method.to_owned()),
-        None => (String::new(), path.to_owned()),
+    let known = berth_api::METHODS.contains(&path);
+    match path.trim_start_matches('/').split_once('/') {
+        Some((service, method)) if known => (service.to_owned(), method.to_owned()),
+        _ => ("unknown".to_owned(), "unknown".to_owned()),
     }
 }
 
@@ -201,6 +203,17 @@ mod tests {
             split_path("/types.API/CreateContainer"),
             ("types.API".to_owned(), "CreateContainer".to_owned())
         );
+        assert_eq!(
+            split_path("/berth.daemon.Daemon/Upgrade"),
+            ("berth.daemon.Daemon".to_owned(), "Upgrade".to_owned())
+        );
+        for made_up in ["/types.API/Nope", "/x/State", "/types.API/State/", "", "/"] {
+            assert_eq!(
+                split_path(made_up),
+                ("unknown".to_owned(), "unknown".to_owned()),
+                "{made_up:?}"
+            );
+        }
         let failed = http::Response::builder()
             .header("grpc-status", "5")
             .body(())

@@ -21,7 +21,8 @@
 //! timings it shows, `container_metrics` the per-container series), [`upgrade`] (the listener
 //! across `execve`, and from socket activation), [`notify`] (readiness for the service
 //! manager), [`reactor`]
-//! (registering owned fds with tokio).
+//! (registering owned fds with tokio), [`heap`] (handing memory freed by ended connections and
+//! streams back to the kernel).
 //!
 //! Unsafe code is denied crate-wide; the modules allowed it are named on their `mod` lines below.
 #![deny(unsafe_code)]
@@ -39,6 +40,8 @@ pub mod daemon;
 pub mod edge;
 pub mod error;
 mod events;
+#[allow(unsafe_code)]
+mod heap;
 pub mod instruments;
 mod listener;
 mod metrics;

@@ -190,6 +190,14 @@ impl<S> Limited<S> {
     }
 }
 
+/// A connection's end frees what it held (h2's buffers and streams, its tasks): have the heap
+/// give it back to the kernel.
+impl<S> Drop for Limited<S> {
+    fn drop(&mut self) {
+        crate::heap::release_soon();
+    }
+}
+
 impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<S> {
     type ConnectInfo = S::ConnectInfo;
 

@@ -49,6 +49,14 @@ pub(crate) struct ContainerRecord {
     /// a restart of berthd. Absent in records written before it was recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_terminals: Vec<u32>,
+    /// The inode of the pipe berthd relays the init's stdin, stdout and stderr through (0: not
+    /// a pipe), to take them up again from `/proc/<pid>/fd`. Absent in records before pipes.
+    #[serde(default, skip_serializing_if = "no_pipes")]
+    pub pipes: [u64; 3],
+}
+
+fn no_pipes(pipes: &[u64; 3]) -> bool {
+    *pipes == [0; 3]
 }
 
 pub struct Store {
@@ -168,6 +176,7 @@ mod tests {
             },
             processes: vec![],
             lost_terminals: vec![10],
+            pipes: [0, 4242, 0],
         };
         store.write(&record).unwrap();
         let path = dir.path().join("containers/a.json");

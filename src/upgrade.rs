@@ -3,8 +3,8 @@
 //! containers, stay its children, so their exit codes stay exact on any kernel; everything else
 //! is rebuilt from the state directory as after a restart.
 //!
-//! Owns: passing the listener and the containers' pty masters across `execve` and taking them
-//! on the other side; taking the listener a service manager passed (socket activation,
+//! Owns: passing the listener, the containers' pty masters and their inits' stdio relays across
+//! `execve` and taking them on the other side; taking the listener a service manager passed (socket activation,
 //! `sd_listen_fds` semantics).
 //! Does not own: deciding when to upgrade (`daemon::run`), performing it (berthd's `main`) or
 //! recovery (supervisor).
@@ -27,6 +27,12 @@ const LISTENER_FD_ENV: &str = "BERTH_UPGRADE_LISTENER_FD";
 /// (container ids have neither ':' nor ',').
 const TERMINALS_ENV: &str = "BERTH_UPGRADE_TERMINALS";
 
+/// Names the descriptors of the inits' stdio relays a previous image handed over, in the same
+/// form with `container/stream` for the container (ids have no '/'): each relayed stream's pipe
+/// and the client's FIFO, so that neither the container (a pipe without a writer reads as
+/// end-of-file) nor the client (a FIFO without a writer reads as end-of-file) sees one.
+const STDIO_ENV: &str = "BERTH_UPGRADE_STDIO";
+
 /// A container process's pty master, kept open across `execve` so its terminal does not hang up.
 #[derive(Debug)]
 pub struct HandedTerminal {
@@ -35,97 +41,156 @@ pub struct HandedTerminal {
     pub master: OwnedFd,
 }
 
-/// The masters between two images: left by the supervisor's relays as they stop for an upgrade,
-/// exec'd across, taken at start and claimed by recovery. An `execve` that fails leaves them
-/// here for the next run's recovery. Process-wide because they outlive the runtime of a run.
-static HANDED_TERMINALS: Mutex<Vec<HandedTerminal>> = Mutex::new(Vec::new());
+/// One kind of descriptor kept per container process between two images: left by the
+/// supervisor's relays as they stop for an upgrade, exec'd across, taken at start and claimed by
+/// recovery. An `execve` that fails leaves them here for the next run's recovery. Process-wide
+/// because they outlive the runtime of a run.
+struct Handed {
+    /// The variable naming them across `execve`.
+    env: &'static str,
+    /// What one is, for messages.
+    what: &'static str,
+    /// The file type one must have, and its name.
+    kind: (FileType, &'static str),
+    list: Mutex<Vec<(String, u32, OwnedFd)>>,
+}
 
-fn handed_terminals() -> std::sync::MutexGuard<'static, Vec<HandedTerminal>> {
-    HANDED_TERMINALS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+static TERMINALS: Handed = Handed {
+    env: TERMINALS_ENV,
+    what: "pty master",
+    kind: (FileType::CharacterDevice, "character device"),
+    list: Mutex::new(Vec::new()),
+};
+
+static STDIO: Handed = Handed {
+    env: STDIO_ENV,
+    what: "stdio pipe or FIFO",
+    kind: (FileType::Fifo, "pipe or FIFO"),
+    list: Mutex::new(Vec::new()),
+};
+
+impl Handed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, u32, OwnedFd)>> {
+        self.list
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn claim(&self, container: &str, pid: u32) -> Option<OwnedFd> {
+        let mut handed = self.lock();
+        let at = handed
+            .iter()
+            .position(|(c, p, _)| c == container && *p == pid)?;
+        Some(handed.swap_remove(at).2)
+    }
+
+    fn close_unclaimed(&self) -> Vec<(String, u32)> {
+        self.lock().drain(..).map(|(c, p, _)| (c, p)).collect()
+    }
+
+    /// Takes what the previous image handed over under [`Handed::env`]; returns what it could
+    /// not take.
+    ///
+    /// # Safety
+    ///
+    /// As [`take_inherited_listener`]: at most once, from `main` before any other thread exists.
+    unsafe fn take_inherited(&self) -> Vec<String> {
+        let Some(value) = std::env::var_os(self.env) else {
+            return Vec::new();
+        };
+        // SAFETY: the caller guarantees no other thread exists, so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::remove_var(self.env) };
+        let mut problems = Vec::new();
+        let value = value.to_string_lossy();
+        for entry in value.split(',').filter(|e| !e.is_empty()) {
+            let Some((container, pid, fd)) = handed_entry(entry) else {
+                problems.push(format!(
+                    "{} entry {entry:?} is not container:pid:fd",
+                    self.env
+                ));
+                continue;
+            };
+            // SAFETY: the previous image left this descriptor open for us under this number,
+            // and the caller guarantees one call, so nothing else in this image owns it (the
+            // listener's number and the other kinds' are others).
+            match unsafe { take_inherited(fd, self.kind, self.what) } {
+                Ok(fd) => self.lock().push((container.to_owned(), pid, fd)),
+                Err(e) => problems.push(format!("{} of {container} pid {pid}: {e}", self.what)),
+            }
+        }
+        problems
+    }
 }
 
 /// Leaves a stopped relay's master for the next image.
 pub fn hand_over_terminal(terminal: HandedTerminal) {
-    handed_terminals().push(terminal);
+    TERMINALS
+        .lock()
+        .push((terminal.container, terminal.pid, terminal.master));
 }
 
 /// The master handed over for process `pid` of container `container`, if any.
 pub fn claim_terminal(container: &str, pid: u32) -> Option<OwnedFd> {
-    let mut handed = handed_terminals();
-    let at = handed
-        .iter()
-        .position(|t| t.container == container && t.pid == pid)?;
-    Some(handed.swap_remove(at).master)
+    TERMINALS.claim(container, pid)
 }
 
 /// Closes every handed-over master recovery did not claim (a process that ended meanwhile, or
 /// one whose stdio berthd does not record) and says whose they were.
 pub fn close_unclaimed_terminals() -> Vec<(String, u32)> {
-    handed_terminals()
-        .drain(..)
-        .map(|t| (t.container, t.pid))
-        .collect()
+    TERMINALS.close_unclaimed()
 }
 
-/// Takes the pty masters handed over by the image that exec'd this one, for recovery to claim.
-/// Returns what it could not take, to log once logging runs: a master lost is a terminal hung
-/// up, never a reason not to start.
+/// Leaves `stream` (which end of which of its stdio, as the relay names it) of init `pid`'s
+/// stdio relay, stopped, for the next image.
+pub fn hand_over_stdio(container: &str, pid: u32, stream: &str, fd: OwnedFd) {
+    STDIO
+        .lock()
+        .push((format!("{container}/{stream}"), pid, fd));
+}
+
+/// `stream` of init `pid`'s stdio relay in container `container`, if it was handed over.
+pub fn claim_stdio(container: &str, pid: u32, stream: &str) -> Option<OwnedFd> {
+    STDIO.claim(&format!("{container}/{stream}"), pid)
+}
+
+/// Closes every handed-over stdio descriptor recovery did not claim and says whose they were
+/// (`container/stream`).
+pub fn close_unclaimed_stdio() -> Vec<(String, u32)> {
+    STDIO.close_unclaimed()
+}
+
+/// Closes this process's copies of every descriptor the previous image handed over: for a child
+/// forked before recovery claims them (the spawn helper), where a copy would keep a pipe or FIFO
+/// from ever reading as end-of-file and a pty from ever being freed.
+pub fn close_handed_in_child() {
+    drop(TERMINALS.close_unclaimed());
+    drop(STDIO.close_unclaimed());
+}
+
+/// Takes the pty masters and stdio relays handed over by the image that exec'd this one, for
+/// recovery to claim. Returns what it could not take, to log once logging runs: one lost is a
+/// terminal hung up or a stdin at end-of-file, never a reason not to start.
 ///
 /// # Safety
 ///
 /// As [`take_inherited_listener`]: at most once, from `main` before any other thread exists.
-pub unsafe fn take_inherited_terminals() -> Vec<String> {
-    let Some(value) = std::env::var_os(TERMINALS_ENV) else {
-        return Vec::new();
-    };
-    // SAFETY: the caller guarantees no other thread exists, so nothing reads the environment
-    // concurrently.
-    unsafe { std::env::remove_var(TERMINALS_ENV) };
-    let mut problems = Vec::new();
-    let value = value.to_string_lossy();
-    for entry in value.split(',').filter(|e| !e.is_empty()) {
-        let Some((container, pid, fd)) = terminal_entry(entry) else {
-            problems.push(format!(
-                "{TERMINALS_ENV} entry {entry:?} is not container:pid:fd"
-            ));
-            continue;
-        };
-        match take_master(fd) {
-            Ok(master) => hand_over_terminal(HandedTerminal {
-                container: container.to_owned(),
-                pid,
-                master,
-            }),
-            Err(e) => problems.push(format!("terminal of {container} pid {pid}: {e}")),
-        }
-    }
+pub unsafe fn take_inherited_stdio() -> Vec<String> {
+    // SAFETY: the caller's guarantee, passed on; each kind is taken once.
+    let mut problems = unsafe { TERMINALS.take_inherited() };
+    // SAFETY: as above.
+    problems.extend(unsafe { STDIO.take_inherited() });
     problems
 }
 
-/// One `container:pid:fd` entry of [`TERMINALS_ENV`].
-fn terminal_entry(entry: &str) -> Option<(&str, u32, i32)> {
+/// One `container:pid:fd` entry of [`TERMINALS_ENV`] or [`STDIO_ENV`].
+fn handed_entry(entry: &str) -> Option<(&str, u32, i32)> {
     let mut parts = entry.rsplitn(3, ':');
     let (fd, pid, container) = (parts.next()?, parts.next()?, parts.next()?);
     if container.is_empty() {
         return None;
     }
     Some((container, pid.parse().ok()?, fd.parse().ok()?))
-}
-
-/// Takes ownership of inherited descriptor `fd` if it is a character device (a pty master).
-fn take_master(fd: i32) -> Result<OwnedFd> {
-    // SAFETY: the previous image left this descriptor open for us under this number, and the
-    // caller of take_inherited_terminals guarantees one call, so nothing else in this image
-    // owns it (the listener's number is another).
-    unsafe {
-        take_inherited(
-            fd,
-            (FileType::CharacterDevice, "character device"),
-            "pty master",
-        )
-    }
 }
 
 /// Takes ownership of `fd`, left open by the previous image, if it is a `kind` (the `what` it
@@ -239,9 +304,9 @@ pub unsafe fn take_activated_listener() -> Result<Option<std::os::unix::net::Uni
     Ok(Some(std::os::unix::net::UnixListener::from(owned)))
 }
 
-/// Replaces this process's image with `exe` run with `args`, handing `listener` and the pty
-/// masters left by [`hand_over_terminal`] over. Returns only if `execve` failed, with the
-/// listener and the masters as they were.
+/// Replaces this process's image with `exe` run with `args`, handing `listener`, the pty
+/// masters left by [`hand_over_terminal`] and the stdio relays' descriptors left by [`hand_over_stdio`]
+/// over. Returns only if `execve` failed, with all of them as they were.
 pub fn exec(exe: &Path, args: &[OsString], listener: BorrowedFd<'_>) -> Error {
     let cstring = |bytes: &[u8]| {
         CString::new(bytes).map_err(|_| Error::InvalidArgument("argument with a NUL byte".into()))
@@ -254,7 +319,7 @@ pub fn exec(exe: &Path, args: &[OsString], listener: BorrowedFd<'_>) -> Error {
         }
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
-            if key != LISTENER_FD_ENV && key != TERMINALS_ENV {
+            if key != LISTENER_FD_ENV && key != TERMINALS_ENV && key != STDIO_ENV {
                 let mut pair = key.as_bytes().to_vec();
                 pair.push(b'=');
                 pair.extend_from_slice(value.as_bytes());
@@ -270,46 +335,55 @@ pub fn exec(exe: &Path, args: &[OsString], listener: BorrowedFd<'_>) -> Error {
         Ok(built) => built,
         Err(e) => return e,
     };
-    let terminals = handed_terminals();
-    // A master that cannot be handed over is closed by the exec: its terminal hangs up, as
-    // before there was a handover, and no other terminal is held back for it.
-    let handed: Vec<&HandedTerminal> = terminals
+    let kinds = [&TERMINALS, &STDIO];
+    let lists: Vec<_> = kinds.iter().map(|kind| kind.lock()).collect();
+    // One that cannot be handed over is closed by the exec: its terminal hangs up or its stdin
+    // ends, as before there was a handover, and no other is held back for it.
+    let handed: Vec<Vec<&(String, u32, OwnedFd)>> = lists
         .iter()
-        .filter(|t| {
-            let cleared = rustix::io::fcntl_setfd(&t.master, FdFlags::empty());
-            if let Err(e) = &cleared {
-                tracing::warn!(id = %t.container, pid = t.pid, error = %e, "terminal lost: its pty master could not be handed over");
-            }
-            cleared.is_ok()
+        .zip(kinds)
+        .map(|(list, kind)| {
+            list.iter()
+                .filter(|(container, pid, fd)| {
+                    let cleared = rustix::io::fcntl_setfd(fd, FdFlags::empty());
+                    if let Err(e) = &cleared {
+                        tracing::warn!(id = %container, pid, error = %e, "{} lost: it could not be handed over", kind.what);
+                    }
+                    cleared.is_ok()
+                })
+                .collect()
         })
         .collect();
-    let named: Vec<String> = handed
-        .iter()
-        .map(|t| format!("{}:{}:{}", t.container, t.pid, t.master.as_raw_fd()))
-        .collect();
-    match cstring(format!("{TERMINALS_ENV}={}", named.join(",")).as_bytes()) {
-        Ok(pair) => env.push(pair),
-        Err(e) => return e,
+    for (handed, kind) in handed.iter().zip(kinds) {
+        let named: Vec<String> = handed
+            .iter()
+            .map(|(container, pid, fd)| format!("{container}:{pid}:{}", fd.as_raw_fd()))
+            .collect();
+        match cstring(format!("{}={}", kind.env, named.join(",")).as_bytes()) {
+            Ok(pair) => env.push(pair),
+            Err(e) => return e,
+        }
     }
-    let restore_terminals = || {
-        for t in &handed {
-            let _ = rustix::io::fcntl_setfd(&t.master, FdFlags::CLOEXEC);
+    let restore_handed = || {
+        for (_, _, fd) in handed.iter().flatten() {
+            let _ = rustix::io::fcntl_setfd(fd, FdFlags::CLOEXEC);
         }
     };
     if let Err(e) = rustix::io::fcntl_setfd(listener.as_fd(), FdFlags::empty()) {
-        restore_terminals();
+        restore_handed();
         return Error::sys("hand over the listener", e);
     }
     tracing::info!(
-        terminals = handed.len(),
-        "handing the listener and pty masters over"
+        terminals = handed[0].len(),
+        stdio = handed[1].len(),
+        "handing the listener, pty masters and stdio relays over"
     );
     let err = match nix::unistd::execve(&path, &argv, &env) {
         Err(e) => e,
         Ok(never) => match never {},
     };
     let _ = rustix::io::fcntl_setfd(listener.as_fd(), FdFlags::CLOEXEC);
-    restore_terminals();
+    restore_handed();
     Error::sys(format!("execve {}", exe.display()), err)
 }
 
@@ -318,18 +392,25 @@ mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
 
+    /// Takes `fd` as a `kind` would be taken from a previous image.
+    fn take(kind: &Handed, fd: i32) -> Result<OwnedFd> {
+        // SAFETY: each test passes a descriptor it gave up ownership of (into_raw_fd), or one it
+        // still owns and that the check refuses without taking.
+        unsafe { take_inherited(fd, kind.kind, kind.what) }
+    }
+
     #[test]
-    fn terminal_entries_name_a_container_a_pid_and_a_descriptor() {
-        assert_eq!(terminal_entry("web-1.x:42:7"), Some(("web-1.x", 42, 7)));
+    fn handed_entries_name_a_container_a_pid_and_a_descriptor() {
+        assert_eq!(handed_entry("web-1.x:42:7"), Some(("web-1.x", 42, 7)));
         for bad in ["", "a:1", ":1:2", "a:x:2", "a:1:y", "a:-1:2"] {
-            assert_eq!(terminal_entry(bad), None, "{bad:?}");
+            assert_eq!(handed_entry(bad), None, "{bad:?}");
         }
     }
 
     #[test]
     fn only_a_character_device_is_taken_as_a_master_and_claimed_once() {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let master = take_master(null.into_raw_fd()).unwrap();
+        let master = take(&TERMINALS, null.into_raw_fd()).unwrap();
         assert!(
             rustix::io::fcntl_getfd(&master)
                 .unwrap()
@@ -337,7 +418,10 @@ mod tests {
         );
         let file = tempfile::tempfile().unwrap();
         let fd = file.as_raw_fd();
-        assert!(matches!(take_master(fd), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            take(&TERMINALS, fd),
+            Err(Error::InvalidArgument(_))
+        ));
         drop(file);
         hand_over_terminal(HandedTerminal {
             container: "claimed-once".into(),
@@ -347,5 +431,23 @@ mod tests {
         assert!(claim_terminal("claimed-once", 8).is_none());
         assert!(claim_terminal("claimed-once", 7).is_some());
         assert!(claim_terminal("claimed-once", 7).is_none());
+    }
+
+    #[test]
+    fn only_a_pipe_or_fifo_is_taken_as_stdio_and_claimed_once_by_stream() {
+        let (read, write) = rustix::pipe::pipe().unwrap();
+        let pipe = take(&STDIO, write.into_raw_fd()).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(
+            take(&STDIO, null.as_raw_fd()),
+            Err(Error::InvalidArgument(_))
+        ));
+        hand_over_stdio("piped-once", 7, "stdin-pipe", pipe);
+        assert!(claim_stdio("piped-once", 8, "stdin-pipe").is_none());
+        assert!(claim_stdio("piped-once", 7, "stdin-fifo").is_none());
+        let claimed = claim_stdio("piped-once", 7, "stdin-pipe").expect("claimed");
+        rustix::io::write(&claimed, b"x").unwrap();
+        assert_eq!(rustix::io::read(&read, &mut [0u8; 1]).unwrap(), 1);
+        assert!(claim_stdio("piped-once", 7, "stdin-pipe").is_none());
     }
 }

@@ -4,20 +4,53 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+    let descriptors = out.join("descriptors.bin");
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    config.file_descriptor_set_path(&descriptors);
     tonic_prost_build::configure()
         .build_client(std::env::var_os("CARGO_FEATURE_CLIENT").is_some())
         .build_server(std::env::var_os("CARGO_FEATURE_SERVER").is_some())
         // Hand-written so that every map entry carries its key and value (src/maps.rs).
         .extern_path(".types.MemoryStats", "crate::maps::MemoryStats")
         .extern_path(".types.CgroupStats", "crate::maps::CgroupStats")
+        // Each response's encode buffer lasts as long as the response: a small one (src/codec.rs).
+        .codec_path("crate::SmallBufferCodec")
         .compile_with_config(
             config,
             &["../../proto/api.proto", "../../proto/daemon.proto"],
             &["../../proto"],
         )?;
+    write_methods(&descriptors, &out.join("methods.rs"))?;
     println!("cargo:rerun-if-changed=../../proto/api.proto");
     println!("cargo:rerun-if-changed=../../proto/daemon.proto");
+    Ok(())
+}
+
+/// Writes `METHODS`, the path of every RPC the protos define (`/types.API/State`), so that
+/// berthd can tell the methods it serves from any path a client makes up.
+fn write_methods(
+    descriptors: &std::path::Path,
+    to: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(std::fs::read(descriptors)?.as_slice())?;
+    let mut code =
+        String::from("/// The path of every RPC in `proto/`.\npub const METHODS: &[&str] = &[\n");
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                code.push_str(&format!(
+                    "    \"/{}.{}/{}\",\n",
+                    file.package(),
+                    service.name(),
+                    method.name()
+                ));
+            }
+        }
+    }
+    code.push_str("];\n");
+    std::fs::write(to, code)?;
     Ok(())
 }

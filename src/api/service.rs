@@ -451,7 +451,9 @@ impl proto::api_server::Api for ApiService {
                 }
             },
         );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
+            stream,
+        ))))
     }
 
     type GetStatsStream = StatsStream;
@@ -483,6 +485,8 @@ impl proto::api_server::Api for ApiService {
                 };
                 Some((Ok(stats_to_wire(&snapshot)), Some((subscription, stopping))))
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
+            stream,
+        ))))
     }
 }

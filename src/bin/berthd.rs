@@ -42,9 +42,9 @@ fn main() -> ExitCode {
         Ok(inherited) => inherited,
         Err(e) => return fail(e),
     };
-    // ... and the containers' pty masters, for recovery to resume their relays.
+    // ... and the containers' pty masters and stdin pipes, for recovery to resume their relays.
     // SAFETY: the only call, made before any thread exists.
-    let terminal_problems = unsafe { berth::upgrade::take_inherited_terminals() };
+    let stdio_problems = unsafe { berth::upgrade::take_inherited_stdio() };
     // SAFETY: the only call, made before any thread exists.
     let activated = match unsafe { berth::upgrade::take_activated_listener() } {
         Ok(activated) => activated,
@@ -59,10 +59,10 @@ fn main() -> ExitCode {
     if let Err(e) = init_tracing(&config) {
         return fail(e);
     }
-    for problem in terminal_problems {
+    for problem in stdio_problems {
         tracing::warn!(
             problem,
-            "terminal lost: a pty master handed over by the upgrade could not be taken"
+            "terminal or stdin lost: a descriptor handed over by the upgrade could not be taken"
         );
     }
     // The helper is forked now, while berthd is one small thread; every runtime command is

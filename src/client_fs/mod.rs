@@ -91,14 +91,14 @@ impl Access {
     }
 }
 
-/// Opens a stdio or console path for a container: a FIFO, a regular file or `/dev/null` that
-/// exists already and that the peer itself may use with `access`. `what` names it in messages
+/// Opens a stdio path for a container: a FIFO, a regular file or `/dev/null` that exists
+/// already and that the peer itself may use with `access`. `what` names it in messages
 /// ("stdout", "console").
 ///
 /// Nothing is created or truncated and the open never blocks: a FIFO for output is opened
 /// `O_RDWR`, so it needs no reader yet; a regular file for output is opened
-/// `O_WRONLY | O_APPEND`. The descriptor is
-/// returned in blocking mode, since it becomes the container's own stdio.
+/// `O_WRONLY | O_APPEND`. The descriptor is returned in blocking mode, since it becomes the
+/// container's own stdio.
 pub fn open_stdio(
     what: &str,
     path: &Path,
@@ -106,7 +106,49 @@ pub fn open_stdio(
     peer: &Peer,
     forbidden: &[&Path],
 ) -> Result<OwnedFd> {
-    let walk = Walk::new(
+    let walk = stdio_walk(what, path, peer, forbidden)?;
+    let (leaf, st) = walk.leaf()?;
+    open_stdio_leaf(&walk, &leaf, &st, access)
+}
+
+/// A console path as [`open_console`] opened it.
+#[derive(Debug)]
+pub enum Console {
+    /// The terminal side of a pty the client holds the other side of (`/dev/pts/N`, what the
+    /// original clients of this API passed): both the input and the output.
+    Terminal(OwnedFd),
+    /// A FIFO, a regular file or `/dev/null`: output only, since a FIFO read back would feed
+    /// the terminal its own output.
+    Output(OwnedFd),
+}
+
+/// Opens a console path: a pty's terminal side that the peer may read and write, opened
+/// `O_RDWR | O_NOCTTY`, or else whatever [`open_stdio`] takes for output.
+pub fn open_console(path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<Console> {
+    let walk = stdio_walk("console", path, peer, forbidden)?;
+    let (leaf, st) = walk.leaf()?;
+    if !is_pty_terminal(&st) {
+        return open_stdio_leaf(&walk, &leaf, &st, Access::Write).map(Console::Output);
+    }
+    if !peer.may(&st, READ | WRITE) {
+        return Err(walk.denied(format!(
+            "{} may not read and write this console ({}); give a terminal it may use itself",
+            peer.describe(),
+            mode_and_owner(&st),
+        )));
+    }
+    let fd = walk.reopen(&leaf, &st, OFlags::RDWR | OFlags::NONBLOCK)?;
+    set_blocking(&walk, &fd)?;
+    Ok(Console::Terminal(fd))
+}
+
+fn stdio_walk<'a>(
+    what: &'a str,
+    path: &'a Path,
+    peer: &'a Peer,
+    forbidden: &[&Path],
+) -> Result<Walk<'a>> {
+    Walk::new(
         what,
         path,
         peer,
@@ -114,23 +156,26 @@ pub fn open_stdio(
         Missing::Invalid(
             "berthd opens existing files only; create it first (for example with mkfifo)",
         ),
-    )?;
-    let (leaf, st) = walk.leaf()?;
+    )
+}
+
+fn open_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) -> Result<OwnedFd> {
+    let what = walk.what;
     let kind = FileType::from_raw_mode(st.st_mode);
-    let dev_null = is_dev_null(&st);
+    let dev_null = is_dev_null(st);
     if !(kind == FileType::Fifo || kind == FileType::RegularFile || dev_null) {
         return Err(Error::InvalidArgument(format!(
             "{what} {} is {}; give a FIFO, /dev/null or a regular file",
-            shown(path),
-            kind_name(&st)
+            shown(walk.path),
+            kind_name(st)
         )));
     }
-    if !dev_null && !peer.may(&st, access.bits()) {
+    if !dev_null && !walk.peer.may(st, access.bits()) {
         return Err(walk.denied(format!(
             "{} may not {} this {what} ({}); give a file it may {} itself",
-            peer.describe(),
+            walk.peer.describe(),
             access.verb(),
-            mode_and_owner(&st),
+            mode_and_owner(st),
             access.verb()
         )));
     }
@@ -140,10 +185,14 @@ pub fn open_stdio(
         (Access::Write, FileType::Fifo) => OFlags::RDWR,
         (Access::Write, _) => OFlags::WRONLY,
     };
-    let fd = walk.reopen(&leaf, &st, mode | OFlags::NONBLOCK)?;
-    let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| walk.io(e))?;
-    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK).map_err(|e| walk.io(e))?;
+    let fd = walk.reopen(leaf, st, mode | OFlags::NONBLOCK)?;
+    set_blocking(walk, &fd)?;
     Ok(fd)
+}
+
+fn set_blocking(walk: &Walk<'_>, fd: &OwnedFd) -> Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd).map_err(|e| walk.io(e))?;
+    rustix::fs::fcntl_setfl(fd, flags - OFlags::NONBLOCK).map_err(|e| walk.io(e))
 }
 
 /// Reads a client-named regular file of at most `limit` bytes (a bundle's `config.json`,
@@ -249,6 +298,12 @@ fn is_dev_null(st: &Stat) -> bool {
         && rustix::fs::minor(st.st_rdev as _) == 3
 }
 
+/// The terminal side of a Unix98 pty (`/dev/pts/N`): majors 136 to 143.
+fn is_pty_terminal(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
+        && (136..=143).contains(&rustix::fs::major(st.st_rdev as _))
+}
+
 fn kind_name(st: &Stat) -> &'static str {
     match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => "a regular file",
@@ -257,6 +312,7 @@ fn kind_name(st: &Stat) -> &'static str {
         FileType::Fifo => "a FIFO",
         FileType::Socket => "a socket",
         FileType::CharacterDevice if is_dev_null(st) => "/dev/null",
+        FileType::CharacterDevice if is_pty_terminal(st) => "a terminal",
         FileType::CharacterDevice => "a character device other than /dev/null",
         FileType::BlockDevice => "a block device",
         _ => "an unknown kind of file",

@@ -617,3 +617,33 @@ fn create_dir_beneath_makes_the_peers_directory_and_follows_no_link() {
     ));
     assert!(!outside.path().join("cp3").exists());
 }
+
+#[test]
+fn a_console_is_a_terminal_read_and_written_or_else_output_only() {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let terminal = ptsname(&master, Vec::new()).unwrap();
+    let terminal = Path::new(OsStr::from_bytes(terminal.as_bytes()));
+
+    let Console::Terminal(console) = open_console(terminal, &Peer::root(), &[]).unwrap() else {
+        panic!("{} was not opened as a terminal", terminal.display());
+    };
+    rustix::io::write(&console, b"out\n").unwrap();
+    let mut buf = [0; 16];
+    let n = rustix::io::read(&master, &mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"out"), "{:?}", &buf[..n]);
+    // grantpt leaves the terminal its opener's (root) with mode 0620.
+    denied(open_console(terminal, &nobody(), &[]));
+    let message = invalid(stdio(terminal, Access::Write, &Peer::root()));
+    assert!(message.contains("is a terminal; give a FIFO"), "{message}");
+
+    let dir = open_tempdir();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let opened = within_a_second(move || open_console(&fifo, &nobody(), &[]));
+    assert!(matches!(opened, Ok(Console::Output(_))), "{opened:?}");
+    let message = invalid(open_console(Path::new("/dev/zero"), &Peer::root(), &[]));
+    assert!(message.contains("character device other than"), "{message}");
+}

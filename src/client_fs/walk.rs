@@ -26,10 +26,10 @@ pub(super) enum Missing {
 
 /// One client-named path on its way from `/`.
 pub(super) struct Walk<'a> {
-    what: &'a str,
-    path: &'a Path,
+    pub(super) what: &'a str,
+    pub(super) path: &'a Path,
     pub(super) components: Vec<&'a OsStr>,
-    peer: &'a Peer,
+    pub(super) peer: &'a Peer,
     forbidden: Vec<(u64, u64)>,
     missing: Missing,
 }

@@ -21,6 +21,7 @@ pub unsafe fn fork_helper() -> io::Result<OwnedFd> {
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             drop(berthd_end);
+            crate::upgrade::close_handed_in_child();
             super::helper::serve(helper_end)
         }
         nix::unistd::ForkResult::Parent { .. } => {

@@ -75,6 +75,11 @@ impl Caller {
         )
     }
 
+    /// The console path of a process with a terminal (see [`client_fs::open_console`]).
+    pub fn open_console(&self, path: &str) -> Result<client_fs::Console> {
+        client_fs::open_console(Path::new(path), &self.peer, &[&self.state_dir])
+    }
+
     /// A regular file the client named, of at most the size limit, read off the reactor within
     /// the time limit.
     pub async fn read_file(&self, what: &str, path: PathBuf) -> Result<Vec<u8>> {

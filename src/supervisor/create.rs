@@ -1,10 +1,11 @@
 //! CreateContainer: from a bundle (or a checkpoint of it) to a running, registered container,
 //! and the clean-up once its init exits.
 //!
-//! Owns: the order of create (reserve the id, runtime `run --detach`, or create and later start,
-//! or restore; track the init, hand over the pty, register, publish) and undoing it on failure;
-//! what happens when an init exits. Does not own: the argv or which create mode (runtime), CRIU
-//! images (checkpoint), the stdio paths (stdio).
+//! Owns: the order of create (reserve the id, pipe FIFO stdio, runtime `run --detach`, or create
+//! and later start, or restore; track the init, hand over the pty, register, publish) and
+//! undoing it on failure; what happens when an init exits. Does not own: the argv or which
+//! create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio pipes
+//! (stdio_pipes).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use super::operation::Undo;
 use super::registry::{Container, Mutable, Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
+use super::stdio_pipes::{self, InitStdio, PipeInodes};
 use super::{Caller, Supervisor, checkpoint, validate};
 use crate::error::{Error, Result};
 use crate::events::EventKind;
@@ -87,9 +89,10 @@ impl Supervisor {
             };
             self.create_steps(steps, &mut undo).await
         };
-        if let Err(e) = steps.await {
-            return Err(undo.undo(e).await);
-        }
+        let pipes = match steps.await {
+            Ok(pipes) => pipes,
+            Err(e) => return Err(undo.undo(e).await),
+        };
         let (Some(init), Some(reservation)) = undo.keep() else {
             return Err(Error::Internal(format!(
                 "create of {} finished without its init or its reservation",
@@ -110,6 +113,7 @@ impl Supervisor {
                 terminal: None,
             }),
             lost_terminals: Vec::new(),
+            pipes,
             mutable: Mutex::new(Mutable {
                 status: Status::Running,
                 added: Vec::new(),
@@ -133,11 +137,16 @@ impl Supervisor {
     }
 
     /// The steps of create that leave something behind, each recorded in `undo` before it acts:
-    /// runtime run (or create, or restore), tracking the init, the pty relay, runtime start
-    /// after create. The pid file is claimed from the reaper before the runtime runs: once the
-    /// runtime exits the init is berthd's child and may already be a zombie, which the orphan
-    /// sweep must leave for `track` (its true status, its `/proc` entry for the cgroup).
-    async fn create_steps(&self, steps: CreateSteps<'_>, undo: &mut Undo<'_>) -> Result<()> {
+    /// the stdio pipes' relay, runtime run (or create, or restore), tracking the init, the pty
+    /// relay, runtime start after create. Returns the inodes of the init's stdio pipes. The pid
+    /// file is claimed from the reaper before the runtime runs: once the runtime exits the init
+    /// is berthd's child and may already be a zombie, which the orphan sweep must leave for
+    /// `track` (its true status, its `/proc` entry for the cgroup).
+    async fn create_steps(
+        &self,
+        steps: CreateSteps<'_>,
+        undo: &mut Undo<'_>,
+    ) -> Result<PipeInodes> {
         let CreateSteps {
             request,
             bundle,
@@ -146,7 +155,13 @@ impl Supervisor {
             console,
         } = steps;
         let id = &request.id;
-        let stdio = process_stdio(&request.stdio, console.is_some()).await?;
+        let opened = process_stdio(&request.stdio, console.is_some()).await?;
+        // A terminal's init has no stdio of its own to pipe (its pty is relayed instead).
+        let InitStdio {
+            container: stdio,
+            relay,
+            pipes,
+        } = stdio_pipes::pipe_fifos(opened)?;
         let console_socket = console.map(|c| c.path());
         undo.runtime_state();
         let claim = self.reaper.claim(pid_file);
@@ -188,6 +203,10 @@ impl Supervisor {
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
         drop(claim);
+        if let Some(relay) = relay {
+            undo.pipe_relay();
+            self.keep_pipe_relay(id, pid as u32, relay);
+        }
         if let Some(console) = console {
             let master = console.receive_master(CONSOLE_TIMEOUT).await?;
             undo.relay(self.relay_terminal(id, pid as u32, master, &request.stdio)?);
@@ -195,7 +214,7 @@ impl Supervisor {
         if restore.is_none() && create_mode == CreateMode::CreateStart {
             self.runtime.run(Operation::Start { id }).await?;
         }
-        Ok(())
+        Ok(pipes)
     }
 
     /// Registers the new container's stats and OOM watch. Its init may have exited already
@@ -241,6 +260,8 @@ impl Supervisor {
         let id = &container.id;
         let pid = container.init.pid();
         tracing::info!(id = %id, pid, status, "container exited");
+        // What the container wrote before it exited reaches the client before its exit event.
+        self.finish_pipe_relay(id).await;
         // Before the runtime removes the cgroup, and so that an OOM kill is published before the exit.
         self.stats.unregister(id);
         if let Err(e) = self.runtime.run(Operation::Delete { id }).await {

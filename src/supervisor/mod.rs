@@ -6,7 +6,7 @@
 //! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `operation` runs
 //! them as the supervisor's own tasks and undoes them; `registry` holds the containers,
 //! `stdio`, `scratch` and `validate` serve the operations; `terminals` keeps the pty relays
-//! across an upgrade.
+//! across an upgrade; `stdio_pipes` relays an init's FIFO stdio through pipes CRIU can dump.
 //! Does not own: argv (runtime), process spawning (spawn), exit collection (reaper), the wire
 //! format (api), the records it shares with them (model).
 
@@ -20,6 +20,7 @@ mod registry;
 mod scratch;
 mod signal;
 mod stdio;
+mod stdio_pipes;
 mod terminals;
 mod update;
 pub(crate) mod validate;
@@ -66,6 +67,7 @@ pub struct Supervisor {
     in_flight: Arc<operation::InFlight>,
     client_files: ClientFileLimits,
     terminals: terminals::Terminals,
+    pipe_relays: stdio_pipes::PipeRelays,
 }
 
 impl Supervisor {
@@ -101,6 +103,7 @@ impl Supervisor {
             in_flight: Arc::default(),
             client_files,
             terminals: terminals::Terminals::default(),
+            pipe_relays: stdio_pipes::PipeRelays::default(),
         }))
     }
 

@@ -119,6 +119,7 @@ pub(super) struct Undo<'a> {
     started_pid: Option<i32>,
     process: Option<TrackedProcess>,
     relay: Option<RelayId>,
+    pipe_relay: bool,
 }
 
 impl<'a> Undo<'a> {
@@ -131,6 +132,7 @@ impl<'a> Undo<'a> {
             started_pid: None,
             process: None,
             relay: None,
+            pipe_relay: false,
         }
     }
 
@@ -159,6 +161,11 @@ impl<'a> Undo<'a> {
         self.relay = Some(relay);
     }
 
+    /// The init's stdio pipes are relayed: stop their relay.
+    pub(super) fn pipe_relay(&mut self) {
+        self.pipe_relay = true;
+    }
+
     /// The operation succeeded: hands over the tracked process and the reservation, and undoes
     /// nothing.
     pub(super) fn keep(mut self) -> (Option<TrackedProcess>, Option<Reservation<'a>>) {
@@ -171,6 +178,9 @@ impl<'a> Undo<'a> {
         tracing::debug!(id, error = %err, "undoing a failed operation");
         if let Some(relay) = self.relay.take() {
             self.supervisor.stop_relay(relay);
+        }
+        if self.pipe_relay {
+            self.supervisor.abort_pipe_relay(id);
         }
         let process = match (self.process.take(), self.started_pid) {
             (Some(process), _) => Some(process),

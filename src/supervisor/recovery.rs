@@ -109,6 +109,9 @@ impl Supervisor {
         for (id, pid) in crate::upgrade::close_unclaimed_terminals() {
             tracing::info!(id = %id, pid, "closed a handed-over pty master no adopted container claimed");
         }
+        for (stream, pid) in crate::upgrade::close_unclaimed_stdio() {
+            tracing::info!(stream = %stream, pid, "closed a handed-over stdio pipe or FIFO no adopted container claimed");
+        }
         recovery.took = started.elapsed();
         Ok(recovery)
     }
@@ -300,6 +303,9 @@ impl Supervisor {
                 lost_terminals.push(process.pid());
             }
         }
+        if let Err(e) = self.resume_pipe_relay(&record.id, record.init.pid, &stdio, record.pipes) {
+            tracing::warn!(id = %record.id, error = %e, "stdio not relayed: the init's pipes could not be taken up again, so its output waits in them and then blocks it");
+        }
         lost_terminals.sort_unstable();
         lost_terminals.dedup();
         let container = Arc::new(Container {
@@ -314,6 +320,7 @@ impl Supervisor {
                 terminal: None,
             }),
             lost_terminals,
+            pipes: record.pipes,
             mutable: Mutex::new(Mutable {
                 status,
                 added: added.clone(),

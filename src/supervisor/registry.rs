@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::stdio_pipes::PipeInodes;
 use super::{StdioPaths, Supervisor, validate};
 use crate::error::{Error, Result};
 use crate::model::ProcessSpec;
@@ -79,6 +80,8 @@ pub(super) struct Container {
     pub(super) init: Arc<Process>,
     /// Processes (by pid) whose terminal berthd no longer relays (see recovery).
     pub(super) lost_terminals: Vec<u32>,
+    /// The init's stdio pipes berthd relays, by inode (see stdio_pipes).
+    pub(super) pipes: PipeInodes,
     pub(super) mutable: Mutex<Mutable>,
     /// Serializes runtime operations that change the container (pause, resume, exec).
     pub(super) operations: tokio::sync::Mutex<()>,
@@ -113,6 +116,7 @@ impl Container {
             init: self.init.record(),
             processes: mutable.added.iter().map(|p| p.record()).collect(),
             lost_terminals: self.lost_terminals.clone(),
+            pipes: self.pipes,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A container process's stdio: opening the client's paths without creating, truncating or
 //! blocking, handing them to a runtime command, and relaying a pty master to them when the
-//! process has a terminal, and stopping that relay so its master can outlive it.
+//! process has a terminal, and stopping that relay so its master can outlive it; the copy loop
+//! the init's stdio pipes are relayed with too (stdio_pipes).
 //! Does not own: passing descriptors over a socket (spawn's fdpass), running the command
 //! (runtime).
 
@@ -16,8 +17,8 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use super::caller::Caller;
-use crate::client_fs::Access;
 use crate::client_fs::shown;
+use crate::client_fs::{Access, Console};
 use crate::error::{Error, Result};
 use crate::runtime::SpawnStdio;
 use crate::spawn::fdpass;
@@ -76,19 +77,27 @@ impl StdioPaths {
         ])
     }
 
-    /// What a pty master is relayed to: input from stdin, output to the console path or stdout.
-    /// The console is output only: every kind of file it may be (a FIFO, a regular file,
-    /// `/dev/null`) read back would give the terminal its own output as input.
+    /// What a pty master is relayed to. A console that is a terminal is both input and output;
+    /// any other console is output only (a FIFO read back would feed the terminal its own
+    /// output), with input from stdin. Without a console: input from stdin, output to stdout.
     pub(super) fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
         let caller = self.caller()?;
-        let input = (!self.stdin.is_empty())
-            .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
-            .transpose()?;
         let output = match (self.console.is_empty(), self.stdout.is_empty()) {
-            (false, _) => Some(caller.open_stdio("console", &self.console, Access::Write)?),
+            (false, _) => match caller.open_console(&self.console)? {
+                Console::Terminal(console) => {
+                    let input = console
+                        .try_clone()
+                        .map_err(|e| Error::sys("duplicate the console descriptor", e))?;
+                    return Ok((Some(input), Some(console)));
+                }
+                Console::Output(output) => Some(output),
+            },
             (true, false) => Some(caller.open_stdio("stdout", &self.stdout, Access::Write)?),
             (true, true) => None,
         };
+        let input = (!self.stdin.is_empty())
+            .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
+            .transpose()?;
         Ok((input, output))
     }
 }
@@ -178,13 +187,13 @@ impl Drop for ConsoleSocket {
 
 /// One end of a relay: pollable descriptors go through the reactor; regular files, which
 /// epoll refuses and which never block for long, are written directly.
-enum Endpoint {
+pub(super) enum Endpoint {
     Polled(AsyncFd<OwnedFd>),
     File(OwnedFd),
 }
 
 impl Endpoint {
-    fn new(fd: OwnedFd) -> std::io::Result<Self> {
+    pub(super) fn new(fd: OwnedFd) -> std::io::Result<Self> {
         let regular = rustix::fs::fstat(&fd)
             .map(|st| {
                 rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
@@ -200,12 +209,28 @@ impl Endpoint {
         )?))
     }
 
-    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// The descriptor, out of the reactor.
+    pub(super) fn into_fd(self) -> OwnedFd {
         match self {
-            Endpoint::File(fd) => Ok(rustix::io::read(fd, buf)?),
+            Endpoint::Polled(fd) => fd.into_inner(),
+            Endpoint::File(fd) => fd,
+        }
+    }
+
+    /// The next chunk, empty at end of file. The buffer exists only once there is something to
+    /// read: a relay waiting for input holds none (thousands of idle relays hold no memory).
+    async fn read_chunk(&self) -> std::io::Result<Vec<u8>> {
+        let read = |fd: &OwnedFd| {
+            let mut chunk = vec![0u8; CHUNK];
+            let n = rustix::io::read(fd, &mut chunk)?;
+            chunk.truncate(n);
+            Ok(chunk)
+        };
+        match self {
+            Endpoint::File(fd) => read(fd),
             Endpoint::Polled(fd) => loop {
                 let mut guard = fd.readable().await?;
-                match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *buf)?)) {
+                match guard.try_io(|fd| read(fd.get_ref())) {
                     Ok(result) => return result,
                     Err(_would_block) => continue,
                 }
@@ -231,32 +256,38 @@ impl Endpoint {
     }
 }
 
+/// The most a relay reads at once, and so holds per stream.
+const CHUNK: usize = 8192;
+
 /// Why a copy ended.
 #[derive(PartialEq, Eq)]
-enum Ended {
+pub(super) enum Ended {
     /// The source closed or failed, or the destination refused a write.
     Closed,
     /// Told to stop: between two chunks, so nothing read is left unwritten.
     Stopped,
 }
 
-async fn copy(from: &Endpoint, to: Option<&Endpoint>, mut stop: watch::Receiver<bool>) -> Ended {
-    let mut buf = vec![0u8; 8192];
+pub(super) async fn copy(
+    from: &Endpoint,
+    to: Option<&Endpoint>,
+    mut stop: watch::Receiver<bool>,
+) -> Ended {
     loop {
         // Stopping only ever interrupts the wait for input: a chunk read is always written.
-        let n = tokio::select! {
+        let chunk = tokio::select! {
             biased;
             stopped = stop.wait_for(|stop| *stop) => {
                 return if stopped.is_ok() { Ended::Stopped } else { Ended::Closed };
             }
             // A pty master reads EIO once the process side has closed: that is the end.
-            read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return Ended::Closed,
-                Ok(n) => n,
+            read = from.read_chunk() => match read {
+                Ok(chunk) if !chunk.is_empty() => chunk,
+                _ => return Ended::Closed,
             },
         };
         if let Some(to) = to
-            && to.write_all(&buf[..n]).await.is_err()
+            && to.write_all(&chunk).await.is_err()
         {
             return Ended::Closed;
         }
@@ -264,7 +295,7 @@ async fn copy(from: &Endpoint, to: Option<&Endpoint>, mut stop: watch::Receiver<
 }
 
 /// How long a relay stopped for an upgrade may take to finish writing the chunk it holds.
-const STOP_BOUND: Duration = Duration::from_secs(1);
+pub(super) const STOP_BOUND: Duration = Duration::from_secs(1);
 
 /// A running pty relay: its tasks end by themselves when the process side closes. It keeps its
 /// own descriptor of the master, outside its tasks, so that the master outlives them when they

@@ -70,7 +70,12 @@ impl Supervisor {
 
     /// Stops every relay, each between two chunks, and leaves its master open with
     /// [`crate::upgrade`] for the next image: called once the server is down, before `execve`.
+    /// The inits' stdio pipe relays stop too, and leave their pipes' and FIFOs' ends likewise.
     pub async fn hand_over_terminals(&self) {
+        tokio::join!(self.hand_over_masters(), self.stop_pipe_relays());
+    }
+
+    async fn hand_over_masters(&self) {
         let running: Vec<Running> = lock(&self.terminals.running)
             .drain()
             .map(|(_, running)| running)

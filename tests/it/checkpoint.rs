@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::fifo_stdio::{TALKER, Talk};
 use berth_api::proto::{
     Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, ListCheckpointRequest,
     UpdateContainerRequest,
@@ -452,40 +453,87 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
     .await
 }
 
-/// runc hands CRIU only the init's pipes to reconnect: a FIFO opened from a host path is a named
-/// file on a mount the container does not have, so the dump fails. It must fail cleanly.
+/// A container whose stdio are FIFOs is dumped (berthd gives it pipes it relays, which CRIU can
+/// dump, where a FIFO on a host mount it cannot), and restored under the same and a new id with
+/// its stdio on the FIFOs the restore names: the counter goes on there, and input reaches it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_container_with_fifo_stdio_is_refused_by_criu_and_keeps_running() {
+async fn fifo_stdio_is_reattached_to_the_restore_requests_paths() {
     within(async {
         let Some(criu) = criu_or_skip() else { return };
         let mut d = criu_daemon!(criu);
-        let bundle = Bundle::new(&["sh", "-c", "while true; do echo tick; sleep 0.2; done"]);
+        let bundle = Bundle::new(&["sh", "-c", TALKER]);
         let container = id("cp-fifo");
-        let fifo = d.dir().join("out");
-        mkfifo(&fifo);
-        let mut reader = Reader::open(&fifo);
-        let mut req = create_req(&container, &bundle);
-        req.stdout = path_str(&fifo);
-        let pid = d.create(req).await;
-        reader.read_until("tick").await;
+        let mut first = Talk::new(&d, "first");
+        let pid = d.create(first.request(&container, &bundle, "")).await;
         let mut events = d.events().await;
-        let message = expect_code(
-            d.client
-                .create_checkpoint(checkpoint(&container, "c1", true))
-                .await,
-            Code::FailedPrecondition,
+        first.counted(2).await;
+        first.echoes("before").await;
+
+        d.client
+            .create_checkpoint(checkpoint(&container, "live", false))
+            .await
+            .expect("CreateCheckpoint of a container with FIFO stdio, left running");
+        let at_live = first.counted(1).await;
+        first.echoes("still-there").await;
+        // Printed after the echo, so after the live dump: the later dump is past both.
+        first.counted(2).await;
+        let started = Instant::now();
+        d.client
+            .create_checkpoint(checkpoint(&container, "stopped", true))
+            .await
+            .expect("CreateCheckpoint of a container with FIFO stdio, with exit");
+        println!(
+            "checkpoint with FIFO stdio (exit) took {:?}",
+            started.elapsed()
         );
-        assert!(message.contains("runc checkpoint failed"), "{message}");
-        assert!(message.contains("Can't lookup mount"), "{message}");
-        assert!(!bundle.path().join("checkpoints").join("c1").exists());
-        assert_eq!(
-            status_of(&mut d, &container).await.as_deref(),
-            Some("running")
-        );
-        let before = reader.text().len();
-        reader.read_until(&"tick\n".repeat(before / 5 + 2)).await;
-        d.signal(&container, pid, SIGKILL).await;
         assert_eq!(events.exit_status(&container, pid).await, 137);
+        d.assert_gone(&container).await;
+        // Everything the container wrote reached the FIFO before its exit, and the relay ended.
+        first.reader.read_to_end().await;
+        let last = *first.counts().last().expect("counted");
+
+        // The same id, on new FIFOs: the counter goes on from where the dump stopped it.
+        let mut second = Talk::new(&d, "second");
+        let started = Instant::now();
+        let restored = d
+            .create(second.request(&container, &bundle, "stopped"))
+            .await;
+        println!("restore onto new FIFOs took {:?}", started.elapsed());
+        let resumed = second.counted(1).await;
+        let firsts = second.counts()[0];
+        assert!(
+            firsts + 2 > last && firsts <= last + 5,
+            "the restored counter did not go on from {last}: printed {:?}",
+            second.counts()
+        );
+        assert!(resumed > last, "{resumed} after {last}");
+        second.echoes("after-restore").await;
+        assert!(
+            !first.reader.text().contains("after-restore"),
+            "the old FIFO got the restored container's output"
+        );
+        d.signal(&container, restored, SIGKILL).await;
+        assert_eq!(events.exit_status(&container, restored).await, 137);
+        second.reader.read_to_end().await;
+        d.assert_gone(&container).await;
+
+        // A new id from the dump that left it running: its memory is that dump's.
+        let mut third = Talk::new(&d, "third");
+        let copy = id("cp-fifo-copy");
+        let copied = d.create(third.request(&copy, &bundle, "live")).await;
+        third.counted(1).await;
+        // Near the value seen as the live dump returned (the relay may lag it on a busy host),
+        // and before the later dump's.
+        let firsts = third.counts()[0];
+        assert!(
+            firsts + 5 > at_live && firsts < last,
+            "the copy did not go on from the live checkpoint ({at_live}, later {last}): printed {:?}",
+            third.counts()
+        );
+        third.echoes("in-the-copy").await;
+        d.signal(&copy, copied, SIGKILL).await;
+        assert_eq!(events.exit_status(&copy, copied).await, 137);
+        d.assert_gone(&copy).await;
     })
     .await
 }
@@ -632,6 +680,62 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
         // accepted on berth.sock (likely the test's client connecting again). Not resolved.
         d.assert_gone(&container).await;
         d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// runc reattaches what was a pipe at the dump to whatever the restore gives in its place: a
+/// restore that names no stdio runs with /dev/null there, and one that names FIFOs for a
+/// container dumped with /dev/null gets nothing on them (its streams stay /dev/null).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_keeps_the_dumped_kind_of_each_stream() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let mut d = criu_daemon!(criu);
+        let bundle = writable(&["sh", "-c", &format!("{COUNTER} & {TALKER}")]);
+        let container = id("cp-kinds");
+        let mut talk = Talk::new(&d, "dumped");
+        let pid = d.create(talk.request(&container, &bundle, "")).await;
+        let mut events = d.events().await;
+        talk.counted(2).await;
+        d.client
+            .create_checkpoint(checkpoint(&container, "piped", true))
+            .await
+            .expect("CreateCheckpoint");
+        assert_eq!(events.exit_status(&container, pid).await, 137);
+        d.assert_gone(&container).await;
+
+        // No stdio in the restore: the process runs on, writing to /dev/null.
+        let last = next_count(&bundle, None).await;
+        let mut bare = create_req(&container, &bundle);
+        bare.checkpoint = "piped".into();
+        let restored = d.create(bare).await;
+        let resumed = next_count(&bundle, Some(last)).await;
+        assert!(
+            resumed > last && resumed <= last + 5,
+            "{resumed} after {last}"
+        );
+        d.signal(&container, restored, SIGKILL).await;
+        assert_eq!(events.exit_status(&container, restored).await, 137);
+        d.assert_gone(&container).await;
+
+        // Dumped with /dev/null, restored with FIFOs: nothing reaches them, and their relays end.
+        let plain = id("cp-kinds-plain");
+        let pid = d.create(create_req(&plain, &bundle)).await;
+        next_count(&bundle, None).await;
+        d.client
+            .create_checkpoint(checkpoint(&plain, "null", true))
+            .await
+            .expect("CreateCheckpoint");
+        assert_eq!(events.exit_status(&plain, pid).await, 137);
+        let last = next_count(&bundle, None).await;
+        let mut fifos = Talk::new(&d, "restored");
+        let restored = d.create(fifos.request(&plain, &bundle, "null")).await;
+        next_count(&bundle, Some(last)).await;
+        assert_eq!(fifos.reader.read_to_end().await, "");
+        d.signal(&plain, restored, SIGKILL).await;
+        assert_eq!(events.exit_status(&plain, restored).await, 137);
+        d.assert_gone(&plain).await;
     })
     .await
 }

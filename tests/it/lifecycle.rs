@@ -606,6 +606,50 @@ async fn terminal_output_goes_to_the_console_path_and_input_comes_from_stdin() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_given_as_the_console_is_the_input_and_the_output() {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    within(async {
+        let mut d = daemon!();
+        let id = id("pts");
+        let bundle = Bundle::new(&["sh", "-c", "stty -echo; read line && echo got-$line"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        // What the original clients of this API did: hold a pty and pass its terminal side.
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
+        grantpt(&master).expect("grantpt");
+        unlockpt(&master).expect("unlockpt");
+        let terminal = ptsname(&master, Vec::new()).expect("ptsname");
+        let master = fs::File::from(master);
+        let mut events = d.events().await;
+        let mut req = create_req(&id, &bundle);
+        req.console = terminal.to_str().expect("terminal path").to_owned();
+        let pid = d.create(req).await;
+
+        (&master).write_all(b"typed\n").expect("write the terminal");
+        let (tx, mut output) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            // Ends with EIO once berthd closes the terminal side.
+            while let Ok(n @ 1..) = std::io::Read::read(&mut &master, &mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut text = String::new();
+        while !text.contains("got-typed") {
+            let chunk = output
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("terminal output: {text:?}"));
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_killed_spawn_helper_is_replaced() {
     within(async {
         let mut d = daemon!();

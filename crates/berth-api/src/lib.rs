@@ -8,7 +8,12 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+mod codec;
 mod maps;
+
+pub use codec::SmallBufferCodec;
+
+include!(concat!(env!("OUT_DIR"), "/methods.rs"));
 
 /// Code generated from `proto/api.proto` (package `types`, service `API`).
 pub mod proto {
