@@ -1,9 +1,9 @@
-//! CreateContainer: from a bundle (or a checkpoint of it) to a running, registered container,
-//! and the clean-up once its init exits.
+//! CreateContainer: from a bundle (or a checkpoint of it) to a running, registered container.
 //!
 //! Owns: the order of create (reserve the id, runtime create or restore, track the init, hand
-//! over the pty, start, register, publish) and undoing it on failure; what happens when an init
-//! exits. Does not own: the argv (runtime), CRIU images (checkpoint), the stdio paths (stdio).
+//! over the pty, start, register, publish) and undoing it on failure. Does not own: what
+//! happens when the init exits (exit), the argv (runtime), CRIU images (checkpoint), the stdio
+//! paths (stdio).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -69,7 +69,7 @@ impl Supervisor {
             .map_err(|e| Error::Internal(format!("encode the bundle's process: {e}")))?;
 
         let mut undo = Undo::new(self, &request.id);
-        undo.reserved(self.reserve(&request.id)?);
+        undo.reserved(self.reserve(&request.id).await?);
         let pid_file = self.scratch_path(".pid");
         let _scratch = ScratchFiles(vec![pid_file.clone()]);
         let steps = async {
@@ -130,6 +130,8 @@ impl Supervisor {
             },
         );
         self.watch_init(container);
+        // Answer once the record is on disk: a berthd that dies now still finds the container.
+        self.store.flushed().await;
         Ok(pid)
     }
 
@@ -185,36 +187,11 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Cleans up after the container once its init exits.
-    pub(super) fn watch_init(self: &Arc<Self>, container: Arc<Container>) {
-        let supervisor = Arc::clone(self);
-        tokio::spawn(async move {
-            let status = container.init.tracked.wait().await;
-            supervisor.init_exited(&container, status).await;
-        });
-    }
-
     /// Best effort: removes whatever the runtime holds for `id` after a failed request.
     pub(super) async fn delete_from_runtime(&self, id: &str) {
         if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
             tracing::debug!(id, error = %e, "runtime delete after a failed request");
         }
-    }
-
-    async fn init_exited(&self, container: &Arc<Container>, status: u32) {
-        let id = &container.id;
-        let pid = container.init.pid();
-        tracing::info!(id = %id, pid, status, "container exited");
-        // Before the runtime removes the cgroup, and so that an OOM kill is published before the exit.
-        self.stats.unregister(id);
-        if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
-            tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
-        }
-        // The record goes first: once the id is free, a new container of the same id may
-        // write its own.
-        self.remove_record(container);
-        self.forget(container);
-        self.events.publish(id, pid, EventKind::Exit { status });
     }
 }
 

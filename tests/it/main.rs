@@ -9,6 +9,7 @@ mod checkpoint;
 mod claims;
 mod errors;
 mod events;
+mod exits;
 mod interop;
 mod lifecycle;
 mod limits;
