@@ -3,8 +3,9 @@
 //! Owns: a container's record in memory (bundle, stdio paths, init and added processes, status,
 //! its locks), the slot an id holds while it is being created and while its exited container is
 //! being cleaned up (a create of that id waits for the clean-up, within a bound), looking
-//! containers up, and asking for a container's state file to be written. Does not own: what the operations do with a container
-//! (create, exec, signal, update, checkpoint, recovery) or the state file's format (store).
+//! containers up, and asking for a container's state file to be written. Does not own: what
+//! the operations do with a container (create, exec, signal, update, checkpoint, recovery, exit)
+//! or the state file's format and writing (store).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
