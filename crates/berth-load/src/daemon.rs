@@ -107,9 +107,6 @@ pub async fn create(
         });
     }
     let outcome = join_all(tasks).await;
-    if let Some(root) = session.berthd_runtime_root() {
-        runtime_emptied(&root).await?;
-    }
     let elapsed = start.elapsed();
     if let Ok(progress) = Arc::try_unwrap(progress) {
         progress.finish();
@@ -134,10 +131,7 @@ pub async fn create(
 #[derive(Debug, Clone, Serialize)]
 pub struct Exits {
     pub latency: Option<Percentiles>,
-    /// Containers killed and gone a second, at the load's concurrency: until the last exit
-    /// event and, for a berthd this run started, until its runtime root holds no container (a
-    /// berthd that publishes exits before its runtime deletes is not credited for deletes still
-    /// running).
+    /// Containers killed and gone a second, at the load's concurrency.
     pub teardown_per_sec: f64,
     pub missing: usize,
 }
@@ -179,9 +173,6 @@ pub async fn kill_all(
         });
     }
     let outcome = join_all(tasks).await;
-    if let Some(root) = session.berthd_runtime_root() {
-        runtime_emptied(&root).await?;
-    }
     let elapsed = start.elapsed();
     if let Ok(progress) = Arc::try_unwrap(progress) {
         progress.finish();
@@ -193,28 +184,6 @@ pub async fn kill_all(
         teardown_per_sec: per_sec(latencies.len(), elapsed),
         missing: missing.load(Ordering::Relaxed),
     })
-}
-
-/// Waits until the runtime root holds no container (one directory per container).
-async fn runtime_emptied(root: &Path) -> Result<(), LoadError> {
-    let deadline = Instant::now() + EXIT_PATIENCE;
-    loop {
-        let left = std::fs::read_dir(root).map_or(0, |entries| {
-            entries
-                .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
-                .count()
-        });
-        if left == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(LoadError(format!(
-                "{left} containers still in {} {EXIT_PATIENCE:?} after the kills",
-                root.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
