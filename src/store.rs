@@ -3,10 +3,16 @@
 //! records must survive a crash of berthd, which the rename already guarantees, not of the
 //! machine, which takes the containers with it (DESIGN "State on disk"). The directory is 0700
 //! and every record 0600: records hold each process's environment.
+//!
+//! Writes and removals are done by one thread of the store's own, never on a reactor thread, in
+//! the order they were asked for: a later write of a record is never overtaken by an earlier
+//! one, and a removal after a write wins. [`Store::flushed`] waits for what was asked so far
+//! (a create answers once its record is on disk; a stop or upgrade leaves nothing queued).
 //! Does not own: what goes in a record or when it is written (supervisor).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +65,18 @@ fn no_pipes(pipes: &[u64; 3]) -> bool {
     *pipes == [0; 3]
 }
 
+/// What the writer thread is asked to do, in order.
+enum Job {
+    Write(Box<ContainerRecord>),
+    Remove(String),
+    /// Answered once every job before it is done.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 pub struct Store {
     dir: PathBuf,
+    /// The writer thread's queue; the thread ends once the store is dropped and its queue done.
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Store {
@@ -69,37 +85,32 @@ impl Store {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io(&dir, e))?;
-        Ok(Store { dir })
+        let (jobs, queue) = mpsc::channel();
+        let writer_dir = dir.clone();
+        std::thread::Builder::new()
+            .name("berth-store".into())
+            .spawn(move || write_in_order(&writer_dir, queue))
+            .map_err(|e| Error::sys("start the state file writer thread", e))?;
+        Ok(Store { dir, jobs })
     }
 
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
+    /// Writes `record` over the container's state file, after every write and removal asked
+    /// before. A failure is logged by the writer; the container carries on.
+    pub(crate) fn write(&self, record: ContainerRecord) {
+        self.send(Job::Write(Box::new(record)));
     }
 
-    pub(crate) fn write(&self, record: &ContainerRecord) -> Result<()> {
-        let path = self.path(&record.id);
-        let tmp = self.dir.join(format!(".{}.json.tmp", record.id));
-        let bytes = serde_json::to_vec_pretty(record)
-            .map_err(|e| Error::Internal(format!("encode state of {}: {e}", record.id)))?;
-        let mut file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)
-                .map_err(|e| Error::io(&tmp, e))?
-        };
-        // An existing temp file keeps its mode through O_CREAT; make it private either way.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io(&tmp, e))?;
-        }
-        file.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    /// Removes container `id`'s state file, after every write and removal asked before.
+    pub(crate) fn remove(&self, id: &str) {
+        self.send(Job::Remove(id.to_owned()));
+    }
+
+    /// Waits until every write and removal asked so far is done.
+    pub(crate) async fn flushed(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        self.send(Job::Flush(done));
+        // An error means the writer is gone, and with it anything left to wait for.
+        let _ = flushed.await;
     }
 
     /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
@@ -142,13 +153,70 @@ impl Store {
         Ok(records)
     }
 
-    pub(crate) fn remove(&self, id: &str) -> Result<()> {
-        let path = self.path(id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(&path, e)),
+    fn send(&self, job: Job) {
+        if self.jobs.send(job).is_err() {
+            tracing::error!("the state file writer thread is gone; state files are no longer kept");
         }
+    }
+}
+
+/// The writer thread: does each job in the order it was queued.
+fn write_in_order(dir: &Path, queue: mpsc::Receiver<Job>) {
+    for job in queue {
+        match job {
+            Job::Write(record) => {
+                if let Err(e) = write_record(dir, &record) {
+                    tracing::error!(id = %record.id, error = %e, "could not write the state file");
+                }
+            }
+            Job::Remove(id) => {
+                if let Err(e) = remove_record(dir, &id) {
+                    tracing::error!(id = %id, error = %e, "could not remove the state file");
+                }
+            }
+            Job::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn record_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+fn write_record(dir: &Path, record: &ContainerRecord) -> Result<()> {
+    let path = record_path(dir, &record.id);
+    let tmp = dir.join(format!(".{}.json.tmp", record.id));
+    let bytes = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::Internal(format!("encode state of {}: {e}", record.id)))?;
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?
+    };
+    // An existing temp file keeps its mode through O_CREAT; make it private either way.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
+    file.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+fn remove_record(dir: &Path, id: &str) -> Result<()> {
+    let path = record_path(dir, id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(&path, e)),
     }
 }
 
@@ -156,12 +224,9 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_are_written_atomically_and_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("containers")).unwrap();
-        let record = ContainerRecord {
-            id: "a".into(),
+    fn record(id: &str, pid: u32) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
             bundle: "/b".into(),
             runtime: "/usr/sbin/runc".into(),
             stdin: String::new(),
@@ -169,7 +234,7 @@ mod tests {
             stderr: String::new(),
             console: String::new(),
             init: ProcessRecord {
-                pid: 10,
+                pid,
                 start_time: 99,
                 spec: ProcessSpec::default(),
                 terminal: None,
@@ -177,8 +242,16 @@ mod tests {
             processes: vec![],
             lost_terminals: vec![10],
             pipes: [0, 4242, 0],
-        };
-        store.write(&record).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn records_are_written_atomically_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("containers")).unwrap();
+        let record = record("a", 10);
+        store.write(record.clone());
+        store.flushed().await;
         let path = dir.path().join("containers/a.json");
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -198,9 +271,31 @@ mod tests {
             "corrupt files are kept"
         );
         assert!(!dir.path().join("containers/.b.json.tmp").exists());
-        store.remove("a").unwrap();
+        store.remove("a");
+        store.flushed().await;
         assert!(!path.exists());
-        store.remove("a").unwrap();
+        store.remove("a");
+        store.flushed().await;
+    }
+
+    #[tokio::test]
+    async fn writes_and_removals_land_in_the_order_they_were_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("containers")).unwrap();
+        // Many writes of one record: the last asked for is the one on disk.
+        for pid in 1..=200 {
+            store.write(record("a", pid));
+        }
+        // A removal after a write wins, and a write after the removal brings the record back.
+        store.write(record("b", 1));
+        store.remove("b");
+        store.write(record("c", 1));
+        store.remove("c");
+        store.write(record("c", 2));
+        store.flushed().await;
+        let loaded = store.load_all().unwrap();
+        let pids: Vec<(&str, u32)> = loaded.iter().map(|r| (r.id.as_str(), r.init.pid)).collect();
+        assert_eq!(pids, [("a", 200), ("c", 2)]);
     }
 
     #[test]

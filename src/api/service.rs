@@ -464,11 +464,19 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<Self::GetStatsStream>, Status> {
         let peer = peer(&request)?;
         let id = request.into_inner().id;
-        let _span =
-            tracing::info_span!("get_stats", id = %id, peer_uid = peer.uid, peer_pid = peer.pid)
-                .entered();
+        let span =
+            tracing::info_span!("get_stats", id = %id, peer_uid = peer.uid, peer_pid = peer.pid);
         crate::supervisor::validate::container_id(&id)?;
-        let subscription = self.supervisor.stats().subscribe(&id)?.ok_or_else(|| {
+        // Opening a container's stats files is file system work: off the reactor.
+        let supervisor = Arc::clone(&self.supervisor);
+        let subscribing = id.clone();
+        let subscribed = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
+            supervisor.stats().subscribe(&subscribing)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("subscribing to stats ended abnormally: {e}")))?;
+        let subscription = subscribed?.ok_or_else(|| {
             Error::NotFound(format!(
                 "container {id} does not exist or has no stats (its cgroup could not be read when it started)"
             ))

@@ -401,8 +401,14 @@ impl Runtime {
         let started = std::time::Instant::now();
         let completion = self.spawner.spawn(argv, stdio, self.timeout).await;
         crate::instruments::runtime_command(op.name(), started.elapsed());
-        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
+        let failed = !matches!(
+            completion,
+            Ok(Completion {
+                outcome: Outcome::Exited { code: Some(0) },
+                ..
+            })
+        );
+        let log_text = take_log(log, failed).await;
         let completion = completion?;
         match completion.outcome {
             Outcome::Exited { code } => {
@@ -433,6 +439,26 @@ impl Runtime {
             }),
         }
     }
+}
+
+/// Removes the runtime's log file, off the reactor, and returns what a failed command wrote to
+/// it (a command that succeeded has nothing to say: its log is not read, and its removal is not
+/// waited for).
+async fn take_log(log: PathBuf, failed: bool) -> String {
+    let take = move || {
+        let text = if failed {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let _ = std::fs::remove_file(&log);
+        text
+    };
+    let taken = tokio::task::spawn_blocking(take);
+    if !failed {
+        return String::new();
+    }
+    taken.await.unwrap_or_default()
 }
 
 /// The most useful line a failed runtime left: the last error in its JSON log, else the last

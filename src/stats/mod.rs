@@ -281,16 +281,31 @@ impl StatsHub {
     }
 
     /// Subscribes to container `id`'s snapshots, opening its stats files if it has no subscriber
-    /// yet; `Ok(None)` if it is not registered.
+    /// yet; `Ok(None)` if it is not registered. The files are opened outside the registry's lock,
+    /// which the sampler takes every tick and create and exit take to register and unregister:
+    /// none of them waits for a subscriber's opens.
     pub fn subscribe(&self, id: &str) -> Result<Option<Subscription>> {
+        let (location, pid) = {
+            let registry = self.shared.registry();
+            let Some(registered) = registry.get(id) else {
+                return Ok(None);
+            };
+            if let Some(stats) = &registered.open {
+                return Ok(Some(stats.subscribe()));
+            }
+            (registered.location.clone(), registered.pid)
+        };
+        let source = cgroup::Source::open(&location, Some(pid))?;
         let mut registry = self.shared.registry();
-        let Some(registered) = registry.get_mut(id) else {
+        // Unregistered meanwhile, or registered again for a new container of the same id: these
+        // files are not its.
+        let Some(registered) = registry.get_mut(id).filter(|r| r.pid == pid) else {
             return Ok(None);
         };
         let stats = match &registered.open {
+            // Another subscriber opened them meanwhile: share those, close these.
             Some(stats) => Arc::clone(stats),
             None => {
-                let source = cgroup::Source::open(&registered.location, Some(registered.pid))?;
                 tracing::debug!(id, files = source.files.len(), "stats files opened");
                 let stats = Arc::new(ContainerStats::new(id, source));
                 registered.open = Some(Arc::clone(&stats));

@@ -1,11 +1,10 @@
-//! CreateContainer: from a bundle (or a checkpoint of it) to a running, registered container,
-//! and the clean-up once its init exits.
+//! CreateContainer: from a bundle (or a checkpoint of it) to a running, registered container.
 //!
 //! Owns: the order of create (reserve the id, pipe FIFO stdio, runtime `run --detach`, or create
 //! and later start, or restore; track the init, hand over the pty, register, publish) and
-//! undoing it on failure; what happens when an init exits. Does not own: the argv or which
-//! create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio pipes
-//! (stdio_pipes).
+//! undoing it on failure. Does not own: what happens when the init exits (exit), the argv or
+//! which create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio
+//! pipes (stdio_pipes).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -72,7 +71,7 @@ impl Supervisor {
             .map_err(|e| Error::Internal(format!("encode the bundle's process: {e}")))?;
 
         let mut undo = Undo::new(self, &request.id);
-        undo.reserved(self.reserve(&request.id)?);
+        undo.reserved(self.reserve(&request.id).await?);
         let pid_file = self.scratch_path(".pid");
         let _scratch = ScratchFiles(vec![pid_file.clone()]);
         let steps = async {
@@ -133,6 +132,8 @@ impl Supervisor {
             },
         );
         self.watch_init(container);
+        // Answer once the record is on disk: a berthd that dies now still finds the container.
+        self.store.flushed().await;
         Ok(pid)
     }
 
@@ -240,38 +241,11 @@ impl Supervisor {
         }
     }
 
-    /// Cleans up after the container once its init exits.
-    pub(super) fn watch_init(self: &Arc<Self>, container: Arc<Container>) {
-        let supervisor = Arc::clone(self);
-        tokio::spawn(async move {
-            let status = container.init.tracked.wait().await;
-            supervisor.init_exited(&container, status).await;
-        });
-    }
-
     /// Best effort: removes whatever the runtime holds for `id` after a failed request.
     pub(super) async fn delete_from_runtime(&self, id: &str) {
         if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
             tracing::debug!(id, error = %e, "runtime delete after a failed request");
         }
-    }
-
-    async fn init_exited(&self, container: &Arc<Container>, status: u32) {
-        let id = &container.id;
-        let pid = container.init.pid();
-        tracing::info!(id = %id, pid, status, "container exited");
-        // What the container wrote before it exited reaches the client before its exit event.
-        self.finish_pipe_relay(id).await;
-        // Before the runtime removes the cgroup, and so that an OOM kill is published before the exit.
-        self.stats.unregister(id);
-        if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
-            tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
-        }
-        // The record goes first: once the id is free, a new container of the same id may
-        // write its own.
-        self.remove_record(container);
-        self.forget(container);
-        self.events.publish(id, pid, EventKind::Exit { status });
     }
 }
 

@@ -1,5 +1,5 @@
-//! AddProcess: starting another process in a running container with `runtime exec`, and
-//! forgetting it once it exits.
+//! AddProcess: starting another process in a running container with `runtime exec` (what
+//! happens when it exits is exit's).
 //!
 //! Owns: the process JSON an added process runs with (the bundle's process with the request's
 //! args, env, cwd, user and terminal) and the order of exec (check, write, run, track, register,
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::Supervisor;
 use super::create::spec_of;
 use super::operation::Undo;
-use super::registry::{Container, Process, Status};
+use super::registry::{Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
 use crate::error::{Error, Result};
@@ -122,6 +122,8 @@ impl Supervisor {
             EventKind::StartProcess { process: spec },
         );
         self.watch_process(Arc::clone(&container), process);
+        // Answer once the record holds the process: a berthd that dies now still finds it.
+        self.store.flushed().await;
         Ok(pid)
     }
 
@@ -137,6 +139,9 @@ impl Supervisor {
         undo: &mut Undo<'_>,
     ) -> Result<()> {
         let stdio = process_stdio(paths, console.is_some()).await?;
+        // As for an init (see create): the process may be a zombie by the time the runtime
+        // returns, and the orphan sweep must leave it to `track`.
+        let claim = self.reaper.claim(pid_file);
         let master = match console {
             Some(console) => {
                 // runc sends the master before it returns, so receive while it runs.
@@ -155,28 +160,11 @@ impl Supervisor {
         let pid = read_pid_file(pid_file)?;
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
+        drop(claim);
         if let Some(master) = master {
             undo.relay(self.relay_terminal(id, pid as u32, master?, paths)?);
         }
         Ok(())
-    }
-
-    /// Forgets an added process and reports its exit once it exits.
-    pub(super) fn watch_process(
-        self: &Arc<Self>,
-        container: Arc<Container>,
-        process: Arc<Process>,
-    ) {
-        let supervisor = Arc::clone(self);
-        tokio::spawn(async move {
-            let status = process.tracked.wait().await;
-            container.lock().added.retain(|p| !Arc::ptr_eq(p, &process));
-            // Skipped by `save` once the init's exit has removed the record.
-            supervisor.save(&container);
-            supervisor
-                .events
-                .publish(&container.id, process.pid(), EventKind::Exit { status });
-        });
     }
 }
 

@@ -1,9 +1,10 @@
 //! The supervisor: the registry of containers and what happens to them.
 //!
 //! Owns: the registry (id → container), each container's state machine (reserved while it is
-//! being created, then running or paused, gone once its init has exited and it is deleted), its
-//! added processes, the state files, and the order of events for each container. One file per
-//! operation: `create`, `exec`, `signal`, `update`, `checkpoint`, `recovery`; `operation` runs
+//! being created, then running or paused, exited once its init has exited: hidden, its id kept
+//! until the runtime has deleted it), its added processes, the state files, and the order of
+//! events for each container. One file per operation: `create`, `exec`, `signal`, `update`,
+//! `checkpoint`, `recovery`, and `exit` for what follows a process's exit; `operation` runs
 //! them as the supervisor's own tasks and undoes them; `registry` holds the containers,
 //! `stdio`, `scratch` and `validate` serve the operations; `terminals` keeps the pty relays
 //! across an upgrade; `stdio_pipes` relays an init's FIFO stdio through pipes CRIU can dump.
@@ -14,6 +15,7 @@ mod caller;
 mod checkpoint;
 mod create;
 mod exec;
+mod exit;
 mod operation;
 mod recovery;
 mod registry;
@@ -68,6 +70,8 @@ pub struct Supervisor {
     client_files: ClientFileLimits,
     terminals: terminals::Terminals,
     pipe_relays: stdio_pipes::PipeRelays,
+    /// Turns for runtime deletes after exits (see exit).
+    deletes: tokio::sync::Semaphore,
 }
 
 impl Supervisor {
@@ -104,6 +108,7 @@ impl Supervisor {
             client_files,
             terminals: terminals::Terminals::default(),
             pipe_relays: stdio_pipes::PipeRelays::default(),
+            deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes()),
         }))
     }
 

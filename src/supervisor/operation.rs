@@ -3,8 +3,9 @@
 //! away or whose deadline passes never cuts one in half; the request only waits for the result.
 //! A stop or upgrade refuses new operations and waits, within a bound, for those in flight.
 //!
-//! Owns: the count of operations in flight, draining them, and [`Undo`], the record of what a
-//! create or exec has done so far and how to take exactly that back.
+//! Owns: the count of operations (and of clean-ups after exits) in flight, draining them, and
+//! [`Undo`], the record of what a create or exec has done so far and how to take exactly that
+//! back.
 //! Does not own: the steps of each operation (create, exec, checkpoint, update).
 
 use std::future::Future;
@@ -33,8 +34,8 @@ struct Counts {
     draining: bool,
 }
 
-/// One operation in flight; counted until dropped.
-struct Ticket(Arc<InFlight>);
+/// One operation (or clean-up after an exit) in flight; counted until dropped.
+pub(super) struct Ticket(Arc<InFlight>);
 
 impl Drop for Ticket {
     fn drop(&mut self) {
@@ -60,6 +61,12 @@ impl InFlight {
         }
         counts.running += 1;
         Ok(Ticket(Arc::clone(self)))
+    }
+
+    /// Counts a clean-up after an exit, even while draining: an exit is never refused.
+    fn begin_cleanup(self: &Arc<Self>) -> Ticket {
+        self.lock().running += 1;
+        Ticket(Arc::clone(self))
     }
 
     /// Refuses new operations from now on and waits up to `bound` for those in flight; returns
@@ -99,10 +106,19 @@ impl Supervisor {
             .map_err(|e| Error::Internal(format!("an operation's task ended abnormally: {e}")))?
     }
 
+    /// Counts the clean-up after an exit as in flight until the ticket is dropped, so a stop or
+    /// upgrade waits for it.
+    pub(super) fn cleanup_ticket(&self) -> Ticket {
+        self.in_flight.begin_cleanup()
+    }
+
     /// Refuses new create, exec, checkpoint and update operations and waits up to `bound` for
-    /// those in flight. Returns how many were abandoned (a restart cleans up what they left).
+    /// those in flight and for clean-ups after exits, then for the state files asked for so far.
+    /// Returns how many were abandoned (a restart cleans up what they left).
     pub async fn drain_operations(&self, bound: Duration) -> usize {
-        self.in_flight.drain(bound).await
+        let abandoned = self.in_flight.drain(bound).await;
+        self.store.flushed().await;
+        abandoned
     }
 }
 

@@ -84,9 +84,7 @@ impl Supervisor {
                         tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
                         self.delete_from_runtime(&record.id).await;
                     }
-                    if let Err(e) = self.store.remove(&record.id) {
-                        tracing::error!(id = %record.id, error = %e, "could not remove the state file");
-                    }
+                    self.store.remove(&record.id);
                     self.events.record_recovery(
                         &record.id,
                         record.init.pid,
@@ -106,6 +104,9 @@ impl Supervisor {
                 recovery.leftovers += 1;
             }
         }
+        // The records of containers that ended are gone, and those adopted rewritten, before
+        // anyone is served.
+        self.store.flushed().await;
         for (id, pid) in crate::upgrade::close_unclaimed_terminals() {
             tracing::info!(id = %id, pid, "closed a handed-over pty master no adopted container claimed");
         }

@@ -1,13 +1,18 @@
 //! The registry: id → container, and what State reports of it.
 //!
 //! Owns: a container's record in memory (bundle, stdio paths, init and added processes, status,
-//! its locks), the slot an id holds while it is being created, looking containers up, and
-//! writing a container's state file. Does not own: what the operations do with a container
-//! (create, exec, signal, update, checkpoint, recovery) or the state file's format (store).
+//! its locks), the slot an id holds while it is being created and while its exited container is
+//! being cleaned up (a create of that id waits for the clean-up, within a bound), looking
+//! containers up, and asking for a container's state file to be written. Does not own: what
+//! the operations do with a container (create, exec, signal, update, checkpoint, recovery, exit)
+//! or the state file's format and writing (store).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use super::stdio_pipes::PipeInodes;
 use super::{StdioPaths, Supervisor, validate};
@@ -121,10 +126,35 @@ impl Container {
     }
 }
 
+/// How long a create waits for the clean-up of an exited container of the same id (its runtime
+/// delete, queued behind at most a few others) before it gives up.
+const CLEANUP_WAIT: Duration = Duration::from_secs(5);
+
 pub(super) enum Slot {
     /// Being created: the id is taken, nothing else is visible yet.
     Reserved,
     Live(Arc<Container>),
+    /// Its init has exited and the exit is published; the runtime's state is being removed. The
+    /// id stays taken, the container is no longer visible (State does not list it, lookups say
+    /// it has exited). The receiver's sender is dropped once the id is free.
+    Exited(watch::Receiver<()>),
+}
+
+/// The id of an exited container, kept until dropped once its clean-up is done.
+pub(super) struct ExitedId<'a> {
+    supervisor: &'a Supervisor,
+    id: &'a str,
+    /// Dropped after the slot is gone: wakes the creates waiting for the id.
+    _freed: watch::Sender<()>,
+}
+
+impl Drop for ExitedId<'_> {
+    fn drop(&mut self) {
+        let mut registry = self.supervisor.registry();
+        if matches!(registry.get(self.id), Some(Slot::Exited(_))) {
+            registry.remove(self.id);
+        }
+    }
 }
 
 /// An id taken for a create; freed when dropped unless the create committed its container.
@@ -158,19 +188,56 @@ impl Supervisor {
         self.registry.lock().expect("registry lock poisoned")
     }
 
-    /// Takes `id` for a create, or says it is taken.
-    pub(super) fn reserve<'a>(&'a self, id: &'a str) -> Result<Reservation<'a>> {
-        let mut registry = self.registry();
-        if registry.contains_key(id) {
-            return Err(Error::AlreadyExists(format!(
-                "container {id} already exists"
-            )));
+    /// Takes `id` for a create, or says it is taken. An id whose container has exited and is
+    /// being cleaned up is taken once the clean-up is done, if that takes at most CLEANUP_WAIT.
+    pub(super) async fn reserve<'a>(&'a self, id: &'a str) -> Result<Reservation<'a>> {
+        let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
+        loop {
+            let mut freed = {
+                let mut registry = self.registry();
+                match registry.get(id) {
+                    None => {
+                        registry.insert(id.to_owned(), Slot::Reserved);
+                        return Ok(Reservation {
+                            supervisor: self,
+                            id,
+                            committed: false,
+                        });
+                    }
+                    Some(Slot::Exited(freed)) => freed.clone(),
+                    Some(Slot::Reserved | Slot::Live(_)) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "container {id} already exists"
+                        )));
+                    }
+                }
+            };
+            // Err once the sender is dropped: the id is free (or taken by another create).
+            let cleaned = tokio::time::timeout_at(deadline, freed.changed()).await;
+            if cleaned.is_err() {
+                return Err(Error::Unavailable(format!(
+                    "container {id} has exited and its runtime state is still being removed after {}s; try again in a moment",
+                    CLEANUP_WAIT.as_secs()
+                )));
+            }
         }
-        registry.insert(id.to_owned(), Slot::Reserved);
-        Ok(Reservation {
+    }
+
+    /// Hides `container`, whose init has exited, and keeps its id until the returned guard is
+    /// dropped; `None` if the id no longer holds this container (nothing of the id is then its
+    /// to clean up).
+    pub(super) fn retire<'a>(&'a self, container: &'a Container) -> Option<ExitedId<'a>> {
+        let mut registry = self.registry();
+        let slot = registry.get_mut(&container.id)?;
+        if !matches!(slot, Slot::Live(current) if std::ptr::eq(Arc::as_ptr(current), container)) {
+            return None;
+        }
+        let (freed, waiters) = watch::channel(());
+        *slot = Slot::Exited(waiters);
+        Some(ExitedId {
             supervisor: self,
-            id,
-            committed: false,
+            id: &container.id,
+            _freed: freed,
         })
     }
 
@@ -180,16 +247,6 @@ impl Supervisor {
             .insert(container.id.clone(), Slot::Live(container));
     }
 
-    /// Removes `container` from the registry unless another has taken its id since.
-    pub(super) fn forget(&self, container: &Arc<Container>) {
-        let mut registry = self.registry();
-        if let Some(Slot::Live(current)) = registry.get(&container.id)
-            && Arc::ptr_eq(current, container)
-        {
-            registry.remove(&container.id);
-        }
-    }
-
     pub(super) fn container(&self, id: &str) -> Result<Arc<Container>> {
         validate::container_id(id)?;
         match self.registry().get(id) {
@@ -197,31 +254,30 @@ impl Supervisor {
             Some(Slot::Reserved) => Err(Error::FailedPrecondition(format!(
                 "container {id} is still being created"
             ))),
+            Some(Slot::Exited(_)) => Err(Error::NotFound(format!("container {id} has exited"))),
             None => Err(Error::NotFound(format!("container {id} does not exist"))),
         }
     }
 
-    /// Writes the container's state file; a failure is logged, the container carries on.
-    /// Under the container's lock, and never after `remove_record`: an added process whose exit
-    /// is handled after the init's must not bring back the record of a deleted container.
+    /// Asks for the container's state file to be written (by the store's writer, in the order
+    /// asked; a failure is logged, the container carries on). Under the container's lock, so
+    /// writes are queued in the order the container changed, and never after `remove_record`:
+    /// an added process whose exit is handled after the init's must not bring back the record
+    /// of a deleted container.
     pub(super) fn save(&self, container: &Container) {
         let mutable = container.lock();
         if mutable.removed {
             return;
         }
-        let record = container.record(&self.runtime.binary().path, &mutable);
-        if let Err(e) = self.store.write(&record) {
-            tracing::error!(id = %container.id, error = %e, "could not write the state file");
-        }
+        self.store
+            .write(container.record(&self.runtime.binary().path, &mutable));
     }
 
     /// Removes the container's state file for good (its init has exited).
     pub(super) fn remove_record(&self, container: &Container) {
         let mut mutable = container.lock();
         mutable.removed = true;
-        if let Err(e) = self.store.remove(&container.id) {
-            tracing::error!(id = %container.id, error = %e, "could not remove the state file");
-        }
+        self.store.remove(&container.id);
     }
 
     /// Every container, ordered by id.
@@ -231,7 +287,7 @@ impl Supervisor {
             .values()
             .filter_map(|slot| match slot {
                 Slot::Live(container) => Some(Arc::clone(container)),
-                Slot::Reserved => None,
+                Slot::Reserved | Slot::Exited(_) => None,
             })
             .collect();
         let mut infos: Vec<ContainerInfo> = live.iter().map(|c| c.info()).collect();
@@ -247,7 +303,7 @@ impl Supervisor {
             .iter()
             .filter_map(|(id, slot)| match slot {
                 Slot::Live(_) => Some(id.clone()),
-                Slot::Reserved => None,
+                Slot::Reserved | Slot::Exited(_) => None,
             })
             .collect();
         ids.sort();

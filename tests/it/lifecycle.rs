@@ -107,7 +107,8 @@ async fn id_is_free_again_as_soon_as_the_exit_event_arrives() {
         for round in 0..3 {
             let pid = d.create(create_req(&id, &bundle)).await;
             assert_eq!(events.exit_status(&id, pid).await, 3, "round {round}");
-            // Deleted from runtime and registry before the event: no waiting here.
+            // Gone from State with the event; the runtime's delete follows, and the next
+            // create of the id waits for it.
             d.assert_gone(&id).await;
         }
         let bundle = Bundle::new(&["sleep", "1000"]);

@@ -9,6 +9,7 @@ mod checkpoint;
 mod claims;
 mod errors;
 mod events;
+mod exits;
 mod fifo_stdio;
 mod first_instant;
 mod interop;

@@ -1,0 +1,263 @@
+//! Exits before clean-up (DESIGN: an init's `exit` is published as soon as its status is
+//! collected; the runtime's delete and the state file's removal follow, and the id stays taken
+//! until they are done): an id can be created again at once after its exit event, the clean-up
+//! of the old container never touches the new one, many exits at once all arrive and leave
+//! nothing behind, and the state files stay atomic across a crash.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use berth_api::proto::{Stats, StatsRequest};
+use tonic::Code;
+
+/// How long a create waits for the clean-up of an exited container of the same id (README).
+const CLEANUP_WAIT: Duration = Duration::from_secs(5);
+
+/// One sample of container `id`'s stats: its stats registration is intact.
+async fn one_sample(client: &mut Client, id: &str) -> Stats {
+    let mut stream = client
+        .get_stats(StatsRequest { id: id.to_owned() })
+        .await
+        .unwrap_or_else(|status| panic!("GetStats {id}: {status:?}"))
+        .into_inner();
+    match tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await {
+        Ok(Ok(Some(stats))) => stats,
+        other => panic!("no stats sample of {id}: {other:?}"),
+    }
+}
+
+/// The init pid the state file of `id` records.
+fn recorded_init(d: &Daemon, id: &str) -> u64 {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.state_file(id)).expect("state file"))
+            .expect("state file is JSON");
+    record["init"]["pid"].as_u64().expect("init pid recorded")
+}
+
+/// The container `id` runs init `pid`, alive and everywhere berthd keeps it: State, its record,
+/// the runtime, its stats.
+async fn assert_intact(d: &mut Daemon, id: &str, pid: u32) {
+    assert!(proc_stat(pid).is_some(), "init {pid} of {id} is alive");
+    let state = d.state().await;
+    let listed = state
+        .containers
+        .iter()
+        .find(|c| c.id == id)
+        .unwrap_or_else(|| panic!("State lists {id}"));
+    assert_eq!(listed.status, "running");
+    assert_eq!(listed.processes.first().map(|p| p.pid), Some(pid));
+    assert_eq!(
+        recorded_init(d, id),
+        u64::from(pid),
+        "the record is the new container's"
+    );
+    assert!(
+        d.runtime_ids().contains(&id.to_owned()),
+        "the runtime holds {id}"
+    );
+    let stats = one_sample(&mut d.client, id).await;
+    assert!(stats.cgroup_stats.is_some(), "stats of {id}: {stats:?}");
+}
+
+/// Waits until the runtime no longer holds `id` (a delete slowed down by the test).
+async fn wait_for_delete(d: &Daemon, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while d.runtime_ids().contains(&id.to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "the delete of {id} never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The id of a container whose exit was just published is created again at once (the create
+/// waits for the old clean-up, never fails), ten times over; each new container is left alone by
+/// its predecessor's clean-up: still running, listed, recorded, in the runtime, with stats.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_is_created_again_right_after_its_exit_and_the_old_cleanup_leaves_it_alone() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--stats-interval", "100ms"]));
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("again");
+        let mut pid = d.create(create_req(&id, &bundle)).await;
+        for round in 0..10 {
+            d.signal(&id, pid, SIGKILL).await;
+            assert_eq!(events.exit_status(&id, pid).await, 137, "round {round}");
+            let again = d.create(create_req(&id, &bundle)).await;
+            assert_ne!(again, pid, "round {round}");
+            // The old container's delete and record removal are done (the create waited for
+            // them); give anything that would still touch the id a moment to do so.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_intact(&mut d, &id, again).await;
+            pid = again;
+        }
+        d.kill_container(&mut events, &id, pid).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// While an exited container's runtime delete runs, State does not list it and a create of its
+/// id waits for the delete; a delete slower than the create's bound gives UNAVAILABLE (and leaves
+/// nothing of the refused create), after which the id is free again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_waits_for_the_delete_of_its_id_within_a_bound() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let slow = delayed_runtime(scripts.path(), "delete", 2);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&slow)]));
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("waits");
+        let pid = d.create(create_req(&id, &bundle)).await;
+        d.signal(&id, pid, SIGKILL).await;
+        let killed = Instant::now();
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "the exit came after the 2 s delete: {:?}",
+            killed.elapsed()
+        );
+        assert!(
+            d.state().await.containers.iter().all(|c| c.id != id),
+            "State lists a container whose exit was published"
+        );
+        let again = d.create(create_req(&id, &bundle)).await;
+        assert!(
+            killed.elapsed() >= Duration::from_secs(2),
+            "the create did not wait for the delete: {:?}",
+            killed.elapsed()
+        );
+        assert_intact(&mut d, &id, again).await;
+        d.kill_container(&mut events, &id, again).await;
+        d.stop();
+
+        let slower = delayed_runtime(scripts.path(), "delete", 8);
+        d.start_again_with(Options::args(&["--runtime", &path_str(&slower)]))
+            .await;
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&id, &bundle)).await;
+        d.signal(&id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        let asked = Instant::now();
+        let refused = d.client.create_container(create_req(&id, &bundle)).await;
+        let message = expect_code(refused, Code::Unavailable);
+        assert!(
+            message.contains(&id) && message.contains("try again"),
+            "{message}"
+        );
+        assert!(asked.elapsed() >= CLEANUP_WAIT, "{:?}", asked.elapsed());
+        assert!(d.state().await.containers.is_empty());
+        wait_for_delete(&d, &id).await;
+        let again = d.create(create_req(&id, &bundle)).await;
+        assert_intact(&mut d, &id, again).await;
+        d.signal(&id, again, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, again).await, 137);
+        // Its slow delete must finish before the test's berthd goes, or its cgroup is left.
+        wait_for_delete(&d, &id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// Many containers killed at once: every exit arrives with its status, and all their runtime
+/// state, records and cgroups go.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_containers_killed_at_once_all_report_their_exit_and_leave_nothing() {
+    within(async {
+        const COUNT: usize = 24;
+        let mut d = daemon!();
+        let baseline = d.baseline();
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut inits = BTreeMap::new();
+        for n in 0..COUNT {
+            let id = id(&format!("burst{n}"));
+            let pid = d.create(create_req(&id, &bundle)).await;
+            inits.insert(id, pid);
+        }
+        let kills = inits.iter().map(|(id, pid)| {
+            let mut client = d.client.clone();
+            let (id, pid) = (id.clone(), *pid);
+            async move {
+                let signal = berth_api::proto::SignalRequest {
+                    id: id.clone(),
+                    pid,
+                    signal: SIGKILL,
+                };
+                client
+                    .signal(signal)
+                    .await
+                    .unwrap_or_else(|status| panic!("Signal {id}: {status:?}"));
+            }
+        });
+        futures_util::future::join_all(kills).await;
+        let mut exited = BTreeSet::new();
+        while exited.len() < COUNT {
+            let event = events.next().await;
+            if event.r#type != "exit" {
+                continue;
+            }
+            assert_eq!(inits.get(&event.id), Some(&event.pid), "{event:?}");
+            assert_eq!(event.status, 137, "{event:?}");
+            assert!(exited.insert(event.id.clone()), "two exits: {event:?}");
+        }
+        for id in inits.keys() {
+            d.assert_gone(id).await;
+        }
+        assert!(d.runtime_ids().is_empty(), "runtime: {:?}", d.runtime_ids());
+        let records = std::fs::read_dir(d.state_dir().join("containers"))
+            .expect("containers dir")
+            .count();
+        assert_eq!(records, 0, "no state file, no temp file left");
+        d.assert_settles(&baseline).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// A write torn by a crash leaves only its temp file (the rename never happened): at restart
+/// the temp file is ignored and removed, and the record it would have replaced is adopted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_torn_temp_file_is_ignored_at_restart() {
+    within(async {
+        let mut d = daemon!();
+        let c = d.run("torn", &["sleep", "1000"]).await;
+        let dir = d.state_dir().join("containers");
+        let names = |dir: &std::path::Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .expect("containers dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(&dir),
+            [format!("{}.json", c.id)],
+            "no temp file beside it"
+        );
+        d.crash();
+        let torn = dir.join(format!(".{}.json.tmp", c.id));
+        std::fs::write(&torn, br#"{"id": "torn-by-a-cr"#).expect("write torn temp file");
+        let stray = dir.join(".never-renamed.json.tmp");
+        std::fs::write(&stray, b"{").expect("write torn temp file");
+
+        d.start_again().await;
+        assert!(!torn.exists() && !stray.exists(), "temp files removed");
+        let state = d.state().await;
+        let adopted = state.containers.iter().find(|x| x.id == c.id);
+        assert_eq!(
+            adopted.and_then(|x| x.processes.first()).map(|p| p.pid),
+            Some(c.pid),
+            "the record is adopted: {state:?}"
+        );
+        assert_eq!(recorded_init(&d, &c.id), u64::from(c.pid));
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}
