@@ -78,7 +78,11 @@ impl MemoryTrace {
             m.percpu_kb / 1024,
             look.tasks,
             look.cgroups.memory,
-            if top.is_empty() { "-".into() } else { top.join(", ") }
+            if top.is_empty() {
+                "-".into()
+            } else {
+                top.join(", ")
+            }
         )
     }
 

@@ -174,7 +174,7 @@ async fn measure(
             let (mut latencies, mut created) = (Vec::with_capacity(n), Duration::ZERO);
             for chunk in ids.chunks(every.max(1)) {
                 let started = Instant::now();
-                match for_each(session, root, chunk, c, &label, start.clone()).await {
+                match for_each(session, root, chunk, c, &label, start).await {
                     Ok(chunk_latencies) => {
                         created += started.elapsed();
                         trace.look(latencies.len() + chunk.len(), this, false, &chunk_latencies);
