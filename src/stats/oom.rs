@@ -2,8 +2,11 @@
 //!
 //! Owns: one watch per container and the rule that decides an OOM kill happened: the cgroup's
 //! `oom_kill` counter went up since the last report. The wake-ups only say when to look:
-//! - v1: an eventfd registered for `memory.oom_control` through `cgroup.event_control`, in the
-//!   tokio reactor, with one small task per container;
+//! - v1: one eventfd for all containers, registered for each cgroup's `memory.oom_control`
+//!   through its `cgroup.event_control`, read by one task; a wake-up does not say which cgroup,
+//!   so every watched container's counter is looked at, off the reactor. No descriptor per
+//!   container (an eventfd each would be half of berthd's descriptors on a dense host), and the
+//!   kernel drops a cgroup's registration when the cgroup is removed;
 //! - v2: one inotify instance for all containers, watching each `memory.events` for changes, read by
 //!   one task: no thread and no inotify instance per container.
 //!
@@ -45,12 +48,12 @@ struct Watch {
     /// keeps no descriptor for it (the v1 registration does not need it open).
     counter_path: PathBuf,
     reported: Mutex<u64>,
-    /// v1: the task waiting on the eventfd. v2: the inotify watch descriptor.
+    /// v1: the shared eventfd, registered for its cgroup. v2: the inotify watch descriptor.
     waker: Waker,
 }
 
 enum Waker {
-    Eventfd(AbortHandle),
+    SharedEventfd,
     Inotify(i32),
 }
 
@@ -101,9 +104,19 @@ struct Inotify {
     reader: AbortHandle,
 }
 
+/// The v1 eventfd every watched cgroup signals, and the task reading it.
+struct SharedEventfd {
+    fd: Arc<tokio::io::unix::AsyncFd<OwnedFd>>,
+    reader: AbortHandle,
+}
+
+type Watches = Arc<Mutex<HashMap<String, Arc<Watch>>>>;
+
 pub struct Watcher {
     events: Arc<EventBus>,
-    watches: Mutex<HashMap<String, Arc<Watch>>>,
+    watches: Watches,
+    /// Created with the first v1 watch.
+    eventfd: Mutex<Option<SharedEventfd>>,
     /// Created with the first v2 watch.
     inotify: Mutex<Option<Inotify>>,
 }
@@ -121,7 +134,8 @@ impl Watcher {
     pub fn new(events: Arc<EventBus>) -> Watcher {
         Watcher {
             events,
-            watches: Mutex::new(HashMap::new()),
+            watches: Watches::default(),
+            eventfd: Mutex::new(None),
             inotify: Mutex::new(None),
         }
     }
@@ -158,8 +172,11 @@ impl Watcher {
     fn watch_v1(&self, id: &str, pid: u32, dir: &Path) -> Result<Arc<Watch>> {
         let counter_path = dir.join("memory.oom_control");
         let counter = open_counter(&counter_path)?;
-        let eventfd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| Error::sys("create an eventfd", e))?;
+        let mut shared = lock(&self.eventfd);
+        if shared.is_none() {
+            *shared = Some(self.start_eventfd()?);
+        }
+        let eventfd = &shared.as_ref().expect("eventfd just started").fd;
         let control = dir.join("cgroup.event_control");
         std::fs::OpenOptions::new()
             .write(true)
@@ -170,43 +187,66 @@ impl Watcher {
                 file.write_all(line.as_bytes())
             })
             .map_err(|e| Error::io(&control, e))?;
-        let eventfd = crate::reactor::register(eventfd, Interest::READABLE)
-            .map_err(|e| Error::sys("watch the OOM eventfd", e))?;
-        let watch = Arc::new_cyclic(|me: &std::sync::Weak<Watch>| {
-            let me = me.clone();
-            let events = Arc::clone(&self.events);
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok(mut ready) = eventfd.readable().await else {
-                        return;
-                    };
-                    let mut count = [0u8; 8];
-                    match rustix::io::read(eventfd.get_ref(), &mut count) {
-                        Ok(_) => {}
-                        Err(rustix::io::Errno::AGAIN) => {
-                            ready.clear_ready();
-                            continue;
-                        }
-                        Err(_) => return,
+        Ok(Arc::new(Watch {
+            id: id.to_owned(),
+            pid,
+            counter_path,
+            reported: Mutex::new(0),
+            waker: Waker::SharedEventfd,
+        }))
+    }
+
+    /// The v1 eventfd and its reader: on each wake-up, every v1 watch is looked at (off the
+    /// reactor: one read per container), again after each of [`RECHECKS`] until one reports.
+    fn start_eventfd(&self) -> Result<SharedEventfd> {
+        let eventfd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| Error::sys("create an eventfd", e))?;
+        let fd = Arc::new(
+            crate::reactor::register(eventfd, Interest::READABLE)
+                .map_err(|e| Error::sys("watch the OOM eventfd", e))?,
+        );
+        let (task_fd, watches, events) = (
+            Arc::clone(&fd),
+            Arc::clone(&self.watches),
+            Arc::clone(&self.events),
+        );
+        let reader = tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = task_fd.readable().await else {
+                    return;
+                };
+                let mut count = [0u8; 8];
+                match rustix::io::read(task_fd.get_ref(), &mut count) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::AGAIN) => {
+                        ready.clear_ready();
+                        continue;
                     }
-                    let Some(watch) = me.upgrade() else { return };
-                    for delay in RECHECKS {
-                        tokio::time::sleep(delay).await;
-                        if watch.check(&events) {
-                            break;
-                        }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the OOM eventfd failed; v1 OOM events stop");
+                        return;
                     }
                 }
-            });
-            Watch {
-                id: id.to_owned(),
-                pid,
-                counter_path,
-                reported: Mutex::new(0),
-                waker: Waker::Eventfd(task.abort_handle()),
+                let v1: Vec<Arc<Watch>> = lock(&watches)
+                    .values()
+                    .filter(|w| matches!(w.waker, Waker::SharedEventfd))
+                    .cloned()
+                    .collect();
+                let v1 = Arc::new(v1);
+                for delay in RECHECKS {
+                    tokio::time::sleep(delay).await;
+                    let (v1, events) = (Arc::clone(&v1), Arc::clone(&events));
+                    let look = move || v1.iter().fold(false, |any, w| w.check(&events) | any);
+                    if tokio::task::spawn_blocking(look).await.unwrap_or(false) {
+                        break;
+                    }
+                }
             }
         });
-        Ok(watch)
+        Ok(SharedEventfd {
+            fd,
+            reader: reader.abort_handle(),
+        })
     }
 
     fn watch_v2(&self, id: &str, pid: u32, events_path: &Path) -> Result<Arc<Watch>> {
@@ -294,8 +334,8 @@ impl Watcher {
 
     fn stop(&self, watch: &Watch) {
         match watch.waker {
-            // Aborting the task drops the eventfd; the kernel then drops the registration.
-            Waker::Eventfd(ref task) => task.abort(),
+            // The registration goes with the cgroup; until then a wake-up for it finds no watch.
+            Waker::SharedEventfd => {}
             Waker::Inotify(wd) => {
                 if let Some(inotify) = lock(&self.inotify).as_ref() {
                     lock(&inotify.by_wd).remove(&wd);
@@ -309,10 +349,8 @@ impl Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        for watch in lock(&self.watches).values() {
-            if let Waker::Eventfd(task) = &watch.waker {
-                task.abort();
-            }
+        if let Some(eventfd) = lock(&self.eventfd).take() {
+            eventfd.reader.abort();
         }
         if let Some(inotify) = lock(&self.inotify).take() {
             inotify.reader.abort();

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use super::LoadError;
 use super::daemon::{join_all, per_sec};
+use super::density::MemoryTrace;
 use super::progress::Progress;
 use super::session::{Session, reap_zombie_children};
 use super::summary::Percentiles;
@@ -33,6 +34,14 @@ impl Launch {
             Launch::RunDetached => "run -d",
         }
     }
+
+    /// The name in a table column's header.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Launch::CreateStart => "c+s",
+            Launch::RunDetached => "run-d",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +50,10 @@ pub struct Throughput {
     pub latency: Option<Percentiles>,
     /// SIGKILL, reap and `delete` of every container afterwards, containers a second.
     pub teardown_per_sec: f64,
+    /// Containers made: N, unless a memory trace's creates stopped short.
+    pub made: usize,
+    /// The host's memory every K containers (`--memory-every`).
+    pub memory: Option<MemoryTrace>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +70,14 @@ impl Floor {
         } else {
             (Launch::CreateStart, &self.create_start)
         }
+    }
+
+    /// The memory traces of both launches, when they were taken.
+    pub fn memory_traces(&self) -> Vec<&MemoryTrace> {
+        [&self.create_start.memory, &self.run_detached.memory]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 
@@ -78,11 +99,17 @@ pub async fn probe(session: &Session) -> Result<(), LoadError> {
     result
 }
 
-/// N containers started each way at concurrency `c`, each set deleted before the next.
-pub async fn floor(session: &Arc<Session>, n: usize, c: usize) -> Result<Floor, LoadError> {
+/// N containers started each way at concurrency `c`, each set deleted before the next; with
+/// `memory_every`, created in chunks of that many with a look at the host's memory after each.
+pub async fn floor(
+    session: &Arc<Session>,
+    n: usize,
+    c: usize,
+    memory_every: Option<usize>,
+) -> Result<Floor, LoadError> {
     let root = session.runtime_root(&format!("direct-c{c}"));
-    let create_start = measure(session, &root, n, c, Launch::CreateStart).await?;
-    let run_detached = measure(session, &root, n, c, Launch::RunDetached).await?;
+    let create_start = measure(session, &root, n, c, Launch::CreateStart, memory_every).await?;
+    let run_detached = measure(session, &root, n, c, Launch::RunDetached, memory_every).await?;
     Ok(Floor {
         create_start,
         run_detached,
@@ -95,11 +122,11 @@ async fn measure(
     n: usize,
     c: usize,
     launch: Launch,
+    memory_every: Option<usize>,
 ) -> Result<Throughput, LoadError> {
-    let ids: Vec<String> = (0..n).map(|i| format!("direct-{i}")).collect();
+    let mut ids: Vec<String> = (0..n).map(|i| format!("direct-{i}")).collect();
     let label = format!("{} {} C={c}", session.runtime.name, launch.name());
-    let started = Instant::now();
-    let latencies = for_each(session, root, &ids, c, &label, move |ctx| async move {
+    let start = move |ctx: Job| async move {
         let bundle = ctx.session.bundle_str();
         let pid_file = ctx.pid_file();
         let pid_file = pid_file.to_string_lossy();
@@ -133,9 +160,43 @@ async fn measure(
             }
         }
         Ok(began.elapsed())
-    })
-    .await?;
-    let created = started.elapsed();
+    };
+    let (latencies, created, memory) = match memory_every {
+        None => {
+            let started = Instant::now();
+            let latencies = for_each(session, root, &ids, c, &label, start).await?;
+            (latencies, started.elapsed(), None)
+        }
+        Some(every) => {
+            let side = format!("direct {}", launch.short_name());
+            let this = std::process::id();
+            let mut trace = MemoryTrace::start(&side, this, false);
+            let (mut latencies, mut created) = (Vec::with_capacity(n), Duration::ZERO);
+            for chunk in ids.chunks(every.max(1)) {
+                let started = Instant::now();
+                match for_each(session, root, chunk, c, &label, start).await {
+                    Ok(chunk_latencies) => {
+                        created += started.elapsed();
+                        trace.look(latencies.len() + chunk.len(), this, false, &chunk_latencies);
+                        latencies.extend(chunk_latencies);
+                    }
+                    Err(e) => {
+                        eprintln!("{side}: creates stopped at {}: {}", latencies.len(), e.0);
+                        trace.stopped = Some(e.0);
+                        break;
+                    }
+                }
+            }
+            if trace.stopped.is_some() {
+                // The failed chunk's containers: gone before the next launch reuses the ids.
+                session.delete_all(root).await;
+                reap_zombie_children(Duration::from_secs(10)).await;
+                ids.truncate(latencies.len());
+            }
+            (latencies, created, Some(trace))
+        }
+    };
+    let made = ids.len();
     let label = format!("{} kill+delete C={c}", session.runtime.name);
     let deleting = Instant::now();
     for_each(session, root, &ids, c, &label, |ctx| async move {
@@ -161,9 +222,11 @@ async fn measure(
     let deleted = deleting.elapsed();
     reap_zombie_children(Duration::from_secs(10)).await;
     Ok(Throughput {
-        per_sec: per_sec(n, created),
+        per_sec: per_sec(made, created),
         latency: Percentiles::of(&latencies),
-        teardown_per_sec: per_sec(n, deleted),
+        teardown_per_sec: per_sec(made, deleted),
+        made,
+        memory,
     })
 }
 

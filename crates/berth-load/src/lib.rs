@@ -14,7 +14,9 @@
 //! it and reaped here, never left as zombies for a pid 1 that may not reap.
 
 mod daemon;
+mod density;
 mod direct;
+mod memory;
 mod metrics;
 pub mod procfs;
 mod progress;
@@ -97,6 +99,12 @@ pub struct Options {
     /// API socket)
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+
+    /// Look at the host's memory (/proc/meminfo, /proc/slabinfo, cgroups, tasks, berthd's RSS
+    /// and fds) every this many containers, for berthd and for the direct runtime, and print what
+    /// each container costs by kind; a create that fails then ends the creates instead of the run
+    #[arg(long, env = "BERTH_MEMORY_EVERY", value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_every: Option<u64>,
 
     /// Skip the direct-runtime floor
     #[arg(long, env = "BERTH_NO_DIRECT")]
@@ -288,11 +296,20 @@ async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Resul
         None => None,
     };
     let label = format!("berthd create C={c}");
-    let created = daemon::create(session, &clients, ids, &label).await;
+    let (created, memory) = match options.memory_every {
+        Some(every) => {
+            let (created, trace) =
+                density::create_berthd(session, &clients, ids, &label, every as usize, pid).await;
+            (Ok(created), Some(trace))
+        }
+        None => (daemon::create(session, &clients, ids, &label).await, None),
+    };
     if let Some(profiler) = profiler {
         profiler.stop().await;
     }
     let created = created.map_err(|e| explain_fd_exhaustion(e, pid, session.tracked()))?;
+    // With a memory trace the creates may have stopped short of N.
+    let made = created.containers.len();
     let at_n = sample(pid)?;
     let mem_after = procfs::mem_available_kb().unwrap_or(0);
     let stats = daemon::stats(
@@ -311,29 +328,31 @@ async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Resul
     let floor = if options.no_direct {
         None
     } else {
-        Some(direct::floor(session, n, c).await?)
+        Some(direct::floor(session, n, c, options.memory_every.map(|k| k as usize)).await?)
     };
     let edge = |range: std::ops::Range<usize>| {
-        (n >= 200).then(|| Percentiles::of(&created.latencies[range]).map(|p| p.p50_ms))?
+        (made >= 200).then(|| Percentiles::of(&created.latencies[range]).map(|p| p.p50_ms))?
     };
     Ok(Run {
         concurrency: c,
         create: Creates {
-            per_sec: daemon::per_sec(n, created.elapsed),
+            made,
+            per_sec: daemon::per_sec(made, created.elapsed),
             latency: Percentiles::of(&created.latencies),
-            p50_first_100_ms: edge(0..100.min(n)),
-            p50_last_100_ms: edge(n.saturating_sub(100)..n),
+            p50_first_100_ms: edge(0..100.min(made)),
+            p50_last_100_ms: edge(made.saturating_sub(100)..made),
         },
         daemon: DaemonCost {
             create_cpu_secs: at_n.cpu_secs - before.cpu_secs,
-            host_kb_per_container: mem_before.saturating_sub(mem_after) as f64 / n.max(1) as f64,
-            other_children: at_n.children as i64 - n as i64,
+            host_kb_per_container: mem_before.saturating_sub(mem_after) as f64 / made.max(1) as f64,
+            other_children: at_n.children as i64 - made as i64,
             before,
             at_n,
         },
         stats,
         exits,
         floor,
+        memory,
     })
 }
 

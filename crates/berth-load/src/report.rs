@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::ChannelMode;
 use super::daemon::{Exits, StatsLoad};
+use super::density::{self, MemoryTrace};
 use super::direct::Floor;
 use super::procfs::ProcSample;
 use super::soak::Soak;
@@ -42,10 +43,14 @@ pub struct Run {
     pub stats: StatsLoad,
     pub exits: Exits,
     pub floor: Option<Floor>,
+    /// berthd's memory trace (`--memory-every`).
+    pub memory: Option<MemoryTrace>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Creates {
+    /// Containers made: N, unless a memory trace's creates stopped short.
+    pub made: usize,
     pub per_sec: f64,
     pub latency: Option<Percentiles>,
     /// p50 of the first and of the last 100 creates: does a create get slower with more running?
@@ -75,9 +80,9 @@ pub struct Target {
 /// The targets, for whatever this run measured.
 pub fn targets(report: &Report) -> Vec<Target> {
     let mut out = Vec::new();
-    let n = report.n;
     for run in &report.runs {
         let c = run.concurrency;
+        let n = run.create.made;
         if let Some(floor) = &run.floor {
             let (launch, best) = floor.best();
             let ratio = run.create.per_sec / best.per_sec;
@@ -174,6 +179,18 @@ pub fn render(report: &Report) -> String {
         out.push('\n');
         out.push_str(&runs_table(report).render());
     }
+    for run in &report.runs {
+        let direct = run.floor.as_ref().map(Floor::memory_traces);
+        let traces: Vec<&MemoryTrace> = run
+            .memory
+            .iter()
+            .chain(direct.into_iter().flatten())
+            .collect();
+        if !traces.is_empty() {
+            out.push_str(&format!("\nC={}", run.concurrency));
+            out.push_str(&density::render(&traces));
+        }
+    }
     if let Some(soak) = &report.soak {
         out.push('\n');
         out.push_str(&soak_table(soak).render());
@@ -193,9 +210,16 @@ pub fn render(report: &Report) -> String {
 
 fn runs_table(report: &Report) -> Table {
     let mut table = Table::new(&["figure", "berthd", "direct", "berthd/direct"]);
-    let n = report.n;
     for run in &report.runs {
-        table.section(format!("C={}, N={n}", run.concurrency));
+        let n = run.create.made;
+        if n == report.n {
+            table.section(format!("C={}, N={n}", run.concurrency));
+        } else {
+            table.section(format!(
+                "C={}, N={n} of {} (creates stopped)",
+                run.concurrency, report.n
+            ));
+        }
         let best = run.floor.as_ref().map(Floor::best);
         let floor_rate = best.map(|(launch, t)| format!("{:.1} ({})", t.per_sec, launch.name()));
         table.row(vec![
@@ -423,10 +447,13 @@ mod tests {
             per_sec,
             latency,
             teardown_per_sec: 50.0,
+            made: 1000,
+            memory: None,
         };
         Run {
             concurrency: 8,
             create: Creates {
+                made: 1000,
                 per_sec: 30.0,
                 latency,
                 p50_first_100_ms: Some(40.0),
@@ -461,6 +488,7 @@ mod tests {
                 create_start: throughput(25.0),
                 run_detached: throughput(40.0),
             }),
+            memory: None,
         }
     }
 

@@ -347,7 +347,8 @@ impl Session {
         }
     }
 
-    async fn delete_all(&self, root: &Path) {
+    /// Deletes (`delete -f`) every container under `root`.
+    pub async fn delete_all(&self, root: &Path) {
         let runtime = self.runtime.clone();
         let list_root = root.to_owned();
         let ids = tokio::task::spawn_blocking(move || runtime.list(&list_root))
