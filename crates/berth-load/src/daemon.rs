@@ -173,6 +173,11 @@ pub async fn kill_all(
         });
     }
     let outcome = join_all(tasks).await;
+    // berthd publishes an exit before it deletes the container from the runtime: the teardown
+    // ends once that is done too, as the direct floor's ends with its `delete`.
+    if let Some(root) = session.berthd_runtime_root() {
+        deleted_from(&root, containers).await;
+    }
     let elapsed = start.elapsed();
     if let Ok(progress) = Arc::try_unwrap(progress) {
         progress.finish();
@@ -184,6 +189,20 @@ pub async fn kill_all(
         teardown_per_sec: per_sec(latencies.len(), elapsed),
         missing: missing.load(Ordering::Relaxed),
     })
+}
+
+/// Waits until the runtime state directory `root` holds none of `containers` (at most a
+/// minute).
+async fn deleted_from(root: &Path, containers: &[(String, u32)]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut left: Vec<_> = containers.iter().map(|(id, _)| root.join(id)).collect();
+    while Instant::now() < deadline {
+        left.retain(|dir| dir.exists());
+        if left.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;

@@ -287,6 +287,12 @@ impl Session {
             .map(|b| (b.socket.clone(), b.pid(), b.metrics.clone()))
     }
 
+    /// The runtime state directory of the berthd this run started.
+    pub fn berthd_runtime_root(&self) -> Option<PathBuf> {
+        let berthd = self.berthd.lock().expect("berthd lock");
+        berthd.as_ref().map(Berthd::runtime_root)
+    }
+
     /// Stops the berthd this run started and removes whatever containers it left.
     pub async fn stop_berthd(&self) {
         let berthd = self.berthd.lock().expect("berthd lock").take();
