@@ -122,7 +122,7 @@ pub struct Config {
     pub max_message_bytes: u64,
 
     /// Client connections open at once; capped at a quarter of the open file limit so the
-    /// rest stays for containers (two fds each). Silent connections give way to new ones.
+    /// rest stays for containers (one fd each, two or more with relayed stdio). Silent connections give way to new ones.
     #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 

@@ -224,23 +224,30 @@ async fn an_init_exiting_under_running_added_processes_reports_every_exit() {
     .await
 }
 
-/// README: "an idle container holds 2 fds (its pidfd and its OOM eventfd)", and a container's
-/// stats files are opened with its first GetStats subscriber and closed after its last.
+/// README: "an idle container holds 1 fd (its pidfd)" (OOM kills are watched through one
+/// eventfd, or one inotify instance, for all containers), and a container's stats files are
+/// opened with its first GetStats subscriber and closed after its last.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_container_holds_two_fds_and_stats_files_close_after_the_last_subscriber() {
+async fn an_idle_container_holds_one_fd_and_stats_files_close_after_the_last_subscriber() {
     within(async {
         let mut d = daemon!(Options::args(&["--stats-interval", "100ms"]));
-        // A first container warms up whatever berthd opens once (the runtime's log dir, …).
+        // A first container warms up whatever berthd opens once (the runtime's log dir, the
+        // OOM eventfd or inotify instance all containers share, …).
+        let start = d.fds();
         let warm = d.run("fds-warm", &["sleep", "1000"]).await;
         let before = d.fds();
         let c = d.run("fds-idle", &["sleep", "1000"]).await;
-        let mut added = multiset_minus(&d.fds(), &before);
-        added.sort();
+        let added = multiset_minus(&d.fds(), &before);
         assert_eq!(
             added,
-            ["anon_inode:[eventfd]", "anon_inode:[pidfd]"],
+            ["anon_inode:[pidfd]"],
             "the fds one idle container costs berthd"
         );
+        let oom_watchers = multiset_minus(&d.fds(), &start)
+            .into_iter()
+            .filter(|fd| fd == "anon_inode:[eventfd]" || fd == "anon_inode:inotify")
+            .count();
+        assert_eq!(oom_watchers, 1, "one OOM watcher for both containers");
 
         let idle = d.fds();
         let mut streams = Vec::new();
