@@ -514,3 +514,43 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
     })
     .await
 }
+
+/// The built-in runtime has no CRIU: a checkpoint and a restore are refused with
+/// FAILED_PRECONDITION naming the runtime that can, and leave nothing behind.
+#[cfg(feature = "builtin")]
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_and_restore_on_the_builtin_runtime_name_runc() {
+    use berth_api::proto::{Checkpoint, CreateCheckpointRequest};
+    within(async {
+        let mut d = daemon!(Options::args(&["--runtime", "builtin"]));
+        let mut events = d.events().await;
+        let ctr = d.run("builtin-cp", &["sleep", "1000"]).await;
+        let fds = d.baseline();
+        let req = CreateCheckpointRequest {
+            id: ctr.id.clone(),
+            checkpoint: Some(Checkpoint {
+                name: "cp1".into(),
+                ..Default::default()
+            }),
+        };
+        let message = expect_code(
+            d.client.create_checkpoint(req).await,
+            Code::FailedPrecondition,
+        );
+        assert!(message.contains("--runtime runc"), "{message}");
+        assert!(!ctr.bundle.path().join("checkpoints/cp1").exists());
+
+        fs::create_dir_all(ctr.bundle.path().join("checkpoints/cp2")).expect("checkpoint dir");
+        let restored = id("builtin-restore");
+        let mut req = create_req(&restored, &ctr.bundle);
+        req.checkpoint = "cp2".into();
+        let message = expect_code(
+            d.client.create_container(req).await,
+            Code::FailedPrecondition,
+        );
+        assert!(message.contains("--runtime runc"), "{message}");
+        d.assert_nothing_left(&restored, &fds).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
