@@ -204,7 +204,8 @@ fn exec(argv: &[String], stdio: [StdioSpec; 3], fds: Vec<OwnedFd>) -> Result<Sta
         .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
     let pid = rustix::process::Pid::from_child(&child);
-    // The child is reaped by pid below (the handle would not know of the built-in children).
+    // Reaped by pid in reap_and_report, as the built-in runtime's children (which have no
+    // `Child`) are.
     Ok((
         pid,
         child.stdout.take().map(OwnedFd::from),
