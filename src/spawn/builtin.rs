@@ -6,8 +6,6 @@
 //! in the call's log. Does not own: the fork, stdio or exit (the helper's `fork` module), or what
 //! the operations mean (runtime, supervisor).
 
-use std::io::Write;
-
 use crate::runtime::builtin::BuiltinCall;
 
 /// Carries out `call`; on failure writes why to its log (one JSON line, as runc's
@@ -156,6 +154,7 @@ fn list(call: &BuiltinCall) -> Result<(), String> {
 
 #[cfg(feature = "builtin")]
 fn print_json(listed: &[serde_json::Value]) -> Result<(), String> {
+    use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, listed)
         .map_err(|e| format!("write the list: {e}"))
