@@ -50,7 +50,8 @@ pub struct Config {
     #[arg(long, env = "BERTH_STATE_DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
 
-    /// OCI runtime: runc, crun or youki by name (looked up in PATH) or a path to the binary.
+    /// OCI runtime: runc, crun or youki by name (looked up in PATH) or a path to the binary; or
+    /// `builtin` for youki's libcontainer inside berthd's spawn helper (the `builtin` feature).
     #[arg(long, env = "BERTH_RUNTIME", default_value = "runc")]
     pub runtime: String,
 

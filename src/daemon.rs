@@ -39,6 +39,7 @@ use crate::metrics::{self, Metrics};
 use crate::notify;
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
+use crate::runtime::builtin::BUILTIN;
 use crate::runtime::{self, Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
@@ -401,6 +402,9 @@ fn version_of(binary: &str, response: Completion) -> Result<String> {
 /// The runtime binary the config names, found in PATH, with its `--criu` checked: what both a
 /// start and an upgrade's pre-flight must refuse before anything runs.
 fn runtime_binary(config: &Config) -> Result<RuntimeBinary> {
+    if config.runtime == BUILTIN {
+        return builtin_runtime(config);
+    }
     let binary = RuntimeBinary {
         path: resolve_runtime(&config.runtime, std::env::var_os("PATH").as_deref())?,
         root: config.runtime_root(),
@@ -408,6 +412,27 @@ fn runtime_binary(config: &Config) -> Result<RuntimeBinary> {
     };
     binary.check_criu_flag()?;
     Ok(binary)
+}
+
+/// `--runtime builtin`: no binary to find; refused when this build lacks it, or with a CRIU it
+/// would never run.
+fn builtin_runtime(config: &Config) -> Result<RuntimeBinary> {
+    if !cfg!(feature = "builtin") {
+        return Err(Error::InvalidArgument(
+            "--runtime builtin: this berthd was built without the builtin feature (cargo build --features builtin); use --runtime runc".into(),
+        ));
+    }
+    if let Some(criu) = &config.criu {
+        return Err(Error::InvalidArgument(format!(
+            "--criu {} cannot be used with --runtime builtin: it has no checkpoints; use --runtime runc",
+            criu.display()
+        )));
+    }
+    Ok(RuntimeBinary {
+        path: BUILTIN.into(),
+        root: config.runtime_root(),
+        criu: None,
+    })
 }
 
 /// `berthd --preflight`: whether this binary can start with `config`, changing nothing. Returns

@@ -2,10 +2,12 @@
 //!
 //! Owns: the argv of every runtime invocation, its timeout, turning a failed invocation into an
 //! error that carries the runtime's own message (from its JSON log, else its stderr), and the
-//! [`Spawner`] interface with what it takes ([`SpawnStdio`]) and returns ([`Completion`]).
+//! [`Spawner`] interface with what it takes ([`SpawnStdio`]) and returns ([`Completion`]); with
+//! `--runtime builtin`, the same operations as calls for the built-in runtime ([`builtin`]).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
 //! [`Spawner`]), or what the supervisor does with the result; whether CRIU works ([`criu`]).
 
+pub mod builtin;
 mod criu;
 
 use std::os::fd::OwnedFd;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
+use builtin::BuiltinCall;
 
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +149,12 @@ pub struct RuntimeBinary {
 }
 
 impl RuntimeBinary {
+    /// Whether this is `--runtime builtin`: operations go to the spawn helper as
+    /// [`BuiltinCall`]s, no binary is run.
+    pub(crate) fn is_builtin(&self) -> bool {
+        self.path == Path::new(builtin::BUILTIN)
+    }
+
     /// The runtime's short name for messages: `runc`, `crun`, or the file name given.
     pub(crate) fn name(&self) -> String {
         self.path
@@ -295,6 +304,22 @@ pub trait Spawner: Send + Sync + 'static {
         stdio: [SpawnStdio; 3],
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Completion>>;
+
+    /// Carries out `call` with the built-in runtime, killing it after `timeout`. Spawners
+    /// without one refuse.
+    fn run_builtin(
+        &self,
+        call: BuiltinCall,
+        stdio: [SpawnStdio; 3],
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Completion>> {
+        let _ = (call, stdio, timeout);
+        Box::pin(async {
+            Err(Error::FailedPrecondition(
+                "this spawner has no built-in runtime".into(),
+            ))
+        })
+    }
 }
 
 /// Runs typed operations through a spawner, with a timeout and the runtime's errors.
@@ -345,6 +370,9 @@ impl Runtime {
     /// Ok when CRIU passed `criu check` on this host (run once, on the first call); else
     /// FAILED_PRECONDITION with the check's own message.
     pub(crate) async fn criu_ready(&self) -> Result<()> {
+        if self.binary.is_builtin() {
+            return Err(builtin::needs_binary());
+        }
         self.criu.ready(&self.spawner).await
     }
 
@@ -395,11 +423,17 @@ impl Runtime {
             "{}.log",
             self.next_log.fetch_add(1, Ordering::Relaxed)
         ));
-        let argv = self.binary.argv(&op, &log);
         let what = format!("{} {}", self.binary.name(), op.name());
-        tracing::debug!(?argv, "runtime");
         let started = std::time::Instant::now();
-        let completion = self.spawner.spawn(argv, stdio, self.timeout).await;
+        let completion = if self.binary.is_builtin() {
+            let call = BuiltinCall::new(&op, &self.binary.root, &log)?;
+            tracing::debug!(?call, "runtime");
+            self.spawner.run_builtin(call, stdio, self.timeout).await
+        } else {
+            let argv = self.binary.argv(&op, &log);
+            tracing::debug!(?argv, "runtime");
+            self.spawner.spawn(argv, stdio, self.timeout).await
+        };
         crate::instruments::runtime_command(op.name(), started.elapsed());
         let failed = !matches!(
             completion,

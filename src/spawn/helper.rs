@@ -1,18 +1,21 @@
-//! The spawn helper's side: a single-threaded loop that starts runtime commands, captures their
-//! output, enforces their timeouts and reports how they ended. It runs in a small process forked
-//! before berthd's runtime exists (or exec'd afresh when berthd restarts it), so forking here is
-//! cheap and safe.
+//! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
+//! built-in runtime calls in a forked child), captures their output, enforces their timeouts and
+//! reports how they ended. It runs in a small process forked before berthd's runtime exists (or
+//! exec'd afresh when berthd restarts it), so forking here is cheap and safe.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 
 use super::fdpass;
-use super::protocol::{CAPTURE_LIMIT, MAX_MESSAGE, Outcome, Request, Response, StdioSpec};
+use super::protocol::{
+    CAPTURE_LIMIT, Command as Job, MAX_MESSAGE, Outcome, Request, Response, StdioSpec,
+};
+use crate::runtime::builtin::BuiltinCall;
 
 struct Capture {
     pipe: Option<OwnedFd>,
@@ -61,7 +64,8 @@ impl Capture {
 }
 
 struct Running {
-    child: Child,
+    /// The command, also the leader of its own process group.
+    pid: rustix::process::Pid,
     pidfd: OwnedFd,
     deadline: Instant,
     timed_out: bool,
@@ -142,52 +146,114 @@ fn start(
     fds: Vec<OwnedFd>,
     running: &mut HashMap<u64, Running>,
 ) {
+    let started = match request.command {
+        Job::Exec { argv } => exec(&argv, request.stdio, fds),
+        Job::Builtin(call) => builtin(&call, request.stdio, fds),
+    };
+    let (pid, stdout, stderr) = match started {
+        Ok(started) => started,
+        Err(error) => return respond(socket, failed(request.id, error)),
+    };
+    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            return respond(
+                socket,
+                failed(
+                    request.id,
+                    format!("pidfd_open {}: {e}", pid.as_raw_nonzero()),
+                ),
+            );
+        }
+    };
+    running.insert(
+        request.id,
+        Running {
+            pid,
+            pidfd,
+            deadline: Instant::now() + Duration::from_millis(request.timeout_ms),
+            timed_out: false,
+            stdout: Capture::new(stdout),
+            stderr: Capture::new(stderr),
+        },
+    );
+}
+
+/// A started command: its pid, and the read ends of its captured stdout and stderr.
+type Started = (rustix::process::Pid, Option<OwnedFd>, Option<OwnedFd>);
+
+fn exec(argv: &[String], stdio: [StdioSpec; 3], fds: Vec<OwnedFd>) -> Result<Started, String> {
     let mut fds = fds.into_iter();
-    let [stdin, stdout, stderr] = request.stdio.map(|spec| match spec {
+    let [stdin, stdout, stderr] = stdio.map(|spec| match spec {
         StdioSpec::Null => Stdio::null(),
         StdioSpec::Capture => Stdio::piped(),
         StdioSpec::Passed => fds.next().map(Stdio::from).unwrap_or_else(Stdio::null),
     });
-    let Some((program, args)) = request.argv.split_first() else {
-        return respond(socket, failed(request.id, "empty argv".into()));
+    let Some((program, args)) = argv.split_first() else {
+        return Err("empty argv".into());
     };
     // A group of its own, so a timeout kills what the command started as well.
-    let spawned = Command::new(program)
+    let mut child = Command::new(program)
         .args(args)
         .process_group(0)
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => return respond(socket, failed(request.id, format!("{program}: {e}"))),
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    let pid = rustix::process::Pid::from_child(&child);
+    // Reaped by pid in reap_and_report, as the built-in runtime's children (which have no
+    // `Child`) are.
+    Ok((
+        pid,
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    ))
+}
+
+/// Forks a child that carries out `call` with stdio as asked, then exits 0, or 1 after writing
+/// why to the call's log.
+fn builtin(
+    call: &BuiltinCall,
+    stdio: [StdioSpec; 3],
+    fds: Vec<OwnedFd>,
+) -> Result<Started, String> {
+    let mut fds = fds.into_iter();
+    let mut captured: [Option<OwnedFd>; 3] = [None, None, None];
+    let mut child_stdio: Vec<OwnedFd> = Vec::with_capacity(3);
+    for (spec, read_end) in stdio.iter().zip(captured.iter_mut()) {
+        let fd = match spec {
+            StdioSpec::Passed => match fds.next() {
+                Some(fd) => fd,
+                None => dev_null()?,
+            },
+            StdioSpec::Null => dev_null()?,
+            StdioSpec::Capture => {
+                let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                    .map_err(|e| format!("pipe: {e}"))?;
+                *read_end = Some(read);
+                write
+            }
+        };
+        child_stdio.push(fd);
+    }
+    let Ok(child_stdio) = <[OwnedFd; 3]>::try_from(child_stdio) else {
+        return Err("stdio: three streams expected".into());
     };
-    let pid = child.id() as i32;
-    let pidfd = match rustix::process::Pid::from_raw(pid)
-        .ok_or(rustix::io::Errno::SRCH)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
-    {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return respond(socket, failed(request.id, format!("pidfd_open {pid}: {e}")));
-        }
-    };
-    let stdout = Capture::new(child.stdout.take().map(OwnedFd::from));
-    let stderr = Capture::new(child.stderr.take().map(OwnedFd::from));
-    running.insert(
-        request.id,
-        Running {
-            child,
-            pidfd,
-            deadline: Instant::now() + Duration::from_millis(request.timeout_ms),
-            timed_out: false,
-            stdout,
-            stderr,
-        },
-    );
+    let pid = super::fork::fork_builtin(call, child_stdio).map_err(|e| format!("fork: {e}"))?;
+    let [_, stdout, stderr] = captured;
+    Ok((pid, stdout, stderr))
+}
+
+fn dev_null() -> Result<OwnedFd, String> {
+    rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("/dev/null: {e}"))
 }
 
 fn failed(id: u64, error: String) -> Response {
@@ -208,24 +274,24 @@ fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>) {
         r.stderr.drain();
         if !r.timed_out && now >= r.deadline {
             r.timed_out = true;
-            if let Some(group) = rustix::process::Pid::from_raw(r.child.id() as i32) {
-                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-            }
-            let _ = r.child.kill();
+            let _ = rustix::process::kill_process_group(r.pid, rustix::process::Signal::KILL);
+            let _ = rustix::process::kill_process(r.pid, rustix::process::Signal::KILL);
         }
-        if let Ok(Some(status)) = r.child.try_wait() {
+        if let Ok(Some((_, status))) =
+            rustix::process::waitpid(Some(r.pid), rustix::process::WaitOptions::NOHANG)
+        {
             r.stdout.drain();
             r.stderr.drain();
             let outcome = if r.timed_out {
                 Outcome::TimedOut
             } else {
                 Outcome::Exited {
-                    wait_status: status.into_raw(),
+                    wait_status: status.as_raw(),
                 }
             };
             finished.push(Response {
                 id: *id,
-                pid: r.child.id() as i32,
+                pid: r.pid.as_raw_nonzero().get(),
                 outcome,
                 stdout: r.stdout.text(),
                 stderr: r.stderr.text(),

@@ -9,6 +9,7 @@
 //! [`Completion`] with the wait status decoded.
 //! Does not own: what commands are run (runtime) or the processes they leave behind (reaper).
 
+mod builtin;
 pub(crate) mod fdpass;
 #[allow(unsafe_code)]
 mod fork;
@@ -30,9 +31,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::runtime::builtin::BuiltinCall;
 use crate::runtime::{self, Completion, SpawnStdio, Spawner};
 use crate::wait_status::exit_code;
-use protocol::{MAX_MESSAGE, Request, Response, StdioSpec};
+use protocol::{Command, MAX_MESSAGE, Request, Response, StdioSpec};
 
 /// The argument that makes the berthd binary run as a restarted spawn helper on its stdin.
 pub const HELPER_ARG: &str = "__spawn-helper";
@@ -116,6 +118,15 @@ impl SpawnHelper {
         stdio: [SpawnStdio; 3],
         timeout: Duration,
     ) -> Result<Response> {
+        self.request(Command::Exec { argv }, stdio, timeout).await
+    }
+
+    async fn request(
+        &self,
+        command: Command,
+        stdio: [SpawnStdio; 3],
+        timeout: Duration,
+    ) -> Result<Response> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut specs = [StdioSpec::Null; 3];
         let mut fds: Vec<OwnedFd> = Vec::new();
@@ -131,7 +142,7 @@ impl SpawnHelper {
         }
         let request = Request {
             id,
-            argv,
+            command,
             stdio: specs,
             timeout_ms: timeout.as_millis() as u64,
         };
@@ -204,6 +215,19 @@ impl Spawner for SpawnHelper {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Completion>> {
         Box::pin(async move { self.run(argv, stdio, timeout).await.map(completion) })
+    }
+
+    fn run_builtin(
+        &self,
+        call: BuiltinCall,
+        stdio: [SpawnStdio; 3],
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Completion>> {
+        Box::pin(async move {
+            self.request(Command::Builtin(call), stdio, timeout)
+                .await
+                .map(completion)
+        })
     }
 }
 

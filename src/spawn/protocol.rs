@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::builtin::BuiltinCall;
+
 /// Largest message either side sends; captured output is cut to fit.
 pub(crate) const MAX_MESSAGE: usize = 128 * 1024;
 /// Captured stdout or stderr kept per command: plenty for `state` JSON and error text.
@@ -18,10 +20,19 @@ pub(crate) enum StdioSpec {
     Capture,
 }
 
+/// What the helper runs for a request.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Command {
+    /// A program, forked and exec'd.
+    Exec { argv: Vec<String> },
+    /// A built-in runtime operation, carried out in a forked child that exits when it is done.
+    Builtin(BuiltinCall),
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Request {
     pub id: u64,
-    pub argv: Vec<String>,
+    pub command: Command,
     pub stdio: [StdioSpec; 3],
     pub timeout_ms: u64,
 }

@@ -2,6 +2,7 @@
 //! nothing behind: no runtime state, cgroup, registry entry, state file, fd or zombie.
 
 use std::fs;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -10,10 +11,22 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::Code;
 
+/// Whether a runtime's error says that `/nonexistent` is missing: runc says "no such file",
+/// libcontainer (`--runtime builtin`) "not found".
+fn names_missing_binary(message: &str) -> bool {
+    message.contains("nonexistent")
+        && (message.contains("no such file") || message.contains("not found"))
+}
+
 /// One full create/exec/kill cycle so that lazily opened fds are in the baseline it returns.
+/// Each warm-up container has a name of its own: without cgroupsPath, the built-in runtime's
+/// cgroup is `:youki:<id>` at each hierarchy's root, shared by the berthds of concurrent tests
+/// that use the same id, and deleting a container kills every process in its cgroup.
 async fn warm_up(d: &mut Daemon) -> Baseline {
+    static WARM_UPS: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("warm-up-{}", WARM_UPS.fetch_add(1, Ordering::Relaxed));
     let mut events = d.events().await;
-    let ctr = d.run("warm-up", &["sleep", "1000"]).await;
+    let ctr = d.run(&name, &["sleep", "1000"]).await;
     let child = d.exec(exec_req(&ctr.id, &["/bin/true"])).await;
     assert_eq!(events.exit_status(&ctr.id, child).await, 0);
     d.kill_container(&mut events, &ctr.id, ctr.pid).await;
@@ -232,7 +245,7 @@ async fn runtime_failure_returns_the_runtime_error_and_leaves_nothing() {
             assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             let message = status.message().to_lowercase();
             assert!(
-                message.contains("nonexistent") && message.contains("no such file"),
+                names_missing_binary(&message),
                 "not the runtime's error: {status:?}"
             );
             d.assert_nothing_left(&id, &baseline).await;
@@ -332,7 +345,7 @@ async fn add_process_errors_leave_nothing_behind() {
             .expect_err("AddProcess of a missing binary");
         let message = status.message().to_lowercase();
         assert!(
-            message.contains("nonexistent") && message.contains("no such file"),
+            names_missing_binary(&message),
             "not the runtime's error: {status:?}"
         );
 
@@ -498,6 +511,46 @@ async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
         }
         d.assert_no_zombies().await;
         wait_for_spawn_helper(d.pid(), Some(helper)).await;
+    })
+    .await
+}
+
+/// The built-in runtime has no CRIU: a checkpoint and a restore are refused with
+/// FAILED_PRECONDITION naming the runtime that can, and leave nothing behind.
+#[cfg(feature = "builtin")]
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_and_restore_on_the_builtin_runtime_name_runc() {
+    use berth_api::proto::{Checkpoint, CreateCheckpointRequest};
+    within(async {
+        let mut d = daemon!(Options::args(&["--runtime", "builtin"]));
+        let mut events = d.events().await;
+        let ctr = d.run("builtin-cp", &["sleep", "1000"]).await;
+        let fds = d.baseline();
+        let req = CreateCheckpointRequest {
+            id: ctr.id.clone(),
+            checkpoint: Some(Checkpoint {
+                name: "cp1".into(),
+                ..Default::default()
+            }),
+        };
+        let message = expect_code(
+            d.client.create_checkpoint(req).await,
+            Code::FailedPrecondition,
+        );
+        assert!(message.contains("--runtime runc"), "{message}");
+        assert!(!ctr.bundle.path().join("checkpoints/cp1").exists());
+
+        fs::create_dir_all(ctr.bundle.path().join("checkpoints/cp2")).expect("checkpoint dir");
+        let restored = id("builtin-restore");
+        let mut req = create_req(&restored, &ctr.bundle);
+        req.checkpoint = "cp2".into();
+        let message = expect_code(
+            d.client.create_container(req).await,
+            Code::FailedPrecondition,
+        );
+        assert!(message.contains("--runtime runc"), "{message}");
+        d.assert_nothing_left(&restored, &fds).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
     })
     .await
 }

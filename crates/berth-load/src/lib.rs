@@ -66,7 +66,8 @@ pub struct Options {
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub concurrency: Vec<u64>,
 
-    /// OCI runtime for berthd and for the direct floor: runc or crun
+    /// OCI runtime for berthd and for the direct floor: runc or crun; or builtin (berthd on
+    /// libcontainer, the floor then runc)
     #[arg(long, env = "BERTH_RUNTIME", default_value = "runc")]
     pub runtime: String,
 
@@ -168,11 +169,24 @@ pub fn prepare_process() -> Result<(), LoadError> {
         .map_err(|e| LoadError(format!("becoming a child subreaper: {e}")))
 }
 
+/// The runtime binary the direct floor runs: the one berthd runs, or runc when berthd runs its
+/// built-in runtime (which has no binary to run by hand).
+fn floor_runtime(runtime: &str) -> &str {
+    if runtime == "builtin" {
+        "runc"
+    } else {
+        runtime
+    }
+}
+
 /// Runs the benchmark, prints its table (and writes `--json`), cleaning up every container it
 /// made even when it fails, times out or is interrupted (SIGINT, SIGTERM).
 pub async fn bench(options: &Options) -> Result<(), LoadError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let session = Arc::new(Session::new(&options.work_dir, &options.runtime)?);
+    let session = Arc::new(Session::new(
+        &options.work_dir,
+        floor_runtime(&options.runtime),
+    )?);
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| LoadError(e.to_string()))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| LoadError(e.to_string()))?;
     let outcome = tokio::select! {

@@ -581,6 +581,10 @@ impl Drop for Daemon {
         // berthd leaves containers running when it stops, so remove them through the runtime.
         let root = self.state_dir().join("runtime");
         for id in runtime_ids(&root) {
+            if builtin_runtime() {
+                remove_builtin(&root, &id);
+                continue;
+            }
             let _ = Command::new("runc")
                 .arg("--root")
                 .arg(&root)
@@ -638,12 +642,14 @@ fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
         || PathBuf::from(env!("CARGO_BIN_EXE_berthd")),
         Path::to_owned,
     );
+    let runtime = test_runtime().filter(|_| !options.args.contains(&"--runtime"));
     Command::new(binary)
         .arg("--listen")
         .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--log-level", "debug"])
+        .args(runtime.iter().flat_map(|r| ["--runtime", r.as_str()]))
         .args(options.args)
         .envs(options.env.iter().copied())
         .stdin(Stdio::null())
@@ -690,7 +696,45 @@ fn terminate(child: &mut Child, signal: Signal) -> ExitStatus {
     panic!("berthd ignored {signal} for 10 s; killed it ({status})");
 }
 
+/// The runtime berthd runs the tests' containers with unless a test names one:
+/// `BERTH_TEST_RUNTIME` (scripts/test's second pass sets `builtin`), else berthd's default.
+pub fn test_runtime() -> Option<String> {
+    std::env::var("BERTH_TEST_RUNTIME")
+        .ok()
+        .filter(|r| !r.is_empty())
+}
+
+/// Whether the tests run on the built-in runtime, whose state under `<state>/runtime` is
+/// libcontainer's (a directory per container with a `state.json`), not runc's.
+pub fn builtin_runtime() -> bool {
+    test_runtime().as_deref() == Some("builtin")
+}
+
+/// Kills what the built-in runtime left of container `id` under `root` and removes its state.
+fn remove_builtin(root: &Path, id: &str) {
+    let dir = root.join(id);
+    let pid = fs::read_to_string(dir.join("state.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|state| state["pid"].as_i64());
+    if let Some(pid) = pid.filter(|&p| p > 0) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
 fn runtime_ids(root: &Path) -> Vec<String> {
+    if builtin_runtime() {
+        let mut ids: Vec<String> = fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().join("state.json").exists())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        return ids;
+    }
     let out = Command::new("runc")
         .arg("--root")
         .arg(root)
