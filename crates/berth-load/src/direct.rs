@@ -72,6 +72,13 @@ impl Floor {
         }
     }
 
+    /// The faster kill+delete of the two launches' teardowns.
+    pub fn best_teardown_per_sec(&self) -> f64 {
+        self.create_start
+            .teardown_per_sec
+            .max(self.run_detached.teardown_per_sec)
+    }
+
     /// The memory traces of both launches, when they were taken.
     pub fn memory_traces(&self) -> Vec<&MemoryTrace> {
         [&self.create_start.memory, &self.run_detached.memory]
