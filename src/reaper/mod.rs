@@ -73,7 +73,7 @@ impl Tables {
     fn claimed(&mut self, pid: i32) -> bool {
         self.claims.values_mut().any(|claim| {
             if claim.pid.is_none() {
-                match read_pid(&claim.pid_file) {
+                match read_pid_file(&claim.pid_file) {
                     Ok(Some(read)) => claim.pid = Some(read),
                     Ok(None) => return false,
                     Err(e) => {
@@ -87,8 +87,9 @@ impl Tables {
     }
 }
 
-/// The pid in `path`; `None` while it does not exist.
-fn read_pid(path: &Path) -> io::Result<Option<i32>> {
+/// The pid a runtime wrote to its `--pid-file` at `path`, read no further than a pid can be
+/// long; `None` while it does not exist.
+pub(crate) fn read_pid_file(path: &Path) -> io::Result<Option<i32>> {
     use std::io::Read;
     let file = match std::fs::File::open(path) {
         Ok(file) => file,

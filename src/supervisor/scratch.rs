@@ -50,10 +50,14 @@ impl Supervisor {
     }
 }
 
-/// The pid a runtime wrote to its `--pid-file`.
+/// The pid a runtime wrote to its `--pid-file`, which must exist once the runtime has finished.
 pub(super) fn read_pid_file(path: &Path) -> Result<i32> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.trim()
-        .parse()
-        .map_err(|_| Error::Internal(format!("{}: not a pid: {text:?}", path.display())))
+    match crate::reaper::read_pid_file(path) {
+        Ok(Some(pid)) => Ok(pid),
+        Ok(None) => Err(Error::io(path, std::io::ErrorKind::NotFound.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(Error::Internal(format!("{}: {e}", path.display())))
+        }
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
