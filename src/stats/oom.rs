@@ -173,10 +173,10 @@ impl Watcher {
         let counter_path = dir.join("memory.oom_control");
         let counter = open_counter(&counter_path)?;
         let mut shared = lock(&self.eventfd);
-        if shared.is_none() {
-            *shared = Some(self.start_eventfd()?);
-        }
-        let eventfd = &shared.as_ref().expect("eventfd just started").fd;
+        let eventfd = match &mut *shared {
+            Some(started) => &started.fd,
+            empty => &empty.insert(self.start_eventfd()?).fd,
+        };
         let control = dir.join("cgroup.event_control");
         std::fs::OpenOptions::new()
             .write(true)
@@ -252,10 +252,10 @@ impl Watcher {
     fn watch_v2(&self, id: &str, pid: u32, events_path: &Path) -> Result<Arc<Watch>> {
         open_counter(events_path)?;
         let mut inotify = lock(&self.inotify);
-        if inotify.is_none() {
-            *inotify = Some(self.start_inotify()?);
-        }
-        let shared = inotify.as_ref().expect("inotify just started");
+        let shared = match &mut *inotify {
+            Some(started) => &*started,
+            empty => &*empty.insert(self.start_inotify()?),
+        };
         let wd = inotify::add_watch(
             shared.fd.get_ref(),
             events_path,
