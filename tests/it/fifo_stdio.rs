@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
 use berth_api::proto::CreateContainerRequest;
 
 use crate::common::*;
@@ -100,12 +99,7 @@ async fn fifo_stdio_keeps_working_across_an_in_place_upgrade() {
         talk.counted(2).await;
         talk.echoes("before").await;
 
-        let mut admin = berth_api::client::connect_daemon(&d.socket())
-            .await
-            .expect("connect to the Daemon service");
-        let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
-        admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
-        new_image(&d.socket(), &old_image).await;
+        upgrade_in_place(&d.socket()).await;
 
         talk.echoes("after").await;
         talk.counted(3).await;

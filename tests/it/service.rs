@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
+use berth_api::daemon_proto::UpgradeRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
@@ -104,12 +104,7 @@ async fn a_socket_activated_berthd_serves_and_keeps_serving_across_an_upgrade() 
             "not started by systemd-socket-activate: {log}"
         );
 
-        let mut admin = berth_api::client::connect_daemon(&d.socket())
-            .await
-            .expect("connect to the Daemon service");
-        let old = admin.info(InfoRequest {}).await.expect("Info").into_inner();
-        admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
-        let info = new_image(&d.socket(), &old).await;
+        let (old, info) = upgrade_in_place(&d.socket()).await;
         assert_eq!(info.pid, old.pid);
         let mut client = d.connect().await;
         let listed = state(&mut client).await;

@@ -5,8 +5,6 @@
 use std::io::Write;
 use std::path::Path;
 
-use berth_api::daemon_proto::{InfoRequest, UpgradeRequest};
-
 use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,12 +116,7 @@ async fn a_terminal_keeps_working_across_an_in_place_upgrade() {
         let mut added = Echo::open(&stdin, &stdout);
         added.echoes("added-before").await;
 
-        let mut admin = berth_api::client::connect_daemon(&d.socket())
-            .await
-            .expect("connect to the Daemon service");
-        let old_image = admin.info(InfoRequest {}).await.expect("Info").into_inner();
-        admin.upgrade(UpgradeRequest {}).await.expect("Upgrade");
-        new_image(&d.socket(), &old_image).await;
+        upgrade_in_place(&d.socket()).await;
 
         init.echoes("after").await;
         added.echoes("added-after").await;

@@ -809,6 +809,30 @@ pub async fn image_info(socket: &Path) -> berth_api::daemon_proto::InfoResponse 
         .into_inner()
 }
 
+/// Asks berthd for Daemon.Upgrade in place and waits for the new image to answer; returns the
+/// old image's Info and the new one's.
+pub async fn upgrade_in_place(
+    socket: &Path,
+) -> (
+    berth_api::daemon_proto::InfoResponse,
+    berth_api::daemon_proto::InfoResponse,
+) {
+    let mut admin = berth_api::client::connect_daemon(socket)
+        .await
+        .expect("connect to the Daemon service");
+    let old = admin
+        .info(berth_api::daemon_proto::InfoRequest {})
+        .await
+        .expect("Info")
+        .into_inner();
+    admin
+        .upgrade(berth_api::daemon_proto::UpgradeRequest {})
+        .await
+        .expect("Upgrade");
+    let new = new_image(socket, &old).await;
+    (old, new)
+}
+
 /// Waits until an image other than `old` answers Info on `socket` (clients reconnect to the
 /// same path; the new image answers once it has recovered), and returns its Info.
 pub async fn new_image(
