@@ -157,6 +157,10 @@ impl Supervisor {
         } = steps;
         let id = &request.id;
         let opened = process_stdio(&request.stdio, console.is_some()).await?;
+        let relay_ends = match console {
+            Some(_) => Some(stdio::relay_ends(&request.stdio).await?),
+            None => None,
+        };
         // A terminal's init has no stdio of its own to pipe (its pty is relayed instead).
         let InitStdio {
             container: stdio,
@@ -208,9 +212,9 @@ impl Supervisor {
             undo.pipe_relay();
             self.keep_pipe_relay(id, pid as u32, relay);
         }
-        if let Some(console) = console {
+        if let (Some(console), Some(ends)) = (console, relay_ends) {
             let master = console.receive_master(CONSOLE_TIMEOUT).await?;
-            undo.relay(self.relay_terminal(id, pid as u32, master, &request.stdio)?);
+            undo.relay(self.relay_terminal(id, pid as u32, master, ends)?);
         }
         if restore.is_none() && create_mode == CreateMode::CreateStart {
             self.runtime.run(Operation::Start { id }).await?;

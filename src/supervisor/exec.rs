@@ -139,6 +139,10 @@ impl Supervisor {
         undo: &mut Undo<'_>,
     ) -> Result<()> {
         let stdio = process_stdio(paths, console.is_some()).await?;
+        let relay_ends = match console {
+            Some(_) => Some(stdio::relay_ends(paths).await?),
+            None => None,
+        };
         // As for an init (see create): the process may be a zombie by the time the runtime
         // returns, and the orphan sweep must leave it to `track`.
         let claim = self.reaper.claim(pid_file);
@@ -161,8 +165,8 @@ impl Supervisor {
         undo.started(pid);
         undo.tracked(self.reaper.track(pid)?);
         drop(claim);
-        if let Some(master) = master {
-            undo.relay(self.relay_terminal(id, pid as u32, master?, paths)?);
+        if let (Some(master), Some(ends)) = (master, relay_ends) {
+            undo.relay(self.relay_terminal(id, pid as u32, master?, ends)?);
         }
         Ok(())
     }

@@ -135,7 +135,10 @@ impl Supervisor {
             caller: Some(self.caller(Peer::root())),
             ..stdio.clone()
         };
-        match self.relay_terminal(id, pid, master, &paths) {
+        match paths
+            .open_relay()
+            .and_then(|ends| self.relay_terminal(id, pid, master, ends))
+        {
             Ok(_) => {
                 tracing::info!(id, pid, "terminal resumed from the pty master handed over");
                 true

@@ -80,7 +80,7 @@ impl StdioPaths {
     /// What a pty master is relayed to. A console that is a terminal is both input and output;
     /// any other console is output only (a FIFO read back would feed the terminal its own
     /// output), with input from stdin. Without a console: input from stdin, output to stdout.
-    pub(super) fn open_relay(&self) -> Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    pub(super) fn open_relay(&self) -> Result<RelayEnds> {
         let caller = self.caller()?;
         let output = match (self.console.is_empty(), self.stdout.is_empty()) {
             (false, _) => match caller.open_console(&self.console)? {
@@ -102,9 +102,24 @@ impl StdioPaths {
     }
 }
 
+/// What a pty master is relayed to: input, output (see [`StdioPaths::open_relay`]).
+pub type RelayEnds = (Option<OwnedFd>, Option<OwnedFd>);
+
+/// The paths a process's pty master will be relayed to, opened off the reactor before the
+/// runtime runs, so a path the caller may not use is refused before anything has started.
+pub async fn relay_ends(paths: &StdioPaths) -> Result<RelayEnds> {
+    let caller = paths.caller()?;
+    let paths = paths.clone();
+    caller
+        .off_reactor("opening the terminal's stdio paths", move || {
+            paths.open_relay()
+        })
+        .await
+}
+
 /// The stdio a runtime command gets: the client's paths, or nothing when a pty replaces them
-/// (those are opened by [`relay_terminal`]; opening and closing a FIFO here would show its
-/// reader a writer that came and went).
+/// (those are opened by [`relay_ends`]; opening and closing a FIFO here would show its reader a
+/// writer that came and went).
 pub async fn process_stdio(paths: &StdioPaths, terminal: bool) -> Result<[SpawnStdio; 3]> {
     if terminal {
         return Ok([SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]);
@@ -333,7 +348,7 @@ impl Relay {
 /// `on_end` runs once the process side has closed (not when the relay is stopped).
 pub fn relay_terminal(
     master: OwnedFd,
-    (input, output): (Option<OwnedFd>, Option<OwnedFd>),
+    (input, output): RelayEnds,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Relay> {
     let kept = master

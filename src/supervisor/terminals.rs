@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Supervisor;
-use super::stdio::{self, Relay, StdioPaths};
+use super::stdio::{self, Relay, RelayEnds};
 use crate::error::Result;
 use crate::upgrade::HandedTerminal;
 
@@ -30,23 +30,21 @@ pub(super) struct Terminals {
 pub(super) struct RelayId(u64);
 
 impl Supervisor {
-    /// Relays `master`, the pty of process `pid` of container `id`, to `paths` until the
+    /// Relays `master`, the pty of process `pid` of container `id`, to `ends` until the
     /// process side closes.
     pub(super) fn relay_terminal(
         &self,
         id: &str,
         pid: u32,
         master: OwnedFd,
-        paths: &StdioPaths,
+        ends: RelayEnds,
     ) -> Result<RelayId> {
-        // Opened before the lock below: every other relay's start and end takes that lock.
-        let endpoints = paths.open_relay()?;
         let number = self.terminals.next.fetch_add(1, Ordering::Relaxed);
         let ended = Arc::clone(&self.terminals.running);
         // Held while the relay starts, so a relay that ends at once cannot be forgotten before
         // it is remembered.
         let mut running = lock(&self.terminals.running);
-        let relay = stdio::relay_terminal(master, endpoints, move || {
+        let relay = stdio::relay_terminal(master, ends, move || {
             lock(&ended).remove(&number);
         })?;
         running.insert(

@@ -554,3 +554,58 @@ async fn checkpoint_and_restore_on_the_builtin_runtime_name_runc() {
     })
     .await
 }
+
+/// A terminal's console or stdio path that cannot be used is refused before the runtime starts
+/// anything (no `run`, `create` or `exec` is called), for a create and for an added process.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unusable_terminal_path_is_refused_before_the_runtime_runs() {
+    within(async {
+        let scripts = tempfile::tempdir().expect("temp dir");
+        let calls = scripts.path().join("calls");
+        let body = format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            calls.display(),
+            runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "logging-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let baseline = warm_up(&mut d).await;
+        let running = d.run("terminal-paths", &["sleep", "1000"]).await;
+        fs::write(&calls, "").expect("truncate the call log");
+
+        let bundle = Bundle::new(&["sh", "-c", "exit 0"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let id = id("bad-console");
+        let directory = path_str(d.dir());
+        for console in ["/dev/zero", directory.as_str()] {
+            let mut req = create_req(&id, &bundle);
+            req.console = console.to_owned();
+            let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+            assert!(message.contains("console"), "{message}");
+        }
+        let mut req = exec_req(&running.id, &["true"]);
+        req.terminal = true;
+        req.stdout = "/dev/zero".into();
+        let message = expect_code(d.client.add_process(req).await, Code::InvalidArgument);
+        assert!(message.contains("stdout"), "{message}");
+
+        let called = fs::read_to_string(&calls).expect("read the call log");
+        let started: Vec<&str> = called
+            .lines()
+            .filter(|line| {
+                line.split_whitespace()
+                    .any(|word| ["run", "create", "exec"].contains(&word))
+            })
+            .collect();
+        assert!(
+            started.is_empty(),
+            "the runtime was asked to start: {started:?}"
+        );
+        d.assert_gone(&id).await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &running.id, running.pid)
+            .await;
+        d.assert_nothing_left(&id, &baseline).await;
+    })
+    .await
+}
