@@ -3,10 +3,11 @@
 //! of its own, where runc's path turns it into argv.
 //!
 //! Owns: which operations the built-in runtime takes (everything but checkpoint and restore,
-//! which need CRIU through a runtime binary) and the owned, serialisable form they travel in.
-//! Does not own: running them (the spawn helper), or what they mean to the supervisor.
+//! which need CRIU through a runtime binary), the owned, serialisable form they travel in, and
+//! where a container's cgroup goes (as runc's cgroupfs driver puts it). Does not own: running
+//! them (the spawn helper), or what they mean to the supervisor.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,9 @@ pub const BUILTIN: &str = "builtin";
 pub struct BuiltinCall {
     /// libcontainer's root: one directory per container, as runc's `--root`.
     pub root: PathBuf,
+    /// Beside the root: per container, the private copy of its spec that libcontainer runs
+    /// (`<bundles>/<id>/config.json`) and the bundle it came from.
+    pub bundles: PathBuf,
     /// Where a failure is written as one JSON line, as runc's `--log --log-format json`.
     pub log: PathBuf,
     pub op: BuiltinOp,
@@ -119,9 +123,59 @@ impl BuiltinCall {
         };
         Ok(BuiltinCall {
             root: owned(root),
+            bundles: root.with_extension("bundles"),
             log: owned(log),
             op,
         })
+    }
+}
+
+/// The cgroup runc's cgroupfs driver gives container `id`: `cgroups_path` cleaned (no `..`
+/// climbs out of where it starts), kept when absolute; a relative one, or `<id>` when there is
+/// none, beneath `own`, the cgroup of the process creating the container (berthd's).
+pub fn cgroup_placement(cgroups_path: Option<&Path>, id: &str, own: &Path) -> PathBuf {
+    let inner = cgroups_path.unwrap_or(Path::new(id));
+    let mut cleaned = PathBuf::new();
+    for component in inner.components() {
+        match component {
+            Component::Normal(part) => cleaned.push(part),
+            Component::ParentDir => {
+                cleaned.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    if inner.is_absolute() {
+        Path::new("/").join(cleaned)
+    } else {
+        own.join(cleaned)
+    }
+}
+
+/// The cgroup of the process whose `/proc/<pid>/cgroup` is `proc_cgroup`, as one path for every
+/// controller (libcontainer takes one): its memory controller's on cgroup v1, else its unified
+/// cgroup, whose parent is taken for a `.scope` (which holds processes, so cannot have
+/// children with controllers; runc does the same).
+pub fn own_cgroup(proc_cgroup: &[u8]) -> Result<PathBuf> {
+    let (mut memory, mut unified) = (None, None);
+    crate::stats::parse::proc_cgroup(proc_cgroup, |line| {
+        if line.controllers.split(',').any(|c| c == "memory") {
+            memory = Some(PathBuf::from(line.path));
+        } else if line.hierarchy == 0 && line.controllers.is_empty() {
+            unified = Some(PathBuf::from(line.path));
+        }
+    })?;
+    if let Some(memory) = memory {
+        return Ok(memory);
+    }
+    let unified = unified.ok_or_else(|| {
+        Error::NotFound("/proc/self/cgroup names neither a memory nor a unified cgroup".into())
+    })?;
+    match unified.parent() {
+        Some(parent) if unified.extension().is_some_and(|e| e == "scope") => {
+            Ok(parent.to_path_buf())
+        }
+        _ => Ok(unified),
     }
 }
 
@@ -149,6 +203,7 @@ mod tests {
             }
         );
         assert_eq!(call.root, Path::new("/r"));
+        assert_eq!(call.bundles, Path::new("/r.bundles"));
         let json = serde_json::to_string(&call).unwrap();
         assert_eq!(serde_json::from_str::<BuiltinCall>(&json).unwrap(), call);
     }
@@ -167,5 +222,35 @@ mod tests {
             tonic::Status::from(err).code(),
             tonic::Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn a_cgroup_goes_where_runc_puts_it() {
+        let own = Path::new("/system.slice/berthd.service");
+        let placed = |path: Option<&str>| cgroup_placement(path.map(Path::new), "web", own);
+        assert_eq!(placed(None), Path::new("/system.slice/berthd.service/web"));
+        assert_eq!(placed(Some("pods/a")), own.join("pods/a"));
+        assert_eq!(placed(Some("/pods/a")), Path::new("/pods/a"));
+        assert_eq!(placed(Some("/a/../../etc")), Path::new("/etc"));
+        assert_eq!(placed(Some("../../x")), own.join("x"));
+        assert_eq!(placed(Some("./a//b/.")), own.join("a/b"));
+        assert_eq!(placed(Some("/")), Path::new("/"));
+    }
+
+    #[test]
+    fn the_own_cgroup_is_memorys_on_v1_else_the_unified_one() {
+        let hybrid = b"12:pids:/p\n5:cpu,cpuacct:/c\n4:memory:/system.slice/b.service\n0::/u\n";
+        assert_eq!(
+            own_cgroup(hybrid).unwrap(),
+            Path::new("/system.slice/b.service")
+        );
+        assert_eq!(own_cgroup(b"0::/\n").unwrap(), Path::new("/"));
+        assert_eq!(own_cgroup(b"0::/a/b\n").unwrap(), Path::new("/a/b"));
+        assert_eq!(
+            own_cgroup(b"0::/user.slice/session-3.scope\n").unwrap(),
+            Path::new("/user.slice")
+        );
+        assert!(own_cgroup(b"3:cpu:/c\n").is_err());
+        assert!(own_cgroup(b"garbage").is_err());
     }
 }

@@ -138,6 +138,15 @@ pub enum CreateMode {
     CreateStart,
 }
 
+/// Where a runtime recorded a container's cgroup ([`Runtime::recorded_cgroup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RecordedCgroup {
+    /// A directory per controller, `""` for the unified hierarchy (runc).
+    Dirs(Vec<(String, PathBuf)>),
+    /// One cgroup path, the same in every hierarchy (libcontainer).
+    Path(PathBuf),
+}
+
 /// The runtime binary and where it keeps its state.
 #[derive(Debug, Clone)]
 pub struct RuntimeBinary {
@@ -376,24 +385,39 @@ impl Runtime {
         self.criu.ready(&self.spawner).await
     }
 
-    /// The cgroup directories the runtime made for container `id`, by controller (`""` for the
-    /// unified hierarchy), from the `cgroup_paths` of its `state.json` (runc writes them). For a
-    /// container whose init has already exited: a zombie's `/proc/<pid>/cgroup` names the root
-    /// of every v1 hierarchy, not the cgroup it ran in.
-    pub(crate) async fn cgroup_dirs(&self, id: &str) -> Result<Vec<(String, PathBuf)>> {
+    /// Where the runtime recorded container `id`'s cgroup: runc's directories by controller
+    /// (`""` for the unified hierarchy) from the `cgroup_paths` of its `state.json`, or the one
+    /// path libcontainer gives every controller, from its `youki_config.json`. For a container
+    /// whose init has already exited: a zombie's `/proc/<pid>/cgroup` names the root of every
+    /// v1 hierarchy, not the cgroup it ran in.
+    pub(crate) async fn recorded_cgroup(&self, id: &str) -> Result<RecordedCgroup> {
         #[derive(serde::Deserialize)]
-        struct State {
+        struct RuncState {
             #[serde(default)]
             cgroup_paths: std::collections::HashMap<String, PathBuf>,
         }
-        let path = self.binary.root.join(id).join("state.json");
+        #[derive(serde::Deserialize)]
+        struct YoukiConfig {
+            cgroup_path: PathBuf,
+        }
+        let builtin = self.binary.is_builtin();
+        let file = if builtin {
+            "youki_config.json"
+        } else {
+            "state.json"
+        };
+        let path = self.binary.root.join(id).join(file);
         let reading = path.clone();
         let text = tokio::task::spawn_blocking(move || std::fs::read(reading))
             .await
             .map_err(|e| Error::Internal(format!("read {}: {e}", path.display())))?
             .map_err(|e| Error::io(&path, e))?;
-        let state: State = serde_json::from_slice(&text)
-            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        let malformed = |e: serde_json::Error| Error::Internal(format!("{}: {e}", path.display()));
+        if builtin {
+            let config: YoukiConfig = serde_json::from_slice(&text).map_err(malformed)?;
+            return Ok(RecordedCgroup::Path(config.cgroup_path));
+        }
+        let state: RuncState = serde_json::from_slice(&text).map_err(malformed)?;
         if state.cgroup_paths.is_empty() {
             return Err(Error::NotFound(format!(
                 "{} names no cgroup paths ({} keeps them elsewhere)",
@@ -401,7 +425,9 @@ impl Runtime {
                 self.binary.name()
             )));
         }
-        Ok(state.cgroup_paths.into_iter().collect())
+        Ok(RecordedCgroup::Dirs(
+            state.cgroup_paths.into_iter().collect(),
+        ))
     }
 
     /// Runs `op` with its output captured; returns its stdout.

@@ -309,7 +309,7 @@ fn run_argv_detaches_and_names_the_pid_file_and_console() {
 }
 
 #[tokio::test]
-async fn cgroup_dirs_come_from_the_runtime_state_file() {
+async fn a_recorded_cgroup_comes_from_the_runtime_state_file() {
     let root = tempfile::tempdir().unwrap();
     let (runtime, _) = runtime_with(Outcome::Exited { code: Some(0) }, "");
     let runtime = Runtime {
@@ -325,7 +325,9 @@ async fn cgroup_dirs_come_from_the_runtime_state_file() {
         r#"{"id":"a","cgroup_paths":{"memory":"/sys/fs/cgroup/memory/a","":"/sys/fs/cgroup/unified/a"}}"#,
     )
     .unwrap();
-    let mut dirs = runtime.cgroup_dirs("a").await.unwrap();
+    let Ok(RecordedCgroup::Dirs(mut dirs)) = runtime.recorded_cgroup("a").await else {
+        panic!("runc's state.json gives a directory per controller");
+    };
     dirs.sort();
     assert_eq!(
         dirs,
@@ -339,7 +341,25 @@ async fn cgroup_dirs_come_from_the_runtime_state_file() {
     );
     std::fs::create_dir(root.path().join("b")).unwrap();
     std::fs::write(root.path().join("b/state.json"), r#"{"id":"b"}"#).unwrap();
-    let err = runtime.cgroup_dirs("b").await.unwrap_err();
+    let err = runtime.recorded_cgroup("b").await.unwrap_err();
     assert!(err.to_string().contains("no cgroup paths"), "{err}");
-    assert!(runtime.cgroup_dirs("missing").await.is_err());
+    assert!(runtime.recorded_cgroup("missing").await.is_err());
+
+    let builtin = Runtime {
+        binary: RuntimeBinary {
+            path: PathBuf::from(crate::runtime::builtin::BUILTIN),
+            ..runtime.binary.clone()
+        },
+        ..runtime
+    };
+    std::fs::write(
+        root.path().join("a/youki_config.json"),
+        r#"{"hooks":null,"cgroup_path":"/berthd/a"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        builtin.recorded_cgroup("a").await.unwrap(),
+        RecordedCgroup::Path(PathBuf::from("/berthd/a"))
+    );
+    assert!(builtin.recorded_cgroup("b").await.is_err());
 }

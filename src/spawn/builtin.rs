@@ -54,14 +54,16 @@ fn execute(call: &BuiltinCall) -> Result<(), String> {
                   bundle: &std::path::Path,
                   pid_file: &std::path::Path,
                   console_socket: Option<&std::path::Path>| {
-        refuse_unenforced_seccomp(bundle)?;
+        let private = private_bundle(call, id, bundle)?;
+        // Relative mount sources are the bundle's, as with runc, which runs in the bundle.
+        std::env::set_current_dir(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
         builder(id)?
             .validate_id()
             .map_err(|e| chain(&e))?
             .with_pid_file(Some(pid_file))
             .map_err(|e| chain(&e))?
             .with_console_socket(console_socket)
-            .as_init(bundle)
+            .as_init(private)
             // cgroupfs, as berthd runs runc (without --systemd-cgroup).
             .with_systemd(false)
             .with_detach(true)
@@ -104,18 +106,110 @@ fn execute(call: &BuiltinCall) -> Result<(), String> {
         }
         BuiltinOp::Pause { id } => load(id)?.pause().map_err(|e| chain(&e))?,
         BuiltinOp::Resume { id } => load(id)?.resume().map_err(|e| chain(&e))?,
-        BuiltinOp::Delete { id } => load(id)?.delete(true).map_err(|e| chain(&e))?,
+        BuiltinOp::Delete { id } => {
+            if call.root.join(id).is_dir() {
+                load(id)?.delete(true).map_err(|e| chain(&e))?;
+            }
+            remove_private_bundle(call, id)?;
+        }
         BuiltinOp::List => list(call)?,
     }
     Ok(())
 }
 
+/// The bundle libcontainer is given: `<bundles>/<id>/config.json`, the bundle's spec with its
+/// root made absolute and its cgroups path where runc would put it (libcontainer puts a spec
+/// without one at `:youki:<id>` at each hierarchy's root), beside a `bundle` file naming the
+/// bundle it came from. libcontainer reads the spec again at every exec: from this copy, an
+/// edit of the client's `config.json` after the create cannot move an added process into
+/// another cgroup. Removed by the delete.
+#[cfg(feature = "builtin")]
+fn private_bundle(
+    call: &BuiltinCall,
+    id: &str,
+    bundle: &std::path::Path,
+) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+
+    use libcontainer::oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+    use crate::runtime::builtin::{cgroup_placement, own_cgroup};
+
+    let mut spec = Spec::load(bundle.join("config.json")).map_err(|e| chain(&e))?;
+    refuse_unenforced_seccomp(&spec)?;
+    let own = std::fs::read("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))
+        .and_then(|text| own_cgroup(&text).map_err(|e| e.to_string()))?;
+    if let Some(linux) = spec.linux_mut() {
+        let placed = cgroup_placement(linux.cgroups_path().as_deref(), id, &own);
+        linux.set_cgroups_path(Some(placed));
+    }
+    if let Some(root) = spec.root_mut()
+        && root.path().is_relative()
+    {
+        let absolute = bundle.join(root.path());
+        root.set_path(absolute);
+    }
+    let shares_pids = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_none_or(|ns| !ns.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
+    if shares_pids {
+        leave_for_the_v1_roots()?;
+    }
+    let dir = call.bundles.join(id);
+    remove_private_bundle(call, id)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    spec.save(dir.join("config.json")).map_err(|e| chain(&e))?;
+    let source = dir.join("bundle");
+    std::fs::write(&source, bundle.as_os_str().as_encoded_bytes())
+        .map_err(|e| format!("{}: {e}", source.display()))?;
+    Ok(dir)
+}
+
+/// Moves this process to the root of every v1 hierarchy. For a container that shares the
+/// host's pid namespace, libcontainer bind-mounts the container's own v1 cgroups into it by
+/// their paths relative to the cgroups of the init's parent, this process: from berthd's
+/// cgroups, beneath which the container's lie, the paths would come out short and the create
+/// would fail; from the roots they come out whole.
+#[cfg(feature = "builtin")]
+fn leave_for_the_v1_roots() -> Result<(), String> {
+    for point in crate::stats::cgroup::Mounts::discover().v1_points() {
+        let procs = point.join("cgroup.procs");
+        std::fs::write(&procs, "0").map_err(|e| format!("{}: {e}", procs.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "builtin")]
+fn remove_private_bundle(call: &BuiltinCall, id: &str) -> Result<(), String> {
+    let dir = call.bundles.join(id);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("{}: {e}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The bundle container `id` was created from, as the create recorded it beside the private
+/// copy; libcontainer's own state names the copy.
+#[cfg(feature = "builtin")]
+fn source_bundle(call: &BuiltinCall, id: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = std::fs::read(call.bundles.join(id).join("bundle")).ok()?;
+    Some(std::ffi::OsString::from_vec(bytes).into())
+}
+
 /// Without the `builtin-seccomp` feature libcontainer skips a `linux.seccomp` profile with only
 /// a log line; a container that asked for a filter must not run without it.
 #[cfg(all(feature = "builtin", not(feature = "builtin-seccomp")))]
-fn refuse_unenforced_seccomp(bundle: &std::path::Path) -> Result<(), String> {
-    let spec = libcontainer::oci_spec::runtime::Spec::load(bundle.join("config.json"))
-        .map_err(|e| chain(&e))?;
+fn refuse_unenforced_seccomp(spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), String> {
     if spec
         .linux()
         .as_ref()
@@ -128,7 +222,7 @@ fn refuse_unenforced_seccomp(bundle: &std::path::Path) -> Result<(), String> {
 }
 
 #[cfg(feature = "builtin-seccomp")]
-fn refuse_unenforced_seccomp(_bundle: &std::path::Path) -> Result<(), String> {
+fn refuse_unenforced_seccomp(_spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), String> {
     Ok(())
 }
 
@@ -160,7 +254,7 @@ fn list(call: &BuiltinCall) -> Result<(), String> {
             "id": container.id(),
             "pid": container.pid().map_or(0, |p| p.as_raw()),
             "status": status,
-            "bundle": container.bundle(),
+            "bundle": source_bundle(call, container.id()).unwrap_or_else(|| container.bundle().to_path_buf()),
         }));
     }
     print_json(&listed)

@@ -133,6 +133,11 @@ impl Mounts {
         mounts
     }
 
+    /// Where each v1 hierarchy is mounted.
+    pub fn v1_points(&self) -> impl Iterator<Item = &Path> {
+        self.v1.iter().map(|mount| mount.point.as_path())
+    }
+
     /// The first v1 hierarchy that carries `controller`.
     fn v1_mount(&self, controller: &str) -> Option<&V1Mount> {
         self.v1.iter().find(|mount| mount.carries(controller))
@@ -176,6 +181,24 @@ impl Mounts {
             )));
         }
         Ok(location)
+    }
+
+    /// The location of cgroup path `cgroup` in every hierarchy: v1 where this host has a
+    /// cpuacct or memory hierarchy, else v2.
+    pub fn locate_path(&self, cgroup: &Path) -> Result<Location> {
+        let text = cgroup.to_str().ok_or_else(|| {
+            Error::Internal(format!("cgroup path {} is not UTF-8", cgroup.display()))
+        })?;
+        let v1 = self.v1_dirs(text);
+        if v1.cpuacct.is_some() || v1.memory.is_some() {
+            return Ok(Location::V1(v1));
+        }
+        match &self.v2 {
+            Some(mount) => Ok(Location::V2(mount.join(cgroup.strip_prefix("/").unwrap_or(cgroup)))),
+            None => Err(Error::NotFound(
+                "no cgroup with cpu or memory accounting: neither a v1 cpuacct or memory hierarchy nor a mounted unified hierarchy".into(),
+            )),
+        }
     }
 
     fn locate_in(&self, proc_cgroup: &[u8]) -> Result<Location> {
@@ -622,6 +645,28 @@ mod tests {
             Mounts::default().locate_in(b"0::/ctr\n"),
             Err(Error::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn one_cgroup_path_is_located_in_every_v1_hierarchy_else_under_the_unified_mount() {
+        let hybrid = Mounts::from_mountinfo(THIS_HOST);
+        let Ok(Location::V1(dirs)) = hybrid.locate_path(Path::new("/berthd/web")) else {
+            panic!("this host has v1 controllers");
+        };
+        assert_eq!(
+            dirs.memory,
+            Some(PathBuf::from("/sys/fs/cgroup/memory/berthd/web"))
+        );
+        assert_eq!(
+            dirs.cpuacct,
+            Some(PathBuf::from("/sys/fs/cgroup/cpuacct/berthd/web"))
+        );
+        let unified = Mounts::from_mountinfo(UNIFIED_HOST);
+        assert_eq!(
+            unified.locate_path(Path::new("/berthd/web")).unwrap(),
+            Location::V2(PathBuf::from("/sys/fs/cgroup/berthd/web"))
+        );
+        assert!(Mounts::default().locate_path(Path::new("/a")).is_err());
     }
 
     fn v2_fixture() -> tempfile::TempDir {

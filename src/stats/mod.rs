@@ -55,7 +55,7 @@ pub mod snapshot;
 mod uring;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
@@ -253,6 +253,13 @@ impl StatsHub {
     /// them (`""` for the unified hierarchy).
     pub fn register_dirs(&self, id: &str, pid: u32, dirs: &[(String, PathBuf)]) -> Result<()> {
         self.register_at(id, pid, location_of_dirs(dirs)?);
+        Ok(())
+    }
+
+    /// [`StatsHub::register`] with the cgroup's one path in every hierarchy, as a runtime
+    /// recorded it.
+    pub fn register_path(&self, id: &str, pid: u32, cgroup: &Path) -> Result<()> {
+        self.register_at(id, pid, self.mounts.locate_path(cgroup)?);
         Ok(())
     }
 

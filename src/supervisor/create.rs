@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
-use crate::runtime::{CreateMode, CriuOptions, Operation};
+use crate::runtime::{CreateMode, CriuOptions, Operation, RecordedCgroup};
 
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
@@ -230,11 +230,14 @@ impl Supervisor {
         let Err(from_proc) = self.stats.register(id, pid) else {
             return;
         };
-        let registered = self
-            .runtime
-            .cgroup_dirs(id)
-            .await
-            .and_then(|dirs| self.stats.register_dirs(id, pid, &dirs));
+        let registered =
+            self.runtime
+                .recorded_cgroup(id)
+                .await
+                .and_then(|recorded| match recorded {
+                    RecordedCgroup::Dirs(dirs) => self.stats.register_dirs(id, pid, &dirs),
+                    RecordedCgroup::Path(path) => self.stats.register_path(id, pid, &path),
+                });
         if let Err(from_runtime) = registered {
             tracing::warn!(
                 id,

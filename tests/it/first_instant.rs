@@ -111,6 +111,25 @@ async fn killed_by_a_signal_at_once_exits_128_plus_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_container_sharing_the_hosts_pids_sees_its_own_memory_cgroup() {
+    within(async {
+        let mut d = daemon!();
+        // Its own pid is a host pid: in its own cgroup's cgroup.procs (v1 memory, else v2).
+        let bundle = Bundle::new(&[
+            "sh",
+            "-c",
+            "for f in /sys/fs/cgroup/memory/cgroup.procs /sys/fs/cgroup/cgroup.procs; do [ -f $f ] && { grep -qx $$ $f; exit $?; }; done; exit 2",
+        ]);
+        bundle.edit(|c| {
+            let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+            namespaces.retain(|ns| ns["type"] != "pid");
+        });
+        each_exits_with(&mut d, "host-pids-cgroup", &bundle, 0, 1).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_oom_kill_in_the_first_instant_gives_oom_then_exit_137() {
     within(async {
         let mut d = daemon!();

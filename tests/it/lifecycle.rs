@@ -680,3 +680,51 @@ async fn a_killed_spawn_helper_is_replaced() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_without_a_cgroups_path_is_in_its_id_beneath_berthds_cgroup() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("cgroup-placed", &["sleep", "1000"]).await;
+        let own = memory_cgroup_of(d.pid()).expect("berthd's memory cgroup");
+        assert_eq!(
+            memory_cgroup_of(ctr.pid),
+            Some(own.join(&ctr.id)),
+            "where runc puts a container without cgroupsPath"
+        );
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.assert_gone(&ctr.id).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_added_process_joins_its_containers_cgroup_whatever_the_bundle_says_later() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("cgroup-kept", &["sleep", "1000"]).await;
+        let elsewhere = format!("/berth-test-elsewhere-{}", std::process::id());
+        let moved = elsewhere.clone();
+        ctr.bundle
+            .edit(|c| c["linux"]["cgroupsPath"] = moved.as_str().into());
+        let added = d.exec(exec_req(&ctr.id, &["sleep", "1000"])).await;
+        let init_cgroup = memory_cgroup_of(ctr.pid).expect("the init's memory cgroup");
+        assert_eq!(memory_cgroup_of(added), Some(init_cgroup.clone()));
+        let hierarchy = init_cgroup
+            .ancestors()
+            .find(|dir| {
+                dir.join("cgroup.procs").exists()
+                    && !dir
+                        .parent()
+                        .is_some_and(|p| p.join("cgroup.procs").exists())
+            })
+            .expect("the hierarchy's root");
+        let made = hierarchy.join(elsewhere.trim_start_matches('/'));
+        assert!(!made.exists(), "{} was made", made.display());
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.assert_gone(&ctr.id).await;
+    })
+    .await;
+}

@@ -43,6 +43,24 @@ pub fn cgroup_mounts() -> Vec<CgroupMount> {
         .collect()
 }
 
+/// The directory of `pid`'s cgroup in the memory controller's hierarchy (v1), else in the
+/// unified one; None once it is gone.
+pub fn memory_cgroup_of(pid: u32) -> Option<PathBuf> {
+    let mounts = cgroup_mounts();
+    let carries_memory = |m: &&CgroupMount| {
+        m.controllers
+            .as_ref()
+            .is_some_and(|c| c.iter().any(|c| c == "memory"))
+    };
+    let mount = mounts
+        .iter()
+        .find(carries_memory)
+        .or_else(|| mounts.iter().find(|m| m.controllers.is_none()))?;
+    cgroups_of(pid)
+        .into_iter()
+        .find(|dir| dir.starts_with(&mount.dir))
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(field: &str) -> String {
     field
