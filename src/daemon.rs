@@ -40,7 +40,9 @@ use crate::notify;
 use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
 use crate::runtime::builtin::BUILTIN;
-use crate::runtime::{self, Completion, Outcome, Runtime, RuntimeBinary, SpawnStdio, Spawner};
+use crate::runtime::{
+    self, Completion, Outcome, Priority, Runtime, RuntimeBinary, SpawnStdio, Spawner,
+};
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
 use crate::supervisor::{ClientFileLimits, Machine, Supervisor};
@@ -368,6 +370,7 @@ async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
             argv,
             [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
             PREFLIGHT_TIMEOUT,
+            Priority::Normal,
         )
         .await?;
     let version = version_of(&binary, response)?;

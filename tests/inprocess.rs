@@ -15,7 +15,7 @@ use tonic::Code;
 use berth::config::Config;
 use berth::daemon::{self, Exit};
 use berth::error::Result;
-use berth::runtime::{Completion, Outcome, SpawnStdio, Spawner};
+use berth::runtime::{Completion, Outcome, Priority, SpawnStdio, Spawner};
 use berth_api::daemon_proto::UpgradeRequest;
 use berth_api::proto::{CreateContainerRequest, StateRequest};
 
@@ -31,6 +31,7 @@ impl Spawner for RefusingSpawner {
         argv: Vec<String>,
         _stdio: [SpawnStdio; 3],
         _timeout: Duration,
+        _priority: Priority,
     ) -> BoxFuture<'_, Result<Completion>> {
         let error = format!("{} is not run in this test", argv[0]);
         self.asked.lock().unwrap().push(argv);

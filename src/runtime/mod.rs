@@ -277,6 +277,16 @@ impl RuntimeBinary {
     }
 }
 
+/// How much of the CPU a spawned command may take while other work wants it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Priority {
+    /// berthd's own.
+    Normal,
+    /// 10 nicer than berthd: the runtime's delete after an exit, which must not hold up the next exit or
+    /// create on a busy host (a burst of exits starts several at once).
+    Background,
+}
+
 /// One stdio stream of a spawned command.
 pub enum SpawnStdio {
     Null,
@@ -306,12 +316,13 @@ pub struct Completion {
 
 /// Starts processes for the runtime; the spawn helper in berthd, a stub in unit tests.
 pub trait Spawner: Send + Sync + 'static {
-    /// Runs `argv`, killing it (and its process group) after `timeout`.
+    /// Runs `argv` at `priority`, killing it (and its process group) after `timeout`.
     fn spawn(
         &self,
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
+        priority: Priority,
     ) -> BoxFuture<'_, Result<Completion>>;
 
     /// Carries out `call` with the built-in runtime, killing it after `timeout`. Spawners
@@ -321,8 +332,9 @@ pub trait Spawner: Send + Sync + 'static {
         call: BuiltinCall,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
+        priority: Priority,
     ) -> BoxFuture<'_, Result<Completion>> {
-        let _ = (call, stdio, timeout);
+        let _ = (call, stdio, timeout, priority);
         Box::pin(async {
             Err(Error::FailedPrecondition(
                 "this spawner has no built-in runtime".into(),
@@ -432,11 +444,14 @@ impl Runtime {
 
     /// Runs `op` with its output captured; returns its stdout.
     pub(crate) async fn run(&self, op: Operation<'_>) -> Result<String> {
-        self.run_with_stdio(
-            op,
-            [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
-        )
-        .await
+        let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
+        self.run_at(op, captured, Priority::Normal).await
+    }
+
+    /// [`Runtime::run`] at [`Priority::Background`].
+    pub(crate) async fn run_in_background(&self, op: Operation<'_>) -> Result<String> {
+        let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
+        self.run_at(op, captured, Priority::Background).await
     }
 
     /// Runs `op` with the given stdio (the container's, for create and exec).
@@ -444,6 +459,15 @@ impl Runtime {
         &self,
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],
+    ) -> Result<String> {
+        self.run_at(op, stdio, Priority::Normal).await
+    }
+
+    async fn run_at(
+        &self,
+        op: Operation<'_>,
+        stdio: [SpawnStdio; 3],
+        priority: Priority,
     ) -> Result<String> {
         let log = self.log_dir.join(format!(
             "{}.log",
@@ -454,11 +478,15 @@ impl Runtime {
         let completion = if self.binary.is_builtin() {
             let call = BuiltinCall::new(&op, &self.binary.root, &log)?;
             tracing::debug!(?call, "runtime");
-            self.spawner.run_builtin(call, stdio, self.timeout).await
+            self.spawner
+                .run_builtin(call, stdio, self.timeout, priority)
+                .await
         } else {
             let argv = self.binary.argv(&op, &log);
             tracing::debug!(?argv, "runtime");
-            self.spawner.spawn(argv, stdio, self.timeout).await
+            self.spawner
+                .spawn(argv, stdio, self.timeout, priority)
+                .await
         };
         crate::instruments::runtime_command(op.name(), started.elapsed());
         let failed = !matches!(

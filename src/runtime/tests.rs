@@ -196,6 +196,7 @@ impl Spawner for StubSpawner {
         argv: Vec<String>,
         _stdio: [SpawnStdio; 3],
         _timeout: Duration,
+        _priority: Priority,
     ) -> BoxFuture<'_, Result<Completion>> {
         self.seen.lock().unwrap().push(argv);
         let completion = Completion {

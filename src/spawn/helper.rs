@@ -15,6 +15,7 @@ use super::fdpass;
 use super::protocol::{
     CAPTURE_LIMIT, Command as Job, MAX_MESSAGE, Outcome, Request, Response, StdioSpec,
 };
+use crate::runtime::Priority;
 use crate::runtime::builtin::BuiltinCall;
 
 struct Capture {
@@ -135,6 +136,11 @@ pub fn serve(socket: OwnedFd) -> ! {
     }
 }
 
+/// How much nicer than berthd a [`Priority::Background`] command runs.
+const BACKGROUND_NICE: i32 = 10;
+/// The kernel's lowest priority.
+const LOWEST_NICE: i32 = 19;
+
 fn fatal(message: &str) -> ! {
     eprintln!("berthd spawn helper: {message}");
     std::process::exit(1)
@@ -154,6 +160,13 @@ fn start(
         Ok(started) => started,
         Err(error) => return respond(socket, failed(request.id, error)),
     };
+    if request.priority == Priority::Background {
+        // Set from outside, so the first instants run at berthd's priority: harmless for
+        // work that takes milliseconds. The command's later children inherit it.
+        let own = rustix::process::getpriority_process(None).unwrap_or(0);
+        let lowered = (own + BACKGROUND_NICE).min(LOWEST_NICE);
+        let _ = rustix::process::setpriority_process(Some(pid), lowered);
+    }
     let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
         Ok(fd) => fd,
         Err(e) => {

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::runtime::builtin::BuiltinCall;
-use crate::runtime::{self, Completion, SpawnStdio, Spawner};
+use crate::runtime::{self, Completion, Priority, SpawnStdio, Spawner};
 use crate::wait_status::exit_code;
 use protocol::{Command, MAX_MESSAGE, Request, Response, StdioSpec};
 
@@ -117,8 +117,10 @@ impl SpawnHelper {
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
+        priority: Priority,
     ) -> Result<Response> {
-        self.request(Command::Exec { argv }, stdio, timeout).await
+        self.request(Command::Exec { argv }, stdio, timeout, priority)
+            .await
     }
 
     async fn request(
@@ -126,6 +128,7 @@ impl SpawnHelper {
         command: Command,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
+        priority: Priority,
     ) -> Result<Response> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut specs = [StdioSpec::Null; 3];
@@ -145,6 +148,7 @@ impl SpawnHelper {
             command,
             stdio: specs,
             timeout_ms: timeout.as_millis() as u64,
+            priority,
         };
         let bytes = serde_json::to_vec(&request)
             .map_err(|e| Error::Internal(format!("encode spawn request: {e}")))?;
@@ -213,8 +217,13 @@ impl Spawner for SpawnHelper {
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
+        priority: Priority,
     ) -> BoxFuture<'_, Result<Completion>> {
-        Box::pin(async move { self.run(argv, stdio, timeout).await.map(completion) })
+        Box::pin(async move {
+            self.run(argv, stdio, timeout, priority)
+                .await
+                .map(completion)
+        })
     }
 
     fn run_builtin(
@@ -222,9 +231,10 @@ impl Spawner for SpawnHelper {
         call: BuiltinCall,
         stdio: [SpawnStdio; 3],
         timeout: Duration,
+        priority: Priority,
     ) -> BoxFuture<'_, Result<Completion>> {
         Box::pin(async move {
-            self.request(Command::Builtin(call), stdio, timeout)
+            self.request(Command::Builtin(call), stdio, timeout, priority)
                 .await
                 .map(completion)
         })

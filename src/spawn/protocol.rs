@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::Priority;
 use crate::runtime::builtin::BuiltinCall;
 
 /// Largest message either side sends; captured output is cut to fit.
@@ -35,6 +36,7 @@ pub(crate) struct Request {
     pub command: Command,
     pub stdio: [StdioSpec; 3],
     pub timeout_ms: u64,
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

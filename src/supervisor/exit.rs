@@ -64,7 +64,11 @@ impl Supervisor {
         self.events.publish(id, pid, EventKind::Exit { status });
         {
             let _turn = self.deletes.acquire().await;
-            if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
+            if let Err(e) = self
+                .runtime
+                .run_in_background(Operation::Delete { id })
+                .await
+            {
                 tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
             }
         }

@@ -264,3 +264,34 @@ async fn a_torn_temp_file_is_ignored_at_restart() {
     })
     .await
 }
+
+/// The runtime's delete after an exit runs at a lower CPU priority than berthd (10 nicer), so a
+/// burst of clean-ups does not hold up the next exit or create; a create's runtime runs at
+/// berthd's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_delete_after_an_exit_runs_at_a_lower_cpu_priority() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let niceness = scripts.path().join("niceness");
+        // The pause lets the helper lower the priority it sets from outside after the exec.
+        let body = format!(
+            "#!/bin/sh\nsleep 0.2\nfor arg in \"$@\"; do\n  case $arg in run|delete) echo \"$arg $(nice)\" >> {};; esac\ndone\nexec {} \"$@\"\n",
+            niceness.display(),
+            runc_in_path().display()
+        );
+        let runtime = write_script(scripts.path(), "nice-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&runtime)]));
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("niced");
+        let pid = d.create(create_req(&id, &bundle)).await;
+        d.kill_container(&mut events, &id, pid).await;
+        d.assert_gone(&id).await;
+        let seen = std::fs::read_to_string(&niceness).expect("the runtime noted its niceness");
+        let ours = std::process::Command::new("nice").output().expect("nice");
+        let ours: i32 = String::from_utf8_lossy(&ours.stdout).trim().parse().unwrap();
+        let lowered = (ours + 10).min(19);
+        assert_eq!(seen, format!("run {ours}\ndelete {lowered}\n"));
+    })
+    .await
+}
