@@ -713,14 +713,29 @@ pub fn builtin_runtime() -> bool {
 }
 
 /// Kills what the built-in runtime left of container `id` under `root` and removes its state.
+/// What `runc delete -f` does, for the built-in runtime's container `id`: kills its init,
+/// removes its cgroups once they are empty, and its state.
 fn remove_builtin(root: &Path, id: &str) {
     let dir = root.join(id);
-    let pid = fs::read_to_string(dir.join("state.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|state| state["pid"].as_i64());
+    let json = |file: &str| {
+        fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+    };
+    let pid = json("state.json").and_then(|state| state["pid"].as_i64());
     if let Some(pid) = pid.filter(|&p| p > 0) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let cgroup = json("youki_config.json")
+        .and_then(|config| config["cgroup_path"].as_str().map(PathBuf::from));
+    let deadline = Instant::now() + SETTLE;
+    for cgroup_dir in cgroup.map(|c| dirs_of_cgroup(&c)).unwrap_or_default() {
+        while cgroup_dir.exists()
+            && fs::remove_dir(&cgroup_dir).is_err()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let _ = fs::remove_dir_all(dir);
 }

@@ -43,6 +43,18 @@ pub fn cgroup_mounts() -> Vec<CgroupMount> {
         .collect()
 }
 
+/// The directories of cgroup path `cgroup` in every hierarchy mounted here (where the
+/// built-in runtime puts a container: one path in all of them).
+pub fn dirs_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
+    cgroup_mounts()
+        .into_iter()
+        .filter_map(|mount| {
+            let inside = cgroup.strip_prefix(&mount.root).ok()?;
+            Some(mount.dir.join(inside))
+        })
+        .collect()
+}
+
 /// The directory of `pid`'s cgroup in the memory controller's hierarchy (v1), else in the
 /// unified one; None once it is gone.
 pub fn memory_cgroup_of(pid: u32) -> Option<PathBuf> {
