@@ -50,6 +50,9 @@ pub struct Throughput {
     pub latency: Option<Percentiles>,
     /// SIGKILL, reap and `delete` of every container afterwards, containers a second.
     pub teardown_per_sec: f64,
+    /// From each SIGKILL to its init reaped (`waitpid` returns): the kernel's part of an exit,
+    /// the floor under berthd's exit event.
+    pub reaped_after_kill: Option<Percentiles>,
     /// Containers made: N, unless a memory trace's creates stopped short.
     pub made: usize,
     /// The host's memory every K containers (`--memory-every`).
@@ -206,7 +209,7 @@ async fn measure(
     let made = ids.len();
     let label = format!("{} kill+delete C={c}", session.runtime.name);
     let deleting = Instant::now();
-    for_each(session, root, &ids, c, &label, |ctx| async move {
+    let reaped_after_kill = for_each(session, root, &ids, c, &label, |ctx| async move {
         // What berthd does: SIGKILL the init, reap it (this process is its subreaper), then
         // `delete` the stopped container. `delete -f` would poll for the death in 100 ms steps.
         let pid = fs::read_to_string(ctx.pid_file())
@@ -214,6 +217,7 @@ async fn measure(
             .and_then(|text| text.trim().parse::<i32>().ok())
             .and_then(rustix::process::Pid::from_raw)
             .ok_or_else(|| LoadError(format!("{}: no pid", ctx.pid_file().display())))?;
+        let killed = Instant::now();
         rustix::process::kill_process(pid, rustix::process::Signal::KILL)
             .map_err(|e| LoadError(format!("kill {}: {e}", ctx.id)))?;
         tokio::task::spawn_blocking(move || {
@@ -222,8 +226,9 @@ async fn measure(
         .await
         .map_err(|e| LoadError(format!("reaping {}: {e}", ctx.id)))?
         .map_err(|e| LoadError(format!("reaping {}: {e}", ctx.id)))?;
+        let reaped = killed.elapsed();
         ctx.runtime(&["delete", &ctx.id]).await?;
-        Ok(Duration::ZERO)
+        Ok(reaped)
     })
     .await?;
     let deleted = deleting.elapsed();
@@ -232,6 +237,7 @@ async fn measure(
         per_sec: per_sec(made, created),
         latency: Percentiles::of(&latencies),
         teardown_per_sec: per_sec(made, deleted),
+        reaped_after_kill: Percentiles::of(&reaped_after_kill),
         made,
         memory,
     })
