@@ -141,6 +141,13 @@ const BACKGROUND_NICE: i32 = 10;
 /// The kernel's lowest priority.
 const LOWEST_NICE: i32 = 19;
 
+/// The niceness of a [`Priority::Background`] command: [`BACKGROUND_NICE`] more than the
+/// helper's (berthd's), at most the lowest priority.
+fn background_nice() -> i32 {
+    let own = rustix::process::getpriority_process(None).unwrap_or(0);
+    (own + BACKGROUND_NICE).min(LOWEST_NICE)
+}
+
 fn fatal(message: &str) -> ! {
     eprintln!("berthd spawn helper: {message}");
     std::process::exit(1)
@@ -152,21 +159,15 @@ fn start(
     fds: Vec<OwnedFd>,
     running: &mut HashMap<u64, Running>,
 ) {
+    let nice = (request.priority == Priority::Background).then(background_nice);
     let started = match request.command {
-        Job::Exec { argv } => exec(&argv, request.stdio, fds),
-        Job::Builtin(call) => builtin(&call, request.stdio, fds),
+        Job::Exec { argv } => exec(&argv, request.stdio, fds, nice),
+        Job::Builtin(call) => builtin(&call, request.stdio, fds, nice),
     };
     let (pid, stdout, stderr) = match started {
         Ok(started) => started,
         Err(error) => return respond(socket, failed(request.id, error)),
     };
-    if request.priority == Priority::Background {
-        // Set from outside, so the first instants run at berthd's priority: harmless for
-        // work that takes milliseconds. The command's later children inherit it.
-        let own = rustix::process::getpriority_process(None).unwrap_or(0);
-        let lowered = (own + BACKGROUND_NICE).min(LOWEST_NICE);
-        let _ = rustix::process::setpriority_process(Some(pid), lowered);
-    }
     let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
         Ok(fd) => fd,
         Err(e) => {
@@ -197,7 +198,12 @@ fn start(
 /// A started command: its pid, and the read ends of its captured stdout and stderr.
 type Started = (rustix::process::Pid, Option<OwnedFd>, Option<OwnedFd>);
 
-fn exec(argv: &[String], stdio: [StdioSpec; 3], fds: Vec<OwnedFd>) -> Result<Started, String> {
+fn exec(
+    argv: &[String],
+    stdio: [StdioSpec; 3],
+    fds: Vec<OwnedFd>,
+    nice: Option<i32>,
+) -> Result<Started, String> {
     let mut fds = fds.into_iter();
     let [stdin, stdout, stderr] = stdio.map(|spec| match spec {
         StdioSpec::Null => Stdio::null(),
@@ -208,14 +214,17 @@ fn exec(argv: &[String], stdio: [StdioSpec; 3], fds: Vec<OwnedFd>) -> Result<Sta
         return Err("empty argv".into());
     };
     // A group of its own, so a timeout kills what the command started as well.
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .process_group(0)
         .stdin(stdin)
         .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .stderr(stderr);
+    if let Some(nice) = nice {
+        super::fork::lower_priority_before_exec(&mut command, nice);
+    }
+    let mut child = command.spawn().map_err(|e| format!("{program}: {e}"))?;
     let pid = rustix::process::Pid::from_child(&child);
     // Reaped by pid in reap_and_report, as the built-in runtime's children (which have no
     // `Child`) are.
@@ -232,6 +241,7 @@ fn builtin(
     call: &BuiltinCall,
     stdio: [StdioSpec; 3],
     fds: Vec<OwnedFd>,
+    nice: Option<i32>,
 ) -> Result<Started, String> {
     let mut fds = fds.into_iter();
     let mut captured: [Option<OwnedFd>; 3] = [None, None, None];
@@ -255,7 +265,8 @@ fn builtin(
     let Ok(child_stdio) = <[OwnedFd; 3]>::try_from(child_stdio) else {
         return Err("stdio: three streams expected".into());
     };
-    let pid = super::fork::fork_builtin(call, child_stdio).map_err(|e| format!("fork: {e}"))?;
+    let pid =
+        super::fork::fork_builtin(call, child_stdio, nice).map_err(|e| format!("fork: {e}"))?;
     let [_, stdout, stderr] = captured;
     Ok((pid, stdout, stderr))
 }

@@ -273,9 +273,8 @@ async fn the_delete_after_an_exit_runs_at_a_lower_cpu_priority() {
     within(async {
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let niceness = scripts.path().join("niceness");
-        // The pause lets the helper lower the priority it sets from outside after the exec.
         let body = format!(
-            "#!/bin/sh\nsleep 0.2\nfor arg in \"$@\"; do\n  case $arg in run|delete) echo \"$arg $(nice)\" >> {};; esac\ndone\nexec {} \"$@\"\n",
+            "#!/bin/sh\nfor arg in \"$@\"; do\n  case $arg in run|delete) echo \"$arg $(nice)\" >> {};; esac\ndone\nexec {} \"$@\"\n",
             niceness.display(),
             runc_in_path().display()
         );
