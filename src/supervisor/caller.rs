@@ -80,14 +80,23 @@ impl Caller {
         client_fs::open_console(Path::new(path), &self.peer, &[&self.state_dir])
     }
 
-    /// A regular file the client named, of at most the size limit, read off the reactor within
-    /// the time limit.
-    pub async fn read_file(&self, what: &str, path: PathBuf) -> Result<Vec<u8>> {
-        let label = format!("reading {what} {}", shown(&path));
-        let (what, limit) = (what.to_owned(), self.limits.max_bytes);
+    /// A directory the client named (`what`: a bundle), checked as [`Caller::open_dir`] checks
+    /// it, and the regular file `name` in it, of at most the size limit, read in the same trip
+    /// off the reactor within the time limit; `Ok(None)` when the directory is there and the
+    /// file is not.
+    pub async fn read_in_dir(&self, what: &str, dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+        let file = dir.join(name);
+        let label = format!("reading {what} {}", shown(&file));
+        let (what, dir, name) = (what.to_owned(), dir.to_owned(), name.to_owned());
+        let limit = self.limits.max_bytes;
         let (peer, state_dir) = (self.peer.clone(), self.state_dir.clone());
         self.off_reactor(&label, move || {
-            client_fs::read_regular(&what, &path, limit, &peer, &[&state_dir])
+            client_fs::open_dir(&what, &dir, &peer, &[&state_dir])?;
+            match client_fs::read_regular(&name, &file, limit, &peer, &[&state_dir]) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(Error::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
         })
         .await
     }
@@ -131,7 +140,15 @@ mod tests {
         let file = dir.path().join("config.json");
         std::fs::write(&file, "{}").unwrap();
         let caller = Caller::berthd(dir.path().join("state"));
-        let bytes = caller.read_file("config", file).await.unwrap();
-        assert_eq!(bytes, b"{}");
+        let bytes = caller
+            .read_in_dir("bundle", dir.path(), "config.json")
+            .await;
+        assert_eq!(bytes.unwrap(), Some(b"{}".to_vec()));
+        let missing = caller.read_in_dir("bundle", dir.path(), "other.json").await;
+        assert_eq!(missing.unwrap(), None);
+        let no_dir = caller
+            .read_in_dir("bundle", &file.join("x"), "config.json")
+            .await;
+        assert!(no_dir.is_err());
     }
 }

@@ -73,17 +73,12 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Spec)> {
             shown(dir)
         )));
     }
-    caller.open_dir("bundle", dir).await?;
     let config = dir.join("config.json");
-    let bytes = match caller.read_file("config", config.clone()).await {
-        Ok(bytes) => bytes,
-        Err(Error::NotFound(_)) => {
-            return Err(Error::NotFound(format!(
-                "{} does not exist: a bundle needs a config.json (runc spec makes one)",
-                shown(&config)
-            )));
-        }
-        Err(e) => return Err(e),
+    let Some(bytes) = caller.read_in_dir("bundle", dir, "config.json").await? else {
+        return Err(Error::NotFound(format!(
+            "{} does not exist: a bundle needs a config.json (runc spec makes one)",
+            shown(&config)
+        )));
     };
     let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| {
         Error::InvalidArgument(format!(
