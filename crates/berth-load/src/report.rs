@@ -20,6 +20,8 @@ pub struct Report {
     pub channel: ChannelMode,
     /// Why the runtime could not run here, when it could not: nothing else was measured.
     pub runtime_skipped: Option<String>,
+    /// youki run by hand beside the floor (`--direct-youki`).
+    pub youki: DirectYouki,
     pub runs: Vec<Run>,
     pub soak: Option<Soak>,
     pub targets: Vec<Target>,
@@ -34,6 +36,13 @@ pub struct Host {
     pub load_average_end: Option<f64>,
 }
 
+/// The second direct floor, youki by hand: its version, or why it was not measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectYouki {
+    pub version: Option<String>,
+    pub skipped: Option<String>,
+}
+
 /// One concurrency level: berthd's figures, then the direct floor's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -43,6 +52,8 @@ pub struct Run {
     pub stats: StatsLoad,
     pub exits: Exits,
     pub floor: Option<Floor>,
+    /// youki by hand, the same way as the floor, for comparison.
+    pub youki_floor: Option<Floor>,
     /// berthd's memory trace (`--memory-every`).
     pub memory: Option<MemoryTrace>,
 }
@@ -205,15 +216,25 @@ pub fn render(report: &Report) -> String {
         return out;
     }
     if !report.runs.is_empty() {
+        match &report.youki {
+            DirectYouki {
+                skipped: Some(why), ..
+            } => out.push_str(&format!("youki: skipped: {why}\n")),
+            DirectYouki {
+                version: Some(version),
+                ..
+            } => out.push_str(&format!("youki by hand: {version}\n")),
+            _ => {}
+        }
         out.push('\n');
         out.push_str(&runs_table(report).render());
     }
     for run in &report.runs {
-        let direct = run.floor.as_ref().map(Floor::memory_traces);
+        let floors = run.floor.iter().chain(&run.youki_floor);
         let traces: Vec<&MemoryTrace> = run
             .memory
             .iter()
-            .chain(direct.into_iter().flatten())
+            .chain(floors.flat_map(Floor::memory_traces))
             .collect();
         if !traces.is_empty() {
             out.push_str(&format!("\nC={}", run.concurrency));
@@ -278,6 +299,9 @@ fn runs_table(report: &Report) -> Table {
                 ),
                 String::new(),
             ]);
+        }
+        if let Some(youki) = &run.youki_floor {
+            youki_rows(&mut table, run, youki);
         }
         if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms)
         {
@@ -386,6 +410,33 @@ fn runs_table(report: &Report) -> Table {
         ]);
     }
     table
+}
+
+/// youki by hand in the direct column, and berthd over it.
+fn youki_rows(table: &mut Table, run: &Run, youki: &Floor) {
+    let (launch, best) = youki.best();
+    table.row(vec![
+        "youki by hand create+start / run -d (containers/s)".into(),
+        String::new(),
+        format!(
+            "{:.1} / {:.1}",
+            youki.create_start.per_sec, youki.run_detached.per_sec
+        ),
+        ratio(run.create.per_sec, best.per_sec),
+    ]);
+    table.row(vec![
+        format!("youki by hand {} p50 / p90 / p99 (ms)", launch.name()),
+        String::new(),
+        best.latency.map(|p| p.triple()).unwrap_or_default(),
+        String::new(),
+    ]);
+    let teardown = youki.best_teardown_per_sec();
+    table.row(vec![
+        "youki by hand teardown (containers/s)".into(),
+        String::new(),
+        format!("{teardown:.1} (kill+delete)"),
+        ratio(run.exits.teardown_per_sec, teardown),
+    ]);
 }
 
 fn soak_table(soak: &Soak) -> Table {

@@ -53,6 +53,7 @@ fn run() -> Run {
             create_start: throughput(25.0),
             run_detached: throughput(40.0),
         }),
+        youki_floor: None,
         memory: None,
     }
 }
@@ -71,6 +72,7 @@ fn report() -> Report {
         n: 1000,
         channel: ChannelMode::Shared,
         runtime_skipped: None,
+        youki: DirectYouki::default(),
         runs: vec![run()],
         soak: None,
         targets: Vec::new(),
@@ -148,4 +150,54 @@ fn a_skipped_runtime_says_so_and_nothing_else() {
         "{text}"
     );
     assert!(!text.contains("create rate"), "{text}");
+}
+
+#[test]
+fn youki_by_hand_sits_beside_the_floor_without_changing_the_targets() {
+    let mut report = report();
+    let before: Vec<String> = report.targets.iter().map(|t| t.detail.clone()).collect();
+    report.youki.version = Some("youki version 0.7.0".into());
+    let run = &mut report.runs[0];
+    let mut youki = run.floor.clone().expect("the fixture has a floor");
+    youki.create_start.per_sec = 60.0;
+    youki.run_detached.per_sec = 75.0;
+    youki.create_start.teardown_per_sec = 90.0;
+    run.youki_floor = Some(youki);
+    report.targets = targets(&report);
+    let after: Vec<String> = report.targets.iter().map(|t| t.detail.clone()).collect();
+    assert_eq!(after, before);
+    let text = render(&report);
+    assert!(
+        text.contains("\nyouki by hand: youki version 0.7.0\n"),
+        "{text}"
+    );
+    let row = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start} row in {text}"))
+            .to_owned()
+    };
+    let rate = row("youki by hand create+start / run -d");
+    assert!(
+        rate.contains("60.0 / 75.0") && rate.ends_with("0.40"),
+        "{rate}"
+    );
+    assert!(
+        row("youki by hand run -d p50 / p90 / p99").contains("40.0 /"),
+        "{text}"
+    );
+    let teardown = row("youki by hand teardown");
+    assert!(
+        teardown.contains("90.0 (kill+delete)") && teardown.ends_with("0.50"),
+        "{teardown}"
+    );
+}
+
+#[test]
+fn a_skipped_youki_says_why() {
+    let mut report = report();
+    report.youki.skipped = Some("not installed".into());
+    let text = render(&report);
+    assert!(text.contains("\nyouki: skipped: not installed\n"), "{text}");
+    assert!(!text.contains("youki by hand"), "{text}");
 }
