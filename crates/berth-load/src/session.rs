@@ -73,7 +73,7 @@ impl Runtime {
         Err(LoadError(format!(
             "{} failed ({status}): {}",
             what(),
-            text.trim().lines().last().unwrap_or("no error text")
+            error_line(&text)
         )))
     }
 
@@ -101,6 +101,17 @@ impl Runtime {
             })
             .unwrap_or_else(|| format!("{} (version unknown)", self.name))
     }
+}
+
+/// The line of a runtime's stderr that says what failed: the last, or with a Rust runtime run
+/// under RUST_BACKTRACE (youki), the last before anyhow's `Stack backtrace:`.
+fn error_line(stderr: &str) -> &str {
+    let message = stderr
+        .split("\nStack backtrace:")
+        .next()
+        .unwrap_or_default();
+    let last = message.lines().rev().find(|line| !line.trim().is_empty());
+    last.map_or("no error text", str::trim)
 }
 
 /// The container ids in `<runtime> list -q`'s output. youki 0.7 ignores `-q` and prints its
@@ -447,6 +458,24 @@ mod tests {
         assert_eq!(youki.program, Path::new("/opt/youki/bin/youki"));
         assert_eq!(youki.name, "youki");
         assert_eq!(Runtime::new("runc").name, "runc");
+    }
+
+    #[test]
+    fn error_line_is_the_message_not_the_backtrace() {
+        let runc = "time=\"2026\" level=error msg=\"container does not exist\"\n";
+        assert_eq!(error_line(runc), runc.trim());
+        let youki = "\
+Error: failed to start container
+
+Caused by:
+    the root cause
+
+Stack backtrace:
+   0: anyhow::error::<impl anyhow::Error>::msg
+   7: _start
+";
+        assert_eq!(error_line(youki), "the root cause");
+        assert_eq!(error_line(" \n"), "no error text");
     }
 
     #[test]
