@@ -1,8 +1,9 @@
-//! The floor: the same containers created, started, killed and deleted by running the OCI
-//! runtime directly from the load client, at the same concurrency, with no daemon in between.
+//! The floor: the same containers created, started, killed and deleted by running an OCI
+//! runtime binary directly from the load client, at the same concurrency, with no daemon in
+//! between: berthd's runtime (runc), and optionally a second one beside it (youki).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use super::LoadError;
 use super::daemon::{join_all, per_sec};
 use super::density::MemoryTrace;
 use super::progress::Progress;
-use super::session::{Session, reap_zombie_children};
+use super::session::{Runtime, Session, reap_zombie_children};
 use super::summary::Percentiles;
 
 /// How the runtime starts a container.
@@ -91,51 +92,60 @@ impl Floor {
     }
 }
 
-/// Checks that the runtime can run the bundle here: one `run -d` and `delete -f`.
-pub async fn probe(session: &Session) -> Result<(), LoadError> {
-    let root = session.runtime_root("probe-root");
-    let err = session.dir.join("probe.err");
+/// Checks that `runtime` can run the bundle here: one `run -d` and `delete -f`.
+pub async fn probe(session: &Session, runtime: &Runtime) -> Result<(), LoadError> {
+    let root = session.runtime_root(runtime, &format!("{}-probe-root", runtime.name));
+    let err = session.dir.join(format!("{}-probe.err", runtime.name));
     let id = format!("berth-load-probe-{}", std::process::id());
     let bundle = session.bundle_str();
-    let result = session
-        .runtime
+    let result = runtime
         .run(&root, &["run", "-d", "--bundle", &bundle, &id], &err)
         .await;
-    let _ = session
-        .runtime
-        .run(&root, &["delete", "-f", &id], &err)
-        .await;
+    let _ = runtime.run(&root, &["delete", "-f", &id], &err).await;
     reap_zombie_children(Duration::from_secs(5)).await;
     result
 }
 
-/// N containers started each way at concurrency `c`, each set deleted before the next; with
-/// `memory_every`, created in chunks of that many with a look at the host's memory after each.
+/// N containers started each way by `runtime` at concurrency `c`, each set deleted before the
+/// next; with `memory_every`, created in chunks of that many with a look at the host's memory
+/// after each.
 pub async fn floor(
     session: &Arc<Session>,
+    runtime: &Runtime,
     n: usize,
     c: usize,
     memory_every: Option<usize>,
 ) -> Result<Floor, LoadError> {
-    let root = session.runtime_root(&format!("direct-c{c}"));
-    let create_start = measure(session, &root, n, c, Launch::CreateStart, memory_every).await?;
-    let run_detached = measure(session, &root, n, c, Launch::RunDetached, memory_every).await?;
+    let root = session.runtime_root(runtime, &format!("{}-direct-c{c}", runtime.name));
+    let on = Direct {
+        session: session.clone(),
+        runtime: Arc::new(runtime.clone()),
+        root,
+    };
+    let create_start = measure(&on, n, c, Launch::CreateStart, memory_every).await?;
+    let run_detached = measure(&on, n, c, Launch::RunDetached, memory_every).await?;
     Ok(Floor {
         create_start,
         run_detached,
     })
 }
 
+/// Where a floor runs: the runtime and the root holding its containers.
+struct Direct {
+    session: Arc<Session>,
+    runtime: Arc<Runtime>,
+    root: PathBuf,
+}
+
 async fn measure(
-    session: &Arc<Session>,
-    root: &Path,
+    on: &Direct,
     n: usize,
     c: usize,
     launch: Launch,
     memory_every: Option<usize>,
 ) -> Result<Throughput, LoadError> {
     let mut ids: Vec<String> = (0..n).map(|i| format!("direct-{i}")).collect();
-    let label = format!("{} {} C={c}", session.runtime.name, launch.name());
+    let label = format!("{} {} C={c}", on.runtime.name, launch.name());
     let start = move |ctx: Job| async move {
         let bundle = ctx.session.bundle_str();
         let pid_file = ctx.pid_file();
@@ -174,17 +184,17 @@ async fn measure(
     let (latencies, created, memory) = match memory_every {
         None => {
             let started = Instant::now();
-            let latencies = for_each(session, root, &ids, c, &label, start).await?;
+            let latencies = for_each(on, &ids, c, &label, start).await?;
             (latencies, started.elapsed(), None)
         }
         Some(every) => {
-            let side = format!("direct {}", launch.short_name());
+            let side = format!("{} {}", on.runtime.name, launch.short_name());
             let this = std::process::id();
             let mut trace = MemoryTrace::start(&side, this, false);
             let (mut latencies, mut created) = (Vec::with_capacity(n), Duration::ZERO);
             for chunk in ids.chunks(every.max(1)) {
                 let started = Instant::now();
-                match for_each(session, root, chunk, c, &label, start).await {
+                match for_each(on, chunk, c, &label, start).await {
                     Ok(chunk_latencies) => {
                         created += started.elapsed();
                         trace.look(latencies.len() + chunk.len(), this, false, &chunk_latencies);
@@ -199,7 +209,7 @@ async fn measure(
             }
             if trace.stopped.is_some() {
                 // The failed chunk's containers: gone before the next launch reuses the ids.
-                session.delete_all(root).await;
+                on.session.delete_all(&on.runtime, &on.root).await;
                 reap_zombie_children(Duration::from_secs(10)).await;
                 ids.truncate(latencies.len());
             }
@@ -207,9 +217,9 @@ async fn measure(
         }
     };
     let made = ids.len();
-    let label = format!("{} kill+delete C={c}", session.runtime.name);
+    let label = format!("{} kill+delete C={c}", on.runtime.name);
     let deleting = Instant::now();
-    let reaped_after_kill = for_each(session, root, &ids, c, &label, |ctx| async move {
+    let reaped_after_kill = for_each(on, &ids, c, &label, |ctx| async move {
         // What berthd does: SIGKILL the init, reap it (this process is its subreaper), then
         // `delete` the stopped container. `delete -f` would poll for the death in 100 ms steps.
         let pid = fs::read_to_string(ctx.pid_file())
@@ -243,9 +253,10 @@ async fn measure(
     })
 }
 
-/// What one runtime job knows: its container, its task's stderr file, the root.
+/// What one runtime job knows: its container, its task's stderr file, the runtime and root.
 struct Job {
     session: Arc<Session>,
+    runtime: Arc<Runtime>,
     root: PathBuf,
     id: String,
     stderr: PathBuf,
@@ -253,10 +264,7 @@ struct Job {
 
 impl Job {
     async fn runtime(&self, args: &[&str]) -> Result<(), LoadError> {
-        self.session
-            .runtime
-            .run(&self.root, args, &self.stderr)
-            .await
+        self.runtime.run(&self.root, args, &self.stderr).await
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -268,8 +276,7 @@ impl Job {
 
 /// Runs `job` for every id on `c` tasks, returning what each returned, in id order.
 async fn for_each<F, Fut>(
-    session: &Arc<Session>,
-    root: &Path,
+    on: &Direct,
     ids: &[String],
     c: usize,
     label: &str,
@@ -279,7 +286,7 @@ where
     F: Fn(Job) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Duration, LoadError>> + Send,
 {
-    let pids = root.with_extension("pids");
+    let pids = on.root.with_extension("pids");
     fs::create_dir_all(&pids).map_err(|e| LoadError(format!("{}: {e}", pids.display())))?;
     let ids = Arc::new(ids.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
@@ -289,8 +296,11 @@ where
     for task in 0..c {
         let (ids, next, results, progress) =
             (ids.clone(), next.clone(), results.clone(), progress.clone());
-        let (session, root, job) = (session.clone(), root.to_owned(), job.clone());
-        let stderr = session.dir.join(format!("direct-task-{task}.err"));
+        let (session, runtime) = (on.session.clone(), on.runtime.clone());
+        let (root, job) = (on.root.clone(), job.clone());
+        let stderr = session
+            .dir
+            .join(format!("{}-direct-task-{task}.err", runtime.name));
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -299,6 +309,7 @@ where
                 };
                 let ctx = Job {
                     session: session.clone(),
+                    runtime: runtime.clone(),
                     root: root.clone(),
                     id: id.clone(),
                     stderr: stderr.clone(),

@@ -6,9 +6,10 @@
 //! fds and CPU time from /proc; hold M GetStats subscribers for a while; SIGKILL every container
 //! through Signal and time each kill to its `exit` event on an Events stream opened first; stop
 //! berthd; then the floor: the same N containers by `<runtime> create` + `start` and by
-//! `run -d`, each followed by SIGKILL, reap and `delete`, at the same concurrency. The table puts
-//! berthd beside the floor and says which of the issue's targets pass. `--soak SECS` runs a
-//! churn soak instead.
+//! `run -d`, each followed by SIGKILL, reap and `delete`, at the same concurrency; and the same
+//! again with youki beside it when `--direct-youki` names one. The table puts berthd beside the
+//! floor and says which of the issue's targets pass (held to the first floor; youki's is for
+//! comparison). `--soak SECS` runs a churn soak instead.
 //!
 //! This process is a child subreaper: containers started by the direct floor are reparented to
 //! it and reaped here, never left as zombies for a pid 1 that may not reap.
@@ -35,8 +36,8 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use procfs::ProcSample;
-use report::{Creates, DaemonCost, Host, Report, Run};
-use session::{BerthdFlags, Session};
+use report::{Creates, DaemonCost, DirectYouki, Host, Report, Run};
+use session::{BerthdFlags, Runtime, Session};
 use summary::Percentiles;
 
 /// A load run's failure, said so a person can act on it.
@@ -110,6 +111,11 @@ pub struct Options {
     /// Skip the direct-runtime floor
     #[arg(long, env = "BERTH_NO_DIRECT")]
     pub no_direct: bool,
+
+    /// A youki binary to run by hand as a second direct floor beside runc's, at the same N and
+    /// concurrency (skipped, saying so, without it)
+    #[arg(long, env = "BERTH_DIRECT_YOUKI")]
+    pub direct_youki: Option<PathBuf>,
 
     /// Run a churn soak for this many seconds instead of the density runs (at the highest
     /// concurrency given)
@@ -221,11 +227,12 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
         n: options.n,
         channel: options.channel,
         runtime_skipped: None,
+        youki: DirectYouki::default(),
         runs: Vec::new(),
         soak: None,
         targets: Vec::new(),
     };
-    if let Err(e) = direct::probe(session).await {
+    if let Err(e) = direct::probe(session, &session.runtime).await {
         eprintln!(
             "{}: cannot run containers here, skipped: {e}",
             options.runtime
@@ -237,10 +244,10 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
     match options.soak {
         Some(secs) => report.soak = Some(run_soak(options, session, secs).await?),
         None => {
+            let youki = direct_youki(options, session, &mut report.youki).await;
             for &c in &options.concurrency {
-                report
-                    .runs
-                    .push(run_level(options, session, c as usize).await?);
+                let run = run_level(options, session, youki.as_ref(), c as usize).await?;
+                report.runs.push(run);
             }
         }
     }
@@ -248,6 +255,39 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
     report.targets = report::targets(&report);
     Ok(report)
 }
+
+/// youki as a second direct floor, when `--direct-youki` names one that runs the bundle here;
+/// otherwise None, with why in `said`.
+async fn direct_youki(
+    options: &Options,
+    session: &Session,
+    said: &mut DirectYouki,
+) -> Option<Runtime> {
+    let skip = |said: &mut DirectYouki, why: String| {
+        eprintln!("youki: skipped: {why}");
+        said.skipped = Some(why);
+        None
+    };
+    if options.no_direct {
+        return skip(said, "--no-direct".into());
+    }
+    let Some(program) = &options.direct_youki else {
+        return skip(said, NO_YOUKI.into());
+    };
+    let youki = Runtime::new(program);
+    if youki.name == session.runtime.name {
+        return skip(said, format!("the direct floor is {} already", youki.name));
+    }
+    said.version = Some(youki.version());
+    match direct::probe(session, &youki).await {
+        Ok(()) => Some(youki),
+        Err(e) => skip(said, e.0),
+    }
+}
+
+/// Why there is no youki floor when no `--direct-youki` was given, and how to have one.
+const NO_YOUKI: &str = "not installed (cargo install youki --locked --features v1,v2 \
+                        --root /opt/youki, then --direct-youki /opt/youki/bin/youki)";
 
 /// The berthd a level drives.
 struct Berthd {
@@ -294,7 +334,12 @@ async fn berthd(options: &Options, session: &Session, name: &str) -> Result<Bert
     })
 }
 
-async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Result<Run, LoadError> {
+async fn run_level(
+    options: &Options,
+    session: &Arc<Session>,
+    youki: Option<&Runtime>,
+    c: usize,
+) -> Result<Run, LoadError> {
     let n = options.n;
     let Berthd {
         socket,
@@ -339,10 +384,15 @@ async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Resul
     let exits = daemon::kill_all(session, &clients, &created.containers, &label).await?;
     drop(clients);
     session.stop_berthd().await;
+    let memory_every = options.memory_every.map(|k| k as usize);
     let floor = if options.no_direct {
         None
     } else {
-        Some(direct::floor(session, n, c, options.memory_every.map(|k| k as usize)).await?)
+        Some(direct::floor(session, &session.runtime, n, c, memory_every).await?)
+    };
+    let youki_floor = match youki {
+        Some(youki) => Some(direct::floor(session, youki, n, c, memory_every).await?),
+        None => None,
     };
     let edge = |range: std::ops::Range<usize>| {
         (made >= 200).then(|| Percentiles::of(&created.latencies[range]).map(|p| p.p50_ms))?
@@ -366,6 +416,7 @@ async fn run_level(options: &Options, session: &Arc<Session>, c: usize) -> Resul
         stats,
         exits,
         floor,
+        youki_floor,
         memory,
     })
 }

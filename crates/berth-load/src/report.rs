@@ -20,6 +20,8 @@ pub struct Report {
     pub channel: ChannelMode,
     /// Why the runtime could not run here, when it could not: nothing else was measured.
     pub runtime_skipped: Option<String>,
+    /// youki run by hand beside the floor (`--direct-youki`).
+    pub youki: DirectYouki,
     pub runs: Vec<Run>,
     pub soak: Option<Soak>,
     pub targets: Vec<Target>,
@@ -34,6 +36,13 @@ pub struct Host {
     pub load_average_end: Option<f64>,
 }
 
+/// The second direct floor, youki by hand: its version, or why it was not measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectYouki {
+    pub version: Option<String>,
+    pub skipped: Option<String>,
+}
+
 /// One concurrency level: berthd's figures, then the direct floor's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -43,6 +52,8 @@ pub struct Run {
     pub stats: StatsLoad,
     pub exits: Exits,
     pub floor: Option<Floor>,
+    /// youki by hand, the same way as the floor, for comparison.
+    pub youki_floor: Option<Floor>,
     /// berthd's memory trace (`--memory-every`).
     pub memory: Option<MemoryTrace>,
 }
@@ -205,15 +216,25 @@ pub fn render(report: &Report) -> String {
         return out;
     }
     if !report.runs.is_empty() {
+        match &report.youki {
+            DirectYouki {
+                skipped: Some(why), ..
+            } => out.push_str(&format!("youki: skipped: {why}\n")),
+            DirectYouki {
+                version: Some(version),
+                ..
+            } => out.push_str(&format!("youki by hand: {version}\n")),
+            _ => {}
+        }
         out.push('\n');
         out.push_str(&runs_table(report).render());
     }
     for run in &report.runs {
-        let direct = run.floor.as_ref().map(Floor::memory_traces);
+        let floors = run.floor.iter().chain(&run.youki_floor);
         let traces: Vec<&MemoryTrace> = run
             .memory
             .iter()
-            .chain(direct.into_iter().flatten())
+            .chain(floors.flat_map(Floor::memory_traces))
             .collect();
         if !traces.is_empty() {
             out.push_str(&format!("\nC={}", run.concurrency));
@@ -278,6 +299,9 @@ fn runs_table(report: &Report) -> Table {
                 ),
                 String::new(),
             ]);
+        }
+        if let Some(youki) = &run.youki_floor {
+            youki_rows(&mut table, run, youki);
         }
         if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms)
         {
@@ -388,6 +412,33 @@ fn runs_table(report: &Report) -> Table {
     table
 }
 
+/// youki by hand in the direct column, and berthd over it.
+fn youki_rows(table: &mut Table, run: &Run, youki: &Floor) {
+    let (launch, best) = youki.best();
+    table.row(vec![
+        "youki by hand create+start / run -d (containers/s)".into(),
+        String::new(),
+        format!(
+            "{:.1} / {:.1}",
+            youki.create_start.per_sec, youki.run_detached.per_sec
+        ),
+        ratio(run.create.per_sec, best.per_sec),
+    ]);
+    table.row(vec![
+        format!("youki by hand {} p50 / p90 / p99 (ms)", launch.name()),
+        String::new(),
+        best.latency.map(|p| p.triple()).unwrap_or_default(),
+        String::new(),
+    ]);
+    let teardown = youki.best_teardown_per_sec();
+    table.row(vec![
+        "youki by hand teardown (containers/s)".into(),
+        String::new(),
+        format!("{teardown:.1} (kill+delete)"),
+        ratio(run.exits.teardown_per_sec, teardown),
+    ]);
+}
+
 fn soak_table(soak: &Soak) -> Table {
     let mut table = Table::new(&["soak", "start", "middle", "end", "middle → end"]);
     table.section(format!(
@@ -471,156 +522,4 @@ fn opt(value: Option<f64>, decimals: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::direct::Throughput;
-
-    fn run() -> Run {
-        let latency = Percentiles::of(&[Duration::from_millis(40), Duration::from_millis(60)]);
-        let throughput = |per_sec| Throughput {
-            per_sec,
-            latency,
-            teardown_per_sec: 50.0,
-            reaped_after_kill: latency,
-            made: 1000,
-            memory: None,
-        };
-        Run {
-            concurrency: 8,
-            create: Creates {
-                made: 1000,
-                per_sec: 30.0,
-                latency,
-                p50_first_100_ms: Some(40.0),
-                p50_last_100_ms: Some(48.0),
-            },
-            daemon: DaemonCost {
-                before: ProcSample {
-                    rss_kb: 8 * 1024,
-                    ..ProcSample::default()
-                },
-                at_n: ProcSample {
-                    rss_kb: 20 * 1024,
-                    pss_kb: 19 * 1024,
-                    threads: 4,
-                    fds: 3000,
-                    ..ProcSample::default()
-                },
-                create_cpu_secs: 2.0,
-                host_kb_per_container: 700.0,
-                other_children: 1,
-            },
-            stats: StatsLoad {
-                skipped: Some("GetStats answers UNIMPLEMENTED".into()),
-                ..StatsLoad::default()
-            },
-            exits: Exits {
-                latency: Percentiles::of(&[Duration::from_millis(2), Duration::from_millis(9)]),
-                teardown_per_sec: 45.0,
-                missing: 0,
-            },
-            floor: Some(Floor {
-                create_start: throughput(25.0),
-                run_detached: throughput(40.0),
-            }),
-            memory: None,
-        }
-    }
-
-    fn report() -> Report {
-        let mut report = Report {
-            host: Host {
-                cpus: 2,
-                kernel: "6.18".into(),
-                memory_gib: 24.0,
-                load_average_start: Some(0.1),
-                load_average_end: Some(0.5),
-            },
-            runtime: "runc".into(),
-            runtime_version: "runc version 1.1.5".into(),
-            n: 1000,
-            channel: ChannelMode::Shared,
-            runtime_skipped: None,
-            runs: vec![run()],
-            soak: None,
-            targets: Vec::new(),
-        };
-        report.targets = targets(&report);
-        report
-    }
-
-    #[test]
-    fn targets_hold_each_figure_to_its_limit() {
-        let report = report();
-        let verdicts: Vec<(bool, &str)> = report
-            .targets
-            .iter()
-            .map(|t| (t.pass, t.detail.as_str()))
-            .collect();
-        assert_eq!(
-            verdicts,
-            vec![
-                (false, "30.0/s vs 40.0/s (run -d) = 0.75"),
-                (true, "20.0 ≤ 25.6"),
-                (true, "1 children of berthd besides the 1000 inits"),
-                (false, "40.0 ms → 48.0 ms (+20%)"),
-                (false, "45.0/s vs 50.0/s = 0.90"),
-                (
-                    true,
-                    "p99 9.0 ms (direct kill to reaped: p99 60.0 ms), 0 missing"
-                ),
-                (false, "2.00 ms"),
-            ]
-        );
-    }
-
-    #[test]
-    fn the_table_puts_berthd_beside_the_floor() {
-        let text = render(&report());
-        assert!(
-            text.starts_with(
-                "berth load: runc (runc version 1.1.5), N=1000, one shared connection;"
-            ),
-            "{text}"
-        );
-        let create = text
-            .lines()
-            .find(|l| l.starts_with("create rate"))
-            .expect("a create rate row");
-        assert!(
-            create.contains("30.0") && create.contains("40.0 (run -d)") && create.ends_with("0.75"),
-            "{create}"
-        );
-        assert!(
-            text.contains("skipped: GetStats answers UNIMPLEMENTED"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "  pass  C=8: exit event p99 ≤ 15 ms after the kill: p99 9.0 ms (direct kill to reaped: p99 60.0 ms), 0 missing"
-            ),
-            "{text}"
-        );
-        let exits = text
-            .lines()
-            .find(|l| l.starts_with("exit event after Signal"))
-            .expect("an exit event row");
-        assert!(exits.contains("(reaped)"), "{exits}");
-        assert!(text.contains("teardown (containers/s)"), "{text}");
-    }
-
-    #[test]
-    fn a_skipped_runtime_says_so_and_nothing_else() {
-        let mut report = report();
-        report.runtime = "crun".into();
-        report.runtime_skipped = Some("crun run -d failed: cannot set hugetlb".into());
-        let text = render(&report);
-        assert!(
-            text.ends_with("crun: skipped: crun run -d failed: cannot set hugetlb\n"),
-            "{text}"
-        );
-        assert!(!text.contains("create rate"), "{text}");
-    }
-}
+mod tests;

@@ -26,21 +26,33 @@ const RUNTIME_TIMEOUT: Duration = Duration::from_secs(120);
 /// Runtime commands in flight while cleaning up.
 const CLEANUP_CONCURRENCY: usize = 8;
 
-/// The OCI runtime, run directly by the direct floor and by cleanup.
+/// An OCI runtime binary, run directly by a direct floor and by cleanup.
 #[derive(Debug, Clone)]
 pub struct Runtime {
+    /// What is executed: a name looked up in `PATH`, or a path.
+    pub program: PathBuf,
+    /// What the output calls it: the program's file name.
     pub name: String,
 }
 
 impl Runtime {
+    pub fn new(program: impl Into<PathBuf>) -> Runtime {
+        let program = program.into();
+        let name = program.file_name().map_or_else(
+            || program.to_string_lossy().into_owned(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        Runtime { program, name }
+    }
+
     /// Runs `<runtime> --root <root> <args>` with stdin and stdout on /dev/null and stderr in
     /// `stderr` (a container started by `create` or `run -d` keeps these as its stdio, so a pipe
     /// would never reach end of file). Fails with the runtime's own error text.
     pub async fn run(&self, root: &Path, args: &[&str], stderr: &Path) -> Result<(), LoadError> {
-        let what = || format!("{} {}", self.name, args.join(" "));
+        let what = || format!("{} {}", self.program.display(), args.join(" "));
         let err_file =
             File::create(stderr).map_err(|e| LoadError(format!("{}: {e}", stderr.display())))?;
-        let mut child = tokio::process::Command::new(&self.name)
+        let mut child = tokio::process::Command::new(&self.program)
             .arg("--root")
             .arg(root)
             .args(args)
@@ -61,31 +73,25 @@ impl Runtime {
         Err(LoadError(format!(
             "{} failed ({status}): {}",
             what(),
-            text.trim().lines().last().unwrap_or("no error text")
+            error_line(&text)
         )))
     }
 
     /// The ids of the containers under `root`.
     pub fn list(&self, root: &Path) -> Vec<String> {
-        let out = Command::new(&self.name)
+        let out = Command::new(&self.program)
             .arg("--root")
             .arg(root)
             .args(["list", "-q"])
             .stderr(Stdio::null())
             .output();
-        out.map(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+        out.map(|out| listed_ids(&String::from_utf8_lossy(&out.stdout)))
+            .unwrap_or_default()
     }
 
     /// The first line of `<runtime> --version`.
     pub fn version(&self) -> String {
-        Command::new(&self.name)
+        Command::new(&self.program)
             .arg("--version")
             .output()
             .ok()
@@ -95,6 +101,32 @@ impl Runtime {
             })
             .unwrap_or_else(|| format!("{} (version unknown)", self.name))
     }
+}
+
+/// The line of a runtime's stderr that says what failed: the last, or with a Rust runtime run
+/// under RUST_BACKTRACE (youki), the last before anyhow's `Stack backtrace:`.
+fn error_line(stderr: &str) -> &str {
+    let message = stderr
+        .split("\nStack backtrace:")
+        .next()
+        .unwrap_or_default();
+    let last = message.lines().rev().find(|line| !line.trim().is_empty());
+    last.map_or("no error text", str::trim)
+}
+
+/// The container ids in `<runtime> list -q`'s output. youki 0.7 ignores `-q` and prints its
+/// table, a header and then one container a line with its id first, so a header is skipped and
+/// each line's first word taken (an OCI container id has no whitespace).
+fn listed_ids(stdout: &str) -> Vec<String> {
+    let mut lines = stdout.lines().peekable();
+    let header = |line: &&str| line.split_whitespace().take(2).eq(["ID", "PID"]);
+    if lines.peek().is_some_and(header) {
+        lines.next();
+    }
+    lines
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A berthd this run started on its own socket and state directory.
@@ -146,7 +178,8 @@ pub struct Session {
     pub runtime: Runtime,
     pub bundle: PathBuf,
     berthd: Mutex<Option<Berthd>>,
-    roots: Mutex<Vec<PathBuf>>,
+    /// The direct floors' runtime roots, each with the runtime whose containers it holds.
+    roots: Mutex<Vec<(Runtime, PathBuf)>>,
     /// Containers made through a berthd this run did not start, with their init pids, so an
     /// interrupted run can still kill them through the API.
     live: Mutex<HashMap<String, u32>>,
@@ -162,9 +195,7 @@ impl Session {
         let session = Session {
             bundle: dir.join("bundle"),
             dir,
-            runtime: Runtime {
-                name: runtime.to_owned(),
-            },
+            runtime: Runtime::new(runtime),
             berthd: Mutex::new(None),
             roots: Mutex::new(Vec::new()),
             live: Mutex::new(HashMap::new()),
@@ -209,10 +240,11 @@ impl Session {
         self.bundle.to_string_lossy().into_owned()
     }
 
-    /// A runtime root for the direct floor, swept at cleanup.
-    pub fn runtime_root(&self, name: &str) -> PathBuf {
+    /// A root for `runtime`'s containers in a direct floor, swept with it at cleanup.
+    pub fn runtime_root(&self, runtime: &Runtime, name: &str) -> PathBuf {
         let root = self.dir.join(name);
-        self.roots.lock().expect("roots lock").push(root.clone());
+        let mut roots = self.roots.lock().expect("roots lock");
+        roots.push((runtime.clone(), root.clone()));
         root
     }
 
@@ -301,7 +333,7 @@ impl Session {
             tokio::task::spawn_blocking(move || berthd.stop())
                 .await
                 .expect("stopping berthd does not panic");
-            self.delete_all(&root).await;
+            self.delete_all(&self.runtime, &root).await;
         }
     }
 
@@ -327,8 +359,8 @@ impl Session {
     pub async fn cleanup(&self, client: Option<ApiClient<Channel>>) {
         self.stop_berthd().await;
         let roots = self.roots.lock().expect("roots lock").clone();
-        for root in roots {
-            self.delete_all(&root).await;
+        for (runtime, root) in roots {
+            self.delete_all(&runtime, &root).await;
         }
         let live: Vec<(String, u32)> = self.live.lock().expect("live lock").drain().collect();
         if let (Some(client), false) = (client, live.is_empty()) {
@@ -353,11 +385,10 @@ impl Session {
         }
     }
 
-    /// Deletes (`delete -f`) every container under `root`.
-    pub async fn delete_all(&self, root: &Path) {
-        let runtime = self.runtime.clone();
-        let list_root = root.to_owned();
-        let ids = tokio::task::spawn_blocking(move || runtime.list(&list_root))
+    /// Deletes (`<runtime> delete -f`) every container under `root`.
+    pub async fn delete_all(&self, runtime: &Runtime, root: &Path) {
+        let (lister, list_root) = (runtime.clone(), root.to_owned());
+        let ids = tokio::task::spawn_blocking(move || lister.list(&list_root))
             .await
             .unwrap_or_default();
         if ids.is_empty() {
@@ -373,7 +404,7 @@ impl Session {
                 let err = self
                     .dir
                     .join(format!("cleanup-{}.err", i % CLEANUP_CONCURRENCY));
-                if let Err(e) = self.runtime.run(root, &["delete", "-f", &id], &err).await {
+                if let Err(e) = runtime.run(root, &["delete", "-f", &id], &err).await {
                     eprintln!("cleanup: {e}");
                 }
             })
@@ -415,4 +446,49 @@ pub async fn reap_zombie_children(patience: Duration) {
 /// runtime command tokio is waiting for.
 fn is_container_init(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "sleep")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_is_named_by_its_program_file_name() {
+        let youki = Runtime::new("/opt/youki/bin/youki");
+        assert_eq!(youki.program, Path::new("/opt/youki/bin/youki"));
+        assert_eq!(youki.name, "youki");
+        assert_eq!(Runtime::new("runc").name, "runc");
+    }
+
+    #[test]
+    fn error_line_is_the_message_not_the_backtrace() {
+        let runc = "time=\"2026\" level=error msg=\"container does not exist\"\n";
+        assert_eq!(error_line(runc), runc.trim());
+        let youki = "\
+Error: failed to start container
+
+Caused by:
+    the root cause
+
+Stack backtrace:
+   0: anyhow::error::<impl anyhow::Error>::msg
+   7: _start
+";
+        assert_eq!(error_line(youki), "the root cause");
+        assert_eq!(error_line(" \n"), "no error text");
+    }
+
+    #[test]
+    fn listed_ids_reads_runc_quiet_output_and_youki_table() {
+        assert_eq!(listed_ids("direct-0\ndirect-1\n"), ["direct-0", "direct-1"]);
+        assert!(listed_ids("").is_empty());
+        // youki 0.7's `list -q`, verbatim: the table, quiet or not.
+        let youki = "\
+ID  PID    STATUS   BUNDLE               CREATED                    CREATOR
+c1  29528  Running  /run/yk-test/bundle  2026-11-30T02:40:57+00:00  root
+c2         Stopped  /run/yk-test/bundle  2026-11-30T02:41:03+00:00  root
+";
+        assert_eq!(listed_ids(youki), ["c1", "c2"]);
+        assert!(listed_ids("ID  PID  STATUS  BUNDLE  CREATED  CREATOR\n").is_empty());
+    }
 }

@@ -1,0 +1,203 @@
+//! The targets and the table, on fixture figures.
+
+use std::time::Duration;
+
+use super::*;
+use crate::direct::Throughput;
+
+fn run() -> Run {
+    let latency = Percentiles::of(&[Duration::from_millis(40), Duration::from_millis(60)]);
+    let throughput = |per_sec| Throughput {
+        per_sec,
+        latency,
+        teardown_per_sec: 50.0,
+        reaped_after_kill: latency,
+        made: 1000,
+        memory: None,
+    };
+    Run {
+        concurrency: 8,
+        create: Creates {
+            made: 1000,
+            per_sec: 30.0,
+            latency,
+            p50_first_100_ms: Some(40.0),
+            p50_last_100_ms: Some(48.0),
+        },
+        daemon: DaemonCost {
+            before: ProcSample {
+                rss_kb: 8 * 1024,
+                ..ProcSample::default()
+            },
+            at_n: ProcSample {
+                rss_kb: 20 * 1024,
+                pss_kb: 19 * 1024,
+                threads: 4,
+                fds: 3000,
+                ..ProcSample::default()
+            },
+            create_cpu_secs: 2.0,
+            host_kb_per_container: 700.0,
+            other_children: 1,
+        },
+        stats: StatsLoad {
+            skipped: Some("GetStats answers UNIMPLEMENTED".into()),
+            ..StatsLoad::default()
+        },
+        exits: Exits {
+            latency: Percentiles::of(&[Duration::from_millis(2), Duration::from_millis(9)]),
+            teardown_per_sec: 45.0,
+            missing: 0,
+        },
+        floor: Some(Floor {
+            create_start: throughput(25.0),
+            run_detached: throughput(40.0),
+        }),
+        youki_floor: None,
+        memory: None,
+    }
+}
+
+fn report() -> Report {
+    let mut report = Report {
+        host: Host {
+            cpus: 2,
+            kernel: "6.18".into(),
+            memory_gib: 24.0,
+            load_average_start: Some(0.1),
+            load_average_end: Some(0.5),
+        },
+        runtime: "runc".into(),
+        runtime_version: "runc version 1.1.5".into(),
+        n: 1000,
+        channel: ChannelMode::Shared,
+        runtime_skipped: None,
+        youki: DirectYouki::default(),
+        runs: vec![run()],
+        soak: None,
+        targets: Vec::new(),
+    };
+    report.targets = targets(&report);
+    report
+}
+
+#[test]
+fn targets_hold_each_figure_to_its_limit() {
+    let report = report();
+    let verdicts: Vec<(bool, &str)> = report
+        .targets
+        .iter()
+        .map(|t| (t.pass, t.detail.as_str()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![
+            (false, "30.0/s vs 40.0/s (run -d) = 0.75"),
+            (true, "20.0 ≤ 25.6"),
+            (true, "1 children of berthd besides the 1000 inits"),
+            (false, "40.0 ms → 48.0 ms (+20%)"),
+            (false, "45.0/s vs 50.0/s = 0.90"),
+            (
+                true,
+                "p99 9.0 ms (direct kill to reaped: p99 60.0 ms), 0 missing"
+            ),
+            (false, "2.00 ms"),
+        ]
+    );
+}
+
+#[test]
+fn the_table_puts_berthd_beside_the_floor() {
+    let text = render(&report());
+    assert!(
+        text.starts_with("berth load: runc (runc version 1.1.5), N=1000, one shared connection;"),
+        "{text}"
+    );
+    let create = text
+        .lines()
+        .find(|l| l.starts_with("create rate"))
+        .expect("a create rate row");
+    assert!(
+        create.contains("30.0") && create.contains("40.0 (run -d)") && create.ends_with("0.75"),
+        "{create}"
+    );
+    assert!(
+        text.contains("skipped: GetStats answers UNIMPLEMENTED"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "  pass  C=8: exit event p99 ≤ 15 ms after the kill: p99 9.0 ms (direct kill to reaped: p99 60.0 ms), 0 missing"
+        ),
+        "{text}"
+    );
+    let exits = text
+        .lines()
+        .find(|l| l.starts_with("exit event after Signal"))
+        .expect("an exit event row");
+    assert!(exits.contains("(reaped)"), "{exits}");
+    assert!(text.contains("teardown (containers/s)"), "{text}");
+}
+
+#[test]
+fn a_skipped_runtime_says_so_and_nothing_else() {
+    let mut report = report();
+    report.runtime = "crun".into();
+    report.runtime_skipped = Some("crun run -d failed: cannot set hugetlb".into());
+    let text = render(&report);
+    assert!(
+        text.ends_with("crun: skipped: crun run -d failed: cannot set hugetlb\n"),
+        "{text}"
+    );
+    assert!(!text.contains("create rate"), "{text}");
+}
+
+#[test]
+fn youki_by_hand_sits_beside_the_floor_without_changing_the_targets() {
+    let mut report = report();
+    let before: Vec<String> = report.targets.iter().map(|t| t.detail.clone()).collect();
+    report.youki.version = Some("youki version 0.7.0".into());
+    let run = &mut report.runs[0];
+    let mut youki = run.floor.clone().expect("the fixture has a floor");
+    youki.create_start.per_sec = 60.0;
+    youki.run_detached.per_sec = 75.0;
+    youki.create_start.teardown_per_sec = 90.0;
+    run.youki_floor = Some(youki);
+    report.targets = targets(&report);
+    let after: Vec<String> = report.targets.iter().map(|t| t.detail.clone()).collect();
+    assert_eq!(after, before);
+    let text = render(&report);
+    assert!(
+        text.contains("\nyouki by hand: youki version 0.7.0\n"),
+        "{text}"
+    );
+    let row = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start} row in {text}"))
+            .to_owned()
+    };
+    let rate = row("youki by hand create+start / run -d");
+    assert!(
+        rate.contains("60.0 / 75.0") && rate.ends_with("0.40"),
+        "{rate}"
+    );
+    assert!(
+        row("youki by hand run -d p50 / p90 / p99").contains("40.0 /"),
+        "{text}"
+    );
+    let teardown = row("youki by hand teardown");
+    assert!(
+        teardown.contains("90.0 (kill+delete)") && teardown.ends_with("0.50"),
+        "{teardown}"
+    );
+}
+
+#[test]
+fn a_skipped_youki_says_why() {
+    let mut report = report();
+    report.youki.skipped = Some("not installed".into());
+    let text = render(&report);
+    assert!(text.contains("\nyouki: skipped: not installed\n"), "{text}");
+    assert!(!text.contains("youki by hand"), "{text}");
+}
