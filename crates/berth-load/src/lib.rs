@@ -390,8 +390,17 @@ async fn run_level(
     } else {
         Some(direct::floor(session, &session.runtime, n, c, memory_every).await?)
     };
+    // youki's floor is for comparison: its failure ends that floor, not the run.
     let youki_floor = match youki {
-        Some(youki) => Some(direct::floor(session, youki, n, c, memory_every).await?),
+        Some(youki) => match direct::floor(session, youki, n, c, memory_every).await {
+            Ok(floor) => Some(floor),
+            Err(e) => {
+                eprintln!("youki: no floor at C={c}: {}", e.0);
+                let root = session.dir.join(format!("{}-direct-c{c}", youki.name));
+                session.delete_all(youki, &root).await;
+                None
+            }
+        },
         None => None,
     };
     let edge = |range: std::ops::Range<usize>| {
