@@ -44,7 +44,9 @@ async fn run_client(mut command: Command, what: &str) {
 }
 
 /// Generates the Python code for proto/api.proto with `python`'s grpc_tools and runs client.py.
-async fn python_client(python: &str, what: &str) {
+/// Runs the Python client with `python`; `name` makes its container's id, which must differ
+/// between clients that run at once (the id names the container's cgroup).
+async fn python_client(python: &str, what: &str, name: &str) {
     if !host_supports(
         &format!("needs {what}"),
         runs(python, &["-c", "import grpc, grpc_tools"], what),
@@ -72,14 +74,19 @@ async fn python_client(python: &str, what: &str) {
         .arg(generated.path())
         .arg(daemon.socket())
         .arg(bundle.path())
-        .arg(id("interop"));
+        .arg(id(name));
     run_client(command, what).await;
     daemon.assert_no_zombies().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn debian_grpcio_gets_the_documented_semantics() {
-    within(python_client(DEBIAN_PYTHON, "Debian's python3-grpcio")).await
+    within(python_client(
+        DEBIAN_PYTHON,
+        "Debian's python3-grpcio",
+        "interop-debian",
+    ))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -88,6 +95,7 @@ async fn the_newest_grpcio_from_pypi_dials_the_socket_path_unchanged() {
     within(python_client(
         &python,
         "grpcio from PyPI (target/interop/venv)",
+        "interop-pypi",
     ))
     .await
 }
