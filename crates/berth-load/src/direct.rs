@@ -76,6 +76,11 @@ impl Floor {
         }
     }
 
+    /// The kernel's kill-to-reaped latency, from the faster launch's teardown.
+    pub fn reaped_after_kill(&self) -> Option<Percentiles> {
+        self.best().1.reaped_after_kill
+    }
+
     /// The faster kill+delete of the two launches' teardowns.
     pub fn best_teardown_per_sec(&self) -> f64 {
         self.create_start
@@ -108,7 +113,7 @@ pub async fn probe(session: &Session, runtime: &Runtime) -> Result<(), LoadError
 
 /// N containers started each way by `runtime` at concurrency `c`, each set deleted before the
 /// next; with `memory_every`, created in chunks of that many with a look at the host's memory
-/// after each.
+/// after each. A floor that fails deletes what it made before it returns the error.
 pub async fn floor(
     session: &Arc<Session>,
     runtime: &Runtime,
@@ -122,12 +127,19 @@ pub async fn floor(
         runtime: Arc::new(runtime.clone()),
         root,
     };
-    let create_start = measure(&on, n, c, Launch::CreateStart, memory_every).await?;
-    let run_detached = measure(&on, n, c, Launch::RunDetached, memory_every).await?;
-    Ok(Floor {
-        create_start,
-        run_detached,
-    })
+    let measured = async {
+        let create_start = measure(&on, n, c, Launch::CreateStart, memory_every).await?;
+        let run_detached = measure(&on, n, c, Launch::RunDetached, memory_every).await?;
+        Ok(Floor {
+            create_start,
+            run_detached,
+        })
+    };
+    let floor = measured.await;
+    if floor.is_err() {
+        session.delete_all(runtime, &on.root).await;
+    }
+    floor
 }
 
 /// Where a floor runs: the runtime and the root holding its containers.

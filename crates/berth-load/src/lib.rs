@@ -396,8 +396,6 @@ async fn run_level(
             Ok(floor) => Some(floor),
             Err(e) => {
                 eprintln!("youki: no floor at C={c}: {}", e.0);
-                let root = session.dir.join(format!("{}-direct-c{c}", youki.name));
-                session.delete_all(youki, &root).await;
                 None
             }
         },

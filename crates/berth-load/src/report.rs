@@ -151,7 +151,7 @@ pub fn targets(report: &Report) -> Vec<Target> {
             let kernel = run
                 .floor
                 .as_ref()
-                .and_then(|floor| floor.best().1.reaped_after_kill)
+                .and_then(Floor::reaped_after_kill)
                 .map(|p| format!(" (direct kill to reaped: p99 {:.1} ms)", p.p99_ms))
                 .unwrap_or_default();
             out.push(Target {
@@ -382,10 +382,7 @@ fn runs_table(report: &Report) -> Table {
             }
         }
         // The direct column: kill to reaped with no daemon, what the kernel takes.
-        let reaped = run
-            .floor
-            .as_ref()
-            .and_then(|floor| floor.best().1.reaped_after_kill);
+        let reaped = run.floor.as_ref().and_then(Floor::reaped_after_kill);
         table.row(vec![
             "exit event after Signal p50 / p90 / p99 (ms)".into(),
             run.exits.latency.map(|p| p.triple()).unwrap_or_default(),
