@@ -189,16 +189,7 @@ impl Mounts {
         let text = cgroup.to_str().ok_or_else(|| {
             Error::Internal(format!("cgroup path {} is not UTF-8", cgroup.display()))
         })?;
-        let v1 = self.v1_dirs(text);
-        if v1.cpuacct.is_some() || v1.memory.is_some() {
-            return Ok(Location::V1(v1));
-        }
-        match &self.v2 {
-            Some(mount) => Ok(Location::V2(mount.join(cgroup.strip_prefix("/").unwrap_or(cgroup)))),
-            None => Err(Error::NotFound(
-                "no cgroup with cpu or memory accounting: neither a v1 cpuacct or memory hierarchy nor a mounted unified hierarchy".into(),
-            )),
-        }
+        self.v1_else_v2(self.v1_dirs(text), Some(text))
     }
 
     fn locate_in(&self, proc_cgroup: &[u8]) -> Result<Location> {
@@ -221,12 +212,18 @@ impl Mounts {
                 *slot = self.v1_dir(controller, line.path);
             }
         })?;
+        self.v1_else_v2(v1, unified.as_deref())
+    }
+
+    /// The v1 directories where a cpuacct or memory one is among them, else the unified
+    /// cgroup `unified` under the unified mount.
+    fn v1_else_v2(&self, v1: V1Dirs, unified: Option<&str>) -> Result<Location> {
         if v1.cpuacct.is_some() || v1.memory.is_some() {
             return Ok(Location::V1(v1));
         }
         match (unified, &self.v2) {
             (Some(path), Some(mount)) => Ok(Location::V2(
-                mount.join(path.strip_prefix('/').unwrap_or(&path)),
+                mount.join(path.strip_prefix('/').unwrap_or(path)),
             )),
             _ => Err(Error::NotFound(
                 "no cgroup with cpu or memory accounting: neither a v1 cpuacct or memory hierarchy nor a mounted unified hierarchy".into(),
