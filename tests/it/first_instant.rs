@@ -27,6 +27,14 @@ async fn each_exits_with(d: &mut Daemon, name: &str, bundle: &Bundle, status: u3
     d.assert_no_zombies().await;
 }
 
+/// Takes the pid namespace out of `bundle`'s spec: its containers share the host's.
+fn share_the_hosts_pids(bundle: &Bundle) {
+    bundle.edit(|c| {
+        let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+        namespaces.retain(|ns| ns["type"] != "pid");
+    });
+}
+
 /// Writes, in `dir`, a runtime that is real runc but lingers half a second after `run`: berthd
 /// registers the init only after that, when an init that ends at once has long been a zombie
 /// (berthd's child, seen by its orphan sweep; on cgroup v1 shown in the roots by `/proc`).
@@ -101,10 +109,7 @@ async fn killed_by_a_signal_at_once_exits_128_plus_it() {
         let bundle = Bundle::new(&["sh", "-c", "kill -9 $$"]);
         // Without its own pid namespace: the init of one ignores the signals its own processes
         // send it, SIGKILL included, and would exit 0.
-        bundle.edit(|c| {
-            let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
-            namespaces.retain(|ns| ns["type"] != "pid");
-        });
+        share_the_hosts_pids(&bundle);
         each_exits_with(&mut d, "first-kill9", &bundle, 137, ROUNDS).await;
     })
     .await
@@ -120,10 +125,7 @@ async fn a_container_sharing_the_hosts_pids_sees_its_own_memory_cgroup() {
             "-c",
             "for f in /sys/fs/cgroup/memory/cgroup.procs /sys/fs/cgroup/cgroup.procs; do [ -f $f ] && { grep -qx $$ $f; exit $?; }; done; exit 2",
         ]);
-        bundle.edit(|c| {
-            let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
-            namespaces.retain(|ns| ns["type"] != "pid");
-        });
+        share_the_hosts_pids(&bundle);
         each_exits_with(&mut d, "host-pids-cgroup", &bundle, 0, 1).await;
     })
     .await
