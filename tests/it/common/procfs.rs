@@ -20,6 +20,15 @@ pub struct CgroupMount {
     controllers: Option<Vec<String>>,
 }
 
+impl CgroupMount {
+    /// Where cgroup path `cgroup` of this hierarchy is in this mount namespace, if the mount
+    /// holds it.
+    fn dir_of(&self, cgroup: &Path) -> Option<PathBuf> {
+        let inside = cgroup.strip_prefix(&self.root).ok()?;
+        Some(self.dir.join(inside))
+    }
+}
+
 pub fn cgroup_mounts() -> Vec<CgroupMount> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
     text.lines()
@@ -48,10 +57,7 @@ pub fn cgroup_mounts() -> Vec<CgroupMount> {
 pub fn dirs_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
     cgroup_mounts()
         .into_iter()
-        .filter_map(|mount| {
-            let inside = cgroup.strip_prefix(&mount.root).ok()?;
-            Some(mount.dir.join(inside))
-        })
+        .filter_map(|mount| mount.dir_of(cgroup))
         .collect()
 }
 
@@ -101,8 +107,7 @@ pub fn cgroups_of(pid: u32) -> Vec<PathBuf> {
                         && controllers.split(',').all(|c| opts.iter().any(|o| o == c))
                 }
             })?;
-            let inside = Path::new(path).strip_prefix(&mount.root).ok()?;
-            Some(mount.dir.join(inside))
+            mount.dir_of(Path::new(path))
         })
         .collect();
     dirs.sort();
