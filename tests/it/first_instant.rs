@@ -10,23 +10,6 @@ use crate::common::*;
 /// time.
 const ROUNDS: usize = 20;
 
-/// Creates `rounds` containers of `bundle` one after another and expects each init's exit event
-/// to carry `status`, each container to be gone after it, and no zombie at the end.
-async fn each_exits_with(d: &mut Daemon, name: &str, bundle: &Bundle, status: u32, rounds: usize) {
-    let mut events = d.events().await;
-    for round in 0..rounds {
-        let id = id(&format!("{name}-{round}"));
-        let pid = d.create(create_req(&id, bundle)).await;
-        assert_eq!(
-            events.exit_status(&id, pid).await,
-            status,
-            "{name}, round {round}"
-        );
-        d.assert_gone(&id).await;
-    }
-    d.assert_no_zombies().await;
-}
-
 /// Takes the pid namespace out of `bundle`'s spec: its containers share the host's.
 fn share_the_hosts_pids(bundle: &Bundle) {
     bundle.edit(|c| {

@@ -84,15 +84,8 @@ async fn init_that_exits_at_once_reports_its_real_status() {
     within(async {
         let mut d = daemon!();
         let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
-        let mut events = d.events().await;
         // Repeated because the race between exit and registration does not show every time.
-        for round in 0..5 {
-            let id = id(&format!("exit7-{round}"));
-            let pid = d.create(create_req(&id, &bundle)).await;
-            assert_eq!(events.exit_status(&id, pid).await, 7, "round {round}");
-            d.assert_gone(&id).await;
-        }
-        d.assert_no_zombies().await;
+        each_exits_with(&mut d, "exit7", &bundle, 7, 5).await;
     })
     .await
 }

@@ -767,6 +767,29 @@ fn runtime_ids(root: &Path) -> Vec<String> {
 
 // ----- requests -----
 
+/// Creates `rounds` containers of `bundle` one after another and expects each init's exit event
+/// to carry `status`, each container to be gone after it, and no zombie at the end.
+pub async fn each_exits_with(
+    d: &mut Daemon,
+    name: &str,
+    bundle: &Bundle,
+    status: u32,
+    rounds: usize,
+) {
+    let mut events = d.events().await;
+    for round in 0..rounds {
+        let id = id(&format!("{name}-{round}"));
+        let pid = d.create(create_req(&id, bundle)).await;
+        assert_eq!(
+            events.exit_status(&id, pid).await,
+            status,
+            "{name}, round {round}"
+        );
+        d.assert_gone(&id).await;
+    }
+    d.assert_no_zombies().await;
+}
+
 pub fn create_req(id: &str, bundle: &Bundle) -> CreateContainerRequest {
     CreateContainerRequest {
         id: id.to_owned(),
