@@ -1,6 +1,8 @@
 //! AddProcess: what the added process runs as, where its stdio goes, and how it is tracked,
 //! listed, signalled and reported.
 
+use std::time::{Duration, Instant};
+
 use crate::common::*;
 use berth_api::proto::User;
 
@@ -143,11 +145,20 @@ async fn added_process_is_a_child_of_berthd_listed_and_signalled() {
         let pids: Vec<u32> = c.processes.iter().map(|p| p.pid).collect();
         assert_eq!(pids, [ctr.pid], "the exited process is no longer listed");
         assert!(proc_stat(child).is_none(), "the added process was reaped");
-        let saved = saved_state(&d, &ctr.id);
-        assert!(
-            !holds_string(&saved, "999"),
-            "state file still holds the exited process: {saved}"
-        );
+        // The exit is published first and the state file rewritten after it, by the store's
+        // writer thread: the record drops the process within a bound, not at the event.
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let saved = saved_state(&d, &ctr.id);
+            if !holds_string(&saved, "999") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "state file still holds the exited process: {saved}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         d.assert_no_zombies().await;
