@@ -4,7 +4,10 @@
 //! `oom_kill` counter went up since the last report. The wake-ups only say when to look:
 //! - v1: one eventfd for all containers, registered for each cgroup's `memory.oom_control`
 //!   through its `cgroup.event_control`, read by one task; a wake-up does not say which cgroup,
-//!   so every watched container's counter is looked at, off the reactor. No descriptor per
+//!   so every watched container's counter is looked at, off the reactor, but only when the
+//!   host's own count of OOM kills (`oom_kill` in `/proc/vmstat`) went up since the last look:
+//!   the kernel also signals a registration when its cgroup is removed, so without that every
+//!   container's exit would cost a read of every other container's counter. No descriptor per
 //!   container (an eventfd each would be half of berthd's descriptors on a dense host), and the
 //!   kernel drops a cgroup's registration when the cgroup is removed;
 //! - v2: one inotify instance for all containers, watching each `memory.events` for changes, read by
@@ -85,7 +88,14 @@ impl Watch {
     }
 }
 
-/// `oom_kill` of a `memory.oom_control` or `memory.events` file.
+/// The OOM kills the host's kernel has made since boot, in every cgroup (`oom_kill` of
+/// `/proc/vmstat`); `None` where it does not count them (before Linux 4.13) or cannot be read.
+fn host_oom_kills() -> Option<u64> {
+    let vmstat = std::fs::read("/proc/vmstat").ok()?;
+    oom_kills(&vmstat).ok()
+}
+
+/// `oom_kill` of a `memory.oom_control` or `memory.events` file, or of `/proc/vmstat`.
 fn oom_kills(content: &[u8]) -> Result<u64> {
     let mut kills = None;
     parse::flat_keyed("oom counter", content, |key, value| {
@@ -196,8 +206,9 @@ impl Watcher {
         }))
     }
 
-    /// The v1 eventfd and its reader: on each wake-up, every v1 watch is looked at (off the
-    /// reactor: one read per container), again after each of [`RECHECKS`] until one reports.
+    /// The v1 eventfd and its reader: on each wake-up, and again after each of [`RECHECKS`]
+    /// until one reports, every v1 watch is looked at (off the reactor: one read per container)
+    /// if the host has OOM-killed anything since the last look.
     fn start_eventfd(&self) -> Result<SharedEventfd> {
         let eventfd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| Error::sys("create an eventfd", e))?;
@@ -210,6 +221,9 @@ impl Watcher {
             Arc::clone(&self.watches),
             Arc::clone(&self.events),
         );
+        // The host's OOM kills when every watch's counter had last been looked at: a watch
+        // looks at its own when it starts, so none has been missed at this count.
+        let mut looked_at = host_oom_kills();
         let reader = tokio::spawn(async move {
             loop {
                 let Ok(mut ready) = task_fd.readable().await else {
@@ -235,9 +249,15 @@ impl Watcher {
                 let v1 = Arc::new(v1);
                 for delay in RECHECKS {
                     tokio::time::sleep(delay).await;
+                    let host_kills = host_oom_kills();
+                    if host_kills.is_some() && host_kills == looked_at {
+                        continue;
+                    }
                     let (v1, events) = (Arc::clone(&v1), Arc::clone(&events));
                     let look = move || v1.iter().fold(false, |any, w| w.check(&events) | any);
-                    if tokio::task::spawn_blocking(look).await.unwrap_or(false) {
+                    let reported = tokio::task::spawn_blocking(look).await.unwrap_or(false);
+                    looked_at = host_kills;
+                    if reported {
                         break;
                     }
                 }
@@ -364,7 +384,7 @@ mod tests {
     use crate::events::Lagged;
 
     #[test]
-    fn the_kill_counter_of_both_versions() {
+    fn the_kill_counter_of_both_versions_and_of_the_host() {
         assert_eq!(
             oom_kills(b"oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").unwrap(),
             3
@@ -372,6 +392,11 @@ mod tests {
         assert_eq!(
             oom_kills(b"low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 0\n").unwrap(),
             2
+        );
+        assert_eq!(
+            oom_kills(b"nr_free_pages 5837650\npgfault 902\noom_kill 306\nnr_unstable 0\n")
+                .unwrap(),
+            306
         );
         let old_kernel = oom_kills(b"oom_kill_disable 0\nunder_oom 0\n").unwrap_err();
         assert!(old_kernel.to_string().contains("no oom_kill line"));
