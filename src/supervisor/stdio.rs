@@ -67,13 +67,23 @@ impl StdioPaths {
         })
     }
 
-    /// Opens stdin, stdout and stderr for a process without a terminal.
-    pub fn open_all(&self) -> Result<[OwnedFd; 3]> {
+    /// Whether none of stdin, stdout and stderr is named.
+    fn all_empty(&self) -> bool {
+        self.stdin.is_empty() && self.stdout.is_empty() && self.stderr.is_empty()
+    }
+
+    /// Opens stdin, stdout and stderr for a process without a terminal; one not named is
+    /// `/dev/null`, which the spawned process opens itself.
+    pub fn open_all(&self) -> Result<[SpawnStdio; 3]> {
         let caller = self.caller()?;
+        let open = |what, path: &str, access| match path {
+            "" => Ok(SpawnStdio::Null),
+            path => caller.open_stdio(what, path, access).map(SpawnStdio::Fd),
+        };
         Ok([
-            caller.open_stdio("stdin", &self.stdin, Access::Read)?,
-            caller.open_stdio("stdout", &self.stdout, Access::Write)?,
-            caller.open_stdio("stderr", &self.stderr, Access::Write)?,
+            open("stdin", &self.stdin, Access::Read)?,
+            open("stdout", &self.stdout, Access::Write)?,
+            open("stderr", &self.stderr, Access::Write)?,
         ])
     }
 
@@ -120,16 +130,16 @@ pub async fn relay_ends(paths: &StdioPaths) -> Result<RelayEnds> {
 /// The stdio a runtime command gets: the client's paths, or nothing when a pty replaces them
 /// (those are opened by [`relay_ends`]; opening and closing a FIFO here would show its reader a
 /// writer that came and went).
+/// Without any path there is nothing of the client's to open, and no trip off the reactor.
 pub async fn process_stdio(paths: &StdioPaths, terminal: bool) -> Result<[SpawnStdio; 3]> {
-    if terminal {
+    if terminal || paths.all_empty() {
         return Ok([SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]);
     }
     let caller = paths.caller()?;
     let paths = paths.clone();
-    let fds = caller
+    caller
         .off_reactor("opening the stdio paths", move || paths.open_all())
-        .await?;
-    Ok(fds.map(SpawnStdio::Fd))
+        .await
 }
 
 fn set_nonblocking(fd: impl AsFd, on: bool) -> std::io::Result<()> {
@@ -419,13 +429,19 @@ mod tests {
             console: String::new(),
             caller: as_root(dir.path()),
         };
-        let [_, _, stderr] = paths.open_all().unwrap();
+        let [_, _, SpawnStdio::Fd(stderr)] = paths.open_all().unwrap() else {
+            panic!("a named stderr is opened by berthd");
+        };
         rustix::io::write(&stderr, b"added\n").unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept\nadded\n");
         let empty = StdioPaths {
             caller: as_root(dir.path()),
             ..Default::default()
         };
-        empty.open_all().unwrap();
+        assert!(empty.all_empty());
+        assert!(matches!(
+            empty.open_all().unwrap(),
+            [SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]
+        ));
     }
 }
