@@ -41,7 +41,7 @@ use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
 use crate::runtime::builtin::BUILTIN;
 use crate::runtime::{
-    self, Completion, Outcome, Priority, Runtime, RuntimeBinary, SpawnStdio, Spawner,
+    self, Completion, Outcome, Priority, Runtime, RuntimeBinary, SpawnOptions, SpawnStdio, Spawner,
 };
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
@@ -369,8 +369,11 @@ async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
         .spawn(
             argv,
             [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
-            PREFLIGHT_TIMEOUT,
-            Priority::Normal,
+            SpawnOptions {
+                timeout: PREFLIGHT_TIMEOUT,
+                priority: Priority::Normal,
+                log: None,
+            },
         )
         .await?;
     let version = version_of(&binary, response)?;

@@ -15,7 +15,7 @@ use tonic::Code;
 use berth::config::Config;
 use berth::daemon::{self, Exit};
 use berth::error::Result;
-use berth::runtime::{Completion, Outcome, Priority, SpawnStdio, Spawner};
+use berth::runtime::{Completion, Outcome, SpawnOptions, SpawnStdio, Spawner};
 use berth_api::daemon_proto::UpgradeRequest;
 use berth_api::proto::{CreateContainerRequest, StateRequest};
 
@@ -30,8 +30,7 @@ impl Spawner for RefusingSpawner {
         &self,
         argv: Vec<String>,
         _stdio: [SpawnStdio; 3],
-        _timeout: Duration,
-        _priority: Priority,
+        _options: SpawnOptions,
     ) -> BoxFuture<'_, Result<Completion>> {
         let error = format!("{} is not run in this test", argv[0]);
         self.asked.lock().unwrap().push(argv);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-use super::{Outcome, Priority, RuntimeBinary, SpawnStdio, Spawner};
+use super::{Outcome, Priority, RuntimeBinary, SpawnOptions, SpawnStdio, Spawner};
 use crate::error::{Error, Result};
 
 /// How long `criu check` may take; it answers in well under a second on an idle host.
@@ -70,8 +70,11 @@ impl Criu {
             .spawn(
                 vec![program.clone(), "check".into()],
                 [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
-                CHECK_TIMEOUT,
-                Priority::Normal,
+                SpawnOptions {
+                    timeout: CHECK_TIMEOUT,
+                    priority: Priority::Normal,
+                    log: None,
+                },
             )
             .await
             .map_err(|e| format!("{program} check could not run: {e}"))?;

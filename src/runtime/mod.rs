@@ -287,6 +287,18 @@ pub enum Priority {
     Background,
 }
 
+/// How a command is spawned, besides its argv and stdio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnOptions {
+    /// The command (and its process group) is killed after this long.
+    pub timeout: Duration,
+    pub priority: Priority,
+    /// The log file the command writes, which the spawner removes once the command has exited
+    /// 0 (nothing in it is wanted then). After any other ending it is left for the caller to
+    /// read and remove.
+    pub log: Option<PathBuf>,
+}
+
 /// One stdio stream of a spawned command.
 pub enum SpawnStdio {
     Null,
@@ -316,25 +328,23 @@ pub struct Completion {
 
 /// Starts processes for the runtime; the spawn helper in berthd, a stub in unit tests.
 pub trait Spawner: Send + Sync + 'static {
-    /// Runs `argv` at `priority`, killing it (and its process group) after `timeout`.
+    /// Runs `argv` as `options` say.
     fn spawn(
         &self,
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
-        timeout: Duration,
-        priority: Priority,
+        options: SpawnOptions,
     ) -> BoxFuture<'_, Result<Completion>>;
 
-    /// Carries out `call` with the built-in runtime, killing it after `timeout`. Spawners
-    /// without one refuse.
+    /// Carries out `call` with the built-in runtime, as `options` say. Spawners without one
+    /// refuse.
     fn run_builtin(
         &self,
         call: BuiltinCall,
         stdio: [SpawnStdio; 3],
-        timeout: Duration,
-        priority: Priority,
+        options: SpawnOptions,
     ) -> BoxFuture<'_, Result<Completion>> {
-        let _ = (call, stdio, timeout, priority);
+        let _ = (call, stdio, options);
         Box::pin(async {
             Err(Error::FailedPrecondition(
                 "this spawner has no built-in runtime".into(),
@@ -475,28 +485,33 @@ impl Runtime {
         ));
         let what = format!("{} {}", self.binary.name(), op.name());
         let started = std::time::Instant::now();
+        let options = SpawnOptions {
+            timeout: self.timeout,
+            priority,
+            log: Some(log.clone()),
+        };
         let completion = if self.binary.is_builtin() {
             let call = BuiltinCall::new(&op, &self.binary.root, &log)?;
             tracing::debug!(?call, "runtime");
-            self.spawner
-                .run_builtin(call, stdio, self.timeout, priority)
-                .await
+            self.spawner.run_builtin(call, stdio, options).await
         } else {
             let argv = self.binary.argv(&op, &log);
             tracing::debug!(?argv, "runtime");
-            self.spawner
-                .spawn(argv, stdio, self.timeout, priority)
-                .await
+            self.spawner.spawn(argv, stdio, options).await
         };
         crate::instruments::runtime_command(op.name(), started.elapsed());
-        let failed = !matches!(
+        let succeeded = matches!(
             completion,
             Ok(Completion {
                 outcome: Outcome::Exited { code: Some(0) },
                 ..
             })
         );
-        let log_text = take_log(log, failed).await;
+        // After a success the spawner has removed the log.
+        let log_text = match succeeded {
+            true => String::new(),
+            false => take_log(log).await,
+        };
         let completion = completion?;
         match completion.outcome {
             Outcome::Exited { code } => {
@@ -529,24 +544,14 @@ impl Runtime {
     }
 }
 
-/// Removes the runtime's log file, off the reactor, and returns what a failed command wrote to
-/// it (a command that succeeded has nothing to say: its log is not read, and its removal is not
-/// waited for).
-async fn take_log(log: PathBuf, failed: bool) -> String {
+/// What a failed command wrote to its log file, which is then removed; off the reactor.
+async fn take_log(log: PathBuf) -> String {
     let take = move || {
-        let text = if failed {
-            std::fs::read_to_string(&log).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
         text
     };
-    let taken = tokio::task::spawn_blocking(take);
-    if !failed {
-        return String::new();
-    }
-    taken.await.unwrap_or_default()
+    tokio::task::spawn_blocking(take).await.unwrap_or_default()
 }
 
 /// The most useful line a failed runtime left: the last error in its JSON log, else the last

@@ -183,11 +183,14 @@ fn failure_message_prefers_the_log_then_stderr_then_status() {
     );
 }
 
-/// A spawner that records argv and answers with a fixed outcome.
+/// A spawner that records argv and options, writes `log` to the command's log file, and
+/// answers with a fixed outcome.
 struct StubSpawner {
     outcome: Outcome,
     stderr: String,
+    log: String,
     seen: Mutex<Vec<Vec<String>>>,
+    options: Mutex<Vec<SpawnOptions>>,
 }
 
 impl Spawner for StubSpawner {
@@ -195,10 +198,13 @@ impl Spawner for StubSpawner {
         &self,
         argv: Vec<String>,
         _stdio: [SpawnStdio; 3],
-        _timeout: Duration,
-        _priority: Priority,
+        options: SpawnOptions,
     ) -> BoxFuture<'_, Result<Completion>> {
+        if let Some(log) = &options.log {
+            std::fs::write(log, &self.log).unwrap();
+        }
         self.seen.lock().unwrap().push(argv);
+        self.options.lock().unwrap().push(options);
         let completion = Completion {
             pid: 42,
             outcome: self.outcome.clone(),
@@ -213,7 +219,9 @@ fn runtime_with(outcome: Outcome, stderr: &str) -> (Runtime, Arc<StubSpawner>) {
     let stub = Arc::new(StubSpawner {
         outcome,
         stderr: stderr.into(),
+        log: String::new(),
         seen: Mutex::new(Vec::new()),
+        options: Mutex::new(Vec::new()),
     });
     let runtime = Runtime::new(
         binary(),
@@ -230,6 +238,47 @@ async fn success_returns_stdout() {
     let out = runtime.run(Operation::List).await.unwrap();
     assert_eq!(out, "{\"status\":\"running\"}");
     assert_eq!(stub.seen.lock().unwrap()[0][7], "list");
+}
+
+#[tokio::test]
+async fn the_log_of_a_success_is_the_spawners_to_remove_and_of_a_failure_is_read_and_removed() {
+    let logs = tempfile::tempdir().unwrap();
+    let runtime_logging = |code, log: &str| {
+        let stub = Arc::new(StubSpawner {
+            outcome: Outcome::Exited { code: Some(code) },
+            stderr: String::new(),
+            log: log.into(),
+            seen: Mutex::new(Vec::new()),
+            options: Mutex::new(Vec::new()),
+        });
+        let runtime = Runtime::new(
+            binary(),
+            stub.clone(),
+            Duration::from_secs(3),
+            logs.path().to_owned(),
+        );
+        (runtime, stub)
+    };
+    let (runtime, stub) = runtime_logging(0, "");
+    runtime.run(Operation::List).await.unwrap();
+    let options = stub.options.lock().unwrap()[0].clone();
+    let log = options.log.expect("the log is named to the spawner");
+    assert!(log.starts_with(logs.path()), "{log:?}");
+    assert!(
+        log.exists(),
+        "berthd itself leaves a success's log to the spawner"
+    );
+    std::fs::remove_file(&log).unwrap();
+
+    let line = r#"{"level":"error","msg":"container \"a\" does not exist","time":"t"}"#;
+    let (runtime, stub) = runtime_logging(1, line);
+    let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "runc pause failed: container \"a\" does not exist"
+    );
+    let log = stub.options.lock().unwrap()[0].log.clone().unwrap();
+    assert!(!log.exists(), "a failure's log is removed once read");
 }
 
 #[tokio::test]

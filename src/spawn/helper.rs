@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use super::protocol::{
 };
 use crate::runtime::Priority;
 use crate::runtime::builtin::BuiltinCall;
+use crate::wait_status::exit_code;
 
 struct Capture {
     pipe: Option<OwnedFd>,
@@ -72,6 +74,8 @@ struct Running {
     timed_out: bool,
     stdout: Capture,
     stderr: Capture,
+    /// Removed here if the command exits 0, so berthd's reactor never waits on a removal.
+    log: Option<PathBuf>,
 }
 
 /// Serves spawn requests on `socket` until berthd closes it.
@@ -191,6 +195,7 @@ fn start(
             timed_out: false,
             stdout: Capture::new(stdout),
             stderr: Capture::new(stderr),
+            log: request.log,
         },
     );
 }
@@ -313,6 +318,11 @@ fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>) {
                     wait_status: status.as_raw(),
                 }
             };
+            if let (Outcome::Exited { wait_status }, Some(log)) = (&outcome, &r.log)
+                && exit_code(*wait_status) == Some(0)
+            {
+                let _ = std::fs::remove_file(log);
+            }
             finished.push(Response {
                 id: *id,
                 pid: r.pid.as_raw_nonzero().get(),

@@ -23,7 +23,6 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
@@ -32,7 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::runtime::builtin::BuiltinCall;
-use crate::runtime::{self, Completion, Priority, SpawnStdio, Spawner};
+use crate::runtime::{self, Completion, SpawnOptions, SpawnStdio, Spawner};
 use crate::wait_status::exit_code;
 use protocol::{Command, MAX_MESSAGE, Request, Response, StdioSpec};
 
@@ -111,24 +110,21 @@ impl SpawnHelper {
     }
 
     /// Runs `argv` through the helper and returns how it ended. The helper kills the command
-    /// after `timeout` and reports `Outcome::TimedOut`.
+    /// after the options' timeout and reports `Outcome::TimedOut`.
     pub async fn run(
         &self,
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
-        timeout: Duration,
-        priority: Priority,
+        options: SpawnOptions,
     ) -> Result<Response> {
-        self.request(Command::Exec { argv }, stdio, timeout, priority)
-            .await
+        self.request(Command::Exec { argv }, stdio, options).await
     }
 
     async fn request(
         &self,
         command: Command,
         stdio: [SpawnStdio; 3],
-        timeout: Duration,
-        priority: Priority,
+        options: SpawnOptions,
     ) -> Result<Response> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut specs = [StdioSpec::Null; 3];
@@ -147,8 +143,9 @@ impl SpawnHelper {
             id,
             command,
             stdio: specs,
-            timeout_ms: timeout.as_millis() as u64,
-            priority,
+            timeout_ms: options.timeout.as_millis() as u64,
+            priority: options.priority,
+            log: options.log,
         };
         let bytes = serde_json::to_vec(&request)
             .map_err(|e| Error::Internal(format!("encode spawn request: {e}")))?;
@@ -216,25 +213,19 @@ impl Spawner for SpawnHelper {
         &self,
         argv: Vec<String>,
         stdio: [SpawnStdio; 3],
-        timeout: Duration,
-        priority: Priority,
+        options: SpawnOptions,
     ) -> BoxFuture<'_, Result<Completion>> {
-        Box::pin(async move {
-            self.run(argv, stdio, timeout, priority)
-                .await
-                .map(completion)
-        })
+        Box::pin(async move { self.run(argv, stdio, options).await.map(completion) })
     }
 
     fn run_builtin(
         &self,
         call: BuiltinCall,
         stdio: [SpawnStdio; 3],
-        timeout: Duration,
-        priority: Priority,
+        options: SpawnOptions,
     ) -> BoxFuture<'_, Result<Completion>> {
         Box::pin(async move {
-            self.request(Command::Builtin(call), stdio, timeout, priority)
+            self.request(Command::Builtin(call), stdio, options)
                 .await
                 .map(completion)
         })

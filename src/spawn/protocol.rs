@@ -1,6 +1,8 @@
 //! What berthd and the spawn helper say to each other: one JSON message per `SOCK_SEQPACKET`
 //! datagram, stdio descriptors attached with `SCM_RIGHTS` in stdin, stdout, stderr order.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::Priority;
@@ -37,6 +39,8 @@ pub(crate) struct Request {
     pub stdio: [StdioSpec; 3],
     pub timeout_ms: u64,
     pub priority: Priority,
+    /// The command's log file, removed by the helper once the command has exited 0.
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

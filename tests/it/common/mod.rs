@@ -363,11 +363,29 @@ impl Daemon {
         Baseline {
             fds: self.fds(),
             children: self.children(),
+            scratch: self.scratch_files(),
         }
     }
 
+    /// The names in berthd's scratch directory (`<state-dir>/tmp`: runtime logs, pid files,
+    /// console sockets), sorted.
+    pub fn scratch_files(&self) -> Vec<String> {
+        let dir = self.state_dir().join("tmp");
+        let mut names: Vec<String> = match fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("{}: {e}", dir.display()),
+        };
+        names.sort();
+        names
+    }
+
     /// Waits until every fd berthd holds was already open in `baseline` (by target, counted per
-    /// target) and it has no child that was not there then.
+    /// target), it has no child that was not there then, and its scratch directory holds no
+    /// file that was not there then (a runtime's log is removed after a success and a failure
+    /// alike).
     pub async fn assert_settles(&self, baseline: &Baseline) {
         let deadline = Instant::now() + SETTLE;
         loop {
@@ -377,14 +395,16 @@ impl Daemon {
                 .difference(&baseline.children)
                 .copied()
                 .collect();
-            if extra_fds.is_empty() && extra_children.is_empty() {
+            let extra_scratch = multiset_minus(&self.scratch_files(), &baseline.scratch);
+            if extra_fds.is_empty() && extra_children.is_empty() && extra_scratch.is_empty() {
                 return;
             }
             if Instant::now() > deadline {
                 let described: Vec<String> = extra_children.iter().map(|&p| describe(p)).collect();
                 panic!(
                     "berthd holds fds not in the baseline: {extra_fds:#?}\n\
-                     and children not in the baseline: {described:#?}"
+                     children not in the baseline: {described:#?}\n\
+                     and scratch files not in the baseline: {extra_scratch:#?}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -609,6 +629,7 @@ impl Drop for Daemon {
 pub struct Baseline {
     fds: Vec<String>,
     children: BTreeSet<u32>,
+    scratch: Vec<String>,
 }
 
 /// The items of sorted `now` beyond those in sorted `before`, counting repeats.
