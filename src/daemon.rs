@@ -41,7 +41,7 @@ use crate::proto::api_server::ApiServer;
 use crate::reaper::Reaper;
 use crate::runtime::builtin::BUILTIN;
 use crate::runtime::{
-    self, Completion, Outcome, Priority, Runtime, RuntimeBinary, SpawnOptions, SpawnStdio, Spawner,
+    self, Completion, Outcome, Runtime, RuntimeBinary, SpawnOptions, SpawnStdio, Spawner,
 };
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
@@ -371,7 +371,6 @@ async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
             [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
             SpawnOptions {
                 timeout: PREFLIGHT_TIMEOUT,
-                priority: Priority::Normal,
                 log: None,
             },
         )

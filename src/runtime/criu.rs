@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-use super::{Outcome, Priority, RuntimeBinary, SpawnOptions, SpawnStdio, Spawner};
+use super::{Outcome, RuntimeBinary, SpawnOptions, SpawnStdio, Spawner};
 use crate::error::{Error, Result};
 
 /// How long `criu check` may take; it answers in well under a second on an idle host.
@@ -72,7 +72,6 @@ impl Criu {
                 [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
                 SpawnOptions {
                     timeout: CHECK_TIMEOUT,
-                    priority: Priority::Normal,
                     log: None,
                 },
             )

@@ -277,22 +277,11 @@ impl RuntimeBinary {
     }
 }
 
-/// How much of the CPU a spawned command may take while other work wants it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Priority {
-    /// berthd's own.
-    Normal,
-    /// 10 nicer than berthd: the runtime's delete after an exit, which must not hold up the next exit or
-    /// create on a busy host (a burst of exits starts several at once).
-    Background,
-}
-
 /// How a command is spawned, besides its argv and stdio.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpawnOptions {
     /// The command (and its process group) is killed after this long.
     pub timeout: Duration,
-    pub priority: Priority,
     /// The log file the command writes, which the spawner removes once the command has exited
     /// 0 (nothing in it is wanted then). After any other ending it is left for the caller to
     /// read and remove.
@@ -455,13 +444,7 @@ impl Runtime {
     /// Runs `op` with its output captured; returns its stdout.
     pub(crate) async fn run(&self, op: Operation<'_>) -> Result<String> {
         let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
-        self.run_at(op, captured, Priority::Normal).await
-    }
-
-    /// [`Runtime::run`] at [`Priority::Background`].
-    pub(crate) async fn run_in_background(&self, op: Operation<'_>) -> Result<String> {
-        let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
-        self.run_at(op, captured, Priority::Background).await
+        self.run_at(op, captured).await
     }
 
     /// Runs `op` with the given stdio (the container's, for create and exec).
@@ -470,15 +453,10 @@ impl Runtime {
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],
     ) -> Result<String> {
-        self.run_at(op, stdio, Priority::Normal).await
+        self.run_at(op, stdio).await
     }
 
-    async fn run_at(
-        &self,
-        op: Operation<'_>,
-        stdio: [SpawnStdio; 3],
-        priority: Priority,
-    ) -> Result<String> {
+    async fn run_at(&self, op: Operation<'_>, stdio: [SpawnStdio; 3]) -> Result<String> {
         let log = self.log_dir.join(format!(
             "{}.log",
             self.next_log.fetch_add(1, Ordering::Relaxed)
@@ -487,7 +465,6 @@ impl Runtime {
         let started = std::time::Instant::now();
         let options = SpawnOptions {
             timeout: self.timeout,
-            priority,
             log: Some(log.clone()),
         };
         let completion = if self.binary.is_builtin() {

@@ -2,7 +2,7 @@
 //! helper's child for each built-in runtime call.
 //!
 //! Owns: the `fork`s, what each side keeps of the socketpair, the built-in child's stdio,
-//! descriptors and signals, and a child's priority set before it execs. Does not own: what the helper does once forked (helper),
+//! descriptors and signals. Does not own: what the helper does once forked (helper),
 //! restarting it later (by re-exec, in the parent module), or the built-in runtime's calls
 //! (builtin).
 
@@ -39,11 +39,10 @@ pub unsafe fn fork_helper() -> io::Result<OwnedFd> {
 /// Forks, in the single-threaded helper, a child that takes `stdio` as its fds 0, 1 and 2, closes
 /// every other descriptor, carries out `call` with the built-in runtime and exits (0 on success).
 /// The child leads a process group of its own, as exec'd commands do, so a timeout kills it and
-/// what it started; with `nice`, it runs at that niceness. Returns the child's pid.
+/// what it started. Returns the child's pid.
 pub(super) fn fork_builtin(
     call: &BuiltinCall,
     stdio: [OwnedFd; 3],
-    nice: Option<i32>,
 ) -> io::Result<rustix::process::Pid> {
     // SAFETY: only the helper calls this, and the helper is single-threaded (forked before
     // berthd's threads exist, or exec'd afresh), so the child may run ordinary Rust code.
@@ -52,9 +51,6 @@ pub(super) fn fork_builtin(
             .ok_or_else(|| io::Error::other("fork returned pid 0 to the parent")),
         nix::unistd::ForkResult::Child => {
             let _ = rustix::process::setpgid(None, None);
-            if let Some(nice) = nice {
-                let _ = rustix::process::setpriority_process(None, nice);
-            }
             for (target, fd) in stdio.iter().enumerate() {
                 // SAFETY: dup2 onto 0, 1 and 2 replaces only the child's standard streams with
                 // descriptors it owns; nothing else in this process refers to those numbers.
@@ -77,17 +73,4 @@ pub(super) fn fork_builtin(
             std::process::exit(if ok { 0 } else { 1 })
         }
     }
-}
-
-/// Makes the child of `command` take niceness `nice` before it execs, so that every thread the
-/// program starts has it (set from outside after the exec, it would reach only the thread named).
-pub(super) fn lower_priority_before_exec(command: &mut std::process::Command, nice: i32) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and makes one system call,
-    // which is async-signal-safe; it allocates nothing and takes no lock.
-    unsafe {
-        command.pre_exec(move || {
-            rustix::process::setpriority_process(None, nice).map_err(io::Error::from)
-        })
-    };
 }

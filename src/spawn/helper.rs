@@ -16,7 +16,6 @@ use super::fdpass;
 use super::protocol::{
     CAPTURE_LIMIT, Command as Job, MAX_MESSAGE, Outcome, Request, Response, StdioSpec,
 };
-use crate::runtime::Priority;
 use crate::runtime::builtin::BuiltinCall;
 use crate::wait_status::exit_code;
 
@@ -140,18 +139,6 @@ pub fn serve(socket: OwnedFd) -> ! {
     }
 }
 
-/// How much nicer than berthd a [`Priority::Background`] command runs.
-const BACKGROUND_NICE: i32 = 10;
-/// The kernel's lowest priority.
-const LOWEST_NICE: i32 = 19;
-
-/// The niceness of a [`Priority::Background`] command: [`BACKGROUND_NICE`] more than the
-/// helper's (berthd's), at most the lowest priority.
-fn background_nice() -> i32 {
-    let own = rustix::process::getpriority_process(None).unwrap_or(0);
-    (own + BACKGROUND_NICE).min(LOWEST_NICE)
-}
-
 fn fatal(message: &str) -> ! {
     eprintln!("berthd spawn helper: {message}");
     std::process::exit(1)
@@ -163,10 +150,9 @@ fn start(
     fds: Vec<OwnedFd>,
     running: &mut HashMap<u64, Running>,
 ) {
-    let nice = (request.priority == Priority::Background).then(background_nice);
     let started = match request.command {
-        Job::Exec { argv } => exec(&argv, request.stdio, fds, nice),
-        Job::Builtin(call) => builtin(&call, request.stdio, fds, nice),
+        Job::Exec { argv } => exec(&argv, request.stdio, fds),
+        Job::Builtin(call) => builtin(&call, request.stdio, fds),
     };
     let (pid, stdout, stderr) = match started {
         Ok(started) => started,
@@ -203,12 +189,7 @@ fn start(
 /// A started command: its pid, and the read ends of its captured stdout and stderr.
 type Started = (rustix::process::Pid, Option<OwnedFd>, Option<OwnedFd>);
 
-fn exec(
-    argv: &[String],
-    stdio: [StdioSpec; 3],
-    fds: Vec<OwnedFd>,
-    nice: Option<i32>,
-) -> Result<Started, String> {
+fn exec(argv: &[String], stdio: [StdioSpec; 3], fds: Vec<OwnedFd>) -> Result<Started, String> {
     let mut fds = fds.into_iter();
     let [stdin, stdout, stderr] = stdio.map(|spec| match spec {
         StdioSpec::Null => Stdio::null(),
@@ -226,9 +207,6 @@ fn exec(
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr);
-    if let Some(nice) = nice {
-        super::fork::lower_priority_before_exec(&mut command, nice);
-    }
     let mut child = command.spawn().map_err(|e| format!("{program}: {e}"))?;
     let pid = rustix::process::Pid::from_child(&child);
     // Reaped by pid in reap_and_report, as the built-in runtime's children (which have no
@@ -246,7 +224,6 @@ fn builtin(
     call: &BuiltinCall,
     stdio: [StdioSpec; 3],
     fds: Vec<OwnedFd>,
-    nice: Option<i32>,
 ) -> Result<Started, String> {
     let mut fds = fds.into_iter();
     let mut captured: [Option<OwnedFd>; 3] = [None, None, None];
@@ -270,8 +247,7 @@ fn builtin(
     let Ok(child_stdio) = <[OwnedFd; 3]>::try_from(child_stdio) else {
         return Err("stdio: three streams expected".into());
     };
-    let pid =
-        super::fork::fork_builtin(call, child_stdio, nice).map_err(|e| format!("fork: {e}"))?;
+    let pid = super::fork::fork_builtin(call, child_stdio).map_err(|e| format!("fork: {e}"))?;
     let [_, stdout, stderr] = captured;
     Ok((pid, stdout, stderr))
 }

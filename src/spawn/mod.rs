@@ -144,7 +144,6 @@ impl SpawnHelper {
             command,
             stdio: specs,
             timeout_ms: options.timeout.as_millis() as u64,
-            priority: options.priority,
             log: options.log,
         };
         let bytes = serde_json::to_vec(&request)

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::Priority;
 use crate::runtime::builtin::BuiltinCall;
 
 /// Largest message either side sends; captured output is cut to fit.
@@ -38,7 +37,6 @@ pub(crate) struct Request {
     pub command: Command,
     pub stdio: [StdioSpec; 3],
     pub timeout_ms: u64,
-    pub priority: Priority,
     /// The command's log file, removed by the helper once the command has exited 0.
     pub log: Option<PathBuf>,
 }
