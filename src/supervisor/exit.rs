@@ -7,10 +7,9 @@
 //! collected. Only then the stats registration goes and the runtime deletes its state, with at
 //! most [`concurrent_deletes`] deletes at a time so a burst of exits neither queues each exit
 //! behind another's delete nor forks a runtime process per exit at once. The deletes run at
-//! berthd's own CPU priority: run 10 nicer, they made exits later, not sooner (exit p90 at
-//! C=8 12–15 ms against 8 ms at berthd's own priority, and teardown slower), most likely because
-//! a delete preempted while it holds the kernel's cgroup locks holds up everything that waits on
-//! them. The id stays taken until
+//! berthd's own CPU priority: run 10 nicer, they made the teardown slower and the exits no
+//! sooner (a nicer delete still holds the kernel's cgroup locks, only longer). The id stays
+//! taken until
 //! the delete is done: a create of it waits for that (registry), so nothing keyed by the id is
 //! removed from under a new container of the same id.
 //!

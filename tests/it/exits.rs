@@ -266,8 +266,7 @@ async fn a_torn_temp_file_is_ignored_at_restart() {
 }
 
 /// The runtime's delete after an exit runs at berthd's own CPU priority, as a create's runtime
-/// does: a nicer delete that is preempted while it holds the kernel's cgroup locks holds up the
-/// exits and creates waiting on them (see supervisor::exit).
+/// does: run nicer, deletes made the teardown slower and the exits no sooner (supervisor::exit).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_delete_after_an_exit_runs_at_berthds_own_cpu_priority() {
     within(async {
