@@ -192,12 +192,19 @@ pub async fn kill_all(
 }
 
 /// Waits until the runtime state directory `root` holds none of `containers` (at most a
-/// minute).
+/// minute). Each look stats only the first container still left: the deletes finish in about
+/// the order of the kills, and a look at every container every few milliseconds (hundreds of
+/// stats while the deletes catch up) took CPU from the deletes being timed, which the direct
+/// floor's teardown does not pay.
 async fn deleted_from(root: &Path, containers: &[(String, u32)]) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut left: Vec<_> = containers.iter().map(|(id, _)| root.join(id)).collect();
+    // In the order of the kills: `kill_all` takes containers from the end of the list.
+    let mut left: std::collections::VecDeque<_> =
+        containers.iter().rev().map(|(id, _)| root.join(id)).collect();
     while Instant::now() < deadline {
-        left.retain(|dir| dir.exists());
+        while left.front().is_some_and(|dir| !dir.exists()) {
+            left.pop_front();
+        }
         if left.is_empty() {
             return;
         }
