@@ -91,8 +91,14 @@ impl Caller {
         let limit = self.limits.max_bytes;
         let (peer, state_dir) = (self.peer.clone(), self.state_dir.clone());
         self.off_reactor(&label, move || {
-            client_fs::open_dir(&what, &dir, &peer, &[&state_dir])?;
-            match client_fs::read_regular(&name, &file, limit, &peer, &[&state_dir]) {
+            // One walk when both are there: reading the file checks every directory on the way
+            // as opening the directory would. Only a failure looks at the directory on its own,
+            // so a directory that is missing or refused is reported as such.
+            let read = client_fs::read_regular(&name, &file, limit, &peer, &[&state_dir]);
+            if read.is_err() {
+                client_fs::open_dir(&what, &dir, &peer, &[&state_dir])?;
+            }
+            match read {
                 Ok(bytes) => Ok(Some(bytes)),
                 Err(Error::NotFound(_)) => Ok(None),
                 Err(e) => Err(e),

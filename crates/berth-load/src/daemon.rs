@@ -199,8 +199,11 @@ pub async fn kill_all(
 async fn deleted_from(root: &Path, containers: &[(String, u32)]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     // In the order of the kills: `kill_all` takes containers from the end of the list.
-    let mut left: std::collections::VecDeque<_> =
-        containers.iter().rev().map(|(id, _)| root.join(id)).collect();
+    let mut left: std::collections::VecDeque<_> = containers
+        .iter()
+        .rev()
+        .map(|(id, _)| root.join(id))
+        .collect();
     while Instant::now() < deadline {
         while left.front().is_some_and(|dir| !dir.exists()) {
             left.pop_front();
