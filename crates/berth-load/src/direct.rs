@@ -193,6 +193,7 @@ async fn measure(
         }
         Ok(began.elapsed())
     };
+    crate::memory::cgroups_settled().await;
     let (latencies, created, memory) = match memory_every {
         None => {
             let started = Instant::now();

@@ -348,6 +348,7 @@ async fn run_level(
     } = berthd(options, session, &format!("berthd-c{c}")).await?;
     let clients = daemon::clients(&socket, options.channel, c).await?;
     let ids = (0..n).map(|i| format!("load-c{c}-{i}")).collect();
+    memory::cgroups_settled().await;
     let mem_before = procfs::mem_available_kb().unwrap_or(0);
     let before = sample(pid)?;
     let profiler = match &options.profile_create {

@@ -178,6 +178,33 @@ pub fn parse_proc_cgroups(text: &[u8]) -> Result<CgroupCounts, String> {
     Ok(counts)
 }
 
+/// Waits (at most [`SETTLE_BOUND`]) until the host's memory cgroups stop going away: the
+/// kernel frees a removed cgroup in the background (its workqueue and RCU), so a phase that
+/// starts right after another one's teardown would share the CPU with freeing that phase's
+/// cgroups. Every measured phase, berthd's and each direct floor's, starts after this.
+pub async fn cgroups_settled() {
+    let memory_cgroups = || {
+        fs::read("/proc/cgroups")
+            .ok()
+            .and_then(|text| parse_proc_cgroups(&text).ok())
+            .map(|counts| counts.memory)
+    };
+    let deadline = std::time::Instant::now() + SETTLE_BOUND;
+    let mut last = memory_cgroups();
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(SETTLE_LOOK).await;
+        let now = memory_cgroups();
+        if now.is_none() || now >= last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// How long [`cgroups_settled`] waits at most, and how often it looks.
+const SETTLE_BOUND: std::time::Duration = std::time::Duration::from_secs(20);
+const SETTLE_LOOK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The number of tasks on the host: the denominator of `/proc/loadavg`'s fourth field.
 pub fn parse_loadavg_tasks(text: &[u8]) -> Result<u64, String> {
     let text = String::from_utf8_lossy(text);
