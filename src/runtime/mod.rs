@@ -1,8 +1,9 @@
 //! Typed runtime operations and the one place they become argv for runc, crun or youki.
 //!
-//! Owns: the argv of every runtime invocation, its timeout, turning a failed invocation into an
-//! error that carries the runtime's own message (from its JSON log, else its stderr), and the
-//! [`Spawner`] interface with what it takes ([`SpawnStdio`]) and returns ([`Completion`]); with
+//! Owns: the argv of every runtime invocation, its timeout and log file, turning a failed
+//! invocation into an error that carries the runtime's own message (from its JSON log, which it
+//! then removes; a successful invocation's log is the spawner's to remove), and the [`Spawner`]
+//! interface with what it takes ([`SpawnStdio`], [`SpawnOptions`]) and returns ([`Completion`]); with
 //! `--runtime builtin`, the same operations as calls for the built-in runtime ([`builtin`]).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
 //! [`Spawner`]), or what the supervisor does with the result; whether CRIU works ([`criu`]).

@@ -1,6 +1,6 @@
 //! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
-//! built-in runtime calls in a forked child), captures their output, enforces their timeouts and
-//! reports how they ended. It runs in a small process forked before berthd's runtime exists (or
+//! built-in runtime calls in a forked child), captures their output, enforces their timeouts,
+//! removes the log of a command that exited 0 and reports how they ended. It runs in a small process forked before berthd's runtime exists (or
 //! exec'd afresh when berthd restarts it), so forking here is cheap and safe.
 
 use std::collections::HashMap;
