@@ -216,19 +216,24 @@ impl Spawner for StubSpawner {
 }
 
 fn runtime_with(outcome: Outcome, stderr: &str) -> (Runtime, Arc<StubSpawner>) {
+    runtime_logging(outcome, stderr, "", std::env::temp_dir())
+}
+
+/// A runtime whose stub spawner writes `log` to each command's log file under `log_dir`.
+fn runtime_logging(
+    outcome: Outcome,
+    stderr: &str,
+    log: &str,
+    log_dir: PathBuf,
+) -> (Runtime, Arc<StubSpawner>) {
     let stub = Arc::new(StubSpawner {
         outcome,
         stderr: stderr.into(),
-        log: String::new(),
+        log: log.into(),
         seen: Mutex::new(Vec::new()),
         options: Mutex::new(Vec::new()),
     });
-    let runtime = Runtime::new(
-        binary(),
-        stub.clone(),
-        Duration::from_secs(3),
-        std::env::temp_dir(),
-    );
+    let runtime = Runtime::new(binary(), stub.clone(), Duration::from_secs(3), log_dir);
     (runtime, stub)
 }
 
@@ -243,23 +248,8 @@ async fn success_returns_stdout() {
 #[tokio::test]
 async fn the_log_of_a_success_is_the_spawners_to_remove_and_of_a_failure_is_read_and_removed() {
     let logs = tempfile::tempdir().unwrap();
-    let runtime_logging = |code, log: &str| {
-        let stub = Arc::new(StubSpawner {
-            outcome: Outcome::Exited { code: Some(code) },
-            stderr: String::new(),
-            log: log.into(),
-            seen: Mutex::new(Vec::new()),
-            options: Mutex::new(Vec::new()),
-        });
-        let runtime = Runtime::new(
-            binary(),
-            stub.clone(),
-            Duration::from_secs(3),
-            logs.path().to_owned(),
-        );
-        (runtime, stub)
-    };
-    let (runtime, stub) = runtime_logging(0, "");
+    let exited = |code| Outcome::Exited { code: Some(code) };
+    let (runtime, stub) = runtime_logging(exited(0), "", "", logs.path().to_owned());
     runtime.run(Operation::List).await.unwrap();
     let options = stub.options.lock().unwrap()[0].clone();
     let log = options.log.expect("the log is named to the spawner");
@@ -271,7 +261,7 @@ async fn the_log_of_a_success_is_the_spawners_to_remove_and_of_a_failure_is_read
     std::fs::remove_file(&log).unwrap();
 
     let line = r#"{"level":"error","msg":"container \"a\" does not exist","time":"t"}"#;
-    let (runtime, stub) = runtime_logging(1, line);
+    let (runtime, stub) = runtime_logging(exited(1), "", line, logs.path().to_owned());
     let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
     assert_eq!(
         err.to_string(),
