@@ -486,9 +486,10 @@ impl Runtime {
             })
         );
         // After a success the spawner has removed the log.
-        let log_text = match succeeded {
-            true => String::new(),
-            false => take_log(log).await,
+        let log_text = if succeeded {
+            String::new()
+        } else {
+            take_log(log).await
         };
         let completion = completion?;
         match completion.outcome {

@@ -1,7 +1,8 @@
 //! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
 //! built-in runtime calls in a forked child), captures their output, enforces their timeouts,
-//! removes the log of a command that exited 0 and reports how they ended. It runs in a small process forked before berthd's runtime exists (or
-//! exec'd afresh when berthd restarts it), so forking here is cheap and safe.
+//! removes the log of a command that exited 0 and reports how they ended. It runs in a small
+//! process forked before berthd's runtime exists (or exec'd afresh when berthd restarts it), so
+//! forking here is cheap and safe.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};

@@ -8,10 +8,9 @@
 //! most [`concurrent_deletes`] deletes at a time so a burst of exits neither queues each exit
 //! behind another's delete nor forks a runtime process per exit at once. The deletes run at
 //! berthd's own CPU priority: run 10 nicer, they made the teardown slower and the exits no
-//! sooner (a nicer delete still holds the kernel's cgroup locks, only longer). The id stays
-//! taken until
-//! the delete is done: a create of it waits for that (registry), so nothing keyed by the id is
-//! removed from under a new container of the same id.
+//! sooner (untraced; most likely a nicer delete holds the kernel's cgroup locks longer). The id
+//! stays taken until the delete is done: a create of it waits for that (registry), so nothing
+//! keyed by the id is removed from under a new container of the same id.
 //!
 //! When an added process exits: it leaves its container's processes, its `exit` is published,
 //! then the state file is rewritten without it.
