@@ -70,8 +70,9 @@ pub struct Supervisor {
     client_files: ClientFileLimits,
     terminals: terminals::Terminals,
     pipe_relays: stdio_pipes::PipeRelays,
-    /// Turns for runtime deletes after exits (see exit).
+    /// Turns for runtime deletes after exits, and when they may start (see exit).
     deletes: tokio::sync::Semaphore,
+    cleanup_pacing: Arc<exit::CleanupPacing>,
 }
 
 impl Supervisor {
@@ -109,6 +110,7 @@ impl Supervisor {
             terminals: terminals::Terminals::default(),
             pipe_relays: stdio_pipes::PipeRelays::default(),
             deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes()),
+            cleanup_pacing: Arc::default(),
         }))
     }
 

@@ -113,9 +113,11 @@ impl Supervisor {
     }
 
     /// Refuses new create, exec, checkpoint and update operations and waits up to `bound` for
-    /// those in flight and for clean-ups after exits, then for the state files asked for so far.
+    /// those in flight and for clean-ups after exits (none held back for a lull any more), then
+    /// for the state files asked for so far.
     /// Returns how many were abandoned (a restart cleans up what they left).
     pub async fn drain_operations(&self, bound: Duration) -> usize {
+        self.cleanup_pacing.release_all();
         let abandoned = self.in_flight.drain(bound).await;
         self.store.flushed().await;
         abandoned

@@ -204,7 +204,10 @@ impl Supervisor {
                             committed: false,
                         });
                     }
-                    Some(Slot::Exited(freed)) => freed.clone(),
+                    Some(Slot::Exited(freed)) => {
+                        self.cleanup_pacing.release(id);
+                        freed.clone()
+                    }
                     Some(Slot::Reserved | Slot::Live(_)) => {
                         return Err(Error::AlreadyExists(format!(
                             "container {id} already exists"
