@@ -74,7 +74,10 @@ impl Supervisor {
         // ends GetStats streams, whose container is gone.
         self.stats.unregister(id);
         self.events.publish(id, pid, EventKind::Exit { status });
-        self.cleanup_pacing.lull(id).await;
+        tokio::select! {
+            () = self.cleanup_pacing.lull() => {}
+            () = exited.wanted() => {}
+        }
         {
             let _turn = self.deletes.acquire().await;
             if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
@@ -110,7 +113,8 @@ const LULL: Duration = Duration::from_millis(50);
 const MAX_HOLD: Duration = Duration::from_secs(2);
 
 /// Holds each runtime delete after an exit until no init has exited for [`LULL`], or for at
-/// most [`MAX_HOLD`]; one pacer task, alive while deletes are held, lets them go in order.
+/// most [`MAX_HOLD`]; one pacer task, alive while deletes are held, lets them go in order. A
+/// create waiting for the id does not wait for this (exit).
 #[derive(Default)]
 pub(super) struct CleanupPacing {
     state: Mutex<Pacing>,
@@ -127,7 +131,6 @@ struct Pacing {
 }
 
 struct HeldDelete {
-    id: String,
     since: Instant,
     release: oneshot::Sender<()>,
 }
@@ -137,8 +140,8 @@ impl CleanupPacing {
         self.state.lock().expect("cleanup pacing lock poisoned")
     }
 
-    /// Counts an exit of `id` and returns once its delete may start.
-    pub(super) async fn lull(self: &Arc<Self>, id: &str) {
+    /// Counts an exit and returns once its delete may start.
+    pub(super) async fn lull(self: &Arc<Self>) {
         let (release, released) = oneshot::channel();
         let now = Instant::now();
         let start_pacer = {
@@ -148,7 +151,6 @@ impl CleanupPacing {
             }
             pacing.last_exit = Some(now);
             pacing.held.push_back(HeldDelete {
-                id: id.to_owned(),
                 since: now,
                 release,
             });
@@ -188,16 +190,6 @@ impl CleanupPacing {
         }
     }
 
-    /// Lets the held delete of `id` start now: a create of the same id waits for it.
-    pub(super) fn release(&self, id: &str) {
-        let mut pacing = self.lock();
-        if let Some(at) = pacing.held.iter().position(|held| held.id == id)
-            && let Some(held) = pacing.held.remove(at)
-        {
-            let _ = held.release.send(());
-        }
-    }
-
     /// Lets every held delete start now, and holds none from now on: berthd is stopping or
     /// upgrading.
     pub(super) fn release_all(&self) {
@@ -213,11 +205,11 @@ impl CleanupPacing {
 mod tests {
     use super::*;
 
-    /// Counts an exit of `id` now; the task ends when its delete may start, with that time.
-    fn exit(pacing: &Arc<CleanupPacing>, id: &str) -> tokio::task::JoinHandle<Instant> {
-        let (pacing, id) = (Arc::clone(pacing), id.to_owned());
+    /// Counts an exit now; the task ends when its delete may start, with that time.
+    fn exit(pacing: &Arc<CleanupPacing>) -> tokio::task::JoinHandle<Instant> {
+        let pacing = Arc::clone(pacing);
         tokio::spawn(async move {
-            pacing.lull(&id).await;
+            pacing.lull().await;
             Instant::now()
         })
     }
@@ -237,7 +229,7 @@ mod tests {
     async fn a_lone_exits_delete_starts_after_the_lull() {
         let pacing = Arc::default();
         let start = Instant::now();
-        let started = exit(&pacing, "a").await.unwrap();
+        let started = exit(&pacing).await.unwrap();
         assert!(about(started - start, LULL), "{:?}", started - start);
     }
 
@@ -249,7 +241,7 @@ mod tests {
         let every = LULL / 5;
         let burst = MAX_HOLD + MAX_HOLD / 2;
         while start.elapsed() < burst {
-            exits.push((start.elapsed(), exit(&pacing, &format!("c{}", exits.len()))));
+            exits.push((start.elapsed(), exit(&pacing)));
             tokio::time::sleep(every).await;
         }
         let last_exit = exits.last().unwrap().0;
@@ -265,17 +257,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_release_lets_that_delete_go_and_stopping_lets_all_go_for_good() {
+    async fn stopping_lets_every_held_delete_go_and_holds_none_after() {
         let pacing = Arc::default();
-        let (a, b) = (exit(&pacing, "a"), exit(&pacing, "b"));
+        let (a, b) = (exit(&pacing), exit(&pacing));
         settle().await;
-        pacing.release("b");
-        settle().await;
-        assert!(b.is_finished() && !a.is_finished());
+        assert!(!a.is_finished() && !b.is_finished());
         pacing.release_all();
         settle().await;
-        assert!(a.is_finished());
-        let c = exit(&pacing, "c");
+        assert!(a.is_finished() && b.is_finished());
+        let c = exit(&pacing);
         settle().await;
         assert!(c.is_finished(), "no delete is held once berthd stops");
     }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::stdio_pipes::PipeInodes;
 use super::{StdioPaths, Supervisor, validate};
@@ -136,16 +136,31 @@ pub(super) enum Slot {
     Live(Arc<Container>),
     /// Its init has exited and the exit is published; the runtime's state is being removed. The
     /// id stays taken, the container is no longer visible (State does not list it, lookups say
-    /// it has exited). The receiver's sender is dropped once the id is free.
-    Exited(watch::Receiver<()>),
+    /// it has exited).
+    Exited(ExitedSlot),
+}
+
+pub(super) struct ExitedSlot {
+    /// Its sender is dropped once the id is free.
+    freed: watch::Receiver<()>,
+    /// Notified by a create that waits for the id, so the clean-up starts at once.
+    wanted: Arc<Notify>,
 }
 
 /// The id of an exited container, kept until dropped once its clean-up is done.
 pub(super) struct ExitedId<'a> {
     supervisor: &'a Supervisor,
     id: &'a str,
+    wanted: Arc<Notify>,
     /// Dropped after the slot is gone: wakes the creates waiting for the id.
     _freed: watch::Sender<()>,
+}
+
+impl ExitedId<'_> {
+    /// Returns once a create waits for this id (at once if one already asked).
+    pub(super) async fn wanted(&self) {
+        self.wanted.notified().await;
+    }
 }
 
 impl Drop for ExitedId<'_> {
@@ -204,9 +219,9 @@ impl Supervisor {
                             committed: false,
                         });
                     }
-                    Some(Slot::Exited(freed)) => {
-                        self.cleanup_pacing.release(id);
-                        freed.clone()
+                    Some(Slot::Exited(exited)) => {
+                        exited.wanted.notify_one();
+                        exited.freed.clone()
                     }
                     Some(Slot::Reserved | Slot::Live(_)) => {
                         return Err(Error::AlreadyExists(format!(
@@ -236,10 +251,15 @@ impl Supervisor {
             return None;
         }
         let (freed, waiters) = watch::channel(());
-        *slot = Slot::Exited(waiters);
+        let wanted = Arc::new(Notify::new());
+        *slot = Slot::Exited(ExitedSlot {
+            freed: waiters,
+            wanted: Arc::clone(&wanted),
+        });
         Some(ExitedId {
             supervisor: self,
             id: &container.id,
+            wanted,
             _freed: freed,
         })
     }

@@ -1,6 +1,7 @@
 //! Exits before clean-up (DESIGN: an init's `exit` is published as soon as its status is
 //! collected; the runtime's delete and the state file's removal follow, and the id stays taken
-//! until they are done): an id can be created again at once after its exit event, the clean-up
+//! until they are done; README: the deletes wait for a lull in the exits): an id can be created
+//! again at once after its exit event, even while other exits hold the deletes back, the clean-up
 //! of the old container never touches the new one, many exits at once all arrive and leave
 //! nothing behind, and the state files stay atomic across a crash.
 
@@ -158,6 +159,52 @@ async fn a_create_waits_for_the_delete_of_its_id_within_a_bound() {
         assert_eq!(events.exit_status(&id, again).await, 137);
         // Its slow delete must finish before the test's berthd goes, or its cgroup is left.
         wait_for_delete(&d, &id).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// The deletes after exits wait for a lull in the exits (README), but not for a create of their
+/// id: while other containers keep exiting, one every 20 ms, an exited container's id is created
+/// again before they stop (its old delete went at once, not after the lull).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_of_an_exited_id_does_not_wait_for_the_exits_to_pause() {
+    within(async {
+        const COUNT: usize = 60;
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut burst = Vec::new();
+        for n in 0..COUNT {
+            let id = id(&format!("lull{n}"));
+            let pid = d.create(create_req(&id, &bundle)).await;
+            burst.push((id, pid));
+        }
+        let (first, first_pid) = burst[0].clone();
+        let mut client = d.client.clone();
+        let kills = tokio::spawn(async move {
+            for (id, pid) in burst {
+                let signal = berth_api::proto::SignalRequest {
+                    id: id.clone(),
+                    pid,
+                    signal: SIGKILL,
+                };
+                client
+                    .signal(signal)
+                    .await
+                    .unwrap_or_else(|status| panic!("Signal {id}: {status:?}"));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        assert_eq!(events.exit_status(&first, first_pid).await, 137);
+        let again = d.create(create_req(&first, &bundle)).await;
+        assert!(
+            !kills.is_finished(),
+            "the create of {first} waited until the exits stopped"
+        );
+        kills.await.expect("the kills");
+        assert_intact(&mut d, &first, again).await;
+        d.kill_container(&mut events, &first, again).await;
         d.assert_no_zombies().await;
     })
     .await
