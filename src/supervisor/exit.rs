@@ -6,13 +6,14 @@
 //! reported yet is published; then `exit`, as soon as the pidfd fired and the status is
 //! collected. Only then the stats registration goes and the runtime deletes its state.
 //!
-//! The deletes wait for a lull in the exits ([`CleanupPacing`]): a runtime delete removes the
-//! container's cgroups, and the kernel's work for that (offlining the memory cgroup, per-CPU
-//! drains on every CPU) delayed the exits still arriving. Measured with `scripts/load`, N=300,
-//! deletes right after each exit against deletes held for a lull: exit p99 at C=1 6.8 and 8.5
-//! against 3.9 and 4.6 ms, the teardown the same. At most [`concurrent_deletes`] run at a time,
-//! so a burst of exits does not start a runtime process per exit at once. They run at berthd's
-//! own CPU priority: run 10 nicer, they made the teardown slower and the exits no sooner.
+//! The deletes wait for a lull in the exits ([`CleanupPacing`]): a runtime delete running beside
+//! a burst of exits delays them, and no less when it runs 10 nicer or as `SCHED_IDLE`, so the
+//! cost is most likely the kernel's removal of the container's cgroups rather than the runtime's
+//! own CPU (untraced). Measured with `scripts/load`, N=300, the teardown timed through the
+//! deletes: exit p99 at C=1 6.8 and 8.5 ms with deletes right after each exit, 3.9 and 4.6 ms
+//! with deletes held for a lull; the teardown the same within the noise. At most
+//! [`concurrent_deletes`] run at a time, so a burst of exits does not start a runtime process
+//! per exit at once, at berthd's own CPU priority (10 nicer made the teardown slower).
 //! The id stays taken until the delete is done: a create of it waits for that (registry) and
 //! lets that one delete go at once, so nothing keyed by the id is removed from under a new
 //! container of the same id.

@@ -773,17 +773,31 @@ fn runtime_ids(root: &Path) -> Vec<String> {
         ids.sort();
         return ids;
     }
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["list", "-q"])
-        .output()
-        .expect("run runc list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
+    // `runc list` fails as a whole when a container's state goes while it reads it (a delete
+    // running meanwhile): asked again, never taken as an empty list.
+    let mut attempts = 0;
+    loop {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(root)
+            .args(["list", "-q"])
+            .output()
+            .expect("run runc list");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        attempts += 1;
+        assert!(
+            attempts < 50,
+            "runc list keeps failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 // ----- requests -----
