@@ -1,12 +1,44 @@
 //! What berthd reads about a process from `/proc`: its start time, which with its pid tells it
-//! from a later process that reused the pid, and whether it has begun to exit.
+//! from a later process that reused the pid, and whether it has begun to exit; and how any file
+//! the kernel generates is read.
+
+use std::io::Read;
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// The most berthd reads of a file the kernel generates (those it reads are a few KiB).
+const GENERATED_MAX_BYTES: u64 = 256 * 1024;
+
+/// Reads a file the kernel generates as it is read (`/proc`, cgroupfs). Such files say they are
+/// empty, so `std::fs::read` begins with probes of 32 bytes and doubles from there, a syscall
+/// each (six for a `/proc/<pid>/stat`); a buffer of `expected` bytes takes it in one read and
+/// the one that finds its end. Bounded, as every read.
+pub fn read_generated(path: impl AsRef<Path>, expected: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(expected);
+    // Through `take`: `File`'s own `read_to_end` would first ask for a size (statx, lseek)
+    // these files do not have.
+    std::fs::File::open(path)?
+        .take(GENERATED_MAX_BYTES)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 == GENERATED_MAX_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {GENERATED_MAX_BYTES} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn read_stat(pid: u32) -> Result<(String, Vec<u8>)> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = read_generated(&path, 512).map_err(|e| Error::io(&path, e))?;
+    Ok((path, stat))
+}
+
 /// The start time of `pid` in clock ticks since boot.
 pub fn process_start_time(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (path, stat) = read_stat(pid)?;
     parse_start_time(&stat)
         .ok_or_else(|| Error::Internal(format!("{path}: no start time in its contents")))
 }
@@ -17,8 +49,7 @@ const PF_EXITING: u64 = 0x4;
 /// Whether `pid` has begun to exit (it may be a zombie). The kernel shows such a process in the
 /// root of every v1 cgroup hierarchy.
 pub fn process_exiting(pid: u32) -> Result<bool> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (path, stat) = read_stat(pid)?;
     let flags: u64 = stat_field(&stat, 9)
         .ok_or_else(|| Error::Internal(format!("{path}: no flags in its contents")))?;
     Ok(flags & PF_EXITING != 0)
@@ -46,6 +77,20 @@ mod tests {
         assert_eq!(parse_start_time(stat), Some(987654));
         assert_eq!(parse_start_time(b"12 (sh) S 1 2"), None);
         assert_eq!(parse_start_time(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_generated_file_is_read_whole_and_an_oversize_one_is_refused() {
+        let cmdline = Path::new("/proc/self/cmdline");
+        assert_eq!(
+            read_generated(cmdline, 8).unwrap(),
+            std::fs::read(cmdline).unwrap()
+        );
+        let dir = tempfile::TempDir::new().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; GENERATED_MAX_BYTES as usize]).unwrap();
+        let error = read_generated(&big, 512).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
     }
 
     #[test]

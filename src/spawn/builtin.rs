@@ -137,7 +137,7 @@ fn private_bundle(
 
     let mut spec = Spec::load(bundle.join("config.json")).map_err(|e| chain(&e))?;
     refuse_unenforced_seccomp(&spec)?;
-    let own = std::fs::read("/proc/self/cgroup")
+    let own = crate::procfs::read_generated("/proc/self/cgroup", 2048)
         .map_err(|e| format!("/proc/self/cgroup: {e}"))
         .and_then(|text| own_cgroup(&text).map_err(|e| e.to_string()))?;
     if let Some(linux) = spec.linux_mut() {

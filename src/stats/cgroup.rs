@@ -171,7 +171,7 @@ impl Mounts {
     /// exiting then was not exiting during it.
     pub fn locate(&self, pid: u32) -> Result<Location> {
         let path = format!("/proc/{pid}/cgroup");
-        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::procfs::read_generated(&path, 2048).map_err(|e| Error::io(&path, e))?;
         let location = self
             .locate_in(&text)
             .map_err(|e| Error::Internal(format!("{path}: {e}")))?;

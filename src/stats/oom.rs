@@ -91,7 +91,7 @@ impl Watch {
 /// The OOM kills the host's kernel has made since boot, in every cgroup (`oom_kill` of
 /// `/proc/vmstat`); `None` where it does not count them (before Linux 4.13) or cannot be read.
 fn host_oom_kills() -> Option<u64> {
-    let vmstat = std::fs::read("/proc/vmstat").ok()?;
+    let vmstat = crate::procfs::read_generated("/proc/vmstat", 8192).ok()?;
     oom_kills(&vmstat).ok()
 }
 
