@@ -3,7 +3,7 @@
 //! Owns: parsing flags and the paths derived from them. Does not own: acting on them (the wiring
 //! in `daemon` reads the config; nothing here knows the modules it configures).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -198,15 +198,10 @@ pub fn parse_interval(text: &str) -> std::result::Result<Duration, String> {
 
 /// Finds the runtime binary: a name is looked up in `PATH`, anything with a slash is taken as is.
 pub fn resolve_runtime(runtime: &str, path_var: Option<&std::ffi::OsStr>) -> Result<PathBuf> {
-    let executable = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
+    use crate::runtime::executable_file;
     if runtime.contains('/') {
         let path = PathBuf::from(runtime);
-        return if executable(&path) {
+        return if executable_file(&path) {
             Ok(path)
         } else {
             Err(Error::NotFound(format!(
@@ -218,7 +213,7 @@ pub fn resolve_runtime(runtime: &str, path_var: Option<&std::ffi::OsStr>) -> Res
         .into_iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(runtime))
-        .find(|p| executable(p))
+        .find(|p| executable_file(p))
         .ok_or_else(|| {
             Error::NotFound(format!(
                 "runtime {runtime} not found in PATH; install it (apt-get install {runtime}) or pass --runtime /path/to/it"
@@ -267,7 +262,8 @@ mod tests {
         std::fs::write(&bin, "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = std::env::join_paths([Path::new("/nonexistent"), dir.path()]).unwrap();
+        let path =
+            std::env::join_paths([std::path::Path::new("/nonexistent"), dir.path()]).unwrap();
         assert_eq!(resolve_runtime("fake-runc", Some(&path)).unwrap(), bin);
         let err = resolve_runtime("no-such-runtime", Some(&path)).unwrap_err();
         assert!(err.to_string().contains("not found in PATH"), "{err}");

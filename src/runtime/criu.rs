@@ -96,7 +96,6 @@ impl RuntimeBinary {
     /// Refuses a `criu` that is not an executable file, or given to a runtime without a
     /// `--criu` flag: crun and youki link libcriu, which runs the `criu` first in `PATH`.
     pub fn check_criu_flag(&self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
         let Some(criu) = &self.criu else {
             return Ok(());
         };
@@ -107,9 +106,7 @@ impl RuntimeBinary {
                 criu.display()
             )));
         }
-        let executable = std::fs::metadata(criu)
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-        if !executable {
+        if !super::executable_file(criu) {
             return Err(Error::InvalidArgument(format!(
                 "--criu {} is not an executable file",
                 criu.display()

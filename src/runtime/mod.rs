@@ -148,6 +148,13 @@ pub(crate) enum RecordedCgroup {
     Path(PathBuf),
 }
 
+/// Whether `path` is a regular file someone may execute: what berthd asks of the runtime and
+/// CRIU binaries it is given, before it runs either.
+pub fn executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// The runtime binary and where it keeps its state.
 #[derive(Debug, Clone)]
 pub struct RuntimeBinary {
