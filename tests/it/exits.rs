@@ -186,15 +186,7 @@ async fn a_create_of_an_exited_id_does_not_wait_for_the_exits_to_pause() {
         let mut client = d.client.clone();
         let kills = tokio::spawn(async move {
             for (id, pid) in burst {
-                let signal = berth_api::proto::SignalRequest {
-                    id: id.clone(),
-                    pid,
-                    signal: SIGKILL,
-                };
-                client
-                    .signal(signal)
-                    .await
-                    .unwrap_or_else(|status| panic!("Signal {id}: {status:?}"));
+                send_signal(&mut client, &id, pid, SIGKILL).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
@@ -234,17 +226,7 @@ async fn many_containers_killed_at_once_all_report_their_exit_and_leave_nothing(
         let kills = inits.iter().map(|(id, pid)| {
             let mut client = d.client.clone();
             let (id, pid) = (id.clone(), *pid);
-            async move {
-                let signal = berth_api::proto::SignalRequest {
-                    id: id.clone(),
-                    pid,
-                    signal: SIGKILL,
-                };
-                client
-                    .signal(signal)
-                    .await
-                    .unwrap_or_else(|status| panic!("Signal {id}: {status:?}"));
-            }
+            async move { send_signal(&mut client, &id, pid, SIGKILL).await }
         });
         futures_util::future::join_all(kills).await;
         let mut exited = BTreeSet::new();

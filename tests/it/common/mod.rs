@@ -298,14 +298,7 @@ impl Daemon {
     }
 
     pub async fn signal(&mut self, id: &str, pid: u32, signal: u32) {
-        let req = SignalRequest {
-            id: id.to_owned(),
-            pid,
-            signal,
-        };
-        if let Err(status) = self.client.signal(req).await {
-            panic!("Signal {signal} to {id}/{pid}: {status:?}");
-        }
+        send_signal(&mut self.client, id, pid, signal).await;
     }
 
     /// Kills container `id` through its init with SIGKILL, expects its exit event (137) on
@@ -830,6 +823,19 @@ pub fn create_req(id: &str, bundle: &Bundle) -> CreateContainerRequest {
         id: id.to_owned(),
         bundle_path: bundle.path_str(),
         ..Default::default()
+    }
+}
+
+/// Sends `signal` to process `pid` of container `id` through `client` (a clone of the daemon's,
+/// for signals sent from a task of their own), and expects it accepted.
+pub async fn send_signal(client: &mut Client, id: &str, pid: u32, signal: u32) {
+    let req = SignalRequest {
+        id: id.to_owned(),
+        pid,
+        signal,
+    };
+    if let Err(status) = client.signal(req).await {
+        panic!("Signal {signal} to {id}/{pid}: {status:?}");
     }
 }
 
