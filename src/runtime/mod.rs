@@ -452,7 +452,7 @@ impl Runtime {
     /// Runs `op` with its output captured; returns its stdout.
     pub(crate) async fn run(&self, op: Operation<'_>) -> Result<String> {
         let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
-        self.run_at(op, captured).await
+        self.run_with_stdio(op, captured).await
     }
 
     /// Runs `op` with the given stdio (the container's, for create and exec).
@@ -461,10 +461,6 @@ impl Runtime {
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],
     ) -> Result<String> {
-        self.run_at(op, stdio).await
-    }
-
-    async fn run_at(&self, op: Operation<'_>, stdio: [SpawnStdio; 3]) -> Result<String> {
         let log = self.log_dir.join(format!(
             "{}.log",
             self.next_log.fetch_add(1, Ordering::Relaxed)

@@ -117,8 +117,8 @@ const MAX_HOLD: Duration = Duration::from_secs(2);
 
 /// Holds the runtime delete after an exit that follows another within [`LULL`] until no init
 /// has exited for [`LULL`], or for at most [`MAX_HOLD`]; a lone exit's delete starts at once.
-/// One pacer task, alive while deletes are held, lets them go in order. A create waiting for
-/// the id does not wait for this (exit).
+/// One pacer task, alive while deletes are held (started by the first held, ending when none
+/// is left), lets them go in order. A create waiting for the id does not wait for this (exit).
 #[derive(Default)]
 pub(super) struct CleanupPacing {
     state: Mutex<Pacing>,
@@ -129,7 +129,6 @@ struct Pacing {
     last_exit: Option<Instant>,
     /// In the order of their exits, so the front is the first whose [`MAX_HOLD`] ends.
     held: VecDeque<HeldDelete>,
-    pacer_running: bool,
     /// Set once berthd stops or upgrades: no delete is held from then on.
     stopping: bool,
 }
@@ -159,7 +158,7 @@ impl CleanupPacing {
                 since: now,
                 release,
             });
-            !std::mem::replace(&mut pacing.pacer_running, true)
+            pacing.held.len() == 1
         };
         if start_pacer {
             let pacing = Arc::clone(self);
@@ -185,10 +184,7 @@ impl CleanupPacing {
                 }
                 match (pacing.held.front(), pacing.last_exit) {
                     (Some(front), Some(at)) => (at + LULL).min(front.since + MAX_HOLD),
-                    _ => {
-                        pacing.pacer_running = false;
-                        return;
-                    }
+                    _ => return,
                 }
             };
             tokio::time::sleep_until(next).await;
