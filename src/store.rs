@@ -6,7 +6,7 @@
 //!
 //! Writes and removals are done by one thread of the store's own, never on a reactor thread, in
 //! the order they were asked for: a later write of a record is never overtaken by an earlier
-//! one, and a removal after a write wins. [`Store::flushed`] waits for what was asked so far
+//! one, and a removal after a write wins. [`Store::flush`] waits for what was asked before it
 //! (a create answers once its record is on disk; a stop or upgrade leaves nothing queued).
 //! Does not own: what goes in a record or when it is written (supervisor).
 
@@ -105,12 +105,16 @@ impl Store {
         self.send(Job::Remove(id.to_owned()));
     }
 
-    /// Waits until every write and removal asked so far is done.
-    pub(crate) async fn flushed(&self) {
+    /// Resolves once every write and removal asked before this call is done. Asked at once,
+    /// awaited when the caller needs it: a flush asked right after a write is done in the
+    /// writer's same wake-up, not in one of its own.
+    pub(crate) fn flush(&self) -> impl Future<Output = ()> + use<> {
         let (done, flushed) = tokio::sync::oneshot::channel();
         self.send(Job::Flush(done));
         // An error means the writer is gone, and with it anything left to wait for.
-        let _ = flushed.await;
+        async move {
+            let _ = flushed.await;
+        }
     }
 
     /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
@@ -251,7 +255,7 @@ mod tests {
         let store = Store::open(dir.path().join("containers")).unwrap();
         let record = record("a", 10);
         store.write(record.clone());
-        store.flushed().await;
+        store.flush().await;
         let path = dir.path().join("containers/a.json");
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -272,10 +276,10 @@ mod tests {
         );
         assert!(!dir.path().join("containers/.b.json.tmp").exists());
         store.remove("a");
-        store.flushed().await;
+        store.flush().await;
         assert!(!path.exists());
         store.remove("a");
-        store.flushed().await;
+        store.flush().await;
     }
 
     #[tokio::test]
@@ -292,7 +296,7 @@ mod tests {
         store.write(record("c", 1));
         store.remove("c");
         store.write(record("c", 2));
-        store.flushed().await;
+        store.flush().await;
         let loaded = store.load_all().unwrap();
         let pids: Vec<(&str, u32)> = loaded.iter().map(|r| (r.id.as_str(), r.init.pid)).collect();
         assert_eq!(pids, [("a", 200), ("c", 2)]);

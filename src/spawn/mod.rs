@@ -68,6 +68,10 @@ fn name_this_process() {
 }
 
 struct Connection {
+    /// Registered for reading only: a socket registered for writing too wakes the reactor each
+    /// time the helper reads a request (the kernel signals the space it freed), a wake-up per
+    /// runtime command for nothing. Sends go straight to the socket; only one that finds it
+    /// full waits for space ([`Connection::send`]).
     socket: AsyncFd<OwnedFd>,
     /// Requests waiting for their response; `None` once the helper is gone.
     pending: Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>,
@@ -77,12 +81,29 @@ impl Connection {
     fn new(socket: OwnedFd) -> io::Result<Arc<Self>> {
         rustix::io::ioctl_fionbio(&socket, true)?;
         Ok(Arc::new(Connection {
-            socket: crate::reactor::register(
-                socket,
-                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
-            )?,
+            socket: crate::reactor::register(socket, tokio::io::Interest::READABLE)?,
             pending: Mutex::new(Some(HashMap::new())),
         }))
+    }
+
+    /// Sends one request. The socket is full only when the helper is far behind: then a second
+    /// descriptor of it is registered for writing, for as long as the wait lasts.
+    async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        match fdpass::send(self.socket.get_ref(), bytes, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            sent => return sent,
+        }
+        let writable = crate::reactor::register(
+            rustix::io::fcntl_dupfd_cloexec(self.socket.get_ref(), 0)?,
+            tokio::io::Interest::WRITABLE,
+        )?;
+        loop {
+            let mut guard = writable.writable().await?;
+            match guard.try_io(|s| fdpass::send(s.get_ref(), bytes, fds)) {
+                Ok(sent) => return sent,
+                Err(_would_block) => continue,
+            }
+        }
     }
 
     fn fail_pending(&self) {
@@ -166,16 +187,7 @@ impl SpawnHelper {
             None => return Err(helper_gone()),
         };
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let sent = loop {
-            let mut guard = match connection.socket.writable().await {
-                Ok(guard) => guard,
-                Err(e) => break Err(e),
-            };
-            match guard.try_io(|s| fdpass::send(s.get_ref(), &bytes, &borrowed)) {
-                Ok(result) => break result,
-                Err(_would_block) => continue,
-            }
-        };
+        let sent = connection.send(&bytes, &borrowed).await;
         drop(fds);
         if let Err(e) = sent {
             if let Some(pending) = connection
@@ -294,5 +306,72 @@ async fn read_responses(helper: Weak<SpawnHelper>, connection: Arc<Connection>) 
     tracing::warn!("spawn helper exited; starting a new one");
     if let Err(e) = helper.restart() {
         tracing::error!(error = %e, "could not restart the spawn helper");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn respond(socket: &OwnedFd, buf: &mut [u8]) -> io::Result<bool> {
+        let (len, _fds) = fdpass::recv(socket, buf)?;
+        if len == 0 {
+            return Ok(false);
+        }
+        let request: Request = serde_json::from_slice(&buf[..len]).unwrap();
+        let response = Response {
+            id: request.id,
+            pid: 1,
+            outcome: protocol::Outcome::Exited { wait_status: 0 },
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        fdpass::send(socket, &serde_json::to_vec(&response).unwrap(), &[])?;
+        Ok(true)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_that_find_the_socket_full_wait_for_space_and_are_all_answered() {
+        const REQUESTS: usize = 500;
+        let (berthd_end, helper_end) = socketpair().unwrap();
+        // The smallest send buffer the kernel allows holds a few requests of the 500: the
+        // others find the socket full and must wait for the helper to read.
+        rustix::net::sockopt::set_socket_send_buffer_size(&berthd_end, 1).unwrap();
+        let helper = SpawnHelper::start(berthd_end).unwrap();
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|i| {
+                let helper = Arc::clone(&helper);
+                tokio::spawn(async move {
+                    let options = SpawnOptions {
+                        timeout: Duration::from_secs(60),
+                        log: None,
+                    };
+                    let argv = vec![format!("request-{i}")];
+                    helper
+                        .run(argv, [const { SpawnStdio::Null }; 3], options)
+                        .await
+                })
+            })
+            .collect();
+        // The helper starts reading only once the socket is certainly full.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let responder = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            for _ in 0..REQUESTS {
+                assert!(respond(&helper_end, &mut buf).unwrap());
+            }
+            helper_end
+        });
+        for request in requests {
+            let response = tokio::time::timeout(Duration::from_secs(30), request)
+                .await
+                .expect("a request was never answered")
+                .unwrap()
+                .unwrap();
+            assert_eq!(response.pid, 1);
+        }
+        drop(responder.join().unwrap());
     }
 }

@@ -63,8 +63,13 @@ enum Waker {
 impl Watch {
     /// Publishes an `oom` event if the kill counter went up since the last one; says whether it did.
     fn check(&self, events: &EventBus) -> bool {
+        self.check_in(open_counter(&self.counter_path), events)
+    }
+
+    /// [`Watch::check`] with the counter file already opened (or not).
+    fn check_in(&self, counter: Result<OwnedFd>, events: &EventBus) -> bool {
         let mut buffer = [0u8; 512];
-        let count = open_counter(&self.counter_path)
+        let count = counter
             .and_then(|counter| {
                 rustix::io::pread(&counter, &mut buffer, 0)
                     .map_err(|e| Error::io(&self.counter_path, e.into()))
@@ -154,7 +159,7 @@ impl Watcher {
     /// counts is reported, including kills before this call. Must be called inside the tokio
     /// runtime.
     pub fn watch(&self, id: &str, pid: u32, location: &Location) -> Result<()> {
-        let watch = match location {
+        let (watch, counter) = match location {
             Location::V1(dirs) => {
                 let dir = dirs.memory.as_deref().ok_or_else(|| {
                     Error::NotFound("no v1 memory hierarchy to watch for OOM kills".into())
@@ -167,7 +172,7 @@ impl Watcher {
             self.stop(&old);
         }
         // A kill before the watch existed wakes nothing: look now.
-        watch.check(&self.events);
+        watch.check_in(Ok(counter), &self.events);
         Ok(())
     }
 
@@ -179,7 +184,8 @@ impl Watcher {
             .collect()
     }
 
-    fn watch_v1(&self, id: &str, pid: u32, dir: &Path) -> Result<Arc<Watch>> {
+    /// The watch, and its counter file opened (to look at it once now).
+    fn watch_v1(&self, id: &str, pid: u32, dir: &Path) -> Result<(Arc<Watch>, OwnedFd)> {
         let counter_path = dir.join("memory.oom_control");
         let counter = open_counter(&counter_path)?;
         let mut shared = lock(&self.eventfd);
@@ -197,13 +203,14 @@ impl Watcher {
                 file.write_all(line.as_bytes())
             })
             .map_err(|e| Error::io(&control, e))?;
-        Ok(Arc::new(Watch {
+        let watch = Arc::new(Watch {
             id: id.to_owned(),
             pid,
             counter_path,
             reported: Mutex::new(0),
             waker: Waker::SharedEventfd,
-        }))
+        });
+        Ok((watch, counter))
     }
 
     /// The v1 eventfd and its reader: on each wake-up, and again after each of [`RECHECKS`]
@@ -269,8 +276,9 @@ impl Watcher {
         })
     }
 
-    fn watch_v2(&self, id: &str, pid: u32, events_path: &Path) -> Result<Arc<Watch>> {
-        open_counter(events_path)?;
+    /// The watch, and its counter file opened (to look at it once now).
+    fn watch_v2(&self, id: &str, pid: u32, events_path: &Path) -> Result<(Arc<Watch>, OwnedFd)> {
+        let counter = open_counter(events_path)?;
         let mut inotify = lock(&self.inotify);
         let shared = match &mut *inotify {
             Some(started) => &*started,
@@ -290,7 +298,7 @@ impl Watcher {
             waker: Waker::Inotify(wd),
         });
         lock(&shared.by_wd).insert(wd, Arc::clone(&watch));
-        Ok(watch)
+        Ok((watch, counter))
     }
 
     fn start_inotify(&self) -> Result<Inotify> {

@@ -122,6 +122,7 @@ impl Supervisor {
         });
         // Nothing below can fail: the state file is written once the container is certain.
         self.save(&container);
+        let saved = self.store.flush();
         reservation.commit(Arc::clone(&container));
         self.register_stats(&request.id, pid).await;
         self.events.publish(
@@ -133,7 +134,7 @@ impl Supervisor {
         );
         self.watch_init(container);
         // Answer once the record is on disk: a berthd that dies now still finds the container.
-        self.store.flushed().await;
+        saved.await;
         Ok(pid)
     }
 

@@ -116,6 +116,7 @@ impl Supervisor {
         });
         container.lock().added.push(Arc::clone(&process));
         self.save(&container);
+        let saved = self.store.flush();
         self.events.publish(
             &container.id,
             pid,
@@ -123,7 +124,7 @@ impl Supervisor {
         );
         self.watch_process(Arc::clone(&container), process);
         // Answer once the record holds the process: a berthd that dies now still finds it.
-        self.store.flushed().await;
+        saved.await;
         Ok(pid)
     }
 

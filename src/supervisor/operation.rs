@@ -119,7 +119,7 @@ impl Supervisor {
     pub async fn drain_operations(&self, bound: Duration) -> usize {
         self.cleanup_pacing.release_all();
         let abandoned = self.in_flight.drain(bound).await;
-        self.store.flushed().await;
+        self.store.flush().await;
         abandoned
     }
 }

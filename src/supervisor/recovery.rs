@@ -106,7 +106,7 @@ impl Supervisor {
         }
         // The records of containers that ended are gone, and those adopted rewritten, before
         // anyone is served.
-        self.store.flushed().await;
+        self.store.flush().await;
         for (id, pid) in crate::upgrade::close_unclaimed_terminals() {
             tracing::info!(id = %id, pid, "closed a handed-over pty master no adopted container claimed");
         }
