@@ -73,6 +73,10 @@ struct Connection {
     /// runtime command for nothing. Sends go straight to the socket; only one that finds it
     /// full waits for space ([`Connection::send`]).
     socket: AsyncFd<OwnedFd>,
+    /// While sends wait for space: a second descriptor of the socket registered for writing,
+    /// shared by every waiting send and deregistered with the last of them, so waiting costs
+    /// one descriptor however many requests wait.
+    space: Mutex<Weak<AsyncFd<OwnedFd>>>,
     /// Requests waiting for their response; `None` once the helper is gone.
     pending: Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>,
 }
@@ -82,21 +86,19 @@ impl Connection {
         rustix::io::ioctl_fionbio(&socket, true)?;
         Ok(Arc::new(Connection {
             socket: crate::reactor::register(socket, tokio::io::Interest::READABLE)?,
+            space: Mutex::new(Weak::new()),
             pending: Mutex::new(Some(HashMap::new())),
         }))
     }
 
-    /// Sends one request. The socket is full only when the helper is far behind: then a second
-    /// descriptor of it is registered for writing, for as long as the wait lasts.
+    /// Sends one request. The socket is full only when the helper is far behind: then the send
+    /// waits for space on [`Connection::space`].
     async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         match fdpass::send(self.socket.get_ref(), bytes, fds) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             sent => return sent,
         }
-        let writable = crate::reactor::register(
-            rustix::io::fcntl_dupfd_cloexec(self.socket.get_ref(), 0)?,
-            tokio::io::Interest::WRITABLE,
-        )?;
+        let writable = self.space()?;
         loop {
             let mut guard = writable.writable().await?;
             match guard.try_io(|s| fdpass::send(s.get_ref(), bytes, fds)) {
@@ -104,6 +106,19 @@ impl Connection {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    fn space(&self) -> io::Result<Arc<AsyncFd<OwnedFd>>> {
+        let mut space = self.space.lock().expect("spawn lock poisoned");
+        if let Some(writable) = space.upgrade() {
+            return Ok(writable);
+        }
+        let writable = Arc::new(crate::reactor::register(
+            rustix::io::fcntl_dupfd_cloexec(self.socket.get_ref(), 0)?,
+            tokio::io::Interest::WRITABLE,
+        )?);
+        *space = Arc::downgrade(&writable);
+        Ok(writable)
     }
 
     fn fail_pending(&self) {
@@ -333,7 +348,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn requests_that_find_the_socket_full_wait_for_space_and_are_all_answered() {
+    async fn requests_that_find_the_socket_full_share_one_wait_for_space_and_are_all_answered() {
         const REQUESTS: usize = 500;
         let (berthd_end, helper_end) = socketpair().unwrap();
         // The smallest send buffer the kernel allows holds a few requests of the 500: the
@@ -357,6 +372,13 @@ mod tests {
             .collect();
         // The helper starts reading only once the socket is certainly full.
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let connection = Arc::clone(&helper.current.lock().unwrap());
+        let waiting = connection.space.lock().unwrap().upgrade();
+        let sharing = waiting.map(|space| Arc::strong_count(&space) - 1);
+        assert!(
+            sharing.is_some_and(|sends| sends > 1),
+            "waiting sends should share one registration, found {sharing:?}"
+        );
         let responder = std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_MESSAGE];
             for _ in 0..REQUESTS {
@@ -372,6 +394,10 @@ mod tests {
                 .unwrap();
             assert_eq!(response.pid, 1);
         }
+        assert!(
+            connection.space.lock().unwrap().upgrade().is_none(),
+            "the registration for space outlived the sends that waited"
+        );
         drop(responder.join().unwrap());
     }
 }
