@@ -376,13 +376,17 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
         let mem = reference.controller_of::<MemController>().unwrap();
         let (memory, swap, kmem) = (mem.memory_stat(), mem.memswap(), mem.kmem_stat());
         let ms = cg.memory_stats.as_ref().unwrap();
-        // Current usage moves by a few pages between our tick and the reference's read (kernel
-        // allocations charged to the cgroup); peaks and failure counts must match exactly.
+        // Current usage moves between our tick and the reference's read: the counter includes
+        // what each CPU has charged ahead for the cgroup (up to 64 pages, the kernel's
+        // MEMCG_CHARGE_BATCH), which goes when that CPU charges another cgroup. Peaks and
+        // failure counts must match exactly.
+        let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+        let fuzz = 64 * rustix::param::page_size() as u64 * cpus;
         let agree = |ours: &Option<berth_api::proto::MemoryData>,
                      (usage, max, failcnt): (u64, u64, u64)| {
             let ours = ours.as_ref().unwrap();
             assert!(
-                ours.usage.abs_diff(usage) <= 256 * 1024,
+                ours.usage.abs_diff(usage) <= fuzz,
                 "usage {} vs {usage}",
                 ours.usage
             );
