@@ -30,10 +30,22 @@ pub fn read_generated(path: impl AsRef<Path>, expected: usize) -> std::io::Resul
     Ok(bytes)
 }
 
+/// `/proc/<pid>/<name>`, a generated file of about `expected` bytes: its path (for messages)
+/// and its contents.
+fn read_process_file(pid: u32, name: &str, expected: usize) -> Result<(String, Vec<u8>)> {
+    let path = format!("/proc/{pid}/{name}");
+    let contents = read_generated(&path, expected).map_err(|e| Error::io(&path, e))?;
+    Ok((path, contents))
+}
+
 fn read_stat(pid: u32) -> Result<(String, Vec<u8>)> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = read_generated(&path, 512).map_err(|e| Error::io(&path, e))?;
-    Ok((path, stat))
+    read_process_file(pid, "stat", 512)
+}
+
+/// The cgroups of `pid` as `/proc/<pid>/cgroup` lists them: its path (for messages) and its
+/// contents.
+pub fn process_cgroups(pid: u32) -> Result<(String, Vec<u8>)> {
+    read_process_file(pid, "cgroup", 2048)
 }
 
 /// The start time of `pid` in clock ticks since boot.

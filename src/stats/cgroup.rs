@@ -170,8 +170,7 @@ impl Mounts {
     /// root of every v1 hierarchy (v2 keeps the cgroup). Checked after the read: a process not
     /// exiting then was not exiting during it.
     pub fn locate(&self, pid: u32) -> Result<Location> {
-        let path = format!("/proc/{pid}/cgroup");
-        let text = crate::procfs::read_generated(&path, 2048).map_err(|e| Error::io(&path, e))?;
+        let (path, text) = crate::procfs::process_cgroups(pid)?;
         let location = self
             .locate_in(&text)
             .map_err(|e| Error::Internal(format!("{path}: {e}")))?;

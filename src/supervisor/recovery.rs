@@ -358,8 +358,11 @@ struct Listed {
 /// Whether `pid` is in the same cgroups as the init `init`, as every process `runtime exec`
 /// starts is: a recorded added process elsewhere is not the container's.
 fn same_cgroup(init: u32, pid: u32) -> bool {
-    let cgroups =
-        |pid: u32| crate::procfs::read_generated(format!("/proc/{pid}/cgroup"), 2048).ok();
+    let cgroups = |pid: u32| {
+        crate::procfs::process_cgroups(pid)
+            .ok()
+            .map(|(_, text)| text)
+    };
     matches!((cgroups(init), cgroups(pid)), (Some(a), Some(b)) if a == b)
 }
 
