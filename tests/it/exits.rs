@@ -175,12 +175,7 @@ async fn a_create_of_an_exited_id_does_not_wait_for_the_exits_to_pause() {
         let mut d = daemon!();
         let mut events = d.events().await;
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut burst = Vec::new();
-        for n in 0..COUNT {
-            let id = id(&format!("lull{n}"));
-            let pid = d.create(create_req(&id, &bundle)).await;
-            burst.push((id, pid));
-        }
+        let burst = d.create_numbered("lull", COUNT, &bundle).await;
         // The second: the first exit of a burst is lone, its delete not held.
         let (again_id, again_pid) = burst[1].clone();
         let mut client = d.client.clone();
@@ -217,12 +212,11 @@ async fn many_containers_killed_at_once_all_report_their_exit_and_leave_nothing(
         d.kill_container(&mut events, &warm.id, warm.pid).await;
         let baseline = d.baseline();
         let bundle = Bundle::new(&["sleep", "1000"]);
-        let mut inits = BTreeMap::new();
-        for n in 0..COUNT {
-            let id = id(&format!("burst{n}"));
-            let pid = d.create(create_req(&id, &bundle)).await;
-            inits.insert(id, pid);
-        }
+        let inits: BTreeMap<String, u32> = d
+            .create_numbered("burst", COUNT, &bundle)
+            .await
+            .into_iter()
+            .collect();
         let kills = inits.iter().map(|(id, pid)| {
             let mut client = d.client.clone();
             let (id, pid) = (id.clone(), *pid);

@@ -280,6 +280,23 @@ impl Daemon {
         pid
     }
 
+    /// Creates containers `id("{prefix}{n}")` for n in 0..count from `bundle`, one after the
+    /// other: their ids and inits, in that order.
+    pub async fn create_numbered(
+        &mut self,
+        prefix: &str,
+        count: usize,
+        bundle: &Bundle,
+    ) -> Vec<(String, u32)> {
+        let mut created = Vec::with_capacity(count);
+        for n in 0..count {
+            let id = id(&format!("{prefix}{n}"));
+            let pid = self.create(create_req(&id, bundle)).await;
+            created.push((id, pid));
+        }
+        created
+    }
+
     /// Creates container `id(name)` running `args` from a fresh busybox bundle.
     pub async fn run(&mut self, name: &str, args: &[&str]) -> Container {
         let bundle = Bundle::new(args);
