@@ -33,6 +33,7 @@ use crate::daemon_proto::daemon_server::DaemonServer;
 use crate::edge::Edge;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::hand_back::HandBack;
 use crate::instruments::RpcMetricsLayer;
 use crate::listener::{self, Limited, Limits};
 use crate::metrics::{self, Metrics};
@@ -138,18 +139,20 @@ async fn serve(
         StatsBackend::Pread => stats::Backend::Pread,
     };
     let stats = StatsHub::start(config.stats_interval, backend, Arc::clone(&events))?;
+    let hand_back = HandBack::start()?;
     let supervisor = Supervisor::new(
         runtime,
         Arc::clone(&reaper),
         events,
         Arc::clone(&stats),
-        Store::open(config.containers_dir())?,
+        Store::open(config.containers_dir(), hand_back.clone())?,
         scratch,
         machine(config),
         ClientFileLimits {
             max_bytes: config.client_file_max_bytes,
             timeout: Duration::from_secs(config.client_file_timeout),
         },
+        hand_back,
     )?;
     // Checked off the start path: the log says soon whether checkpoints can work here.
     let checking = Arc::clone(&supervisor);

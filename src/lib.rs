@@ -40,6 +40,7 @@ pub mod daemon;
 pub mod edge;
 pub mod error;
 mod events;
+mod hand_back;
 #[allow(unsafe_code)]
 mod heap;
 pub mod instruments;

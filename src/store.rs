@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::hand_back::{self, HandBack};
 use crate::model::ProcessSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,17 +71,19 @@ enum Job {
     Write(Box<ContainerRecord>),
     Remove(String),
     /// Answered once every job before it is done.
-    Flush(tokio::sync::oneshot::Sender<()>),
+    Flush(hand_back::Sender<()>),
 }
 
 pub struct Store {
     dir: PathBuf,
     /// The writer thread's queue; the thread ends once the store is dropped and its queue done.
     jobs: mpsc::Sender<Job>,
+    /// How the writer answers a flush: through the reactor, not by waking a worker itself.
+    hand_back: HandBack,
 }
 
 impl Store {
-    pub fn open(dir: PathBuf) -> Result<Self> {
+    pub fn open(dir: PathBuf, hand_back: HandBack) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -91,7 +94,11 @@ impl Store {
             .name("berth-store".into())
             .spawn(move || write_in_order(&writer_dir, queue))
             .map_err(|e| Error::sys("start the state file writer thread", e))?;
-        Ok(Store { dir, jobs })
+        Ok(Store {
+            dir,
+            jobs,
+            hand_back,
+        })
     }
 
     /// Writes `record` over the container's state file, after every write and removal asked
@@ -109,7 +116,7 @@ impl Store {
     /// awaited when the caller needs it: a flush asked right after a write is done in the
     /// writer's same wake-up, not in one of its own.
     pub(crate) fn flush(&self) -> impl Future<Output = ()> + use<> {
-        let (done, flushed) = tokio::sync::oneshot::channel();
+        let (done, flushed) = self.hand_back.channel();
         self.send(Job::Flush(done));
         // An error means the writer is gone, and with it anything left to wait for.
         async move {
@@ -178,9 +185,7 @@ fn write_in_order(dir: &Path, queue: mpsc::Receiver<Job>) {
                     tracing::error!(id = %id, error = %e, "could not remove the state file");
                 }
             }
-            Job::Flush(done) => {
-                let _ = done.send(());
-            }
+            Job::Flush(done) => done.send(()),
         }
     }
 }
@@ -252,7 +257,7 @@ mod tests {
     #[tokio::test]
     async fn records_are_written_atomically_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("containers")).unwrap();
+        let store = Store::open(dir.path().join("containers"), HandBack::start().unwrap()).unwrap();
         let record = record("a", 10);
         store.write(record.clone());
         store.flush().await;
@@ -285,7 +290,7 @@ mod tests {
     #[tokio::test]
     async fn writes_and_removals_land_in_the_order_they_were_asked_for() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("containers")).unwrap();
+        let store = Store::open(dir.path().join("containers"), HandBack::start().unwrap()).unwrap();
         // Many writes of one record: the last asked for is the one on disk.
         for pid in 1..=200 {
             store.write(record("a", pid));

@@ -13,6 +13,7 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::client_fs::{self, Access, Peer, shown};
 use crate::error::{Error, Result};
+use crate::hand_back::HandBack;
 
 /// Bounds on the files a client names that berthd reads (`config.json`, checkpoint metadata).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,30 +25,38 @@ pub struct ClientFileLimits {
 }
 
 /// Who asks, and what they may not name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub peer: Peer,
     state_dir: PathBuf,
     limits: ClientFileLimits,
+    /// How work done off the reactor comes back to the request.
+    hand_back: HandBack,
 }
 
 impl Caller {
-    pub fn new(peer: Peer, state_dir: PathBuf, limits: ClientFileLimits) -> Self {
+    pub fn new(
+        peer: Peer,
+        state_dir: PathBuf,
+        limits: ClientFileLimits,
+        hand_back: HandBack,
+    ) -> Self {
         Caller {
             peer,
             state_dir,
             limits,
+            hand_back,
         }
     }
 
-    /// berthd itself (uid 0), for tests of what a root caller may do.
+    /// berthd itself (uid 0), for tests of what a root caller may do. Inside the tokio runtime.
     #[cfg(test)]
     pub fn berthd(state_dir: PathBuf) -> Self {
         let limits = ClientFileLimits {
             max_bytes: 1 << 20,
             timeout: Duration::from_secs(5),
         };
-        Caller::new(Peer::root(), state_dir, limits)
+        Caller::new(Peer::root(), state_dir, limits, HandBack::start().unwrap())
     }
 
     pub fn limits(&self) -> ClientFileLimits {
@@ -119,15 +128,18 @@ impl Caller {
     }
 
     /// Runs `work` (which blocks on the file system) on tokio's blocking pool, given up after
-    /// the time limit. The work cannot be cancelled: it finishes in the background.
+    /// the time limit. The work cannot be cancelled: it finishes in the background. Its result
+    /// comes back through the hand-back, not the pool's join handle (see hand_back).
     pub async fn off_reactor<T: Send + 'static>(
         &self,
         what: &str,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        match tokio::time::timeout(self.limits.timeout, tokio::task::spawn_blocking(work)).await {
+        let (result, done) = self.hand_back.channel();
+        drop(tokio::task::spawn_blocking(move || result.send(work())));
+        match tokio::time::timeout(self.limits.timeout, done).await {
             Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(Error::Internal(format!("{what} failed: {join}"))),
+            Ok(Err(_unsent)) => Err(Error::Internal(format!("{what} failed: the work panicked"))),
             Err(_elapsed) => Err(Error::DeadlineExceeded {
                 what: what.to_owned(),
                 bound: self.limits.timeout,

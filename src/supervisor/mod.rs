@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use crate::client_fs::Peer;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::hand_back::HandBack;
 use crate::reaper::Reaper;
 use crate::runtime::Runtime;
 use crate::stats::StatsHub;
@@ -68,6 +69,7 @@ pub struct Supervisor {
     checkpoint_locks: checkpoint::BundleLocks,
     in_flight: Arc<operation::InFlight>,
     client_files: ClientFileLimits,
+    hand_back: HandBack,
     terminals: terminals::Terminals,
     pipe_relays: stdio_pipes::PipeRelays,
     /// Turns for runtime deletes after exits, and when they may start (see exit).
@@ -88,6 +90,7 @@ impl Supervisor {
         scratch: PathBuf,
         machine: Machine,
         client_files: ClientFileLimits,
+        hand_back: HandBack,
     ) -> Result<Arc<Self>> {
         // Scratch files belong to requests in flight; any found now are from a berthd that died.
         if scratch.exists() {
@@ -107,6 +110,7 @@ impl Supervisor {
             checkpoint_locks: checkpoint::BundleLocks::default(),
             in_flight: Arc::default(),
             client_files,
+            hand_back,
             terminals: terminals::Terminals::default(),
             pipe_relays: stdio_pipes::PipeRelays::default(),
             deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes()),
@@ -130,6 +134,11 @@ impl Supervisor {
     /// inside berthd's state directory (the scratch directory's parent, `<state-dir>/tmp`).
     pub(crate) fn caller(&self, peer: Peer) -> Arc<Caller> {
         let state_dir = self.scratch.parent().unwrap_or(&self.scratch).to_owned();
-        Arc::new(Caller::new(peer, state_dir, self.client_files))
+        Arc::new(Caller::new(
+            peer,
+            state_dir,
+            self.client_files,
+            self.hand_back.clone(),
+        ))
     }
 }

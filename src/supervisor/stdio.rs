@@ -28,7 +28,7 @@ pub const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client's stdio paths for a process; empty means none (`/dev/null`). They are opened as
 /// the request's caller may open them (see [`Caller::open_stdio`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct StdioPaths {
     pub stdin: String,
     pub stdout: String,
@@ -401,8 +401,8 @@ mod tests {
         Some(Arc::new(Caller::berthd(dir.join("state"))))
     }
 
-    #[test]
-    fn relative_paths_and_a_missing_caller_are_refused() {
+    #[tokio::test]
+    async fn relative_paths_and_a_missing_caller_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let relative = StdioPaths {
             stdin: "in".into(),
@@ -414,8 +414,8 @@ mod tests {
         assert!(matches!(no_caller.check(), Err(Error::Internal(_))));
     }
 
-    #[test]
-    fn fifos_open_without_a_peer_and_regular_files_are_not_truncated() {
+    #[tokio::test]
+    async fn fifos_open_without_a_peer_and_regular_files_are_not_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();

@@ -154,7 +154,8 @@ mod tests {
             max_bytes: 1 << 20,
             timeout: std::time::Duration::from_secs(5),
         };
-        let caller = Caller::new(Peer::root(), "/nonexistent-state".into(), limits);
+        let hand_back = crate::hand_back::HandBack::start().unwrap();
+        let caller = Caller::new(Peer::root(), "/nonexistent-state".into(), limits, hand_back);
         let bundle = |path: &str| {
             let path = path.to_owned();
             let caller = caller.clone();
