@@ -6,13 +6,16 @@
 //!
 //! Writes and removals are done by one thread of the store's own, never on a reactor thread, in
 //! the order they were asked for: a later write of a record is never overtaken by an earlier
-//! one, and a removal after a write wins. [`Store::flush`] waits for what was asked before it
-//! (a create answers once its record is on disk; a stop or upgrade leaves nothing queued).
+//! one, and a removal after a write wins. [`Store::flush`], or a write with
+//! [`Store::write_flushed`], waits for what was asked before it (a create answers once its
+//! record is on disk; a stop or upgrade leaves nothing queued).
 //! Does not own: what goes in a record or when it is written (supervisor).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::mpsc;
+use std::task::{Context, Poll};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +71,9 @@ fn no_pipes(pipes: &[u64; 3]) -> bool {
 
 /// What the writer thread is asked to do, in order.
 enum Job {
-    Write(Box<ContainerRecord>),
+    /// With a sender when the write is flushed too: answered once it and every job before it
+    /// are done, in the same wake-up of the writer.
+    Write(Box<ContainerRecord>, Option<hand_back::Sender<()>>),
     Remove(String),
     /// Answered once every job before it is done.
     Flush(hand_back::Sender<()>),
@@ -104,7 +109,15 @@ impl Store {
     /// Writes `record` over the container's state file, after every write and removal asked
     /// before. A failure is logged by the writer; the container carries on.
     pub(crate) fn write(&self, record: ContainerRecord) {
-        self.send(Job::Write(Box::new(record)));
+        self.send(Job::Write(Box::new(record), None));
+    }
+
+    /// Writes `record` as [`Store::write`] does; the returned future resolves once it, and every
+    /// write and removal asked before it, is done. One job, so the writer wakes once for both.
+    pub(crate) fn write_flushed(&self, record: ContainerRecord) -> Flushed {
+        let (done, flushed) = self.hand_back.channel();
+        self.send(Job::Write(Box::new(record), Some(done)));
+        Flushed(flushed)
     }
 
     /// Removes container `id`'s state file, after every write and removal asked before.
@@ -113,15 +126,11 @@ impl Store {
     }
 
     /// Resolves once every write and removal asked before this call is done. Asked at once,
-    /// awaited when the caller needs it: a flush asked right after a write is done in the
-    /// writer's same wake-up, not in one of its own.
-    pub(crate) fn flush(&self) -> impl Future<Output = ()> + use<> {
+    /// awaited when the caller needs it.
+    pub(crate) fn flush(&self) -> Flushed {
         let (done, flushed) = self.hand_back.channel();
         self.send(Job::Flush(done));
-        // An error means the writer is gone, and with it anything left to wait for.
-        async move {
-            let _ = flushed.await;
-        }
+        Flushed(flushed)
     }
 
     /// Every record in the directory. A file that cannot be read or parsed (torn by a crash,
@@ -171,13 +180,28 @@ impl Store {
     }
 }
 
+/// Resolves once the writer has done every job up to the one that made it.
+pub(crate) struct Flushed(tokio::sync::oneshot::Receiver<()>);
+
+impl Future for Flushed {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // An error means the writer is gone, and with it anything left to wait for.
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
 /// The writer thread: does each job in the order it was queued.
 fn write_in_order(dir: &Path, queue: mpsc::Receiver<Job>) {
     for job in queue {
         match job {
-            Job::Write(record) => {
+            Job::Write(record, flushed) => {
                 if let Err(e) = write_record(dir, &record) {
                     tracing::error!(id = %record.id, error = %e, "could not write the state file");
+                }
+                if let Some(done) = flushed {
+                    done.send(());
                 }
             }
             Job::Remove(id) => {
@@ -259,8 +283,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("containers"), HandBack::start().unwrap()).unwrap();
         let record = record("a", 10);
-        store.write(record.clone());
-        store.flush().await;
+        store.write_flushed(record.clone()).await;
         let path = dir.path().join("containers/a.json");
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -301,10 +324,11 @@ mod tests {
         store.write(record("c", 1));
         store.remove("c");
         store.write(record("c", 2));
-        store.flush().await;
+        // A flushed write waits for every job before it too.
+        store.write_flushed(record("d", 1)).await;
         let loaded = store.load_all().unwrap();
         let pids: Vec<(&str, u32)> = loaded.iter().map(|r| (r.id.as_str(), r.init.pid)).collect();
-        assert_eq!(pids, [("a", 200), ("c", 2)]);
+        assert_eq!(pids, [("a", 200), ("c", 2), ("d", 1)]);
     }
 
     #[test]

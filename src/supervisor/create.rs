@@ -121,8 +121,7 @@ impl Supervisor {
             operations: tokio::sync::Mutex::new(()),
         });
         // Nothing below can fail: the state file is written once the container is certain.
-        self.save(&container);
-        let saved = self.store.flush();
+        let saved = self.save_flushed(&container);
         reservation.commit(Arc::clone(&container));
         self.register_stats(&request.id, pid).await;
         self.events.publish(

@@ -115,8 +115,7 @@ impl Supervisor {
             spec: spec.clone(),
         });
         container.lock().added.push(Arc::clone(&process));
-        self.save(&container);
-        let saved = self.store.flush();
+        let saved = self.save_flushed(&container);
         self.events.publish(
             &container.id,
             pid,

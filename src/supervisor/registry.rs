@@ -19,7 +19,7 @@ use super::{StdioPaths, Supervisor, validate};
 use crate::error::{Error, Result};
 use crate::model::ProcessSpec;
 use crate::reaper::TrackedProcess;
-use crate::store::{ContainerRecord, ProcessRecord, TerminalPaths};
+use crate::store::{ContainerRecord, Flushed, ProcessRecord, TerminalPaths};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -294,6 +294,17 @@ impl Supervisor {
         }
         self.store
             .write(container.record(&self.runtime.binary().path, &mutable));
+    }
+
+    /// Saves the container's state file as [`Supervisor::save`] does; the returned future
+    /// resolves once it is on disk, with everything asked of the store before it.
+    pub(super) fn save_flushed(&self, container: &Container) -> Flushed {
+        let mutable = container.lock();
+        if mutable.removed {
+            return self.store.flush();
+        }
+        self.store
+            .write_flushed(container.record(&self.runtime.binary().path, &mutable))
     }
 
     /// Removes the container's state file for good (its init has exited).
