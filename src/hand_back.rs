@@ -5,8 +5,8 @@
 //! worker is unparked for it; that worker, once it stops searching, unparks another, which finds
 //! nothing and parks again: three or four context switches a hand-off. A readiness event is
 //! taken by the worker that is polling the reactor, which runs the woken task itself. On a
-//! create (two hand-offs: the bundle read, the state file) this took berthd from about 12.7 to
-//! 9.5 context switches (perf stat, C=1).
+//! create (two hand-offs: the bundle read, the state file) this took berthd from about 12.5 to
+//! 9.3 context switches (perf stat, C=1).
 //!
 //! Owns: the eventfd, the queue of finished results and the task that delivers them. Does not
 //! own: the work, which callers run where they like.
