@@ -78,13 +78,21 @@ pub struct Sender<T> {
 }
 
 impl<T: Send + 'static> Sender<T> {
+    /// Hands `value` to the receiver; callable from any thread, delivered on the reactor. A
+    /// value nobody waits for any more (a timeout) is dropped here or on the blocking pool,
+    /// never on a worker: it may hold a descriptor on the client's file system, whose close can
+    /// block.
     pub fn send(self, value: T) {
         let Sender { to, shared } = self;
+        if to.is_closed() {
+            return;
+        }
         let first = {
             let mut finished = shared.finished.lock().unwrap_or_else(|e| e.into_inner());
             finished.push(Box::new(move || {
-                // The receiver may be gone (a timeout, a client that left): nothing to do then.
-                let _ = to.send(value);
+                if let Err(unwanted) = to.send(value) {
+                    drop(tokio::task::spawn_blocking(move || drop(unwanted)));
+                }
             }));
             finished.len() == 1
         };
@@ -161,6 +169,30 @@ mod tests {
             thread.join().unwrap();
         }
         assert!(hand_back.shared.finished.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_value_nobody_waits_for_is_dropped_off_the_workers() {
+        struct Dropped(std::sync::mpsc::Sender<Option<String>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self
+                    .0
+                    .send(std::thread::current().name().map(str::to_owned));
+            }
+        }
+        let hand_back = HandBack::start().unwrap();
+        let (sender, receiver) = hand_back.channel::<Dropped>();
+        drop(receiver);
+        let (dropped_on, thread_name) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("sending".into())
+            .spawn(move || sender.send(Dropped(dropped_on)))
+            .unwrap()
+            .join()
+            .unwrap();
+        let name = thread_name.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(name.as_deref(), Some("sending"));
     }
 
     #[tokio::test]

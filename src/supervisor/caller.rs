@@ -139,7 +139,9 @@ impl Caller {
         drop(tokio::task::spawn_blocking(move || result.send(work())));
         match tokio::time::timeout(self.limits.timeout, done).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_unsent)) => Err(Error::Internal(format!("{what} failed: the work panicked"))),
+            Ok(Err(_unsent)) => Err(Error::Internal(format!(
+                "{what} failed: the work ended without a result"
+            ))),
             Err(_elapsed) => Err(Error::DeadlineExceeded {
                 what: what.to_owned(),
                 bound: self.limits.timeout,
