@@ -11,16 +11,12 @@
 //! Owns: the eventfd, the queue of finished results and the task that delivers them. Does not
 //! own: the work, which callers run where they like.
 
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use rustix::event::{EventfdFlags, eventfd};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::reactor;
+use crate::reactor::Eventfd;
 
 type Delivery = Box<dyn FnOnce() + Send>;
 
@@ -28,7 +24,7 @@ struct Shared {
     /// Results sent and not yet delivered, each as the send to its receiver.
     finished: Mutex<Vec<Delivery>>,
     /// Written when `finished` stops being empty; the delivering task reads it.
-    eventfd: AsyncFd<OwnedFd>,
+    eventfd: Eventfd,
 }
 
 /// Where the channels' results come back; cheap to clone.
@@ -47,10 +43,7 @@ impl HandBack {
     /// Starts the task that delivers results. Must be called inside the tokio runtime; the task
     /// ends with it.
     pub fn start() -> Result<Self> {
-        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| Error::sys("create the hand-back eventfd", std::io::Error::from(e)))?;
-        let eventfd = reactor::register(fd, Interest::READABLE)
-            .map_err(|e| Error::sys("register the hand-back eventfd", e))?;
+        let eventfd = Eventfd::new().map_err(|e| Error::sys("create the hand-back eventfd", e))?;
         let shared = Arc::new(Shared {
             finished: Mutex::default(),
             eventfd,
@@ -98,25 +91,17 @@ impl<T: Send + 'static> Sender<T> {
         };
         // A queue that was not empty has its wake-up written already, and the delivering task
         // reads the eventfd before it takes the queue, so nothing waits for a later send.
-        if first && let Err(e) = rustix::io::write(shared.eventfd.get_ref(), &1u64.to_ne_bytes()) {
+        if first && let Err(e) = shared.eventfd.signal() {
             tracing::error!(error = %e, "could not wake the hand-back task");
         }
     }
 }
 
 async fn deliver(shared: Arc<Shared>) {
-    let mut counter = [0u8; 8];
-    while let Ok(mut ready) = shared.eventfd.readable().await {
-        // Cleared whatever the read gives: a send after it makes the eventfd ready again.
-        let read = rustix::io::read(shared.eventfd.get_ref(), &mut counter);
-        ready.clear_ready();
-        match read {
-            Ok(_) => {}
-            Err(rustix::io::Errno::AGAIN) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "could not read the hand-back eventfd");
-                continue;
-            }
+    loop {
+        if let Err(e) = shared.eventfd.wait().await {
+            tracing::error!(error = %e, "waiting on the hand-back eventfd failed; results stop");
+            return;
         }
         let finished =
             std::mem::take(&mut *shared.finished.lock().unwrap_or_else(|e| e.into_inner()));

@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rustix::event::EventfdFlags;
 use rustix::fs::inotify;
 use rustix::fs::{Mode, OFlags};
 use tokio::io::Interest;
@@ -31,6 +30,7 @@ use tokio::task::AbortHandle;
 
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventKind};
+use crate::reactor::Eventfd;
 use crate::stats::cgroup::Location;
 use crate::stats::parse;
 
@@ -121,7 +121,7 @@ struct Inotify {
 
 /// The v1 eventfd every watched cgroup signals, and the task reading it.
 struct SharedEventfd {
-    fd: Arc<tokio::io::unix::AsyncFd<OwnedFd>>,
+    fd: Arc<Eventfd>,
     reader: AbortHandle,
 }
 
@@ -199,7 +199,7 @@ impl Watcher {
             .open(&control)
             // One write: the kernel parses each write on its own.
             .and_then(|mut file| {
-                let line = format!("{} {}", eventfd.as_raw_fd(), counter.as_raw_fd());
+                let line = format!("{} {}", eventfd.as_fd().as_raw_fd(), counter.as_raw_fd());
                 file.write_all(line.as_bytes())
             })
             .map_err(|e| Error::io(&control, e))?;
@@ -217,12 +217,7 @@ impl Watcher {
     /// until one reports, every v1 watch is looked at (off the reactor: one read per container)
     /// if the host has OOM-killed anything since the last look.
     fn start_eventfd(&self) -> Result<SharedEventfd> {
-        let eventfd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| Error::sys("create an eventfd", e))?;
-        let fd = Arc::new(
-            crate::reactor::register(eventfd, Interest::READABLE)
-                .map_err(|e| Error::sys("watch the OOM eventfd", e))?,
-        );
+        let fd = Arc::new(Eventfd::new().map_err(|e| Error::sys("watch the OOM eventfd", e))?);
         let (task_fd, watches, events) = (
             Arc::clone(&fd),
             Arc::clone(&self.watches),
@@ -233,20 +228,9 @@ impl Watcher {
         let mut looked_at = host_oom_kills();
         let reader = tokio::spawn(async move {
             loop {
-                let Ok(mut ready) = task_fd.readable().await else {
+                if let Err(e) = task_fd.wait().await {
+                    tracing::error!(error = %e, "reading the OOM eventfd failed; v1 OOM events stop");
                     return;
-                };
-                let mut count = [0u8; 8];
-                match rustix::io::read(task_fd.get_ref(), &mut count) {
-                    Ok(_) => {}
-                    Err(rustix::io::Errno::AGAIN) => {
-                        ready.clear_ready();
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reading the OOM eventfd failed; v1 OOM events stop");
-                        return;
-                    }
                 }
                 let v1: Vec<Arc<Watch>> = lock(&watches)
                     .values()
