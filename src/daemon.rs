@@ -308,17 +308,12 @@ impl Serving {
         let listener = handover
             .try_clone()
             .map_err(|e| Error::sys("duplicate the listener", e))?;
-        let listener = UnixListener::from(listener);
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::sys("make the listener non-blocking", e))?;
-        let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(|e| Error::sys("register the listener", e))?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut stopped = stopping.clone();
         let limits = Limits::within_fd_limit(config.max_connections, config.handshake_timeout);
         let incoming = listener::accept(listener, limits)
-            .map(|accepted| accepted.map(|a| Edge::new(Limited::new(a.stream, a.permit))));
+            .map_err(|e| Error::sys("register the listener", e))?
+            .map(|accepted| accepted.map(|a| Edge::new(Limited::new(a.socket, a.permit))));
         let max_message = config.max_message_bytes as usize;
         let api = ApiService::new(supervisor, stopping)
             .limit(max_message, config.max_process_spec_bytes as usize);

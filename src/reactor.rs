@@ -15,6 +15,12 @@ pub fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>>
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
+/// Registers a new descriptor of `fd`'s file for `interest`: how a socket registered for reading
+/// only waits for space to write, without the write interest's wake-ups the rest of the time.
+pub fn register_duplicate(fd: BorrowedFd<'_>, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    register(rustix::io::fcntl_dupfd_cloexec(fd, 0)?, interest)
+}
+
 /// An eventfd registered for reading: signalled from any thread (or by the kernel, as a v1
 /// cgroup's OOM notification), waited on by a task.
 pub struct Eventfd(AsyncFd<OwnedFd>);

@@ -1,5 +1,5 @@
 //! Who is calling: every request carries the peer of its connection, read from `SO_PEERCRED`
-//! (tonic's `UdsConnectInfo`) with its supplementary groups. Only uid 0 and members of
+//! at accept ([`PeerCredentials`]) with its supplementary groups. Only uid 0 and members of
 //! `--group` are served; what needs uid 0 asks [`require_root`]. Mutating requests leave one
 //! audit line each.
 //!
@@ -10,6 +10,7 @@ use tonic::{Request, Status};
 
 use crate::client_fs::Peer;
 use crate::error::Error;
+use crate::listener::PeerCredentials;
 
 /// Admits a request's peer (uid 0, or a member of the socket's group) and attaches it to the
 /// request, for the services to read with [`peer`].
@@ -24,16 +25,13 @@ impl Gate {
         Gate { group }
     }
 
-    fn admit(
-        &self,
-        info: Option<&tonic::transport::server::UdsConnectInfo>,
-    ) -> Result<Peer, Error> {
-        let Some(cred) = info.and_then(|info| info.peer_cred) else {
+    fn admit(&self, credentials: Option<&PeerCredentials>) -> Result<Peer, Error> {
+        let Some(cred) = credentials.and_then(|credentials| credentials.0) else {
             return Err(Error::PermissionDenied(
                 "the peer's credentials could not be read from the connection; connect over berthd's unix socket".into(),
             ));
         };
-        let pid = cred.pid().map_or(0, |pid| pid.max(0) as u32);
+        let pid = cred.pid().max(0) as u32;
         let peer = Peer::from_credentials(pid, cred.uid(), cred.gid())?;
         if peer.is_root() || peer.in_group(self.group) {
             return Ok(peer);
@@ -47,11 +45,7 @@ impl Gate {
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let peer = self.admit(
-            request
-                .extensions()
-                .get::<tonic::transport::server::UdsConnectInfo>(),
-        )?;
+        let peer = self.admit(request.extensions().get::<PeerCredentials>())?;
         request.extensions_mut().insert(peer);
         Ok(request)
     }

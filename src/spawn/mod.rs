@@ -113,8 +113,8 @@ impl Connection {
         if let Some(writable) = space.upgrade() {
             return Ok(writable);
         }
-        let writable = Arc::new(crate::reactor::register(
-            rustix::io::fcntl_dupfd_cloexec(self.socket.get_ref(), 0)?,
+        let writable = Arc::new(crate::reactor::register_duplicate(
+            self.socket.as_fd(),
             tokio::io::Interest::WRITABLE,
         )?);
         *space = Arc::downgrade(&writable);

@@ -5,22 +5,28 @@
 //! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
 //! ENOMEM) back off instead of spinning.
 //!
-//! Owns: the accept loop and its limits. [`accept`] yields plain [`UnixStream`]s with their
-//! permit, so whatever wraps a stream (an `:authority` rewriter, peer credentials) composes
-//! between it and [`Limited`], which holds the permit for the connection's life.
+//! Owns: the accept loop and its limits. [`accept`] yields each connection's [`ApiSocket`] with
+//! its permit, so whatever wraps a stream (an `:authority` rewriter) composes between it and
+//! [`Limited`], which holds the permit for the connection's life.
 //! Does not own: HTTP/2 (tonic and h2: streams per connection, keepalive, message sizes).
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+use rustix::net::SocketFlags;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+
+mod socket;
+
+pub use socket::{ApiSocket, PeerCredentials};
 
 /// The first wait after a failed accept; doubled up to [`MAX_BACKOFF`] while accept keeps failing.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -61,7 +67,7 @@ pub struct ConnectionPermit {
 
 /// An accepted connection that has spoken, with its permit.
 pub struct Accepted {
-    pub stream: UnixStream,
+    pub socket: ApiSocket,
     pub permit: ConnectionPermit,
 }
 
@@ -72,15 +78,32 @@ struct Silent {
     waiting: VecDeque<(u64, oneshot::Sender<()>)>,
 }
 
-/// Accepts connections on `listener` within `limits` until the returned stream is dropped.
-pub fn accept(listener: UnixListener, limits: Limits) -> ReceiverStream<io::Result<Accepted>> {
+/// Accepts connections on `listener`, a listening unix socket, within `limits` until the
+/// returned stream is dropped. Must be called inside the tokio runtime.
+pub fn accept(
+    listener: OwnedFd,
+    limits: Limits,
+) -> io::Result<ReceiverStream<io::Result<Accepted>>> {
+    rustix::io::ioctl_fionbio(&listener, true)?;
+    let listener = crate::reactor::register(listener, Interest::READABLE)?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(listener, limits, tx));
-    ReceiverStream::new(rx)
+    Ok(ReceiverStream::new(rx))
+}
+
+/// The next connection, non-blocking and close-on-exec, as an [`ApiSocket`].
+async fn accept_one(listener: &AsyncFd<OwnedFd>) -> io::Result<ApiSocket> {
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| Ok(rustix::net::accept_with(l, flags)?)) {
+            return ApiSocket::new(accepted?);
+        }
+    }
 }
 
 async fn accept_loop(
-    listener: UnixListener,
+    listener: AsyncFd<OwnedFd>,
     limits: Limits,
     accepted: mpsc::Sender<io::Result<Accepted>>,
 ) {
@@ -88,14 +111,14 @@ async fn accept_loop(
     let silent = Arc::new(Mutex::new(Silent::default()));
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let stream = tokio::select! {
-            result = listener.accept() => result,
+        let socket = tokio::select! {
+            result = accept_one(&listener) => result,
             () = accepted.closed() => return,
         };
-        let stream = match stream {
-            Ok((stream, _)) => {
+        let socket = match socket {
+            Ok(socket) => {
                 backoff = FIRST_BACKOFF;
-                stream
+                socket
             }
             Err(e) => {
                 // Out of fds or memory: accepting again at once would fail again at once.
@@ -139,7 +162,7 @@ async fn accept_loop(
         let accepted = accepted.clone();
         tokio::spawn(async move {
             let spoke = tokio::select! {
-                spoke = first_bytes(&stream) => spoke,
+                spoke = socket.first_bytes() => spoke,
                 _ = evicted => false,
                 () = tokio::time::sleep(limits.handshake_timeout) => false,
             };
@@ -150,28 +173,9 @@ async fn accept_loop(
                 .retain(|(k, _)| *k != key);
             if spoke {
                 let permit = ConnectionPermit { _place: permit };
-                let _ = accepted.send(Ok(Accepted { stream, permit })).await;
+                let _ = accepted.send(Ok(Accepted { socket, permit })).await;
             }
         });
-    }
-}
-
-/// Waits until the peer has sent something; false when it closed first or failed. Readiness
-/// alone is not proof (tokio may report it spuriously), so the data is peeked at.
-async fn first_bytes(stream: &UnixStream) -> bool {
-    loop {
-        if stream.readable().await.is_err() {
-            return false;
-        }
-        let peek = stream.try_io(tokio::io::Interest::READABLE, || {
-            let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-            Ok(rustix::net::recv(stream, &mut [0u8; 1], flags)?.0)
-        });
-        match peek {
-            Ok(n) => return n > 0,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return false,
-        }
     }
 }
 
@@ -250,11 +254,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
     use tokio_stream::StreamExt;
 
-    fn bound(dir: &tempfile::TempDir) -> (UnixListener, std::path::PathBuf) {
+    fn bound(dir: &tempfile::TempDir) -> (OwnedFd, std::path::PathBuf) {
         let path = dir.path().join("s.sock");
-        (UnixListener::bind(&path).unwrap(), path)
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        (listener.into(), path)
     }
 
     async fn next(incoming: &mut ReceiverStream<io::Result<Accepted>>) -> Option<Accepted> {
@@ -270,7 +276,7 @@ mod tests {
             max_connections: 2,
             handshake_timeout: Duration::from_millis(300),
         };
-        let mut incoming = accept(listener, limits);
+        let mut incoming = accept(listener, limits).unwrap();
         // Two silent connections fill the table; a third that talks still gets in.
         let mut silent = Vec::new();
         for _ in 0..2 {
@@ -299,7 +305,7 @@ mod tests {
             max_connections: 1,
             handshake_timeout: Duration::from_secs(10),
         };
-        let mut incoming = accept(listener, limits);
+        let mut incoming = accept(listener, limits).unwrap();
         let mut a = UnixStream::connect(&path).await.unwrap();
         a.write_all(b"a").await.unwrap();
         let held = next(&mut incoming).await.expect("first connection");
