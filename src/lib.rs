@@ -17,10 +17,10 @@
 //!
 //! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`edge`]
 //! (the `:authority` rewrite on each accepted connection), [`listener`] (accepting connections
-//! within limits; each connection's socket registered for reading only), [`metrics`] (the Prometheus endpoint; [`instruments`] the RPC and runtime
-//! timings it shows, `container_metrics` the per-container series), [`upgrade`] (the listener
-//! across `execve`, and from socket activation), [`notify`] (readiness for the service
-//! manager), [`reactor`]
+//! within limits; each connection's socket registered for reading only), [`metrics`] (the
+//! Prometheus endpoint; [`instruments`] the RPC and runtime timings it shows,
+//! `container_metrics` the per-container series), [`upgrade`] (the listener across `execve`, and
+//! from socket activation), [`notify`] (readiness for the service manager), [`reactor`]
 //! (registering owned fds with tokio), [`heap`] (handing memory freed by ended connections and
 //! streams back to the kernel).
 //!

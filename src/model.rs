@@ -1,4 +1,5 @@
-//! The records several layers share: what a process runs, and how a checkpoint was taken.
+//! The records several layers share: what a process runs, how a checkpoint was taken, and who is
+//! at the other end of an API connection.
 //!
 //! Owns: the plain data that the supervisor builds and the event bus, the store and the API
 //! carry. Does not own: how the records are made (supervisor), stored (store) or put on the
@@ -28,3 +29,9 @@ pub struct Checkpoint {
     pub unix_sockets: bool,
     pub shell: bool,
 }
+
+/// What `SO_PEERCRED` said of an API connection's peer when the listener accepted it; `None` when
+/// it could not be read. tonic attaches it to every request of the connection, for the api's
+/// gate.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCredentials(pub Option<nix::sys::socket::UnixCredentials>);

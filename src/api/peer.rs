@@ -10,7 +10,7 @@ use tonic::{Request, Status};
 
 use crate::client_fs::Peer;
 use crate::error::Error;
-use crate::listener::PeerCredentials;
+use crate::model::PeerCredentials;
 
 /// Admits a request's peer (uid 0, or a member of the socket's group) and attaches it to the
 /// request, for the services to read with [`peer`].

@@ -5,9 +5,16 @@ use super::*;
 /// The wrapper passes what the rewriter produces, in both directions, and closes on an error.
 #[tokio::test]
 async fn the_wrapper_rewrites_reads_and_passes_writes() {
-    let (client, server) = tokio::net::UnixStream::pair().unwrap();
-    let mut edge = Edge::new(server);
-    let _: tokio::net::unix::UCred = edge.connect_info().peer_cred.unwrap();
+    let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    server.set_nonblocking(true).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut edge = Edge::new(crate::listener::ApiSocket::new(server.into()).unwrap());
+    let peer = edge
+        .connect_info()
+        .0
+        .expect("the peer's credentials pass through");
+    assert_eq!(peer.pid(), std::process::id() as i32);
+    let client = tokio::net::UnixStream::from_std(client).unwrap();
     let (mut client_read, mut client_write) = client.into_split();
 
     let mut wire = frames::PREFACE.to_vec();

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 mod socket;
 
-pub use socket::{ApiSocket, PeerCredentials};
+pub use socket::ApiSocket;
 
 /// The first wait after a failed accept; doubled up to [`MAX_BACKOFF`] while accept keeps failing.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -41,8 +41,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// `max_connections` capped at a quarter of the open file limit: the rest is kept for
-    /// containers (a pidfd and an OOM eventfd each), stats files and runtime commands.
+    /// `max_connections` capped at a quarter of the open file limit (a connection holds one
+    /// descriptor, two while a write waits for space): the rest is kept for containers (a pidfd
+    /// each), stats files and runtime commands.
     pub fn within_fd_limit(max_connections: u64, handshake_timeout: Duration) -> Limits {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
         let cap = soft.map_or(u64::MAX, |n| (n / 4).max(1));

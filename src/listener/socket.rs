@@ -4,31 +4,58 @@
 //! the reactor each time the client reads a response (the kernel signals the space it freed): a
 //! wake-up of an idle worker per response and per streamed event, for nothing. Here writes go
 //! straight to the socket; only one that finds it full waits for space, on a second descriptor
-//! of the socket registered for writing while it waits.
+//! of the socket registered for writing, kept until a write goes through whole. Where no
+//! descriptor can be had for that (the open file limit, the epoll watch limit), the send is
+//! retried after a pause instead of failing the connection.
 //!
 //! Owns: the socket's reads, writes and readiness, and its peer's credentials as read at
 //! accept. Does not own: accepting ([`super`]), what is read or written (h2, the edge).
 
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-/// What `SO_PEERCRED` said of a connection's peer when it was accepted; `None` when it could not
-/// be read. tonic attaches it to every request of the connection.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerCredentials(pub Option<nix::sys::socket::UnixCredentials>);
+use crate::model::PeerCredentials;
+
+/// How long a write waits before it tries again when it found the socket full and could not
+/// register a descriptor to wait for space on.
+const SEND_RETRY: Duration = Duration::from_millis(5);
+
+/// At most this many slices go to one `sendmsg` (the kernel's `UIO_MAXIOV`; more fail with
+/// `EMSGSIZE`).
+const MAX_SLICES: usize = 1024;
 
 pub struct ApiSocket {
     socket: AsyncFd<OwnedFd>,
-    /// While a write waits for space: a duplicate of the socket registered for writing, dropped
-    /// (and so deregistered) once that write is through.
-    space: Option<AsyncFd<OwnedFd>>,
+    /// How the write in progress waits for space; `None` while writes go straight through.
+    waiting: Option<SpaceWait>,
     credentials: PeerCredentials,
+}
+
+enum SpaceWait {
+    /// A duplicate of the socket registered for writing.
+    Writable(AsyncFd<OwnedFd>),
+    /// No descriptor could be registered: try the send again after [`SEND_RETRY`].
+    Pause(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl SpaceWait {
+    fn start(socket: BorrowedFd<'_>) -> SpaceWait {
+        match crate::reactor::register_duplicate(socket, Interest::WRITABLE) {
+            Ok(duplicate) => SpaceWait::Writable(duplicate),
+            Err(e) => {
+                tracing::debug!(error = %e, "no descriptor to wait for space on; retrying the send shortly");
+                SpaceWait::Pause(Box::pin(tokio::time::sleep(SEND_RETRY)))
+            }
+        }
+    }
 }
 
 impl ApiSocket {
@@ -38,10 +65,16 @@ impl ApiSocket {
         // rustix's `UCred` (a non-zero pid) cannot hold.
         let credentials =
             nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::PeerCredentials);
-        let credentials = PeerCredentials(credentials.ok());
+        let credentials = match credentials {
+            Ok(credentials) => PeerCredentials(Some(credentials)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a connection's peer credentials; its requests will be refused");
+                PeerCredentials(None)
+            }
+        };
         Ok(ApiSocket {
             socket: crate::reactor::register(socket, Interest::READABLE)?,
-            space: None,
+            waiting: None,
             credentials,
         })
     }
@@ -61,31 +94,48 @@ impl ApiSocket {
         }
     }
 
-    /// Sends with `send`, straight to the socket unless a write is already waiting for space.
+    /// Sends `len` bytes with `send`: straight to the socket unless a write is waiting for space.
     fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
+        len: usize,
         send: impl Fn(&OwnedFd) -> rustix::io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
-        let space = if let Some(space) = &self.space {
-            space
-        } else {
-            match send(self.socket.get_ref()) {
-                Err(rustix::io::Errno::AGAIN) => {}
-                sent => return Poll::Ready(sent.map_err(io::Error::from)),
+        loop {
+            match &mut self.waiting {
+                None => match send(self.socket.get_ref()) {
+                    Err(rustix::io::Errno::AGAIN) => {
+                        self.waiting = Some(SpaceWait::start(self.socket.as_fd()));
+                    }
+                    sent => return Poll::Ready(sent.map_err(io::Error::from)),
+                },
+                Some(SpaceWait::Writable(space)) => {
+                    let mut ready = ready!(space.poll_write_ready(cx))?;
+                    let Ok(sent) = ready.try_io(|s| Ok(send(s.get_ref())?)) else {
+                        continue;
+                    };
+                    match sent {
+                        // Filled again: the next write waits for space at once.
+                        Ok(n) if n < len => ready.clear_ready(),
+                        Ok(_) => self.waiting = None,
+                        Err(_) => {}
+                    }
+                    return Poll::Ready(sent);
+                }
+                Some(SpaceWait::Pause(pause)) => {
+                    ready!(pause.as_mut().poll(cx));
+                    match send(self.socket.get_ref()) {
+                        Err(rustix::io::Errno::AGAIN) => {
+                            self.waiting = Some(SpaceWait::start(self.socket.as_fd()));
+                        }
+                        sent => {
+                            self.waiting = None;
+                            return Poll::Ready(sent.map_err(io::Error::from));
+                        }
+                    }
+                }
             }
-            let duplicate =
-                crate::reactor::register_duplicate(self.socket.as_fd(), Interest::WRITABLE)?;
-            &*self.space.insert(duplicate)
-        };
-        let sent = loop {
-            let mut ready = ready!(space.poll_write_ready(cx))?;
-            if let Ok(sent) = ready.try_io(|s| Ok(send(s.get_ref())?)) {
-                break sent;
-            }
-        };
-        self.space = None;
-        Poll::Ready(sent)
+        }
     }
 }
 
@@ -120,8 +170,9 @@ impl AsyncWrite for ApiSocket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         // NOSIGNAL: a client gone mid-response is an error for this connection, not a signal.
-        self.get_mut()
-            .poll_send(cx, |s| rustix::net::send(s, buf, SendFlags::NOSIGNAL))
+        self.get_mut().poll_send(cx, buf.len(), |s| {
+            rustix::net::send(s, buf, SendFlags::NOSIGNAL)
+        })
     }
 
     fn poll_write_vectored(
@@ -129,7 +180,9 @@ impl AsyncWrite for ApiSocket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_send(cx, |s| {
+        let bufs = &bufs[..bufs.len().min(MAX_SLICES)];
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.get_mut().poll_send(cx, len, |s| {
             let mut no_control = SendAncillaryBuffer::default();
             rustix::net::sendmsg(s, bufs, &mut no_control, SendFlags::NOSIGNAL)
         })
@@ -157,58 +210,167 @@ impl tonic::transport::server::Connected for ApiSocket {
     }
 }
 
-impl AsFd for ApiSocket {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.socket.as_fd()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tonic::transport::server::Connected;
 
-    /// berthd's end as an [`ApiSocket`], the client's as a tokio stream.
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    /// berthd's end as an [`ApiSocket`] with a small send buffer (so writes fill it), the
+    /// client's as a tokio stream.
     fn pair() -> (ApiSocket, tokio::net::UnixStream) {
         let (server, client) = std::os::unix::net::UnixStream::pair().unwrap();
+        rustix::net::sockopt::set_socket_send_buffer_size(&server, 4096).unwrap();
         server.set_nonblocking(true).unwrap();
         client.set_nonblocking(true).unwrap();
         let server = ApiSocket::new(server.into()).unwrap();
         (server, tokio::net::UnixStream::from_std(client).unwrap())
     }
 
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[tokio::test]
-    async fn a_write_larger_than_the_socket_waits_for_space_then_deregisters_it() {
+    async fn a_write_to_a_full_socket_waits_is_woken_by_space_and_then_goes_straight_through() {
         let (mut server, mut client) = pair();
-        let sent: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
-        let expected = sent.clone();
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let chunk = vec![7u8; 64 << 10];
+        let written = fill(&mut server);
+        assert!(matches!(server.waiting, Some(SpaceWait::Writable(_))));
+        // Nothing freed: polling again neither spins nor wakes.
+        assert!(
+            Pin::new(&mut server)
+                .poll_write(&mut cx, &chunk)
+                .is_pending()
+        );
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "woken with the socket still full"
+        );
+
+        let mut received = vec![0u8; written];
+        let drained = tokio::time::timeout(LIMIT, client.read_exact(&mut received));
+        drained.await.expect("the client could not drain").unwrap();
+        let woken = async {
+            while wakes.0.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(LIMIT, woken)
+            .await
+            .expect("the freed space never woke the write");
+        let Poll::Ready(sent) = Pin::new(&mut server).poll_write(&mut cx, b"after") else {
+            panic!("still waiting with the socket drained")
+        };
+        assert_eq!(sent.unwrap(), 5);
+        assert!(
+            server.waiting.is_none(),
+            "the write descriptor outlived the wait"
+        );
+    }
+
+    /// Writes until the socket is full; returns how much went in.
+    fn fill(server: &mut ApiSocket) -> usize {
+        let mut cx = Context::from_waker(Waker::noop());
+        let chunk = vec![7u8; 64 << 10];
+        let mut written = 0;
+        while let Poll::Ready(sent) = Pin::new(&mut *server).poll_write(&mut cx, &chunk) {
+            written += sent.unwrap();
+            assert!(written < 64 << 20, "the socket never filled");
+        }
+        written
+    }
+
+    #[tokio::test]
+    async fn without_a_descriptor_to_wait_on_a_write_is_tried_again_after_a_pause() {
+        let (mut server, mut client) = pair();
+        let written = fill(&mut server);
+        // As when registering the duplicate failed (no descriptor left).
+        server.waiting = Some(SpaceWait::Pause(Box::pin(tokio::time::sleep(SEND_RETRY))));
+        let mut received = vec![0u8; written];
+        client.read_exact(&mut received).await.unwrap();
+        let sent = tokio::time::timeout(LIMIT, server.write(b"after")).await;
+        assert_eq!(sent.expect("the paused write never went").unwrap(), 5);
+        assert!(
+            server.waiting.is_none(),
+            "still waiting after the write went"
+        );
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_larger_than_the_socket_arrive_whole_and_in_order() {
+        let (mut server, mut client) = pair();
+        let first: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
+        let second: Vec<u8> = (0..500_000).map(|i| (i % 241) as u8).collect();
+        let expected = [first.as_slice(), second.as_slice()].concat();
         let writer = tokio::spawn(async move {
-            server.write_all(&sent).await.unwrap();
-            server.flush().await.unwrap();
+            let mut slices = [
+                io::IoSlice::new(&first),
+                io::IoSlice::new(&[]),
+                io::IoSlice::new(&second),
+            ];
+            let mut slices = &mut slices[..];
+            while !slices.is_empty() {
+                let sent = server.write_vectored(slices).await.unwrap();
+                assert!(sent > 0, "a vectored write sent nothing");
+                io::IoSlice::advance_slices(&mut slices, sent);
+            }
             server
         });
         let mut received = vec![0u8; expected.len()];
-        let read = tokio::time::timeout(Duration::from_secs(30), client.read_exact(&mut received));
+        let read = tokio::time::timeout(LIMIT, client.read_exact(&mut received));
         read.await.expect("the write stalled").unwrap();
         assert!(received == expected, "the bytes arrived changed");
         let server = writer.await.unwrap();
         assert!(
-            server.space.is_none(),
+            server.waiting.is_none(),
             "the write descriptor outlived the wait"
         );
     }
 
     #[tokio::test]
-    async fn reads_see_what_the_client_wrote_and_its_end() {
+    async fn reads_in_pieces_see_all_a_silent_client_wrote() {
         let (mut server, mut client) = pair();
-        client.write_all(b"hello").await.unwrap();
+        let sent: Vec<u8> = (0..64).collect();
+        client.write_all(&sent).await.unwrap();
         assert!(server.first_bytes().await);
+        // The client stays open and silent: each read must find what is left without new data.
         let mut received = Vec::new();
-        client.shutdown().await.unwrap();
-        server.read_to_end(&mut received).await.unwrap();
-        assert_eq!(received, b"hello", "the peeked byte must still be read");
+        for _ in 0..4 {
+            let mut piece = [0u8; 16];
+            let read = tokio::time::timeout(LIMIT, server.read_exact(&mut piece));
+            read.await
+                .expect("a read waited for data already there")
+                .unwrap();
+            received.extend_from_slice(&piece);
+        }
+        assert_eq!(received, sent, "the peeked byte must still be read");
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_the_clients_reading() {
+        let (mut server, mut client) = pair();
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(LIMIT, client.read_to_end(&mut received));
+        read.await.expect("no end of stream").unwrap();
+        assert_eq!(received, b"bye");
     }
 
     #[tokio::test]
