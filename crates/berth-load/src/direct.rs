@@ -49,6 +49,9 @@ impl Launch {
 pub struct Throughput {
     pub per_sec: f64,
     pub latency: Option<Percentiles>,
+    /// p50 of the first and of the last 100 creates: the kernel's own slowing with more running.
+    pub p50_first_100_ms: Option<f64>,
+    pub p50_last_100_ms: Option<f64>,
     /// SIGKILL, reap and `delete` of every container afterwards, containers a second.
     pub teardown_per_sec: f64,
     /// From each SIGKILL to its init reaped (`waitpid` returns): the kernel's part of an exit,
@@ -74,6 +77,12 @@ impl Floor {
         } else {
             (Launch::CreateStart, &self.create_start)
         }
+    }
+
+    /// The faster launch's p50 of its first and of its last 100 creates.
+    pub fn p50_first_and_last_100(&self) -> Option<(Launch, f64, f64)> {
+        let (launch, best) = self.best();
+        Some((launch, best.p50_first_100_ms?, best.p50_last_100_ms?))
     }
 
     /// The kernel's kill-to-reaped latency, from the faster launch's teardown.
@@ -256,9 +265,13 @@ async fn measure(
     .await?;
     let deleted = deleting.elapsed();
     reap_zombie_children(Duration::from_secs(10)).await;
+    let (p50_first_100_ms, p50_last_100_ms) =
+        Percentiles::p50_first_and_last_100(&latencies).unzip();
     Ok(Throughput {
         per_sec: per_sec(made, created),
         latency: Percentiles::of(&latencies),
+        p50_first_100_ms,
+        p50_last_100_ms,
         teardown_per_sec: per_sec(made, deleted),
         reaped_after_kill: Percentiles::of(&reaped_after_kill),
         made,

@@ -402,17 +402,16 @@ async fn run_level(
         },
         None => None,
     };
-    let edge = |range: std::ops::Range<usize>| {
-        (made >= 200).then(|| Percentiles::of(&created.latencies[range]).map(|p| p.p50_ms))?
-    };
+    let (p50_first_100_ms, p50_last_100_ms) =
+        Percentiles::p50_first_and_last_100(&created.latencies).unzip();
     Ok(Run {
         concurrency: c,
         create: Creates {
             made,
             per_sec: daemon::per_sec(made, created.elapsed),
             latency: Percentiles::of(&created.latencies),
-            p50_first_100_ms: edge(0..100.min(made)),
-            p50_last_100_ms: edge(made.saturating_sub(100)..made),
+            p50_first_100_ms,
+            p50_last_100_ms,
         },
         daemon: DaemonCost {
             create_cpu_secs: at_n.cpu_secs - before.cpu_secs,

@@ -34,6 +34,17 @@ impl Percentiles {
         })
     }
 
+    /// The p50 of the first and of the last 100 of `samples`, in the order they were taken, when
+    /// there are at least 200: does a create get slower with more running?
+    pub fn p50_first_and_last_100(samples: &[Duration]) -> Option<(f64, f64)> {
+        if samples.len() < 200 {
+            return None;
+        }
+        let first = Percentiles::of(&samples[..100])?;
+        let last = Percentiles::of(&samples[samples.len() - 100..])?;
+        Some((first.p50_ms, last.p50_ms))
+    }
+
     /// "p50 / p90 / p99" with one decimal.
     pub fn triple(&self) -> String {
         format!(

@@ -10,6 +10,8 @@ fn run() -> Run {
     let throughput = |per_sec| Throughput {
         per_sec,
         latency,
+        p50_first_100_ms: Some(30.0),
+        p50_last_100_ms: Some(36.0),
         teardown_per_sec: 50.0,
         reaped_after_kill: latency,
         made: 1000,
@@ -95,7 +97,10 @@ fn targets_hold_each_figure_to_its_limit() {
             (false, "30.0/s vs 40.0/s (run -d) = 0.75"),
             (true, "20.0 ≤ 25.6"),
             (true, "1 children of berthd besides the 1000 inits"),
-            (false, "40.0 ms → 48.0 ms (+20%)"),
+            (
+                false,
+                "40.0 ms → 48.0 ms (+20%) (direct run -d: 30.0 ms → 36.0 ms (+20%))"
+            ),
             (false, "45.0/s vs 50.0/s = 0.90"),
             (
                 true,
@@ -137,6 +142,14 @@ fn the_table_puts_berthd_beside_the_floor() {
         .expect("an exit event row");
     assert!(exits.contains("(reaped)"), "{exits}");
     assert!(text.contains("teardown (containers/s)"), "{text}");
+    let flat = text
+        .lines()
+        .find(|l| l.starts_with("create p50, first → last 100"))
+        .expect("a first → last row");
+    assert!(
+        flat.contains("40.0 → 48.0") && flat.contains("30.0 → 36.0 (run -d)"),
+        "{flat}"
+    );
 }
 
 #[test]
