@@ -363,6 +363,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_short_read_still_sees_the_end_that_came_with_the_data() {
+        let (mut server, mut client) = pair();
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(LIMIT, server.read_to_end(&mut received));
+        read.await.expect("the end of stream was lost").unwrap();
+        assert_eq!(received, b"hello");
+    }
+
+    #[tokio::test]
     async fn shutdown_ends_the_clients_reading() {
         let (mut server, mut client) = pair();
         server.write_all(b"bye").await.unwrap();
