@@ -123,16 +123,9 @@ impl ApiSocket {
                     return Poll::Ready(sent);
                 }
                 Some(SpaceWait::Pause(pause)) => {
+                    // Then the send is tried again as a first one is.
                     ready!(pause.as_mut().poll(cx));
-                    match send(self.socket.get_ref()) {
-                        Err(rustix::io::Errno::AGAIN) => {
-                            self.waiting = Some(SpaceWait::start(self.socket.as_fd()));
-                        }
-                        sent => {
-                            self.waiting = None;
-                            return Poll::Ready(sent.map_err(io::Error::from));
-                        }
-                    }
+                    self.waiting = None;
                 }
             }
         }
