@@ -355,26 +355,30 @@ mod tests {
         assert_eq!(received, sent, "the peeked byte must still be read");
     }
 
+    /// `writer` sends `bytes` and shuts down; `reader` must read them and then the end.
+    async fn sent_then_ended(
+        mut writer: impl AsyncWriteExt + Unpin,
+        mut reader: impl AsyncReadExt + Unpin,
+        bytes: &[u8],
+    ) {
+        writer.write_all(bytes).await.unwrap();
+        writer.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(LIMIT, reader.read_to_end(&mut received));
+        read.await.expect("the end of stream was lost").unwrap();
+        assert_eq!(received, bytes);
+    }
+
     #[tokio::test]
     async fn a_short_read_still_sees_the_end_that_came_with_the_data() {
-        let (mut server, mut client) = pair();
-        client.write_all(b"hello").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut received = Vec::new();
-        let read = tokio::time::timeout(LIMIT, server.read_to_end(&mut received));
-        read.await.expect("the end of stream was lost").unwrap();
-        assert_eq!(received, b"hello");
+        let (server, client) = pair();
+        sent_then_ended(client, server, b"hello").await;
     }
 
     #[tokio::test]
     async fn shutdown_ends_the_clients_reading() {
-        let (mut server, mut client) = pair();
-        server.write_all(b"bye").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut received = Vec::new();
-        let read = tokio::time::timeout(LIMIT, client.read_to_end(&mut received));
-        read.await.expect("no end of stream").unwrap();
-        assert_eq!(received, b"bye");
+        let (server, client) = pair();
+        sent_then_ended(server, client, b"bye").await;
     }
 
     #[tokio::test]
