@@ -53,7 +53,7 @@ impl Supervisor {
 
     async fn create_owned(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
-        let (bundle, spec) = validate::bundle(&request.bundle, &request.caller).await?;
+        let (bundle, mut spec) = validate::bundle(&request.bundle, &request.caller).await?;
         let restore = match request.checkpoint.as_str() {
             "" => None,
             name => Some(checkpoint::for_restore(&request.caller, &bundle, name).await?),
@@ -62,13 +62,13 @@ impl Supervisor {
             self.criu_ready().await?;
         }
         request.stdio.check()?;
-        let process = spec.process().as_ref().ok_or_else(|| {
+        // Taken, not copied: the bundle's process is kept as the base of added processes.
+        let base_process = spec.process_mut().take().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())
         })?;
-        let init_spec = spec_of(process);
+        drop(spec);
+        let init_spec = spec_of(&base_process);
         validate::process_spec_size(&init_spec.args, &init_spec.env, request.max_spec_bytes)?;
-        let base_process = serde_json::to_value(process)
-            .map_err(|e| Error::Internal(format!("encode the bundle's process: {e}")))?;
 
         let mut undo = Undo::new(self, &request.id);
         undo.reserved(self.reserve(&request.id).await?);

@@ -175,11 +175,10 @@ impl Supervisor {
 /// The process JSON for `runtime exec --process`: the bundle's process (capabilities, rlimits,
 /// security settings) with the request's args, env, cwd, user and terminal.
 fn added_process(
-    base: &serde_json::Value,
+    base: &oci_spec::runtime::Process,
     request: &ExecRequest,
 ) -> Result<(Vec<u8>, ProcessSpec)> {
-    let mut process: oci_spec::runtime::Process = serde_json::from_value(base.clone())
-        .map_err(|e| Error::Internal(format!("decode the bundle's process: {e}")))?;
+    let mut process = base.clone();
     process.set_args(Some(request.args.clone()));
     if !request.env.is_empty() {
         process.set_env(Some(request.env.clone()));
@@ -217,8 +216,8 @@ fn added_process(
 mod tests {
     use super::*;
 
-    fn base() -> serde_json::Value {
-        serde_json::json!({
+    fn base() -> oci_spec::runtime::Process {
+        serde_json::from_value(serde_json::json!({
             "terminal": true,
             "consoleSize": {"height": 24, "width": 80},
             "user": {"uid": 1000, "gid": 1000},
@@ -227,7 +226,8 @@ mod tests {
             "cwd": "/srv",
             "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
             "noNewPrivileges": true
-        })
+        }))
+        .unwrap()
     }
 
     fn request() -> ExecRequest {

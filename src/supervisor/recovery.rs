@@ -176,14 +176,11 @@ impl Supervisor {
     /// The bundle's process of a record, the base of later added processes: read as berthd
     /// reads any client's config (no link, bounded size, off the reactor within a bound), or
     /// the recorded init's process when it cannot be.
-    async fn recorded_process(&self, record: &ContainerRecord) -> serde_json::Value {
+    async fn recorded_process(&self, record: &ContainerRecord) -> oci_spec::runtime::Process {
         let caller = self.caller(Peer::root());
         let path = record.bundle.display().to_string();
         match super::validate::bundle(&path, &caller).await {
-            Ok((_, spec)) => spec
-                .process()
-                .clone()
-                .and_then(|process| serde_json::to_value(process).ok()),
+            Ok((_, mut spec)) => spec.process_mut().take(),
             Err(e) => {
                 tracing::warn!(id = %record.id, error = %e, "bundle config unreadable; added processes will run with the recorded process only");
                 None
@@ -236,7 +233,7 @@ impl Supervisor {
         record: &ContainerRecord,
         init: crate::reaper::TrackedProcess,
         status: Status,
-        base_process: serde_json::Value,
+        base_process: oci_spec::runtime::Process,
         replay: Duration,
     ) {
         let mut added = Vec::new();
@@ -366,17 +363,65 @@ fn same_cgroup(init: u32, pid: u32) -> bool {
     matches!((cgroups(init), cgroups(pid)), (Some(a), Some(b)) if a == b)
 }
 
-/// The process an added process starts from when the bundle can no longer be read.
-fn minimal_process(init: &ProcessRecord) -> serde_json::Value {
-    serde_json::json!({
-        "args": init.spec.args,
-        "env": init.spec.env,
-        "cwd": init.spec.cwd,
-        "user": {
-            "uid": init.spec.uid,
-            "gid": init.spec.gid,
-            "additionalGids": init.spec.additional_gids,
-        },
-        "terminal": false,
-    })
+/// The process an added process starts from when the bundle can no longer be read: the init's
+/// args, env, cwd and user, and nothing the bundle might have added (no capabilities, rlimits
+/// or security settings), so the runtime's own defaults apply.
+fn minimal_process(init: &ProcessRecord) -> oci_spec::runtime::Process {
+    let mut user = oci_spec::runtime::User::default();
+    user.set_uid(init.spec.uid);
+    user.set_gid(init.spec.gid);
+    user.set_additional_gids(Some(init.spec.additional_gids.clone()));
+    let mut process = oci_spec::runtime::Process::default();
+    process.set_args(Some(init.spec.args.clone()));
+    process.set_env(Some(init.spec.env.clone()));
+    process.set_cwd(PathBuf::from(&init.spec.cwd));
+    process.set_user(user);
+    process.set_terminal(Some(false));
+    // What `Process::default` fills in beyond the above, cleared.
+    process.set_console_size(None);
+    process.set_capabilities(None);
+    process.set_rlimits(None);
+    process.set_no_new_privileges(None);
+    process.set_apparmor_profile(None);
+    process.set_selinux_label(None);
+    process.set_oom_score_adj(None);
+    process.set_io_priority(None);
+    process.set_scheduler(None);
+    process.set_exec_cpu_affinity(None);
+    process.set_command_line(None);
+    process
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProcessSpec;
+
+    #[test]
+    fn the_minimal_process_is_the_inits_own_and_nothing_more() {
+        let init = ProcessRecord {
+            pid: 10,
+            start_time: 99,
+            spec: ProcessSpec {
+                args: vec!["sleep".into(), "9".into()],
+                env: vec!["A=1".into()],
+                cwd: "/srv".into(),
+                uid: 5,
+                gid: 6,
+                additional_gids: vec![7],
+                terminal: true,
+            },
+            terminal: None,
+        };
+        assert_eq!(
+            serde_json::to_value(minimal_process(&init)).unwrap(),
+            serde_json::json!({
+                "args": ["sleep", "9"],
+                "env": ["A=1"],
+                "cwd": "/srv",
+                "user": {"uid": 5, "gid": 6, "additionalGids": [7]},
+                "terminal": false,
+            })
+        );
+    }
 }

@@ -81,7 +81,7 @@ pub(super) struct Container {
     pub(super) bundle: PathBuf,
     pub(super) stdio: StdioPaths,
     /// The bundle's `process`, the base of every added process (capabilities, rlimits, ...).
-    pub(super) base_process: serde_json::Value,
+    pub(super) base_process: oci_spec::runtime::Process,
     pub(super) init: Arc<Process>,
     /// Processes (by pid) whose terminal berthd no longer relays (see recovery).
     pub(super) lost_terminals: Vec<u32>,
