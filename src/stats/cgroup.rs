@@ -166,15 +166,19 @@ impl Mounts {
     }
 
     /// The cgroup of process `pid`: v1 where its controllers are on v1 hierarchies, else v2.
-    /// Refused for a process that has begun to exit when it is v1: the kernel then shows the
-    /// root of every v1 hierarchy (v2 keeps the cgroup). Checked after the read: a process not
-    /// exiting then was not exiting during it.
+    /// Refused for a process that has begun to exit when it is v1: the kernel then shows `/`
+    /// for every v1 hierarchy (v2 keeps the cgroup). Checked after the read, and only when the
+    /// read shows a `/`: a process not exiting then was not exiting during it, and one whose
+    /// read shows no `/` was not exiting during the read.
     pub fn locate(&self, pid: u32) -> Result<Location> {
         let (path, text) = crate::procfs::process_cgroups(pid)?;
         let location = self
             .locate_in(&text)
             .map_err(|e| Error::Internal(format!("{path}: {e}")))?;
-        if matches!(location, Location::V1(_)) && crate::procfs::process_exiting(pid)? {
+        if matches!(location, Location::V1(_))
+            && shows_a_v1_root(&text)
+            && crate::procfs::process_exiting(pid)?
+        {
             return Err(Error::NotFound(format!(
                 "process {pid} has exited, and {path} names the v1 roots, not its cgroups"
             )));
@@ -248,6 +252,16 @@ fn v1_controllers(options: &[u8]) -> String {
         controllers.push_str(&String::from_utf8_lossy(option));
     }
     controllers
+}
+
+/// Whether `/proc/<pid>/cgroup` shows `/` for a v1 hierarchy, what the kernel shows for every
+/// v1 hierarchy of a process that has begun to exit. Contents that do not parse count as yes.
+fn shows_a_v1_root(proc_cgroup: &[u8]) -> bool {
+    let mut root = false;
+    let parsed = parse::proc_cgroup(proc_cgroup, |line| {
+        root |= line.hierarchy != 0 && line.path == "/";
+    });
+    parsed.is_err() || root
 }
 
 /// A mountinfo path field with the kernel's octal escapes (`\040` space, `\011` tab, `\012`
@@ -531,6 +545,7 @@ mod tests {
         assert_eq!(mounts.v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let proc_cgroup = b"12:hugetlb:/ctr\n11:pids:/ctr\n7:memory:/ctr\n\
             5:blkio:/ctr\n3:cpu,cpuacct:/ctr\n1:name=systemd:/ctr\n0::/ctr\n";
+        assert!(!shows_a_v1_root(proc_cgroup));
         assert_eq!(
             mounts.locate_in(proc_cgroup).unwrap(),
             Location::V1(V1Dirs {
@@ -541,6 +556,15 @@ mod tests {
                 hugetlb: Some(PathBuf::from("/sys/fs/cgroup/hugetlb/ctr")),
             })
         );
+    }
+
+    #[test]
+    fn only_a_v1_root_or_an_unreadable_list_calls_for_the_exiting_check() {
+        // What the kernel shows for a v1 process that has begun to exit.
+        assert!(shows_a_v1_root(b"7:memory:/\n3:cpu,cpuacct:/\n0::/ctr\n"));
+        assert!(shows_a_v1_root(b"7:memory:/ctr\n1:name=systemd:/\n"));
+        assert!(!shows_a_v1_root(b"7:memory:/ctr\n0::/\n"));
+        assert!(shows_a_v1_root(b"7:memory\n"));
     }
 
     #[test]
