@@ -11,29 +11,45 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tonic::codegen::http;
 
+// Labels borrow static names (the protos' methods, the runtime's operations) and keep the
+// code as a number: recording a request allocates nothing. Names are spelled out when scraped.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Handled {
-    grpc_service: String,
-    grpc_method: String,
-    grpc_code: String,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: GrpcCode,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Method {
-    grpc_service: String,
-    grpc_method: String,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuntimeOperation {
-    operation: String,
+    operation: &'static str,
+}
+
+/// A gRPC code as go-grpc-prometheus names it (`OK`, `NotFound`, ...).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct GrpcCode(tonic::Code);
+
+impl EncodeLabelValue for GrpcCode {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write;
+        match self.0 {
+            tonic::Code::Ok => encoder.write_str("OK"),
+            other => write!(encoder, "{other:?}"),
+        }
+    }
 }
 
 /// Histogram buckets, in seconds, doubling from `start`.
@@ -93,10 +109,8 @@ pub fn register(registry: &mut Registry) {
 }
 
 /// Records how long one runtime command of `operation` took.
-pub fn runtime_command(operation: &str, took: Duration) {
-    let labels = RuntimeOperation {
-        operation: operation.to_owned(),
-    };
+pub fn runtime_command(operation: &'static str, took: Duration) {
+    let labels = RuntimeOperation { operation };
     instruments()
         .runtime
         .get_or_create(&labels)
@@ -106,36 +120,36 @@ pub fn runtime_command(operation: &str, took: Duration) {
 /// `/types.API/CreateContainer` → (`types.API`, `CreateContainer`). Any path that is not one
 /// of the protos' RPCs is `unknown`: a client chooses the path, and a series per made-up path
 /// would hold memory for as long as berthd runs.
-fn split_path(path: &str) -> (String, String) {
-    let known = berth_api::METHODS.contains(&path);
-    match path.trim_start_matches('/').split_once('/') {
-        Some((service, method)) if known => (service.to_owned(), method.to_owned()),
-        _ => ("unknown".to_owned(), "unknown".to_owned()),
-    }
+fn split_path(path: &str) -> (&'static str, &'static str) {
+    berth_api::METHODS
+        .iter()
+        .find(|known| **known == path)
+        .and_then(|known| known.trim_start_matches('/').split_once('/'))
+        .unwrap_or(("unknown", "unknown"))
 }
 
 /// The gRPC code a response carries in its headers (a call that failed before its first
 /// message); a response without one has started normally, and its code comes in the trailers.
-fn code_of<B>(response: &http::Response<B>) -> String {
+fn code_of<B>(response: &http::Response<B>) -> GrpcCode {
     let code = response
         .headers()
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-    match code {
-        tonic::Code::Ok => "OK".to_owned(),
-        other => format!("{other:?}"),
-    }
+    GrpcCode(code)
 }
 
-fn record(path: &str, code: String, took: Duration) {
-    let (grpc_service, grpc_method) = split_path(path);
+fn record(
+    (grpc_service, grpc_method): (&'static str, &'static str),
+    code: GrpcCode,
+    took: Duration,
+) {
     let i = instruments();
     i.handling
         .get_or_create(&Method {
-            grpc_service: grpc_service.clone(),
-            grpc_method: grpc_method.clone(),
+            grpc_service,
+            grpc_method,
         })
         .observe(took.as_secs_f64());
     i.handled
@@ -178,16 +192,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        let method = split_path(request.uri().path());
         let started = Instant::now();
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
             let code = match &response {
                 Ok(response) => code_of(response),
-                Err(_) => "Unknown".to_owned(),
+                Err(_) => GrpcCode(tonic::Code::Unknown),
             };
-            record(&path, code, started.elapsed());
+            record(method, code, started.elapsed());
             response
         })
     }
@@ -201,24 +215,44 @@ mod tests {
     fn paths_and_codes() {
         assert_eq!(
             split_path("/types.API/CreateContainer"),
-            ("types.API".to_owned(), "CreateContainer".to_owned())
+            ("types.API", "CreateContainer")
         );
         assert_eq!(
             split_path("/berth.daemon.Daemon/Upgrade"),
-            ("berth.daemon.Daemon".to_owned(), "Upgrade".to_owned())
+            ("berth.daemon.Daemon", "Upgrade")
         );
         for made_up in ["/types.API/Nope", "/x/State", "/types.API/State/", "", "/"] {
-            assert_eq!(
-                split_path(made_up),
-                ("unknown".to_owned(), "unknown".to_owned()),
-                "{made_up:?}"
-            );
+            assert_eq!(split_path(made_up), ("unknown", "unknown"), "{made_up:?}");
         }
         let failed = http::Response::builder()
             .header("grpc-status", "5")
             .body(())
             .unwrap();
-        assert_eq!(code_of(&failed), "NotFound");
-        assert_eq!(code_of(&http::Response::new(())), "OK");
+        assert_eq!(code_of(&failed), GrpcCode(tonic::Code::NotFound));
+        assert_eq!(code_of(&http::Response::new(())), GrpcCode(tonic::Code::Ok));
+    }
+
+    #[test]
+    fn codes_are_named_as_go_grpc_prometheus_names_them() {
+        let family = Family::<Handled, Counter>::default();
+        for code in [tonic::Code::Ok, tonic::Code::NotFound] {
+            family
+                .get_or_create(&Handled {
+                    grpc_service: "types.API",
+                    grpc_method: "State",
+                    grpc_code: GrpcCode(code),
+                })
+                .inc();
+        }
+        let mut registry = Registry::default();
+        registry.register("handled", "", family);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for code in ["OK", "NotFound"] {
+            let series = format!(
+                "handled_total{{grpc_service=\"types.API\",grpc_method=\"State\",grpc_code=\"{code}\"}} 1"
+            );
+            assert!(text.contains(&series), "no {series} in:\n{text}");
+        }
     }
 }
