@@ -221,27 +221,32 @@ fn record_path(dir: &Path, id: &str) -> PathBuf {
 fn write_record(dir: &Path, record: &ContainerRecord) -> Result<()> {
     let path = record_path(dir, &record.id);
     let tmp = dir.join(format!(".{}.json.tmp", record.id));
-    let bytes = serde_json::to_vec_pretty(record)
+    let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode state of {}: {e}", record.id)))?;
-    let mut file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?
-    };
-    // An existing temp file keeps its mode through O_CREAT; make it private either way.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(&tmp, e))?;
-    }
+    let mut file = create_private(&tmp).map_err(|e| Error::io(&tmp, e))?;
     file.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+/// A new file at `path`, readable by root alone (records hold environments). A file already
+/// there (left by a write that failed) is replaced: through `O_CREAT` it would keep its mode.
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    };
+    match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            create()
+        }
+        created => created,
+    }
 }
 
 fn remove_record(dir: &Path, id: &str) -> Result<()> {
@@ -283,9 +288,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("containers"), HandBack::start().unwrap()).unwrap();
         let record = record("a", 10);
+        use std::os::unix::fs::PermissionsExt;
+        // Left by a write that failed, readable by all: replaced, not written through.
+        let stale = dir.path().join("containers/.a.json.tmp");
+        std::fs::write(&stale, "{").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
         store.write_flushed(record.clone()).await;
         let path = dir.path().join("containers/a.json");
-        use std::os::unix::fs::PermissionsExt;
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600, "records hold environments");
         assert_eq!(mode(&dir.path().join("containers")), 0o700);
