@@ -165,7 +165,9 @@ async fn measure(
     launch: Launch,
     memory_every: Option<usize>,
 ) -> Result<Throughput, LoadError> {
-    let mut ids: Vec<String> = (0..n).map(|i| format!("direct-{i}")).collect();
+    let mut ids: Vec<String> = (0..n)
+        .map(|i| on.session.id(format_args!("direct-{i}")))
+        .collect();
     let label = format!("{} {} C={c}", on.runtime.name, launch.name());
     let start = move |ctx: Job| async move {
         let bundle = ctx.session.bundle_str();

@@ -84,6 +84,11 @@ pub struct Options {
     #[arg(long, env = "BERTH_WORK_DIR", default_value = "/run/berth-load")]
     pub work_dir: PathBuf,
 
+    /// Put before every container id, and so before every cgroup's name: two runs at once on
+    /// one host (two berthd binaries compared under the same machine state) need different ones
+    #[arg(long, env = "BERTH_ID_PREFIX", default_value = "", value_parser = id_prefix)]
+    pub id_prefix: String,
+
     /// One HTTP/2 connection shared by all load tasks, or one per task
     #[arg(long, env = "BERTH_CHANNEL", value_enum, default_value_t = ChannelMode::Shared)]
     pub channel: ChannelMode,
@@ -175,6 +180,22 @@ pub fn prepare_process() -> Result<(), LoadError> {
         .map_err(|e| LoadError(format!("becoming a child subreaper: {e}")))
 }
 
+/// `--id-prefix`: what a container id may start with (berthd takes ids of 1 to 64 letters, digits,
+/// `_`, `.` or `-`, the first a letter or digit), short enough to leave room for the rest.
+fn id_prefix(prefix: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+    match prefix.chars().next() {
+        Some(first) if !first.is_ascii_alphanumeric() => {
+            Err("must start with a letter or a digit".into())
+        }
+        _ if prefix.len() > 32 => Err("must be at most 32 characters".into()),
+        _ if !prefix.chars().all(allowed) => {
+            Err("may hold only letters, digits, '_', '.' and '-'".into())
+        }
+        _ => Ok(prefix.to_owned()),
+    }
+}
+
 /// The runtime binary the direct floor runs: the one berthd runs, or runc when berthd runs its
 /// built-in runtime (which has no binary to run by hand).
 fn floor_runtime(runtime: &str) -> &str {
@@ -192,6 +213,7 @@ pub async fn bench(options: &Options) -> Result<(), LoadError> {
     let session = Arc::new(Session::new(
         &options.work_dir,
         floor_runtime(&options.runtime),
+        &options.id_prefix,
     )?);
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| LoadError(e.to_string()))?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| LoadError(e.to_string()))?;
@@ -347,7 +369,9 @@ async fn run_level(
         metrics,
     } = berthd(options, session, &format!("berthd-c{c}")).await?;
     let clients = daemon::clients(&socket, options.channel, c).await?;
-    let ids = (0..n).map(|i| format!("load-c{c}-{i}")).collect();
+    let ids = (0..n)
+        .map(|i| session.id(format_args!("load-c{c}-{i}")))
+        .collect();
     memory::cgroups_settled().await;
     let mem_before = procfs::mem_available_kb().unwrap_or(0);
     let before = sample(pid)?;
@@ -556,5 +580,18 @@ mod tests {
         assert_eq!(cli.options.concurrency, vec![1, 8]);
         assert_eq!(cli.options.n, 20);
         assert!(Cli::try_parse_from(["berth-load", "--concurrency", "0"]).is_err());
+    }
+
+    #[test]
+    fn an_id_prefix_is_what_an_id_may_start_with() {
+        let parse = |prefix: &str| {
+            Cli::try_parse_from(["berth-load", "--id-prefix", prefix]).map(|c| c.options.id_prefix)
+        };
+        assert_eq!(parse("b2.").unwrap(), "b2.");
+        assert_eq!(parse("").unwrap(), "");
+        assert_eq!(Cli::parse_from(["berth-load"]).options.id_prefix, "");
+        for refused in ["-a", "a/b", "a b", &"x".repeat(33)] {
+            assert!(parse(refused).is_err(), "{refused:?}");
+        }
     }
 }

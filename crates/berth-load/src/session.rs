@@ -175,6 +175,8 @@ pub struct BerthdFlags<'a> {
 
 pub struct Session {
     pub dir: PathBuf,
+    /// Put before every container id (`--id-prefix`).
+    id_prefix: String,
     pub runtime: Runtime,
     pub bundle: PathBuf,
     berthd: Mutex<Option<Berthd>>,
@@ -188,13 +190,14 @@ pub struct Session {
 impl Session {
     /// Makes the work directory `<work_dir>/<pid>` and the bundle every container shares: a
     /// read-only busybox rootfs and the runtime's default spec running `sleep`.
-    pub fn new(work_dir: &Path, runtime: &str) -> Result<Session, LoadError> {
+    pub fn new(work_dir: &Path, runtime: &str, id_prefix: &str) -> Result<Session, LoadError> {
         let dir = work_dir.join(std::process::id().to_string());
         let io = |what: &Path, e: std::io::Error| LoadError(format!("{}: {e}", what.display()));
         fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let session = Session {
             bundle: dir.join("bundle"),
             dir,
+            id_prefix: id_prefix.to_owned(),
             runtime: Runtime::new(runtime),
             berthd: Mutex::new(None),
             roots: Mutex::new(Vec::new()),
@@ -202,6 +205,12 @@ impl Session {
         };
         session.make_bundle()?;
         Ok(session)
+    }
+
+    /// The id of the container this run calls `name`: with `--id-prefix` before it, as it is
+    /// also the name of the container's cgroup, which two runs on one host must not share.
+    pub fn id(&self, name: std::fmt::Arguments<'_>) -> String {
+        format!("{}{name}", self.id_prefix)
     }
 
     fn make_bundle(&self) -> Result<(), LoadError> {

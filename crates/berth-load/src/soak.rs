@@ -96,7 +96,9 @@ pub async fn soak(
     berthd_pid: u32,
     plan: SoakPlan,
 ) -> Result<Soak, LoadError> {
-    let base_ids = (0..plan.base).map(|i| format!("soak-base-{i}")).collect();
+    let base_ids = (0..plan.base)
+        .map(|i| session.id(format_args!("soak-base-{i}")))
+        .collect();
     let base = daemon::create(session, clients, base_ids, "soak: base containers").await?;
     let stats = daemon::subscribe(&clients[0], &base.containers, plan.subscribers).await;
     let (stats_subscribers, stats_skipped) = match &stats {
@@ -135,7 +137,7 @@ pub async fn soak(
                 if Instant::now() >= deadline {
                     return Ok(());
                 }
-                let id = format!("soak-{w}-{cycle}");
+                let id = session.id(format_args!("soak-{w}-{cycle}"));
                 let req = CreateContainerRequest {
                     id: id.clone(),
                     bundle_path: bundle.clone(),
