@@ -172,11 +172,11 @@ impl Mounts {
     /// read shows no `/` was not exiting during the read.
     pub fn locate(&self, pid: u32) -> Result<Location> {
         let (path, text) = crate::procfs::process_cgroups(pid)?;
-        let location = self
+        let (location, shows_a_v1_root) = self
             .locate_in(&text)
             .map_err(|e| Error::Internal(format!("{path}: {e}")))?;
         if matches!(location, Location::V1(_))
-            && shows_a_v1_root(&text)
+            && shows_a_v1_root
             && crate::procfs::process_exiting(pid)?
         {
             return Err(Error::NotFound(format!(
@@ -195,10 +195,14 @@ impl Mounts {
         self.v1_else_v2(self.v1_dirs(text), Some(text))
     }
 
-    fn locate_in(&self, proc_cgroup: &[u8]) -> Result<Location> {
+    /// The location `/proc/<pid>/cgroup` names, and whether it shows `/` for a v1 hierarchy (as
+    /// it does for every v1 hierarchy of a process that has begun to exit).
+    fn locate_in(&self, proc_cgroup: &[u8]) -> Result<(Location, bool)> {
         let mut v1 = V1Dirs::default();
         let mut unified = None;
+        let mut shows_a_v1_root = false;
         parse::proc_cgroup(proc_cgroup, |line| {
+            shows_a_v1_root |= line.hierarchy != 0 && line.path == "/";
             if line.hierarchy == 0 && line.controllers.is_empty() {
                 unified = Some(line.path.to_owned());
                 return;
@@ -215,7 +219,7 @@ impl Mounts {
                 *slot = self.v1_dir(controller, line.path);
             }
         })?;
-        self.v1_else_v2(v1, unified.as_deref())
+        Ok((self.v1_else_v2(v1, unified.as_deref())?, shows_a_v1_root))
     }
 
     /// The v1 directories where a cpuacct or memory one is among them, else the unified
@@ -252,16 +256,6 @@ fn v1_controllers(options: &[u8]) -> String {
         controllers.push_str(&String::from_utf8_lossy(option));
     }
     controllers
-}
-
-/// Whether `/proc/<pid>/cgroup` shows `/` for a v1 hierarchy, what the kernel shows for every
-/// v1 hierarchy of a process that has begun to exit. Contents that do not parse count as yes.
-fn shows_a_v1_root(proc_cgroup: &[u8]) -> bool {
-    let mut root = false;
-    let parsed = parse::proc_cgroup(proc_cgroup, |line| {
-        root |= line.hierarchy != 0 && line.path == "/";
-    });
-    parsed.is_err() || root
 }
 
 /// A mountinfo path field with the kernel's octal escapes (`\040` space, `\011` tab, `\012`
@@ -514,7 +508,7 @@ mod tests {
         assert_eq!(mounts.v1, []);
         assert_eq!(mounts.v2, Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(
-            mounts.locate_in(b"0::/system.slice/ctr\n").unwrap(),
+            mounts.locate_in(b"0::/system.slice/ctr\n").unwrap().0,
             Location::V2(PathBuf::from("/sys/fs/cgroup/system.slice/ctr"))
         );
     }
@@ -545,9 +539,8 @@ mod tests {
         assert_eq!(mounts.v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let proc_cgroup = b"12:hugetlb:/ctr\n11:pids:/ctr\n7:memory:/ctr\n\
             5:blkio:/ctr\n3:cpu,cpuacct:/ctr\n1:name=systemd:/ctr\n0::/ctr\n";
-        assert!(!shows_a_v1_root(proc_cgroup));
         assert_eq!(
-            mounts.locate_in(proc_cgroup).unwrap(),
+            mounts.locate_in(proc_cgroup).unwrap().0,
             Location::V1(V1Dirs {
                 cpuacct: Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/ctr")),
                 cpu: Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/ctr")),
@@ -556,15 +549,15 @@ mod tests {
                 hugetlb: Some(PathBuf::from("/sys/fs/cgroup/hugetlb/ctr")),
             })
         );
-    }
-
-    #[test]
-    fn only_a_v1_root_or_an_unreadable_list_calls_for_the_exiting_check() {
-        // What the kernel shows for a v1 process that has begun to exit.
-        assert!(shows_a_v1_root(b"7:memory:/\n3:cpu,cpuacct:/\n0::/ctr\n"));
+        // Only a `/` on a v1 line calls for the exiting check; the first is what the kernel
+        // shows for a process that has begun to exit.
+        let shows_a_v1_root = |text: &[u8]| mounts.locate_in(text).unwrap().1;
+        assert!(!shows_a_v1_root(proc_cgroup));
+        assert!(shows_a_v1_root(
+            b"12:hugetlb:/\n7:memory:/\n3:cpu,cpuacct:/\n0::/ctr\n"
+        ));
         assert!(shows_a_v1_root(b"7:memory:/ctr\n1:name=systemd:/\n"));
         assert!(!shows_a_v1_root(b"7:memory:/ctr\n0::/\n"));
-        assert!(shows_a_v1_root(b"7:memory\n"));
     }
 
     #[test]
@@ -658,7 +651,7 @@ mod tests {
             v2: Some(PathBuf::from("/sys/fs/cgroup")),
         };
         assert_eq!(
-            mounts.locate_in(b"0::/system.slice/ctr\n").unwrap(),
+            mounts.locate_in(b"0::/system.slice/ctr\n").unwrap().0,
             Location::V2(PathBuf::from("/sys/fs/cgroup/system.slice/ctr"))
         );
         assert!(matches!(
