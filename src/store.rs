@@ -228,8 +228,9 @@ fn write_record(dir: &Path, record: &ContainerRecord) -> Result<()> {
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
 }
 
-/// A new file at `path`, readable by root alone (records hold environments). A file already
-/// there (left by a write that failed) is replaced: through `O_CREAT` it would keep its mode.
+/// A new file at `path`, readable by root alone (records hold environments). `O_EXCL` follows
+/// no link; a file already there (left by a write that failed) is replaced, as through
+/// `O_CREAT` it would keep its mode.
 fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let create = || {
@@ -237,7 +238,6 @@ fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
     };
     match create() {

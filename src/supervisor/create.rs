@@ -62,7 +62,8 @@ impl Supervisor {
             self.criu_ready().await?;
         }
         request.stdio.check()?;
-        // Taken, not copied: the bundle's process is kept as the base of added processes.
+        // Taken, not copied: the bundle's process is kept as the base of added processes. The
+        // rest of the spec (up to the config's size bound) is not held across the awaits below.
         let base_process = spec.process_mut().take().ok_or_else(|| {
             Error::InvalidArgument("the bundle's config.json has no process".into())
         })?;

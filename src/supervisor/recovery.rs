@@ -364,8 +364,8 @@ fn same_cgroup(init: u32, pid: u32) -> bool {
 }
 
 /// The process an added process starts from when the bundle can no longer be read: the init's
-/// args, env, cwd and user, and nothing the bundle might have added (no capabilities, rlimits
-/// or security settings), so the runtime's own defaults apply.
+/// args, env, cwd and user as recorded, and none of the capabilities, rlimits or security
+/// settings the record does not hold.
 fn minimal_process(init: &ProcessRecord) -> oci_spec::runtime::Process {
     let mut user = oci_spec::runtime::User::default();
     user.set_uid(init.spec.uid);
