@@ -53,7 +53,8 @@ impl Supervisor {
 
     async fn create_owned(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
-        let (bundle, mut spec) = validate::bundle(&request.bundle, &request.caller).await?;
+        // The bundle's process is kept as the base of added processes.
+        let (bundle, base_process) = validate::bundle(&request.bundle, &request.caller).await?;
         let restore = match request.checkpoint.as_str() {
             "" => None,
             name => Some(checkpoint::for_restore(&request.caller, &bundle, name).await?),
@@ -62,12 +63,6 @@ impl Supervisor {
             self.criu_ready().await?;
         }
         request.stdio.check()?;
-        // Taken, not copied: the bundle's process is kept as the base of added processes. The
-        // rest of the spec (up to the config's size bound) is not held across the awaits below.
-        let base_process = spec.process_mut().take().ok_or_else(|| {
-            Error::InvalidArgument("the bundle's config.json has no process".into())
-        })?;
-        drop(spec);
         let init_spec = spec_of(&base_process);
         validate::process_spec_size(&init_spec.args, &init_spec.env, request.max_spec_bytes)?;
 

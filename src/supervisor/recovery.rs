@@ -180,13 +180,12 @@ impl Supervisor {
         let caller = self.caller(Peer::root());
         let path = record.bundle.display().to_string();
         match super::validate::bundle(&path, &caller).await {
-            Ok((_, mut spec)) => spec.process_mut().take(),
+            Ok((_, process)) => process,
             Err(e) => {
                 tracing::warn!(id = %record.id, error = %e, "bundle config unreadable; added processes will run with the recorded process only");
-                None
+                minimal_process(&record.init)
             }
         }
-        .unwrap_or_else(|| minimal_process(&record.init))
     }
 
     /// Every container the runtime holds, by id. The list goes to a scratch file rather than

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{Process, Spec};
 
 use super::caller::Caller;
 use crate::client_fs::shown;
@@ -57,10 +57,11 @@ pub fn process_spec_size(args: &[String], env: &[String], limit: usize) -> Resul
     Ok(())
 }
 
-/// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec,
-/// both opened as `caller` may open them: no symbolic link on the way, the config a regular file
-/// of bounded size, read off the reactor within a bound.
-pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Spec)> {
+/// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec
+/// with a process, both opened as `caller` may open them: no symbolic link on the way, the
+/// config a regular file of bounded size, read off the reactor within a bound. Returns the
+/// directory and the spec's process (the rest of the spec is the runtime's to read).
+pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Process)> {
     if path.is_empty() {
         return Err(Error::InvalidArgument(
             "bundlePath is empty: give the absolute path of an OCI bundle".into(),
@@ -80,19 +81,19 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Spec)> {
             shown(&config)
         )));
     };
-    let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| {
+    let mut spec: Spec = serde_json::from_slice(&bytes).map_err(|e| {
         Error::InvalidArgument(format!(
             "{} is not a valid OCI runtime spec: {e}",
             shown(&config)
         ))
     })?;
-    if spec.process().is_none() {
+    let Some(process) = spec.process_mut().take() else {
         return Err(Error::InvalidArgument(format!(
             "{} has no process to run",
             shown(&config)
         )));
-    }
-    Ok((dir.to_owned(), spec))
+    };
+    Ok((dir.to_owned(), process))
 }
 
 #[cfg(test)]
@@ -184,8 +185,8 @@ mod tests {
             r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#,
         )
         .unwrap();
-        let (path, spec) = bundle(root).await.unwrap();
+        let (path, process) = bundle(root).await.unwrap();
         assert_eq!(path, dir.path());
-        assert!(spec.process().is_some());
+        assert_eq!(process.args().as_deref(), Some(&["sh".to_owned()][..]));
     }
 }
