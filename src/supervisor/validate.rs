@@ -182,6 +182,15 @@ mod tests {
         assert!(matches!(bundle(root).await, Err(Error::InvalidArgument(_))));
         std::fs::write(
             dir.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#,
+        )
+        .unwrap();
+        match bundle(root).await {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("has no process to run"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(
+            dir.path().join("config.json"),
             r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#,
         )
         .unwrap();
