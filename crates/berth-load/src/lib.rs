@@ -26,6 +26,7 @@ mod session;
 mod soak;
 mod summary;
 mod table;
+mod wakeup;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -243,7 +244,7 @@ pub async fn bench(options: &Options) -> Result<(), LoadError> {
 
 async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadError> {
     let mut report = Report {
-        host: host(),
+        host: host().await,
         runtime: options.runtime.clone(),
         runtime_version: session.runtime.version(),
         n: options.n,
@@ -491,7 +492,12 @@ fn sample(pid: u32) -> Result<ProcSample, LoadError> {
     ProcSample::take(pid).map_err(|e| LoadError(format!("sampling berthd (pid {pid}): {e}")))
 }
 
-fn host() -> Host {
+async fn host() -> Host {
+    let wakeup = tokio::task::spawn_blocking(wakeup::measure)
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+        .inspect_err(|e| eprintln!("the wake-up round trip was not measured: {e}"))
+        .ok();
     let uname = rustix::system::uname();
     let memory_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -506,6 +512,7 @@ fn host() -> Host {
         memory_gib,
         load_average_start: procfs::load_average(),
         load_average_end: None,
+        wakeup,
     }
 }
 

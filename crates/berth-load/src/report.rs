@@ -10,6 +10,7 @@ use super::procfs::ProcSample;
 use super::soak::Soak;
 use super::summary::Percentiles;
 use super::table::Table;
+use super::wakeup::WakeupCost;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -34,6 +35,8 @@ pub struct Host {
     pub memory_gib: f64,
     pub load_average_start: Option<f64>,
     pub load_average_end: Option<f64>,
+    /// What a thread hand-off costs here, measured before the run.
+    pub wakeup: Option<WakeupCost>,
 }
 
 /// The second direct floor, youki by hand: its version, or why it was not measured.
@@ -196,6 +199,17 @@ pub fn targets(report: &Report) -> Vec<Target> {
     out
 }
 
+/// "57.0 µs of CPU across two CPUs, 3.9 µs on one", or only the last where there is one CPU.
+fn wakeup_cost(cost: &WakeupCost) -> String {
+    match cost.across_cpus_us {
+        Some(across) => format!(
+            "{across:.1} µs of CPU across two CPUs, {:.1} µs on one",
+            cost.one_cpu_us
+        ),
+        None => format!("{:.1} µs of CPU on the one CPU", cost.one_cpu_us),
+    }
+}
+
 /// "a ms → b ms (+x%)".
 fn first_to_last(first: f64, last: f64) -> String {
     format!(
@@ -229,6 +243,12 @@ pub fn render(report: &Report) -> String {
         opt(report.host.load_average_start, 2),
         opt(report.host.load_average_end, 2),
     );
+    if let Some(wakeup) = &report.host.wakeup {
+        out.push_str(&format!(
+            "a thread wake-up round trip here takes {}; berthd makes several per create\n",
+            wakeup_cost(wakeup)
+        ));
+    }
     if let Some(why) = &report.runtime_skipped {
         out.push_str(&format!("{}: skipped: {why}\n", report.runtime));
         return out;

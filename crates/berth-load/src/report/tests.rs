@@ -68,6 +68,10 @@ fn report() -> Report {
             memory_gib: 24.0,
             load_average_start: Some(0.1),
             load_average_end: Some(0.5),
+            wakeup: Some(WakeupCost {
+                across_cpus_us: Some(57.04),
+                one_cpu_us: 3.96,
+            }),
         },
         runtime: "runc".into(),
         runtime_version: "runc version 1.1.5".into(),
@@ -116,6 +120,13 @@ fn the_table_puts_berthd_beside_the_floor() {
     let text = render(&report());
     assert!(
         text.starts_with("berth load: runc (runc version 1.1.5), N=1000, one shared connection;"),
+        "{text}"
+    );
+    assert!(
+        text.lines().nth(1)
+            == Some(
+                "a thread wake-up round trip here takes 57.0 µs of CPU across two CPUs, 4.0 µs on one; berthd makes several per create"
+            ),
         "{text}"
     );
     let create = text
