@@ -25,7 +25,7 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
-use crate::api::grpc_message::readable_grpc_message;
+use crate::api::grpc_message::status_on_the_wire;
 use crate::api::peer::Gate;
 use crate::api::service::ApiService;
 use crate::config::{Config, CreateMode, StatsBackend, resolve_runtime};
@@ -320,7 +320,9 @@ impl Serving {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(RpcMetricsLayer)
-                .layer(tower::util::MapResponseLayer::new(readable_grpc_message))
+                .layer(tower::util::MapResponseLayer::new(status_on_the_wire(
+                    max_message,
+                )))
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_keepalive_interval(Some(config.keepalive))
                 .http2_keepalive_timeout(Some(config.keepalive))
@@ -330,7 +332,12 @@ impl Serving {
                         .max_encoding_message_size(max_message),
                     gate,
                 ))
-                .add_service(DaemonServer::with_interceptor(daemon, gate))
+                .add_service(InterceptedService::new(
+                    DaemonServer::new(daemon)
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                    gate,
+                ))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }),

@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["../../proto"],
         )?;
     write_methods(&descriptors, &out.join("methods.rs"))?;
+    write_directions(&descriptors, &out.join("directions.rs"))?;
     println!("cargo:rerun-if-changed=../../proto/api.proto");
     println!("cargo:rerun-if-changed=../../proto/daemon.proto");
     Ok(())
@@ -51,6 +52,50 @@ fn write_methods(
         }
     }
     code.push_str("];\n");
+    std::fs::write(to, code)?;
+    Ok(())
+}
+
+/// Writes an `impl Direction` for every message an RPC takes or returns, so that the codec can
+/// tell a request that does not decode (the client's fault) from a response that does not.
+fn write_directions(
+    descriptors: &std::path::Path,
+    to: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(std::fs::read(descriptors)?.as_slice())?;
+    let rust_path = |proto: &str| -> Result<String, Box<dyn std::error::Error>> {
+        let (module, name) = match proto.rsplit_once('.') {
+            Some((".types", name)) => ("proto", name),
+            Some((".berth.daemon", name)) => ("daemon_proto", name),
+            _ => {
+                return Err(
+                    format!("{proto}: a message of a package berth-api does not know").into(),
+                );
+            }
+        };
+        Ok(format!("crate::{module}::{name}"))
+    };
+    let mut directions = std::collections::BTreeMap::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                for (message, is_request) in
+                    [(method.input_type(), true), (method.output_type(), false)]
+                {
+                    if directions.insert(rust_path(message)?, is_request) == Some(!is_request) {
+                        return Err(format!("{message} is both a request and a response").into());
+                    }
+                }
+            }
+        }
+    }
+    let mut code = String::new();
+    for (message, is_request) in directions {
+        code.push_str(&format!(
+            "impl crate::codec::Direction for {message} {{\n    const IS_REQUEST: bool = {is_request};\n}}\n"
+        ));
+    }
     std::fs::write(to, code)?;
     Ok(())
 }

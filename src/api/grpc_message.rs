@@ -1,11 +1,18 @@
-//! `grpc-message` as every client can read it: tonic percent-encodes spaces and some printable
-//! characters, which the gRPC spec allows but does not ask for; clients that never decode the
-//! header (the 2016 Go client of this API) show `process%20not%20found`, or worse, feed it to
-//! printf. This layer re-encodes the header, in a response's headers (errors before any message)
-//! and trailers (errors in a stream), so only `%` and octets outside 0x20–0x7E are encoded, as
-//! the spec's "Percent-Encoded" rule has it. Decoding clients get the same text either way.
+//! A status as every client can read it on the wire.
 //!
-//! Owns: that re-encoding. Does not own: the text itself (crate::error) or its status code.
+//! `grpc-message`: tonic percent-encodes spaces and some printable characters, which the gRPC
+//! spec allows but does not ask for; clients that never decode the header (the 2016 Go client of
+//! this API) show `process%20not%20found`, or worse, feed it to printf. This layer re-encodes the
+//! header, in a response's headers (errors before any message) and trailers (errors in a stream),
+//! so only `%` and octets outside 0x20–0x7E are encoded, as the spec's "Percent-Encoded" rule has
+//! it. Decoding clients get the same text either way.
+//!
+//! `grpc-status` of a message over `--max-message-bytes`: tonic answers OUT_OF_RANGE ("Error,
+//! decoded message length too large: …"), where gRPC's table of status codes, grpc-go and
+//! berthd's other limits say RESOURCE_EXHAUSTED, naming the limit. berthd never answers
+//! OUT_OF_RANGE itself, so the code alone tells which responses these are.
+//!
+//! Owns: that re-encoding and that code. Does not own: any other status or text (crate::error).
 
 use http::header::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
@@ -15,18 +22,60 @@ use tonic::body::Body;
 /// What the spec requires encoded: controls (and, always, non-ASCII octets) and `%` itself.
 const ENCODED: &AsciiSet = &CONTROLS.add(b'%');
 const GRPC_MESSAGE: &str = "grpc-message";
+const GRPC_STATUS: &str = "grpc-status";
 
-/// For `tower::util::MapResponseLayer` on the server.
-pub fn readable_grpc_message(response: http::Response<Body>) -> http::Response<Body> {
-    let (mut parts, body) = response.into_parts();
-    reencode(&mut parts.headers);
-    let body = body.map_frame(|mut frame| {
-        if let Some(trailers) = frame.trailers_mut() {
-            reencode(trailers);
+/// For `tower::util::MapResponseLayer` on the server, with the server's `--max-message-bytes`.
+pub fn status_on_the_wire(
+    max_message_bytes: usize,
+) -> impl Fn(http::Response<Body>) -> http::Response<Body> + Clone {
+    move |response| {
+        let (mut parts, body) = response.into_parts();
+        fix(&mut parts.headers, max_message_bytes);
+        let body = body.map_frame(move |mut frame| {
+            if let Some(trailers) = frame.trailers_mut() {
+                fix(trailers, max_message_bytes);
+            }
+            frame
+        });
+        http::Response::from_parts(parts, Body::new(body))
+    }
+}
+
+fn fix(headers: &mut HeaderMap, max_message_bytes: usize) {
+    over_size_is_resource_exhausted(headers, max_message_bytes);
+    reencode(headers);
+}
+
+fn over_size_is_resource_exhausted(headers: &mut HeaderMap, max_message_bytes: usize) {
+    if headers.get(GRPC_STATUS).map(HeaderValue::as_bytes) != Some(b"11") {
+        return;
+    }
+    let said: Vec<u8> = headers
+        .get(GRPC_MESSAGE)
+        .map(|value| percent_decode(value.as_bytes()).collect())
+        .unwrap_or_default();
+    let said = String::from_utf8_lossy(&said);
+    let what = if said.contains("decoded") {
+        "request"
+    } else if said.contains("encoded") {
+        "response"
+    } else {
+        "message"
+    };
+    let size = said
+        .split_once("found ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(number, _)| number.parse::<u64>().ok());
+    let text = match size {
+        Some(bytes) => {
+            format!("{what} of {bytes} bytes is over --max-message-bytes ({max_message_bytes})")
         }
-        frame
-    });
-    http::Response::from_parts(parts, Body::new(body))
+        None => format!("{what} over --max-message-bytes ({max_message_bytes})"),
+    };
+    headers.insert(GRPC_STATUS, HeaderValue::from_static("8"));
+    if let Ok(value) = HeaderValue::from_str(&text) {
+        headers.insert(GRPC_MESSAGE, value);
+    }
 }
 
 fn reencode(headers: &mut HeaderMap) {
@@ -52,6 +101,48 @@ mod tests {
             .headers;
         reencode(&mut headers);
         headers[GRPC_MESSAGE].to_str().unwrap().to_owned()
+    }
+
+    fn over_size(status: tonic::Status) -> (tonic::Code, String) {
+        let mut headers = status.into_http::<Body>().into_parts().0.headers;
+        fix(&mut headers, 4_194_304);
+        let code = tonic::Code::from_bytes(headers[GRPC_STATUS].as_bytes());
+        (code, headers[GRPC_MESSAGE].to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_resource_exhausted_naming_the_flag() {
+        // tonic's own texts (tonic::codec::decode and encode).
+        let decoded = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5015011 bytes, the limit is: 4194304 bytes",
+        );
+        assert_eq!(
+            over_size(decoded),
+            (
+                tonic::Code::ResourceExhausted,
+                "request of 5015011 bytes is over --max-message-bytes (4194304)".to_owned()
+            )
+        );
+        let encoded = tonic::Status::out_of_range(
+            "Error, encoded message length too large: found 4194305 bytes, the limit is: 4194304 bytes",
+        );
+        assert_eq!(
+            over_size(encoded).1,
+            "response of 4194305 bytes is over --max-message-bytes (4194304)"
+        );
+        let unknown = tonic::Status::out_of_range("something else");
+        assert_eq!(
+            over_size(unknown),
+            (
+                tonic::Code::ResourceExhausted,
+                "message over --max-message-bytes (4194304)".to_owned()
+            )
+        );
+        let other = tonic::Status::not_found("container a not found");
+        assert_eq!(
+            over_size(other),
+            (tonic::Code::NotFound, "container a not found".to_owned())
+        );
     }
 
     #[test]

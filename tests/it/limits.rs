@@ -89,6 +89,14 @@ async fn state_is_never_built_larger_than_it_may_be_sent() {
             message.contains("--max-message-bytes (65536)") && message.contains("StateRequest.id"),
             "{message}"
         );
+        // A request over the limit is refused as gRPC's other servers do, naming the flag.
+        let too_big = exec_req(&ctr.id, &["true", &"z".repeat(70_000)]);
+        let message = expect_code(d.client.add_process(too_big).await, Code::ResourceExhausted);
+        assert!(
+            message.starts_with("request of ")
+                && message.ends_with(" bytes is over --max-message-bytes (65536)"),
+            "{message}"
+        );
         // One container at a time still answers, for the one that fits.
         let one = d
             .client

@@ -225,3 +225,30 @@ async fn an_errors_grpc_message_is_readable_on_the_wire() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_that_are_not_the_request_are_invalid_argument() {
+    within(async {
+        let daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let block = request("/types.API/State", "localhost", false, false);
+        // The id (field 1) as three bytes that are not UTF-8; a length past the end; wire type 7.
+        for message in [&[0x0a, 0x03, 0xff, 0xfe, 0xfd][..], &[0x0a, 0x80], &[0x0f]] {
+            let answer = connection.call(&block, 1, message).await;
+            assert_eq!(
+                answer.header("grpc-status"),
+                Some("3"),
+                "{message:?}: {answer:?}"
+            );
+            let text = answer.header("grpc-message").expect("grpc-message");
+            assert!(
+                text.starts_with("failed to decode Protobuf message: "),
+                "{text}"
+            );
+        }
+        // The connection still serves a well-formed request.
+        let answer = connection.call(&block, 1, &[]).await;
+        assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
