@@ -130,13 +130,7 @@ pub fn open_console(path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<Con
     if !is_pty_terminal(&st) {
         return open_stdio_leaf(&walk, &leaf, &st, Access::Write).map(Console::Output);
     }
-    if !peer.may(&st, READ | WRITE) {
-        return Err(walk.denied(format!(
-            "{} may not read and write this console ({}); give a terminal it may use itself",
-            peer.describe(),
-            mode_and_owner(&st),
-        )));
-    }
+    check_terminal(&walk, &st)?;
     let fd = walk.reopen(&leaf, &st, OFlags::RDWR | OFlags::NONBLOCK)?;
     set_blocking(&walk, &fd)?;
     Ok(Console::Terminal(fd))
@@ -159,7 +153,46 @@ fn stdio_walk<'a>(
     )
 }
 
+/// Checks a console path that will not be used (its process has no terminal) as it would be
+/// checked if it were, without opening it: opening a FIFO or a terminal is seen by whoever holds
+/// the other end.
+pub fn check_console(path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<()> {
+    let walk = stdio_walk("console", path, peer, forbidden)?;
+    let (_, st) = walk.leaf()?;
+    if is_pty_terminal(&st) {
+        check_terminal(&walk, &st)
+    } else {
+        check_stdio_leaf(&walk, &st, Access::Write)
+    }
+}
+
+/// A pty's terminal side, which the peer may read and write.
+fn check_terminal(walk: &Walk<'_>, st: &Stat) -> Result<()> {
+    if !walk.peer.may(st, READ | WRITE) {
+        return Err(walk.denied(format!(
+            "{} may not read and write this console ({}); give a terminal it may use itself",
+            walk.peer.describe(),
+            mode_and_owner(st),
+        )));
+    }
+    Ok(())
+}
+
 fn open_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) -> Result<OwnedFd> {
+    check_stdio_leaf(walk, st, access)?;
+    let mode = match (access, FileType::from_raw_mode(st.st_mode)) {
+        (Access::Read, _) => OFlags::RDONLY,
+        (Access::Write, FileType::RegularFile) => OFlags::WRONLY | OFlags::APPEND,
+        (Access::Write, FileType::Fifo) => OFlags::RDWR,
+        (Access::Write, _) => OFlags::WRONLY,
+    };
+    let fd = walk.reopen(leaf, st, mode | OFlags::NONBLOCK)?;
+    set_blocking(walk, &fd)?;
+    Ok(fd)
+}
+
+/// A FIFO, `/dev/null` or a regular file, which the peer may use for `access`.
+fn check_stdio_leaf(walk: &Walk<'_>, st: &Stat, access: Access) -> Result<()> {
     let what = walk.what;
     let kind = FileType::from_raw_mode(st.st_mode);
     let dev_null = is_dev_null(st);
@@ -179,15 +212,7 @@ fn open_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) -
             access.verb()
         )));
     }
-    let mode = match (access, kind) {
-        (Access::Read, _) => OFlags::RDONLY,
-        (Access::Write, FileType::RegularFile) => OFlags::WRONLY | OFlags::APPEND,
-        (Access::Write, FileType::Fifo) => OFlags::RDWR,
-        (Access::Write, _) => OFlags::WRONLY,
-    };
-    let fd = walk.reopen(leaf, st, mode | OFlags::NONBLOCK)?;
-    set_blocking(walk, &fd)?;
-    Ok(fd)
+    Ok(())
 }
 
 fn set_blocking(walk: &Walk<'_>, fd: &OwnedFd) -> Result<()> {

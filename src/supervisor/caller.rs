@@ -89,6 +89,11 @@ impl Caller {
         client_fs::open_console(Path::new(path), &self.peer, &[&self.state_dir])
     }
 
+    /// The console path of a process without a terminal (see [`client_fs::check_console`]).
+    pub fn check_console(&self, path: &str) -> Result<()> {
+        client_fs::check_console(Path::new(path), &self.peer, &[&self.state_dir])
+    }
+
     /// A directory the client named (`what`: a bundle), checked as [`Caller::open_dir`] checks
     /// it, and the regular file `name` in it, of at most the size limit, read in the same trip
     /// off the reactor within the time limit; `Ok(None)` when the directory is there and the

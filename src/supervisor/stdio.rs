@@ -73,9 +73,13 @@ impl StdioPaths {
     }
 
     /// Opens stdin, stdout and stderr for a process without a terminal; one not named is
-    /// `/dev/null`, which the spawned process opens itself.
+    /// `/dev/null`, which the spawned process opens itself. A console named all the same is
+    /// not used, but it is checked as if it were: a caller may name only what it may use.
     pub fn open_all(&self) -> Result<[SpawnStdio; 3]> {
         let caller = self.caller()?;
+        if !self.console.is_empty() {
+            caller.check_console(&self.console)?;
+        }
         let open = |what, path: &str, access| match path {
             "" => Ok(SpawnStdio::Null),
             path => caller.open_stdio(what, path, access).map(SpawnStdio::Fd),
@@ -132,7 +136,7 @@ pub async fn relay_ends(paths: &StdioPaths) -> Result<RelayEnds> {
 /// writer that came and went).
 /// Without any path there is nothing of the client's to open, and no trip off the reactor.
 pub async fn process_stdio(paths: &StdioPaths, terminal: bool) -> Result<[SpawnStdio; 3]> {
-    if terminal || paths.all_empty() {
+    if terminal || (paths.all_empty() && paths.console.is_empty()) {
         return Ok([SpawnStdio::Null, SpawnStdio::Null, SpawnStdio::Null]);
     }
     let caller = paths.caller()?;

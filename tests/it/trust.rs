@@ -244,6 +244,12 @@ async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
         assert!(message.contains("state directory"), "{message}");
         assert_eq!(fs::read(&record).unwrap(), before, "the record was written");
         d.assert_nothing_left(&id_, &baseline).await;
+        // A console is checked even where the process has no terminal to use it for.
+        let mut req = create_req(&id_, &bundle);
+        req.console = path_str(&record);
+        let message = expect_code(d.client.create_container(req).await, Code::PermissionDenied);
+        assert!(message.contains("state directory"), "{message}");
+        d.assert_nothing_left(&id_, &baseline).await;
 
         // The wrong kind of file (issue 10): a directory as stdout, an overlong bundle path.
         let mut req = create_req(&id_, &bundle);
