@@ -138,14 +138,16 @@ pub fn list_dirs_beneath(
     Ok(names)
 }
 
-/// Removes `<dir>/<relative>` and, when it is a directory, everything in it, never through a
-/// symbolic link: the path to it is resolved beneath `dir` as in [`open_beneath`]; inside, each
+/// Removes the directory `<dir>/<relative>` and everything in it, never through a symbolic
+/// link: the path to it is resolved beneath `dir` as in [`open_beneath`]; inside, each
 /// directory is opened `O_NOFOLLOW` with `RESOLVE_NO_XDEV` relative to its parent's descriptor
 /// and its entries are removed with `unlinkat`, so a symbolic link inside is removed itself and
 /// never followed, and a mount point inside stops the removal instead of being emptied.
 ///
 /// `<dir>/<relative>` itself must not be a symbolic link (it is refused, as
-/// [`list_dirs_beneath`] does not list it). The peer must be allowed to write to and search
+/// [`list_dirs_beneath`] does not list it); anything else that is not a directory is NotFound,
+/// as it is not listed either (a checkpoint is a directory). The peer must be allowed to write
+/// to and search
 /// the directory that holds it (and own it or the directory, when that one is sticky).
 /// At most [`MAX_REMOVE_DEPTH`] levels are descended.
 pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()> {
@@ -190,15 +192,16 @@ pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()>
             )?;
             remove_tree(top, parent.as_fd(), leaf, &beneath.shown())
         }
-        _ => match rustix::fs::unlinkat(&parent, leaf, AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(e) => Err(beneath.io(e)),
-        },
+        _ => Err(Error::NotFound(format!(
+            "{} is {}, not a directory",
+            beneath.shown(),
+            kind_name(&st)
+        ))),
     }
 }
 
 /// Creates the directory `<dir>/<relative>` (its parent must exist), resolved beneath `dir` as
-/// in [`open_beneath`], owned by the peer with `mode`, and returns it opened
+/// in [`open_beneath`], owned by `owner` with `mode`, and returns it opened
 /// `O_RDONLY | O_DIRECTORY`. The peer must be allowed to write to and search the parent. An
 /// existing entry of that name, directory or not, is AlreadyExists: nothing is reused.
 pub fn create_dir_beneath(
@@ -206,6 +209,7 @@ pub fn create_dir_beneath(
     relative: &Path,
     mode: u32,
     peer: &Peer,
+    owner: &Peer,
 ) -> Result<OwnedFd> {
     let beneath = Beneath::new(dir, relative)?;
     let (parent, leaf) = beneath.parent(peer)?;
@@ -238,15 +242,92 @@ pub fn create_dir_beneath(
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
         ResolveFlags::empty(),
     )?;
-    rustix::fs::fchown(
-        &created,
-        Some(rustix::process::Uid::from_raw(peer.uid)),
-        Some(rustix::process::Gid::from_raw(peer.gid)),
-    )
-    .map_err(|e| beneath.io(e))?;
+    rustix::fs::fchown(&created, Some(uid(owner)), Some(gid(owner))).map_err(|e| beneath.io(e))?;
     // Past the umask: the mode asked for is the mode made.
     rustix::fs::fchmod(&created, Mode::from_raw_mode(mode & 0o777)).map_err(|e| beneath.io(e))?;
     Ok(created)
+}
+
+fn uid(peer: &Peer) -> rustix::process::Uid {
+    rustix::process::Uid::from_raw(peer.uid)
+}
+
+fn gid(peer: &Peer) -> rustix::process::Gid {
+    rustix::process::Gid::from_raw(peer.gid)
+}
+
+/// Gives the directory `dir` and what is directly in it to the peer, never through a link
+/// (a link itself is given, not what it names). Shown in errors as `shown`.
+pub fn give_to(dir: &OwnedFd, shown: &str, peer: &Peer) -> Result<()> {
+    let io = |e: Errno| Error::io(shown, e.into());
+    let mut entries = Dir::read_from(dir).map_err(io)?;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        match rustix::fs::chownat(
+            dir,
+            name,
+            Some(uid(peer)),
+            Some(gid(peer)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    rustix::fs::fchown(dir, Some(uid(peer)), Some(gid(peer))).map_err(io)
+}
+
+/// Checks that every entry of the directory `dir` (shown in errors as `shown`) is a regular
+/// file the peer may read: what a restore hands CRIU, which reads the images by name and follows
+/// links. A link, a directory, a device or a file the peer could not read is refused, so a
+/// checkpoint cannot bring in another's images. At most `max` entries.
+pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize) -> Result<()> {
+    let io = |e: Errno| Error::io(shown, e.into());
+    let mut entries = Dir::read_from(dir).map_err(io)?;
+    let mut seen = 0;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        seen += 1;
+        if seen > max {
+            return Err(Error::ResourceExhausted(format!(
+                "{shown} holds more than {max} entries, more than a checkpoint has"
+            )));
+        }
+        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(io(e)),
+        };
+        let at = truncate(format!(
+            "{shown}/{}",
+            String::from_utf8_lossy(name.to_bytes())
+        ));
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(Error::InvalidArgument(format!(
+                "{at} is {}; a checkpoint holds only regular files",
+                kind_name(&st)
+            )));
+        }
+        if !peer.may(&st, READ) {
+            return Err(permission_denied(
+                at,
+                format!(
+                    "{} may not read it ({}); a checkpoint restores only from files its caller may read",
+                    peer.describe(),
+                    mode_and_owner(&st)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One directory being emptied: its entries, and its name in the directory above.

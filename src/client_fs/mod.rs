@@ -40,12 +40,15 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
 
 use crate::error::{Error, Result};
-pub use beneath::{create_dir_beneath, list_dirs_beneath, open_beneath, remove_beneath};
+pub use beneath::{
+    check_readable_files, create_dir_beneath, give_to, list_dirs_beneath, open_beneath,
+    remove_beneath,
+};
 pub use peer::Peer;
 use walk::{Missing, Walk};
 
@@ -385,6 +388,19 @@ fn truncate(mut text: String) -> String {
         text.push('…');
     }
     text
+}
+
+/// The name by which another process of berthd's (the runtime, CRIU) reaches exactly what `fd`
+/// holds: `/proc/<berthd>/fd/<n>`. Handed that rather than the path a client named, the runtime
+/// opens what berthd checked, however the client changes the path meanwhile. Valid while `fd`
+/// is open.
+pub fn held_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_raw_fd()
+    ))
 }
 
 fn permission_denied(path: String, why: String) -> Error {

@@ -520,10 +520,16 @@ fn remove_beneath_removes_a_tree_but_nothing_a_link_inside_points_to() {
         remove_beneath(&fd, Path::new("checkpoints/cp1"), &Peer::root()),
         Err(Error::NotFound(_))
     ));
-    // A single file goes too.
+    // Only directories: a file or FIFO there is not one, and stays.
     std::fs::write(dir.path().join("checkpoints/stray"), "").unwrap();
-    remove_beneath(&fd, Path::new("checkpoints/stray"), &Peer::root()).unwrap();
-    assert!(!dir.path().join("checkpoints/stray").exists());
+    mkfifo(&dir.path().join("checkpoints/pipe"));
+    for name in ["checkpoints/stray", "checkpoints/pipe"] {
+        assert!(matches!(
+            remove_beneath(&fd, Path::new(name), &Peer::root()),
+            Err(Error::NotFound(m)) if m.ends_with(", not a directory")
+        ));
+        assert!(dir.path().join(name).symlink_metadata().is_ok(), "{name}");
+    }
 }
 
 #[test]
@@ -586,14 +592,27 @@ fn remove_beneath_stops_at_its_depth_limit() {
 fn create_dir_beneath_makes_the_peers_directory_and_follows_no_link() {
     let (dir, fd) = bundle();
     chmod(&dir.path().join("checkpoints"), 0o777);
-    let made = create_dir_beneath(&fd, Path::new("checkpoints/cp1"), 0o700, &nobody()).unwrap();
+    let made = create_dir_beneath(
+        &fd,
+        Path::new("checkpoints/cp1"),
+        0o700,
+        &nobody(),
+        &nobody(),
+    )
+    .unwrap();
     let st = rustix::fs::fstat(&made).unwrap();
     assert_eq!(
         (st.st_uid, st.st_gid, st.st_mode & 0o7777),
         (65534, 65534, 0o700)
     );
     assert!(matches!(
-        create_dir_beneath(&fd, Path::new("checkpoints/cp1"), 0o700, &nobody()),
+        create_dir_beneath(
+            &fd,
+            Path::new("checkpoints/cp1"),
+            0o700,
+            &nobody(),
+            &nobody()
+        ),
         Err(Error::AlreadyExists(_))
     ));
     chmod(&dir.path().join("checkpoints"), 0o755);
@@ -601,6 +620,7 @@ fn create_dir_beneath_makes_the_peers_directory_and_follows_no_link() {
         &fd,
         Path::new("checkpoints/cp2"),
         0o700,
+        &nobody(),
         &nobody(),
     ));
     assert!(!dir.path().join("checkpoints/cp2").exists());
@@ -613,6 +633,7 @@ fn create_dir_beneath_makes_the_peers_directory_and_follows_no_link() {
         &fd,
         Path::new("checkpoints/cp3"),
         0o700,
+        &Peer::root(),
         &Peer::root(),
     ));
     assert!(!outside.path().join("cp3").exists());
@@ -646,4 +667,68 @@ fn a_console_is_a_terminal_read_and_written_or_else_output_only() {
     assert!(matches!(opened, Ok(Console::Output(_))), "{opened:?}");
     let message = invalid(open_console(Path::new("/dev/zero"), &Peer::root(), &[]));
     assert!(message.contains("character device other than"), "{message}");
+}
+
+#[test]
+fn a_checkpoint_to_restore_holds_only_files_its_caller_may_read() {
+    let (dir, fd) = bundle();
+    let cp = dir.path().join("checkpoints/cp1");
+    std::fs::create_dir(&cp).unwrap();
+    std::fs::write(cp.join("core-1.img"), "x").unwrap();
+    chmod(&cp.join("core-1.img"), 0o644);
+    let image = open_beneath(
+        &fd,
+        Path::new("checkpoints/cp1"),
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        &Peer::root(),
+    )
+    .unwrap();
+    check_readable_files(&image, "cp1", &nobody(), 10).unwrap();
+    // Root's own image, which nobody may read.
+    std::fs::write(cp.join("pages-1.img"), "secret").unwrap();
+    chmod(&cp.join("pages-1.img"), 0o600);
+    denied(check_readable_files(&image, "cp1", &nobody(), 10));
+    check_readable_files(&image, "cp1", &Peer::root(), 10).unwrap();
+    std::fs::remove_file(cp.join("pages-1.img")).unwrap();
+    // A link, even to a file the caller may read, and a FIFO: not what CRIU wrote.
+    symlink(cp.join("core-1.img"), cp.join("mm-1.img")).unwrap();
+    invalid(check_readable_files(&image, "cp1", &Peer::root(), 10));
+    std::fs::remove_file(cp.join("mm-1.img")).unwrap();
+    mkfifo(&cp.join("fifo"));
+    invalid(check_readable_files(&image, "cp1", &Peer::root(), 10));
+    std::fs::remove_file(cp.join("fifo")).unwrap();
+    assert!(matches!(
+        check_readable_files(&image, "cp1", &Peer::root(), 0),
+        Err(Error::ResourceExhausted(_))
+    ));
+}
+
+#[test]
+fn a_directory_given_to_a_peer_is_its_own_with_its_files_and_no_links_target() {
+    let (dir, fd) = bundle();
+    chmod(&dir.path().join("checkpoints"), 0o777);
+    let made = create_dir_beneath(
+        &fd,
+        Path::new("checkpoints/cp1"),
+        0o700,
+        &nobody(),
+        &Peer::root(),
+    )
+    .unwrap();
+    let st = rustix::fs::fstat(&made).unwrap();
+    assert_eq!((st.st_uid, st.st_gid), (0, 0));
+    let cp = dir.path().join("checkpoints/cp1");
+    std::fs::write(cp.join("core-1.img"), "x").unwrap();
+    let outside = open_tempdir();
+    std::fs::write(outside.path().join("precious"), "keep").unwrap();
+    symlink(outside.path().join("precious"), cp.join("link")).unwrap();
+    give_to(&made, "cp1", &nobody()).unwrap();
+    let owner = |path: &Path| {
+        let st = rustix::fs::lstat(path).unwrap();
+        (st.st_uid, st.st_gid)
+    };
+    assert_eq!(owner(&cp), (65534, 65534));
+    assert_eq!(owner(&cp.join("core-1.img")), (65534, 65534));
+    assert_eq!(owner(&cp.join("link")), (65534, 65534));
+    assert_eq!(owner(&outside.path().join("precious")), (0, 0));
 }

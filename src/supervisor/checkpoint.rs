@@ -26,6 +26,8 @@ use crate::runtime::{CriuOptions, Operation};
 
 /// The file beside the images that records how a checkpoint was taken.
 const METADATA: &str = "berth-checkpoint.json";
+/// The most entries a checkpoint to restore may hold: CRIU writes a few files per process.
+const MAX_IMAGE_FILES: usize = 100_000;
 
 /// The CRIU options a checkpoint is dumped and restored with.
 fn criu_options(checkpoint: &Checkpoint) -> CriuOptions {
@@ -122,12 +124,14 @@ pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
         .await
 }
 
-/// The image directory and CRIU options to restore `name` of `bundle` with.
+/// The image directory, held open, and the CRIU options to restore `name` of `bundle` with.
+/// Every entry of the directory must be a regular file the caller may read (see
+/// [`client_fs::check_readable_files`]).
 pub async fn for_restore(
     caller: &Caller,
     bundle: &Path,
     name: &str,
-) -> Result<(PathBuf, CriuOptions)> {
+) -> Result<(OwnedFd, CriuOptions)> {
     validate_name(name)?;
     let fd = caller.open_dir("bundle", bundle).await?;
     let (peer, owned_name) = (caller.peer.clone(), name.to_owned());
@@ -136,24 +140,25 @@ pub async fn for_restore(
         "checkpoint {name} does not exist in {}",
         shown(&checkpoints_dir(bundle))
     );
-    let checkpoint = caller
+    let shown_image = shown(&checkpoints_dir(bundle).join(name));
+    let (image, checkpoint) = caller
         .off_reactor("reading the checkpoint", move || {
             let dir = OFlags::RDONLY | OFlags::DIRECTORY;
-            match client_fs::open_beneath(&fd, &relative(&owned_name), dir, &peer) {
-                Ok(_) => Ok(read_checkpoint(&fd, &owned_name, &peer, max_bytes)),
-                Err(Error::NotFound(_)) => Err(Error::NotFound(missing)),
-                Err(e) => Err(e),
-            }
+            let image = match client_fs::open_beneath(&fd, &relative(&owned_name), dir, &peer) {
+                Ok(image) => image,
+                Err(Error::NotFound(_)) => return Err(Error::NotFound(missing)),
+                Err(e) => return Err(e),
+            };
+            client_fs::check_readable_files(&image, &shown_image, &peer, MAX_IMAGE_FILES)?;
+            Ok((image, read_checkpoint(&fd, &owned_name, &peer, max_bytes)))
         })
         .await?;
-    Ok((
-        checkpoints_dir(bundle).join(name),
-        criu_options(&checkpoint),
-    ))
+    Ok((image, criu_options(&checkpoint)))
 }
 
-/// Makes `<bundle>/checkpoints/<name>` (and `checkpoints` when missing) beneath the bundle, owned
-/// by the caller; returns the bundle's and the new directory's descriptors.
+/// Makes `<bundle>/checkpoints/<name>` (and `checkpoints`, the caller's, when missing) beneath
+/// the bundle, owned by root until [`give_to_caller`]; returns the bundle's and the new
+/// directory's descriptors.
 async fn create_image_dir(
     caller: &Caller,
     bundle: &Path,
@@ -168,17 +173,37 @@ async fn create_image_dir(
     let image = caller
         .off_reactor("creating the checkpoint directory", move || {
             let parent = Path::new("checkpoints");
-            match client_fs::create_dir_beneath(&bundle_fd, parent, 0o700, &peer) {
+            match client_fs::create_dir_beneath(&bundle_fd, parent, 0o700, &peer, &peer) {
                 Ok(_) | Err(Error::AlreadyExists(_)) => {}
                 Err(e) => return Err(e),
             }
-            match client_fs::create_dir_beneath(&bundle_fd, &relative(&owned_name), 0o700, &peer) {
+            // berthd's until the dump is done: the caller can put nothing in it for CRIU to
+            // write through.
+            let image = relative(&owned_name);
+            match client_fs::create_dir_beneath(&bundle_fd, &image, 0o700, &peer, &Peer::root()) {
                 Err(Error::AlreadyExists(_)) => Err(Error::AlreadyExists(exists)),
                 made => made,
             }
         })
         .await?;
     Ok((fd, image))
+}
+
+/// Writes the metadata into the dumped checkpoint and gives the directory and its files to the
+/// caller, off the reactor (the bundle is on the client's file system).
+async fn give_to_caller(
+    caller: &Caller,
+    image: OwnedFd,
+    shown_image: String,
+    checkpoint: Checkpoint,
+) -> Result<()> {
+    let peer = caller.peer.clone();
+    caller
+        .off_reactor("giving the checkpoint to its caller", move || {
+            write_metadata(&image, &checkpoint)?;
+            client_fs::give_to(&image, &shown_image, &peer)
+        })
+        .await
 }
 
 /// Writes how the checkpoint was taken into its directory (never through a link).
@@ -264,7 +289,9 @@ impl Supervisor {
         let _operations = container.operations.lock().await;
         let (bundle_fd, image_fd) =
             create_image_dir(caller, &container.bundle, &checkpoint.name).await?;
-        let image = checkpoints_dir(&container.bundle).join(&checkpoint.name);
+        // The directory made, not its name: the caller owns `checkpoints` and could swap the
+        // name for a link while CRIU writes.
+        let image = client_fs::held_path(&image_fd);
         let work = self.scratch_dir(".criu")?;
         let dumped = async {
             self.criu_ready().await?;
@@ -290,7 +317,8 @@ impl Supervisor {
             }
             return Err(with_criu_log(e, work.path(), "dump.log"));
         }
-        write_metadata(&image_fd, &checkpoint)?;
+        let shown_image = shown(&checkpoints_dir(&container.bundle).join(&checkpoint.name));
+        give_to_caller(caller, image_fd, shown_image, checkpoint.clone()).await?;
         self.events.publish(
             id,
             container.init.pid(),
@@ -401,7 +429,18 @@ mod tests {
             ]
         );
         let (image, options) = for_restore(&caller, bundle.path(), "taken").await.unwrap();
-        assert_eq!(image, dir.join("taken"));
+        let (held, named) = (
+            rustix::fs::fstat(&image).unwrap(),
+            rustix::fs::stat(dir.join("taken")).unwrap(),
+        );
+        assert_eq!((held.st_dev, held.st_ino), (named.st_dev, named.st_ino));
+        // A link among the images would have CRIU read what it names.
+        std::os::unix::fs::symlink("/etc/shadow", dir.join("by-hand/pages-1.img")).unwrap();
+        let linked = for_restore(&caller, bundle.path(), "by-hand").await;
+        assert!(
+            matches!(&linked, Err(Error::InvalidArgument(m)) if m.contains("pages-1.img")),
+            "{linked:?}"
+        );
         assert!(options.tcp_established && options.shell_job && !options.external_unix_sockets);
         assert!(matches!(
             for_restore(&caller, bundle.path(), "missing").await,

@@ -6,7 +6,8 @@
 //! which create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio
 //! pipes (stdio_pipes).
 
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::operation::Undo;
@@ -15,6 +16,7 @@ use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
 use super::stdio_pipes::{self, InitStdio, PipeInodes};
 use super::{Caller, Supervisor, checkpoint, validate};
+use crate::client_fs;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
@@ -25,7 +27,8 @@ use crate::runtime::{CreateMode, CriuOptions, Operation, RecordedCgroup};
 struct CreateSteps<'a> {
     request: &'a CreateRequest,
     bundle: &'a Path,
-    restore: Option<&'a (PathBuf, CriuOptions)>,
+    /// The checkpoint's image directory, held open, and how it was taken.
+    restore: Option<&'a (OwnedFd, CriuOptions)>,
     pid_file: &'a Path,
     console: Option<&'a stdio::ConsoleSocket>,
 }
@@ -187,10 +190,11 @@ impl Supervisor {
             }
             Some((image, options)) => {
                 let work = self.scratch_dir(".criu")?;
+                let image = client_fs::held_path(image);
                 let restore = Operation::Restore {
                     id,
                     bundle,
-                    image,
+                    image: &image,
                     work: work.path(),
                     pid_file,
                     console_socket,
