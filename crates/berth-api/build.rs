@@ -64,6 +64,8 @@ fn write_directions(
 ) -> Result<(), Box<dyn std::error::Error>> {
     use prost::Message;
     let set = prost_types::FileDescriptorSet::decode(std::fs::read(descriptors)?.as_slice())?;
+    // The proto's own name: prost keeps a name that is already UpperCamelCase, as all of this
+    // API's are; one it would rename fails to compile here rather than mapping wrongly.
     let rust_path = |proto: &str| -> Result<String, Box<dyn std::error::Error>> {
         let (module, name) = match proto.rsplit_once('.') {
             Some((".types", name)) => ("proto", name),

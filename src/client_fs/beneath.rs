@@ -200,6 +200,15 @@ pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()>
     }
 }
 
+/// Removes the directory berthd holds as `held`, made as `<dir>/<relative>`: emptied through
+/// `held`, whatever the name names by now (its parent may be the client's, who can rename
+/// entries in it at any time), then the name removed if it is an empty directory.
+pub fn remove_held(dir: &OwnedFd, relative: &Path, held: OwnedFd) -> Result<()> {
+    let beneath = Beneath::new(dir, relative)?;
+    let (parent, leaf) = beneath.parent(&Peer::root())?;
+    remove_tree(held, parent.as_fd(), leaf, &beneath.shown())
+}
+
 /// Creates the directory `<dir>/<relative>` (its parent must exist), resolved beneath `dir` as
 /// in [`open_beneath`], owned by `owner` with `mode`, and returns it opened
 /// `O_RDONLY | O_DIRECTORY`. The peer must be allowed to write to and search the parent. An
@@ -282,9 +291,11 @@ pub fn give_to(dir: &OwnedFd, shown: &str, peer: &Peer) -> Result<()> {
 }
 
 /// Checks that every entry of the directory `dir` (shown in errors as `shown`) is a regular
-/// file the peer may read: what a restore hands CRIU, which reads the images by name and follows
-/// links. A link, a directory, a device or a file the peer could not read is refused, so a
-/// checkpoint cannot bring in another's images. At most `max` entries.
+/// file the peer may read and, unless the peer owns it, has no other link: what a restore hands
+/// CRIU, which reads the images by name, following links, and writes `stats-restore` beside
+/// them. A link, a directory, a device or a file the peer could not read is refused, so a
+/// checkpoint cannot bring in another's images or have another's file written. At most `max`
+/// entries.
 pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize) -> Result<()> {
     let io = |e: Errno| Error::io(shown, e.into());
     let mut entries = Dir::read_from(dir).map_err(io)?;
@@ -321,6 +332,18 @@ pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize)
                 at,
                 format!(
                     "{} may not read it ({}); a checkpoint restores only from files its caller may read",
+                    peer.describe(),
+                    mode_and_owner(&st)
+                ),
+            ));
+        }
+        // CRIU writes `stats-restore` there: a hard link to another's file would be written.
+        if st.st_nlink > 1 && st.st_uid != peer.uid && !peer.is_root() {
+            return Err(permission_denied(
+                at,
+                format!(
+                    "it has {} links and is not {}'s ({}); copy the checkpoint instead of linking it",
+                    st.st_nlink,
                     peer.describe(),
                     mode_and_owner(&st)
                 ),

@@ -47,7 +47,7 @@ use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
 use crate::error::{Error, Result};
 pub use beneath::{
     check_readable_files, create_dir_beneath, give_to, list_dirs_beneath, open_beneath,
-    remove_beneath,
+    remove_beneath, remove_held,
 };
 pub use peer::Peer;
 use walk::{Missing, Walk};

@@ -697,6 +697,16 @@ fn a_checkpoint_to_restore_holds_only_files_its_caller_may_read() {
     mkfifo(&cp.join("fifo"));
     invalid(check_readable_files(&image, "cp1", &Peer::root(), 10));
     std::fs::remove_file(cp.join("fifo")).unwrap();
+    // A hard link to root's readable file, which CRIU would write as stats-restore.
+    std::fs::hard_link(cp.join("core-1.img"), dir.path().join("elsewhere")).unwrap();
+    denied(check_readable_files(&image, "cp1", &nobody(), 10));
+    rustix::fs::chown(
+        cp.join("core-1.img"),
+        Some(rustix::process::Uid::from_raw(65534)),
+        None,
+    )
+    .unwrap();
+    check_readable_files(&image, "cp1", &nobody(), 10).unwrap();
     assert!(matches!(
         check_readable_files(&image, "cp1", &Peer::root(), 0),
         Err(Error::ResourceExhausted(_))
@@ -731,4 +741,34 @@ fn a_directory_given_to_a_peer_is_its_own_with_its_files_and_no_links_target() {
     assert_eq!(owner(&cp.join("core-1.img")), (65534, 65534));
     assert_eq!(owner(&cp.join("link")), (65534, 65534));
     assert_eq!(owner(&outside.path().join("precious")), (0, 0));
+}
+
+#[test]
+fn a_held_directory_is_emptied_whatever_its_name_names_now() {
+    let (dir, fd) = bundle();
+    let held = create_dir_beneath(
+        &fd,
+        Path::new("checkpoints/cp1"),
+        0o700,
+        &Peer::root(),
+        &Peer::root(),
+    )
+    .unwrap();
+    let checkpoints = dir.path().join("checkpoints");
+    std::fs::write(checkpoints.join("cp1/pages-1.img"), "x").unwrap();
+    // The name's owner moves the directory away and puts another, not empty, in its place.
+    std::fs::rename(checkpoints.join("cp1"), checkpoints.join("moved")).unwrap();
+    std::fs::create_dir(checkpoints.join("cp1")).unwrap();
+    std::fs::write(checkpoints.join("cp1/precious"), "keep").unwrap();
+    assert!(remove_held(&fd, Path::new("checkpoints/cp1"), held).is_err());
+    assert_eq!(
+        std::fs::read_dir(checkpoints.join("moved"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_to_string(checkpoints.join("cp1/precious")).unwrap(),
+        "keep"
+    );
 }

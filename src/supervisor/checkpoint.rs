@@ -75,11 +75,17 @@ fn relative(name: &str) -> PathBuf {
     Path::new("checkpoints").join(name)
 }
 
-/// Reads how the checkpoint `name` beneath `bundle` was taken, as `peer` may read it, at most
-/// `max_bytes`. A directory made by hand or by another tool has no metadata: it is listed with
-/// its name and no flags.
-fn read_checkpoint(bundle: &OwnedFd, name: &str, peer: &Peer, max_bytes: u64) -> Checkpoint {
-    let path = relative(name).join(METADATA);
+/// Reads how the checkpoint `name` was taken from its metadata at `metadata` beneath `dir`
+/// (the bundle, or the checkpoint itself), as `peer` may read it, at most `max_bytes`. A
+/// directory made by hand or by another tool has no metadata: it is listed with its name and
+/// no flags.
+fn read_checkpoint(
+    dir: &OwnedFd,
+    metadata: &Path,
+    name: &str,
+    peer: &Peer,
+    max_bytes: u64,
+) -> Checkpoint {
     let read = |fd: OwnedFd| {
         let mut bytes = Vec::new();
         std::fs::File::from(fd)
@@ -88,7 +94,7 @@ fn read_checkpoint(bundle: &OwnedFd, name: &str, peer: &Peer, max_bytes: u64) ->
             .ok()?;
         (bytes.len() as u64 <= max_bytes).then_some(bytes)
     };
-    client_fs::open_beneath(bundle, &path, OFlags::RDONLY | OFlags::NONBLOCK, peer)
+    client_fs::open_beneath(dir, metadata, OFlags::RDONLY | OFlags::NONBLOCK, peer)
         .ok()
         .and_then(read)
         .and_then(|bytes| serde_json::from_slice::<Metadata>(&bytes).ok())
@@ -118,20 +124,25 @@ pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
             Ok(names
                 .iter()
                 .filter(|name| validate_name(name).is_ok())
-                .map(|name| read_checkpoint(&fd, name, &peer, max_bytes))
+                .map(|name| {
+                    let metadata = relative(name).join(METADATA);
+                    read_checkpoint(&fd, &metadata, name, &peer, max_bytes)
+                })
                 .collect())
         })
         .await
 }
 
-/// The image directory, held open, and the CRIU options to restore `name` of `bundle` with.
-/// Every entry of the directory must be a regular file the caller may read (see
-/// [`client_fs::check_readable_files`]).
-pub async fn for_restore(
-    caller: &Caller,
-    bundle: &Path,
-    name: &str,
-) -> Result<(OwnedFd, CriuOptions)> {
+/// A checkpoint a create restores from: its directory, held open, and the CRIU options its
+/// metadata records. Its files are checked when the restore [`hold`]s it.
+pub struct Restorable {
+    image: OwnedFd,
+    shown: String,
+    pub options: CriuOptions,
+}
+
+/// Checkpoint `name` of `bundle`, to restore.
+pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<Restorable> {
     validate_name(name)?;
     let fd = caller.open_dir("bundle", bundle).await?;
     let (peer, owned_name) = (caller.peer.clone(), name.to_owned());
@@ -140,7 +151,6 @@ pub async fn for_restore(
         "checkpoint {name} does not exist in {}",
         shown(&checkpoints_dir(bundle))
     );
-    let shown_image = shown(&checkpoints_dir(bundle).join(name));
     let (image, checkpoint) = caller
         .off_reactor("reading the checkpoint", move || {
             let dir = OFlags::RDONLY | OFlags::DIRECTORY;
@@ -149,11 +159,101 @@ pub async fn for_restore(
                 Err(Error::NotFound(_)) => return Err(Error::NotFound(missing)),
                 Err(e) => return Err(e),
             };
-            client_fs::check_readable_files(&image, &shown_image, &peer, MAX_IMAGE_FILES)?;
-            Ok((image, read_checkpoint(&fd, &owned_name, &peer, max_bytes)))
+            let metadata = Path::new(METADATA);
+            let checkpoint = read_checkpoint(&image, metadata, &owned_name, &peer, max_bytes);
+            Ok((image, checkpoint))
         })
         .await?;
-    Ok((image, criu_options(&checkpoint)))
+    Ok(Restorable {
+        image,
+        shown: shown(&checkpoints_dir(bundle).join(name)),
+        options: criu_options(&checkpoint),
+    })
+}
+
+/// A checkpoint being restored, made root's (0700) for as long as CRIU reads it: its owner can
+/// then put nothing in it for CRIU to follow (CRIU also writes `stats-restore` there), and its
+/// files are checked once that is so. [`give_back`] returns its owner and mode.
+pub struct HeldImage {
+    dir: Arc<OwnedFd>,
+    shown: String,
+    owner: (u32, u32),
+    mode: u32,
+}
+
+impl HeldImage {
+    /// The name by which the runtime reaches this directory and no other.
+    pub fn path(&self) -> PathBuf {
+        client_fs::held_path(&self.dir)
+    }
+}
+
+/// Holds the checkpoint `restorable` for a restore by `caller`; every file in it must be one
+/// the caller may read ([`client_fs::check_readable_files`]).
+pub async fn hold(caller: &Caller, restorable: &Restorable) -> Result<HeldImage> {
+    let shown = restorable.shown.clone();
+    let dir = Arc::new(
+        restorable
+            .image
+            .try_clone()
+            .map_err(|e| Error::sys("duplicate the checkpoint's descriptor", e))?,
+    );
+    let (held, peer) = (Arc::clone(&dir), caller.peer.clone());
+    let shown_dir = shown.clone();
+    let (owner, mode) = caller
+        .off_reactor("taking the checkpoint for the restore", move || {
+            let io = |e: rustix::io::Errno| Error::io(&shown_dir, e.into());
+            let st = rustix::fs::fstat(&*held).map_err(io)?;
+            let root = (
+                Some(rustix::process::Uid::ROOT),
+                Some(rustix::process::Gid::ROOT),
+            );
+            rustix::fs::fchown(&*held, root.0, root.1).map_err(io)?;
+            rustix::fs::fchmod(&*held, Mode::from_raw_mode(0o700)).map_err(io)?;
+            let taken = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
+            match client_fs::check_readable_files(&held, &shown_dir, &peer, MAX_IMAGE_FILES) {
+                Ok(()) => Ok(taken),
+                Err(e) => {
+                    restore_owner(&held, taken.0, taken.1).map_err(io)?;
+                    Err(e)
+                }
+            }
+        })
+        .await?;
+    Ok(HeldImage {
+        dir,
+        shown,
+        owner,
+        mode,
+    })
+}
+
+/// Returns a held checkpoint to its owner and mode; a failure is logged (the directory stays
+/// root's, which DeleteCheckpoint still removes).
+pub async fn give_back(caller: &Caller, held: HeldImage) {
+    let HeldImage {
+        dir,
+        shown,
+        owner,
+        mode,
+    } = held;
+    let given = caller
+        .off_reactor("giving the checkpoint back", move || {
+            restore_owner(&dir, owner, mode).map_err(|e| Error::io(&shown, e.into()))
+        })
+        .await;
+    if let Err(e) = given {
+        tracing::warn!(error = %e, "a restored checkpoint was not given back to its owner");
+    }
+}
+
+fn restore_owner(dir: &OwnedFd, (uid, gid): (u32, u32), mode: u32) -> rustix::io::Result<()> {
+    let (uid, gid) = (
+        rustix::process::Uid::from_raw(uid),
+        rustix::process::Gid::from_raw(gid),
+    );
+    rustix::fs::fchown(dir, Some(uid), Some(gid))?;
+    rustix::fs::fchmod(dir, Mode::from_raw_mode(mode))
 }
 
 /// Makes `<bundle>/checkpoints/<name>` (and `checkpoints`, the caller's, when missing) beneath
@@ -309,7 +409,7 @@ impl Supervisor {
             let partial = relative(&checkpoint.name);
             let removed = caller
                 .off_reactor("removing a partial checkpoint", move || {
-                    client_fs::remove_beneath(&bundle_fd, &partial, &Peer::root())
+                    client_fs::remove_held(&bundle_fd, &partial, image_fd)
                 })
                 .await;
             if let Err(removal) = removed {
@@ -318,7 +418,10 @@ impl Supervisor {
             return Err(with_criu_log(e, work.path(), "dump.log"));
         }
         let shown_image = shown(&checkpoints_dir(&container.bundle).join(&checkpoint.name));
-        give_to_caller(caller, image_fd, shown_image, checkpoint.clone()).await?;
+        // The dump happened (with `exit`, the container is gone): what follows cannot undo it.
+        if let Err(e) = give_to_caller(caller, image_fd, shown_image, checkpoint.clone()).await {
+            tracing::warn!(id, error = %e, "checkpoint kept without its metadata or not given to its caller");
+        }
         self.events.publish(
             id,
             container.init.pid(),
@@ -377,6 +480,10 @@ pub fn with_criu_log(err: Error, work: &Path, log: &str) -> Error {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use rustix::process::Uid;
+
     use super::*;
 
     #[test]
@@ -428,19 +535,33 @@ mod tests {
                 taken
             ]
         );
-        let (image, options) = for_restore(&caller, bundle.path(), "taken").await.unwrap();
+        let taken = for_restore(&caller, bundle.path(), "taken").await.unwrap();
+        let options = taken.options;
         let (held, named) = (
-            rustix::fs::fstat(&image).unwrap(),
+            rustix::fs::fstat(&taken.image).unwrap(),
             rustix::fs::stat(dir.join("taken")).unwrap(),
         );
         assert_eq!((held.st_dev, held.st_ino), (named.st_dev, named.st_ino));
-        // A link among the images would have CRIU read what it names.
-        std::os::unix::fs::symlink("/etc/shadow", dir.join("by-hand/pages-1.img")).unwrap();
-        let linked = for_restore(&caller, bundle.path(), "by-hand").await;
+        // Held for the restore: root's and 0700 until given back, then as it was.
+        let mode = |path: &Path| {
+            let st = rustix::fs::lstat(path).unwrap();
+            (st.st_uid, st.st_mode & 0o7777)
+        };
+        std::fs::set_permissions(dir.join("taken"), PermissionsExt::from_mode(0o750)).unwrap();
+        rustix::fs::chown(dir.join("taken"), Some(Uid::from_raw(65534)), None).unwrap();
+        let held = hold(&caller, &taken).await.unwrap();
+        assert_eq!(mode(&dir.join("taken")), (0, 0o700));
+        give_back(&caller, held).await;
+        assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
+        // A link among the images would have CRIU read what it names: refused, and the
+        // directory given back at once.
+        std::os::unix::fs::symlink("/etc/shadow", dir.join("taken/pages-1.img")).unwrap();
+        let linked = hold(&caller, &taken).await.map(drop);
         assert!(
             matches!(&linked, Err(Error::InvalidArgument(m)) if m.contains("pages-1.img")),
             "{linked:?}"
         );
+        assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
         assert!(options.tcp_established && options.shell_job && !options.external_unix_sockets);
         assert!(matches!(
             for_restore(&caller, bundle.path(), "missing").await,

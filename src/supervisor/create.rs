@@ -6,7 +6,6 @@
 //! which create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio
 //! pipes (stdio_pipes).
 
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -16,19 +15,17 @@ use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
 use super::stdio_pipes::{self, InitStdio, PipeInodes};
 use super::{Caller, Supervisor, checkpoint, validate};
-use crate::client_fs;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
-use crate::runtime::{CreateMode, CriuOptions, Operation, RecordedCgroup};
+use crate::runtime::{CreateMode, Operation, RecordedCgroup};
 
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
     request: &'a CreateRequest,
     bundle: &'a Path,
-    /// The checkpoint's image directory, held open, and how it was taken.
-    restore: Option<&'a (OwnedFd, CriuOptions)>,
+    restore: Option<&'a checkpoint::Restorable>,
     pid_file: &'a Path,
     console: Option<&'a stdio::ConsoleSocket>,
 }
@@ -188,19 +185,20 @@ impl Supervisor {
                 };
                 self.runtime.run_with_stdio(create, stdio).await?;
             }
-            Some((image, options)) => {
+            Some(restorable) => {
                 let work = self.scratch_dir(".criu")?;
-                let image = client_fs::held_path(image);
+                let held = checkpoint::hold(&request.caller, restorable).await?;
                 let restore = Operation::Restore {
                     id,
                     bundle,
-                    image: &image,
+                    image: &held.path(),
                     work: work.path(),
                     pid_file,
                     console_socket,
-                    options: *options,
+                    options: restorable.options,
                 };
                 let restored = self.runtime.run_with_stdio(restore, stdio).await;
+                checkpoint::give_back(&request.caller, held).await;
                 restored.map_err(|e| checkpoint::with_criu_log(e, work.path(), "restore.log"))?;
             }
         }

@@ -232,7 +232,7 @@ async fn bytes_that_are_not_the_request_are_invalid_argument() {
         let daemon = daemon!();
         let mut connection = Connection::open(&daemon).await;
         let block = request("/types.API/State", "localhost", false, false);
-        // The id (field 1) as three bytes that are not UTF-8; a length past the end; wire type 7.
+        // The id (field 1) as three bytes that are not UTF-8; a length cut off; wire type 7.
         for message in [&[0x0a, 0x03, 0xff, 0xfe, 0xfd][..], &[0x0a, 0x80], &[0x0f]] {
             let answer = connection.call(&block, 1, message).await;
             assert_eq!(

@@ -7,7 +7,6 @@
 //! 124 MB. berth's messages are mostly far smaller (an event is about 100 bytes); a larger one
 //! grows the buffer as it is encoded.
 //!
-//!
 //! tonic-prost answers a message that does not decode with INTERNAL, as grpc-go and grpc-java
 //! do, for requests as for responses. berthd keeps INTERNAL for its own faults: bytes a client
 //! sent that are not the request they claim to be are INVALID_ARGUMENT, with prost's account of
