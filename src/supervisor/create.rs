@@ -187,6 +187,9 @@ impl Supervisor {
             }
             Some(restorable) => {
                 let work = self.scratch_dir(".criu")?;
+                // One dump or restore at a time in a bundle: a second hold of the same
+                // checkpoint would take the first one's root ownership for its owner's.
+                let _bundle = self.checkpoint_locks.lock(bundle).await;
                 let held = checkpoint::hold(&request.caller, restorable).await?;
                 let restore = Operation::Restore {
                     id,
