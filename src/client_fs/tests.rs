@@ -588,18 +588,19 @@ fn remove_beneath_stops_at_its_depth_limit() {
     ));
 }
 
-#[test]
-fn create_dir_beneath_makes_the_peers_directory_and_follows_no_link() {
+/// A bundle whose `checkpoints` anyone may write to, and `checkpoints/cp1` made there by
+/// nobody, owned by `owner`.
+fn cp1_made_by_nobody_for(owner: &Peer) -> (tempfile::TempDir, OwnedFd, OwnedFd) {
     let (dir, fd) = bundle();
     chmod(&dir.path().join("checkpoints"), 0o777);
-    let made = create_dir_beneath(
-        &fd,
-        Path::new("checkpoints/cp1"),
-        0o700,
-        &nobody(),
-        &nobody(),
-    )
-    .unwrap();
+    let made =
+        create_dir_beneath(&fd, Path::new("checkpoints/cp1"), 0o700, &nobody(), owner).unwrap();
+    (dir, fd, made)
+}
+
+#[test]
+fn create_dir_beneath_makes_the_peers_directory_and_follows_no_link() {
+    let (dir, fd, made) = cp1_made_by_nobody_for(&nobody());
     let st = rustix::fs::fstat(&made).unwrap();
     assert_eq!(
         (st.st_uid, st.st_gid, st.st_mode & 0o7777),
@@ -715,16 +716,7 @@ fn a_checkpoint_to_restore_holds_only_files_its_caller_may_read() {
 
 #[test]
 fn a_directory_given_to_a_peer_is_its_own_with_its_files_and_no_links_target() {
-    let (dir, fd) = bundle();
-    chmod(&dir.path().join("checkpoints"), 0o777);
-    let made = create_dir_beneath(
-        &fd,
-        Path::new("checkpoints/cp1"),
-        0o700,
-        &nobody(),
-        &Peer::root(),
-    )
-    .unwrap();
+    let (dir, _fd, made) = cp1_made_by_nobody_for(&Peer::root());
     let st = rustix::fs::fstat(&made).unwrap();
     assert_eq!((st.st_uid, st.st_gid), (0, 0));
     let cp = dir.path().join("checkpoints/cp1");
