@@ -55,9 +55,13 @@ impl Supervisor {
         validate::container_id(&request.id)?;
         // The bundle's process is kept as the base of added processes.
         let (bundle, base_process) = validate::bundle(&request.bundle, &request.caller).await?;
-        let restore = match request.checkpoint.as_str() {
-            "" => None,
-            name => Some(checkpoint::for_restore(&request.caller, &bundle, name).await?),
+        let (restore, _restoring) = match request.checkpoint.as_str() {
+            "" => (None, None),
+            name => {
+                let turn = self.restores.lock().await;
+                let restore = checkpoint::for_restore(&request.caller, &bundle, name).await?;
+                (Some(restore), Some(turn))
+            }
         };
         if restore.is_some() {
             self.criu_ready().await?;
@@ -187,9 +191,6 @@ impl Supervisor {
             }
             Some(restorable) => {
                 let work = self.scratch_dir(".criu")?;
-                // One dump or restore at a time in a bundle: a second hold of the same
-                // checkpoint would take the first one's root ownership for its owner's.
-                let _bundle = self.checkpoint_locks.lock(bundle).await;
                 let held = checkpoint::hold(&request.caller, restorable).await?;
                 let restore = Operation::Restore {
                     id,

@@ -67,6 +67,10 @@ pub struct Supervisor {
     next_scratch: AtomicU64,
     machine: Machine,
     checkpoint_locks: checkpoint::BundleLocks,
+    /// Restores take turns: each holds its checkpoint, root's, from opening it to giving it
+    /// back (see `checkpoint::hold`), and a second restore of the same one, under whatever
+    /// name, must find it its owner's again.
+    restores: tokio::sync::Mutex<()>,
     in_flight: Arc<operation::InFlight>,
     client_files: ClientFileLimits,
     hand_back: HandBack,
@@ -108,6 +112,7 @@ impl Supervisor {
             next_scratch: AtomicU64::new(0),
             machine,
             checkpoint_locks: checkpoint::BundleLocks::default(),
+            restores: tokio::sync::Mutex::new(()),
             in_flight: Arc::default(),
             client_files,
             hand_back,

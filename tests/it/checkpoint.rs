@@ -4,6 +4,7 @@
 //! berthd with `BERTH_CRIU`. Without either it is a loud skip; with `CI` set and the shared CRIU
 //! present but failing, a failure.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -402,9 +403,14 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
         // Restored under the same id: the counter goes on from where the dump stopped it.
         let mut restore = create_req(&container, &bundle);
         restore.checkpoint = "stopped".into();
+        let image = bundle.path().join("checkpoints/stopped");
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o750)).unwrap();
         let started = Instant::now();
         let restored = d.create(restore).await;
         println!("restore took {:?}", started.elapsed());
+        // Held root's 0700 while CRIU read it, then given back as it was.
+        assert_eq!(mode(&image), 0o750);
         let resumed = next_count(&bundle, Some(last)).await;
         assert!(
             resumed > last && resumed <= last + 5,
