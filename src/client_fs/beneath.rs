@@ -251,43 +251,54 @@ pub fn create_dir_beneath(
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
         ResolveFlags::empty(),
     )?;
-    rustix::fs::fchown(&created, Some(uid(owner)), Some(gid(owner))).map_err(|e| beneath.io(e))?;
     // Past the umask: the mode asked for is the mode made.
-    rustix::fs::fchmod(&created, Mode::from_raw_mode(mode & 0o777)).map_err(|e| beneath.io(e))?;
+    set_owner(&created, (owner.uid, owner.gid), mode & 0o777).map_err(|e| beneath.io(e))?;
     Ok(created)
 }
 
-fn uid(peer: &Peer) -> rustix::process::Uid {
-    rustix::process::Uid::from_raw(peer.uid)
+/// Makes what `fd` holds owned by `uid`:`gid`, with `mode`.
+pub fn set_owner(fd: &OwnedFd, (uid, gid): (u32, u32), mode: u32) -> rustix::io::Result<()> {
+    let (uid, gid) = (
+        rustix::process::Uid::from_raw(uid),
+        rustix::process::Gid::from_raw(gid),
+    );
+    rustix::fs::fchown(fd, Some(uid), Some(gid))?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
 }
 
-fn gid(peer: &Peer) -> rustix::process::Gid {
-    rustix::process::Gid::from_raw(peer.gid)
+/// Calls `visit` with the name of every entry of the directory `dir` but `.` and `..`.
+fn each_entry(
+    dir: &OwnedFd,
+    shown: &str,
+    mut visit: impl FnMut(&std::ffi::CStr) -> Result<()>,
+) -> Result<()> {
+    let io = |e: Errno| Error::io(shown, e.into());
+    let mut entries = Dir::read_from(dir).map_err(io)?;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        if !matches!(name.to_bytes(), b"." | b"..") {
+            visit(name)?;
+        }
+    }
+    Ok(())
 }
 
 /// Gives the directory `dir` and what is directly in it to the peer, never through a link
 /// (a link itself is given, not what it names). Shown in errors as `shown`.
 pub fn give_to(dir: &OwnedFd, shown: &str, peer: &Peer) -> Result<()> {
     let io = |e: Errno| Error::io(shown, e.into());
-    let mut entries = Dir::read_from(dir).map_err(io)?;
-    while let Some(entry) = entries.read() {
-        let entry = entry.map_err(io)?;
-        let name = entry.file_name();
-        if matches!(name.to_bytes(), b"." | b"..") {
-            continue;
+    let (uid, gid) = (
+        rustix::process::Uid::from_raw(peer.uid),
+        rustix::process::Gid::from_raw(peer.gid),
+    );
+    each_entry(dir, shown, |name| {
+        match rustix::fs::chownat(dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io(e)),
         }
-        match rustix::fs::chownat(
-            dir,
-            name,
-            Some(uid(peer)),
-            Some(gid(peer)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        ) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
-    rustix::fs::fchown(dir, Some(uid(peer)), Some(gid(peer))).map_err(io)
+    })?;
+    rustix::fs::fchown(dir, Some(uid), Some(gid)).map_err(io)
 }
 
 /// Checks that every entry of the directory `dir` (shown in errors as `shown`) is a regular
@@ -298,14 +309,8 @@ pub fn give_to(dir: &OwnedFd, shown: &str, peer: &Peer) -> Result<()> {
 /// entries.
 pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize) -> Result<()> {
     let io = |e: Errno| Error::io(shown, e.into());
-    let mut entries = Dir::read_from(dir).map_err(io)?;
     let mut seen = 0;
-    while let Some(entry) = entries.read() {
-        let entry = entry.map_err(io)?;
-        let name = entry.file_name();
-        if matches!(name.to_bytes(), b"." | b"..") {
-            continue;
-        }
+    each_entry(dir, shown, |name| {
         seen += 1;
         if seen > max {
             return Err(Error::ResourceExhausted(format!(
@@ -314,7 +319,7 @@ pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize)
         }
         let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(Errno::NOENT) => continue,
+            Err(Errno::NOENT) => return Ok(()),
             Err(e) => return Err(io(e)),
         };
         let at = truncate(format!(
@@ -349,8 +354,8 @@ pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize)
                 ),
             ));
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// One directory being emptied: its entries, and its name in the directory above.

@@ -47,7 +47,7 @@ use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
 use crate::error::{Error, Result};
 pub use beneath::{
     check_readable_files, create_dir_beneath, give_to, list_dirs_beneath, open_beneath,
-    remove_beneath, remove_held,
+    remove_beneath, remove_held, set_owner,
 };
 pub use peer::Peer;
 use walk::{Missing, Walk};
@@ -395,7 +395,6 @@ fn truncate(mut text: String) -> String {
 /// opens what berthd checked, however the client changes the path meanwhile. Valid while `fd`
 /// is open.
 pub fn held_path(fd: &OwnedFd) -> PathBuf {
-    use std::os::fd::AsRawFd;
     PathBuf::from(format!(
         "/proc/{}/fd/{}",
         std::process::id(),

@@ -67,6 +67,11 @@ fn checkpoints_dir(bundle: &Path) -> PathBuf {
     bundle.join("checkpoints")
 }
 
+/// Checkpoint `name` of `bundle` as errors show it.
+fn shown_checkpoint(bundle: &Path, name: &str) -> String {
+    shown(&checkpoints_dir(bundle).join(name))
+}
+
 /// How many checkpoint directories berthd lists in one bundle.
 const MAX_CHECKPOINTS: usize = 4096;
 
@@ -166,7 +171,7 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
         .await?;
     Ok(Restorable {
         image,
-        shown: shown(&checkpoints_dir(bundle).join(name)),
+        shown: shown_checkpoint(bundle, name),
         options: criu_options(&checkpoint),
     })
 }
@@ -175,7 +180,7 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
 /// then put nothing in it for CRIU to follow (CRIU also writes `stats-restore` there), and its
 /// files are checked once that is so. [`give_back`] returns its owner and mode.
 pub struct HeldImage {
-    dir: Arc<OwnedFd>,
+    dir: OwnedFd,
     shown: String,
     owner: (u32, u32),
     mode: u32,
@@ -191,69 +196,43 @@ impl HeldImage {
 /// Holds the checkpoint `restorable` for a restore by `caller`; every file in it must be one
 /// the caller may read ([`client_fs::check_readable_files`]).
 pub async fn hold(caller: &Caller, restorable: &Restorable) -> Result<HeldImage> {
-    let shown = restorable.shown.clone();
-    let dir = Arc::new(
-        restorable
-            .image
-            .try_clone()
-            .map_err(|e| Error::sys("duplicate the checkpoint's descriptor", e))?,
-    );
-    let (held, peer) = (Arc::clone(&dir), caller.peer.clone());
-    let shown_dir = shown.clone();
-    let (owner, mode) = caller
+    let dir = restorable
+        .image
+        .try_clone()
+        .map_err(|e| Error::sys("duplicate the checkpoint's descriptor", e))?;
+    let (shown, peer) = (restorable.shown.clone(), caller.peer.clone());
+    caller
         .off_reactor("taking the checkpoint for the restore", move || {
-            let io = |e: rustix::io::Errno| Error::io(&shown_dir, e.into());
-            let st = rustix::fs::fstat(&*held).map_err(io)?;
-            let root = (
-                Some(rustix::process::Uid::ROOT),
-                Some(rustix::process::Gid::ROOT),
-            );
-            rustix::fs::fchown(&*held, root.0, root.1).map_err(io)?;
-            rustix::fs::fchmod(&*held, Mode::from_raw_mode(0o700)).map_err(io)?;
-            let taken = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
-            match client_fs::check_readable_files(&held, &shown_dir, &peer, MAX_IMAGE_FILES) {
-                Ok(()) => Ok(taken),
-                Err(e) => {
-                    restore_owner(&held, taken.0, taken.1).map_err(io)?;
-                    Err(e)
-                }
+            let io = |e: rustix::io::Errno| Error::io(&shown, e.into());
+            let st = rustix::fs::fstat(&dir).map_err(io)?;
+            let (owner, mode) = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
+            client_fs::set_owner(&dir, (0, 0), 0o700).map_err(io)?;
+            if let Err(e) = client_fs::check_readable_files(&dir, &shown, &peer, MAX_IMAGE_FILES) {
+                client_fs::set_owner(&dir, owner, mode).map_err(io)?;
+                return Err(e);
             }
+            Ok(HeldImage {
+                dir,
+                shown,
+                owner,
+                mode,
+            })
         })
-        .await?;
-    Ok(HeldImage {
-        dir,
-        shown,
-        owner,
-        mode,
-    })
+        .await
 }
 
 /// Returns a held checkpoint to its owner and mode; a failure is logged (the directory stays
 /// root's, which DeleteCheckpoint still removes).
 pub async fn give_back(caller: &Caller, held: HeldImage) {
-    let HeldImage {
-        dir,
-        shown,
-        owner,
-        mode,
-    } = held;
     let given = caller
         .off_reactor("giving the checkpoint back", move || {
-            restore_owner(&dir, owner, mode).map_err(|e| Error::io(&shown, e.into()))
+            client_fs::set_owner(&held.dir, held.owner, held.mode)
+                .map_err(|e| Error::io(&held.shown, e.into()))
         })
         .await;
     if let Err(e) = given {
         tracing::warn!(error = %e, "a restored checkpoint was not given back to its owner");
     }
-}
-
-fn restore_owner(dir: &OwnedFd, (uid, gid): (u32, u32), mode: u32) -> rustix::io::Result<()> {
-    let (uid, gid) = (
-        rustix::process::Uid::from_raw(uid),
-        rustix::process::Gid::from_raw(gid),
-    );
-    rustix::fs::fchown(dir, Some(uid), Some(gid))?;
-    rustix::fs::fchmod(dir, Mode::from_raw_mode(mode))
 }
 
 /// Makes `<bundle>/checkpoints/<name>` (and `checkpoints`, the caller's, when missing) beneath
@@ -417,7 +396,7 @@ impl Supervisor {
             }
             return Err(with_criu_log(e, work.path(), "dump.log"));
         }
-        let shown_image = shown(&checkpoints_dir(&container.bundle).join(&checkpoint.name));
+        let shown_image = shown_checkpoint(&container.bundle, &checkpoint.name);
         // The dump happened (with `exit`, the container is gone): what follows cannot undo it.
         if let Err(e) = give_to_caller(caller, image_fd, shown_image, checkpoint.clone()).await {
             tracing::warn!(id, error = %e, "checkpoint kept without its metadata or not given to its caller");
