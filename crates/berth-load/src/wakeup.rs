@@ -30,10 +30,7 @@ pub struct WakeupCost {
 
 /// Measures both placements, or says why it could not.
 pub fn measure() -> Result<WakeupCost, String> {
-    let allowed = sched_getaffinity(None).map_err(|e| format!("sched_getaffinity: {e}"))?;
-    let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
-        .filter(|&c| allowed.is_set(c))
-        .collect();
+    let cpus = allowed_cpus()?;
     let first = *cpus
         .first()
         .ok_or("no CPU in this process's affinity mask")?;
@@ -45,6 +42,14 @@ pub fn measure() -> Result<WakeupCost, String> {
         across_cpus_us,
         one_cpu_us: round_trip_us(first, first)?,
     })
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Result<Vec<usize>, String> {
+    let allowed = sched_getaffinity(None).map_err(|e| format!("sched_getaffinity: {e}"))?;
+    Ok((0..CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .collect())
 }
 
 /// CPU microseconds per round trip between a thread on `cpu_a` and one on `cpu_b`. Both are
@@ -134,10 +139,7 @@ mod tests {
 
     #[test]
     fn a_cpu_the_thread_may_not_use_is_named_in_the_error() {
-        let allowed = sched_getaffinity(None).expect("affinity");
-        let usable = (0..CpuSet::MAX_CPU)
-            .find(|&c| allowed.is_set(c))
-            .expect("a CPU");
+        let usable = allowed_cpus().expect("affinity")[0];
         let unusable = CpuSet::MAX_CPU - 1;
         let e = round_trip_us(usable, unusable).expect_err("a CPU beyond the machine's");
         assert!(
