@@ -22,8 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["../../proto/api.proto", "../../proto/daemon.proto"],
             &["../../proto"],
         )?;
-    write_methods(&descriptors, &out.join("methods.rs"))?;
-    write_directions(&descriptors, &out.join("directions.rs"))?;
+    let set = {
+        use prost::Message;
+        prost_types::FileDescriptorSet::decode(std::fs::read(&descriptors)?.as_slice())?
+    };
+    write_methods(&set, &out.join("methods.rs"))?;
+    write_directions(&set, &out.join("directions.rs"))?;
     println!("cargo:rerun-if-changed=../../proto/api.proto");
     println!("cargo:rerun-if-changed=../../proto/daemon.proto");
     Ok(())
@@ -32,24 +36,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Writes `METHODS`, the path of every RPC the protos define (`/types.API/State`), so that
 /// berthd can tell the methods it serves from any path a client makes up.
 fn write_methods(
-    descriptors: &std::path::Path,
+    set: &prost_types::FileDescriptorSet,
     to: &std::path::Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use prost::Message;
-    let set = prost_types::FileDescriptorSet::decode(std::fs::read(descriptors)?.as_slice())?;
     let mut code =
         String::from("/// The path of every RPC in `proto/`.\npub const METHODS: &[&str] = &[\n");
-    for file in &set.file {
-        for service in &file.service {
-            for method in &service.method {
-                code.push_str(&format!(
-                    "    \"/{}.{}/{}\",\n",
-                    file.package(),
-                    service.name(),
-                    method.name()
-                ));
-            }
-        }
+    for (package, service, method) in rpcs(set) {
+        code.push_str(&format!(
+            "    \"/{package}.{}/{}\",\n",
+            service.name(),
+            method.name()
+        ));
     }
     code.push_str("];\n");
     std::fs::write(to, code)?;
@@ -59,11 +56,9 @@ fn write_methods(
 /// Writes an `impl Direction` for every message an RPC takes or returns, so that the codec can
 /// tell a request that does not decode (the client's fault) from a response that does not.
 fn write_directions(
-    descriptors: &std::path::Path,
+    set: &prost_types::FileDescriptorSet,
     to: &std::path::Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use prost::Message;
-    let set = prost_types::FileDescriptorSet::decode(std::fs::read(descriptors)?.as_slice())?;
     // The proto's own name: prost keeps a name that is already UpperCamelCase, as all of this
     // API's are; one it would rename fails to compile here rather than mapping wrongly.
     let rust_path = |proto: &str| -> Result<String, Box<dyn std::error::Error>> {
@@ -79,16 +74,10 @@ fn write_directions(
         Ok(format!("crate::{module}::{name}"))
     };
     let mut directions = std::collections::BTreeMap::new();
-    for file in &set.file {
-        for service in &file.service {
-            for method in &service.method {
-                for (message, is_request) in
-                    [(method.input_type(), true), (method.output_type(), false)]
-                {
-                    if directions.insert(rust_path(message)?, is_request) == Some(!is_request) {
-                        return Err(format!("{message} is both a request and a response").into());
-                    }
-                }
+    for (_, _, method) in rpcs(set) {
+        for (message, is_request) in [(method.input_type(), true), (method.output_type(), false)] {
+            if directions.insert(rust_path(message)?, is_request) == Some(!is_request) {
+                return Err(format!("{message} is both a request and a response").into());
             }
         }
     }
@@ -100,4 +89,24 @@ fn write_directions(
     }
     std::fs::write(to, code)?;
     Ok(())
+}
+
+/// Every RPC the protos define, with its package and service.
+fn rpcs(
+    set: &prost_types::FileDescriptorSet,
+) -> impl Iterator<
+    Item = (
+        &str,
+        &prost_types::ServiceDescriptorProto,
+        &prost_types::MethodDescriptorProto,
+    ),
+> {
+    set.file.iter().flat_map(|file| {
+        file.service.iter().flat_map(move |service| {
+            service
+                .method
+                .iter()
+                .map(move |method| (file.package(), service, method))
+        })
+    })
 }
