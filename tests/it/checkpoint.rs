@@ -681,6 +681,21 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
         );
         assert!(message.contains("runc restore failed"), "{message}");
         assert!(message.contains("criu restore.log"), "{message}");
+        d.assert_gone(&container).await;
+
+        // A link planted among the images (CRIU would read what it names): refused before the
+        // runtime runs, and the directory given back as it was.
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", image.join("pages-9.img")).unwrap();
+        let mut linked = create_req(&container, &bundle);
+        linked.checkpoint = "broken".into();
+        let message = expect_code(
+            d.client.create_container(linked).await,
+            Code::InvalidArgument,
+        );
+        assert!(message.contains("pages-9.img"), "{message}");
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750);
         // Not the fd baseline: run beside other tests, berthd sometimes holds two unix sockets
         // more after this failed restore; /proc/<berthd>/net/unix showed a second connection
         // accepted on berth.sock (likely the test's client connecting again). Not resolved.
