@@ -154,8 +154,10 @@ async fn a_terminal_init_that_writes_and_exits_at_once_is_relayed_whole() {
             let mut req = create_req(&id, &bundle);
             req.stdout = path_str(&out);
             let pid = d.create(req).await;
-            let text = reader.read_until("tty-up").await;
-            assert!(text.contains("tty-up\r\n"), "round {round}: {text:?}");
+            // The terminal passes "\r\n" for the newline on in a write of its own, so it can
+            // arrive after "tty-up": wait for both, or time out if the relay lost the tail.
+            let text = reader.read_until("tty-up\r\n").await;
+            assert_eq!(text, "tty-up\r\n", "round {round}");
             assert_eq!(events.exit_status(&id, pid).await, 3, "round {round}");
             d.assert_gone(&id).await;
         }

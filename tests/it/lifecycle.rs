@@ -588,7 +588,7 @@ async fn terminal_output_goes_to_the_console_path_and_input_comes_from_stdin() {
 
         // The console is output only: were berthd to read it back, the line it wrote would
         // race the reader here and come back into the terminal as input.
-        let text = reader.read_until("on-the-console-typed").await;
+        let text = reader.read_until("on-the-console-typed\r\n").await;
         assert!(
             text.contains("on-the-console-typed\r\n"),
             "console output: {text:?}"
