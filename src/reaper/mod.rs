@@ -537,9 +537,11 @@ pub(crate) mod tests {
         let _children = CHILD_PROCESSES.lock().await;
         let reaper = Reaper::new();
         // A grandchild whose parent (the outer shell) reaps it, as a host's init reaps the
-        // orphans of a berthd that died.
+        // orphans of a berthd that died. It exits once the test closes the shell's stdin, after
+        // the adoption (a background job's own stdin is /dev/null, hence fd 3).
         let mut shell = std::process::Command::new("/bin/sh")
-            .args(["-c", "(sleep 0.3; exit 5) & echo $!; wait $!"])
+            .args(["-c", "exec 3<&0; (read x <&3; exit 5) & echo $!; wait $!"])
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -550,6 +552,7 @@ pub(crate) mod tests {
         let pid: i32 = line.trim().parse().unwrap();
         let start = crate::procfs::process_start_time(pid as u32).unwrap();
         let adopted = reaper.adopt(pid, start).unwrap().unwrap();
+        drop(shell.stdin.take());
         let expected = if reaper.exit_info_supported() {
             5
         } else {

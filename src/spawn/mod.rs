@@ -370,15 +370,21 @@ mod tests {
                 })
             })
             .collect();
-        // The helper starts reading only once the socket is certainly full.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The helper starts reading only once the socket is full and sends wait on it.
         let connection = Arc::clone(&helper.current.lock().unwrap());
-        let waiting = connection.space.lock().unwrap().upgrade();
-        let sharing = waiting.map(|space| Arc::strong_count(&space) - 1);
-        assert!(
-            sharing.is_some_and(|sends| sends > 1),
-            "waiting sends should share one registration, found {sharing:?}"
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting = connection.space.lock().unwrap().upgrade();
+            let sharing = waiting.map(|space| Arc::strong_count(&space) - 1);
+            if sharing.is_some_and(|sends| sends > 1) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting sends should share one registration, found {sharing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let responder = std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_MESSAGE];
             for _ in 0..REQUESTS {

@@ -27,7 +27,7 @@ fn with_deadline<T>(message: T, ms: u64) -> tonic::Request<T> {
 /// One create/exec/kill cycle so that lazily opened fds are in the baseline it returns.
 async fn warm_up(d: &mut Daemon) -> Baseline {
     let mut events = d.events().await;
-    let ctr = d.run("cancel-warm", &["sleep", "1000"]).await;
+    let ctr = d.run(&numbered("cancel-warm"), &["sleep", "1000"]).await;
     let child = d.exec(exec_req(&ctr.id, &["/bin/true"])).await;
     assert_eq!(events.exit_status(&ctr.id, child).await, 0);
     d.kill_container(&mut events, &ctr.id, ctr.pid).await;

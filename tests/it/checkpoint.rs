@@ -380,7 +380,9 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
             status_of(&mut d, &container).await.as_deref(),
             Some("running")
         );
-        assert_eq!(proc_stat(pid).map(|s| s.state), Some('S'));
+        // Left running, not stopped: its shell may be between a line and its next sleep.
+        let state = proc_stat(pid).map(|s| s.state);
+        assert!(matches!(state, Some('R' | 'S')), "{state:?}");
         assert_eq!(
             flags(&mut d, &container).await,
             [("live".to_owned(), false)]

@@ -2,7 +2,6 @@
 //! nothing behind: no runtime state, cgroup, registry entry, state file, fd or zombie.
 
 use std::fs;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -19,12 +18,8 @@ fn names_missing_binary(message: &str) -> bool {
 }
 
 /// One full create/exec/kill cycle so that lazily opened fds are in the baseline it returns.
-/// Each warm-up container has a name of its own: without cgroupsPath, the built-in runtime's
-/// cgroup is `:youki:<id>` at each hierarchy's root, shared by the berthds of concurrent tests
-/// that use the same id, and deleting a container kills every process in its cgroup.
 async fn warm_up(d: &mut Daemon) -> Baseline {
-    static WARM_UPS: AtomicUsize = AtomicUsize::new(0);
-    let name = format!("warm-up-{}", WARM_UPS.fetch_add(1, Ordering::Relaxed));
+    let name = numbered("warm-up");
     let mut events = d.events().await;
     let ctr = d.run(&name, &["sleep", "1000"]).await;
     let child = d.exec(exec_req(&ctr.id, &["/bin/true"])).await;

@@ -149,6 +149,12 @@ async fn timed_execs(
     (pids, took)
 }
 
+fn median(durations: &[Duration]) -> Duration {
+    let mut sorted = durations.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
     const BASELINE: usize = 20;
@@ -181,18 +187,19 @@ async fn a_slow_subscriber_is_cut_off_without_slowing_anyone_else() {
             .collect();
         env.push("PATH=/bin".into());
         // How long AddProcess takes here with no subscriber lagging, then with one that never
-        // reads: a daemon that waited for it, even for a second, shows above the margin.
+        // reads. A daemon that waited for it, even for a second, would slow every exec after
+        // the stream's windows filled, most of them: the median shows it above the margin,
+        // where a maximum would also catch one exec the host happened to stall.
         let (mut pids, base) = timed_execs(&mut d, &id, &env, BASELINE).await;
         let mut slow_client = d.connect().await;
         let mut slow = Events::subscribe(&mut slow_client).await;
         let (lagging_pids, lagging) = timed_execs(&mut d, &id, &env, PROCESSES).await;
         pids.extend(lagging_pids);
-        let base_max = base.iter().max().copied().unwrap_or_default();
-        let lagging_max = lagging.iter().max().copied().unwrap_or_default();
+        let (base_median, lagging_median) = (median(&base), median(&lagging));
         assert!(
-            lagging_max < base_max + Duration::from_millis(500),
-            "AddProcess took up to {lagging_max:?} with a lagging subscriber, up to {base_max:?} \
-             without: {lagging:?}"
+            lagging_median < base_median + Duration::from_millis(500),
+            "AddProcess took {lagging_median:?} (median) with a lagging subscriber, \
+             {base_median:?} without: {lagging:?}"
         );
         let seen = reader.await.expect("fast subscriber");
 

@@ -267,7 +267,7 @@ async fn stdin_fifo_feeds_the_init() {
         let pid = d.create(req).await;
 
         std::io::Write::write_all(&mut writer, b"ping\n").expect("write stdin");
-        assert_eq!(reader.read_until("ping").await, "ping\n");
+        assert_eq!(reader.read_until("ping\n").await, "ping\n");
         // Closing the last writer must reach `cat` as end-of-file: berthd keeps no copy open.
         drop(writer);
         assert_eq!(reader.read_to_end().await, "ping\n");
@@ -331,7 +331,7 @@ async fn regular_file_stdout_is_not_truncated() {
 /// berthd stops cleanly on `signal`: exit status 0, socket removed, containers still running.
 async fn stopping_leaves_containers_running(signal: Signal) {
     let mut d = daemon!();
-    let c = d.run("survive", &["sleep", "1000"]).await;
+    let c = d.run(&numbered("survive"), &["sleep", "1000"]).await;
 
     let status = d.stop_with(signal);
     assert!(

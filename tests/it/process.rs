@@ -201,7 +201,7 @@ async fn added_process_stdin_and_stdout_fifos() {
         let pid = d.exec(req).await;
 
         std::io::Write::write_all(&mut writer, b"pong\n").expect("write stdin");
-        assert_eq!(reader.read_until("pong").await, "pong\n");
+        assert_eq!(reader.read_until("pong\n").await, "pong\n");
         drop(writer);
         assert_eq!(reader.read_to_end().await, "pong\n");
         assert_eq!(events.exit_status(&ctr.id, pid).await, 0);

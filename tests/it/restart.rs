@@ -247,10 +247,13 @@ async fn a_container_that_ended_while_berthd_was_down_is_reported_and_its_id_fre
 async fn restart_events_are_replayed_only_within_the_recovery_replay_window() {
     within(async {
         let mut daemon = daemon!();
+        // Long enough for a busy host to connect the early subscriber within it.
+        const WINDOW: Duration = Duration::from_secs(4);
         let kept = daemon.run("replayed", &["sleep", "1000"]).await;
         daemon.crash();
+        let window = WINDOW.as_secs().to_string();
         daemon
-            .start_again_with(Options::args(&["--recovery-replay", "2"]))
+            .start_again_with(Options::args(&["--recovery-replay", &window]))
             .await;
         let started = Instant::now();
 
@@ -259,7 +262,7 @@ async fn restart_events_are_replayed_only_within_the_recovery_replay_window() {
         assert_eq!((live.id.as_str(), live.pid), (kept.id.as_str(), kept.pid));
 
         // The window is what is under test here, so the test waits it out.
-        tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+        tokio::time::sleep(WINDOW.saturating_sub(started.elapsed())).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut late = daemon.events().await;
         let other = daemon.run("after-window", &["sleep", "1000"]).await;
@@ -315,7 +318,9 @@ async fn a_corrupt_state_file_is_skipped_with_a_log_line_naming_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_with_200_containers_reattaches_them_all() {
-    within(async {
+    // Half a minute alone here; beside three other tests on a slower host, it may take twice
+    // that and more.
+    within_for(Duration::from_secs(240), async {
         let mut daemon = daemon!();
         let bundle = Arc::new(Bundle::new(&["sleep", "1000"]));
         let ids: Vec<String> = (0..200).map(|n| id(&format!("many{n}"))).collect();

@@ -107,8 +107,7 @@ async fn a_busy_container_reports_growing_cpu_memory_and_its_network() {
             .cpu_usage
             .as_ref()
             .unwrap();
-        let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(usage.percpu_usage.len(), cpus);
+        assert_eq!(usage.percpu_usage.len(), possible_cpus());
         assert_eq!(usage.percpu_usage.iter().sum::<u64>(), usage.total_usage);
         assert!(usage.usage_in_usermode > 0, "{usage:?}");
         let memory = cgroup.memory_stats.as_ref().unwrap();
@@ -336,13 +335,16 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
             "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 1000",
         ]);
         let pid = d.create(create_req(&id, &bundle)).await;
-        // Idle once the shell has exec'd `sleep`.
+        // Idle once the shell has exec'd `sleep` and it sleeps.
         let deadline = std::time::Instant::now() + SAMPLE_TIMEOUT;
-        while std::fs::read(format!("/proc/{pid}/cmdline"))
-            .ok()
-            .as_deref()
-            != Some(b"sleep\x001000\0")
-        {
+        let idle = || {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()
+                .as_deref()
+                == Some(b"sleep\x001000\0")
+                && proc_stat(pid).is_some_and(|s| s.state == 'S')
+        };
+        while !idle() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the init never went idle"
@@ -380,8 +382,7 @@ async fn samples_agree_with_cgroups_rs_on_a_live_container() {
         // what each CPU has charged ahead for the cgroup (up to 64 pages, the kernel's
         // MEMCG_CHARGE_BATCH), which goes when that CPU charges another cgroup. Peaks and
         // failure counts must match exactly.
-        let cpus = std::thread::available_parallelism().unwrap().get() as u64;
-        let fuzz = 64 * rustix::param::page_size() as u64 * cpus;
+        let fuzz = 64 * rustix::param::page_size() as u64 * possible_cpus() as u64;
         let agree = |ours: &Option<berth_api::proto::MemoryData>,
                      (usage, max, failcnt): (u64, u64, u64)| {
             let ours = ours.as_ref().unwrap();

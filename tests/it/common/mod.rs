@@ -10,7 +10,8 @@ use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use berth_api::proto::api_client::ApiClient;
@@ -52,18 +53,41 @@ pub const SIGTERM: u32 = libc::SIGTERM as u32;
 /// Runs a test body with a deadline. The body stays alive while the timeout panic unwinds, so a
 /// `Daemon` inside it still sees `thread::panicking()` and prints berthd's log.
 pub async fn within<F: Future>(fut: F) -> F::Output {
+    within_for(TEST_TIMEOUT, fut).await
+}
+
+/// [`within`] for a test that does more than most (hundreds of containers).
+pub async fn within_for<F: Future>(limit: Duration, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
-    match tokio::time::timeout(TEST_TIMEOUT, &mut fut).await {
+    match tokio::time::timeout(limit, &mut fut).await {
         Ok(out) => out,
-        Err(_) => panic!("test did not finish within {TEST_TIMEOUT:?}"),
+        Err(_) => panic!("test did not finish within {limit:?}"),
     }
 }
 
-/// A container id unique to this test run, so parallel tests never share a cgroup.
+/// A container id unique to this test run, so parallel tests never share a cgroup: a container
+/// without `cgroupsPath` is put in `<id>` beneath berthd's cgroup, which the berthds of all tests
+/// share, and deleting it kills (built-in runtime) or waits on (runc) what else is there. A name
+/// asked for twice fails the test that asked second.
 pub fn id(name: &str) -> String {
+    static NAMES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let id = format!("{name}-{}", std::process::id());
     assert!(id.len() <= 64, "test container id too long: {id}");
+    let fresh = NAMES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone());
+    assert!(
+        fresh,
+        "container name {name:?} is used by two tests, or twice in one"
+    );
     id
+}
+
+/// `name` with a number no other call gave, for a helper that several tests call.
+pub fn numbered(name: &str) -> String {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    format!("{name}-{}", CALLS.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Starts a berthd for the test (`daemon!()`, or `daemon!(Options { .. })`), or returns from the
@@ -570,8 +594,9 @@ impl Daemon {
     }
 
     /// Waits until berthd handles SIGTERM and SIGINT, so that a test's `stop` is the clean stop
-    /// README promises. berthd serves a moment before it installs them (tested on its own by
-    /// `lifecycle::sigterm_once_the_socket_exists_stops_berthd_cleanly`).
+    /// README promises. berthd installs them before it binds or takes over its socket, so this
+    /// returns at once unless that broke (which
+    /// `lifecycle::sigterm_once_the_socket_exists_stops_berthd_cleanly` tests on its own).
     async fn wait_for_signal_handlers(&self) {
         let deadline = Instant::now() + SETTLE;
         while !(catches(self.pid(), libc::SIGTERM) && catches(self.pid(), libc::SIGINT)) {

@@ -193,3 +193,20 @@ fn every_cgroup_of_this_process_resolves_to_an_existing_directory() {
     let hierarchies: BTreeSet<&str> = lines.lines().filter_map(|l| l.split(':').nth(1)).collect();
     assert_eq!(dirs.len(), hierarchies.len(), "{dirs:?} from {lines:?}");
 }
+
+/// How many CPUs the kernel counts as possible (`/sys/devices/system/cpu/possible`, e.g. `0-3`
+/// or `0,2-5`): cgroup v1's per-CPU figures have an entry for each, whatever this process may
+/// use or the host has online.
+pub fn possible_cpus() -> usize {
+    let list = fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    list.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((first, last)) => {
+                let bound = |n: &str| n.parse::<usize>().expect("a CPU number");
+                bound(last) - bound(first) + 1
+            }
+            None => 1,
+        })
+        .sum()
+}
