@@ -2,8 +2,9 @@
 //! own docs say, with no berth-specific option: Python's grpc (Debian's 1.51, which sends
 //! `localhost` as `:authority`, and the newest from PyPI, which sends the socket path) with code
 //! generated from proto/api.proto by grpc_tools (tests/it/interop/client.py), and Node's grpc-js
-//! from npm (tests/it/interop/client.js). scripts/test installs them: the PyPI one in a
-//! virtualenv and grpc-js in a folder, both under target/interop/.
+//! from npm (tests/it/interop/client.js), and Go's grpc-go as Debian packages it, built from
+//! tests/it/interop/client.go. scripts/test installs them: the PyPI one in a virtualenv and
+//! grpc-js in a folder, both under target/interop/, and the rest from Debian.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -126,6 +127,71 @@ async fn node_grpc_js_gets_state_and_an_events_stream() {
             .arg(bundle.path())
             .arg(id("interop-node"));
         run_client(command, "grpc-js from npm").await;
+        daemon.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// Builds client.go with Debian's Go, grpc-go and protoc-gen-go (GOPATH mode, nothing fetched),
+/// returning the binary, or why this host cannot.
+fn build_go_client(dir: &Path) -> Result<std::path::PathBuf, String> {
+    const GOCODE: &str = "/usr/share/gocode";
+    runs("go", &["version"], "go")?;
+    runs("protoc", &["--version"], "protoc")?;
+    if !Path::new(&format!("{GOCODE}/src/google.golang.org/grpc")).is_dir() {
+        return Err(format!("{GOCODE}/src/google.golang.org/grpc is missing"));
+    }
+    let api = dir.join("src/berthapi");
+    let main = dir.join("src/berthclient");
+    for made in [&api, &main] {
+        std::fs::create_dir_all(made).map_err(|e| format!("{}: {e}", made.display()))?;
+    }
+    let generate = format!("--go_out=plugins=grpc:{}", api.display());
+    runs(
+        "protoc",
+        &["-I", PROTO, &generate, &format!("{PROTO}/api.proto")],
+        "protoc-gen-go",
+    )?;
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/interop/client.go");
+    std::fs::copy(source, main.join("main.go")).map_err(|e| format!("{source}: {e}"))?;
+    let binary = dir.join("client");
+    // Debian's Go packages are GOPATH sources; the build cache outlives the test.
+    let build = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg("berthclient")
+        .env("GO111MODULE", "off")
+        .env("GOPATH", format!("{}:{GOCODE}", dir.display()))
+        .env("GOCACHE", format!("{INTEROP}/go-cache"))
+        .env("GOFLAGS", "")
+        .output()
+        .map_err(|e| format!("go build: {e}"))?;
+    if !build.status.success() {
+        // The packages are there, so a failure is the client's or the generated code's.
+        panic!("go build: {}", String::from_utf8_lossy(&build.stderr));
+    }
+    Ok(binary)
+}
+
+/// grpc-go dials the socket path itself as its target (as the 2016 containerd client did), so
+/// it sends that path as :authority; then as its docs say today.
+#[tokio::test(flavor = "multi_thread")]
+async fn debian_grpc_go_dialing_the_socket_path_gets_the_documented_semantics() {
+    within_for(std::time::Duration::from_secs(300), async {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let built = tokio::task::block_in_place(|| build_go_client(dir.path()));
+        let requirement = built.as_ref().map(|_| ()).map_err(String::clone);
+        if !host_supports("needs Debian's Go and grpc-go", requirement) {
+            return;
+        }
+        let mut daemon = daemon!();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut command = Command::new(built.expect("checked"));
+        command
+            .arg(daemon.socket())
+            .arg(bundle.path())
+            .arg(id("interop-go"));
+        run_client(command, "grpc-go (Debian)").await;
         daemon.assert_no_zombies().await;
     })
     .await
