@@ -112,6 +112,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
+    /// Metrics connections served at once; one more is closed at once. Every local user can
+    /// reach a TCP address, so this keeps a flood of them from taking berthd's fds.
+    #[arg(long, env = "BERTH_METRICS_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub metrics_max_connections: u64,
+
     /// Most bytes of args plus env one process may have (CreateContainer's bundle process,
     /// AddProcess); a larger one is refused with RESOURCE_EXHAUSTED naming this flag.
     #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]

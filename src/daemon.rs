@@ -183,7 +183,8 @@ async fn serve(
             config.metrics_containers,
         ));
         tracing::info!(addr = %addr, bound = ?listener.local_addr(), "metrics endpoint serving /metrics");
-        tokio::spawn(listener.serve(metrics, metrics_stopping));
+        let most = config.metrics_max_connections as usize;
+        tokio::spawn(listener.serve(metrics, most, metrics_stopping));
     }
 
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel(1);

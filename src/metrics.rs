@@ -2,11 +2,13 @@
 //! (OpenMetrics) text format, over HTTP/1 on a TCP address or a unix socket.
 //!
 //! Owns: the metric names, reading them from their owners at scrape time, and the tiny HTTP
-//! server. Does not own: the values (supervisor, stats hub, event bus keep them).
+//! server and its limits (connections at once, one request each, a deadline for each). Does not
+//! own: the values (supervisor, stats hub, event bus keep them).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -18,6 +20,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::container_metrics::{self, ContainerSeries};
 use crate::error::{Error, Result};
@@ -25,6 +28,11 @@ use crate::stats::StatsHub;
 use crate::supervisor::Supervisor;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long one connection may take from its accept to its response written. A scrape takes
+/// milliseconds (Prometheus gives up after 10 s by default); a client that sends nothing or reads
+/// nothing loses its place after it.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Reads every value from its owner when scraped, so nothing is counted twice.
 struct Sources {
@@ -180,7 +188,20 @@ fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Respo
     response
 }
 
-fn serve_connection<S>(metrics: Arc<Metrics>, stream: S)
+/// Serves an accepted connection if there is a place for it; else closes it at once, so a flood
+/// costs berthd no fd beyond the places.
+fn admit<S>(metrics: Arc<Metrics>, places: &Arc<Semaphore>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match Arc::clone(places).try_acquire_owned() {
+        Ok(place) => serve_connection(metrics, stream, place),
+        Err(_) => tracing::debug!("metrics connection closed: every place is taken"),
+    }
+}
+
+/// Serves one request on `stream`, holding `place` until the connection is closed.
+fn serve_connection<S>(metrics: Arc<Metrics>, stream: S, place: OwnedSemaphorePermit)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -189,11 +210,16 @@ where
         async move { Ok::<_, Infallible>(response) }
     });
     tokio::spawn(async move {
+        // One request a connection: its deadline then bounds all it may hold.
         let connection = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
             .serve_connection(TokioIo::new(stream), service);
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "metrics connection");
+        match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
+            Err(_) => tracing::debug!("metrics connection closed at its deadline"),
         }
+        drop(place);
     });
 }
 
@@ -235,35 +261,32 @@ impl Listener {
         }
     }
 
-    /// Serves `metrics` until `stopping` turns true.
+    /// Serves `metrics` on at most `most` connections at once until `stopping` turns true.
     pub async fn serve(
         self,
         metrics: Arc<Metrics>,
+        most: usize,
         mut stopping: tokio::sync::watch::Receiver<bool>,
     ) {
+        let places = Arc::new(Semaphore::new(most));
         loop {
             let accepted = tokio::select! {
-                accepted = self.accept(&metrics) => accepted,
+                accepted = self.accept(&metrics, &places) => accepted,
                 _ = stopping.wait_for(|stop| *stop) => return,
             };
             if let Err(e) = accepted {
                 tracing::warn!(error = %e, "metrics endpoint accept failed");
                 // Out of fds or similar: do not spin.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 
-    async fn accept(&self, metrics: &Arc<Metrics>) -> std::io::Result<()> {
+    async fn accept(&self, metrics: &Arc<Metrics>, places: &Arc<Semaphore>) -> std::io::Result<()> {
+        let metrics = Arc::clone(metrics);
         match self {
-            Listener::Tcp(listener) => {
-                let (stream, _) = listener.accept().await?;
-                serve_connection(Arc::clone(metrics), stream);
-            }
-            Listener::Unix(listener) => {
-                let (stream, _) = listener.accept().await?;
-                serve_connection(Arc::clone(metrics), stream);
-            }
+            Listener::Tcp(listener) => admit(metrics, places, listener.accept().await?.0),
+            Listener::Unix(listener) => admit(metrics, places, listener.accept().await?.0),
         }
         Ok(())
     }

@@ -245,6 +245,66 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
     .await
 }
 
+/// A flood of connections to the metrics endpoint (a TCP address is open to every local user)
+/// holds at most `--metrics-max-connections` of berthd's fds, each for at most 10 s: the rest are
+/// closed at once, the API is served meanwhile, and a scrape gets through once the flood ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_metrics_connections_holds_a_bounded_few_of_berthds_fds() {
+    within(async {
+        const FLOOD: usize = 300;
+        const PLACES: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.sock");
+        let places = PLACES.to_string();
+        let args = [
+            "--metrics-listen",
+            metrics.to_str().unwrap(),
+            "--metrics-max-connections",
+            &places,
+        ];
+        let mut d = daemon!(Options::args(&args));
+        scrape(&metrics).await;
+        let before = d.fds().len();
+        let mut flood = Vec::new();
+        for _ in 0..FLOOD {
+            let stream = tokio::net::UnixStream::connect(&metrics).await;
+            flood.push(stream.expect("connect to the metrics socket"));
+        }
+        // Accepted in order: once the last is closed, berthd has seen them all.
+        let mut byte = [0u8; 1];
+        let last = flood.last_mut().expect("the flood");
+        let read = tokio::time::timeout(EVENT_TIMEOUT, last.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the last of the flood: {read:?}");
+        let during = d.fds().len();
+        assert!(
+            during <= before + PLACES + 2,
+            "berthd holds {during} fds during the flood, {before} before"
+        );
+        d.state().await;
+        // The first ones hold places, until their deadline.
+        let started = Instant::now();
+        let first = flood.first_mut().expect("the flood");
+        let read = tokio::time::timeout(Duration::from_secs(30), first.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the first of the flood: {read:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a silent connection kept its place {:?}",
+            started.elapsed()
+        );
+        drop(flood);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.fds().len() > before {
+            assert!(Instant::now() < deadline, "the flood's fds stay");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        scrape(&metrics).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn per_container_series_follow_every_running_container() {
     within(async {
