@@ -28,11 +28,13 @@ fn runs(program: &str, args: &[&str], what: &str) -> Result<(), String> {
     }
 }
 
-/// Runs a client program to its end off the runtime's threads, and checks it said "interop ok".
-async fn run_client(mut command: Command, what: &str) {
-    let run: Output = tokio::task::spawn_blocking(move || command.output())
+/// Runs a client program to its end, and checks it said "interop ok". A client still running
+/// when the test times out is killed with it.
+async fn run_client(command: Command, what: &str) {
+    let run: Output = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .output()
         .await
-        .expect("join")
         .unwrap_or_else(|e| panic!("run the {what} client: {e}"));
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -134,7 +136,7 @@ async fn node_grpc_js_gets_state_and_an_events_stream() {
 
 /// Builds client.go with Debian's Go, grpc-go and protoc-gen-go (GOPATH mode, nothing fetched),
 /// returning the binary, or why this host cannot.
-fn build_go_client(dir: &Path) -> Result<std::path::PathBuf, String> {
+async fn build_go_client(dir: &Path) -> Result<std::path::PathBuf, String> {
     const GOCODE: &str = "/usr/share/gocode";
     runs("go", &["version"], "go")?;
     runs("protoc", &["--version"], "protoc")?;
@@ -156,7 +158,7 @@ fn build_go_client(dir: &Path) -> Result<std::path::PathBuf, String> {
     std::fs::copy(source, main.join("main.go")).map_err(|e| format!("{source}: {e}"))?;
     let binary = dir.join("client");
     // Debian's Go packages are GOPATH sources; the build cache outlives the test.
-    let build = Command::new("go")
+    let build = tokio::process::Command::new("go")
         .args(["build", "-o"])
         .arg(&binary)
         .arg("berthclient")
@@ -164,7 +166,9 @@ fn build_go_client(dir: &Path) -> Result<std::path::PathBuf, String> {
         .env("GOPATH", format!("{}:{GOCODE}", dir.display()))
         .env("GOCACHE", format!("{INTEROP}/go-cache"))
         .env("GOFLAGS", "")
+        .kill_on_drop(true)
         .output()
+        .await
         .map_err(|e| format!("go build: {e}"))?;
     if !build.status.success() {
         // The packages are there, so a failure is the client's or the generated code's.
@@ -179,7 +183,7 @@ fn build_go_client(dir: &Path) -> Result<std::path::PathBuf, String> {
 async fn debian_grpc_go_dialing_the_socket_path_gets_the_documented_semantics() {
     within_for(std::time::Duration::from_secs(300), async {
         let dir = tempfile::TempDir::new().expect("temp dir");
-        let built = tokio::task::block_in_place(|| build_go_client(dir.path()));
+        let built = build_go_client(dir.path()).await;
         let requirement = built.as_ref().map(|_| ()).map_err(String::clone);
         if !host_supports("needs Debian's Go and grpc-go", requirement) {
             return;

@@ -60,7 +60,10 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	conn, err := grpc.Dial(socket, grpc.WithInsecure(), grpc.WithBlock(),
+	// Blocking until the connection is up, within the deadline, so a berthd that refuses it
+	// fails the client rather than leaving it retrying.
+	conn, err := grpc.DialContext(ctx, socket, grpc.WithInsecure(), grpc.WithBlock(),
+		grpc.FailOnNonTempDialError(true),
 		grpc.WithDialer(func(addr string, timeout time.Duration) (net.Conn, error) {
 			return net.DialTimeout("unix", addr, timeout)
 		}))
@@ -137,10 +140,13 @@ func main() {
 		second(api.Signal(ctx, &types.SignalRequest{Id: id, Pid: pid + 100000, Signal: 0})))
 	expect(codes.InvalidArgument, "signal 65",
 		second(api.Signal(ctx, &types.SignalRequest{Id: id, Pid: pid, Signal: 65})))
+	expect(codes.NotFound, "a signal to an unknown id",
+		second(api.Signal(ctx, &types.SignalRequest{Id: id + "x", Pid: pid, Signal: 9})))
 	expect(codes.NotFound, "a signal to pid 1",
 		second(api.Signal(ctx, &types.SignalRequest{Id: id, Pid: 1, Signal: 9})))
 
-	stats, err := api.GetStats(ctx, &types.StatsRequest{Id: id})
+	statsCtx, endStats := context.WithCancel(ctx)
+	stats, err := api.GetStats(statsCtx, &types.StatsRequest{Id: id})
 	check("GetStats", err)
 	sample, err := stats.Recv()
 	check("a stats sample", err)
@@ -148,14 +154,17 @@ func main() {
 		len(sample.CgroupStats.MemoryStats.Stats) == 0 {
 		fail("stats sample: %v", sample)
 	}
-	unknown, err := api.GetStats(ctx, &types.StatsRequest{Id: id + "x"})
+	unknown, err := api.GetStats(statsCtx, &types.StatsRequest{Id: id + "x"})
 	if err == nil {
 		_, err = unknown.Recv()
 	}
 	expect(codes.NotFound, "stats of an unknown id", err)
+	endStats()
 
 	expect(codes.InvalidArgument, "AddProcess without args",
 		second(api.AddProcess(ctx, &types.AddProcessRequest{Id: id})))
+	expect(codes.NotFound, "AddProcess to an unknown id",
+		second(api.AddProcess(ctx, &types.AddProcessRequest{Id: id + "x", Args: []string{"true"}})))
 	added, err := api.AddProcess(ctx, &types.AddProcessRequest{
 		Id: id, Args: []string{"sh", "-c", "exit 5"}, User: &types.User{},
 	})
@@ -164,6 +173,8 @@ func main() {
 
 	expect(codes.InvalidArgument, "status frozen",
 		second(api.UpdateContainer(ctx, &types.UpdateContainerRequest{Id: id, Status: "frozen"})))
+	expect(codes.NotFound, "an update of an unknown id",
+		second(api.UpdateContainer(ctx, &types.UpdateContainerRequest{Id: id + "x", Status: "paused"})))
 	_, err = api.UpdateContainer(ctx, &types.UpdateContainerRequest{Id: id, Status: "paused"})
 	check("pause", err)
 	state, err := api.State(ctx, &types.StateRequest{})
@@ -175,7 +186,7 @@ func main() {
 		}
 	}
 	if len(mine) != 1 || mine[0].Status != "paused" || mine[0].BundlePath != bundle ||
-		mine[0].Processes[0].Pid != pid || !reflect.DeepEqual(mine[0].Processes[0].Args, []string{"sleep", "1000"}) {
+		len(mine[0].Processes) == 0 || mine[0].Processes[0].Pid != pid || !reflect.DeepEqual(mine[0].Processes[0].Args, []string{"sleep", "1000"}) {
 		fail("State: %v", mine)
 	}
 	if state.Machine == nil || state.Machine.Cpus == 0 || state.Machine.Memory == 0 {
@@ -189,6 +200,8 @@ func main() {
 	}
 	expect(codes.NotFound, "delete a missing checkpoint",
 		second(api.DeleteCheckpoint(ctx, &types.DeleteCheckpointRequest{Id: id, Name: "none"})))
+	expect(codes.InvalidArgument, "delete a checkpoint without a name",
+		second(api.DeleteCheckpoint(ctx, &types.DeleteCheckpointRequest{Id: id, Name: ""})))
 
 	_, err = api.UpdateContainer(ctx, &types.UpdateContainerRequest{Id: id, Status: "running", Signal: 9})
 	check("resume and kill", err)
@@ -204,13 +217,14 @@ func main() {
 	if !reflect.DeepEqual(got, want) {
 		fail("events: %v, want %v", got, want)
 	}
-	if first[0].BundlePath != bundle || !reflect.DeepEqual(first[1].Process.Args, []string{"sh", "-c", "exit 5"}) {
+	if first[0].BundlePath != bundle || first[1].Process == nil ||
+		!reflect.DeepEqual(first[1].Process.Args, []string{"sh", "-c", "exit 5"}) {
 		fail("event details: %v %v", first[0], first[1])
 	}
 	check("close", conn.Close())
 
 	// As grpc-go's docs dial a unix socket today.
-	docs, err := grpc.Dial("unix://"+socket, grpc.WithInsecure())
+	docs, err := grpc.DialContext(ctx, "unix://"+socket, grpc.WithInsecure())
 	check("dial unix://", err)
 	_, err = types.NewAPIClient(docs).State(ctx, &types.StateRequest{})
 	check("State over unix://", err)
