@@ -200,8 +200,11 @@ async fn a_create_of_an_exited_id_does_not_wait_for_the_exits_to_pause() {
         let took = exited.elapsed();
         answered.send_replace(true);
         let spared = kills.await.expect("the kills");
+        // A create that waited for the hold would answer some 70 ms after the hold ends (its
+        // delete and run), and the test sees the exit a moment after berthd: 200 ms short of
+        // the hold keeps the two apart.
         assert!(
-            !spared.is_empty() && took < MAX_HOLD,
+            !spared.is_empty() && took < MAX_HOLD - Duration::from_millis(200),
             "the create of {again_id} waited until the exits stopped: answered {took:?} after \
              its exit, with {} of {COUNT} containers not yet killed",
             spared.len()
