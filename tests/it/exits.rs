@@ -164,6 +164,15 @@ async fn a_create_waits_for_the_delete_of_its_id_within_a_bound() {
     .await
 }
 
+/// Sends SIGKILL to every init of `inits` (id → pid) at once.
+async fn kill_at_once(d: &Daemon, inits: &BTreeMap<String, u32>) {
+    let kills = inits.iter().map(|(id, pid)| {
+        let mut client = d.client.clone();
+        async move { send_signal(&mut client, id, *pid, SIGKILL).await }
+    });
+    futures_util::future::join_all(kills).await;
+}
+
 /// The deletes after exits that come close together wait for a lull in the exits (README), but
 /// not for a create of their id: while other containers keep exiting, one every 20 ms, an exited
 /// container's id is created again before they stop and before the longest hold (2 s) could have
@@ -210,12 +219,7 @@ async fn a_create_of_an_exited_id_does_not_wait_for_the_exits_to_pause() {
             spared.len()
         );
         let spared: BTreeMap<String, u32> = spared.into_iter().collect();
-        let kills = spared.iter().map(|(id, pid)| {
-            let mut client = d.client.clone();
-            let (id, pid) = (id.clone(), *pid);
-            async move { send_signal(&mut client, &id, pid, SIGKILL).await }
-        });
-        futures_util::future::join_all(kills).await;
+        kill_at_once(&d, &spared).await;
         let mut exited = BTreeSet::new();
         while exited.len() < spared.len() {
             let event = events.next().await;
@@ -248,12 +252,7 @@ async fn many_containers_killed_at_once_all_report_their_exit_and_leave_nothing(
             .await
             .into_iter()
             .collect();
-        let kills = inits.iter().map(|(id, pid)| {
-            let mut client = d.client.clone();
-            let (id, pid) = (id.clone(), *pid);
-            async move { send_signal(&mut client, &id, pid, SIGKILL).await }
-        });
-        futures_util::future::join_all(kills).await;
+        kill_at_once(&d, &inits).await;
         let mut exited = BTreeSet::new();
         while exited.len() < COUNT {
             let event = events.next().await;
