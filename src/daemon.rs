@@ -30,7 +30,7 @@ use crate::api::peer::Gate;
 use crate::api::service::ApiService;
 use crate::config::{Config, CreateMode, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
-use crate::edge::Edge;
+use crate::edge::{self, Edge};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::hand_back::HandBack;
@@ -325,6 +325,7 @@ impl Serving {
                     max_message,
                 )))
                 .max_concurrent_streams(config.max_streams_per_connection)
+                .http2_max_header_list_size(edge::MAX_HEADER_LIST_SIZE)
                 .http2_keepalive_interval(Some(config.keepalive))
                 .http2_keepalive_timeout(Some(config.keepalive))
                 .add_service(InterceptedService::new(

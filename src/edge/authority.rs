@@ -13,7 +13,7 @@
 //! ([`super::hpack`]) or the frames a block travels in ([`super::rewriter`]).
 
 pub use super::hpack::HpackError;
-use super::hpack::{HpackDecoder, STATIC_TABLE};
+use super::hpack::{ENTRY_OVERHEAD, HpackDecoder, STATIC_TABLE};
 
 /// What an unusable `:authority` becomes: a valid authority, and what gRPC clients that dial a
 /// unix socket by name send anyway.
@@ -21,12 +21,25 @@ pub const REPLACEMENT: &[u8] = b"localhost";
 /// h2's SETTINGS_HEADER_TABLE_SIZE, which berthd's server leaves at the protocol default: a
 /// client may not grow its table past it.
 const H2_TABLE_SIZE: usize = 4096;
+/// The SETTINGS_MAX_HEADER_LIST_SIZE berthd's HTTP/2 server announces (hyper's default, set
+/// explicitly so that the edge's limit below follows it).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The decoded size (RFC 7541 §4.1: each field's name and value plus 32) past which a block ends
+/// the connection. A block of a few hundred KiB can decode to a gigabyte by referring to one large
+/// table entry over and over; h2 closes the connection of a block past four times its header
+/// list size, and the edge, which decodes first, stops at the same point. Between the two sizes
+/// h2 refuses the stream only, so the edge passes such a block on (re-encoded where it must be).
+const MAX_DECODED: usize = 4 * MAX_HEADER_LIST_SIZE as usize;
+/// The encoding buffer kept between blocks that pass unchanged; a larger one (up to
+/// [`MAX_DECODED`]) is given back at its block's end, so an idle connection holds little.
+const KEPT_ENCODED: usize = 4 * 1024;
 
 /// One connection's header blocks, in order.
 pub struct BlockRewriter {
     decoder: HpackDecoder,
     /// Set by the first rewrite: from then on every block is re-encoded (see the module header).
     reencoding: bool,
+    /// The block being encoded: handed over when it is sent instead of the client's.
     encoded: Vec<u8>,
 }
 
@@ -43,11 +56,18 @@ impl Default for BlockRewriter {
 impl BlockRewriter {
     /// Decodes one complete header block. Returns `None` when the block goes on as it came, or
     /// the block to send instead.
-    pub fn rewrite(&mut self, block: &[u8]) -> Result<Option<&[u8]>, HpackError> {
+    pub fn rewrite(&mut self, block: &[u8]) -> Result<Option<Vec<u8>>, HpackError> {
         self.encoded.clear();
         let mut rewrote = false;
+        let mut decoded = 0usize;
         let encoded = &mut self.encoded;
+        // Past the limit each field is only measured: what is left to decode is bounded by the
+        // block's own size.
         self.decoder.decode(block, |name, value| {
+            decoded = decoded.saturating_add(name.len() + value.len() + ENTRY_OVERHEAD);
+            if decoded > MAX_DECODED {
+                return;
+            }
             if name == b":authority" && !acceptable(value) {
                 rewrote = true;
                 encode(name, REPLACEMENT, encoded);
@@ -55,8 +75,16 @@ impl BlockRewriter {
                 encode(name, value, encoded);
             }
         })?;
+        if decoded > MAX_DECODED {
+            return Err(HpackError("header list larger than the server takes"));
+        }
         self.reencoding |= rewrote;
-        Ok(self.reencoding.then_some(&self.encoded[..]))
+        if self.reencoding {
+            return Ok(Some(std::mem::take(&mut self.encoded)));
+        }
+        self.encoded.clear();
+        self.encoded.shrink_to(KEPT_ENCODED);
+        Ok(None)
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 pub struct HpackError(pub &'static str);
 
 /// RFC 7541 §4.1: an entry's size is its name and value plus 32.
-const ENTRY_OVERHEAD: usize = 32;
+pub const ENTRY_OVERHEAD: usize = 32;
 
 /// A dynamic table entry: name and value.
 type Entry = (Box<[u8]>, Box<[u8]>);

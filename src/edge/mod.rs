@@ -20,6 +20,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
+pub use authority::MAX_HEADER_LIST_SIZE;
 pub use rewriter::{EdgeError, Rewriter};
 
 /// How much one read from the socket takes at most.

@@ -217,7 +217,7 @@ impl Rewriter {
         let block = self.open.take().expect("a block is open while gathering");
         match self.blocks.rewrite(&block.fragment)? {
             None => out.push_back(Bytes::from(block.original)),
-            Some(rewritten) => out.push_back(Bytes::from(reframe(&block, rewritten))),
+            Some(rewritten) => out.push_back(Bytes::from(reframe(&block, &rewritten))),
         }
         Ok(())
     }

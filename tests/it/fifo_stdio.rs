@@ -159,9 +159,9 @@ async fn an_unread_fifo_blocks_the_container_not_berthds_memory() {
         req.stdout = path_str(&out);
         let pid = d.create(req).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = rss_kib(d.pid());
+        let before = status_kib(d.pid(), "VmRSS");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let grown = rss_kib(d.pid()).saturating_sub(before);
+        let grown = status_kib(d.pid(), "VmRSS").saturating_sub(before);
         assert!(
             grown < 2048,
             "berthd grew by {grown} KiB with an unread FIFO"
@@ -178,15 +178,6 @@ async fn an_unread_fifo_blocks_the_container_not_berthds_memory() {
         d.kill_container(&mut events, &container, pid).await;
     })
     .await
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// A create the runtime refuses after berthd made the pipes leaves none of them, nor a relay:

@@ -227,16 +227,6 @@ async fn a_flood_of_silent_connections_neither_locks_out_a_client_nor_spins() {
     .await
 }
 
-/// berthd's resident memory in KiB, from /proc/<pid>/status.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("berthd status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
-
 /// Opens `streams` idle Events streams, 250 a connection, then ends them all by closing their
 /// connections; berthd's RSS while they were open.
 async fn open_and_end_idle_streams(d: &Daemon, streams: usize) -> u64 {
@@ -250,7 +240,7 @@ async fn open_and_end_idle_streams(d: &Daemon, streams: usize) -> u64 {
         }
         clients.push(client);
     }
-    let rss = rss_kib(d.pid());
+    let rss = status_kib(d.pid(), "VmRSS");
     drop(open);
     drop(clients);
     rss
@@ -260,7 +250,7 @@ async fn open_and_end_idle_streams(d: &Daemon, streams: usize) -> u64 {
 async fn rss_settled_under(pid: u32, bound: u64, patience: Duration) -> u64 {
     let deadline = Instant::now() + patience;
     loop {
-        let rss = rss_kib(pid);
+        let rss = status_kib(pid, "VmRSS");
         if rss <= bound || Instant::now() > deadline {
             return rss;
         }
@@ -277,7 +267,7 @@ async fn memory_of_idle_streams_is_returned_when_they_end() {
     within(async {
         const STREAMS: usize = 2500;
         let d = daemon!();
-        let idle = rss_kib(d.pid());
+        let idle = status_kib(d.pid(), "VmRSS");
         let mut first_open = None;
         for round in 1..=3 {
             let open = open_and_end_idle_streams(&d, STREAMS).await;

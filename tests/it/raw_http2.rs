@@ -72,8 +72,8 @@ impl Connection {
         }
     }
 
-    /// Sends one unary call, its header block split into `pieces` frames, and reads its answer.
-    async fn call(&mut self, block: &[u8], pieces: usize, message: &[u8]) -> Answer {
+    /// A new stream's HEADERS frame and CONTINUATIONs carrying `block` in `pieces` frames.
+    fn header_frames(&mut self, block: &[u8], pieces: usize) -> (u32, Vec<u8>) {
         let stream = self.next_stream;
         self.next_stream += 2;
         let chunks: Vec<&[u8]> = block.chunks(block.len().div_ceil(pieces)).collect();
@@ -87,6 +87,12 @@ impl Connection {
             let kind = if i == 0 { HEADERS } else { CONTINUATION };
             wire.extend(frame(kind, last, stream, chunk));
         }
+        (stream, wire)
+    }
+
+    /// Sends one unary call, its header block split into `pieces` frames, and reads its answer.
+    async fn call(&mut self, block: &[u8], pieces: usize, message: &[u8]) -> Answer {
+        let (stream, mut wire) = self.header_frames(block, pieces);
         let mut grpc = vec![0];
         grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
         grpc.extend_from_slice(message);
@@ -249,6 +255,46 @@ async fn bytes_that_are_not_the_request_are_invalid_argument() {
         // The connection still serves a well-formed request.
         let answer = connection.call(&block, 1, &[]).await;
         assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
+/// A header block that decodes to far more than it is (one large table entry referred to over
+/// and over, an HPACK bomb) ends its connection before berthd holds what it decodes to, whether
+/// the edge passes that connection's blocks on as they are or re-encodes them (after a socket
+/// path `:authority`); other connections are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_block_that_decodes_to_a_gigabyte_ends_its_connection_only() {
+    within(async {
+        let daemon = daemon!();
+        let socket = daemon.socket().display().to_string();
+        let peak_before = status_kib(daemon.pid(), "VmHWM");
+        for authority in ["localhost", socket.as_str()] {
+            let mut connection = Connection::open(&daemon).await;
+            let block = request("/types.API/State", authority, false, false);
+            let answer = connection.call(&block, 1, &[]).await;
+            assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+            // A 4,000-octet user-agent indexed (the newest entry, 62), then 200,000 references
+            // to it: about 204 KB, under the edge's block limit, that decode to 808 MB.
+            let mut bomb = request("/types.API/State", "localhost", false, false);
+            hpack::literal(58, &[b'a'; 4000], true, false, &mut bomb);
+            bomb.resize(bomb.len() + 200_000, 0x80 | 62);
+            let (_, wire) = connection.header_frames(&bomb, 14);
+            // berthd may close before it has read every frame.
+            let _ = connection.socket.write_all(&wire).await;
+            let mut rest = Vec::new();
+            let closed =
+                tokio::time::timeout(SETTLE, connection.socket.read_to_end(&mut rest)).await;
+            // End of file or a reset: either way closed.
+            assert!(
+                closed.is_ok(),
+                "{authority}: the connection stays open after the bomb"
+            );
+        }
+        let grown = status_kib(daemon.pid(), "VmHWM").saturating_sub(peak_before);
+        assert!(grown < 64 * 1024, "berthd's peak RSS grew by {grown} KiB");
+        let mut client = daemon.connect().await;
+        assert!(state(&mut client).await.machine.is_some());
     })
     .await
 }

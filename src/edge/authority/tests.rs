@@ -165,3 +165,57 @@ fn integers_encode_as_in_rfc_7541_c1() {
     encode_integer(42, 8, 0, &mut out);
     assert_eq!(out, [10, 31, 154, 10, 42]);
 }
+
+/// One 4,000-octet entry indexed, then `references` references to it.
+fn bomb(references: usize) -> Vec<u8> {
+    let mut block = Vec::new();
+    hpack::literal(58, &[b'a'; 4000], true, false, &mut block);
+    block.resize(block.len() + references, 0x80 | 62);
+    block
+}
+
+#[test]
+fn a_block_that_decodes_past_four_times_the_header_list_size_is_an_error() {
+    // 4,090 octets decoded a field: 16 fields are within 64 KiB, 17 are not.
+    let within = bomb(15);
+    let mut edge = BlockRewriter::default();
+    assert_eq!(edge.rewrite(&within).unwrap(), None);
+    assert!(
+        edge.encoded.capacity() <= KEPT_ENCODED,
+        "{}",
+        edge.encoded.capacity()
+    );
+    let mut edge = BlockRewriter::default();
+    let error = edge.rewrite(&bomb(16)).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "malformed header block: header list larger than the server takes"
+    );
+    // 200 KB that decode to 808 MB: refused having encoded no more than the limit.
+    let mut edge = BlockRewriter::default();
+    assert!(edge.rewrite(&bomb(200_000)).is_err());
+    assert!(
+        edge.encoded.capacity() <= 2 * MAX_DECODED,
+        "{}",
+        edge.encoded.capacity()
+    );
+}
+
+#[test]
+fn a_large_block_after_a_rewrite_is_reencoded_whole() {
+    let mut link = Link::new();
+    let mut first = vec![0x82, 0x86];
+    hpack::literal(1, b"/run/berth/berth.sock", false, false, &mut first);
+    assert_eq!(
+        link.send(&first)[2],
+        (b":authority".to_vec(), b"localhost".to_vec())
+    );
+    // Over h2's header list size (h2 refuses that stream), within four times it.
+    let sent = link.send(&bomb(10));
+    assert_eq!(sent.len(), 11);
+    assert!(
+        sent.iter()
+            .all(|(n, v)| n == b"user-agent" && v.len() == 4000)
+    );
+    assert!(link.edge.encoded.capacity() <= KEPT_ENCODED);
+}
