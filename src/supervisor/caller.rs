@@ -59,10 +59,6 @@ impl Caller {
         Caller::new(Peer::root(), state_dir, limits, HandBack::start().unwrap())
     }
 
-    pub fn limits(&self) -> ClientFileLimits {
-        self.limits
-    }
-
     /// A stdio or console path (`what` names it), or `/dev/null` when it is empty: a FIFO,
     /// `/dev/null` or a regular file the peer may use with `access`, never under the state dir.
     /// Blocks on the file system: call it off the reactor.

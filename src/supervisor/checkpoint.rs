@@ -80,24 +80,27 @@ fn relative(name: &str) -> PathBuf {
     Path::new("checkpoints").join(name)
 }
 
+/// The most a checkpoint's metadata may take: what berthd writes is about 150 octets. A larger
+/// file is not berthd's, and 4096 checkpoints of a bundle are listed at most, so a listing
+/// reads 16 MiB at most, not 4096 client files of `--client-file-max-bytes` each.
+const MAX_METADATA_BYTES: u64 = 4096;
+
 /// Reads how the checkpoint `name` was taken from its metadata at `metadata` beneath `dir`
-/// (the bundle, or the checkpoint itself), as `peer` may read it, at most `max_bytes`. A
-/// directory made by hand or by another tool has no metadata: it is listed with its name and
-/// no flags.
-fn read_checkpoint(
-    dir: &OwnedFd,
-    metadata: &Path,
-    name: &str,
-    peer: &Peer,
-    max_bytes: u64,
-) -> Checkpoint {
+/// (the bundle, or the checkpoint itself), as `peer` may read it. A directory made by hand or by
+/// another tool has no metadata, or one that is not berthd's: it is listed with its name and no
+/// flags.
+fn read_checkpoint(dir: &OwnedFd, metadata: &Path, name: &str, peer: &Peer) -> Checkpoint {
     let read = |fd: OwnedFd| {
+        let st = rustix::fs::fstat(&fd).ok()?;
+        if st.st_size as u64 > MAX_METADATA_BYTES {
+            return None;
+        }
         let mut bytes = Vec::new();
         std::fs::File::from(fd)
-            .take(max_bytes.saturating_add(1))
+            .take(MAX_METADATA_BYTES + 1)
             .read_to_end(&mut bytes)
             .ok()?;
-        (bytes.len() as u64 <= max_bytes).then_some(bytes)
+        (bytes.len() as u64 <= MAX_METADATA_BYTES).then_some(bytes)
     };
     client_fs::open_beneath(dir, metadata, OFlags::RDONLY | OFlags::NONBLOCK, peer)
         .ok()
@@ -117,7 +120,6 @@ fn read_checkpoint(
 pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
     let fd = caller.open_dir("bundle", bundle).await?;
     let peer = caller.peer.clone();
-    let max_bytes = caller.limits().max_bytes;
     caller
         .off_reactor("listing checkpoints", move || {
             let names = client_fs::list_dirs_beneath(
@@ -131,7 +133,7 @@ pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
                 .filter(|name| validate_name(name).is_ok())
                 .map(|name| {
                     let metadata = relative(name).join(METADATA);
-                    read_checkpoint(&fd, &metadata, name, &peer, max_bytes)
+                    read_checkpoint(&fd, &metadata, name, &peer)
                 })
                 .collect())
         })
@@ -151,7 +153,6 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
     validate_name(name)?;
     let fd = caller.open_dir("bundle", bundle).await?;
     let (peer, owned_name) = (caller.peer.clone(), name.to_owned());
-    let max_bytes = caller.limits().max_bytes;
     let missing = format!(
         "checkpoint {name} does not exist in {}",
         shown(&checkpoints_dir(bundle))
@@ -165,7 +166,7 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
                 Err(e) => return Err(e),
             };
             let metadata = Path::new(METADATA);
-            let checkpoint = read_checkpoint(&image, metadata, &owned_name, &peer, max_bytes);
+            let checkpoint = read_checkpoint(&image, metadata, &owned_name, &peer);
             Ok((image, checkpoint))
         })
         .await?;
@@ -178,7 +179,10 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
 
 /// A checkpoint being restored, made root's (0700) for as long as CRIU reads it: its owner can
 /// then put nothing in it for CRIU to follow (CRIU also writes `stats-restore` there), and its
-/// files are checked once that is so. [`give_back`] returns its owner and mode.
+/// files are checked once that is so. Dropping it returns its owner and mode, wherever that
+/// happens ([`give_back`], or the blocking pool when a hold finishes after its request gave
+/// up), so the owner does not lose it to root. A berthd killed during a restore leaves it
+/// root's, which DeleteCheckpoint still removes.
 pub struct HeldImage {
     dir: OwnedFd,
     shown: String,
@@ -193,8 +197,18 @@ impl HeldImage {
     }
 }
 
-/// Holds the checkpoint `restorable` for a restore by `caller`; every file in it must be one
-/// the caller may read ([`client_fs::check_readable_files`]).
+impl Drop for HeldImage {
+    fn drop(&mut self) {
+        if let Err(e) = client_fs::set_owner(&self.dir, self.owner, self.mode) {
+            let e = Error::io(&self.shown, e.into());
+            tracing::warn!(error = %e, "a restored checkpoint was not given back to its owner");
+        }
+    }
+}
+
+/// Holds the checkpoint `restorable` for a restore by `caller`, who must own it: taking it
+/// changes its owner, which nobody else may do. Every file in it must be one the caller may read
+/// ([`client_fs::check_readable_files`]).
 pub async fn hold(caller: &Caller, restorable: &Restorable) -> Result<HeldImage> {
     let dir = restorable
         .image
@@ -205,34 +219,37 @@ pub async fn hold(caller: &Caller, restorable: &Restorable) -> Result<HeldImage>
         .off_reactor("taking the checkpoint for the restore", move || {
             let io = |e: rustix::io::Errno| Error::io(&shown, e.into());
             let st = rustix::fs::fstat(&dir).map_err(io)?;
+            if !peer.is_root() && st.st_uid != peer.uid {
+                return Err(Error::PermissionDenied(format!(
+                    "checkpoint {shown} belongs to uid {}, not to uid {}: a restore takes the \
+                     checkpoint for its duration, so only its owner may restore from it",
+                    st.st_uid, peer.uid
+                )));
+            }
             let (owner, mode) = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
             client_fs::set_owner(&dir, (0, 0), 0o700).map_err(io)?;
-            if let Err(e) = client_fs::check_readable_files(&dir, &shown, &peer, MAX_IMAGE_FILES) {
-                client_fs::set_owner(&dir, owner, mode).map_err(io)?;
-                return Err(e);
-            }
-            Ok(HeldImage {
+            let held = HeldImage {
                 dir,
                 shown,
                 owner,
                 mode,
-            })
+            };
+            client_fs::check_readable_files(&held.dir, &held.shown, &peer, MAX_IMAGE_FILES)?;
+            Ok(held)
         })
         .await
 }
 
-/// Returns a held checkpoint to its owner and mode; a failure is logged (the directory stays
-/// root's, which DeleteCheckpoint still removes).
+/// Returns a held checkpoint to its owner and mode, off the reactor (the checkpoint is on the
+/// client's file system).
 pub async fn give_back(caller: &Caller, held: HeldImage) {
-    let given = caller
+    // A failure is logged by the drop; one past the time limit still happens in the background.
+    let _ = caller
         .off_reactor("giving the checkpoint back", move || {
-            client_fs::set_owner(&held.dir, held.owner, held.mode)
-                .map_err(|e| Error::io(&held.shown, e.into()))
+            drop(held);
+            Ok(())
         })
         .await;
-    if let Err(e) = given {
-        tracing::warn!(error = %e, "a restored checkpoint was not given back to its owner");
-    }
 }
 
 /// Makes `<bundle>/checkpoints/<name>` (and `checkpoints`, the caller's, when missing) beneath
@@ -463,6 +480,8 @@ mod tests {
 
     use rustix::process::Uid;
 
+    use crate::supervisor::ClientFileLimits;
+
     use super::*;
 
     #[test]
@@ -532,6 +551,10 @@ mod tests {
         assert_eq!(mode(&dir.join("taken")), (0, 0o700));
         give_back(&caller, held).await;
         assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
+        // One dropped without give_back (its request gave up while it was being held) is given
+        // back all the same.
+        drop(hold(&caller, &taken).await.unwrap());
+        assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
         // A link among the images would have CRIU read what it names: refused, and the
         // directory given back at once.
         std::os::unix::fs::symlink("/etc/shadow", dir.join("taken/pages-1.img")).unwrap();
@@ -550,6 +573,67 @@ mod tests {
             list(&caller, &bundle.path().join("nowhere")).await,
             Err(Error::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn only_its_owner_may_restore_from_a_checkpoint() {
+        let bundle = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(bundle.path(), PermissionsExt::from_mode(0o755)).unwrap();
+        let dir = checkpoints_dir(bundle.path());
+        for name in ["roots", "theirs"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::set_permissions(dir.join(name), PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        rustix::fs::chown(dir.join("theirs"), Some(Uid::from_raw(65534)), None).unwrap();
+        let nobody = Peer {
+            pid: std::process::id(),
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+        };
+        let limits = ClientFileLimits {
+            max_bytes: 1 << 20,
+            timeout: std::time::Duration::from_secs(5),
+        };
+        let hand_back = crate::hand_back::HandBack::start().unwrap();
+        let caller = Caller::new(nobody, bundle.path().join("state"), limits, hand_back);
+        // Readable by anyone, but root's: holding it would take it from root.
+        let roots = for_restore(&caller, bundle.path(), "roots").await.unwrap();
+        let refused = hold(&caller, &roots).await.map(drop);
+        assert!(
+            matches!(&refused, Err(Error::PermissionDenied(m)) if m.contains("belongs to uid 0")),
+            "{refused:?}"
+        );
+        let st = rustix::fs::stat(dir.join("roots")).unwrap();
+        assert_eq!((st.st_uid, st.st_mode & 0o7777), (0, 0o755));
+        let theirs = for_restore(&caller, bundle.path(), "theirs").await.unwrap();
+        let held = hold(&caller, &theirs).await.unwrap();
+        give_back(&caller, held).await;
+        let st = rustix::fs::stat(dir.join("theirs")).unwrap();
+        assert_eq!((st.st_uid, st.st_mode & 0o7777), (65534, 0o755));
+    }
+
+    #[tokio::test]
+    async fn metadata_larger_than_berthd_writes_is_not_read() {
+        let bundle = tempfile::tempdir().unwrap();
+        let caller = Caller::berthd(bundle.path().join("state"));
+        let dir = checkpoints_dir(bundle.path()).join("padded");
+        std::fs::create_dir_all(&dir).unwrap();
+        let metadata = Metadata {
+            checkpoint: Checkpoint {
+                name: "padded".into(),
+                exit: true,
+                ..Checkpoint::default()
+            },
+            created: 1,
+        };
+        let mut json = serde_json::to_vec(&metadata).unwrap();
+        std::fs::write(dir.join(METADATA), &json).unwrap();
+        assert!(list(&caller, bundle.path()).await.unwrap()[0].exit);
+        // Valid JSON still, padded past the limit.
+        json.resize(MAX_METADATA_BYTES as usize + 1, b' ');
+        std::fs::write(dir.join(METADATA), &json).unwrap();
+        assert!(!list(&caller, bundle.path()).await.unwrap()[0].exit);
     }
 
     #[test]
