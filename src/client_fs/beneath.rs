@@ -10,6 +10,7 @@ use std::path::Path;
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
+use super::acl::At;
 use super::{
     BENEATH, MAX_PATH_BYTES, MAX_REMOVE_DEPTH, Peer, READ, SEARCH, WRITE, fd_path, kind_name,
     mode_and_owner, permission_denied, plain_components, reopen, same_file, shown, truncate,
@@ -56,7 +57,7 @@ pub fn open_beneath(dir: &OwnedFd, relative: &Path, flags: OFlags, peer: &Peer) 
         mode if mode == OFlags::RDWR => READ | WRITE,
         _ => READ,
     };
-    if !peer.may(&st, want) {
+    if !peer.may(At::Fd(handle.as_fd()), &st, want) {
         return Err(permission_denied(
             beneath.shown(),
             format!(
@@ -168,7 +169,7 @@ pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()>
         || peer.is_root()
         || st.st_uid == peer.uid
         || parent_st.st_uid == peer.uid;
-    if !peer.may(&parent_st, WRITE | SEARCH) || !sticky_owner {
+    if !peer.may(At::Fd(parent.as_fd()), &parent_st, WRITE | SEARCH) || !sticky_owner {
         return Err(permission_denied(
             beneath.shown(),
             format!(
@@ -223,7 +224,7 @@ pub fn create_dir_beneath(
     let beneath = Beneath::new(dir, relative)?;
     let (parent, leaf) = beneath.parent(peer)?;
     let parent_st = rustix::fs::fstat(&parent).map_err(|e| beneath.io(e))?;
-    if !peer.may(&parent_st, WRITE | SEARCH) {
+    if !peer.may(At::Fd(parent.as_fd()), &parent_st, WRITE | SEARCH) {
         return Err(permission_denied(
             beneath.shown(),
             format!(
@@ -332,7 +333,7 @@ pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize)
                 kind_name(&st)
             )));
         }
-        if !peer.may(&st, READ) {
+        if !peer.may(At::Entry(dir.as_fd(), name), &st, READ) {
             return Err(permission_denied(
                 at,
                 format!(
@@ -543,7 +544,7 @@ impl<'a> Beneath<'a> {
 
     fn may_search(&self, dir: &OwnedFd, peer: &Peer) -> Result<()> {
         let st = rustix::fs::fstat(dir).map_err(|e| self.io(e))?;
-        if peer.may(&st, SEARCH) {
+        if peer.may(At::Fd(dir.as_fd()), &st, SEARCH) {
             return Ok(());
         }
         Err(permission_denied(

@@ -9,8 +9,8 @@
 //!   `O_PATH | O_DIRECTORY | O_NOFOLLOW` relative to its parent's descriptor, so no symbolic link
 //!   anywhere on it is followed and nothing can be swapped between the check and the use;
 //! - the peer must be allowed to search every directory on the way and to use the file as berthd
-//!   is asked to (mode bits against the peer's uid, gid and supplementary groups; uid 0 always
-//!   may). POSIX ACLs are not consulted: they can only make berthd refuse what they would allow;
+//!   is asked to (the file's access ACL where it has one, else its mode bits, against the peer's
+//!   uid, gid and supplementary groups, as the kernel checks them; uid 0 always may);
 //! - no directory on the way, nor the file itself, may be one of the `forbidden` directories
 //!   (berthd's state directory), compared by device and inode so that bind mounts and hard links
 //!   are caught too;
@@ -30,6 +30,7 @@
 //! Every function here blocks (a file system may hang); call them off the reactor, as the
 //! supervisor's `Caller` does.
 
+mod acl;
 mod beneath;
 mod peer;
 #[cfg(test)]
@@ -38,13 +39,14 @@ mod walk;
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
 
 use crate::error::{Error, Result};
+use acl::At;
 pub use beneath::{
     check_readable_files, create_dir_beneath, give_to, list_dirs_beneath, open_beneath,
     remove_beneath, remove_held, set_owner,
@@ -133,7 +135,7 @@ pub fn open_console(path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<Con
     if !is_pty_terminal(&st) {
         return open_stdio_leaf(&walk, &leaf, &st, Access::Write).map(Console::Output);
     }
-    check_terminal(&walk, &st)?;
+    check_terminal(&walk, &leaf, &st)?;
     let fd = walk.reopen(&leaf, &st, OFlags::RDWR | OFlags::NONBLOCK)?;
     set_blocking(&walk, &fd)?;
     Ok(Console::Terminal(fd))
@@ -161,17 +163,17 @@ fn stdio_walk<'a>(
 /// the other end.
 pub fn check_console(path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<()> {
     let walk = stdio_walk("console", path, peer, forbidden)?;
-    let (_, st) = walk.leaf()?;
+    let (leaf, st) = walk.leaf()?;
     if is_pty_terminal(&st) {
-        check_terminal(&walk, &st)
+        check_terminal(&walk, &leaf, &st)
     } else {
-        check_stdio_leaf(&walk, &st, Access::Write)
+        check_stdio_leaf(&walk, &leaf, &st, Access::Write)
     }
 }
 
 /// A pty's terminal side, which the peer may read and write.
-fn check_terminal(walk: &Walk<'_>, st: &Stat) -> Result<()> {
-    if !walk.peer.may(st, READ | WRITE) {
+fn check_terminal(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat) -> Result<()> {
+    if !walk.peer.may(At::Fd(leaf.as_fd()), st, READ | WRITE) {
         return Err(walk.denied(format!(
             "{} may not read and write this console ({}); give a terminal it may use itself",
             walk.peer.describe(),
@@ -182,7 +184,7 @@ fn check_terminal(walk: &Walk<'_>, st: &Stat) -> Result<()> {
 }
 
 fn open_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) -> Result<OwnedFd> {
-    check_stdio_leaf(walk, st, access)?;
+    check_stdio_leaf(walk, leaf, st, access)?;
     let mode = match (access, FileType::from_raw_mode(st.st_mode)) {
         (Access::Read, _) => OFlags::RDONLY,
         (Access::Write, FileType::RegularFile) => OFlags::WRONLY | OFlags::APPEND,
@@ -195,7 +197,7 @@ fn open_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) -
 }
 
 /// A FIFO, `/dev/null` or a regular file, which the peer may use for `access`.
-fn check_stdio_leaf(walk: &Walk<'_>, st: &Stat, access: Access) -> Result<()> {
+fn check_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) -> Result<()> {
     let what = walk.what;
     let kind = FileType::from_raw_mode(st.st_mode);
     let dev_null = is_dev_null(st);
@@ -206,7 +208,10 @@ fn check_stdio_leaf(walk: &Walk<'_>, st: &Stat, access: Access) -> Result<()> {
             kind_name(st)
         )));
     }
-    if !dev_null && !walk.peer.may(st, access.bits()) {
+    if kind == FileType::RegularFile {
+        not_a_kernel_interface(walk, leaf)?;
+    }
+    if !dev_null && !walk.peer.may(At::Fd(leaf.as_fd()), st, access.bits()) {
         return Err(walk.denied(format!(
             "{} may not {} this {what} ({}); give a file it may {} itself",
             walk.peer.describe(),
@@ -242,6 +247,7 @@ pub fn read_regular(
             kind_name(&st)
         )));
     }
+    not_a_kernel_interface(&walk, &leaf)?;
     let size = u64::try_from(st.st_size).unwrap_or(0);
     let over = |size: u64| {
         Error::InvalidArgument(format!(
@@ -252,7 +258,7 @@ pub fn read_regular(
     if size > limit {
         return Err(over(size));
     }
-    if !peer.may(&st, READ) {
+    if !peer.may(At::Fd(leaf.as_fd()), &st, READ) {
         return Err(walk.denied(format!(
             "{} may not read this {what} ({}); give a file it may read itself",
             peer.describe(),
@@ -281,7 +287,7 @@ pub fn read_regular(
 pub fn open_dir(what: &str, path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<OwnedFd> {
     let walk = Walk::new(what, path, peer, forbidden, Missing::NotFound)?;
     let (dir, st) = walk.dirs(&walk.components)?;
-    if !peer.may(&st, SEARCH) {
+    if !peer.may(At::Fd(dir.as_fd()), &st, SEARCH) {
         return Err(walk.denied(format!(
             "{} may not search this {what} ({}); give a directory it may search itself",
             peer.describe(),
@@ -320,6 +326,44 @@ fn file_id(st: &Stat) -> (u64, u64) {
 
 /// `/dev/null` wherever it is: the character device 1:3.
 #[allow(clippy::unnecessary_cast)] // the field types differ between architectures
+/// Refuses a file of the kernel's own file systems (procfs, sysfs, cgroupfs, ...). Some of
+/// their files judge a write or read by who opened them rather than who uses them (a cgroup's
+/// `cgroup.procs`, a user namespace's `uid_map`), and berthd opens as root: the caller's own
+/// `cgroup.procs` as a container's stdout would let it move any process into its cgroup.
+fn not_a_kernel_interface(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<()> {
+    /// configfs, efivarfs, pstore, binfmt_misc and fusectl, which libc does not name.
+    const OTHERS: [i64; 5] = [
+        0x6265_6570,
+        0xde5e_81e4,
+        0x6165_676c,
+        0x4249_4e4d,
+        0x6573_5543,
+    ];
+    let named = [
+        libc::PROC_SUPER_MAGIC,
+        libc::SYSFS_MAGIC,
+        libc::CGROUP_SUPER_MAGIC,
+        libc::CGROUP2_SUPER_MAGIC,
+        libc::DEBUGFS_MAGIC,
+        libc::TRACEFS_MAGIC,
+        libc::SECURITYFS_MAGIC,
+        libc::BPF_FS_MAGIC,
+        libc::SELINUX_MAGIC,
+        libc::SMACK_MAGIC,
+        libc::RDTGROUP_SUPER_MAGIC,
+    ];
+    let fs = rustix::fs::fstatfs(leaf).map_err(|e| walk.io(e))?;
+    let kind = fs.f_type as i64;
+    if named.iter().any(|&magic| magic as i64 == kind) || OTHERS.contains(&kind) {
+        return Err(Error::InvalidArgument(format!(
+            "{} {} is a file of a kernel interface file system ({kind:#x}), which berthd does not open for a client; give a FIFO, /dev/null or a file on a disk or tmpfs",
+            walk.what,
+            shown(walk.path)
+        )));
+    }
+    Ok(())
+}
+
 fn is_dev_null(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
         && rustix::fs::major(st.st_rdev as _) == 1

@@ -1,10 +1,11 @@
 //! Who is asking: a connection's peer from `SO_PEERCRED` and its supplementary groups, and
-//! whether mode bits grant it an access.
+//! whether a file's ACL or mode bits grant it an access.
 
 use std::io::Read;
 
 use rustix::fs::Stat;
 
+use super::acl::{self, At};
 use super::permission_denied;
 use crate::error::{Error, Result};
 
@@ -86,10 +87,20 @@ impl Peer {
         self.gid == gid || self.groups.contains(&gid)
     }
 
-    /// Whether the mode bits and ownership in `st` grant this peer all of `want` (`rwx` bits).
-    pub(super) fn may(&self, st: &Stat, want: u32) -> bool {
+    /// Whether the file `at`, whose stat is `st`, grants this peer all of `want` (`rwx` bits):
+    /// by its access ACL if it has one ([`acl`]), else by its mode bits. An ACL that cannot be
+    /// read or is not one the kernel would hold grants nothing.
+    pub(super) fn may(&self, at: At<'_>, st: &Stat, want: u32) -> bool {
         if self.is_root() {
             return true;
+        }
+        let owner = (st.st_uid, st.st_gid);
+        match acl::read(at) {
+            Ok(None) => {}
+            Ok(Some(bytes)) => {
+                return acl::parse(&bytes).is_some_and(|acl| acl::grants(&acl, owner, self, want));
+            }
+            Err(_) => return false,
         }
         let mode = st.st_mode;
         let granted = if st.st_uid == self.uid {

@@ -764,3 +764,26 @@ fn a_held_directory_is_emptied_whatever_its_name_names_now() {
         "keep"
     );
 }
+
+#[test]
+fn files_of_kernel_interface_file_systems_are_refused_even_to_root() {
+    let root = Peer::root();
+    let pid = std::process::id();
+    for path in [
+        format!("/proc/{pid}/oom_score_adj"),
+        "/proc/sys/kernel/hostname".to_owned(),
+        "/sys/kernel/uevent_seqnum".to_owned(),
+    ] {
+        let path = Path::new(&path);
+        for access in [Access::Read, Access::Write] {
+            let message = invalid(stdio(path, access, &root));
+            assert!(message.contains("kernel interface"), "{message}");
+        }
+        let read = read_regular("config", path, 1 << 20, &root, &[]);
+        assert!(invalid(read).contains("kernel interface"));
+    }
+    let dir = open_tempdir();
+    let file = dir.path().join("out.log");
+    std::fs::write(&file, "").unwrap();
+    assert!(stdio(&file, Access::Write, &root).is_ok());
+}

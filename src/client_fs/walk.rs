@@ -3,13 +3,14 @@
 //! directories refused by device and inode.
 
 use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
+use super::acl::At;
 use super::{
     MAX_PATH_BYTES, Peer, SEARCH, file_id, kind_name, mode_and_owner, permission_denied,
     plain_components, reopen, same_file, shown,
@@ -72,7 +73,7 @@ impl<'a> Walk<'a> {
         let mut st = rustix::fs::fstat(&dir).map_err(|e| Error::io("/", e.into()))?;
         self.not_forbidden(&st, &at)?;
         for name in components {
-            self.may_search(&st, &at)?;
+            self.may_search(&dir, &st, &at)?;
             at.push(name);
             dir = match rustix::fs::openat(&dir, *name, flags, Mode::empty()) {
                 Ok(next) => next,
@@ -95,7 +96,7 @@ impl<'a> Walk<'a> {
         };
         let (dir, dir_st) = self.dirs(dirs)?;
         let mut at = self.path.parent().unwrap_or(Path::new("/")).to_owned();
-        self.may_search(&dir_st, &at)?;
+        self.may_search(&dir, &dir_st, &at)?;
         at.push(name);
         let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let leaf = rustix::fs::openat(&dir, *name, flags, Mode::empty())
@@ -136,8 +137,8 @@ impl<'a> Walk<'a> {
         )))
     }
 
-    fn may_search(&self, st: &Stat, at: &Path) -> Result<()> {
-        if self.peer.may(st, SEARCH) {
+    fn may_search(&self, dir: &OwnedFd, st: &Stat, at: &Path) -> Result<()> {
+        if self.peer.may(At::Fd(dir.as_fd()), st, SEARCH) {
             return Ok(());
         }
         Err(self.denied(format!(

@@ -228,6 +228,146 @@ async fn a_group_member_cannot_make_berthd_read_or_write_what_it_cannot() {
     .await
 }
 
+/// Sets `path`'s access ACL to `entries` (tag, permissions, id; the xattr form), as `setfacl`
+/// would; false after a loud skip where the file system keeps no ACLs.
+fn set_access_acl(path: &Path, entries: &[(u16, u16, u32)]) -> bool {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let set = rustix::fs::setxattr(
+        path,
+        "system.posix_acl_access",
+        &acl,
+        rustix::fs::XattrFlags::empty(),
+    );
+    host_supports(
+        "needs POSIX ACLs in the temp dir",
+        set.map_err(|e| format!("setxattr {}: {e}", path.display())),
+    )
+}
+
+/// Whether the kernel lets the member write `path` (`test -w`, which asks `access(2)`).
+fn member_may_write(path: &Path) -> bool {
+    Command::new("setpriv")
+        .args([
+            format!("--reuid={MEMBER}"),
+            format!("--regid={MEMBER}"),
+            "--clear-groups".into(),
+        ])
+        .args(["test", "-w"])
+        .arg(path)
+        .status()
+        .expect("setpriv test -w")
+        .success()
+}
+
+/// A file's access ACL decides what the member may name, as the kernel decides, where its mode
+/// bits alone would decide otherwise: a named entry that refuses the member a file every other
+/// user may write, and one that grants it a file whose mode bits show only the ACL's mask.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_files_acl_decides_what_the_member_may_name_as_the_kernel_does() {
+    const UNDEFINED: u32 = u32::MAX;
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        chmod(dir.path(), 0o755);
+        let bundle = member_bundle(&["echo", "from the container"]);
+        let id_ = id("acl");
+
+        // Mode 0666, but u:65534:--- in its ACL.
+        let refused = dir.path().join("refused.log");
+        fs::write(&refused, "").unwrap();
+        let denies_the_member = [
+            (USER_OBJ, 6, UNDEFINED),
+            (USER, 0, MEMBER),
+            (GROUP_OBJ, 6, UNDEFINED),
+            (MASK, 6, UNDEFINED),
+            (OTHER, 6, UNDEFINED),
+        ];
+        if !set_access_acl(&refused, &denies_the_member) {
+            return;
+        }
+        assert_eq!(mode(&refused), 0o666);
+        assert!(!member_may_write(&refused), "the kernel refuses the member");
+        let answer = member
+            .create(&id_, &bundle, ["", &path_str(&refused), ""])
+            .await;
+        expect(&answer, "PERMISSION_DENIED", "may not");
+        assert_eq!(fs::read_to_string(&refused).unwrap(), "");
+
+        // Root's, mode 0660 (the group bits are the mask), and u:65534:rw in its ACL.
+        let granted = dir.path().join("granted.log");
+        fs::write(&granted, "").unwrap();
+        let grants_the_member = [
+            (USER_OBJ, 6, UNDEFINED),
+            (USER, 6, MEMBER),
+            (GROUP_OBJ, 0, UNDEFINED),
+            (MASK, 6, UNDEFINED),
+            (OTHER, 0, UNDEFINED),
+        ];
+        assert!(set_access_acl(&granted, &grants_the_member));
+        assert_eq!(mode(&granted), 0o660);
+        assert!(
+            member_may_write(&granted),
+            "the kernel lets the member write"
+        );
+        let mut events = d.events().await;
+        let answer = member
+            .create(&id_, &bundle, ["", &path_str(&granted), ""])
+            .await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        let pid: u32 = answer[3..].parse().expect("a pid");
+        assert_eq!(events.exit_status(&id_, pid).await, 0);
+        assert_eq!(
+            fs::read_to_string(&granted).unwrap(),
+            "from the container\n"
+        );
+        d.assert_gone(&id_).await;
+    })
+    .await
+}
+
+/// A cgroup the member owns (as systemd delegates them) has a `cgroup.procs` the member may
+/// write; the kernel judges a write there by who opened the file, so berthd, which opens as
+/// root, refuses it and every file of the kernel's interface file systems as stdio.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_members_own_cgroup_procs_is_not_a_containers_stdout() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let mount = cgroup_mounts().into_iter().next().expect("a cgroup mount");
+        let id_ = id("cgroup-procs");
+        let cgroup = mount.dir.join(&id_);
+        fs::create_dir(&cgroup).expect("mkdir the member's cgroup");
+        let procs = cgroup.join("cgroup.procs");
+        chown(&procs, Some(MEMBER), Some(MEMBER)).expect("delegate cgroup.procs");
+        assert!(member_may_write(&procs));
+        // Were it taken, the pid written would be beyond any pid_max: no process would move.
+        let bundle = member_bundle(&["echo", "4194305"]);
+        let answer = member
+            .create(&id_, &bundle, ["", &path_str(&procs), ""])
+            .await;
+        fs::remove_dir(&cgroup).expect("rmdir the member's cgroup");
+        expect(&answer, "INVALID_ARGUMENT", "kernel interface");
+        d.assert_nothing_left(&id_, &baseline).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
     within(async {
