@@ -214,11 +214,42 @@ impl Drop for ConsoleSocket {
     }
 }
 
-/// One end of a relay: pollable descriptors go through the reactor; regular files, which
-/// epoll refuses and which never block for long, are written directly.
+/// One end of a relay: pollable descriptors go through the reactor; regular files, which epoll
+/// refuses, are read, written and closed on the blocking pool, since on a network or FUSE file
+/// system, under writeback throttling, or for a file whose writes do work in the kernel, each
+/// can block for as long as the file system likes.
 pub(super) enum Endpoint {
     Polled(AsyncFd<OwnedFd>),
-    File(OwnedFd),
+    File(BlockingFile),
+}
+
+/// A regular file relayed off the reactor. Shared with the blocking call in flight; the last
+/// holder closes it, never a worker.
+pub(super) struct BlockingFile(Option<Arc<OwnedFd>>);
+
+impl BlockingFile {
+    /// Runs `call` on the file on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&OwnedFd) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let Some(fd) = self.0.clone() else {
+            return Err(std::io::Error::other("the relayed file is closed"));
+        };
+        tokio::task::spawn_blocking(move || call(&fd))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+impl Drop for BlockingFile {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            drop(runtime.spawn_blocking(move || drop(fd)));
+        }
+    }
 }
 
 impl Endpoint {
@@ -229,7 +260,7 @@ impl Endpoint {
             })
             .unwrap_or(false);
         if regular {
-            return Ok(Endpoint::File(fd));
+            return Ok(Endpoint::File(BlockingFile(Some(Arc::new(fd)))));
         }
         set_nonblocking(&fd, true)?;
         Ok(Endpoint::Polled(crate::reactor::register(
@@ -238,25 +269,29 @@ impl Endpoint {
         )?))
     }
 
-    /// The descriptor, out of the reactor.
-    pub(super) fn into_fd(self) -> OwnedFd {
+    /// The descriptor, out of the reactor. A file is shared only while a call on it is in
+    /// flight, which a relay that stopped between chunks has none of.
+    pub(super) fn into_fd(self) -> std::io::Result<OwnedFd> {
         match self {
-            Endpoint::Polled(fd) => fd.into_inner(),
-            Endpoint::File(fd) => fd,
+            Endpoint::Polled(fd) => Ok(fd.into_inner()),
+            Endpoint::File(mut file) => match file.0.take() {
+                Some(shared) => Arc::try_unwrap(shared).or_else(|shared| shared.try_clone()),
+                None => Err(std::io::Error::other("the relayed file is closed")),
+            },
         }
     }
 
     /// The next chunk, empty at end of file. The buffer exists only once there is something to
     /// read: a relay waiting for input holds none (thousands of idle relays hold no memory).
     async fn read_chunk(&self) -> std::io::Result<Vec<u8>> {
-        let read = |fd: &OwnedFd| {
+        fn read(fd: &OwnedFd) -> std::io::Result<Vec<u8>> {
             let mut chunk = vec![0u8; CHUNK];
             let n = rustix::io::read(fd, &mut chunk)?;
             chunk.truncate(n);
             Ok(chunk)
-        };
+        }
         match self {
-            Endpoint::File(fd) => read(fd),
+            Endpoint::File(file) => file.run(read).await,
             Endpoint::Polled(fd) => loop {
                 let mut guard = fd.readable().await?;
                 match guard.try_io(|fd| read(fd.get_ref())) {
@@ -267,21 +302,41 @@ impl Endpoint {
         }
     }
 
-    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
-        while !bytes.is_empty() {
-            let written = match self {
-                Endpoint::File(fd) => rustix::io::write(fd, bytes)?,
-                Endpoint::Polled(fd) => loop {
-                    let mut guard = fd.writable().await?;
-                    match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), bytes)?)) {
-                        Ok(result) => break result?,
-                        Err(_would_block) => continue,
+    async fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Endpoint::File(file) => {
+                let bytes = bytes.to_vec();
+                file.run(move |fd| {
+                    let mut rest = &bytes[..];
+                    while !rest.is_empty() {
+                        let written = rustix::io::write(fd, rest)?;
+                        rest = &rest[written..];
                     }
-                },
-            };
-            bytes = &bytes[written..];
+                    Ok(())
+                })
+                .await
+            }
+            Endpoint::Polled(fd) => {
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let written = loop {
+                        let mut guard = fd.writable().await?;
+                        match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), rest)?)) {
+                            Ok(result) => break result?,
+                            Err(_would_block) => continue,
+                        }
+                    };
+                    rest = &rest[written..];
+                }
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// A regular file never waits for input, and its read runs to its end on the blocking pool
+    /// whatever becomes of the relay: raced against a stop, what it read would be lost.
+    fn is_file(&self) -> bool {
+        matches!(self, Endpoint::File(_))
     }
 }
 
@@ -304,16 +359,24 @@ pub(super) async fn copy(
 ) -> Ended {
     loop {
         // Stopping only ever interrupts the wait for input: a chunk read is always written.
-        let chunk = tokio::select! {
-            biased;
-            stopped = stop.wait_for(|stop| *stop) => {
-                return if stopped.is_ok() { Ended::Stopped } else { Ended::Closed };
+        let read = if from.is_file() {
+            if *stop.borrow() {
+                return Ended::Stopped;
             }
-            // A pty master reads EIO once the process side has closed: that is the end.
-            read = from.read_chunk() => match read {
-                Ok(chunk) if !chunk.is_empty() => chunk,
-                _ => return Ended::Closed,
-            },
+            from.read_chunk().await
+        } else {
+            tokio::select! {
+                biased;
+                stopped = stop.wait_for(|stop| *stop) => {
+                    return if stopped.is_ok() { Ended::Stopped } else { Ended::Closed };
+                }
+                read = from.read_chunk() => read,
+            }
+        };
+        // A pty master reads EIO once the process side has closed: that is the end.
+        let chunk = match read {
+            Ok(chunk) if !chunk.is_empty() => chunk,
+            _ => return Ended::Closed,
         };
         if let Some(to) = to
             && to.write_all(&chunk).await.is_err()

@@ -139,7 +139,10 @@ impl PipeRelay {
                 } else {
                     stdio::copy(&pipe, Some(&client), stopped).await
                 };
-                (ended == Ended::Stopped).then(|| (pipe.into_fd(), client.into_fd()))
+                if ended != Ended::Stopped {
+                    return None;
+                }
+                Some((pipe.into_fd().ok()?, client.into_fd().ok()?))
             });
             relay.tasks.push((n, task));
         }

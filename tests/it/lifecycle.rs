@@ -599,6 +599,47 @@ async fn terminal_output_goes_to_the_console_path_and_input_comes_from_stdin() {
     .await
 }
 
+/// Regular files at both ends of a terminal: the relay reads and writes them off the reactor
+/// (a file on a slow file system would otherwise hold a worker), and still carries every byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminals_input_and_output_may_be_regular_files() {
+    within(async {
+        let mut d = daemon!();
+        let id = id("tty-files");
+        let bundle = Bundle::new(&[
+            "sh",
+            "-c",
+            "stty -echo; read first && read second && echo got-$first-$second",
+        ]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let stdin = d.dir().join("stdin.txt");
+        let stdout = d.dir().join("stdout.log");
+        std::fs::write(&stdin, "one\ntwo\n").expect("write stdin");
+        std::fs::write(&stdout, "before\n").expect("write stdout");
+        let mut events = d.events().await;
+        let mut req = create_req(&id, &bundle);
+        req.stdin = path_str(&stdin);
+        req.stdout = path_str(&stdout);
+        let pid = d.create(req).await;
+        assert_eq!(events.exit_status(&id, pid).await, 0);
+        let deadline = std::time::Instant::now() + SETTLE;
+        let text = loop {
+            let text = std::fs::read_to_string(&stdout).expect("read stdout");
+            if text.contains("got-one-two\r\n") || std::time::Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        // Appended to, not truncated; the terminal may echo the input before `stty -echo` runs.
+        assert!(
+            text.starts_with("before\n") && text.ends_with("got-one-two\r\n"),
+            "{text:?}"
+        );
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_terminal_given_as_the_console_is_the_input_and_the_output() {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
