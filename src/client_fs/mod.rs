@@ -158,6 +158,21 @@ fn stdio_walk<'a>(
     )
 }
 
+/// Checks a stdio path that will not be used (its process's terminal replaces it) as
+/// [`open_stdio`] would, without opening it: opening a FIFO is seen by whoever holds the other
+/// end.
+pub fn check_stdio(
+    what: &str,
+    path: &Path,
+    access: Access,
+    peer: &Peer,
+    forbidden: &[&Path],
+) -> Result<()> {
+    let walk = stdio_walk(what, path, peer, forbidden)?;
+    let (leaf, st) = walk.leaf()?;
+    check_stdio_leaf(&walk, &leaf, &st, access)
+}
+
 /// Checks a console path that will not be used (its process has no terminal) as it would be
 /// checked if it were, without opening it: opening a FIFO or a terminal is seen by whoever holds
 /// the other end.

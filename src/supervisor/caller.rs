@@ -90,6 +90,17 @@ impl Caller {
         client_fs::check_console(Path::new(path), &self.peer, &[&self.state_dir])
     }
 
+    /// A stdio path a terminal replaces (see [`client_fs::check_stdio`]).
+    pub fn check_stdio(&self, what: &str, path: &str, access: Access) -> Result<()> {
+        client_fs::check_stdio(
+            what,
+            Path::new(path),
+            access,
+            &self.peer,
+            &[&self.state_dir],
+        )
+    }
+
     /// A directory the client named (`what`: a bundle), checked as [`Caller::open_dir`] checks
     /// it, and the regular file `name` in it, of at most the size limit, read in the same trip
     /// off the reactor within the time limit; `Ok(None)` when the directory is there and the

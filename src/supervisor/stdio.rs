@@ -94,18 +94,30 @@ impl StdioPaths {
     /// What a pty master is relayed to. A console that is a terminal is both input and output;
     /// any other console is output only (a FIFO read back would feed the terminal its own
     /// output), with input from stdin. Without a console: input from stdin, output to stdout.
+    /// The paths a terminal replaces (stderr always, stdout with a console, stdin with a
+    /// console that is a terminal) are checked all the same: a caller may name only what it
+    /// may use.
     pub(super) fn open_relay(&self) -> Result<RelayEnds> {
         let caller = self.caller()?;
+        let check = |what, path: &str, access| match path {
+            "" => Ok(()),
+            path => caller.check_stdio(what, path, access),
+        };
+        check("stderr", &self.stderr, Access::Write)?;
         let output = match (self.console.is_empty(), self.stdout.is_empty()) {
-            (false, _) => match caller.open_console(&self.console)? {
-                Console::Terminal(console) => {
-                    let input = console
-                        .try_clone()
-                        .map_err(|e| Error::sys("duplicate the console descriptor", e))?;
-                    return Ok((Some(input), Some(console)));
+            (false, _) => {
+                check("stdout", &self.stdout, Access::Write)?;
+                match caller.open_console(&self.console)? {
+                    Console::Terminal(console) => {
+                        check("stdin", &self.stdin, Access::Read)?;
+                        let input = console
+                            .try_clone()
+                            .map_err(|e| Error::sys("duplicate the console descriptor", e))?;
+                        return Ok((Some(input), Some(console)));
+                    }
+                    Console::Output(output) => Some(output),
                 }
-                Console::Output(output) => Some(output),
-            },
+            }
             (true, false) => Some(caller.open_stdio("stdout", &self.stdout, Access::Write)?),
             (true, true) => None,
         };

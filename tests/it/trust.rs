@@ -405,6 +405,32 @@ async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
         let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
         assert!(message.chars().count() < 400, "{message}");
         d.assert_nothing_left(&id_, &baseline).await;
+        // Paths a terminal replaces are checked all the same: stderr always, stdout beside a
+        // console, stdin beside a console that is a terminal.
+        let tty = Bundle::new(&["true"]);
+        tty.edit(|c| c["process"]["terminal"] = true.into());
+        let console = d.dir().join("console.fifo");
+        mkfifo(&console);
+        let mut req = create_req(&id_, &tty);
+        req.stderr = path_str(&record);
+        let message = expect_code(d.client.create_container(req).await, Code::PermissionDenied);
+        assert!(message.contains("stderr"), "{message}");
+        let mut req = create_req(&id_, &tty);
+        req.console = path_str(&console);
+        req.stdout = path_str(bundle.path());
+        let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+        assert!(message.contains("stdout"), "{message}");
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
+        grantpt(&master).expect("grantpt");
+        unlockpt(&master).expect("unlockpt");
+        let terminal = ptsname(&master, Vec::new()).expect("ptsname");
+        let mut req = create_req(&id_, &tty);
+        req.console = terminal.to_str().expect("terminal path").to_owned();
+        req.stdin = path_str(&record);
+        let message = expect_code(d.client.create_container(req).await, Code::PermissionDenied);
+        assert!(message.contains("stdin"), "{message}");
+        d.assert_nothing_left(&id_, &baseline).await;
         let mut events = d.events().await;
         d.kill_container(&mut events, &victim.id, victim.pid).await;
     })
