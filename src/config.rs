@@ -117,8 +117,9 @@ pub struct Config {
     #[arg(long, env = "BERTH_METRICS_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub metrics_max_connections: u64,
 
-    /// Most bytes of args plus env one process may have (CreateContainer's bundle process,
-    /// AddProcess); a larger one is refused with RESOURCE_EXHAUSTED naming this flag.
+    /// Most bytes of args, env, cwd and additional gids (4 bytes each) one process may have
+    /// (CreateContainer's bundle process, AddProcess); a larger one is refused with
+    /// RESOURCE_EXHAUSTED naming this flag.
     #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_process_spec_bytes: u64,
 

@@ -59,6 +59,15 @@ impl Error {
         }
     }
 
+    /// A runtime's failure, its message [`bounded`]: runc quotes a client's args, env and cwd
+    /// whole in what it says.
+    pub fn runtime(op: impl Into<String>, message: &str) -> Self {
+        Error::Runtime {
+            op: op.into(),
+            message: bounded(message),
+        }
+    }
+
     /// A failed system call that has no path, named by what it was doing.
     pub fn sys(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
         Error::Sys {
@@ -77,6 +86,26 @@ pub fn quote(text: &str) -> String {
     match text.char_indices().nth(QUOTED_CHARS) {
         None => format!("{text:?}"),
         Some((end, _)) => format!("{:?}… ({} bytes)", &text[..end], text.len()),
+    }
+}
+
+/// `text`, another program's message that may hold a client's input whole, bounded for a
+/// message as [`quote`] bounds a quote: in full when short, else 200 characters, its first and
+/// last 100, around how many bytes were cut (the reason a runtime gives comes after what it
+/// quotes, as in `exec: "…": executable file not found in $PATH`).
+pub fn bounded(text: &str) -> String {
+    const END: usize = QUOTED_CHARS / 2;
+    let Some((head_end, _)) = text.char_indices().nth(END) else {
+        return text.to_owned();
+    };
+    match text.char_indices().nth_back(END - 1) {
+        Some((tail_start, _)) if tail_start > head_end => format!(
+            "{}… ({} bytes cut) …{}",
+            &text[..head_end],
+            tail_start - head_end,
+            &text[tail_start..]
+        ),
+        _ => text.to_owned(),
     }
 }
 
@@ -99,6 +128,11 @@ impl From<Error> for tonic::Status {
             Error::Io { source, .. } | Error::Sys { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => Code::NotFound,
                 std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+                // A file on a read-only mount, or one being executed, opened for writing (a
+                // client's stdout): the state of the file, never a fault of berthd's.
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::ExecutableFileBusy => {
+                    Code::FailedPrecondition
+                }
                 _ => Code::Internal,
             },
             Error::Internal(_) => Code::Internal,
@@ -151,6 +185,14 @@ mod tests {
                 io(std::io::ErrorKind::PermissionDenied),
                 Code::PermissionDenied,
             ),
+            (
+                Error::io("/p", std::io::Error::from_raw_os_error(libc::EROFS)),
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::sys("open", std::io::Error::from_raw_os_error(libc::ETXTBSY)),
+                Code::FailedPrecondition,
+            ),
             (io(std::io::ErrorKind::Other), Code::Internal),
             (Error::Internal("x".into()), Code::Internal),
             (Error::PermissionDenied("x".into()), Code::PermissionDenied),
@@ -175,6 +217,25 @@ mod tests {
         let quoted = quote(&long);
         assert_eq!(quoted.chars().filter(|&c| c == 'é').count(), 200);
         assert!(quoted.ends_with("… (100000 bytes)"), "{quoted}");
+    }
+
+    #[test]
+    fn bounded_messages_keep_short_text_and_both_ends_of_long_text() {
+        let short = "container \"a\" does not exist";
+        assert_eq!(bounded(short), short);
+        let at_most = "x".repeat(QUOTED_CHARS);
+        assert_eq!(bounded(&at_most), at_most);
+        let (prefix, suffix) = ("exec: \"", "\": executable file not found in $PATH");
+        let message = format!("{prefix}{}{suffix}", "é".repeat(100_000));
+        let head = format!("{prefix}{}", "é".repeat(QUOTED_CHARS / 2 - prefix.len()));
+        let tail = format!("{}{suffix}", "é".repeat(QUOTED_CHARS / 2 - suffix.len()));
+        let cut = message.len() - head.len() - tail.len();
+        assert_eq!(
+            bounded(&message),
+            format!("{head}… ({cut} bytes cut) …{tail}")
+        );
+        let status = tonic::Status::from(Error::runtime("runc exec", &message));
+        assert!(status.message().len() < 1024, "{}", status.message().len());
     }
 
     #[test]

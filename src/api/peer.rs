@@ -6,6 +6,8 @@
 //! Owns: reading and admitting the peer, the audit line. Does not own: checking the paths a
 //! peer names (supervisor, client_fs).
 
+use std::borrow::Cow;
+
 use tonic::{Request, Status};
 
 use crate::client_fs::Peer;
@@ -79,7 +81,35 @@ pub fn audit(peer: &Peer, rpc: &str, id: &str) {
         peer_gid = peer.gid,
         peer_pid = peer.pid,
         rpc,
-        id,
+        id = %logged(id),
         "request"
     );
+}
+
+/// A request's container id as the log records it, before anything has checked it: as given
+/// when it is a valid id (which has nothing to escape), else quoted and cut to its first 200
+/// characters, so a client can neither forge a line with a newline nor write megabytes.
+pub fn logged(id: &str) -> Cow<'_, str> {
+    if crate::supervisor::validate::plain_name(id, 64) {
+        Cow::Borrowed(id)
+    } else {
+        Cow::Owned(crate::error::quote(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_ids_are_escaped_and_bounded_unless_valid() {
+        assert_eq!(logged("web-1.prod_x"), "web-1.prod_x");
+        assert_eq!(logged(""), "\"\"");
+        let forged = "x\n2026-01-01T00:00:00Z  INFO berth::audit: request rpc=\"Forged\"";
+        let shown = logged(forged);
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.starts_with("\"x\\n2026"), "{shown}");
+        let huge = "y".repeat(4 << 20);
+        assert!(logged(&huge).len() < 300);
+    }
 }

@@ -8,7 +8,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::peer::{audit, peer};
+use super::peer::{audit, logged, peer};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
 use crate::model::{Checkpoint, ProcessSpec};
@@ -28,7 +28,7 @@ pub struct ApiService {
 struct Limits {
     /// `--max-message-bytes`: no response is built larger (State is refused instead).
     message_bytes: usize,
-    /// `--max-process-spec-bytes`: args plus env of one process.
+    /// `--max-process-spec-bytes`: args, env, cwd and additional gids of one process.
     spec_bytes: usize,
 }
 
@@ -44,7 +44,8 @@ impl ApiService {
         }
     }
 
-    /// Holds responses to `message_bytes` and each process's args plus env to `spec_bytes`.
+    /// Holds responses to `message_bytes` and each process's args, env, cwd and additional gids
+    /// to `spec_bytes`.
     pub fn limit(mut self, message_bytes: usize, spec_bytes: usize) -> Self {
         self.limits = Limits {
             message_bytes,
@@ -247,7 +248,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<proto::CreateContainerResponse>, Status> {
         let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("create_container", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("create_container", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         span.in_scope(|| audit(&peer, "CreateContainer", &r.id));
         let caller = self.supervisor.caller(peer);
         let request = CreateRequest {
@@ -274,7 +275,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<proto::UpdateContainerResponse>, Status> {
         let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("update_container", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("update_container", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         span.in_scope(|| audit(&peer, "UpdateContainer", &r.id));
         self.supervisor
             .update(&r.id, &r.status, r.signal)
@@ -290,7 +291,7 @@ impl proto::api_server::Api for ApiService {
         let peer = peer(&request)?;
         let r = request.into_inner();
         let _span =
-            tracing::info_span!("signal", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid)
+            tracing::info_span!("signal", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid)
                 .entered();
         audit(&peer, "Signal", &r.id);
         self.supervisor.signal(&r.id, r.pid, r.signal)?;
@@ -303,7 +304,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<proto::AddProcessResponse>, Status> {
         let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("add_process", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("add_process", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         span.in_scope(|| audit(&peer, "AddProcess", &r.id));
         let caller = self.supervisor.caller(peer);
         let request = ExecRequest {
@@ -336,7 +337,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<proto::CreateCheckpointResponse>, Status> {
         let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("create_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("create_checkpoint", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         span.in_scope(|| audit(&peer, "CreateCheckpoint", &r.id));
         let caller = self.supervisor.caller(peer);
         let wire = r.checkpoint.ok_or_else(|| {
@@ -364,7 +365,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<proto::DeleteCheckpointResponse>, Status> {
         let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("delete_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("delete_checkpoint", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         span.in_scope(|| audit(&peer, "DeleteCheckpoint", &r.id));
         let caller = self.supervisor.caller(peer);
         self.supervisor
@@ -380,7 +381,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<proto::ListCheckpointResponse>, Status> {
         let peer = peer(&request)?;
         let r = request.into_inner();
-        let span = tracing::info_span!("list_checkpoint", id = %r.id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("list_checkpoint", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         let caller = self.supervisor.caller(peer);
         let checkpoints = self
             .supervisor
@@ -399,7 +400,7 @@ impl proto::api_server::Api for ApiService {
         let peer = peer(&request)?;
         let id = request.into_inner().id;
         let _span =
-            tracing::info_span!("state", id = %id, peer_uid = peer.uid, peer_pid = peer.pid)
+            tracing::info_span!("state", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid)
                 .entered();
         let machine = self.supervisor.machine();
         let containers = if id.is_empty() {
@@ -464,8 +465,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<Self::GetStatsStream>, Status> {
         let peer = peer(&request)?;
         let id = request.into_inner().id;
-        let span =
-            tracing::info_span!("get_stats", id = %id, peer_uid = peer.uid, peer_pid = peer.pid);
+        let span = tracing::info_span!("get_stats", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid);
         crate::supervisor::validate::container_id(&id)?;
         // Opening a container's stats files is file system work: off the reactor.
         let supervisor = Arc::clone(&self.supervisor);

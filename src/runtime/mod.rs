@@ -511,17 +511,14 @@ impl Runtime {
                         Some(rest) => rest.to_owned(),
                         None => message,
                     };
-                    Err(Error::Runtime { op: what, message })
+                    Err(Error::runtime(what, &message))
                 }
             }
             Outcome::TimedOut => Err(Error::Timeout {
                 what,
                 secs: self.timeout.as_secs(),
             }),
-            Outcome::SpawnFailed { error } => Err(Error::Runtime {
-                op: what,
-                message: error,
-            }),
+            Outcome::SpawnFailed { error } => Err(Error::runtime(what, &error)),
         }
     }
 }

@@ -289,6 +289,24 @@ async fn failures_carry_the_runtime_message() {
 }
 
 #[tokio::test]
+async fn a_runtime_message_quoting_a_huge_argument_is_bounded() {
+    let huge = "x".repeat(3 << 20);
+    let line = format!("exec: \"{huge}\": executable file not found in $PATH\n");
+    let (runtime, _) = runtime_with(Outcome::Exited { code: Some(1) }, &line);
+    let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
+    let message = tonic::Status::from(err).message().to_owned();
+    assert!(message.len() < 1024, "{} bytes", message.len());
+    assert!(
+        message.starts_with("runc pause failed: exec: \"xx"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("\": executable file not found in $PATH"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn timeouts_and_spawn_failures_map_to_their_errors() {
     let (runtime, _) = runtime_with(Outcome::TimedOut, "");
     let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();

@@ -53,6 +53,7 @@ impl Supervisor {
 
     async fn create_owned(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
         validate::container_id(&request.id)?;
+        request.stdio.check()?;
         // The bundle's process is kept as the base of added processes.
         let (bundle, base_process) = validate::bundle(&request.bundle, &request.caller).await?;
         let (restore, _restoring) = match request.checkpoint.as_str() {
@@ -66,9 +67,15 @@ impl Supervisor {
         if restore.is_some() {
             self.criu_ready().await?;
         }
-        request.stdio.check()?;
         let init_spec = spec_of(&base_process);
-        validate::process_spec_size(&init_spec.args, &init_spec.env, request.max_spec_bytes)?;
+        validate::process(
+            "config.json: process.",
+            &init_spec.args,
+            &init_spec.env,
+            &init_spec.cwd,
+            &init_spec.additional_gids,
+            request.max_spec_bytes,
+        )?;
 
         let mut undo = Undo::new(self, &request.id);
         undo.reserved(self.reserve(&request.id).await?);

@@ -38,7 +38,7 @@ pub struct ExecRequest {
     pub user: Option<User>,
     pub terminal: bool,
     pub stdio: StdioPaths,
-    /// `--max-process-spec-bytes`, which args and env must fit.
+    /// `--max-process-spec-bytes`, which args, env, cwd and additional gids must fit.
     pub max_spec_bytes: usize,
 }
 
@@ -53,14 +53,26 @@ impl Supervisor {
     }
 
     async fn exec_owned(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
-        super::validate::process_spec_size(&request.args, &request.env, request.max_spec_bytes)?;
-        let container = self.container(&request.id)?;
+        // The request's own fields first: malformed input is that on any id.
         if request.args.is_empty() {
             return Err(Error::InvalidArgument(
                 "args is empty: give the program to run and its arguments".into(),
             ));
         }
+        let gids = request
+            .user
+            .as_ref()
+            .map_or(&[][..], |u| &u.additional_gids);
+        super::validate::process(
+            "",
+            &request.args,
+            &request.env,
+            &request.cwd,
+            gids,
+            request.max_spec_bytes,
+        )?;
         request.stdio.check()?;
+        let container = self.container(&request.id)?;
         let _operations = container.operations.lock().await;
         if container.lock().status == Status::Paused {
             return Err(Error::FailedPrecondition(format!(
@@ -148,12 +160,21 @@ impl Supervisor {
         let claim = self.reaper.claim(pid_file);
         let master = match console {
             Some(console) => {
-                // runc sends the master before it returns, so receive while it runs.
-                let (ran, master) = tokio::join!(
-                    self.runtime.run_with_stdio(exec, stdio),
-                    console.receive_master(CONSOLE_TIMEOUT)
-                );
-                ran?;
+                // runc sends the master before it returns, so receive while it runs; a runtime
+                // that fails before it connects is answered at once, not after the timeout.
+                let run = self.runtime.run_with_stdio(exec, stdio);
+                let receive = console.receive_master(CONSOLE_TIMEOUT);
+                tokio::pin!(run, receive);
+                let master = tokio::select! {
+                    ran = &mut run => {
+                        ran?;
+                        receive.await
+                    }
+                    master = &mut receive => {
+                        run.await?;
+                        master
+                    }
+                };
                 Some(master)
             }
             None => {

@@ -29,7 +29,6 @@ impl Supervisor {
     }
 
     async fn update_owned(&self, id: &str, status: &str, signal: u32) -> Result<()> {
-        let container = self.container(id)?;
         let target = match status {
             "" => None,
             "paused" => Some(Status::Paused),
@@ -44,6 +43,7 @@ impl Supervisor {
         let signal = (signal != 0)
             .then(|| validate::signal(signal))
             .transpose()?;
+        let container = self.container(id)?;
         if let Some(target) = target {
             let _operations = container.operations.lock().await;
             if container.lock().status == target {

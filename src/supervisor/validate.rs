@@ -1,4 +1,4 @@
-//! Checks on request fields that need no daemon state: ids, bundles, signals.
+//! Checks on request fields that need no daemon state: ids, bundles, signals, processes.
 //! Does not own: checks that need the registry (each operation makes those).
 
 use std::path::{Path, PathBuf};
@@ -45,13 +45,81 @@ pub fn signal(signal: u32) -> Result<i32> {
     }
 }
 
-/// Args plus env of one process must fit in `limit` bytes (each string with its NUL, as
-/// `execve` counts them): they are stored, sent in State and events, and passed to the runtime.
-pub fn process_spec_size(args: &[String], env: &[String], limit: usize) -> Result<()> {
-    let size: usize = args.iter().chain(env).map(|s| s.len() + 1).sum();
+/// The longest path the kernel takes, with its NUL.
+const PATH_MAX: usize = 4096;
+/// The most supplementary groups a process can have: `setgroups` refuses more.
+const NGROUPS_MAX: usize = 65536;
+
+/// What one process runs with, as an AddProcess request or a bundle's config.json gives it
+/// (`field` names where, e.g. `"config.json: process."`). The kernel takes args, env and cwd as
+/// C strings, so none may hold a NUL (runc would start the process and fail at its exec, or
+/// refuse it as its own error); env entries are `NAME=value`, as runc requires; cwd is a path
+/// the kernel takes; the groups are as many as `setgroups` takes. Then all of it must fit
+/// `limit` ([`process_spec_size`]).
+pub fn process(
+    field: &str,
+    args: &[String],
+    env: &[String],
+    cwd: &str,
+    additional_gids: &[u32],
+    limit: usize,
+) -> Result<()> {
+    let nul = |name: String, value: &str| {
+        Error::InvalidArgument(format!(
+            "{field}{name} {} contains a NUL byte",
+            crate::error::quote(value)
+        ))
+    };
+    for (i, arg) in args.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(nul(format!("args[{i}]"), arg));
+        }
+    }
+    for (i, entry) in env.iter().enumerate() {
+        if entry.contains('\0') {
+            return Err(nul(format!("env[{i}]"), entry));
+        }
+        if matches!(entry.find('='), None | Some(0)) {
+            return Err(Error::InvalidArgument(format!(
+                "{field}env[{i}] {} is not NAME=value",
+                crate::error::quote(entry)
+            )));
+        }
+    }
+    if cwd.len() >= PATH_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "{field}cwd is {} bytes, longer than a path may be (PATH_MAX, {PATH_MAX} with its NUL)",
+            cwd.len()
+        )));
+    }
+    if cwd.contains('\0') {
+        return Err(nul("cwd".into(), cwd));
+    }
+    if additional_gids.len() > NGROUPS_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "{field}user.additionalGids has {} entries, more than NGROUPS_MAX ({NGROUPS_MAX})",
+            additional_gids.len()
+        )));
+    }
+    process_spec_size(args, env, cwd, additional_gids, limit)
+}
+
+/// Args, env and cwd of one process (each string with its NUL, as the kernel counts them) and
+/// its additional gids (4 bytes each) must fit in `limit` bytes: they are stored, sent in State
+/// and events, and passed to the runtime.
+fn process_spec_size(
+    args: &[String],
+    env: &[String],
+    cwd: &str,
+    additional_gids: &[u32],
+    limit: usize,
+) -> Result<()> {
+    let strings: usize = args.iter().chain(env).map(|s| s.len() + 1).sum();
+    let cwd = if cwd.is_empty() { 0 } else { cwd.len() + 1 };
+    let size = strings + cwd + 4 * additional_gids.len();
     if size > limit {
         return Err(Error::ResourceExhausted(format!(
-            "the process's args and env are {size} bytes, more than --max-process-spec-bytes ({limit})"
+            "the process's args, env, cwd and additional gids are {size} bytes, more than --max-process-spec-bytes ({limit})"
         )));
     }
     Ok(())
@@ -122,21 +190,77 @@ mod tests {
     }
 
     #[test]
-    fn process_specs_are_bounded_by_args_and_env_together() {
+    fn process_specs_are_bounded_by_args_env_cwd_and_gids_together() {
         let args = vec!["sh".to_owned(), "-c".to_owned()];
         let env = vec!["A=1".to_owned()];
-        // "sh\0" + "-c\0" + "A=1\0" = 10 bytes.
-        assert!(process_spec_size(&args, &env, 10).is_ok());
-        let err = process_spec_size(&args, &env, 9).unwrap_err();
+        // "sh\0" + "-c\0" + "A=1\0" + "/tmp\0" + 2 gids of 4 bytes = 23 bytes.
+        assert!(process_spec_size(&args, &env, "/tmp", &[1, 2], 23).is_ok());
+        let err = process_spec_size(&args, &env, "/tmp", &[1, 2], 22).unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)));
         assert_eq!(
             err.to_string(),
-            "the process's args and env are 10 bytes, more than --max-process-spec-bytes (9)"
+            "the process's args, env, cwd and additional gids are 23 bytes, more than --max-process-spec-bytes (22)"
         );
         assert_eq!(
             tonic::Status::from(err).code(),
             tonic::Code::ResourceExhausted
         );
+        // An empty cwd (the container's own) counts nothing.
+        assert!(process_spec_size(&args, &env, "", &[], 10).is_ok());
+    }
+
+    #[test]
+    fn processes_refuse_nul_bytes_bad_env_long_cwds_and_too_many_groups() {
+        let check = |args: &[&str], env: &[&str], cwd: &str, gids: &[u32]| {
+            let args: Vec<String> = args.iter().map(|&a| a.into()).collect();
+            let env: Vec<String> = env.iter().map(|&e| e.into()).collect();
+            process("", &args, &env, cwd, gids, usize::MAX)
+        };
+        let invalid = |result: Result<()>| match result {
+            Err(Error::InvalidArgument(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(check(&["sh"], &["A=", "B=x=y"], "", &[]).is_ok());
+        assert_eq!(
+            invalid(check(&["sh", "a\0b"], &[], "", &[])),
+            r#"args[1] "a\0b" contains a NUL byte"#
+        );
+        assert_eq!(
+            invalid(check(&["sh"], &["A=1", "B=\0"], "", &[])),
+            r#"env[1] "B=\0" contains a NUL byte"#
+        );
+        for bad in ["FOO", "=x", ""] {
+            let message = invalid(check(&["sh"], &[bad], "", &[]));
+            assert!(message.ends_with("is not NAME=value"), "{message}");
+        }
+        assert_eq!(
+            invalid(check(&["sh"], &[], "/tm\0p", &[])),
+            r#"cwd "/tm\0p" contains a NUL byte"#
+        );
+        let longest = format!("/{}", "d".repeat(PATH_MAX - 2));
+        assert!(check(&["sh"], &[], &longest, &[]).is_ok());
+        let message = invalid(check(&["sh"], &[], &format!("{longest}d"), &[]));
+        assert_eq!(
+            message,
+            "cwd is 4096 bytes, longer than a path may be (PATH_MAX, 4096 with its NUL)"
+        );
+        let groups = vec![7; NGROUPS_MAX];
+        assert!(check(&["sh"], &[], "", &groups).is_ok());
+        let message = invalid(check(&["sh"], &[], "", &vec![7; NGROUPS_MAX + 1]));
+        assert_eq!(
+            message,
+            "user.additionalGids has 65537 entries, more than NGROUPS_MAX (65536)"
+        );
+        // A bundle's fields are named where they are.
+        let args = vec!["a\0".to_owned()];
+        let message = invalid(process("config.json: process.", &args, &[], "/", &[], 1024));
+        assert!(
+            message.starts_with("config.json: process.args[0] "),
+            "{message}"
+        );
+        // Valid fields that do not fit the limit are a limit reached, not malformed input.
+        let err = process("", &["sh".into()], &[], "/", &groups, 1024).unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
     }
 
     #[test]

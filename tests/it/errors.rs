@@ -273,16 +273,24 @@ async fn signal_rejects_unknown_ids_foreign_pids_and_bad_signals() {
             (req(&a, child_b, SIGKILL), Code::NotFound),
             (req(&a, d.pid(), SIGKILL), Code::NotFound),
             (req(&a, 1, SIGKILL), Code::NotFound),
-            (req(&a, 0, SIGKILL), Code::NotFound),
             (req(&a, init_b, 0), Code::NotFound),
             (req(&a, init_a, 65), Code::InvalidArgument),
             (req(&a, child_a, 1000), Code::InvalidArgument),
+            // Pid 0 names no process; a malformed field is that on any id.
+            (req(&a, 0, SIGKILL), Code::InvalidArgument),
+            (req(&unknown, 0, SIGKILL), Code::InvalidArgument),
+            (req(&unknown, init_a, 65), Code::InvalidArgument),
         ];
         for (request, code) in cases {
             let what = format!("{request:?}");
             let status = d.client.signal(request).await.expect_err(&what);
             assert_eq!(status.code(), code, "{what}: {status:?}");
         }
+        let message = expect_code(
+            d.client.signal(req(&a, 0, SIGKILL)).await,
+            Code::InvalidArgument,
+        );
+        assert!(message.starts_with("pid is 0"), "{message}");
         for pid in [init_a, init_b, child_a, child_b] {
             assert!(proc_stat(pid).is_some_and(|s| s.state != 'Z'), "{pid} died");
         }
@@ -376,6 +384,19 @@ async fn update_rejects_unknown_ids_and_statuses() {
         expect_code(
             d.client.update_container(req(&unknown, "paused")).await,
             Code::NotFound,
+        );
+        // Malformed fields are that on any id.
+        expect_code(
+            d.client.update_container(req(&unknown, "frozen")).await,
+            Code::InvalidArgument,
+        );
+        let bad_signal = UpdateContainerRequest {
+            signal: 65,
+            ..req(&unknown, "")
+        };
+        expect_code(
+            d.client.update_container(bad_signal).await,
+            Code::InvalidArgument,
         );
         for bad in ["frozen", "PAUSED", "stopped"] {
             expect_code(
@@ -600,6 +621,211 @@ async fn an_unusable_terminal_path_is_refused_before_the_runtime_runs() {
         let mut events = d.events().await;
         d.kill_container(&mut events, &running.id, running.pid)
             .await;
+        d.assert_nothing_left(&id, &baseline).await;
+    })
+    .await
+}
+
+/// Process fields no kernel takes (a NUL in args, env or cwd, an env entry that is not
+/// NAME=value, a cwd longer than PATH_MAX, more than NGROUPS_MAX groups) are INVALID_ARGUMENT
+/// naming the field, from AddProcess on any id and from a bundle's config.json, and leave
+/// nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_process_fields_are_refused_naming_the_field() {
+    use berth_api::proto::User;
+    within(async {
+        let mut d = daemon!();
+        let baseline = warm_up(&mut d).await;
+        let mut events = d.events().await;
+        let ctr = d.run("bad-fields", &["sleep", "1000"]).await;
+        let fds = d.baseline();
+        let unknown = id("bad-fields-unknown");
+        let long_cwd = format!("/{}", "d".repeat(5000));
+        let mut cases = Vec::new();
+        let mut with = |field: &str, change: &dyn Fn(&mut berth_api::proto::AddProcessRequest)| {
+            let mut req = exec_req(&ctr.id, &["true"]);
+            change(&mut req);
+            cases.push((field.to_owned(), req));
+        };
+        with("args[1]", &|r| r.args.push("a\0b".into()));
+        with("env[0]", &|r| r.env = vec!["A=\0".into()]);
+        with("env[1]", &|r| r.env = vec!["A=1".into(), "FOO".into()]);
+        with("cwd", &|r| r.cwd = "/tm\0p".into());
+        with("cwd", &|r| r.cwd = long_cwd.clone());
+        with("user.additionalGids", &|r| {
+            r.user = Some(User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![7; 65537],
+            })
+        });
+        for (field, req) in cases {
+            for target in [&ctr.id, &unknown] {
+                let req = berth_api::proto::AddProcessRequest {
+                    id: target.clone(),
+                    ..req.clone()
+                };
+                let message = expect_code(d.client.add_process(req).await, Code::InvalidArgument);
+                assert!(message.starts_with(&field), "{field}: {message}");
+                assert!(message.len() < 400, "{} bytes", message.len());
+            }
+        }
+        let st = d.state().await;
+        let c = st
+            .containers
+            .iter()
+            .find(|c| c.id == ctr.id)
+            .expect("listed");
+        assert_eq!(c.processes.len(), 1, "only the init is registered");
+        d.assert_settles(&fds).await;
+
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("bad-fields-bundle");
+        type Edit = fn(&mut serde_json::Value);
+        let edits: [(&str, Edit); 3] = [
+            ("process.args[1]", |c| {
+                c["process"]["args"][1] = "a\0".into()
+            }),
+            ("process.env[0]", |c| {
+                c["process"]["env"] = vec!["PATH"].into()
+            }),
+            ("process.user.additionalGids", |c| {
+                c["process"]["user"]["additionalGids"] = vec![7; 65537].into()
+            }),
+        ];
+        for (field, edit) in edits {
+            let original = bundle.config();
+            bundle.edit(edit);
+            let message = expect_code(
+                d.client.create_container(create_req(&id, &bundle)).await,
+                Code::InvalidArgument,
+            );
+            assert!(
+                message.starts_with(&format!("config.json: {field}")),
+                "{field}: {message}"
+            );
+            bundle.edit(|c| *c = original);
+            d.assert_gone(&id).await;
+            d.assert_settles(&fds).await;
+        }
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.assert_nothing_left(&ctr.id, &baseline).await;
+    })
+    .await
+}
+
+/// A runtime message that quotes a client's input whole (runc's `exec: "<args[0]>": ...`,
+/// `chdir to cwd ("<cwd>")`) reaches the client cut to both its ends, with its code.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_errors_quoting_huge_input_are_bounded() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("huge-echo", &["sleep", "1000"]).await;
+        let fds = d.baseline();
+        // 20 KB: enough to be cut. With 200 KB the built-in runtime's exec child blocks for
+        // good writing its error to a pipe (libcontainer's, not this test's subject).
+        let program = format!("nonexistent-{}", "x".repeat(20_000));
+        let mut missing_dir = exec_req(&ctr.id, &["true"]);
+        missing_dir.cwd = format!("/{}", "d/".repeat(2000));
+        for req in [exec_req(&ctr.id, &[&program]), missing_dir] {
+            let message = expect_code(d.client.add_process(req).await, Code::FailedPrecondition);
+            assert!(message.len() < 1024, "{} bytes: {message}", message.len());
+            if !builtin_runtime() {
+                assert!(message.contains(" bytes cut) …"), "{message}");
+            }
+        }
+        d.assert_settles(&fds).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
+/// AddProcess with a terminal whose runtime fails before it connects to the console socket
+/// answers at once with the runtime's error (not after the console timeout, holding the
+/// container's lock), and leaves nothing behind: no console socket, scratch file, fd or child.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_exec_the_runtime_refuses_fails_at_once() {
+    within(async {
+        let scripts = tempfile::tempdir().expect("temp dir");
+        // Real runc, except that `exec` fails at once, saying so in its log as runc would.
+        let body = format!(
+            r#"#!/bin/sh
+log= previous=
+for arg in "$@"; do
+    if [ "$previous" = --log ]; then log=$arg; fi
+    if [ "$arg" = exec ]; then
+        echo '{{"level":"error","msg":"exec refused by the test runtime","time":"t"}}' >> "$log"
+        exit 1
+    fi
+    previous=$arg
+done
+exec '{}' "$@"
+"#,
+            runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "exec-refusing-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let mut events = d.events().await;
+        let ctr = d.run("refused-tty", &["sleep", "1000"]).await;
+        let baseline = d.baseline();
+        for _ in 0..2 {
+            let mut req = exec_req(&ctr.id, &["sh"]);
+            req.terminal = true;
+            let started = Instant::now();
+            let message = expect_code(d.client.add_process(req).await, Code::FailedPrecondition);
+            let took = started.elapsed();
+            assert!(
+                message.contains("exec refused by the test runtime"),
+                "{message}"
+            );
+            assert!(took < Duration::from_secs(5), "answered after {took:?}");
+            d.assert_settles(&baseline).await;
+        }
+        // The container's operations lock was let go: a pause and a resume go through.
+        for status in ["paused", "running"] {
+            let update = UpdateContainerRequest {
+                id: ctr.id.clone(),
+                status: status.into(),
+                signal: 0,
+            };
+            tokio::time::timeout(Duration::from_secs(5), d.client.update_container(update))
+                .await
+                .expect("the update waited for the container's lock")
+                .expect("update");
+        }
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// A stdio path berthd cannot open for writing because of the file's own state (here a
+/// running executable: ETXTBSY; a read-only mount is EROFS alike) is FAILED_PRECONDITION naming
+/// the path, not an internal error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stdout_that_cannot_be_written_is_a_failed_precondition() {
+    use std::os::unix::process::CommandExt;
+    within(async {
+        let mut d = daemon!();
+        let baseline = warm_up(&mut d).await;
+        let busy = d.dir().join("running-busybox");
+        fs::copy(BUSYBOX, &busy).expect("copy busybox");
+        // Busybox runs the applet its argv[0] names.
+        let mut running = std::process::Command::new(&busy)
+            .arg0("sleep")
+            .arg("1000")
+            .spawn()
+            .expect("run the copy");
+        let id = id("busy-stdout");
+        let bundle = Bundle::new(&["true"]);
+        let mut req = create_req(&id, &bundle);
+        req.stdout = path_str(&busy);
+        let result = d.client.create_container(req).await;
+        running.kill().expect("kill the copy");
+        running.wait().expect("reap the copy");
+        let message = expect_code(result, Code::FailedPrecondition);
+        assert!(message.contains(&path_str(&busy)), "{message}");
         d.assert_nothing_left(&id, &baseline).await;
     })
     .await

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_api::proto::{StateRequest, UpdateContainerRequest};
+use berth_api::proto::{SignalRequest, StateRequest, UpdateContainerRequest, User};
 use tonic::Code;
 
 use crate::common::*;
@@ -43,6 +43,21 @@ async fn oversized_process_specs_are_refused_where_they_enter() {
         let mut request = exec_req(&ctr.id, &["true"]);
         request.env = vec![format!("BIG={big}")];
         expect_code(d.client.add_process(request).await, Code::ResourceExhausted);
+        // cwd and the additional gids (4 bytes each) count too, each within what it may be.
+        let mut request = exec_req(&ctr.id, &["true", &"a".repeat(13_000)]);
+        request.cwd = format!("/{}", "c".repeat(4000));
+        expect_code(d.client.add_process(request).await, Code::ResourceExhausted);
+        let mut request = exec_req(&ctr.id, &["true"]);
+        request.user = Some(User {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![7; 5000],
+        });
+        let message = expect_code(d.client.add_process(request).await, Code::ResourceExhausted);
+        assert!(
+            message.contains("--max-process-spec-bytes (16384)"),
+            "{message}"
+        );
         d.assert_settles(&baseline).await;
         d.assert_no_zombies().await;
 
@@ -156,6 +171,56 @@ async fn oversized_input_is_refused_without_being_echoed() {
         let message = expect_code(d.client.add_process(exec).await, Code::InvalidArgument);
         assert!(message.len() < 400, "{} bytes echoed", message.len());
         d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
+/// A request's id reaches berthd's log escaped and bounded, whatever it holds and whichever
+/// request carries it: a newline cannot start a forged line (an audit line, say), and a
+/// megabyte id does not make megabyte lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_ids_reach_the_log_escaped_and_bounded() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["true"]);
+        let forged = "forged-line INFO berth::audit: request peer_uid=0 rpc=\"Daemon.Upgrade\"";
+        for hostile in [format!("x\n{forged}"), "h".repeat(1 << 20)] {
+            let create = d
+                .client
+                .create_container(create_req(&hostile, &bundle))
+                .await;
+            expect_code(create, Code::InvalidArgument);
+            let update = UpdateContainerRequest {
+                id: hostile.clone(),
+                status: "paused".into(),
+                signal: 0,
+            };
+            expect_code(
+                d.client.update_container(update).await,
+                Code::InvalidArgument,
+            );
+            let signal = SignalRequest {
+                id: hostile.clone(),
+                pid: 1,
+                signal: SIGKILL,
+            };
+            expect_code(d.client.signal(signal).await, Code::InvalidArgument);
+            let exec = exec_req(&hostile, &["true"]);
+            expect_code(d.client.add_process(exec).await, Code::InvalidArgument);
+            let state = StateRequest { id: hostile };
+            expect_code(d.client.state(state).await, Code::InvalidArgument);
+        }
+        let log = d.log();
+        assert!(
+            log.contains("forged-line"),
+            "the requests were not logged:\n{log}"
+        );
+        assert!(
+            !log.lines().any(|line| line.starts_with("forged-line")),
+            "a client forged a log line:\n{log}"
+        );
+        let longest = log.lines().map(str::len).max().unwrap_or(0);
+        assert!(longest < 4096, "a log line of {longest} bytes");
     })
     .await
 }
