@@ -54,6 +54,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const UPGRADE_REPLY_GRACE: Duration = Duration::from_millis(100);
 /// How long the binary an upgrade would run has to pass `--preflight`.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's own default, which tonic overrides with none.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// h2's default.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 
 /// What berthd must do once [`run`] returns.
 #[derive(Debug)]
@@ -326,6 +330,11 @@ impl Serving {
                 )))
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_max_header_list_size(edge::MAX_HEADER_LIST_SIZE)
+                // Streams h2 resets for the client's errors, and streams the client resets
+                // before they are served, end the connection past these counts (tonic leaves
+                // the first unbounded: CVE-2025-8671; the second is h2's default, said here).
+                .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+                .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
                 .http2_keepalive_interval(Some(config.keepalive))
                 .http2_keepalive_timeout(Some(config.keepalive))
                 .add_service(InterceptedService::new(

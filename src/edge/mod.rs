@@ -90,7 +90,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Edge<S> {
             }
             this.input.extend_from_slice(read.filled());
             if let Err(e) = this.rewriter.feed(&mut this.input, &mut this.output) {
-                tracing::warn!(error = %e, "closing a client connection that broke HTTP/2");
+                // Debug, not warn: a client could have berthd log a line per connection.
+                tracing::debug!(error = %e, "closing a client connection that broke HTTP/2");
                 this.state = ReadState::Failed;
                 this.output.clear();
                 return Poll::Ready(Err(closed()));

@@ -17,9 +17,12 @@ use super::frames::{
     PREFACE, PRIORITY, split_headers,
 };
 
-/// The most octets of HEADERS and CONTINUATION frames one header block may take: far above any
-/// gRPC client's metadata limit (8 to 16 KiB), and what bounds a connection's memory here.
-pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// The most octets of HEADERS and CONTINUATION frames one header block may take, and what
+/// bounds a connection's memory here: the decoded size past which h2 closes the connection
+/// ([`super::authority`]), which a block an encoder made no larger than need be cannot reach
+/// below it (a field decodes to its name and value plus 32 octets). gRPC clients send 8 to
+/// 16 KiB of metadata at most.
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 
 /// Why the edge ends a connection: the client broke HTTP/2 in a way that leaves its header
 /// compression state unknowable.
@@ -29,6 +32,8 @@ pub enum EdgeError {
     Hpack(#[from] HpackError),
     #[error("header block larger than {MAX_HEADER_BLOCK} octets")]
     BlockTooLarge,
+    #[error("header frame of {0} octets, above the {DEFAULT_MAX_FRAME} octets the server allows")]
+    FrameTooLarge(usize),
     #[error("frame of type {kind:#x} on stream {stream} inside a header block")]
     InterruptedBlock { kind: u8, stream: u32 },
     #[error("CONTINUATION frame on stream {0} without a header block")]
@@ -155,6 +160,10 @@ impl Rewriter {
         input: &mut BytesMut,
         out: &mut VecDeque<Bytes>,
     ) -> Result<State, EdgeError> {
+        if matches!(frame.kind, HEADERS | CONTINUATION) && frame.length > DEFAULT_MAX_FRAME {
+            // h2 refuses it too (FRAME_SIZE_ERROR): gathered, it would only take memory.
+            return Err(EdgeError::FrameTooLarge(frame.length));
+        }
         let raw = input.split_to(HEADER_LEN);
         match (&mut self.open, frame.kind) {
             (Some(block), CONTINUATION) if block.headers.stream == frame.stream => {
@@ -174,8 +183,8 @@ impl Rewriter {
                 if HEADER_LEN + frame.length > MAX_HEADER_BLOCK {
                     return Err(EdgeError::BlockTooLarge);
                 }
-                let mut original = Vec::with_capacity(HEADER_LEN + frame.length);
-                original.extend_from_slice(&raw);
+                // Grown as the payload arrives: a frame header announces what may never come.
+                let original = raw.to_vec();
                 self.open = Some(OpenBlock {
                     headers: frame,
                     priority: None,

@@ -243,10 +243,22 @@ fn broken_framing_ends_the_connection() {
         write(&mut wire);
         assert!(run(&wire, 5).is_err(), "case {i}");
     }
+    // A header frame above the frame size berthd allows ends the connection at its header,
+    // before any of its payload is held.
     let mut wire = PREFACE.to_vec();
     wire.extend_from_slice(&[0x04, 0, 0, HEADERS, 0, 0, 0, 0, 1]);
     assert_eq!(
         run(&wire, 100).unwrap_err(),
+        EdgeError::FrameTooLarge(0x40000).to_string()
+    );
+    // Frames of the allowed size that together pass the block limit.
+    let mut wire = PREFACE.to_vec();
+    frame(HEADERS, 0, 1, &[0x82; DEFAULT_MAX_FRAME], &mut wire);
+    for _ in 0..4 {
+        frame(CONTINUATION, 0, 1, &[0x82; DEFAULT_MAX_FRAME], &mut wire);
+    }
+    assert_eq!(
+        run(&wire, 1000).unwrap_err(),
         EdgeError::BlockTooLarge.to_string()
     );
 }
