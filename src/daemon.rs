@@ -315,7 +315,11 @@ impl Serving {
             .map_err(|e| Error::sys("duplicate the listener", e))?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut stopped = stopping.clone();
-        let limits = Limits::within_fd_limit(config.max_connections, config.handshake_timeout);
+        let limits = Limits::within_fd_limit(
+            config.max_connections,
+            config.max_connections_per_uid,
+            config.handshake_timeout,
+        );
         let incoming = listener::accept(listener, limits)
             .map_err(|e| Error::sys("register the listener", e))?
             .map(|accepted| accepted.map(|a| Edge::new(Limited::new(a.socket, a.permit))));

@@ -1,7 +1,11 @@
 //! Accepting API connections within limits: at most `--max-connections` at once (each holds a
-//! [`ConnectionPermit`] until it closes), a connection that sends nothing within
+//! [`ConnectionPermit`] until it closes), at most `--max-connections-per-uid` of them from one
+//! non-root uid (one more is closed at once), a connection that sends nothing within
 //! `--handshake-timeout` is closed, and when the limit is reached a connection still waiting to
 //! speak gives its place to a new one, so idle sockets can never lock out a client that talks.
+//! A connection that has spoken holds its place as long as h2 keeps it (its keepalive closes
+//! one that stops answering): the per-uid limit is what keeps one client's connections, silent
+//! or not, from taking every place.
 //! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
 //! ENOMEM) back off instead of spinning.
 //!
@@ -10,7 +14,7 @@
 //! [`Limited`], which holds the permit for the connection's life.
 //! Does not own: HTTP/2 (tonic and h2: streams per connection, keepalive, message sizes).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
@@ -36,6 +40,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub struct Limits {
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one uid other than 0.
+    pub max_per_uid: usize,
     /// How long a new connection may stay silent before it is closed.
     pub handshake_timeout: Duration,
 }
@@ -44,7 +50,11 @@ impl Limits {
     /// `max_connections` capped at a quarter of the open file limit (a connection holds one
     /// descriptor, two while a write waits for space): the rest is kept for containers (a pidfd
     /// each), stats files and runtime commands.
-    pub fn within_fd_limit(max_connections: u64, handshake_timeout: Duration) -> Limits {
+    pub fn within_fd_limit(
+        max_connections: u64,
+        max_per_uid: u64,
+        handshake_timeout: Duration,
+    ) -> Limits {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
         let cap = soft.map_or(u64::MAX, |n| (n / 4).max(1));
         if max_connections > cap {
@@ -56,14 +66,56 @@ impl Limits {
         }
         Limits {
             max_connections: max_connections.min(cap) as usize,
+            max_per_uid: usize::try_from(max_per_uid).unwrap_or(usize::MAX),
             handshake_timeout,
         }
     }
 }
 
-/// A connection's place under `max_connections`, given back when dropped.
+/// A connection's place under `max_connections` and its uid's, given back when dropped.
 pub struct ConnectionPermit {
     _place: OwnedSemaphorePermit,
+    _uid_place: Option<UidPlace>,
+}
+
+/// Open connections by uid (0 is not counted).
+type ByUid = Arc<Mutex<HashMap<u32, usize>>>;
+
+/// One of a uid's places under `max_per_uid`.
+struct UidPlace {
+    uid: u32,
+    by_uid: ByUid,
+}
+
+impl UidPlace {
+    /// A place for a connection from `uid`, `None` for uid 0, or `Err` when `uid` has `max`.
+    fn take(by_uid: &ByUid, uid: u32, max: usize) -> Result<Option<UidPlace>, usize> {
+        if uid == 0 {
+            return Ok(None);
+        }
+        let mut counts = by_uid.lock().expect("connections by uid lock poisoned");
+        let open = counts.entry(uid).or_default();
+        if *open >= max {
+            return Err(*open);
+        }
+        *open += 1;
+        Ok(Some(UidPlace {
+            uid,
+            by_uid: Arc::clone(by_uid),
+        }))
+    }
+}
+
+impl Drop for UidPlace {
+    fn drop(&mut self) {
+        let mut counts = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = counts.get_mut(&self.uid) {
+            *open -= 1;
+            if *open == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// An accepted connection that has spoken, with its permit.
@@ -109,6 +161,7 @@ async fn accept_loop(
     accepted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let by_uid = ByUid::default();
     let silent = Arc::new(Mutex::new(Silent::default()));
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -126,6 +179,20 @@ async fn accept_loop(
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        // A peer whose credentials could not be read counts as one uid of its own; its
+        // requests are refused anyway.
+        let uid = socket.peer_uid().unwrap_or(u32::MAX);
+        let uid_place = match UidPlace::take(&by_uid, uid, limits.max_per_uid) {
+            Ok(place) => place,
+            Err(open) => {
+                tracing::debug!(
+                    uid,
+                    open,
+                    "closing a connection over --max-connections-per-uid"
+                );
                 continue;
             }
         };
@@ -173,7 +240,10 @@ async fn accept_loop(
                 .waiting
                 .retain(|(k, _)| *k != key);
             if spoke {
-                let permit = ConnectionPermit { _place: permit };
+                let permit = ConnectionPermit {
+                    _place: permit,
+                    _uid_place: uid_place,
+                };
                 let _ = accepted.send(Ok(Accepted { socket, permit })).await;
             }
         });
@@ -275,6 +345,7 @@ mod tests {
         let (listener, path) = bound(&dir);
         let limits = Limits {
             max_connections: 2,
+            max_per_uid: 2,
             handshake_timeout: Duration::from_millis(300),
         };
         let mut incoming = accept(listener, limits).unwrap();
@@ -304,6 +375,7 @@ mod tests {
         let (listener, path) = bound(&dir);
         let limits = Limits {
             max_connections: 1,
+            max_per_uid: 1,
             handshake_timeout: Duration::from_secs(10),
         };
         let mut incoming = accept(listener, limits).unwrap();
@@ -321,14 +393,34 @@ mod tests {
     }
 
     #[test]
+    fn a_uid_has_at_most_its_places_and_root_is_not_counted() {
+        let by_uid = ByUid::default();
+        let first = UidPlace::take(&by_uid, 1000, 2).unwrap();
+        let second = UidPlace::take(&by_uid, 1000, 2).unwrap();
+        assert!(first.is_some() && second.is_some());
+        assert_eq!(UidPlace::take(&by_uid, 1000, 2).err(), Some(2));
+        assert!(UidPlace::take(&by_uid, 1001, 2).unwrap().is_some());
+        for _ in 0..5 {
+            assert!(UidPlace::take(&by_uid, 0, 2).unwrap().is_none());
+        }
+        drop(first);
+        let third = UidPlace::take(&by_uid, 1000, 2).unwrap();
+        drop((second, third));
+        assert!(
+            by_uid.lock().unwrap().is_empty(),
+            "uids without connections are forgotten"
+        );
+    }
+
+    #[test]
     fn the_connection_limit_keeps_most_fds_for_containers() {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap();
-        let limits = Limits::within_fd_limit(u64::MAX, Duration::from_secs(1));
+        let limits = Limits::within_fd_limit(u64::MAX, 1, Duration::from_secs(1));
         assert_eq!(limits.max_connections as u64, (soft / 4).max(1));
         assert_eq!(
-            Limits::within_fd_limit(1, Duration::ZERO).max_connections,
+            Limits::within_fd_limit(1, 1, Duration::ZERO).max_connections,
             1
         );
     }

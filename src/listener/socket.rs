@@ -79,6 +79,11 @@ impl ApiSocket {
         })
     }
 
+    /// The peer's uid, as `SO_PEERCRED` gave it at accept.
+    pub fn peer_uid(&self) -> Option<u32> {
+        self.credentials.0.map(|c| c.uid())
+    }
+
     /// Waits until the peer has sent something; false when it closed first or failed. Readiness
     /// alone is not proof (tokio may report it spuriously), so the data is peeked at.
     pub async fn first_bytes(&self) -> bool {

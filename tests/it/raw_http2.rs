@@ -298,3 +298,60 @@ async fn a_header_block_that_decodes_to_a_gigabyte_ends_its_connection_only() {
     })
     .await
 }
+
+/// Streams h2 resets because of the client's errors (here each stream's send window overflowed
+/// by a WINDOW_UPDATE, "MadeYouReset", CVE-2025-8671) end the connection with GOAWAY once there
+/// are too many, instead of each costing a served request without end.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_reset_for_the_clients_errors_end_the_connection() {
+    const GOAWAY: u8 = 0x7;
+    const WINDOW_UPDATE: u8 = 0x8;
+    within(async {
+        let daemon = daemon!();
+        let connection = Connection::open(&daemon).await;
+        let (mut read, mut write) = tokio::io::split(connection.socket);
+        let block = request("/types.API/State", "localhost", false, false);
+        let writer = tokio::spawn(async move {
+            for n in 0..1200u32 {
+                let stream = 2 * n + 1;
+                let mut wire = frame(HEADERS, END_HEADERS, stream, &block);
+                wire.extend(frame(DATA, END_STREAM, stream, &[0, 0, 0, 0, 0]));
+                wire.extend(frame(
+                    WINDOW_UPDATE,
+                    0,
+                    stream,
+                    &0x7fff_ffffu32.to_be_bytes(),
+                ));
+                if write.write_all(&wire).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let goaway = async {
+            loop {
+                let mut header = [0; 9];
+                if read.read_exact(&mut header).await.is_err() {
+                    return None;
+                }
+                let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+                let mut payload = vec![0; length];
+                if read.read_exact(&mut payload).await.is_err() {
+                    return None;
+                }
+                if header[3] == GOAWAY {
+                    return Some(payload);
+                }
+            }
+        };
+        let goaway = tokio::time::timeout(Duration::from_secs(30), goaway)
+            .await
+            .expect("the connection ends within 30 s")
+            .expect("a GOAWAY before the connection closed");
+        // ENHANCE_YOUR_CALM (0xb), after the last stream id and the error code.
+        assert_eq!(goaway[4..8], 0xbu32.to_be_bytes(), "{goaway:?}");
+        writer.abort();
+        let mut client = daemon.connect().await;
+        assert!(state(&mut client).await.machine.is_some());
+    })
+    .await
+}

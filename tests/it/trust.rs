@@ -368,6 +368,79 @@ async fn the_members_own_cgroup_procs_is_not_a_containers_stdout() {
     .await
 }
 
+/// One uid's connections, each of which has spoken (so none gives way), cannot take every place:
+/// past `--max-connections-per-uid` the next is closed at once, and others still get in.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_uids_connections_cannot_take_every_place() {
+    // Opens 12 connections that each send one byte, prints how many berthd kept open, and holds
+    // them until its stdin closes.
+    const HOLDER: &str = r#"
+import socket, sys, time
+held = []
+for _ in range(12):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.send(b"P")
+    held.append(s)
+time.sleep(1.0)
+kept = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        kept += s.recv(64) != b""
+    except BlockingIOError:
+        kept += 1
+    except OSError:
+        pass
+print(kept, flush=True)
+sys.stdin.read()
+"#;
+    within(async {
+        let d = daemon!(Options::args(&[
+            "--group",
+            "65534",
+            "--max-connections",
+            "20",
+            "--max-connections-per-uid",
+            "8",
+        ]));
+        if MemberClient::new(&d).is_none() {
+            return;
+        }
+        let mut holder = tokio::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={MEMBER}"),
+                format!("--regid={MEMBER}"),
+                "--clear-groups".into(),
+            ])
+            .args([PYTHON, "-c", HOLDER])
+            .arg(d.socket())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run the member's connections");
+        let mut kept = String::new();
+        let stdout = holder.stdout.take().expect("stdout");
+        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut kept)
+            .await
+            .expect("read the count");
+        assert_eq!(kept.trim(), "8", "connections berthd kept for the member");
+        // The places the member could not take serve others meanwhile (the test's own client
+        // holds one).
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let mut client = d.connect().await;
+            let answer = tokio::time::timeout(SETTLE, state(&mut client)).await;
+            assert!(answer.is_ok(), "a place was left for root");
+            clients.push(client);
+        }
+        drop(holder.stdin.take());
+        holder.wait().await.expect("the member's connections end");
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
     within(async {
