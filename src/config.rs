@@ -75,8 +75,8 @@ pub struct Config {
     #[arg(long, env = "BERTH_CREATE_MODE", value_enum, default_value_t = CreateMode::Run)]
     pub create_mode: CreateMode,
 
-    /// The largest file a client names that berthd reads (a bundle's config.json, checkpoint
-    /// metadata), in bytes; a larger one is refused.
+    /// The largest file a client names that berthd reads (a bundle's config.json), in bytes; a
+    /// larger one is refused.
     #[arg(long, env = "BERTH_CLIENT_FILE_MAX_BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub client_file_max_bytes: u64,
 
@@ -142,7 +142,8 @@ pub struct Config {
     #[arg(long, env = "BERTH_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
 
-    /// How long a new connection may stay silent before it is closed (500ms, 10s, ...).
+    /// How long a new connection may stay silent, or short of its whole HTTP/2 preface, before
+    /// it is closed (500ms, 10s, ...).
     #[arg(long, env = "BERTH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub handshake_timeout: Duration,
 

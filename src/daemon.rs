@@ -322,7 +322,10 @@ impl Serving {
         );
         let incoming = listener::accept(listener, limits)
             .map_err(|e| Error::sys("register the listener", e))?
-            .map(|accepted| accepted.map(|a| Edge::new(Limited::new(a.socket, a.permit))));
+            .map(move |accepted| {
+                accepted
+                    .map(|a| Edge::new(Limited::new(a.socket, a.permit), limits.handshake_timeout))
+            });
         let max_message = config.max_message_bytes as usize;
         let api = ApiService::new(supervisor, stopping)
             .limit(max_message, config.max_process_spec_bytes as usize);

@@ -98,8 +98,9 @@ pub fn bounded(text: &str) -> String {
     let Some((head_end, _)) = text.char_indices().nth(END) else {
         return text.to_owned();
     };
+    // Cut only where it saves more than the note of the cut takes.
     match text.char_indices().nth_back(END - 1) {
-        Some((tail_start, _)) if tail_start > head_end => format!(
+        Some((tail_start, _)) if tail_start > head_end + 32 => format!(
             "{}… ({} bytes cut) …{}",
             &text[..head_end],
             tail_start - head_end,

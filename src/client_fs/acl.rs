@@ -3,8 +3,9 @@
 //! With an access ACL, a file's group mode bits are the ACL's mask, not its owning group's
 //! permissions, and named user and group entries decide for the users and groups they name:
 //! mode bits alone can grant a peer what the kernel would refuse it (a named entry with no
-//! permissions) or refuse what it would grant. So a file or directory with an ACL is judged by
-//! its ACL, one without by its mode bits.
+//! permissions) or refuse what it would grant. So, as in the kernel's `acl_permission_check`,
+//! a file's owner is judged by its mode bits, anyone else by the file's ACL if it has one and
+//! its group bits (the mask) are not all clear, else by the mode bits.
 //!
 //! Owns: reading the attribute, parsing it (a pure function over the bytes, which the file's
 //! owner chose) and the permission check. Does not own: who the peer is ([`super::peer`]).
@@ -49,26 +50,33 @@ pub struct Entry {
 
 /// The access ACL of the file `at`: `None` when it has none, or its file system keeps none.
 pub fn read(at: At<'_>) -> Result<Option<Vec<u8>>, Errno> {
-    let mut buffer = vec![0u8; 4 + 8 * MAX_ENTRIES];
-    let read = match at {
-        At::Fd(fd) => rustix::fs::getxattr(
-            format!("/proc/self/fd/{}", fd.as_raw_fd()),
-            ACCESS_ACL,
-            &mut buffer[..],
-        ),
+    // Most ACLs have a handful of entries: a small buffer first, the largest only if needed.
+    let mut small = [0u8; 4 + 8 * 16];
+    let n = match get(at, &mut small) {
+        Ok(n) => n,
+        Err(Errno::RANGE) => {
+            let mut large = vec![0u8; 4 + 8 * MAX_ENTRIES];
+            let n = get(at, &mut large)?;
+            large.truncate(n);
+            return Ok(Some(large));
+        }
+        Err(Errno::NODATA | Errno::OPNOTSUPP) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some(small[..n].to_vec()))
+}
+
+fn get(at: At<'_>, buffer: &mut [u8]) -> Result<usize, Errno> {
+    match at {
+        At::Fd(fd) => {
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            rustix::fs::getxattr(path, ACCESS_ACL, buffer)
+        }
         At::Entry(dir, name) => {
             let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
             path.extend_from_slice(name.to_bytes());
-            rustix::fs::lgetxattr(path.as_slice(), ACCESS_ACL, &mut buffer[..])
+            rustix::fs::lgetxattr(path.as_slice(), ACCESS_ACL, buffer)
         }
-    };
-    match read {
-        Ok(n) => {
-            buffer.truncate(n);
-            Ok(Some(buffer))
-        }
-        Err(Errno::NODATA | Errno::OPNOTSUPP) => Ok(None),
-        Err(e) => Err(e),
     }
 }
 
@@ -92,12 +100,8 @@ pub fn parse(bytes: &[u8]) -> Option<Vec<Entry>> {
         })
         .collect();
     let count = |tag| entries.iter().filter(|e| e.tag == tag).count();
-    let ordered = entries.windows(2).all(|pair| {
-        pair[0].tag < pair[1].tag
-            || (pair[0].tag == pair[1].tag
-                && matches!(pair[0].tag, USER | GROUP)
-                && pair[0].id < pair[1].id)
-    });
+    // The kernel keeps entries by tag; named ones of a tag in any order.
+    let ordered = entries.windows(2).all(|pair| pair[0].tag <= pair[1].tag);
     let known = entries.iter().all(|e| {
         matches!(e.tag, USER_OBJ | USER | GROUP_OBJ | GROUP | MASK | OTHER) && e.perm <= 0o7
     });

@@ -243,8 +243,7 @@ fn set_blocking(walk: &Walk<'_>, fd: &OwnedFd) -> Result<()> {
     rustix::fs::fcntl_setfl(fd, flags - OFlags::NONBLOCK).map_err(|e| walk.io(e))
 }
 
-/// Reads a client-named regular file of at most `limit` bytes (a bundle's `config.json`,
-/// checkpoint metadata). A FIFO, device or directory is refused without being opened; a file
+/// Reads a client-named regular file of at most `limit` bytes (a bundle's `config.json`). A FIFO, device or directory is refused without being opened; a file
 /// that grows while it is read is still read no further than `limit + 1` bytes.
 pub fn read_regular(
     what: &str,
@@ -339,15 +338,13 @@ fn file_id(st: &Stat) -> (u64, u64) {
     (st.st_dev as u64, st.st_ino as u64)
 }
 
-/// `/dev/null` wherever it is: the character device 1:3.
-#[allow(clippy::unnecessary_cast)] // the field types differ between architectures
 /// Refuses a file of the kernel's own file systems (procfs, sysfs, cgroupfs, ...). Some of
 /// their files judge a write or read by who opened them rather than who uses them (a cgroup's
 /// `cgroup.procs`, a user namespace's `uid_map`), and berthd opens as root: the caller's own
 /// `cgroup.procs` as a container's stdout would let it move any process into its cgroup.
 fn not_a_kernel_interface(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<()> {
     /// configfs, efivarfs, pstore, binfmt_misc and fusectl, which libc does not name.
-    const OTHERS: [i64; 5] = [
+    const OTHERS: [u32; 5] = [
         0x6265_6570,
         0xde5e_81e4,
         0x6165_676c,
@@ -368,8 +365,9 @@ fn not_a_kernel_interface(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<()> {
         libc::RDTGROUP_SUPER_MAGIC,
     ];
     let fs = rustix::fs::fstatfs(leaf).map_err(|e| walk.io(e))?;
-    let kind = fs.f_type as i64;
-    if named.iter().any(|&magic| magic as i64 == kind) || OTHERS.contains(&kind) {
+    // Magic numbers are 32 bits, held in a signed word whose width differs by architecture.
+    let kind = fs.f_type as u32;
+    if named.iter().any(|&magic| magic as u32 == kind) || OTHERS.contains(&kind) {
         return Err(Error::InvalidArgument(format!(
             "{} {} is a file of a kernel interface file system ({kind:#x}), which berthd does not open for a client; give a FIFO, /dev/null or a file on a disk or tmpfs",
             walk.what,
@@ -379,6 +377,8 @@ fn not_a_kernel_interface(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
+/// `/dev/null` wherever it is: the character device 1:3.
+#[allow(clippy::unnecessary_cast)] // the field types differ between architectures
 fn is_dev_null(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
         && rustix::fs::major(st.st_rdev as _) == 1

@@ -88,19 +88,23 @@ impl Peer {
     }
 
     /// Whether the file `at`, whose stat is `st`, grants this peer all of `want` (`rwx` bits):
-    /// by its access ACL if it has one ([`acl`]), else by its mode bits. An ACL that cannot be
+    /// by its access ACL where the kernel consults one ([`acl`]), else by its mode bits. An ACL that cannot be
     /// read or is not one the kernel would hold grants nothing.
     pub(super) fn may(&self, at: At<'_>, st: &Stat, want: u32) -> bool {
         if self.is_root() {
             return true;
         }
         let owner = (st.st_uid, st.st_gid);
-        match acl::read(at) {
-            Ok(None) => {}
-            Ok(Some(bytes)) => {
-                return acl::parse(&bytes).is_some_and(|acl| acl::grants(&acl, owner, self, want));
+        // The kernel skips the ACL for the owner, and where the mask leaves nothing to grant.
+        if st.st_uid != self.uid && st.st_mode & 0o070 != 0 {
+            match acl::read(at) {
+                Ok(None) => {}
+                Ok(Some(bytes)) => {
+                    return acl::parse(&bytes)
+                        .is_some_and(|acl| acl::grants(&acl, owner, self, want));
+                }
+                Err(_) => return false,
             }
-            Err(_) => return false,
         }
         let mode = st.st_mode;
         let granted = if st.st_uid == self.uid {

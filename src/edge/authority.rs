@@ -25,8 +25,8 @@ const H2_TABLE_SIZE: usize = 4096;
 /// explicitly so that the edge's limit below follows it).
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// The decoded size (RFC 7541 §4.1: each field's name and value plus 32) past which a block ends
-/// the connection. A block of a few hundred KiB can decode to a gigabyte by referring to one large
-/// table entry over and over; h2 closes the connection of a block past four times its header
+/// the connection. A block of 64 KiB (the most the edge gathers) can decode to a quarter of a
+/// gigabyte by referring to one large table entry over and over; h2 closes the connection of a block past four times its header
 /// list size, and the edge, which decodes first, stops at the same point. Between the two sizes
 /// h2 refuses the stream only, so the edge passes such a block on (re-encoded where it must be).
 const MAX_DECODED: usize = 4 * MAX_HEADER_LIST_SIZE as usize;

@@ -12,9 +12,11 @@ mod hpack;
 mod rewriter;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,6 +39,9 @@ pub struct Edge<S> {
     output: VecDeque<Bytes>,
     scratch: Box<[u8]>,
     state: ReadState,
+    /// Until the client's preface is through: h2's keepalive starts only after it, so a client
+    /// that sent part of it would otherwise hold its connection for as long as it likes.
+    preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,7 +52,9 @@ enum ReadState {
 }
 
 impl<S> Edge<S> {
-    pub fn new(inner: S) -> Self {
+    /// Wraps `inner`, whose client must have sent the whole HTTP/2 preface within
+    /// `preface_within`. Must be called inside the tokio runtime.
+    pub fn new(inner: S, preface_within: Duration) -> Self {
         Edge {
             inner,
             rewriter: Rewriter::default(),
@@ -55,6 +62,7 @@ impl<S> Edge<S> {
             output: VecDeque::new(),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             state: ReadState::Open,
+            preface_deadline: Some(Box::pin(tokio::time::sleep(preface_within))),
         }
     }
 }
@@ -80,6 +88,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Edge<S> {
                 ReadState::Open => {}
                 ReadState::Eof => return Poll::Ready(Ok(())),
                 ReadState::Failed => return Poll::Ready(Err(closed())),
+            }
+            if let Some(deadline) = &mut this.preface_deadline {
+                if this.rewriter.past_preface() {
+                    this.preface_deadline = None;
+                } else if deadline.as_mut().poll(cx).is_ready() {
+                    tracing::debug!(
+                        "closing a client connection that sent no whole HTTP/2 preface within --handshake-timeout"
+                    );
+                    this.state = ReadState::Failed;
+                    return Poll::Ready(Err(closed()));
+                }
             }
             let mut read = ReadBuf::new(&mut this.scratch);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;

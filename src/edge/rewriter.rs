@@ -88,6 +88,12 @@ impl Default for Rewriter {
 }
 
 impl Rewriter {
+    /// Whether the client's connection preface is behind (or what came was not HTTP/2, which h2
+    /// refuses itself).
+    pub fn past_preface(&self) -> bool {
+        !matches!(self.state, State::Preface(_))
+    }
+
     /// Consumes what it can of `input` and appends the octets to pass on to `out`. What stays in
     /// `input` is an incomplete frame header. After an error the connection must end.
     pub fn feed(

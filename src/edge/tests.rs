@@ -8,7 +8,10 @@ async fn the_wrapper_rewrites_reads_and_passes_writes() {
     let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
     server.set_nonblocking(true).unwrap();
     client.set_nonblocking(true).unwrap();
-    let mut edge = Edge::new(crate::listener::ApiSocket::new(server.into()).unwrap());
+    let mut edge = Edge::new(
+        crate::listener::ApiSocket::new(server.into()).unwrap(),
+        std::time::Duration::from_secs(10),
+    );
     let peer = edge
         .connect_info()
         .0

@@ -3,9 +3,10 @@
 //! non-root uid (one more is closed at once), a connection that sends nothing within
 //! `--handshake-timeout` is closed, and when the limit is reached a connection still waiting to
 //! speak gives its place to a new one, so idle sockets can never lock out a client that talks.
-//! A connection that has spoken holds its place as long as h2 keeps it (its keepalive closes
-//! one that stops answering): the per-uid limit is what keeps one client's connections, silent
-//! or not, from taking every place.
+//! A connection that has spoken holds its place until it closes: the edge closes one whose
+//! HTTP/2 preface is not whole within `--handshake-timeout`, h2's keepalive one that stops
+//! answering pings, and the per-uid limit keeps one client's connections from taking every
+//! place meanwhile.
 //! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
 //! ENOMEM) back off instead of spinning.
 //!
@@ -20,7 +21,7 @@ use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::net::SocketFlags;
 use tokio::io::unix::AsyncFd;
@@ -35,6 +36,8 @@ pub use socket::ApiSocket;
 /// The first wait after a failed accept; doubled up to [`MAX_BACKOFF`] while accept keeps failing.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the refusals of one uid's connections over its limit are logged.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -162,6 +165,8 @@ async fn accept_loop(
 ) {
     let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let by_uid = ByUid::default();
+    // When each uid was last told about in the log, so that a flood logs a line a minute.
+    let mut warned: HashMap<u32, Instant> = HashMap::new();
     let silent = Arc::new(Mutex::new(Silent::default()));
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -188,11 +193,19 @@ async fn accept_loop(
         let uid_place = match UidPlace::take(&by_uid, uid, limits.max_per_uid) {
             Ok(place) => place,
             Err(open) => {
-                tracing::debug!(
-                    uid,
-                    open,
-                    "closing a connection over --max-connections-per-uid"
-                );
+                let now = Instant::now();
+                if warned
+                    .get(&uid)
+                    .is_none_or(|at| now - *at >= REFUSAL_LOG_EVERY)
+                {
+                    warned.retain(|_, at| now - *at < REFUSAL_LOG_EVERY);
+                    warned.insert(uid, now);
+                    tracing::warn!(
+                        uid,
+                        open,
+                        "closing connections over --max-connections-per-uid (logged once a minute per uid)"
+                    );
+                }
                 continue;
             }
         };

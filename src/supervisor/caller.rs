@@ -15,7 +15,7 @@ use crate::client_fs::{self, Access, Peer, shown};
 use crate::error::{Error, Result};
 use crate::hand_back::HandBack;
 
-/// Bounds on the files a client names that berthd reads (`config.json`, checkpoint metadata).
+/// Bounds on the files a client names that berthd reads (`config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientFileLimits {
     /// The largest such file berthd reads, in bytes.

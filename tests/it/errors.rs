@@ -811,12 +811,23 @@ async fn a_stdout_that_cannot_be_written_is_a_failed_precondition() {
         let baseline = warm_up(&mut d).await;
         let busy = d.dir().join("running-busybox");
         fs::copy(BUSYBOX, &busy).expect("copy busybox");
-        // Busybox runs the applet its argv[0] names.
-        let mut running = std::process::Command::new(&busy)
-            .arg0("sleep")
-            .arg("1000")
-            .spawn()
-            .expect("run the copy");
+        // Busybox runs the applet its argv[0] names. A fork elsewhere in the test binary while
+        // the copy's write descriptor was open keeps it open in that child until it execs: the
+        // exec fails with ETXTBSY meanwhile, so it is tried again.
+        let mut tries = 0;
+        let mut running = loop {
+            match std::process::Command::new(&busy)
+                .arg0("sleep")
+                .arg("1000")
+                .spawn()
+            {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                spawned => break spawned.expect("run the copy"),
+            }
+        };
         let id = id("busy-stdout");
         let bundle = Bundle::new(&["true"]);
         let mut req = create_req(&id, &bundle);

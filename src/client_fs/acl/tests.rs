@@ -208,6 +208,37 @@ fn an_acl_set_on_a_file_is_read_back() {
     assert_eq!(entry, Some(read_back));
 }
 
+/// As the kernel: an ACL whose mask is empty (group mode bits 0) is not consulted, and the
+/// mode bits decide, other's bits included, for a user an entry names.
+#[test]
+fn an_acl_with_an_empty_mask_leaves_it_to_the_mode_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, "").unwrap();
+    let set = xattr(&[
+        (USER_OBJ, 0o6, UNDEFINED),
+        (USER, 0o6, 65534),
+        (GROUP_OBJ, 0o6, UNDEFINED),
+        (MASK, 0o0, UNDEFINED),
+        (OTHER, 0o4, UNDEFINED),
+    ]);
+    match rustix::fs::setxattr(&file, ACCESS_ACL, &set, rustix::fs::XattrFlags::empty()) {
+        Ok(()) => {}
+        Err(Errno::OPNOTSUPP) => {
+            eprintln!("skipped: the temp dir's file system keeps no ACLs");
+            return;
+        }
+        Err(e) => panic!("setxattr: {e}"),
+    }
+    let st = rustix::fs::stat(&file).unwrap();
+    assert_eq!(st.st_mode & 0o777, 0o604);
+    let fd = rustix::fs::open(&file, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+    let at = At::Fd(rustix::fd::AsFd::as_fd(&fd));
+    let nobody = peer(65534, &[]);
+    assert!(nobody.may(at, &st, R), "other's bits");
+    assert!(!nobody.may(at, &st, W), "not the entry's, masked out");
+}
+
 proptest! {
     /// Bytes a file's owner chose never panic the parser.
     #[test]

@@ -176,7 +176,7 @@ fn bomb(references: usize) -> Vec<u8> {
 
 #[test]
 fn a_block_that_decodes_past_four_times_the_header_list_size_is_an_error() {
-    // 4,090 octets decoded a field: 16 fields are within 64 KiB, 17 are not.
+    // 4,042 octets decoded a field (name, value and 32): 16 fields are within 64 KiB, 17 are not.
     let within = bomb(15);
     let mut edge = BlockRewriter::default();
     assert_eq!(edge.rewrite(&within).unwrap(), None);
