@@ -171,6 +171,19 @@ fn acls_the_kernel_would_not_hold_are_not_parsed() {
     }
 }
 
+/// Sets `acl` as `file`'s access ACL; false after a printed skip where the temp dir's file
+/// system keeps no ACLs.
+fn set_on(file: &std::path::Path, acl: &[u8]) -> bool {
+    match rustix::fs::setxattr(file, ACCESS_ACL, acl, rustix::fs::XattrFlags::empty()) {
+        Ok(()) => true,
+        Err(Errno::OPNOTSUPP) => {
+            eprintln!("skipped: the temp dir's file system keeps no ACLs");
+            false
+        }
+        Err(e) => panic!("setxattr: {e}"),
+    }
+}
+
 /// The kernel's own ACLs, read back from a file on this host's temp dir, judged as the kernel
 /// judges them (checked against `setpriv` in the integration tests).
 #[test]
@@ -187,13 +200,8 @@ fn an_acl_set_on_a_file_is_read_back() {
         (MASK, 0o6, UNDEFINED),
         (OTHER, 0o6, UNDEFINED),
     ]);
-    match rustix::fs::setxattr(&file, ACCESS_ACL, &set, rustix::fs::XattrFlags::empty()) {
-        Ok(()) => {}
-        Err(Errno::OPNOTSUPP) => {
-            eprintln!("skipped: the temp dir's file system keeps no ACLs");
-            return;
-        }
-        Err(e) => panic!("setxattr: {e}"),
+    if !set_on(&file, &set) {
+        return;
     }
     let fd = rustix::fd::AsFd::as_fd(&fd);
     let read_back = read(At::Fd(fd)).unwrap().expect("an ACL");
@@ -222,13 +230,8 @@ fn an_acl_with_an_empty_mask_leaves_it_to_the_mode_bits() {
         (MASK, 0o0, UNDEFINED),
         (OTHER, 0o4, UNDEFINED),
     ]);
-    match rustix::fs::setxattr(&file, ACCESS_ACL, &set, rustix::fs::XattrFlags::empty()) {
-        Ok(()) => {}
-        Err(Errno::OPNOTSUPP) => {
-            eprintln!("skipped: the temp dir's file system keeps no ACLs");
-            return;
-        }
-        Err(e) => panic!("setxattr: {e}"),
+    if !set_on(&file, &set) {
+        return;
     }
     let st = rustix::fs::stat(&file).unwrap();
     assert_eq!(st.st_mode & 0o777, 0o604);
