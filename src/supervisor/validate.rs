@@ -86,6 +86,16 @@ pub fn process(
             )));
         }
     }
+    // No program by a longer name can be executed (ENAMETOOLONG); and the built-in runtime's
+    // exec child blocks for good writing an error that quotes a name of hundreds of KB.
+    if let Some(program) = args.first()
+        && program.len() >= PATH_MAX
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{field}args[0] is {} bytes, longer than a path may be (PATH_MAX, {PATH_MAX} with its NUL); give the program's path or name",
+            program.len()
+        )));
+    }
     if cwd.len() >= PATH_MAX {
         return Err(Error::InvalidArgument(format!(
             "{field}cwd is {} bytes, longer than a path may be (PATH_MAX, {PATH_MAX} with its NUL)",

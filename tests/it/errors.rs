@@ -652,6 +652,7 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
         with("env[1]", &|r| r.env = vec!["A=1".into(), "FOO".into()]);
         with("cwd", &|r| r.cwd = "/tm\0p".into());
         with("cwd", &|r| r.cwd = long_cwd.clone());
+        with("args[0]", &|r| r.args = vec![long_cwd.clone()]);
         with("user.additionalGids", &|r| {
             r.user = Some(User {
                 uid: 0,
@@ -723,9 +724,8 @@ async fn runtime_errors_quoting_huge_input_are_bounded() {
         let mut events = d.events().await;
         let ctr = d.run("huge-echo", &["sleep", "1000"]).await;
         let fds = d.baseline();
-        // 20 KB: enough to be cut. With 200 KB the built-in runtime's exec child blocks for
-        // good writing its error to a pipe (libcontainer's, not this test's subject).
-        let program = format!("nonexistent-{}", "x".repeat(20_000));
+        // The longest name a path may have: enough to be cut.
+        let program = format!("nonexistent-{}", "x".repeat(4_000));
         let mut missing_dir = exec_req(&ctr.id, &["true"]);
         missing_dir.cwd = format!("/{}", "d/".repeat(2000));
         for req in [exec_req(&ctr.id, &[&program]), missing_dir] {
