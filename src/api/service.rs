@@ -430,8 +430,10 @@ impl proto::api_server::Api for ApiService {
         tracing::info_span!("events", peer_uid = peer.uid, peer_pid = peer.pid)
             .in_scope(|| tracing::debug!("subscribed"));
         let subscription = self.supervisor.events().subscribe();
-        // Polled only as fast as the client reads: a slow client falls behind on the event
-        // ring instead of growing a buffer here, and is told how much it missed.
+        // Polled as fast as h2 takes what is sent: up to the client's flow-control window and
+        // hyper's send buffer per stream (400 KB, which tonic does not let berth set), then
+        // only as the client reads. A slow client then falls behind on the event ring instead
+        // of growing a buffer here, and is told how much it missed.
         let stopping = self.stopping.clone();
         let stream = futures_util::stream::unfold(
             Some((subscription, stopping)),

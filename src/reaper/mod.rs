@@ -242,6 +242,8 @@ impl Reaper {
                     }
                 }
                 Ok(None) => return true,
+                // Another waiter reaped it between the look and the reap: nothing is lost.
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return true,
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "could not reap orphan");
                     return true;
