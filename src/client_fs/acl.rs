@@ -11,11 +11,11 @@
 //! owner chose) and the permission check. Does not own: who the peer is ([`super::peer`]).
 
 use std::ffi::CStr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use rustix::io::Errno;
 
-use super::Peer;
+use super::{Peer, self_fd_path};
 
 /// The attribute a file's access ACL is kept in.
 const ACCESS_ACL: &CStr = c"system.posix_acl_access";
@@ -68,12 +68,9 @@ pub fn read(at: At<'_>) -> Result<Option<Vec<u8>>, Errno> {
 
 fn get(at: At<'_>, buffer: &mut [u8]) -> Result<usize, Errno> {
     match at {
-        At::Fd(fd) => {
-            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-            rustix::fs::getxattr(path, ACCESS_ACL, buffer)
-        }
+        At::Fd(fd) => rustix::fs::getxattr(self_fd_path(fd), ACCESS_ACL, buffer),
         At::Entry(dir, name) => {
-            let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+            let mut path = format!("{}/", self_fd_path(dir)).into_bytes();
             path.extend_from_slice(name.to_bytes());
             rustix::fs::lgetxattr(path.as_slice(), ACCESS_ACL, buffer)
         }

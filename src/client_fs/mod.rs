@@ -314,7 +314,7 @@ pub fn open_dir(what: &str, path: &Path, peer: &Peer, forbidden: &[&Path]) -> Re
 /// The file behind the `O_PATH` descriptor `handle`, opened anew with `flags` through its
 /// `/proc/self/fd` link: exactly that inode, whatever its name points to by now.
 fn reopen(handle: &OwnedFd, flags: OFlags) -> rustix::io::Result<OwnedFd> {
-    let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let link = self_fd_path(handle);
     rustix::fs::openat(
         rustix::fs::CWD,
         link,
@@ -417,7 +417,7 @@ fn mode_and_owner(st: &Stat) -> String {
 
 /// The path behind a descriptor, for messages only.
 fn fd_path(fd: &OwnedFd) -> String {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    std::fs::read_link(self_fd_path(fd))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "the bundle".into())
 }
@@ -447,6 +447,12 @@ fn truncate(mut text: String) -> String {
         text.push('…');
     }
     text
+}
+
+/// `/proc/self/fd/<n>`: the name by which berthd reaches exactly what `fd` holds, an `O_PATH`
+/// descriptor included.
+pub fn self_fd_path(fd: impl AsFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd())
 }
 
 /// The name by which another process of berthd's (the runtime, CRIU) reaches exactly what `fd`

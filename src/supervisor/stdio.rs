@@ -314,10 +314,10 @@ impl Endpoint {
         }
     }
 
-    async fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+    /// Writes the whole chunk, which a file's write takes to the blocking pool.
+    async fn write_all(&self, bytes: Vec<u8>) -> std::io::Result<()> {
         match self {
             Endpoint::File(file) => {
-                let bytes = bytes.to_vec();
                 file.run(move |fd| {
                     let mut rest = &bytes[..];
                     while !rest.is_empty() {
@@ -329,7 +329,7 @@ impl Endpoint {
                 .await
             }
             Endpoint::Polled(fd) => {
-                let mut rest = bytes;
+                let mut rest = &bytes[..];
                 while !rest.is_empty() {
                     let written = loop {
                         let mut guard = fd.writable().await?;
@@ -391,7 +391,7 @@ pub(super) async fn copy(
             _ => return Ended::Closed,
         };
         if let Some(to) = to
-            && to.write_all(&chunk).await.is_err()
+            && to.write_all(chunk).await.is_err()
         {
             return Ended::Closed;
         }

@@ -21,7 +21,7 @@
 //! loop (stdio), the state file (store).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -97,7 +97,7 @@ pub(super) fn pipe_fifos(opened: [SpawnStdio; 3]) -> Result<InitStdio> {
 
 /// A new open of the pipe behind `fd` (through `/proc/self/fd`) that both reads and writes it.
 fn reopen_read_write(fd: impl AsFd) -> Result<OwnedFd> {
-    let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    let path = crate::client_fs::self_fd_path(fd);
     rustix::fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| Error::sys("reopen a stdio pipe read-write", e))
 }

@@ -21,6 +21,19 @@ const PYTHON: &str = "/usr/bin/python3";
 /// The unprivileged member of berthd's group.
 const MEMBER: u32 = 65534;
 
+/// `program` run as the member: uid and gid 65534, no other groups.
+fn as_member(program: &str) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            format!("--reuid={MEMBER}"),
+            format!("--regid={MEMBER}"),
+            "--clear-groups".into(),
+        ])
+        .arg(program);
+    command
+}
+
 fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
 }
@@ -84,14 +97,8 @@ impl MemberClient {
     /// One request as uid/gid 65534 with no other groups: "OK …" or "<CODE> <message>".
     async fn ask(&self, op: &[&str]) -> String {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/trust/client.py");
-        let mut command = Command::new("setpriv");
+        let mut command = as_member(PYTHON);
         command
-            .args([
-                format!("--reuid={MEMBER}"),
-                format!("--regid={MEMBER}"),
-                "--clear-groups".into(),
-            ])
-            .arg(PYTHON)
             .arg(script)
             .arg(self.generated.path())
             .arg(&self.socket)
@@ -251,13 +258,8 @@ fn set_access_acl(path: &Path, entries: &[(u16, u16, u32)]) -> bool {
 
 /// Whether the kernel lets the member write `path` (`test -w`, which asks `access(2)`).
 fn member_may_write(path: &Path) -> bool {
-    Command::new("setpriv")
-        .args([
-            format!("--reuid={MEMBER}"),
-            format!("--regid={MEMBER}"),
-            "--clear-groups".into(),
-        ])
-        .args(["test", "-w"])
+    as_member("test")
+        .arg("-w")
         .arg(path)
         .status()
         .expect("setpriv test -w")
@@ -418,13 +420,8 @@ sys.stdin.read()
         if MemberClient::new(&d).is_none() {
             return;
         }
-        let mut holder = tokio::process::Command::new("setpriv")
-            .args([
-                format!("--reuid={MEMBER}"),
-                format!("--regid={MEMBER}"),
-                "--clear-groups".into(),
-            ])
-            .args([PYTHON, "-c", HOLDER])
+        let mut holder = tokio::process::Command::from(as_member(PYTHON))
+            .args(["-c", HOLDER])
             .arg(d.socket())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -676,8 +673,7 @@ async fn state_files_are_private() {
         assert_eq!(mode(&d.state_dir()), 0o700);
         assert_eq!(mode(&record), 0o600);
         chmod(d.dir(), 0o711);
-        let read = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        let read = as_member("cat")
             .arg(&record)
             .output()
             .expect("run cat as the member");
