@@ -30,8 +30,22 @@ pub struct Checkpoint {
     pub shell: bool,
 }
 
+/// What the listener knows of an API connection; tonic attaches it to every request of the
+/// connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// For the api's gate.
+    pub credentials: PeerCredentials,
+    /// For the api's streams, which take their next message only while the socket has room.
+    pub room: SocketRoom,
+}
+
 /// What `SO_PEERCRED` said of an API connection's peer when the listener accepted it; `None` when
-/// it could not be read. tonic attaches it to every request of the connection, for the api's
-/// gate.
+/// it could not be read.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerCredentials(pub Option<nix::sys::socket::UnixCredentials>);
+
+/// Whether an API connection's socket takes what is written to it: false from a write that found
+/// it full until a write goes through whole. Closed when the connection is.
+#[derive(Debug, Clone)]
+pub struct SocketRoom(pub tokio::sync::watch::Receiver<bool>);

@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 
 use crate::client_fs::Peer;
 use crate::error::Error;
-use crate::model::PeerCredentials;
+use crate::model::{ConnectionInfo, PeerCredentials};
 
 /// Admits a request's peer (uid 0, or a member of the socket's group) and attaches it to the
 /// request, for the services to read with [`peer`].
@@ -47,7 +47,8 @@ impl Gate {
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let peer = self.admit(request.extensions().get::<PeerCredentials>())?;
+        let connection = request.extensions().get::<ConnectionInfo>();
+        let peer = self.admit(connection.map(|c| &c.credentials))?;
         request.extensions_mut().insert(peer);
         Ok(request)
     }

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::peer::{audit, logged, peer};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
-use crate::model::{Checkpoint, ProcessSpec};
+use crate::model::{Checkpoint, ConnectionInfo, ProcessSpec, SocketRoom};
 use crate::proto;
 use crate::stats::snapshot::{self, Snapshot};
 use crate::supervisor::{ContainerInfo, CreateRequest, ExecRequest, StdioPaths, Supervisor, User};
@@ -107,6 +107,26 @@ fn going_away() -> Status {
     Status::unavailable(
         "berthd is stopping or upgrading; reconnect to the same socket and subscribe again",
     )
+}
+
+/// The room on the socket of `request`'s connection; none for a request that did not come
+/// through the listener (in-process tests).
+fn socket_room<T>(request: &Request<T>) -> Option<SocketRoom> {
+    request
+        .extensions()
+        .get::<ConnectionInfo>()
+        .map(|connection| connection.room.clone())
+}
+
+/// Waits until the socket has room, then for `next`: a stream takes its next message only as
+/// its client reads, not as far as h2 would buffer for it (the client's flow-control window,
+/// up to hyper's 400 KB a stream).
+async fn when_room<T>(room: &mut Option<SocketRoom>, next: impl Future<Output = T>) -> T {
+    if let Some(SocketRoom(room)) = room {
+        // An error is the connection gone, and the stream with it.
+        let _ = room.wait_for(|room| *room).await;
+    }
+    next.await
 }
 
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {
@@ -430,21 +450,24 @@ impl proto::api_server::Api for ApiService {
         tracing::info_span!("events", peer_uid = peer.uid, peer_pid = peer.pid)
             .in_scope(|| tracing::debug!("subscribed"));
         let subscription = self.supervisor.events().subscribe();
-        // Polled as fast as h2 takes what is sent: up to the client's flow-control window and
-        // hyper's send buffer per stream (400 KB, which tonic does not let berth set), then
-        // only as the client reads. A slow client then falls behind on the event ring instead
-        // of growing a buffer here, and is told how much it missed.
+        // Taken only while the connection's socket has room, so a client that stops reading
+        // falls behind on the event ring instead of growing a buffer in h2, and is told how
+        // much it missed.
+        let room = socket_room(&request);
         let stopping = self.stopping.clone();
         let stream = futures_util::stream::unfold(
-            Some((subscription, stopping)),
+            Some((subscription, room, stopping)),
             |state| async move {
-                let (mut subscription, mut stopping) = state?;
+                let (mut subscription, mut room, mut stopping) = state?;
                 let next = tokio::select! {
-                    next = subscription.next() => next?,
+                    next = when_room(&mut room, subscription.next()) => next?,
                     _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
                 };
                 match next {
-                    Ok(event) => Some((Ok(event_to_wire(&event)), Some((subscription, stopping)))),
+                    Ok(event) => Some((
+                        Ok(event_to_wire(&event)),
+                        Some((subscription, room, stopping)),
+                    )),
                     Err(Lagged::Missed(missed)) => Some((
                         Err(Status::resource_exhausted(format!(
                             "events subscriber fell behind and missed {missed} events; subscribe again and re-read State"
@@ -466,6 +489,7 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::StatsRequest>,
     ) -> Result<Response<Self::GetStatsStream>, Status> {
         let peer = peer(&request)?;
+        let room = socket_room(&request);
         let id = request.into_inner().id;
         let span = tracing::info_span!("get_stats", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid);
         crate::supervisor::validate::container_id(&id)?;
@@ -483,18 +507,25 @@ impl proto::api_server::Api for ApiService {
                 "container {id} does not exist or has no stats (its cgroup could not be read when it started)"
             ))
         })?;
-        // Each subscriber waits for the shared snapshot; the stream ends with OK when the container
-        // is unregistered (its init exited), with UNAVAILABLE when berthd stops or upgrades.
+        // Each subscriber waits for the shared snapshot, while its connection's socket has room
+        // (a client that stops reading skips snapshots); the stream ends with OK when the
+        // container is unregistered (its init exited), with UNAVAILABLE when berthd stops or
+        // upgrades.
         let stopping = self.stopping.clone();
-        let stream =
-            futures_util::stream::unfold(Some((subscription, stopping)), |state| async move {
-                let (mut subscription, mut stopping) = state?;
+        let stream = futures_util::stream::unfold(
+            Some((subscription, room, stopping)),
+            |state| async move {
+                let (mut subscription, mut room, mut stopping) = state?;
                 let snapshot = tokio::select! {
-                    next = subscription.next() => next?,
+                    next = when_room(&mut room, subscription.next()) => next?,
                     _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
                 };
-                Some((Ok(stats_to_wire(&snapshot)), Some((subscription, stopping))))
-            });
+                Some((
+                    Ok(stats_to_wire(&snapshot)),
+                    Some((subscription, room, stopping)),
+                ))
+            },
+        );
         Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
             stream,
         ))))

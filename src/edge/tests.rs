@@ -14,6 +14,7 @@ async fn the_wrapper_rewrites_reads_and_passes_writes() {
     );
     let peer = edge
         .connect_info()
+        .credentials
         .0
         .expect("the peer's credentials pass through");
     assert_eq!(peer.pid(), std::process::id() as i32);

@@ -8,6 +8,11 @@
 //! descriptor can be had for that (the open file limit, the epoll watch limit), the send is
 //! retried after a pause instead of failing the connection.
 //!
+//! Whether the socket has room is published to the connection's streams ([`SocketRoom`]): h2
+//! takes a stream's messages up to the client's flow-control window and hyper's send buffer
+//! (400 KB a stream, which tonic does not let berthd lower), so a client that announced a large
+//! window and stopped reading would otherwise have berthd hold that much per stream.
+//!
 //! Owns: the socket's reads, writes and readiness, and its peer's credentials as read at
 //! accept. Does not own: accepting ([`super`]), what is read or written (h2, the edge).
 
@@ -22,7 +27,7 @@ use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::model::PeerCredentials;
+use crate::model::{ConnectionInfo, PeerCredentials, SocketRoom};
 
 /// How long a write waits before it tries again when it found the socket full and could not
 /// register a descriptor to wait for space on.
@@ -37,6 +42,8 @@ pub struct ApiSocket {
     /// How the write in progress waits for space; `None` while writes go straight through.
     waiting: Option<SpaceWait>,
     credentials: PeerCredentials,
+    /// False from a send that found the socket full until one goes through whole.
+    room: tokio::sync::watch::Sender<bool>,
 }
 
 enum SpaceWait {
@@ -76,6 +83,7 @@ impl ApiSocket {
             socket: crate::reactor::register(socket, Interest::READABLE)?,
             waiting: None,
             credentials,
+            room: tokio::sync::watch::Sender::new(true),
         })
     }
 
@@ -99,6 +107,12 @@ impl ApiSocket {
         }
     }
 
+    /// Tells the connection's streams the socket has room, if they were told it had none.
+    fn made_room(&self) {
+        self.room
+            .send_if_modified(|room| !std::mem::replace(room, true));
+    }
+
     /// Sends `len` bytes with `send`: straight to the socket unless a write is waiting for space.
     fn poll_send(
         &mut self,
@@ -110,9 +124,16 @@ impl ApiSocket {
             match &mut self.waiting {
                 None => match send(self.socket.get_ref()) {
                     Err(rustix::io::Errno::AGAIN) => {
+                        self.room
+                            .send_if_modified(|room| std::mem::replace(room, false));
                         self.waiting = Some(SpaceWait::start(self.socket.as_fd()));
                     }
-                    sent => return Poll::Ready(sent.map_err(io::Error::from)),
+                    sent => {
+                        if matches!(sent, Ok(n) if n == len) {
+                            self.made_room();
+                        }
+                        return Poll::Ready(sent.map_err(io::Error::from));
+                    }
                 },
                 Some(SpaceWait::Writable(space)) => {
                     let mut ready = ready!(space.poll_write_ready(cx))?;
@@ -122,7 +143,10 @@ impl ApiSocket {
                     match sent {
                         // Filled again: the next write waits for space at once.
                         Ok(n) if n < len => ready.clear_ready(),
-                        Ok(_) => self.waiting = None,
+                        Ok(_) => {
+                            self.waiting = None;
+                            self.made_room();
+                        }
                         Err(_) => {}
                     }
                     return Poll::Ready(sent);
@@ -201,10 +225,13 @@ impl AsyncWrite for ApiSocket {
 }
 
 impl tonic::transport::server::Connected for ApiSocket {
-    type ConnectInfo = PeerCredentials;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> PeerCredentials {
-        self.credentials
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            credentials: self.credentials,
+            room: SocketRoom(self.room.subscribe()),
+        }
     }
 }
 
@@ -279,6 +306,27 @@ mod tests {
         assert!(
             server.waiting.is_none(),
             "the write descriptor outlived the wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_streams_are_told_when_the_socket_fills_and_when_it_has_room_again() {
+        let (mut server, mut client) = pair();
+        let SocketRoom(mut room) = server.connect_info().room;
+        assert!(*room.borrow_and_update());
+        let written = fill(&mut server);
+        assert!(room.has_changed().unwrap(), "not told the socket is full");
+        assert!(!*room.borrow_and_update());
+        let mut received = vec![0u8; written];
+        client.read_exact(&mut received).await.unwrap();
+        let sent = tokio::time::timeout(LIMIT, server.write(b"after")).await;
+        assert_eq!(sent.expect("the write never went").unwrap(), 5);
+        assert!(room.has_changed().unwrap(), "not told of the room");
+        assert!(*room.borrow_and_update());
+        drop(server);
+        assert!(
+            room.changed().await.is_err(),
+            "the connection's end is not told"
         );
     }
 
@@ -396,7 +444,7 @@ mod tests {
     #[tokio::test]
     async fn the_peer_credentials_are_the_connecting_process() {
         let (server, _client) = pair();
-        let credentials = server.connect_info().0.expect("SO_PEERCRED");
+        let credentials = server.connect_info().credentials.0.expect("SO_PEERCRED");
         assert_eq!(credentials.pid(), std::process::id() as i32);
         assert_eq!(credentials.uid(), rustix::process::getuid().as_raw());
     }

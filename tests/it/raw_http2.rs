@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use berth_api::proto::SignalRequest;
+use berth_api::proto::{SignalRequest, StatsRequest};
 use loona_hpack::Decoder;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -377,6 +377,87 @@ async fn a_connection_stuck_in_its_preface_is_closed_at_the_handshake_timeout() 
         let block = request("/types.API/State", "localhost", false, false);
         let answer = whole.call(&block, 1, &[]).await;
         assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
+/// A client that announced the largest flow-control windows and then stopped reading is sent
+/// nothing more than its socket holds: its GetStats streams skip snapshots instead of berthd
+/// buffering them in h2 (up to hyper's 400 KB a stream), and they go on when it reads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_with_large_windows_that_stops_reading_is_not_buffered_for() {
+    const WINDOW_UPDATE: u8 = 0x8;
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    const LARGEST_WINDOW: u32 = 0x7fff_ffff;
+    const STREAMS: u32 = 200;
+    const UNREAD: Duration = Duration::from_secs(4);
+    within(async {
+        let mut daemon = daemon!(Options::args(&["--stats-interval", "10ms"]));
+        let ctr = daemon.run("unread-stats", &["sleep", "600"]).await;
+        let mut connection = Connection::open(&daemon).await;
+        let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        settings.extend_from_slice(&LARGEST_WINDOW.to_be_bytes());
+        let mut wire = frame(SETTINGS, 0, 0, &settings);
+        let grown = LARGEST_WINDOW - 65_535;
+        wire.extend(frame(WINDOW_UPDATE, 0, 0, &grown.to_be_bytes()));
+        let block = request("/types.API/GetStats", "localhost", false, false);
+        let message = StatsRequest { id: ctr.id.clone() }.encode_to_vec();
+        let mut grpc = vec![0];
+        grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        grpc.extend_from_slice(&message);
+        let mut streams = Vec::new();
+        for _ in 0..STREAMS {
+            let (stream, headers) = connection.header_frames(&block, 1);
+            wire.extend(headers);
+            wire.extend(frame(DATA, END_STREAM, stream, &grpc));
+            streams.push(stream);
+        }
+        connection
+            .socket
+            .write_all(&wire)
+            .await
+            .expect("send the calls");
+        let rss_before = status_kib(daemon.pid(), "VmRSS");
+        tokio::time::sleep(UNREAD).await;
+        let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+        assert!(
+            grown < 24 * 1024,
+            "berthd's RSS grew by {grown} KiB for {STREAMS} unread streams in {UNREAD:?}"
+        );
+        // Reading again, every stream is sent snapshots again.
+        let mut data = std::collections::HashMap::<u32, usize>::new();
+        let read = async {
+            while data.len() < streams.len() || data.values().any(|&n| n < 4096) {
+                let mut header = [0; 9];
+                connection
+                    .socket
+                    .read_exact(&mut header)
+                    .await
+                    .expect("a frame");
+                let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+                let on = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+                let mut payload = vec![0; length];
+                connection
+                    .socket
+                    .read_exact(&mut payload)
+                    .await
+                    .expect("payload");
+                match header[3] {
+                    SETTINGS if header[4] & ACK == 0 => {
+                        let ack = frame(SETTINGS, ACK, 0, &[]);
+                        connection.socket.write_all(&ack).await.expect("ack");
+                    }
+                    DATA => *data.entry(on).or_default() += length,
+                    0x3 | 0x7 => panic!("stream {on} ended: kind {} {payload:?}", header[3]),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("every stream sent 4 KB within 30 s of reading again");
+        let mut client = daemon.connect().await;
+        assert!(state(&mut client).await.machine.is_some());
     })
     .await
 }
