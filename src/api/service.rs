@@ -118,15 +118,14 @@ fn socket_room<T>(request: &Request<T>) -> Option<SocketRoom> {
         .map(|connection| connection.room.clone())
 }
 
-/// Waits until the socket has room, then for `next`: a stream takes its next message only as
-/// its client reads, not as far as h2 would buffer for it (the client's flow-control window,
-/// up to hyper's 400 KB a stream).
-async fn when_room<T>(room: &mut Option<SocketRoom>, next: impl Future<Output = T>) -> T {
+/// Waits until the socket has room: a response is made, and a stream takes its next message,
+/// only as the client reads, not as far as h2 would buffer for it (the client's flow-control
+/// window, up to hyper's 400 KB a stream).
+async fn socket_has_room(room: &mut Option<SocketRoom>) {
     if let Some(SocketRoom(room)) = room {
-        // An error is the connection gone, and the stream with it.
+        // An error is the connection gone, and the request with it.
         let _ = room.wait_for(|room| *room).await;
     }
-    next.await
 }
 
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {
@@ -418,6 +417,9 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::StateRequest>,
     ) -> Result<Response<proto::StateResponse>, Status> {
         let peer = peer(&request)?;
+        // Made once the client reads: one that asks again and again without reading would
+        // otherwise have berthd hold a whole State (up to --max-message-bytes) per stream.
+        socket_has_room(&mut socket_room(&request)).await;
         let id = request.into_inner().id;
         let _span =
             tracing::info_span!("state", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid)
@@ -460,7 +462,10 @@ impl proto::api_server::Api for ApiService {
             |state| async move {
                 let (mut subscription, mut room, mut stopping) = state?;
                 let next = tokio::select! {
-                    next = when_room(&mut room, subscription.next()) => next?,
+                    next = async {
+                        socket_has_room(&mut room).await;
+                        subscription.next().await
+                    } => next?,
                     _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
                 };
                 match next {
@@ -517,7 +522,10 @@ impl proto::api_server::Api for ApiService {
             |state| async move {
                 let (mut subscription, mut room, mut stopping) = state?;
                 let snapshot = tokio::select! {
-                    next = when_room(&mut room, subscription.next()) => next?,
+                    next = async {
+                        socket_has_room(&mut room).await;
+                        subscription.next().await
+                    } => next?,
                     _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
                 };
                 Some((

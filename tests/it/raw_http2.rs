@@ -381,35 +381,68 @@ async fn a_connection_stuck_in_its_preface_is_closed_at_the_handshake_timeout() 
     .await
 }
 
+/// SETTINGS and a connection WINDOW_UPDATE announcing the largest flow-control windows.
+fn largest_windows() -> Vec<u8> {
+    const WINDOW_UPDATE: u8 = 0x8;
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    const LARGEST_WINDOW: u32 = 0x7fff_ffff;
+    let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    settings.extend_from_slice(&LARGEST_WINDOW.to_be_bytes());
+    let mut wire = frame(SETTINGS, 0, 0, &settings);
+    let grown = LARGEST_WINDOW - 65_535;
+    wire.extend(frame(WINDOW_UPDATE, 0, 0, &grown.to_be_bytes()));
+    wire
+}
+
+/// `message` as one gRPC message in a DATA frame that ends the request.
+fn last_message(stream: u32, message: &[u8]) -> Vec<u8> {
+    let mut grpc = vec![0];
+    grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    grpc.extend_from_slice(message);
+    frame(DATA, END_STREAM, stream, &grpc)
+}
+
+impl Connection {
+    /// Reads frames, answering SETTINGS, and hands every other one to `seen` (kind, flags,
+    /// stream, payload) until it says it has seen enough.
+    async fn read_until(&mut self, mut seen: impl FnMut(u8, u8, u32, &[u8]) -> bool) {
+        loop {
+            let mut header = [0; 9];
+            self.socket.read_exact(&mut header).await.expect("a frame");
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let (kind, flags) = (header[3], header[4]);
+            let on = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+            let mut payload = vec![0; length];
+            self.socket.read_exact(&mut payload).await.expect("payload");
+            if kind == SETTINGS && flags & ACK == 0 {
+                let ack = frame(SETTINGS, ACK, 0, &[]);
+                self.socket.write_all(&ack).await.expect("ack settings");
+            } else if seen(kind, flags, on, &payload) {
+                return;
+            }
+        }
+    }
+}
+
 /// A client that announced the largest flow-control windows and then stopped reading is sent
 /// nothing more than its socket holds: its GetStats streams skip snapshots instead of berthd
 /// buffering them in h2 (up to hyper's 400 KB a stream), and they go on when it reads again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_with_large_windows_that_stops_reading_is_not_buffered_for() {
-    const WINDOW_UPDATE: u8 = 0x8;
-    const INITIAL_WINDOW_SIZE: u16 = 0x4;
-    const LARGEST_WINDOW: u32 = 0x7fff_ffff;
     const STREAMS: u32 = 200;
     const UNREAD: Duration = Duration::from_secs(4);
     within(async {
         let mut daemon = daemon!(Options::args(&["--stats-interval", "10ms"]));
         let ctr = daemon.run("unread-stats", &["sleep", "600"]).await;
         let mut connection = Connection::open(&daemon).await;
-        let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-        settings.extend_from_slice(&LARGEST_WINDOW.to_be_bytes());
-        let mut wire = frame(SETTINGS, 0, 0, &settings);
-        let grown = LARGEST_WINDOW - 65_535;
-        wire.extend(frame(WINDOW_UPDATE, 0, 0, &grown.to_be_bytes()));
+        let mut wire = largest_windows();
         let block = request("/types.API/GetStats", "localhost", false, false);
         let message = StatsRequest { id: ctr.id.clone() }.encode_to_vec();
-        let mut grpc = vec![0];
-        grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        grpc.extend_from_slice(&message);
         let mut streams = Vec::new();
         for _ in 0..STREAMS {
             let (stream, headers) = connection.header_frames(&block, 1);
             wire.extend(headers);
-            wire.extend(frame(DATA, END_STREAM, stream, &grpc));
+            wire.extend(last_message(stream, &message));
             streams.push(stream);
         }
         connection
@@ -426,38 +459,71 @@ async fn a_client_with_large_windows_that_stops_reading_is_not_buffered_for() {
         );
         // Reading again, every stream is sent snapshots again.
         let mut data = std::collections::HashMap::<u32, usize>::new();
-        let read = async {
-            while data.len() < streams.len() || data.values().any(|&n| n < 4096) {
-                let mut header = [0; 9];
-                connection
-                    .socket
-                    .read_exact(&mut header)
-                    .await
-                    .expect("a frame");
-                let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-                let on = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
-                let mut payload = vec![0; length];
-                connection
-                    .socket
-                    .read_exact(&mut payload)
-                    .await
-                    .expect("payload");
-                match header[3] {
-                    SETTINGS if header[4] & ACK == 0 => {
-                        let ack = frame(SETTINGS, ACK, 0, &[]);
-                        connection.socket.write_all(&ack).await.expect("ack");
-                    }
-                    DATA => *data.entry(on).or_default() += length,
-                    0x3 | 0x7 => panic!("stream {on} ended: kind {} {payload:?}", header[3]),
-                    _ => {}
-                }
+        let read = connection.read_until(|kind, _, on, payload| {
+            match kind {
+                DATA => *data.entry(on).or_default() += payload.len(),
+                0x3 | 0x7 => panic!("stream {on} ended: kind {kind} {payload:?}"),
+                _ => {}
             }
-        };
+            data.len() == streams.len() && data.values().all(|&n| n >= 4096)
+        });
         tokio::time::timeout(Duration::from_secs(30), read)
             .await
             .expect("every stream sent 4 KB within 30 s of reading again");
         let mut client = daemon.connect().await;
         assert!(state(&mut client).await.machine.is_some());
+    })
+    .await
+}
+
+/// A client that asks for State over and over without reading is answered as it reads: berthd
+/// does not make and hold a whole State for each request it has not read an answer to yet.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
+    const CALLS: usize = 200;
+    within(async {
+        let mut daemon = daemon!();
+        // A State of about 200 KB: the init's args, which `sh -c` takes past its script.
+        let filler = "x".repeat(4000);
+        let mut args = vec!["sh", "-c", "sleep 600", "sh"];
+        args.extend(std::iter::repeat_n(filler.as_str(), 50));
+        let ctr = daemon.run("big-state", &args).await;
+        let mut connection = Connection::open(&daemon).await;
+        let mut wire = largest_windows();
+        let block = request("/types.API/State", "localhost", false, false);
+        let message = berth_api::proto::StateRequest { id: ctr.id.clone() }.encode_to_vec();
+        for _ in 0..CALLS {
+            let (stream, headers) = connection.header_frames(&block, 1);
+            wire.extend(headers);
+            wire.extend(last_message(stream, &message));
+        }
+        let rss_before = status_kib(daemon.pid(), "VmRSS");
+        connection
+            .socket
+            .write_all(&wire)
+            .await
+            .expect("send the calls");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+        assert!(
+            grown < 12 * 1024,
+            "berthd's RSS grew by {grown} KiB for {CALLS} unread answers"
+        );
+        // Reading, every call is answered in full.
+        let (mut answered, mut data) = (0, 0);
+        let read = connection.read_until(|kind, flags, on, payload| {
+            match kind {
+                DATA => data += payload.len(),
+                HEADERS if flags & END_STREAM != 0 => answered += 1,
+                0x3 | 0x7 => panic!("stream {on} ended: kind {kind} {payload:?}"),
+                _ => {}
+            }
+            answered == CALLS
+        });
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("every call answered within 30 s of reading");
+        assert!(data > CALLS * 200_000, "{data} bytes for {CALLS} answers");
     })
     .await
 }
