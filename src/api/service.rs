@@ -118,9 +118,9 @@ fn socket_room<T>(request: &Request<T>) -> Option<SocketRoom> {
         .map(|connection| connection.room.clone())
 }
 
-/// Waits until the socket has room: a response is made, and a stream takes its next message,
-/// only as the client reads, not as far as h2 would buffer for it (the client's flow-control
-/// window, up to hyper's 400 KB a stream).
+/// Waits until the socket has room: a stream takes its next message only as its client reads,
+/// not as far as h2 would buffer for it (the client's flow-control window, up to hyper's 400 KB
+/// a stream).
 async fn socket_has_room(room: &mut Option<SocketRoom>) {
     if let Some(SocketRoom(room)) = room {
         // An error is the connection gone, and the request with it.
@@ -417,9 +417,6 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::StateRequest>,
     ) -> Result<Response<proto::StateResponse>, Status> {
         let peer = peer(&request)?;
-        // Made once the client reads: one that asks again and again without reading would
-        // otherwise have berthd hold a whole State (up to --max-message-bytes) per stream.
-        socket_has_room(&mut socket_room(&request)).await;
         let id = request.into_inner().id;
         let _span =
             tracing::info_span!("state", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid)
