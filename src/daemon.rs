@@ -26,6 +26,7 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
 use crate::api::grpc_message::status_on_the_wire;
+use crate::api::pacing::AnswerPacingLayer;
 use crate::api::peer::Gate;
 use crate::api::service::ApiService;
 use crate::config::{Config, CreateMode, StatsBackend, resolve_runtime};
@@ -335,6 +336,7 @@ impl Serving {
                 .layer(tower::util::MapResponseLayer::new(status_on_the_wire(
                     max_message,
                 )))
+                .layer(AnswerPacingLayer)
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_max_header_list_size(edge::MAX_HEADER_LIST_SIZE)
                 // Streams h2 resets for the client's errors, and streams the client resets

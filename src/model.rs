@@ -38,7 +38,17 @@ pub struct ConnectionInfo {
     pub credentials: PeerCredentials,
     /// For the api's streams, which take their next message only while the socket has room.
     pub room: SocketRoom,
+    /// The places of the answers made but not yet handed to h2, [`ANSWERS_AHEAD`] of them.
+    pub answers: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Bytes the socket has taken, all told: what the api's answers made are measured against.
+    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes of answers the api has made on the connection, all told.
+    pub made: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Answers whose size is the daemon's to decide (State, ListCheckpoint) made but not yet handed
+/// to h2, at most, on one connection.
+pub const ANSWERS_AHEAD: usize = 4;
 
 /// What `SO_PEERCRED` said of an API connection's peer when the listener accepted it; `None` when
 /// it could not be read.

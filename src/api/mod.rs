@@ -2,5 +2,6 @@
 
 pub mod daemon;
 pub mod grpc_message;
+pub mod pacing;
 pub mod peer;
 pub mod service;

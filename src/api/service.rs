@@ -8,10 +8,11 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use super::pacing::{socket_has_room, socket_room};
 use super::peer::{audit, logged, peer};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
-use crate::model::{Checkpoint, ConnectionInfo, ProcessSpec, SocketRoom};
+use crate::model::{Checkpoint, ProcessSpec};
 use crate::proto;
 use crate::stats::snapshot::{self, Snapshot};
 use crate::supervisor::{ContainerInfo, CreateRequest, ExecRequest, StdioPaths, Supervisor, User};
@@ -107,25 +108,6 @@ fn going_away() -> Status {
     Status::unavailable(
         "berthd is stopping or upgrading; reconnect to the same socket and subscribe again",
     )
-}
-
-/// The room on the socket of `request`'s connection; none for a request that did not come
-/// through the listener (in-process tests).
-fn socket_room<T>(request: &Request<T>) -> Option<SocketRoom> {
-    request
-        .extensions()
-        .get::<ConnectionInfo>()
-        .map(|connection| connection.room.clone())
-}
-
-/// Waits until the socket has room: a stream takes its next message only as its client reads,
-/// not as far as h2 would buffer for it (the client's flow-control window, up to hyper's 400 KB
-/// a stream).
-async fn socket_has_room(room: &mut Option<SocketRoom>) {
-    if let Some(SocketRoom(room)) = room {
-        // An error is the connection gone, and the request with it.
-        let _ = room.wait_for(|room| *room).await;
-    }
 }
 
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {

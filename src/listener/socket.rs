@@ -8,10 +8,10 @@
 //! descriptor can be had for that (the open file limit, the epoll watch limit), the send is
 //! retried after a pause instead of failing the connection.
 //!
-//! Whether the socket has room is published to the connection's streams ([`SocketRoom`]): h2
-//! takes a stream's messages up to the client's flow-control window and hyper's send buffer
-//! (400 KB a stream, which tonic does not let berthd lower), so a client that announced a large
-//! window and stopped reading would otherwise have berthd hold that much per stream.
+//! Whether the socket has room ([`SocketRoom`]), and how many bytes it took, are published with
+//! the connection ([`ConnectionInfo`]): the api makes answers and stream messages only as the
+//! client reads them (`api::pacing`), since h2 would take them as far as the client's
+//! flow-control windows allow.
 //!
 //! Owns: the socket's reads, writes and readiness, and its peer's credentials as read at
 //! accept. Does not own: accepting ([`super`]), what is read or written (h2, the edge).
@@ -27,7 +27,7 @@ use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::model::{ConnectionInfo, PeerCredentials, SocketRoom};
+use crate::model::{ANSWERS_AHEAD, ConnectionInfo, PeerCredentials, SocketRoom};
 
 /// How long a write waits before it tries again when it found the socket full and could not
 /// register a descriptor to wait for space on.
@@ -44,6 +44,11 @@ pub struct ApiSocket {
     credentials: PeerCredentials,
     /// False from a send that found the socket full until one goes through whole.
     room: tokio::sync::watch::Sender<bool>,
+    /// The connection's places for answers made ahead of the client ([`ConnectionInfo`]).
+    answers: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Bytes sent, all told ([`ConnectionInfo`]).
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    made: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 enum SpaceWait {
@@ -84,6 +89,9 @@ impl ApiSocket {
             waiting: None,
             credentials,
             room: tokio::sync::watch::Sender::new(true),
+            answers: std::sync::Arc::new(tokio::sync::Semaphore::new(ANSWERS_AHEAD)),
+            sent: std::sync::Arc::default(),
+            made: std::sync::Arc::default(),
         })
     }
 
@@ -129,8 +137,11 @@ impl ApiSocket {
                         self.waiting = Some(SpaceWait::start(self.socket.as_fd()));
                     }
                     sent => {
-                        if matches!(sent, Ok(n) if n == len) {
-                            self.made_room();
+                        if let Ok(n) = sent {
+                            count_sent(&self.sent, n);
+                            if n == len {
+                                self.made_room();
+                            }
                         }
                         return Poll::Ready(sent.map_err(io::Error::from));
                     }
@@ -140,6 +151,9 @@ impl ApiSocket {
                     let Ok(sent) = ready.try_io(|s| Ok(send(s.get_ref())?)) else {
                         continue;
                     };
+                    if let Ok(n) = sent {
+                        count_sent(&self.sent, n);
+                    }
                     match sent {
                         // Filled again: the next write waits for space at once.
                         Ok(n) if n < len => ready.clear_ready(),
@@ -159,6 +173,10 @@ impl ApiSocket {
             }
         }
     }
+}
+
+fn count_sent(sent: &std::sync::atomic::AtomicU64, bytes: usize) {
+    sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl AsyncRead for ApiSocket {
@@ -231,6 +249,9 @@ impl tonic::transport::server::Connected for ApiSocket {
         ConnectionInfo {
             credentials: self.credentials,
             room: SocketRoom(self.room.subscribe()),
+            answers: std::sync::Arc::clone(&self.answers),
+            sent: std::sync::Arc::clone(&self.sent),
+            made: std::sync::Arc::clone(&self.made),
         }
     }
 }
@@ -310,17 +331,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_streams_are_told_when_the_socket_fills_and_when_it_has_room_again() {
+    async fn the_connection_is_told_what_was_sent_when_the_socket_fills_and_when_it_has_room_again()
+    {
         let (mut server, mut client) = pair();
-        let SocketRoom(mut room) = server.connect_info().room;
+        let connection = server.connect_info();
+        let SocketRoom(mut room) = connection.room;
         assert!(*room.borrow_and_update());
         let written = fill(&mut server);
+        let sent_all = || connection.sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sent_all(), written as u64);
         assert!(room.has_changed().unwrap(), "not told the socket is full");
         assert!(!*room.borrow_and_update());
         let mut received = vec![0u8; written];
         client.read_exact(&mut received).await.unwrap();
         let sent = tokio::time::timeout(LIMIT, server.write(b"after")).await;
         assert_eq!(sent.expect("the write never went").unwrap(), 5);
+        assert_eq!(sent_all(), written as u64 + 5);
         assert!(room.has_changed().unwrap(), "not told of the room");
         assert!(*room.borrow_and_update());
         drop(server);

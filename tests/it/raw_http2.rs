@@ -20,6 +20,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
+const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
@@ -305,7 +306,6 @@ async fn a_header_block_that_decodes_to_a_gigabyte_ends_its_connection_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_reset_for_the_clients_errors_end_the_connection() {
     const GOAWAY: u8 = 0x7;
-    const WINDOW_UPDATE: u8 = 0x8;
     within(async {
         let daemon = daemon!();
         let connection = Connection::open(&daemon).await;
@@ -383,7 +383,6 @@ async fn a_connection_stuck_in_its_preface_is_closed_at_the_handshake_timeout() 
 
 /// SETTINGS and a connection WINDOW_UPDATE announcing the largest flow-control windows.
 fn largest_windows() -> Vec<u8> {
-    const WINDOW_UPDATE: u8 = 0x8;
     const INITIAL_WINDOW_SIZE: u16 = 0x4;
     const LARGEST_WINDOW: u32 = 0x7fff_ffff;
     let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
@@ -417,7 +416,16 @@ impl Connection {
             if kind == SETTINGS && flags & ACK == 0 {
                 let ack = frame(SETTINGS, ACK, 0, &[]);
                 self.socket.write_all(&ack).await.expect("ack settings");
-            } else if seen(kind, flags, on, &payload) {
+                continue;
+            }
+            if kind == DATA && length > 0 {
+                // What was read is given back to the connection's and the stream's windows.
+                let read = (length as u32).to_be_bytes();
+                let mut update = frame(WINDOW_UPDATE, 0, 0, &read);
+                update.extend(frame(WINDOW_UPDATE, 0, on, &read));
+                self.socket.write_all(&update).await.expect("window update");
+            }
+            if seen(kind, flags, on, &payload) {
                 return;
             }
         }
@@ -472,6 +480,63 @@ async fn a_client_with_large_windows_that_stops_reading_is_not_buffered_for() {
             .expect("every stream sent 4 KB within 30 s of reading again");
         let mut client = daemon.connect().await;
         assert!(state(&mut client).await.machine.is_some());
+    })
+    .await
+}
+
+/// A client that asks for State over and over without reading is answered as it reads, with
+/// the default flow-control windows and with the largest: berthd does not make and hold a whole
+/// State for each request it has not read an answer to yet.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
+    const CALLS: usize = 200;
+    within(async {
+        let mut daemon = daemon!();
+        // A State of about 200 KB: the init's args, which `sh -c` takes past its script.
+        let filler = "x".repeat(4000);
+        let mut args = vec!["sh", "-c", "sleep 600", "sh"];
+        args.extend(std::iter::repeat_n(filler.as_str(), 50));
+        let ctr = daemon.run("big-state", &args).await;
+        let block = request("/types.API/State", "localhost", false, false);
+        let message = berth_api::proto::StateRequest { id: ctr.id.clone() }.encode_to_vec();
+        for (windows, mut wire) in [("largest", largest_windows()), ("default", Vec::new())] {
+            let mut connection = Connection::open(&daemon).await;
+            for _ in 0..CALLS {
+                let (stream, headers) = connection.header_frames(&block, 1);
+                wire.extend(headers);
+                wire.extend(last_message(stream, &message));
+            }
+            let rss_before = status_kib(daemon.pid(), "VmRSS");
+            connection
+                .socket
+                .write_all(&wire)
+                .await
+                .expect("send the calls");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+            assert!(
+                grown < 12 * 1024,
+                "{windows} windows: berthd's RSS grew by {grown} KiB for {CALLS} unread answers"
+            );
+            // Reading, every call is answered in full.
+            let (mut answered, mut data) = (0, 0);
+            let read = connection.read_until(|kind, flags, on, payload| {
+                match kind {
+                    DATA => data += payload.len(),
+                    HEADERS if flags & END_STREAM != 0 => answered += 1,
+                    0x3 | 0x7 => panic!("stream {on} ended: kind {kind} {payload:?}"),
+                    _ => {}
+                }
+                answered == CALLS
+            });
+            tokio::time::timeout(Duration::from_secs(30), read)
+                .await
+                .expect("every call answered within 30 s of reading");
+            assert!(
+                data > CALLS * 200_000,
+                "{windows} windows: {data} bytes for {CALLS} answers"
+            );
+        }
     })
     .await
 }
