@@ -40,10 +40,18 @@ pub struct ConnectionInfo {
     pub room: SocketRoom,
     /// The places of the answers made but not yet handed to h2, [`ANSWERS_AHEAD`] of them.
     pub answers: std::sync::Arc<tokio::sync::Semaphore>,
-    /// Bytes the socket has taken, all told: what the api's answers made are measured against.
-    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Bytes of answers the api has made on the connection, all told.
-    pub made: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// What the socket has taken, for answers that wait until it took them.
+    pub sent: std::sync::Arc<SentBytes>,
+}
+
+/// The bytes an API connection's socket has taken, all told, and a wake-up for whoever waits
+/// for more.
+#[derive(Debug, Default)]
+pub struct SentBytes {
+    pub count: std::sync::atomic::AtomicU64,
+    /// Tasks waiting in `progress`: the socket wakes them only when there are any.
+    pub waiting: std::sync::atomic::AtomicUsize,
+    pub progress: tokio::sync::Notify,
 }
 
 /// Answers whose size is the daemon's to decide (State, ListCheckpoint) made but not yet handed

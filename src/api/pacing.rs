@@ -1,80 +1,41 @@
 //! How far berthd makes answers ahead of a client that does not read them. h2 takes a stream's
-//! answer as far as the client's flow-control window allows, up to hyper's send buffer of 400 KB
-//! a stream (which tonic does not let berthd lower), and an answer h2 has not taken waits whole
-//! in its response body. So a client that asked many times, or announced large windows, and then
-//! stopped reading would have berthd hold an answer a stream.
+//! messages as far as the client's flow-control windows allow (an answer whole, once its stream
+//! has any window), and an answer h2 has not taken waits whole in its response body. So a client
+//! that asked many times, or announced large windows, and then stopped reading would have berthd
+//! hold an answer a stream.
 //!
 //! Streams (Events, GetStats) take their next message only while the connection's socket has
 //! room ([`socket_has_room`]). Answers whose size is the daemon's to decide (State,
-//! ListCheckpoint) are made at most [`ANSWERS_AHEAD`] at a time on a connection, each holding
-//! its place until hyper has handed it to h2 or the stream ended, and only while the answers
-//! made on the connection are at most [`BACKLOG`] bytes ahead of what its socket took
-//! ([`AnswerPacingLayer`]). Room alone says nothing of a burst of calls that all found it before
-//! the first answer was written; places alone say nothing once h2 takes answers whole.
+//! ListCheckpoint) are made at most [`ANSWERS_AHEAD`] at a time on a connection
+//! ([`AnswerPacingLayer`]): each holds its place until the socket has taken as many bytes as
+//! there were up to the answer's end, or until the stream or the connection ended first (hyper
+//! drops the body). Room alone says nothing of a burst of calls that all found it before the
+//! first answer was written; a place freed when h2 took the answer would be freed at once.
 //!
-//! Owns: when an answer or a stream's next message is made. Does not own: the socket's room,
-//! the places and the byte counts (listener, which publishes them with the connection), what is
+//! Owns: when an answer or a stream's next message is made. Does not own: the socket's room, the
+//! places and the byte count (listener, which publishes them with the connection), what is
 //! answered (service).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use http_body_util::BodyExt;
+use http_body_util::{BodyStream, StreamBody};
 use tonic::Request;
 use tonic::body::Body;
 
 #[cfg(doc)]
 use crate::model::ANSWERS_AHEAD;
-use crate::model::{ConnectionInfo, SocketRoom};
+use crate::model::{ConnectionInfo, SentBytes, SocketRoom};
 
 /// The methods whose answers grow with what berthd holds (every container, every checkpoint).
 const PACED: [&str; 2] = ["/types.API/State", "/types.API/ListCheckpoint"];
 
-/// How far the answers made on a connection may run ahead of what its socket took.
-const BACKLOG: u64 = 1 << 20;
-
-/// How often an answer waiting on the backlog looks again.
-const BACKLOG_LOOK: Duration = Duration::from_millis(5);
-
-/// A backlog this long unchanged while the socket has room is not in h2's queue: h2 writes what
-/// it can as soon as it can, so what is left was dropped with streams the client reset.
-const STALE: Duration = Duration::from_millis(50);
-
-/// Waits until the answers made on the connection are at most [`BACKLOG`] ahead of what its
-/// socket took, or what is counted ahead was dropped.
-async fn backlog_shrinks(connection: &ConnectionInfo) {
-    let (made, sent) = (&connection.made, &connection.sent);
-    // What the socket took beyond the answers (headers, streams, other calls) is no credit.
-    made.fetch_max(sent.load(Ordering::Relaxed), Ordering::Relaxed);
-    let backlog = || {
-        made.load(Ordering::Relaxed)
-            .saturating_sub(sent.load(Ordering::Relaxed))
-    };
-    let mut last_sent = sent.load(Ordering::Relaxed);
-    let mut unchanged = Duration::ZERO;
-    while backlog() > BACKLOG {
-        tokio::time::sleep(BACKLOG_LOOK).await;
-        let now_sent = sent.load(Ordering::Relaxed);
-        let has_room = *connection.room.0.borrow();
-        if now_sent != last_sent || !has_room {
-            (last_sent, unchanged) = (now_sent, Duration::ZERO);
-            continue;
-        }
-        unchanged += BACKLOG_LOOK;
-        if unchanged >= STALE {
-            made.fetch_min(now_sent, Ordering::Relaxed);
-            return;
-        }
-    }
-}
-
-/// Counts an answer's bytes as it is made.
-fn count_made(made: &AtomicU64, bytes: usize) {
-    made.fetch_add(bytes as u64, Ordering::Relaxed);
-}
+/// An answer this small gives its place back once made: waiting for the socket would cost more
+/// than it holds.
+const HELD_FROM: u64 = 16 * 1024;
 
 /// The room on the socket of `request`'s connection; none for a request that did not come
 /// through the listener (in-process tests).
@@ -91,6 +52,35 @@ pub async fn socket_has_room(room: &mut Option<SocketRoom>) {
     if let Some(SocketRoom(room)) = room {
         // An error is the connection gone, and the request with it.
         let _ = room.wait_for(|room| *room).await;
+    }
+}
+
+/// Waits until the socket has taken `mark` bytes, all told.
+async fn socket_took(sent: &SentBytes, mark: u64) {
+    if sent.count.load(Ordering::SeqCst) >= mark {
+        return;
+    }
+    // SeqCst with the socket's side (`count_sent`): it either counted before the look below or
+    // sees this waiter and wakes it.
+    sent.waiting.fetch_add(1, Ordering::SeqCst);
+    let _counted = Waiting(sent);
+    loop {
+        let progress = sent.progress.notified();
+        tokio::pin!(progress);
+        progress.as_mut().enable();
+        if sent.count.load(Ordering::SeqCst) >= mark {
+            return;
+        }
+        progress.await;
+    }
+}
+
+/// A waiter counted in [`SentBytes::waiting`] until dropped.
+struct Waiting<'a>(&'a SentBytes);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -139,78 +129,142 @@ where
             let Ok(place) = places.acquire_owned().await else {
                 return inner.call(request).await;
             };
-            backlog_shrinks(&connection).await;
             let (parts, body) = inner.call(request).await?.into_parts();
-            // The place goes with the answer: hyper drops the body once h2 has taken all of it,
-            // or when the stream ends first.
-            let made = connection.made;
-            let body = body.map_frame(move |frame| {
-                let _place = &place;
-                if let Some(data) = frame.data_ref() {
-                    count_made(&made, data.len());
-                }
-                frame
-            });
-            Ok(http::Response::from_parts(parts, Body::new(body)))
+            Ok(http::Response::from_parts(
+                parts,
+                held_until_sent(body, place, connection.sent),
+            ))
         })
     }
 }
 
+/// `body`, holding `place` until the socket has taken as many bytes as it had taken when the
+/// answer's last data was made, plus that data: the answer's end (its trailers) waits for that.
+/// A body dropped first (the stream reset, the connection gone) gives the place back with it.
+fn held_until_sent(
+    body: Body,
+    place: tokio::sync::OwnedSemaphorePermit,
+    sent: Arc<SentBytes>,
+) -> Body {
+    struct Answer {
+        frames: BodyStream<Body>,
+        place: Option<tokio::sync::OwnedSemaphorePermit>,
+        sent: Arc<SentBytes>,
+        made: u64,
+        mark: u64,
+    }
+    let answer = Answer {
+        frames: BodyStream::new(body),
+        place: Some(place),
+        sent,
+        made: 0,
+        mark: 0,
+    };
+    let frames = futures_util::stream::unfold(answer, |mut answer| async move {
+        let next = answer.frames.next().await;
+        if let Some(Ok(data)) = next
+            .as_ref()
+            .map(|frame| frame.as_ref().map(|f| f.data_ref()))
+        {
+            let len = data.map_or(0, |d| d.len() as u64);
+            if len > 0 {
+                answer.made += len;
+                let sent_now = answer.sent.count.load(Ordering::SeqCst);
+                answer.mark = answer.mark.max(sent_now + len);
+                return Some((next?, answer));
+            }
+        }
+        if let Some(place) = answer.place.take() {
+            if answer.made >= HELD_FROM {
+                socket_took(&answer.sent, answer.mark).await;
+            }
+            drop(place);
+        }
+        Some((next?, answer))
+    });
+    Body::new(StreamBody::new(frames))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
     use super::*;
-    use crate::model::PeerCredentials;
 
-    fn connection(room: bool) -> (ConnectionInfo, tokio::sync::watch::Sender<bool>) {
-        let (tell, room) = tokio::sync::watch::channel(room);
-        let connection = ConnectionInfo {
-            credentials: PeerCredentials(None),
-            room: SocketRoom(room),
-            answers: Arc::new(tokio::sync::Semaphore::new(crate::model::ANSWERS_AHEAD)),
-            sent: Arc::default(),
-            made: Arc::default(),
-        };
-        (connection, tell)
+    const PATIENCE: Duration = Duration::from_millis(200);
+
+    /// What the socket does when it sent `bytes` (listener's `count_sent`).
+    fn took(sent: &SentBytes, bytes: u64) {
+        sent.count.fetch_add(bytes, Ordering::SeqCst);
+        if sent.waiting.load(Ordering::SeqCst) > 0 {
+            sent.progress.notify_waiters();
+        }
+    }
+
+    /// An answer of `len` bytes of data and then trailers, as tonic makes a unary one.
+    fn answer(len: usize) -> Body {
+        let frames = [
+            hyper::body::Frame::data(Bytes::from(vec![0u8; len])),
+            hyper::body::Frame::trailers(http::HeaderMap::new()),
+        ];
+        let frames = futures_util::stream::iter(frames.map(Ok::<_, tonic::Status>));
+        Body::new(StreamBody::new(frames))
     }
 
     #[tokio::test]
-    async fn an_answer_waits_while_the_backlog_is_over_its_bound_and_the_socket_full() {
-        let (connection, _room) = connection(false);
-        connection.made.store(BACKLOG + 1, Ordering::Relaxed);
-        let waiting = tokio::spawn({
-            let connection = connection.clone();
-            async move { backlog_shrinks(&connection).await }
-        });
-        tokio::time::sleep(4 * STALE).await;
-        assert!(!waiting.is_finished(), "made with the socket full");
-        // The client read one byte: the backlog is at its bound.
-        connection.sent.store(1, Ordering::Relaxed);
-        tokio::time::timeout(4 * STALE, waiting)
-            .await
-            .expect("still waiting with the backlog at its bound")
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn bytes_sent_besides_the_answers_are_no_credit() {
-        let (connection, _room) = connection(false);
-        connection.sent.store(10 * BACKLOG, Ordering::Relaxed);
-        backlog_shrinks(&connection).await;
-        count_made(&connection.made, BACKLOG as usize + 1);
-        let waited = tokio::time::timeout(4 * STALE, backlog_shrinks(&connection)).await;
+    async fn a_large_answer_keeps_its_place_until_the_socket_took_it() {
+        let sent = Arc::new(SentBytes::default());
+        took(&sent, 1000);
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        let place = Arc::clone(&places).try_acquire_owned().unwrap();
+        let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
+        let data = body.frame().await.unwrap().unwrap();
+        assert_eq!(data.data_ref().map(Bytes::len), Some(64 * 1024));
+        let end = tokio::spawn(async move { body.frame().await.map(|f| f.unwrap().is_trailers()) });
+        took(&sent, 64 * 1024 - 1);
+        tokio::time::sleep(PATIENCE).await;
         assert!(
-            waited.is_err(),
-            "earlier bytes sent let an answer past the bound"
+            !end.is_finished(),
+            "the answer ended before the socket took it"
         );
+        assert_eq!(places.available_permits(), 0);
+        took(&sent, 1);
+        let end = tokio::time::timeout(PATIENCE, end)
+            .await
+            .expect("not ended once taken");
+        assert_eq!(end.unwrap(), Some(true));
+        assert_eq!(places.available_permits(), 1);
     }
 
     #[tokio::test]
-    async fn a_backlog_the_socket_has_room_for_and_does_not_send_was_dropped() {
-        let (connection, _room) = connection(true);
-        connection.made.store(3 * BACKLOG, Ordering::Relaxed);
-        tokio::time::timeout(20 * STALE, backlog_shrinks(&connection))
-            .await
-            .expect("a dropped backlog kept the answer waiting");
-        assert_eq!(connection.made.load(Ordering::Relaxed), 0);
+    async fn a_small_answer_gives_its_place_back_once_made() {
+        let sent = Arc::new(SentBytes::default());
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        let place = Arc::clone(&places).try_acquire_owned().unwrap();
+        let body = held_until_sent(answer(100), place, sent);
+        let collected = tokio::time::timeout(PATIENCE, body.collect()).await;
+        assert!(
+            collected
+                .expect("a small answer waited for the socket")
+                .is_ok()
+        );
+        assert_eq!(places.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_dropped_before_the_socket_took_it_gives_its_place_back() {
+        let sent = Arc::new(SentBytes::default());
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        let place = Arc::clone(&places).try_acquire_owned().unwrap();
+        let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
+        body.frame().await.unwrap().unwrap();
+        assert!(tokio::time::timeout(PATIENCE, body.frame()).await.is_err());
+        assert_eq!(places.available_permits(), 0);
+        drop(body);
+        assert_eq!(places.available_permits(), 1);
+        assert_eq!(sent.waiting.load(Ordering::SeqCst), 0);
     }
 }

@@ -8,10 +8,10 @@
 //! descriptor can be had for that (the open file limit, the epoll watch limit), the send is
 //! retried after a pause instead of failing the connection.
 //!
-//! Whether the socket has room ([`SocketRoom`]), and how many bytes it took, are published with
-//! the connection ([`ConnectionInfo`]): the api makes answers and stream messages only as the
-//! client reads them (`api::pacing`), since h2 would take them as far as the client's
-//! flow-control windows allow.
+//! Whether the socket has room ([`SocketRoom`]), and how many bytes it took ([`SentBytes`]), are
+//! published with the connection ([`ConnectionInfo`]): the api makes answers and stream messages
+//! only as the client reads them (`api::pacing`), since h2 would take them as far as the
+//! client's flow-control windows allow.
 //!
 //! Owns: the socket's reads, writes and readiness, and its peer's credentials as read at
 //! accept. Does not own: accepting ([`super`]), what is read or written (h2, the edge).
@@ -27,7 +27,7 @@ use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::model::{ANSWERS_AHEAD, ConnectionInfo, PeerCredentials, SocketRoom};
+use crate::model::{ANSWERS_AHEAD, ConnectionInfo, PeerCredentials, SentBytes, SocketRoom};
 
 /// How long a write waits before it tries again when it found the socket full and could not
 /// register a descriptor to wait for space on.
@@ -47,8 +47,7 @@ pub struct ApiSocket {
     /// The connection's places for answers made ahead of the client ([`ConnectionInfo`]).
     answers: std::sync::Arc<tokio::sync::Semaphore>,
     /// Bytes sent, all told ([`ConnectionInfo`]).
-    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    made: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::Arc<SentBytes>,
 }
 
 enum SpaceWait {
@@ -91,7 +90,6 @@ impl ApiSocket {
             room: tokio::sync::watch::Sender::new(true),
             answers: std::sync::Arc::new(tokio::sync::Semaphore::new(ANSWERS_AHEAD)),
             sent: std::sync::Arc::default(),
-            made: std::sync::Arc::default(),
         })
     }
 
@@ -175,8 +173,14 @@ impl ApiSocket {
     }
 }
 
-fn count_sent(sent: &std::sync::atomic::AtomicU64, bytes: usize) {
-    sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+fn count_sent(sent: &SentBytes, bytes: usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    // SeqCst with the waiters' side (`api::pacing`): a waiter either sees this count or is
+    // counted in `waiting` and woken.
+    sent.count.fetch_add(bytes as u64, SeqCst);
+    if sent.waiting.load(SeqCst) > 0 {
+        sent.progress.notify_waiters();
+    }
 }
 
 impl AsyncRead for ApiSocket {
@@ -251,7 +255,6 @@ impl tonic::transport::server::Connected for ApiSocket {
             room: SocketRoom(self.room.subscribe()),
             answers: std::sync::Arc::clone(&self.answers),
             sent: std::sync::Arc::clone(&self.sent),
-            made: std::sync::Arc::clone(&self.made),
         }
     }
 }
@@ -338,7 +341,12 @@ mod tests {
         let SocketRoom(mut room) = connection.room;
         assert!(*room.borrow_and_update());
         let written = fill(&mut server);
-        let sent_all = || connection.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let sent_all = || {
+            connection
+                .sent
+                .count
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
         assert_eq!(sent_all(), written as u64);
         assert!(room.has_changed().unwrap(), "not told the socket is full");
         assert!(!*room.borrow_and_update());

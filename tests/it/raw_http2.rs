@@ -402,15 +402,15 @@ fn last_message(stream: u32, message: &[u8]) -> Vec<u8> {
 }
 
 impl Connection {
-    /// Reads frames, answering SETTINGS, and hands every other one to `seen` (kind, flags,
-    /// stream, payload) until it says it has seen enough.
-    async fn read_until(&mut self, mut seen: impl FnMut(u8, u8, u32, &[u8]) -> bool) {
+    /// The next frame that is not a SETTINGS (SETTINGS are acknowledged): kind, flags, stream,
+    /// payload.
+    async fn next_frame(&mut self) -> (u8, u8, u32, Vec<u8>) {
         loop {
             let mut header = [0; 9];
             self.socket.read_exact(&mut header).await.expect("a frame");
             let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
             let (kind, flags) = (header[3], header[4]);
-            let on = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+            let on = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
             let mut payload = vec![0; length];
             self.socket.read_exact(&mut payload).await.expect("payload");
             if kind == SETTINGS && flags & ACK == 0 {
@@ -418,11 +418,18 @@ impl Connection {
                 self.socket.write_all(&ack).await.expect("ack settings");
                 continue;
             }
-            if kind == DATA && length > 0 {
-                // What was read is given back to the connection's and the stream's windows.
-                let read = (length as u32).to_be_bytes();
-                let mut update = frame(WINDOW_UPDATE, 0, 0, &read);
-                update.extend(frame(WINDOW_UPDATE, 0, on, &read));
+            return (kind, flags, on, payload);
+        }
+    }
+
+    /// Reads frames, giving what was read back to the connection's and the stream's windows, and
+    /// hands each to `seen` (kind, flags, stream, payload) until it says it has seen enough.
+    async fn read_until(&mut self, mut seen: impl FnMut(u8, u8, u32, &[u8]) -> bool) {
+        loop {
+            let (kind, flags, on, payload) = self.next_frame().await;
+            if kind == DATA && !payload.is_empty() {
+                let mut update = window_update(0, payload.len());
+                update.extend(window_update(on, payload.len()));
                 self.socket.write_all(&update).await.expect("window update");
             }
             if seen(kind, flags, on, &payload) {
@@ -430,6 +437,20 @@ impl Connection {
             }
         }
     }
+}
+
+/// A WINDOW_UPDATE giving `read` bytes back to `stream` (0: the connection).
+fn window_update(stream: u32, read: usize) -> Vec<u8> {
+    frame(WINDOW_UPDATE, 0, stream, &(read as u32).to_be_bytes())
+}
+
+/// A container whose State is about `kb` KB: its init's args, which `sh -c` takes past its
+/// script.
+async fn big_state_container(daemon: &mut Daemon, name: &str, kb: usize) -> String {
+    let filler = "x".repeat(4000);
+    let mut args = vec!["sh", "-c", "sleep 600", "sh"];
+    args.extend(std::iter::repeat_n(filler.as_str(), kb / 4));
+    daemon.run(name, &args).await.id
 }
 
 /// A client that announced the largest flow-control windows and then stopped reading is sent
@@ -492,13 +513,9 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
     const CALLS: usize = 200;
     within(async {
         let mut daemon = daemon!();
-        // A State of about 200 KB: the init's args, which `sh -c` takes past its script.
-        let filler = "x".repeat(4000);
-        let mut args = vec!["sh", "-c", "sleep 600", "sh"];
-        args.extend(std::iter::repeat_n(filler.as_str(), 50));
-        let ctr = daemon.run("big-state", &args).await;
+        let id = big_state_container(&mut daemon, "big-state", 200).await;
         let block = request("/types.API/State", "localhost", false, false);
-        let message = berth_api::proto::StateRequest { id: ctr.id.clone() }.encode_to_vec();
+        let message = berth_api::proto::StateRequest { id }.encode_to_vec();
         for (windows, mut wire) in [("largest", largest_windows()), ("default", Vec::new())] {
             let mut connection = Connection::open(&daemon).await;
             for _ in 0..CALLS {
@@ -537,6 +554,120 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
                 "{windows} windows: {data} bytes for {CALLS} answers"
             );
         }
+    })
+    .await
+}
+
+/// A client that reads its socket but never gives its streams window (4 KB each) is not
+/// answered ahead: each State holds its place until the socket took it, so berthd makes a few
+/// and holds those, not one a stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_but_gives_its_streams_no_window_is_not_answered_ahead() {
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    const CALLS: usize = 200;
+    within(async {
+        let mut daemon = daemon!();
+        let id = big_state_container(&mut daemon, "stuck-state", 200).await;
+        let block = request("/types.API/State", "localhost", false, false);
+        let message = berth_api::proto::StateRequest { id }.encode_to_vec();
+        let mut connection = Connection::open(&daemon).await;
+        let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        settings.extend_from_slice(&4096u32.to_be_bytes());
+        let mut wire = frame(SETTINGS, 0, 0, &settings);
+        wire.extend(frame(
+            WINDOW_UPDATE,
+            0,
+            0,
+            &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+        ));
+        for _ in 0..CALLS {
+            let (stream, headers) = connection.header_frames(&block, 1);
+            wire.extend(headers);
+            wire.extend(last_message(stream, &message));
+        }
+        let rss_before = status_kib(daemon.pid(), "VmRSS");
+        connection
+            .socket
+            .write_all(&wire)
+            .await
+            .expect("send the calls");
+        let read = async {
+            loop {
+                connection.next_frame().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
+        let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+        assert!(
+            grown < 12 * 1024,
+            "berthd's RSS grew by {grown} KiB for {CALLS} answers the client gave no window"
+        );
+    })
+    .await
+}
+
+/// A large State the client cancels midway, with most of it still unsent (its stream given no
+/// window back), does not hold up the next one on the connection, even while a GetStats stream
+/// there keeps the socket busy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
+    const RST_STREAM: u8 = 0x3;
+    const CANCEL: u32 = 0x8;
+    within(async {
+        let mut daemon = daemon!(Options::args(&[
+            "--max-process-spec-bytes",
+            "1900000",
+            "--stats-interval",
+            "20ms",
+        ]));
+        // A State of every container: about 2.4 MB.
+        let id = big_state_container(&mut daemon, "cancelled-state", 1200).await;
+        big_state_container(&mut daemon, "cancelled-state-2", 1200).await;
+        let mut connection = Connection::open(&daemon).await;
+        let stats = request("/types.API/GetStats", "localhost", false, false);
+        let (stats_stream, mut wire) = connection.header_frames(&stats, 1);
+        let message = StatsRequest { id: id.clone() }.encode_to_vec();
+        wire.extend(last_message(stats_stream, &message));
+        let block = request("/types.API/State", "localhost", false, false);
+        let (cancelled, headers) = connection.header_frames(&block, 1);
+        wire.extend(headers);
+        wire.extend(last_message(cancelled, &[]));
+        connection
+            .socket
+            .write_all(&wire)
+            .await
+            .expect("send the calls");
+        loop {
+            let (kind, _, on, payload) = connection.next_frame().await;
+            if kind == DATA && on == cancelled {
+                break;
+            }
+            if kind == DATA {
+                let mut update = window_update(0, payload.len());
+                update.extend(window_update(on, payload.len()));
+                connection
+                    .socket
+                    .write_all(&update)
+                    .await
+                    .expect("window update");
+            }
+        }
+        let (next, mut wire) = connection.header_frames(&block, 1);
+        let message = berth_api::proto::StateRequest { id }.encode_to_vec();
+        wire.extend(last_message(next, &message));
+        let mut cancel = frame(RST_STREAM, 0, cancelled, &CANCEL.to_be_bytes());
+        cancel.extend(wire);
+        connection
+            .socket
+            .write_all(&cancel)
+            .await
+            .expect("cancel, ask again");
+        let answered = connection.read_until(|kind, flags, on, _| {
+            on == next && kind == HEADERS && flags & END_STREAM != 0
+        });
+        tokio::time::timeout(Duration::from_secs(10), answered)
+            .await
+            .expect("the next State answered within 10 s of the cancel");
     })
     .await
 }
