@@ -381,16 +381,21 @@ async fn a_connection_stuck_in_its_preface_is_closed_at_the_handshake_timeout() 
     .await
 }
 
-/// SETTINGS and a connection WINDOW_UPDATE announcing the largest flow-control windows.
-fn largest_windows() -> Vec<u8> {
+/// SETTINGS giving each stream a window of `stream_window`, and a connection WINDOW_UPDATE to
+/// the largest window.
+fn windows(stream_window: u32) -> Vec<u8> {
     const INITIAL_WINDOW_SIZE: u16 = 0x4;
     const LARGEST_WINDOW: u32 = 0x7fff_ffff;
     let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-    settings.extend_from_slice(&LARGEST_WINDOW.to_be_bytes());
+    settings.extend_from_slice(&stream_window.to_be_bytes());
     let mut wire = frame(SETTINGS, 0, 0, &settings);
-    let grown = LARGEST_WINDOW - 65_535;
-    wire.extend(frame(WINDOW_UPDATE, 0, 0, &grown.to_be_bytes()));
+    wire.extend(window_update(0, (LARGEST_WINDOW - 65_535) as usize));
     wire
+}
+
+/// The largest flow-control windows, for the connection and each stream.
+fn largest_windows() -> Vec<u8> {
+    windows(0x7fff_ffff)
 }
 
 /// `message` as one gRPC message in a DATA frame that ends the request.
@@ -402,6 +407,21 @@ fn last_message(stream: u32, message: &[u8]) -> Vec<u8> {
 }
 
 impl Connection {
+    /// `n` calls of `path` with `message`, each on a new stream: their streams and their frames.
+    fn calls(&mut self, path: &str, message: &[u8], n: usize) -> (Vec<u32>, Vec<u8>) {
+        let block = request(path, "localhost", false, false);
+        let mut wire = Vec::new();
+        let streams = (0..n)
+            .map(|_| {
+                let (stream, headers) = self.header_frames(&block, 1);
+                wire.extend(headers);
+                wire.extend(last_message(stream, message));
+                stream
+            })
+            .collect();
+        (streams, wire)
+    }
+
     /// The next frame that is not a SETTINGS (SETTINGS are acknowledged): kind, flags, stream,
     /// payload.
     async fn next_frame(&mut self) -> (u8, u8, u32, Vec<u8>) {
@@ -458,22 +478,16 @@ async fn big_state_container(daemon: &mut Daemon, name: &str, kb: usize) -> Stri
 /// buffering them in h2 (up to hyper's 400 KB a stream), and they go on when it reads again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_with_large_windows_that_stops_reading_is_not_buffered_for() {
-    const STREAMS: u32 = 200;
+    const STREAMS: usize = 200;
     const UNREAD: Duration = Duration::from_secs(4);
     within(async {
         let mut daemon = daemon!(Options::args(&["--stats-interval", "10ms"]));
         let ctr = daemon.run("unread-stats", &["sleep", "600"]).await;
         let mut connection = Connection::open(&daemon).await;
         let mut wire = largest_windows();
-        let block = request("/types.API/GetStats", "localhost", false, false);
         let message = StatsRequest { id: ctr.id.clone() }.encode_to_vec();
-        let mut streams = Vec::new();
-        for _ in 0..STREAMS {
-            let (stream, headers) = connection.header_frames(&block, 1);
-            wire.extend(headers);
-            wire.extend(last_message(stream, &message));
-            streams.push(stream);
-        }
+        let (streams, calls) = connection.calls("/types.API/GetStats", &message, STREAMS);
+        wire.extend(calls);
         connection
             .socket
             .write_all(&wire)
@@ -514,15 +528,10 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
     within(async {
         let mut daemon = daemon!();
         let id = big_state_container(&mut daemon, "big-state", 200).await;
-        let block = request("/types.API/State", "localhost", false, false);
         let message = berth_api::proto::StateRequest { id }.encode_to_vec();
         for (windows, mut wire) in [("largest", largest_windows()), ("default", Vec::new())] {
             let mut connection = Connection::open(&daemon).await;
-            for _ in 0..CALLS {
-                let (stream, headers) = connection.header_frames(&block, 1);
-                wire.extend(headers);
-                wire.extend(last_message(stream, &message));
-            }
+            wire.extend(connection.calls("/types.API/State", &message, CALLS).1);
             let rss_before = status_kib(daemon.pid(), "VmRSS");
             connection
                 .socket
@@ -563,28 +572,14 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
 /// and holds those, not one a stream.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_reads_but_gives_its_streams_no_window_is_not_answered_ahead() {
-    const INITIAL_WINDOW_SIZE: u16 = 0x4;
     const CALLS: usize = 200;
     within(async {
         let mut daemon = daemon!();
         let id = big_state_container(&mut daemon, "stuck-state", 200).await;
-        let block = request("/types.API/State", "localhost", false, false);
         let message = berth_api::proto::StateRequest { id }.encode_to_vec();
         let mut connection = Connection::open(&daemon).await;
-        let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-        settings.extend_from_slice(&4096u32.to_be_bytes());
-        let mut wire = frame(SETTINGS, 0, 0, &settings);
-        wire.extend(frame(
-            WINDOW_UPDATE,
-            0,
-            0,
-            &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
-        ));
-        for _ in 0..CALLS {
-            let (stream, headers) = connection.header_frames(&block, 1);
-            wire.extend(headers);
-            wire.extend(last_message(stream, &message));
-        }
+        let mut wire = windows(4096);
+        wire.extend(connection.calls("/types.API/State", &message, CALLS).1);
         let rss_before = status_kib(daemon.pid(), "VmRSS");
         connection
             .socket
