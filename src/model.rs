@@ -2,8 +2,9 @@
 //! at the other end of an API connection.
 //!
 //! Owns: the plain data that the supervisor builds and the event bus, the store and the API
-//! carry. Does not own: how the records are made (supervisor), stored (store) or put on the
-//! wire (api); nothing here does any work.
+//! carry, and the byte count an API connection's socket shares with the api ([`SentBytes`]),
+//! whose counting and waiting sides stay together here. Does not own: how the records are made
+//! (supervisor), stored (store) or put on the wire (api); nothing else here does any work.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,14 +45,68 @@ pub struct ConnectionInfo {
     pub sent: std::sync::Arc<SentBytes>,
 }
 
-/// The bytes an API connection's socket has taken, all told, and a wake-up for whoever waits
-/// for more.
+/// The bytes an API connection's socket has taken, all told: the socket counts them
+/// ([`SentBytes::add`]), answers wait for a count ([`SentBytes::reaches`]).
 #[derive(Debug, Default)]
 pub struct SentBytes {
-    pub count: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
     /// Tasks waiting in `progress`: the socket wakes them only when there are any.
-    pub waiting: std::sync::atomic::AtomicUsize,
-    pub progress: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
+    progress: tokio::sync::Notify,
+}
+
+impl SentBytes {
+    /// The bytes taken so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counts `bytes` the socket took, and wakes whoever waits.
+    pub fn add(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // SeqCst with `reaches`: a waiter either sees this count or is counted in `waiting`
+        // (its wake-up enabled) and woken.
+        self.count.fetch_add(bytes as u64, SeqCst);
+        if self.waiting.load(SeqCst) > 0 {
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// Waits until the socket has taken `mark` bytes, all told.
+    pub async fn reaches(&self, mark: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.count() >= mark {
+            return;
+        }
+        self.waiting.fetch_add(1, SeqCst);
+        let _counted = Waiting(self);
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if self.count() >= mark {
+                return;
+            }
+            progress.await;
+        }
+    }
+
+    /// Tasks waiting in [`SentBytes::reaches`].
+    #[cfg(test)]
+    pub fn waiters(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A waiter counted in [`SentBytes`]'s `waiting` until dropped.
+struct Waiting<'a>(&'a SentBytes);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Answers whose size is the daemon's to decide (State, ListCheckpoint) made but not yet handed

@@ -17,7 +17,6 @@
 //! answered (service).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use futures_util::StreamExt;
@@ -52,35 +51,6 @@ pub async fn socket_has_room(room: &mut Option<SocketRoom>) {
     if let Some(SocketRoom(room)) = room {
         // An error is the connection gone, and the request with it.
         let _ = room.wait_for(|room| *room).await;
-    }
-}
-
-/// Waits until the socket has taken `mark` bytes, all told.
-async fn socket_took(sent: &SentBytes, mark: u64) {
-    if sent.count.load(Ordering::SeqCst) >= mark {
-        return;
-    }
-    // SeqCst with the socket's side (`count_sent`): it either counted before the look below or
-    // sees this waiter and wakes it.
-    sent.waiting.fetch_add(1, Ordering::SeqCst);
-    let _counted = Waiting(sent);
-    loop {
-        let progress = sent.progress.notified();
-        tokio::pin!(progress);
-        progress.as_mut().enable();
-        if sent.count.load(Ordering::SeqCst) >= mark {
-            return;
-        }
-        progress.await;
-    }
-}
-
-/// A waiter counted in [`SentBytes::waiting`] until dropped.
-struct Waiting<'a>(&'a SentBytes);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -162,21 +132,16 @@ fn held_until_sent(
     };
     let frames = futures_util::stream::unfold(answer, |mut answer| async move {
         let next = answer.frames.next().await;
-        if let Some(Ok(data)) = next
-            .as_ref()
-            .map(|frame| frame.as_ref().map(|f| f.data_ref()))
-        {
-            let len = data.map_or(0, |d| d.len() as u64);
-            if len > 0 {
-                answer.made += len;
-                let sent_now = answer.sent.count.load(Ordering::SeqCst);
-                answer.mark = answer.mark.max(sent_now + len);
-                return Some((next?, answer));
-            }
-        }
-        if let Some(place) = answer.place.take() {
+        let data = match &next {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |data| data.len() as u64),
+            _ => 0,
+        };
+        if data > 0 {
+            answer.made += data;
+            answer.mark = answer.mark.max(answer.sent.count() + data);
+        } else if let Some(place) = answer.place.take() {
             if answer.made >= HELD_FROM {
-                socket_took(&answer.sent, answer.mark).await;
+                answer.sent.reaches(answer.mark).await;
             }
             drop(place);
         }
@@ -196,14 +161,6 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_millis(200);
 
-    /// What the socket does when it sent `bytes` (listener's `count_sent`).
-    fn took(sent: &SentBytes, bytes: u64) {
-        sent.count.fetch_add(bytes, Ordering::SeqCst);
-        if sent.waiting.load(Ordering::SeqCst) > 0 {
-            sent.progress.notify_waiters();
-        }
-    }
-
     /// An answer of `len` bytes of data and then trailers, as tonic makes a unary one.
     fn answer(len: usize) -> Body {
         let frames = [
@@ -217,21 +174,21 @@ mod tests {
     #[tokio::test]
     async fn a_large_answer_keeps_its_place_until_the_socket_took_it() {
         let sent = Arc::new(SentBytes::default());
-        took(&sent, 1000);
+        sent.add(1000);
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
         let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
         let data = body.frame().await.unwrap().unwrap();
         assert_eq!(data.data_ref().map(Bytes::len), Some(64 * 1024));
         let end = tokio::spawn(async move { body.frame().await.map(|f| f.unwrap().is_trailers()) });
-        took(&sent, 64 * 1024 - 1);
+        sent.add(64 * 1024 - 1);
         tokio::time::sleep(PATIENCE).await;
         assert!(
             !end.is_finished(),
             "the answer ended before the socket took it"
         );
         assert_eq!(places.available_permits(), 0);
-        took(&sent, 1);
+        sent.add(1);
         let end = tokio::time::timeout(PATIENCE, end)
             .await
             .expect("not ended once taken");
@@ -265,6 +222,6 @@ mod tests {
         assert_eq!(places.available_permits(), 0);
         drop(body);
         assert_eq!(places.available_permits(), 1);
-        assert_eq!(sent.waiting.load(Ordering::SeqCst), 0);
+        assert_eq!(sent.waiters(), 0);
     }
 }

@@ -12,7 +12,7 @@ use super::pacing::{socket_has_room, socket_room};
 use super::peer::{audit, logged, peer};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
-use crate::model::{Checkpoint, ProcessSpec};
+use crate::model::{Checkpoint, ProcessSpec, SocketRoom};
 use crate::proto;
 use crate::stats::snapshot::{self, Snapshot};
 use crate::supervisor::{ContainerInfo, CreateRequest, ExecRequest, StdioPaths, Supervisor, User};
@@ -108,6 +108,22 @@ fn going_away() -> Status {
     Status::unavailable(
         "berthd is stopping or upgrading; reconnect to the same socket and subscribe again",
     )
+}
+
+/// A stream's `next` item, taken once its connection's socket has room; [`going_away`] if berthd
+/// stops or upgrades first; `None` when the stream's source ended.
+async fn next_unless_stopping<T>(
+    room: &mut Option<SocketRoom>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+    next: impl Future<Output = Option<T>>,
+) -> Option<Result<T, Status>> {
+    tokio::select! {
+        next = async {
+            socket_has_room(room).await;
+            next.await
+        } => next.map(Ok),
+        _ = stopping.wait_for(|stop| *stop) => Some(Err(going_away())),
+    }
 }
 
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {
@@ -440,12 +456,11 @@ impl proto::api_server::Api for ApiService {
             Some((subscription, room, stopping)),
             |state| async move {
                 let (mut subscription, mut room, mut stopping) = state?;
-                let next = tokio::select! {
-                    next = async {
-                        socket_has_room(&mut room).await;
-                        subscription.next().await
-                    } => next?,
-                    _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
+                let next = match next_unless_stopping(&mut room, &mut stopping, subscription.next())
+                    .await?
+                {
+                    Ok(next) => next,
+                    Err(going_away) => return Some((Err(going_away), None)),
                 };
                 match next {
                     Ok(event) => Some((
@@ -500,13 +515,13 @@ impl proto::api_server::Api for ApiService {
             Some((subscription, room, stopping)),
             |state| async move {
                 let (mut subscription, mut room, mut stopping) = state?;
-                let snapshot = tokio::select! {
-                    next = async {
-                        socket_has_room(&mut room).await;
-                        subscription.next().await
-                    } => next?,
-                    _ = stopping.wait_for(|stop| *stop) => return Some((Err(going_away()), None)),
-                };
+                let snapshot =
+                    match next_unless_stopping(&mut room, &mut stopping, subscription.next())
+                        .await?
+                    {
+                        Ok(snapshot) => snapshot,
+                        Err(going_away) => return Some((Err(going_away), None)),
+                    };
                 Some((
                     Ok(stats_to_wire(&snapshot)),
                     Some((subscription, room, stopping)),

@@ -113,10 +113,10 @@ impl ApiSocket {
         }
     }
 
-    /// Tells the connection's streams the socket has room, if they were told it had none.
-    fn made_room(&self) {
+    /// Tells the connection's streams whether the socket has room, if that changed.
+    fn tell_room(&self, has_room: bool) {
         self.room
-            .send_if_modified(|room| !std::mem::replace(room, true));
+            .send_if_modified(|room| std::mem::replace(room, has_room) != has_room);
     }
 
     /// Sends `len` bytes with `send`: straight to the socket unless a write is waiting for space.
@@ -130,15 +130,14 @@ impl ApiSocket {
             match &mut self.waiting {
                 None => match send(self.socket.get_ref()) {
                     Err(rustix::io::Errno::AGAIN) => {
-                        self.room
-                            .send_if_modified(|room| std::mem::replace(room, false));
+                        self.tell_room(false);
                         self.waiting = Some(SpaceWait::start(self.socket.as_fd()));
                     }
                     sent => {
                         if let Ok(n) = sent {
-                            count_sent(&self.sent, n);
+                            self.sent.add(n);
                             if n == len {
-                                self.made_room();
+                                self.tell_room(true);
                             }
                         }
                         return Poll::Ready(sent.map_err(io::Error::from));
@@ -150,14 +149,14 @@ impl ApiSocket {
                         continue;
                     };
                     if let Ok(n) = sent {
-                        count_sent(&self.sent, n);
+                        self.sent.add(n);
                     }
                     match sent {
                         // Filled again: the next write waits for space at once.
                         Ok(n) if n < len => ready.clear_ready(),
                         Ok(_) => {
                             self.waiting = None;
-                            self.made_room();
+                            self.tell_room(true);
                         }
                         Err(_) => {}
                     }
@@ -170,16 +169,6 @@ impl ApiSocket {
                 }
             }
         }
-    }
-}
-
-fn count_sent(sent: &SentBytes, bytes: usize) {
-    use std::sync::atomic::Ordering::SeqCst;
-    // SeqCst with the waiters' side (`api::pacing`): a waiter either sees this count or is
-    // counted in `waiting` and woken.
-    sent.count.fetch_add(bytes as u64, SeqCst);
-    if sent.waiting.load(SeqCst) > 0 {
-        sent.progress.notify_waiters();
     }
 }
 
@@ -341,12 +330,7 @@ mod tests {
         let SocketRoom(mut room) = connection.room;
         assert!(*room.borrow_and_update());
         let written = fill(&mut server);
-        let sent_all = || {
-            connection
-                .sent
-                .count
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let sent_all = || connection.sent.count();
         assert_eq!(sent_all(), written as u64);
         assert!(room.has_changed().unwrap(), "not told the socket is full");
         assert!(!*room.borrow_and_update());
