@@ -323,6 +323,42 @@ impl TrackedProcess {
         })
     }
 
+    /// Opens the process's namespaces of `kinds` (`/proc/<pid>/ns/<kind>`) that it does not share
+    /// with berthd. Empty once it has exited: it is checked to be running after they are open,
+    /// which is what makes certain the pid named this process when they were opened (an adopted
+    /// process is not berthd's child, so its pid can be reused once it is gone).
+    pub fn open_namespaces(&self, kinds: &[&str]) -> Vec<OwnedFd> {
+        use rustix::fs::{Mode, OFlags};
+        let Some(pidfd) = &self.fd else {
+            return Vec::new();
+        };
+        let open = |path: &str| {
+            rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()
+        };
+        let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino));
+        let opened: Vec<OwnedFd> = kinds
+            .iter()
+            .filter_map(|kind| {
+                let theirs = open(&format!("/proc/{}/ns/{kind}", self.pid))?;
+                let ours = open(&format!("/proc/self/ns/{kind}"));
+                let shared = ours.is_some_and(|ours| inode(&ours) == inode(&theirs));
+                (!shared).then_some(theirs)
+            })
+            .collect();
+        let mut poll = [rustix::event::PollFd::new(
+            pidfd.get_ref(),
+            rustix::event::PollFlags::IN,
+        )];
+        let no_wait = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut poll, Some(&no_wait)) {
+            Ok(0) => opened,
+            _ => Vec::new(),
+        }
+    }
+
     /// Waits for the process to exit, reaps it and returns its exit code.
     pub async fn wait(&self) -> u32 {
         let Some(fd) = &self.fd else {
@@ -448,6 +484,50 @@ pub(crate) mod tests {
         let pid = child.id() as i32;
         std::mem::forget(child);
         pid
+    }
+
+    /// The inode naming a namespace, as `/proc/<pid>/ns/<kind>` links to it (`net:[4026531840]`).
+    fn namespace_of(fd: &OwnedFd) -> u64 {
+        rustix::fs::fstat(fd).unwrap().st_ino
+    }
+
+    #[tokio::test]
+    async fn the_namespaces_opened_are_the_running_processs_own_and_none_once_it_exited() {
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        let sharing = reaper.track(spawn_child("sleep 30")).unwrap();
+        assert!(
+            sharing.open_namespaces(&["mnt", "net"]).is_empty(),
+            "the ones it shares with this process are not held"
+        );
+        sharing.signal(libc::SIGKILL).unwrap();
+        sharing.wait().await;
+
+        let own = reaper
+            .track(spawn_child("exec unshare --net sleep 30"))
+            .unwrap();
+        let link = loop {
+            // Until `unshare` has made its namespace.
+            let link = std::fs::read_link(format!("/proc/{}/ns/net", own.pid())).unwrap();
+            if link != std::fs::read_link("/proc/self/ns/net").unwrap() {
+                break link;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let opened = own.open_namespaces(&["mnt", "net"]);
+        assert_eq!(
+            opened.len(),
+            1,
+            "its own network namespace, not the shared mount one"
+        );
+        assert_eq!(
+            format!("net:[{}]", namespace_of(&opened[0])),
+            link.to_string_lossy()
+        );
+        own.signal(libc::SIGKILL).unwrap();
+        until_zombie(own.pid()).await;
+        assert!(own.open_namespaces(&["mnt", "net"]).is_empty(), "it exited");
+        own.wait().await;
     }
 
     #[tokio::test]

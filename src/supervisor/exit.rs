@@ -6,6 +6,14 @@
 //! reported yet is published; then `exit`, as soon as the pidfd fired and the status is
 //! collected. Only then the stats registration goes and the runtime deletes its state.
 //!
+//! berthd holds each init's mount and network namespaces from registration until its delete
+//! starts ([`HeldNamespaces`]). Without that, the init is their last holder, and the kernel tears
+//! them down in its exit, before the pidfd fires: the container's mounts are unmounted and its
+//! network namespace's removal queued. Held, that work runs where berthd lets go, on a blocking
+//! thread, paced with the delete. At most a quarter of berthd's open file limit goes to them
+//! ([`NamespaceBudget`]); the inits past it are not held. runc containers killed back to back, no daemon, 300 each:
+//! kill to reaped p50 0.28 → 0.15 ms, p99 5.6 and 6.1 → 2.0 and 1.6 ms.
+//!
 //! The deletes of exits that come close together wait for a lull in the exits
 //! ([`CleanupPacing`]); a lone exit's delete starts at once. A runtime delete running beside a
 //! burst of exits delays them, and no less when it runs 10 nicer or as `SCHED_IDLE`, so the
@@ -27,6 +35,8 @@
 //! (stats), the id's slot (registry).
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +46,7 @@ use tokio::time::Instant;
 use super::Supervisor;
 use super::registry::{Container, Process};
 use crate::events::EventKind;
+use crate::reaper::TrackedProcess;
 use crate::runtime::Operation;
 
 /// How many runtime deletes after exits run at once: enough to keep the CPUs busy while each
@@ -50,13 +61,14 @@ impl Supervisor {
     /// Publishes the init's exit once it exits, then cleans up after the container.
     pub(super) fn watch_init(self: &Arc<Self>, container: Arc<Container>) {
         let supervisor = Arc::clone(self);
+        let namespaces = HeldNamespaces::of(&container.init.tracked, &self.namespace_budget);
         tokio::spawn(async move {
             let status = container.init.tracked.wait().await;
-            supervisor.init_exited(&container, status).await;
+            supervisor.init_exited(&container, status, namespaces).await;
         });
     }
 
-    async fn init_exited(&self, container: &Container, status: u32) {
+    async fn init_exited(&self, container: &Container, status: u32, namespaces: HeldNamespaces) {
         let id = &container.id;
         let pid = container.init.pid();
         tracing::info!(id = %id, pid, status, "container exited");
@@ -68,6 +80,7 @@ impl Supervisor {
         let Some(exited) = self.retire(container) else {
             tracing::error!(id = %id, pid, "an exited container no longer holds its id; its runtime state is left alone");
             self.events.publish(id, pid, EventKind::Exit { status });
+            namespaces.release().await;
             return;
         };
         // The record goes first: once the exit is published, a restart has nothing to adopt.
@@ -82,6 +95,7 @@ impl Supervisor {
         }
         {
             let _turn = self.deletes.acquire().await;
+            namespaces.release().await;
             if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
                 tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
             }
@@ -105,6 +119,87 @@ impl Supervisor {
             // Skipped by `save` once the init's exit has removed the record.
             supervisor.save(&container);
         });
+    }
+}
+
+/// The namespaces of an init that berthd holds so they outlive it (see the module's header).
+pub(super) struct HeldNamespaces {
+    fds: Vec<OwnedFd>,
+    budget: Arc<NamespaceBudget>,
+}
+
+impl HeldNamespaces {
+    /// The kinds whose teardown the kernel does in the last holder's exit, at a cost measured.
+    const KINDS: [&str; 2] = ["mnt", "net"];
+
+    /// The namespaces of `init` it does not share with berthd, if the budget has room for them;
+    /// none once it has exited.
+    fn of(init: &TrackedProcess, budget: &Arc<NamespaceBudget>) -> HeldNamespaces {
+        let fds = if budget.take(Self::KINDS.len()) {
+            let fds = init.open_namespaces(&Self::KINDS);
+            budget.give_back(Self::KINDS.len() - fds.len());
+            fds
+        } else {
+            Vec::new()
+        };
+        HeldNamespaces {
+            fds,
+            budget: Arc::clone(budget),
+        }
+    }
+
+    /// Lets go of them on a blocking thread: the last close runs the teardown.
+    async fn release(self) {
+        if self.fds.is_empty() {
+            return;
+        }
+        if let Err(e) = tokio::task::spawn_blocking(move || drop(self)).await {
+            tracing::warn!(error = %e, "releasing an exited container's namespaces failed");
+        }
+    }
+}
+
+impl Drop for HeldNamespaces {
+    fn drop(&mut self) {
+        self.budget.give_back(self.fds.len());
+    }
+}
+
+/// How many namespace fds berthd holds, and the most it may: a quarter of its open file limit,
+/// as for connections. Holding them is a speed-up; it must never cost a create its pidfd, and
+/// where berthd cannot raise its hard limit (no `CAP_SYS_RESOURCE`) three fds a container would
+/// cut how many containers fit by two thirds.
+pub(super) struct NamespaceBudget {
+    held: AtomicUsize,
+    most: usize,
+}
+
+impl NamespaceBudget {
+    pub(super) fn of_fd_limit() -> Arc<NamespaceBudget> {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        Arc::new(NamespaceBudget::new(soft.map_or(usize::MAX, |n| {
+            usize::try_from(n / 4).unwrap_or(usize::MAX)
+        })))
+    }
+
+    fn new(most: usize) -> NamespaceBudget {
+        NamespaceBudget {
+            held: AtomicUsize::new(0),
+            most,
+        }
+    }
+
+    /// Takes `n` fds' worth, if the budget has room for them.
+    fn take(&self, n: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|&after| after <= self.most)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -269,6 +364,27 @@ mod tests {
                 "exited at {exited:?}: started at {started:?}, expected {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn namespaces_are_held_within_the_budget_and_give_it_back_when_let_go() {
+        let budget = Arc::new(NamespaceBudget::new(3));
+        assert!(budget.take(2));
+        assert!(!budget.take(2), "3 fds at most");
+        let fd = rustix::fs::open(
+            "/proc/self/ns/net",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        budget.give_back(1);
+        let held = HeldNamespaces {
+            fds: vec![fd],
+            budget: Arc::clone(&budget),
+        };
+        assert!(!budget.take(3), "one is held");
+        drop(held);
+        assert!(budget.take(3), "the held fd's place is free again");
     }
 
     #[tokio::test(start_paused = true)]

@@ -79,6 +79,8 @@ pub struct Supervisor {
     /// Turns for runtime deletes after exits, and when they may start (see exit).
     deletes: tokio::sync::Semaphore,
     cleanup_pacing: Arc<exit::CleanupPacing>,
+    /// The fds the inits' held namespaces may take (see exit).
+    namespace_budget: Arc<exit::NamespaceBudget>,
 }
 
 impl Supervisor {
@@ -120,6 +122,7 @@ impl Supervisor {
             pipe_relays: stdio_pipes::PipeRelays::default(),
             deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes()),
             cleanup_pacing: Arc::default(),
+            namespace_budget: exit::NamespaceBudget::of_fd_limit(),
         }))
     }
 

@@ -277,6 +277,55 @@ async fn many_containers_killed_at_once_all_report_their_exit_and_leave_nothing(
     .await
 }
 
+/// berthd holds a running container's mount and network namespaces, so the kernel does not tear
+/// them down in the init's exit (supervisor::exit), and lets go of them with the clean-up after
+/// the exit: none is left held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_containers_namespaces_are_held_while_it_runs_and_let_go_after_its_exit() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        // The first container opens what berthd keeps for all (the OOM watcher).
+        let warm = d.run("ns-warm", &["sleep", "1000"]).await;
+        d.kill_container(&mut events, &warm.id, warm.pid).await;
+        let baseline = d.baseline();
+        let c = d.run("ns", &["sleep", "1000"]).await;
+        let namespaces: Vec<String> = ["mnt", "net"]
+            .iter()
+            .map(|kind| {
+                let link = std::fs::read_link(format!("/proc/{}/ns/{kind}", c.pid));
+                link.expect("the init's namespace")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let host_net = std::fs::read_link("/proc/self/ns/net").expect("our network namespace");
+        assert_ne!(
+            namespaces[1],
+            host_net.to_string_lossy(),
+            "the bundle's own netns"
+        );
+        let held = |fds: &[String]| -> Vec<String> {
+            fds.iter()
+                .filter(|fd| fd.starts_with("mnt:[") || fd.starts_with("net:["))
+                .cloned()
+                .collect()
+        };
+        let mut while_running = held(&d.fds());
+        while_running.sort();
+        assert_eq!(
+            while_running, namespaces,
+            "berthd holds the init's mnt and net"
+        );
+        d.kill_container(&mut events, &c.id, c.pid).await;
+        wait_for_delete(&d, &c.id).await;
+        d.assert_settles(&baseline).await;
+        assert!(held(&d.fds()).is_empty(), "{:?}", d.fds());
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
 /// A write torn by a crash leaves only its temp file (the rename never happened): at restart
 /// the temp file is ignored and removed, and the record it would have replaced is adopted.
 #[tokio::test(flavor = "multi_thread")]
