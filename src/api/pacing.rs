@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyStream, StreamBody};
+use hyper::body::Body as _;
 use tonic::Request;
 use tonic::body::Body;
 
@@ -100,10 +101,16 @@ where
                 return inner.call(request).await;
             };
             let (parts, body) = inner.call(request).await?.into_parts();
-            Ok(http::Response::from_parts(
-                parts,
-                held_until_sent(body, place, connection.sent),
-            ))
+            // An answer with no body (an error, whose status is in its headers) has nothing to
+            // pace, and wrapped it would no longer say it has ended: hyper would send its headers
+            // without END_STREAM and then an empty DATA frame, which grpc-go takes for a stream
+            // ended without trailers (INTERNAL instead of the error's code).
+            let body = if body.is_end_stream() {
+                body
+            } else {
+                held_until_sent(body, place, connection.sent)
+            };
+            Ok(http::Response::from_parts(parts, body))
         })
     }
 }

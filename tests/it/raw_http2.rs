@@ -35,11 +35,13 @@ struct Connection {
     next_stream: u32,
 }
 
-/// What came back on a stream: its header blocks (response headers, trailers) and data.
+/// What came back on a stream: its header blocks (response headers, trailers), its data, and
+/// the kind of frame that ended it.
 #[derive(Debug, Default)]
 struct Answer {
     blocks: Vec<Headers>,
     data: Vec<u8>,
+    ended_by: u8,
 }
 
 impl Answer {
@@ -156,6 +158,7 @@ impl Connection {
                 _ => {}
             }
             if on == stream && flags & END_STREAM != 0 && matches!(kind, HEADERS | DATA) {
+                answer.ended_by = kind;
                 return answer;
             }
         }
@@ -256,6 +259,39 @@ async fn bytes_that_are_not_the_request_are_invalid_argument() {
         // The connection still serves a well-formed request.
         let answer = connection.call(&block, 1, &[]).await;
         assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
+/// An error answer, a State's included (whose answers are paced), is Trailers-Only: one header
+/// block carrying the status, with END_STREAM on it. grpc-go reads a stream that ends on an empty
+/// DATA frame instead as one ended without trailers, INTERNAL whatever the status said.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_is_one_header_block_that_ends_the_stream() {
+    within(async {
+        let daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let unknown = berth_api::proto::StateRequest {
+            id: "no-such-container".into(),
+        }
+        .encode_to_vec();
+        let calls = [
+            ("/types.API/State", unknown.clone(), "5"),
+            ("/types.API/State", vec![0x0f], "3"),
+            ("/types.API/Signal", vec![0x0f], "3"),
+        ];
+        for (path, message, code) in calls {
+            let block = request(path, "localhost", false, false);
+            let answer = connection.call(&block, 1, &message).await;
+            assert_eq!(
+                answer.header("grpc-status"),
+                Some(code),
+                "{path}: {answer:?}"
+            );
+            assert_eq!(answer.blocks.len(), 1, "{path}: {answer:?}");
+            assert!(answer.data.is_empty(), "{path}: {answer:?}");
+            assert_eq!(answer.ended_by, HEADERS, "{path}: ended by {answer:?}");
+        }
     })
     .await
 }
@@ -465,12 +501,13 @@ fn window_update(stream: u32, read: usize) -> Vec<u8> {
 }
 
 /// A container whose State is about `kb` KB: its init's args, which `sh -c` takes past its
-/// script.
-async fn big_state_container(daemon: &mut Daemon, name: &str, kb: usize) -> String {
+/// script. Keep it for as long as it must run: its bundle goes with it, and an `sh` that had not
+/// found `sleep` in it yet would exit.
+async fn big_state_container(daemon: &mut Daemon, name: &str, kb: usize) -> Container {
     let filler = "x".repeat(4000);
     let mut args = vec!["sh", "-c", "sleep 600", "sh"];
     args.extend(std::iter::repeat_n(filler.as_str(), kb / 4));
-    daemon.run(name, &args).await.id
+    daemon.run(name, &args).await
 }
 
 /// A client that announced the largest flow-control windows and then stopped reading is sent
@@ -527,7 +564,8 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
     const CALLS: usize = 200;
     within(async {
         let mut daemon = daemon!();
-        let id = big_state_container(&mut daemon, "big-state", 200).await;
+        let big = big_state_container(&mut daemon, "big-state", 200).await;
+        let id = big.id.clone();
         let message = berth_api::proto::StateRequest { id }.encode_to_vec();
         for (windows, mut wire) in [("largest", largest_windows()), ("default", Vec::new())] {
             let mut connection = Connection::open(&daemon).await;
@@ -575,7 +613,8 @@ async fn a_client_that_reads_but_gives_its_streams_no_window_is_not_answered_ahe
     const CALLS: usize = 200;
     within(async {
         let mut daemon = daemon!();
-        let id = big_state_container(&mut daemon, "stuck-state", 200).await;
+        let big = big_state_container(&mut daemon, "stuck-state", 200).await;
+        let id = big.id.clone();
         let message = berth_api::proto::StateRequest { id }.encode_to_vec();
         let mut connection = Connection::open(&daemon).await;
         let mut wire = windows(4096);
@@ -616,8 +655,9 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
             "20ms",
         ]));
         // A State of every container: about 2.4 MB.
-        let id = big_state_container(&mut daemon, "cancelled-state", 1200).await;
-        big_state_container(&mut daemon, "cancelled-state-2", 1200).await;
+        let big = big_state_container(&mut daemon, "cancelled-state", 1200).await;
+        let _other = big_state_container(&mut daemon, "cancelled-state-2", 1200).await;
+        let id = big.id.clone();
         let mut connection = Connection::open(&daemon).await;
         let stats = request("/types.API/GetStats", "localhost", false, false);
         let (stats_stream, mut wire) = connection.header_frames(&stats, 1);
@@ -632,11 +672,20 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
             .write_all(&wire)
             .await
             .expect("send the calls");
+        let mut stats_seen = false;
         loop {
             let (kind, _, on, payload) = connection.next_frame().await;
             if kind == DATA && on == cancelled {
+                // The connection's window back, not the stream's: the rest of it stays unsent.
+                let update = window_update(0, payload.len());
+                connection
+                    .socket
+                    .write_all(&update)
+                    .await
+                    .expect("window update");
                 break;
             }
+            stats_seen |= kind == DATA && on == stats_stream;
             if kind == DATA {
                 let mut update = window_update(0, payload.len());
                 update.extend(window_update(on, payload.len()));
@@ -657,12 +706,24 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
             .write_all(&cancel)
             .await
             .expect("cancel, ask again");
-        let answered = connection.read_until(|kind, flags, on, _| {
-            on == next && kind == HEADERS && flags & END_STREAM != 0
+        let mut data = 0;
+        let answered = connection.read_until(|kind, flags, on, payload| {
+            match kind {
+                DATA if on == next => data += payload.len(),
+                0x3 | 0x7 if on == next || on == 0 => panic!("kind {kind} on {on}: {payload:?}"),
+                _ => {}
+            }
+            stats_seen |= kind == DATA && on == stats_stream;
+            on == next && flags & END_STREAM != 0
         });
         tokio::time::timeout(Duration::from_secs(10), answered)
             .await
             .expect("the next State answered within 10 s of the cancel");
+        assert!(
+            data > 1_000_000,
+            "the next State, of one container: {data} bytes"
+        );
+        assert!(stats_seen, "the GetStats stream kept the socket busy");
     })
     .await
 }

@@ -177,6 +177,10 @@ func main() {
 		second(api.UpdateContainer(ctx, &types.UpdateContainerRequest{Id: id + "x", Status: "paused"})))
 	_, err = api.UpdateContainer(ctx, &types.UpdateContainerRequest{Id: id, Status: "paused"})
 	check("pause", err)
+	expect(codes.NotFound, "State of an unknown id",
+		second(api.State(ctx, &types.StateRequest{Id: id + "x"})))
+	expect(codes.NotFound, "ListCheckpoint of an unknown id",
+		second(api.ListCheckpoint(ctx, &types.ListCheckpointRequest{Id: id + "x"})))
 	state, err := api.State(ctx, &types.StateRequest{})
 	check("State", err)
 	var mine []*types.Container
