@@ -663,16 +663,27 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
         let (stats_stream, mut wire) = connection.header_frames(&stats, 1);
         let message = StatsRequest { id: id.clone() }.encode_to_vec();
         wire.extend(last_message(stats_stream, &message));
+        connection
+            .socket
+            .write_all(&wire)
+            .await
+            .expect("send GetStats");
+        // The stream is sending before the State is asked for.
+        let first_sample = connection.read_until(|kind, _, on, payload| match kind {
+            0x3 | 0x7 => panic!("kind {kind} on {on}: {payload:?}"),
+            _ => kind == DATA && on == stats_stream,
+        });
+        tokio::time::timeout(Duration::from_secs(10), first_sample)
+            .await
+            .expect("a first stats sample");
         let block = request("/types.API/State", "localhost", false, false);
-        let (cancelled, headers) = connection.header_frames(&block, 1);
-        wire.extend(headers);
+        let (cancelled, mut wire) = connection.header_frames(&block, 1);
         wire.extend(last_message(cancelled, &[]));
         connection
             .socket
             .write_all(&wire)
             .await
-            .expect("send the calls");
-        let mut stats_seen = false;
+            .expect("send the State");
         loop {
             let (kind, _, on, payload) = connection.next_frame().await;
             if kind == DATA && on == cancelled {
@@ -685,7 +696,6 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
                     .expect("window update");
                 break;
             }
-            stats_seen |= kind == DATA && on == stats_stream;
             if kind == DATA {
                 let mut update = window_update(0, payload.len());
                 update.extend(window_update(on, payload.len()));
@@ -713,7 +723,6 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
                 0x3 | 0x7 if on == next || on == 0 => panic!("kind {kind} on {on}: {payload:?}"),
                 _ => {}
             }
-            stats_seen |= kind == DATA && on == stats_stream;
             on == next && flags & END_STREAM != 0
         });
         tokio::time::timeout(Duration::from_secs(10), answered)
@@ -723,7 +732,6 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
             data > 1_000_000,
             "the next State, of one container: {data} bytes"
         );
-        assert!(stats_seen, "the GetStats stream kept the socket busy");
     })
     .await
 }
