@@ -513,29 +513,6 @@ pub fn preflight_check(config: &Config) -> Result<String> {
     Ok(format!("berthd {}", env!("CARGO_PKG_VERSION")))
 }
 
-/// Dense hosts need several fds per container. The ceiling is the kernel's `fs/nr_open`, which
-/// root (with CAP_SYS_RESOURCE) can raise the hard limit to; without it, the hard limit stays
-/// the operator's ceiling and only the soft limit rises. Failing to raise it is only a warning.
-pub fn raise_fd_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let before = getrlimit(Resource::Nofile);
-    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|n| n.trim().parse::<u64>().ok());
-    let wanted = |limit: Option<u64>| Rlimit {
-        current: limit,
-        maximum: limit,
-    };
-    let raised = ceiling.is_some_and(|n| setrlimit(Resource::Nofile, wanted(Some(n))).is_ok())
-        || setrlimit(Resource::Nofile, wanted(before.maximum)).is_ok();
-    let after = getrlimit(Resource::Nofile);
-    if raised {
-        tracing::info!(soft = ?after.current, hard = ?after.maximum, "open file limit");
-    } else {
-        tracing::warn!(soft = ?after.current, hard = ?after.maximum, "could not raise the open file limit");
-    }
-}
-
 /// The lock on the API socket's path (the file `<listen>.lock`, holding the pid): while it is
 /// held, a socket file at the path belongs to this berthd, also across an upgrade.
 pub struct SocketLock {

@@ -15,7 +15,9 @@
 //! - leaves: [`model`] (records shared by several modules), [`procfs`], [`wait_status`] (the one
 //!   decoder of wait statuses), [`error`] (the one `Error` and its mapping to gRPC codes).
 //!
-//! Around them: [`config`] (flags), [`daemon`] (wiring and the serve/upgrade loop), [`edge`]
+//! Around them: [`config`] (flags), [`fd_limit`] (raising the open file limit, and the share of
+//! it connections and held namespaces may each take), [`daemon`] (wiring and the serve/upgrade
+//! loop), [`edge`]
 //! (the `:authority` rewrite on each accepted connection), [`listener`] (accepting connections
 //! within limits; each connection's socket registered for reading only), [`metrics`] (the
 //! Prometheus endpoint; [`instruments`] the RPC and runtime timings it shows,
@@ -40,6 +42,7 @@ pub mod daemon;
 pub mod edge;
 pub mod error;
 mod events;
+pub mod fd_limit;
 mod hand_back;
 #[allow(unsafe_code)]
 mod heap;

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Ok(socket) => socket,
         Err(e) => return fail(format!("could not fork the spawn helper: {e}")),
     };
-    daemon::raise_fd_limit();
+    berth::fd_limit::raise();
     let socket_lock = match SocketLock::take(&config.listen) {
         Ok(lock) => lock,
         Err(e) => return fail(e),

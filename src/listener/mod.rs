@@ -58,8 +58,7 @@ impl Limits {
         max_per_uid: u64,
         handshake_timeout: Duration,
     ) -> Limits {
-        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        let cap = soft.map_or(u64::MAX, |n| (n / 4).max(1));
+        let cap = crate::fd_limit::quarter();
         if max_connections > cap {
             tracing::warn!(
                 max_connections,

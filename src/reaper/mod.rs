@@ -332,16 +332,19 @@ impl TrackedProcess {
         let Some(pidfd) = &self.fd else {
             return Vec::new();
         };
-        let open = |path: &str| {
-            rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()
-        };
-        let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino));
+        let identity = |st: rustix::fs::Stat| (st.st_dev, st.st_ino);
         let opened: Vec<OwnedFd> = kinds
             .iter()
             .filter_map(|kind| {
-                let theirs = open(&format!("/proc/{}/ns/{kind}", self.pid))?;
-                let ours = open(&format!("/proc/self/ns/{kind}"));
-                let shared = ours.is_some_and(|ours| inode(&ours) == inode(&theirs));
+                let path = format!("/proc/{}/ns/{kind}", self.pid);
+                let theirs =
+                    rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+                // A namespace is its inode: berthd's own is looked at without opening it.
+                let ours = rustix::fs::stat(format!("/proc/self/ns/{kind}"))
+                    .ok()
+                    .map(identity);
+                let shared =
+                    ours.is_some() && ours == rustix::fs::fstat(&theirs).ok().map(identity);
                 (!shared).then_some(theirs)
             })
             .collect();
@@ -349,10 +352,7 @@ impl TrackedProcess {
             pidfd.get_ref(),
             rustix::event::PollFlags::IN,
         )];
-        let no_wait = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let no_wait = rustix::time::Timespec::default();
         match rustix::event::poll(&mut poll, Some(&no_wait)) {
             Ok(0) => opened,
             _ => Vec::new(),

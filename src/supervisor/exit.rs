@@ -11,8 +11,8 @@
 //! them down in its exit, before the pidfd fires: the container's mounts are unmounted and its
 //! network namespace's removal queued. Held, that work runs where berthd lets go, on a blocking
 //! thread, paced with the delete. At most a quarter of berthd's open file limit goes to them
-//! ([`NamespaceBudget`]); the inits past it are not held. runc containers killed back to back, no daemon, 300 each:
-//! kill to reaped p50 0.28 → 0.15 ms, p99 5.6 and 6.1 → 2.0 and 1.6 ms.
+//! ([`NamespaceBudget`]); the inits past it are not held. runc containers killed back to back,
+//! no daemon, 300 each: kill to reaped p50 0.28 → 0.15 ms, p99 5.6 and 6.1 → 2.0 and 1.6 ms.
 //!
 //! The deletes of exits that come close together wait for a lull in the exits
 //! ([`CleanupPacing`]); a lone exit's delete starts at once. A runtime delete running beside a
@@ -166,7 +166,7 @@ impl Drop for HeldNamespaces {
 }
 
 /// How many namespace fds berthd holds, and the most it may: a quarter of its open file limit,
-/// as for connections. Holding them is a speed-up; it must never cost a create its pidfd, and
+/// as for connections ([`crate::fd_limit::quarter`]). Holding them is a speed-up; it must never cost a create its pidfd, and
 /// where berthd cannot raise its hard limit (no `CAP_SYS_RESOURCE`) three fds a container would
 /// cut how many containers fit by two thirds.
 pub(super) struct NamespaceBudget {
@@ -176,10 +176,10 @@ pub(super) struct NamespaceBudget {
 
 impl NamespaceBudget {
     pub(super) fn of_fd_limit() -> Arc<NamespaceBudget> {
-        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        Arc::new(NamespaceBudget::new(soft.map_or(usize::MAX, |n| {
-            usize::try_from(n / 4).unwrap_or(usize::MAX)
-        })))
+        let quarter = crate::fd_limit::quarter();
+        Arc::new(NamespaceBudget::new(
+            usize::try_from(quarter).unwrap_or(usize::MAX),
+        ))
     }
 
     fn new(most: usize) -> NamespaceBudget {

@@ -565,8 +565,7 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
     within(async {
         let mut daemon = daemon!();
         let big = big_state_container(&mut daemon, "big-state", 200).await;
-        let id = big.id.clone();
-        let message = berth_api::proto::StateRequest { id }.encode_to_vec();
+        let message = berth_api::proto::StateRequest { id: big.id.clone() }.encode_to_vec();
         for (windows, mut wire) in [("largest", largest_windows()), ("default", Vec::new())] {
             let mut connection = Connection::open(&daemon).await;
             wire.extend(connection.calls("/types.API/State", &message, CALLS).1);
@@ -614,8 +613,7 @@ async fn a_client_that_reads_but_gives_its_streams_no_window_is_not_answered_ahe
     within(async {
         let mut daemon = daemon!();
         let big = big_state_container(&mut daemon, "stuck-state", 200).await;
-        let id = big.id.clone();
-        let message = berth_api::proto::StateRequest { id }.encode_to_vec();
+        let message = berth_api::proto::StateRequest { id: big.id.clone() }.encode_to_vec();
         let mut connection = Connection::open(&daemon).await;
         let mut wire = windows(4096);
         wire.extend(connection.calls("/types.API/State", &message, CALLS).1);
