@@ -290,37 +290,22 @@ async fn a_containers_namespaces_are_held_while_it_runs_and_let_go_after_its_exi
         d.kill_container(&mut events, &warm.id, warm.pid).await;
         let baseline = d.baseline();
         let c = d.run("ns", &["sleep", "1000"]).await;
-        let namespaces: Vec<String> = ["mnt", "net"]
-            .iter()
-            .map(|kind| {
-                let link = std::fs::read_link(format!("/proc/{}/ns/{kind}", c.pid));
-                link.expect("the init's namespace")
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let namespaces = mount_and_network_namespaces(c.pid);
         let host_net = std::fs::read_link("/proc/self/ns/net").expect("our network namespace");
         assert_ne!(
             namespaces[1],
             host_net.to_string_lossy(),
             "the bundle's own netns"
         );
-        let held = |fds: &[String]| -> Vec<String> {
-            fds.iter()
-                .filter(|fd| fd.starts_with("mnt:[") || fd.starts_with("net:["))
-                .cloned()
-                .collect()
-        };
-        let mut while_running = held(&d.fds());
-        while_running.sort();
         assert_eq!(
-            while_running, namespaces,
+            d.held_namespaces(),
+            namespaces,
             "berthd holds the init's mnt and net"
         );
         d.kill_container(&mut events, &c.id, c.pid).await;
         wait_for_delete(&d, &c.id).await;
         d.assert_settles(&baseline).await;
-        assert!(held(&d.fds()).is_empty(), "{:?}", d.fds());
+        assert!(d.held_namespaces().is_empty(), "{:?}", d.fds());
         d.assert_no_zombies().await;
     })
     .await

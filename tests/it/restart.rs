@@ -152,6 +152,11 @@ async fn a_restart_adopts_running_and_paused_containers_and_their_processes() {
         let pids: Vec<u32> = adopted.processes.iter().map(|p| p.pid).collect();
         assert_eq!(pids, [running_pid, added_pid]);
         assert_eq!(find(&paused).status, "paused");
+        // Adopted inits have their namespaces held as created ones do (see exits).
+        let mut namespaces = mount_and_network_namespaces(running_pid);
+        namespaces.extend(mount_and_network_namespaces(paused_pid));
+        namespaces.sort();
+        assert_eq!(daemon.held_namespaces(), namespaces);
 
         // The adopted containers work as if this berthd had created them.
         daemon
@@ -201,6 +206,7 @@ async fn a_restart_adopts_running_and_paused_containers_and_their_processes() {
         daemon.signal(&paused, paused_pid, SIGKILL).await;
         assert_eq!(events.exit_status(&paused, paused_pid).await, expected_kill);
         daemon.assert_gone(&paused).await;
+        assert!(daemon.held_namespaces().is_empty(), "{:?}", daemon.fds());
         daemon.assert_no_zombies().await;
     })
     .await;

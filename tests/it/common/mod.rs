@@ -369,6 +369,14 @@ impl Daemon {
         runtime_ids(&self.state_dir().join("runtime"))
     }
 
+    /// The mount and network namespaces berthd holds open (`mnt:[…]`, `net:[…]`), sorted.
+    pub fn held_namespaces(&self) -> Vec<String> {
+        self.fds()
+            .into_iter()
+            .filter(|fd| fd.starts_with("mnt:[") || fd.starts_with("net:["))
+            .collect()
+    }
+
     /// The targets of berthd's open fds, sorted (a multiset: pidfds all read `anon_inode:[pidfd]`).
     pub fn fds(&self) -> Vec<String> {
         let dir = format!("/proc/{}/fd", self.pid());
@@ -668,6 +676,18 @@ pub struct Baseline {
 }
 
 /// The items of sorted `now` beyond those in sorted `before`, counting repeats.
+/// Process `pid`'s mount and network namespaces, as their links read (`mnt:[…]`, `net:[…]`).
+pub fn mount_and_network_namespaces(pid: u32) -> Vec<String> {
+    ["mnt", "net"]
+        .iter()
+        .map(|kind| {
+            let link = format!("/proc/{pid}/ns/{kind}");
+            let target = fs::read_link(&link).unwrap_or_else(|e| panic!("{link}: {e}"));
+            target.display().to_string()
+        })
+        .collect()
+}
+
 pub fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for fd in before {
