@@ -1,6 +1,6 @@
 // A Node client of proto/api.proto (@grpc/grpc-js with @grpc/proto-loader, from npm), dialing
-// berthd as grpc-js documents it, with no channel options: State, then an Events stream that
-// sees a container it creates start and exit.
+// berthd as grpc-js documents it, with no channel options: State and two error codes, then an
+// Events stream that sees a container it creates start and exit.
 //
 // Usage: node client.js NODE_MODULES PROTO_DIR SOCKET BUNDLE ID
 
@@ -17,9 +17,21 @@ const call = (method, request) =>
     api[method](request, (err, response) => (err ? reject(err) : resolve(response))),
   );
 
+async function expectCode(code, pending) {
+  try {
+    await pending;
+  } catch (err) {
+    if (err.code !== code) throw new Error(`expected code ${code}, got ${err.code}: ${err.details}`);
+    return;
+  }
+  throw new Error(`expected code ${code}, the call succeeded`);
+}
+
 async function main() {
   const state = await call("State", {});
   if (!(state.machine.cpus > 0)) throw new Error(`State: ${JSON.stringify(state)}`);
+  // Errors carry their own codes, those of the answers berthd paces (ListCheckpoint) as well.
+  await expectCode(grpc.status.NOT_FOUND, call("ListCheckpoint", { id: `${id}-none` }));
 
   const events = api.Events({});
   const seen = [];
@@ -37,6 +49,7 @@ async function main() {
   await new Promise((resolve) => events.on("metadata", resolve));
 
   const { pid } = await call("CreateContainer", { id, bundlePath: bundle });
+  await expectCode(grpc.status.INVALID_ARGUMENT, call("Signal", { id, pid, signal: 65 }));
   await call("Signal", { id, pid, signal: 9 });
   const timer = setTimeout(() => {
     throw new Error(`no exit event: ${JSON.stringify(seen)}`);

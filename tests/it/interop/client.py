@@ -90,6 +90,7 @@ assert mine[0].processes[0].pid == pid and list(mine[0].processes[0].args) == ["
 assert state.machine.cpus > 0 and state.machine.memory > 0, state.machine
 
 assert list(api.ListCheckpoint(pb.ListCheckpointRequest(id=cid)).checkpoints) == []
+expect(C.NOT_FOUND, lambda: api.ListCheckpoint(pb.ListCheckpointRequest(id=cid + "x")))
 expect(C.NOT_FOUND, lambda: api.DeleteCheckpoint(pb.DeleteCheckpointRequest(id=cid, name="none")))
 expect(C.INVALID_ARGUMENT, lambda: api.DeleteCheckpoint(pb.DeleteCheckpointRequest(id=cid, name="")))
 
