@@ -36,6 +36,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::Serialize;
 
+use direct::Floor;
 use procfs::ProcSample;
 use report::{Creates, DaemonCost, DirectYouki, Host, Report, Run};
 use session::{BerthdFlags, Runtime, Session};
@@ -117,6 +118,13 @@ pub struct Options {
     /// Skip the direct-runtime floor
     #[arg(long, env = "BERTH_NO_DIRECT")]
     pub no_direct: bool,
+
+    /// Run every concurrency level this many times, the direct floor before berthd in every
+    /// other round, so that a drift in the host's speed falls on both sides alike; the targets
+    /// are then held to the median of the rounds
+    #[arg(long, env = "BERTH_ROUNDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub rounds: u64,
 
     /// A youki binary to run by hand as a second direct floor beside runc's, at the same N and
     /// concurrency (skipped, saying so, without it)
@@ -251,6 +259,7 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
         channel: options.channel,
         runtime_skipped: None,
         youki: DirectYouki::default(),
+        rounds: options.rounds as usize,
         runs: Vec::new(),
         soak: None,
         targets: Vec::new(),
@@ -268,9 +277,16 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
         Some(secs) => report.soak = Some(run_soak(options, session, secs).await?),
         None => {
             let youki = direct_youki(options, session, &mut report.youki).await;
-            for &c in &options.concurrency {
-                let run = run_level(options, session, youki.as_ref(), c as usize).await?;
-                report.runs.push(run);
+            for round in 1..=report.rounds {
+                for &c in &options.concurrency {
+                    let level = Level {
+                        c: c as usize,
+                        round,
+                        floor_first: round % 2 == 0,
+                    };
+                    let run = run_level(options, session, youki.as_ref(), level).await?;
+                    report.runs.push(run);
+                }
             }
         }
     }
@@ -357,13 +373,57 @@ async fn berthd(options: &Options, session: &Session, name: &str) -> Result<Bert
     })
 }
 
-async fn run_level(
+/// Which run of a concurrency level this is.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    c: usize,
+    /// From 1 (`--rounds`).
+    round: usize,
+    /// The direct floors run before berthd instead of after it.
+    floor_first: bool,
+}
+
+/// The direct floor at this level, and youki's beside it when there is one.
+async fn floors(
     options: &Options,
     session: &Arc<Session>,
     youki: Option<&Runtime>,
     c: usize,
+) -> Result<(Option<Floor>, Option<Floor>), LoadError> {
+    let n = options.n;
+    let memory_every = options.memory_every.map(|k| k as usize);
+    let floor = if options.no_direct {
+        None
+    } else {
+        Some(direct::floor(session, &session.runtime, n, c, memory_every).await?)
+    };
+    // youki's floor is for comparison: its failure ends that floor, not the run.
+    let youki_floor = match youki {
+        Some(youki) => match direct::floor(session, youki, n, c, memory_every).await {
+            Ok(floor) => Some(floor),
+            Err(e) => {
+                eprintln!("youki: no floor at C={c}: {}", e.0);
+                None
+            }
+        },
+        None => None,
+    };
+    Ok((floor, youki_floor))
+}
+
+async fn run_level(
+    options: &Options,
+    session: &Arc<Session>,
+    youki: Option<&Runtime>,
+    level: Level,
 ) -> Result<Run, LoadError> {
     let n = options.n;
+    let c = level.c;
+    let floors_before = if level.floor_first {
+        Some(floors(options, session, youki, c).await?)
+    } else {
+        None
+    };
     let Berthd {
         socket,
         pid,
@@ -410,27 +470,16 @@ async fn run_level(
     let exits = daemon::kill_all(session, &clients, &created.containers, &label).await?;
     drop(clients);
     session.stop_berthd().await;
-    let memory_every = options.memory_every.map(|k| k as usize);
-    let floor = if options.no_direct {
-        None
-    } else {
-        Some(direct::floor(session, &session.runtime, n, c, memory_every).await?)
-    };
-    // youki's floor is for comparison: its failure ends that floor, not the run.
-    let youki_floor = match youki {
-        Some(youki) => match direct::floor(session, youki, n, c, memory_every).await {
-            Ok(floor) => Some(floor),
-            Err(e) => {
-                eprintln!("youki: no floor at C={c}: {}", e.0);
-                None
-            }
-        },
-        None => None,
+    let (floor, youki_floor) = match floors_before {
+        Some(floors) => floors,
+        None => floors(options, session, youki, c).await?,
     };
     let (p50_first_100_ms, p50_last_100_ms) =
         Percentiles::p50_first_and_last_100(&created.latencies).unzip();
     Ok(Run {
         concurrency: c,
+        round: level.round,
+        floor_first: level.floor_first,
         create: Creates {
             made,
             per_sec: daemon::per_sec(made, created.elapsed),

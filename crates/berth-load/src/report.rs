@@ -23,6 +23,8 @@ pub struct Report {
     pub runtime_skipped: Option<String>,
     /// youki run by hand beside the floor (`--direct-youki`).
     pub youki: DirectYouki,
+    /// How many times each concurrency level ran (`--rounds`).
+    pub rounds: usize,
     pub runs: Vec<Run>,
     pub soak: Option<Soak>,
     pub targets: Vec<Target>,
@@ -50,6 +52,10 @@ pub struct DirectYouki {
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
     pub concurrency: usize,
+    /// Which of the `--rounds` this is, from 1.
+    pub round: usize,
+    /// The direct floors ran before berthd in this round.
+    pub floor_first: bool,
     pub create: Creates,
     pub daemon: DaemonCost,
     pub stats: StatsLoad,
@@ -89,113 +95,213 @@ pub struct Target {
     pub what: String,
     pub pass: bool,
     pub detail: String,
+    /// The figure held to the bound, for the median over rounds.
+    #[serde(skip)]
+    value: f64,
+    #[serde(skip)]
+    bound: Bound,
 }
 
-/// The targets, for whatever this run measured.
+/// What a target's figure must be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Bound {
+    fn holds(self, value: f64) -> bool {
+        match self {
+            Bound::AtLeast(least) => value >= least,
+            Bound::AtMost(most) => value <= most,
+        }
+    }
+}
+
+impl Target {
+    fn new(what: String, value: f64, bound: Bound, detail: String) -> Target {
+        Target {
+            what,
+            pass: bound.holds(value),
+            detail,
+            value,
+            bound,
+        }
+    }
+}
+
+/// The targets, for whatever this run measured: each run's, and with several rounds the
+/// median of each target's figure over them.
 pub fn targets(report: &Report) -> Vec<Target> {
     let mut out = Vec::new();
     for run in &report.runs {
-        let c = run.concurrency;
-        let n = run.create.made;
-        if let Some(floor) = &run.floor {
-            let (launch, best) = floor.best();
-            let ratio = run.create.per_sec / best.per_sec;
-            out.push(Target {
-                what: format!("C={c}: create rate ≥ 0.95 × the direct floor"),
-                pass: ratio >= 0.95,
-                detail: format!(
-                    "{:.1}/s vs {:.1}/s ({}) = {ratio:.2}",
-                    run.create.per_sec,
-                    best.per_sec,
-                    launch.name()
-                ),
-            });
+        let mut of_run = run_targets(run);
+        if report.rounds > 1 {
+            for target in &mut of_run {
+                target.what = format!("round {}: {}", run.round, target.what);
+            }
         }
-        let limit_kb = 10 * 1024 + 16 * n as u64;
-        out.push(Target {
-            what: format!("C={c}: berthd RSS at {n} ≤ 10 MB + 16 KB each"),
-            pass: run.daemon.at_n.rss_kb <= limit_kb,
-            detail: format!("{} ≤ {}", mb(run.daemon.at_n.rss_kb), mb(limit_kb)),
-        });
-        out.push(Target {
-            what: format!("C={c}: no process per container besides its own"),
-            pass: run.daemon.other_children <= 1,
-            detail: format!(
-                "{} children of berthd besides the {n} inits",
-                run.daemon.other_children
-            ),
-        });
-        if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms)
-        {
-            // The direct runtime's own slowing, for scale: most of it is the kernel's.
-            let direct = run
-                .floor
-                .as_ref()
-                .and_then(Floor::p50_first_and_last_100)
-                .map(|(launch, first, last)| {
-                    format!(
-                        " (direct {}: {})",
-                        launch.name(),
-                        first_to_last(first, last)
-                    )
-                })
-                .unwrap_or_default();
-            out.push(Target {
-                what: format!("C={c}: create p50 with {n} running within 10% of the first 100"),
-                pass: last <= first * 1.10,
-                detail: format!("{}{direct}", first_to_last(first, last)),
-            });
-        }
-        if let Some(floor) = &run.floor {
-            let direct = floor.best_teardown_per_sec();
-            let ratio = run.exits.teardown_per_sec / direct;
-            out.push(Target {
-                what: format!("C={c}: teardown rate ≥ 0.95 × direct kill+delete"),
-                pass: ratio >= 0.95,
-                detail: format!(
-                    "{:.1}/s vs {direct:.1}/s = {ratio:.2}",
-                    run.exits.teardown_per_sec
-                ),
-            });
-        }
-        if let Some(exit) = &run.exits.latency {
-            // The density issue's bound: 5 ms with one kill at a time, 15 ms with several.
-            let bound = if c == 1 { 5.0 } else { 15.0 };
-            let kernel = run
-                .floor
-                .as_ref()
-                .and_then(Floor::reaped_after_kill)
-                .map(|p| format!(" (direct kill to reaped: p99 {:.1} ms)", p.p99_ms))
-                .unwrap_or_default();
-            out.push(Target {
-                what: format!("C={c}: exit event p99 ≤ {bound} ms after the kill"),
-                pass: exit.p99_ms <= bound && run.exits.missing == 0,
-                detail: format!(
-                    "p99 {:.1} ms{kernel}, {} missing",
-                    exit.p99_ms, run.exits.missing
-                ),
-            });
-        }
-        let cpu_ms = run.daemon.create_cpu_secs * 1000.0 / n.max(1) as f64;
-        out.push(Target {
-            what: format!("C={c}: berthd CPU ≤ 0.8 ms per create"),
-            pass: cpu_ms <= 0.8,
-            detail: format!("{cpu_ms:.2} ms"),
-        });
+        out.extend(of_run);
+    }
+    if report.rounds > 1 {
+        out.extend(medians(report));
     }
     if let Some(soak) = &report.soak {
         let (rss, fds) = soak.drift_percent();
-        out.push(Target {
-            what: "soak: RSS and fds flat (± 5%) from the middle to the end".into(),
-            pass: rss.abs() <= 5.0 && fds.abs() <= 5.0,
-            detail: format!("RSS {rss:+.1}%, fds {fds:+.1}%"),
-        });
-        out.push(Target {
-            what: "soak: no exit event missing".into(),
-            pass: soak.missing_exits == 0,
-            detail: format!("{} missing of {}", soak.missing_exits, soak.cycles),
-        });
+        out.push(Target::new(
+            "soak: RSS and fds flat (± 5%) from the middle to the end".into(),
+            rss.abs().max(fds.abs()),
+            Bound::AtMost(5.0),
+            format!("RSS {rss:+.1}%, fds {fds:+.1}%"),
+        ));
+        out.push(Target::new(
+            "soak: no exit event missing".into(),
+            soak.missing_exits as f64,
+            Bound::AtMost(0.0),
+            format!("{} missing of {}", soak.missing_exits, soak.cycles),
+        ));
     }
+    out
+}
+
+/// For each target of the runs, the median of its figure over the rounds.
+fn medians(report: &Report) -> Vec<Target> {
+    let mut by_what: Vec<(String, Bound, Vec<f64>)> = Vec::new();
+    for run in &report.runs {
+        for target in run_targets(run) {
+            match by_what.iter_mut().find(|(what, ..)| *what == target.what) {
+                Some((_, _, values)) => values.push(target.value),
+                None => by_what.push((target.what, target.bound, vec![target.value])),
+            }
+        }
+    }
+    by_what
+        .into_iter()
+        .map(|(what, bound, mut values)| {
+            values.sort_by(f64::total_cmp);
+            let median = median(&values);
+            let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+            Target::new(
+                format!("median of {} rounds: {what}", values.len()),
+                median,
+                bound,
+                format!("{median:.2} (rounds, sorted: {})", each.join(", ")),
+            )
+        })
+        .collect()
+}
+
+/// The median of sorted `values`: the middle one, or the mean of the middle two.
+fn median(values: &[f64]) -> f64 {
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The targets one run is held to.
+fn run_targets(run: &Run) -> Vec<Target> {
+    let mut out = Vec::new();
+    let c = run.concurrency;
+    let n = run.create.made;
+    if let Some(floor) = &run.floor {
+        let (launch, best) = floor.best();
+        let ratio = run.create.per_sec / best.per_sec;
+        out.push(Target::new(
+            format!("C={c}: create rate ≥ 0.95 × the direct floor"),
+            ratio,
+            Bound::AtLeast(0.95),
+            format!(
+                "{:.1}/s vs {:.1}/s ({}) = {ratio:.2}",
+                run.create.per_sec,
+                best.per_sec,
+                launch.name()
+            ),
+        ));
+    }
+    let limit_kb = 10 * 1024 + 16 * n as u64;
+    out.push(Target::new(
+        format!("C={c}: berthd RSS at {n} ≤ 10 MB + 16 KB each"),
+        run.daemon.at_n.rss_kb as f64 / 1024.0,
+        Bound::AtMost(limit_kb as f64 / 1024.0),
+        format!("{} ≤ {}", mb(run.daemon.at_n.rss_kb), mb(limit_kb)),
+    ));
+    out.push(Target::new(
+        format!("C={c}: no process per container besides its own"),
+        run.daemon.other_children as f64,
+        Bound::AtMost(1.0),
+        format!(
+            "{} children of berthd besides the {n} inits",
+            run.daemon.other_children
+        ),
+    ));
+    if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms) {
+        // The direct runtime's own slowing, for scale: most of it is the kernel's.
+        let direct = run
+            .floor
+            .as_ref()
+            .and_then(Floor::p50_first_and_last_100)
+            .map(|(launch, first, last)| {
+                format!(
+                    " (direct {}: {})",
+                    launch.name(),
+                    first_to_last(first, last)
+                )
+            })
+            .unwrap_or_default();
+        out.push(Target::new(
+            format!("C={c}: create p50 with {n} running within 10% of the first 100"),
+            last / first,
+            Bound::AtMost(1.10),
+            format!("{}{direct}", first_to_last(first, last)),
+        ));
+    }
+    if let Some(floor) = &run.floor {
+        let direct = floor.best_teardown_per_sec();
+        let ratio = run.exits.teardown_per_sec / direct;
+        out.push(Target::new(
+            format!("C={c}: teardown rate ≥ 0.95 × direct kill+delete"),
+            ratio,
+            Bound::AtLeast(0.95),
+            format!(
+                "{:.1}/s vs {direct:.1}/s = {ratio:.2}",
+                run.exits.teardown_per_sec
+            ),
+        ));
+    }
+    if let Some(exit) = &run.exits.latency {
+        // The density issue's bound: 5 ms with one kill at a time, 15 ms with several.
+        let bound = if c == 1 { 5.0 } else { 15.0 };
+        let kernel = run
+            .floor
+            .as_ref()
+            .and_then(Floor::reaped_after_kill)
+            .map(|p| format!(" (direct kill to reaped: p99 {:.1} ms)", p.p99_ms))
+            .unwrap_or_default();
+        // A missing exit fails the target whatever the latency of the others.
+        let p99 = if run.exits.missing == 0 {
+            exit.p99_ms
+        } else {
+            f64::INFINITY
+        };
+        out.push(Target::new(
+            format!("C={c}: exit event p99 ≤ {bound} ms after the kill"),
+            p99,
+            Bound::AtMost(bound),
+            format!(
+                "p99 {:.1} ms{kernel}, {} missing",
+                exit.p99_ms, run.exits.missing
+            ),
+        ));
+    }
+    let cpu_ms = run.daemon.create_cpu_secs * 1000.0 / n.max(1) as f64;
+    out.push(Target::new(
+        format!("C={c}: berthd CPU ≤ 0.8 ms per create"),
+        cpu_ms,
+        Bound::AtMost(0.8),
+        format!("{cpu_ms:.2} ms"),
+    ));
     out
 }
 
@@ -276,6 +382,9 @@ pub fn render(report: &Report) -> String {
             .collect();
         if !traces.is_empty() {
             out.push_str(&format!("\nC={}", run.concurrency));
+            if report.rounds > 1 {
+                out.push_str(&format!(", round {}", run.round));
+            }
             out.push_str(&density::render(&traces));
         }
     }
@@ -300,11 +409,21 @@ fn runs_table(report: &Report) -> Table {
     let mut table = Table::new(&["figure", "berthd", "direct", "berthd/direct"]);
     for run in &report.runs {
         let n = run.create.made;
+        let round = if report.rounds > 1 {
+            let order = if run.floor_first {
+                "direct first"
+            } else {
+                "berthd first"
+            };
+            format!(", round {} of {} ({order})", run.round, report.rounds)
+        } else {
+            String::new()
+        };
         if n == report.n {
-            table.section(format!("C={}, N={n}", run.concurrency));
+            table.section(format!("C={}, N={n}{round}", run.concurrency));
         } else {
             table.section(format!(
-                "C={}, N={n} of {} (creates stopped)",
+                "C={}, N={n} of {} (creates stopped){round}",
                 run.concurrency, report.n
             ));
         }

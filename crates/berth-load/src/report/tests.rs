@@ -19,6 +19,8 @@ fn run() -> Run {
     };
     Run {
         concurrency: 8,
+        round: 1,
+        floor_first: false,
         create: Creates {
             made: 1000,
             per_sec: 30.0,
@@ -79,6 +81,7 @@ fn report() -> Report {
         channel: ChannelMode::Shared,
         runtime_skipped: None,
         youki: DirectYouki::default(),
+        rounds: 1,
         runs: vec![run()],
         soak: None,
         targets: Vec::new(),
@@ -112,6 +115,49 @@ fn targets_hold_each_figure_to_its_limit() {
             ),
             (false, "2.00 ms"),
         ]
+    );
+}
+
+/// Three rounds, the second with the floor first: each run's targets are named by their round,
+/// and each target's figure is held to its median over the rounds.
+#[test]
+fn with_several_rounds_the_targets_are_held_to_their_medians() {
+    let mut report = report();
+    report.rounds = 3;
+    let mut second = run();
+    second.round = 2;
+    second.floor_first = true;
+    second.create.per_sec = 39.0;
+    second.exits.teardown_per_sec = 48.0;
+    let mut third = run();
+    third.round = 3;
+    third.create.per_sec = 38.4;
+    third.exits.missing = 1;
+    report.runs.push(second);
+    report.runs.push(third);
+    report.targets = targets(&report);
+    let named = |what: &str| {
+        report
+            .targets
+            .iter()
+            .find(|t| t.what == what)
+            .unwrap_or_else(|| panic!("no target {what:?} in {:#?}", report.targets))
+    };
+    assert!(!named("round 1: C=8: create rate ≥ 0.95 × the direct floor").pass);
+    assert!(named("round 2: C=8: create rate ≥ 0.95 × the direct floor").pass);
+    let create = named("median of 3 rounds: C=8: create rate ≥ 0.95 × the direct floor");
+    assert!(create.pass, "{create:?}");
+    assert_eq!(create.detail, "0.96 (rounds, sorted: 0.75, 0.96, 0.97)");
+    let teardown = named("median of 3 rounds: C=8: teardown rate ≥ 0.95 × direct kill+delete");
+    assert!(!teardown.pass, "{teardown:?}");
+    assert_eq!(teardown.detail, "0.90 (rounds, sorted: 0.90, 0.90, 0.96)");
+    // One round with a missing exit is one failed figure, not the median's verdict.
+    assert!(!named("round 3: C=8: exit event p99 ≤ 15 ms after the kill").pass);
+    assert!(named("median of 3 rounds: C=8: exit event p99 ≤ 15 ms after the kill").pass);
+    let text = render(&report);
+    assert!(
+        text.contains("C=8, N=1000, round 2 of 3 (direct first)"),
+        "{text}"
     );
 }
 
