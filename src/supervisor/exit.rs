@@ -7,10 +7,11 @@
 //! collected. Only then the stats registration goes and the runtime deletes its state.
 //!
 //! berthd holds each init's mount and network namespaces from registration until its delete
-//! starts ([`HeldNamespaces`]). Without that, the init is their last holder, and the kernel tears
+//! may start, and lets go of them before the delete takes its turn ([`HeldNamespaces`]). Without that, the init is their last holder, and the kernel tears
 //! them down in its exit, before the pidfd fires: the container's mounts are unmounted and its
 //! network namespace's removal queued. Held, that work runs where berthd lets go: on blocking
-//! threads, one per CPU, once the delete may start and before it does. Before, because removing
+//! threads, one per CPU at a time (a release stuck in the kernel gives its turn up after
+//! [`RELEASE_TURN`]), once the delete may start and before it does. Before, because removing
 //! a cgroup (memcg offline, in a kernel worker after the runtime's rmdir) walks the LRU lists of
 //! every superblock alive, and a held mount namespace keeps its container's alive: with each
 //! release inside its delete's turn, the deletes of a burst paid for the mounts of every
@@ -30,14 +31,15 @@
 //! [`concurrent_deletes`] run at a time, so a burst of exits does not start a runtime process
 //! per exit at once, at berthd's own CPU priority (10 nicer made the teardown slower).
 //! The id stays taken until the delete is done: a create of it waits for that (registry) and
-//! lets that one delete go at once, so nothing keyed by the id is removed from under a new
-//! container of the same id.
+//! lets that one delete go at once, its namespaces let go of beside it rather than in a turn, so
+//! nothing keyed by the id is removed from under a new container of the same id.
 //!
 //! When an added process exits: it leaves its container's processes, its `exit` is published,
 //! then the state file is rewritten without it.
 //!
 //! Owns: watching inits and added processes, the order of exit and clean-up, when the deletes
-//! start and how many run at once. Does not own: collecting the status (reaper), OOM counting
+//! start and how many run at once, which namespaces are held and when and how many at once they
+//! are let go of. Does not own: collecting the status (reaper), OOM counting
 //! (stats), the id's slot (registry).
 
 use std::collections::VecDeque;
@@ -59,9 +61,17 @@ use crate::runtime::Operation;
 /// waits on the kernel (cgroup removal), few enough that a thousand exits do not start a
 /// thousand runtime processes at once.
 pub(super) fn concurrent_deletes() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (4 * cpus).clamp(4, 64)
+    (4 * cpus()).clamp(4, 64)
 }
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The longest a release keeps its turn: one stuck in the kernel (a mount whose teardown waits
+/// on a server that is gone) would otherwise hold every later delete back. It goes on in its
+/// blocking thread; the turn goes to the next.
+const RELEASE_TURN: Duration = Duration::from_secs(2);
 
 impl Supervisor {
     /// Publishes the init's exit once it exits, then cleans up after the container.
@@ -95,12 +105,18 @@ impl Supervisor {
         // ends GetStats streams, whose container is gone.
         self.stats.unregister(id);
         self.events.publish(id, pid, EventKind::Exit { status });
-        tokio::select! {
-            () = self.cleanup_pacing.lull() => {}
-            () = exited.wanted() => {}
+        let wanted = tokio::select! {
+            () = self.cleanup_pacing.lull() => false,
+            () = exited.wanted() => true,
+        };
+        if wanted {
+            // A create waits for this delete: one container's mounts cost its cgroup removal
+            // little, and a turn behind a burst's releases would cost the create its wait.
+            tokio::spawn(namespaces.release());
+        } else {
+            // Before the delete: the cgroup removal it starts walks every live superblock.
+            namespaces.release().await;
         }
-        // Before the delete: the cgroup removal it starts walks every live superblock.
-        namespaces.release().await;
         {
             let _turn = self.deletes.acquire().await;
             if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
@@ -155,16 +171,24 @@ impl HeldNamespaces {
         }
     }
 
-    /// Lets go of them on a blocking thread, in one of the budget's turns: the last close runs
-    /// the teardown.
+    /// Lets go of them on a blocking thread, in one of the budget's turns (at most
+    /// [`RELEASE_TURN`]): the last close runs the teardown.
     async fn release(self) {
         if self.fds.is_empty() {
             return;
         }
         let budget = Arc::clone(&self.budget);
         let _turn = budget.releases.acquire().await;
-        if let Err(e) = tokio::task::spawn_blocking(move || drop(self)).await {
-            tracing::warn!(error = %e, "releasing an exited container's namespaces failed");
+        let closing = tokio::task::spawn_blocking(move || drop(self));
+        match tokio::time::timeout(RELEASE_TURN, closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "releasing an exited container's namespaces failed")
+            }
+            Err(_) => tracing::warn!(
+                secs = RELEASE_TURN.as_secs(),
+                "an exited container's namespaces are still being torn down; the next release goes ahead"
+            ),
         }
     }
 }
@@ -176,9 +200,10 @@ impl Drop for HeldNamespaces {
 }
 
 /// How many namespace fds berthd holds, and the most it may: a quarter of its open file limit,
-/// as for connections ([`crate::fd_limit::quarter`]). Holding them is a speed-up; it must never cost a create its pidfd, and
-/// where berthd cannot raise its hard limit (no `CAP_SYS_RESOURCE`) three fds a container would
-/// cut how many containers fit by two thirds.
+/// as for connections ([`crate::fd_limit::quarter`]). Holding them is a speed-up; it must never
+/// cost a create its pidfd, and where berthd cannot raise its hard limit (no
+/// `CAP_SYS_RESOURCE`) three fds a container would cut how many containers fit by two thirds.
+/// Also the turns in which held namespaces are let go of.
 pub(super) struct NamespaceBudget {
     held: AtomicUsize,
     most: usize,
@@ -196,11 +221,10 @@ impl NamespaceBudget {
     }
 
     fn new(most: usize) -> NamespaceBudget {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         NamespaceBudget {
             held: AtomicUsize::new(0),
             most,
-            releases: tokio::sync::Semaphore::new(cpus),
+            releases: tokio::sync::Semaphore::new(cpus()),
         }
     }
 
@@ -386,20 +410,50 @@ mod tests {
         let budget = Arc::new(NamespaceBudget::new(3));
         assert!(budget.take(2));
         assert!(!budget.take(2), "3 fds at most");
-        let fd = rustix::fs::open(
-            "/proc/self/ns/net",
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .unwrap();
         budget.give_back(1);
         let held = HeldNamespaces {
-            fds: vec![fd],
+            fds: vec![own_net_namespace()],
             budget: Arc::clone(&budget),
         };
         assert!(!budget.take(3), "one is held");
         drop(held);
         assert!(budget.take(3), "the held fd's place is free again");
+    }
+
+    fn own_net_namespace() -> OwnedFd {
+        rustix::fs::open(
+            "/proc/self/ns/net",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_release_waits_for_a_turn_and_one_of_nothing_takes_none() {
+        let budget = Arc::new(NamespaceBudget::new(8));
+        let turns = budget.releases.available_permits();
+        let every_turn = budget.releases.acquire_many(turns as u32).await.unwrap();
+        let nothing = HeldNamespaces {
+            fds: Vec::new(),
+            budget: Arc::clone(&budget),
+        };
+        tokio::time::timeout(Duration::from_secs(5), nothing.release())
+            .await
+            .expect("nothing held: no turn needed");
+        assert!(budget.take(1));
+        let held = HeldNamespaces {
+            fds: vec![own_net_namespace()],
+            budget: Arc::clone(&budget),
+        };
+        let releasing = tokio::spawn(held.release());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!releasing.is_finished(), "every turn is taken");
+        assert_eq!(budget.held.load(Ordering::Relaxed), 1);
+        drop(every_turn);
+        releasing.await.unwrap();
+        assert_eq!(budget.held.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.releases.available_permits(), turns);
     }
 
     #[tokio::test(start_paused = true)]

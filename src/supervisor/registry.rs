@@ -127,7 +127,7 @@ impl Container {
 }
 
 /// How long a create waits for the clean-up of an exited container of the same id (its runtime
-/// delete, queued behind at most a few others) before it gives up.
+/// delete, in its turn among the deletes after exits) before it gives up.
 const CLEANUP_WAIT: Duration = Duration::from_secs(5);
 
 pub(super) enum Slot {

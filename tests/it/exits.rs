@@ -311,6 +311,72 @@ async fn a_containers_namespaces_are_held_while_it_runs_and_let_go_after_its_exi
     .await
 }
 
+/// An exited container's namespaces are let go of before its runtime delete runs (the cgroup
+/// removal the delete starts walks every live superblock, which a held mount namespace keeps
+/// alive): a wrapper runtime writes down berthd's held namespaces each time it is asked to
+/// delete. Two exits back to back, so the second's delete also waits for the lull.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exited_containers_namespaces_are_let_go_of_before_its_delete_runs() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let log = scripts.path().join("held-at-delete");
+        // The runtime's parent is the spawn helper, whose parent is berthd.
+        let body = format!(
+            r#"#!/bin/sh
+for arg in "$@"; do last=$arg; done
+for arg in "$@"; do
+  if [ "$arg" = delete ]; then
+    berthd=$(awk '/^PPid:/ {{ print $2 }}' /proc/$PPID/status)
+    held=$(for fd in /proc/$berthd/fd/*; do readlink "$fd"; done | grep -E '^(mnt|net):' | tr '
+' ' ')
+    printf '%s: %s
+' "$last" "$held" >> {log}
+  fi
+done
+exec {runc} "$@"
+"#,
+            log = log.display(),
+            runc = runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "recording-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let mut events = d.events().await;
+        let first = d.run("ns-order-a", &["sleep", "1000"]).await;
+        let second = d.run("ns-order-b", &["sleep", "1000"]).await;
+        let namespaces = [
+            mount_and_network_namespaces(first.pid),
+            mount_and_network_namespaces(second.pid),
+        ];
+        let held = d.held_namespaces();
+        for ns in namespaces.iter().flatten() {
+            assert!(held.contains(ns), "{ns} not held while running: {held:?}");
+        }
+        d.signal(&first.id, first.pid, SIGKILL).await;
+        d.signal(&second.id, second.pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&first.id, first.pid).await, 137);
+        assert_eq!(events.exit_status(&second.id, second.pid).await, 137);
+        wait_for_delete(&d, &first.id).await;
+        wait_for_delete(&d, &second.id).await;
+        let recorded = std::fs::read_to_string(&log).expect("the wrapper's record");
+        for (container, namespaces) in [&first, &second].into_iter().zip(&namespaces) {
+            let prefix = format!("{}: ", container.id);
+            let line = recorded
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no delete of {} recorded: {recorded}", container.id));
+            for ns in namespaces {
+                assert!(
+                    !line.contains(ns.as_str()),
+                    "{ns} of {} still held when its delete ran: {line}",
+                    container.id
+                );
+            }
+        }
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
 /// A write torn by a crash leaves only its temp file (the rename never happened): at restart
 /// the temp file is ignored and removed, and the record it would have replaced is adopted.
 #[tokio::test(flavor = "multi_thread")]

@@ -104,7 +104,7 @@ async fn the_newest_grpcio_from_pypi_dials_the_socket_path_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn node_grpc_js_gets_state_and_an_events_stream() {
+async fn node_grpc_js_gets_state_error_codes_and_an_events_stream() {
     within(async {
         let modules = format!("{INTEROP}/npm/node_modules");
         let installed = if Path::new(&format!("{modules}/@grpc/grpc-js")).is_dir() {

@@ -9,7 +9,9 @@
 //! `run -d`, each followed by SIGKILL, reap and `delete`, at the same concurrency; and the same
 //! again with youki beside it when `--direct-youki` names one. The table puts berthd beside the
 //! floor and says which of the targets pass (held to the first floor; youki's is for
-//! comparison). `--soak SECS` runs a churn soak instead.
+//! comparison). `--rounds R` runs each level R times, the floor before berthd in every other
+//! round, and holds each target to its median over the rounds (a missing exit or an extra
+//! process in any round fails it). `--soak SECS` runs a churn soak instead.
 //!
 //! This process is a child subreaper: containers started by the direct floor are reparented to
 //! it and reaped here, never left as zombies for a pid 1 that may not reap.
@@ -122,7 +124,7 @@ pub struct Options {
     /// Run every concurrency level this many times, the direct floor before berthd in every
     /// other round, so that a drift in the host's speed falls on both sides alike; the targets
     /// are then held to the median of the rounds
-    #[arg(long, env = "BERTH_ROUNDS", default_value_t = 1,
+    #[arg(long, env = "BERTH_ROUNDS", default_value_t = 1, conflicts_with = "soak",
           value_parser = clap::value_parser!(u64).range(1..=16))]
     pub rounds: u64,
 
@@ -282,7 +284,7 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
                     let level = Level {
                         c: c as usize,
                         round,
-                        floor_first: round % 2 == 0,
+                        floor_first: round % 2 == 0 && !options.no_direct,
                     };
                     let run = run_level(options, session, youki.as_ref(), level).await?;
                     report.runs.push(run);
@@ -431,7 +433,11 @@ async fn run_level(
     } = berthd(options, session, &format!("berthd-c{c}")).await?;
     let clients = daemon::clients(&socket, options.channel, c).await?;
     let ids = (0..n)
-        .map(|i| session.id(format_args!("load-c{c}-{i}")))
+        // A berthd given by --address keeps an id until its delete: each round has its own.
+        .map(|i| match options.rounds {
+            1 => session.id(format_args!("load-c{c}-{i}")),
+            _ => session.id(format_args!("load-r{}-c{c}-{i}", level.round)),
+        })
         .collect();
     memory::cgroups_settled().await;
     let mem_before = procfs::mem_available_kb().unwrap_or(0);

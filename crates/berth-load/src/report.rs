@@ -95,15 +95,21 @@ pub struct Target {
     pub what: String,
     pub pass: bool,
     pub detail: String,
+    /// Which figure at which concurrency: the rounds' figures are gathered by it.
+    #[serde(skip)]
+    key: (usize, &'static str),
     /// The figure held to the bound, for the median over rounds.
     #[serde(skip)]
     value: f64,
     #[serde(skip)]
     bound: Bound,
+    /// A failure no other round makes up for (a missing exit, a process per container).
+    #[serde(skip)]
+    broken: bool,
 }
 
 /// What a target's figure must be.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 enum Bound {
     AtLeast(f64),
     AtMost(f64),
@@ -119,42 +125,60 @@ impl Bound {
 }
 
 impl Target {
-    fn new(what: String, value: f64, bound: Bound, detail: String) -> Target {
+    fn new(
+        key: (usize, &'static str),
+        what: String,
+        value: f64,
+        bound: Bound,
+        detail: String,
+    ) -> Target {
         Target {
             what,
             pass: bound.holds(value),
             detail,
+            key,
             value,
             bound,
+            broken: false,
         }
+    }
+
+    /// Fails the target, whatever its figure, when `broken`.
+    fn broken_if(mut self, broken: bool) -> Target {
+        self.broken = broken;
+        self.pass &= !broken;
+        self
     }
 }
 
 /// The targets, for whatever this run measured: each run's, and with several rounds the
 /// median of each target's figure over them.
 pub fn targets(report: &Report) -> Vec<Target> {
+    let mut of_runs: Vec<Vec<Target>> = report.runs.iter().map(run_targets).collect();
     let mut out = Vec::new();
-    for run in &report.runs {
-        let mut of_run = run_targets(run);
-        if report.rounds > 1 {
-            for target in &mut of_run {
+    if report.rounds > 1 {
+        let medians = medians(&of_runs);
+        for (run, targets) in report.runs.iter().zip(&mut of_runs) {
+            for target in targets {
                 target.what = format!("round {}: {}", run.round, target.what);
             }
         }
-        out.extend(of_run);
-    }
-    if report.rounds > 1 {
-        out.extend(medians(report));
+        out.extend(of_runs.into_iter().flatten());
+        out.extend(medians);
+    } else {
+        out.extend(of_runs.into_iter().flatten());
     }
     if let Some(soak) = &report.soak {
         let (rss, fds) = soak.drift_percent();
         out.push(Target::new(
+            (0, "soak drift"),
             "soak: RSS and fds flat (± 5%) from the middle to the end".into(),
             rss.abs().max(fds.abs()),
             Bound::AtMost(5.0),
             format!("RSS {rss:+.1}%, fds {fds:+.1}%"),
         ));
         out.push(Target::new(
+            (0, "soak missing exits"),
             "soak: no exit event missing".into(),
             soak.missing_exits as f64,
             Bound::AtMost(0.0),
@@ -164,29 +188,39 @@ pub fn targets(report: &Report) -> Vec<Target> {
     out
 }
 
-/// For each target of the runs, the median of its figure over the rounds.
-fn medians(report: &Report) -> Vec<Target> {
-    let mut by_what: Vec<(String, Bound, Vec<f64>)> = Vec::new();
-    for run in &report.runs {
-        for target in run_targets(run) {
-            match by_what.iter_mut().find(|(what, ..)| *what == target.what) {
-                Some((_, _, values)) => values.push(target.value),
-                None => by_what.push((target.what, target.bound, vec![target.value])),
+/// For each figure, the median of the rounds' values, failed outright if any round was broken.
+fn medians(of_runs: &[Vec<Target>]) -> Vec<Target> {
+    let mut gathered: Vec<(&Target, Vec<f64>, bool)> = Vec::new();
+    for target in of_runs.iter().flatten() {
+        match gathered
+            .iter_mut()
+            .find(|(first, ..)| first.key == target.key)
+        {
+            Some((_, values, broken)) => {
+                values.push(target.value);
+                *broken |= target.broken;
             }
+            None => gathered.push((target, vec![target.value], target.broken)),
         }
     }
-    by_what
+    gathered
         .into_iter()
-        .map(|(what, bound, mut values)| {
+        .map(|(first, mut values, broken)| {
             values.sort_by(f64::total_cmp);
             let median = median(&values);
-            let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+            let each: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
+            let mut detail = format!("{median:.3} (rounds, sorted: {})", each.join(", "));
+            if broken {
+                detail.push_str("; failed outright in a round (see its line)");
+            }
             Target::new(
-                format!("median of {} rounds: {what}", values.len()),
+                first.key,
+                format!("median of {} rounds: {}", values.len(), first.what),
                 median,
-                bound,
-                format!("{median:.2} (rounds, sorted: {})", each.join(", ")),
+                first.bound,
+                detail,
             )
+            .broken_if(broken)
         })
         .collect()
 }
@@ -209,6 +243,7 @@ fn run_targets(run: &Run) -> Vec<Target> {
         let (launch, best) = floor.best();
         let ratio = run.create.per_sec / best.per_sec;
         out.push(Target::new(
+            (c, "create rate"),
             format!("C={c}: create rate ≥ 0.95 × the direct floor"),
             ratio,
             Bound::AtLeast(0.95),
@@ -222,20 +257,25 @@ fn run_targets(run: &Run) -> Vec<Target> {
     }
     let limit_kb = 10 * 1024 + 16 * n as u64;
     out.push(Target::new(
+        (c, "berthd rss"),
         format!("C={c}: berthd RSS at {n} ≤ 10 MB + 16 KB each"),
         run.daemon.at_n.rss_kb as f64 / 1024.0,
         Bound::AtMost(limit_kb as f64 / 1024.0),
         format!("{} ≤ {}", mb(run.daemon.at_n.rss_kb), mb(limit_kb)),
     ));
-    out.push(Target::new(
-        format!("C={c}: no process per container besides its own"),
-        run.daemon.other_children as f64,
-        Bound::AtMost(1.0),
-        format!(
-            "{} children of berthd besides the {n} inits",
-            run.daemon.other_children
-        ),
-    ));
+    out.push(
+        Target::new(
+            (c, "processes"),
+            format!("C={c}: no process per container besides its own"),
+            run.daemon.other_children as f64,
+            Bound::AtMost(1.0),
+            format!(
+                "{} children of berthd besides the {n} inits",
+                run.daemon.other_children
+            ),
+        )
+        .broken_if(run.daemon.other_children > 1),
+    );
     if let (Some(first), Some(last)) = (run.create.p50_first_100_ms, run.create.p50_last_100_ms) {
         // The direct runtime's own slowing, for scale: most of it is the kernel's.
         let direct = run
@@ -251,6 +291,7 @@ fn run_targets(run: &Run) -> Vec<Target> {
             })
             .unwrap_or_default();
         out.push(Target::new(
+            (c, "flat create p50"),
             format!("C={c}: create p50 with {n} running within 10% of the first 100"),
             last / first,
             Bound::AtMost(1.10),
@@ -261,6 +302,7 @@ fn run_targets(run: &Run) -> Vec<Target> {
         let direct = floor.best_teardown_per_sec();
         let ratio = run.exits.teardown_per_sec / direct;
         out.push(Target::new(
+            (c, "teardown rate"),
             format!("C={c}: teardown rate ≥ 0.95 × direct kill+delete"),
             ratio,
             Bound::AtLeast(0.95),
@@ -280,23 +322,23 @@ fn run_targets(run: &Run) -> Vec<Target> {
             .map(|p| format!(" (direct kill to reaped: p99 {:.1} ms)", p.p99_ms))
             .unwrap_or_default();
         // A missing exit fails the target whatever the latency of the others.
-        let p99 = if run.exits.missing == 0 {
-            exit.p99_ms
-        } else {
-            f64::INFINITY
-        };
-        out.push(Target::new(
-            format!("C={c}: exit event p99 ≤ {bound} ms after the kill"),
-            p99,
-            Bound::AtMost(bound),
-            format!(
-                "p99 {:.1} ms{kernel}, {} missing",
-                exit.p99_ms, run.exits.missing
-            ),
-        ));
+        out.push(
+            Target::new(
+                (c, "exit p99"),
+                format!("C={c}: exit event p99 ≤ {bound} ms after the kill"),
+                exit.p99_ms,
+                Bound::AtMost(bound),
+                format!(
+                    "p99 {:.1} ms{kernel}, {} missing",
+                    exit.p99_ms, run.exits.missing
+                ),
+            )
+            .broken_if(run.exits.missing > 0),
+        );
     }
     let cpu_ms = run.daemon.create_cpu_secs * 1000.0 / n.max(1) as f64;
     out.push(Target::new(
+        (c, "berthd cpu"),
         format!("C={c}: berthd CPU ≤ 0.8 ms per create"),
         cpu_ms,
         Bound::AtMost(0.8),

@@ -675,7 +675,6 @@ pub struct Baseline {
     scratch: Vec<String>,
 }
 
-/// The items of sorted `now` beyond those in sorted `before`, counting repeats.
 /// Process `pid`'s mount and network namespaces, as their links read (`mnt:[…]`, `net:[…]`).
 pub fn mount_and_network_namespaces(pid: u32) -> Vec<String> {
     ["mnt", "net"]
@@ -688,6 +687,7 @@ pub fn mount_and_network_namespaces(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// The items of sorted `now` beyond those in sorted `before`, counting repeats.
 pub fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for fd in before {
