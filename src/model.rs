@@ -39,7 +39,8 @@ pub struct ConnectionInfo {
     pub credentials: PeerCredentials,
     /// For the api's streams, which take their next message only while the socket has room.
     pub room: SocketRoom,
-    /// The places of the answers made but not yet handed to h2, [`ANSWERS_AHEAD`] of them.
+    /// The places of the answers made but not yet taken by the socket, [`ANSWERS_AHEAD`] of
+    /// them.
     pub answers: std::sync::Arc<tokio::sync::Semaphore>,
     /// What the socket has taken, for answers that wait until it took them.
     pub sent: std::sync::Arc<SentBytes>,
@@ -109,8 +110,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Answers whose size is the daemon's to decide (State, ListCheckpoint) made but not yet handed
-/// to h2, at most, on one connection.
+/// Answers whose size is the daemon's to decide (State, ListCheckpoint) made but not yet taken by
+/// the socket, at most, on one connection.
 pub const ANSWERS_AHEAD: usize = 4;
 
 /// What `SO_PEERCRED` said of an API connection's peer when the listener accepted it; `None` when

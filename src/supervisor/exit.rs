@@ -7,9 +7,9 @@
 //! collected. Only then the stats registration goes and the runtime deletes its state.
 //!
 //! berthd holds each init's mount and network namespaces from registration until its delete
-//! may start, and lets go of them before the delete takes its turn ([`HeldNamespaces`]). Without that, the init is their last holder, and the kernel tears
-//! them down in its exit, before the pidfd fires: the container's mounts are unmounted and its
-//! network namespace's removal queued. Held, that work runs where berthd lets go: on blocking
+//! may start, and lets go of them before the delete takes its turn ([`HeldNamespaces`]). Without
+//! that, the init is their last holder, and the kernel tears them down in its exit, before the
+//! pidfd fires: the container's mounts are unmounted and its network namespace's removal queued. Held, that work runs where berthd lets go: on blocking
 //! threads, one per CPU at a time (a release stuck in the kernel gives its turn up after
 //! [`RELEASE_TURN`]), once the delete may start and before it does. Before, because removing
 //! a cgroup (memcg offline, in a kernel worker after the runtime's rmdir) walks the LRU lists of
@@ -39,8 +39,8 @@
 //!
 //! Owns: watching inits and added processes, the order of exit and clean-up, when the deletes
 //! start and how many run at once, which namespaces are held and when and how many at once they
-//! are let go of. Does not own: collecting the status (reaper), OOM counting
-//! (stats), the id's slot (registry).
+//! are let go of. Does not own: collecting the status (reaper), OOM counting (stats), the id's
+//! slot (registry).
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;

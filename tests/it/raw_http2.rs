@@ -556,6 +556,33 @@ async fn a_client_with_large_windows_that_stops_reading_is_not_buffered_for() {
     .await
 }
 
+/// How much berthd's RSS grew in the 3 s after `wire` was sent on `connection`, while the client
+/// read nothing (`reading` false) or read its socket without giving any window back (true).
+async fn rss_growth_after(
+    daemon: &Daemon,
+    connection: &mut Connection,
+    wire: &[u8],
+    reading: bool,
+) -> u64 {
+    let rss_before = status_kib(daemon.pid(), "VmRSS");
+    connection
+        .socket
+        .write_all(wire)
+        .await
+        .expect("send the calls");
+    if reading {
+        let read = async {
+            loop {
+                connection.next_frame().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
+    } else {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before)
+}
+
 /// A client that asks for State over and over without reading is answered as it reads, with
 /// the default flow-control windows and with the largest: berthd does not make and hold a whole
 /// State for each request it has not read an answer to yet.
@@ -569,14 +596,7 @@ async fn a_client_that_asks_without_reading_is_answered_as_it_reads() {
         for (windows, mut wire) in [("largest", largest_windows()), ("default", Vec::new())] {
             let mut connection = Connection::open(&daemon).await;
             wire.extend(connection.calls("/types.API/State", &message, CALLS).1);
-            let rss_before = status_kib(daemon.pid(), "VmRSS");
-            connection
-                .socket
-                .write_all(&wire)
-                .await
-                .expect("send the calls");
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+            let grown = rss_growth_after(&daemon, &mut connection, &wire, false).await;
             assert!(
                 grown < 12 * 1024,
                 "{windows} windows: berthd's RSS grew by {grown} KiB for {CALLS} unread answers"
@@ -617,19 +637,7 @@ async fn a_client_that_reads_but_gives_its_streams_no_window_is_not_answered_ahe
         let mut connection = Connection::open(&daemon).await;
         let mut wire = windows(4096);
         wire.extend(connection.calls("/types.API/State", &message, CALLS).1);
-        let rss_before = status_kib(daemon.pid(), "VmRSS");
-        connection
-            .socket
-            .write_all(&wire)
-            .await
-            .expect("send the calls");
-        let read = async {
-            loop {
-                connection.next_frame().await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
-        let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+        let grown = rss_growth_after(&daemon, &mut connection, &wire, true).await;
         assert!(
             grown < 12 * 1024,
             "berthd's RSS grew by {grown} KiB for {CALLS} answers the client gave no window"

@@ -155,19 +155,16 @@ impl Target {
 /// median of each target's figure over them.
 pub fn targets(report: &Report) -> Vec<Target> {
     let mut of_runs: Vec<Vec<Target>> = report.runs.iter().map(run_targets).collect();
-    let mut out = Vec::new();
+    let mut over_rounds = Vec::new();
     if report.rounds > 1 {
-        let medians = medians(&of_runs);
+        over_rounds = medians(&of_runs);
         for (run, targets) in report.runs.iter().zip(&mut of_runs) {
             for target in targets {
                 target.what = format!("round {}: {}", run.round, target.what);
             }
         }
-        out.extend(of_runs.into_iter().flatten());
-        out.extend(medians);
-    } else {
-        out.extend(of_runs.into_iter().flatten());
     }
+    let mut out: Vec<Target> = of_runs.into_iter().flatten().chain(over_rounds).collect();
     if let Some(soak) = &report.soak {
         let (rss, fds) = soak.drift_percent();
         out.push(Target::new(
