@@ -442,6 +442,14 @@ async fn run_level(
     memory::cgroups_settled().await;
     let mem_before = procfs::mem_available_kb().unwrap_or(0);
     let before = sample(pid)?;
+    let helpers = procfs::spawn_helpers_of(pid);
+    let helper_cpu = || -> f64 {
+        helpers
+            .iter()
+            .filter_map(|&helper| procfs::cpu_secs(helper).ok())
+            .sum()
+    };
+    let helper_cpu_before = helper_cpu();
     let profiler = match &options.profile_create {
         Some(command) => Some(Profiler::start(command, pid).await?),
         None => None,
@@ -462,6 +470,7 @@ async fn run_level(
     // With a memory trace the creates may have stopped short of N.
     let made = created.containers.len();
     let at_n = sample(pid)?;
+    let helper_cpu_secs = helper_cpu() - helper_cpu_before;
     let mem_after = procfs::mem_available_kb().unwrap_or(0);
     let stats = daemon::stats(
         &clients[0],
@@ -495,6 +504,7 @@ async fn run_level(
         },
         daemon: DaemonCost {
             create_cpu_secs: at_n.cpu_secs - before.cpu_secs,
+            helper_cpu_secs,
             host_kb_per_container: mem_before.saturating_sub(mem_after) as f64 / made.max(1) as f64,
             other_children: at_n.children as i64 - made as i64,
             before,

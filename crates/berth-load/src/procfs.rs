@@ -27,14 +27,12 @@ impl ProcSample {
             .map_err(|e| io::Error::other(format!("{}/smaps_rollup: {e}", proc.display())))?;
         let threads = parse_status_threads(&fs::read_to_string(proc.join("status"))?)
             .map_err(|e| io::Error::other(format!("{}/status: {e}", proc.display())))?;
-        let ticks = parse_stat_cpu_ticks(&fs::read_to_string(proc.join("stat"))?)
-            .map_err(|e| io::Error::other(format!("{}/stat: {e}", proc.display())))?;
         Ok(ProcSample {
             rss_kb,
             pss_kb,
             threads,
             fds: fs::read_dir(proc.join("fd"))?.count() as u64,
-            cpu_secs: ticks as f64 / clock_ticks_per_second(),
+            cpu_secs: cpu_secs(pid)?,
             children: children_of(pid).len() as u64,
         })
     }
@@ -113,6 +111,30 @@ pub fn load_average() -> Option<f64> {
         .parse()
         .ok()
 }
+
+/// The CPU time (utime + stime, in seconds) `pid` has used itself, not counting its reaped
+/// children.
+pub fn cpu_secs(pid: u32) -> io::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let ticks = parse_stat_cpu_ticks(&fs::read_to_string(&path)?)
+        .map_err(|e| io::Error::other(format!("{path}: {e}")))?;
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
+/// berthd's spawn helpers among the direct children of `pid`: the processes that start its
+/// runtime commands, whose CPU is berthd's as much as its own threads' is.
+pub fn spawn_helpers_of(pid: u32) -> Vec<u32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|child| {
+            fs::read_to_string(format!("/proc/{child}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == SPAWN_HELPER_NAME)
+        })
+        .collect()
+}
+
+/// The name berthd's spawn helper gives itself.
+const SPAWN_HELPER_NAME: &str = "berthd-spawn";
 
 /// The direct children of `pid`, from every thread's `children` list.
 pub fn children_of(pid: u32) -> Vec<u32> {

@@ -84,10 +84,20 @@ pub struct DaemonCost {
     pub before: ProcSample,
     pub at_n: ProcSample,
     pub create_cpu_secs: f64,
+    /// The spawn helper's own CPU over the creates (not the runtime processes it starts): it
+    /// does berthd's work in a process of its own, and counts towards berthd's CPU target.
+    pub helper_cpu_secs: f64,
     /// The host's MemAvailable drop over the creates, per container.
     pub host_kb_per_container: f64,
     /// berthd's children that are not container inits (the spawn helper).
     pub other_children: i64,
+}
+
+impl DaemonCost {
+    /// berthd's and its spawn helper's CPU over the creates, per create made.
+    fn cpu_ms_per_create(&self, n: usize) -> f64 {
+        (self.create_cpu_secs + self.helper_cpu_secs) * 1000.0 / n.max(1) as f64
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -333,13 +343,16 @@ fn run_targets(run: &Run) -> Vec<Target> {
             .broken_if(run.exits.missing > 0),
         );
     }
-    let cpu_ms = run.daemon.create_cpu_secs * 1000.0 / n.max(1) as f64;
+    let cpu_ms = run.daemon.cpu_ms_per_create(n);
     out.push(Target::new(
         (c, "berthd cpu"),
-        format!("C={c}: berthd CPU ≤ 0.8 ms per create"),
+        format!("C={c}: berthd CPU (its spawn helper's included) ≤ 0.8 ms per create"),
         cpu_ms,
         Bound::AtMost(0.8),
-        format!("{cpu_ms:.2} ms"),
+        format!(
+            "{cpu_ms:.2} ms ({:.2} ms of it the helper's)",
+            run.daemon.helper_cpu_secs * 1000.0 / n.max(1) as f64
+        ),
     ));
     out
 }
@@ -544,11 +557,12 @@ fn runs_table(report: &Report) -> Table {
             String::new(),
         ]);
         table.row(vec![
-            "berthd CPU during creates (s, ms each)".into(),
+            "berthd + helper CPU during creates (s, ms each)".into(),
             format!(
-                "{:.2} s, {:.2} ms",
+                "{:.2} + {:.2} s, {:.2} ms",
                 run.daemon.create_cpu_secs,
-                run.daemon.create_cpu_secs * 1000.0 / n.max(1) as f64
+                run.daemon.helper_cpu_secs,
+                run.daemon.cpu_ms_per_create(n)
             ),
             String::new(),
             String::new(),
