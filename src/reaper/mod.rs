@@ -27,9 +27,9 @@ mod sys;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
@@ -102,6 +102,42 @@ pub(crate) fn read_pid_file(path: &Path) -> io::Result<Option<i32>> {
         .parse()
         .map(Some)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("not a pid: {text:?}")))
+}
+
+/// Which of a tracked process's namespaces to open ([`TrackedProcess::open_namespaces`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    Mount,
+    Network,
+}
+
+impl Namespace {
+    fn proc_name(self) -> &'static str {
+        match self {
+            Namespace::Mount => "mnt",
+            Namespace::Network => "net",
+        }
+    }
+
+    fn pidfd_request(self) -> libc::c_ulong {
+        match self {
+            Namespace::Mount => sys::PIDFD_GET_MNT_NAMESPACE,
+            Namespace::Network => sys::PIDFD_GET_NET_NAMESPACE,
+        }
+    }
+
+    /// Whether `namespace` is berthd's own of this kind. A namespace is its inode; berthd's are
+    /// looked up once (its threads never change namespace).
+    fn is_berthds(self, namespace: &OwnedFd) -> bool {
+        static OWN: [OnceLock<Option<(u64, u64)>>; 2] = [OnceLock::new(), OnceLock::new()];
+        let identity = |st: rustix::fs::Stat| (st.st_dev, st.st_ino);
+        let own = OWN[self as usize].get_or_init(|| {
+            rustix::fs::stat(format!("/proc/self/ns/{}", self.proc_name()))
+                .ok()
+                .map(identity)
+        });
+        own.is_some() && *own == rustix::fs::fstat(namespace).ok().map(identity)
+    }
 }
 
 /// Tracks child processes by pidfd and reaps orphans.
@@ -323,33 +359,48 @@ impl TrackedProcess {
         })
     }
 
-    /// Opens the process's namespaces of `kinds` (`/proc/<pid>/ns/<kind>`) that it does not share
-    /// with berthd. Empty once it has exited: it is checked to be running after they are open,
-    /// which is what makes certain the pid named this process when they were opened (an adopted
-    /// process is not berthd's child, so its pid can be reused once it is gone).
-    pub fn open_namespaces(&self, kinds: &[&str]) -> Vec<OwnedFd> {
-        use rustix::fs::{Mode, OFlags};
+    /// Opens the process's namespaces of `kinds` that it does not share with berthd, through its
+    /// pidfd. Empty once it has exited.
+    pub fn open_namespaces(&self, kinds: &[Namespace]) -> Vec<OwnedFd> {
         let Some(pidfd) = &self.fd else {
             return Vec::new();
         };
-        let identity = |st: rustix::fs::Stat| (st.st_dev, st.st_ino);
+        let pidfd = pidfd.get_ref().as_fd();
+        let mut opened = Vec::with_capacity(kinds.len());
+        for &kind in kinds {
+            match sys::pidfd_namespace(pidfd, kind.pidfd_request()) {
+                Ok(theirs) => {
+                    if !kind.is_berthds(&theirs) {
+                        opened.push(theirs);
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+                    return self.open_namespaces_by_path(pidfd, kinds);
+                }
+                // ESRCH: it has left its namespaces.
+                Err(_) => return Vec::new(),
+            }
+        }
+        opened
+    }
+
+    /// [`Self::open_namespaces`] where the kernel (before 6.11) cannot open them through a
+    /// pidfd: `/proc/<pid>/ns/<kind>`, and then the process is checked to be running, which is
+    /// what makes certain the pid named it when they were opened (an adopted process is not
+    /// berthd's child, so its pid can be reused once it is gone).
+    fn open_namespaces_by_path(&self, pidfd: BorrowedFd<'_>, kinds: &[Namespace]) -> Vec<OwnedFd> {
+        use rustix::fs::{Mode, OFlags};
         let opened: Vec<OwnedFd> = kinds
             .iter()
             .filter_map(|kind| {
-                let path = format!("/proc/{}/ns/{kind}", self.pid);
+                let path = format!("/proc/{}/ns/{}", self.pid, kind.proc_name());
                 let theirs =
                     rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
-                // A namespace is its inode: berthd's own is looked at without opening it.
-                let ours = rustix::fs::stat(format!("/proc/self/ns/{kind}"))
-                    .ok()
-                    .map(identity);
-                let shared =
-                    ours.is_some() && ours == rustix::fs::fstat(&theirs).ok().map(identity);
-                (!shared).then_some(theirs)
+                (!kind.is_berthds(&theirs)).then_some(theirs)
             })
             .collect();
         let mut poll = [rustix::event::PollFd::new(
-            pidfd.get_ref(),
+            &pidfd,
             rustix::event::PollFlags::IN,
         )];
         let no_wait = rustix::time::Timespec::default();
@@ -486,6 +537,8 @@ pub(crate) mod tests {
         pid
     }
 
+    const BOTH: [Namespace; 2] = [Namespace::Mount, Namespace::Network];
+
     /// The inode naming a namespace, as `/proc/<pid>/ns/<kind>` links to it (`net:[4026531840]`).
     fn namespace_of(fd: &OwnedFd) -> u64 {
         rustix::fs::fstat(fd).unwrap().st_ino
@@ -497,7 +550,7 @@ pub(crate) mod tests {
         let reaper = Reaper::new();
         let sharing = reaper.track(spawn_child("sleep 30")).unwrap();
         assert!(
-            sharing.open_namespaces(&["mnt", "net"]).is_empty(),
+            sharing.open_namespaces(&BOTH).is_empty(),
             "the ones it shares with this process are not held"
         );
         sharing.signal(libc::SIGKILL).unwrap();
@@ -514,19 +567,29 @@ pub(crate) mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let opened = own.open_namespaces(&["mnt", "net"]);
-        assert_eq!(
-            opened.len(),
-            1,
-            "its own network namespace, not the shared mount one"
-        );
-        assert_eq!(
-            format!("net:[{}]", namespace_of(&opened[0])),
-            link.to_string_lossy()
-        );
+        let pidfd = own.fd.as_ref().unwrap().get_ref().as_fd();
+        // Through the pidfd, and through /proc as on kernels before 6.11: the same.
+        for opened in [
+            own.open_namespaces(&BOTH),
+            own.open_namespaces_by_path(pidfd, &BOTH),
+        ] {
+            assert_eq!(
+                opened.len(),
+                1,
+                "its own network namespace, not the shared mount one"
+            );
+            assert_eq!(
+                format!("net:[{}]", namespace_of(&opened[0])),
+                link.to_string_lossy()
+            );
+        }
         own.signal(libc::SIGKILL).unwrap();
         until_zombie(own.pid()).await;
-        assert!(own.open_namespaces(&["mnt", "net"]).is_empty(), "it exited");
+        assert!(own.open_namespaces(&BOTH).is_empty(), "it exited");
+        assert!(
+            own.open_namespaces_by_path(pidfd, &BOTH).is_empty(),
+            "it exited"
+        );
         own.wait().await;
     }
 

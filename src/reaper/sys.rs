@@ -1,10 +1,10 @@
 //! The raw system calls the reaper needs, where the wrappers in nix and rustix fall short:
 //! `waitid` that keeps the waited pid and real-time signals (nix turns the siginfo into a
-//! `Signal`, which has no 34..=64), `pidfd_send_signal` for any signal 1..=64, and
-//! `PIDFD_GET_INFO`.
+//! `Signal`, which has no 34..=64), `pidfd_send_signal` for any signal 1..=64, `PIDFD_GET_INFO`
+//! and the `PIDFD_GET_*_NAMESPACE` requests.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Which children `waitid` looks at.
 #[derive(Clone, Copy)]
@@ -116,4 +116,22 @@ pub fn exit_status(pidfd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
         return Err(io::Error::last_os_error());
     }
     Ok((info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code))
+}
+
+/// `_IO(0xFF, 3)`: the mount namespace of a pidfd's process.
+pub const PIDFD_GET_MNT_NAMESPACE: libc::c_ulong = (0xFF << 8) | 3;
+/// `_IO(0xFF, 4)`: its network namespace.
+pub const PIDFD_GET_NET_NAMESPACE: libc::c_ulong = (0xFF << 8) | 4;
+
+/// Opens a namespace of the process behind `pidfd` through the pidfd (`request` is one of the
+/// `PIDFD_GET_*_NAMESPACE`, Linux ≥ 6.11): no path to look up, and no pid to be reused. ENOTTY
+/// or EINVAL from an older kernel; ESRCH once the process has left its namespaces (exited).
+pub fn pidfd_namespace(pidfd: BorrowedFd<'_>, request: libc::c_ulong) -> io::Result<OwnedFd> {
+    // SAFETY: these requests take no argument; the kernel returns a new fd or -1.
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), request, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative result is a new fd (opened O_CLOEXEC) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
 }

@@ -54,7 +54,7 @@ use tokio::time::Instant;
 use super::Supervisor;
 use super::registry::{Container, Process};
 use crate::events::EventKind;
-use crate::reaper::TrackedProcess;
+use crate::reaper::{Namespace, TrackedProcess};
 use crate::runtime::Operation;
 
 /// How many runtime deletes after exits run at once: enough to keep the CPUs busy while each
@@ -153,7 +153,7 @@ pub(super) struct HeldNamespaces {
 
 impl HeldNamespaces {
     /// The kinds whose teardown the kernel does in the last holder's exit, at a cost measured.
-    const KINDS: [&str; 2] = ["mnt", "net"];
+    const KINDS: [Namespace; 2] = [Namespace::Mount, Namespace::Network];
 
     /// The namespaces of `init` it does not share with berthd, if the budget has room for them;
     /// none once it has exited.
