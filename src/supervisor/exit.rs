@@ -57,15 +57,11 @@ use crate::events::EventKind;
 use crate::reaper::{Namespace, TrackedProcess};
 use crate::runtime::Operation;
 
-/// How many runtime deletes after exits run at once: enough to keep the CPUs busy while each
-/// waits on the kernel (cgroup removal), few enough that a thousand exits do not start a
-/// thousand runtime processes at once.
-pub(super) fn concurrent_deletes() -> usize {
-    (4 * cpus()).clamp(4, 64)
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// How many runtime deletes after exits run at once on `cpus` CPUs: enough to keep the CPUs busy
+/// while each waits on the kernel (cgroup removal), few enough that a thousand exits do not
+/// start a thousand runtime processes at once.
+pub(super) fn concurrent_deletes(cpus: usize) -> usize {
+    (4 * cpus).clamp(4, 64)
 }
 
 /// The longest a release keeps its turn: one stuck in the kernel (a mount whose teardown waits
@@ -213,18 +209,20 @@ pub(super) struct NamespaceBudget {
 }
 
 impl NamespaceBudget {
-    pub(super) fn of_fd_limit() -> Arc<NamespaceBudget> {
+    /// A quarter of the open file limit, released in one turn per CPU of `cpus`.
+    pub(super) fn of_fd_limit(cpus: usize) -> Arc<NamespaceBudget> {
         let quarter = crate::fd_limit::quarter();
         Arc::new(NamespaceBudget::new(
             usize::try_from(quarter).unwrap_or(usize::MAX),
+            cpus,
         ))
     }
 
-    fn new(most: usize) -> NamespaceBudget {
+    fn new(most: usize, cpus: usize) -> NamespaceBudget {
         NamespaceBudget {
             held: AtomicUsize::new(0),
             most,
-            releases: tokio::sync::Semaphore::new(cpus()),
+            releases: tokio::sync::Semaphore::new(cpus),
         }
     }
 
@@ -407,7 +405,7 @@ mod tests {
 
     #[test]
     fn namespaces_are_held_within_the_budget_and_give_it_back_when_let_go() {
-        let budget = Arc::new(NamespaceBudget::new(3));
+        let budget = Arc::new(NamespaceBudget::new(3, 2));
         assert!(budget.take(2));
         assert!(!budget.take(2), "3 fds at most");
         budget.give_back(1);
@@ -431,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_waits_for_a_turn_and_one_of_nothing_takes_none() {
-        let budget = Arc::new(NamespaceBudget::new(8));
+        let budget = Arc::new(NamespaceBudget::new(8, 2));
         let turns = budget.releases.available_permits();
         let every_turn = budget.releases.acquire_many(turns as u32).await.unwrap();
         let nothing = HeldNamespaces {

@@ -103,6 +103,7 @@ impl Supervisor {
             std::fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
         }
         std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+        let cpus = usize::try_from(machine.cpus).unwrap_or(1).max(1);
         Ok(Arc::new(Supervisor {
             registry: Mutex::new(HashMap::new()),
             runtime,
@@ -120,9 +121,9 @@ impl Supervisor {
             hand_back,
             terminals: terminals::Terminals::default(),
             pipe_relays: stdio_pipes::PipeRelays::default(),
-            deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes()),
+            deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes(cpus)),
             cleanup_pacing: Arc::default(),
-            namespace_budget: exit::NamespaceBudget::of_fd_limit(),
+            namespace_budget: exit::NamespaceBudget::of_fd_limit(cpus),
         }))
     }
 
