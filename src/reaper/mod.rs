@@ -2,8 +2,8 @@
 //! orphans reparented to it as the child subreaper.
 //!
 //! Owns: one pidfd per tracked process, polled by the tokio reactor; collecting a tracked
-//! process's status with `waitid(P_PIDFD)`, or from the pidfd for an adopted one; reaping orphans
-//! nobody registered.
+//! process's status with `waitid(P_PIDFD)`, or from the pidfd for an adopted one; opening its
+//! namespaces; reaping orphans nobody registered.
 //! Does not own: decoding a wait status (the one decoder is [`crate::wait_status::exit_code`]),
 //! what an exit means for a container (the supervisor) or spawning (spawn).
 //!
@@ -21,6 +21,10 @@
 //! Processes adopted after a restart are not berthd's children: their exit code comes from the
 //! pidfd (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux ≥ 6.15) whoever reaps them, or is
 //! reported as [`UNKNOWN_EXIT`] where the kernel lacks it.
+//!
+//! A tracked process's namespaces are opened through its pidfd (`PIDFD_GET_*_NAMESPACE`, Linux ≥
+//! 6.11), or from `/proc/<pid>/ns` where the kernel cannot; what holding them is for is the
+//! supervisor's.
 
 #[allow(unsafe_code)]
 mod sys;
@@ -29,6 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -127,16 +132,28 @@ impl Namespace {
     }
 
     /// Whether `namespace` is berthd's own of this kind. A namespace is its inode; berthd's are
-    /// looked up once (its threads never change namespace).
-    fn is_berthds(self, namespace: &OwnedFd) -> bool {
-        static OWN: [OnceLock<Option<(u64, u64)>>; 2] = [OnceLock::new(), OnceLock::new()];
+    /// looked up until found once (nothing in berthd changes namespace, and an upgrade's exec
+    /// starts afresh).
+    fn is_shared_with_berthd(self, namespace: &OwnedFd) -> bool {
+        static MOUNT: OnceLock<(u64, u64)> = OnceLock::new();
+        static NETWORK: OnceLock<(u64, u64)> = OnceLock::new();
         let identity = |st: rustix::fs::Stat| (st.st_dev, st.st_ino);
-        let own = OWN[self as usize].get_or_init(|| {
-            rustix::fs::stat(format!("/proc/self/ns/{}", self.proc_name()))
-                .ok()
-                .map(identity)
-        });
-        own.is_some() && *own == rustix::fs::fstat(namespace).ok().map(identity)
+        let cached = match self {
+            Namespace::Mount => &MOUNT,
+            Namespace::Network => &NETWORK,
+        };
+        let own = match cached.get() {
+            Some(own) => *own,
+            None => {
+                let path = format!("/proc/self/ns/{}", self.proc_name());
+                match rustix::fs::stat(path) {
+                    Ok(st) => *cached.get_or_init(|| identity(st)),
+                    // Not known: held, as a namespace of its own would be.
+                    Err(_) => return false,
+                }
+            }
+        };
+        rustix::fs::fstat(namespace).is_ok_and(|st| identity(st) == own)
     }
 }
 
@@ -359,35 +376,45 @@ impl TrackedProcess {
         })
     }
 
-    /// Opens the process's namespaces of `kinds` that it does not share with berthd, through its
-    /// pidfd. Empty once it has exited.
+    /// Opens the process's namespaces of `kinds` that it does not share with berthd. Through its
+    /// pidfd, which names this process and no other, so no check that it still runs is needed:
+    /// once it has exited the kernel has none to give (ESRCH), and what was opened before that
+    /// is still its own.
     pub fn open_namespaces(&self, kinds: &[Namespace]) -> Vec<OwnedFd> {
+        static PIDFD_REQUESTS_UNKNOWN: AtomicBool = AtomicBool::new(false);
         let Some(pidfd) = &self.fd else {
             return Vec::new();
         };
         let pidfd = pidfd.get_ref().as_fd();
+        if PIDFD_REQUESTS_UNKNOWN.load(Ordering::Relaxed) {
+            return self.open_namespaces_by_path(pidfd, kinds);
+        }
         let mut opened = Vec::with_capacity(kinds.len());
         for &kind in kinds {
             match sys::pidfd_namespace(pidfd, kind.pidfd_request()) {
                 Ok(theirs) => {
-                    if !kind.is_berthds(&theirs) {
+                    if !kind.is_shared_with_berthd(&theirs) {
                         opened.push(theirs);
                     }
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return opened,
+                Err(e) => {
+                    // ENOTTY: a kernel before 6.11, for good. Anything else (a kernel without
+                    // network namespaces, a security module's refusal): /proc may still serve.
+                    if e.raw_os_error() == Some(libc::ENOTTY) {
+                        PIDFD_REQUESTS_UNKNOWN.store(true, Ordering::Relaxed);
+                    }
                     return self.open_namespaces_by_path(pidfd, kinds);
                 }
-                // ESRCH: it has left its namespaces.
-                Err(_) => return Vec::new(),
             }
         }
         opened
     }
 
-    /// [`Self::open_namespaces`] where the kernel (before 6.11) cannot open them through a
-    /// pidfd: `/proc/<pid>/ns/<kind>`, and then the process is checked to be running, which is
-    /// what makes certain the pid named it when they were opened (an adopted process is not
-    /// berthd's child, so its pid can be reused once it is gone).
+    /// [`Self::open_namespaces`] where the pidfd cannot serve (a kernel before 6.11):
+    /// `/proc/<pid>/ns/<kind>`, and then the process is checked to be running, which is what makes
+    /// certain the pid named it when they were opened (an adopted process is not berthd's child,
+    /// so its pid can be reused once it is gone). Empty once it has exited.
     fn open_namespaces_by_path(&self, pidfd: BorrowedFd<'_>, kinds: &[Namespace]) -> Vec<OwnedFd> {
         use rustix::fs::{Mode, OFlags};
         let opened: Vec<OwnedFd> = kinds
@@ -396,7 +423,7 @@ impl TrackedProcess {
                 let path = format!("/proc/{}/ns/{}", self.pid, kind.proc_name());
                 let theirs =
                     rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
-                (!kind.is_berthds(&theirs)).then_some(theirs)
+                (!kind.is_shared_with_berthd(&theirs)).then_some(theirs)
             })
             .collect();
         let mut poll = [rustix::event::PollFd::new(
@@ -568,6 +595,10 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let pidfd = own.fd.as_ref().unwrap().get_ref().as_fd();
+        // The pidfd serves, or the kernel does not know the request (before 6.11).
+        if let Err(e) = sys::pidfd_namespace(pidfd, Namespace::Network.pidfd_request()) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOTTY), "{e}");
+        }
         // Through the pidfd, and through /proc as on kernels before 6.11: the same.
         for opened in [
             own.open_namespaces(&BOTH),

@@ -118,17 +118,18 @@ pub fn exit_status(pidfd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     Ok((info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code))
 }
 
-/// `_IO(0xFF, 3)`: the mount namespace of a pidfd's process.
+/// `_IO(0xFF, 3)`: the mount namespace of a pidfd's process (libc's `PIDFD_GET_MNT_NAMESPACE`).
 pub const PIDFD_GET_MNT_NAMESPACE: libc::c_ulong = (0xFF << 8) | 3;
-/// `_IO(0xFF, 4)`: its network namespace.
+/// `_IO(0xFF, 4)`: its network namespace (`PIDFD_GET_NET_NAMESPACE`).
 pub const PIDFD_GET_NET_NAMESPACE: libc::c_ulong = (0xFF << 8) | 4;
 
 /// Opens a namespace of the process behind `pidfd` through the pidfd (`request` is one of the
 /// `PIDFD_GET_*_NAMESPACE`, Linux ≥ 6.11): no path to look up, and no pid to be reused. ENOTTY
-/// or EINVAL from an older kernel; ESRCH once the process has left its namespaces (exited).
+/// from an older kernel; ESRCH once the process has left its namespaces (exited).
 pub fn pidfd_namespace(pidfd: BorrowedFd<'_>, request: libc::c_ulong) -> io::Result<OwnedFd> {
-    // SAFETY: these requests take no argument; the kernel returns a new fd or -1.
-    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), request, 0) };
+    // SAFETY: these requests read no memory: their argument must be 0 (else EINVAL), passed at
+    // the width of the pointer the kernel takes. The kernel returns a new fd or -1.
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), request, 0 as libc::c_ulong) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

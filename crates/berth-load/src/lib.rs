@@ -3,7 +3,7 @@
 //!
 //! A run, for each concurrency C: start a fresh berthd (or use `--address`); create N containers
 //! of one shared busybox bundle (rate, latency percentiles); sample berthd's RSS, PSS, threads,
-//! fds and CPU time from /proc; hold M GetStats subscribers for a while; SIGKILL every container
+//! fds and CPU time from /proc (the CPU time its spawn helper's too); hold M GetStats subscribers for a while; SIGKILL every container
 //! through Signal and time each kill to its `exit` event on an Events stream opened first; stop
 //! berthd; then the floor: the same N containers by `<runtime> create` + `start` and by
 //! `run -d`, each followed by SIGKILL, reap and `delete`, at the same concurrency; and the same
@@ -443,6 +443,11 @@ async fn run_level(
     let mem_before = procfs::mem_available_kb().unwrap_or(0);
     let before = sample(pid)?;
     let helpers = procfs::spawn_helpers_of(pid);
+    if helpers.is_empty() {
+        return Err(LoadError(format!(
+            "berthd (pid {pid}) has no spawn helper child: its CPU could not be counted"
+        )));
+    }
     let helper_cpu = || -> f64 {
         helpers
             .iter()
@@ -471,6 +476,12 @@ async fn run_level(
     let made = created.containers.len();
     let at_n = sample(pid)?;
     let helper_cpu_secs = helper_cpu() - helper_cpu_before;
+    if procfs::spawn_helpers_of(pid) != helpers {
+        eprintln!(
+            "berth-load: berthd's spawn helper was replaced during the creates; its CPU counts only \
+             until then"
+        );
+    }
     let mem_after = procfs::mem_available_kb().unwrap_or(0);
     let stats = daemon::stats(
         &clients[0],

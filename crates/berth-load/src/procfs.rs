@@ -126,14 +126,17 @@ pub fn cpu_secs(pid: u32) -> io::Result<f64> {
 pub fn spawn_helpers_of(pid: u32) -> Vec<u32> {
     children_of(pid)
         .into_iter()
-        .filter(|child| {
-            fs::read_to_string(format!("/proc/{child}/comm"))
-                .is_ok_and(|comm| comm.trim_end() == SPAWN_HELPER_NAME)
-        })
+        .filter(|&child| is_spawn_helper(child))
         .collect()
 }
 
-/// The name berthd's spawn helper gives itself.
+/// Whether `pid` is a berthd spawn helper, by the name it gives itself.
+pub fn is_spawn_helper(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim_end() == SPAWN_HELPER_NAME)
+}
+
+/// The name berthd's spawn helper gives itself (berthd's `spawn::HELPER_NAME`).
 const SPAWN_HELPER_NAME: &str = "berthd-spawn";
 
 /// The direct children of `pid`, from every thread's `children` list.

@@ -83,6 +83,7 @@ pub struct Creates {
 pub struct DaemonCost {
     pub before: ProcSample,
     pub at_n: ProcSample,
+    /// berthd's own CPU over the creates; the CPU target holds it and `helper_cpu_secs` together.
     pub create_cpu_secs: f64,
     /// The spawn helper's own CPU over the creates (not the runtime processes it starts): it
     /// does berthd's work in a process of its own, and counts towards berthd's CPU target.
@@ -557,6 +558,7 @@ fn runs_table(report: &Report) -> Table {
             String::new(),
         ]);
         table.row(vec![
+            // perf/compare reads this row's last figure.
             "berthd + helper CPU during creates (s, ms each)".into(),
             format!(
                 "{:.2} + {:.2} s, {:.2} ms",

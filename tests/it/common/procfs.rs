@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use berth_load::procfs::children_of;
+pub use berth_load::procfs::{children_of, is_spawn_helper};
 
 use super::SETTLE;
 
@@ -142,10 +142,6 @@ pub fn catches(pid: u32, signal: i32) -> bool {
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
-}
-
-pub fn is_spawn_helper(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "berthd-spawn")
 }
 
 /// Every process below `pid`: its children, their children, and so on.
