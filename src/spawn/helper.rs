@@ -1,8 +1,8 @@
 //! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
 //! built-in runtime calls in a forked child), captures their output, enforces their timeouts,
-//! removes the log of a command that exited 0 and reports how they ended. It runs in a small
-//! process forked before berthd's runtime exists (or exec'd afresh when berthd restarts it), so
-//! forking here is cheap and safe.
+//! removes the log of a command that exited 0 and reports how they ended; once berthd is gone it
+//! kills what still runs and exits. It runs in a small process forked before berthd's runtime
+//! exists (or exec'd afresh when berthd restarts it), so forking here is cheap and safe.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -128,7 +128,7 @@ pub fn serve(socket: OwnedFd) -> ! {
         }
         if socket_ready {
             match fdpass::recv(&socket, &mut buf) {
-                Ok((0, fds)) if fds.is_empty() => std::process::exit(0),
+                Ok((0, fds)) if fds.is_empty() => abandon(&running),
                 Ok((len, fds)) => match serde_json::from_slice::<Request>(&buf[..len]) {
                     Ok(request) => start(&socket, request, fds, &mut running),
                     Err(e) => fatal(&format!("malformed request: {e}")),
@@ -138,6 +138,17 @@ pub fn serve(socket: OwnedFd) -> ! {
             }
         }
     }
+}
+
+/// berthd is gone (it closed its end, or died): no one will take what the running commands
+/// leave, so they are killed, each with what it started, and the helper exits. A restore killed
+/// so stops reading its checkpoint before a restarted berthd gives the checkpoint back.
+fn abandon(running: &HashMap<u64, Running>) -> ! {
+    for r in running.values() {
+        let _ = rustix::process::kill_process_group(r.pid, rustix::process::Signal::KILL);
+        let _ = rustix::process::kill_process(r.pid, rustix::process::Signal::KILL);
+    }
+    std::process::exit(0)
 }
 
 fn fatal(message: &str) -> ! {
@@ -321,8 +332,9 @@ fn respond(socket: &OwnedFd, response: Response) {
         Err(e) => fatal(&format!("encode response: {e}")),
     };
     if let Err(e) = fdpass::send(socket.as_fd(), &bytes, &[]) {
+        // berthd is gone: the loop finds its end closed and abandons what still runs.
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            return;
         }
         fatal(&format!("send response: {e}"));
     }

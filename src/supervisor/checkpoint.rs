@@ -1,12 +1,15 @@
 //! Checkpoints through the runtime and CRIU, kept where this API's clients expect them:
 //! `<bundle>/checkpoints/<name>`, with a small metadata file beside the images recording the
 //! flags and the time so List answers truthfully. One lock per bundle keeps two containers
-//! that share a bundle from racing on the same directory.
+//! that share a bundle from racing on the same directory. The checkpoint directories berthd
+//! takes from their owners while it works in them are written down in the state directory
+//! ([`HeldLedger`]), so a berthd killed meanwhile gives them back when it starts again.
 //! Does not own: the Checkpoint record (model), the argv (runtime), restoring (create).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -140,11 +143,157 @@ pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
         .await
 }
 
+/// Where berthd writes down each checkpoint directory it has taken from its owner, for as long
+/// as it holds it: a restore's, root's 0700 while CRIU reads it, and a dump's, root's until the
+/// dump is done. A berthd killed meanwhile finds them at its next start
+/// ([`HeldLedger::give_back_all`]) and gives the restore's back to its owner and mode, and
+/// removes the unfinished dump. One file per directory in `<state>/held`, named by its device
+/// and inode.
+#[derive(Debug, Clone)]
+pub struct HeldLedger {
+    dir: PathBuf,
+}
+
+/// A directory berthd holds, as written down.
+#[derive(Debug, Serialize, Deserialize)]
+struct HeldEntry {
+    bundle: PathBuf,
+    name: String,
+    dev: u64,
+    ino: u64,
+    /// The owner (uid, gid) and mode to give a restore's directory back; none for a dump's,
+    /// which is removed.
+    give_back: Option<(u32, u32, u32)>,
+}
+
+/// An entry's file, removed once what it names is back with its owner.
+#[derive(Debug)]
+struct HeldEntryFile(PathBuf);
+
+impl HeldEntryFile {
+    fn remove(&self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            let e = Error::io(&self.0, e);
+            tracing::warn!(error = %e, "a held checkpoint's entry was not removed");
+        }
+    }
+}
+
+/// The most an entry's file may take: what berthd writes is a few hundred octets.
+const MAX_ENTRY_BYTES: u64 = 64 * 1024;
+
+impl HeldLedger {
+    pub fn in_state_dir(state_dir: &Path) -> HeldLedger {
+        HeldLedger {
+            dir: state_dir.join("held"),
+        }
+    }
+
+    /// Writes `entry` down (a temp file, then a rename) before the directory is taken.
+    fn write(&self, entry: &HeldEntry) -> Result<HeldEntryFile> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&self.dir)
+            .map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.dir.join(format!("{}-{}.json", entry.dev, entry.ino));
+        let temp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec(entry)
+            .map_err(|e| Error::Internal(format!("encode a held checkpoint's entry: {e}")))?;
+        std::fs::write(&temp, bytes).map_err(|e| Error::io(&temp, e))?;
+        std::fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?;
+        Ok(HeldEntryFile(path))
+    }
+
+    /// Gives back every directory a berthd killed while holding it left behind, once: given
+    /// back or not, its entry is done with. Runs at start, off the reactor (the directories are
+    /// the clients'), bounded: the entries are read first, so a hold that a request makes after
+    /// the bound is not among them.
+    pub fn give_back_all(&self) {
+        let Ok(files) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut entries = Vec::new();
+        for file in files.flatten() {
+            let path = file.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                match read_entry(&path) {
+                    Ok(entry) => entries.push((path, entry)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an unreadable held checkpoint entry");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            } else {
+                // A temp file: an entry whose directory was never taken.
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        for (path, (entry, bytes)) in entries {
+            let checkpoint = shown_checkpoint(&entry.bundle, &entry.name);
+            match give_back_entry(&entry, &self.dir) {
+                Ok(()) => tracing::info!(
+                    checkpoint,
+                    "a checkpoint held when berthd stopped was given back"
+                ),
+                Err(e) => tracing::warn!(
+                    checkpoint,
+                    error = %e,
+                    "a checkpoint held when berthd stopped was left as it is"
+                ),
+            }
+            // Unless a hold wrote it again meanwhile.
+            if std::fs::read(&path).is_ok_and(|now| now == bytes) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// An entry and its bytes as read.
+fn read_entry(path: &Path) -> Result<(HeldEntry, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_ENTRY_BYTES).read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    let entry = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    Ok((entry, bytes))
+}
+
+/// Gives one held directory back, if what `<bundle>/checkpoints/<name>` names now is still the
+/// directory berthd held (its device and inode) and still root's: a client may have renamed,
+/// removed or replaced it since, and then nothing of it is berthd's to touch.
+fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<()> {
+    validate_name(&entry.name)?;
+    let root = Peer::root();
+    let shown = shown_checkpoint(&entry.bundle, &entry.name);
+    let state_dir = ledger.parent().unwrap_or(ledger);
+    let bundle = client_fs::open_dir("bundle", &entry.bundle, &root, &[state_dir])?;
+    let image_path = relative(&entry.name);
+    let dir = OFlags::RDONLY | OFlags::DIRECTORY;
+    let image = client_fs::open_beneath(&bundle, &image_path, dir, &root)?;
+    let st = rustix::fs::fstat(&image).map_err(|e| Error::io(&shown, e.into()))?;
+    if (st.st_dev, st.st_ino) != (entry.dev, entry.ino) || st.st_uid != 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "{shown} is no longer the directory berthd held"
+        )));
+    }
+    match entry.give_back {
+        Some((uid, gid, mode)) => {
+            client_fs::set_owner(&image, (uid, gid), mode).map_err(|e| Error::io(&shown, e.into()))
+        }
+        None => client_fs::remove_held(&bundle, &image_path, image),
+    }
+}
+
 /// A checkpoint a create restores from: its directory, held open, and the CRIU options its
 /// metadata records. Its files are checked when the restore [`hold`]s it.
 pub struct Restorable {
     image: OwnedFd,
     shown: String,
+    bundle: PathBuf,
+    name: String,
     pub options: CriuOptions,
 }
 
@@ -173,6 +322,8 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
     Ok(Restorable {
         image,
         shown: shown_checkpoint(bundle, name),
+        bundle: bundle.to_owned(),
+        name: name.to_owned(),
         options: criu_options(&checkpoint),
     })
 }
@@ -181,13 +332,15 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
 /// then put nothing in it for CRIU to follow (CRIU also writes `stats-restore` there), and its
 /// files are checked once that is so. Dropping it returns its owner and mode, wherever that
 /// happens ([`give_back`], or the blocking pool when a hold finishes after its request gave
-/// up), so the owner does not lose it to root. A berthd killed during a restore leaves it
-/// root's, which DeleteCheckpoint still removes.
+/// up), so the owner does not lose it to root. A berthd killed during a restore gives it back
+/// when it starts again ([`HeldLedger`]).
 pub struct HeldImage {
     dir: OwnedFd,
     shown: String,
     owner: (u32, u32),
     mode: u32,
+    /// Its entry in the [`HeldLedger`], removed once it is given back.
+    entry: HeldEntryFile,
 }
 
 impl HeldImage {
@@ -199,9 +352,13 @@ impl HeldImage {
 
 impl Drop for HeldImage {
     fn drop(&mut self) {
-        if let Err(e) = client_fs::set_owner(&self.dir, self.owner, self.mode) {
-            let e = Error::io(&self.shown, e.into());
-            tracing::warn!(error = %e, "a restored checkpoint was not given back to its owner");
+        match client_fs::set_owner(&self.dir, self.owner, self.mode) {
+            Ok(()) => self.entry.remove(),
+            // The entry stays: the next start of berthd tries again.
+            Err(e) => {
+                let e = Error::io(&self.shown, e.into());
+                tracing::warn!(error = %e, "a restored checkpoint was not given back to its owner");
+            }
         }
     }
 }
@@ -209,12 +366,21 @@ impl Drop for HeldImage {
 /// Holds the checkpoint `restorable` for a restore by `caller`, who must own it: taking it
 /// changes its owner, which nobody else may do. Every file in it must be one the caller may read
 /// ([`client_fs::check_readable_files`]).
-pub async fn hold(caller: &Caller, restorable: &Restorable) -> Result<HeldImage> {
+pub async fn hold(
+    caller: &Caller,
+    restorable: &Restorable,
+    ledger: &HeldLedger,
+) -> Result<HeldImage> {
     let dir = restorable
         .image
         .try_clone()
         .map_err(|e| Error::sys("duplicate the checkpoint's descriptor", e))?;
     let (shown, peer) = (restorable.shown.clone(), caller.peer.clone());
+    let (bundle, name, ledger) = (
+        restorable.bundle.clone(),
+        restorable.name.clone(),
+        ledger.clone(),
+    );
     caller
         .off_reactor("taking the checkpoint for the restore", move || {
             let io = |e: rustix::io::Errno| Error::io(&shown, e.into());
@@ -227,12 +393,23 @@ pub async fn hold(caller: &Caller, restorable: &Restorable) -> Result<HeldImage>
                 )));
             }
             let (owner, mode) = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
-            client_fs::set_owner(&dir, (0, 0), 0o700).map_err(io)?;
+            let entry = ledger.write(&HeldEntry {
+                bundle,
+                name,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                give_back: Some((owner.0, owner.1, mode)),
+            })?;
+            if let Err(e) = client_fs::set_owner(&dir, (0, 0), 0o700) {
+                entry.remove();
+                return Err(io(e));
+            }
             let held = HeldImage {
                 dir,
                 shown,
                 owner,
                 mode,
+                entry,
             };
             client_fs::check_readable_files(&held.dir, &held.shown, &peer, MAX_IMAGE_FILES)?;
             Ok(held)
@@ -259,14 +436,16 @@ async fn create_image_dir(
     caller: &Caller,
     bundle: &Path,
     name: &str,
-) -> Result<(Arc<OwnedFd>, OwnedFd)> {
+    ledger: &HeldLedger,
+) -> Result<(Arc<OwnedFd>, OwnedFd, HeldEntryFile)> {
     let fd = Arc::new(caller.open_dir("bundle", bundle).await?);
     let (peer, owned_name, bundle_fd) = (caller.peer.clone(), name.to_owned(), Arc::clone(&fd));
+    let (owned_bundle, ledger) = (bundle.to_owned(), ledger.clone());
     let exists = format!(
         "checkpoint {name} already exists in {}",
         shown(&checkpoints_dir(bundle))
     );
-    let image = caller
+    let (image, entry) = caller
         .off_reactor("creating the checkpoint directory", move || {
             let parent = Path::new("checkpoints");
             match client_fs::create_dir_beneath(&bundle_fd, parent, 0o700, &peer, &peer) {
@@ -276,13 +455,37 @@ async fn create_image_dir(
             // berthd's until the dump is done: the caller can put nothing in it for CRIU to
             // write through.
             let image = relative(&owned_name);
-            match client_fs::create_dir_beneath(&bundle_fd, &image, 0o700, &peer, &Peer::root()) {
-                Err(Error::AlreadyExists(_)) => Err(Error::AlreadyExists(exists)),
-                made => made,
+            let made = match client_fs::create_dir_beneath(
+                &bundle_fd,
+                &image,
+                0o700,
+                &peer,
+                &Peer::root(),
+            ) {
+                Err(Error::AlreadyExists(_)) => return Err(Error::AlreadyExists(exists)),
+                made => made?,
+            };
+            let written = rustix::fs::fstat(&made)
+                .map_err(|e| Error::io(&image, e.into()))
+                .and_then(|st| {
+                    ledger.write(&HeldEntry {
+                        bundle: owned_bundle,
+                        name: owned_name,
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                        give_back: None,
+                    })
+                });
+            match written {
+                Ok(entry) => Ok((made, entry)),
+                Err(e) => {
+                    let _ = client_fs::remove_held(&bundle_fd, &image, made);
+                    Err(e)
+                }
             }
         })
         .await?;
-    Ok((fd, image))
+    Ok((fd, image, entry))
 }
 
 /// Writes the metadata into the dumped checkpoint and gives the directory and its files to the
@@ -383,8 +586,13 @@ impl Supervisor {
         validate_name(&checkpoint.name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
         let _operations = container.operations.lock().await;
-        let (bundle_fd, image_fd) =
-            create_image_dir(caller, &container.bundle, &checkpoint.name).await?;
+        let (bundle_fd, image_fd, entry) = create_image_dir(
+            caller,
+            &container.bundle,
+            &checkpoint.name,
+            &self.held_ledger,
+        )
+        .await?;
         // The directory made, not its name: the caller owns `checkpoints` and could swap the
         // name for a link while CRIU writes.
         let image = client_fs::held_path(&image_fd);
@@ -408,8 +616,12 @@ impl Supervisor {
                     client_fs::remove_held(&bundle_fd, &partial, image_fd)
                 })
                 .await;
-            if let Err(removal) = removed {
-                tracing::warn!(id, error = %removal, "partial checkpoint left in place");
+            match removed {
+                Ok(()) => entry.remove(),
+                // The entry stays: the next start of berthd tries again.
+                Err(removal) => {
+                    tracing::warn!(id, error = %removal, "partial checkpoint left in place")
+                }
             }
             return Err(with_criu_log(e, work.path(), "dump.log"));
         }
@@ -418,6 +630,8 @@ impl Supervisor {
         if let Err(e) = give_to_caller(caller, image_fd, shown_image, checkpoint.clone()).await {
             tracing::warn!(id, error = %e, "checkpoint kept without its metadata or not given to its caller");
         }
+        // The checkpoint is the caller's from here on, given or not: never removed at a start.
+        entry.remove();
         self.events.publish(
             id,
             container.init.pid(),
@@ -547,18 +761,19 @@ mod tests {
         };
         std::fs::set_permissions(dir.join("taken"), PermissionsExt::from_mode(0o750)).unwrap();
         rustix::fs::chown(dir.join("taken"), Some(Uid::from_raw(65534)), None).unwrap();
-        let held = hold(&caller, &taken).await.unwrap();
+        let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
+        let held = hold(&caller, &taken, &ledger).await.unwrap();
         assert_eq!(mode(&dir.join("taken")), (0, 0o700));
         give_back(&caller, held).await;
         assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
         // One dropped without give_back (its request gave up while it was being held) is given
         // back all the same.
-        drop(hold(&caller, &taken).await.unwrap());
+        drop(hold(&caller, &taken, &ledger).await.unwrap());
         assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
         // A link among the images would have CRIU read what it names: refused, and the
         // directory given back at once.
         std::os::unix::fs::symlink("/etc/shadow", dir.join("taken/pages-1.img")).unwrap();
-        let linked = hold(&caller, &taken).await.map(drop);
+        let linked = hold(&caller, &taken, &ledger).await.map(drop);
         assert!(
             matches!(&linked, Err(Error::InvalidArgument(m)) if m.contains("pages-1.img")),
             "{linked:?}"
@@ -598,8 +813,9 @@ mod tests {
         let hand_back = crate::hand_back::HandBack::start().unwrap();
         let caller = Caller::new(nobody, bundle.path().join("state"), limits, hand_back);
         // Readable by anyone, but root's: holding it would take it from root.
+        let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
         let roots = for_restore(&caller, bundle.path(), "roots").await.unwrap();
-        let refused = hold(&caller, &roots).await.map(drop);
+        let refused = hold(&caller, &roots, &ledger).await.map(drop);
         assert!(
             matches!(&refused, Err(Error::PermissionDenied(m)) if m.contains("belongs to uid 0")),
             "{refused:?}"
@@ -607,10 +823,64 @@ mod tests {
         let st = rustix::fs::stat(dir.join("roots")).unwrap();
         assert_eq!((st.st_uid, st.st_mode & 0o7777), (0, 0o755));
         let theirs = for_restore(&caller, bundle.path(), "theirs").await.unwrap();
-        let held = hold(&caller, &theirs).await.unwrap();
+        let held = hold(&caller, &theirs, &ledger).await.unwrap();
         give_back(&caller, held).await;
         let st = rustix::fs::stat(dir.join("theirs")).unwrap();
         assert_eq!((st.st_uid, st.st_mode & 0o7777), (65534, 0o755));
+    }
+
+    /// What a berthd killed while it holds checkpoint directories leaves (each hold forgotten, so
+    /// nothing gives it back) is given back at the next start: a restore's to its owner and
+    /// mode, an unfinished dump's removed, and a directory replaced since left alone.
+    #[tokio::test]
+    async fn directories_held_when_berthd_was_killed_are_given_back_at_its_next_start() {
+        let bundle = tempfile::tempdir().unwrap();
+        let state = bundle.path().join("state");
+        let caller = Caller::berthd(state.clone());
+        let ledger = HeldLedger::in_state_dir(&state);
+        let dir = checkpoints_dir(bundle.path());
+        for name in ["restoring", "replaced"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("pages-1.img"), "").unwrap();
+            std::fs::set_permissions(dir.join(name), PermissionsExt::from_mode(0o750)).unwrap();
+            rustix::fs::chown(dir.join(name), Some(Uid::from_raw(65534)), None).unwrap();
+        }
+        let owner_and_mode = |path: &Path| {
+            let st = rustix::fs::lstat(path).unwrap();
+            (st.st_uid, st.st_mode & 0o7777)
+        };
+        for name in ["restoring", "replaced"] {
+            let restorable = for_restore(&caller, bundle.path(), name).await.unwrap();
+            std::mem::forget(hold(&caller, &restorable, &ledger).await.unwrap());
+            assert_eq!(owner_and_mode(&dir.join(name)), (0, 0o700));
+        }
+        let (_, dumping, entry) = create_image_dir(&caller, bundle.path(), "dumping", &ledger)
+            .await
+            .unwrap();
+        std::fs::write(dir.join("dumping/core-1.img"), "").unwrap();
+        drop(dumping);
+        std::mem::forget(entry);
+        // Renamed away by its owner and another made in its place: not the one berthd held.
+        std::fs::rename(dir.join("replaced"), dir.join("renamed")).unwrap();
+        std::fs::create_dir(dir.join("replaced")).unwrap();
+        let entries = || std::fs::read_dir(state.join("held")).unwrap().count();
+        assert_eq!(entries(), 3);
+
+        ledger.give_back_all();
+        assert_eq!(owner_and_mode(&dir.join("restoring")), (65534, 0o750));
+        assert!(
+            !dir.join("dumping").exists(),
+            "the unfinished dump is removed"
+        );
+        assert_eq!(owner_and_mode(&dir.join("renamed")), (0, 0o700));
+        assert_eq!(owner_and_mode(&dir.join("replaced")), (0, 0o755));
+        assert_eq!(entries(), 0, "every entry is done with, given back or not");
+        // A hold given back as usual leaves no entry behind.
+        let restorable = for_restore(&caller, bundle.path(), "restoring")
+            .await
+            .unwrap();
+        give_back(&caller, hold(&caller, &restorable, &ledger).await.unwrap()).await;
+        assert_eq!(entries(), 0);
     }
 
     #[tokio::test]

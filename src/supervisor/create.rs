@@ -198,7 +198,7 @@ impl Supervisor {
             }
             Some(restorable) => {
                 let work = self.scratch_dir(".criu")?;
-                let held = checkpoint::hold(&request.caller, restorable).await?;
+                let held = checkpoint::hold(&request.caller, restorable, &self.held_ledger).await?;
                 let restore = Operation::Restore {
                     id,
                     bundle,

@@ -81,6 +81,9 @@ pub struct Supervisor {
     cleanup_pacing: Arc<exit::CleanupPacing>,
     /// The fds the inits' held namespaces may take (see exit).
     namespace_budget: Arc<exit::NamespaceBudget>,
+    /// The checkpoint directories taken from their owners for as long as they are (see
+    /// checkpoint).
+    held_ledger: checkpoint::HeldLedger,
 }
 
 impl Supervisor {
@@ -104,6 +107,8 @@ impl Supervisor {
         }
         std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
         let cpus = usize::try_from(machine.cpus).unwrap_or(1).max(1);
+        let held_ledger =
+            checkpoint::HeldLedger::in_state_dir(scratch.parent().unwrap_or(&scratch));
         Ok(Arc::new(Supervisor {
             registry: Mutex::new(HashMap::new()),
             runtime,
@@ -124,6 +129,7 @@ impl Supervisor {
             deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes(cpus)),
             cleanup_pacing: Arc::default(),
             namespace_budget: exit::NamespaceBudget::of_fd_limit(cpus),
+            held_ledger,
         }))
     }
 

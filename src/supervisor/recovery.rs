@@ -1,6 +1,7 @@
 //! Taking containers back after berthd restarts (stop, crash, kill -9) or upgrades in place:
-//! adopting the ones still running, reporting the ones that ended while berthd was away, and
-//! removing runtime leftovers of requests that never finished.
+//! adopting the ones still running, reporting the ones that ended while berthd was away,
+//! removing runtime leftovers of requests that never finished, and giving back the checkpoints
+//! those requests held.
 //! Does not own: telling a process from a later one with its pid (reaper), the state files
 //! (store).
 
@@ -104,6 +105,9 @@ impl Supervisor {
                 recovery.leftovers += 1;
             }
         }
+        // After the leftovers: a restore cut off by the crash is gone, with its CRIU (the spawn
+        // helper kills what runs once berthd is gone), before its checkpoint is given back.
+        self.give_back_held_checkpoints().await;
         // The records of containers that ended are gone, and those adopted rewritten, before
         // anyone is served.
         self.store.flush().await;
@@ -147,6 +151,26 @@ impl Supervisor {
                 tracing::warn!(id, pid, error = %e, "terminal lost: the handed-over pty master could not be relayed");
                 false
             }
+        }
+    }
+
+    /// Gives back the checkpoint directories a berthd killed while holding them left behind,
+    /// before any request may hold one; bounded as a client file is (one on a hung mount
+    /// finishes in the background).
+    async fn give_back_held_checkpoints(&self) {
+        let ledger = self.held_ledger.clone();
+        let caller = self.caller(Peer::root());
+        let given = caller
+            .off_reactor(
+                "giving back the checkpoints held when berthd stopped",
+                move || {
+                    ledger.give_back_all();
+                    Ok(())
+                },
+            )
+            .await;
+        if let Err(e) = given {
+            tracing::warn!(error = %e, "checkpoints held when berthd stopped are not all given back yet");
         }
     }
 

@@ -461,6 +461,73 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
     .await
 }
 
+/// berthd killed while a restore holds the checkpoint (root's, 0700, while CRIU reads it): the
+/// next berthd gives it back to its owner and mode, and the restore's leftovers are gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_its_next_start() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let mut d = criu_daemon!(criu);
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let container = id("cp-crash");
+        let pid = d.create(create_req(&container, &bundle)).await;
+        let mut events = d.events().await;
+        counted(&bundle, 2).await;
+        d.client
+            .create_checkpoint(checkpoint(&container, "held", true))
+            .await
+            .expect("CreateCheckpoint");
+        assert_eq!(events.exit_status(&container, pid).await, 137);
+        d.assert_gone(&container).await;
+        let image = bundle.path().join("checkpoints/held");
+        rustix::fs::chown(&image, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let owner_and_mode = |path: &Path| {
+            let st = rustix::fs::stat(path).unwrap();
+            (st.st_uid, st.st_mode & 0o7777)
+        };
+
+        let mut restore = create_req(&container, &bundle);
+        restore.checkpoint = "held".into();
+        let mut client = d.client.clone();
+        let restoring = tokio::spawn(async move { client.create_container(restore).await });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while owner_and_mode(&image) != (0, 0o700) {
+            assert!(
+                Instant::now() < deadline,
+                "the restore never held the checkpoint"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        d.crash();
+        let _ = restoring.await;
+        assert_eq!(owner_and_mode(&image), (0, 0o700), "held when berthd died");
+
+        d.start_again().await;
+        assert_eq!(
+            owner_and_mode(&image),
+            (65534, 0o750),
+            "given back before serving"
+        );
+        assert!(
+            std::fs::read_dir(d.state_dir().join("held"))
+                .map_or(true, |mut entries| entries.next().is_none()),
+            "the held checkpoint's entry is left"
+        );
+        // Nothing of the cut-off restore runs: its container is not berthd's, nor the runtime's.
+        d.assert_gone(&container).await;
+        let listed = Command::new("runc")
+            .arg("--root")
+            .arg(d.state_dir().join("runtime"))
+            .args(["list", "-q"])
+            .output()
+            .expect("runc list");
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(!listed.lines().any(|l| l == container), "{listed}");
+    })
+    .await
+}
+
 /// A container whose stdio are FIFOs is dumped (berthd gives it pipes it relays, which CRIU can
 /// dump, where a FIFO on a host mount it cannot), and restored under the same and a new id with
 /// its stdio on the FIFOs the restore names: the counter goes on there, and input reaches it.
