@@ -397,6 +397,7 @@ async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
             SpawnOptions {
                 timeout: PREFLIGHT_TIMEOUT,
                 log: None,
+                kill_if_berthd_dies: false,
             },
         )
         .await?;

@@ -73,6 +73,7 @@ impl Criu {
                 SpawnOptions {
                     timeout: CHECK_TIMEOUT,
                     log: None,
+                    kill_if_berthd_dies: false,
                 },
             )
             .await

@@ -125,6 +125,16 @@ impl Operation<'_> {
                 | Operation::Restore { .. }
         )
     }
+
+    /// Whether the runtime works in a checkpoint directory berthd holds for a client (CRIU's
+    /// dump or restore), which a restarted berthd gives back: cut off by berthd's death, it must
+    /// not go on in it ([`SpawnOptions::kill_if_berthd_dies`]).
+    fn works_in_a_held_checkpoint(&self) -> bool {
+        matches!(
+            self,
+            Operation::Checkpoint { .. } | Operation::Restore { .. }
+        )
+    }
 }
 
 /// How CreateContainer runs the runtime for a new container (a restore always runs `restore`).
@@ -294,6 +304,10 @@ pub struct SpawnOptions {
     /// 0 (nothing in it is wanted then). After any other ending it is left for the caller to
     /// read and remove.
     pub log: Option<PathBuf>,
+    /// Killed, with what it started, if berthd dies while it runs. Other commands run to
+    /// their end, and a restarted berthd removes what they leave (recovery's leftovers): a
+    /// runtime killed half-way can leave what it cannot list, and so not delete.
+    pub kill_if_berthd_dies: bool,
 }
 
 /// One stdio stream of a spawned command.
@@ -470,6 +484,7 @@ impl Runtime {
         let options = SpawnOptions {
             timeout: self.timeout,
             log: Some(log.clone()),
+            kill_if_berthd_dies: op.works_in_a_held_checkpoint(),
         };
         let completion = if self.binary.is_builtin() {
             let call = BuiltinCall::new(&op, &self.binary.root, &log)?;

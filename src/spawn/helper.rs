@@ -1,7 +1,7 @@
 //! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
 //! built-in runtime calls in a forked child), captures their output, enforces their timeouts,
 //! removes the log of a command that exited 0 and reports how they ended; once berthd is gone it
-//! kills what still runs and exits. It runs in a small process forked before berthd's runtime
+//! kills the commands that asked for it and exits. It runs in a small process forked before berthd's runtime
 //! exists (or exec'd afresh when berthd restarts it), so forking here is cheap and safe.
 
 use std::collections::HashMap;
@@ -76,6 +76,7 @@ struct Running {
     stderr: Capture,
     /// Removed here if the command exits 0, so berthd's reactor never waits on a removal.
     log: Option<PathBuf>,
+    kill_if_abandoned: bool,
 }
 
 /// Serves spawn requests on `socket` until berthd closes it.
@@ -140,11 +141,11 @@ pub fn serve(socket: OwnedFd) -> ! {
     }
 }
 
-/// berthd is gone (it closed its end, or died): no one will take what the running commands
-/// leave, so they are killed, each with what it started, and the helper exits. A restore killed
-/// so stops reading its checkpoint before a restarted berthd gives the checkpoint back.
+/// berthd is gone (it closed its end, or died): the commands that asked for it are killed, each
+/// with what it started (a dump or restore, whose checkpoint a restarted berthd gives back), and
+/// the helper exits; the others run to their end.
 fn abandon(running: &HashMap<u64, Running>) -> ! {
-    for r in running.values() {
+    for r in running.values().filter(|r| r.kill_if_abandoned) {
         let _ = rustix::process::kill_process_group(r.pid, rustix::process::Signal::KILL);
         let _ = rustix::process::kill_process(r.pid, rustix::process::Signal::KILL);
     }
@@ -194,6 +195,7 @@ fn start(
             stdout: Capture::new(stdout),
             stderr: Capture::new(stderr),
             log: request.log,
+            kill_if_abandoned: request.kill_if_abandoned,
         },
     );
 }

@@ -181,6 +181,7 @@ impl SpawnHelper {
             stdio: specs,
             timeout_ms: options.timeout.as_millis() as u64,
             log: options.log,
+            kill_if_abandoned: options.kill_if_berthd_dies,
         };
         let bytes = serde_json::to_vec(&request)
             .map_err(|e| Error::Internal(format!("encode spawn request: {e}")))?;
@@ -362,6 +363,7 @@ mod tests {
                     let options = SpawnOptions {
                         timeout: Duration::from_secs(60),
                         log: None,
+                        kill_if_berthd_dies: false,
                     };
                     let argv = vec![format!("request-{i}")];
                     helper

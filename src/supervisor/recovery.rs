@@ -106,7 +106,8 @@ impl Supervisor {
             }
         }
         // After the leftovers: a restore cut off by the crash is gone, with its CRIU (the spawn
-        // helper kills what runs once berthd is gone), before its checkpoint is given back.
+        // helper kills a dump or restore once berthd is gone), before its checkpoint is given
+        // back.
         self.give_back_held_checkpoints().await;
         // The records of containers that ended are gone, and those adopted rewritten, before
         // anyone is served.

@@ -528,6 +528,79 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
     .await
 }
 
+/// Once berthd is gone the spawn helper kills a dump still running (CRIU must not go on in a
+/// checkpoint a restarted berthd gives back), and lets other runtime commands run to their end
+/// (a runtime killed half-way can leave what a restarted berthd cannot list and remove). The
+/// next berthd removes the cut-off dump's directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dump_cut_off_by_berthds_death_is_killed_and_an_exec_is_not() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let body = format!(
+            "#!/bin/sh\nfor arg in \"$@\"; do\n  case \"$arg\" in\n    checkpoint) exec sleep 61 ;;\n    exec) exec sleep 62 ;;\n  esac\ndone\nexec {} \"$@\"\n",
+            runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "slow-dump-and-exec-runc", &body);
+        let flags = ["--runtime", &path_str(&wrapper)];
+        let criu = criu.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::args(&flags)
+        });
+        let dumped = d.run("cut-dump", &["sleep", "1000"]).await;
+        let added = d.run("cut-exec", &["sleep", "1000"]).await;
+        let (mut dumper, mut adder) = (d.client.clone(), d.client.clone());
+        let (dumped_id, added_id) = (dumped.id.clone(), added.id.clone());
+        let dump = tokio::spawn(async move {
+            dumper
+                .create_checkpoint(checkpoint(&dumped_id, "cut", false))
+                .await
+        });
+        let exec = tokio::spawn(async move {
+            adder
+                .add_process(exec_req(&added_id, &["sleep", "1000"]))
+                .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (dumping, execing) = loop {
+            let (dumping, execing) = (slow_starts(d.pid(), 61), slow_starts(d.pid(), 62));
+            if !dumping.is_empty() && !execing.is_empty() {
+                break (dumping, execing);
+            }
+            assert!(Instant::now() < deadline, "the runtime commands never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        d.crash();
+        let _ = (dump.await, exec.await);
+        let ended = |pids: &[u32]| {
+            pids.iter()
+                .all(|&pid| proc_stat(pid).is_none_or(|stat| stat.state == 'Z'))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ended(&dumping) {
+            assert!(Instant::now() < deadline, "the dump still runs without berthd");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!ended(&execing), "the exec was killed with berthd");
+        for pid in execing {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let partial = dumped.bundle.path().join("checkpoints/cut");
+        assert!(partial.exists(), "the dump's directory, root's while it is made");
+        d.start_again().await;
+        assert!(!partial.exists(), "the cut-off dump is removed at the next start");
+        let mut events = d.events().await;
+        for c in [&dumped, &added] {
+            d.kill_container(&mut events, &c.id, c.pid).await;
+        }
+    })
+    .await
+}
+
 /// A container whose stdio are FIFOs is dumped (berthd gives it pipes it relays, which CRIU can
 /// dump, where a FIFO on a host mount it cannot), and restored under the same and a new id with
 /// its stdio on the FIFOs the restore names: the counter goes on there, and input reaches it.
