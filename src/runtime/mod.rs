@@ -304,9 +304,10 @@ pub struct SpawnOptions {
     /// 0 (nothing in it is wanted then). After any other ending it is left for the caller to
     /// read and remove.
     pub log: Option<PathBuf>,
-    /// Killed, with what it started, if berthd dies while it runs. Other commands run to
-    /// their end, and a restarted berthd removes what they leave (recovery's leftovers): a
-    /// runtime killed half-way can leave what it cannot list, and so not delete.
+    /// Killed with its process group (not what left it, such as restored tasks) if berthd dies
+    /// or closes the spawn helper's socket while it runs. Other commands run to their end, and
+    /// a restarted berthd removes what they leave (recovery's leftovers): a runtime killed
+    /// half-way can leave what it cannot list, and so not delete.
     pub kill_if_berthd_dies: bool,
 }
 

@@ -1,8 +1,9 @@
 //! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
 //! built-in runtime calls in a forked child), captures their output, enforces their timeouts,
 //! removes the log of a command that exited 0 and reports how they ended; once berthd is gone it
-//! kills the commands that asked for it and exits. It runs in a small process forked before berthd's runtime
-//! exists (or exec'd afresh when berthd restarts it), so forking here is cheap and safe.
+//! kills the commands that asked for it and exits. It runs in a small process forked before
+//! berthd's runtime exists (or exec'd afresh when berthd restarts it), so forking here is cheap
+//! and safe.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -135,6 +136,8 @@ pub fn serve(socket: OwnedFd) -> ! {
                     Err(e) => fatal(&format!("malformed request: {e}")),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // berthd died with answers unread: its end is gone as surely as when closed.
+                Err(e) if berthd_is_gone(&e) => abandon(&running),
                 Err(e) => fatal(&format!("receive: {e}")),
             }
         }
@@ -150,6 +153,15 @@ fn abandon(running: &HashMap<u64, Running>) -> ! {
         let _ = rustix::process::kill_process(r.pid, rustix::process::Signal::KILL);
     }
     std::process::exit(0)
+}
+
+/// The errors a socket gives once its peer is gone: closed (EPIPE), or closed with data it had
+/// not read (ECONNRESET).
+fn berthd_is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 fn fatal(message: &str) -> ! {
@@ -334,8 +346,8 @@ fn respond(socket: &OwnedFd, response: Response) {
         Err(e) => fatal(&format!("encode response: {e}")),
     };
     if let Err(e) = fdpass::send(socket.as_fd(), &bytes, &[]) {
-        // berthd is gone: the loop finds its end closed and abandons what still runs.
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // berthd is gone: the loop finds its end gone and abandons what asked for it.
+        if berthd_is_gone(&e) {
             return;
         }
         fatal(&format!("send response: {e}"));

@@ -12,6 +12,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -144,36 +145,63 @@ pub async fn list(caller: &Caller, bundle: &Path) -> Result<Vec<Checkpoint>> {
 }
 
 /// Where berthd writes down each checkpoint directory it has taken from its owner, for as long
-/// as it holds it: a restore's, root's 0700 while CRIU reads it, and a dump's, root's until the
-/// dump is done. A berthd killed meanwhile finds them at its next start
-/// ([`HeldLedger::give_back_all`]) and gives the restore's back to its owner and mode, and
-/// removes the unfinished dump. One file per directory in `<state>/held`, named by its device
-/// and inode.
+/// as it holds it: a restore's, root's 0700 while CRIU reads it, and a dump's, root's until it
+/// is given to its caller. A berthd killed meanwhile finds them at its next start
+/// ([`HeldLedger::give_back_all`]): a restore's goes back to its owner and mode, an unfinished
+/// dump is removed, and a finished one is given to its caller with its metadata, as the dump
+/// would have. One file per directory in `<state-dir>/held`, named by its device and inode.
+/// Until that is done, nothing is taken: a restore or a dump is UNAVAILABLE.
 #[derive(Debug, Clone)]
 pub struct HeldLedger {
     dir: PathBuf,
+    /// Set until [`HeldLedger::give_back_all`] is done.
+    giving_back: Arc<AtomicBool>,
 }
 
 /// A directory berthd holds, as written down.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct HeldEntry {
     bundle: PathBuf,
     name: String,
     dev: u64,
     ino: u64,
-    /// The owner (uid, gid) and mode to give a restore's directory back; none for a dump's,
-    /// which is removed.
-    give_back: Option<(u32, u32, u32)>,
+    held: Held,
 }
 
-/// An entry's file, removed once what it names is back with its owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Held {
+    /// A restore's: given back to this owner and mode.
+    Restore { uid: u32, gid: u32, mode: u32 },
+    /// A dump's for the caller `uid`/`gid`: removed while unfinished (CRIU may have stopped
+    /// half-way); once finished, given to the caller with `checkpoint` as its metadata.
+    Dump {
+        uid: u32,
+        gid: u32,
+        checkpoint: Checkpoint,
+        finished: bool,
+    },
+}
+
+/// An entry and its file, removed once what it names is back with its owner.
 #[derive(Debug)]
-struct HeldEntryFile(PathBuf);
+struct HeldEntryFile {
+    path: PathBuf,
+    entry: HeldEntry,
+}
 
 impl HeldEntryFile {
+    /// Writes down that the dump is done: from here on, a restarted berthd finishes giving it
+    /// to its caller instead of removing it.
+    fn finish_dump(&mut self) -> Result<()> {
+        if let Held::Dump { finished, .. } = &mut self.entry.held {
+            *finished = true;
+        }
+        write_entry(&self.path, &self.entry)
+    }
+
     fn remove(&self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            let e = Error::io(&self.0, e);
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            let e = Error::io(&self.path, e);
             tracing::warn!(error = %e, "a held checkpoint's entry was not removed");
         }
     }
@@ -182,27 +210,43 @@ impl HeldEntryFile {
 /// The most an entry's file may take: what berthd writes is a few hundred octets.
 const MAX_ENTRY_BYTES: u64 = 64 * 1024;
 
+/// Writes an entry's file: a temp file, then a rename over it.
+fn write_entry(path: &Path, entry: &HeldEntry) -> Result<()> {
+    let temp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec(entry)
+        .map_err(|e| Error::Internal(format!("encode a held checkpoint's entry: {e}")))?;
+    std::fs::write(&temp, bytes).map_err(|e| Error::io(&temp, e))?;
+    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
+}
+
 impl HeldLedger {
+    /// The ledger in `<state_dir>/held`; it takes nothing until
+    /// [`HeldLedger::give_back_all`] has run.
     pub fn in_state_dir(state_dir: &Path) -> HeldLedger {
         HeldLedger {
             dir: state_dir.join("held"),
+            giving_back: Arc::new(AtomicBool::new(true)),
         }
     }
 
-    /// Writes `entry` down (a temp file, then a rename) before the directory is taken.
-    fn write(&self, entry: &HeldEntry) -> Result<HeldEntryFile> {
+    /// Writes `entry` down before the directory is taken (for a dump, right after it is made
+    /// root's).
+    fn write(&self, entry: HeldEntry) -> Result<HeldEntryFile> {
+        if self.giving_back.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(
+                "berthd is still giving back the checkpoints it held when it stopped; retry \
+                 shortly"
+                    .into(),
+            ));
+        }
         std::fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
             .create(&self.dir)
             .map_err(|e| Error::io(&self.dir, e))?;
         let path = self.dir.join(format!("{}-{}.json", entry.dev, entry.ino));
-        let temp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec(entry)
-            .map_err(|e| Error::Internal(format!("encode a held checkpoint's entry: {e}")))?;
-        std::fs::write(&temp, bytes).map_err(|e| Error::io(&temp, e))?;
-        std::fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?;
-        Ok(HeldEntryFile(path))
+        write_entry(&path, &entry)?;
+        Ok(HeldEntryFile { path, entry })
     }
 
     /// Gives back every directory a berthd killed while holding it left behind, once: given
@@ -210,8 +254,19 @@ impl HeldLedger {
     /// the clients'), bounded: the entries are read first, so a hold that a request makes after
     /// the bound is not among them.
     pub fn give_back_all(&self) {
-        let Ok(files) = std::fs::read_dir(&self.dir) else {
-            return;
+        self.give_back_entries();
+        self.giving_back.store(false, Ordering::Release);
+    }
+
+    fn give_back_entries(&self) {
+        let files = match std::fs::read_dir(&self.dir) {
+            Ok(files) => files,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                let e = Error::io(&self.dir, e);
+                tracing::warn!(error = %e, "the checkpoints held when berthd stopped are not known");
+                return;
+            }
         };
         let mut entries = Vec::new();
         for file in files.flatten() {
@@ -225,7 +280,9 @@ impl HeldLedger {
                     }
                 }
             } else {
-                // A temp file: an entry whose directory was never taken.
+                // A temp file: an entry never written whole. Its restore had not taken the
+                // directory yet; its dump's directory, just made, is empty and the caller's to
+                // remove.
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -279,11 +336,30 @@ fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<()> {
             "{shown} is no longer the directory berthd held"
         )));
     }
-    match entry.give_back {
-        Some((uid, gid, mode)) => {
-            client_fs::set_owner(&image, (uid, gid), mode).map_err(|e| Error::io(&shown, e.into()))
+    match &entry.held {
+        Held::Restore { uid, gid, mode } => client_fs::set_owner(&image, (*uid, *gid), *mode)
+            .map_err(|e| Error::io(&shown, e.into())),
+        Held::Dump {
+            finished: false, ..
+        } => client_fs::remove_held(&bundle, &image_path, image),
+        Held::Dump {
+            uid,
+            gid,
+            checkpoint,
+            finished: true,
+        } => {
+            match write_metadata(&image, checkpoint) {
+                Ok(()) | Err(Error::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let caller = Peer {
+                pid: 0,
+                uid: *uid,
+                gid: *gid,
+                groups: Vec::new(),
+            };
+            client_fs::give_to(&image, &shown, &caller)
         }
-        None => client_fs::remove_held(&bundle, &image_path, image),
     }
 }
 
@@ -393,24 +469,27 @@ pub async fn hold(
                 )));
             }
             let (owner, mode) = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
-            let entry = ledger.write(&HeldEntry {
+            let entry = ledger.write(HeldEntry {
                 bundle,
                 name,
                 dev: st.st_dev,
                 ino: st.st_ino,
-                give_back: Some((owner.0, owner.1, mode)),
+                held: Held::Restore {
+                    uid: owner.0,
+                    gid: owner.1,
+                    mode,
+                },
             })?;
-            if let Err(e) = client_fs::set_owner(&dir, (0, 0), 0o700) {
-                entry.remove();
-                return Err(io(e));
-            }
+            // Made before the directory is taken: a take that half fails (owner changed, mode
+            // not) is given back by its drop all the same.
             let held = HeldImage {
                 dir,
-                shown,
+                shown: shown.clone(),
                 owner,
                 mode,
                 entry,
             };
+            client_fs::set_owner(&held.dir, (0, 0), 0o700).map_err(io)?;
             client_fs::check_readable_files(&held.dir, &held.shown, &peer, MAX_IMAGE_FILES)?;
             Ok(held)
         })
@@ -435,12 +514,14 @@ pub async fn give_back(caller: &Caller, held: HeldImage) {
 async fn create_image_dir(
     caller: &Caller,
     bundle: &Path,
-    name: &str,
+    checkpoint: &Checkpoint,
     ledger: &HeldLedger,
 ) -> Result<(Arc<OwnedFd>, OwnedFd, HeldEntryFile)> {
+    let name = &checkpoint.name;
     let fd = Arc::new(caller.open_dir("bundle", bundle).await?);
     let (peer, owned_name, bundle_fd) = (caller.peer.clone(), name.to_owned(), Arc::clone(&fd));
     let (owned_bundle, ledger) = (bundle.to_owned(), ledger.clone());
+    let checkpoint = checkpoint.clone();
     let exists = format!(
         "checkpoint {name} already exists in {}",
         shown(&checkpoints_dir(bundle))
@@ -468,12 +549,17 @@ async fn create_image_dir(
             let written = rustix::fs::fstat(&made)
                 .map_err(|e| Error::io(&image, e.into()))
                 .and_then(|st| {
-                    ledger.write(&HeldEntry {
+                    ledger.write(HeldEntry {
                         bundle: owned_bundle,
                         name: owned_name,
                         dev: st.st_dev,
                         ino: st.st_ino,
-                        give_back: None,
+                        held: Held::Dump {
+                            uid: peer.uid,
+                            gid: peer.gid,
+                            checkpoint,
+                            finished: false,
+                        },
                     })
                 });
             match written {
@@ -495,12 +581,20 @@ async fn give_to_caller(
     image: OwnedFd,
     shown_image: String,
     checkpoint: Checkpoint,
+    mut entry: HeldEntryFile,
 ) -> Result<()> {
     let peer = caller.peer.clone();
     caller
         .off_reactor("giving the checkpoint to its caller", move || {
-            write_metadata(&image, &checkpoint)?;
-            client_fs::give_to(&image, &shown_image, &peer)
+            // A berthd killed from here on finishes this at its next start.
+            if let Err(e) = entry.finish_dump() {
+                tracing::warn!(error = %e, "a finished dump not written down as such");
+            }
+            let given = write_metadata(&image, &checkpoint)
+                .and_then(|()| client_fs::give_to(&image, &shown_image, &peer));
+            // Given or not, the checkpoint is the caller's: never removed at a start.
+            entry.remove();
+            given
         })
         .await
 }
@@ -586,13 +680,8 @@ impl Supervisor {
         validate_name(&checkpoint.name)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
         let _operations = container.operations.lock().await;
-        let (bundle_fd, image_fd, entry) = create_image_dir(
-            caller,
-            &container.bundle,
-            &checkpoint.name,
-            &self.held_ledger,
-        )
-        .await?;
+        let (bundle_fd, image_fd, entry) =
+            create_image_dir(caller, &container.bundle, &checkpoint, &self.held_ledger).await?;
         // The directory made, not its name: the caller owns `checkpoints` and could swap the
         // name for a link while CRIU writes.
         let image = client_fs::held_path(&image_fd);
@@ -613,25 +702,23 @@ impl Supervisor {
             let partial = relative(&checkpoint.name);
             let removed = caller
                 .off_reactor("removing a partial checkpoint", move || {
-                    client_fs::remove_held(&bundle_fd, &partial, image_fd)
+                    client_fs::remove_held(&bundle_fd, &partial, image_fd)?;
+                    // Kept otherwise: the next start of berthd tries again.
+                    entry.remove();
+                    Ok(())
                 })
                 .await;
-            match removed {
-                Ok(()) => entry.remove(),
-                // The entry stays: the next start of berthd tries again.
-                Err(removal) => {
-                    tracing::warn!(id, error = %removal, "partial checkpoint left in place")
-                }
+            if let Err(removal) = removed {
+                tracing::warn!(id, error = %removal, "partial checkpoint left in place");
             }
             return Err(with_criu_log(e, work.path(), "dump.log"));
         }
         let shown_image = shown_checkpoint(&container.bundle, &checkpoint.name);
         // The dump happened (with `exit`, the container is gone): what follows cannot undo it.
-        if let Err(e) = give_to_caller(caller, image_fd, shown_image, checkpoint.clone()).await {
+        let given = give_to_caller(caller, image_fd, shown_image, checkpoint.clone(), entry);
+        if let Err(e) = given.await {
             tracing::warn!(id, error = %e, "checkpoint kept without its metadata or not given to its caller");
         }
-        // The checkpoint is the caller's from here on, given or not: never removed at a start.
-        entry.remove();
         self.events.publish(
             id,
             container.init.pid(),
@@ -762,6 +849,7 @@ mod tests {
         std::fs::set_permissions(dir.join("taken"), PermissionsExt::from_mode(0o750)).unwrap();
         rustix::fs::chown(dir.join("taken"), Some(Uid::from_raw(65534)), None).unwrap();
         let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
+        ledger.give_back_all();
         let held = hold(&caller, &taken, &ledger).await.unwrap();
         assert_eq!(mode(&dir.join("taken")), (0, 0o700));
         give_back(&caller, held).await;
@@ -814,6 +902,7 @@ mod tests {
         let caller = Caller::new(nobody, bundle.path().join("state"), limits, hand_back);
         // Readable by anyone, but root's: holding it would take it from root.
         let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
+        ledger.give_back_all();
         let roots = for_restore(&caller, bundle.path(), "roots").await.unwrap();
         let refused = hold(&caller, &roots, &ledger).await.map(drop);
         assert!(
@@ -831,7 +920,8 @@ mod tests {
 
     /// What a berthd killed while it holds checkpoint directories leaves (each hold forgotten, so
     /// nothing gives it back) is given back at the next start: a restore's to its owner and
-    /// mode, an unfinished dump's removed, and a directory replaced since left alone.
+    /// mode, an unfinished dump's removed, a finished dump's given to its caller with its
+    /// metadata, and a directory replaced since left alone. Until then nothing is taken.
     #[tokio::test]
     async fn directories_held_when_berthd_was_killed_are_given_back_at_its_next_start() {
         let bundle = tempfile::tempdir().unwrap();
@@ -849,28 +939,59 @@ mod tests {
             let st = rustix::fs::lstat(path).unwrap();
             (st.st_uid, st.st_mode & 0o7777)
         };
+        let restorable = for_restore(&caller, bundle.path(), "restoring")
+            .await
+            .unwrap();
+        let refused = hold(&caller, &restorable, &ledger).await.map(drop);
+        assert!(
+            matches!(&refused, Err(Error::Unavailable(m)) if m.contains("giving back")),
+            "{refused:?}"
+        );
+        ledger.give_back_all();
+
         for name in ["restoring", "replaced"] {
             let restorable = for_restore(&caller, bundle.path(), name).await.unwrap();
             std::mem::forget(hold(&caller, &restorable, &ledger).await.unwrap());
             assert_eq!(owner_and_mode(&dir.join(name)), (0, 0o700));
         }
-        let (_, dumping, entry) = create_image_dir(&caller, bundle.path(), "dumping", &ledger)
-            .await
-            .unwrap();
+        let dump = |name: &str| Checkpoint {
+            name: name.into(),
+            exit: true,
+            ..Checkpoint::default()
+        };
+        let (_, dumping, entry) =
+            create_image_dir(&caller, bundle.path(), &dump("dumping"), &ledger)
+                .await
+                .unwrap();
         std::fs::write(dir.join("dumping/core-1.img"), "").unwrap();
         drop(dumping);
+        std::mem::forget(entry);
+        let (_, dumped, mut entry) =
+            create_image_dir(&caller, bundle.path(), &dump("dumped"), &ledger)
+                .await
+                .unwrap();
+        std::fs::write(dir.join("dumped/core-1.img"), "").unwrap();
+        entry.finish_dump().unwrap();
+        drop(dumped);
         std::mem::forget(entry);
         // Renamed away by its owner and another made in its place: not the one berthd held.
         std::fs::rename(dir.join("replaced"), dir.join("renamed")).unwrap();
         std::fs::create_dir(dir.join("replaced")).unwrap();
+        std::fs::set_permissions(dir.join("replaced"), PermissionsExt::from_mode(0o755)).unwrap();
         let entries = || std::fs::read_dir(state.join("held")).unwrap().count();
-        assert_eq!(entries(), 3);
+        assert_eq!(entries(), 4);
 
-        ledger.give_back_all();
+        let restarted = HeldLedger::in_state_dir(&state);
+        restarted.give_back_all();
         assert_eq!(owner_and_mode(&dir.join("restoring")), (65534, 0o750));
         assert!(
             !dir.join("dumping").exists(),
             "the unfinished dump is removed"
+        );
+        let listed = list(&caller, bundle.path()).await.unwrap();
+        assert!(
+            listed.contains(&dump("dumped")),
+            "the finished dump, listed: {listed:?}"
         );
         assert_eq!(owner_and_mode(&dir.join("renamed")), (0, 0o700));
         assert_eq!(owner_and_mode(&dir.join("replaced")), (0, 0o755));
@@ -879,7 +1000,11 @@ mod tests {
         let restorable = for_restore(&caller, bundle.path(), "restoring")
             .await
             .unwrap();
-        give_back(&caller, hold(&caller, &restorable, &ledger).await.unwrap()).await;
+        give_back(
+            &caller,
+            hold(&caller, &restorable, &restarted).await.unwrap(),
+        )
+        .await;
         assert_eq!(entries(), 0);
     }
 

@@ -461,8 +461,10 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
     .await
 }
 
-/// berthd killed while a restore holds the checkpoint (root's, 0700, while CRIU reads it): the
-/// next berthd gives it back to its owner and mode, and the restore's leftovers are gone.
+/// berthd killed while a restore holds the checkpoint (root's, 0700, while CRIU reads it) and
+/// the runtime's restore runs: the next berthd gives it back to its owner and mode, and the
+/// restore's leftovers are gone. (That the restore is killed with berthd is the spawn helper's,
+/// shown for a dump below.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_its_next_start() {
     within(async {
@@ -496,6 +498,20 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
             assert!(
                 Instant::now() < deadline,
                 "the restore never held the checkpoint"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Until the runtime's restore runs, CRIU reading the checkpoint.
+        let restore_runs = || {
+            descendants_of(d.pid()).into_iter().any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"restore"))
+            })
+        };
+        while !restore_runs() {
+            assert!(
+                Instant::now() < deadline,
+                "the runtime never ran the restore"
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
