@@ -223,9 +223,15 @@ fn write_record(dir: &Path, record: &ContainerRecord) -> Result<()> {
     let tmp = dir.join(format!(".{}.json.tmp", record.id));
     let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode state of {}: {e}", record.id)))?;
-    let mut file = create_private(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    write_atomically(&tmp, &path, &bytes)
+}
+
+/// Writes `bytes` to `path` whole or not at all: into `tmp`, a new file readable by root alone,
+/// then renamed over `path`.
+pub(crate) fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = create_private(tmp).map_err(|e| Error::io(tmp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(tmp, e))?;
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// A new file at `path`, readable by root alone (records hold environments). `O_EXCL` follows

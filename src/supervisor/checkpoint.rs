@@ -210,13 +210,11 @@ impl HeldEntryFile {
 /// The most an entry's file may take: what berthd writes is a few hundred octets.
 const MAX_ENTRY_BYTES: u64 = 64 * 1024;
 
-/// Writes an entry's file: a temp file, then a rename over it.
+/// Writes an entry's file whole, as the store writes a record.
 fn write_entry(path: &Path, entry: &HeldEntry) -> Result<()> {
-    let temp = path.with_extension("tmp");
     let bytes = serde_json::to_vec(entry)
         .map_err(|e| Error::Internal(format!("encode a held checkpoint's entry: {e}")))?;
-    std::fs::write(&temp, bytes).map_err(|e| Error::io(&temp, e))?;
-    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
+    crate::store::write_atomically(&path.with_extension("tmp"), path, &bytes)
 }
 
 impl HeldLedger {
