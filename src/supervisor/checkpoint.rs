@@ -346,9 +346,11 @@ fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<()> {
             checkpoint,
             finished: true,
         } => {
+            // Written already if berthd was killed between that and the giving.
             match write_metadata(&image, checkpoint) {
-                Ok(()) | Err(Error::AlreadyExists(_)) => {}
-                Err(e) => return Err(e),
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                written => written?,
             }
             let caller = Peer {
                 pid: 0,
@@ -952,6 +954,12 @@ mod tests {
             std::mem::forget(hold(&caller, &restorable, &ledger).await.unwrap());
             assert_eq!(owner_and_mode(&dir.join(name)), (0, 0o700));
         }
+        // The dumps' caller, as written down: 65534, so that giving them is seen.
+        let for_nobody = |entry: &mut HeldEntryFile| {
+            if let Held::Dump { uid, gid, .. } = &mut entry.entry.held {
+                (*uid, *gid) = (65534, 65534);
+            }
+        };
         let dump = |name: &str| Checkpoint {
             name: name.into(),
             exit: true,
@@ -969,15 +977,26 @@ mod tests {
                 .await
                 .unwrap();
         std::fs::write(dir.join("dumped/core-1.img"), "").unwrap();
+        for_nobody(&mut entry);
         entry.finish_dump().unwrap();
         drop(dumped);
+        std::mem::forget(entry);
+        // Killed after its metadata was written, before it was given.
+        let (_, described, mut entry) =
+            create_image_dir(&caller, bundle.path(), &dump("described"), &ledger)
+                .await
+                .unwrap();
+        for_nobody(&mut entry);
+        entry.finish_dump().unwrap();
+        write_metadata(&described, &dump("described")).unwrap();
+        drop(described);
         std::mem::forget(entry);
         // Renamed away by its owner and another made in its place: not the one berthd held.
         std::fs::rename(dir.join("replaced"), dir.join("renamed")).unwrap();
         std::fs::create_dir(dir.join("replaced")).unwrap();
         std::fs::set_permissions(dir.join("replaced"), PermissionsExt::from_mode(0o755)).unwrap();
         let entries = || std::fs::read_dir(state.join("held")).unwrap().count();
-        assert_eq!(entries(), 4);
+        assert_eq!(entries(), 5);
 
         let restarted = HeldLedger::in_state_dir(&state);
         restarted.give_back_all();
@@ -991,6 +1010,14 @@ mod tests {
             listed.contains(&dump("dumped")),
             "the finished dump, listed: {listed:?}"
         );
+        assert!(listed.contains(&dump("described")), "{listed:?}");
+        for name in ["dumped", "described"] {
+            assert_eq!(
+                owner_and_mode(&dir.join(name)).0,
+                65534,
+                "{name} given to its caller"
+            );
+        }
         assert_eq!(owner_and_mode(&dir.join("renamed")), (0, 0o700));
         assert_eq!(owner_and_mode(&dir.join("replaced")), (0, 0o755));
         assert_eq!(entries(), 0, "every entry is done with, given back or not");
