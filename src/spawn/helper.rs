@@ -80,6 +80,14 @@ struct Running {
     kill_if_abandoned: bool,
 }
 
+impl Running {
+    /// SIGKILLs the command and its process group, so what it started goes with it.
+    fn kill(&self) {
+        let _ = rustix::process::kill_process_group(self.pid, rustix::process::Signal::KILL);
+        let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::KILL);
+    }
+}
+
 /// Serves spawn requests on `socket` until berthd closes it.
 pub fn serve(socket: OwnedFd) -> ! {
     // A session of its own keeps terminal signals aimed at berthd away from runtime commands.
@@ -149,8 +157,7 @@ pub fn serve(socket: OwnedFd) -> ! {
 /// the helper exits; the others run to their end.
 fn abandon(running: &HashMap<u64, Running>) -> ! {
     for r in running.values().filter(|r| r.kill_if_abandoned) {
-        let _ = rustix::process::kill_process_group(r.pid, rustix::process::Signal::KILL);
-        let _ = rustix::process::kill_process(r.pid, rustix::process::Signal::KILL);
+        r.kill();
     }
     std::process::exit(0)
 }
@@ -305,8 +312,7 @@ fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>) {
         r.stderr.drain();
         if !r.timed_out && now >= r.deadline {
             r.timed_out = true;
-            let _ = rustix::process::kill_process_group(r.pid, rustix::process::Signal::KILL);
-            let _ = rustix::process::kill_process(r.pid, rustix::process::Signal::KILL);
+            r.kill();
         }
         if let Ok(Some((_, status))) =
             rustix::process::waitpid(Some(r.pid), rustix::process::WaitOptions::NOHANG)

@@ -40,7 +40,6 @@ pub(crate) struct Request {
     /// The command's log file, removed by the helper once the command has exited 0.
     pub log: Option<PathBuf>,
     /// Killed with its process group once berthd is gone (see `SpawnOptions`).
-    #[serde(default)]
     pub kill_if_abandoned: bool,
 }
 

@@ -3,13 +3,13 @@
 //!
 //! A run, for each concurrency C: start a fresh berthd (or use `--address`); create N containers
 //! of one shared busybox bundle (rate, latency percentiles); sample berthd's RSS, PSS, threads,
-//! fds and CPU time from /proc (the CPU time its spawn helper's too); hold M GetStats subscribers for a while; SIGKILL every container
-//! through Signal and time each kill to its `exit` event on an Events stream opened first; stop
-//! berthd; then the floor: the same N containers by `<runtime> create` + `start` and by
-//! `run -d`, each followed by SIGKILL, reap and `delete`, at the same concurrency; and the same
-//! again with youki beside it when `--direct-youki` names one. The table puts berthd beside the
-//! floor and says which of the targets pass (held to the first floor; youki's is for
-//! comparison). `--rounds R` runs each level R times, the floor before berthd in every other
+//! fds and CPU time from /proc (the CPU time its spawn helper's too); hold M GetStats
+//! subscribers for a while; SIGKILL every container through Signal and time each kill to its
+//! `exit` event on an Events stream opened first; stop berthd; then the floor: the same N
+//! containers by `<runtime> create` + `start` and by `run -d`, each followed by SIGKILL, reap and
+//! `delete`, at the same concurrency; and the same again with youki beside it when
+//! `--direct-youki` names one. The table puts berthd beside the floor and says which of the
+//! issue's targets pass (held to the first floor; youki's is for comparison). `--rounds R` runs each level R times, the floor before berthd in every other
 //! round, and holds each target to its median over the rounds (a missing exit or an extra
 //! process in any round fails it). `--soak SECS` runs a churn soak instead.
 //!
