@@ -252,9 +252,40 @@ pub fn create_dir_beneath(
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
         ResolveFlags::empty(),
     )?;
+    // The name was looked up again after the mkdirat: the peer, who may write to the parent,
+    // can have renamed another directory over it meanwhile (RENAME_EXCHANGE), one it filled
+    // with links for the runtime to write through, or one it may not own. What berthd made is
+    // root's and empty; the peer can make neither.
+    still_what_was_made(&created, &beneath)?;
     // Past the umask: the mode asked for is the mode made.
     set_owner(&created, (owner.uid, owner.gid), mode & 0o777).map_err(|e| beneath.io(e))?;
+    // Kept berthd's: something put in before the mode above shut the peer out (a root
+    // directory it may write to, renamed in) is seen now, when nothing more can be.
+    if owner.uid == rustix::process::geteuid().as_raw() {
+        still_what_was_made(&created, &beneath)?;
+    }
     Ok(created)
+}
+
+/// Refuses a directory berthd did not just make: one not owned by berthd's user, or not empty.
+fn still_what_was_made(created: &OwnedFd, beneath: &Beneath<'_>) -> Result<()> {
+    let st = rustix::fs::fstat(created).map_err(|e| beneath.io(e))?;
+    let replaced = || {
+        Error::FailedPrecondition(format!(
+            "{} was replaced by another directory while berthd made it; nothing was written \
+             there",
+            beneath.shown()
+        ))
+    };
+    if st.st_uid != rustix::process::geteuid().as_raw() {
+        return Err(replaced());
+    }
+    let mut empty = true;
+    each_entry(created, &beneath.shown(), |_| {
+        empty = false;
+        Ok(())
+    })?;
+    if empty { Ok(()) } else { Err(replaced()) }
 }
 
 /// Makes what `fd` holds owned by `uid`:`gid`, with `mode`.

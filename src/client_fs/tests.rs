@@ -787,3 +787,73 @@ fn files_of_kernel_interface_file_systems_are_refused_even_to_root() {
     std::fs::write(&file, "").unwrap();
     assert!(stdio(&file, Access::Write, &root).is_ok());
 }
+
+/// The peer swaps a directory of its own in for the one berthd just made (RENAME_EXCHANGE as
+/// soon as the name exists), racing berthd's open of it: whatever the race's outcome, berthd
+/// never hands back the peer's directory.
+#[test]
+fn a_directory_swapped_in_for_the_one_made_is_never_taken() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (dir, fd) = bundle();
+    let checkpoints = dir.path().join("checkpoints");
+    chmod(&checkpoints, 0o777);
+    let parent = open_dir("checkpoints", &checkpoints, &Peer::root(), &[]).unwrap();
+    let parent = Arc::new(parent);
+    let (mut refused, mut taken) = (0, 0);
+    // The swap lands between the mkdirat and the open about once in a few hundred tries here.
+    for _ in 0..3000 {
+        let decoy = checkpoints.join(".decoy");
+        std::fs::create_dir(&decoy).unwrap();
+        std::fs::write(decoy.join("inventory.img"), b"planted").unwrap();
+        std::os::unix::fs::chown(&decoy, Some(65534), Some(65534)).unwrap();
+        let decoy_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&decoy).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = std::thread::spawn({
+            let (parent, stop) = (Arc::clone(&parent), Arc::clone(&stop));
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let swapped = rustix::fs::renameat_with(
+                        &*parent,
+                        ".decoy",
+                        &*parent,
+                        "x",
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                    if swapped.is_ok() {
+                        return;
+                    }
+                }
+            }
+        });
+        let made = create_dir_beneath(
+            &fd,
+            Path::new("checkpoints/x"),
+            0o700,
+            &nobody(),
+            &Peer::root(),
+        );
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        match made {
+            Ok(made) => {
+                let st = rustix::fs::fstat(&made).unwrap();
+                assert_ne!(
+                    st.st_ino, decoy_ino,
+                    "the peer's directory was taken as made"
+                );
+                assert_eq!((st.st_uid, st.st_mode & 0o7777), (0, 0o700));
+                taken += 1;
+            }
+            Err(Error::FailedPrecondition(m)) => {
+                assert!(m.contains("was replaced by another directory"), "{m}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+        for name in ["x", ".decoy"] {
+            let _ = std::fs::remove_dir_all(checkpoints.join(name));
+        }
+    }
+    eprintln!("swapped in before berthd's open and refused: {refused}, made and kept: {taken}");
+}
