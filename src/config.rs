@@ -123,6 +123,12 @@ pub struct Config {
     #[arg(long, env = "BERTH_MAX_PROCESS_SPEC_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_process_spec_bytes: u64,
 
+    /// Most processes AddProcess may have running in one container at once; one more is
+    /// refused with RESOURCE_EXHAUSTED naming this flag. A container's processes also stay
+    /// within what its State can answer (two thirds of --max-message-bytes).
+    #[arg(long, env = "BERTH_MAX_PROCESSES_PER_CONTAINER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_processes_per_container: u64,
+
     /// Largest gRPC message berthd decodes or encodes; State that would be larger is refused
     /// with RESOURCE_EXHAUSTED (ask for one container with StateRequest.id).
     #[arg(long, env = "BERTH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..=(1 << 30)))]

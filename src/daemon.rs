@@ -328,8 +328,11 @@ impl Serving {
                     .map(|a| Edge::new(Limited::new(a.socket, a.permit), limits.handshake_timeout))
             });
         let max_message = config.max_message_bytes as usize;
-        let api = ApiService::new(supervisor, stopping)
-            .limit(max_message, config.max_process_spec_bytes as usize);
+        let api = ApiService::new(supervisor, stopping).limit(
+            max_message,
+            config.max_process_spec_bytes as usize,
+            config.max_processes_per_container as usize,
+        );
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(RpcMetricsLayer)

@@ -6,15 +6,18 @@
 //!
 //! Writes and removals are done by one thread of the store's own, never on a reactor thread, in
 //! the order they were asked for: a later write of a record is never overtaken by an earlier
-//! one, and a removal after a write wins. [`Store::flush`], or a write with
+//! one, and a removal after a write wins. A write asked while an earlier one of the same record
+//! still waits replaces what that one writes, so the queue holds at most one record per
+//! container however fast its processes come and go. [`Store::flush`], or a write with
 //! [`Store::write_flushed`], waits for what was asked before it (a create answers once its
 //! record is on disk; a stop or upgrade leaves nothing queued).
 //! Does not own: what goes in a record or when it is written (supervisor).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll};
 
 use serde::{Deserialize, Serialize};
@@ -69,11 +72,18 @@ fn no_pipes(pipes: &[u64; 3]) -> bool {
     *pipes == [0; 3]
 }
 
+/// A record waiting for the writer. A later write of the same container while it waits puts
+/// its record here instead of queuing another.
+type Waiting = Arc<Mutex<Option<Box<ContainerRecord>>>>;
+
+/// Each container's write still waiting in the queue, by id.
+type WaitingWrites = Arc<Mutex<HashMap<String, Waiting>>>;
+
 /// What the writer thread is asked to do, in order.
 enum Job {
     /// With a sender when the write is flushed too: answered once it and every job before it
     /// are done, in the same wake-up of the writer.
-    Write(Box<ContainerRecord>, Option<hand_back::Sender<()>>),
+    Write(Waiting, Option<hand_back::Sender<()>>),
     Remove(String),
     /// Answered once every job before it is done.
     Flush(hand_back::Sender<()>),
@@ -83,6 +93,7 @@ pub struct Store {
     dir: PathBuf,
     /// The writer thread's queue; the thread ends once the store is dropped and its queue done.
     jobs: mpsc::Sender<Job>,
+    waiting: WaitingWrites,
     /// How the writer answers a flush: through the reactor, not by waking a worker itself.
     hand_back: HandBack,
 }
@@ -94,14 +105,16 @@ impl Store {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io(&dir, e))?;
         let (jobs, queue) = mpsc::channel();
-        let writer_dir = dir.clone();
+        let waiting = WaitingWrites::default();
+        let (writer_dir, writer_waiting) = (dir.clone(), Arc::clone(&waiting));
         std::thread::Builder::new()
             .name("berth-store".into())
-            .spawn(move || write_in_order(&writer_dir, queue))
+            .spawn(move || write_in_order(&writer_dir, &writer_waiting, queue))
             .map_err(|e| Error::sys("start the state file writer thread", e))?;
         Ok(Store {
             dir,
             jobs,
+            waiting,
             hand_back,
         })
     }
@@ -109,19 +122,41 @@ impl Store {
     /// Writes `record` over the container's state file, after every write and removal asked
     /// before. A failure is logged by the writer; the container carries on.
     pub(crate) fn write(&self, record: ContainerRecord) {
-        self.send(Job::Write(Box::new(record), None));
+        self.queue_write(record, None);
     }
 
     /// Writes `record` as [`Store::write`] does; the returned future resolves once it, and every
     /// write and removal asked before it, is done. One job, so the writer wakes once for both.
     pub(crate) fn write_flushed(&self, record: ContainerRecord) -> Flushed {
         let (done, flushed) = self.hand_back.channel();
-        self.send(Job::Write(Box::new(record), Some(done)));
+        self.queue_write(record, Some(done));
         Flushed(flushed)
     }
 
-    /// Removes container `id`'s state file, after every write and removal asked before.
+    /// Queues a write of `record`, or gives it to the write of that container still waiting.
+    /// Jobs are sent under the lock of the waiting writes, so the queue's order is the order in
+    /// which writes and removals took it.
+    fn queue_write(&self, record: ContainerRecord, flushed: Option<hand_back::Sender<()>>) {
+        let mut waiting = lock(&self.waiting);
+        if let Some(write) = waiting.get(&record.id) {
+            *lock(write) = Some(Box::new(record));
+            if let Some(done) = flushed {
+                self.send(Job::Flush(done));
+            }
+            return;
+        }
+        let write = Arc::new(Mutex::new(None));
+        let id = record.id.clone();
+        *lock(&write) = Some(Box::new(record));
+        waiting.insert(id, Arc::clone(&write));
+        self.send(Job::Write(write, flushed));
+    }
+
+    /// Removes container `id`'s state file, after every write and removal asked before. A write
+    /// asked after this one is queued after it, never given to one queued before.
     pub(crate) fn remove(&self, id: &str) {
+        let mut waiting = lock(&self.waiting);
+        waiting.remove(id);
         self.send(Job::Remove(id.to_owned()));
     }
 
@@ -192,12 +227,30 @@ impl Future for Flushed {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().expect("state file queue lock poisoned")
+}
+
 /// The writer thread: does each job in the order it was queued.
-fn write_in_order(dir: &Path, queue: mpsc::Receiver<Job>) {
+fn write_in_order(dir: &Path, waiting: &WaitingWrites, queue: mpsc::Receiver<Job>) {
     for job in queue {
         match job {
-            Job::Write(record, flushed) => {
-                if let Err(e) = write_record(dir, &record) {
+            Job::Write(write, flushed) => {
+                let record = {
+                    let mut waiting = lock(waiting);
+                    let record = lock(&write).take();
+                    if let Some(record) = &record
+                        && waiting
+                            .get(&record.id)
+                            .is_some_and(|w| Arc::ptr_eq(w, &write))
+                    {
+                        waiting.remove(&record.id);
+                    }
+                    record
+                };
+                if let Some(record) = record
+                    && let Err(e) = write_record(dir, &record)
+                {
                     tracing::error!(id = %record.id, error = %e, "could not write the state file");
                 }
                 if let Some(done) = flushed {
@@ -344,6 +397,51 @@ mod tests {
         let loaded = store.load_all().unwrap();
         let pids: Vec<(&str, u32)> = loaded.iter().map(|r| (r.id.as_str(), r.init.pid)).collect();
         assert_eq!(pids, [("a", 200), ("c", 2), ("d", 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_write_while_one_of_the_same_record_waits_replaces_it_in_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let containers = dir.path().join("containers");
+        std::fs::create_dir(&containers).unwrap();
+        // A store whose writer has not started: the queue is what it would be behind a slow one.
+        let (jobs, queue) = mpsc::channel();
+        let store = Store {
+            dir: containers.clone(),
+            jobs,
+            waiting: WaitingWrites::default(),
+            hand_back: HandBack::start().unwrap(),
+        };
+        for pid in 1..=1000 {
+            store.write(record("a", pid));
+        }
+        store.write(record("b", 1));
+        store.remove("b");
+        store.write(record("b", 2));
+        drop(store.write_flushed(record("a", 1001)));
+        let waiting = Arc::clone(&store.waiting);
+        drop(store);
+        let jobs: Vec<Job> = queue.into_iter().collect();
+        let kinds: Vec<&str> = jobs
+            .iter()
+            .map(|job| match job {
+                Job::Write(..) => "write",
+                Job::Remove(_) => "remove",
+                Job::Flush(_) => "flush",
+            })
+            .collect();
+        assert_eq!(kinds, ["write", "write", "remove", "write", "flush"]);
+        let (replay, queue) = mpsc::channel();
+        for job in jobs {
+            replay.send(job).unwrap();
+        }
+        drop(replay);
+        write_in_order(&containers, &waiting, queue);
+        assert!(lock(&waiting).is_empty());
+        let store = Store::open(containers, HandBack::start().unwrap()).unwrap();
+        let loaded = store.load_all().unwrap();
+        let pids: Vec<(&str, u32)> = loaded.iter().map(|r| (r.id.as_str(), r.init.pid)).collect();
+        assert_eq!(pids, [("a", 1001), ("b", 2)]);
     }
 
     #[test]

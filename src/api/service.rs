@@ -31,6 +31,8 @@ struct Limits {
     message_bytes: usize,
     /// `--max-process-spec-bytes`: args, env, cwd and additional gids of one process.
     spec_bytes: usize,
+    /// `--max-processes-per-container`: added processes running in one container.
+    processes: usize,
 }
 
 impl ApiService {
@@ -41,16 +43,18 @@ impl ApiService {
             limits: Limits {
                 message_bytes: 4 * 1024 * 1024,
                 spec_bytes: 256 * 1024,
+                processes: 1024,
             },
         }
     }
 
-    /// Holds responses to `message_bytes` and each process's args, env, cwd and additional gids
-    /// to `spec_bytes`.
-    pub fn limit(mut self, message_bytes: usize, spec_bytes: usize) -> Self {
+    /// Holds responses to `message_bytes`, each process's args, env, cwd and additional gids
+    /// to `spec_bytes`, and the processes added to one container to `processes`.
+    pub fn limit(mut self, message_bytes: usize, spec_bytes: usize, processes: usize) -> Self {
         self.limits = Limits {
             message_bytes,
             spec_bytes,
+            processes,
         };
         self
     }
@@ -343,6 +347,10 @@ impl proto::api_server::Api for ApiService {
                 caller: Some(caller),
             },
             max_spec_bytes: self.limits.spec_bytes,
+            max_processes: self.limits.processes,
+            // Encoded, a process takes at most about half again its spec's bytes (a tag and a
+            // length per string): two thirds of a message leave State room for the rest.
+            max_container_spec_bytes: self.limits.message_bytes / 3 * 2,
         };
         let pid = self.supervisor.exec(request).instrument(span).await?;
         Ok(Response::new(proto::AddProcessResponse { pid }))

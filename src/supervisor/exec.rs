@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::Supervisor;
 use super::create::spec_of;
 use super::operation::Undo;
-use super::registry::{Process, Status};
+use super::registry::{Container, Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
 use crate::error::{Error, Result};
@@ -40,6 +40,11 @@ pub struct ExecRequest {
     pub stdio: StdioPaths,
     /// `--max-process-spec-bytes`, which args, env, cwd and additional gids must fit.
     pub max_spec_bytes: usize,
+    /// `--max-processes-per-container`: added processes running in the container at once.
+    pub max_processes: usize,
+    /// What the specs of all the container's processes may come to ([`Container::spec_bytes`]),
+    /// so its State still fits in a message.
+    pub max_container_spec_bytes: usize,
 }
 
 impl Supervisor {
@@ -81,6 +86,7 @@ impl Supervisor {
             )));
         }
         let (process_json, spec) = added_process(&container.base_process, &request)?;
+        within_container_limits(&container, &spec, &request)?;
         let process_file = self.scratch_path(".json");
         let pid_file = self.scratch_path(".pid");
         let _scratch = ScratchFiles(vec![process_file.clone(), pid_file.clone()]);
@@ -193,6 +199,34 @@ impl Supervisor {
     }
 }
 
+/// Refuses a process past the container's limits: how many added processes may run in it at
+/// once, and what all its processes' specs may come to. Checked under the container's
+/// operations lock, so two AddProcess requests cannot both take the last place.
+fn within_container_limits(
+    container: &Container,
+    spec: &ProcessSpec,
+    request: &ExecRequest,
+) -> Result<()> {
+    let (added, bytes) = {
+        let mutable = container.lock();
+        (mutable.added.len(), container.spec_bytes(&mutable))
+    };
+    if added >= request.max_processes {
+        return Err(Error::ResourceExhausted(format!(
+            "container {} already runs {added} added processes, the most --max-processes-per-container allows; wait for one to exit",
+            container.id
+        )));
+    }
+    let after = bytes + Container::process_bytes(spec);
+    if after > request.max_container_spec_bytes {
+        return Err(Error::ResourceExhausted(format!(
+            "container {}'s processes would come to {after} bytes of args, env, cwd and groups, more than its State can answer (two thirds of --max-message-bytes, {}); wait for one to exit or give this one less",
+            container.id, request.max_container_spec_bytes
+        )));
+    }
+    Ok(())
+}
+
 /// The process JSON for `runtime exec --process`: the bundle's process (capabilities, rlimits,
 /// security settings) with the request's args, env, cwd, user and terminal.
 fn added_process(
@@ -261,6 +295,8 @@ mod tests {
             terminal: false,
             stdio: StdioPaths::default(),
             max_spec_bytes: 1024,
+            max_processes: 8,
+            max_container_spec_bytes: 4096,
         }
     }
 

@@ -93,6 +93,22 @@ pub(super) struct Container {
 }
 
 impl Container {
+    /// What a process counts toward its container's limit: its spec's bytes as
+    /// `--max-process-spec-bytes` counts them, and the pid, user and flags beside them.
+    pub(super) fn process_bytes(spec: &ProcessSpec) -> usize {
+        const PER_PROCESS: usize = 64;
+        super::validate::spec_bytes(&spec.args, &spec.env, &spec.cwd, &spec.additional_gids)
+            + PER_PROCESS
+    }
+
+    /// What the container's processes, the init's and those added, count toward its limit.
+    pub(super) fn spec_bytes(&self, mutable: &Mutable) -> usize {
+        std::iter::once(&self.init)
+            .chain(&mutable.added)
+            .map(|process| Container::process_bytes(&process.spec))
+            .sum()
+    }
+
     fn info(&self) -> ContainerInfo {
         let mutable = self.lock();
         let mut processes = vec![(self.init.pid(), self.init.spec.clone())];

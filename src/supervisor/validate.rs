@@ -55,7 +55,7 @@ const NGROUPS_MAX: usize = 65536;
 /// C strings, so none may hold a NUL (runc would start the process and fail at its exec, or
 /// refuse it as its own error); env entries are `NAME=value`, as runc requires; cwd is a path
 /// the kernel takes; the groups are as many as `setgroups` takes. Then all of it must fit
-/// `limit` ([`process_spec_size`]).
+/// `limit` ([`spec_bytes`]).
 pub fn process(
     field: &str,
     args: &[String],
@@ -111,28 +111,27 @@ pub fn process(
             additional_gids.len()
         )));
     }
-    process_spec_size(args, env, cwd, additional_gids, limit)
-}
-
-/// Args, env and cwd of one process (each string with its NUL, as the kernel counts them) and
-/// its additional gids (4 bytes each) must fit in `limit` bytes: they are stored, sent in State
-/// and events, and passed to the runtime.
-fn process_spec_size(
-    args: &[String],
-    env: &[String],
-    cwd: &str,
-    additional_gids: &[u32],
-    limit: usize,
-) -> Result<()> {
-    let strings: usize = args.iter().chain(env).map(|s| s.len() + 1).sum();
-    let cwd = if cwd.is_empty() { 0 } else { cwd.len() + 1 };
-    let size = strings + cwd + 4 * additional_gids.len();
+    let size = spec_bytes(args, env, cwd, additional_gids);
     if size > limit {
         return Err(Error::ResourceExhausted(format!(
             "the process's args, env, cwd and additional gids are {size} bytes, more than --max-process-spec-bytes ({limit})"
         )));
     }
     Ok(())
+}
+
+/// What args, env and cwd of one process (each string with its NUL, as the kernel counts them)
+/// and its additional gids (4 bytes each) come to: what `--max-process-spec-bytes` holds a
+/// process to, since they are stored, sent in State and events, and passed to the runtime.
+pub(super) fn spec_bytes(
+    args: &[String],
+    env: &[String],
+    cwd: &str,
+    additional_gids: &[u32],
+) -> usize {
+    let strings: usize = args.iter().chain(env).map(|s| s.len() + 1).sum();
+    let cwd = if cwd.is_empty() { 0 } else { cwd.len() + 1 };
+    strings + cwd + 4 * additional_gids.len()
 }
 
 /// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec
@@ -204,8 +203,9 @@ mod tests {
         let args = vec!["sh".to_owned(), "-c".to_owned()];
         let env = vec!["A=1".to_owned()];
         // "sh\0" + "-c\0" + "A=1\0" + "/tmp\0" + 2 gids of 4 bytes = 23 bytes.
-        assert!(process_spec_size(&args, &env, "/tmp", &[1, 2], 23).is_ok());
-        let err = process_spec_size(&args, &env, "/tmp", &[1, 2], 22).unwrap_err();
+        assert_eq!(spec_bytes(&args, &env, "/tmp", &[1, 2]), 23);
+        assert!(process("", &args, &env, "/tmp", &[1, 2], 23).is_ok());
+        let err = process("", &args, &env, "/tmp", &[1, 2], 22).unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)));
         assert_eq!(
             err.to_string(),
@@ -216,7 +216,7 @@ mod tests {
             tonic::Code::ResourceExhausted
         );
         // An empty cwd (the container's own) counts nothing.
-        assert!(process_spec_size(&args, &env, "", &[], 10).is_ok());
+        assert_eq!(spec_bytes(&args, &env, "", &[]), 10);
     }
 
     #[test]

@@ -82,20 +82,30 @@ async fn state_is_never_built_larger_than_it_may_be_sent() {
             "--max-message-bytes",
             "65536",
             "--max-process-spec-bytes",
-            "16384",
+            "24576",
         ];
         let mut d = daemon!(Options::args(&flags));
         let mut events = d.events().await;
         let small = d.run("state-small", &["sleep", "1000"]).await;
         let ctr = d.run("state-big", &["sleep", "1000"]).await;
-        let arg = "y".repeat(15_000);
+        let other = d.run("state-big-too", &["sleep", "1000"]).await;
+        let arg = "y".repeat(20_000);
         let mut added = Vec::new();
-        for _ in 0..5 {
-            added.push(
-                d.exec(exec_req(&ctr.id, &["sh", "-c", "sleep 1000", &arg]))
-                    .await,
-            );
+        for big in [&ctr, &other] {
+            for _ in 0..2 {
+                let exec = exec_req(&big.id, &["sh", "-c", "sleep 1000", &arg]);
+                added.push((big.id.clone(), d.exec(exec).await));
+            }
         }
+        // One container's processes stay within what its own State can answer.
+        let third = exec_req(&ctr.id, &["sh", "-c", "sleep 1000", &arg]);
+        let message = expect_code(d.client.add_process(third).await, Code::ResourceExhausted);
+        assert!(
+            message.contains("more than its State can answer")
+                && message.contains("--max-message-bytes, 43690"),
+            "{message}"
+        );
+        // All of them together do not fit.
         let message = expect_code(
             d.client.state(StateRequest::default()).await,
             Code::ResourceExhausted,
@@ -127,13 +137,60 @@ async fn state_is_never_built_larger_than_it_may_be_sent() {
             id: id("state-unknown"),
         };
         expect_code(d.client.state(unknown).await, Code::NotFound);
-        for pid in added {
+        for (id, pid) in added {
+            d.signal(&id, pid, SIGKILL).await;
+            assert_eq!(events.exit_status(&id, pid).await, 137);
+        }
+        assert_eq!(d.state().await.containers.len(), 3);
+        for c in [&ctr, &other, &small] {
+            d.kill_container(&mut events, &c.id, c.pid).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_runs_at_most_its_limit_of_added_processes() {
+    within(async {
+        let flags = ["--max-processes-per-container", "2"];
+        let mut d = daemon!(Options::args(&flags));
+        let mut events = d.events().await;
+        let ctr = d.run("process-limit", &["sleep", "1000"]).await;
+        let baseline = d.baseline();
+        let first = d.exec(exec_req(&ctr.id, &["sleep", "1000"])).await;
+        let second = d.exec(exec_req(&ctr.id, &["sleep", "1000"])).await;
+        let message = expect_code(
+            d.client
+                .add_process(exec_req(&ctr.id, &["sleep", "1000"]))
+                .await,
+            Code::ResourceExhausted,
+        );
+        assert!(
+            message.contains("already runs 2 added processes")
+                && message.contains("--max-processes-per-container"),
+            "{message}"
+        );
+        let pids: Vec<u32> = d.state().await.containers[0]
+            .processes
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        assert_eq!(
+            pids.len(),
+            3,
+            "the refused process was not started: {pids:?}"
+        );
+        // Once one has exited, its place is free again.
+        d.signal(&ctr.id, first, SIGKILL).await;
+        assert_eq!(events.exit_status(&ctr.id, first).await, 137);
+        let third = d.exec(exec_req(&ctr.id, &["sleep", "1000"])).await;
+        for pid in [second, third] {
             d.signal(&ctr.id, pid, SIGKILL).await;
             assert_eq!(events.exit_status(&ctr.id, pid).await, 137);
         }
-        assert_eq!(d.state().await.containers.len(), 2);
+        d.assert_settles(&baseline).await;
         d.kill_container(&mut events, &ctr.id, ctr.pid).await;
-        d.kill_container(&mut events, &small.id, small.pid).await;
+        d.assert_no_zombies().await;
     })
     .await
 }
