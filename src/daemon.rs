@@ -25,9 +25,10 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
-use crate::api::grpc_message::status_on_the_wire;
+use crate::api::grpc_message::{MessageLimits, status_on_the_wire};
 use crate::api::pacing::AnswerPacingLayer;
 use crate::api::peer::Gate;
+use crate::api::request_budget::{self, RequestBudgetLayer};
 use crate::api::service::ApiService;
 use crate::config::{Config, CreateMode, StatsBackend, resolve_runtime};
 use crate::daemon_proto::daemon_server::DaemonServer;
@@ -316,10 +317,15 @@ impl Serving {
             .map_err(|e| Error::sys("duplicate the listener", e))?;
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let mut stopped = stopping.clone();
+        let max_message = config.max_message_bytes as usize;
+        let message_limits =
+            MessageLimits::new(max_message, config.max_process_spec_bytes as usize);
+        let request_budget_size = request_budget::per_uid(message_limits.request_bytes);
         let limits = Limits::within_fd_limit(
             config.max_connections,
             config.max_connections_per_uid,
             config.handshake_timeout,
+            request_budget_size,
         );
         let incoming = listener::accept(listener, limits)
             .map_err(|e| Error::sys("register the listener", e))?
@@ -327,7 +333,6 @@ impl Serving {
                 accepted
                     .map(|a| Edge::new(Limited::new(a.socket, a.permit), limits.handshake_timeout))
             });
-        let max_message = config.max_message_bytes as usize;
         let api = ApiService::new(supervisor, stopping).limit(
             max_message,
             config.max_process_spec_bytes as usize,
@@ -337,9 +342,12 @@ impl Serving {
             tonic::transport::Server::builder()
                 .layer(RpcMetricsLayer)
                 .layer(tower::util::MapResponseLayer::new(status_on_the_wire(
-                    max_message,
+                    message_limits,
                 )))
                 .layer(AnswerPacingLayer)
+                .layer(RequestBudgetLayer {
+                    size: request_budget_size,
+                })
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_max_header_list_size(edge::MAX_HEADER_LIST_SIZE)
                 // Streams h2 resets for the client's errors, and streams the client resets
@@ -351,13 +359,13 @@ impl Serving {
                 .http2_keepalive_timeout(Some(config.keepalive))
                 .add_service(InterceptedService::new(
                     ApiServer::new(api)
-                        .max_decoding_message_size(max_message)
+                        .max_decoding_message_size(message_limits.request_bytes)
                         .max_encoding_message_size(max_message),
                     gate,
                 ))
                 .add_service(InterceptedService::new(
                     DaemonServer::new(daemon)
-                        .max_decoding_message_size(max_message)
+                        .max_decoding_message_size(message_limits.request_bytes)
                         .max_encoding_message_size(max_message),
                     gate,
                 ))

@@ -44,6 +44,9 @@ pub struct ConnectionInfo {
     pub answers: std::sync::Arc<tokio::sync::Semaphore>,
     /// What the socket has taken, for answers that wait until it took them.
     pub sent: std::sync::Arc<SentBytes>,
+    /// Bytes of requests still arriving that this connection's uid may hold in berthd, shared by
+    /// all of the uid's connections (each of root's has its own): `api::request_budget`.
+    pub request_bytes: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The bytes an API connection's socket has taken, all told: the socket counts them

@@ -7,9 +7,9 @@
 //! so only `%` and octets outside 0x20–0x7E are encoded, as the spec's "Percent-Encoded" rule has
 //! it. Decoding clients get the same text either way.
 //!
-//! `grpc-status` of a message over `--max-message-bytes`: tonic answers OUT_OF_RANGE ("Error,
-//! decoded message length too large: …"), where gRPC's table of status codes, grpc-go and
-//! berthd's other limits say RESOURCE_EXHAUSTED, naming the limit. berthd never answers
+//! `grpc-status` of a message over its limit ([`MessageLimits`]): tonic answers OUT_OF_RANGE
+//! ("Error, decoded message length too large: …"), where gRPC's table of status codes, grpc-go
+//! and berthd's other limits say RESOURCE_EXHAUSTED, naming the limit. berthd never answers
 //! OUT_OF_RANGE itself, so the code alone tells which responses these are.
 //!
 //! Owns: that re-encoding and that code. Does not own: any other status or text (crate::error).
@@ -24,16 +24,55 @@ const ENCODED: &AsciiSet = &CONTROLS.add(b'%');
 const GRPC_MESSAGE: &str = "grpc-message";
 const GRPC_STATUS: &str = "grpc-status";
 
-/// For `tower::util::MapResponseLayer` on the server, with the server's `--max-message-bytes`.
+/// What tonic holds messages to. A response may be as large as `--max-message-bytes` (State of
+/// many containers); a request is never larger than an AddProcess whose spec is as large as
+/// `--max-process-spec-bytes` lets it be (encoded, at most about half again its bytes), and tonic
+/// holds a request's bytes until the whole message is in: a client that announces messages it
+/// never finishes holds this much per stream, not `--max-message-bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimits {
+    pub message_bytes: usize,
+    pub request_bytes: usize,
+}
+
+impl MessageLimits {
+    /// Room in a request for what is not the process's spec (ids, paths, the user).
+    const REQUEST_OVERHEAD: usize = 64 * 1024;
+
+    pub fn new(message_bytes: usize, process_spec_bytes: usize) -> MessageLimits {
+        let request_bytes = process_spec_bytes
+            .saturating_mul(2)
+            .saturating_add(MessageLimits::REQUEST_OVERHEAD)
+            .min(message_bytes);
+        MessageLimits {
+            message_bytes,
+            request_bytes,
+        }
+    }
+
+    /// The limit a request is over, named as a person can change it.
+    fn request_limit(&self) -> String {
+        if self.request_bytes < self.message_bytes {
+            format!(
+                "the largest request berthd takes ({}: twice --max-process-spec-bytes and 64 KiB)",
+                self.request_bytes
+            )
+        } else {
+            format!("--max-message-bytes ({})", self.message_bytes)
+        }
+    }
+}
+
+/// For `tower::util::MapResponseLayer` on the server, with the server's limits.
 pub fn status_on_the_wire(
-    max_message_bytes: usize,
+    limits: MessageLimits,
 ) -> impl Fn(http::Response<Body>) -> http::Response<Body> + Clone {
     move |response| {
         let (mut parts, body) = response.into_parts();
-        fix(&mut parts.headers, max_message_bytes);
+        fix(&mut parts.headers, &limits);
         let body = body.map_frame(move |mut frame| {
             if let Some(trailers) = frame.trailers_mut() {
-                fix(trailers, max_message_bytes);
+                fix(trailers, &limits);
             }
             frame
         });
@@ -41,12 +80,12 @@ pub fn status_on_the_wire(
     }
 }
 
-fn fix(headers: &mut HeaderMap, max_message_bytes: usize) {
-    over_size_is_resource_exhausted(headers, max_message_bytes);
+fn fix(headers: &mut HeaderMap, limits: &MessageLimits) {
+    over_size_is_resource_exhausted(headers, limits);
     reencode(headers);
 }
 
-fn over_size_is_resource_exhausted(headers: &mut HeaderMap, max_message_bytes: usize) {
+fn over_size_is_resource_exhausted(headers: &mut HeaderMap, limits: &MessageLimits) {
     if headers.get(GRPC_STATUS).map(HeaderValue::as_bytes) != Some(b"11") {
         return;
     }
@@ -55,22 +94,26 @@ fn over_size_is_resource_exhausted(headers: &mut HeaderMap, max_message_bytes: u
         .map(|value| percent_decode(value.as_bytes()).collect())
         .unwrap_or_default();
     let said = String::from_utf8_lossy(&said);
-    let what = if said.contains("decoded") {
-        "request"
+    let (what, limit) = if said.contains("decoded") {
+        ("request", limits.request_limit())
     } else if said.contains("encoded") {
-        "response"
+        (
+            "response",
+            format!("--max-message-bytes ({})", limits.message_bytes),
+        )
     } else {
-        "message"
+        (
+            "message",
+            format!("--max-message-bytes ({})", limits.message_bytes),
+        )
     };
     let size = said
         .split_once("found ")
         .and_then(|(_, rest)| rest.split_once(' '))
         .and_then(|(number, _)| number.parse::<u64>().ok());
     let text = match size {
-        Some(bytes) => {
-            format!("{what} of {bytes} bytes is over --max-message-bytes ({max_message_bytes})")
-        }
-        None => format!("{what} over --max-message-bytes ({max_message_bytes})"),
+        Some(bytes) => format!("{what} of {bytes} bytes is over {limit}"),
+        None => format!("{what} over {limit}"),
     };
     headers.insert(GRPC_STATUS, HeaderValue::from_static("8"));
     if let Ok(value) = HeaderValue::from_str(&text) {
@@ -104,8 +147,12 @@ mod tests {
     }
 
     fn over_size(status: tonic::Status) -> (tonic::Code, String) {
+        over_limits(status, MessageLimits::new(4_194_304, 4_194_304))
+    }
+
+    fn over_limits(status: tonic::Status, limits: MessageLimits) -> (tonic::Code, String) {
         let mut headers = status.into_http::<Body>().into_parts().0.headers;
-        fix(&mut headers, 4_194_304);
+        fix(&mut headers, &limits);
         let code = tonic::Code::from_bytes(headers[GRPC_STATUS].as_bytes());
         (code, headers[GRPC_MESSAGE].to_str().unwrap().to_owned())
     }
@@ -137,6 +184,16 @@ mod tests {
                 tonic::Code::ResourceExhausted,
                 "message over --max-message-bytes (4194304)".to_owned()
             )
+        );
+        // With the default spec limit, a request is held to less than a response.
+        let limits = MessageLimits::new(4_194_304, 262_144);
+        assert_eq!(limits.request_bytes, 589_824);
+        let decoded = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 600000 bytes, the limit is: 589824 bytes",
+        );
+        assert_eq!(
+            over_limits(decoded, limits).1,
+            "request of 600000 bytes is over the largest request berthd takes (589824: twice --max-process-spec-bytes and 64 KiB)"
         );
         let other = tonic::Status::not_found("container a not found");
         assert_eq!(

@@ -4,4 +4,5 @@ pub mod daemon;
 pub mod grpc_message;
 pub mod pacing;
 pub mod peer;
+pub mod request_budget;
 pub mod service;

@@ -47,6 +47,9 @@ pub struct Limits {
     pub max_per_uid: usize,
     /// How long a new connection may stay silent before it is closed.
     pub handshake_timeout: Duration,
+    /// Bytes of requests still arriving that one uid's connections may hold at once (each of
+    /// uid 0's connections this much of its own).
+    pub request_bytes_per_uid: usize,
 }
 
 impl Limits {
@@ -57,6 +60,7 @@ impl Limits {
         max_connections: u64,
         max_per_uid: u64,
         handshake_timeout: Duration,
+        request_bytes_per_uid: usize,
     ) -> Limits {
         let cap = crate::fd_limit::quarter();
         if max_connections > cap {
@@ -70,6 +74,7 @@ impl Limits {
             max_connections: max_connections.min(cap) as usize,
             max_per_uid: usize::try_from(max_per_uid).unwrap_or(usize::MAX),
             handshake_timeout,
+            request_bytes_per_uid: request_bytes_per_uid.min(Semaphore::MAX_PERMITS),
         }
     }
 }
@@ -80,8 +85,15 @@ pub struct ConnectionPermit {
     _uid_place: Option<UidPlace>,
 }
 
-/// Open connections by uid (0 is not counted).
-type ByUid = Arc<Mutex<HashMap<u32, usize>>>;
+/// A uid's open connections (0 is not counted) and the budget they share for requests still
+/// arriving.
+#[derive(Default)]
+struct UidConnections {
+    open: usize,
+    request_bytes: Option<Arc<Semaphore>>,
+}
+
+type ByUid = Arc<Mutex<HashMap<u32, UidConnections>>>;
 
 /// One of a uid's places under `max_per_uid`.
 struct UidPlace {
@@ -90,31 +102,39 @@ struct UidPlace {
 }
 
 impl UidPlace {
-    /// A place for a connection from `uid`, `None` for uid 0, or `Err` when `uid` has `max`.
-    fn take(by_uid: &ByUid, uid: u32, max: usize) -> Result<Option<UidPlace>, usize> {
+    /// A place for a connection from `uid` (`None` for uid 0) with the budget its requests
+    /// share, or `Err` with how many it has open when that is `limits.max_per_uid`.
+    fn take(
+        by_uid: &ByUid,
+        uid: u32,
+        limits: &Limits,
+    ) -> Result<(Option<UidPlace>, Arc<Semaphore>), usize> {
+        let budget = || Arc::new(Semaphore::new(limits.request_bytes_per_uid));
         if uid == 0 {
-            return Ok(None);
+            return Ok((None, budget()));
         }
-        let mut counts = by_uid.lock().expect("connections by uid lock poisoned");
-        let open = counts.entry(uid).or_default();
-        if *open >= max {
-            return Err(*open);
+        let mut by_uid_now = by_uid.lock().expect("connections by uid lock poisoned");
+        let connections = by_uid_now.entry(uid).or_default();
+        if connections.open >= limits.max_per_uid {
+            return Err(connections.open);
         }
-        *open += 1;
-        Ok(Some(UidPlace {
+        connections.open += 1;
+        let shared = Arc::clone(connections.request_bytes.get_or_insert_with(budget));
+        let place = UidPlace {
             uid,
             by_uid: Arc::clone(by_uid),
-        }))
+        };
+        Ok((Some(place), shared))
     }
 }
 
 impl Drop for UidPlace {
     fn drop(&mut self) {
-        let mut counts = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(open) = counts.get_mut(&self.uid) {
-            *open -= 1;
-            if *open == 0 {
-                counts.remove(&self.uid);
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(connections) = by_uid.get_mut(&self.uid) {
+            connections.open -= 1;
+            if connections.open == 0 {
+                by_uid.remove(&self.uid);
             }
         }
     }
@@ -173,7 +193,7 @@ async fn accept_loop(
             result = accept_one(&listener) => result,
             () = accepted.closed() => return,
         };
-        let socket = match socket {
+        let mut socket = match socket {
             Ok(socket) => {
                 backoff = FIRST_BACKOFF;
                 socket
@@ -189,8 +209,11 @@ async fn accept_loop(
         // A peer whose credentials could not be read counts as one uid of its own; its
         // requests are refused anyway.
         let uid = socket.peer_uid().unwrap_or(u32::MAX);
-        let uid_place = match UidPlace::take(&by_uid, uid, limits.max_per_uid) {
-            Ok(place) => place,
+        let uid_place = match UidPlace::take(&by_uid, uid, &limits) {
+            Ok((place, request_bytes)) => {
+                socket.set_request_budget(request_bytes);
+                place
+            }
             Err(open) => {
                 let now = Instant::now();
                 if warned
@@ -359,6 +382,7 @@ mod tests {
             max_connections: 2,
             max_per_uid: 2,
             handshake_timeout: Duration::from_millis(300),
+            request_bytes_per_uid: 1 << 20,
         };
         let mut incoming = accept(listener, limits).unwrap();
         // Two silent connections fill the table; a third that talks still gets in.
@@ -389,6 +413,7 @@ mod tests {
             max_connections: 1,
             max_per_uid: 1,
             handshake_timeout: Duration::from_secs(10),
+            request_bytes_per_uid: 1 << 20,
         };
         let mut incoming = accept(listener, limits).unwrap();
         let mut a = UnixStream::connect(&path).await.unwrap();
@@ -407,17 +432,36 @@ mod tests {
     #[test]
     fn a_uid_has_at_most_its_places_and_root_is_not_counted() {
         let by_uid = ByUid::default();
-        let first = UidPlace::take(&by_uid, 1000, 2).unwrap();
-        let second = UidPlace::take(&by_uid, 1000, 2).unwrap();
+        let limits = Limits {
+            max_connections: 10,
+            max_per_uid: 2,
+            handshake_timeout: Duration::from_secs(1),
+            request_bytes_per_uid: 100,
+        };
+        let (first, first_budget) = UidPlace::take(&by_uid, 1000, &limits).unwrap();
+        let (second, second_budget) = UidPlace::take(&by_uid, 1000, &limits).unwrap();
         assert!(first.is_some() && second.is_some());
-        assert_eq!(UidPlace::take(&by_uid, 1000, 2).err(), Some(2));
-        assert!(UidPlace::take(&by_uid, 1001, 2).unwrap().is_some());
+        assert!(
+            Arc::ptr_eq(&first_budget, &second_budget),
+            "a uid's connections share one budget for their requests"
+        );
+        assert_eq!(first_budget.available_permits(), 100);
+        assert_eq!(UidPlace::take(&by_uid, 1000, &limits).err(), Some(2));
+        let (other, other_budget) = UidPlace::take(&by_uid, 1001, &limits).unwrap();
+        assert!(other.is_some() && !Arc::ptr_eq(&first_budget, &other_budget));
+        let mut root_budgets = Vec::new();
         for _ in 0..5 {
-            assert!(UidPlace::take(&by_uid, 0, 2).unwrap().is_none());
+            let (place, budget) = UidPlace::take(&by_uid, 0, &limits).unwrap();
+            assert!(place.is_none());
+            assert!(
+                root_budgets.iter().all(|b| !Arc::ptr_eq(b, &budget)),
+                "each of root's its own"
+            );
+            root_budgets.push(budget);
         }
         drop(first);
-        let third = UidPlace::take(&by_uid, 1000, 2).unwrap();
-        drop((second, third));
+        let (third, _) = UidPlace::take(&by_uid, 1000, &limits).unwrap();
+        drop((second, third, other));
         assert!(
             by_uid.lock().unwrap().is_empty(),
             "uids without connections are forgotten"
@@ -429,10 +473,10 @@ mod tests {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap();
-        let limits = Limits::within_fd_limit(u64::MAX, 1, Duration::from_secs(1));
+        let limits = Limits::within_fd_limit(u64::MAX, 1, Duration::from_secs(1), 1);
         assert_eq!(limits.max_connections as u64, (soft / 4).max(1));
         assert_eq!(
-            Limits::within_fd_limit(1, 1, Duration::ZERO).max_connections,
+            Limits::within_fd_limit(1, 1, Duration::ZERO, 1).max_connections,
             1
         );
     }

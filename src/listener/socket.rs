@@ -48,6 +48,9 @@ pub struct ApiSocket {
     answers: std::sync::Arc<tokio::sync::Semaphore>,
     /// Bytes sent, all told ([`ConnectionInfo`]).
     sent: std::sync::Arc<SentBytes>,
+    /// The peer's budget for requests still arriving ([`ConnectionInfo`]), set once its uid's
+    /// place is taken.
+    request_bytes: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 enum SpaceWait {
@@ -90,7 +93,13 @@ impl ApiSocket {
             room: tokio::sync::watch::Sender::new(true),
             answers: std::sync::Arc::new(tokio::sync::Semaphore::new(ANSWERS_AHEAD)),
             sent: std::sync::Arc::default(),
+            request_bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
         })
+    }
+
+    /// Gives the connection its peer's budget for requests still arriving.
+    pub fn set_request_budget(&mut self, budget: std::sync::Arc<tokio::sync::Semaphore>) {
+        self.request_bytes = budget;
     }
 
     /// The peer's uid, as `SO_PEERCRED` gave it at accept.
@@ -244,6 +253,7 @@ impl tonic::transport::server::Connected for ApiSocket {
             room: SocketRoom(self.room.subscribe()),
             answers: std::sync::Arc::clone(&self.answers),
             sent: std::sync::Arc::clone(&self.sent),
+            request_bytes: std::sync::Arc::clone(&self.request_bytes),
         }
     }
 }

@@ -28,7 +28,8 @@ async fn oversized_process_specs_are_refused_where_they_enter() {
         let ctr = d.run("spec-limit", &["sleep", "1000"]).await;
         let baseline = d.baseline();
 
-        let big = "x".repeat(100_000);
+        // Over the spec limit, within the largest request (twice the spec limit and 64 KiB).
+        let big = "x".repeat(40_000);
         let request = exec_req(&ctr.id, &["echo", &big]);
         let message = expect_code(d.client.add_process(request).await, Code::ResourceExhausted);
         assert!(
@@ -241,7 +242,7 @@ async fn hostile_ids_reach_the_log_escaped_and_bounded() {
         let mut d = daemon!();
         let bundle = Bundle::new(&["true"]);
         let forged = "forged-line INFO berth::audit: request peer_uid=0 rpc=\"Daemon.Upgrade\"";
-        for hostile in [format!("x\n{forged}"), "h".repeat(1 << 20)] {
+        for hostile in [format!("x\n{forged}"), "h".repeat(1 << 18)] {
             let create = d
                 .client
                 .create_container(create_req(&hostile, &bundle))

@@ -741,3 +741,83 @@ async fn a_state_cancelled_midway_does_not_hold_up_the_next() {
     })
     .await
 }
+
+/// A client that begins requests as large as a request may be and never finishes them holds no
+/// more of berthd's memory than its budget for requests still arriving: past it, its requests
+/// are refused (RESOURCE_EXHAUSTED) instead of buffered, and berthd serves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_begun_and_never_finished_hold_no_more_than_the_budget() {
+    const STREAMS: usize = 200;
+    // With this spec limit a request may be 2 × 16 KiB + 64 KiB = 96 KiB; the budget is 16 of
+    // them, 1.5 MiB. Unbudgeted, these streams would hold about 19 MB.
+    const ANNOUNCED: usize = 96 * 1024;
+    const SENT: usize = 90 * 1024;
+    within(async {
+        let daemon = daemon!(Options::args(&["--max-process-spec-bytes", "16384"]));
+        let mut connection = Connection::open(&daemon).await;
+        let block = request("/types.API/Signal", "localhost", false, false);
+        let rss_before = status_kib(daemon.pid(), "VmRSS");
+        // The connection's flow-control window, as berthd's WINDOW_UPDATEs give it.
+        let mut window: usize = 65_535;
+        let mut refused = Vec::new();
+        for _ in 0..STREAMS {
+            let (stream, headers) = connection.header_frames(&block, 1);
+            connection
+                .socket
+                .write_all(&headers)
+                .await
+                .expect("headers");
+            let mut body = vec![0];
+            body.extend_from_slice(&(ANNOUNCED as u32).to_be_bytes());
+            body.resize(5 + SENT, 0);
+            for chunk in body.chunks(16 * 1024) {
+                while window < chunk.len() {
+                    let (kind, flags, on, payload) = connection.next_frame().await;
+                    match kind {
+                        WINDOW_UPDATE if on == 0 => {
+                            window += u32::from_be_bytes(payload[..4].try_into().unwrap()) as usize
+                        }
+                        HEADERS if flags & END_HEADERS != 0 => {
+                            let headers = connection.decoder.decode(&payload).expect("HPACK");
+                            let status = headers.iter().find(|(n, _)| n == b"grpc-status");
+                            let message = headers.iter().find(|(n, _)| n == b"grpc-message");
+                            if let (Some((_, status)), Some((_, message))) = (status, message) {
+                                refused.push((
+                                    String::from_utf8_lossy(status).into_owned(),
+                                    String::from_utf8_lossy(message).into_owned(),
+                                ));
+                            }
+                        }
+                        0x7 => panic!("GOAWAY from berthd: {payload:?}"),
+                        _ => {}
+                    }
+                }
+                window -= chunk.len();
+                let data = frame(DATA, 0, stream, chunk);
+                connection.socket.write_all(&data).await.expect("data");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+        assert!(
+            grown < 8 * 1024,
+            "berthd's RSS grew by {grown} KiB for {STREAMS} requests begun and never finished"
+        );
+        assert!(
+            refused.len() >= STREAMS / 2,
+            "only {} of {STREAMS} refused: {refused:?}",
+            refused.len()
+        );
+        for (status, message) in &refused {
+            assert_eq!(status, "8", "{message}");
+            assert!(
+                message.contains("requests%20still%20arriving")
+                    || message.contains("requests still arriving"),
+                "{message}"
+            );
+        }
+        let mut client = daemon.connect().await;
+        assert!(state(&mut client).await.machine.is_some());
+    })
+    .await
+}
