@@ -45,6 +45,18 @@ pub(crate) struct TerminalPaths {
     pub stdin: String,
     pub stdout: String,
     pub console: String,
+    /// Who named them (see [`ContainerRecord::named_by`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_by: Option<NamedBy>,
+}
+
+/// The client who named stdio paths, as its request's peer was admitted: a restarted or
+/// upgraded berthd opens the paths again as that client may, never as root.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NamedBy {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +78,10 @@ pub(crate) struct ContainerRecord {
     /// a pipe), to take them up again from `/proc/<pid>/fd`. Absent in records before pipes.
     #[serde(default, skip_serializing_if = "no_pipes")]
     pub pipes: [u64; 3],
+    /// Who named the init's stdio paths. Absent in records written before it was recorded,
+    /// whose paths are opened again as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_by: Option<NamedBy>,
 }
 
 fn no_pipes(pipes: &[u64; 3]) -> bool {
@@ -339,6 +355,11 @@ mod tests {
             processes: vec![],
             lost_terminals: vec![10],
             pipes: [0, 4242, 0],
+            named_by: Some(NamedBy {
+                uid: 65534,
+                gid: 65534,
+                groups: vec![100],
+            }),
         }
     }
 

@@ -129,6 +129,7 @@ impl Supervisor {
                 stdin: request.stdio.stdin.clone(),
                 stdout: request.stdio.stdout.clone(),
                 console: request.stdio.console.clone(),
+                named_by: request.stdio.named_by(),
             }),
             spec: spec.clone(),
         });

@@ -145,6 +145,21 @@ impl Supervisor {
         &self.machine
     }
 
+    /// Who a record says named its stdio paths, to open them again as that client may: root
+    /// for a record written before that was recorded.
+    pub(super) fn caller_named_by(&self, named_by: Option<&crate::store::NamedBy>) -> Arc<Caller> {
+        let peer = match named_by {
+            Some(named_by) => Peer {
+                pid: 0,
+                uid: named_by.uid,
+                gid: named_by.gid,
+                groups: named_by.groups.clone(),
+            },
+            None => Peer::root(),
+        };
+        self.caller(peer)
+    }
+
     /// `peer` as the requests it makes are checked: against what it may open itself, and never
     /// inside berthd's state directory (the scratch directory's parent, `<state-dir>/tmp`).
     pub(crate) fn caller(&self, peer: Peer) -> Arc<Caller> {

@@ -134,13 +134,10 @@ impl Supervisor {
             );
             return false;
         };
-        // The paths come from berthd's own record; they are opened as root, with the checks
-        // every stdio path gets (FIFO, /dev/null or regular file, never in the state dir).
-        let paths = StdioPaths {
-            caller: Some(self.caller(Peer::root())),
-            ..stdio.clone()
-        };
-        match paths
+        // The paths come from berthd's own record; they are opened as the client who named them
+        // may, with the checks every stdio path gets (FIFO, /dev/null or regular file, never in
+        // the state dir).
+        match stdio
             .open_relay()
             .and_then(|ends| self.relay_terminal(id, pid, master, ends))
         {
@@ -199,10 +196,11 @@ impl Supervisor {
     }
 
     /// The bundle's process of a record, the base of later added processes: read as berthd
-    /// reads any client's config (no link, bounded size, off the reactor within a bound), or
-    /// the recorded init's process when it cannot be.
+    /// reads any client's config (as the client who created the container may, no link,
+    /// bounded size, off the reactor within a bound), or the recorded init's process when it
+    /// cannot be.
     async fn recorded_process(&self, record: &ContainerRecord) -> oci_spec::runtime::Process {
-        let caller = self.caller(Peer::root());
+        let caller = self.caller_named_by(record.named_by.as_ref());
         let path = record.bundle.display().to_string();
         match super::validate::bundle(&path, &caller).await {
             Ok((_, process)) => process,
@@ -290,7 +288,7 @@ impl Supervisor {
             stdout: record.stdout.clone(),
             stderr: record.stderr.clone(),
             console: record.console.clone(),
-            caller: None,
+            caller: Some(self.caller_named_by(record.named_by.as_ref())),
         };
         let live: Vec<u32> = std::iter::once(record.init.pid)
             .chain(added.iter().map(|p| p.pid()))
@@ -311,6 +309,7 @@ impl Supervisor {
                         stdin: paths.stdin.clone(),
                         stdout: paths.stdout.clone(),
                         console: paths.console.clone(),
+                        caller: Some(self.caller_named_by(paths.named_by.as_ref())),
                         ..StdioPaths::default()
                     };
                     self.resume_terminal(&record.id, process.pid(), &paths)

@@ -138,6 +138,7 @@ impl Container {
             processes: mutable.added.iter().map(|p| p.record()).collect(),
             lost_terminals: self.lost_terminals.clone(),
             pipes: self.pipes,
+            named_by: self.stdio.named_by(),
         }
     }
 }

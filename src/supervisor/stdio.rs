@@ -34,7 +34,7 @@ pub struct StdioPaths {
     pub stdout: String,
     pub stderr: String,
     pub console: String,
-    /// Who named them; `None` for paths read back from a state file, which are never opened.
+    /// Who named them, or who a state file says did (root for one that does not say).
     pub caller: Option<Arc<Caller>>,
 }
 
@@ -59,6 +59,15 @@ impl StdioPaths {
             ("stderr", &self.stderr),
             ("console", &self.console),
         ]
+    }
+
+    /// Who named the paths, for a record: opened again as that client after a restart.
+    pub(super) fn named_by(&self) -> Option<crate::store::NamedBy> {
+        self.caller.as_ref().map(|caller| crate::store::NamedBy {
+            uid: caller.peer.uid,
+            gid: caller.peer.gid,
+            groups: caller.peer.groups.clone(),
+        })
     }
 
     fn caller(&self) -> Result<&Caller> {

@@ -244,8 +244,10 @@ impl Supervisor {
 
     /// Takes up the relay of an adopted init's stdio pipes again: berthd's ends from
     /// `/proc/<pid>/fd/<n>` if they are still the recorded pipes (stdin's from the image before
-    /// this one when it handed it over), the client's FIFOs from their recorded paths (opened
-    /// as root, with the checks every stdio path gets).
+    /// this one when it handed it over), the client's FIFOs from their recorded paths, opened
+    /// as the client who named them may (`paths.caller`, from the record), with the checks
+    /// every stdio path gets, and only if they are FIFOs still: a file put in a FIFO's place
+    /// is not read into the container or written with its output.
     pub(super) fn resume_pipe_relay(
         &self,
         id: &str,
@@ -256,7 +258,10 @@ impl Supervisor {
         if pipes == [0; 3] {
             return Ok(());
         }
-        let caller = self.caller(Peer::root());
+        let caller = match &paths.caller {
+            Some(caller) => std::sync::Arc::clone(caller),
+            None => self.caller(Peer::root()),
+        };
         let client_paths = [
             (&paths.stdin, Access::Read, OFlags::WRONLY),
             (&paths.stdout, Access::Write, OFlags::RDONLY),
@@ -288,6 +293,11 @@ impl Supervisor {
                 Some(client) => client,
                 None => caller.open_stdio(name, path, access)?,
             };
+            if !is_fifo(&client) {
+                return Err(Error::FailedPrecondition(format!(
+                    "the init's {name} path is no longer the FIFO it named when the container was created"
+                )));
+            }
             ends[n] = Some((pipe, client));
         }
         if let Some(relay) = PipeRelay::start(ends)? {

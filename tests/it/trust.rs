@@ -765,6 +765,82 @@ async fn a_forged_record_is_not_adopted() {
     .await
 }
 
+/// A member's FIFOs replaced while berthd was down: the restarted berthd opens the recorded
+/// paths again as the member may, and only as FIFOs, so neither a root-only file, nor a
+/// root-only FIFO, nor even a file of the member's own receives the containers' output.
+#[tokio::test(flavor = "multi_thread")]
+async fn stdio_reopened_after_a_restart_is_opened_as_the_client_who_named_it() {
+    within(async {
+        let group = ["--group", "65534"];
+        let mut d = daemon!(Options::args(&group));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let mine = member_dir();
+        let bundle = member_bundle(&["sh", "-c", "while :; do echo tick; sleep 0.1; done"]);
+        let mut readers = Vec::new();
+        let mut created = Vec::new();
+        for name in ["as-file", "as-fifo", "as-own-file"] {
+            let fifo = mine.path().join(format!("{name}.fifo"));
+            mkfifo(&fifo);
+            chown(&fifo, Some(MEMBER), Some(MEMBER)).unwrap();
+            chmod(&fifo, 0o600);
+            readers.push(open_rw(&fifo));
+            let id_ = id(&format!("reopen-{name}"));
+            let answer = member
+                .create(&id_, &bundle, ["", &path_str(&fifo), ""])
+                .await;
+            assert!(answer.starts_with("OK "), "{answer}");
+            let pid: u32 = answer[3..].parse().expect("a pid");
+            created.push((id_, pid, fifo));
+        }
+        d.crash();
+        // Root's file and root's FIFO, each moved in where a member's FIFO was.
+        let secret = mine.path().join("root-only");
+        fs::write(&secret, "root's\n").unwrap();
+        chmod(&secret, 0o600);
+        fs::rename(&secret, &created[0].2).unwrap();
+        let root_fifo = mine.path().join("root-only.fifo");
+        mkfifo(&root_fifo);
+        chmod(&root_fifo, 0o600);
+        let mut root_reader = open_rw(&root_fifo);
+        fs::rename(&root_fifo, &created[1].2).unwrap();
+        let own = mine.path().join("own.log");
+        member_file(&own, "the member's\n");
+        fs::rename(&own, &created[2].2).unwrap();
+        d.start_again_with(Options::args(&group)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            fs::read_to_string(&created[0].2).unwrap(),
+            "root's\n",
+            "berthd wrote a container's output into a file the member may not write"
+        );
+        assert_eq!(
+            fs::read_to_string(&created[2].2).unwrap(),
+            "the member's\n",
+            "berthd took a regular file for the FIFO it recorded"
+        );
+        use std::os::fd::AsRawFd;
+        let flags = rustix::fs::OFlags::NONBLOCK;
+        rustix::fs::fcntl_setfl(&root_reader, flags).unwrap();
+        let mut got = [0u8; 64];
+        let read = std::io::Read::read(&mut root_reader, &mut got);
+        assert!(
+            read.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "berthd wrote to a FIFO the member may not write: {read:?} (fd {})",
+            root_reader.as_raw_fd()
+        );
+        assert!(d.log().contains("stdio not relayed"), "{}", d.log());
+        let mut events = d.events().await;
+        for (id_, pid, _) in &created {
+            d.kill_container(&mut events, id_, *pid).await;
+        }
+        drop(readers);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_symlinked_lock_file_is_left_untouched() {
     within(async {
