@@ -3,6 +3,8 @@
 //! decoded; and a small DATA frame) through one connection's rewriter. Once with `localhost` as
 //! the `:authority` (decoded, passed unchanged), once with the socket path (decoded, rewritten,
 //! re-encoded). Criterion's "thrpt" line is requests per second; time / 100 is one request.
+//! And what a hostile block costs before it is refused: a 64 KB block that indexes one 4 KB name
+//! and then 30,000 two-byte fields that each index that name anew.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -55,6 +57,33 @@ fn connection(authority: &str) -> Vec<u8> {
     wire
 }
 
+/// A connection whose first header block is the name-copying one (see the header), in 16 KiB
+/// frames.
+fn name_copy_block() -> Vec<u8> {
+    let mut block = vec![0x40];
+    hpack::string(&[b'n'; 4000], false, &mut block);
+    hpack::string(b"", false, &mut block);
+    for _ in 0..30_000 {
+        block.extend_from_slice(&[0x40 | 62, 0x00]);
+    }
+    let mut wire = PREFACE.to_vec();
+    frame(0x4, 0, 0, &[], &mut wire);
+    let pieces: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let kind = if i == 0 { 0x1 } else { 0x9 };
+        let end_headers = if i + 1 == pieces.len() { 0x4 } else { 0 };
+        frame(kind, end_headers, 1, piece, &mut wire);
+    }
+    wire
+}
+
+fn refused_by_the_edge(wire: &[u8]) -> bool {
+    let mut rewriter = Rewriter::default();
+    let mut input = BytesMut::from(wire);
+    let mut out = VecDeque::new();
+    rewriter.feed(&mut input, &mut out).is_err()
+}
+
 fn through_the_edge(wire: &[u8]) -> usize {
     let mut rewriter = Rewriter::default();
     let mut input = BytesMut::from(wire);
@@ -76,6 +105,11 @@ fn bench(c: &mut Criterion) {
         group.bench_function(name, |b| b.iter(|| through_the_edge(black_box(&wire))));
     }
     group.finish();
+    let hostile = name_copy_block();
+    assert!(refused_by_the_edge(&hostile), "the hostile block was taken");
+    c.bench_function("edge/name_copy_block_refused", |b| {
+        b.iter(|| refused_by_the_edge(black_box(&hostile)))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -61,12 +61,12 @@ impl BlockRewriter {
         let mut rewrote = false;
         let mut decoded = 0usize;
         let encoded = &mut self.encoded;
-        // Past the limit each field is only measured: what is left to decode is bounded by the
-        // block's own size.
+        // Decoding stops at the limit: a block of 2-byte fields that each copy a 4 KB name into
+        // the table anew would otherwise cost a hundred MB of copying before it is refused.
         self.decoder.decode(block, |name, value| {
             decoded = decoded.saturating_add(name.len() + value.len() + ENTRY_OVERHEAD);
             if decoded > MAX_DECODED {
-                return;
+                return Err(HpackError("header list larger than the server takes"));
             }
             if name == b":authority" && !acceptable(value) {
                 rewrote = true;
@@ -74,10 +74,8 @@ impl BlockRewriter {
             } else {
                 encode(name, value, encoded);
             }
+            Ok(())
         })?;
-        if decoded > MAX_DECODED {
-            return Err(HpackError("header list larger than the server takes"));
-        }
         self.reencoding |= rewrote;
         if self.reencoding {
             return Ok(Some(std::mem::take(&mut self.encoded)));

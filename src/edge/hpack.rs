@@ -41,11 +41,13 @@ impl HpackDecoder {
         }
     }
 
-    /// Decodes one complete header block, calling `field` with each name and value in order.
+    /// Decodes one complete header block, calling `field` with each name and value in order;
+    /// an error from `field` ends the decoding there (the block is refused, so the table need
+    /// not follow the rest of it).
     pub fn decode(
         &mut self,
         block: &[u8],
-        mut field: impl FnMut(&[u8], &[u8]),
+        mut field: impl FnMut(&[u8], &[u8]) -> Result<(), HpackError>,
     ) -> Result<(), HpackError> {
         let mut rest = block;
         let mut fields_seen = false;
@@ -53,7 +55,7 @@ impl HpackDecoder {
             if first & 0x80 != 0 {
                 let index = integer(&mut rest, 7)?;
                 let (name, value) = self.entry(index)?;
-                field(name, value);
+                field(name, value)?;
             } else if first & 0xe0 == 0x20 {
                 if fields_seen {
                     return Err(HpackError("table size update after a header field"));
@@ -74,7 +76,7 @@ impl HpackDecoder {
                     i => Cow::Borrowed(self.entry(i)?.0),
                 };
                 let value = self.string(&mut rest)?;
-                field(&name, &value);
+                field(&name, &value)?;
                 if indexing {
                     let (name, value) = (name.into_owned(), value.into_owned());
                     self.insert(name, value);

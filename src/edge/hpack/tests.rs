@@ -9,7 +9,10 @@ type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn decode(decoder: &mut HpackDecoder, block: &[u8]) -> Result<Headers, HpackError> {
     let mut out = Vec::new();
-    decoder.decode(block, |n, v| out.push((n.to_vec(), v.to_vec())))?;
+    decoder.decode(block, |n, v| {
+        out.push((n.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -147,4 +150,30 @@ proptest! {
         }
         let _ = decode(&mut mine, &noise);
     }
+}
+
+/// A field's error ends the block's decoding at that field: a block of 2-byte fields that each
+/// index a 4 KB name anew is not copied through to its end.
+#[test]
+fn an_error_from_a_field_stops_the_decoding_there() {
+    let mut block = Vec::new();
+    // A new 4 KB name, indexed, with an empty value.
+    block.push(0x40);
+    encode::string(&[b'n'; 4000], false, &mut block);
+    encode::string(b"", false, &mut block);
+    for _ in 0..30_000 {
+        // Literal with incremental indexing, the name the table's newest entry, an empty value.
+        block.extend_from_slice(&[0x40 | 62, 0x00]);
+    }
+    let mut decoder = HpackDecoder::new(4096);
+    let mut seen = 0;
+    let error = decoder.decode(&block, |_, _| {
+        seen += 1;
+        if seen > 10 {
+            return Err(HpackError("enough"));
+        }
+        Ok(())
+    });
+    assert_eq!(error, Err(HpackError("enough")));
+    assert_eq!(seen, 11, "fields decoded after the one that failed");
 }
