@@ -163,36 +163,48 @@ impl Supervisor {
             None => None,
         };
         // As for an init (see create): the process may be a zombie by the time the runtime
-        // returns, and the orphan sweep must leave it to `track`.
-        let claim = self.reaper.claim(pid_file);
-        let master = match console {
-            Some(console) => {
-                // runc sends the master before it returns, so receive while it runs; a runtime
-                // that fails before it connects is answered at once, not after the timeout.
-                let run = self.runtime.run_with_stdio(exec, stdio);
-                let receive = console.receive_master(CONSOLE_TIMEOUT);
-                tokio::pin!(run, receive);
-                let master = tokio::select! {
-                    ran = &mut run => {
-                        ran?;
-                        receive.await
-                    }
-                    master = &mut receive => {
-                        run.await?;
-                        master
-                    }
-                };
-                Some(master)
+        // returns, and the orphan sweep must leave it to `track`. Held until the process is
+        // tracked or gone, so its pid cannot be reused meanwhile.
+        let _claim = self.reaper.claim(pid_file);
+        let ran = async {
+            match console {
+                Some(console) => {
+                    // runc sends the master before it returns, so receive while it runs; a
+                    // runtime that fails before it connects is answered at once, not after the
+                    // timeout.
+                    let run = self.runtime.run_with_stdio(exec, stdio);
+                    let receive = console.receive_master(CONSOLE_TIMEOUT);
+                    tokio::pin!(run, receive);
+                    let master = tokio::select! {
+                        ran = &mut run => {
+                            ran?;
+                            receive.await
+                        }
+                        master = &mut receive => {
+                            run.await?;
+                            master
+                        }
+                    };
+                    Ok(Some(master))
+                }
+                None => self.runtime.run_with_stdio(exec, stdio).await.map(|_| None),
             }
-            None => {
-                self.runtime.run_with_stdio(exec, stdio).await?;
-                None
+        }
+        .await;
+        let master = match ran {
+            Ok(master) => master,
+            Err(e) => {
+                // A runtime that failed after it started the process (killed at its timeout,
+                // an error after its pid file) leaves it running in the container, where no
+                // delete would find it.
+                if let Ok(pid) = read_pid_file(pid_file) {
+                    self.take_back(pid, undo).await;
+                }
+                return Err(e);
             }
         };
         let pid = read_pid_file(pid_file)?;
-        undo.started(pid);
-        undo.tracked(self.reaper.track(pid)?);
-        drop(claim);
+        self.take_back_or_track(pid, undo).await?;
         if let (Some(master), Some(ends)) = (master, relay_ends) {
             undo.relay(self.relay_terminal(id, pid as u32, master?, ends)?);
         }
@@ -226,6 +238,53 @@ fn within_container_limits(
         )));
     }
     Ok(())
+}
+
+impl Supervisor {
+    /// Tracks the started process `pid` in `undo`; if it cannot be tracked (no descriptor
+    /// left), kills and reaps it instead and says why. Called while its pid is claimed.
+    async fn take_back_or_track(&self, pid: i32, undo: &mut Undo<'_>) -> Result<()> {
+        match self.reaper.track(pid) {
+            Ok(tracked) => {
+                undo.started(pid);
+                undo.tracked(tracked);
+                Ok(())
+            }
+            Err(e) => {
+                kill_and_reap(pid).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Leaves the started process `pid` to `undo` to kill and reap, or kills and reaps it now.
+    async fn take_back(&self, pid: i32, undo: &mut Undo<'_>) {
+        if let Err(e) = self.take_back_or_track(pid, undo).await {
+            tracing::debug!(pid, error = %e, "a failed exec's process, not tracked, was killed");
+        }
+    }
+}
+
+/// Kills berthd's child `pid` and waits for it off the reactor. Only while its pid is claimed:
+/// unreaped, it cannot have been reused.
+async fn kill_and_reap(pid: i32) {
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return;
+    };
+    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::KILL) {
+        tracing::warn!(pid = pid.as_raw_nonzero().get(), error = %e, "could not kill a failed exec's process");
+        return;
+    }
+    let reaped = tokio::task::spawn_blocking(move || {
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+    })
+    .await;
+    if !matches!(reaped, Ok(Ok(_))) {
+        tracing::warn!(
+            pid = pid.as_raw_nonzero().get(),
+            "a failed exec's killed process was not reaped"
+        );
+    }
 }
 
 /// The process JSON for `runtime exec --process`: the bundle's process (capabilities, rlimits,

@@ -741,6 +741,69 @@ async fn runtime_errors_quoting_huge_input_are_bounded() {
     .await
 }
 
+/// AddProcess whose runtime fails after it started the process (here: real runc, then an exit
+/// 1) answers with the error and leaves no process behind in the container: the process the
+/// pid file names is killed and reaped.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_the_runtime_fails_after_starting_leaves_no_process() {
+    within(async {
+        let scripts = tempfile::tempdir().expect("temp dir");
+        let body = format!(
+            r#"#!/bin/sh
+log= previous=
+for arg in "$@"; do
+    if [ "$previous" = --log ]; then log=$arg; fi
+    if [ "$arg" = exec ]; then
+        '{runc}' "$@" || exit $?
+        echo '{{"level":"error","msg":"failed after the exec by the test runtime","time":"t"}}' >> "$log"
+        exit 1
+    fi
+    previous=$arg
+done
+exec '{runc}' "$@"
+"#,
+            runc = runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "exec-then-failing-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let mut events = d.events().await;
+        let ctr = d.run("failed-after-exec", &["sleep", "1000"]).await;
+        let baseline = d.baseline();
+        let message = expect_code(
+            d.client
+                .add_process(exec_req(&ctr.id, &["sleep", "4242"]))
+                .await,
+            Code::FailedPrecondition,
+        );
+        assert!(message.contains("failed after the exec"), "{message}");
+        let cgroup_procs = |pid: u32| -> Vec<u32> {
+            let line = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            let memory = line
+                .lines()
+                .find_map(|l| l.split_once(":memory:").map(|(_, path)| path.to_owned()))
+                .expect("a memory cgroup");
+            std::fs::read_to_string(format!("/sys/fs/cgroup/memory{memory}/cgroup.procs"))
+                .unwrap()
+                .lines()
+                .map(|p| p.parse().unwrap())
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cgroup_procs(ctr.pid) != [ctr.pid] {
+            assert!(
+                Instant::now() < deadline,
+                "a process of the failed exec is left in the container: {:?}",
+                cgroup_procs(ctr.pid)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        d.assert_settles(&baseline).await;
+        d.assert_no_zombies().await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
 /// AddProcess with a terminal whose runtime fails before it connects to the console socket
 /// answers at once with the runtime's error (not after the console timeout, holding the
 /// container's lock), and leaves nothing behind: no console socket, scratch file, fd or child.
