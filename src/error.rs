@@ -127,6 +127,8 @@ impl From<Error> for tonic::Status {
             // in the wrong state, CRIU unable to dump): its text says why, berthd is fine.
             Error::Runtime { .. } => Code::FailedPrecondition,
             Error::Io { source, .. } | Error::Sys { source, .. } => match source.kind() {
+                _ if is_exhaustion(source) => Code::ResourceExhausted,
+                _ if is_gone_mount(source) => Code::FailedPrecondition,
                 std::io::ErrorKind::NotFound => Code::NotFound,
                 std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
                 // A file on a read-only mount, or one being executed, opened for writing (a
@@ -142,9 +144,52 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// A limit of the host's or the caller's ran out: a full disk or quota (a checkpoint in the
+/// client's bundle), no descriptor left, no memory. Retried later, or with less, it may pass.
+fn is_exhaustion(source: &std::io::Error) -> bool {
+    matches!(
+        source.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
+}
+
+/// The file named is on a mount that is gone (a FUSE daemon that exited, an NFS handle gone
+/// stale): the state of the client's file, not a fault of berthd's.
+fn is_gone_mount(source: &std::io::Error) -> bool {
+    matches!(source.raw_os_error(), Some(libc::ENOTCONN | libc::ESTALE))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exhausted_limits_and_gone_mounts_are_not_internal() {
+        let code = |errno| {
+            tonic::Status::from(Error::io(
+                "/b/checkpoints/c",
+                std::io::Error::from_raw_os_error(errno),
+            ))
+            .code()
+        };
+        for errno in [
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+        ] {
+            assert_eq!(code(errno), tonic::Code::ResourceExhausted, "errno {errno}");
+        }
+        for errno in [libc::ENOTCONN, libc::ESTALE, libc::EROFS] {
+            assert_eq!(
+                code(errno),
+                tonic::Code::FailedPrecondition,
+                "errno {errno}"
+            );
+        }
+        assert_eq!(code(libc::EIO), tonic::Code::Internal);
+    }
 
     #[test]
     fn io_errors_name_the_path_and_map_by_kind() {

@@ -534,7 +534,10 @@ impl Runtime {
                 what,
                 secs: self.timeout.as_secs(),
             }),
-            Outcome::SpawnFailed { error } => Err(Error::runtime(what, &error)),
+            // berthd could not start the runtime at all: nothing the request asked was refused.
+            Outcome::SpawnFailed { error } => {
+                Err(Error::Internal(format!("could not start {what}: {error}")))
+            }
         }
     }
 }

@@ -322,6 +322,7 @@ async fn timeouts_and_spawn_failures_map_to_their_errors() {
     );
     let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
 }
 
 #[test]

@@ -676,8 +676,9 @@ impl Supervisor {
         checkpoint: Checkpoint,
         caller: &Caller,
     ) -> Result<()> {
-        let container = self.container(id)?;
+        // The request's own fields first: malformed input is that on any id.
         validate_name(&checkpoint.name)?;
+        let container = self.container(id)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
         let _operations = container.operations.lock().await;
         let (bundle_fd, image_fd, entry) =
@@ -743,8 +744,8 @@ impl Supervisor {
         name: &str,
         caller: &Caller,
     ) -> Result<()> {
-        let container = self.container(id)?;
         validate_name(name)?;
+        let container = self.container(id)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
         let fd = caller.open_dir("bundle", &container.bundle).await?;
         let (peer, path) = (caller.peer.clone(), relative(name));

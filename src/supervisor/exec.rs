@@ -299,12 +299,6 @@ fn added_process(
         process.set_env(Some(request.env.clone()));
     }
     if !request.cwd.is_empty() {
-        if !Path::new(&request.cwd).is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "cwd {} is not absolute",
-                crate::error::quote(&request.cwd)
-            )));
-        }
         process.set_cwd(PathBuf::from(&request.cwd));
     }
     if let Some(user) = &request.user {
@@ -391,10 +385,5 @@ mod tests {
         assert_eq!((spec.uid, spec.gid), (0, 5));
         assert_eq!(spec.additional_gids, [7, 8]);
         assert!(spec.terminal);
-        req.cwd = "relative".into();
-        assert!(matches!(
-            added_process(&base(), &req),
-            Err(Error::InvalidArgument(_))
-        ));
     }
 }

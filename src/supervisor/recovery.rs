@@ -75,7 +75,7 @@ impl Supervisor {
                         Some("paused") => Status::Paused,
                         _ => Status::Running,
                     };
-                    self.adopt(record, init, status, base_process, replay);
+                    self.adopt(record, init, status, base_process, replay).await;
                     recovery.adopted += 1;
                 }
                 None => {
@@ -125,7 +125,7 @@ impl Supervisor {
     /// Resumes relaying the terminal of process `pid` of container `id` to its recorded `stdio`
     /// if the image before this one handed its pty master over (an upgrade), and says whether
     /// it did. After a restart the master is gone: the process runs on, its terminal unrelayed.
-    fn resume_terminal(&self, id: &str, pid: u32, stdio: &StdioPaths) -> bool {
+    async fn resume_terminal(&self, id: &str, pid: u32, stdio: &StdioPaths) -> bool {
         let Some(master) = crate::upgrade::claim_terminal(id, pid) else {
             tracing::warn!(
                 id,
@@ -136,11 +136,18 @@ impl Supervisor {
         };
         // The paths come from berthd's own record; they are opened as the client who named them
         // may, with the checks every stdio path gets (FIFO, /dev/null or regular file, never in
-        // the state dir).
-        match stdio
-            .open_relay()
-            .and_then(|ends| self.relay_terminal(id, pid, master, ends))
-        {
+        // the state dir), off the reactor within the client-file bound: one on a mount that
+        // hangs keeps berthd from serving no longer than that.
+        let opened = match &stdio.caller {
+            Some(caller) => {
+                let paths = stdio.clone();
+                caller
+                    .off_reactor("reopening a terminal's paths", move || paths.open_relay())
+                    .await
+            }
+            None => stdio.open_relay(),
+        };
+        match opened.and_then(|ends| self.relay_terminal(id, pid, master, ends)) {
             Ok(_) => {
                 tracing::info!(id, pid, "terminal resumed from the pty master handed over");
                 true
@@ -250,7 +257,7 @@ impl Supervisor {
         std::fs::read(&path).map_err(|e| crate::error::Error::io(&path, e))
     }
 
-    fn adopt(
+    async fn adopt(
         self: &Arc<Self>,
         record: &ContainerRecord,
         init: crate::reaper::TrackedProcess,
@@ -299,7 +306,11 @@ impl Supervisor {
             .copied()
             .filter(|pid| live.contains(pid))
             .collect();
-        if record.init.spec.terminal && !self.resume_terminal(&record.id, record.init.pid, &stdio) {
+        if record.init.spec.terminal
+            && !self
+                .resume_terminal(&record.id, record.init.pid, &stdio)
+                .await
+        {
             lost_terminals.push(record.init.pid);
         }
         for process in added.iter().filter(|p| p.spec.terminal) {
@@ -313,6 +324,7 @@ impl Supervisor {
                         ..StdioPaths::default()
                     };
                     self.resume_terminal(&record.id, process.pid(), &paths)
+                        .await
                 }
                 None => {
                     tracing::warn!(
@@ -327,7 +339,10 @@ impl Supervisor {
                 lost_terminals.push(process.pid());
             }
         }
-        if let Err(e) = self.resume_pipe_relay(&record.id, record.init.pid, &stdio, record.pipes) {
+        if let Err(e) = self
+            .resume_pipe_relay(&record.id, record.init.pid, &stdio, record.pipes)
+            .await
+        {
             tracing::warn!(id = %record.id, error = %e, "stdio not relayed: the init's pipes could not be taken up again, so its output waits in them and then blocks it");
         }
         lost_terminals.sort_unstable();

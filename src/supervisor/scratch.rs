@@ -54,7 +54,11 @@ impl Supervisor {
 pub(super) fn read_pid_file(path: &Path) -> Result<i32> {
     match crate::reaper::read_pid_file(path) {
         Ok(Some(pid)) => Ok(pid),
-        Ok(None) => Err(Error::io(path, std::io::ErrorKind::NotFound.into())),
+        // The runtime said it succeeded: the missing file is its fault, not the request's.
+        Ok(None) => Err(Error::Internal(format!(
+            "the runtime finished without writing its pid file {}",
+            path.display()
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             Err(Error::Internal(format!("{}: {e}", path.display())))
         }

@@ -248,7 +248,7 @@ impl Supervisor {
     /// as the client who named them may (`paths.caller`, from the record), with the checks
     /// every stdio path gets, and only if they are FIFOs still: a file put in a FIFO's place
     /// is not read into the container or written with its output.
-    pub(super) fn resume_pipe_relay(
+    pub(super) async fn resume_pipe_relay(
         &self,
         id: &str,
         pid: u32,
@@ -291,13 +291,24 @@ impl Supervisor {
             }
             let client = match handed("fifo") {
                 Some(client) => client,
-                None => caller.open_stdio(name, path, access)?,
+                // Off the reactor within the client-file bound: a path on a mount that hangs
+                // keeps berthd from serving no longer than that.
+                // What is there now is taken only if it is a FIFO still.
+                None => {
+                    let (opener, path) = (std::sync::Arc::clone(&caller), path.clone());
+                    caller
+                        .off_reactor("reopening a stdio FIFO", move || {
+                            let client = opener.open_stdio(name, &path, access)?;
+                            if !is_fifo(&client) {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "the init's {name} path is no longer the FIFO it named when the container was created"
+                                )));
+                            }
+                            Ok(client)
+                        })
+                        .await?
+                }
             };
-            if !is_fifo(&client) {
-                return Err(Error::FailedPrecondition(format!(
-                    "the init's {name} path is no longer the FIFO it named when the container was created"
-                )));
-            }
             ends[n] = Some((pipe, client));
         }
         if let Some(relay) = PipeRelay::start(ends)? {

@@ -86,6 +86,18 @@ pub fn process(
             )));
         }
     }
+    if args.first().is_some_and(|program| program.is_empty()) {
+        return Err(Error::InvalidArgument(format!(
+            "{field}args[0] is empty: give the program to run"
+        )));
+    }
+    // The kernel takes the working directory as is; runc refuses a relative one.
+    if !cwd.is_empty() && !cwd.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "{field}cwd {} is not absolute",
+            crate::error::quote(cwd)
+        )));
+    }
     // No program by a longer name can be executed (ENAMETOOLONG); and the built-in runtime's
     // exec child blocks for good writing an error that quotes a name of hundreds of KB.
     if let Some(program) = args.first()
@@ -217,6 +229,31 @@ mod tests {
         );
         // An empty cwd (the container's own) counts nothing.
         assert_eq!(spec_bytes(&args, &env, "", &[]), 10);
+    }
+
+    #[test]
+    fn processes_refuse_an_empty_program_and_a_relative_cwd() {
+        let invalid = |result: Result<()>| match result {
+            Err(Error::InvalidArgument(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        let args = vec![String::new(), "x".into()];
+        let message = invalid(process("", &args, &[], "/", &[], 1024));
+        assert_eq!(message, "args[0] is empty: give the program to run");
+        let args = vec!["sh".to_owned()];
+        let message = invalid(process(
+            "config.json: process.",
+            &args,
+            &[],
+            "tmp",
+            &[],
+            1024,
+        ));
+        assert_eq!(message, "config.json: process.cwd \"tmp\" is not absolute");
+        assert!(
+            process("", &args, &[], "", &[], 1024).is_ok(),
+            "empty: the container's"
+        );
     }
 
     #[test]
