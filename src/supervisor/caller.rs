@@ -2,11 +2,18 @@
 //! and berthd's state directory, which no client may name. Every file a client names is
 //! opened or read through here, with client_fs and off the reactor, bounded in size and time.
 //!
+//! A trip given up at its time limit goes on in its blocking thread (a path on a mount that
+//! does not answer can hold it for good), so the trips still running are counted ([`Trips`]):
+//! one uid's past [`MAX_TRIPS_PER_UID`], or everyone's past [`MAX_TRIPS`], are not started, and
+//! tokio's blocking threads stay for berthd's own work.
+//!
 //! Owns: which client_fs call each kind of client path takes, and the bounds. Does not own:
 //! reading the peer off a connection (api) or resolving paths (client_fs).
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
@@ -24,6 +31,62 @@ pub struct ClientFileLimits {
     pub timeout: Duration,
 }
 
+/// Trips off the reactor one uid other than root's may have running at once.
+const MAX_TRIPS_PER_UID: usize = 32;
+/// Trips off the reactor everyone may have running at once: half of tokio's blocking threads.
+const MAX_TRIPS: usize = 256;
+
+/// The trips off the reactor for client paths still running, by uid, stuck ones included.
+#[derive(Debug, Default)]
+pub struct Trips {
+    running: Mutex<(usize, HashMap<u32, usize>)>,
+}
+
+impl Trips {
+    /// A place for one more trip of `uid`'s, or why not.
+    fn take(self: &Arc<Self>, uid: u32) -> Result<Trip> {
+        let mut running = self.running.lock().expect("trips lock poisoned");
+        let (total, by_uid) = &mut *running;
+        let mine = by_uid.get(&uid).copied().unwrap_or(0);
+        if uid != 0 && mine >= MAX_TRIPS_PER_UID {
+            return Err(Error::ResourceExhausted(format!(
+                "{mine} file system operations on paths uid {uid} named are still running (a mount that does not answer?); berthd starts no more for it until they end"
+            )));
+        }
+        if *total >= MAX_TRIPS {
+            return Err(Error::Unavailable(format!(
+                "{total} file system operations on paths clients named are still running (a mount that does not answer?); retry once they end"
+            )));
+        }
+        *total += 1;
+        *by_uid.entry(uid).or_default() += 1;
+        Ok(Trip {
+            trips: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+/// One trip's place, given back when the work ends (not when its request gives up on it).
+struct Trip {
+    trips: Arc<Trips>,
+    uid: u32,
+}
+
+impl Drop for Trip {
+    fn drop(&mut self) {
+        let mut running = self.trips.running.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, by_uid) = &mut *running;
+        *total -= 1;
+        if let Some(mine) = by_uid.get_mut(&self.uid) {
+            *mine -= 1;
+            if *mine == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// Who asks, and what they may not name.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -32,6 +95,7 @@ pub struct Caller {
     limits: ClientFileLimits,
     /// How work done off the reactor comes back to the request.
     hand_back: HandBack,
+    trips: Arc<Trips>,
 }
 
 impl Caller {
@@ -40,12 +104,14 @@ impl Caller {
         state_dir: PathBuf,
         limits: ClientFileLimits,
         hand_back: HandBack,
+        trips: Arc<Trips>,
     ) -> Self {
         Caller {
             peer,
             state_dir,
             limits,
             hand_back,
+            trips,
         }
     }
 
@@ -56,7 +122,13 @@ impl Caller {
             max_bytes: 1 << 20,
             timeout: Duration::from_secs(5),
         };
-        Caller::new(Peer::root(), state_dir, limits, HandBack::start().unwrap())
+        Caller::new(
+            Peer::root(),
+            state_dir,
+            limits,
+            HandBack::start().unwrap(),
+            Arc::default(),
+        )
     }
 
     /// A stdio or console path (`what` names it), or `/dev/null` when it is empty: a FIFO,
@@ -158,8 +230,12 @@ impl Caller {
         what: impl std::fmt::Display,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let trip = self.trips.take(self.peer.uid)?;
         let (result, done) = self.hand_back.channel();
-        drop(tokio::task::spawn_blocking(move || result.send(work())));
+        drop(tokio::task::spawn_blocking(move || {
+            result.send(work());
+            drop(trip);
+        }));
         match tokio::time::timeout(self.limits.timeout, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_unsent)) => Err(Error::Internal(format!(
@@ -215,6 +291,67 @@ mod tests {
         assert!(no_dir.is_err());
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn trips_stuck_past_their_time_limit_hold_their_place_until_they_end() {
+        let limits = ClientFileLimits {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_millis(20),
+        };
+        let trips = Arc::<Trips>::default();
+        let hand_back = HandBack::start().unwrap();
+        let as_uid = |uid: u32| {
+            let peer = Peer {
+                pid: 0,
+                uid,
+                gid: uid,
+                groups: Vec::new(),
+            };
+            Caller::new(
+                peer,
+                "/state".into(),
+                limits,
+                hand_back.clone(),
+                Arc::clone(&trips),
+            )
+        };
+        let (member, other) = (as_uid(65534), as_uid(1000));
+        // A mount that does not answer: each trip waits until the test lets them all go.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Arc::new(Mutex::new(stuck));
+        for _ in 0..MAX_TRIPS_PER_UID {
+            let stuck = Arc::clone(&stuck);
+            let trip = member.off_reactor("reading a hung mount", move || {
+                let _ = stuck.lock().unwrap().recv();
+                Ok(())
+            });
+            assert!(matches!(trip.await, Err(Error::DeadlineExceeded { .. })));
+        }
+        let refused = member.off_reactor("one more", || Ok(())).await;
+        assert!(
+            matches!(&refused, Err(Error::ResourceExhausted(m)) if m.contains("uid 65534")),
+            "{refused:?}"
+        );
+        other
+            .off_reactor("another uid's", || Ok(()))
+            .await
+            .expect("another uid's trip runs");
+        drop(release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match member
+                .off_reactor("after the mount answers", || Ok(()))
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    drop(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("the places were not given back: {e}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_trip_past_the_time_limit_says_what_it_was_doing() {
         let limits = ClientFileLimits {
@@ -222,7 +359,13 @@ mod tests {
             timeout: Duration::from_millis(20),
         };
         let hand_back = HandBack::start().unwrap();
-        let caller = Caller::new(Peer::root(), "/state".into(), limits, hand_back);
+        let caller = Caller::new(
+            Peer::root(),
+            "/state".into(),
+            limits,
+            hand_back,
+            Arc::default(),
+        );
         let label = Doing {
             verb: "reading",
             what: "bundle",

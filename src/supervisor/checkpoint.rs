@@ -900,7 +900,13 @@ mod tests {
             timeout: std::time::Duration::from_secs(5),
         };
         let hand_back = crate::hand_back::HandBack::start().unwrap();
-        let caller = Caller::new(nobody, bundle.path().join("state"), limits, hand_back);
+        let caller = Caller::new(
+            nobody,
+            bundle.path().join("state"),
+            limits,
+            hand_back,
+            Arc::default(),
+        );
         // Readable by anyone, but root's: holding it would take it from root.
         let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
         ledger.give_back_all();

@@ -73,6 +73,8 @@ pub struct Supervisor {
     restores: tokio::sync::Mutex<()>,
     in_flight: Arc<operation::InFlight>,
     client_files: ClientFileLimits,
+    /// Trips off the reactor for client paths still running ([`caller::Trips`]).
+    client_file_trips: Arc<caller::Trips>,
     hand_back: HandBack,
     terminals: terminals::Terminals,
     pipe_relays: stdio_pipes::PipeRelays,
@@ -123,6 +125,7 @@ impl Supervisor {
             restores: tokio::sync::Mutex::new(()),
             in_flight: Arc::default(),
             client_files,
+            client_file_trips: Arc::default(),
             hand_back,
             terminals: terminals::Terminals::default(),
             pipe_relays: stdio_pipes::PipeRelays::default(),
@@ -169,6 +172,7 @@ impl Supervisor {
             state_dir,
             self.client_files,
             self.hand_back.clone(),
+            Arc::clone(&self.client_file_trips),
         ))
     }
 }

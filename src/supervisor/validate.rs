@@ -327,7 +327,13 @@ mod tests {
             timeout: std::time::Duration::from_secs(5),
         };
         let hand_back = crate::hand_back::HandBack::start().unwrap();
-        let caller = Caller::new(Peer::root(), "/nonexistent-state".into(), limits, hand_back);
+        let caller = Caller::new(
+            Peer::root(),
+            "/nonexistent-state".into(),
+            limits,
+            hand_back,
+            std::sync::Arc::default(),
+        );
         let bundle = |path: &str| {
             let path = path.to_owned();
             let caller = caller.clone();
