@@ -189,6 +189,21 @@ impl Config {
         self.state_dir.join("containers")
     }
 
+    /// Refuses limits that contradict each other: a process as large as
+    /// `--max-process-spec-bytes` allows must fit in a container's share of a message (two
+    /// thirds), or its `start-process` event could not be sent and would end every Events
+    /// stream.
+    pub fn check_limits(&self) -> Result<()> {
+        let fits = self.max_message_bytes / 3 * 2;
+        if self.max_process_spec_bytes > fits {
+            return Err(Error::InvalidArgument(format!(
+                "--max-process-spec-bytes {} is more than two thirds of --max-message-bytes {} ({fits}): a process that large could not be sent in State or Events; lower the first or raise the second",
+                self.max_process_spec_bytes, self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// Scratch space for pid files, process specs and console sockets of requests in flight.
     pub fn scratch_dir(&self) -> PathBuf {
         self.state_dir.join("tmp")
@@ -242,6 +257,29 @@ pub fn resolve_runtime(runtime: &str, path_var: Option<&std::ffi::OsStr>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_spec_limit_past_what_a_message_holds_is_refused() {
+        use clap::Parser;
+        let parse = |args: &[&str]| Config::try_parse_from([&["berthd"], args].concat()).unwrap();
+        assert!(parse(&[]).check_limits().is_ok());
+        let config = parse(&["--max-message-bytes", "65536"]);
+        let message = config.check_limits().unwrap_err().to_string();
+        assert!(
+            message.contains("--max-process-spec-bytes 262144"),
+            "{message}"
+        );
+        assert!(
+            parse(&[
+                "--max-message-bytes",
+                "65536",
+                "--max-process-spec-bytes",
+                "43690"
+            ])
+            .check_limits()
+            .is_ok()
+        );
+    }
 
     #[test]
     fn every_flag_reads_an_environment_variable() {

@@ -444,6 +444,7 @@ fn version_of(binary: &str, response: Completion) -> Result<String> {
 /// The runtime binary the config names, found in PATH, with its `--criu` checked: what both a
 /// start and an upgrade's pre-flight must refuse before anything runs.
 fn runtime_binary(config: &Config) -> Result<RuntimeBinary> {
+    config.check_limits()?;
     if config.runtime == BUILTIN {
         return builtin_runtime(config);
     }
