@@ -63,8 +63,7 @@ fn counter<N: prometheus_client::encoding::EncodeCounterValue>(
 
 impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let containers = self.supervisor.containers();
-        let processes: usize = containers.iter().map(|c| c.processes.len()).sum();
+        let (containers, processes) = self.supervisor.counts();
         let (sampled, subscribers) = self.stats.tracked();
         let sampler = self.stats.counters();
         let events = self.supervisor.events().counts();
@@ -73,7 +72,7 @@ impl Collector for Sources {
             e,
             "berth_containers",
             "Containers tracked",
-            containers.len() as i64,
+            containers as i64,
         )?;
         gauge(
             e,

@@ -361,6 +361,21 @@ impl Supervisor {
         ids
     }
 
+    /// How many containers there are and how many processes they run (inits included),
+    /// without copying what the processes run with: what a metrics scrape counts.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let live: Vec<Arc<Container>> = self
+            .registry()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Live(container) => Some(Arc::clone(container)),
+                Slot::Reserved | Slot::Exited(_) => None,
+            })
+            .collect();
+        let processes = live.iter().map(|c| 1 + c.lock().added.len()).sum();
+        (live.len(), processes)
+    }
+
     /// Container `id` as State reports it.
     pub(crate) fn container_info(&self, id: &str) -> Result<ContainerInfo> {
         Ok(self.container(id)?.info())

@@ -219,6 +219,10 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
         expect_code(d.client.create_container(bad).await, tonic::Code::InvalidArgument);
 
         let (text, _) = scrape(&metrics).await;
+        assert_eq!(value(&text, "berth_containers"), 2.0);
+        // The two inits, and the added `true` unless it has exited already.
+        let processes = value(&text, "berth_processes");
+        assert!((2.0..=3.0).contains(&processes), "{processes}");
         assert_eq!(value(&text, &handled("CreateContainer", "OK")), 2.0);
         assert_eq!(value(&text, &handled("CreateContainer", "InvalidArgument")), 1.0);
         assert_eq!(value(&text, &handled("AddProcess", "OK")), 1.0);
