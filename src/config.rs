@@ -129,6 +129,17 @@ pub struct Config {
     #[arg(long, env = "BERTH_MAX_PROCESSES_PER_CONTAINER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_processes_per_container: u64,
 
+    /// Creates, execs, checkpoints and updates one uid other than root's may have in flight at
+    /// once; one more is RESOURCE_EXHAUSTED naming this flag. An operation counts until it
+    /// ends, also when its client stopped waiting for it.
+    #[arg(long, env = "BERTH_MAX_OPERATIONS_PER_UID", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_operations_per_uid: u64,
+
+    /// Creates, execs, checkpoints and updates everyone may have in flight at once; one more
+    /// is UNAVAILABLE naming this flag.
+    #[arg(long, env = "BERTH_MAX_OPERATIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_operations: u64,
+
     /// Largest gRPC message berthd decodes or encodes; State that would be larger is refused
     /// with RESOURCE_EXHAUSTED (ask for one container with StateRequest.id).
     #[arg(long, env = "BERTH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..=(1 << 30)))]

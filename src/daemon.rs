@@ -48,7 +48,7 @@ use crate::runtime::{
 };
 use crate::stats::{self, StatsHub};
 use crate::store::Store;
-use crate::supervisor::{ClientFileLimits, Machine, Supervisor};
+use crate::supervisor::{ClientFileLimits, Machine, OperationLimits, Supervisor};
 
 /// How long requests in flight get to finish once berthd is told to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -157,6 +157,10 @@ async fn serve(
         ClientFileLimits {
             max_bytes: config.client_file_max_bytes,
             timeout: Duration::from_secs(config.client_file_timeout),
+        },
+        OperationLimits {
+            per_uid: usize::try_from(config.max_operations_per_uid).unwrap_or(usize::MAX),
+            total: usize::try_from(config.max_operations).unwrap_or(usize::MAX),
         },
         hand_back,
     )?;

@@ -299,7 +299,7 @@ impl proto::api_server::Api for ApiService {
         let span = tracing::info_span!("update_container", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         span.in_scope(|| audit(&peer, "UpdateContainer", &r.id));
         self.supervisor
-            .update(&r.id, &r.status, r.signal)
+            .update(peer.uid, &r.id, &r.status, r.signal)
             .instrument(span)
             .await?;
         Ok(Response::new(proto::UpdateContainerResponse {}))

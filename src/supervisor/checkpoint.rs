@@ -666,8 +666,10 @@ impl Supervisor {
     ) -> Result<()> {
         let supervisor = Arc::clone(self);
         let (id, caller) = (id.to_owned(), caller.clone());
-        self.owned(async move { supervisor.checkpoint_owned(&id, checkpoint, &caller).await })
-            .await
+        self.owned(caller.peer.uid, async move {
+            supervisor.checkpoint_owned(&id, checkpoint, &caller).await
+        })
+        .await
     }
 
     async fn checkpoint_owned(

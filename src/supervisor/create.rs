@@ -46,8 +46,9 @@ impl Supervisor {
     /// returns its init's pid. The create is the supervisor's: a caller that goes away changes
     /// nothing about its outcome. On failure nothing is left.
     pub(crate) async fn create(self: &Arc<Self>, request: CreateRequest) -> Result<u32> {
+        let uid = request.caller.peer.uid;
         let supervisor = Arc::clone(self);
-        self.owned(async move { supervisor.create_owned(request).await })
+        self.owned(uid, async move { supervisor.create_owned(request).await })
             .await
     }
 

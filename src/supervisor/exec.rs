@@ -52,8 +52,9 @@ impl Supervisor {
     /// supervisor's: a caller that goes away changes nothing about its outcome, and a failure
     /// after the runtime started the process kills and reaps it.
     pub(crate) async fn exec(self: &Arc<Self>, request: ExecRequest) -> Result<u32> {
+        let uid = request.stdio.caller()?.peer.uid;
         let supervisor = Arc::clone(self);
-        self.owned(async move { supervisor.exec_owned(request).await })
+        self.owned(uid, async move { supervisor.exec_owned(request).await })
             .await
     }
 

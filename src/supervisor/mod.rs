@@ -44,6 +44,7 @@ pub(crate) use caller::Caller;
 pub use caller::ClientFileLimits;
 pub(crate) use create::CreateRequest;
 pub(crate) use exec::{ExecRequest, User};
+pub use operation::OperationLimits;
 pub(crate) use registry::ContainerInfo;
 use registry::Slot;
 pub(crate) use stdio::StdioPaths;
@@ -101,6 +102,7 @@ impl Supervisor {
         scratch: PathBuf,
         machine: Machine,
         client_files: ClientFileLimits,
+        operations: OperationLimits,
         hand_back: HandBack,
     ) -> Result<Arc<Self>> {
         // Scratch files belong to requests in flight; any found now are from a berthd that died.
@@ -123,7 +125,7 @@ impl Supervisor {
             machine,
             checkpoint_locks: checkpoint::BundleLocks::default(),
             restores: tokio::sync::Mutex::new(()),
-            in_flight: Arc::default(),
+            in_flight: Arc::new(operation::InFlight::new(operations)),
             client_files,
             client_file_trips: Arc::default(),
             hand_back,

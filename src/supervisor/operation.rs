@@ -3,11 +3,17 @@
 //! away or whose deadline passes never cuts one in half; the request only waits for the result.
 //! A stop or upgrade refuses new operations and waits, within a bound, for those in flight.
 //!
-//! Owns: the count of operations (and of clean-ups after exits) in flight, draining them, and
+//! An operation counts until it ends, not until its request does, so a client that asks and
+//! goes away at once could otherwise start them without end: one uid other than root's has at
+//! most [`OperationLimits::per_uid`] in flight, everyone [`OperationLimits::total`].
+//!
+//! Owns: the count of operations (and of clean-ups after exits) in flight, their limits,
+//! draining them, and
 //! [`Undo`], the record of what a create or exec has done so far and how to take exactly that
 //! back.
 //! Does not own: the steps of each operation (create, exec, checkpoint, update).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,52 +27,107 @@ use super::terminals::RelayId;
 use crate::error::{Error, Result};
 use crate::reaper::TrackedProcess;
 
+/// How many operations berthd runs at once (`--max-operations-per-uid`, `--max-operations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperationLimits {
+    /// In flight for one uid other than root's.
+    pub per_uid: usize,
+    /// In flight for everyone.
+    pub total: usize,
+}
+
 /// Operations in flight, and whether new ones are still taken.
-#[derive(Default)]
 pub(crate) struct InFlight {
     state: Mutex<Counts>,
     idle: Notify,
+    limits: OperationLimits,
 }
 
 #[derive(Default)]
 struct Counts {
+    /// Operations and clean-ups, which a drain waits for.
     running: usize,
+    /// Operations clients asked for, by uid.
+    asked: HashMap<u32, usize>,
+    asked_total: usize,
     draining: bool,
 }
 
 /// One operation (or clean-up after an exit) in flight; counted until dropped.
-pub(super) struct Ticket(Arc<InFlight>);
+pub(super) struct Ticket {
+    in_flight: Arc<InFlight>,
+    /// Whose operation this is; none for a clean-up.
+    uid: Option<u32>,
+}
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut counts = self.0.lock();
+        let mut counts = self.in_flight.lock();
         counts.running -= 1;
+        if let Some(uid) = self.uid {
+            counts.asked_total -= 1;
+            if let Some(theirs) = counts.asked.get_mut(&uid) {
+                *theirs -= 1;
+                if *theirs == 0 {
+                    counts.asked.remove(&uid);
+                }
+            }
+        }
         if counts.running == 0 {
-            self.0.idle.notify_waiters();
+            self.in_flight.idle.notify_waiters();
         }
     }
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.state.lock().expect("operations lock poisoned")
+    pub(crate) fn new(limits: OperationLimits) -> InFlight {
+        InFlight {
+            state: Mutex::default(),
+            idle: Notify::new(),
+            limits,
+        }
     }
 
-    fn begin(self: &Arc<Self>) -> Result<Ticket> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for one more operation of `uid`'s, or why not.
+    fn begin(self: &Arc<Self>, uid: u32) -> Result<Ticket> {
         let mut counts = self.lock();
         if counts.draining {
             return Err(Error::Unavailable(
                 "berthd is stopping or upgrading; retry on the same socket in a moment".into(),
             ));
         }
+        let theirs = counts.asked.get(&uid).copied().unwrap_or(0);
+        if uid != 0 && theirs >= self.limits.per_uid {
+            return Err(Error::ResourceExhausted(format!(
+                "uid {uid} has {theirs} creates, execs, checkpoints and updates in flight, its most (--max-operations-per-uid); retry once one ends"
+            )));
+        }
+        if counts.asked_total >= self.limits.total {
+            return Err(Error::Unavailable(format!(
+                "{} creates, execs, checkpoints and updates are in flight, berthd's most (--max-operations); retry once some end",
+                counts.asked_total
+            )));
+        }
         counts.running += 1;
-        Ok(Ticket(Arc::clone(self)))
+        counts.asked_total += 1;
+        *counts.asked.entry(uid).or_default() += 1;
+        Ok(Ticket {
+            in_flight: Arc::clone(self),
+            uid: Some(uid),
+        })
     }
 
     /// Counts a clean-up after an exit, even while draining: an exit is never refused.
     fn begin_cleanup(self: &Arc<Self>) -> Ticket {
         self.lock().running += 1;
-        Ticket(Arc::clone(self))
+        Ticket {
+            in_flight: Arc::clone(self),
+            uid: None,
+        }
     }
 
     /// Refuses new operations from now on and waits up to `bound` for those in flight; returns
@@ -88,13 +149,15 @@ impl InFlight {
 }
 
 impl Supervisor {
-    /// Runs `operation` as a task of its own, in the caller's tracing span, and waits for its
-    /// result. Dropping the returned future (the client left) does not stop the operation.
+    /// Runs `operation`, asked for by `uid`, as a task of its own, in the caller's tracing
+    /// span, and waits for its result. Dropping the returned future (the client left) does not
+    /// stop the operation, which keeps its place in the uid's count until it ends.
     pub(super) async fn owned<T: Send + 'static>(
         &self,
+        uid: u32,
         operation: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let ticket = self.in_flight.begin()?;
+        let ticket = self.in_flight.begin(uid)?;
         let task = tokio::spawn(
             async move {
                 let _ticket = ticket;
@@ -232,17 +295,49 @@ impl<'a> Undo<'a> {
 mod tests {
     use super::*;
 
+    fn in_flight(per_uid: usize, total: usize) -> Arc<InFlight> {
+        Arc::new(InFlight::new(OperationLimits { per_uid, total }))
+    }
+
     #[tokio::test]
     async fn draining_waits_for_operations_in_flight_within_its_bound() {
-        let in_flight = Arc::new(InFlight::default());
-        let ticket = in_flight.begin().unwrap();
+        let in_flight = in_flight(8, 8);
+        let ticket = in_flight.begin(0).unwrap();
         assert_eq!(in_flight.drain(Duration::from_millis(50)).await, 1);
-        assert!(matches!(in_flight.begin(), Err(Error::Unavailable(_))));
+        assert!(matches!(in_flight.begin(0), Err(Error::Unavailable(_))));
         let finishing = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(ticket);
         });
         assert_eq!(in_flight.drain(Duration::from_secs(5)).await, 0);
         finishing.await.unwrap();
+    }
+
+    #[test]
+    fn operations_hold_their_uids_place_until_they_end() {
+        let in_flight = in_flight(2, 4);
+        let member = [
+            in_flight.begin(1000).unwrap(),
+            in_flight.begin(1000).unwrap(),
+        ];
+        let Err(Error::ResourceExhausted(message)) = in_flight.begin(1000) else {
+            panic!("a third operation of one uid was taken");
+        };
+        assert!(message.contains("--max-operations-per-uid"), "{message}");
+        // Clean-ups after exits are never refused and take no client's place.
+        let cleanup = in_flight.begin_cleanup();
+        let other = in_flight.begin(1001).unwrap();
+        // Root has no limit of its own, only everyone's.
+        let root = in_flight.begin(0).unwrap();
+        let Err(Error::Unavailable(message)) = in_flight.begin(0) else {
+            panic!("an operation past everyone's limit was taken");
+        };
+        assert!(message.contains("--max-operations"), "{message}");
+        let [first, _second] = member;
+        drop(first);
+        let again = in_flight.begin(1000).unwrap();
+        drop((again, other, root, cleanup));
+        assert_eq!(in_flight.lock().running, 1);
+        assert!(!in_flight.lock().asked.contains_key(&1001));
     }
 }

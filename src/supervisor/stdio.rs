@@ -70,7 +70,7 @@ impl StdioPaths {
         })
     }
 
-    fn caller(&self) -> Result<&Caller> {
+    pub(super) fn caller(&self) -> Result<&Caller> {
         self.caller.as_deref().ok_or_else(|| {
             Error::Internal("stdio paths without the caller to check them against".into())
         })

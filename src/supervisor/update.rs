@@ -14,18 +14,21 @@ use crate::runtime::Operation;
 
 impl Supervisor {
     /// Freezes ("paused") or thaws ("running") the container, then signals its init if `signal`
-    /// is not 0. The update is the supervisor's: a caller that goes away between the runtime's
-    /// pause and the recorded status cannot leave the two disagreeing.
+    /// is not 0, for `uid`. The update is the supervisor's: a caller that goes away between the
+    /// runtime's pause and the recorded status cannot leave the two disagreeing.
     pub(crate) async fn update(
         self: &Arc<Self>,
+        uid: u32,
         id: &str,
         status: &str,
         signal: u32,
     ) -> Result<()> {
         let supervisor = Arc::clone(self);
         let (id, status) = (id.to_owned(), status.to_owned());
-        self.owned(async move { supervisor.update_owned(&id, &status, signal).await })
-            .await
+        self.owned(uid, async move {
+            supervisor.update_owned(&id, &status, signal).await
+        })
+        .await
     }
 
     async fn update_owned(&self, id: &str, status: &str, signal: u32) -> Result<()> {

@@ -3,7 +3,8 @@
 //! becomes the instrument of a request: paths are opened as the caller could open them, without
 //! following links and never under the state dir; checkpoints stay beneath the bundle; Upgrade is
 //! root's; state is private; restart adopts only what runc confirms; the lock file follows no
-//! link; an upgrade whose pre-flight hangs or fails is refused while berthd keeps serving.
+//! link; an upgrade whose pre-flight hangs or fails is refused while berthd keeps serving; a
+//! member has at most its limit of operations in flight, also after giving up on them.
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, chown, symlink};
@@ -906,6 +907,95 @@ async fn an_upgrade_whose_preflight_hangs_or_fails_is_refused() {
         let c = d.run("after-refusals", &["sleep", "1000"]).await;
         let mut events = d.events().await;
         d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}
+
+/// An operation counts against its uid until it ends, not until its client stops waiting: a
+/// member that asks for creates and gives up on each at once still has at most its limit in
+/// flight, the next one refused before the runtime sees it, while root's go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_has_at_most_its_limit_of_operations_in_flight_after_giving_up_on_them() {
+    within(async {
+        let scripts = tempfile::tempdir().expect("temp dir");
+        let hold = scripts.path().join("hold");
+        let arrived = scripts.path().join("arrived");
+        fs::write(&hold, "").unwrap();
+        // Real runc, except that a command on a container named held-… waits for the test.
+        let body = format!(
+            r#"#!/bin/sh
+for arg in "$@"; do
+    case "$arg" in
+    held-*)
+        echo "$arg" >> '{arrived}'
+        while [ -e '{hold}' ]; do sleep 0.05; done ;;
+    esac
+done
+exec '{runc}' "$@"
+"#,
+            arrived = arrived.display(),
+            hold = hold.display(),
+            runc = runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "holding-runc", &body);
+        let runtime = path_str(&wrapper);
+        let flags = [
+            "--group",
+            "65534",
+            "--runtime",
+            &runtime,
+            "--max-operations-per-uid",
+            "2",
+        ];
+        let mut d = daemon!(Options::args(&flags));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let mut events = d.events().await;
+        let bundle = member_bundle(&["sleep", "1000"]);
+        let bundle_str = bundle.path_str();
+        let held = [id("held-a"), id("held-b")];
+        for id_ in &held {
+            let answer = member
+                .ask(&["create-within", "1", id_, &bundle_str, "", "", ""])
+                .await;
+            expect(&answer, "DEADLINE_EXCEEDED", "");
+        }
+
+        // No request of the member's is open now, but both creates still are.
+        let third = id("held-c");
+        let answer = member
+            .ask(&["create-within", "10", &third, &bundle_str, "", "", ""])
+            .await;
+        expect(&answer, "RESOURCE_EXHAUSTED", "--max-operations-per-uid");
+        let runtime_saw = fs::read_to_string(&arrived).unwrap_or_default();
+        assert!(!runtime_saw.contains(&third), "{runtime_saw}");
+        let root_s = d.run("while-held", &["sleep", "1000"]).await;
+
+        // Both creates finish for real once the runtime goes on, and give their places back.
+        fs::remove_file(&hold).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut pids = Vec::new();
+        while pids.len() < held.len() {
+            assert!(Instant::now() < deadline, "the held creates did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let state = d.state().await;
+            pids = held
+                .iter()
+                .filter_map(|id_| {
+                    let container = state.containers.iter().find(|c| &c.id == id_)?;
+                    Some((id_.clone(), container.processes.first()?.pid))
+                })
+                .collect();
+        }
+        let answer = member.create(&third, &bundle, ["", "", ""]).await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        pids.push((third.clone(), answer[3..].parse().expect("a pid")));
+        pids.push((root_s.id.clone(), root_s.pid));
+        for (id_, pid) in pids {
+            d.kill_container(&mut events, &id_, pid).await;
+        }
+        d.assert_no_zombies().await;
     })
     .await
 }

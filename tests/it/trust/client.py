@@ -1,6 +1,7 @@
 """One request to berthd from whoever runs this (the trust tests run it as uid 65534).
 
 usage: client.py GENERATED SOCKET create ID BUNDLE STDIN STDOUT STDERR
+       client.py GENERATED SOCKET create-within SECONDS ID BUNDLE STDIN STDOUT STDERR
        client.py GENERATED SOCKET upgrade
        client.py GENERATED SOCKET state
 Prints "OK <detail>" or "<CODE> <message>" on one line and exits 0 either way.
@@ -25,13 +26,14 @@ def main():
     )
     api = api_pb2_grpc.APIStub(channel)
     try:
-        if op == "create":
+        if op in ("create", "create-within"):
+            timeout = float(args.pop(0)) if op == "create-within" else 30
             id_, bundle, stdin, stdout, stderr = args
             reply = api.CreateContainer(
                 api_pb2.CreateContainerRequest(
                     id=id_, bundlePath=bundle, stdin=stdin, stdout=stdout, stderr=stderr
                 ),
-                timeout=30,
+                timeout=timeout,
             )
             print("OK", reply.pid)
         elif op == "upgrade":
