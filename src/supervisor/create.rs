@@ -77,6 +77,12 @@ impl Supervisor {
             &init_spec.additional_gids,
             request.max_spec_bytes,
         )?;
+        validate::user(
+            "config.json: process.",
+            init_spec.uid,
+            init_spec.gid,
+            &init_spec.additional_gids,
+        )?;
 
         let mut undo = Undo::new(self, &request.id);
         undo.reserved(self.reserve(&request.id).await?);

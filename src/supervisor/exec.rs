@@ -69,6 +69,9 @@ impl Supervisor {
             .user
             .as_ref()
             .map_or(&[][..], |u| &u.additional_gids);
+        if let Some(user) = &request.user {
+            super::validate::user("", user.uid, user.gid, gids)?;
+        }
         super::validate::process(
             "",
             &request.args,

@@ -132,6 +132,32 @@ pub fn process(
     Ok(())
 }
 
+/// The largest uid or gid runc sets (it refuses the rest; the kernel's `(uid_t)-1` means "no
+/// change", which would leave the process root's).
+const MAX_ID: u32 = i32::MAX as u32;
+
+/// A process's user: uid, gid and additional gids each within `0..=2147483647`.
+pub fn user(field: &str, uid: u32, gid: u32, additional_gids: &[u32]) -> Result<()> {
+    let out_of_range = |name: String, id: u32| {
+        Error::InvalidArgument(format!(
+            "{field}user.{name} {id} is out of range: uids and gids go from 0 to {MAX_ID}"
+        ))
+    };
+    if uid > MAX_ID {
+        return Err(out_of_range("uid".into(), uid));
+    }
+    if gid > MAX_ID {
+        return Err(out_of_range("gid".into(), gid));
+    }
+    match additional_gids.iter().position(|&g| g > MAX_ID) {
+        Some(i) => Err(out_of_range(
+            format!("additionalGids[{i}]"),
+            additional_gids[i],
+        )),
+        None => Ok(()),
+    }
+}
+
 /// What args, env and cwd of one process (each string with its NUL, as the kernel counts them)
 /// and its additional gids (4 bytes each) come to: what `--max-process-spec-bytes` holds a
 /// process to, since they are stored, sent in State and events, and passed to the runtime.
@@ -208,6 +234,22 @@ mod tests {
             let err = container_id(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}");
         }
+    }
+
+    #[test]
+    fn uids_and_gids_past_what_runc_sets_are_refused_by_name() {
+        assert!(user("", 0, 0, &[]).is_ok());
+        assert!(user("", MAX_ID, MAX_ID, &[MAX_ID]).is_ok());
+        let refused = |uid, gid, gids: &[u32]| match user("config.json: process.", uid, gid, gids) {
+            Err(Error::InvalidArgument(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(u32::MAX, 0, &[]),
+            "config.json: process.user.uid 4294967295 is out of range: uids and gids go from 0 to 2147483647"
+        );
+        assert!(refused(0, MAX_ID + 1, &[]).contains("user.gid 2147483648"));
+        assert!(refused(0, 0, &[5, u32::MAX]).contains("user.additionalGids[1] 4294967295"));
     }
 
     #[test]

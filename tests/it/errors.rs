@@ -627,7 +627,8 @@ async fn an_unusable_terminal_path_is_refused_before_the_runtime_runs() {
 }
 
 /// Process fields no kernel takes (a NUL in args, env or cwd, an env entry that is not
-/// NAME=value, a cwd longer than PATH_MAX, more than NGROUPS_MAX groups) are INVALID_ARGUMENT
+/// NAME=value, a cwd longer than PATH_MAX, more than NGROUPS_MAX groups, a uid or gid runc
+/// does not set) are INVALID_ARGUMENT
 /// naming the field, from AddProcess on any id and from a bundle's config.json, and leave
 /// nothing behind.
 #[tokio::test(flavor = "multi_thread")]
@@ -660,6 +661,20 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
                 additional_gids: vec![7; 65537],
             })
         });
+        with("user.uid", &|r| {
+            r.user = Some(User {
+                uid: u32::MAX,
+                gid: 0,
+                additional_gids: Vec::new(),
+            })
+        });
+        with("user.additionalGids[1]", &|r| {
+            r.user = Some(User {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![7, 1 << 31],
+            })
+        });
         for (field, req) in cases {
             for target in [&ctr.id, &unknown] {
                 let req = berth_api::proto::AddProcessRequest {
@@ -683,7 +698,7 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
         let bundle = Bundle::new(&["sleep", "1000"]);
         let id = id("bad-fields-bundle");
         type Edit = fn(&mut serde_json::Value);
-        let edits: [(&str, Edit); 3] = [
+        let edits: [(&str, Edit); 4] = [
             ("process.args[1]", |c| {
                 c["process"]["args"][1] = "a\0".into()
             }),
@@ -692,6 +707,9 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
             }),
             ("process.user.additionalGids", |c| {
                 c["process"]["user"]["additionalGids"] = vec![7; 65537].into()
+            }),
+            ("process.user.uid", |c| {
+                c["process"]["user"]["uid"] = u32::MAX.into()
             }),
         ];
         for (field, edit) in edits {
