@@ -10,9 +10,18 @@ use tokio::io::unix::AsyncFd;
 
 /// Registers `fd` for `interest`. Must be called inside the tokio runtime.
 pub fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    try_register(fd, interest).map_err(|(_, e)| e)
+}
+
+/// [`register`], giving `fd` back when epoll does not take it (EPERM: a file without poll,
+/// such as `/dev/null`).
+pub fn try_register(
+    fd: OwnedFd,
+    interest: Interest,
+) -> Result<AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
     // SAFETY: an OwnedFd owns its descriptor and always reports the same one, so the descriptor
     // stays open and unchanged for as long as the AsyncFd holds it.
-    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts())
 }
 
 /// Registers a new descriptor of `fd`'s file for `interest`: how a socket registered for reading

@@ -284,10 +284,15 @@ impl Endpoint {
             return Ok(Endpoint::File(BlockingFile(Some(Arc::new(fd)))));
         }
         set_nonblocking(&fd, true)?;
-        Ok(Endpoint::Polled(crate::reactor::register(
-            fd,
-            Interest::READABLE | Interest::WRITABLE,
-        )?))
+        match crate::reactor::try_register(fd, Interest::READABLE | Interest::WRITABLE) {
+            Ok(polled) => Ok(Endpoint::Polled(polled)),
+            // One that cannot be polled (`/dev/null`) is relayed as a regular file is.
+            Err((fd, e)) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+                set_nonblocking(&fd, false)?;
+                Ok(Endpoint::File(BlockingFile(Some(Arc::new(fd)))))
+            }
+            Err((_, e)) => Err(e),
+        }
     }
 
     /// The descriptor, out of the reactor. A file is shared only while a call on it is in

@@ -196,10 +196,12 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Process)> {
             shown(&config)
         )));
     };
+    // serde quotes a value of the wrong type whole: cut, as the file is the client's.
     let mut spec: Spec = serde_json::from_slice(&bytes).map_err(|e| {
         Error::InvalidArgument(format!(
-            "{} is not a valid OCI runtime spec: {e}",
-            shown(&config)
+            "{} is not a valid OCI runtime spec: {}",
+            shown(&config),
+            crate::error::bounded(&e.to_string())
         ))
     })?;
     let Some(process) = spec.process_mut().take() else {
@@ -208,6 +210,18 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Process)> {
             shown(&config)
         )));
     };
+    // An added process may leave these empty for the container's own; the init has none.
+    if process.args().as_ref().is_none_or(|args| args.is_empty()) {
+        return Err(Error::InvalidArgument(
+            "config.json: process.args is empty: give the program to run and its arguments".into(),
+        ));
+    }
+    if process.cwd().as_os_str().is_empty() {
+        return Err(Error::InvalidArgument(
+            "config.json: process.cwd is empty: give the working directory (runc spec gives /)"
+                .into(),
+        ));
+    }
     Ok((dir.to_owned(), process))
 }
 
@@ -408,6 +422,36 @@ mod tests {
             Err(Error::InvalidArgument(m)) => assert!(m.contains("has no process to run"), "{m}"),
             other => panic!("{other:?}"),
         }
+        let refused = |config: String| {
+            std::fs::write(dir.path().join("config.json"), config).unwrap();
+            async {
+                match bundle(root).await {
+                    Err(Error::InvalidArgument(m)) => m,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let m = refused(
+            r#"{"ociVersion":"1.0.2","process":{"cwd":"/","user":{"uid":0,"gid":0}}}"#.into(),
+        )
+        .await;
+        assert!(m.starts_with("config.json: process.args is empty"), "{m}");
+        let m = refused(
+            r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"","user":{"uid":0,"gid":0}}}"#
+                .into(),
+        )
+        .await;
+        assert!(m.starts_with("config.json: process.cwd is empty"), "{m}");
+        // A value of the wrong type is quoted by serde whole; the message keeps its ends.
+        let long = "A".repeat(1 << 19);
+        let m = refused(format!(
+            r#"{{"ociVersion":"1.0.2","process":{{"terminal":"{long}"}}}}"#
+        ))
+        .await;
+        assert!(
+            m.len() < 1000 && m.contains("bytes cut") && m.contains("column"),
+            "{m}"
+        );
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#,

@@ -698,7 +698,7 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
         let bundle = Bundle::new(&["sleep", "1000"]);
         let id = id("bad-fields-bundle");
         type Edit = fn(&mut serde_json::Value);
-        let edits: [(&str, Edit); 4] = [
+        let edits: [(&str, Edit); 6] = [
             ("process.args[1]", |c| {
                 c["process"]["args"][1] = "a\0".into()
             }),
@@ -711,6 +711,10 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
             ("process.user.uid", |c| {
                 c["process"]["user"]["uid"] = u32::MAX.into()
             }),
+            ("process.args is empty", |c| {
+                c["process"]["args"] = serde_json::Value::Null
+            }),
+            ("process.cwd is empty", |c| c["process"]["cwd"] = "".into()),
         ];
         for (field, edit) in edits {
             let original = bundle.config();

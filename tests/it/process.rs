@@ -211,6 +211,36 @@ async fn added_process_stdin_and_stdout_fifos() {
     .await
 }
 
+/// `/dev/null` is a stdio path like any other for a process with a terminal: input that ends at
+/// once, output dropped (epoll takes no `/dev/null`, so it is relayed as a regular file is).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_relayed_to_dev_null_runs() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        let ctr = d.run("tty-null", &["sleep", "1000"]).await;
+        let mut req = exec_req(&ctr.id, &["/bin/sh", "-c", "[ -t 1 ] && echo tty-ok"]);
+        req.terminal = true;
+        req.stdin = "/dev/null".into();
+        req.stdout = "/dev/null".into();
+        let pid = d.exec(req).await;
+        assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
+
+        let bundle = Bundle::new(&["/bin/sh", "-c", "[ -t 0 ] && exit 7"]);
+        bundle.edit(|c| c["process"]["terminal"] = true.into());
+        let id = id("tty-null-init");
+        let mut req = create_req(&id, &bundle);
+        req.stdin = "/dev/null".into();
+        req.console = "/dev/null".into();
+        let init = d.create(req).await;
+        assert_eq!(events.exit_status(&id, init).await, 7);
+        d.assert_gone(&id).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn added_process_with_terminal_is_relayed_to_the_stdout_fifo() {
     within(async {
