@@ -429,7 +429,7 @@ impl proto::api_server::Api for ApiService {
                 .entered();
         let machine = self.supervisor.machine();
         let containers = if id.is_empty() {
-            self.supervisor.containers()
+            self.supervisor.containers_within(self.limits.message_bytes)?
         } else {
             vec![self.supervisor.container_info(&id)?]
         };

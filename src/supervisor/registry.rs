@@ -109,6 +109,19 @@ impl Container {
             .sum()
     }
 
+    /// The bytes of every process's args, env and cwd: less than they take encoded.
+    fn strings_bytes(&self) -> usize {
+        let mutable = self.lock();
+        std::iter::once(&self.init)
+            .chain(&mutable.added)
+            .map(|process| {
+                let spec = &process.spec;
+                let strings = spec.args.iter().chain(&spec.env).map(String::len).sum::<usize>();
+                strings + spec.cwd.len()
+            })
+            .sum()
+    }
+
     fn info(&self) -> ContainerInfo {
         let mutable = self.lock();
         let mut processes = vec![(self.init.pid(), self.init.spec.clone())];
@@ -331,8 +344,10 @@ impl Supervisor {
         self.store.remove(&container.id);
     }
 
-    /// Every container, ordered by id.
-    pub(crate) fn containers(&self) -> Vec<ContainerInfo> {
+    /// Every container, ordered by id; RESOURCE_EXHAUSTED, before anything is copied, when
+    /// their processes' strings alone come to more than `limit` bytes, which no answer of at
+    /// most `limit` bytes could hold (each string is encoded with at least its bytes).
+    pub(crate) fn containers_within(&self, limit: usize) -> Result<Vec<ContainerInfo>> {
         let live: Vec<Arc<Container>> = self
             .registry()
             .values()
@@ -341,9 +356,16 @@ impl Supervisor {
                 Slot::Reserved | Slot::Exited(_) => None,
             })
             .collect();
+        let strings: usize = live.iter().map(|c| c.strings_bytes()).sum();
+        if strings > limit {
+            return Err(Error::ResourceExhausted(format!(
+                "State of {} containers would be more than {strings} bytes, more than --max-message-bytes ({limit}); ask for one container with StateRequest.id",
+                live.len()
+            )));
+        }
         let mut infos: Vec<ContainerInfo> = live.iter().map(|c| c.info()).collect();
         infos.sort_by(|a, b| a.id.cmp(&b.id));
-        infos
+        Ok(infos)
     }
 
     /// The id of every container, ordered: what needs only the ids need not copy every
