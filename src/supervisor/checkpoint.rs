@@ -7,7 +7,7 @@
 //! Does not own: the Checkpoint record (model), the argv (runtime), restoring (create).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -617,18 +617,33 @@ fn write_metadata(image: &OwnedFd, checkpoint: &Checkpoint) -> Result<()> {
         .map_err(|e| Error::io(METADATA, e))
 }
 
-/// The lines of a CRIU log in `work` that say why a dump or restore failed: its last errors, or
-/// its last lines when it logged no error.
+/// The lines of a CRIU log in `work` that say why a dump or restore failed: the last errors in
+/// its last 64 KiB, or its last lines when those hold no error, each cut to its ends. CRIU logs
+/// at its most verbose for runc, tens of MB for a large container, and its lines quote paths.
 pub fn criu_log_tail(work: &Path, log: &str) -> Option<String> {
     const LINES: usize = 8;
-    let text = std::fs::read_to_string(work.join(log)).ok()?;
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
+    const TAIL_BYTES: u64 = 64 * 1024;
+    let mut file = std::fs::File::open(work.join(log)).ok()?;
+    let size = file.metadata().ok()?.len();
+    let start = size.saturating_sub(TAIL_BYTES);
+    file.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(TAIL_BYTES).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    // A tail that starts inside a line leaves that line out.
+    let whole = |(i, _): &(usize, &str)| start == 0 || *i > 0;
+    let lines = text.lines().enumerate().filter(whole).map(|(_, l)| l);
+    let errors: Vec<&str> = lines.clone().filter(|l| l.contains("Error (")).collect();
     let lines: Vec<&str> = if errors.is_empty() {
-        text.lines().filter(|l| !l.trim().is_empty()).collect()
+        lines.filter(|l| !l.trim().is_empty()).collect()
     } else {
         errors
     };
-    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+    let tail: Vec<String> = lines[lines.len().saturating_sub(LINES)..]
+        .iter()
+        .map(|line| crate::error::bounded(line))
+        .collect();
+    let tail = tail.join("\n");
     (!tail.is_empty()).then_some(tail)
 }
 
@@ -1094,6 +1109,19 @@ mod tests {
             criu_log_tail(work.path(), "restore.log").unwrap(),
             "(0.2) Error (criu/vdso.c:381): vdso: bad"
         );
+        // A large log is read from its last 64 KiB, and a line quoting a long path is cut.
+        let early_error = "(0.1) Error (criu/files.c:1): early\n";
+        let noise = "(1.0) noise\n".repeat(200_000);
+        let path = "p".repeat(20_000);
+        let late = format!("(2.0) Error (criu/files-reg.c:9): ghost {path} too big\n");
+        std::fs::write(
+            work.path().join("dump.log"),
+            format!("{early_error}{noise}{late}"),
+        )
+        .unwrap();
+        let tail = criu_log_tail(work.path(), "dump.log").unwrap();
+        assert!(!tail.contains("early") && tail.contains("too big"), "{tail}");
+        assert!(tail.len() < 400, "{} bytes", tail.len());
     }
 
     #[tokio::test]
