@@ -5,6 +5,13 @@
 //! missed instead of being silently skipped. Events are published in the order they happened for
 //! each container, so every subscriber sees them in that order.
 //!
+//! The ring keeps an event until every subscriber has taken it, and an added process's event
+//! carries its spec (up to twice `--max-process-spec-bytes`): a ring of them behind one client
+//! that stops reading would be hundreds of MB. So the bus also counts the bytes it publishes
+//! ([`Event::published_bytes`]) and cuts off a subscriber that has not taken the last
+//! [`MAX_BYTES_BEHIND`] of them, even one nothing polls, which lets the ring drop what only it
+//! held.
+//!
 //! The events of a restart (`live` for each adopted container, `exit` for each that ended while
 //! berthd was down) happen before anyone can subscribe, so they are kept as a backlog that
 //! every subscriber connecting within the replay window receives first.
@@ -13,10 +20,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
+use tokio::sync::broadcast::{self, error::TryRecvError};
 
 use crate::model::{Checkpoint, ProcessSpec};
 
@@ -63,12 +71,51 @@ pub(crate) struct Event {
     pub id: String,
     pub pid: u32,
     pub kind: EventKind,
+    /// The bytes of every event the bus published up to this one, this one's included.
+    pub published_bytes: u64,
+}
+
+/// How many bytes of published events a subscriber may leave untaken before it is cut off.
+pub(crate) const MAX_BYTES_BEHIND: u64 = 16 << 20;
+/// The bus looks for subscribers too far behind each time this many more bytes are published.
+const CHECK_STEP: u64 = 64 << 10;
+/// What an event takes besides its strings.
+const EVENT_BYTES: u64 = 64;
+
+impl EventKind {
+    /// What the event holds, roughly: its strings, an added process's spec most of all.
+    fn bytes(&self) -> u64 {
+        let strings = |s: &[String]| s.iter().map(|s| s.len() as u64).sum::<u64>();
+        EVENT_BYTES
+            + match self {
+                EventKind::StartContainer { bundle } => bundle.len() as u64,
+                EventKind::StartProcess { process } => {
+                    strings(&process.args)
+                        + strings(&process.env)
+                        + process.cwd.len() as u64
+                        + 4 * process.additional_gids.len() as u64
+                }
+                EventKind::Checkpoint { checkpoint } => checkpoint.name.len() as u64,
+                EventKind::Exit { .. }
+                | EventKind::Pause
+                | EventKind::Resume
+                | EventKind::Live
+                | EventKind::Oom => 0,
+            }
+    }
 }
 
 pub struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
     recovery: Mutex<Option<Recovery>>,
     counts: Arc<Counts>,
+    /// The bytes of every event published so far.
+    published: AtomicU64,
+    /// Every subscription's end of the ring, to cut off one that falls too far behind.
+    subscribers: Mutex<Vec<Weak<Receiving>>>,
+    /// Wakes the subscriptions waiting for an event (they wait here, not in the ring, so that
+    /// none holds its end of the ring while it waits).
+    published_one: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -93,30 +140,76 @@ struct Recovery {
 /// Why a subscription ended early.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Lagged {
+    /// It fell more than the ring behind: this many events are gone.
     Missed(u64),
+    /// It left more than [`MAX_BYTES_BEHIND`] of published bytes untaken: this many.
+    Bytes(u64),
+}
+
+/// A subscription's end of the ring, shared with the bus. The bus drops the receiver of one that
+/// falls too far behind even while nothing polls it (its client stopped reading, so the HTTP/2
+/// stream takes nothing from it), which lets the ring free what only it held.
+struct Receiving {
+    /// `None` once the bus cut the subscription off.
+    receiver: Mutex<Option<broadcast::Receiver<Arc<Event>>>>,
+    /// The bus's published bytes up to the last event taken (or to the subscription).
+    taken: AtomicU64,
+    /// How far behind it was when cut off.
+    cut_behind: AtomicU64,
 }
 
 pub(crate) struct Subscription {
     backlog: VecDeque<Arc<Event>>,
-    receiver: broadcast::Receiver<Arc<Event>>,
+    receiving: Arc<Receiving>,
     counts: Arc<Counts>,
+    published_one: Arc<Notify>,
 }
 
 impl Subscription {
-    /// The next event, or how many were missed when this subscriber fell behind. `None` when the
-    /// bus is gone (berthd is stopping).
+    /// The next event, or how it fell behind. `None` when the bus is gone (berthd is stopping).
     pub async fn next(&mut self) -> Option<Result<Arc<Event>, Lagged>> {
         if let Some(event) = self.backlog.pop_front() {
             return Some(Ok(event));
         }
-        match self.receiver.recv().await {
-            Ok(event) => Some(Ok(event)),
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                self.counts.cut_off.fetch_add(1, Ordering::Relaxed);
-                Some(Err(Lagged::Missed(missed)))
+        loop {
+            // Registered before looking, so an event published in between still wakes it.
+            let published = self.published_one.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            {
+                let mut receiver = self
+                    .receiving
+                    .receiver
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let Some(receiver) = receiver.as_mut() else {
+                    let behind = self.receiving.cut_behind.load(Ordering::Relaxed);
+                    return Some(Err(Lagged::Bytes(behind)));
+                };
+                match receiver.try_recv() {
+                    Ok(event) => {
+                        let taken = &self.receiving.taken;
+                        taken.fetch_max(event.published_bytes, Ordering::Relaxed);
+                        return Some(Ok(event));
+                    }
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Lagged(missed)) => {
+                        self.counts.cut_off.fetch_add(1, Ordering::Relaxed);
+                        return Some(Err(Lagged::Missed(missed)));
+                    }
+                    Err(TryRecvError::Closed) => return None,
+                }
             }
-            Err(broadcast::error::RecvError::Closed) => None,
+            published.await;
         }
+    }
+}
+
+impl Drop for EventBus {
+    /// Closes the ring before waking the waiting subscriptions, so each finds it closed.
+    fn drop(&mut self) {
+        drop(std::mem::replace(&mut self.sender, broadcast::channel(1).0));
+        self.published_one.notify_waiters();
     }
 }
 
@@ -127,6 +220,9 @@ impl EventBus {
             sender,
             recovery: Mutex::new(None),
             counts: Arc::default(),
+            published: AtomicU64::new(0),
+            subscribers: Mutex::default(),
+            published_one: Arc::new(Notify::new()),
         }
     }
 
@@ -137,6 +233,7 @@ impl EventBus {
             id: id.to_owned(),
             pid,
             kind,
+            published_bytes: 0,
         });
         let mut recovery = self.recovery.lock().expect("event lock poisoned");
         let recovery = recovery.get_or_insert_with(|| Recovery {
@@ -149,12 +246,40 @@ impl EventBus {
     pub(crate) fn publish(&self, id: &str, pid: u32, kind: EventKind) {
         tracing::debug!(id, pid, kind = kind.name(), "event");
         self.counts.published.fetch_add(1, Ordering::Relaxed);
+        let bytes = id.len() as u64 + kind.bytes();
+        let published = self.published.fetch_add(bytes, Ordering::Relaxed) + bytes;
         // No subscriber is not an error: the event simply has nobody to go to.
         let _ = self.sender.send(Arc::new(Event {
             id: id.to_owned(),
             pid,
             kind,
+            published_bytes: published,
         }));
+        self.published_one.notify_waiters();
+        if published / CHECK_STEP != (published - bytes) / CHECK_STEP {
+            self.cut_off_laggards(published);
+        }
+    }
+
+    /// Drops the ring's receiver of every subscription more than [`MAX_BYTES_BEHIND`] behind
+    /// `published`, and forgets the subscriptions that ended.
+    fn cut_off_laggards(&self, published: u64) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subscribers.retain(|weak| {
+            let Some(receiving) = weak.upgrade() else {
+                return false;
+            };
+            let behind = published.saturating_sub(receiving.taken.load(Ordering::Relaxed));
+            if behind <= MAX_BYTES_BEHIND {
+                return true;
+            }
+            let mut receiver = receiving.receiver.lock().unwrap_or_else(|e| e.into_inner());
+            if receiver.take().is_some() {
+                receiving.cut_behind.store(behind, Ordering::Relaxed);
+                self.counts.cut_off.fetch_add(1, Ordering::Relaxed);
+            }
+            false
+        });
     }
 
     pub(crate) fn subscribe(&self) -> Subscription {
@@ -167,10 +292,19 @@ impl EventBus {
             }
             None => VecDeque::new(),
         };
+        let receiving = Arc::new(Receiving {
+            receiver: Mutex::new(Some(self.sender.subscribe())),
+            taken: AtomicU64::new(self.published.load(Ordering::Relaxed)),
+            cut_behind: AtomicU64::new(0),
+        });
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subscribers.retain(|weak| weak.strong_count() > 0);
+        subscribers.push(Arc::downgrade(&receiving));
         Subscription {
             backlog,
-            receiver: self.sender.subscribe(),
+            receiving,
             counts: Arc::clone(&self.counts),
+            published_one: Arc::clone(&self.published_one),
         }
     }
 
@@ -237,5 +371,64 @@ mod tests {
                 cut_off: 1
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_leaving_too_many_bytes_untaken_is_cut_off_and_the_ring_lets_go() {
+        let bus = EventBus::new(1024);
+        let mut idle = bus.subscribe();
+        let mut reading = bus.subscribe();
+        let big = ProcessSpec {
+            args: vec!["true".into()],
+            env: vec![format!("X={}", "x".repeat(1 << 20))],
+            ..ProcessSpec::default()
+        };
+        let start = || EventKind::StartProcess {
+            process: big.clone(),
+        };
+        bus.publish("a", 1, start());
+        let first = Arc::downgrade(&reading.next().await.unwrap().unwrap());
+        for pid in 2..=20 {
+            bus.publish("a", pid, start());
+            assert_eq!(reading.next().await.unwrap().unwrap().pid, pid);
+        }
+        // Only the idle subscriber kept the first event; cut off, it no longer does.
+        assert!(
+            first.upgrade().is_none(),
+            "the ring still holds the first event"
+        );
+        match idle.next().await {
+            Some(Err(Lagged::Bytes(behind))) => assert!(behind > MAX_BYTES_BEHIND, "{behind}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(bus.counts().cut_off, 1);
+        bus.publish("a", 21, EventKind::Exit { status: 0 });
+        assert_eq!(reading.next().await.unwrap().unwrap().pid, 21);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_subscriber_wakes_for_each_event_and_when_the_bus_goes() {
+        let bus = EventBus::new(128);
+        let mut sub = bus.subscribe();
+        let waiting = tokio::spawn(async move {
+            let mut pids = Vec::new();
+            while let Some(event) = sub.next().await {
+                pids.push(event.unwrap().pid);
+            }
+            pids
+        });
+        for pid in 1..=100 {
+            bus.publish("a", pid, EventKind::Pause);
+            if pid % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(bus);
+        let pids = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the subscriber ended with the bus")
+            .unwrap();
+        assert_eq!(pids, (1..=100).collect::<Vec<_>>());
     }
 }

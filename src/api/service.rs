@@ -429,7 +429,8 @@ impl proto::api_server::Api for ApiService {
                 .entered();
         let machine = self.supervisor.machine();
         let containers = if id.is_empty() {
-            self.supervisor.containers_within(self.limits.message_bytes)?
+            self.supervisor
+                .containers_within(self.limits.message_bytes)?
         } else {
             vec![self.supervisor.container_info(&id)?]
         };
@@ -478,6 +479,14 @@ impl proto::api_server::Api for ApiService {
                     Err(Lagged::Missed(missed)) => Some((
                         Err(Status::resource_exhausted(format!(
                             "events subscriber fell behind and missed {missed} events; subscribe again and re-read State"
+                        ))),
+                        None,
+                    )),
+                    Err(Lagged::Bytes(bytes)) => Some((
+                        Err(Status::resource_exhausted(format!(
+                            "events subscriber left {} MiB of events untaken, more than the {} MiB berthd keeps for one; subscribe again and re-read State",
+                            bytes >> 20,
+                            crate::events::MAX_BYTES_BEHIND >> 20
                         ))),
                         None,
                     )),

@@ -1120,7 +1120,10 @@ mod tests {
         )
         .unwrap();
         let tail = criu_log_tail(work.path(), "dump.log").unwrap();
-        assert!(!tail.contains("early") && tail.contains("too big"), "{tail}");
+        assert!(
+            !tail.contains("early") && tail.contains("too big"),
+            "{tail}"
+        );
         assert!(tail.len() < 400, "{} bytes", tail.len());
     }
 

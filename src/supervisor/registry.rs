@@ -116,7 +116,12 @@ impl Container {
             .chain(&mutable.added)
             .map(|process| {
                 let spec = &process.spec;
-                let strings = spec.args.iter().chain(&spec.env).map(String::len).sum::<usize>();
+                let strings = spec
+                    .args
+                    .iter()
+                    .chain(&spec.env)
+                    .map(String::len)
+                    .sum::<usize>();
                 strings + spec.cwd.len()
             })
             .sum()

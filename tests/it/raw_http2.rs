@@ -583,6 +583,50 @@ async fn rss_growth_after(
     status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before)
 }
 
+/// An Events subscriber that stops reading while added processes with large specs come and go
+/// is cut off once it leaves 16 MiB of events untaken, instead of the ring keeping every one of
+/// them (up to --events-buffer of half a MB each) for it; it learns why once it reads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_events_subscriber_that_stops_reading_is_cut_off_past_its_bytes() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut events = daemon.events().await;
+        let ctr = daemon.run("events-bytes", &["sleep", "1000"]).await;
+        let mut connection = Connection::open(&daemon).await;
+        let (streams, wire) = connection.calls("/types.API/Events", &[], 1);
+        connection.socket.write_all(&wire).await.expect("subscribe");
+        // 90 processes of 200 KB of env each (no one string past the kernel's 128 KiB): 18 MB
+        // of start-process events.
+        let env: Vec<String> = (0..4)
+            .map(|n| format!("BIG{n}={}", "b".repeat(50_000)))
+            .collect();
+        for _ in 0..90 {
+            let mut exec = exec_req(&ctr.id, &["/bin/sh", "-c", "exit 0"]);
+            exec.env = env.clone();
+            let pid = daemon.exec(exec).await;
+            assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
+        }
+        connection
+            .socket
+            .write_all(&largest_windows())
+            .await
+            .expect("windows");
+        let answer = tokio::time::timeout(Duration::from_secs(30), connection.answer(streams[0]))
+            .await
+            .expect("the idle stream ended once read");
+        assert_eq!(answer.header("grpc-status"), Some("8"), "{answer:?}");
+        let text = answer.header("grpc-message").expect("grpc-message");
+        assert!(text.contains("MiB of events untaken"), "{text}");
+        assert!(
+            answer.data.len() < 4_000_000,
+            "{} bytes sent",
+            answer.data.len()
+        );
+        daemon.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
 /// A client that asks for State over and over without reading is answered as it reads, with
 /// the default flow-control windows and with the largest: berthd does not make and hold a whole
 /// State for each request it has not read an answer to yet.
