@@ -148,9 +148,10 @@ pub fn list_dirs_beneath(
 /// `<dir>/<relative>` itself must not be a symbolic link (it is refused, as
 /// [`list_dirs_beneath`] does not list it); anything else that is not a directory is NotFound,
 /// as it is not listed either (a checkpoint is a directory). The peer must be allowed to write
-/// to and search
-/// the directory that holds it (and own it or the directory, when that one is sticky).
-/// At most [`MAX_REMOVE_DEPTH`] levels are descended.
+/// to and search the directory that holds it (and own it or the directory, when that one is
+/// sticky), and each directory it empties, as the kernel asks of a peer that removes the tree
+/// itself (the sticky rule included); where it may not, the removal stops there with
+/// PERMISSION_DENIED, as `rm -r` would. At most [`MAX_REMOVE_DEPTH`] levels are descended.
 pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()> {
     let beneath = Beneath::new(dir, relative)?;
     let (parent, leaf) = beneath.parent(peer)?;
@@ -191,7 +192,7 @@ pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()>
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
                 ResolveFlags::NO_XDEV,
             )?;
-            remove_tree(top, parent.as_fd(), leaf, &beneath.shown())
+            remove_tree(top, parent.as_fd(), leaf, &beneath.shown(), Some(peer))
         }
         _ => Err(Error::NotFound(format!(
             "{} is {}, not a directory",
@@ -207,7 +208,7 @@ pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()>
 pub fn remove_held(dir: &OwnedFd, relative: &Path, held: OwnedFd) -> Result<()> {
     let beneath = Beneath::new(dir, relative)?;
     let (parent, leaf) = beneath.parent(&Peer::root())?;
-    remove_tree(held, parent.as_fd(), leaf, &beneath.shown())
+    remove_tree(held, parent.as_fd(), leaf, &beneath.shown(), None)
 }
 
 /// Creates the directory `<dir>/<relative>` (its parent must exist), resolved beneath `dir` as
@@ -395,15 +396,36 @@ struct Frame {
     entries: Dir,
     name: std::ffi::CString,
     passes: u8,
+    /// Sticky and not the peer's: only the peer's own entries may go.
+    owners_only: bool,
+}
+
+/// Whether `peer` may empty the directory `dir` (`path`): write and search on it. Returns
+/// whether it is sticky and not the peer's, so that only the peer's own entries may go.
+fn may_empty(dir: BorrowedFd<'_>, path: impl Fn() -> String, peer: &Peer) -> Result<bool> {
+    let st = rustix::fs::fstat(dir).map_err(|e| Error::io(path(), e.into()))?;
+    if !peer.may(At::Fd(dir), &st, WRITE | SEARCH) {
+        return Err(permission_denied(
+            path(),
+            format!(
+                "{} may not remove what is in it ({}); remove it yourself or ask its owner",
+                peer.describe(),
+                mode_and_owner(&st)
+            ),
+        ));
+    }
+    Ok(st.st_mode & 0o1000 != 0 && st.st_uid != peer.uid && !peer.is_root())
 }
 
 /// Empties and removes the directory `top` (named `top_name` in `top_parent`), depth first,
-/// with an explicit stack of directory descriptors instead of recursion.
+/// with an explicit stack of directory descriptors instead of recursion. With `peer`, only
+/// what the peer could remove itself ([`may_empty`]).
 fn remove_tree(
     top: OwnedFd,
     top_parent: BorrowedFd<'_>,
     top_name: &OsStr,
     shown: &str,
+    peer: Option<&Peer>,
 ) -> Result<()> {
     let inside = |stack: &[Frame], name: Option<&[u8]>| {
         let mut path = shown.to_owned();
@@ -420,10 +442,15 @@ fn remove_tree(
     let io = |path: String, e: Errno| Error::io(path, e.into());
     let top_name = std::ffi::CString::new(top_name.as_bytes())
         .map_err(|_| Error::InvalidArgument(format!("{shown} contains a NUL byte")))?;
+    let owners_only = match peer {
+        Some(peer) => may_empty(top.as_fd(), || shown.to_owned(), peer)?,
+        None => false,
+    };
     let mut stack = vec![Frame {
         entries: Dir::new(top).map_err(|e| io(shown.to_owned(), e))?,
         name: top_name,
         passes: 0,
+        owners_only,
     }];
     while let Some(frame) = stack.last_mut() {
         let next = frame.entries.read();
@@ -461,6 +488,23 @@ fn remove_tree(
             .entries
             .fd()
             .map_err(|e| io(inside(&stack, None), e))?;
+        if let (true, Some(peer)) = (frame.owners_only, peer) {
+            match rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if st.st_uid == peer.uid => {}
+                Ok(st) => {
+                    return Err(permission_denied(
+                        inside(&stack, Some(name.to_bytes())),
+                        format!(
+                            "{} may not remove it from its sticky directory ({}); ask its owner",
+                            peer.describe(),
+                            mode_and_owner(&st)
+                        ),
+                    ));
+                }
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(io(inside(&stack, Some(name.to_bytes())), e)),
+            }
+        }
         let kind = match entry.file_type() {
             FileType::Unknown => match rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => FileType::from_raw_mode(st.st_mode),
@@ -502,11 +546,18 @@ fn remove_tree(
             Err(e) => return Err(io(inside(&stack, Some(name.to_bytes())), e)),
         };
         let name = name.to_owned();
+        let owners_only = match peer {
+            Some(peer) => {
+                may_empty(child.as_fd(), || inside(&stack, Some(name.to_bytes())), peer)?
+            }
+            None => false,
+        };
         let entries = Dir::new(child).map_err(|e| io(inside(&stack, Some(name.to_bytes())), e))?;
         stack.push(Frame {
             entries,
             name,
             passes: 0,
+            owners_only,
         });
     }
     Ok(())

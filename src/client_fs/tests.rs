@@ -495,6 +495,41 @@ fn open_beneath_checks_the_peer() {
     assert!(dir.path().join("checkpoints/cp1").exists());
 }
 
+/// A peer removes through berthd only what it could remove itself: not another uid's tree that
+/// it may not empty, though it may write the directory holding it, nor another's entry in a
+/// sticky directory; its own tree goes.
+#[test]
+fn remove_beneath_empties_only_what_the_peer_could() {
+    use std::os::unix::fs::chown;
+    let (dir, fd) = bundle();
+    let checkpoints = dir.path().join("checkpoints");
+    chmod(&checkpoints, 0o777);
+    let others = checkpoints.join("others");
+    std::fs::create_dir_all(others.join("inner")).unwrap();
+    std::fs::write(others.join("inner/pages-1.img"), "x").unwrap();
+    chmod(&others, 0o755);
+    let message = denied(remove_beneath(&fd, Path::new("checkpoints/others"), &nobody()));
+    assert!(message.contains("may not remove what is in it"), "{message}");
+    assert!(others.join("inner/pages-1.img").exists());
+
+    let mine = checkpoints.join("mine");
+    std::fs::create_dir_all(mine.join("inner")).unwrap();
+    std::fs::write(mine.join("inner/pages-1.img"), "x").unwrap();
+    for path in [&mine, &mine.join("inner/pages-1.img")] {
+        chown(path, Some(65534), Some(65534)).unwrap();
+    }
+    // In a sticky directory that is not its own (as /tmp), another uid's file is not the
+    // peer's to remove; its own is.
+    chmod(&mine.join("inner"), 0o1777);
+    std::fs::write(mine.join("inner/roots"), "x").unwrap();
+    let message = denied(remove_beneath(&fd, Path::new("checkpoints/mine"), &nobody()));
+    assert!(message.contains("sticky"), "{message}");
+    assert!(mine.join("inner/roots").exists());
+    std::fs::remove_file(mine.join("inner/roots")).unwrap();
+    remove_beneath(&fd, Path::new("checkpoints/mine"), &nobody()).unwrap();
+    assert!(!mine.exists());
+}
+
 #[test]
 fn remove_beneath_removes_a_tree_but_nothing_a_link_inside_points_to() {
     let (dir, fd) = bundle();
