@@ -248,8 +248,14 @@ pub(super) enum Endpoint {
 /// holder closes it, never a worker.
 pub(super) struct BlockingFile(Option<Arc<OwnedFd>>);
 
+/// Relay reads and writes on files running at once, stuck ones included (a file on a mount
+/// that does not answer holds its thread for good): a quarter of tokio's blocking threads, so
+/// relays on such files cannot take the ones berthd's own work needs. Past it, relays wait.
+static RELAY_FILE_CALLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(128);
+
 impl BlockingFile {
-    /// Runs `call` on the file on the blocking pool.
+    /// Runs `call` on the file on the blocking pool, in one of [`RELAY_FILE_CALLS`]' places,
+    /// which it keeps until the call ends.
     async fn run<T: Send + 'static>(
         &self,
         call: impl FnOnce(&OwnedFd) -> std::io::Result<T> + Send + 'static,
@@ -257,9 +263,16 @@ impl BlockingFile {
         let Some(fd) = self.0.clone() else {
             return Err(std::io::Error::other("the relayed file is closed"));
         };
-        tokio::task::spawn_blocking(move || call(&fd))
+        let place = RELAY_FILE_CALLS
+            .acquire()
             .await
-            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
+        tokio::task::spawn_blocking(move || {
+            let _place = place;
+            call(&fd)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 }
 
@@ -492,6 +505,37 @@ mod tests {
 
     fn as_root(dir: &Path) -> Option<Arc<Caller>> {
         Some(Arc::new(Caller::berthd(dir.join("state"))))
+    }
+
+    /// A relay read on `file`: one byte.
+    async fn read_one(file: BlockingFile) -> std::io::Result<usize> {
+        file.run(|fd| Ok(rustix::io::read(fd, &mut [0; 1])?)).await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn relay_calls_stuck_on_their_files_hold_their_places_and_the_next_waits() {
+        let places = RELAY_FILE_CALLS.available_permits();
+        let (mut writers, mut stuck) = (Vec::new(), Vec::new());
+        for _ in 0..places {
+            let (read, write) = rustix::pipe::pipe().unwrap();
+            stuck.push(tokio::spawn(read_one(BlockingFile(Some(Arc::new(read))))));
+            writers.push(write);
+        }
+        while RELAY_FILE_CALLS.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (read, write) = rustix::pipe::pipe().unwrap();
+        rustix::io::write(&write, b"x").unwrap();
+        let next = tokio::spawn(read_one(BlockingFile(Some(Arc::new(read)))));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!next.is_finished(), "a relay call ran past every place");
+        rustix::io::write(&writers[0], b"x").unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), next).await;
+        assert_eq!(read.expect("a place came back").unwrap().unwrap(), 1);
+        drop(writers);
+        for call in stuck {
+            call.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]
