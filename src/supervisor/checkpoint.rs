@@ -508,6 +508,32 @@ pub async fn give_back(caller: &Caller, held: HeldImage) {
         .await;
 }
 
+/// A dump directory just made and written down, removed with its entry when dropped before
+/// [`MadeDump::keep`]: a request that gave up on making it (its time limit passed) drops it
+/// on the blocking pool, where the hand-back drops what nobody waits for.
+struct MadeDump {
+    bundle: Arc<OwnedFd>,
+    image: PathBuf,
+    made: Option<(OwnedFd, HeldEntryFile)>,
+}
+
+impl MadeDump {
+    fn keep(mut self) -> Option<(OwnedFd, HeldEntryFile)> {
+        self.made.take()
+    }
+}
+
+impl Drop for MadeDump {
+    fn drop(&mut self) {
+        if let Some((made, entry)) = self.made.take() {
+            match client_fs::remove_held(&self.bundle, &self.image, made) {
+                Ok(()) => entry.remove(),
+                Err(e) => tracing::warn!(error = %e, "an abandoned dump directory left in place"),
+            }
+        }
+    }
+}
+
 /// Makes `<bundle>/checkpoints/<name>` (and `checkpoints`, the caller's, when missing) beneath
 /// the bundle, owned by root until [`give_to_caller`]; returns the bundle's and the new
 /// directory's descriptors.
@@ -526,7 +552,7 @@ async fn create_image_dir(
         "checkpoint {name} already exists in {}",
         shown(&checkpoints_dir(bundle))
     );
-    let (image, entry) = caller
+    let made = caller
         .off_reactor("creating the checkpoint directory", move || {
             let parent = Path::new("checkpoints");
             match client_fs::create_dir_beneath(&bundle_fd, parent, 0o700, &peer, &peer) {
@@ -563,7 +589,11 @@ async fn create_image_dir(
                     })
                 });
             match written {
-                Ok(entry) => Ok((made, entry)),
+                Ok(entry) => Ok(MadeDump {
+                    bundle: bundle_fd,
+                    image,
+                    made: Some((made, entry)),
+                }),
                 Err(e) => {
                     let _ = client_fs::remove_held(&bundle_fd, &image, made);
                     Err(e)
@@ -571,6 +601,9 @@ async fn create_image_dir(
             }
         })
         .await?;
+    let (image, entry) = made.keep().ok_or_else(|| {
+        Error::Internal("a dump directory made without its descriptor or entry".into())
+    })?;
     Ok((fd, image, entry))
 }
 
@@ -698,12 +731,13 @@ impl Supervisor {
         let container = self.container(id)?;
         let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
         let _operations = container.operations.lock().await;
+        // Before the dump directory: nothing may fail between making it and the dump's undo.
+        let work = self.scratch_dir(".criu")?;
         let (bundle_fd, image_fd, entry) =
             create_image_dir(caller, &container.bundle, &checkpoint, &self.held_ledger).await?;
         // The directory made, not its name: the caller owns `checkpoints` and could swap the
         // name for a link while CRIU writes.
         let image = client_fs::held_path(&image_fd);
-        let work = self.scratch_dir(".criu")?;
         let dumped = async {
             self.criu_ready().await?;
             self.runtime
@@ -946,6 +980,34 @@ mod tests {
     /// nothing gives it back) is given back at the next start: a restore's to its owner and
     /// mode, an unfinished dump's removed, a finished dump's given to its caller with its
     /// metadata, and a directory replaced since left alone. Until then nothing is taken.
+    /// A dump directory whose making the request gave up on (past the time limit) is dropped
+    /// where nobody waits for it: it goes, with its entry, instead of staying root's.
+    #[tokio::test]
+    async fn a_dump_directory_given_up_on_is_removed_with_its_entry() {
+        let bundle = tempfile::tempdir().unwrap();
+        let state = bundle.path().join("state");
+        let caller = Caller::berthd(state.clone());
+        let ledger = HeldLedger::in_state_dir(&state);
+        ledger.give_back_all();
+        let checkpoint = Checkpoint {
+            name: "abandoned".into(),
+            ..Checkpoint::default()
+        };
+        let (bundle_fd, made, entry) =
+            create_image_dir(&caller, bundle.path(), &checkpoint, &ledger)
+                .await
+                .unwrap();
+        let entry_path = entry.path.clone();
+        assert!(entry_path.exists());
+        drop(MadeDump {
+            bundle: bundle_fd,
+            image: relative("abandoned"),
+            made: Some((made, entry)),
+        });
+        assert!(!checkpoints_dir(bundle.path()).join("abandoned").exists());
+        assert!(!entry_path.exists());
+    }
+
     #[tokio::test]
     async fn directories_held_when_berthd_was_killed_are_given_back_at_its_next_start() {
         let bundle = tempfile::tempdir().unwrap();
