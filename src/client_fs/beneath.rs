@@ -547,9 +547,11 @@ fn remove_tree(
         };
         let name = name.to_owned();
         let owners_only = match peer {
-            Some(peer) => {
-                may_empty(child.as_fd(), || inside(&stack, Some(name.to_bytes())), peer)?
-            }
+            Some(peer) => may_empty(
+                child.as_fd(),
+                || inside(&stack, Some(name.to_bytes())),
+                peer,
+            )?,
             None => false,
         };
         let entries = Dir::new(child).map_err(|e| io(inside(&stack, Some(name.to_bytes())), e))?;

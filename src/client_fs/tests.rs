@@ -508,8 +508,15 @@ fn remove_beneath_empties_only_what_the_peer_could() {
     std::fs::create_dir_all(others.join("inner")).unwrap();
     std::fs::write(others.join("inner/pages-1.img"), "x").unwrap();
     chmod(&others, 0o755);
-    let message = denied(remove_beneath(&fd, Path::new("checkpoints/others"), &nobody()));
-    assert!(message.contains("may not remove what is in it"), "{message}");
+    let message = denied(remove_beneath(
+        &fd,
+        Path::new("checkpoints/others"),
+        &nobody(),
+    ));
+    assert!(
+        message.contains("may not remove what is in it"),
+        "{message}"
+    );
     assert!(others.join("inner/pages-1.img").exists());
 
     let mine = checkpoints.join("mine");
@@ -522,7 +529,11 @@ fn remove_beneath_empties_only_what_the_peer_could() {
     // peer's to remove; its own is.
     chmod(&mine.join("inner"), 0o1777);
     std::fs::write(mine.join("inner/roots"), "x").unwrap();
-    let message = denied(remove_beneath(&fd, Path::new("checkpoints/mine"), &nobody()));
+    let message = denied(remove_beneath(
+        &fd,
+        Path::new("checkpoints/mine"),
+        &nobody(),
+    ));
     assert!(message.contains("sticky"), "{message}");
     assert!(mine.join("inner/roots").exists());
     std::fs::remove_file(mine.join("inner/roots")).unwrap();
