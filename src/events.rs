@@ -18,9 +18,10 @@
 //!
 //! Does not own: when events happen (supervisor, stats) or their wire form (api).
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -112,7 +113,7 @@ pub struct EventBus {
     /// The bytes of every event published so far.
     published: AtomicU64,
     /// Every subscription's end of the ring, to cut off one that falls too far behind.
-    subscribers: Mutex<Vec<Weak<Receiving>>>,
+    subscribers: Arc<Subscribers>,
     /// Wakes the subscriptions waiting for an event (they wait here, not in the ring, so that
     /// none holds its end of the ring while it waits).
     published_one: Arc<Notify>,
@@ -163,6 +164,32 @@ pub(crate) struct Subscription {
     receiving: Arc<Receiving>,
     counts: Arc<Counts>,
     published_one: Arc<Notify>,
+    /// Where the bus finds it, left when it is dropped (what an ended subscription held goes
+    /// with it, not at the bus's next look).
+    subscribers: Arc<Subscribers>,
+    key: u64,
+}
+
+/// Every live subscription's end of the ring, by a key of its own.
+#[derive(Default)]
+struct Subscribers(Mutex<SubscriberTable>);
+
+#[derive(Default)]
+struct SubscriberTable {
+    next_key: u64,
+    by_key: HashMap<u64, Arc<Receiving>>,
+}
+
+impl Subscribers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubscriberTable> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.subscribers.lock().by_key.remove(&self.key);
+    }
 }
 
 impl Subscription {
@@ -221,7 +248,7 @@ impl EventBus {
             recovery: Mutex::new(None),
             counts: Arc::default(),
             published: AtomicU64::new(0),
-            subscribers: Mutex::default(),
+            subscribers: Arc::default(),
             published_one: Arc::new(Notify::new()),
         }
     }
@@ -262,24 +289,20 @@ impl EventBus {
     }
 
     /// Drops the ring's receiver of every subscription more than [`MAX_BYTES_BEHIND`] behind
-    /// `published`, and forgets the subscriptions that ended.
+    /// `published`.
     fn cut_off_laggards(&self, published: u64) {
-        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        subscribers.retain(|weak| {
-            let Some(receiving) = weak.upgrade() else {
-                return false;
-            };
+        let subscribers = self.subscribers.lock();
+        for receiving in subscribers.by_key.values() {
             let behind = published.saturating_sub(receiving.taken.load(Ordering::Relaxed));
             if behind <= MAX_BYTES_BEHIND {
-                return true;
+                continue;
             }
             let mut receiver = receiving.receiver.lock().unwrap_or_else(|e| e.into_inner());
             if receiver.take().is_some() {
                 receiving.cut_behind.store(behind, Ordering::Relaxed);
                 self.counts.cut_off.fetch_add(1, Ordering::Relaxed);
             }
-            false
-        });
+        }
     }
 
     pub(crate) fn subscribe(&self) -> Subscription {
@@ -297,14 +320,20 @@ impl EventBus {
             taken: AtomicU64::new(self.published.load(Ordering::Relaxed)),
             cut_behind: AtomicU64::new(0),
         });
-        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        subscribers.retain(|weak| weak.strong_count() > 0);
-        subscribers.push(Arc::downgrade(&receiving));
+        let key = {
+            let mut subscribers = self.subscribers.lock();
+            let key = subscribers.next_key;
+            subscribers.next_key += 1;
+            subscribers.by_key.insert(key, Arc::clone(&receiving));
+            key
+        };
         Subscription {
             backlog,
             receiving,
             counts: Arc::clone(&self.counts),
             published_one: Arc::clone(&self.published_one),
+            subscribers: Arc::clone(&self.subscribers),
+            key,
         }
     }
 
