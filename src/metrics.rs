@@ -5,9 +5,10 @@
 //! server and its limits (connections at once, one request each, a deadline for each). Does not
 //! own: the values (supervisor, stats hub, event bus keep them).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -187,28 +188,80 @@ fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Respo
     response
 }
 
-/// Serves an accepted connection if there is a place for it; else closes it at once, so a flood
-/// costs berthd no fd beyond the places.
-fn admit<S>(metrics: Arc<Metrics>, places: &Arc<Semaphore>, stream: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    match Arc::clone(places).try_acquire_owned() {
-        Ok(place) => serve_connection(metrics, stream, place),
-        Err(_) => tracing::debug!("metrics connection closed: every place is taken"),
+/// The connections holding a place, oldest first: a new one takes the place of the oldest
+/// that has sent nothing yet when every place is taken, so connections that stay silent cannot
+/// keep a scraper out (a scraper speaks as soon as it connects).
+#[derive(Default)]
+struct Places {
+    open: Mutex<VecDeque<Held>>,
+}
+
+/// A connection's place, shared with the task serving it.
+struct Held {
+    place: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    spoke: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Places {
+    fn open(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The place of the oldest connection that has sent nothing, which is closed.
+    fn take_from_silent(&self) -> Option<OwnedSemaphorePermit> {
+        let mut open = self.open();
+        let silent = open
+            .iter()
+            .position(|held| !held.spoke.load(Ordering::Relaxed) && lock(&held.place).is_some())?;
+        let held = open.remove(silent)?;
+        held.task.abort();
+        lock(&held.place).take()
     }
 }
 
-/// Serves one request on `stream`, holding `place` until the connection is closed.
-fn serve_connection<S>(metrics: Arc<Metrics>, stream: S, place: OwnedSemaphorePermit)
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serves an accepted connection if there is a place for it, or one a silent connection gives
+/// up; else closes it at once, so a flood costs berthd no fd beyond the places.
+fn admit<S>(metrics: Arc<Metrics>, permits: &Arc<Semaphore>, places: &Arc<Places>, stream: S)
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let place = Arc::clone(permits)
+        .try_acquire_owned()
+        .ok()
+        .or_else(|| places.take_from_silent());
+    match place {
+        Some(place) => serve_connection(metrics, stream, place, places),
+        None => tracing::debug!("metrics connection closed: every place is taken"),
+    }
+}
+
+/// Serves one request on `stream`, holding `place` until the connection is closed (or gives it
+/// to a newer connection while it has sent nothing).
+fn serve_connection<S>(
+    metrics: Arc<Metrics>,
+    stream: S,
+    place: OwnedSemaphorePermit,
+    places: &Places,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |request| {
         let response = respond(&metrics, &request);
         async move { Ok::<_, Infallible>(response) }
     });
-    tokio::spawn(async move {
+    let spoke = Arc::new(AtomicBool::new(false));
+    let place = Arc::new(Mutex::new(Some(place)));
+    let stream = Spoken {
+        inner: stream,
+        spoke: Arc::clone(&spoke),
+    };
+    let held = Arc::clone(&place);
+    let task = tokio::spawn(async move {
         // One request a connection: its deadline then bounds all it may hold.
         let connection = hyper::server::conn::http1::Builder::new()
             .keep_alive(false)
@@ -218,8 +271,61 @@ where
             Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
             Err(_) => tracing::debug!("metrics connection closed at its deadline"),
         }
-        drop(place);
+        drop(lock(&held).take());
     });
+    let mut open = places.open();
+    // Those that ended leave here, so the list holds no more than the places.
+    open.retain(|held| lock(&held.place).is_some());
+    open.push_back(Held {
+        place,
+        spoke,
+        task: task.abort_handle(),
+    });
+}
+
+/// A connection's stream that notes when its client first sent something.
+struct Spoken<S> {
+    inner: S,
+    spoke: Arc<AtomicBool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Spoken<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.spoke.store(true, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Spoken<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Where the endpoint listens: a path (anything with a `/`) is a unix socket, else a TCP
@@ -267,10 +373,11 @@ impl Listener {
         most: usize,
         mut stopping: tokio::sync::watch::Receiver<bool>,
     ) {
-        let places = Arc::new(Semaphore::new(most));
+        let permits = Arc::new(Semaphore::new(most));
+        let places = Arc::new(Places::default());
         loop {
             let accepted = tokio::select! {
-                accepted = self.accept(&metrics, &places) => accepted,
+                accepted = self.accept(&metrics, &permits, &places) => accepted,
                 _ = stopping.wait_for(|stop| *stop) => return,
             };
             if let Err(e) = accepted {
@@ -281,11 +388,16 @@ impl Listener {
         }
     }
 
-    async fn accept(&self, metrics: &Arc<Metrics>, places: &Arc<Semaphore>) -> std::io::Result<()> {
+    async fn accept(
+        &self,
+        metrics: &Arc<Metrics>,
+        permits: &Arc<Semaphore>,
+        places: &Arc<Places>,
+    ) -> std::io::Result<()> {
         let metrics = Arc::clone(metrics);
         match self {
-            Listener::Tcp(listener) => admit(metrics, places, listener.accept().await?.0),
-            Listener::Unix(listener) => admit(metrics, places, listener.accept().await?.0),
+            Listener::Tcp(listener) => admit(metrics, permits, places, listener.accept().await?.0),
+            Listener::Unix(listener) => admit(metrics, permits, places, listener.accept().await?.0),
         }
         Ok(())
     }

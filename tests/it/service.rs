@@ -250,8 +250,9 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
 }
 
 /// A flood of connections to the metrics endpoint (a TCP address is open to every local user)
-/// holds at most `--metrics-max-connections` of berthd's fds, each for at most 10 s: the rest are
-/// closed at once, the API is served meanwhile, and a scrape gets through once the flood ends.
+/// holds at most `--metrics-max-connections` of berthd's fds, each for at most 10 s: a new one
+/// takes the place of the oldest that has sent nothing, so a scrape gets through during the
+/// flood, and the API is served meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_metrics_connections_holds_a_bounded_few_of_berthds_fds() {
     within(async {
@@ -275,25 +276,32 @@ async fn a_flood_of_metrics_connections_holds_a_bounded_few_of_berthds_fds() {
             let stream = tokio::net::UnixStream::connect(&metrics).await;
             flood.push(stream.expect("connect to the metrics socket"));
         }
-        // Accepted in order: once the last is closed, berthd has seen them all.
+        // Accepted in order, each silent one giving its place to the next: once the last but
+        // PLACES is closed, berthd has seen them all.
         let mut byte = [0u8; 1];
-        let last = flood.last_mut().expect("the flood");
-        let read = tokio::time::timeout(EVENT_TIMEOUT, last.read(&mut byte)).await;
-        assert!(matches!(read, Ok(Ok(0))), "the last of the flood: {read:?}");
+        let evicted = &mut flood[FLOOD - PLACES - 1];
+        let read = tokio::time::timeout(EVENT_TIMEOUT, evicted.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "an early one of the flood: {read:?}"
+        );
         let during = d.fds().len();
         assert!(
             (before + PLACES..=before + PLACES + 2).contains(&during),
-            "berthd holds {during} fds during the flood, {before} before: the first {PLACES} \
+            "berthd holds {during} fds during the flood, {before} before: the last {PLACES} \
              should hold a place each, the rest none"
         );
         d.state().await;
-        // The first ones hold places, until their deadline (10 s after they were accepted).
-        let first = flood.first_mut().expect("the flood");
-        let read = tokio::time::timeout(Duration::from_secs(30), first.read(&mut byte)).await;
+        // A scraper, which speaks at once, gets a place while the silent ones hold them all.
+        let (_, took) = scrape(&metrics).await;
         assert!(
-            matches!(read, Ok(Ok(0))),
-            "the first of the flood: {read:?}"
+            took < Duration::from_secs(5),
+            "a scrape during the flood took {took:?}"
         );
+        // The last ones hold places until their deadline (10 s after they were accepted).
+        let last = flood.last_mut().expect("the flood");
+        let read = tokio::time::timeout(Duration::from_secs(30), last.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the last of the flood: {read:?}");
         let held = flood_started.elapsed();
         assert!(
             (Duration::from_secs(9)..Duration::from_secs(20)).contains(&held),
