@@ -139,7 +139,10 @@ async fn serve(
         CreateMode::Run => runtime::CreateMode::Run,
         CreateMode::CreateStart => runtime::CreateMode::CreateStart,
     });
-    let events = Arc::new(EventBus::new(config.events_buffer as usize));
+    // An added process's event holds its spec, with the bundle's env where it gives none.
+    let largest_event = 2 * config.max_process_spec_bytes + 64 * 1024;
+    let events =
+        Arc::new(EventBus::new(config.events_buffer as usize).with_largest_event(largest_event));
     let backend = match config.stats_backend {
         StatsBackend::IoUring => stats::Backend::IoUring,
         StatsBackend::Pread => stats::Backend::Pread,

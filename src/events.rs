@@ -9,8 +9,8 @@
 //! carries its spec (up to twice `--max-process-spec-bytes`): a ring of them behind one client
 //! that stops reading would be hundreds of MB. So the bus also counts the bytes it publishes
 //! ([`Event::published_bytes`]) and cuts off a subscriber that has not taken the last
-//! [`MAX_BYTES_BEHIND`] of them, even one nothing polls, which lets the ring drop what only it
-//! held.
+//! [`MIN_BYTES_BEHIND`] of them (or four of the largest event, where that is more), even one
+//! nothing polls, which lets the ring drop what only it held.
 //!
 //! The events of a restart (`live` for each adopted container, `exit` for each that ended while
 //! berthd was down) happen before anyone can subscribe, so they are kept as a backlog that
@@ -76,8 +76,9 @@ pub(crate) struct Event {
     pub published_bytes: u64,
 }
 
-/// How many bytes of published events a subscriber may leave untaken before it is cut off.
-pub(crate) const MAX_BYTES_BEHIND: u64 = 16 << 20;
+/// How many bytes of published events a subscriber may leave untaken before it is cut off, at
+/// least ([`EventBus::with_largest_event`] raises it).
+const MIN_BYTES_BEHIND: u64 = 16 << 20;
 /// The bus looks for subscribers too far behind each time this many more bytes are published.
 const CHECK_STEP: u64 = 64 << 10;
 /// What an event takes besides its strings.
@@ -117,6 +118,8 @@ pub struct EventBus {
     /// Wakes the subscriptions waiting for an event (they wait here, not in the ring, so that
     /// none holds its end of the ring while it waits).
     published_one: Arc<Notify>,
+    /// The bytes a subscription may leave untaken.
+    bytes_behind: u64,
 }
 
 #[derive(Debug, Default)]
@@ -143,7 +146,7 @@ struct Recovery {
 pub(crate) enum Lagged {
     /// It fell more than the ring behind: this many events are gone.
     Missed(u64),
-    /// It left more than [`MAX_BYTES_BEHIND`] of published bytes untaken: this many.
+    /// It left more of the published bytes untaken than the bus keeps for one: this many.
     Bytes(u64),
 }
 
@@ -250,7 +253,15 @@ impl EventBus {
             published: AtomicU64::new(0),
             subscribers: Arc::default(),
             published_one: Arc::new(Notify::new()),
+            bytes_behind: MIN_BYTES_BEHIND,
         }
+    }
+
+    /// Lets a subscription leave four events of `bytes` untaken, where that is more than
+    /// [`MIN_BYTES_BEHIND`]: one that keeps up must never be cut off for the size of one event.
+    pub fn with_largest_event(mut self, bytes: u64) -> Self {
+        self.bytes_behind = MIN_BYTES_BEHIND.max(bytes.saturating_mul(4));
+        self
     }
 
     /// Records an event of the restart itself, replayed to subscribers for `window` from now.
@@ -288,17 +299,19 @@ impl EventBus {
         }
     }
 
-    /// Drops the ring's receiver of every subscription more than [`MAX_BYTES_BEHIND`] behind
+    /// Drops the ring's receiver of every subscription more than `bytes_behind` behind
     /// `published`.
     fn cut_off_laggards(&self, published: u64) {
         let subscribers = self.subscribers.lock();
         for receiving in subscribers.by_key.values() {
             let behind = published.saturating_sub(receiving.taken.load(Ordering::Relaxed));
-            if behind <= MAX_BYTES_BEHIND {
+            if behind <= self.bytes_behind {
                 continue;
             }
             let mut receiver = receiving.receiver.lock().unwrap_or_else(|e| e.into_inner());
-            if receiver.take().is_some() {
+            // Again under its lock: it may have taken events in between.
+            let behind = published.saturating_sub(receiving.taken.load(Ordering::Relaxed));
+            if behind > self.bytes_behind && receiver.take().is_some() {
                 receiving.cut_behind.store(behind, Ordering::Relaxed);
                 self.counts.cut_off.fetch_add(1, Ordering::Relaxed);
             }
@@ -427,7 +440,7 @@ mod tests {
             "the ring still holds the first event"
         );
         match idle.next().await {
-            Some(Err(Lagged::Bytes(behind))) => assert!(behind > MAX_BYTES_BEHIND, "{behind}"),
+            Some(Err(Lagged::Bytes(behind))) => assert!(behind > MIN_BYTES_BEHIND, "{behind}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(bus.counts().cut_off, 1);

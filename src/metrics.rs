@@ -189,8 +189,9 @@ fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Respo
 }
 
 /// The connections holding a place, oldest first: a new one takes the place of the oldest
-/// that has sent nothing yet when every place is taken, so connections that stay silent cannot
-/// keep a scraper out (a scraper speaks as soon as it connects).
+/// that has not sent a whole request yet when every place is taken, so connections that stay
+/// silent, or send a byte now and then, cannot keep a scraper out (a scraper sends its request
+/// as soon as it connects).
 #[derive(Default)]
 struct Places {
     open: Mutex<VecDeque<Held>>,
@@ -199,7 +200,8 @@ struct Places {
 /// A connection's place, shared with the task serving it.
 struct Held {
     place: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
-    spoke: Arc<AtomicBool>,
+    /// Its request's head has arrived whole.
+    asked: Arc<AtomicBool>,
     task: tokio::task::AbortHandle,
 }
 
@@ -208,12 +210,12 @@ impl Places {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The place of the oldest connection that has sent nothing, which is closed.
+    /// The place of the oldest connection that has not asked yet, which is closed.
     fn take_from_silent(&self) -> Option<OwnedSemaphorePermit> {
         let mut open = self.open();
         let silent = open
             .iter()
-            .position(|held| !held.spoke.load(Ordering::Relaxed) && lock(&held.place).is_some())?;
+            .position(|held| !held.asked.load(Ordering::Relaxed) && lock(&held.place).is_some())?;
         let held = open.remove(silent)?;
         held.task.abort();
         lock(&held.place).take()
@@ -224,8 +226,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Serves an accepted connection if there is a place for it, or one a silent connection gives
-/// up; else closes it at once, so a flood costs berthd no fd beyond the places.
+/// Serves an accepted connection if there is a place for it, or one a connection that has not
+/// asked gives up; else closes it at once, so a flood costs berthd no fd beyond the places.
 fn admit<S>(metrics: Arc<Metrics>, permits: &Arc<Semaphore>, places: &Arc<Places>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -241,7 +243,7 @@ where
 }
 
 /// Serves one request on `stream`, holding `place` until the connection is closed (or gives it
-/// to a newer connection while it has sent nothing).
+/// to a newer connection while it has not asked).
 fn serve_connection<S>(
     metrics: Arc<Metrics>,
     stream: S,
@@ -250,16 +252,15 @@ fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let asked = Arc::new(AtomicBool::new(false));
+    let asking = Arc::clone(&asked);
+    // hyper calls the service once the request's head is whole.
     let service = hyper::service::service_fn(move |request| {
+        asking.store(true, Ordering::Relaxed);
         let response = respond(&metrics, &request);
         async move { Ok::<_, Infallible>(response) }
     });
-    let spoke = Arc::new(AtomicBool::new(false));
     let place = Arc::new(Mutex::new(Some(place)));
-    let stream = Spoken {
-        inner: stream,
-        spoke: Arc::clone(&spoke),
-    };
     let held = Arc::clone(&place);
     let task = tokio::spawn(async move {
         // One request a connection: its deadline then bounds all it may hold.
@@ -278,54 +279,9 @@ fn serve_connection<S>(
     open.retain(|held| lock(&held.place).is_some());
     open.push_back(Held {
         place,
-        spoke,
+        asked,
         task: task.abort_handle(),
     });
-}
-
-/// A connection's stream that notes when its client first sent something.
-struct Spoken<S> {
-    inner: S,
-    spoke: Arc<AtomicBool>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Spoken<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.spoke.store(true, Ordering::Relaxed);
-        }
-        read
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Spoken<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Where the endpoint listens: a path (anything with a `/`) is a unix socket, else a TCP

@@ -484,9 +484,8 @@ impl proto::api_server::Api for ApiService {
                     )),
                     Err(Lagged::Bytes(bytes)) => Some((
                         Err(Status::resource_exhausted(format!(
-                            "events subscriber left {} MiB of events untaken, more than the {} MiB berthd keeps for one; subscribe again and re-read State",
-                            bytes >> 20,
-                            crate::events::MAX_BYTES_BEHIND >> 20
+                            "events subscriber left {} MiB of events untaken, more than berthd keeps for one; subscribe again and re-read State",
+                            bytes >> 20
                         ))),
                         None,
                     )),

@@ -149,9 +149,9 @@ pub fn list_dirs_beneath(
 /// [`list_dirs_beneath`] does not list it); anything else that is not a directory is NotFound,
 /// as it is not listed either (a checkpoint is a directory). The peer must be allowed to write
 /// to and search the directory that holds it (and own it or the directory, when that one is
-/// sticky), and each directory it empties, as the kernel asks of a peer that removes the tree
-/// itself (the sticky rule included); where it may not, the removal stops there with
-/// PERMISSION_DENIED, as `rm -r` would. At most [`MAX_REMOVE_DEPTH`] levels are descended.
+/// sticky), and each directory it empties (one with entries), as the kernel asks of a peer that
+/// removes the tree itself (the sticky rule included); where it may not, the removal stops
+/// there with PERMISSION_DENIED, as `rm -r` would. At most [`MAX_REMOVE_DEPTH`] levels are descended.
 pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()> {
     let beneath = Beneath::new(dir, relative)?;
     let (parent, leaf) = beneath.parent(peer)?;
@@ -396,8 +396,9 @@ struct Frame {
     entries: Dir,
     name: std::ffi::CString,
     passes: u8,
-    /// Sticky and not the peer's: only the peer's own entries may go.
-    owners_only: bool,
+    /// Sticky and not the peer's: only the peer's own entries may go. Known once the peer's
+    /// right to empty it is checked, at its first entry ([`may_empty`]).
+    owners_only: Option<bool>,
 }
 
 /// Whether `peer` may empty the directory `dir` (`path`): write and search on it. Returns
@@ -442,15 +443,11 @@ fn remove_tree(
     let io = |path: String, e: Errno| Error::io(path, e.into());
     let top_name = std::ffi::CString::new(top_name.as_bytes())
         .map_err(|_| Error::InvalidArgument(format!("{shown} contains a NUL byte")))?;
-    let owners_only = match peer {
-        Some(peer) => may_empty(top.as_fd(), || shown.to_owned(), peer)?,
-        None => false,
-    };
     let mut stack = vec![Frame {
         entries: Dir::new(top).map_err(|e| io(shown.to_owned(), e))?,
         name: top_name,
         passes: 0,
-        owners_only,
+        owners_only: None,
     }];
     while let Some(frame) = stack.last_mut() {
         let next = frame.entries.read();
@@ -479,16 +476,32 @@ fn remove_tree(
             continue;
         };
         let entry = entry.map_err(|e| io(inside(&stack, None), e))?;
-        let frame = stack.last().expect("the stack is not empty");
         let name = entry.file_name();
         if name.to_bytes() == b"." || name.to_bytes() == b".." {
             continue;
         }
+        // Checked at its first entry: an empty directory needs nothing of its own to go.
+        if let Some(peer) = peer
+            && stack
+                .last()
+                .is_some_and(|frame| frame.owners_only.is_none())
+        {
+            let frame = stack.last().expect("the stack is not empty");
+            let at = frame
+                .entries
+                .fd()
+                .map_err(|e| io(inside(&stack, None), e))?;
+            let owners_only = may_empty(at, || inside(&stack, None), peer)?;
+            if let Some(frame) = stack.last_mut() {
+                frame.owners_only = Some(owners_only);
+            }
+        }
+        let frame = stack.last().expect("the stack is not empty");
         let at = frame
             .entries
             .fd()
             .map_err(|e| io(inside(&stack, None), e))?;
-        if let (true, Some(peer)) = (frame.owners_only, peer) {
+        if let (Some(true), Some(peer)) = (frame.owners_only, peer) {
             match rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if st.st_uid == peer.uid => {}
                 Ok(st) => {
@@ -546,20 +559,12 @@ fn remove_tree(
             Err(e) => return Err(io(inside(&stack, Some(name.to_bytes())), e)),
         };
         let name = name.to_owned();
-        let owners_only = match peer {
-            Some(peer) => may_empty(
-                child.as_fd(),
-                || inside(&stack, Some(name.to_bytes())),
-                peer,
-            )?,
-            None => false,
-        };
         let entries = Dir::new(child).map_err(|e| io(inside(&stack, Some(name.to_bytes())), e))?;
         stack.push(Frame {
             entries,
             name,
             passes: 0,
-            owners_only,
+            owners_only: None,
         });
     }
     Ok(())

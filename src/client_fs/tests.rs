@@ -537,6 +537,9 @@ fn remove_beneath_empties_only_what_the_peer_could() {
     assert!(message.contains("sticky"), "{message}");
     assert!(mine.join("inner/roots").exists());
     std::fs::remove_file(mine.join("inner/roots")).unwrap();
+    // An empty directory goes with write on its parent alone, as rmdir takes it.
+    std::fs::create_dir(mine.join("empty-roots")).unwrap();
+    chmod(&mine.join("empty-roots"), 0o555);
     remove_beneath(&fd, Path::new("checkpoints/mine"), &nobody()).unwrap();
     assert!(!mine.exists());
 }

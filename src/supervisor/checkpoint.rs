@@ -662,10 +662,9 @@ pub fn criu_log_tail(work: &Path, log: &str) -> Option<String> {
     file.seek(std::io::SeekFrom::Start(start)).ok()?;
     let mut bytes = Vec::new();
     file.take(TAIL_BYTES).read_to_end(&mut bytes).ok()?;
+    // A tail that starts inside a line keeps that line's end: it may be all the tail holds.
     let text = String::from_utf8_lossy(&bytes);
-    // A tail that starts inside a line leaves that line out.
-    let whole = |(i, _): &(usize, &str)| start == 0 || *i > 0;
-    let lines = text.lines().enumerate().filter(whole).map(|(_, l)| l);
+    let lines = text.lines();
     let errors: Vec<&str> = lines.clone().filter(|l| l.contains("Error (")).collect();
     let lines: Vec<&str> = if errors.is_empty() {
         lines.filter(|l| !l.trim().is_empty()).collect()

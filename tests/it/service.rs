@@ -251,8 +251,8 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
 
 /// A flood of connections to the metrics endpoint (a TCP address is open to every local user)
 /// holds at most `--metrics-max-connections` of berthd's fds, each for at most 10 s: a new one
-/// takes the place of the oldest that has sent nothing, so a scrape gets through during the
-/// flood, and the API is served meanwhile.
+/// takes the place of the oldest that has not sent a whole request (these send a byte), so a
+/// scrape gets through during the flood, and the API is served meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_metrics_connections_holds_a_bounded_few_of_berthds_fds() {
     within(async {
@@ -274,7 +274,10 @@ async fn a_flood_of_metrics_connections_holds_a_bounded_few_of_berthds_fds() {
         let mut flood = Vec::new();
         for _ in 0..FLOOD {
             let stream = tokio::net::UnixStream::connect(&metrics).await;
-            flood.push(stream.expect("connect to the metrics socket"));
+            let stream = stream.expect("connect to the metrics socket");
+            // A byte of a request, never the rest: not yet asking.
+            let _ = stream.try_write(b"G");
+            flood.push(stream);
         }
         // Accepted in order, each silent one giving its place to the next: once the last but
         // PLACES is closed, berthd has seen them all.
