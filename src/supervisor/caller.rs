@@ -10,7 +10,6 @@
 //! Owns: which client_fs call each kind of client path takes, and the bounds. Does not own:
 //! reading the peer off a connection (api) or resolving paths (client_fs).
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,6 +17,7 @@ use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 
+use super::uid_counts::{Full, UidCounts};
 use crate::client_fs::{self, Access, Peer, shown};
 use crate::error::{Error, Result};
 use crate::hand_back::HandBack;
@@ -39,31 +39,25 @@ const MAX_TRIPS: usize = 256;
 /// The trips off the reactor for client paths still running, by uid, stuck ones included.
 #[derive(Debug, Default)]
 pub struct Trips {
-    running: Mutex<(usize, HashMap<u32, usize>)>,
+    running: Mutex<UidCounts>,
 }
 
 impl Trips {
     /// A place for one more trip of `uid`'s, or why not.
     fn take(self: &Arc<Self>, uid: u32) -> Result<Trip> {
-        let mut running = self.running.lock().expect("trips lock poisoned");
-        let (total, by_uid) = &mut *running;
-        let mine = by_uid.get(&uid).copied().unwrap_or(0);
-        if uid != 0 && mine >= MAX_TRIPS_PER_UID {
-            return Err(Error::ResourceExhausted(format!(
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.add(uid, MAX_TRIPS_PER_UID, MAX_TRIPS) {
+            Ok(()) => Ok(Trip {
+                trips: Arc::clone(self),
+                uid,
+            }),
+            Err(Full::Uid(mine)) => Err(Error::ResourceExhausted(format!(
                 "{mine} file system operations on paths uid {uid} named are still running (a mount that does not answer?); berthd starts no more for it until they end"
-            )));
-        }
-        if *total >= MAX_TRIPS {
-            return Err(Error::Unavailable(format!(
+            ))),
+            Err(Full::Total(total)) => Err(Error::Unavailable(format!(
                 "{total} file system operations on paths clients named are still running (a mount that does not answer?); retry once they end"
-            )));
+            ))),
         }
-        *total += 1;
-        *by_uid.entry(uid).or_default() += 1;
-        Ok(Trip {
-            trips: Arc::clone(self),
-            uid,
-        })
     }
 }
 
@@ -76,14 +70,7 @@ struct Trip {
 impl Drop for Trip {
     fn drop(&mut self) {
         let mut running = self.trips.running.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, by_uid) = &mut *running;
-        *total -= 1;
-        if let Some(mine) = by_uid.get_mut(&self.uid) {
-            *mine -= 1;
-            if *mine == 0 {
-                by_uid.remove(&self.uid);
-            }
-        }
+        running.remove(self.uid);
     }
 }
 

@@ -24,6 +24,7 @@ mod signal;
 mod stdio;
 mod stdio_pipes;
 mod terminals;
+mod uid_counts;
 mod update;
 pub(crate) mod validate;
 

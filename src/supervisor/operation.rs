@@ -13,7 +13,6 @@
 //! back.
 //! Does not own: the steps of each operation (create, exec, checkpoint, update).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +23,7 @@ use tracing::Instrument;
 use super::Supervisor;
 use super::registry::Reservation;
 use super::terminals::RelayId;
+use super::uid_counts::{Full, UidCounts};
 use crate::error::{Error, Result};
 use crate::reaper::TrackedProcess;
 
@@ -48,8 +48,7 @@ struct Counts {
     /// Operations and clean-ups, which a drain waits for.
     running: usize,
     /// Operations clients asked for, by uid.
-    asked: HashMap<u32, usize>,
-    asked_total: usize,
+    asked: UidCounts,
     draining: bool,
 }
 
@@ -65,13 +64,7 @@ impl Drop for Ticket {
         let mut counts = self.in_flight.lock();
         counts.running -= 1;
         if let Some(uid) = self.uid {
-            counts.asked_total -= 1;
-            if let Some(theirs) = counts.asked.get_mut(&uid) {
-                *theirs -= 1;
-                if *theirs == 0 {
-                    counts.asked.remove(&uid);
-                }
-            }
+            counts.asked.remove(uid);
         }
         if counts.running == 0 {
             self.in_flight.idle.notify_waiters();
@@ -100,21 +93,23 @@ impl InFlight {
                 "berthd is stopping or upgrading; retry on the same socket in a moment".into(),
             ));
         }
-        let theirs = counts.asked.get(&uid).copied().unwrap_or(0);
-        if uid != 0 && theirs >= self.limits.per_uid {
-            return Err(Error::ResourceExhausted(format!(
-                "uid {uid} has {theirs} creates, execs, checkpoints and updates in flight, its most (--max-operations-per-uid); retry once one ends"
-            )));
-        }
-        if counts.asked_total >= self.limits.total {
-            return Err(Error::Unavailable(format!(
-                "{} creates, execs, checkpoints and updates are in flight, berthd's most (--max-operations); retry once some end",
-                counts.asked_total
-            )));
+        match counts
+            .asked
+            .add(uid, self.limits.per_uid, self.limits.total)
+        {
+            Ok(()) => {}
+            Err(Full::Uid(theirs)) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "uid {uid} has {theirs} creates, execs, checkpoints and updates in flight, its most (--max-operations-per-uid); retry once one ends"
+                )));
+            }
+            Err(Full::Total(total)) => {
+                return Err(Error::Unavailable(format!(
+                    "{total} creates, execs, checkpoints and updates are in flight, berthd's most (--max-operations); retry once some end"
+                )));
+            }
         }
         counts.running += 1;
-        counts.asked_total += 1;
-        *counts.asked.entry(uid).or_default() += 1;
         Ok(Ticket {
             in_flight: Arc::clone(self),
             uid: Some(uid),
@@ -338,6 +333,6 @@ mod tests {
         let again = in_flight.begin(1000).unwrap();
         drop((again, other, root, cleanup));
         assert_eq!(in_flight.lock().running, 1);
-        assert!(!in_flight.lock().asked.contains_key(&1001));
+        assert_eq!(in_flight.lock().asked.of(1001), 0);
     }
 }
