@@ -87,15 +87,11 @@ const EVENT_BYTES: u64 = 64;
 impl EventKind {
     /// What the event holds, roughly: its strings, an added process's spec most of all.
     fn bytes(&self) -> u64 {
-        let strings = |s: &[String]| s.iter().map(|s| s.len() as u64).sum::<u64>();
         EVENT_BYTES
             + match self {
                 EventKind::StartContainer { bundle } => bundle.len() as u64,
                 EventKind::StartProcess { process } => {
-                    strings(&process.args)
-                        + strings(&process.env)
-                        + process.cwd.len() as u64
-                        + 4 * process.additional_gids.len() as u64
+                    (process.string_bytes() + 4 * process.additional_gids.len()) as u64
                 }
                 EventKind::Checkpoint { checkpoint } => checkpoint.name.len() as u64,
                 EventKind::Exit { .. }

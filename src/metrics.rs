@@ -207,7 +207,7 @@ struct Held {
 
 impl Places {
     fn open(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.open)
     }
 
     /// The place of the oldest connection that has not asked yet, which is closed.

@@ -20,6 +20,18 @@ pub struct ProcessSpec {
     pub terminal: bool,
 }
 
+impl ProcessSpec {
+    /// The bytes of its args, env and cwd, without their NULs.
+    pub fn string_bytes(&self) -> usize {
+        self.args
+            .iter()
+            .chain(&self.env)
+            .map(String::len)
+            .sum::<usize>()
+            + self.cwd.len()
+    }
+}
+
 /// A checkpoint as the API describes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {

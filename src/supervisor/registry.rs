@@ -114,16 +114,7 @@ impl Container {
         let mutable = self.lock();
         std::iter::once(&self.init)
             .chain(&mutable.added)
-            .map(|process| {
-                let spec = &process.spec;
-                let strings = spec
-                    .args
-                    .iter()
-                    .chain(&spec.env)
-                    .map(String::len)
-                    .sum::<usize>();
-                strings + spec.cwd.len()
-            })
+            .map(|process| process.spec.string_bytes())
             .sum()
     }
 
