@@ -140,6 +140,12 @@ pub struct Config {
     #[arg(long, env = "BERTH_MAX_OPERATIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_operations: u64,
 
+    /// Runtime commands (runc run, exec, delete, ...) running at once; more wait for a turn,
+    /// given round robin over the uids asking (and berthd's own clean-up). A command still
+    /// running after 2 s gives its turn up and runs on. Default: four per CPU.
+    #[arg(long, env = "BERTH_MAX_RUNTIME_PROCESSES", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_runtime_processes: Option<u64>,
+
     /// Largest gRPC message berthd decodes or encodes; State that would be larger is refused
     /// with RESOURCE_EXHAUSTED (ask for one container with StateRequest.id).
     #[arg(long, env = "BERTH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(64 * 1024..=(1 << 30)))]

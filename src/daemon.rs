@@ -139,6 +139,10 @@ async fn serve(
         CreateMode::Run => runtime::CreateMode::Run,
         CreateMode::CreateStart => runtime::CreateMode::CreateStart,
     });
+    let runtime = match config.max_runtime_processes {
+        Some(most) => runtime.with_max_processes(usize::try_from(most).unwrap_or(usize::MAX)),
+        None => runtime,
+    };
     // An added process's event holds its spec, with the bundle's env where it gives none.
     let largest_event = 2 * config.max_process_spec_bytes + 64 * 1024;
     let events =

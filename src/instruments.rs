@@ -1,6 +1,6 @@
 //! Process-wide instruments the metrics endpoint exposes: per-RPC request counts by gRPC code
 //! and latency histograms (recorded by [`RpcMetricsLayer`], a tower layer on the API server),
-//! and runtime command durations by operation (recorded by the runtime).
+//! and runtime command durations and waits for a turn by operation (recorded by the runtime).
 //!
 //! Owns: these instruments, their names and buckets, and the layer. Does not own: serving
 //! them (`metrics`), or what is timed. Names follow Prometheus conventions and
@@ -69,6 +69,7 @@ struct Instruments {
     handled: Family<Handled, Counter>,
     handling: Family<Method, Histogram, Buckets>,
     runtime: Family<RuntimeOperation, Histogram, Buckets>,
+    runtime_turn_wait: Family<RuntimeOperation, Histogram, Buckets>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -84,6 +85,11 @@ fn instruments() -> &'static Instruments {
         runtime: Family::new_with_constructor(Buckets {
             start: 0.005,
             count: 15,
+        }),
+        // 1 ms to 33 s: most commands find a turn free and wait for none.
+        runtime_turn_wait: Family::new_with_constructor(Buckets {
+            start: 0.001,
+            count: 16,
         }),
     })
 }
@@ -106,6 +112,11 @@ pub fn register(registry: &mut Registry) {
         "Time runtime commands (runc create, start, exec, checkpoint, ...) took, by operation",
         i.runtime.clone(),
     );
+    registry.register(
+        "berth_runtime_turn_wait_seconds",
+        "Time runtime commands waited for a turn (--max-runtime-processes run at once), by operation",
+        i.runtime_turn_wait.clone(),
+    );
 }
 
 /// Records how long one runtime command of `operation` took.
@@ -115,6 +126,16 @@ pub fn runtime_command(operation: &'static str, took: Duration) {
         .runtime
         .get_or_create(&labels)
         .observe(took.as_secs_f64());
+}
+
+/// Records how long one runtime command of `operation` waited for its turn
+/// (`--max-runtime-processes`).
+pub fn runtime_turn_wait(operation: &'static str, waited: Duration) {
+    let labels = RuntimeOperation { operation };
+    instruments()
+        .runtime_turn_wait
+        .get_or_create(&labels)
+        .observe(waited.as_secs_f64());
 }
 
 /// `/types.API/CreateContainer` → (`types.API`, `CreateContainer`). Any path that is not one

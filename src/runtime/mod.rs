@@ -1,8 +1,9 @@
 //! Typed runtime operations and the one place they become argv for runc, crun or youki.
 //!
-//! Owns: the argv of every runtime invocation, its timeout and log file, turning a failed
-//! invocation into an error that carries the runtime's own message (from its JSON log, which it
-//! then removes; a successful invocation's log is the spawner's to remove), and the [`Spawner`]
+//! Owns: the argv of every runtime invocation, how many run at once ([`turns`]), its timeout and
+//! log file, turning a failed invocation into an error that carries the runtime's own message
+//! (from its JSON log, which it then removes; a successful invocation's log is the spawner's to
+//! remove), and the [`Spawner`]
 //! interface with what it takes ([`SpawnStdio`], [`SpawnOptions`]) and returns ([`Completion`]); with
 //! `--runtime builtin`, the same operations as calls for the built-in runtime ([`builtin`]).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
@@ -10,6 +11,7 @@
 
 pub mod builtin;
 mod criu;
+mod turns;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
 use builtin::BuiltinCall;
+pub(crate) use turns::Asker;
+use turns::Turns;
 
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]
@@ -374,6 +378,7 @@ pub struct Runtime {
     next_log: AtomicU64,
     criu: criu::Criu,
     create_mode: CreateMode,
+    turns: Turns,
 }
 
 impl Runtime {
@@ -391,6 +396,18 @@ impl Runtime {
             log_dir,
             next_log: AtomicU64::new(0),
             create_mode: CreateMode::Run,
+            turns: Turns::new(Turns::per_cpu(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
+        }
+    }
+
+    /// Runs at most `most` runtime commands at once instead of the default, four per CPU
+    /// ([`turns`]).
+    pub fn with_max_processes(self, most: usize) -> Self {
+        Runtime {
+            turns: Turns::new(most),
+            ..self
         }
     }
 
@@ -464,23 +481,28 @@ impl Runtime {
         ))
     }
 
-    /// Runs `op` with its output captured; returns its stdout.
-    pub(crate) async fn run(&self, op: Operation<'_>) -> Result<String> {
+    /// Runs `op` for `asker` with its output captured; returns its stdout.
+    pub(crate) async fn run(&self, op: Operation<'_>, asker: Asker) -> Result<String> {
         let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
-        self.run_with_stdio(op, captured).await
+        self.run_with_stdio(op, captured, asker).await
     }
 
-    /// Runs `op` with the given stdio (the container's, for create and exec).
+    /// Runs `op` for `asker` with the given stdio (the container's, for create and exec), in
+    /// one of the turns ([`turns`]).
     pub(crate) async fn run_with_stdio(
         &self,
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],
+        asker: Asker,
     ) -> Result<String> {
         let log = self.log_dir.join(format!(
             "{}.log",
             self.next_log.fetch_add(1, Ordering::Relaxed)
         ));
         let what = format!("{} {}", self.binary.name(), op.name());
+        let asked = std::time::Instant::now();
+        let turn = self.turns.take(asker).await;
+        crate::instruments::runtime_turn_wait(op.name(), asked.elapsed());
         let started = std::time::Instant::now();
         let options = SpawnOptions {
             timeout: self.timeout,
@@ -490,11 +512,11 @@ impl Runtime {
         let completion = if self.binary.is_builtin() {
             let call = BuiltinCall::new(&op, &self.binary.root, &log)?;
             tracing::debug!(?call, "runtime");
-            self.spawner.run_builtin(call, stdio, options).await
+            Turns::hold(turn, self.spawner.run_builtin(call, stdio, options)).await
         } else {
             let argv = self.binary.argv(&op, &log);
             tracing::debug!(?argv, "runtime");
-            self.spawner.spawn(argv, stdio, options).await
+            Turns::hold(turn, self.spawner.spawn(argv, stdio, options)).await
         };
         crate::instruments::runtime_command(op.name(), started.elapsed());
         let succeeded = matches!(

@@ -240,7 +240,7 @@ fn runtime_logging(
 #[tokio::test]
 async fn success_returns_stdout() {
     let (runtime, stub) = runtime_with(Outcome::Exited { code: Some(0) }, "");
-    let out = runtime.run(Operation::List).await.unwrap();
+    let out = runtime.run(Operation::List, Asker::Berthd).await.unwrap();
     assert_eq!(out, "{\"status\":\"running\"}");
     assert_eq!(stub.seen.lock().unwrap()[0][7], "list");
 }
@@ -250,7 +250,7 @@ async fn the_log_of_a_success_is_the_spawners_to_remove_and_of_a_failure_is_read
     let logs = tempfile::tempdir().unwrap();
     let exited = |code| Outcome::Exited { code: Some(code) };
     let (runtime, stub) = runtime_logging(exited(0), "", "", logs.path().to_owned());
-    runtime.run(Operation::List).await.unwrap();
+    runtime.run(Operation::List, Asker::Berthd).await.unwrap();
     let options = stub.options.lock().unwrap()[0].clone();
     let log = options.log.expect("the log is named to the spawner");
     assert!(log.starts_with(logs.path()), "{log:?}");
@@ -262,7 +262,10 @@ async fn the_log_of_a_success_is_the_spawners_to_remove_and_of_a_failure_is_read
 
     let line = r#"{"level":"error","msg":"container \"a\" does not exist","time":"t"}"#;
     let (runtime, stub) = runtime_logging(exited(1), "", line, logs.path().to_owned());
-    let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
+    let err = runtime
+        .run(Operation::Pause { id: "a" }, Asker::Berthd)
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "runc pause failed: container \"a\" does not exist"
@@ -277,7 +280,10 @@ async fn failures_carry_the_runtime_message() {
         Outcome::Exited { code: Some(1) },
         "container \"a\" does not exist\n",
     );
-    let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
+    let err = runtime
+        .run(Operation::Pause { id: "a" }, Asker::Berthd)
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "runc pause failed: container \"a\" does not exist"
@@ -293,7 +299,10 @@ async fn a_runtime_message_quoting_a_huge_argument_is_bounded() {
     let huge = "x".repeat(3 << 20);
     let line = format!("exec: \"{huge}\": executable file not found in $PATH\n");
     let (runtime, _) = runtime_with(Outcome::Exited { code: Some(1) }, &line);
-    let err = runtime.run(Operation::Pause { id: "a" }).await.unwrap_err();
+    let err = runtime
+        .run(Operation::Pause { id: "a" }, Asker::Berthd)
+        .await
+        .unwrap_err();
     let message = tonic::Status::from(err).message().to_owned();
     assert!(message.len() < 1024, "{} bytes", message.len());
     assert!(
@@ -309,7 +318,10 @@ async fn a_runtime_message_quoting_a_huge_argument_is_bounded() {
 #[tokio::test]
 async fn timeouts_and_spawn_failures_map_to_their_errors() {
     let (runtime, _) = runtime_with(Outcome::TimedOut, "");
-    let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
+    let err = runtime
+        .run(Operation::Start { id: "a" }, Asker::Berthd)
+        .await
+        .unwrap_err();
     assert_eq!(
         tonic::Status::from(err).code(),
         tonic::Code::DeadlineExceeded
@@ -320,7 +332,10 @@ async fn timeouts_and_spawn_failures_map_to_their_errors() {
         },
         "",
     );
-    let err = runtime.run(Operation::Start { id: "a" }).await.unwrap_err();
+    let err = runtime
+        .run(Operation::Start { id: "a" }, Asker::Berthd)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
 }

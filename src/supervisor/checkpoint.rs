@@ -26,7 +26,7 @@ use crate::client_fs::{self, Peer};
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::Checkpoint;
-use crate::runtime::{CriuOptions, Operation};
+use crate::runtime::{Asker, CriuOptions, Operation};
 
 /// The file beside the images that records how a checkpoint was taken.
 const METADATA: &str = "berth-checkpoint.json";
@@ -740,12 +740,15 @@ impl Supervisor {
         let dumped = async {
             self.criu_ready().await?;
             self.runtime
-                .run(Operation::Checkpoint {
-                    id,
-                    image: &image,
-                    work: work.path(),
-                    options: criu_options(&checkpoint),
-                })
+                .run(
+                    Operation::Checkpoint {
+                        id,
+                        image: &image,
+                        work: work.path(),
+                        options: criu_options(&checkpoint),
+                    },
+                    Asker::Uid(caller.peer.uid),
+                )
                 .await
         }
         .await;

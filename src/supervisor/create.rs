@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
-use crate::runtime::{CreateMode, Operation, RecordedCgroup};
+use crate::runtime::{Asker, CreateMode, Operation, RecordedCgroup};
 
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
@@ -170,6 +170,7 @@ impl Supervisor {
             console,
         } = steps;
         let id = &request.id;
+        let asker = Asker::Uid(request.caller.peer.uid);
         let opened = process_stdio(&request.stdio, console.is_some()).await?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(&request.stdio).await?),
@@ -201,7 +202,7 @@ impl Supervisor {
                         console_socket,
                     },
                 };
-                self.runtime.run_with_stdio(create, stdio).await?;
+                self.runtime.run_with_stdio(create, stdio, asker).await?;
             }
             Some(restorable) => {
                 let work = self.scratch_dir(".criu")?;
@@ -215,7 +216,7 @@ impl Supervisor {
                     console_socket,
                     options: restorable.options,
                 };
-                let restored = self.runtime.run_with_stdio(restore, stdio).await;
+                let restored = self.runtime.run_with_stdio(restore, stdio, asker).await;
                 checkpoint::give_back(&request.caller, held).await;
                 restored.map_err(|e| checkpoint::with_criu_log(e, work.path(), "restore.log"))?;
             }
@@ -233,7 +234,7 @@ impl Supervisor {
             undo.relay(self.relay_terminal(id, pid as u32, master, ends)?);
         }
         if restore.is_none() && create_mode == CreateMode::CreateStart {
-            self.runtime.run(Operation::Start { id }).await?;
+            self.runtime.run(Operation::Start { id }, asker).await?;
         }
         Ok(pipes)
     }
@@ -266,7 +267,11 @@ impl Supervisor {
 
     /// Best effort: removes whatever the runtime holds for `id` after a failed request.
     pub(super) async fn delete_from_runtime(&self, id: &str) {
-        if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
+        if let Err(e) = self
+            .runtime
+            .run(Operation::Delete { id }, Asker::Berthd)
+            .await
+        {
             tracing::debug!(id, error = %e, "runtime delete after a failed request");
         }
     }

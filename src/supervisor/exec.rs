@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
 use crate::procfs::process_start_time;
-use crate::runtime::Operation;
+use crate::runtime::{Asker, Operation};
 use crate::store::TerminalPaths;
 
 pub struct User {
@@ -161,6 +161,7 @@ impl Supervisor {
         console: Option<&stdio::ConsoleSocket>,
         undo: &mut Undo<'_>,
     ) -> Result<()> {
+        let asker = Asker::Uid(paths.caller()?.peer.uid);
         let stdio = process_stdio(paths, console.is_some()).await?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(paths).await?),
@@ -176,7 +177,7 @@ impl Supervisor {
                     // runc sends the master before it returns, so receive while it runs; a
                     // runtime that fails before it connects is answered at once, not after the
                     // timeout.
-                    let run = self.runtime.run_with_stdio(exec, stdio);
+                    let run = self.runtime.run_with_stdio(exec, stdio, asker);
                     let receive = console.receive_master(CONSOLE_TIMEOUT);
                     tokio::pin!(run, receive);
                     let master = tokio::select! {
@@ -191,7 +192,11 @@ impl Supervisor {
                     };
                     Ok(Some(master))
                 }
-                None => self.runtime.run_with_stdio(exec, stdio).await.map(|_| None),
+                None => self
+                    .runtime
+                    .run_with_stdio(exec, stdio, asker)
+                    .await
+                    .map(|_| None),
             }
         }
         .await;

@@ -55,7 +55,7 @@ use super::Supervisor;
 use super::registry::{Container, Process};
 use crate::events::EventKind;
 use crate::reaper::{Namespace, TrackedProcess};
-use crate::runtime::Operation;
+use crate::runtime::{Asker, Operation};
 
 /// How many runtime deletes after exits run at once on `cpus` CPUs: enough to keep the CPUs busy
 /// while each waits on the kernel (cgroup removal), few enough that a thousand exits do not
@@ -115,7 +115,11 @@ impl Supervisor {
         }
         {
             let _turn = self.deletes.acquire().await;
-            if let Err(e) = self.runtime.run(Operation::Delete { id }).await {
+            if let Err(e) = self
+                .runtime
+                .run(Operation::Delete { id }, Asker::Berthd)
+                .await
+            {
                 tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
             }
         }

@@ -17,7 +17,7 @@ use crate::client_fs::Peer;
 use crate::error::Result;
 use crate::events::EventKind;
 use crate::reaper::UNKNOWN_EXIT;
-use crate::runtime::{Operation, SpawnStdio};
+use crate::runtime::{Asker, Operation, SpawnStdio};
 use crate::store::{ContainerRecord, ProcessRecord};
 
 /// What a recovery found, for the start-up log.
@@ -253,7 +253,9 @@ impl Supervisor {
             SpawnStdio::Fd(file.into()),
             SpawnStdio::Capture,
         ];
-        self.runtime.run_with_stdio(Operation::List, stdio).await?;
+        self.runtime
+            .run_with_stdio(Operation::List, stdio, Asker::Berthd)
+            .await?;
         std::fs::read(&path).map_err(|e| crate::error::Error::io(&path, e))
     }
 

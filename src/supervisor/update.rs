@@ -10,7 +10,7 @@ use super::registry::Status;
 use super::validate;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
-use crate::runtime::Operation;
+use crate::runtime::{Asker, Operation};
 
 impl Supervisor {
     /// Freezes ("paused") or thaws ("running") the container, then signals its init if `signal`
@@ -26,12 +26,12 @@ impl Supervisor {
         let supervisor = Arc::clone(self);
         let (id, status) = (id.to_owned(), status.to_owned());
         self.owned(uid, async move {
-            supervisor.update_owned(&id, &status, signal).await
+            supervisor.update_owned(uid, &id, &status, signal).await
         })
         .await
     }
 
-    async fn update_owned(&self, id: &str, status: &str, signal: u32) -> Result<()> {
+    async fn update_owned(&self, uid: u32, id: &str, status: &str, signal: u32) -> Result<()> {
         let target = match status {
             "" => None,
             "paused" => Some(Status::Paused),
@@ -59,7 +59,7 @@ impl Supervisor {
                 Status::Paused => (Operation::Pause { id }, EventKind::Pause),
                 Status::Running => (Operation::Resume { id }, EventKind::Resume),
             };
-            self.runtime.run(op).await?;
+            self.runtime.run(op, Asker::Uid(uid)).await?;
             container.lock().status = target;
             self.events.publish(id, container.init.pid(), kind);
         }

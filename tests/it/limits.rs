@@ -414,3 +414,103 @@ async fn memory_of_idle_streams_is_returned_when_they_end() {
     })
     .await
 }
+
+/// Writes, in `dir`, runc behind a wrapper that notes in `seen` how many of its `run`s are
+/// going at once as each begins, and holds each for 0.3 s before runc runs (6 s for ids that
+/// start with `stuck-`), so that runs asked for together overlap.
+fn counting_runtime(dir: &std::path::Path) -> std::path::PathBuf {
+    let body = format!(
+        r#"#!/bin/sh
+for arg in "$@"; do last=$arg; done
+case " $* " in
+*" run "*)
+  flock {dir}/lock sh -c 'n=$(( $(cat {dir}/now 2>/dev/null || echo 0) + 1 )); echo $n > {dir}/now; echo $n >> {dir}/seen'
+  case $last in stuck-*) sleep 6 ;; *) sleep 0.3 ;; esac
+  {runc} "$@"
+  status=$?
+  flock {dir}/lock sh -c 'echo $(( $(cat {dir}/now) - 1 )) > {dir}/now'
+  exit $status ;;
+esac
+exec {runc} "$@"
+"#,
+        dir = dir.display(),
+        runc = runc_in_path().display()
+    );
+    write_script(dir, "counting-runc", &body)
+}
+
+/// How many runs the counting runtime saw going at once as each began.
+fn runs_at_once(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("seen"))
+        .unwrap_or_default()
+        .lines()
+        .map(|n| n.parse().expect("a count"))
+        .collect()
+}
+
+/// A burst of creates runs at most --max-runtime-processes runtimes at once; the others wait
+/// for a turn, and every create succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_commands_beyond_the_limit_wait_for_a_turn() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let runtime = path_str(&counting_runtime(scripts.path()));
+        let flags = ["--runtime", &runtime, "--max-runtime-processes", "2"];
+        let mut d = daemon!(Options::args(&flags));
+        let mut events = d.events().await;
+        let bundles: Vec<Bundle> = (0..6).map(|_| Bundle::new(&["sleep", "1000"])).collect();
+        let ids: Vec<String> = (0..6).map(|i| id(&format!("turn-{i}"))).collect();
+        let mut creates = Vec::new();
+        for (id, bundle) in ids.iter().zip(&bundles) {
+            let mut client = d.connect().await;
+            let req = create_req(id, bundle);
+            creates.push(async move { create(&mut client, req).await });
+        }
+        let pids = futures_util::future::join_all(creates).await;
+        let seen = runs_at_once(scripts.path());
+        assert_eq!(seen.len(), 6, "one run per create: {seen:?}");
+        assert_eq!(
+            seen.iter().max(),
+            Some(&2),
+            "two runtimes at once, no more, as each began: {seen:?}"
+        );
+        for (id, pid) in ids.iter().zip(pids) {
+            d.kill_container(&mut events, id, pid).await;
+        }
+    })
+    .await
+}
+
+/// A runtime command still running after its lease (2 s) gives its turn up: a create whose
+/// runtime is stuck holds the next one back no longer than that.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_stuck_past_its_lease_does_not_hold_back_the_next_create() {
+    within(async {
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let runtime = path_str(&counting_runtime(scripts.path()));
+        let flags = ["--runtime", &runtime, "--max-runtime-processes", "1"];
+        let mut d = daemon!(Options::args(&flags));
+        let mut events = d.events().await;
+        let (stuck_bundle, next_bundle) = (
+            Bundle::new(&["sleep", "1000"]),
+            Bundle::new(&["sleep", "1000"]),
+        );
+        let stuck = id("stuck-lease");
+        let mut client = d.connect().await;
+        let req = create_req(&stuck, &stuck_bundle);
+        let stuck_create = tokio::spawn(async move { create(&mut client, req).await });
+        while runs_at_once(scripts.path()).is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let next = id("after-lease");
+        let next_pid = d.create(create_req(&next, &next_bundle)).await;
+        assert!(
+            !stuck_create.is_finished(),
+            "the next create waited for the stuck one: its runtime kept the only turn past the lease"
+        );
+        let stuck_pid = stuck_create.await.expect("the stuck create's task");
+        d.kill_container(&mut events, &next, next_pid).await;
+        d.kill_container(&mut events, &stuck, stuck_pid).await;
+    })
+    .await
+}
