@@ -142,7 +142,7 @@ pub struct Config {
 
     /// Runtime commands (runc run, exec, delete, ...) running at once; more wait for a turn,
     /// given round robin over the uids asking (and berthd's own clean-up). A command still
-    /// running after 2 s gives its turn up and runs on. Default: four per CPU.
+    /// running after 2 s gives its turn up and runs on. Default: four per CPU, at most 64.
     #[arg(long, env = "BERTH_MAX_RUNTIME_PROCESSES", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_runtime_processes: Option<u64>,
 

@@ -3,9 +3,9 @@
 //! Owns: the argv of every runtime invocation, how many run at once ([`turns`]), its timeout and
 //! log file, turning a failed invocation into an error that carries the runtime's own message
 //! (from its JSON log, which it then removes; a successful invocation's log is the spawner's to
-//! remove), and the [`Spawner`]
-//! interface with what it takes ([`SpawnStdio`], [`SpawnOptions`]) and returns ([`Completion`]); with
-//! `--runtime builtin`, the same operations as calls for the built-in runtime ([`builtin`]).
+//! remove), and the [`Spawner`] interface with what it takes ([`SpawnStdio`], [`SpawnOptions`])
+//! and returns ([`Completion`]); with `--runtime builtin`, the same operations as calls for the
+//! built-in runtime ([`builtin`]).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
 //! [`Spawner`]), or what the supervisor does with the result; whether CRIU works ([`criu`]).
 
@@ -23,8 +23,8 @@ use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
 use builtin::BuiltinCall;
-pub(crate) use turns::Asker;
 use turns::Turns;
+pub(crate) use turns::{Asker, Turn};
 
 /// One runtime invocation, with everything its argv needs.
 #[derive(Debug, Clone, Copy)]
@@ -495,14 +495,31 @@ impl Runtime {
         stdio: [SpawnStdio; 3],
         asker: Asker,
     ) -> Result<String> {
+        let turn = self.turn(&op, asker).await;
+        self.run_in_turn(turn, op, stdio).await
+    }
+
+    /// Waits for a turn to run `op` for `asker`: taken apart from the run where something
+    /// timed beside the runtime (an exec's pty) must not count the wait.
+    pub(crate) async fn turn(&self, op: &Operation<'_>, asker: Asker) -> Turn {
+        let asked = std::time::Instant::now();
+        let turn = self.turns.take(asker).await;
+        crate::instruments::runtime_turn_wait(op.name(), asked.elapsed());
+        turn
+    }
+
+    /// Runs `op` with the given stdio in `turn`.
+    pub(crate) async fn run_in_turn(
+        &self,
+        turn: Turn,
+        op: Operation<'_>,
+        stdio: [SpawnStdio; 3],
+    ) -> Result<String> {
         let log = self.log_dir.join(format!(
             "{}.log",
             self.next_log.fetch_add(1, Ordering::Relaxed)
         ));
         let what = format!("{} {}", self.binary.name(), op.name());
-        let asked = std::time::Instant::now();
-        let turn = self.turns.take(asker).await;
-        crate::instruments::runtime_turn_wait(op.name(), asked.elapsed());
         let started = std::time::Instant::now();
         let options = SpawnOptions {
             timeout: self.timeout,

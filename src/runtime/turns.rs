@@ -42,6 +42,7 @@ pub(crate) struct Turns {
 struct State {
     /// Turns held now.
     held: usize,
+    /// The most that may be held (`--max-runtime-processes`).
     most: usize,
     /// The askers with commands waiting, in the order they get the next turns.
     rotation: VecDeque<Asker>,
@@ -66,8 +67,11 @@ impl Turns {
         }
     }
 
-    /// The default: four per CPU, as for the deletes after exits; more kept no more CPU busy
-    /// (runc run, two CPUs: 57, 64, 66, 66 and 61 a second with 2, 4, 8, 16 and 32 at once).
+    /// The default, four per CPU: enough to keep the CPUs busy while each command waits on the
+    /// kernel (cgroup removal, the runtime's handshakes with its init), few enough that a
+    /// thousand exits or creates do not start a thousand runtime processes at once. More kept
+    /// no more CPU busy (runc run by hand, two CPUs: 57, 64, 66, 66 and 61 a second with 2, 4,
+    /// 8, 16 and 32 at once).
     pub(crate) fn per_cpu(cpus: usize) -> usize {
         (4 * cpus).clamp(4, 64)
     }

@@ -84,7 +84,7 @@ impl Supervisor {
             &init_spec.additional_gids,
         )?;
 
-        let mut undo = Undo::new(self, &request.id);
+        let mut undo = Undo::new(self, &request.id, Asker::Uid(request.caller.peer.uid));
         undo.reserved(self.reserve(&request.id).await?);
         let pid_file = self.scratch_path(".pid");
         let _scratch = ScratchFiles(vec![pid_file.clone()]);
@@ -170,7 +170,7 @@ impl Supervisor {
             console,
         } = steps;
         let id = &request.id;
-        let asker = Asker::Uid(request.caller.peer.uid);
+        let asker = undo.asker();
         let opened = process_stdio(&request.stdio, console.is_some()).await?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(&request.stdio).await?),
@@ -265,13 +265,10 @@ impl Supervisor {
         }
     }
 
-    /// Best effort: removes whatever the runtime holds for `id` after a failed request.
-    pub(super) async fn delete_from_runtime(&self, id: &str) {
-        if let Err(e) = self
-            .runtime
-            .run(Operation::Delete { id }, Asker::Berthd)
-            .await
-        {
+    /// Best effort: removes whatever the runtime holds for `id` after a failed request, in
+    /// `asker`'s runtime turn.
+    pub(super) async fn delete_from_runtime(&self, id: &str, asker: Asker) {
+        if let Err(e) = self.runtime.run(Operation::Delete { id }, asker).await {
             tracing::debug!(id, error = %e, "runtime delete after a failed request");
         }
     }

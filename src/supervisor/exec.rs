@@ -99,7 +99,8 @@ impl Supervisor {
             .terminal
             .then(|| stdio::ConsoleSocket::bind(self.scratch_path(".sock")))
             .transpose()?;
-        let mut undo = Undo::new(self, &container.id);
+        let asker = Asker::Uid(request.stdio.caller()?.peer.uid);
+        let mut undo = Undo::new(self, &container.id, asker);
         let exec = Operation::Exec {
             id: &container.id,
             process: &process_file,
@@ -161,7 +162,7 @@ impl Supervisor {
         console: Option<&stdio::ConsoleSocket>,
         undo: &mut Undo<'_>,
     ) -> Result<()> {
-        let asker = Asker::Uid(paths.caller()?.peer.uid);
+        let asker = undo.asker();
         let stdio = process_stdio(paths, console.is_some()).await?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(paths).await?),
@@ -176,8 +177,9 @@ impl Supervisor {
                 Some(console) => {
                     // runc sends the master before it returns, so receive while it runs; a
                     // runtime that fails before it connects is answered at once, not after the
-                    // timeout.
-                    let run = self.runtime.run_with_stdio(exec, stdio, asker);
+                    // timeout. The receive's time starts with the runtime, not before its turn.
+                    let turn = self.runtime.turn(&exec, asker).await;
+                    let run = self.runtime.run_in_turn(turn, exec, stdio);
                     let receive = console.receive_master(CONSOLE_TIMEOUT);
                     tokio::pin!(run, receive);
                     let master = tokio::select! {

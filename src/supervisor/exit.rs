@@ -27,9 +27,10 @@
 //! cost is most likely the kernel's removal of the container's cgroups rather than the runtime's
 //! own CPU (untraced). Measured with `scripts/load`, N=300, the teardown timed through the
 //! deletes: exit p99 at C=1 6.8 and 8.5 ms with deletes right after each exit, 3.9 and 4.6 ms
-//! with deletes held for a lull; the teardown the same within the noise. At most
-//! [`concurrent_deletes`] run at a time, so a burst of exits does not start a runtime process
-//! per exit at once, at berthd's own CPU priority (10 nicer made the teardown slower).
+//! with deletes held for a lull; the teardown the same within the noise. The deletes take
+//! runtime turns as every runtime command does (`--max-runtime-processes`, four per CPU), as
+//! berthd's own asker, so a burst of exits does not start a runtime process per exit at once;
+//! they run at berthd's own CPU priority (10 nicer made the teardown slower).
 //! The id stays taken until the delete is done: a create of it waits for that (registry) and
 //! lets that one delete go at once, its namespaces let go of beside it rather than in a turn, so
 //! nothing keyed by the id is removed from under a new container of the same id.
@@ -38,7 +39,7 @@
 //! then the state file is rewritten without it.
 //!
 //! Owns: watching inits and added processes, the order of exit and clean-up, when the deletes
-//! start and how many run at once, which namespaces are held and when and how many at once they
+//! start, which namespaces are held and when and how many at once they
 //! are let go of. Does not own: collecting the status (reaper), OOM counting (stats), the id's
 //! slot (registry).
 
@@ -56,13 +57,6 @@ use super::registry::{Container, Process};
 use crate::events::EventKind;
 use crate::reaper::{Namespace, TrackedProcess};
 use crate::runtime::{Asker, Operation};
-
-/// How many runtime deletes after exits run at once on `cpus` CPUs: enough to keep the CPUs busy
-/// while each waits on the kernel (cgroup removal), few enough that a thousand exits do not
-/// start a thousand runtime processes at once.
-pub(super) fn concurrent_deletes(cpus: usize) -> usize {
-    (4 * cpus).clamp(4, 64)
-}
 
 /// The longest a release keeps its turn: one stuck in the kernel (a mount whose teardown waits
 /// on a server that is gone) would otherwise hold every later delete back. It goes on in its
@@ -113,15 +107,13 @@ impl Supervisor {
             // Before the delete: the cgroup removal it starts walks every live superblock.
             namespaces.release().await;
         }
+        // In berthd's own runtime turns, shared round robin with the clients' commands.
+        if let Err(e) = self
+            .runtime
+            .run(Operation::Delete { id }, Asker::Berthd)
+            .await
         {
-            let _turn = self.deletes.acquire().await;
-            if let Err(e) = self
-                .runtime
-                .run(Operation::Delete { id }, Asker::Berthd)
-                .await
-            {
-                tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
-            }
+            tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
         }
         drop(exited);
     }

@@ -80,8 +80,7 @@ pub struct Supervisor {
     hand_back: HandBack,
     terminals: terminals::Terminals,
     pipe_relays: stdio_pipes::PipeRelays,
-    /// Turns for runtime deletes after exits, and when they may start (see exit).
-    deletes: tokio::sync::Semaphore,
+    /// When runtime deletes after exits may start (see exit).
     cleanup_pacing: Arc<exit::CleanupPacing>,
     /// The fds the inits' held namespaces may take (see exit).
     namespace_budget: Arc<exit::NamespaceBudget>,
@@ -132,7 +131,6 @@ impl Supervisor {
             hand_back,
             terminals: terminals::Terminals::default(),
             pipe_relays: stdio_pipes::PipeRelays::default(),
-            deletes: tokio::sync::Semaphore::new(exit::concurrent_deletes(cpus)),
             cleanup_pacing: Arc::default(),
             namespace_budget: exit::NamespaceBudget::of_fd_limit(cpus),
             held_ledger,

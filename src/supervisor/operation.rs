@@ -26,6 +26,7 @@ use super::terminals::RelayId;
 use super::uid_counts::{Full, UidCounts};
 use crate::error::{Error, Result};
 use crate::reaper::TrackedProcess;
+use crate::runtime::Asker;
 
 /// How many operations berthd runs at once (`--max-operations-per-uid`, `--max-operations`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +191,8 @@ impl Supervisor {
 pub(super) struct Undo<'a> {
     supervisor: &'a Supervisor,
     id: &'a str,
+    /// Whose operation it is: its runtime delete takes that uid's runtime turn.
+    asker: Asker,
     reservation: Option<Reservation<'a>>,
     runtime_state: bool,
     started_pid: Option<i32>,
@@ -199,10 +202,11 @@ pub(super) struct Undo<'a> {
 }
 
 impl<'a> Undo<'a> {
-    pub(super) fn new(supervisor: &'a Supervisor, id: &'a str) -> Self {
+    pub(super) fn new(supervisor: &'a Supervisor, id: &'a str, asker: Asker) -> Self {
         Undo {
             supervisor,
             id,
+            asker,
             reservation: None,
             runtime_state: false,
             started_pid: None,
@@ -210,6 +214,11 @@ impl<'a> Undo<'a> {
             relay: None,
             pipe_relay: false,
         }
+    }
+
+    /// Whose operation it is.
+    pub(super) fn asker(&self) -> Asker {
+        self.asker
     }
 
     /// The id is taken: free it.
@@ -276,7 +285,7 @@ impl<'a> Undo<'a> {
             tracing::debug!(id, pid = process.pid(), error = %e, "kill after a failed operation");
         }
         if self.runtime_state {
-            self.supervisor.delete_from_runtime(id).await;
+            self.supervisor.delete_from_runtime(id, self.asker).await;
         }
         if let Some(process) = process {
             process.wait().await;

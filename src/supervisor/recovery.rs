@@ -83,7 +83,7 @@ impl Supervisor {
                         tracing::error!(id = %record.id, "a live runtime container of this id does not match its record; left running for an operator (runtime delete --force to remove it)");
                     } else {
                         tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
-                        self.delete_from_runtime(&record.id).await;
+                        self.delete_from_runtime(&record.id, Asker::Berthd).await;
                     }
                     self.store.remove(&record.id);
                     self.events.record_recovery(
@@ -101,7 +101,7 @@ impl Supervisor {
         for id in listed.keys() {
             if !records.iter().any(|r| &r.id == id) {
                 tracing::info!(id = %id, "removing a runtime container no request finished creating");
-                self.delete_from_runtime(id).await;
+                self.delete_from_runtime(id, Asker::Berthd).await;
                 recovery.leftovers += 1;
             }
         }

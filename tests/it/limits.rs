@@ -415,20 +415,20 @@ async fn memory_of_idle_streams_is_returned_when_they_end() {
     .await
 }
 
-/// Writes, in `dir`, runc behind a wrapper that notes in `seen` how many of its `run`s are
-/// going at once as each begins, and holds each for 0.3 s before runc runs (6 s for ids that
-/// start with `stuck-`), so that runs asked for together overlap.
-fn counting_runtime(dir: &std::path::Path) -> std::path::PathBuf {
+/// Writes, in `dir`, runc behind a wrapper that notes in `runs` when each of its `run`s
+/// begins and ends, and holds each for 0.3 s before runc runs (6 s for ids that start with
+/// `stuck-`), so that runs asked for together overlap.
+fn timing_runtime(dir: &std::path::Path) -> std::path::PathBuf {
     let body = format!(
         r#"#!/bin/sh
 for arg in "$@"; do last=$arg; done
 case " $* " in
 *" run "*)
-  flock {dir}/lock sh -c 'n=$(( $(cat {dir}/now 2>/dev/null || echo 0) + 1 )); echo $n > {dir}/now; echo $n >> {dir}/seen'
+  echo "$last start $(date +%s.%N)" >> {dir}/runs
   case $last in stuck-*) sleep 6 ;; *) sleep 0.3 ;; esac
   {runc} "$@"
   status=$?
-  flock {dir}/lock sh -c 'echo $(( $(cat {dir}/now) - 1 )) > {dir}/now'
+  echo "$last end $(date +%s.%N)" >> {dir}/runs
   exit $status ;;
 esac
 exec {runc} "$@"
@@ -436,15 +436,51 @@ exec {runc} "$@"
         dir = dir.display(),
         runc = runc_in_path().display()
     );
-    write_script(dir, "counting-runc", &body)
+    write_script(dir, "timing-runc", &body)
 }
 
-/// How many runs the counting runtime saw going at once as each began.
-fn runs_at_once(dir: &std::path::Path) -> Vec<u32> {
-    std::fs::read_to_string(dir.join("seen"))
-        .unwrap_or_default()
-        .lines()
-        .map(|n| n.parse().expect("a count"))
+/// One run the timing runtime saw: its container, and when it began and ended (seconds).
+#[derive(Debug)]
+struct Run {
+    id: String,
+    start: f64,
+    end: Option<f64>,
+}
+
+fn runs(dir: &std::path::Path) -> Vec<Run> {
+    let text = std::fs::read_to_string(dir.join("runs")).unwrap_or_default();
+    let mut runs: Vec<Run> = Vec::new();
+    for line in text.lines() {
+        let [id, what, at] = line.split(' ').collect::<Vec<_>>()[..] else {
+            panic!("a line of runs: {line:?}");
+        };
+        let at: f64 = at.parse().expect("a time");
+        match what {
+            "start" => runs.push(Run {
+                id: id.to_owned(),
+                start: at,
+                end: None,
+            }),
+            _ => {
+                let run = runs.iter_mut().find(|r| r.id == id).expect("a run begun");
+                run.end = Some(at);
+            }
+        }
+    }
+    runs
+}
+
+/// For each run, how many others were running as it began and had begun less than 1.5 s
+/// before: within their turn's 2 s lease, less the time before the wrapper notes the start.
+fn others_in_their_turn(runs: &[Run]) -> Vec<usize> {
+    runs.iter()
+        .map(|run| {
+            runs.iter()
+                .filter(|other| other.id != run.id && other.start <= run.start)
+                .filter(|other| other.end.is_none_or(|end| run.start < end))
+                .filter(|other| run.start - other.start < 1.5)
+                .count()
+        })
         .collect()
 }
 
@@ -454,7 +490,7 @@ fn runs_at_once(dir: &std::path::Path) -> Vec<u32> {
 async fn runtime_commands_beyond_the_limit_wait_for_a_turn() {
     within(async {
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let runtime = path_str(&counting_runtime(scripts.path()));
+        let runtime = path_str(&timing_runtime(scripts.path()));
         let flags = ["--runtime", &runtime, "--max-runtime-processes", "2"];
         let mut d = daemon!(Options::args(&flags));
         let mut events = d.events().await;
@@ -467,12 +503,12 @@ async fn runtime_commands_beyond_the_limit_wait_for_a_turn() {
             creates.push(async move { create(&mut client, req).await });
         }
         let pids = futures_util::future::join_all(creates).await;
-        let seen = runs_at_once(scripts.path());
-        assert_eq!(seen.len(), 6, "one run per create: {seen:?}");
+        let runs = runs(scripts.path());
+        assert_eq!(runs.len(), 6, "one run per create: {runs:?}");
         assert_eq!(
-            seen.iter().max(),
-            Some(&2),
-            "two runtimes at once, no more, as each began: {seen:?}"
+            others_in_their_turn(&runs).iter().max(),
+            Some(&1),
+            "two runtimes at once in their turns, no more: {runs:?}"
         );
         for (id, pid) in ids.iter().zip(pids) {
             d.kill_container(&mut events, id, pid).await;
@@ -487,7 +523,7 @@ async fn runtime_commands_beyond_the_limit_wait_for_a_turn() {
 async fn a_runtime_stuck_past_its_lease_does_not_hold_back_the_next_create() {
     within(async {
         let scripts = tempfile::TempDir::new().expect("temp dir");
-        let runtime = path_str(&counting_runtime(scripts.path()));
+        let runtime = path_str(&timing_runtime(scripts.path()));
         let flags = ["--runtime", &runtime, "--max-runtime-processes", "1"];
         let mut d = daemon!(Options::args(&flags));
         let mut events = d.events().await;
@@ -499,7 +535,7 @@ async fn a_runtime_stuck_past_its_lease_does_not_hold_back_the_next_create() {
         let mut client = d.connect().await;
         let req = create_req(&stuck, &stuck_bundle);
         let stuck_create = tokio::spawn(async move { create(&mut client, req).await });
-        while runs_at_once(scripts.path()).is_empty() {
+        while runs(scripts.path()).is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let next = id("after-lease");
