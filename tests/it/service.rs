@@ -247,6 +247,9 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
         let creates = "berth_runtime_command_duration_seconds_count{operation=\"run\"}";
         assert_eq!(value(&text, creates), 2.0);
         assert!(value(&text, "berth_runtime_command_duration_seconds_count{operation=\"exec\"}") >= 1.0);
+        // Each command waited for its turn first, if only for no time.
+        let waits = "berth_runtime_turn_wait_seconds_count{operation=\"run\"}";
+        assert_eq!(value(&text, waits), 2.0);
         assert!(text.contains("# TYPE berth_grpc_server_handling_seconds histogram"));
         assert!(!text.contains("berth_container_cpu_usage_seconds"), "per-container series are opt-in");
 
