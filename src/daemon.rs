@@ -415,7 +415,7 @@ async fn preflight(spawner: &dyn Spawner, exe: &Path) -> Result<UpgradeReady> {
     let response = spawner
         .spawn(
             argv,
-            [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
+            SpawnStdio::captured(),
             SpawnOptions {
                 timeout: PREFLIGHT_TIMEOUT,
                 log: None,

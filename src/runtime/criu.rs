@@ -69,7 +69,7 @@ impl Criu {
         let completion = spawner
             .spawn(
                 vec![program.clone(), "check".into()],
-                [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture],
+                SpawnStdio::captured(),
                 SpawnOptions {
                     timeout: CHECK_TIMEOUT,
                     log: None,

@@ -322,6 +322,14 @@ pub enum SpawnStdio {
     Fd(OwnedFd),
 }
 
+impl SpawnStdio {
+    /// No stdin; stdout and stderr captured: how berthd runs commands that have no container
+    /// stdio.
+    pub(crate) fn captured() -> [SpawnStdio; 3] {
+        [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture]
+    }
+}
+
 /// How a spawned command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -483,8 +491,7 @@ impl Runtime {
 
     /// Runs `op` for `asker` with its output captured; returns its stdout.
     pub(crate) async fn run(&self, op: Operation<'_>, asker: Asker) -> Result<String> {
-        let captured = [SpawnStdio::Null, SpawnStdio::Capture, SpawnStdio::Capture];
-        self.run_with_stdio(op, captured, asker).await
+        self.run_with_stdio(op, SpawnStdio::captured(), asker).await
     }
 
     /// Runs `op` for `asker` with the given stdio (the container's, for create and exec), in

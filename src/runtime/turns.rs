@@ -5,8 +5,8 @@
 //! turns of 8: create p99 7.5–8.5 s and 3.5–3.8 s, host memory at its peak 1.23 and 0.74 GB,
 //! 47–51 and 52–58 containers a second.
 //!
-//! Waiting commands get turns round robin over who asked (each uid, and berthd's own
-//! clean-up), in order within each, so one uid's burst does not hold back another's command by
+//! Waiting commands get turns round robin over who asked (each uid, berthd's own clean-up, and
+//! the clean-ups that creates of the same id wait for), in order within each, so one uid's burst does not hold back another's command by
 //! more than one turn. A command still running after [`LEASE`] gives its turn up and runs on: a
 //! runtime waiting on something (a hook that sleeps, a mount that does not answer) must not
 //! hold back everyone's commands until its timeout.
@@ -32,6 +32,9 @@ pub(crate) const LEASE: Duration = Duration::from_secs(2);
 pub(crate) enum Asker {
     Uid(u32),
     Berthd,
+    /// berthd's delete after an exit that a create of the same id waits for: a queue of its
+    /// own, so that it is not behind a burst's other deletes while the create's wait runs out.
+    AwaitedCleanup,
 }
 
 /// The turns, shared by every runtime command.

@@ -32,8 +32,11 @@
 //! berthd's own asker, so a burst of exits does not start a runtime process per exit at once;
 //! they run at berthd's own CPU priority (10 nicer made the teardown slower).
 //! The id stays taken until the delete is done: a create of it waits for that (registry) and
-//! lets that one delete go at once, its namespaces let go of beside it rather than in a turn, so
-//! nothing keyed by the id is removed from under a new container of the same id.
+//! lets that one delete go at once, its namespaces let go of beside it rather than in a turn and
+//! its runtime turn taken in a queue of its own rather than behind a burst's other deletes
+//! (without it, with one turn and one-second deletes, a create of the last of ten exited ids
+//! gave up after its 5 s wait), so nothing keyed by the id is removed from under a new
+//! container of the same id.
 //!
 //! When an added process exits: it leaves its container's processes, its `exit` is published,
 //! then the state file is rewritten without it.
@@ -56,7 +59,7 @@ use super::Supervisor;
 use super::registry::{Container, Process};
 use crate::events::EventKind;
 use crate::reaper::{Namespace, TrackedProcess};
-use crate::runtime::{Asker, Operation};
+use crate::runtime::{Asker, Operation, SpawnStdio};
 
 /// The longest a release keeps its turn: one stuck in the kernel (a mount whose teardown waits
 /// on a server that is gone) would otherwise hold every later delete back. It goes on in its
@@ -107,12 +110,20 @@ impl Supervisor {
             // Before the delete: the cgroup removal it starts walks every live superblock.
             namespaces.release().await;
         }
-        // In berthd's own runtime turns, shared round robin with the clients' commands.
-        if let Err(e) = self
-            .runtime
-            .run(Operation::Delete { id }, Asker::Berthd)
-            .await
-        {
+        // In berthd's own runtime turns, shared round robin with the clients' commands; once a
+        // create of the id waits for it, in a queue of its own, so that it is not behind a
+        // burst's other deletes while the create's wait for the id runs out.
+        let delete = Operation::Delete { id };
+        let turn = if wanted {
+            self.runtime.turn(&delete, Asker::AwaitedCleanup).await
+        } else {
+            tokio::select! {
+                turn = self.runtime.turn(&delete, Asker::Berthd) => turn,
+                () = exited.wanted() => self.runtime.turn(&delete, Asker::AwaitedCleanup).await,
+            }
+        };
+        let captured = SpawnStdio::captured();
+        if let Err(e) = self.runtime.run_in_turn(turn, delete, captured).await {
             tracing::error!(id = %id, error = %e, "could not delete the container from the runtime");
         }
         drop(exited);

@@ -164,6 +164,55 @@ async fn a_create_waits_for_the_delete_of_its_id_within_a_bound() {
     .await
 }
 
+/// A create waiting for its id's clean-up is not behind the other deletes of a burst of exits:
+/// with one runtime turn and deletes of a second each, ten exits at once queue ten seconds of
+/// deletes, yet the id whose exit came last is created again within the create's wait (5 s),
+/// its delete moved to a queue of its own (runtime turns).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_waiting_for_its_id_is_not_behind_a_bursts_deletes() {
+    within(async {
+        const COUNT: usize = 10;
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let slow = path_str(&delayed_runtime(scripts.path(), "delete", 1));
+        let flags = ["--runtime", &slow, "--max-runtime-processes", "1"];
+        let mut d = daemon!(Options::args(&flags));
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let burst: BTreeMap<String, u32> = d
+            .create_numbered("queued", COUNT, &bundle)
+            .await
+            .into_iter()
+            .collect();
+        kill_at_once(&d, &burst).await;
+        let mut exited = Vec::new();
+        while exited.len() < COUNT {
+            let exit = events
+                .wait_for("an exit of the burst", |e| {
+                    e.r#type == "exit" && burst.get(&e.id) == Some(&e.pid)
+                })
+                .await;
+            exited.push(exit.id);
+        }
+        // Past the lull: every delete has been let go and waits for the one turn.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let last = exited.last().expect("exits").clone();
+        let again = d.create(create_req(&last, &bundle)).await;
+        let mut left: Vec<&String> = burst.keys().filter(|id| **id != last).collect();
+        assert!(
+            left.iter().any(|id| d.runtime_ids().contains(id)),
+            "the other deletes were all done before the create: nothing was queued ahead of it"
+        );
+        assert_intact(&mut d, &last, again).await;
+        // The queued deletes must finish before the test's berthd goes, or cgroups are left.
+        for id in left.drain(..) {
+            wait_for_delete(&d, id).await;
+        }
+        d.kill_container(&mut events, &last, again).await;
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
 /// Sends SIGKILL to every init of `inits` (id → pid) at once.
 async fn kill_at_once(d: &Daemon, inits: &BTreeMap<String, u32>) {
     let kills = inits.iter().map(|(id, pid)| {
