@@ -141,8 +141,9 @@ pub struct Config {
     pub max_operations: u64,
 
     /// Runtime commands (runc run, exec, delete, ...) running at once; more wait for a turn,
-    /// given round robin over the uids asking (and berthd's own clean-up). A command still
-    /// running after 2 s gives its turn up and runs on. Default: four per CPU, at most 64.
+    /// given round robin over the uids asking, berthd's own clean-up and the deletes that
+    /// creates of the same id wait for. A command still running after 2 s gives its turn up and
+    /// runs on. Default: four per CPU, at most 64.
     #[arg(long, env = "BERTH_MAX_RUNTIME_PROCESSES", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_runtime_processes: Option<u64>,
 

@@ -6,10 +6,11 @@
 //! 47–51 and 52–58 containers a second.
 //!
 //! Waiting commands get turns round robin over who asked (each uid, berthd's own clean-up, and
-//! the clean-ups that creates of the same id wait for), in order within each, so one uid's burst does not hold back another's command by
-//! more than one turn. A command still running after [`LEASE`] gives its turn up and runs on: a
-//! runtime waiting on something (a hook that sleeps, a mount that does not answer) must not
-//! hold back everyone's commands until its timeout.
+//! the clean-ups that creates of the same id wait for), in order within each, so one uid's
+//! burst does not hold back another's command by more than one turn. A command still running
+//! after [`LEASE`] gives its turn up and runs on: a runtime waiting on something (a hook that
+//! sleeps, a mount that does not answer) must not hold back everyone's commands until its
+//! timeout.
 //!
 //! Owns: how many commands hold a turn, who gets the next, the lease. Does not own: running
 //! the commands (the runtime), or who is asking (the supervisor says).
@@ -27,7 +28,7 @@ use tokio::sync::oneshot;
 pub(crate) const LEASE: Duration = Duration::from_secs(2);
 
 /// Who asks for a runtime command: a client's uid, or berthd itself (deletes after exits,
-/// recovery).
+/// recovery), apart from the deletes that creates wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Asker {
     Uid(u32),

@@ -153,7 +153,7 @@ impl Container {
 }
 
 /// How long a create waits for the clean-up of an exited container of the same id (its runtime
-/// delete, in its turn among the deletes after exits) before it gives up.
+/// delete, whose runtime turn then comes from a queue of its own) before it gives up.
 const CLEANUP_WAIT: Duration = Duration::from_secs(5);
 
 pub(super) enum Slot {
