@@ -42,9 +42,9 @@
 //! then the state file is rewritten without it.
 //!
 //! Owns: watching inits and added processes, the order of exit and clean-up, when the deletes
-//! start, which namespaces are held and when and how many at once they
-//! are let go of. Does not own: collecting the status (reaper), OOM counting (stats), the id's
-//! slot (registry).
+//! start and in which queue of runtime turns, which namespaces are held and when and how many at
+//! once they are let go of. Does not own: collecting the status (reaper), OOM counting (stats),
+//! the id's slot (registry), how many runtime commands run at once (runtime).
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
