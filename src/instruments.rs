@@ -121,21 +121,23 @@ pub fn register(registry: &mut Registry) {
 
 /// Records how long one runtime command of `operation` took.
 pub fn runtime_command(operation: &'static str, took: Duration) {
-    let labels = RuntimeOperation { operation };
-    instruments()
-        .runtime
-        .get_or_create(&labels)
-        .observe(took.as_secs_f64());
+    observe_runtime(&instruments().runtime, operation, took);
 }
 
 /// Records how long one runtime command of `operation` waited for its turn
 /// (`--max-runtime-processes`).
 pub fn runtime_turn_wait(operation: &'static str, waited: Duration) {
-    let labels = RuntimeOperation { operation };
-    instruments()
-        .runtime_turn_wait
-        .get_or_create(&labels)
-        .observe(waited.as_secs_f64());
+    observe_runtime(&instruments().runtime_turn_wait, operation, waited);
+}
+
+fn observe_runtime(
+    family: &Family<RuntimeOperation, Histogram, Buckets>,
+    operation: &'static str,
+    time: Duration,
+) {
+    family
+        .get_or_create(&RuntimeOperation { operation })
+        .observe(time.as_secs_f64());
 }
 
 /// `/types.API/CreateContainer` → (`types.API`, `CreateContainer`). Any path that is not one
