@@ -1,6 +1,6 @@
 //! What berthd reads about a process from `/proc`: its start time, which with its pid tells it
-//! from a later process that reused the pid, and whether it has begun to exit; and how any file
-//! the kernel generates is read.
+//! from a later process that reused the pid, and whether it has begun to exit; the type of a
+//! mount of berthd's own; and how any file the kernel generates is read.
 
 use std::io::Read;
 use std::path::Path;
@@ -71,6 +71,29 @@ fn parse_start_time(stat: &[u8]) -> Option<u64> {
     stat_field(stat, 22)
 }
 
+/// The file system type (`fuse.bindfs`, `virtiofs`, ...) of the mount `mount_id` (statx's
+/// `stx_mnt_id`) in berthd's own `/proc/self/mountinfo`.
+pub fn own_mount_type(mount_id: u64) -> Result<Vec<u8>> {
+    const PATH: &str = "/proc/self/mountinfo";
+    let mountinfo = read_generated(PATH, 16 * 1024).map_err(|e| Error::io(PATH, e))?;
+    mount_type(&mountinfo, mount_id)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| Error::Internal(format!("{PATH}: no mount {mount_id}")))
+}
+
+/// The type of mount `mount_id` in mountinfo text: each line is
+/// `id parent major:minor root point options [optional...] - type source super-options`.
+fn mount_type(mountinfo: &[u8], mount_id: u64) -> Option<&[u8]> {
+    let id = mount_id.to_string();
+    mountinfo.split(|&b| b == b'\n').find_map(|line| {
+        let mut fields = line.split(|&b| b == b' ');
+        if fields.next()? != id.as_bytes() {
+            return None;
+        }
+        fields.skip_while(|&f| f != b"-").nth(1)
+    })
+}
+
 /// Field `n` (from 3, the state) of a `/proc/<pid>/stat` line. The command name (field 2) may
 /// hold spaces and parentheses, so fields are counted from the last `)`.
 fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
@@ -103,6 +126,34 @@ mod tests {
         std::fs::write(&big, vec![b'x'; GENERATED_MAX_BYTES as usize]).unwrap();
         let error = read_generated(&big, 512).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+    }
+
+    #[test]
+    fn a_mounts_type_is_found_by_its_id_after_the_optional_fields() {
+        let mountinfo = b"22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+            140 22 0:54 / /mnt/a\\040b rw,nosuid,nodev shared:70 master:3 - fuse.bindfs /src rw,user_id=0\n\
+            141 22 0:55 / /host rw - virtiofs shared rw\n\
+            14 22 0:5 / /dev rw - devtmpfs";
+        assert_eq!(mount_type(mountinfo, 140), Some(&b"fuse.bindfs"[..]));
+        assert_eq!(mount_type(mountinfo, 141), Some(&b"virtiofs"[..]));
+        assert_eq!(mount_type(mountinfo, 22), Some(&b"ext4"[..]));
+        // Mount 14's line ends at its type; 4 and 1 are no mount's id, only a prefix or a parent.
+        assert_eq!(mount_type(mountinfo, 14), Some(&b"devtmpfs"[..]));
+        assert_eq!(mount_type(mountinfo, 4), None);
+        assert_eq!(mount_type(mountinfo, 1), None);
+        assert_eq!(mount_type(b"garbage\n\n", 22), None);
+    }
+
+    #[test]
+    fn own_root_mount_has_a_type() {
+        let root = rustix::fs::statx(
+            rustix::fs::CWD,
+            "/",
+            rustix::fs::AtFlags::empty(),
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .unwrap();
+        assert!(!own_mount_type(root.stx_mnt_id).unwrap().is_empty());
     }
 
     #[test]

@@ -17,7 +17,14 @@
 //! - the file is looked at before it is opened: it is first opened `O_PATH | O_NOFOLLOW` (which
 //!   runs no driver code) and fstat'ed, so a directory, socket or device is refused without ever
 //!   being opened for I/O. When it passes, the very same inode is reopened for I/O through
-//!   `/proc/self/fd/<n>` and fstat'ed again.
+//!   `/proc/self/fd/<n>` and fstat'ed again;
+//! - a stdio or console path may not be on a FUSE file system: berthd, its spawn helper and the
+//!   runtime each close their copy of a stdio descriptor, and every close of a FUSE file waits,
+//!   uninterruptibly, for its server to answer a flush (one that never answers would stall the
+//!   reactor, or the helper and with it every runtime command); and any stat of it may be asked
+//!   of the server too. Any user who may mount FUSE can run such a server. virtiofs, which
+//!   shares FUSE's magic number but whose server is the hypervisor's, is told apart by its
+//!   mount's type.
 //!
 //! Inside a directory berthd already holds (the bundle), the `*_beneath` functions resolve each
 //! component with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`:
@@ -43,7 +50,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, StatxFlags};
 
 use crate::error::{Error, Result};
 use acl::At;
@@ -188,6 +195,7 @@ pub fn check_console(path: &Path, peer: &Peer, forbidden: &[&Path]) -> Result<()
 
 /// A pty's terminal side, which the peer may read and write.
 fn check_terminal(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat) -> Result<()> {
+    not_on_fuse(walk, leaf, file_system(walk, leaf)?)?;
     if !walk.peer.may(At::Fd(leaf.as_fd()), st, READ | WRITE) {
         return Err(walk.denied(format!(
             "{} may not read and write this console ({}); give a terminal it may use itself",
@@ -223,8 +231,10 @@ fn check_stdio_leaf(walk: &Walk<'_>, leaf: &OwnedFd, st: &Stat, access: Access) 
             kind_name(st)
         )));
     }
+    let fs = file_system(walk, leaf)?;
+    not_on_fuse(walk, leaf, fs)?;
     if kind == FileType::RegularFile {
-        not_a_kernel_interface(walk, leaf)?;
+        not_a_kernel_interface(walk, fs)?;
     }
     if !dev_null && !walk.peer.may(At::Fd(leaf.as_fd()), st, access.bits()) {
         return Err(walk.denied(format!(
@@ -261,7 +271,7 @@ pub fn read_regular(
             kind_name(&st)
         )));
     }
-    not_a_kernel_interface(&walk, &leaf)?;
+    not_a_kernel_interface(&walk, file_system(&walk, &leaf)?)?;
     let size = u64::try_from(st.st_size).unwrap_or(0);
     let over = |size: u64| {
         Error::InvalidArgument(format!(
@@ -338,11 +348,18 @@ fn file_id(st: &Stat) -> (u64, u64) {
     (st.st_dev as u64, st.st_ino as u64)
 }
 
+/// The magic number of the file system `leaf` is on (`f_type` of fstatfs).
+fn file_system(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<u32> {
+    let fs = rustix::fs::fstatfs(leaf).map_err(|e| walk.io(e))?;
+    // Magic numbers are 32 bits, held in a signed word whose width differs by architecture.
+    Ok(fs.f_type as u32)
+}
+
 /// Refuses a file of the kernel's own file systems (procfs, sysfs, cgroupfs, ...). Some of
 /// their files judge a write or read by who opened them rather than who uses them (a cgroup's
 /// `cgroup.procs`, a user namespace's `uid_map`), and berthd opens as root: the caller's own
 /// `cgroup.procs` as a container's stdout would let it move any process into its cgroup.
-fn not_a_kernel_interface(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<()> {
+fn not_a_kernel_interface(walk: &Walk<'_>, fs: u32) -> Result<()> {
     /// configfs, efivarfs, pstore, binfmt_misc and fusectl, which libc does not name.
     const OTHERS: [u32; 5] = [
         0x6265_6570,
@@ -364,12 +381,27 @@ fn not_a_kernel_interface(walk: &Walk<'_>, leaf: &OwnedFd) -> Result<()> {
         libc::SMACK_MAGIC,
         libc::RDTGROUP_SUPER_MAGIC,
     ];
-    let fs = rustix::fs::fstatfs(leaf).map_err(|e| walk.io(e))?;
-    // Magic numbers are 32 bits, held in a signed word whose width differs by architecture.
-    let kind = fs.f_type as u32;
-    if named.iter().any(|&magic| magic as u32 == kind) || OTHERS.contains(&kind) {
+    if named.iter().any(|&magic| magic as u32 == fs) || OTHERS.contains(&fs) {
         return Err(Error::InvalidArgument(format!(
-            "{} {} is a file of a kernel interface file system ({kind:#x}), which berthd does not open for a client; give a FIFO, /dev/null or a file on a disk or tmpfs",
+            "{} {} is a file of a kernel interface file system ({fs:#x}), which berthd does not open for a client; give a FIFO, /dev/null or a file on a disk or tmpfs",
+            walk.what,
+            shown(walk.path)
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a stdio or console path on FUSE (fuse and fuseblk share the magic number), but not
+/// on virtiofs: see the module's header.
+fn not_on_fuse(walk: &Walk<'_>, leaf: &OwnedFd, fs: u32) -> Result<()> {
+    if fs != libc::FUSE_SUPER_MAGIC as u32 {
+        return Ok(());
+    }
+    let mount = rustix::fs::statx(leaf, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
+        .map_err(|e| walk.io(e))?;
+    if crate::procfs::own_mount_type(mount.stx_mnt_id)? != b"virtiofs" {
+        return Err(Error::InvalidArgument(format!(
+            "{} {} is on a FUSE file system, whose server every close of it waits for; give a FIFO, /dev/null or a file on a disk or tmpfs",
             walk.what,
             shown(walk.path)
         )));
