@@ -2,9 +2,12 @@
 //! own docs say, with no berth-specific option: Python's grpc (Debian's 1.51, which sends
 //! `localhost` as `:authority`, and the newest from PyPI, which sends the socket path) with code
 //! generated from proto/api.proto by grpc_tools (tests/it/interop/client.py), and Node's grpc-js
-//! from npm (tests/it/interop/client.js), and Go's grpc-go as Debian packages it, built from
-//! tests/it/interop/client.go. scripts/test installs them: the PyPI one in a virtualenv and
-//! grpc-js in a folder, both under target/interop/, and the rest from Debian.
+//! from npm (tests/it/interop/client.js), Go's grpc-go as Debian packages it, built from
+//! tests/it/interop/client.go, and grpc-java with netty as Debian packages them, built from
+//! tests/it/interop/Client.java (over a loopback port forwarded to the socket: grpc-java reaches
+//! a unix socket only through netty's native epoll library, which Debian does not ship).
+//! scripts/test installs them: the PyPI one in a virtualenv and grpc-js in a folder, both under
+//! target/interop/, and the rest from Debian.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -196,6 +199,129 @@ async fn debian_grpc_go_dialing_the_socket_path_gets_the_documented_semantics() 
             .arg(bundle.path())
             .arg(id("interop-go"));
         run_client(command, "grpc-go (Debian)").await;
+        daemon.assert_no_zombies().await;
+    })
+    .await
+}
+
+/// The jars of grpc-java, netty, protobuf and their dependencies as Debian installs them, and
+/// javax.annotation.Generated, which the generated stubs name and Java 11 dropped.
+const JAVA_JARS: [&str; 21] = [
+    "grpc-api",
+    "grpc-core",
+    "grpc-context",
+    "grpc-netty",
+    "grpc-protobuf",
+    "grpc-protobuf-lite",
+    "grpc-stub",
+    "guava",
+    "protobuf",
+    "perfmark-api",
+    "netty-buffer",
+    "netty-codec",
+    "netty-codec-http",
+    "netty-codec-http2",
+    "netty-codec-socks",
+    "netty-common",
+    "netty-handler",
+    "netty-handler-proxy",
+    "netty-resolver",
+    "netty-transport",
+    "geronimo-annotation-1.3-spec",
+];
+
+/// Builds Client.java and the stubs protoc's grpc-java plugin generates for proto/api.proto
+/// into `dir`, returning the class path to run it with, or why this host cannot.
+async fn build_java_client(dir: &Path) -> Result<String, String> {
+    const PLUGIN: &str = "/usr/bin/grpc_java_plugin";
+    runs("javac", &["-version"], "javac")?;
+    runs("protoc", &["--version"], "protoc")?;
+    let mut class_path = vec![dir.join("classes").display().to_string()];
+    for jar in JAVA_JARS {
+        let path = format!("/usr/share/java/{jar}.jar");
+        if !Path::new(&path).is_file() {
+            return Err(format!("{path} is missing"));
+        }
+        class_path.push(path);
+    }
+    if !Path::new(PLUGIN).is_file() {
+        return Err(format!("{PLUGIN} is missing"));
+    }
+    let generated = dir.join("generated");
+    std::fs::create_dir_all(&generated).map_err(|e| format!("{}: {e}", generated.display()))?;
+    runs(
+        "protoc",
+        &[
+            "-I",
+            PROTO,
+            &format!("--plugin=protoc-gen-grpc-java={PLUGIN}"),
+            &format!("--java_out={}", generated.display()),
+            &format!("--grpc-java_out={}", generated.display()),
+            &format!("{PROTO}/api.proto"),
+        ],
+        "protoc with the grpc-java plugin",
+    )?;
+    let class_path = class_path.join(":");
+    let build = tokio::process::Command::new("javac")
+        .arg("-nowarn")
+        .arg("-d")
+        .arg(dir.join("classes"))
+        .args(["-cp", &class_path])
+        .arg(generated.join("types/Api.java"))
+        .arg(generated.join("types/APIGrpc.java"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/it/interop/Client.java"
+        ))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("javac: {e}"))?;
+    if !build.status.success() {
+        // The packages are there, so a failure is the client's or the generated code's.
+        panic!("javac: {}", String::from_utf8_lossy(&build.stderr));
+    }
+    Ok(class_path)
+}
+
+/// Forwards each connection to a loopback port to `socket`; returns the port.
+async fn forward_loopback_to(socket: std::path::PathBuf) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debian_grpc_java_gets_state_error_codes_and_an_events_stream() {
+    within_for(std::time::Duration::from_secs(300), async {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let built = build_java_client(dir.path()).await;
+        let requirement = built.as_ref().map(|_| ()).map_err(String::clone);
+        if !host_supports("needs a JDK and Debian's grpc-java", requirement) {
+            return;
+        }
+        let mut daemon = daemon!();
+        let port = forward_loopback_to(daemon.socket()).await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut command = Command::new("java");
+        command
+            .args(["-cp", &built.expect("checked"), "Client"])
+            .arg(port.to_string())
+            .arg(bundle.path())
+            .arg(id("interop-java"));
+        run_client(command, "grpc-java (Debian)").await;
         daemon.assert_no_zombies().await;
     })
     .await
