@@ -90,6 +90,9 @@ fn mount_type(mountinfo: &[u8], mount_id: u64) -> Option<&[u8]> {
         if fields.next()? != id.as_bytes() {
             return None;
         }
+        // Past parent, major:minor, root, mount point and options, the optional fields end at
+        // the `-`.
+        fields.nth(4)?;
         fields.skip_while(|&f| f != b"-").nth(1)
     })
 }
@@ -142,6 +145,9 @@ mod tests {
         assert_eq!(mount_type(mountinfo, 4), None);
         assert_eq!(mount_type(mountinfo, 1), None);
         assert_eq!(mount_type(b"garbage\n\n", 22), None);
+        // A root or mount point named `-` is not the separator.
+        let dashes = b"7 1 0:9 - /- rw shared:2 - tmpfs none rw";
+        assert_eq!(mount_type(dashes, 7), Some(&b"tmpfs"[..]));
     }
 
     #[test]

@@ -18,13 +18,14 @@
 //!   runs no driver code) and fstat'ed, so a directory, socket or device is refused without ever
 //!   being opened for I/O. When it passes, the very same inode is reopened for I/O through
 //!   `/proc/self/fd/<n>` and fstat'ed again;
-//! - a stdio or console path may not be on a FUSE file system: berthd, its spawn helper and the
-//!   runtime each close their copy of a stdio descriptor, and every close of a FUSE file waits,
-//!   uninterruptibly, for its server to answer a flush (one that never answers would stall the
-//!   reactor, or the helper and with it every runtime command); and any stat of it may be asked
-//!   of the server too. Any user who may mount FUSE can run such a server. virtiofs, which
-//!   shares FUSE's magic number but whose server is the hypervisor's, is told apart by its
-//!   mount's type.
+//! - a stdio or console path may not be on a FUSE file system: every close of a FUSE regular
+//!   file waits, uninterruptibly, for its server to answer a flush, and berthd, its spawn helper
+//!   and runc each close their copy of a stdio descriptor; any stat of a FIFO or device there
+//!   asks the server too, and berthd stats a FIFO on its reactor. A server that stops answering
+//!   (an sshfs whose network went away, a user's own mount with `allow_other`) would stall the
+//!   reactor, or the helper and with it every runtime command. Nor may a checkpoint's directory,
+//!   where CRIU closes every image file. virtiofs, which shares FUSE's magic number but whose
+//!   server is the hypervisor's, is told apart by its mount's type.
 //!
 //! Inside a directory berthd already holds (the bundle), the `*_beneath` functions resolve each
 //! component with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`:
@@ -391,22 +392,47 @@ fn not_a_kernel_interface(walk: &Walk<'_>, fs: u32) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a stdio or console path on FUSE (fuse and fuseblk share the magic number), but not
-/// on virtiofs: see the module's header.
+/// Refuses a stdio or console path on FUSE: see the module's header.
 fn not_on_fuse(walk: &Walk<'_>, leaf: &OwnedFd, fs: u32) -> Result<()> {
-    if fs != libc::FUSE_SUPER_MAGIC as u32 {
+    if !is_fuse(leaf, fs) {
         return Ok(());
     }
-    let mount = rustix::fs::statx(leaf, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
-        .map_err(|e| walk.io(e))?;
-    if crate::procfs::own_mount_type(mount.stx_mnt_id)? != b"virtiofs" {
-        return Err(Error::InvalidArgument(format!(
-            "{} {} is on a FUSE file system, whose server every close of it waits for; give a FIFO, /dev/null or a file on a disk or tmpfs",
-            walk.what,
-            shown(walk.path)
-        )));
+    Err(Error::InvalidArgument(format!(
+        "{} {} is on a FUSE file system, whose server berthd would wait for at every close; give a FIFO, /dev/null or a file on a disk or tmpfs",
+        walk.what,
+        shown(walk.path)
+    )))
+}
+
+/// Refuses a checkpoint's directory on FUSE: CRIU closes every image file it writes or reads
+/// there, each close waits for the server, and a CRIU stuck so cannot be killed, which would
+/// hold up every restore after it. `shown` names the directory in the message.
+pub fn checkpoint_dir_not_on_fuse(dir: &OwnedFd, shown: &str) -> Result<()> {
+    let fs = rustix::fs::fstatfs(dir).map_err(|e| Error::io(shown, e.into()))?;
+    if !is_fuse(dir, fs.f_type as u32) {
+        return Ok(());
     }
-    Ok(())
+    Err(Error::InvalidArgument(format!(
+        "checkpoint {shown} is on a FUSE file system, whose server CRIU would wait for at every close; keep the bundle on a disk or tmpfs to checkpoint it"
+    )))
+}
+
+/// Whether `fd`, on a file system of magic number `fs`, is on FUSE (fuse and fuseblk share the
+/// number) and not on virtiofs, which shares it too but whose server is the hypervisor's.
+fn is_fuse(fd: &OwnedFd, fs: u32) -> bool {
+    fs == libc::FUSE_SUPER_MAGIC as u32 && !is_virtiofs(fd)
+}
+
+/// Whether the mount `leaf` is on is virtiofs; false where that cannot be told (a kernel before
+/// `STATX_MNT_ID`, a mount detached since the open, a mountinfo past its bound). The statx asks
+/// the file system nothing (`AT_STATX_DONT_SYNC`).
+fn is_virtiofs(leaf: &OwnedFd) -> bool {
+    let flags = AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC;
+    let Ok(st) = rustix::fs::statx(leaf, "", flags, StatxFlags::MNT_ID) else {
+        return false;
+    };
+    st.stx_mask & StatxFlags::MNT_ID.bits() != 0
+        && crate::procfs::own_mount_type(st.stx_mnt_id).is_ok_and(|kind| kind == b"virtiofs")
 }
 
 /// `/dev/null` wherever it is: the character device 1:3.

@@ -382,6 +382,7 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
         "checkpoint {name} does not exist in {}",
         shown(&checkpoints_dir(bundle))
     );
+    let shown_image = shown_checkpoint(bundle, name);
     let (image, checkpoint) = caller
         .off_reactor("reading the checkpoint", move || {
             let dir = OFlags::RDONLY | OFlags::DIRECTORY;
@@ -390,6 +391,7 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
                 Err(Error::NotFound(_)) => return Err(Error::NotFound(missing)),
                 Err(e) => return Err(e),
             };
+            client_fs::checkpoint_dir_not_on_fuse(&image, &shown_image)?;
             let metadata = Path::new(METADATA);
             let checkpoint = read_checkpoint(&image, metadata, &owned_name, &peer);
             Ok((image, checkpoint))
@@ -552,8 +554,11 @@ async fn create_image_dir(
         "checkpoint {name} already exists in {}",
         shown(&checkpoints_dir(bundle))
     );
+    let shown_image = shown_checkpoint(bundle, name);
     let made = caller
         .off_reactor("creating the checkpoint directory", move || {
+            // Before anything is made; and below again for a `checkpoints` mounted apart.
+            client_fs::checkpoint_dir_not_on_fuse(&bundle_fd, &shown_image)?;
             let parent = Path::new("checkpoints");
             match client_fs::create_dir_beneath(&bundle_fd, parent, 0o700, &peer, &peer) {
                 Ok(_) | Err(Error::AlreadyExists(_)) => {}
@@ -572,6 +577,10 @@ async fn create_image_dir(
                 Err(Error::AlreadyExists(_)) => return Err(Error::AlreadyExists(exists)),
                 made => made?,
             };
+            if let Err(e) = client_fs::checkpoint_dir_not_on_fuse(&made, &shown_image) {
+                let _ = client_fs::remove_held(&bundle_fd, &image, made);
+                return Err(e);
+            }
             let written = rustix::fs::fstat(&made)
                 .map_err(|e| Error::io(&image, e.into()))
                 .and_then(|st| {

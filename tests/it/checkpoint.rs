@@ -120,6 +120,28 @@ fn count(bundle: &Bundle) -> Option<u64> {
     text.lines().rev().find_map(|l| l.trim().parse().ok())
 }
 
+/// Every value the counter appended so far, in order.
+fn counts(bundle: &Bundle) -> Vec<u64> {
+    let text = std::fs::read_to_string(bundle.path().join("rootfs/tmp/count")).unwrap_or_default();
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// The first value the counter appended after the `seen` it had, once there is one: what a
+/// restored copy wrote first, however late this looks.
+async fn first_count_after(bundle: &Bundle, seen: usize) -> u64 {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Some(&first) = counts(bundle).get(seen) {
+            return first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counter stalled after {seen} values"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the counter shows a value other than `not`, and returns it.
 async fn next_count(bundle: &Bundle, not: Option<u64>) -> u64 {
     let deadline = Instant::now() + EVENT_TIMEOUT;
@@ -259,6 +281,50 @@ async fn hand_made_checkpoints_are_listed_refused_as_duplicates_and_deleted() {
         assert!(!dir.join("plain").exists());
         let names: Vec<_> = list(c, &container).await.into_iter().map(|cp| cp.name).collect();
         assert_eq!(names, ["flagged"]);
+    })
+    .await
+}
+
+/// CRIU closes every image file it writes or reads, each close of a FUSE file waits for its
+/// server, and a CRIU stuck so cannot be killed: a dump into, or a restore from, a checkpoint
+/// directory on FUSE is refused before anything is made, here with `checkpoints/` a bindfs
+/// mirror inside an ordinary bundle.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_on_fuse_are_refused() {
+    within(async {
+        let Some(criu) = criu_or_skip() else {
+            return;
+        };
+        let mut d = criu_daemon!(criu);
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let container = id("cp-fuse");
+        let pid = d.create(create_req(&container, &bundle)).await;
+        let source = tempfile::TempDir::new().expect("temp dir");
+        let checkpoints = bundle.path().join("checkpoints");
+        std::fs::create_dir(&checkpoints).unwrap();
+        let Some(_mirror) = FuseMirror::mount(source.path(), &checkpoints) else {
+            return;
+        };
+        let message = expect_code(
+            d.client
+                .create_checkpoint(checkpoint(&container, "dumped", false))
+                .await,
+            Code::InvalidArgument,
+        );
+        assert!(message.contains("FUSE"), "{message}");
+        assert!(
+            !source.path().join("dumped").exists(),
+            "the dump directory was left"
+        );
+        std::fs::create_dir(source.path().join("made")).unwrap();
+        let restored = id("cp-fuse-restore");
+        let mut req = create_req(&restored, &bundle);
+        req.checkpoint = "made".into();
+        let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+        assert!(message.contains("FUSE"), "{message}");
+        d.assert_gone(&restored).await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &container, pid).await;
     })
     .await
 }
@@ -408,12 +474,13 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
         let image = bundle.path().join("checkpoints/stopped");
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
         std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let seen = counts(&bundle).len();
         let started = Instant::now();
         let restored = d.create(restore).await;
         println!("restore took {:?}", started.elapsed());
         // Held root's 0700 while CRIU read it, then given back as it was.
         assert_eq!(mode(&image), 0o750);
-        let resumed = next_count(&bundle, Some(last)).await;
+        let resumed = first_count_after(&bundle, seen).await;
         assert!(
             resumed > last && resumed <= last + 5,
             "the counter did not go on from {last}: {resumed}"
@@ -431,12 +498,12 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
         d.assert_gone(&container).await;
 
         // Restored under a new id from the dump that left it running: its memory is that dump's.
-        let before = next_count(&bundle, None).await;
+        let seen = counts(&bundle).len();
         let copy = id("cp-cycle-copy");
         let mut restore = create_req(&copy, &bundle);
         restore.checkpoint = "live".into();
         let copied = d.create(restore).await;
-        let resumed = next_count(&bundle, Some(before)).await;
+        let resumed = first_count_after(&bundle, seen).await;
         assert!(
             resumed > 1 && resumed <= at_live + 1,
             "the copy did not go on from the live checkpoint ({at_live}): {resumed}"
@@ -738,9 +805,13 @@ async fn a_paused_container_is_checkpointed_and_stays_paused() {
         // Its image restores a running container that goes on from the frozen value.
         let mut restore = create_req(&container, &bundle);
         restore.checkpoint = "c1".into();
+        let seen = counts(&bundle).len();
         let restored = d.create(restore).await;
-        let resumed = next_count(&bundle, None).await;
-        assert!(resumed <= frozen + 5, "{resumed} after {frozen}");
+        let resumed = first_count_after(&bundle, seen).await;
+        assert!(
+            resumed > frozen && resumed <= frozen + 5,
+            "{resumed} after {frozen}"
+        );
         assert_eq!(
             status_of(&mut d, &container).await.as_deref(),
             Some("running")
@@ -888,8 +959,9 @@ async fn a_restore_keeps_the_dumped_kind_of_each_stream() {
         let last = next_count(&bundle, None).await;
         let mut bare = create_req(&container, &bundle);
         bare.checkpoint = "piped".into();
+        let seen = counts(&bundle).len();
         let restored = d.create(bare).await;
-        let resumed = next_count(&bundle, Some(last)).await;
+        let resumed = first_count_after(&bundle, seen).await;
         assert!(
             resumed > last && resumed <= last + 5,
             "{resumed} after {last}"

@@ -284,20 +284,20 @@ async fn build_java_client(dir: &Path) -> Result<String, String> {
     Ok(class_path)
 }
 
-/// Forwards each connection to a loopback port to `socket`; returns the port.
+/// Forwards the first connection to a loopback port to `socket`, and takes no other: the
+/// forward reaches berthd as root, which no other local user may borrow. Returns the port.
 async fn forward_loopback_to(socket: std::path::PathBuf) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a loopback port");
     let port = listener.local_addr().expect("its address").port();
     tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let socket = socket.clone();
-            tokio::spawn(async move {
-                if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
-                }
-            });
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            return;
+        };
+        drop(listener);
+        if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
         }
     });
     port

@@ -519,63 +519,28 @@ async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
     .await
 }
 
-/// A directory mirrored through FUSE by bindfs, unmounted when dropped.
-struct FuseMirror {
-    source: tempfile::TempDir,
-    mount: tempfile::TempDir,
-}
-
-impl FuseMirror {
-    /// None after a loud skip where bindfs cannot mount.
-    fn new() -> Option<FuseMirror> {
-        let (source, mount) = (tempfile::TempDir::new(), tempfile::TempDir::new());
-        let (source, mount) = (source.expect("temp dir"), mount.expect("temp dir"));
-        let mounted = Command::new("bindfs")
-            .arg(source.path())
-            .arg(mount.path())
-            .output()
-            .map_err(|e| format!("bindfs: {e} (install bindfs)"))
-            .and_then(|out| {
-                out.status.success().then_some(()).ok_or_else(|| {
-                    format!("bindfs: {}", String::from_utf8_lossy(&out.stderr).trim())
-                })
-            });
-        if !host_supports("needs a FUSE mount (bindfs)", mounted) {
-            return None;
-        }
-        Some(FuseMirror { source, mount })
-    }
-}
-
-impl Drop for FuseMirror {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount")
-            .arg("-u")
-            .arg(self.mount.path())
-            .status();
-    }
-}
-
-/// Every close of a file on FUSE waits, uninterruptibly, for its server to answer a flush, and
-/// berthd, its spawn helper and runc each close their copy of a stdio descriptor: a server that
-/// never answered would stall the reactor, or the helper and with it every runtime command.
-/// So a FIFO or file on FUSE is refused as stdio or console; the same file by its own path is
-/// taken.
+/// Every close of a regular file on FUSE waits, uninterruptibly, for its server to answer a
+/// flush, and berthd, its spawn helper and runc each close their copy of a stdio descriptor;
+/// every stat of a FIFO there asks the server too: a server that never answered would stall the
+/// reactor, or the helper and with it every runtime command. So a FIFO or file on FUSE is
+/// refused as stdio or console; the same file by its own path is taken.
 #[tokio::test(flavor = "multi_thread")]
 async fn stdio_on_fuse_is_refused() {
     within(async {
         let mut d = daemon!();
-        let Some(mirror) = FuseMirror::new() else {
+        let (source, mount) = (tempfile::TempDir::new(), tempfile::TempDir::new());
+        let (source, mount) = (source.expect("temp dir"), mount.expect("temp dir"));
+        let Some(_mirror) = FuseMirror::mount(source.path(), mount.path()) else {
             return;
         };
         let baseline = warm_up(&mut d).await;
-        let log = mirror.source.path().join("log");
+        let log = source.path().join("log");
         fs::write(&log, "").unwrap();
-        mkfifo(&mirror.source.path().join("fifo"));
+        mkfifo(&source.path().join("fifo"));
         let id_ = id("fuse-stdio");
         let bundle = Bundle::new(&["echo", "written"]);
         for name in ["log", "fifo"] {
-            let on_fuse = path_str(&mirror.mount.path().join(name));
+            let on_fuse = path_str(&mount.path().join(name));
             let mut req = create_req(&id_, &bundle);
             req.stdout = on_fuse.clone();
             let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);

@@ -1082,3 +1082,47 @@ fn fds_are_compared_as_a_multiset_of_targets() {
     assert_eq!(multiset_minus(&now, &before), ["anon_inode:[pidfd]"]);
     assert!(multiset_minus(&before[..1], &before).is_empty());
 }
+
+/// `source` mirrored at `point` through FUSE by bindfs, unmounted when dropped.
+pub struct FuseMirror {
+    point: PathBuf,
+}
+
+impl FuseMirror {
+    /// None after a loud skip where bindfs cannot mount.
+    pub fn mount(source: &Path, point: &Path) -> Option<FuseMirror> {
+        let mounted = Command::new("bindfs")
+            .arg(source)
+            .arg(point)
+            .output()
+            .map_err(|e| format!("bindfs: {e} (install bindfs)"))
+            .and_then(|out| {
+                out.status.success().then_some(()).ok_or_else(|| {
+                    format!("bindfs: {}", String::from_utf8_lossy(&out.stderr).trim())
+                })
+            });
+        if !host_supports("needs a FUSE mount (bindfs)", mounted) {
+            return None;
+        }
+        Some(FuseMirror {
+            point: point.to_owned(),
+        })
+    }
+}
+
+impl Drop for FuseMirror {
+    /// Unmounts, lazily if the mount is still busy, so nothing is removed through it and no
+    /// mount is left behind (declare it after the directories it mounts on).
+    fn drop(&mut self) {
+        let unmounted = |lazy: bool| {
+            let mut umount = Command::new("umount");
+            if lazy {
+                umount.arg("-l");
+            }
+            umount.arg(&self.point).status().is_ok_and(|s| s.success())
+        };
+        if !unmounted(false) && !unmounted(true) {
+            eprintln!("could not unmount {}", self.point.display());
+        }
+    }
+}
