@@ -571,6 +571,16 @@ async fn stdio_on_fuse_is_refused() {
         assert_eq!(events.exit_status(&id_, pid).await, 0);
         assert_eq!(fs::read_to_string(&log).unwrap(), "written\n");
         d.assert_gone(&id_).await;
+        // An added process's stdio, read as well as written, is checked the same way.
+        let ctr = d.run("fuse-exec", &["sleep", "1000"]).await;
+        let mut req = exec_req(&ctr.id, &["true"]);
+        req.stdin = path_str(&mount.path().join("fifo"));
+        let message = expect_code(d.client.add_process(req).await, Code::InvalidArgument);
+        assert!(
+            message.contains("FUSE") && message.contains("stdin"),
+            "{message}"
+        );
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
     })
     .await
 }
