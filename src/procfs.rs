@@ -72,13 +72,11 @@ fn parse_start_time(stat: &[u8]) -> Option<u64> {
 }
 
 /// The file system type (`fuse.bindfs`, `virtiofs`, ...) of the mount `mount_id` (statx's
-/// `stx_mnt_id`) in berthd's own `/proc/self/mountinfo`.
-pub fn own_mount_type(mount_id: u64) -> Result<Vec<u8>> {
-    const PATH: &str = "/proc/self/mountinfo";
-    let mountinfo = read_generated(PATH, 16 * 1024).map_err(|e| Error::io(PATH, e))?;
-    mount_type(&mountinfo, mount_id)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| Error::Internal(format!("{PATH}: no mount {mount_id}")))
+/// `stx_mnt_id`) in berthd's own `/proc/self/mountinfo`; None where mountinfo cannot be read
+/// within its bound or does not list the mount (detached since).
+pub fn own_mount_type(mount_id: u64) -> Option<Vec<u8>> {
+    let mountinfo = read_generated("/proc/self/mountinfo", 16 * 1024).ok()?;
+    mount_type(&mountinfo, mount_id).map(<[u8]>::to_vec)
 }
 
 /// The type of mount `mount_id` in mountinfo text: each line is

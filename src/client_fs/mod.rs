@@ -432,7 +432,7 @@ fn is_virtiofs(leaf: &OwnedFd) -> bool {
         return false;
     };
     st.stx_mask & StatxFlags::MNT_ID.bits() != 0
-        && crate::procfs::own_mount_type(st.stx_mnt_id).is_ok_and(|kind| kind == b"virtiofs")
+        && crate::procfs::own_mount_type(st.stx_mnt_id).is_some_and(|kind| kind == b"virtiofs")
 }
 
 /// `/dev/null` wherever it is: the character device 1:3.
