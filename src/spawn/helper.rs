@@ -102,40 +102,8 @@ pub fn serve(socket: OwnedFd) -> ! {
             .filter(|r| !r.timed_out)
             .map(|r| r.deadline.saturating_duration_since(now))
             .min();
-        let ids: Vec<u64> = running.keys().copied().collect();
-        let (socket_ready, ready) = {
-            let mut fds = vec![PollFd::new(&socket, PollFlags::IN)];
-            for id in &ids {
-                let r = &running[id];
-                fds.push(PollFd::new(&r.pidfd, PollFlags::IN));
-                for capture in [&r.stdout, &r.stderr] {
-                    if let Some(pipe) = &capture.pipe {
-                        fds.push(PollFd::new(pipe, PollFlags::IN));
-                    }
-                }
-            }
-            let timespec = timeout.map(|d| {
-                rustix::time::Timespec::try_from(d.max(Duration::from_millis(1))).unwrap_or(
-                    rustix::time::Timespec {
-                        tv_sec: 1,
-                        tv_nsec: 0,
-                    },
-                )
-            });
-            match rustix::event::poll(&mut fds, timespec.as_ref()) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => fatal(&format!("poll: {e}")),
-            }
-            let socket_ready = !fds[0].revents().is_empty();
-            (
-                socket_ready,
-                fds.iter().skip(1).any(|f| !f.revents().is_empty()),
-            )
-        };
-
-        if ready || timeout.is_some() {
-            reap_and_report(&socket, &mut running);
-        }
+        let (socket_ready, ready) = wait_for_readiness(&socket, &running, timeout);
+        reap_and_report(&socket, &mut running, &ready);
         if socket_ready {
             match fdpass::recv(&socket, &mut buf) {
                 Ok((0, fds)) if fds.is_empty() => abandon(&running),
@@ -304,44 +272,108 @@ fn failed(id: u64, error: String) -> Response {
     }
 }
 
-fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>) {
+/// What one poll found ready among the running commands.
+#[derive(Default)]
+struct Ready {
+    /// Commands whose pidfd is readable: exited, waiting to be reaped.
+    exited: Vec<u64>,
+    /// Commands with output (or end of file) on a captured pipe.
+    output: Vec<u64>,
+}
+
+/// Polls the socket and every running command's pidfd and captured pipes, until one is ready or
+/// the nearest deadline; answers whether the socket is readable and which commands are. Only
+/// those are drained and reaped: with a burst of commands running, every wake-up waiting on
+/// each of them cost two reads and a `waitpid` per command.
+fn wait_for_readiness(
+    socket: &OwnedFd,
+    running: &HashMap<u64, Running>,
+    timeout: Option<Duration>,
+) -> (bool, Ready) {
+    let mut fds = vec![PollFd::new(socket, PollFlags::IN)];
+    // Which command, and whether it is the exit, for each entry of `fds` after the socket.
+    let mut owners: Vec<(u64, bool)> = Vec::with_capacity(running.len() * 3);
+    for (&id, r) in running {
+        fds.push(PollFd::new(&r.pidfd, PollFlags::IN));
+        owners.push((id, true));
+        for capture in [&r.stdout, &r.stderr] {
+            if let Some(pipe) = &capture.pipe {
+                fds.push(PollFd::new(pipe, PollFlags::IN));
+                owners.push((id, false));
+            }
+        }
+    }
+    let timespec = timeout.map(|d| {
+        rustix::time::Timespec::try_from(d.max(Duration::from_millis(1))).unwrap_or(
+            rustix::time::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+        )
+    });
+    match rustix::event::poll(&mut fds, timespec.as_ref()) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => fatal(&format!("poll: {e}")),
+    }
+    let mut ready = Ready::default();
+    for (fd, &(id, exit)) in fds[1..].iter().zip(&owners) {
+        match (fd.revents().is_empty(), exit) {
+            (true, _) => {}
+            (false, true) => ready.exited.push(id),
+            (false, false) if ready.output.last() != Some(&id) => ready.output.push(id),
+            (false, false) => {}
+        }
+    }
+    (!fds[0].revents().is_empty(), ready)
+}
+
+/// Drains the commands with output, kills those past their deadline, and reaps and reports those
+/// that exited.
+fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>, ready: &Ready) {
+    for id in &ready.output {
+        if let Some(r) = running.get_mut(id) {
+            r.stdout.drain();
+            r.stderr.drain();
+        }
+    }
     let now = Instant::now();
-    let mut finished = Vec::new();
-    for (id, r) in running.iter_mut() {
-        r.stdout.drain();
-        r.stderr.drain();
+    for r in running.values_mut() {
         if !r.timed_out && now >= r.deadline {
             r.timed_out = true;
             r.kill();
         }
-        if let Ok(Some((_, status))) =
-            rustix::process::waitpid(Some(r.pid), rustix::process::WaitOptions::NOHANG)
-        {
-            r.stdout.drain();
-            r.stderr.drain();
-            let outcome = if r.timed_out {
-                Outcome::TimedOut
-            } else {
-                Outcome::Exited {
-                    wait_status: status.as_raw(),
-                }
-            };
-            if let (Outcome::Exited { wait_status }, Some(log)) = (&outcome, &r.log)
-                && exit_code(*wait_status) == Some(0)
-            {
-                let _ = std::fs::remove_file(log);
-            }
-            finished.push(Response {
-                id: *id,
-                pid: r.pid.as_raw_nonzero().get(),
-                outcome,
-                stdout: r.stdout.text(),
-                stderr: r.stderr.text(),
-            });
-        }
     }
-    for response in finished {
-        running.remove(&response.id);
+    for id in &ready.exited {
+        let Some(r) = running.get_mut(id) else {
+            continue;
+        };
+        let Ok(Some((_, status))) =
+            rustix::process::waitpid(Some(r.pid), rustix::process::WaitOptions::NOHANG)
+        else {
+            continue;
+        };
+        r.stdout.drain();
+        r.stderr.drain();
+        let outcome = if r.timed_out {
+            Outcome::TimedOut
+        } else {
+            Outcome::Exited {
+                wait_status: status.as_raw(),
+            }
+        };
+        if let (Outcome::Exited { wait_status }, Some(log)) = (&outcome, &r.log)
+            && exit_code(*wait_status) == Some(0)
+        {
+            let _ = std::fs::remove_file(log);
+        }
+        let response = Response {
+            id: *id,
+            pid: r.pid.as_raw_nonzero().get(),
+            outcome,
+            stdout: r.stdout.text(),
+            stderr: r.stderr.text(),
+        };
+        running.remove(id);
         respond(socket, response);
     }
 }
