@@ -391,3 +391,116 @@ fn respond(socket: &OwnedFd, response: Response) {
         fatal(&format!("send response: {e}"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(id: u64, script: &str, timeout: Duration) -> Request {
+        Request {
+            id,
+            command: Job::Exec {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            },
+            stdio: [StdioSpec::Null, StdioSpec::Capture, StdioSpec::Capture],
+            timeout_ms: timeout.as_millis() as u64,
+            log: None,
+            kill_if_abandoned: false,
+        }
+    }
+
+    /// Turns the helper's loop (its socket reads aside) until `want` responses reached berthd's
+    /// end of the socket.
+    fn serve_until(
+        helper_end: &OwnedFd,
+        berthd_end: &OwnedFd,
+        running: &mut HashMap<u64, Running>,
+        want: usize,
+    ) -> Vec<Response> {
+        let mut responses = Vec::new();
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while responses.len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {want} commands reported",
+                responses.len()
+            );
+            let (_, ready) =
+                wait_for_readiness(helper_end, running, Some(Duration::from_millis(50)));
+            reap_and_report(helper_end, running, &ready);
+            loop {
+                let mut answer = [PollFd::new(berthd_end, PollFlags::IN)];
+                let zero = rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                if rustix::event::poll(&mut answer, Some(&zero)).unwrap() == 0 {
+                    break;
+                }
+                let (len, _) = fdpass::recv(berthd_end, &mut buf).unwrap();
+                responses.push(serde_json::from_slice(&buf[..len]).unwrap());
+            }
+        }
+        responses
+    }
+
+    #[test]
+    fn only_the_commands_that_ended_are_reported_and_output_is_drained_while_they_run() {
+        // A reaper test's orphan sweep would reap these children too.
+        let _children = crate::reaper::tests::CHILD_PROCESSES.blocking_lock();
+        let (berthd_end, helper_end) = super::super::socketpair().unwrap();
+        let mut running = HashMap::new();
+        let minute = Duration::from_secs(60);
+        // Four times a pipe's buffer: it ends only if its stdout is drained while it runs.
+        let chatty = "head -c 262144 /dev/zero; exit 3";
+        start(
+            &helper_end,
+            shell(1, chatty, minute),
+            Vec::new(),
+            &mut running,
+        );
+        start(
+            &helper_end,
+            shell(2, "echo oops >&2", minute),
+            Vec::new(),
+            &mut running,
+        );
+        let short = Duration::from_millis(200);
+        start(
+            &helper_end,
+            shell(3, "exec sleep 30", short),
+            Vec::new(),
+            &mut running,
+        );
+        start(
+            &helper_end,
+            shell(4, "exec sleep 30", minute),
+            Vec::new(),
+            &mut running,
+        );
+
+        let mut responses = serve_until(&helper_end, &berthd_end, &mut running, 3);
+        responses.sort_by_key(|r| r.id);
+        let outcomes: Vec<_> = responses.iter().map(|r| (r.id, &r.outcome)).collect();
+        assert!(
+            matches!(
+                outcomes[..],
+                [
+                    (1, Outcome::Exited { wait_status: chatty }),
+                    (2, Outcome::Exited { wait_status: quiet }),
+                    (3, Outcome::TimedOut),
+                ] if exit_code(*chatty) == Some(3) && exit_code(*quiet) == Some(0)
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(responses[0].stdout.len(), CAPTURE_LIMIT);
+        assert_eq!(responses[1].stderr, "oops\n");
+        assert_eq!(running.keys().collect::<Vec<_>>(), [&4]);
+
+        let sleeping = running.remove(&4).unwrap();
+        sleeping.kill();
+        rustix::process::waitpid(Some(sleeping.pid), rustix::process::WaitOptions::empty())
+            .unwrap();
+    }
+}
