@@ -1,6 +1,8 @@
-//! berthd: the work that must come before any thread exists (the spawn helper's fork, taking the
-//! listener and pty masters handed over by an upgrade or the listener passed by the service
-//! manager), tracing, the socket, then [`berth::daemon::run`] until SIGTERM or SIGINT, or an upgrade's `execve`. Containers keep running when berthd stops.
+//! berthd: the work that must come before any thread exists (signals as a parent may have left
+//! them, the spawn helper's fork, taking the listener and pty masters handed over by an upgrade or
+//! the listener passed by the service manager), tracing, the socket, then
+//! [`berth::daemon::run`] until SIGTERM or SIGINT, or an upgrade's `execve`. Containers keep
+//! running when berthd stops.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
@@ -18,8 +20,33 @@ use berth::spawn::{self, SpawnHelper};
 /// How long the runtime of a run whose upgrade failed to exec gets to wind down before the next.
 const RUN_WIND_DOWN: Duration = Duration::from_secs(5);
 
+/// Undoes what a parent can leave behind through exec that berthd and its spawn helper (forked
+/// or exec'd from here) cannot work with: an ignored SIGCHLD makes the kernel reap every child at
+/// once, so the helper's `waitpid` fails and no runtime command is ever reported (berthd does not
+/// even finish starting: recovery's `runtime list` never ends); a blocked SIGCHLD or SIGTERM is
+/// never delivered, so orphans are not swept and berthd does not stop.
+///
+/// # Safety
+///
+/// Call before any thread exists: the mask is the calling thread's, and threads started later
+/// inherit it.
+#[allow(unsafe_code)]
+unsafe fn default_signals() {
+    // SAFETY: SIG_DFL installs no handler, so no code of ours runs in a signal's context.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given; sigprocmask reads it once initialised
+    // and takes no old set.
+    unsafe {
+        libc::sigemptyset(none.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
+    }
+}
+
 #[allow(unsafe_code)]
 fn main() -> ExitCode {
+    // SAFETY: the first thing done, before any thread exists.
+    unsafe { default_signals() };
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == spawn::HELPER_ARG)

@@ -91,6 +91,34 @@ async fn init_that_exits_at_once_reports_its_real_status() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_berthd_whose_parent_ignored_sigchld_and_blocked_signals_runs_and_stops() {
+    within(async {
+        // Both pass through exec: a supervisor written carelessly, or a shell, may leave them.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let wrapper = dir.path().join("berthd");
+        let berthd = env!("CARGO_BIN_EXE_berthd");
+        let script = format!(
+            "#!/usr/bin/env python3\n\
+             import os, signal, sys\n\
+             signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n\
+             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())\n\
+             os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
+        );
+        fs::write(&wrapper, script).expect("write the wrapper");
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let options = Options {
+            binary: Some(&wrapper),
+            ..Options::default()
+        };
+        let mut d = daemon!(options);
+        let bundle = Bundle::new(&["sh", "-c", "exit 7"]);
+        each_exits_with(&mut d, "parent-signals", &bundle, 7, 3).await;
+        assert!(d.stop().success(), "berthd stops on SIGTERM");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn id_is_free_again_as_soon_as_the_exit_event_arrives() {
     within(async {
         let mut d = daemon!();
