@@ -47,6 +47,10 @@ unsafe fn default_signals() {
 fn main() -> ExitCode {
     // SAFETY: the first thing done, before any thread exists.
     unsafe { default_signals() };
+    // The umask passes through exec too. Under 000 the directories berthd makes on the way to its
+    // socket and state would be writable by every user, who could then swap them for their own.
+    // 022, a root shell's, also gives the runtime commands the same files as by hand.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == spawn::HELPER_ARG)

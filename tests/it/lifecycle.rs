@@ -119,6 +119,64 @@ async fn a_berthd_whose_parent_ignored_sigchld_and_blocked_signals_runs_and_stop
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_berthd_started_under_umask_000_makes_nothing_other_users_can_write() {
+    within(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let wrapper = dir.path().join("berthd");
+        let berthd = env!("CARGO_BIN_EXE_berthd");
+        let script = format!(
+            "#!/usr/bin/env python3\n\
+             import os, sys\n\
+             os.umask(0)\n\
+             os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
+        );
+        fs::write(&wrapper, script).expect("write the wrapper");
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Directories berthd has to make on the way to its socket, as on a fresh host's /run.
+        let options = Options {
+            binary: Some(&wrapper),
+            socket: Some("run/berth/api/berth.sock"),
+            ..Options::default()
+        };
+        let mut d = daemon!(options);
+        let mut events = d.events().await;
+        let Container { id, pid, .. } = d.run("umask", &["sleep", "1000"]).await;
+        let writable = writable_by_others(d.dir());
+        assert!(writable.is_empty(), "other users may write {writable:?}");
+        d.signal(&id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_gone(&id).await;
+    })
+    .await
+}
+
+/// Every file and directory under `dir` that users other than its owner and group may write,
+/// symbolic links aside (their mode means nothing).
+fn writable_by_others(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("dir entry").path();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.permissions().mode() & 0o002 != 0 {
+            found.push(format!(
+                "{} ({:o})",
+                path.display(),
+                meta.permissions().mode() & 0o7777
+            ));
+        }
+        if meta.is_dir() {
+            found.extend(writable_by_others(&path));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn id_is_free_again_as_soon_as_the_exit_event_arrives() {
     within(async {
         let mut d = daemon!();
