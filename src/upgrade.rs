@@ -5,7 +5,7 @@
 //!
 //! Owns: passing the listener, the containers' pty masters and their inits' stdio relays across
 //! `execve` and taking them on the other side; taking the listener a service manager passed (socket activation,
-//! `sd_listen_fds` semantics).
+//! `sd_listen_fds` semantics); closing every other descriptor berthd was started with.
 //! Does not own: deciding when to upgrade (`daemon::run`), performing it (berthd's `main`) or
 //! recovery (supervisor).
 
@@ -181,6 +181,38 @@ pub unsafe fn take_inherited_stdio() -> Vec<String> {
     // SAFETY: as above.
     problems.extend(unsafe { STDIO.take_inherited() });
     problems
+}
+
+/// Closes every descriptor above stderr that this image has not taken. One a parent left open
+/// (a supervisor's pipe, a shell's redirection) would otherwise be held by berthd, its spawn
+/// helper and every runtime command for as long as berthd runs: the parent would never read
+/// that pipe's end, and a file it meant for itself would reach every runtime command.
+///
+/// # Safety
+///
+/// Call once from `main`, after the takes and before anything else opens a descriptor: nothing
+/// in this image may own a descriptor other than stdio, `taken` and what the takes hold.
+pub unsafe fn close_untaken_descriptors(taken: &[BorrowedFd<'_>]) {
+    let mut kept: Vec<i32> = taken.iter().map(AsRawFd::as_raw_fd).collect();
+    for kind in [&TERMINALS, &STDIO] {
+        kept.extend(kind.lock().iter().map(|(_, _, fd)| fd.as_raw_fd()));
+    }
+    kept.sort_unstable();
+    let mut first = 3;
+    for fd in kept.into_iter().filter(|&fd| fd >= 3) {
+        if fd > first {
+            close_range(first, fd - 1);
+        }
+        first = fd + 1;
+    }
+    close_range(first, i32::MAX);
+}
+
+/// Closes descriptors `first..=last`, those open among them.
+fn close_range(first: i32, last: i32) {
+    // SAFETY: close_range only closes; the caller of close_untaken_descriptors guarantees that
+    // nothing in this image owns a descriptor in the range.
+    unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
 }
 
 /// One `container:pid:fd` entry of [`TERMINALS_ENV`] or [`STDIO_ENV`].

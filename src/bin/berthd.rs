@@ -81,6 +81,13 @@ fn main() -> ExitCode {
         Ok(activated) => activated,
         Err(e) => return fail(e),
     };
+    let taken: Vec<_> = inherited
+        .iter()
+        .chain(&activated)
+        .map(AsFd::as_fd)
+        .collect();
+    // SAFETY: nothing has opened a descriptor since main began but the takes just above.
+    unsafe { berth::upgrade::close_untaken_descriptors(&taken) };
     if let Some(listener) = &activated {
         if let Err(e) = check_activated_path(listener, &config) {
             return fail(e);

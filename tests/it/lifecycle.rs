@@ -150,6 +150,52 @@ async fn a_berthd_started_under_umask_000_makes_nothing_other_users_can_write() 
     .await
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_descriptor_berthds_parent_left_open_is_held_by_neither_berthd_nor_its_helper() {
+    within(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let left_open = dir.path().join("left-open");
+        let wrapper = dir.path().join("berthd");
+        let berthd = env!("CARGO_BIN_EXE_berthd");
+        // As a shell's `exec 7>file` or a supervisor's pipe would leave it.
+        let script = format!(
+            "#!/usr/bin/env python3\n\
+             import os, sys\n\
+             fd = os.open({left_open:?}, os.O_WRONLY | os.O_CREAT, 0o600)\n\
+             os.set_inheritable(fd, True)\n\
+             os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
+        );
+        fs::write(&wrapper, script).expect("write the wrapper");
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let options = Options {
+            binary: Some(&wrapper),
+            ..Options::default()
+        };
+        let mut d = daemon!(options);
+        let mut events = d.events().await;
+        let Container { id, pid, .. } = d.run("left-open", &["sleep", "1000"]).await;
+        let helpers: Vec<u32> = children_of(d.pid())
+            .into_iter()
+            .filter(|&child| is_spawn_helper(child))
+            .collect();
+        assert_eq!(helpers.len(), 1, "berthd has one spawn helper");
+        for holder in [d.pid(), helpers[0]] {
+            let fds = fs::read_dir(format!("/proc/{holder}/fd")).expect("fds");
+            for fd in fds {
+                let target = fs::read_link(fd.expect("fd").path()).unwrap_or_default();
+                assert_ne!(
+                    target, left_open,
+                    "{holder} holds the fd its parent left open"
+                );
+            }
+        }
+        d.signal(&id, pid, SIGKILL).await;
+        assert_eq!(events.exit_status(&id, pid).await, 137);
+        d.assert_gone(&id).await;
+    })
+    .await
+}
+
 /// Every file and directory under `dir` that users other than its owner and group may write,
 /// symbolic links aside (their mode means nothing).
 fn writable_by_others(dir: &Path) -> Vec<String> {
