@@ -13,7 +13,8 @@ use rustix::io::Errno;
 use super::acl::At;
 use super::{
     BENEATH, MAX_PATH_BYTES, MAX_REMOVE_DEPTH, Peer, READ, SEARCH, WRITE, fd_path, kind_name,
-    mode_and_owner, permission_denied, plain_components, reopen, same_file, shown, truncate,
+    mode_and_owner, permission_denied, plain_components, refused_open, reopen, same_file, shown,
+    truncate,
 };
 use crate::error::{Error, Result};
 
@@ -375,6 +376,17 @@ pub fn check_readable_files(dir: &OwnedFd, shown: &str, peer: &Peer, max: usize)
                 ),
             ));
         }
+        // CRIU opens each image blocking: one with a lease on it would hold the restore, and the
+        // restores queued behind it, for the host's lease-break time. Opening it without
+        // blocking refuses the restore at once. A lease taken after this check, through a
+        // descriptor opened before the hold, still delays it.
+        rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| refused_open(&at, e).unwrap_or_else(|| Error::io(&at, e.into())))?;
         // CRIU writes `stats-restore` there: a hard link to another's file would be written.
         if st.st_nlink > 1 && st.st_uid != peer.uid && !peer.is_root() {
             return Err(permission_denied(
@@ -679,7 +691,7 @@ impl<'a> Beneath<'a> {
                 self.shown(),
                 Path::new(name).display()
             )),
-            e => self.io(e),
+            e => refused_open(&self.shown(), e).unwrap_or_else(|| self.io(e)),
         })
     }
 

@@ -334,6 +334,24 @@ fn reopen(handle: &OwnedFd, flags: OFlags) -> rustix::io::Result<OwnedFd> {
     )
 }
 
+/// The error for a client's file that its state keeps berthd from opening, where that is not
+/// berthd's fault: a lease another process holds on it (berthd opens without blocking, and
+/// would otherwise wait out the host's lease-break time, 45 s by default), or an immutable or
+/// append-only file. `subject` names the file (`stdout /srv/out`).
+fn refused_open(subject: &str, e: rustix::io::Errno) -> Option<Error> {
+    match e {
+        rustix::io::Errno::AGAIN => Some(Error::FailedPrecondition(format!(
+            "{subject} has a lease on it that another process holds (fcntl F_SETLEASE), which \
+             berthd does not wait to break; release the lease and try again"
+        ))),
+        rustix::io::Errno::PERM => Some(Error::FailedPrecondition(format!(
+            "{subject} may not be opened: it is immutable or append-only (lsattr shows which), \
+             or a security module refuses it; give another file"
+        ))),
+        _ => None,
+    }
+}
+
 /// Whether `fd` is the file `st` describes.
 fn same_file(fd: &OwnedFd, st: &Stat) -> std::result::Result<(), String> {
     match rustix::fs::fstat(fd) {

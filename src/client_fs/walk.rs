@@ -13,7 +13,7 @@ use rustix::io::Errno;
 use super::acl::At;
 use super::{
     MAX_PATH_BYTES, Peer, SEARCH, file_id, kind_name, mode_and_owner, permission_denied,
-    plain_components, reopen, same_file, shown,
+    plain_components, refused_open, reopen, same_file, shown,
 };
 use crate::error::{Error, Result};
 
@@ -111,7 +111,10 @@ impl<'a> Walk<'a> {
 
     /// The inode behind `handle`, opened for I/O, checked to be the one stat'ed.
     pub(super) fn reopen(&self, handle: &OwnedFd, st: &Stat, flags: OFlags) -> Result<OwnedFd> {
-        let fd = reopen(handle, flags | OFlags::NOCTTY).map_err(|e| self.io(e))?;
+        let fd = reopen(handle, flags | OFlags::NOCTTY).map_err(|e| {
+            refused_open(&format!("{} {}", self.what, shown(self.path)), e)
+                .unwrap_or_else(|| self.io(e))
+        })?;
         same_file(&fd, st).map_err(|why| {
             Error::InvalidArgument(format!(
                 "{} {} {why}; do not change it while berthd opens it",

@@ -926,3 +926,59 @@ async fn a_stdout_that_cannot_be_written_is_a_failed_precondition() {
     })
     .await
 }
+
+/// A stdout whose own state keeps berthd from opening it is FAILED_PRECONDITION at once, with
+/// what to do: a lease another process holds (a blocking open would wait out the host's
+/// lease-break time, 45 s by default) or an immutable file. Nothing is left, and the same id
+/// works once the file is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stdout_under_a_lease_or_immutable_is_refused_at_once_and_leaves_nothing() {
+    within(async {
+        let mut d = daemon!();
+        let baseline = warm_up(&mut d).await;
+        let bundle = Bundle::new(&["true"]);
+        let leased = d.dir().join("leased-stdout");
+        fs::write(&leased, b"").expect("make the file");
+        let holder = LeaseHolder::take(&leased, false);
+
+        let leased_id = id("leased-stdout");
+        let mut req = create_req(&leased_id, &bundle);
+        req.stdout = path_str(&leased);
+        let result = d.client.create_container(req.clone()).await;
+        let message = expect_code(result, Code::FailedPrecondition);
+        assert!(message.contains("lease"), "{message}");
+        assert!(message.contains(&path_str(&leased)), "{message}");
+        d.assert_nothing_left(&leased_id, &baseline).await;
+
+        drop(holder);
+        let mut events = d.events().await;
+        let pid = d.create(req).await;
+        assert_eq!(events.exit_status(&leased_id, pid).await, 0);
+
+        let immutable = d.dir().join("immutable-stdout");
+        fs::write(&immutable, b"").expect("make the file");
+        let set = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&immutable)
+            .status()
+            .expect("chattr");
+        if !set.success() {
+            println!("skip the immutable case: this file system has no immutable attribute");
+            return;
+        }
+        let id = id("immutable-stdout");
+        let mut req = create_req(&id, &bundle);
+        req.stdout = path_str(&immutable);
+        let result = d.client.create_container(req).await;
+        let cleared = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&immutable)
+            .status()
+            .expect("chattr");
+        assert!(cleared.success());
+        let message = expect_code(result, Code::FailedPrecondition);
+        assert!(message.contains("immutable"), "{message}");
+        d.assert_nothing_left(&id, &baseline).await;
+    })
+    .await
+}

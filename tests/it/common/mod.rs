@@ -1012,6 +1012,48 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     script
 }
 
+/// A process holding a lease (fcntl F_SETLEASE) on `path` until dropped: a read lease, broken by
+/// an open for writing, or a write lease, broken by any open. It ignores the SIGIO a break
+/// sends, so the lease stays until the kernel's break time (45 s by default) runs out.
+pub struct LeaseHolder(Child);
+
+impl LeaseHolder {
+    pub fn take(path: &Path, write: bool) -> LeaseHolder {
+        use std::io::{BufRead, BufReader};
+        // F_SETLEASE is 1024; F_RDLCK 0, F_WRLCK 1.
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl, os, signal, sys\n\
+                 signal.signal(signal.SIGIO, signal.SIG_IGN)\n\
+                 fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+                 fcntl.fcntl(fd, 1024, int(sys.argv[2]))\n\
+                 print('held', flush=True)\n\
+                 sys.stdin.read()\n",
+            ])
+            .arg(path)
+            .arg(if write { "1" } else { "0" })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        let mut held = String::new();
+        BufReader::new(child.stdout.take().expect("holder's stdout"))
+            .read_line(&mut held)
+            .expect("read the lease holder");
+        assert_eq!(held.trim(), "held", "no lease on {}", path.display());
+        LeaseHolder(child)
+    }
+}
+
+impl Drop for LeaseHolder {
+    fn drop(&mut self) {
+        // Its stdin closed, the holder ends, and its lease with it.
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
 // ----- a runtime that hangs -----
 
 /// Writes, in `dir`, a runtime that is real runc except that a container's start hangs: `start`
