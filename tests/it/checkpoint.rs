@@ -925,6 +925,22 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
         assert!(message.contains("pages-9.img"), "{message}");
         let mode = std::fs::metadata(&image).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o750);
+
+        // An image another process holds a write lease on: CRIU's blocking open would wait out
+        // the lease-break time, holding every restore queued behind this one. Refused at once.
+        std::fs::remove_file(image.join("pages-9.img")).unwrap();
+        let holder = LeaseHolder::take(&image.join("inventory.img"), true);
+        let mut leased = create_req(&container, &bundle);
+        leased.checkpoint = "broken".into();
+        let message = expect_code(
+            d.client.create_container(leased).await,
+            Code::FailedPrecondition,
+        );
+        drop(holder);
+        assert!(message.contains("inventory.img"), "{message}");
+        assert!(message.contains("lease"), "{message}");
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750);
         // Not the fd baseline: run beside other tests, berthd sometimes holds two unix sockets
         // more after this failed restore; /proc/<berthd>/net/unix showed a second connection
         // accepted on berth.sock (likely the test's client connecting again). Not resolved.
