@@ -169,6 +169,30 @@ pub fn executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Removes `dir`, a container's directory in the runtime's root, and what is in it, one level
+/// deep: files, and directories once unmounted and empty (runc's restore bind-mounts the
+/// bundle's rootfs at `criu-root`). Never recursive, so a client's file is never removed: what
+/// is still a mount point or not empty is left, and said.
+fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
+    use rustix::fs::{AtFlags, CWD, unlinkat};
+    use rustix::mount::{UnmountFlags, unmount};
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    for entry in entries {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let flags = if is_dir {
+            // Not a mount point: EINVAL, and nothing to undo.
+            let _ = unmount(&path, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        unlinkat(CWD, &path, flags).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    unlinkat(CWD, dir, AtFlags::REMOVEDIR).map_err(|e| e.to_string())
+}
+
 /// The runtime binary and where it keeps its state.
 #[derive(Debug, Clone)]
 pub struct RuntimeBinary {
@@ -180,6 +204,38 @@ pub struct RuntimeBinary {
 }
 
 impl RuntimeBinary {
+    /// Removes what runtime commands cut off half-way left in the runtime's root: a directory
+    /// for an id that `listed` does not name and that holds no `state.json` (a create or
+    /// restore killed with berthd before the runtime recorded its container). The runtime would
+    /// refuse that id for good ("already exists"), and its delete cannot remove it. Returns the
+    /// ids removed and, for each directory left, why.
+    ///
+    /// Blocks; call it off the reactor, before anything runs in the runtime's root.
+    pub(crate) fn remove_stateless_dirs(
+        &self,
+        listed: impl Fn(&str) -> bool,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut removed, mut left) = (Vec::new(), Vec::new());
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return (removed, left);
+        };
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let dir = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir || listed(&id) || dir.join("state.json").symlink_metadata().is_ok() {
+                continue;
+            }
+            match remove_stateless_dir(&dir) {
+                Ok(()) => removed.push(id),
+                Err(why) => left.push(format!("{}: {why}", dir.display())),
+            }
+        }
+        (removed, left)
+    }
+
     /// Whether this is `--runtime builtin`: operations go to the spawn helper as
     /// [`BuiltinCall`]s, no binary is run.
     pub(crate) fn is_builtin(&self) -> bool {

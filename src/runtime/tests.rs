@@ -437,3 +437,54 @@ async fn a_recorded_cgroup_comes_from_the_runtime_state_file() {
     );
     assert!(builtin.recorded_cgroup("b").await.is_err());
 }
+
+#[test]
+fn only_unlisted_directories_without_state_are_removed_and_never_what_is_mounted_in_them() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: bind-mounting a rootfs as runc's restore does needs root");
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let root = top.path().join("runtime");
+    let rootfs = top.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+    std::fs::write(rootfs.join("etc/hostname"), "client's").unwrap();
+    // A restore cut off half-way: its directory, a file and the rootfs bind-mounted.
+    let cut_off = root.join("cut-off");
+    std::fs::create_dir_all(cut_off.join("criu-root")).unwrap();
+    std::fs::write(cut_off.join("exec.fifo"), "").unwrap();
+    rustix::mount::mount_bind(&rootfs, cut_off.join("criu-root")).unwrap();
+    // A container the runtime records, one it lists, and a file that is no container.
+    for kept in ["recorded", "listed"] {
+        std::fs::create_dir_all(root.join(kept)).unwrap();
+    }
+    std::fs::write(root.join("recorded/state.json"), "{}").unwrap();
+    std::fs::write(root.join("stray"), "").unwrap();
+    let binary = RuntimeBinary {
+        root: root.clone(),
+        ..binary()
+    };
+
+    let (removed, left) = binary.remove_stateless_dirs(|id| id == "listed");
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let still_mounted = mounted.contains(&*cut_off.to_string_lossy());
+    if still_mounted {
+        let _ = rustix::mount::unmount(
+            cut_off.join("criu-root"),
+            rustix::mount::UnmountFlags::DETACH,
+        );
+    }
+    assert_eq!(
+        (removed, left),
+        (vec!["cut-off".to_owned()], Vec::<String>::new())
+    );
+    assert!(!still_mounted, "the rootfs is still mounted");
+    assert!(!cut_off.exists());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/hostname")).unwrap(),
+        "client's"
+    );
+    for kept in ["recorded/state.json", "listed", "stray"] {
+        assert!(root.join(kept).exists(), "{kept} was removed");
+    }
+}

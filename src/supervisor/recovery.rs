@@ -5,7 +5,7 @@
 //! Does not own: telling a process from a later one with its pid (reaper), the state files
 //! (store).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +37,9 @@ impl Supervisor {
     pub async fn recover(self: &Arc<Self>, replay: Duration) -> Result<Recovery> {
         let started = Instant::now();
         let mut recovery = Recovery::default();
-        let listed = self.runtime_statuses().await;
+        let listing = self.runtime_statuses().await;
+        let listed_whole = listing.is_some();
+        let listed = listing.unwrap_or_default();
         let records = self.store.load_all()?;
         // Every bundle's config at once, each bounded: one that hangs costs one bound in all.
         let base_processes =
@@ -104,6 +106,10 @@ impl Supervisor {
                 self.delete_from_runtime(id, Asker::Berthd).await;
                 recovery.leftovers += 1;
             }
+        }
+        // Only from a whole listing: any container it failed to name would lose its state.
+        if listed_whole {
+            self.remove_stateless_runtime_dirs(&listed).await;
         }
         // After the leftovers: a restore cut off by the crash is gone, with its CRIU (the spawn
         // helper kills a dump or restore once berthd is gone), before its checkpoint is given
@@ -218,23 +224,50 @@ impl Supervisor {
         }
     }
 
-    /// Every container the runtime holds, by id. The list goes to a scratch file rather than
-    /// through the spawn helper's capture, which is cut at 16 KiB (about 60 containers).
-    async fn runtime_statuses(&self) -> HashMap<String, Listed> {
-        match self.runtime_list().await {
-            Ok(bytes) => serde_json::from_slice::<Option<Vec<Listed>>>(&bytes)
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "could not parse the runtime's container list");
-                    None
-                })
+    /// Every container the runtime holds, by id, or `None` when it could not list them. The
+    /// list goes to a scratch file rather than through the spawn helper's capture, which is cut
+    /// at 16 KiB (about 60 containers).
+    async fn runtime_statuses(&self) -> Option<HashMap<String, Listed>> {
+        let bytes = self
+            .runtime_list()
+            .await
+            .map_err(|e| tracing::error!(error = %e, "could not list the runtime's containers"))
+            .ok()?;
+        // runc lists no containers as `null`.
+        let listed = serde_json::from_slice::<Option<Vec<Listed>>>(&bytes)
+            .map_err(
+                |e| tracing::error!(error = %e, "could not parse the runtime's container list"),
+            )
+            .ok()?;
+        Some(
+            listed
                 .unwrap_or_default()
                 .into_iter()
                 .map(|l| (l.id.clone(), l))
                 .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "could not list the runtime's containers");
-                HashMap::new()
-            }
+        )
+    }
+
+    /// Removes the runtime's directories of creates and restores cut off by berthd's end before
+    /// the runtime recorded their container (see `RuntimeBinary::remove_stateless_dirs`).
+    async fn remove_stateless_runtime_dirs(&self, listed: &HashMap<String, Listed>) {
+        let binary = self.runtime.binary().clone();
+        let listed: HashSet<String> = listed.keys().cloned().collect();
+        let removed = tokio::task::spawn_blocking(move || {
+            binary.remove_stateless_dirs(|id| listed.contains(id))
+        })
+        .await;
+        let Ok((removed, left)) = removed else {
+            return;
+        };
+        for id in removed {
+            tracing::info!(id = %id, "removed the runtime directory of a create or restore cut off half-way");
+        }
+        for why in left {
+            tracing::warn!(
+                why,
+                "a runtime directory of a create or restore cut off half-way was left; remove it by hand"
+            );
         }
     }
 

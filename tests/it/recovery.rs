@@ -248,3 +248,50 @@ async fn a_failed_runtime_delete_still_reports_the_exit_and_the_next_start_remov
     })
     .await
 }
+
+/// A create or restore killed with berthd before the runtime recorded its container leaves the
+/// container's directory in the runtime's root without a `state.json` (runc's `exec.fifo`, or
+/// the rootfs its restore bind-mounts at `criu-root`): the runtime neither lists nor deletes
+/// it, and refuses the id for good. The next start removes it, unmounting what is mounted in
+/// it and never removing what the mount showed, and the id can be created again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_directory_no_container_was_recorded_in_is_removed_at_restart_and_its_id_is_free()
+{
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("stateless");
+        d.stop();
+        let dir = d.state_dir().join("runtime").join(&id);
+        std::fs::create_dir_all(dir.join("criu-root")).expect("make the runtime directory");
+        let fifo = std::process::Command::new("mkfifo")
+            .arg(dir.join("exec.fifo"))
+            .status()
+            .expect("mkfifo");
+        assert!(fifo.success());
+        let mounted = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(bundle.path().join("rootfs"))
+            .arg(dir.join("criu-root"))
+            .status()
+            .expect("mount --bind");
+        assert!(mounted.success());
+
+        d.start_again().await;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        assert!(
+            !mountinfo.contains(&*dir.to_string_lossy()),
+            "the rootfs is still mounted in {}",
+            dir.display()
+        );
+        assert!(!dir.exists(), "{} is left", dir.display());
+        assert!(
+            bundle.path().join("rootfs/bin/busybox").exists(),
+            "what the mount showed was removed"
+        );
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&id, &bundle)).await;
+        d.kill_container(&mut events, &id, pid).await;
+    })
+    .await
+}
