@@ -827,12 +827,13 @@ impl Supervisor {
     }
 }
 
-/// Adds the tail of CRIU's log to a runtime failure: runc's own message rarely says why.
+/// Adds the tail of CRIU's log to a runtime failure: runc's own message rarely says why, and
+/// the log file it names is removed with the request's scratch directory.
 pub fn with_criu_log(err: Error, work: &Path, log: &str) -> Error {
     match (err, criu_log_tail(work, log)) {
         (Error::Runtime { op, message }, Some(tail)) => Error::Runtime {
             op,
-            message: format!("{message}; criu {log}:\n{tail}"),
+            message: format!("{message}; criu {log}, whose file is removed now, ends:\n{tail}"),
         },
         (err, _) => err,
     }
