@@ -721,20 +721,31 @@ fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
         Path::to_owned,
     );
     let runtime = test_runtime().filter(|_| !options.args.contains(&"--runtime"));
-    Command::new(binary)
-        .arg("--listen")
-        .arg(socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(["--log-level", "debug"])
-        .args(runtime.iter().flat_map(|r| ["--runtime", r.as_str()]))
-        .args(options.args)
-        .envs(options.env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("dup log fd"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn berthd")
+    // A copied binary (`options.binary`) is busy while any child forked elsewhere in the test
+    // binary during the copy still holds its write descriptor, until that child execs.
+    let mut tries = 0;
+    loop {
+        let spawned = Command::new(&binary)
+            .arg("--listen")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--log-level", "debug"])
+            .args(runtime.iter().flat_map(|r| ["--runtime", r.as_str()]))
+            .args(options.args)
+            .envs(options.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log.try_clone().expect("dup log fd"))
+            .spawn();
+        match spawned {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            spawned => return spawned.expect("spawn berthd"),
+        }
+    }
 }
 
 async fn wait_for_socket(socket: &Path, dir: &Path) -> Client {
