@@ -12,11 +12,25 @@ use rustix::io::Errno;
 
 use super::acl::At;
 use super::{
-    BENEATH, MAX_PATH_BYTES, MAX_REMOVE_DEPTH, Peer, READ, SEARCH, WRITE, fd_path, kind_name,
-    mode_and_owner, permission_denied, plain_components, refused_open, reopen, same_file, shown,
-    truncate,
+    BENEATH, MAX_PATH_BYTES, MAX_REMOVE_DEPTH, Peer, READ, SEARCH, WRITE, fd_path, file_id,
+    kind_name, mode_and_owner, permission_denied, plain_components, refused_open, reopen,
+    same_file, shown, truncate,
 };
 use crate::error::{Error, Result};
+
+/// The device and inode of the directory `relative` names beneath `dir`, resolved as root
+/// without following any link and without opening it for reading: which directory a request
+/// is about before it is opened as its caller, who then must be let in by the usual checks.
+pub fn dir_id_beneath(dir: &OwnedFd, relative: &Path) -> Option<(u64, u64)> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let found = rustix::fs::openat2(dir, relative, flags, Mode::empty(), BENEATH).ok()?;
+    dir_id(&found)
+}
+
+/// The device and inode of `dir`.
+pub fn dir_id(dir: &OwnedFd) -> Option<(u64, u64)> {
+    rustix::fs::fstat(dir).ok().map(|st| file_id(&st))
+}
 
 /// `<dir>/<relative>`, resolved beneath `dir` one component at a time with `openat2`
 /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: a symbolic link or `..` anywhere is refused. It must

@@ -371,12 +371,37 @@ pub struct Restorable {
     bundle: PathBuf,
     name: String,
     pub options: CriuOptions,
+    /// This checkpoint's turn, held until the restore is done: a second restore of the same
+    /// directory, under whatever name, must find it its owner's again.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
-/// Checkpoint `name` of `bundle`, to restore.
-pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<Restorable> {
+/// The restores' turns, by checkpoint directory (device and inode): restores of different
+/// checkpoints run side by side.
+pub type RestoreTurns = Turns<Option<(u64, u64)>>;
+
+/// Checkpoint `name` of `bundle`, to restore, once its turn among `turns` has come.
+pub async fn for_restore(
+    caller: &Caller,
+    bundle: &Path,
+    name: &str,
+    turns: &RestoreTurns,
+) -> Result<Restorable> {
     validate_name(name)?;
-    let fd = caller.open_dir("bundle", bundle).await?;
+    let fd = Arc::new(caller.open_dir("bundle", bundle).await?);
+    // Which directory the name leads to, before it is opened as the caller: while another
+    // restore holds it, root's, the caller could not open it. A name that leads nowhere shares
+    // one turn; the open below says why.
+    let (looked_up, owned_name) = (Arc::clone(&fd), name.to_owned());
+    let key = caller
+        .off_reactor("finding the checkpoint", move || {
+            Ok(client_fs::dir_id_beneath(
+                &looked_up,
+                &relative(&owned_name),
+            ))
+        })
+        .await?;
+    let turn = turns.take(key).await;
     let (peer, owned_name) = (caller.peer.clone(), name.to_owned());
     let missing = format!(
         "checkpoint {name} does not exist in {}",
@@ -391,6 +416,12 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
                 Err(Error::NotFound(_)) => return Err(Error::NotFound(missing)),
                 Err(e) => return Err(e),
             };
+            if client_fs::dir_id(&image) != key {
+                return Err(Error::FailedPrecondition(format!(
+                    "{shown_image} was replaced while berthd opened it; do not move checkpoints \
+                     while restoring from them, and try again"
+                )));
+            }
             client_fs::checkpoint_dir_not_on_fuse(&image, &shown_image)?;
             let metadata = Path::new(METADATA);
             let checkpoint = read_checkpoint(&image, metadata, &owned_name, &peer);
@@ -403,6 +434,7 @@ pub async fn for_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<R
         bundle: bundle.to_owned(),
         name: name.to_owned(),
         options: criu_options(&checkpoint),
+        _turn: turn,
     })
 }
 
@@ -688,18 +720,26 @@ pub fn criu_log_tail(work: &Path, log: &str) -> Option<String> {
     (!tail.is_empty()).then_some(tail)
 }
 
-/// One lock per bundle directory, dropped from the table once nobody holds or waits for it.
-#[derive(Default)]
-pub struct BundleLocks {
-    locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+/// One lock per key (a bundle's path for dumps, a checkpoint directory's device and inode for
+/// restores), dropped from the table once nobody holds or waits for it.
+pub struct Turns<K> {
+    locks: std::sync::Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl BundleLocks {
-    pub async fn lock(&self, bundle: &Path) -> tokio::sync::OwnedMutexGuard<()> {
+impl<K> Default for Turns<K> {
+    fn default() -> Self {
+        Turns {
+            locks: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash> Turns<K> {
+    pub async fn take(&self, key: K) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.locks.lock().expect("bundle locks poisoned");
+            let mut locks = self.locks.lock().expect("turns poisoned");
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            Arc::clone(locks.entry(bundle.to_owned()).or_default())
+            Arc::clone(locks.entry(key).or_default())
         };
         lock.lock_owned().await
     }
@@ -737,7 +777,7 @@ impl Supervisor {
         // The request's own fields first: malformed input is that on any id.
         validate_name(&checkpoint.name)?;
         let container = self.container(id)?;
-        let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
+        let _bundle = self.checkpoint_locks.take(container.bundle.clone()).await;
         let _operations = container.operations.lock().await;
         // Before the dump directory: nothing may fail between making it and the dump's undo.
         let work = self.scratch_dir(".criu")?;
@@ -808,7 +848,7 @@ impl Supervisor {
     ) -> Result<()> {
         validate_name(name)?;
         let container = self.container(id)?;
-        let _bundle = self.checkpoint_locks.lock(&container.bundle).await;
+        let _bundle = self.checkpoint_locks.take(container.bundle.clone()).await;
         let fd = caller.open_dir("bundle", &container.bundle).await?;
         let (peer, path) = (caller.peer.clone(), relative(name));
         let missing = format!(
@@ -898,7 +938,9 @@ mod tests {
                 taken
             ]
         );
-        let taken = for_restore(&caller, bundle.path(), "taken").await.unwrap();
+        let taken = for_restore(&caller, bundle.path(), "taken", &RestoreTurns::default())
+            .await
+            .unwrap();
         let options = taken.options;
         let (held, named) = (
             rustix::fs::fstat(&taken.image).unwrap(),
@@ -933,7 +975,7 @@ mod tests {
         assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
         assert!(options.tcp_established && options.shell_job && !options.external_unix_sockets);
         assert!(matches!(
-            for_restore(&caller, bundle.path(), "missing").await,
+            for_restore(&caller, bundle.path(), "missing", &RestoreTurns::default()).await,
             Err(Error::NotFound(_))
         ));
         assert!(matches!(
@@ -973,7 +1015,9 @@ mod tests {
         // Readable by anyone, but root's: holding it would take it from root.
         let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
         ledger.give_back_all();
-        let roots = for_restore(&caller, bundle.path(), "roots").await.unwrap();
+        let roots = for_restore(&caller, bundle.path(), "roots", &RestoreTurns::default())
+            .await
+            .unwrap();
         let refused = hold(&caller, &roots, &ledger).await.map(drop);
         assert!(
             matches!(&refused, Err(Error::PermissionDenied(m)) if m.contains("belongs to uid 0")),
@@ -981,7 +1025,9 @@ mod tests {
         );
         let st = rustix::fs::stat(dir.join("roots")).unwrap();
         assert_eq!((st.st_uid, st.st_mode & 0o7777), (0, 0o755));
-        let theirs = for_restore(&caller, bundle.path(), "theirs").await.unwrap();
+        let theirs = for_restore(&caller, bundle.path(), "theirs", &RestoreTurns::default())
+            .await
+            .unwrap();
         let held = hold(&caller, &theirs, &ledger).await.unwrap();
         give_back(&caller, held).await;
         let st = rustix::fs::stat(dir.join("theirs")).unwrap();
@@ -1037,9 +1083,14 @@ mod tests {
             let st = rustix::fs::lstat(path).unwrap();
             (st.st_uid, st.st_mode & 0o7777)
         };
-        let restorable = for_restore(&caller, bundle.path(), "restoring")
-            .await
-            .unwrap();
+        let restorable = for_restore(
+            &caller,
+            bundle.path(),
+            "restoring",
+            &RestoreTurns::default(),
+        )
+        .await
+        .unwrap();
         let refused = hold(&caller, &restorable, &ledger).await.map(drop);
         assert!(
             matches!(&refused, Err(Error::Unavailable(m)) if m.contains("giving back")),
@@ -1048,7 +1099,9 @@ mod tests {
         ledger.give_back_all();
 
         for name in ["restoring", "replaced"] {
-            let restorable = for_restore(&caller, bundle.path(), name).await.unwrap();
+            let restorable = for_restore(&caller, bundle.path(), name, &RestoreTurns::default())
+                .await
+                .unwrap();
             std::mem::forget(hold(&caller, &restorable, &ledger).await.unwrap());
             assert_eq!(owner_and_mode(&dir.join(name)), (0, 0o700));
         }
@@ -1120,9 +1173,14 @@ mod tests {
         assert_eq!(owner_and_mode(&dir.join("replaced")), (0, 0o755));
         assert_eq!(entries(), 0, "every entry is done with, given back or not");
         // A hold given back as usual leaves no entry behind.
-        let restorable = for_restore(&caller, bundle.path(), "restoring")
-            .await
-            .unwrap();
+        let restorable = for_restore(
+            &caller,
+            bundle.path(),
+            "restoring",
+            &RestoreTurns::default(),
+        )
+        .await
+        .unwrap();
         give_back(
             &caller,
             hold(&caller, &restorable, &restarted).await.unwrap(),
@@ -1203,16 +1261,16 @@ mod tests {
 
     #[tokio::test]
     async fn checkpoints_of_one_bundle_take_turns() {
-        let locks = BundleLocks::default();
-        let first = locks.lock(Path::new("/b")).await;
+        let locks = Turns::default();
+        let first = locks.take(Path::new("/b")).await;
         let waiting = tokio::time::timeout(
             std::time::Duration::from_millis(50),
-            locks.lock(Path::new("/b")),
+            locks.take(Path::new("/b")),
         );
         assert!(waiting.await.is_err(), "the same bundle waits");
-        let other = locks.lock(Path::new("/other")).await;
+        let other = locks.take(Path::new("/other")).await;
         drop((first, other));
-        let _again = locks.lock(Path::new("/b")).await;
+        let _again = locks.take(Path::new("/b")).await;
         assert_eq!(
             locks.locks.lock().unwrap().len(),
             1,

@@ -57,12 +57,10 @@ impl Supervisor {
         request.stdio.check()?;
         // The bundle's process is kept as the base of added processes.
         let (bundle, base_process) = validate::bundle(&request.bundle, &request.caller).await?;
-        let (restore, _restoring) = match request.checkpoint.as_str() {
-            "" => (None, None),
+        let restore = match request.checkpoint.as_str() {
+            "" => None,
             name => {
-                let turn = self.restores.lock().await;
-                let restore = checkpoint::for_restore(&request.caller, &bundle, name).await?;
-                (Some(restore), Some(turn))
+                Some(checkpoint::for_restore(&request.caller, &bundle, name, &self.restores).await?)
             }
         };
         if restore.is_some() {

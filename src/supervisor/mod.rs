@@ -68,11 +68,10 @@ pub struct Supervisor {
     scratch: PathBuf,
     next_scratch: AtomicU64,
     machine: Machine,
-    checkpoint_locks: checkpoint::BundleLocks,
-    /// Restores take turns: each holds its checkpoint, root's, from opening it to giving it
-    /// back (see `checkpoint::hold`), and a second restore of the same one, under whatever
-    /// name, must find it its owner's again.
-    restores: tokio::sync::Mutex<()>,
+    checkpoint_locks: checkpoint::Turns<PathBuf>,
+    /// Restores of one checkpoint directory take turns: each holds it, root's, from opening it
+    /// to giving it back (see `checkpoint::hold`).
+    restores: checkpoint::RestoreTurns,
     in_flight: Arc<operation::InFlight>,
     client_files: ClientFileLimits,
     /// Trips off the reactor for client paths still running ([`caller::Trips`]).
@@ -123,8 +122,8 @@ impl Supervisor {
             scratch,
             next_scratch: AtomicU64::new(0),
             machine,
-            checkpoint_locks: checkpoint::BundleLocks::default(),
-            restores: tokio::sync::Mutex::new(()),
+            checkpoint_locks: checkpoint::Turns::default(),
+            restores: checkpoint::RestoreTurns::default(),
             in_flight: Arc::new(operation::InFlight::new(operations)),
             client_files,
             client_file_trips: Arc::default(),

@@ -1014,3 +1014,77 @@ async fn a_restore_keeps_the_dumped_kind_of_each_stream() {
     })
     .await
 }
+
+/// Restores of different checkpoints do not wait for one another: one whose runtime is held
+/// (a wrapper around runc that waits for a gate before restoring it, as a large image or a slow
+/// disk would) does not keep another from being restored. Both then run from their dumps.
+#[tokio::test(flavor = "multi_thread")]
+async fn restores_of_different_checkpoints_run_side_by_side() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let gate = scripts.path().join("gate");
+        let waiting = scripts.path().join("waiting");
+        let wrapper = write_script(
+            scripts.path(),
+            "gated-restore-runc",
+            &format!(
+                "#!/bin/sh\ncase \"$*\" in\n  *restore*cp-gated*)\n    touch {waiting}\n    while [ ! -e {gate} ]; do sleep 0.05; done ;;\nesac\nexec {runc} \"$@\"\n",
+                waiting = waiting.display(),
+                gate = gate.display(),
+                runc = runc_in_path().display()
+            ),
+        );
+        let criu = criu.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options {
+            args: &["--runtime", &path_str(&wrapper)],
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::default()
+        });
+        let mut events = d.events().await;
+        let (gated, free) = (id("cp-gated"), id("cp-free"));
+        let (gated_bundle, free_bundle) = (
+            writable(&["sh", "-c", COUNTER]),
+            writable(&["sh", "-c", COUNTER]),
+        );
+        for (container, bundle) in [(&gated, &gated_bundle), (&free, &free_bundle)] {
+            let pid = d.create(create_req(container, bundle)).await;
+            counted(bundle, 1).await;
+            d.client
+                .create_checkpoint(checkpoint(container, "dumped", true))
+                .await
+                .expect("CreateCheckpoint");
+            events.exit_status(container, pid).await;
+            d.assert_gone(container).await;
+        }
+
+        let mut request = create_req(&gated, &gated_bundle);
+        request.checkpoint = "dumped".into();
+        let mut client = d.connect().await;
+        let held = tokio::spawn(async move { client.create_container(request).await });
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !waiting.exists() {
+            assert!(Instant::now() < deadline, "the gated restore never reached runc");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = counts(&free_bundle).len();
+        let mut request = create_req(&free, &free_bundle);
+        request.checkpoint = "dumped".into();
+        let free_pid = d.create(request).await;
+        assert!(!held.is_finished(), "the gated restore ended before its gate opened");
+        first_count_after(&free_bundle, seen).await;
+
+        let seen = counts(&gated_bundle).len();
+        std::fs::write(&gate, b"").expect("open the gate");
+        let gated_pid = held
+            .await
+            .expect("restore task")
+            .expect("the gated restore")
+            .into_inner()
+            .pid;
+        first_count_after(&gated_bundle, seen).await;
+        d.kill_container(&mut events, &gated, gated_pid).await;
+        d.kill_container(&mut events, &free, free_pid).await;
+    })
+    .await
+}
