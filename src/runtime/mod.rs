@@ -236,6 +236,17 @@ impl RuntimeBinary {
         (removed, left)
     }
 
+    /// Unmounts the bundle's rootfs that runc's restore bind-mounts at `criu-root` in container
+    /// `id`'s directory, left there when the restore was killed (by the runtime bound, or with
+    /// berthd): runc's delete removes that directory and everything beneath it, as root, mounts
+    /// included, and would empty the client's rootfs. Lazily, and never following a link; not
+    /// mounted is the usual case and nothing to do. Only berthd's state directory is looked up.
+    pub(crate) fn unmount_restore_root(&self, id: &str) {
+        use rustix::mount::{UnmountFlags, unmount};
+        let restore_root = self.root.join(id).join("criu-root");
+        let _ = unmount(&restore_root, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
+    }
+
     /// Whether this is `--runtime builtin`: operations go to the spawn helper as
     /// [`BuiltinCall`]s, no binary is run.
     pub(crate) fn is_builtin(&self) -> bool {
@@ -594,6 +605,9 @@ impl Runtime {
             tracing::debug!(?call, "runtime");
             Turns::hold(turn, self.spawner.run_builtin(call, stdio, options)).await
         } else {
+            if let Operation::Delete { id } = op {
+                self.binary.unmount_restore_root(id);
+            }
             let argv = self.binary.argv(&op, &log);
             tracing::debug!(?argv, "runtime");
             Turns::hold(turn, self.spawner.spawn(argv, stdio, options)).await

@@ -1088,3 +1088,68 @@ async fn restores_of_different_checkpoints_run_side_by_side() {
     })
     .await
 }
+
+/// A restore cut off by the runtime bound after runc bind-mounted the bundle's rootfs in its
+/// state (`criu-root`): runc, killed, never unmounts it, and its delete removes the container's
+/// directory with everything beneath it, as root. The undo unmounts it first: the rootfs is
+/// intact, nothing stays mounted, and the id can be used again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_cut_off_by_the_runtime_bound_leaves_the_rootfs_it_mounted_intact() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let slow = scripts.path().join("slow");
+        // CRIU as runc starts it (`swrk`), held once `slow` names the runtime's root and runc
+        // has mounted the rootfs there: the restore itself, not runc's version check before.
+        let wrapper = write_script(
+            scripts.path(),
+            "slow-criu",
+            &format!(
+                "#!/bin/sh\nif [ \"$1\" = swrk ] && [ -e {slow} ] && ls -d \"$(cat {slow})\"/*/criu-root >/dev/null 2>&1; then\n  sleep 20\nfi\nexec {criu} \"$@\"\n",
+                slow = slow.display(),
+                criu = criu.display()
+            ),
+        );
+        let mut d = daemon!(Options {
+            args: &["--runtime-timeout", "3"],
+            env: &[("BERTH_CRIU", &path_str(&wrapper))],
+            ..Options::default()
+        });
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let container = id("cp-cut");
+        let pid = d.create(create_req(&container, &bundle)).await;
+        let mut events = d.events().await;
+        counted(&bundle, 1).await;
+        d.client
+            .create_checkpoint(checkpoint(&container, "dumped", true))
+            .await
+            .expect("CreateCheckpoint");
+        events.exit_status(&container, pid).await;
+        d.assert_gone(&container).await;
+
+        let runtime_dir = d.state_dir().join("runtime");
+        std::fs::write(&slow, runtime_dir.as_os_str().as_encoded_bytes()).expect("hold CRIU");
+        let mut restore = create_req(&container, &bundle);
+        restore.checkpoint = "dumped".into();
+        let message = expect_code(
+            d.client.create_container(restore).await,
+            Code::DeadlineExceeded,
+        );
+        assert!(message.contains("restore"), "{message}");
+        assert!(
+            bundle.path().join("rootfs/bin/busybox").exists(),
+            "the rootfs the restore mounted was removed"
+        );
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        assert!(
+            !mountinfo.contains(&*runtime_dir.to_string_lossy()),
+            "still mounted in the runtime's root: {mountinfo}"
+        );
+        std::fs::remove_file(&slow).expect("let CRIU go");
+        let mut restore = create_req(&container, &bundle);
+        restore.checkpoint = "dumped".into();
+        let pid = d.create(restore).await;
+        d.kill_container(&mut events, &container, pid).await;
+    })
+    .await
+}
