@@ -24,12 +24,7 @@ use crate::error::{Error, Result};
 pub fn dir_id_beneath(dir: &OwnedFd, relative: &Path) -> Option<(u64, u64)> {
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let found = rustix::fs::openat2(dir, relative, flags, Mode::empty(), BENEATH).ok()?;
-    dir_id(&found)
-}
-
-/// The device and inode of `dir`.
-pub fn dir_id(dir: &OwnedFd) -> Option<(u64, u64)> {
-    rustix::fs::fstat(dir).ok().map(|st| file_id(&st))
+    rustix::fs::fstat(&found).ok().map(|st| file_id(&st))
 }
 
 /// `<dir>/<relative>`, resolved beneath `dir` one component at a time with `openat2`

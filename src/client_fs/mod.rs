@@ -56,7 +56,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, StatxFlags
 use crate::error::{Error, Result};
 use acl::At;
 pub use beneath::{
-    check_readable_files, create_dir_beneath, dir_id, dir_id_beneath, give_to, list_dirs_beneath,
+    check_readable_files, create_dir_beneath, dir_id_beneath, give_to, list_dirs_beneath,
     open_beneath, remove_beneath, remove_held, set_owner,
 };
 pub use peer::Peer;

@@ -371,9 +371,23 @@ pub struct Restorable {
     bundle: PathBuf,
     name: String,
     pub options: CriuOptions,
-    /// This checkpoint's turn, held until the restore is done: a second restore of the same
-    /// directory, under whatever name, must find it its owner's again.
-    _turn: tokio::sync::OwnedMutexGuard<()>,
+    /// This checkpoint's turn: a second restore of the same directory, under whatever name,
+    /// must find it its owner's again. Shared with the [`HeldImage`], so it ends only once the
+    /// directory is given back, even where that finishes after its request gave up.
+    turn: Arc<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// Refuses a restore by anyone but the checkpoint's owner (or root): taking it changes its
+/// owner, which nobody else may do.
+fn owner_only(shown: &str, owner: u32, peer: &Peer) -> Result<()> {
+    if peer.is_root() || owner == peer.uid {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied(format!(
+        "checkpoint {shown} belongs to uid {owner}, not to uid {}: a restore takes the \
+         checkpoint for its duration, so only its owner may restore from it",
+        peer.uid
+    )))
 }
 
 /// The restores' turns, by checkpoint directory (device and inode): restores of different
@@ -416,7 +430,10 @@ pub async fn for_restore(
                 Err(Error::NotFound(_)) => return Err(Error::NotFound(missing)),
                 Err(e) => return Err(e),
             };
-            if client_fs::dir_id(&image) != key {
+            let st = rustix::fs::fstat(&image).map_err(|e| Error::io(&shown_image, e.into()))?;
+            // Now, so that nobody else's request waits in the owner's turn.
+            owner_only(&shown_image, st.st_uid, &peer)?;
+            if key != Some((st.st_dev, st.st_ino)) {
                 return Err(Error::FailedPrecondition(format!(
                     "{shown_image} was replaced while berthd opened it; do not move checkpoints \
                      while restoring from them, and try again"
@@ -434,7 +451,7 @@ pub async fn for_restore(
         bundle: bundle.to_owned(),
         name: name.to_owned(),
         options: criu_options(&checkpoint),
-        _turn: turn,
+        turn: Arc::new(turn),
     })
 }
 
@@ -451,6 +468,9 @@ pub struct HeldImage {
     mode: u32,
     /// Its entry in the [`HeldLedger`], removed once it is given back.
     entry: HeldEntryFile,
+    /// Its restore's turn, dropped after the give-back ([`Drop`] runs before the fields'
+    /// drops).
+    _turn: Arc<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl HeldImage {
@@ -486,22 +506,16 @@ pub async fn hold(
         .try_clone()
         .map_err(|e| Error::sys("duplicate the checkpoint's descriptor", e))?;
     let (shown, peer) = (restorable.shown.clone(), caller.peer.clone());
-    let (bundle, name, ledger) = (
+    let (bundle, name, ledger, turn) = (
         restorable.bundle.clone(),
         restorable.name.clone(),
         ledger.clone(),
+        Arc::clone(&restorable.turn),
     );
     caller
         .off_reactor("taking the checkpoint for the restore", move || {
             let io = |e: rustix::io::Errno| Error::io(&shown, e.into());
             let st = rustix::fs::fstat(&dir).map_err(io)?;
-            if !peer.is_root() && st.st_uid != peer.uid {
-                return Err(Error::PermissionDenied(format!(
-                    "checkpoint {shown} belongs to uid {}, not to uid {}: a restore takes the \
-                     checkpoint for its duration, so only its owner may restore from it",
-                    st.st_uid, peer.uid
-                )));
-            }
             let (owner, mode) = ((st.st_uid, st.st_gid), st.st_mode & 0o7777);
             let entry = ledger.write(HeldEntry {
                 bundle,
@@ -522,6 +536,7 @@ pub async fn hold(
                 owner,
                 mode,
                 entry,
+                _turn: turn,
             };
             client_fs::set_owner(&held.dir, (0, 0), 0o700).map_err(io)?;
             client_fs::check_readable_files(&held.dir, &held.shown, &peer, MAX_IMAGE_FILES)?;
@@ -1015,10 +1030,11 @@ mod tests {
         // Readable by anyone, but root's: holding it would take it from root.
         let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
         ledger.give_back_all();
-        let roots = for_restore(&caller, bundle.path(), "roots", &RestoreTurns::default())
+        // Refused as the checkpoint is opened, not when the restore takes it: nobody else's
+        // request waits in the owner's turn.
+        let refused = for_restore(&caller, bundle.path(), "roots", &RestoreTurns::default())
             .await
-            .unwrap();
-        let refused = hold(&caller, &roots, &ledger).await.map(drop);
+            .map(drop);
         assert!(
             matches!(&refused, Err(Error::PermissionDenied(m)) if m.contains("belongs to uid 0")),
             "{refused:?}"
@@ -1032,6 +1048,44 @@ mod tests {
         give_back(&caller, held).await;
         let st = rustix::fs::stat(dir.join("theirs")).unwrap();
         assert_eq!((st.st_uid, st.st_mode & 0o7777), (65534, 0o755));
+    }
+
+    /// Restores of one checkpoint directory take turns under whatever name it has, until it is
+    /// given back (not merely until its request is done with it); another directory's restore
+    /// does not wait.
+    #[tokio::test]
+    async fn restores_of_one_directory_take_turns_until_it_is_given_back() {
+        let bundle = tempfile::tempdir().unwrap();
+        let caller = Caller::berthd(bundle.path().join("state"));
+        let dir = checkpoints_dir(bundle.path());
+        for name in ["first", "other"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+        }
+        let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
+        ledger.give_back_all();
+        let turns = RestoreTurns::default();
+        let first = for_restore(&caller, bundle.path(), "first", &turns)
+            .await
+            .unwrap();
+        let held = hold(&caller, &first, &ledger).await.unwrap();
+        drop(first);
+        std::fs::rename(dir.join("first"), dir.join("renamed")).unwrap();
+        let waits = |name: &'static str| {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                for_restore(&caller, bundle.path(), name, &turns),
+            )
+        };
+        assert!(waits("renamed").await.is_err(), "the same directory waits");
+        waits("other")
+            .await
+            .expect("another directory does not wait")
+            .unwrap();
+        give_back(&caller, held).await;
+        waits("renamed")
+            .await
+            .expect("its turn, once given back")
+            .unwrap();
     }
 
     /// What a berthd killed while it holds checkpoint directories leaves (each hold forgotten, so
