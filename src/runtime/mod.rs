@@ -169,10 +169,14 @@ pub fn executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The files in which runc and youki (`state.json`) and crun (`status`) record a container.
+const RUNTIME_STATE_FILES: [&str; 2] = ["state.json", "status"];
+
 /// Removes `dir`, a container's directory in the runtime's root, and what is in it, one level
 /// deep: files, and directories once unmounted and empty (runc's restore bind-mounts the
 /// bundle's rootfs at `criu-root`). Never recursive, so a client's file is never removed: what
-/// is still a mount point or not empty is left, and said.
+/// is still a mount point or not empty is left, and said; so is a directory in which the
+/// runtime has recorded its container meanwhile.
 fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
     use rustix::fs::{AtFlags, CWD, unlinkat};
     use rustix::mount::{UnmountFlags, unmount};
@@ -180,6 +184,9 @@ fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
     for entry in entries {
         let entry = entry.map_err(|e| e.to_string())?;
         let path = entry.path();
+        if RUNTIME_STATE_FILES.iter().any(|f| entry.file_name() == *f) {
+            return Err("the runtime recorded a container in it meanwhile".to_owned());
+        }
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         let flags = if is_dir {
             // Not a mount point: EINVAL, and nothing to undo.
@@ -205,27 +212,49 @@ pub struct RuntimeBinary {
 
 impl RuntimeBinary {
     /// Removes what runtime commands cut off half-way left in the runtime's root: a directory
-    /// for an id that `listed` does not name and that holds no `state.json` (a create or
-    /// restore killed with berthd before the runtime recorded its container). The runtime would
-    /// refuse that id for good ("already exists"), and its delete cannot remove it. Returns the
-    /// ids removed and, for each directory left, why.
+    /// for an id that `listed` does not name and in which the runtime recorded no container (a
+    /// create or restore cut off with berthd before the runtime wrote its state). The runtime
+    /// would refuse that id for good ("already exists"), and berthd never asks it to delete an
+    /// id it does not list. A directory changed within `settled` is left to the next start: a
+    /// create the previous berthd gave up on may still be at work in it (the spawn helper lets
+    /// those run to their end). Returns the ids removed and, for each directory left, why.
     ///
     /// Blocks; call it off the reactor, before anything runs in the runtime's root.
     pub(crate) fn remove_stateless_dirs(
         &self,
         listed: impl Fn(&str) -> bool,
+        settled: std::time::Duration,
     ) -> (Vec<String>, Vec<String>) {
         let (mut removed, mut left) = (Vec::new(), Vec::new());
-        let Ok(entries) = std::fs::read_dir(&self.root) else {
-            return (removed, left);
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) => {
+                left.push(format!("{}: {e}", self.root.display()));
+                return (removed, left);
+            }
         };
         for entry in entries.flatten() {
             let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
             let dir = entry.path();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if !is_dir || listed(&id) || dir.join("state.json").symlink_metadata().is_ok() {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let recorded = RUNTIME_STATE_FILES
+                .iter()
+                .any(|f| dir.join(f).symlink_metadata().is_ok());
+            if !meta.is_dir() || listed(&id) || recorded {
+                continue;
+            }
+            let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+            if age.is_none_or(|age| age < settled) {
+                left.push(format!(
+                    "{}: changed less than {} s ago, a create berthd gave up on may still be at \
+                     work in it; the next start removes it",
+                    dir.display(),
+                    settled.as_secs()
+                ));
                 continue;
             }
             match remove_stateless_dir(&dir) {
@@ -500,6 +529,11 @@ impl Runtime {
 
     pub(crate) fn binary(&self) -> &RuntimeBinary {
         &self.binary
+    }
+
+    /// How long a runtime command may run before it is killed.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Ok when CRIU passed `criu check` on this host (run once, on the first call); else

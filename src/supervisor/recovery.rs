@@ -253,12 +253,17 @@ impl Supervisor {
     async fn remove_stateless_runtime_dirs(&self, listed: &HashMap<String, Listed>) {
         let binary = self.runtime.binary().clone();
         let listed: HashSet<String> = listed.keys().cloned().collect();
+        let settled = self.runtime.timeout();
         let removed = tokio::task::spawn_blocking(move || {
-            binary.remove_stateless_dirs(|id| listed.contains(id))
+            binary.remove_stateless_dirs(|id| listed.contains(id), settled)
         })
         .await;
-        let Ok((removed, left)) = removed else {
-            return;
+        let (removed, left) = match removed {
+            Ok(removed) => removed,
+            Err(e) => {
+                tracing::error!(error = %e, "the runtime's directories were not looked through");
+                return;
+            }
         };
         for id in removed {
             tracing::info!(id = %id, "removed the runtime directory of a create or restore cut off half-way");

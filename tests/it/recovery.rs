@@ -251,9 +251,10 @@ async fn a_failed_runtime_delete_still_reports_the_exit_and_the_next_start_remov
 
 /// A create or restore killed with berthd before the runtime recorded its container leaves the
 /// container's directory in the runtime's root without a `state.json` (runc's `exec.fifo`, or
-/// the rootfs its restore bind-mounts at `criu-root`): the runtime neither lists nor deletes
-/// it, and refuses the id for good. The next start removes it, unmounting what is mounted in
-/// it and never removing what the mount showed, and the id can be created again.
+/// the rootfs its restore bind-mounts at `criu-root`): the runtime does not list it, berthd
+/// never deletes an id the runtime does not list, and the runtime refuses the id for good. The
+/// next start removes it, unmounting what is mounted in it and never removing what the mount
+/// showed, and the id can be created again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runtime_directory_no_container_was_recorded_in_is_removed_at_restart_and_its_id_is_free()
 {
@@ -276,6 +277,14 @@ async fn a_runtime_directory_no_container_was_recorded_in_is_removed_at_restart_
             .status()
             .expect("mount --bind");
         assert!(mounted.success());
+        // Cut off an hour ago: a directory changed within the runtime bound may still be a
+        // create's of the previous berthd at work, and is left to the next start.
+        let backdated = std::process::Command::new("touch")
+            .args(["-m", "-d", "1 hour ago"])
+            .arg(&dir)
+            .status()
+            .expect("touch");
+        assert!(backdated.success());
 
         d.start_again().await;
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
