@@ -201,18 +201,42 @@ pub unsafe fn close_untaken_descriptors(taken: &[BorrowedFd<'_>]) {
     let mut first = 3;
     for fd in kept.into_iter().filter(|&fd| fd >= 3) {
         if fd > first {
-            close_range(first, fd - 1);
+            // SAFETY: between two kept descriptors, so owned by nothing (this function's
+            // contract).
+            unsafe { close_range(first, fd - 1) };
         }
         first = fd + 1;
     }
-    close_range(first, i32::MAX);
+    // SAFETY: above every kept descriptor, as above.
+    unsafe { close_range(first, i32::MAX) };
 }
 
 /// Closes descriptors `first..=last`, those open among them.
-fn close_range(first: i32, last: i32) {
-    // SAFETY: close_range only closes; the caller of close_untaken_descriptors guarantees that
-    // nothing in this image owns a descriptor in the range.
-    unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
+///
+/// # Safety
+///
+/// Nothing in this image owns a descriptor in the range, and no other thread opens one.
+unsafe fn close_range(first: i32, last: i32) {
+    // SAFETY: close_range only closes, and nothing owns what it closes (the contract).
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
+    if closed == 0 {
+        return;
+    }
+    // Kernels before 5.9 have no close_range: close what /proc lists. The listing's own
+    // descriptor is among them, closed already when it is closed again (EBADF, harmless: no
+    // other thread can have opened its number meanwhile).
+    let Ok(listing) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let open: Vec<i32> = listing
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|fd| (first..=last).contains(fd))
+        .collect();
+    for fd in open {
+        // SAFETY: in the range, so owned by nothing (the contract).
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// One `container:pid:fd` entry of [`TERMINALS_ENV`] or [`STDIO_ENV`].
