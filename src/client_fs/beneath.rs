@@ -82,7 +82,10 @@ pub fn open_beneath(dir: &OwnedFd, relative: &Path, flags: OFlags, peer: &Peer) 
             ),
         ));
     }
-    let fd = reopen(&handle, flags - OFlags::NOFOLLOW).map_err(|e| beneath.io(e))?;
+    // Without blocking: a lease another process holds on the file is refused at once rather
+    // than waited out (reads and writes of directories and regular files do not block).
+    let fd = reopen(&handle, (flags - OFlags::NOFOLLOW) | OFlags::NONBLOCK)
+        .map_err(|e| refused_open(&beneath.shown(), e).unwrap_or_else(|| beneath.io(e)))?;
     same_file(&fd, &st).map_err(|why| {
         Error::InvalidArgument(format!(
             "{} {why}; do not change it while berthd opens it",
@@ -700,7 +703,7 @@ impl<'a> Beneath<'a> {
                 self.shown(),
                 Path::new(name).display()
             )),
-            e => refused_open(&self.shown(), e).unwrap_or_else(|| self.io(e)),
+            e => self.io(e),
         })
     }
 

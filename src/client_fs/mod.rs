@@ -346,7 +346,7 @@ fn refused_open(subject: &str, e: rustix::io::Errno) -> Option<Error> {
         ))),
         rustix::io::Errno::PERM => Some(Error::FailedPrecondition(format!(
             "{subject} may not be opened: it is immutable or append-only (lsattr shows which), \
-             or a security module refuses it; give another file"
+             or a security module refuses it"
         ))),
         _ => None,
     }
