@@ -5,7 +5,9 @@
 //! (from its JSON log, which it then removes; a successful invocation's log is the spawner's to
 //! remove), and the [`Spawner`] interface with what it takes ([`SpawnStdio`], [`SpawnOptions`])
 //! and returns ([`Completion`]); with `--runtime builtin`, the same operations as calls for the
-//! built-in runtime ([`builtin`]).
+//! built-in runtime ([`builtin`]); what runtime commands cut off half-way leave in the
+//! runtime's root that the runtime itself would mishandle (a restore's `criu-root` mount, which
+//! its delete would empty; a directory it recorded no container in, which it would never free).
 //! Does not own: starting processes or decoding how they ended (the spawn helper implements
 //! [`Spawner`]), or what the supervisor does with the result; whether CRIU works ([`criu`]).
 

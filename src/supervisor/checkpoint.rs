@@ -1,7 +1,9 @@
 //! Checkpoints through the runtime and CRIU, kept where this API's clients expect them:
 //! `<bundle>/checkpoints/<name>`, with a small metadata file beside the images recording the
-//! flags and the time so List answers truthfully. One lock per bundle keeps two containers
-//! that share a bundle from racing on the same directory. The checkpoint directories berthd
+//! flags and the time so List answers truthfully. One turn per bundle keeps two containers
+//! that share a bundle from racing on the same directory in a dump, and one turn per checkpoint
+//! directory (device and inode) keeps two restores from holding the same one; restores of
+//! different checkpoints run side by side. The checkpoint directories berthd
 //! takes from their owners while it works in them are written down in the state directory
 //! ([`HeldLedger`]), so a berthd killed meanwhile gives them back when it starts again.
 //! Does not own: the Checkpoint record (model), the argv (runtime), restoring (create).
@@ -888,7 +890,7 @@ pub fn with_criu_log(err: Error, work: &Path, log: &str) -> Error {
     match (err, criu_log_tail(work, log)) {
         (Error::Runtime { op, message }, Some(tail)) => Error::Runtime {
             op,
-            message: format!("{message}; criu {log}, whose file is removed now, ends:\n{tail}"),
+            message: format!("{message}; criu's {log} (removed with the request) ends:\n{tail}"),
         },
         (err, _) => err,
     }

@@ -909,7 +909,10 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
             Code::FailedPrecondition,
         );
         assert!(message.contains("runc restore failed"), "{message}");
-        assert!(message.contains("criu restore.log"), "{message}");
+        assert!(
+            message.contains("criu's restore.log (removed with the request) ends"),
+            "{message}"
+        );
         d.assert_gone(&container).await;
 
         // A link planted among the images (CRIU would read what it names): refused before the
