@@ -906,6 +906,11 @@ mod tests {
 
     use super::*;
 
+    /// `name` in `bundle`, for a restore in turns of its own.
+    async fn open_to_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<Restorable> {
+        for_restore(caller, bundle, name, &RestoreTurns::default()).await
+    }
+
     #[test]
     fn names() {
         for ok in ["a", "c1", "before-upgrade_2.0", &"x".repeat(128)] {
@@ -955,7 +960,7 @@ mod tests {
                 taken
             ]
         );
-        let taken = for_restore(&caller, bundle.path(), "taken", &RestoreTurns::default())
+        let taken = open_to_restore(&caller, bundle.path(), "taken")
             .await
             .unwrap();
         let options = taken.options;
@@ -992,7 +997,7 @@ mod tests {
         assert_eq!(mode(&dir.join("taken")), (65534, 0o750));
         assert!(options.tcp_established && options.shell_job && !options.external_unix_sockets);
         assert!(matches!(
-            for_restore(&caller, bundle.path(), "missing", &RestoreTurns::default()).await,
+            open_to_restore(&caller, bundle.path(), "missing").await,
             Err(Error::NotFound(_))
         ));
         assert!(matches!(
@@ -1034,7 +1039,7 @@ mod tests {
         ledger.give_back_all();
         // Refused as the checkpoint is opened, not when the restore takes it: nobody else's
         // request waits in the owner's turn.
-        let refused = for_restore(&caller, bundle.path(), "roots", &RestoreTurns::default())
+        let refused = open_to_restore(&caller, bundle.path(), "roots")
             .await
             .map(drop);
         assert!(
@@ -1043,7 +1048,7 @@ mod tests {
         );
         let st = rustix::fs::stat(dir.join("roots")).unwrap();
         assert_eq!((st.st_uid, st.st_mode & 0o7777), (0, 0o755));
-        let theirs = for_restore(&caller, bundle.path(), "theirs", &RestoreTurns::default())
+        let theirs = open_to_restore(&caller, bundle.path(), "theirs")
             .await
             .unwrap();
         let held = hold(&caller, &theirs, &ledger).await.unwrap();
@@ -1139,14 +1144,9 @@ mod tests {
             let st = rustix::fs::lstat(path).unwrap();
             (st.st_uid, st.st_mode & 0o7777)
         };
-        let restorable = for_restore(
-            &caller,
-            bundle.path(),
-            "restoring",
-            &RestoreTurns::default(),
-        )
-        .await
-        .unwrap();
+        let restorable = open_to_restore(&caller, bundle.path(), "restoring")
+            .await
+            .unwrap();
         let refused = hold(&caller, &restorable, &ledger).await.map(drop);
         assert!(
             matches!(&refused, Err(Error::Unavailable(m)) if m.contains("giving back")),
@@ -1155,9 +1155,7 @@ mod tests {
         ledger.give_back_all();
 
         for name in ["restoring", "replaced"] {
-            let restorable = for_restore(&caller, bundle.path(), name, &RestoreTurns::default())
-                .await
-                .unwrap();
+            let restorable = open_to_restore(&caller, bundle.path(), name).await.unwrap();
             std::mem::forget(hold(&caller, &restorable, &ledger).await.unwrap());
             assert_eq!(owner_and_mode(&dir.join(name)), (0, 0o700));
         }
@@ -1229,14 +1227,9 @@ mod tests {
         assert_eq!(owner_and_mode(&dir.join("replaced")), (0, 0o755));
         assert_eq!(entries(), 0, "every entry is done with, given back or not");
         // A hold given back as usual leaves no entry behind.
-        let restorable = for_restore(
-            &caller,
-            bundle.path(),
-            "restoring",
-            &RestoreTurns::default(),
-        )
-        .await
-        .unwrap();
+        let restorable = open_to_restore(&caller, bundle.path(), "restoring")
+            .await
+            .unwrap();
         give_back(
             &caller,
             hold(&caller, &restorable, &restarted).await.unwrap(),

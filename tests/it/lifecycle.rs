@@ -24,6 +24,22 @@ fn json_leaves(value: &serde_json::Value) -> Vec<String> {
     }
 }
 
+/// Writes, in `dir`, a python script that runs `setup` (with `os`, `signal` and `sys` imported)
+/// and then execs berthd with its own arguments: a parent leaving berthd some state.
+fn python_wrapper(dir: &std::path::Path, setup: &str) -> std::path::PathBuf {
+    let wrapper = dir.join("berthd");
+    let berthd = env!("CARGO_BIN_EXE_berthd");
+    let script = format!(
+        "#!/usr/bin/env python3\n\
+         import os, signal, sys\n\
+         {setup}\
+         os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
+    );
+    fs::write(&wrapper, script).expect("write the wrapper");
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+    wrapper
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn create_runs_init_as_child_of_berthd_and_state_reports_it() {
     within(async {
@@ -95,17 +111,11 @@ async fn a_berthd_whose_parent_ignored_sigchld_and_blocked_signals_runs_and_stop
     within(async {
         // Both pass through exec: a supervisor written carelessly, or a shell, may leave them.
         let dir = tempfile::tempdir().expect("temp dir");
-        let wrapper = dir.path().join("berthd");
-        let berthd = env!("CARGO_BIN_EXE_berthd");
-        let script = format!(
-            "#!/usr/bin/env python3\n\
-             import os, signal, sys\n\
-             signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n\
-             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())\n\
-             os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
+        let wrapper = python_wrapper(
+            dir.path(),
+            "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n\
+             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())\n",
         );
-        fs::write(&wrapper, script).expect("write the wrapper");
-        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
         let options = Options {
             binary: Some(&wrapper),
             ..Options::default()
@@ -122,16 +132,7 @@ async fn a_berthd_whose_parent_ignored_sigchld_and_blocked_signals_runs_and_stop
 async fn a_berthd_started_under_umask_000_makes_nothing_other_users_can_write() {
     within(async {
         let dir = tempfile::tempdir().expect("temp dir");
-        let wrapper = dir.path().join("berthd");
-        let berthd = env!("CARGO_BIN_EXE_berthd");
-        let script = format!(
-            "#!/usr/bin/env python3\n\
-             import os, sys\n\
-             os.umask(0)\n\
-             os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
-        );
-        fs::write(&wrapper, script).expect("write the wrapper");
-        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let wrapper = python_wrapper(dir.path(), "os.umask(0)\n");
         // Directories berthd has to make on the way to its socket, as on a fresh host's /run.
         let options = Options {
             binary: Some(&wrapper),
@@ -155,18 +156,14 @@ async fn a_descriptor_berthds_parent_left_open_is_held_by_neither_berthd_nor_its
     within(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let left_open = dir.path().join("left-open");
-        let wrapper = dir.path().join("berthd");
-        let berthd = env!("CARGO_BIN_EXE_berthd");
         // As a shell's `exec 7>file` or a supervisor's pipe would leave it.
-        let script = format!(
-            "#!/usr/bin/env python3\n\
-             import os, sys\n\
-             fd = os.open({left_open:?}, os.O_WRONLY | os.O_CREAT, 0o600)\n\
-             os.set_inheritable(fd, True)\n\
-             os.execv({berthd:?}, [{berthd:?}] + sys.argv[1:])\n"
+        let wrapper = python_wrapper(
+            dir.path(),
+            &format!(
+                "fd = os.open({left_open:?}, os.O_WRONLY | os.O_CREAT, 0o600)\n\
+                 os.set_inheritable(fd, True)\n"
+            ),
         );
-        fs::write(&wrapper, script).expect("write the wrapper");
-        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
         let options = Options {
             binary: Some(&wrapper),
             ..Options::default()
