@@ -202,6 +202,18 @@ fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
     unlinkat(CWD, dir, AtFlags::REMOVEDIR).map_err(|e| e.to_string())
 }
 
+/// What [`RuntimeBinary::remove_stateless_dirs`] did with the directories no container was
+/// recorded in.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct StatelessDirs {
+    /// The ids whose directory is removed.
+    pub removed: Vec<String>,
+    /// The ids whose directory changed too recently to be told from a create at work.
+    pub young: Vec<String>,
+    /// For each directory that could not be removed, why.
+    pub left: Vec<String>,
+}
+
 /// The runtime binary and where it keeps its state.
 #[derive(Debug, Clone)]
 pub struct RuntimeBinary {
@@ -217,22 +229,22 @@ impl RuntimeBinary {
     /// for an id that `listed` does not name and in which the runtime recorded no container (a
     /// create or restore cut off with berthd before the runtime wrote its state). The runtime
     /// would refuse that id for good ("already exists"), and berthd never asks it to delete an
-    /// id it does not list. A directory changed within `settled` is left to the next start: a
+    /// id it does not list. A directory changed within `settled` is only named (`young`): a
     /// create the previous berthd gave up on may still be at work in it (the spawn helper lets
-    /// those run to their end). Returns the ids removed and, for each directory left, why.
+    /// those run to their end).
     ///
-    /// Blocks; call it off the reactor, before anything runs in the runtime's root.
+    /// Blocks; call it off the reactor.
     pub(crate) fn remove_stateless_dirs(
         &self,
         listed: impl Fn(&str) -> bool,
         settled: std::time::Duration,
-    ) -> (Vec<String>, Vec<String>) {
-        let (mut removed, mut left) = (Vec::new(), Vec::new());
+    ) -> StatelessDirs {
+        let mut found = StatelessDirs::default();
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) => {
-                left.push(format!("{}: {e}", self.root.display()));
-                return (removed, left);
+                found.left.push(format!("{}: {e}", self.root.display()));
+                return found;
             }
         };
         for entry in entries.flatten() {
@@ -251,20 +263,15 @@ impl RuntimeBinary {
             }
             let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
             if age.is_none_or(|age| age < settled) {
-                left.push(format!(
-                    "{}: changed less than {} s ago, a create berthd gave up on may still be at \
-                     work in it; the next start removes it",
-                    dir.display(),
-                    settled.as_secs()
-                ));
+                found.young.push(id);
                 continue;
             }
             match remove_stateless_dir(&dir) {
-                Ok(()) => removed.push(id),
-                Err(why) => left.push(format!("{}: {why}", dir.display())),
+                Ok(()) => found.removed.push(id),
+                Err(why) => found.left.push(format!("{}: {why}", dir.display())),
             }
         }
-        (removed, left)
+        found
     }
 
     /// Unmounts the bundle's rootfs that runc's restore bind-mounts at `criu-root` in container

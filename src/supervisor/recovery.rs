@@ -249,31 +249,65 @@ impl Supervisor {
     }
 
     /// Removes the runtime's directories of creates and restores cut off by berthd's end before
-    /// the runtime recorded their container (see `RuntimeBinary::remove_stateless_dirs`).
-    async fn remove_stateless_runtime_dirs(&self, listed: &HashMap<String, Listed>) {
-        let binary = self.runtime.binary().clone();
+    /// the runtime recorded their container (see `RuntimeBinary::remove_stateless_dirs`). Those
+    /// too recent to tell from a create the previous berthd gave up on are looked at again once
+    /// such a create is past the runtime bound, unless a request has taken their id meanwhile.
+    async fn remove_stateless_runtime_dirs(self: &Arc<Self>, listed: &HashMap<String, Listed>) {
         let listed: HashSet<String> = listed.keys().cloned().collect();
+        let young = self
+            .remove_stateless_dirs_once(move |id| listed.contains(id))
+            .await;
+        if young.is_empty() {
+            return;
+        }
+        tracing::info!(
+            ids = ?young,
+            "runtime directories of creates or restores cut off half-way are too recent to remove yet"
+        );
+        let supervisor = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(supervisor.runtime.timeout()).await;
+            let candidates: HashSet<String> = young
+                .into_iter()
+                .filter(|id| !supervisor.holds_id(id))
+                .collect();
+            let still_young = supervisor
+                .remove_stateless_dirs_once(move |id| !candidates.contains(id))
+                .await;
+            for id in still_young {
+                tracing::warn!(id = %id, "a runtime directory no container is recorded in keeps changing; the next start looks at it again");
+            }
+        });
+    }
+
+    /// One pass of `RuntimeBinary::remove_stateless_dirs` over the ids `skipped` does not name,
+    /// logged; returns the ids too recent to remove.
+    async fn remove_stateless_dirs_once(
+        &self,
+        skipped: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Vec<String> {
+        let binary = self.runtime.binary().clone();
         let settled = self.runtime.timeout();
-        let removed = tokio::task::spawn_blocking(move || {
-            binary.remove_stateless_dirs(|id| listed.contains(id), settled)
-        })
-        .await;
-        let (removed, left) = match removed {
-            Ok(removed) => removed,
+        let found =
+            tokio::task::spawn_blocking(move || binary.remove_stateless_dirs(skipped, settled))
+                .await;
+        let found = match found {
+            Ok(found) => found,
             Err(e) => {
                 tracing::error!(error = %e, "the runtime's directories were not looked through");
-                return;
+                return Vec::new();
             }
         };
-        for id in removed {
+        for id in found.removed {
             tracing::info!(id = %id, "removed the runtime directory of a create or restore cut off half-way");
         }
-        for why in left {
+        for why in found.left {
             tracing::warn!(
                 why,
                 "a runtime directory of a create or restore cut off half-way was left; remove it by hand"
             );
         }
+        found.young
     }
 
     async fn runtime_list(&self) -> Result<Vec<u8>> {

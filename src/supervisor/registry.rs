@@ -290,6 +290,11 @@ impl Supervisor {
         })
     }
 
+    /// Whether `id` is taken: created, being created, or being cleaned up after its exit.
+    pub(super) fn holds_id(&self, id: &str) -> bool {
+        self.registry().contains_key(id)
+    }
+
     /// Makes `container` visible under its id.
     pub(super) fn insert(&self, container: Arc<Container>) {
         self.registry()
