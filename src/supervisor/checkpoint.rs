@@ -433,7 +433,8 @@ pub async fn for_restore(
                 Err(e) => return Err(e),
             };
             let st = rustix::fs::fstat(&image).map_err(|e| Error::io(&shown_image, e.into()))?;
-            // Now, so that nobody else's request waits in the owner's turn.
+            // Here, not when the restore takes it: a request refused anyway must not keep the
+            // owner's restores waiting while the rest of its create is prepared.
             owner_only(&shown_image, st.st_uid, &peer)?;
             if key != Some((st.st_dev, st.st_ino)) {
                 return Err(Error::FailedPrecondition(format!(
