@@ -17,6 +17,9 @@ use super::{Client, EVENT_TIMEOUT};
 /// One Events subscription.
 pub struct Events {
     stream: tonic::Streaming<Event>,
+    /// What [`Events::wait_for`] read past, for a later wait: two containers killed together
+    /// may exit in either order.
+    skipped: Vec<Event>,
 }
 
 impl Events {
@@ -27,7 +30,10 @@ impl Events {
             .await
             .expect("Events")
             .into_inner();
-        Events { stream }
+        Events {
+            stream,
+            skipped: Vec::new(),
+        }
     }
 
     pub async fn next(&mut self) -> Event {
@@ -38,18 +44,27 @@ impl Events {
         }
     }
 
-    /// Skips events until one matches.
+    /// The first event that matches, among those an earlier wait read past or, after them,
+    /// those still to come; the others are kept for later waits.
     pub async fn wait_for(&mut self, what: &str, matches: impl Fn(&Event) -> bool) -> Event {
+        if let Some(at) = self.skipped.iter().position(&matches) {
+            return self.skipped.remove(at);
+        }
         let deadline = Instant::now() + EVENT_TIMEOUT;
-        let mut skipped = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.stream.message()).await {
                 Ok(Ok(Some(event))) if matches(&event) => return event,
-                Ok(Ok(Some(event))) => skipped.push(event),
-                Ok(Ok(None)) => panic!("event stream ended waiting for {what}; saw {skipped:#?}"),
+                Ok(Ok(Some(event))) => self.skipped.push(event),
+                Ok(Ok(None)) => panic!(
+                    "event stream ended waiting for {what}; saw {:#?}",
+                    self.skipped
+                ),
                 Ok(Err(status)) => panic!("event stream failed waiting for {what}: {status:?}"),
-                Err(_) => panic!("no {what} within {EVENT_TIMEOUT:?}; saw {skipped:#?}"),
+                Err(_) => panic!(
+                    "no {what} within {EVENT_TIMEOUT:?}; saw {:#?}",
+                    self.skipped
+                ),
             }
         }
     }
