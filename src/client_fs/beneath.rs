@@ -694,7 +694,8 @@ impl<'a> Beneath<'a> {
                 Path::new(name).display()
             )),
             Errno::NOTDIR => Error::InvalidArgument(format!(
-                "{}: {} is not a directory",
+                "{}: {} is not a directory, so nothing beneath it can be reached; move it out of \
+                 the way",
                 self.shown(),
                 Path::new(name).display()
             )),
