@@ -181,7 +181,6 @@ const RUNTIME_STATE_FILES: [&str; 2] = ["state.json", "status"];
 /// runtime has recorded its container meanwhile.
 fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
     use rustix::fs::{AtFlags, CWD, unlinkat};
-    use rustix::mount::{UnmountFlags, unmount};
     let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
     for entry in entries {
         let entry = entry.map_err(|e| e.to_string())?;
@@ -191,8 +190,7 @@ fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
         }
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         let flags = if is_dir {
-            // Not a mount point: EINVAL, and nothing to undo.
-            let _ = unmount(&path, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
+            detach_mount(&path);
             AtFlags::REMOVEDIR
         } else {
             AtFlags::empty()
@@ -200,6 +198,13 @@ fn remove_stateless_dir(dir: &Path) -> std::result::Result<(), String> {
         unlinkat(CWD, &path, flags).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     unlinkat(CWD, dir, AtFlags::REMOVEDIR).map_err(|e| e.to_string())
+}
+
+/// Unmounts what is mounted at `path` in the runtime's root, lazily and without following a
+/// link. Not a mount point (EINVAL) is the usual case, and nothing to undo.
+fn detach_mount(path: &Path) {
+    use rustix::mount::{UnmountFlags, unmount};
+    let _ = unmount(path, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
 }
 
 /// What [`RuntimeBinary::remove_stateless_dirs`] did with the directories no container was
@@ -277,12 +282,10 @@ impl RuntimeBinary {
     /// Unmounts the bundle's rootfs that runc's restore bind-mounts at `criu-root` in container
     /// `id`'s directory, left there when the restore was killed (by the runtime bound, or with
     /// berthd): runc's delete removes that directory and everything beneath it, as root, mounts
-    /// included, and would empty the client's rootfs. Lazily, and never following a link; not
-    /// mounted is the usual case and nothing to do. Only berthd's state directory is looked up.
+    /// included, and would empty the client's rootfs. Only berthd's state directory is looked
+    /// up.
     pub(crate) fn unmount_restore_root(&self, id: &str) {
-        use rustix::mount::{UnmountFlags, unmount};
-        let restore_root = self.root.join(id).join("criu-root");
-        let _ = unmount(&restore_root, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
+        detach_mount(&self.root.join(id).join("criu-root"));
     }
 
     /// Whether this is `--runtime builtin`: operations go to the spawn helper as
