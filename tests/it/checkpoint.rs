@@ -163,6 +163,24 @@ async fn counted(bundle: &Bundle, steps: usize) -> u64 {
     now
 }
 
+/// Dumps `container` (its init `pid`) into checkpoint `name`, ending it; its exit status, once
+/// it is gone.
+async fn dump_and_end(
+    d: &mut Daemon,
+    events: &mut Events,
+    container: &str,
+    pid: u32,
+    name: &str,
+) -> u32 {
+    d.client
+        .create_checkpoint(checkpoint(container, name, true))
+        .await
+        .expect("CreateCheckpoint");
+    let status = events.exit_status(container, pid).await;
+    d.assert_gone(container).await;
+    status
+}
+
 fn checkpoint(id: &str, name: &str, exit: bool) -> CreateCheckpointRequest {
     CreateCheckpointRequest {
         id: id.to_owned(),
@@ -542,12 +560,10 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
         let pid = d.create(create_req(&container, &bundle)).await;
         let mut events = d.events().await;
         counted(&bundle, 2).await;
-        d.client
-            .create_checkpoint(checkpoint(&container, "held", true))
-            .await
-            .expect("CreateCheckpoint");
-        assert_eq!(events.exit_status(&container, pid).await, 137);
-        d.assert_gone(&container).await;
+        assert_eq!(
+            dump_and_end(&mut d, &mut events, &container, pid, "held").await,
+            137
+        );
         let image = bundle.path().join("checkpoints/held");
         rustix::fs::chown(&image, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
         std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o750)).unwrap();
@@ -836,12 +852,7 @@ async fn an_added_process_is_not_in_the_checkpoint() {
         let added = d.exec(exec_req(&container, &["sh", "-c", COUNTER])).await;
         counted(&bundle, 2).await;
         let mut events = d.events().await;
-        d.client
-            .create_checkpoint(checkpoint(&container, "c1", true))
-            .await
-            .expect("CreateCheckpoint with an added process");
-        events.exit_status(&container, pid).await;
-        d.assert_gone(&container).await;
+        dump_and_end(&mut d, &mut events, &container, pid, "c1").await;
         let at_dump = next_count(&bundle, None).await;
         assert!(
             proc_stat(added).is_none(),
@@ -892,12 +903,7 @@ async fn restoring_a_missing_or_corrupt_checkpoint_fails_and_leaves_nothing() {
         // A real image with its process tree garbled.
         let pid = d.create(create_req(&container, &bundle)).await;
         let mut events = d.events().await;
-        d.client
-            .create_checkpoint(checkpoint(&container, "broken", true))
-            .await
-            .expect("CreateCheckpoint");
-        events.exit_status(&container, pid).await;
-        d.assert_gone(&container).await;
+        dump_and_end(&mut d, &mut events, &container, pid, "broken").await;
         let image = bundle.path().join("checkpoints/broken");
         std::fs::write(image.join("pstree.img"), b"not a pstree image").unwrap();
         let mut corrupt = create_req(&container, &bundle);
@@ -967,12 +973,10 @@ async fn a_restore_keeps_the_dumped_kind_of_each_stream() {
         let pid = d.create(talk.request(&container, &bundle, "")).await;
         let mut events = d.events().await;
         talk.counted(2).await;
-        d.client
-            .create_checkpoint(checkpoint(&container, "piped", true))
-            .await
-            .expect("CreateCheckpoint");
-        assert_eq!(events.exit_status(&container, pid).await, 137);
-        d.assert_gone(&container).await;
+        assert_eq!(
+            dump_and_end(&mut d, &mut events, &container, pid, "piped").await,
+            137
+        );
 
         // No stdio in the restore: the process runs on, writing to /dev/null.
         let last = next_count(&bundle, None).await;
@@ -1045,12 +1049,7 @@ async fn restores_of_different_checkpoints_run_side_by_side() {
         for (container, bundle) in [(&gated, &gated_bundle), (&free, &free_bundle)] {
             let pid = d.create(create_req(container, bundle)).await;
             counted(bundle, 1).await;
-            d.client
-                .create_checkpoint(checkpoint(container, "dumped", true))
-                .await
-                .expect("CreateCheckpoint");
-            events.exit_status(container, pid).await;
-            d.assert_gone(container).await;
+            dump_and_end(&mut d, &mut events, container, pid, "dumped").await;
         }
 
         let mut request = create_req(&gated, &gated_bundle);
@@ -1115,12 +1114,7 @@ async fn a_restore_cut_off_by_the_runtime_bound_leaves_the_rootfs_it_mounted_int
         let pid = d.create(create_req(&container, &bundle)).await;
         let mut events = d.events().await;
         counted(&bundle, 1).await;
-        d.client
-            .create_checkpoint(checkpoint(&container, "dumped", true))
-            .await
-            .expect("CreateCheckpoint");
-        events.exit_status(&container, pid).await;
-        d.assert_gone(&container).await;
+        dump_and_end(&mut d, &mut events, &container, pid, "dumped").await;
 
         let runtime_dir = d.state_dir().join("runtime");
         std::fs::write(&slow, runtime_dir.as_os_str().as_encoded_bytes()).expect("hold CRIU");
