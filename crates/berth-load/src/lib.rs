@@ -30,6 +30,7 @@ mod summary;
 mod table;
 mod wakeup;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -151,6 +152,11 @@ pub struct Options {
     /// environment, and sent SIGINT when they end (e.g. perf record -g -p "$BERTHD_PIDS")
     #[arg(long, env = "BERTH_PROFILE_CREATE")]
     pub profile_create: Option<String>,
+
+    /// As --profile-create, for the teardown instead: run from just before the first kill until
+    /// the last container is deleted from the runtime
+    #[arg(long, env = "BERTH_PROFILE_TEARDOWN")]
+    pub profile_teardown: Option<String>,
 
     /// Seconds after which the run stops, cleans up and fails
     #[arg(long, env = "BERTH_TIMEOUT", default_value_t = 3600)]
@@ -456,7 +462,7 @@ async fn run_level(
     };
     let helper_cpu_before = helper_cpu();
     let profiler = match &options.profile_create {
-        Some(command) => Some(Profiler::start(command, pid).await?),
+        Some(command) => Some(Profiler::start("--profile-create", command, pid).await?),
         None => None,
     };
     let label = format!("berthd create C={c}");
@@ -493,7 +499,17 @@ async fn run_level(
     )
     .await;
     let label = format!("berthd kill C={c}");
-    let exits = daemon::kill_all(session, &clients, &created.containers, &label).await?;
+    let profiler = match &options.profile_teardown {
+        Some(command) => Some(Profiler::start("--profile-teardown", command, pid).await?),
+        None => None,
+    };
+    let cpu_before_kills = procfs::cpu_secs(pid).unwrap_or(0.0) + helper_cpu();
+    let exits = daemon::kill_all(session, &clients, &created.containers, &label).await;
+    if let Some(profiler) = profiler {
+        profiler.stop().await;
+    }
+    let exits = exits?;
+    let teardown_cpu_secs = procfs::cpu_secs(pid).unwrap_or(0.0) + helper_cpu() - cpu_before_kills;
     drop(clients);
     session.stop_berthd().await;
     let (floor, youki_floor) = match floors_before {
@@ -516,6 +532,7 @@ async fn run_level(
         daemon: DaemonCost {
             create_cpu_secs: at_n.cpu_secs - before.cpu_secs,
             helper_cpu_secs,
+            teardown_cpu_secs,
             host_kb_per_container: mem_before.saturating_sub(mem_after) as f64 / made.max(1) as f64,
             other_children: at_n.children as i64 - made as i64,
             before,
@@ -592,13 +609,19 @@ async fn host() -> Host {
     }
 }
 
-/// The `--profile-create` command, in its own process group so SIGINT reaches all of it.
+/// The `--profile-create` or `--profile-teardown` command, in its own process group so SIGINT
+/// reaches all of it.
 struct Profiler {
+    flag: &'static str,
     child: tokio::process::Child,
 }
 
 impl Profiler {
-    async fn start(command: &str, berthd_pid: u32) -> Result<Profiler, LoadError> {
+    async fn start(
+        flag: &'static str,
+        command: &str,
+        berthd_pid: u32,
+    ) -> Result<Profiler, LoadError> {
         let pids: Vec<String> = std::iter::once(berthd_pid)
             .chain(procfs::children_of(berthd_pid))
             .map(|pid| pid.to_string())
@@ -611,10 +634,10 @@ impl Profiler {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| LoadError(format!("--profile-create: {e}")))?;
-        // Give the profiler time to attach before the first create.
+            .map_err(|e| LoadError(format!("{flag}: {e}")))?;
+        // Give the profiler time to attach before the phase starts.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        Ok(Profiler { child })
+        Ok(Profiler { flag, child })
     }
 
     async fn stop(mut self) {
@@ -623,11 +646,16 @@ impl Profiler {
             let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
         }
         match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
-            Ok(Ok(status)) if !status.success() && status.code() != Some(130) => {
-                eprintln!("--profile-create command ended with {status}");
+            // perf record ends its run by raising the SIGINT it caught again.
+            Ok(Ok(status))
+                if !status.success()
+                    && status.code() != Some(130)
+                    && status.signal() != Some(libc::SIGINT) =>
+            {
+                eprintln!("{} command ended with {status}", self.flag);
             }
             Ok(_) => {}
-            Err(_) => eprintln!("--profile-create command ignored SIGINT for 60 s; killed"),
+            Err(_) => eprintln!("{} command ignored SIGINT for 60 s; killed", self.flag),
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct DaemonCost {
     /// The spawn helper's own CPU over the creates (not the runtime processes it starts): it
     /// does berthd's work in a process of its own, and counts towards berthd's CPU target.
     pub helper_cpu_secs: f64,
+    /// berthd's and its spawn helper's CPU from the first kill until the last container is
+    /// deleted from the runtime: the exits, their clean-up and the deletes' spawns.
+    pub teardown_cpu_secs: f64,
     /// The host's MemAvailable drop over the creates, per container.
     pub host_kb_per_container: f64,
     /// berthd's children that are not container inits (the spawn helper).
@@ -610,6 +613,16 @@ fn runs_table(report: &Report) -> Table {
             String::new(),
         ]);
         let direct_teardown = run.floor.as_ref().map(Floor::best_teardown_per_sec);
+        table.row(vec![
+            "berthd + helper CPU during teardown (s, ms each)".into(),
+            format!(
+                "{:.2} s, {:.2} ms",
+                run.daemon.teardown_cpu_secs,
+                run.daemon.teardown_cpu_secs * 1000.0 / n.max(1) as f64
+            ),
+            String::new(),
+            String::new(),
+        ]);
         table.row(vec![
             "teardown (containers/s)".into(),
             format!(

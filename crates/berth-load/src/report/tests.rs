@@ -42,6 +42,7 @@ fn run() -> Run {
             },
             create_cpu_secs: 2.0,
             helper_cpu_secs: 0.5,
+            teardown_cpu_secs: 0.4,
             host_kb_per_container: 700.0,
             other_children: 1,
         },
