@@ -210,6 +210,11 @@ fn the_table_puts_berthd_beside_the_floor() {
         .expect("an exit event row");
     assert!(exits.contains("(reaped)"), "{exits}");
     assert!(text.contains("teardown (containers/s)"), "{text}");
+    let teardown_cpu = text
+        .lines()
+        .find(|l| l.starts_with("berthd + helper CPU during teardown"))
+        .expect("a teardown CPU row");
+    assert!(teardown_cpu.contains("0.40 s, 0.40 ms"), "{teardown_cpu}");
     let flat = text
         .lines()
         .find(|l| l.starts_with("create p50, first → last 100"))
