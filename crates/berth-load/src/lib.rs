@@ -21,6 +21,7 @@ mod density;
 mod direct;
 mod memory;
 mod metrics;
+mod paired;
 pub mod procfs;
 mod progress;
 mod report;
@@ -40,6 +41,7 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use direct::Floor;
+use paired::Paired;
 use procfs::ProcSample;
 use report::{Creates, DaemonCost, DirectYouki, Host, Report, Run};
 use session::{BerthdFlags, Runtime, Session};
@@ -142,6 +144,12 @@ pub struct Options {
     /// Long-lived containers carrying the soak's stats subscribers
     #[arg(long, env = "BERTH_SOAK_BASE", default_value_t = 20)]
     pub soak_base: usize,
+
+    /// After the levels, this many creates through a fresh berthd and as many `run -d` by hand,
+    /// interleaved one by one at concurrency 1 so that the host's drift falls on both alike; 0
+    /// for none
+    #[arg(long, env = "BERTH_PAIRED", default_value_t = 0)]
+    pub paired: usize,
 
     /// Also write the figures as JSON to this file
     #[arg(long, env = "BERTH_JSON")]
@@ -270,6 +278,7 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
         rounds: options.rounds as usize,
         runs: Vec::new(),
         soak: None,
+        paired: None,
         targets: Vec::new(),
     };
     if let Err(e) = direct::probe(session, &session.runtime).await {
@@ -295,6 +304,9 @@ async fn run(options: &Options, session: &Arc<Session>) -> Result<Report, LoadEr
                     let run = run_level(options, session, youki.as_ref(), level).await?;
                     report.runs.push(run);
                 }
+            }
+            if options.paired > 0 && !options.no_direct {
+                report.paired = Some(run_paired(options, session).await?);
             }
         }
     }
@@ -544,6 +556,15 @@ async fn run_level(
         youki_floor,
         memory,
     })
+}
+
+async fn run_paired(options: &Options, session: &Arc<Session>) -> Result<Paired, LoadError> {
+    let Berthd { socket, .. } = berthd(options, session, "berthd-paired").await?;
+    let clients = daemon::clients(&socket, ChannelMode::Shared, 1).await?;
+    let paired = paired::measure(session, &clients[0], &session.runtime, options.paired).await;
+    drop(clients);
+    session.stop_berthd().await;
+    paired
 }
 
 async fn run_soak(

@@ -6,6 +6,7 @@ use super::ChannelMode;
 use super::daemon::{Exits, StatsLoad};
 use super::density::{self, MemoryTrace};
 use super::direct::Floor;
+use super::paired::Paired;
 use super::procfs::ProcSample;
 use super::soak::Soak;
 use super::summary::Percentiles;
@@ -27,6 +28,8 @@ pub struct Report {
     pub rounds: usize,
     pub runs: Vec<Run>,
     pub soak: Option<Soak>,
+    /// Creates through berthd and by hand, interleaved (`--paired`).
+    pub paired: Option<Paired>,
     pub targets: Vec<Target>,
 }
 
@@ -179,6 +182,24 @@ pub fn targets(report: &Report) -> Vec<Target> {
         }
     }
     let mut out: Vec<Target> = of_runs.into_iter().flatten().chain(over_rounds).collect();
+    if let Some((paired, ratio)) = report
+        .paired
+        .as_ref()
+        .and_then(|p| Some((p, p.rate_ratio()?)))
+    {
+        out.push(Target::new(
+            (1, "paired create rate"),
+            "C=1 paired: create rate ≥ 0.95 × run -d's, the two interleaved".into(),
+            ratio,
+            Bound::AtLeast(0.95),
+            format!(
+                "mean create {:.1} ms vs {:.1} ms (run -d) over {} pairs = {ratio:.2}",
+                paired.berthd.map_or(0.0, |p| p.mean_ms),
+                paired.direct.map_or(0.0, |p| p.mean_ms),
+                paired.pairs
+            ),
+        ));
+    }
     if let Some(soak) = &report.soak {
         let (rss, fds) = soak.drift_percent();
         out.push(Target::new(
@@ -444,6 +465,9 @@ pub fn render(report: &Report) -> String {
             out.push_str(&density::render(&traces));
         }
     }
+    if let Some(paired) = &report.paired {
+        out.push_str(&render_paired(paired));
+    }
     if let Some(soak) = &report.soak {
         out.push('\n');
         out.push_str(&soak_table(soak).render());
@@ -638,6 +662,25 @@ fn runs_table(report: &Report) -> Table {
         ]);
     }
     table
+}
+
+/// The paired creates: berthd's and the runtime's by hand, interleaved at concurrency 1.
+fn render_paired(paired: &Paired) -> String {
+    let figures = |p: Option<Percentiles>| {
+        p.map(|p| format!("{:.1} / {:.1} / {:.1}", p.p50_ms, p.mean_ms, p.p99_ms))
+            .unwrap_or_default()
+    };
+    format!(
+        "\npaired at C=1, {} creates each way, interleaved (which goes first swaps every pair)\n\
+         create p50 / mean / p99 (ms): berthd {}, run -d {}; rate ratio {}\n",
+        paired.pairs,
+        figures(paired.berthd),
+        figures(paired.direct),
+        paired
+            .rate_ratio()
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_default()
+    )
 }
 
 /// youki by hand in the direct column, and berthd over it.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::direct::Throughput;
+use crate::paired::Paired;
 
 fn run() -> Run {
     let latency = Percentiles::of(&[Duration::from_millis(40), Duration::from_millis(60)]);
@@ -86,6 +87,7 @@ fn report() -> Report {
         rounds: 1,
         runs: vec![run()],
         soak: None,
+        paired: None,
         targets: Vec::new(),
     };
     report.targets = targets(&report);
@@ -286,4 +288,51 @@ fn a_skipped_youki_says_why() {
     let text = render(&report);
     assert!(text.contains("\nyouki: skipped: not installed\n"), "{text}");
     assert!(!text.contains("youki by hand"), "{text}");
+}
+
+/// The paired creates are held to the rate target by their means (at concurrency 1 a rate is
+/// one over the mean create) and printed after the table.
+#[test]
+fn paired_creates_are_held_to_the_rate_target_by_their_means() {
+    let mut report = report();
+    let ms = |v: &[u64]| {
+        Percentiles::of(
+            &v.iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect::<Vec<_>>(),
+        )
+    };
+    report.paired = Some(Paired {
+        pairs: 4,
+        berthd: ms(&[20, 22, 22, 24]),
+        direct: ms(&[19, 21, 21, 23]),
+    });
+    report.targets = targets(&report);
+    let paired = report
+        .targets
+        .iter()
+        .find(|t| t.what.starts_with("C=1 paired"))
+        .expect("a paired target");
+    assert!(paired.pass, "{paired:?}");
+    assert_eq!(
+        paired.detail,
+        "mean create 22.0 ms vs 21.0 ms (run -d) over 4 pairs = 0.95"
+    );
+    let text = render(&report);
+    assert!(
+        text.contains("create p50 / mean / p99 (ms): berthd 22.0 / 22.0 / 24.0, run -d 21.0 / 21.0 / 23.0; rate ratio 0.95"),
+        "{text}"
+    );
+    report.paired = Some(Paired {
+        pairs: 4,
+        berthd: ms(&[30, 30, 30, 30]),
+        direct: ms(&[21, 21, 21, 21]),
+    });
+    report.targets = targets(&report);
+    let paired = report
+        .targets
+        .iter()
+        .find(|t| t.what.starts_with("C=1 paired"))
+        .expect("a paired target");
+    assert!(!paired.pass, "{paired:?}");
 }
