@@ -333,8 +333,12 @@ impl Endpoint {
             Endpoint::File(file) => file.run(read).await,
             Endpoint::Polled(fd) => loop {
                 let mut guard = fd.readable().await?;
+                let closed = guard.ready().is_read_closed();
                 match guard.try_io(|fd| read(fd.get_ref())) {
                     Ok(result) => return result,
+                    // Closed readiness never clears: waiting again would return at once, for
+                    // ever, without yielding. Nothing more will come.
+                    Err(_would_block) if closed => return Ok(Vec::new()),
                     Err(_would_block) => continue,
                 }
             },
@@ -360,8 +364,15 @@ impl Endpoint {
                 while !rest.is_empty() {
                     let written = loop {
                         let mut guard = fd.writable().await?;
+                        let closed = guard.ready().is_write_closed();
                         match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), rest)?)) {
                             Ok(result) => break result?,
+                            // A pty master whose slave side is closed: its input queue full,
+                            // it refuses every write, and the hang-up readiness never clears,
+                            // so waiting again would spin the worker without yielding.
+                            Err(_would_block) if closed => {
+                                return Err(std::io::ErrorKind::BrokenPipe.into());
+                            }
                             Err(_would_block) => continue,
                         }
                     };
@@ -536,6 +547,53 @@ mod tests {
         for call in stuck {
             call.await.unwrap().unwrap();
         }
+    }
+
+    /// A pty master whose terminal side is closed with its input queue full refuses every write
+    /// and reports a hang-up that never clears: the write ends with an error instead of waiting
+    /// again at once, for ever, on a worker it never gives back.
+    #[test]
+    fn a_write_to_a_pty_whose_terminal_side_closed_ends_instead_of_spinning() {
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let name = ptsname(&master, Vec::new()).unwrap();
+        let terminal = rustix::fs::open(
+            name.as_c_str(),
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        set_nonblocking(&master, true).unwrap();
+        drop(terminal);
+        // Once the kernel has let go of the closed terminal's queue (in a worker of its own),
+        // what the master takes piles up with nobody to read it, until it takes no more.
+        std::thread::sleep(Duration::from_millis(100));
+        while rustix::io::write(&master, &[b'x'; 1024]).is_ok() {}
+        assert_eq!(
+            rustix::io::write(&master, b"x"),
+            Err(rustix::io::Errno::AGAIN),
+            "the master still takes writes"
+        );
+        let (ended, outcome) = std::sync::mpsc::channel();
+        // On a thread of its own: a write that spins never returns, and is left behind.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let result = runtime.block_on(async {
+                let endpoint = Endpoint::new(master).unwrap();
+                // More than the terminal's queue holds, so that it must wait for room.
+                endpoint.write_all(vec![b'y'; 1 << 20]).await
+            });
+            let _ = ended.send(result.map_err(|e| e.kind()));
+        });
+        let result = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write to a closed terminal's full master did not end");
+        assert_eq!(result, Err(std::io::ErrorKind::BrokenPipe));
     }
 
     #[tokio::test]
