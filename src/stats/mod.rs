@@ -241,7 +241,7 @@ impl StatsHub {
         self.backend
     }
 
-    /// Finds the cgroup of container `id`, whose init is `pid`, and watches it for OOM kills.
+    /// Finds the cgroup of container `id`, whose init is `pid`, and registers it.
     /// Fails for an init that has already exited on a v1 host ([`cgroup::Mounts::locate`]):
     /// [`StatsHub::register_dirs`] then takes the cgroup from the runtime.
     pub fn register(&self, id: &str, pid: u32) -> Result<()> {
@@ -263,13 +263,27 @@ impl StatsHub {
         Ok(())
     }
 
-    /// Registers container `id` in the cgroup at `location`, and watches it for OOM kills,
-    /// reporting at once a kill it counted already.
-    fn register_at(&self, id: &str, pid: u32, location: cgroup::Location) {
-        tracing::debug!(id, ?location, "stats registered");
+    /// Watches registered container `id` for OOM kills, reporting at once a kill its cgroup
+    /// counted already. Separate from the registration so that a create publishes its
+    /// `start-container` first: no `oom` may come before it.
+    pub fn watch_oom(&self, id: &str) {
+        let registered = self
+            .shared
+            .registry()
+            .get(id)
+            .map(|r| (r.pid, r.location.clone()));
+        let Some((pid, location)) = registered else {
+            return;
+        };
         if let Err(e) = self.oom.watch(id, pid, &location) {
             tracing::warn!(id, error = %e, "no OOM events for this container");
         }
+    }
+
+    /// Registers container `id` in the cgroup at `location` (its OOM watch comes with
+    /// [`StatsHub::watch_oom`]).
+    fn register_at(&self, id: &str, pid: u32, location: cgroup::Location) {
+        tracing::debug!(id, ?location, "stats registered");
         self.shared.registry().insert(
             id.to_owned(),
             Registered {

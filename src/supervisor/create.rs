@@ -143,6 +143,8 @@ impl Supervisor {
                 bundle: bundle.display().to_string(),
             },
         );
+        // After the start: an OOM kill in the first instant is published at once by the watch.
+        self.stats.watch_oom(&request.id);
         self.watch_init(container);
         // Answer once the record is on disk: a berthd that dies now still finds the container.
         saved.await;
@@ -237,10 +239,9 @@ impl Supervisor {
         Ok(pipes)
     }
 
-    /// Registers the new container's stats and OOM watch. Its init may have exited already
-    /// (`run --detach`, or an OOM kill before this): on a v1 host its cgroup is then taken from
-    /// the runtime's state, and an OOM kill the cgroup counted is published at once, before the
-    /// exit is.
+    /// Registers the new container's stats. Its init may have exited already (`run --detach`,
+    /// or an OOM kill before this): on a v1 host its cgroup is then taken from the runtime's
+    /// state.
     async fn register_stats(&self, id: &str, pid: u32) {
         let Err(from_proc) = self.stats.register(id, pid) else {
             return;

@@ -443,8 +443,11 @@ impl Supervisor {
         });
         self.save(&container);
         self.insert(Arc::clone(&container));
-        if let Err(e) = self.stats.register(&record.id, record.init.pid) {
-            tracing::warn!(id = %record.id, error = %e, "no stats or OOM events for this adopted container");
+        match self.stats.register(&record.id, record.init.pid) {
+            Ok(()) => self.stats.watch_oom(&record.id),
+            Err(e) => {
+                tracing::warn!(id = %record.id, error = %e, "no stats or OOM events for this adopted container")
+            }
         }
         self.events
             .record_recovery(&record.id, record.init.pid, EventKind::Live, replay);

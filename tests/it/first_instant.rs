@@ -50,6 +50,15 @@ async fn each_oom_then_exit_137(d: &mut Daemon, name: &str, rounds: usize) {
         let id = id(&format!("{name}-{round}"));
         let pid = d.create(create_req(&id, &bundle)).await;
         let first = events
+            .wait_for("start-container, oom or exit", |e| {
+                e.id == id && ["start-container", "oom", "exit"].contains(&e.r#type.as_str())
+            })
+            .await;
+        assert_eq!(
+            first.r#type, "start-container",
+            "round {round}: an event before start-container: {first:?}"
+        );
+        let first = events
             .wait_for("oom or exit", |e| {
                 e.id == id && (e.r#type == "oom" || e.r#type == "exit")
             })
@@ -120,6 +129,52 @@ async fn an_oom_kill_in_the_first_instant_gives_oom_then_exit_137() {
         let mut d = daemon!();
         // No gate: the kill may come before berthd registers the init or after.
         each_oom_then_exit_137(&mut d, "first-oom", 3).await;
+    })
+    .await
+}
+
+/// Eight at once, as an agent starting a batch does: each container's events are
+/// `start-container`, `oom`, `exit` 137, in that order, whichever of their kills comes first.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_creates_killed_by_oom_at_once_each_start_then_oom_then_exit() {
+    const AT_ONCE: usize = 8;
+    within(async {
+        let mut d = daemon!();
+        let bundle = oom_bundle();
+        for round in 0..2 {
+            let mut events = d.events().await;
+            let mut creates = tokio::task::JoinSet::new();
+            for n in 0..AT_ONCE {
+                let mut client = d.connect().await;
+                let req = create_req(&id(&format!("oom-batch-{round}-{n}")), &bundle);
+                creates.spawn(async move { create(&mut client, req).await });
+            }
+            creates.join_all().await;
+            let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
+            while seen
+                .values()
+                .filter(|kinds| kinds.iter().any(|k| k.starts_with("exit")))
+                .count()
+                < AT_ONCE
+            {
+                let event = events.next().await;
+                if event.id.contains("oom-batch-") {
+                    let kind = match event.r#type.as_str() {
+                        "exit" => format!("exit {}", event.status),
+                        other => other.to_owned(),
+                    };
+                    seen.entry(event.id).or_default().push(kind);
+                }
+            }
+            for (id, kinds) in &seen {
+                assert_eq!(
+                    kinds,
+                    &["start-container", "oom", "exit 137"],
+                    "round {round}: {id}"
+                );
+            }
+        }
+        d.assert_no_zombies().await;
     })
     .await
 }
