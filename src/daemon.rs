@@ -268,6 +268,15 @@ async fn serve(
             "operations still in flight after the grace period; the next start removes what they left"
         );
     }
+    let abandoned = supervisor
+        .stop_collecting_exits(config.runtime_timeout())
+        .await;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "clean-ups after exits still running after the grace period; the next start finishes them"
+        );
+    }
     let _ = metrics_stop.send(true);
     serving.stop().await;
     if upgrade.is_some() {

@@ -115,13 +115,16 @@ fn going_away() -> Status {
 }
 
 /// A stream's `next` item, taken once its connection's socket has room; [`going_away`] if berthd
-/// stops or upgrades first; `None` when the stream's source ended.
+/// stops or upgrades first; `None` when the stream's source ended. An item already there goes
+/// out before the stream ends: berthd collects no exit once it stops, so the last `exit` events
+/// published are ones a restart would not report again.
 async fn next_unless_stopping<T>(
     room: &mut Option<SocketRoom>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
     next: impl Future<Output = Option<T>>,
 ) -> Option<Result<T, Status>> {
     tokio::select! {
+        biased;
         next = async {
             socket_has_room(room).await;
             next.await

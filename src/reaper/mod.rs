@@ -55,6 +55,8 @@ const SWEEP_RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Tables {
+    /// Set once berthd stops collecting exits ([`Reaper::stop_collecting`]).
+    stopped_collecting: bool,
     tracked: HashSet<i32>,
     orphan_exits: HashMap<i32, (u32, Instant)>,
     /// Pid files whose pid registration is about to track, by claim number.
@@ -172,6 +174,17 @@ impl Reaper {
         })
     }
 
+    /// From now on no exit watcher collects an exit ([`TrackedProcess::wait_collected`]) and the
+    /// orphan sweep reaps nothing: berthd is stopping or upgrading, its Events streams are about
+    /// to end, and an exit collected now would reach nobody while its record went. Left
+    /// uncollected, the next image adopts it with its status, or the next start reports it.
+    pub(crate) fn stop_collecting(&self) {
+        self.tables
+            .lock()
+            .expect("reaper lock poisoned")
+            .stopped_collecting = true;
+    }
+
     /// Whether the kernel reports the exit status of processes berthd is not the parent of.
     pub fn exit_info_supported(&self) -> bool {
         self.exit_info
@@ -275,6 +288,14 @@ impl Reaper {
     /// zombie is in the way and the sweep should be retried shortly.
     fn sweep(&self) -> bool {
         loop {
+            if self
+                .tables
+                .lock()
+                .expect("reaper lock poisoned")
+                .stopped_collecting
+            {
+                return true;
+            }
             let pid = match sys::waitid(WaitTarget::Any, true) {
                 Ok(Some((pid, _))) => pid,
                 Ok(None) | Err(_) => return true,
@@ -439,40 +460,70 @@ impl TrackedProcess {
 
     /// Waits for the process to exit, reaps it and returns its exit code.
     pub async fn wait(&self) -> u32 {
+        match self.wait_inner(false, || ()).await {
+            Some((code, ())) => code,
+            None => UNKNOWN_EXIT,
+        }
+    }
+
+    /// [`Self::wait`] for an exit watcher: `collected` runs under the reaper's lock as the exit
+    /// is collected, so whatever it takes (the clean-up's place among the operations a stop
+    /// waits for) is held before [`Reaper::stop_collecting`] can return. None once berthd has
+    /// stopped collecting: the process is left as it is, unreaped.
+    pub async fn wait_collected<T>(&self, collected: impl FnOnce() -> T) -> Option<(u32, T)> {
+        self.wait_inner(true, collected).await
+    }
+
+    async fn wait_inner<T>(&self, gated: bool, collected: impl FnOnce() -> T) -> Option<(u32, T)> {
+        let stopped = |tables: &Tables| gated && tables.stopped_collecting;
         let Some(fd) = &self.fd else {
-            return self.early_exit.unwrap_or(UNKNOWN_EXIT);
+            let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+            if stopped(&tables) {
+                return None;
+            }
+            return Some((self.early_exit.unwrap_or(UNKNOWN_EXIT), collected()));
         };
         loop {
             let mut guard = match fd.readable().await {
                 Ok(guard) => guard,
                 Err(e) => {
                     tracing::error!(pid = self.pid, error = %e, "pidfd poll failed");
-                    return UNKNOWN_EXIT;
+                    let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+                    return (!stopped(&tables)).then(|| (UNKNOWN_EXIT, collected()));
                 }
             };
             if !self.child {
                 // Readable means it exited; its parent, not berthd, reaps it.
-                return self.exit_code_from_pidfd(fd.get_ref().as_fd()).await;
+                let code = self.exit_code_from_pidfd(fd.get_ref().as_fd()).await;
+                let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+                if stopped(&tables) {
+                    return None;
+                }
+                return Some((code, collected()));
             }
-            let reaped = {
-                // Hold the table lock so the orphan sweep never sees this pid half-reaped.
-                let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
-                match sys::waitid(WaitTarget::PidFd(fd.get_ref().as_fd()), false) {
-                    Ok(None) => None,
-                    Ok(Some((_, raw))) => {
-                        tables.tracked.remove(&self.pid);
-                        Some(exit_code(raw).unwrap_or(UNKNOWN_EXIT))
-                    }
-                    Err(e) => {
-                        tables.tracked.remove(&self.pid);
-                        tracing::error!(pid = self.pid, error = %e, "waitid on pidfd failed");
-                        Some(UNKNOWN_EXIT)
-                    }
+            // Hold the table lock so the orphan sweep never sees this pid half-reaped.
+            let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+            if stopped(&tables) {
+                return None;
+            }
+            let code = match sys::waitid(WaitTarget::PidFd(fd.get_ref().as_fd()), false) {
+                Ok(None) => None,
+                Ok(Some((_, raw))) => {
+                    tables.tracked.remove(&self.pid);
+                    Some(exit_code(raw).unwrap_or(UNKNOWN_EXIT))
+                }
+                Err(e) => {
+                    tables.tracked.remove(&self.pid);
+                    tracing::error!(pid = self.pid, error = %e, "waitid on pidfd failed");
+                    Some(UNKNOWN_EXIT)
                 }
             };
-            match reaped {
-                Some(code) => return code,
-                None => guard.clear_ready(),
+            match code {
+                Some(code) => return Some((code, collected())),
+                None => {
+                    drop(tables);
+                    guard.clear_ready();
+                }
             }
         }
     }

@@ -72,8 +72,19 @@ impl Supervisor {
         let supervisor = Arc::clone(self);
         let namespaces = HeldNamespaces::of(&container.init.tracked, &self.namespace_budget);
         tokio::spawn(async move {
-            let status = container.init.tracked.wait().await;
-            supervisor.init_exited(&container, status, namespaces).await;
+            // A stop or upgrade waits for the clean-up as for an operation: cut off by the exit
+            // or execve it would leave a record behind, and a restart would report this exit
+            // again. Once berthd stops collecting exits the init is left to the next image or
+            // start, which report its exit.
+            let collected = container
+                .init
+                .tracked
+                .wait_collected(|| supervisor.cleanup_ticket())
+                .await;
+            if let Some((status, cleanup)) = collected {
+                supervisor.init_exited(&container, status, namespaces).await;
+                drop(cleanup);
+            }
         });
     }
 
@@ -81,9 +92,6 @@ impl Supervisor {
         let id = &container.id;
         let pid = container.init.pid();
         tracing::info!(id = %id, pid, status, "container exited");
-        // A stop or upgrade waits for the clean-up as for an operation: cut off by the exit or
-        // execve it would leave a record behind, and a restart would report this exit again.
-        let _cleanup = self.cleanup_ticket();
         // What the container wrote before it exited reaches the client before its exit event.
         self.finish_pipe_relay(id).await;
         let Some(exited) = self.retire(container) else {
@@ -137,7 +145,13 @@ impl Supervisor {
     ) {
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
-            let status = process.tracked.wait().await;
+            let collected = process
+                .tracked
+                .wait_collected(|| supervisor.cleanup_ticket())
+                .await;
+            let Some((status, _cleanup)) = collected else {
+                return;
+            };
             container.lock().added.retain(|p| !Arc::ptr_eq(p, &process));
             supervisor
                 .events

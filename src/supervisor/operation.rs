@@ -181,6 +181,17 @@ impl Supervisor {
         self.store.flush().await;
         abandoned
     }
+
+    /// Collects no exit from now on (the Events streams end next: an exit collected after
+    /// them would reach no one while its record went), then waits up to `bound` for the
+    /// clean-ups of those already collected, and their state files. Returns how many were
+    /// still running.
+    pub async fn stop_collecting_exits(&self, bound: Duration) -> usize {
+        self.reaper.stop_collecting();
+        let abandoned = self.in_flight.drain(bound).await;
+        self.store.flush().await;
+        abandoned
+    }
 }
 
 /// What a create or exec has done so far, undone in reverse by [`Undo::undo`] when it fails.

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use berth_api::proto::{SignalRequest, StatsRequest};
+use berth_api::proto::{EventsRequest, SignalRequest, StatsRequest};
 use loona_hpack::Decoder;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -864,6 +864,49 @@ async fn requests_begun_and_never_finished_hold_no_more_than_the_budget() {
         }
         let mut client = daemon.connect().await;
         assert!(state(&mut client).await.machine.is_some());
+    })
+    .await
+}
+
+/// README: a container that ends while berthd is down is reported by the next start. A stop
+/// lingers after its streams have ended while a stream cannot finish (here a subscriber that
+/// gives its stream no flow-control window holds it open through the shutdown's grace period);
+/// an exit then used to be collected, published to nobody and its record removed, so the next
+/// start never reported it. Now a stopping berthd collects no exit once its streams end.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exit_while_berthd_stops_is_reported_by_the_next_start() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut stuck = Connection::open(&daemon).await;
+        let mut wire = windows(0);
+        let request = EventsRequest::default().encode_to_vec();
+        let (_, call) = stuck.calls("/types.API/Events", &request, 1);
+        wire.extend(call);
+        stuck.socket.write_all(&wire).await.expect("subscribe");
+        let mut events = daemon.events().await;
+        let ctr = daemon
+            .run("exits-while-stopping", &["sh", "-c", "sleep 2; exit 6"])
+            .await;
+        let started = std::time::Instant::now();
+        // The stuck subscriber's stream now holds an event it has no window for.
+        events
+            .wait_for("start-container", |e| {
+                e.r#type == "start-container" && e.id == ctr.id
+            })
+            .await;
+        daemon.stop();
+        assert!(
+            started.elapsed() > Duration::from_secs(3),
+            "berthd stopped in {:?}, before the container's exit: nothing was tested",
+            started.elapsed()
+        );
+        daemon.start_again().await;
+        let mut after = daemon.events().await;
+        let status = after.exit_status(&ctr.id, ctr.pid).await;
+        // 6 while the kernel still holds the status, 255 once the host's init has reaped it.
+        assert!(status == 6 || status == 255, "exit status {status}");
+        daemon.assert_gone(&ctr.id).await;
+        drop(stuck);
     })
     .await
 }
