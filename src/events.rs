@@ -14,7 +14,8 @@
 //!
 //! The events of a restart (`live` for each adopted container, `exit` for each that ended while
 //! berthd was down) happen before anyone can subscribe, so they are kept as a backlog that
-//! every subscriber connecting within the replay window receives first.
+//! every subscriber connecting within the replay window receives first; the exit of a container
+//! the backlog calls `live` joins it.
 //!
 //! Does not own: when events happen (supervisor, stats) or their wire form (api).
 
@@ -282,16 +283,42 @@ impl EventBus {
         self.counts.published.fetch_add(1, Ordering::Relaxed);
         let bytes = id.len() as u64 + kind.bytes();
         let published = self.published.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        // No subscriber is not an error: the event simply has nobody to go to.
-        let _ = self.sender.send(Arc::new(Event {
+        let event = Arc::new(Event {
             id: id.to_owned(),
             pid,
             kind,
             published_bytes: published,
-        }));
+        });
+        self.follow_up_recovery(&event);
+        // No subscriber is not an error: the event simply has nobody to go to.
+        let _ = self.sender.send(event);
         self.published_one.notify_waiters();
         if published / CHECK_STEP != (published - bytes) / CHECK_STEP {
             self.cut_off_laggards(published);
+        }
+    }
+
+    /// The exit of a container the backlog says is `live` joins the backlog after it: a
+    /// subscriber arriving later within the window must not be told that a container which has
+    /// ended since is running.
+    fn follow_up_recovery(&self, event: &Arc<Event>) {
+        if !matches!(event.kind, EventKind::Exit { .. }) {
+            return;
+        }
+        let mut recovery = self.recovery.lock().expect("event lock poisoned");
+        let Some(backlog) = recovery.as_mut() else {
+            return;
+        };
+        if Instant::now() >= backlog.until {
+            *recovery = None;
+            return;
+        }
+        let was_live = backlog
+            .events
+            .iter()
+            .any(|e| e.kind == EventKind::Live && e.id == event.id && e.pid == event.pid);
+        if was_live {
+            backlog.events.push(Arc::clone(event));
         }
     }
 
@@ -390,6 +417,46 @@ mod tests {
         let mut sub = late.subscribe();
         late.publish("a", 1, EventKind::Resume);
         assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Resume);
+    }
+
+    /// A container replayed as `live` that exits within the window: a subscriber from before
+    /// the exit gets it once, from the ring; one from after gets `live` and then the exit from
+    /// the backlog, never `live` alone.
+    #[tokio::test]
+    async fn an_exit_within_the_window_follows_its_live_in_the_replay() {
+        let bus = EventBus::new(8);
+        bus.record_recovery("a", 1, EventKind::Live, Duration::from_secs(60));
+        bus.record_recovery("b", 2, EventKind::Live, Duration::from_secs(60));
+        let mut before = bus.subscribe();
+        bus.publish("a", 1, EventKind::Exit { status: 3 });
+        // Not a container the backlog names as live: not replayed.
+        bus.publish("a", 9, EventKind::Exit { status: 0 });
+        let mut after = bus.subscribe();
+        bus.publish("b", 2, EventKind::Pause);
+        let live = |id: &str, pid| (id.to_owned(), pid, "live");
+        let exit = |id: &str, pid| (id.to_owned(), pid, "exit");
+        let pause = |id: &str, pid| (id.to_owned(), pid, "pause");
+        let expected = [
+            vec![
+                live("a", 1),
+                live("b", 2),
+                exit("a", 1),
+                exit("a", 9),
+                pause("b", 2),
+            ],
+            vec![live("a", 1), live("b", 2), exit("a", 1), pause("b", 2)],
+        ];
+        for (sub, expected) in [&mut before, &mut after].into_iter().zip(expected) {
+            let mut seen = Vec::new();
+            for _ in 0..expected.len() {
+                let next = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+                let Ok(Some(Ok(event))) = next else {
+                    panic!("after {seen:?}: {next:?}, expected {expected:?}");
+                };
+                seen.push((event.id.clone(), event.pid, event.kind.name()));
+            }
+            assert_eq!(seen, expected);
+        }
     }
 
     #[tokio::test]
