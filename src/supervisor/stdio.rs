@@ -5,7 +5,7 @@
 //! Does not own: passing descriptors over a socket (spawn's fdpass), running the command
 //! (runtime).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,11 +93,23 @@ impl StdioPaths {
             "" => Ok(SpawnStdio::Null),
             path => caller.open_stdio(what, path, access).map(SpawnStdio::Fd),
         };
-        Ok([
+        let opened = [
             open("stdin", &self.stdin, Access::Read)?,
             open("stdout", &self.stdout, Access::Write)?,
             open("stderr", &self.stderr, Access::Write)?,
-        ])
+        ];
+        fn fd(stdio: &SpawnStdio) -> Option<BorrowedFd<'_>> {
+            match stdio {
+                SpawnStdio::Fd(fd) => Some(fd.as_fd()),
+                _ => None,
+            }
+        }
+        refuse_a_fifo_loop(
+            fd(&opened[0]),
+            &[("stdout", fd(&opened[1])), ("stderr", fd(&opened[2]))],
+            &self.stdin,
+        )?;
+        Ok(opened)
     }
 
     /// What a pty master is relayed to. A console that is a terminal is both input and output;
@@ -133,8 +145,48 @@ impl StdioPaths {
         let input = (!self.stdin.is_empty())
             .then(|| caller.open_stdio("stdin", &self.stdin, Access::Read))
             .transpose()?;
+        let output_name = if self.console.is_empty() {
+            "stdout"
+        } else {
+            "console"
+        };
+        refuse_a_fifo_loop(
+            input.as_ref().map(|fd| fd.as_fd()),
+            &[(output_name, output.as_ref().map(|fd| fd.as_fd()))],
+            &self.stdin,
+        )?;
         Ok((input, output))
     }
+}
+
+/// Refuses a stdin that is the same FIFO as an output: berthd relays FIFOs, so it would carry
+/// the process's output back into its input, and whatever goes in would circle through berthd
+/// (and a terminal's echo) for ever, at berthd's CPU. The same regular file or `/dev/null` is
+/// the process's own business.
+fn refuse_a_fifo_loop(
+    input: Option<BorrowedFd<'_>>,
+    outputs: &[(&str, Option<BorrowedFd<'_>>)],
+    stdin: &str,
+) -> Result<()> {
+    let fifo = |fd: BorrowedFd<'_>| {
+        rustix::fs::fstat(fd)
+            .ok()
+            .filter(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo
+            })
+            .map(|st| (st.st_dev, st.st_ino))
+    };
+    let Some(input) = input.and_then(fifo) else {
+        return Ok(());
+    };
+    for (name, output) in outputs {
+        if output.and_then(fifo) == Some(input) {
+            return Err(Error::InvalidArgument(format!(
+                "stdin and {name} are the same FIFO ({stdin}): berthd would carry the process's output back into its input; give each its own FIFO"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What a pty master is relayed to: input, output (see [`StdioPaths::open_relay`]).
@@ -596,6 +648,37 @@ mod tests {
         assert_eq!(result, Err(std::io::ErrorKind::BrokenPipe));
     }
 
+    /// One FIFO as stdin and as an output would have berthd carry the process's output back
+    /// into its input for ever; the same regular file or `/dev/null` twice is the process's
+    /// own business.
+    #[tokio::test]
+    async fn stdin_may_not_be_the_same_fifo_as_an_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let paths = |stdin: &Path, stdout: &Path, stderr: &Path| StdioPaths {
+            stdin: stdin.display().to_string(),
+            stdout: stdout.display().to_string(),
+            stderr: stderr.display().to_string(),
+            console: String::new(),
+            caller: as_root(dir.path()),
+        };
+        let null = Path::new("/dev/null");
+        let same_fifo = |result: Result<()>| match result {
+            Err(Error::InvalidArgument(message)) => message.contains("same FIFO"),
+            _ => false,
+        };
+        assert!(same_fifo(paths(&fifo, &fifo, null).open_all().map(drop)));
+        assert!(same_fifo(paths(&fifo, null, &fifo).open_all().map(drop)));
+        assert!(same_fifo(paths(&fifo, &fifo, null).open_relay().map(drop)));
+        // With a terminal, stderr is the terminal's: the FIFO named there is only checked.
+        assert!(paths(&fifo, null, &fifo).open_relay().is_ok());
+        assert!(paths(&file, &file, &file).open_all().is_ok());
+        assert!(paths(null, null, null).open_all().is_ok());
+    }
+
     #[tokio::test]
     async fn relative_paths_and_a_missing_caller_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -613,13 +696,16 @@ mod tests {
     async fn fifos_open_without_a_peer_and_regular_files_are_not_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let output = dir.path().join("output");
+        for path in [&fifo, &output] {
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        }
         let file = dir.path().join("log");
         std::fs::write(&file, "kept\n").unwrap();
         // Neither FIFO open may block although nobody has the other end open.
         let paths = StdioPaths {
             stdin: fifo.display().to_string(),
-            stdout: fifo.display().to_string(),
+            stdout: output.display().to_string(),
             stderr: file.display().to_string(),
             console: String::new(),
             caller: as_root(dir.path()),

@@ -156,6 +156,35 @@ async fn missing_stdio_paths_are_rejected_and_never_created() {
     .await
 }
 
+/// README: stdin may not be the same FIFO as an output. berthd relays FIFOs: `cat` with one
+/// FIFO as both would have each byte circle through berthd for ever, at berthd's CPU.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_fifo_as_stdin_and_an_output_is_refused_and_leaves_nothing() {
+    within(async {
+        let mut d = daemon!();
+        let baseline = warm_up(&mut d).await;
+        let id = id("fifo-loop");
+        let bundle = Bundle::new(&["cat"]);
+        let fifo = d.dir().join("loop");
+        crate::common::mkfifo(&fifo);
+        for output in ["stdout", "stderr"] {
+            let mut req = create_req(&id, &bundle);
+            req.stdin = path_str(&fifo);
+            match output {
+                "stdout" => req.stdout = path_str(&fifo),
+                _ => req.stderr = path_str(&fifo),
+            }
+            let message = expect_code(d.client.create_container(req).await, Code::InvalidArgument);
+            assert!(
+                message.contains("same FIFO") && message.contains(&path_str(&fifo)),
+                "{output}: {message}"
+            );
+            d.assert_nothing_left(&id, &baseline).await;
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn fifos_without_a_peer_do_not_hang_create() {
     within(async {
