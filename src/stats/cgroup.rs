@@ -5,6 +5,7 @@
 //! descriptors. Does not own: reading them (sampler), what they mean (snapshot), OOM notification
 //! (oom).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
@@ -131,6 +132,27 @@ impl Mounts {
             mounts.v2 = Some(PathBuf::from(UNIFIED_MOUNT_POINT));
         }
         mounts
+    }
+
+    /// The directory of cgroup path `cgroup` in the hierarchy a `/proc/<pid>/cgroup` line names
+    /// by `hierarchy` and `controllers` (`name=systemd` for a named one; hierarchy 0 with none
+    /// is the unified one), where this host mounts it.
+    pub fn dir_in(&self, hierarchy: u64, controllers: &str, cgroup: &Path) -> Option<PathBuf> {
+        let (root, point) = if hierarchy == 0 && controllers.is_empty() {
+            (Path::new("/"), self.v2.as_deref()?)
+        } else {
+            let wanted: BTreeSet<&str> = controllers.split(',').collect();
+            let mount = self
+                .v1
+                .iter()
+                .find(|m| m.controllers.split(',').collect::<BTreeSet<_>>() == wanted)?;
+            (mount.root.as_path(), mount.point.as_path())
+        };
+        let relative = cgroup
+            .strip_prefix(root)
+            .or_else(|_| cgroup.strip_prefix("/"))
+            .unwrap_or(cgroup);
+        Some(point.join(relative))
     }
 
     /// Where each v1 hierarchy is mounted.

@@ -336,6 +336,11 @@ impl StatsHub {
         Ok(Some(stats.subscribe()))
     }
 
+    /// The host's cgroup mounts, as found at start.
+    pub fn mounts(&self) -> &cgroup::Mounts {
+        &self.mounts
+    }
+
     /// OOM kills per container, as last reported by the OOM watches (no file is read).
     pub fn oom_kills(&self) -> HashMap<String, u64> {
         self.oom.kills()

@@ -6,7 +6,7 @@
 //! which create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio
 //! pipes (stdio_pipes).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::operation::Undo;
@@ -25,6 +25,7 @@ use crate::runtime::{Asker, CreateMode, Operation, RecordedCgroup};
 struct CreateSteps<'a> {
     request: &'a CreateRequest,
     bundle: &'a Path,
+    cgroups_path: Option<&'a Path>,
     restore: Option<&'a checkpoint::Restorable>,
     pid_file: &'a Path,
     console: Option<&'a stdio::ConsoleSocket>,
@@ -56,7 +57,11 @@ impl Supervisor {
         validate::container_id(&request.id)?;
         request.stdio.check()?;
         // The bundle's process is kept as the base of added processes.
-        let (bundle, base_process) = validate::bundle(&request.bundle, &request.caller).await?;
+        let validate::BundleConfig {
+            dir: bundle,
+            process: base_process,
+            cgroups_path,
+        } = validate::bundle(&request.bundle, &request.caller).await?;
         let restore = match request.checkpoint.as_str() {
             "" => None,
             name => {
@@ -94,6 +99,7 @@ impl Supervisor {
             let steps = CreateSteps {
                 request: &request,
                 bundle: &bundle,
+                cgroups_path: cgroups_path.as_deref(),
                 restore: restore.as_ref(),
                 pid_file: &pid_file,
                 console: console.as_ref(),
@@ -165,6 +171,7 @@ impl Supervisor {
         let CreateSteps {
             request,
             bundle,
+            cgroups_path,
             restore,
             pid_file,
             console,
@@ -183,7 +190,7 @@ impl Supervisor {
             pipes,
         } = stdio_pipes::pipe_fifos(opened)?;
         let console_socket = console.map(|c| c.path());
-        undo.runtime_state();
+        undo.runtime_state(cgroups_path.map(Path::to_path_buf));
         let claim = self.reaper.claim(pid_file);
         let create_mode = self.runtime.create_mode();
         match restore {
@@ -261,6 +268,59 @@ impl Supervisor {
                 runtime = %from_runtime,
                 "no stats or OOM events for this container"
             );
+        }
+    }
+
+    /// Removes the cgroups the runtime made for container `id` and left behind after a failed
+    /// create: one killed in the middle (by `--runtime-timeout`, say while an OCI hook sleeps)
+    /// removes none, and its delete cannot, knowing no such container. Where runc's cgroupfs
+    /// driver puts them: in each hierarchy berthd is in, the bundle's `cgroupsPath` when
+    /// absolute, else it or `<id>` beneath the cgroup the runtime ran in there (berthd's; for
+    /// the built-in runtime its memory cgroup in every hierarchy, as it places them). Only the
+    /// leaf, and only when empty (the kernel refuses otherwise), as the runtime's own delete
+    /// would. Usually there is none: the runtime removed it on its way out.
+    pub(super) async fn remove_left_cgroups(&self, id: &str, cgroups_path: Option<&Path>) {
+        let own = match crate::procfs::read_generated("/proc/self/cgroup", 2048) {
+            Ok(own) => own,
+            Err(e) => {
+                tracing::warn!(id, error = %e, "/proc/self/cgroup: a failed create's cgroups are not looked for");
+                return;
+            }
+        };
+        let one_for_all = if self.runtime.binary().is_builtin() {
+            crate::runtime::builtin::own_cgroup(&own).ok()
+        } else {
+            None
+        };
+        let mounts = self.stats.mounts();
+        let mut dirs = Vec::new();
+        let parsed = crate::stats::parse::proc_cgroup(&own, |line| {
+            let beneath = one_for_all
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(line.path));
+            let placed = crate::runtime::builtin::cgroup_placement(cgroups_path, id, &beneath);
+            dirs.extend(mounts.dir_in(line.hierarchy, line.controllers, &placed));
+        });
+        if let Err(e) = parsed {
+            tracing::warn!(id, error = %e, "a failed create's cgroups are not looked for");
+            return;
+        }
+        let id = id.to_owned();
+        let removing = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => {
+                        tracing::info!(id, dir = %dir.display(), "removed a cgroup the runtime left")
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(id, dir = %dir.display(), error = %e, "a cgroup the runtime left stays")
+                    }
+                }
+            }
+        });
+        if let Err(e) = removing.await {
+            tracing::warn!(error = %e, "removing a failed create's cgroups ended abnormally");
         }
     }
 

@@ -14,6 +14,7 @@
 //! Does not own: the steps of each operation (create, exec, checkpoint, update).
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -205,7 +206,8 @@ pub(super) struct Undo<'a> {
     /// Whose operation it is: its runtime delete takes that uid's runtime turn.
     asker: Asker,
     reservation: Option<Reservation<'a>>,
-    runtime_state: bool,
+    /// Set once the runtime may hold state, with the bundle's `cgroupsPath`.
+    runtime_state: Option<Option<PathBuf>>,
     started_pid: Option<i32>,
     process: Option<TrackedProcess>,
     relay: Option<RelayId>,
@@ -219,7 +221,7 @@ impl<'a> Undo<'a> {
             id,
             asker,
             reservation: None,
-            runtime_state: false,
+            runtime_state: None,
             started_pid: None,
             process: None,
             relay: None,
@@ -237,9 +239,10 @@ impl<'a> Undo<'a> {
         self.reservation = Some(reservation);
     }
 
-    /// The runtime may hold state for the container from here on: delete it.
-    pub(super) fn runtime_state(&mut self) {
-        self.runtime_state = true;
+    /// The runtime may hold state for the container from here on: delete it, and the cgroups
+    /// a runtime killed in the middle leaves behind (`cgroups_path` as the bundle gives it).
+    pub(super) fn runtime_state(&mut self, cgroups_path: Option<PathBuf>) {
+        self.runtime_state = Some(cgroups_path);
     }
 
     /// The runtime started process `pid` (a child of berthd): kill and reap it.
@@ -295,8 +298,11 @@ impl<'a> Undo<'a> {
         {
             tracing::debug!(id, pid = process.pid(), error = %e, "kill after a failed operation");
         }
-        if self.runtime_state {
+        if let Some(cgroups_path) = self.runtime_state.take() {
             self.supervisor.delete_from_runtime(id, self.asker).await;
+            self.supervisor
+                .remove_left_cgroups(id, cgroups_path.as_deref())
+                .await;
         }
         if let Some(process) = process {
             process.wait().await;

@@ -216,7 +216,7 @@ impl Supervisor {
         let caller = self.caller_named_by(record.named_by.as_ref());
         let path = record.bundle.display().to_string();
         match super::validate::bundle(&path, &caller).await {
-            Ok((_, process)) => process,
+            Ok(config) => config.process,
             Err(e) => {
                 tracing::warn!(id = %record.id, error = %e, "bundle config unreadable; added processes will run with the recorded process only");
                 minimal_process(&record.init)

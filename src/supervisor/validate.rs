@@ -172,11 +172,19 @@ pub(super) fn spec_bytes(
     strings + cwd + 4 * additional_gids.len()
 }
 
+/// What berthd takes from a bundle; the rest of the spec is the runtime's to read.
+#[derive(Debug)]
+pub struct BundleConfig {
+    pub dir: PathBuf,
+    pub process: Process,
+    /// `linux.cgroupsPath`, where the runtime puts the container's cgroups.
+    pub cgroups_path: Option<PathBuf>,
+}
+
 /// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec
 /// with a process, both opened as `caller` may open them: no symbolic link on the way, the
-/// config a regular file of bounded size, read off the reactor within a bound. Returns the
-/// directory and the spec's process (the rest of the spec is the runtime's to read).
-pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Process)> {
+/// config a regular file of bounded size, read off the reactor within a bound.
+pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
     if path.is_empty() {
         return Err(Error::InvalidArgument(
             "bundlePath is empty: give the absolute path of an OCI bundle".into(),
@@ -222,7 +230,11 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<(PathBuf, Process)> {
                 .into(),
         ));
     }
-    Ok((dir.to_owned(), process))
+    Ok(BundleConfig {
+        dir: dir.to_owned(),
+        process,
+        cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
+    })
 }
 
 #[cfg(test)]
@@ -457,8 +469,12 @@ mod tests {
             r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#,
         )
         .unwrap();
-        let (path, process) = bundle(root).await.unwrap();
-        assert_eq!(path, dir.path());
-        assert_eq!(process.args().as_deref(), Some(&["sh".to_owned()][..]));
+        let config = bundle(root).await.unwrap();
+        assert_eq!(config.dir, dir.path());
+        assert_eq!(
+            config.process.args().as_deref(),
+            Some(&["sh".to_owned()][..])
+        );
+        assert_eq!(config.cgroups_path, None);
     }
 }

@@ -493,6 +493,42 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
     .await
 }
 
+/// README: a failed request leaves no cgroup. runc makes the container's cgroups before its
+/// `createRuntime` hooks run; killed at the runtime timeout while one sleeps, it removes none,
+/// and its delete cannot, knowing no container without a `state.json`. berthd removes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_killed_in_a_hook_at_the_runtime_timeout_leaves_no_cgroup() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let mut d = daemon!(Options::args(&["--runtime-timeout", "3"]));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        bundle.edit(|c| {
+            c["hooks"] = serde_json::json!({
+                "createRuntime": [{"path": BUSYBOX, "args": ["busybox", "sleep", "1000"]}]
+            });
+        });
+        let id = id("hook-timeout");
+        for cgroups_path in [None, Some("/berth-test-hook-abs")] {
+            if let Some(path) = cgroups_path {
+                bundle.edit(|c| c["linux"]["cgroupsPath"] = path.into());
+            }
+            let result = d.client.create_container(create_req(&id, &bundle)).await;
+            expect_code(result, Code::DeadlineExceeded);
+            d.assert_gone(&id).await;
+            if let Some(path) = cgroups_path {
+                for mount in cgroup_mounts() {
+                    let left = mount.dir.join(path.trim_start_matches('/'));
+                    assert!(!left.exists(), "{} was left", left.display());
+                }
+            }
+            d.assert_no_zombies().await;
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
     within(async {
