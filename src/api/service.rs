@@ -481,7 +481,7 @@ impl proto::api_server::Api for ApiService {
                     )),
                     Err(Lagged::Missed(missed)) => Some((
                         Err(Status::resource_exhausted(format!(
-                            "events subscriber fell behind and missed {missed} events; subscribe again and re-read State"
+                            "events subscriber fell behind: {missed} events were dropped before it read them, and the stream ends here, so none after them is sent either; subscribe again and re-read State"
                         ))),
                         None,
                     )),
