@@ -512,3 +512,72 @@ async fn an_upgrade_to_a_broken_binary_is_refused_and_berthd_keeps_serving() {
     })
     .await;
 }
+
+/// The processes of container `init` whose command line is `cmdline` (NUL-separated).
+fn in_container_running(init: u32, cmdline: &[u8]) -> Vec<u32> {
+    let cgroup = |pid: u32| std::fs::read(format!("/proc/{pid}/cgroup")).ok();
+    let theirs = cgroup(init);
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            pid != init
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline)
+                && cgroup(pid) == theirs
+        })
+        .collect()
+}
+
+/// An exec cut off by berthd's death after `runc exec` started its process but before berthd
+/// recorded it: nothing would track that process or report its exit, and the client, answered
+/// UNAVAILABLE, may run the exec again. The next start kills it; the container runs on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_an_exec_cut_off_by_a_crash_started_is_killed_at_the_restart() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        // Real runc that lingers after an exec has started its process.
+        let body = format!(
+            "#!/bin/sh\n{} \"$@\"\nrc=$?\nfor arg in \"$@\"; do\n  [ \"$arg\" = exec ] && sleep 10\ndone\nexit $rc\n",
+            runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "lingering-exec-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let ctr = d.run("cut-exec", &["sleep", "1000"]).await;
+        let mut client = d.connect().await;
+        let req = exec_req(&ctr.id, &["sleep", "999"]);
+        let exec = tokio::spawn(async move { client.add_process(req).await });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stray = loop {
+            if let [pid] = in_container_running(ctr.pid, b"sleep\0999\0")[..] {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the exec never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        d.crash();
+        assert!(exec.await.expect("exec task").is_err());
+        d.start_again().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pid_gone(stray) {
+            assert!(
+                Instant::now() < deadline,
+                "the unrecorded exec {stray} still runs after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let state = d.state().await;
+        let adopted = state
+            .containers
+            .iter()
+            .find(|c| c.id == ctr.id)
+            .expect("the container runs on");
+        let pids: Vec<u32> = adopted.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [ctr.pid]);
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
