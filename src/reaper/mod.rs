@@ -382,6 +382,19 @@ impl TrackedProcess {
         self.pid
     }
 
+    /// Whether the process has exited (its pidfd polls readable), whether or not it is reaped.
+    pub fn has_exited(&self) -> bool {
+        let Some(fd) = &self.fd else {
+            return true;
+        };
+        let mut poll = [rustix::event::PollFd::new(
+            fd.get_ref(),
+            rustix::event::PollFlags::IN,
+        )];
+        let no_wait = rustix::time::Timespec::default();
+        matches!(rustix::event::poll(&mut poll, Some(&no_wait)), Ok(n) if n > 0)
+    }
+
     /// Sends `signal` through the pidfd, so a recycled pid is never signalled by mistake.
     pub fn signal(&self, signal: i32) -> Result<()> {
         let fd = self
@@ -695,6 +708,52 @@ pub(crate) mod tests {
             process.signal(libc::SIGTERM),
             Err(Error::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_exit_shows_before_it_is_collected() {
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        let process = reaper.track(spawn_child("sleep 30")).unwrap();
+        assert!(!process.has_exited());
+        process.signal(libc::SIGKILL).unwrap();
+        until_zombie(process.pid()).await;
+        assert!(process.has_exited());
+        assert_eq!(process.wait().await, 137);
+    }
+
+    /// Once berthd stops collecting (it is stopping or upgrading), an exit watcher collects
+    /// nothing and the orphan sweep reaps nothing: the zombie is left, with its status, for
+    /// the next image or start.
+    #[tokio::test]
+    async fn once_collecting_stops_exits_are_left_uncollected() {
+        let _children = CHILD_PROCESSES.lock().await;
+        let reaper = Reaper::new();
+        let process = reaper.track(spawn_child("exit 5")).unwrap();
+        let orphan = spawn_child("exit 6");
+        until_zombie(process.pid()).await;
+        until_zombie(orphan).await;
+        reaper.stop_collecting();
+        let collected = tokio::time::timeout(
+            Duration::from_secs(5),
+            process.wait_collected(|| "collected"),
+        )
+        .await
+        .expect("a stopped collection answers at once");
+        assert_eq!(collected, None);
+        assert!(reaper.sweep());
+        for pid in [process.pid(), orphan] {
+            assert!(
+                sys::waitid(WaitTarget::Pid(pid), true).unwrap().is_some(),
+                "{pid} was reaped"
+            );
+        }
+        // Taken back the way an undo or the next image would.
+        assert_eq!(process.wait().await, 5);
+        let (_, raw) = sys::waitid(WaitTarget::Pid(orphan), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit_code(raw), Some(6));
     }
 
     #[tokio::test]

@@ -529,6 +529,38 @@ async fn a_create_killed_in_a_hook_at_the_runtime_timeout_leaves_no_cgroup() {
     .await
 }
 
+/// An AddProcess whose container's init exits while the runtime's exec is on its way: the
+/// runtime's refusal ("container does not exist", "cannot exec in a stopped container") is
+/// that exit, answered NOT_FOUND as for a container already gone, and leaves nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_racing_its_containers_exit_is_not_found() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        // Real runc whose exec starts only after the container's init has ended.
+        let body = format!(
+            "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = exec ] && sleep 2\ndone\nexec {} \"$@\"\n",
+            runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "late-exec-runc", &body);
+        let mut d = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let baseline = warm_up(&mut d).await;
+        let mut events = d.events().await;
+        let ctr = d.run("exits-under-exec", &["sh", "-c", "sleep 1"]).await;
+        let result = d
+            .client
+            .add_process(exec_req(&ctr.id, &["sleep", "30"]))
+            .await;
+        let message = expect_code(result, Code::NotFound);
+        assert!(message.contains("has exited"), "{message}");
+        assert_eq!(events.exit_status(&ctr.id, ctr.pid).await, 0);
+        d.assert_nothing_left(&ctr.id, &baseline).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_in_flight_when_the_helper_dies_fail_unavailable() {
     within(async {
