@@ -261,20 +261,16 @@ async fn serve(
     }
     // Operations are the supervisor's, not their requests': let them finish (within one runtime
     // timeout) so their clients get answers and nothing is cut in half by the exit or execve.
-    let abandoned = supervisor.drain_operations(config.runtime_timeout()).await;
+    // Then no exit is collected any more, and the clean-ups of those collected meanwhile are
+    // waited for: all within the one bound.
+    let grace_ends = tokio::time::Instant::now() + config.runtime_timeout();
+    supervisor.drain_operations(config.runtime_timeout()).await;
+    let left = grace_ends.saturating_duration_since(tokio::time::Instant::now());
+    let abandoned = supervisor.stop_collecting_exits(left).await;
     if abandoned > 0 {
         tracing::warn!(
             abandoned,
-            "operations still in flight after the grace period; the next start removes what they left"
-        );
-    }
-    let abandoned = supervisor
-        .stop_collecting_exits(config.runtime_timeout())
-        .await;
-    if abandoned > 0 {
-        tracing::warn!(
-            abandoned,
-            "clean-ups after exits still running after the grace period; the next start finishes them"
+            "operations or clean-ups after exits still in flight after the grace period; the next start removes what they left"
         );
     }
     let _ = metrics_stop.send(true);

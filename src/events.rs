@@ -289,7 +289,9 @@ impl EventBus {
             kind,
             published_bytes: published,
         });
-        self.follow_up_recovery(&event);
+        // Held until the event is in the ring, so that a subscriber gets it from the backlog or
+        // from the ring, never both.
+        let _backlog = self.follow_up_recovery(&event);
         // No subscriber is not an error: the event simply has nobody to go to.
         let _ = self.sender.send(event);
         self.published_one.notify_waiters();
@@ -301,25 +303,29 @@ impl EventBus {
     /// The exit of a container the backlog says is `live` joins the backlog after it: a
     /// subscriber arriving later within the window must not be told that a container which has
     /// ended since is running.
-    fn follow_up_recovery(&self, event: &Arc<Event>) {
+    /// Returns the backlog's lock when it took the event.
+    fn follow_up_recovery(
+        &self,
+        event: &Arc<Event>,
+    ) -> Option<std::sync::MutexGuard<'_, Option<Recovery>>> {
         if !matches!(event.kind, EventKind::Exit { .. }) {
-            return;
+            return None;
         }
         let mut recovery = self.recovery.lock().expect("event lock poisoned");
-        let Some(backlog) = recovery.as_mut() else {
-            return;
-        };
+        let backlog = recovery.as_mut()?;
         if Instant::now() >= backlog.until {
             *recovery = None;
-            return;
+            return None;
         }
         let was_live = backlog
             .events
             .iter()
             .any(|e| e.kind == EventKind::Live && e.id == event.id && e.pid == event.pid);
-        if was_live {
-            backlog.events.push(Arc::clone(event));
+        if !was_live {
+            return None;
         }
+        backlog.events.push(Arc::clone(event));
+        Some(recovery)
     }
 
     /// Drops the ring's receiver of every subscription more than `bytes_behind` behind

@@ -55,13 +55,6 @@ pub fn process_start_time(pid: u32) -> Result<u64> {
         .ok_or_else(|| Error::Internal(format!("{path}: no start time in its contents")))
 }
 
-/// The parent of `pid` (0 for one whose parent is outside berthd's pid namespace); None once
-/// it is gone.
-pub fn parent_pid(pid: u32) -> Option<u32> {
-    let (_, stat) = read_stat(pid).ok()?;
-    stat_field(&stat, 4).and_then(|ppid| u32::try_from(ppid).ok())
-}
-
 /// The kernel's `PF_EXITING`: set when a task begins to exit, never cleared.
 const PF_EXITING: u64 = 0x4;
 
@@ -113,13 +106,6 @@ fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_parent_is_field_4() {
-        let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
-        assert_eq!(parent_pid(std::process::id()), Some(parent));
-        assert_eq!(parent_pid(u32::MAX - 1), None);
-    }
 
     #[test]
     fn start_time_is_field_22_even_with_odd_command_names() {

@@ -190,6 +190,24 @@ impl Reaper {
         self.exit_info
     }
 
+    /// The exit status of `pid`, an init the runtime reports stopped at a restart or upgrade,
+    /// where it is still berthd's to collect: a zombie child that started at `start_time`
+    /// (clock ticks since boot), left by an image that stopped collecting before its upgrade,
+    /// or one the orphan sweep has reaped since. None where the host's init reaped it.
+    pub(crate) fn collect_ended(&self, pid: i32, start_time: u64) -> Option<u32> {
+        let mut tables = self.tables.lock().expect("reaper lock poisoned");
+        if let Some((code, _)) = tables.orphan_exits.remove(&pid) {
+            return Some(code);
+        }
+        let fd = sys::open(pid).ok()?;
+        match crate::procfs::process_start_time(pid as u32) {
+            Ok(now) if now == start_time => {}
+            _ => return None,
+        }
+        let (_, raw) = sys::waitid(WaitTarget::PidFd(fd.as_fd()), false).ok()??;
+        Some(exit_code(raw).unwrap_or(UNKNOWN_EXIT))
+    }
+
     /// Starts tracking `pid` again after a restart or upgrade, if it is still the process that
     /// started at `start_time` (clock ticks since boot). `Ok(None)` when it is gone.
     pub(crate) fn adopt(

@@ -271,14 +271,14 @@ impl Supervisor {
         }
     }
 
-    /// Removes the cgroups the runtime made for container `id` and left behind after a failed
-    /// create: one killed in the middle (by `--runtime-timeout`, say while an OCI hook sleeps)
-    /// removes none, and its delete cannot, knowing no such container. Where runc's cgroupfs
-    /// driver puts them: in each hierarchy berthd is in, the bundle's `cgroupsPath` when
-    /// absolute, else it or `<id>` beneath the cgroup the runtime ran in there (berthd's; for
-    /// the built-in runtime its memory cgroup in every hierarchy, as it places them). Only the
-    /// leaf, and only when empty (the kernel refuses otherwise), as the runtime's own delete
-    /// would. Usually there is none: the runtime removed it on its way out.
+    /// Removes the cgroups the runtime made for container `id` and left behind when it was
+    /// killed at `--runtime-timeout` (say while an OCI hook sleeps): it removed none, and its
+    /// delete cannot, knowing no such container. Where runc's cgroupfs driver puts them: in each
+    /// hierarchy berthd is in, the bundle's `cgroupsPath` when absolute, else it or `<id>`
+    /// beneath the cgroup the runtime ran in there (berthd's; beside it for runc's v2 driver on
+    /// a unified host; for the built-in runtime beneath its memory cgroup in every hierarchy, as
+    /// it places them). Only the leaf, never berthd's own cgroup, one above it or a root, and
+    /// only when empty (the kernel refuses otherwise), as the runtime's own delete would.
     pub(super) async fn remove_left_cgroups(&self, id: &str, cgroups_path: Option<&Path>) {
         let own = match crate::procfs::read_generated("/proc/self/cgroup", 2048) {
             Ok(own) => own,
@@ -292,23 +292,48 @@ impl Supervisor {
         } else {
             None
         };
-        let mounts = self.stats.mounts();
-        let mut dirs = Vec::new();
+        let mut lines = Vec::new();
         let parsed = crate::stats::parse::proc_cgroup(&own, |line| {
-            let beneath = one_for_all
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(line.path));
-            let placed = crate::runtime::builtin::cgroup_placement(cgroups_path, id, &beneath);
-            dirs.extend(mounts.dir_in(line.hierarchy, line.controllers, &placed));
+            lines.push((
+                line.hierarchy,
+                line.controllers.to_owned(),
+                PathBuf::from(line.path),
+            ));
         });
         if let Err(e) = parsed {
             tracing::warn!(id, error = %e, "a failed create's cgroups are not looked for");
             return;
         }
+        let unified_only = lines.iter().all(|(hierarchy, ..)| *hierarchy == 0);
+        let mounts = self.stats.mounts();
+        let mut dirs = Vec::new();
+        for (hierarchy, controllers, own) in &lines {
+            let beneath = match &one_for_all {
+                Some(all) => all.clone(),
+                None if unified_only => own.parent().unwrap_or(own).to_path_buf(),
+                None => own.clone(),
+            };
+            let placed = crate::runtime::builtin::cgroup_placement(cgroups_path, id, &beneath);
+            if placed == Path::new("/") || own.starts_with(&placed) {
+                continue;
+            }
+            dirs.extend(mounts.dir_in(*hierarchy, controllers, &placed));
+        }
         let id = id.to_owned();
         let removing = tokio::task::spawn_blocking(move || {
             for dir in dirs {
-                match std::fs::remove_dir(&dir) {
+                // A process killed with the runtime leaves its cgroup as it finishes exiting.
+                let mut tries = 0;
+                let removed = loop {
+                    match std::fs::remove_dir(&dir) {
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 10 => {
+                            tries += 1;
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                        other => break other,
+                    }
+                };
+                match removed {
                     Ok(()) => {
                         tracing::info!(id, dir = %dir.display(), "removed a cgroup the runtime left")
                     }

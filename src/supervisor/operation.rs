@@ -240,7 +240,7 @@ impl<'a> Undo<'a> {
     }
 
     /// The runtime may hold state for the container from here on: delete it, and the cgroups
-    /// a runtime killed in the middle leaves behind (`cgroups_path` as the bundle gives it).
+    /// a runtime killed at its timeout leaves behind (`cgroups_path` as the bundle gives it).
     pub(super) fn runtime_state(&mut self, cgroups_path: Option<PathBuf>) {
         self.runtime_state = Some(cgroups_path);
     }
@@ -298,14 +298,19 @@ impl<'a> Undo<'a> {
         {
             tracing::debug!(id, pid = process.pid(), error = %e, "kill after a failed operation");
         }
-        if let Some(cgroups_path) = self.runtime_state.take() {
+        let runtime_state = self.runtime_state.take();
+        if runtime_state.is_some() {
             self.supervisor.delete_from_runtime(id, self.asker).await;
-            self.supervisor
-                .remove_left_cgroups(id, cgroups_path.as_deref())
-                .await;
         }
         if let Some(process) = process {
             process.wait().await;
+        }
+        // Only a runtime killed at its timeout leaves its cgroups: one that failed removed them
+        // on its way out, and what is there now may be another's.
+        if let (Some(cgroups_path), Error::Timeout { .. }) = (runtime_state, &err) {
+            self.supervisor
+                .remove_left_cgroups(id, cgroups_path.as_deref())
+                .await;
         }
         drop(self.reservation.take());
         err

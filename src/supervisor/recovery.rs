@@ -87,12 +87,20 @@ impl Supervisor {
                         tracing::info!(id = %record.id, pid = record.init.pid, "container ended while berthd was down");
                         self.delete_from_runtime(&record.id, Asker::Berthd).await;
                     }
+                    // An upgrade leaves the exits of its last moments uncollected: their
+                    // statuses are still berthd's to read.
+                    let status = if unmatched_live {
+                        None
+                    } else {
+                        self.reaper
+                            .collect_ended(record.init.pid as i32, record.init.start_time)
+                    };
                     self.store.remove(&record.id);
                     self.events.record_recovery(
                         &record.id,
                         record.init.pid,
                         EventKind::Exit {
-                            status: UNKNOWN_EXIT,
+                            status: status.unwrap_or(UNKNOWN_EXIT),
                         },
                         replay,
                     );
@@ -449,7 +457,6 @@ impl Supervisor {
                 tracing::warn!(id = %record.id, error = %e, "no stats or OOM events for this adopted container")
             }
         }
-        kill_unrecorded_execs(&record.id, record.init.pid, &live, self.stats.mounts());
         self.events
             .record_recovery(&record.id, record.init.pid, EventKind::Live, replay);
         for process in added {
@@ -466,76 +473,6 @@ struct Listed {
     pid: u32,
     status: String,
     bundle: PathBuf,
-}
-
-/// Kills the processes that execs cut off by berthd's death left in the container: started by
-/// `runtime exec` but never recorded, so nothing tracks them or would report their exit, and
-/// their clients, answered UNAVAILABLE, may well run them again. They are the container's
-/// processes (its cgroups, its pid namespace) whose parent is outside that namespace: the
-/// container's own processes descend from its init. `known` are the init and the adopted
-/// added processes. Not for a container in berthd's own pid namespace, where nothing tells
-/// the two apart.
-fn kill_unrecorded_execs(
-    id: &str,
-    init: u32,
-    known: &[u32],
-    mounts: &crate::stats::cgroup::Mounts,
-) {
-    use std::os::unix::fs::MetadataExt;
-    let pid_namespace = |pid: u32| {
-        std::fs::metadata(format!("/proc/{pid}/ns/pid"))
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
-    };
-    let Some(theirs) = pid_namespace(init) else {
-        return;
-    };
-    if pid_namespace(std::process::id()) == Some(theirs) {
-        return;
-    }
-    let dir = match mounts.locate(init) {
-        Ok(crate::stats::cgroup::Location::V1(dirs)) => match dirs.memory.or(dirs.cpuacct) {
-            Some(dir) => dir,
-            None => return,
-        },
-        Ok(crate::stats::cgroup::Location::V2(dir)) => dir,
-        Err(_) => return,
-    };
-    let procs = dir.join("cgroup.procs");
-    let Ok(text) = crate::procfs::read_generated(&procs, 4096) else {
-        return;
-    };
-    let pids = text
-        .split(|&b| b == b'\n')
-        .filter_map(|line| std::str::from_utf8(line).ok()?.trim().parse::<u32>().ok());
-    for pid in pids.filter(|pid| !known.contains(pid)) {
-        let Some(parent) = crate::procfs::parent_pid(pid) else {
-            continue;
-        };
-        if parent != 0 && pid_namespace(parent) == Some(theirs) {
-            continue;
-        }
-        let Some(raw) = rustix::process::Pid::from_raw(pid as i32) else {
-            continue;
-        };
-        // Through a pidfd, and only if the pid it names is still in the container's cgroups.
-        let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
-        else {
-            continue;
-        };
-        if !same_cgroup(init, pid) {
-            continue;
-        }
-        match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
-            Ok(()) => tracing::warn!(
-                id,
-                pid,
-                parent,
-                "killed a process an exec cut off by berthd's end left unrecorded in the container"
-            ),
-            Err(e) => tracing::debug!(id, pid, error = %e, "unrecorded exec not killed"),
-        }
-    }
 }
 
 /// Whether `pid` is in the same cgroups as the init `init`, as every process `runtime exec`

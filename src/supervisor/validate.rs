@@ -233,7 +233,12 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
     Ok(BundleConfig {
         dir: dir.to_owned(),
         process,
-        cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
+        // Empty is unset, as the runtime takes it.
+        cgroups_path: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .filter(|path| !path.as_os_str().is_empty()),
     })
 }
 

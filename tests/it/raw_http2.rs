@@ -910,3 +910,40 @@ async fn an_exit_while_berthd_stops_is_reported_by_the_next_start() {
     })
     .await
 }
+
+/// The same window in an in-place upgrade: the exit is left uncollected, and the new image,
+/// still the init's parent, reports it with its true status (the runtime lists the container
+/// stopped, as it does any zombie init).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exit_while_berthd_upgrades_is_reported_with_its_status_by_the_new_image() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut stuck = Connection::open(&daemon).await;
+        let mut wire = windows(0);
+        let request = EventsRequest::default().encode_to_vec();
+        let (_, call) = stuck.calls("/types.API/Events", &request, 1);
+        wire.extend(call);
+        stuck.socket.write_all(&wire).await.expect("subscribe");
+        let mut events = daemon.events().await;
+        let ctr = daemon
+            .run("exits-while-upgrading", &["sh", "-c", "sleep 2; exit 6"])
+            .await;
+        let started = std::time::Instant::now();
+        events
+            .wait_for("start-container", |e| {
+                e.r#type == "start-container" && e.id == ctr.id
+            })
+            .await;
+        upgrade_in_place(&daemon.socket()).await;
+        assert!(
+            started.elapsed() > Duration::from_secs(3),
+            "the upgrade took {:?}, ending before the container's exit: nothing was tested",
+            started.elapsed()
+        );
+        let mut after = daemon.events().await;
+        assert_eq!(after.exit_status(&ctr.id, ctr.pid).await, 6);
+        daemon.assert_gone(&ctr.id).await;
+        drop(stuck);
+    })
+    .await
+}
