@@ -3,7 +3,8 @@
 //!
 //! Owns: one pidfd per tracked process, polled by the tokio reactor; collecting a tracked
 //! process's status with `waitid(P_PIDFD)`, or from the pidfd for an adopted one; opening its
-//! namespaces; reaping orphans nobody registered.
+//! namespaces; reaping orphans nobody registered; collecting nothing once berthd stops or
+//! upgrades ([`Reaper::stop_collecting`]), and the statuses an upgrade left uncollected.
 //! Does not own: decoding a wait status (the one decoder is [`crate::wait_status::exit_code`]),
 //! what an exit means for a container (the supervisor) or spawning (spawn).
 //!
@@ -319,6 +320,9 @@ impl Reaper {
                 Ok(None) | Err(_) => return true,
             };
             let mut tables = self.tables.lock().expect("reaper lock poisoned");
+            if tables.stopped_collecting {
+                return true;
+            }
             if tables.tracked.contains(&pid) || tables.claimed(pid) {
                 return false;
             }
@@ -500,7 +504,8 @@ impl TrackedProcess {
     /// [`Self::wait`] for an exit watcher: `collected` runs under the reaper's lock as the exit
     /// is collected, so whatever it takes (the clean-up's place among the operations a stop
     /// waits for) is held before [`Reaper::stop_collecting`] can return. None once berthd has
-    /// stopped collecting: the process is left as it is, unreaped.
+    /// stopped collecting: the process is left as it is, unreaped (one the orphan sweep reaped
+    /// before it was tracked keeps its code in the sweep's table for a while).
     pub async fn wait_collected<T>(&self, collected: impl FnOnce() -> T) -> Option<(u32, T)> {
         self.wait_inner(true, collected).await
     }

@@ -81,9 +81,13 @@ impl Supervisor {
                 .tracked
                 .wait_collected(|| supervisor.cleanup_ticket())
                 .await;
-            if let Some((status, cleanup)) = collected {
-                supervisor.init_exited(&container, status, namespaces).await;
-                drop(cleanup);
+            match collected {
+                Some((status, cleanup)) => {
+                    supervisor.init_exited(&container, status, namespaces).await;
+                    drop(cleanup);
+                }
+                // Off the reactor, as always: the last close runs the namespaces' teardown.
+                None => namespaces.release().await,
             }
         });
     }
