@@ -129,10 +129,14 @@ impl Drop for Waiting<'_> {
 /// the socket, at most, on one connection.
 pub const ANSWERS_AHEAD: usize = 4;
 
-/// What `SO_PEERCRED` said of an API connection's peer when the listener accepted it; `None` when
-/// it could not be read.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerCredentials(pub Option<nix::sys::socket::UnixCredentials>);
+/// What `SO_PEERCRED` said of an API connection's peer when the listener accepted it (`None` when
+/// it could not be read), and `SO_PEERGROUPS` its supplementary groups (`None` where the kernel
+/// gives none: they are then read from `/proc`).
+#[derive(Debug, Clone)]
+pub struct PeerCredentials(
+    pub Option<nix::sys::socket::UnixCredentials>,
+    pub Option<std::sync::Arc<[u32]>>,
+);
 
 /// Whether an API connection's socket takes what is written to it: false from a write that found
 /// it full until a write goes through whole. Closed when the connection is.

@@ -1,5 +1,6 @@
 //! Who is calling: every request carries the peer of its connection, read from `SO_PEERCRED`
-//! at accept ([`PeerCredentials`]) with its supplementary groups. Only uid 0 and members of
+//! at accept ([`PeerCredentials`]) with its supplementary groups (`SO_PEERGROUPS`, also at
+//! accept, so a connection outlives the process that opened it; else from `/proc`). Only uid 0 and members of
 //! `--group` are served; what needs uid 0 asks [`require_root`]. Mutating requests leave one
 //! audit line each.
 //!
@@ -34,7 +35,15 @@ impl Gate {
             ));
         };
         let pid = cred.pid().max(0) as u32;
-        let peer = Peer::from_credentials(pid, cred.uid(), cred.gid())?;
+        let peer = match credentials.and_then(|credentials| credentials.1.as_ref()) {
+            Some(groups) => Peer {
+                pid,
+                uid: cred.uid(),
+                gid: cred.gid(),
+                groups: groups.to_vec(),
+            },
+            None => Peer::from_credentials(pid, cred.uid(), cred.gid())?,
+        };
         if peer.is_root() || peer.in_group(self.group) {
             return Ok(peer);
         }
@@ -101,6 +110,32 @@ pub fn logged(id: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn credentials(pid: i32, uid: u32, groups: Option<&[u32]>) -> PeerCredentials {
+        let ucred = libc::ucred { pid, uid, gid: uid };
+        PeerCredentials(Some(ucred.into()), groups.map(Into::into))
+    }
+
+    /// The groups `SO_PEERGROUPS` recorded at connect time admit the peer even once the process
+    /// that connected is gone (here a pid that does not exist): a connection handed to a child
+    /// outlives its opener. Without them the groups come from `/proc`, which then fails.
+    #[test]
+    fn the_groups_taken_at_accept_admit_a_peer_whose_process_is_gone() {
+        let gate = Gate::new(4242);
+        let gone = i32::MAX - 1;
+        let member = gate
+            .admit(Some(&credentials(gone, 1000, Some(&[10, 4242]))))
+            .unwrap();
+        assert_eq!((member.uid, member.pid), (1000, gone as u32));
+        assert!(matches!(
+            gate.admit(Some(&credentials(gone, 1000, Some(&[10])))),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            gate.admit(Some(&credentials(gone, 1000, None))),
+            Err(Error::Unavailable(_))
+        ));
+    }
 
     #[test]
     fn logged_ids_are_escaped_and_bounded_unless_valid() {

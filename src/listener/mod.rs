@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
+#[allow(unsafe_code)]
+mod peer_groups;
 mod socket;
 
 pub use socket::ApiSocket;

@@ -79,11 +79,18 @@ impl ApiSocket {
         // rustix's `UCred` (a non-zero pid) cannot hold.
         let credentials =
             nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::PeerCredentials);
+        let groups = match super::peer_groups::of(socket.as_fd()) {
+            Ok(groups) => Some(groups.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "no SO_PEERGROUPS; the peer's groups come from /proc");
+                None
+            }
+        };
         let credentials = match credentials {
-            Ok(credentials) => PeerCredentials(Some(credentials)),
+            Ok(credentials) => PeerCredentials(Some(credentials), groups),
             Err(e) => {
                 tracing::warn!(error = %e, "could not read a connection's peer credentials; its requests will be refused");
-                PeerCredentials(None)
+                PeerCredentials(None, None)
             }
         };
         Ok(ApiSocket {
@@ -249,7 +256,7 @@ impl tonic::transport::server::Connected for ApiSocket {
 
     fn connect_info(&self) -> ConnectionInfo {
         ConnectionInfo {
-            credentials: self.credentials,
+            credentials: self.credentials.clone(),
             room: SocketRoom(self.room.subscribe()),
             answers: std::sync::Arc::clone(&self.answers),
             sent: std::sync::Arc::clone(&self.sent),
