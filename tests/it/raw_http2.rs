@@ -868,6 +868,31 @@ async fn requests_begun_and_never_finished_hold_no_more_than_the_budget() {
     .await
 }
 
+/// A subscriber that gives its Events stream no flow-control window, and a container `name`
+/// that exits with 6 two seconds after its start, which that stream now holds unsent: a stop or
+/// upgrade begun now lingers through its grace period past the exit. Returns the subscriber's
+/// connection (keep it open), the container and when it started.
+async fn stuck_while_exiting(
+    daemon: &mut Daemon,
+    name: &str,
+) -> (Connection, Container, std::time::Instant) {
+    let mut stuck = Connection::open(daemon).await;
+    let mut wire = windows(0);
+    let request = EventsRequest::default().encode_to_vec();
+    let (_, call) = stuck.calls("/types.API/Events", &request, 1);
+    wire.extend(call);
+    stuck.socket.write_all(&wire).await.expect("subscribe");
+    let mut events = daemon.events().await;
+    let ctr = daemon.run(name, &["sh", "-c", "sleep 2; exit 6"]).await;
+    let started = std::time::Instant::now();
+    events
+        .wait_for("start-container", |e| {
+            e.r#type == "start-container" && e.id == ctr.id
+        })
+        .await;
+    (stuck, ctr, started)
+}
+
 /// README: a container that ends while berthd is down is reported by the next start. A stop
 /// lingers after its streams have ended while a stream cannot finish (here a subscriber that
 /// gives its stream no flow-control window holds it open through the shutdown's grace period);
@@ -877,23 +902,7 @@ async fn requests_begun_and_never_finished_hold_no_more_than_the_budget() {
 async fn an_exit_while_berthd_stops_is_reported_by_the_next_start() {
     within(async {
         let mut daemon = daemon!();
-        let mut stuck = Connection::open(&daemon).await;
-        let mut wire = windows(0);
-        let request = EventsRequest::default().encode_to_vec();
-        let (_, call) = stuck.calls("/types.API/Events", &request, 1);
-        wire.extend(call);
-        stuck.socket.write_all(&wire).await.expect("subscribe");
-        let mut events = daemon.events().await;
-        let ctr = daemon
-            .run("exits-while-stopping", &["sh", "-c", "sleep 2; exit 6"])
-            .await;
-        let started = std::time::Instant::now();
-        // The stuck subscriber's stream now holds an event it has no window for.
-        events
-            .wait_for("start-container", |e| {
-                e.r#type == "start-container" && e.id == ctr.id
-            })
-            .await;
+        let (stuck, ctr, started) = stuck_while_exiting(&mut daemon, "exits-while-stopping").await;
         daemon.stop();
         assert!(
             started.elapsed() > Duration::from_secs(3),
@@ -918,22 +927,7 @@ async fn an_exit_while_berthd_stops_is_reported_by_the_next_start() {
 async fn an_exit_while_berthd_upgrades_is_reported_with_its_status_by_the_new_image() {
     within(async {
         let mut daemon = daemon!();
-        let mut stuck = Connection::open(&daemon).await;
-        let mut wire = windows(0);
-        let request = EventsRequest::default().encode_to_vec();
-        let (_, call) = stuck.calls("/types.API/Events", &request, 1);
-        wire.extend(call);
-        stuck.socket.write_all(&wire).await.expect("subscribe");
-        let mut events = daemon.events().await;
-        let ctr = daemon
-            .run("exits-while-upgrading", &["sh", "-c", "sleep 2; exit 6"])
-            .await;
-        let started = std::time::Instant::now();
-        events
-            .wait_for("start-container", |e| {
-                e.r#type == "start-container" && e.id == ctr.id
-            })
-            .await;
+        let (stuck, ctr, started) = stuck_while_exiting(&mut daemon, "exits-while-upgrading").await;
         upgrade_in_place(&daemon.socket()).await;
         assert!(
             started.elapsed() > Duration::from_secs(3),

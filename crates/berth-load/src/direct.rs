@@ -3,7 +3,7 @@
 //! between: berthd's runtime (runc), and optionally a second one beside it (youki).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -190,16 +190,8 @@ async fn measure(
                 ctx.runtime(&["start", &ctx.id]).await?;
             }
             Launch::RunDetached => {
-                let args = [
-                    "run",
-                    "-d",
-                    "--bundle",
-                    &bundle,
-                    "--pid-file",
-                    &pid_file,
-                    &ctx.id,
-                ];
-                ctx.runtime(&args).await?;
+                ctx.runtime(&run_detached_args(&bundle, &pid_file, &ctx.id))
+                    .await?;
             }
         }
         Ok(began.elapsed())
@@ -249,20 +241,9 @@ async fn measure(
     // 3.7 and 2.8 ms with a delete between kills, runc, 500 containers).
     let label = format!("{} kill C={c}", on.runtime.name);
     let reaped_after_kill = for_each(on, &ids, c, &label, |ctx| async move {
-        let pid = fs::read_to_string(ctx.pid_file())
-            .ok()
-            .and_then(|text| text.trim().parse::<i32>().ok())
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| LoadError(format!("{}: no pid", ctx.pid_file().display())))?;
+        let pid = init_pid(&ctx.pid_file())?;
         let killed = Instant::now();
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-            .map_err(|e| LoadError(format!("kill {}: {e}", ctx.id)))?;
-        tokio::task::spawn_blocking(move || {
-            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
-        })
-        .await
-        .map_err(|e| LoadError(format!("reaping {}: {e}", ctx.id)))?
-        .map_err(|e| LoadError(format!("reaping {}: {e}", ctx.id)))?;
+        kill_and_reap(pid, &ctx.id).await?;
         Ok(killed.elapsed())
     })
     .await?;
@@ -286,6 +267,33 @@ async fn measure(
         made,
         memory,
     })
+}
+
+/// `run -d` of container `id` from `bundle`, its init's pid written to `pid_file`.
+pub fn run_detached_args<'a>(bundle: &'a str, pid_file: &'a str, id: &'a str) -> [&'a str; 7] {
+    ["run", "-d", "--bundle", bundle, "--pid-file", pid_file, id]
+}
+
+/// The pid a runtime wrote to `pid_file`.
+pub fn init_pid(pid_file: &Path) -> Result<rustix::process::Pid, LoadError> {
+    fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| LoadError(format!("{}: no pid", pid_file.display())))
+}
+
+/// SIGKILLs container `id`'s init `pid` and reaps it (this process is its subreaper).
+pub async fn kill_and_reap(pid: rustix::process::Pid, id: &str) -> Result<(), LoadError> {
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+        .map_err(|e| LoadError(format!("kill {id}: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+    })
+    .await
+    .map_err(|e| LoadError(format!("reaping {id}: {e}")))?
+    .map_err(|e| LoadError(format!("reaping {id}: {e}")))?;
+    Ok(())
 }
 
 /// What one runtime job knows: its container, its task's stderr file, the runtime and root.

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::LoadError;
 use super::daemon::{self, Client};
+use super::direct;
 use super::progress::Progress;
 use super::session::{Runtime, Session, reap_zombie_children};
 use super::summary::Percentiles;
@@ -82,15 +83,7 @@ pub async fn measure(
                 let id = session.id(format_args!("direct-paired-{i}"));
                 let pid_file = pid_dir.join(format!("{id}.pid"));
                 let pid_arg = pid_file.to_string_lossy();
-                let args = [
-                    "run",
-                    "-d",
-                    "--bundle",
-                    &bundle,
-                    "--pid-file",
-                    &pid_arg,
-                    &id,
-                ];
+                let args = direct::run_detached_args(&bundle, &pid_arg, &id);
                 let began = Instant::now();
                 runtime.run(&root, &args, &stderr).await?;
                 direct.push(began.elapsed());
@@ -118,19 +111,7 @@ async fn delete_by_hand(
     stderr: &std::path::Path,
 ) -> Result<(), LoadError> {
     for (id, pid_file) in containers {
-        let pid = fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|text| text.trim().parse::<i32>().ok())
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| LoadError(format!("{}: no pid", pid_file.display())))?;
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-            .map_err(|e| LoadError(format!("kill {id}: {e}")))?;
-        tokio::task::spawn_blocking(move || {
-            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
-        })
-        .await
-        .map_err(|e| LoadError(format!("reaping {id}: {e}")))?
-        .map_err(|e| LoadError(format!("reaping {id}: {e}")))?;
+        direct::kill_and_reap(direct::init_pid(pid_file)?, id).await?;
         runtime.run(root, &["delete", id], stderr).await?;
     }
     reap_zombie_children(Duration::from_secs(5)).await;
