@@ -512,56 +512,50 @@ impl TrackedProcess {
 
     async fn wait_inner<T>(&self, gated: bool, collected: impl FnOnce() -> T) -> Option<(u32, T)> {
         let stopped = |tables: &Tables| gated && tables.stopped_collecting;
-        let Some(fd) = &self.fd else {
-            let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
-            if stopped(&tables) {
-                return None;
-            }
-            return Some((self.early_exit.unwrap_or(UNKNOWN_EXIT), collected()));
-        };
-        loop {
-            let mut guard = match fd.readable().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::error!(pid = self.pid, error = %e, "pidfd poll failed");
-                    let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
-                    return (!stopped(&tables)).then(|| (UNKNOWN_EXIT, collected()));
+        // A status known without reaping: recorded by the orphan sweep, given by the pidfd of
+        // a process someone else reaps, or unknown.
+        let known = match &self.fd {
+            None => self.early_exit.unwrap_or(UNKNOWN_EXIT),
+            Some(fd) => loop {
+                let mut guard = match fd.readable().await {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        tracing::error!(pid = self.pid, error = %e, "pidfd poll failed");
+                        break UNKNOWN_EXIT;
+                    }
+                };
+                if !self.child {
+                    // Readable means it exited; its parent, not berthd, reaps it.
+                    break self.exit_code_from_pidfd(fd.get_ref().as_fd()).await;
                 }
-            };
-            if !self.child {
-                // Readable means it exited; its parent, not berthd, reaps it.
-                let code = self.exit_code_from_pidfd(fd.get_ref().as_fd()).await;
-                let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+                // Hold the table lock so the orphan sweep never sees this pid half-reaped.
+                let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
                 if stopped(&tables) {
                     return None;
                 }
-                return Some((code, collected()));
-            }
-            // Hold the table lock so the orphan sweep never sees this pid half-reaped.
-            let mut tables = self.reaper.tables.lock().expect("reaper lock poisoned");
-            if stopped(&tables) {
-                return None;
-            }
-            let code = match sys::waitid(WaitTarget::PidFd(fd.get_ref().as_fd()), false) {
-                Ok(None) => None,
-                Ok(Some((_, raw))) => {
-                    tables.tracked.remove(&self.pid);
-                    Some(exit_code(raw).unwrap_or(UNKNOWN_EXIT))
+                let code = match sys::waitid(WaitTarget::PidFd(fd.get_ref().as_fd()), false) {
+                    Ok(None) => None,
+                    Ok(Some((_, raw))) => {
+                        tables.tracked.remove(&self.pid);
+                        Some(exit_code(raw).unwrap_or(UNKNOWN_EXIT))
+                    }
+                    Err(e) => {
+                        tables.tracked.remove(&self.pid);
+                        tracing::error!(pid = self.pid, error = %e, "waitid on pidfd failed");
+                        Some(UNKNOWN_EXIT)
+                    }
+                };
+                match code {
+                    Some(code) => return Some((code, collected())),
+                    None => {
+                        drop(tables);
+                        guard.clear_ready();
+                    }
                 }
-                Err(e) => {
-                    tables.tracked.remove(&self.pid);
-                    tracing::error!(pid = self.pid, error = %e, "waitid on pidfd failed");
-                    Some(UNKNOWN_EXIT)
-                }
-            };
-            match code {
-                Some(code) => return Some((code, collected())),
-                None => {
-                    drop(tables);
-                    guard.clear_ready();
-                }
-            }
-        }
+            },
+        };
+        let tables = self.reaper.tables.lock().expect("reaper lock poisoned");
+        (!stopped(&tables)).then(|| (known, collected()))
     }
 }
 

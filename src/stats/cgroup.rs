@@ -37,6 +37,16 @@ pub struct V1Dirs {
     pub hugetlb: Option<PathBuf>,
 }
 
+/// The directory of cgroup path `cgroup` where its hierarchy is mounted at `point` with the
+/// cgroup `root` at the mount's root (`/` unless a subtree is mounted).
+fn mounted_dir(point: &Path, root: &Path, cgroup: &Path) -> PathBuf {
+    let relative = cgroup
+        .strip_prefix(root)
+        .or_else(|_| cgroup.strip_prefix("/"))
+        .unwrap_or(cgroup);
+    point.join(relative)
+}
+
 /// Where the unified hierarchy is when the host runs it alone.
 const UNIFIED_MOUNT_POINT: &str = "/sys/fs/cgroup";
 
@@ -148,11 +158,7 @@ impl Mounts {
                 .find(|m| m.controllers.split(',').collect::<BTreeSet<_>>() == wanted)?;
             (mount.root.as_path(), mount.point.as_path())
         };
-        let relative = cgroup
-            .strip_prefix(root)
-            .or_else(|_| cgroup.strip_prefix("/"))
-            .unwrap_or(cgroup);
-        Some(point.join(relative))
+        Some(mounted_dir(point, root, cgroup))
     }
 
     /// Where each v1 hierarchy is mounted.
@@ -167,12 +173,7 @@ impl Mounts {
 
     fn v1_dir(&self, controller: &str, cgroup: &str) -> Option<PathBuf> {
         let mount = self.v1_mount(controller)?;
-        let cgroup = Path::new(cgroup);
-        let relative = cgroup
-            .strip_prefix(&mount.root)
-            .or_else(|_| cgroup.strip_prefix("/"))
-            .unwrap_or(cgroup);
-        Some(mount.point.join(relative))
+        Some(mounted_dir(&mount.point, &mount.root, Path::new(cgroup)))
     }
 
     /// The v1 directories of cgroup path `cgroup` (as `/proc/<pid>/cgroup` writes it) in every
