@@ -1,6 +1,7 @@
 //! What berthd reads about a process from `/proc`: its start time, which with its pid tells it
 //! from a later process that reused the pid, and whether it has begun to exit; the type of a
-//! mount of berthd's own; and how any file the kernel generates is read.
+//! mount of berthd's own; and how any file the kernel generates is read. Also a moment on the
+//! wall clock as a start time counts it.
 
 use std::io::Read;
 use std::path::Path;
@@ -53,6 +54,17 @@ pub fn process_start_time(pid: u32) -> Result<u64> {
     let (path, stat) = read_stat(pid)?;
     parse_start_time(&stat)
         .ok_or_else(|| Error::Internal(format!("{path}: no start time in its contents")))
+}
+
+/// `time`, a moment on the wall clock (a file's mtime), in the clock ticks since boot a process
+/// start time counts; `None` before boot. Moved with the wall clock if it was set since.
+pub fn ticks_since_boot(time: std::time::SystemTime) -> Option<u64> {
+    let boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let since_boot = std::time::Duration::new(boot.tv_sec as u64, boot.tv_nsec as u32);
+    let booted = std::time::SystemTime::now().checked_sub(since_boot)?;
+    let after = time.duration_since(booted).ok()?;
+    let per_second = rustix::param::clock_ticks_per_second();
+    Some((after.as_nanos() * u128::from(per_second) / 1_000_000_000) as u64)
 }
 
 /// The kernel's `PF_EXITING`: set when a task begins to exit, never cleared.
@@ -113,6 +125,26 @@ mod tests {
         assert_eq!(parse_start_time(stat), Some(987654));
         assert_eq!(parse_start_time(b"12 (sh) S 1 2"), None);
         assert_eq!(parse_start_time(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_moment_counts_in_the_ticks_of_the_start_times_of_processes_started_then() {
+        let before = ticks_since_boot(std::time::SystemTime::now()).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let started = process_start_time(child.id()).unwrap();
+        let after = ticks_since_boot(std::time::SystemTime::now()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A tick either way: the two clocks are read apart, and each rounds down.
+        assert!(
+            before <= started + 1 && started <= after + 1,
+            "{before} <= {started} <= {after}"
+        );
+        let epoch = std::time::SystemTime::UNIX_EPOCH;
+        assert_eq!(ticks_since_boot(epoch), None);
     }
 
     #[test]

@@ -132,13 +132,14 @@ impl Operation<'_> {
         )
     }
 
-    /// Whether the runtime works in a checkpoint directory berthd holds for a client (CRIU's
-    /// dump or restore), which a restarted berthd gives back: cut off by berthd's death, it must
-    /// not go on in it ([`SpawnOptions::kill_if_berthd_dies`]).
-    fn works_in_a_held_checkpoint(&self) -> bool {
+    /// Whether the runtime must not go on once berthd's death cut it off
+    /// ([`SpawnOptions::kill_if_berthd_dies`]): CRIU's dump or restore works in a checkpoint
+    /// directory berthd holds for a client, which a restarted berthd gives back; the process an
+    /// exec starts would run with nothing to track it and its client never given its pid.
+    fn dies_with_berthd(&self) -> bool {
         matches!(
             self,
-            Operation::Checkpoint { .. } | Operation::Restore { .. }
+            Operation::Checkpoint { .. } | Operation::Restore { .. } | Operation::Exec { .. }
         )
     }
 }
@@ -644,7 +645,7 @@ impl Runtime {
         let options = SpawnOptions {
             timeout: self.timeout,
             log: Some(log.clone()),
-            kill_if_berthd_dies: op.works_in_a_held_checkpoint(),
+            kill_if_berthd_dies: op.dies_with_berthd(),
         };
         let completion = if self.binary.is_builtin() {
             let call = BuiltinCall::new(&op, &self.binary.root, &log)?;

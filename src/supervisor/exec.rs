@@ -92,7 +92,7 @@ impl Supervisor {
         let (process_json, spec) = added_process(&container.base_process, &request)?;
         within_container_limits(&container, &spec, &request)?;
         let process_file = self.scratch_path(".json");
-        let pid_file = self.scratch_path(".pid");
+        let pid_file = self.exec_pid_path(&container.id);
         let _scratch = ScratchFiles(vec![process_file.clone(), pid_file.clone()]);
         std::fs::write(&process_file, process_json).map_err(|e| Error::io(&process_file, e))?;
         let console = spec

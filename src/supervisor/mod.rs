@@ -66,6 +66,9 @@ pub struct Supervisor {
     stats: Arc<StatsHub>,
     store: Store,
     scratch: PathBuf,
+    /// The pid files of execs, `<state-dir>/execs`: left by a berthd that died mid-exec, they
+    /// name processes no record holds (see recovery).
+    exec_pids: PathBuf,
     next_scratch: AtomicU64,
     machine: Machine,
     checkpoint_locks: checkpoint::Turns<PathBuf>,
@@ -109,6 +112,8 @@ impl Supervisor {
             std::fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
         }
         std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+        let exec_pids = scratch.parent().unwrap_or(&scratch).join("execs");
+        std::fs::create_dir_all(&exec_pids).map_err(|e| Error::io(&exec_pids, e))?;
         let cpus = usize::try_from(machine.cpus).unwrap_or(1).max(1);
         let held_ledger =
             checkpoint::HeldLedger::in_state_dir(scratch.parent().unwrap_or(&scratch));
@@ -120,6 +125,7 @@ impl Supervisor {
             stats,
             store,
             scratch,
+            exec_pids,
             next_scratch: AtomicU64::new(0),
             machine,
             checkpoint_locks: checkpoint::Turns::default(),

@@ -1,17 +1,17 @@
 //! Taking containers back after berthd restarts (stop, crash, kill -9) or upgrades in place:
 //! adopting the ones still running, reporting the ones that ended while berthd was away,
-//! removing runtime leftovers of requests that never finished, and giving back the checkpoints
-//! those requests held.
+//! removing runtime leftovers of requests that never finished (a container half created, the
+//! process of an exec no record holds), and giving back the checkpoints those requests held.
 //! Does not own: telling a process from a later one with its pid (reaper), the state files
 //! (store).
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::registry::{Container, Mutable, Process, Status};
-use super::scratch::ScratchFiles;
+use super::scratch::{ScratchFiles, exec_pid_file_container};
 use super::{StdioPaths, Supervisor, validate};
 use crate::client_fs::Peer;
 use crate::error::Result;
@@ -115,6 +115,7 @@ impl Supervisor {
                 recovery.leftovers += 1;
             }
         }
+        recovery.leftovers += self.kill_cut_off_execs();
         // Only from a whole listing: any container it failed to name would lose its state.
         if listed_whole {
             self.remove_stateless_runtime_dirs(&listed).await;
@@ -134,6 +135,66 @@ impl Supervisor {
         }
         recovery.took = started.elapsed();
         Ok(recovery)
+    }
+
+    /// Kills the processes of execs cut off by the death of the berthd that asked for them: the
+    /// runtime started them (their pid files say so), but no record holds them and no client
+    /// was given their pids, so nothing would ever track, signal or report them. Only a process
+    /// an exec pid file names, in its adopted container's cgroups, held by no record of it, and
+    /// started no later than the file was written (a later process with its pid is not it).
+    /// Every exec pid file is removed. Returns how many were killed.
+    fn kill_cut_off_execs(&self) -> usize {
+        let files = match std::fs::read_dir(&self.exec_pids) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(dir = %self.exec_pids.display(), error = %e, "the pid files of execs cut off by a crash were not looked at");
+                return 0;
+            }
+        };
+        let mut killed = 0;
+        for file in files.flatten() {
+            let path = file.path();
+            if let Some((id, pid)) = self.cut_off_exec(&path) {
+                match pid.signal(libc::SIGKILL) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            id,
+                            pid = pid.pid(),
+                            "killed the process of an exec cut off when berthd died: no record holds it and no client was given its pid"
+                        );
+                        killed += 1;
+                    }
+                    Err(e) => tracing::debug!(id, error = %e, "an exec cut off by a crash"),
+                }
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "an exec pid file stays");
+            }
+        }
+        killed
+    }
+
+    /// The container and the process of the exec pid file `path` if that process is one
+    /// [`Self::kill_cut_off_execs`] kills.
+    fn cut_off_exec(&self, path: &Path) -> Option<(String, crate::reaper::TrackedProcess)> {
+        let id = exec_pid_file_container(path.file_name()?.to_str()?)?;
+        let container = self.container(id).ok()?;
+        let pid = crate::reaper::read_pid_file(path).ok()??;
+        let written = std::fs::symlink_metadata(path).ok()?.modified().ok()?;
+        let init = container.init.pid();
+        let recorded =
+            pid == init as i32 || container.lock().added.iter().any(|p| p.pid() as i32 == pid);
+        if recorded || !same_cgroup(init, pid as u32) {
+            return None;
+        }
+        let started = crate::procfs::process_start_time(pid as u32).ok()?;
+        // A tick of slack: the file's time is rounded down to one.
+        if started > crate::procfs::ticks_since_boot(written)? + 1 {
+            return None;
+        }
+        // Checked again through its pidfd: the process it opens started then.
+        let process = self.reaper.adopt(pid, started).ok()??;
+        Some((id.to_owned(), process))
     }
 
     /// Resumes relaying the terminal of process `pid` of container `id` to its recorded `stdio`

@@ -1,5 +1,7 @@
 //! Request scratch files in the scratch directory: pid files, process JSON, console sockets and
-//! CRIU work directories, each removed when its request ends, however it ends.
+//! CRIU work directories, each removed when its request ends, however it ends. An exec's pid
+//! file is kept apart, named for its container, so that one a berthd left behind when it died
+//! tells the next which process that exec started (recovery).
 //!
 //! Owns: naming scratch files, removing them, reading a runtime's pid file. Does not own: what
 //! goes in them (the operations that make them).
@@ -43,11 +45,25 @@ impl Supervisor {
         self.scratch.join(format!("{n}{suffix}"))
     }
 
+    /// A fresh path for the pid file of an exec in container `id`: `<id>.<n>.pid` in the
+    /// directory of exec pid files, which a start does not empty ([`exec_pid_file_container`]).
+    pub(super) fn exec_pid_path(&self, id: &str) -> PathBuf {
+        let n = self.next_scratch.fetch_add(1, Ordering::Relaxed);
+        self.exec_pids.join(format!("{id}.{n}.pid"))
+    }
+
     pub(super) fn scratch_dir(&self, suffix: &str) -> Result<ScratchDir> {
         let path = self.scratch_path(suffix);
         std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
         Ok(ScratchDir(path))
     }
+}
+
+/// The container an exec pid file's name (from [`Supervisor::exec_pid_path`]) is for.
+pub(super) fn exec_pid_file_container(name: &str) -> Option<&str> {
+    let (id, n) = name.strip_suffix(".pid")?.rsplit_once('.')?;
+    n.parse::<u64>().ok()?;
+    Some(id)
 }
 
 /// The pid a runtime wrote to its `--pid-file`, which must exist once the runtime has finished.
@@ -63,5 +79,19 @@ pub(super) fn read_pid_file(path: &Path) -> Result<i32> {
             Err(Error::Internal(format!("{}: {e}", path.display())))
         }
         Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exec_pid_file_names_its_container() {
+        assert_eq!(exec_pid_file_container("web.3.pid"), Some("web"));
+        assert_eq!(exec_pid_file_container("a.b-c.17.pid"), Some("a.b-c"));
+        assert_eq!(exec_pid_file_container("web.pid"), None);
+        assert_eq!(exec_pid_file_container("web.x.pid"), None);
+        assert_eq!(exec_pid_file_container("web.3.pid.tmp"), None);
     }
 }

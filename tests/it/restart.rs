@@ -247,6 +247,105 @@ async fn a_container_that_ended_while_berthd_was_down_is_reported_and_its_id_fre
     .await;
 }
 
+/// The pids of processes anywhere on the host whose command line is `sleep <secs>`.
+fn sleeps_of(secs: u32) -> Vec<u32> {
+    let cmdline = format!("sleep\0{secs}\0");
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+        })
+        .collect()
+}
+
+/// A runtime that is real runc, except that once `<dir>/hang` exists an exec hangs (in
+/// `sleep <HANG_SECS>`) after it has started its process, so berthd is still waiting for it
+/// when the test kills berthd.
+fn hanging_exec_runtime(dir: &Path) -> std::path::PathBuf {
+    let body = format!(
+        "#!/bin/sh\nfor arg in \"$@\"; do\n  if [ \"$arg\" = exec ] && [ -e '{hang}' ]; then {runc} \"$@\" || exit; exec sleep {HANG_SECS}; fi\ndone\nexec {runc} \"$@\"\n",
+        hang = dir.join("hang").display(),
+        runc = runc_in_path().display()
+    );
+    write_script(dir, "hanging-exec-runc", &body)
+}
+
+const HANG_SECS: u32 = 57;
+
+/// Waits until `pid` is gone (reaped by the host's init, its parent once berthd is gone).
+async fn until_gone(pid: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pid_gone(pid) {
+        assert!(Instant::now() < deadline, "{what} (pid {pid}) still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An exec cut off by berthd's death, after its runtime started the process: no record holds
+/// the process and no client was given its pid, so it must not run on with nothing to track
+/// it. The spawn helper kills the runtime as soon as berthd is gone; the process, in a session
+/// of its own, is named only by the pid file the runtime wrote, and the next berthd kills it,
+/// and no process a record holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_cut_off_by_berthds_death_leaves_no_process_after_the_restart() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let scripts = tempfile::tempdir().expect("tempdir");
+        let wrapper = hanging_exec_runtime(scripts.path());
+        let mut daemon = daemon!(Options::args(&["--runtime", &path_str(&wrapper)]));
+        let kept = daemon.run("exec-cut-off", &["sleep", "1000"]).await;
+        let recorded = daemon.exec(exec_req(&kept.id, &["sleep", "1000"])).await;
+
+        std::fs::write(scripts.path().join("hang"), "").expect("make execs hang");
+        let mut client = daemon.connect().await;
+        let request = exec_req(&kept.id, &["sleep", "4201"]);
+        tokio::spawn(async move { client.add_process(request).await });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (process, runtime) = loop {
+            if let ([process], [runtime]) = (
+                &sleeps_of(4201)[..],
+                &slow_starts(daemon.pid(), HANG_SECS)[..],
+            ) {
+                break (*process, *runtime);
+            }
+            assert!(Instant::now() < deadline, "the exec's process never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+
+        daemon.crash();
+        until_gone(runtime, "the runtime of an exec cut off by berthd's death").await;
+        daemon.start_again().await;
+        until_gone(process, "the process of an exec cut off by berthd's death").await;
+        assert!(
+            !pid_gone(kept.pid) && !pid_gone(recorded),
+            "a recorded process was killed"
+        );
+        let left: Vec<_> = std::fs::read_dir(daemon.state_dir().join("execs"))
+            .expect("exec pid files")
+            .collect();
+        assert!(left.is_empty(), "exec pid files left: {left:?}");
+
+        let mut events = daemon.events().await;
+        let state = daemon.state().await;
+        let container = state.containers.iter().find(|c| c.id == kept.id);
+        let mut pids: Vec<u32> = container
+            .expect("adopted")
+            .processes
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        pids.sort_unstable();
+        let mut expected = vec![kept.pid, recorded];
+        expected.sort_unstable();
+        assert_eq!(pids, expected);
+        daemon.kill_container(&mut events, &kept.id, kept.pid).await;
+    })
+    .await;
+}
+
 /// README: restart's `live` and `exit` events are replayed to subscribers that connect within
 /// `--recovery-replay` seconds, and only to those.
 #[tokio::test(flavor = "multi_thread")]
