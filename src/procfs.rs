@@ -49,6 +49,28 @@ pub fn process_cgroups(pid: u32) -> Result<(String, Vec<u8>)> {
     read_process_file(pid, "cgroup", 2048)
 }
 
+/// The uid ranges of `pid`'s user namespace, from `/proc/<pid>/uid_map`: (inside, outside,
+/// count).
+pub fn process_uid_map(pid: u32) -> Result<Vec<(u32, u32, u32)>> {
+    let (path, text) = read_process_file(pid, "uid_map", 512)?;
+    parse_id_map(&text).ok_or_else(|| Error::Internal(format!("{path}: not a uid map")))
+}
+
+fn parse_id_map(text: &[u8]) -> Option<Vec<(u32, u32, u32)>> {
+    let text = std::str::from_utf8(text).ok()?;
+    text.lines()
+        .map(|line| {
+            let mut fields = line.split_ascii_whitespace().map(str::parse::<u32>);
+            match (fields.next(), fields.next(), fields.next(), fields.next()) {
+                (Some(Ok(inside)), Some(Ok(outside)), Some(Ok(count)), None) => {
+                    Some((inside, outside, count))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// The start time of `pid` in clock ticks since boot.
 pub fn process_start_time(pid: u32) -> Result<u64> {
     let (path, stat) = read_stat(pid)?;
@@ -145,6 +167,22 @@ mod tests {
         );
         let epoch = std::time::SystemTime::UNIX_EPOCH;
         assert_eq!(ticks_since_boot(epoch), None);
+    }
+
+    #[test]
+    fn a_uid_map_is_its_ranges() {
+        let host = b"         0          0 4294967295\n";
+        assert_eq!(parse_id_map(host), Some(vec![(0, 0, u32::MAX)]));
+        let two = b"0 100000 65536\n65536 1000 1\n";
+        assert_eq!(
+            parse_id_map(two),
+            Some(vec![(0, 100000, 65536), (65536, 1000, 1)])
+        );
+        assert_eq!(parse_id_map(b""), Some(vec![]));
+        assert_eq!(parse_id_map(b"0 0\n"), None);
+        assert_eq!(parse_id_map(b"0 0 1 2\n"), None);
+        assert_eq!(parse_id_map(b"x 0 1\n"), None);
+        assert_eq!(process_uid_map(std::process::id()).unwrap().len(), 1);
     }
 
     #[test]

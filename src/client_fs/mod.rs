@@ -455,7 +455,7 @@ fn is_virtiofs(leaf: &OwnedFd) -> bool {
 
 /// `/dev/null` wherever it is: the character device 1:3.
 #[allow(clippy::unnecessary_cast)] // the field types differ between architectures
-fn is_dev_null(st: &Stat) -> bool {
+pub fn is_dev_null(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
         && rustix::fs::major(st.st_rdev as _) == 1
         && rustix::fs::minor(st.st_rdev as _) == 3

@@ -27,6 +27,9 @@ struct CreateSteps<'a> {
     bundle: &'a Path,
     cgroups_path: Option<&'a Path>,
     restore: Option<&'a checkpoint::Restorable>,
+    /// The init's uid, and how the container's uids appear on the host.
+    init_uid: u32,
+    uids: &'a validate::UidMap,
     pid_file: &'a Path,
     console: Option<&'a stdio::ConsoleSocket>,
 }
@@ -61,6 +64,7 @@ impl Supervisor {
             dir: bundle,
             process: base_process,
             cgroups_path,
+            uids,
         } = validate::bundle(&request.bundle, &request.caller).await?;
         let restore = match request.checkpoint.as_str() {
             "" => None,
@@ -101,6 +105,8 @@ impl Supervisor {
                 bundle: &bundle,
                 cgroups_path: cgroups_path.as_deref(),
                 restore: restore.as_ref(),
+                init_uid: init_spec.uid,
+                uids: &uids,
                 pid_file: &pid_file,
                 console: console.as_ref(),
             };
@@ -173,12 +179,24 @@ impl Supervisor {
             bundle,
             cgroups_path,
             restore,
+            init_uid,
+            uids,
             pid_file,
             console,
         } = steps;
         let id = &request.id;
         let asker = undo.asker();
         let opened = process_stdio(&request.stdio, console.is_some()).await?;
+        // A restored process's stdio is CRIU's to attach: runc's init, which gives it away,
+        // does not run.
+        if restore.is_none() {
+            request.stdio.refuse_a_file_given_away(
+                &opened,
+                true,
+                init_uid,
+                uids.host_uid(init_uid),
+            )?;
+        }
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(&request.stdio).await?),
             None => None,

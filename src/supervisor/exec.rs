@@ -5,7 +5,7 @@
 //! args, env, cwd, user and terminal) and the order of exec (check, write, run, track, register,
 //! publish). Does not own: the argv (runtime), the stdio paths (stdio).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::Supervisor;
@@ -107,12 +107,15 @@ impl Supervisor {
             pid_file: &pid_file,
             console_socket: console.as_ref().map(|c| c.path()),
         };
+        // The init's user namespace is the process's: its map says who the process is on the host.
+        let host_uid = crate::procfs::process_uid_map(container.init.pid())
+            .ok()
+            .and_then(|ranges| super::validate::UidMap::of_ranges(ranges).host_uid(spec.uid));
         let started = self
             .exec_steps(
                 exec,
-                &container.id,
-                &pid_file,
                 &request.stdio,
+                (spec.uid, host_uid),
                 console.as_ref(),
                 &mut undo,
             )
@@ -162,19 +165,23 @@ impl Supervisor {
         Ok(pid)
     }
 
-    /// The steps of exec that leave something behind, each recorded in `undo`: the runtime
-    /// starts the process, berthd tracks it and relays its pty.
+    /// The steps of exec (an [`Operation::Exec`]) that leave something behind, each recorded in
+    /// `undo`: the runtime starts the process, berthd tracks it and relays its pty. `uid` is
+    /// the process's user, `host_uid` that user on the host, if known.
     async fn exec_steps(
         &self,
         exec: Operation<'_>,
-        id: &str,
-        pid_file: &Path,
         paths: &StdioPaths,
+        (uid, host_uid): (u32, Option<u32>),
         console: Option<&stdio::ConsoleSocket>,
         undo: &mut Undo<'_>,
     ) -> Result<()> {
+        let Operation::Exec { id, pid_file, .. } = exec else {
+            return Err(Error::Internal(format!("exec steps of {exec:?}")));
+        };
         let asker = undo.asker();
         let stdio = process_stdio(paths, console.is_some()).await?;
+        paths.refuse_a_file_given_away(&stdio, false, uid, host_uid)?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(paths).await?),
             None => None,

@@ -189,6 +189,56 @@ fn refuse_a_fifo_loop(
     Ok(())
 }
 
+impl StdioPaths {
+    /// Refuses a stdio file the runtime would give away. runc hands each stdio descriptor it is
+    /// given, `/dev/null` aside, to the process's user (a chown, its `fixStdioPermissions`),
+    /// which a caller other than root may not do: take a file another user owns, or give away
+    /// its own. So for such a caller each file the runtime gets as it is from `opened` (not a
+    /// FIFO when `fifos_relayed`: berthd puts a pipe of its own in front of those) must already
+    /// be the process's user's: `process_uid`, which is `host_uid` on the host (`None`: not
+    /// known there).
+    pub(super) fn refuse_a_file_given_away(
+        &self,
+        opened: &[SpawnStdio; 3],
+        fifos_relayed: bool,
+        process_uid: u32,
+        host_uid: Option<u32>,
+    ) -> Result<()> {
+        let caller = self.caller()?;
+        if caller.peer.uid == 0 {
+            return Ok(());
+        }
+        let names = [
+            ("stdin", &self.stdin),
+            ("stdout", &self.stdout),
+            ("stderr", &self.stderr),
+        ];
+        for ((what, path), stdio) in names.iter().zip(opened) {
+            let SpawnStdio::Fd(fd) = stdio else {
+                continue;
+            };
+            let st = rustix::fs::fstat(fd).map_err(|e| Error::sys(format!("stat {what}"), e))?;
+            let relayed = fifos_relayed
+                && rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo;
+            if relayed || crate::client_fs::is_dev_null(&st) || Some(st.st_uid) == host_uid {
+                continue;
+            }
+            let on_host = match host_uid {
+                Some(uid) if uid == process_uid => String::new(),
+                Some(uid) => format!(", uid {uid} on the host"),
+                None => ", a uid berthd cannot tell on the host".into(),
+            };
+            return Err(Error::PermissionDenied(format!(
+                "{what} {} is owned by uid {}, and the runtime gives a process's stdio files to its user (uid {process_uid}{on_host}), which uid {} may not do; name a file that user owns, or /dev/null",
+                shown(Path::new(path.as_str())),
+                st.st_uid,
+                caller.peer.uid
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What a pty master is relayed to: input, output (see [`StdioPaths::open_relay`]).
 pub type RelayEnds = (Option<OwnedFd>, Option<OwnedFd>);
 

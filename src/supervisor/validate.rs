@@ -179,6 +179,66 @@ pub struct BundleConfig {
     pub process: Process,
     /// `linux.cgroupsPath`, where the runtime puts the container's cgroups.
     pub cgroups_path: Option<PathBuf>,
+    /// How the container's uids appear on the host.
+    pub uids: UidMap,
+}
+
+/// How a container's uids appear on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UidMap {
+    /// No user namespace of its own: as they are.
+    Host,
+    /// A user namespace with these ranges: (inside, outside, count).
+    Mapped(Vec<(u32, u32, u32)>),
+    /// A user namespace the container joins by path, whose ranges the bundle does not say.
+    Unknown,
+}
+
+impl UidMap {
+    /// The ranges of `/proc/<pid>/uid_map` for a process's user namespace: the host's own when
+    /// it maps every uid to itself.
+    pub fn of_ranges(ranges: Vec<(u32, u32, u32)>) -> UidMap {
+        if ranges == [(0, 0, u32::MAX)] {
+            UidMap::Host
+        } else {
+            UidMap::Mapped(ranges)
+        }
+    }
+
+    /// The host uid of the container's `uid`; `None` if it is not mapped or not known.
+    pub fn host_uid(&self, uid: u32) -> Option<u32> {
+        match self {
+            UidMap::Host => Some(uid),
+            UidMap::Mapped(ranges) => ranges.iter().find_map(|&(inside, outside, count)| {
+                let offset = uid.checked_sub(inside).filter(|&o| o < count)?;
+                outside.checked_add(offset)
+            }),
+            UidMap::Unknown => None,
+        }
+    }
+
+    fn of_spec(spec: &Spec) -> UidMap {
+        let Some(linux) = spec.linux() else {
+            return UidMap::Host;
+        };
+        let user_namespace = linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::User);
+        match user_namespace {
+            None => UidMap::Host,
+            Some(ns) if ns.path().is_some() => UidMap::Unknown,
+            Some(_) => UidMap::Mapped(
+                linux
+                    .uid_mappings()
+                    .iter()
+                    .flatten()
+                    .map(|m| (m.container_id(), m.host_id(), m.size()))
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// An absolute path to a directory holding a `config.json` that parses as an OCI runtime spec
@@ -233,6 +293,7 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
     Ok(BundleConfig {
         dir: dir.to_owned(),
         process,
+        uids: UidMap::of_spec(&spec),
         // Empty is unset, as the runtime takes it.
         cgroups_path: spec
             .linux()
@@ -245,6 +306,32 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_containers_uid_is_found_on_the_host_through_its_user_namespace() {
+        let spec = |linux: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": linux}))
+                .unwrap()
+        };
+        let host = spec(serde_json::json!({"namespaces": [{"type": "pid"}]}));
+        assert_eq!(UidMap::of_spec(&host).host_uid(1000), Some(1000));
+        let mapped = spec(serde_json::json!({
+            "namespaces": [{"type": "user"}],
+            "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        }));
+        let map = UidMap::of_spec(&mapped);
+        assert_eq!(map.host_uid(0), Some(100000));
+        assert_eq!(map.host_uid(65535), Some(165535));
+        assert_eq!(map.host_uid(65536), None);
+        let joined = spec(serde_json::json!({
+            "namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]
+        }));
+        assert_eq!(UidMap::of_spec(&joined).host_uid(0), None);
+        assert_eq!(UidMap::of_ranges(vec![(0, 0, u32::MAX)]), UidMap::Host);
+        let overflow = UidMap::of_ranges(vec![(10, u32::MAX - 1, 5)]);
+        assert_eq!(overflow.host_uid(11), Some(u32::MAX));
+        assert_eq!(overflow.host_uid(12), None);
+    }
 
     #[test]
     fn container_ids() {

@@ -214,7 +214,10 @@ async fn a_group_member_cannot_make_berthd_read_or_write_what_it_cannot() {
         expect(&answer, "INVALID_ARGUMENT", "symbolic link");
         d.assert_nothing_left(&id_, &baseline).await;
 
-        // The normal paths still work: a FIFO it made, /dev/null, its own log file.
+        // The normal paths still work: a FIFO it made, /dev/null, its own log file (for a
+        // process of its own uid: the runtime gives a stdio file to the process's user).
+        let bundle = member_bundle(&["cat"]);
+        bundle.edit(|c| c["process"]["user"] = serde_json::json!({"uid": MEMBER, "gid": MEMBER}));
         let fifo = mine.path().join("in.fifo");
         mkfifo(&fifo);
         chown(&fifo, Some(MEMBER), Some(MEMBER)).unwrap();
@@ -232,6 +235,79 @@ async fn a_group_member_cannot_make_berthd_read_or_write_what_it_cannot() {
         assert_eq!(events.exit_status(&id_, pid).await, 0);
         assert_eq!(fs::read_to_string(&out).unwrap(), "from the member\n");
         d.assert_gone(&id_).await;
+    })
+    .await
+}
+
+/// runc gives each stdio file it is handed (but `/dev/null`) to the process's user: a chown the
+/// member may not make. So a member may not name a file another user owns for a process of its
+/// own uid (it would take the file), nor its own file for a process of another uid (it would
+/// give it away), for a container or an added process; its own file for its own process works.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runtime_never_gives_a_stdio_file_to_another_user_for_a_member() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let baseline = warm_up(&mut d).await;
+        let mine = member_dir();
+        let own = mine.path().join("own.log");
+        member_file(&own, "");
+        let others = mine.path().join("others.log");
+        fs::write(&others, "").unwrap();
+        chown(&others, Some(1234), Some(1234)).unwrap();
+        chmod(&others, 0o666);
+        let others_fifo = mine.path().join("others.fifo");
+        mkfifo(&others_fifo);
+        chown(&others_fifo, Some(1234), Some(1234)).unwrap();
+        chmod(&others_fifo, 0o666);
+        let as_root = member_bundle(&["sleep", "1000"]);
+        let as_member = member_bundle(&["sleep", "1000"]);
+        as_member
+            .edit(|c| c["process"]["user"] = serde_json::json!({"uid": MEMBER, "gid": MEMBER}));
+        let owner = |path: &Path| std::os::unix::fs::MetadataExt::uid(&fs::metadata(path).unwrap());
+
+        let id_ = id("given-away");
+        let answer = member
+            .create(&id_, &as_member, ["", &path_str(&others), ""])
+            .await;
+        expect(&answer, "PERMISSION_DENIED", "owned by uid 1234");
+        let answer = member
+            .create(&id_, &as_root, ["", "", &path_str(&own)])
+            .await;
+        expect(&answer, "PERMISSION_DENIED", "owned by uid 65534");
+        d.assert_nothing_left(&id_, &baseline).await;
+
+        let mut events = d.events().await;
+        let answer = member
+            .create(&id_, &as_member, ["", &path_str(&own), ""])
+            .await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        let pid: u32 = answer[3..].parse().expect("a pid");
+        for (uid, stdout, owned_by) in [
+            (MEMBER, &others, "owned by uid 1234"),
+            (MEMBER, &others_fifo, "owned by uid 1234"),
+            (0, &own, "owned by uid 65534"),
+        ] {
+            let answer = member
+                .ask(&["exec", &id_, &uid.to_string(), &path_str(stdout), "true"])
+                .await;
+            expect(&answer, "PERMISSION_DENIED", owned_by);
+        }
+        let uid = MEMBER.to_string();
+        let answer = member
+            .ask(&["exec", &id_, &uid, &path_str(&own), "echo", "added"])
+            .await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        let added: u32 = answer[3..].parse().expect("a pid");
+        assert_eq!(events.exit_status(&id_, added).await, 0);
+        assert_eq!(fs::read_to_string(&own).unwrap(), "added\n");
+        assert_eq!(
+            (owner(&own), owner(&others), owner(&others_fifo)),
+            (MEMBER, 1234, 1234)
+        );
+        d.kill_container(&mut events, &id_, pid).await;
     })
     .await
 }

@@ -2,6 +2,7 @@
 
 usage: client.py GENERATED SOCKET create ID BUNDLE STDIN STDOUT STDERR
        client.py GENERATED SOCKET create-within SECONDS ID BUNDLE STDIN STDOUT STDERR
+       client.py GENERATED SOCKET exec ID UID STDOUT ARG...
        client.py GENERATED SOCKET upgrade
        client.py GENERATED SOCKET state
 Prints "OK <detail>" or "<CODE> <message>" on one line and exits 0 either way.
@@ -34,6 +35,19 @@ def main():
                     id=id_, bundlePath=bundle, stdin=stdin, stdout=stdout, stderr=stderr
                 ),
                 timeout=timeout,
+            )
+            print("OK", reply.pid)
+        elif op == "exec":
+            id_, uid, stdout = args[:3]
+            reply = api.AddProcess(
+                api_pb2.AddProcessRequest(
+                    id=id_,
+                    user=api_pb2.User(uid=int(uid), gid=int(uid)),
+                    args=args[3:],
+                    cwd="/",
+                    stdout=stdout,
+                ),
+                timeout=30,
             )
             print("OK", reply.pid)
         elif op == "upgrade":
