@@ -12,7 +12,14 @@
 //! and berthd's other limits say RESOURCE_EXHAUSTED, naming the limit. berthd never answers
 //! OUT_OF_RANGE itself, so the code alone tells which responses these are.
 //!
-//! Owns: that re-encoding and that code. Does not own: any other status or text (crate::error).
+//! A unary request whose body holds no whole message (none at all, or a length prefix promising
+//! more bytes than came): tonic answers INTERNAL with its own capitalised text, which is
+//! malformed input like any other bytes that do not decode as the request, so INVALID_ARGUMENT
+//! saying what was wrong. (A compressed-flag without `grpc-encoding` stays INTERNAL: gRPC's
+//! compression spec requires it.)
+//!
+//! Owns: that re-encoding and those codes. Does not own: any other status or text
+//! (crate::error).
 
 use http::header::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
@@ -82,7 +89,39 @@ pub fn status_on_the_wire(
 
 fn fix(headers: &mut HeaderMap, limits: &MessageLimits) {
     over_size_is_resource_exhausted(headers, limits);
+    no_whole_message_is_invalid_argument(headers);
     reencode(headers);
+}
+
+/// tonic's texts for a request body without a whole message (`tonic::server::Grpc` and
+/// `tonic::codec::decode`), and what berthd says instead.
+const NO_WHOLE_MESSAGE: [(&str, &str); 2] = [
+    (
+        "Missing request message.",
+        "the request has no message: a unary call sends exactly one",
+    ),
+    (
+        "Unexpected EOF decoding stream.",
+        "the request's message is cut short: its length prefix counts more bytes than the body holds",
+    ),
+];
+
+fn no_whole_message_is_invalid_argument(headers: &mut HeaderMap) {
+    if headers.get(GRPC_STATUS).map(HeaderValue::as_bytes) != Some(b"13") {
+        return;
+    }
+    let said: Vec<u8> = headers
+        .get(GRPC_MESSAGE)
+        .map(|value| percent_decode(value.as_bytes()).collect())
+        .unwrap_or_default();
+    let Some((_, text)) = NO_WHOLE_MESSAGE
+        .iter()
+        .find(|(tonics, _)| tonics.as_bytes() == said)
+    else {
+        return;
+    };
+    headers.insert(GRPC_STATUS, HeaderValue::from_static("3"));
+    headers.insert(GRPC_MESSAGE, HeaderValue::from_static(text));
 }
 
 fn over_size_is_resource_exhausted(headers: &mut HeaderMap, limits: &MessageLimits) {
@@ -155,6 +194,26 @@ mod tests {
         fix(&mut headers, &limits);
         let code = tonic::Code::from_bytes(headers[GRPC_STATUS].as_bytes());
         (code, headers[GRPC_MESSAGE].to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn a_request_without_a_whole_message_is_invalid_argument() {
+        let missing = tonic::Status::internal("Missing request message.");
+        assert_eq!(
+            over_size(missing),
+            (
+                tonic::Code::InvalidArgument,
+                "the request has no message: a unary call sends exactly one".to_owned()
+            )
+        );
+        let cut = tonic::Status::internal("Unexpected EOF decoding stream.");
+        assert_eq!(over_size(cut).0, tonic::Code::InvalidArgument);
+        let compressed = tonic::Status::internal(
+            "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+        );
+        assert_eq!(over_size(compressed).0, tonic::Code::Internal);
+        let own = tonic::Status::internal("Missing request message. (berthd)");
+        assert_eq!(over_size(own).0, tonic::Code::Internal);
     }
 
     #[test]

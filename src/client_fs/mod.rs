@@ -512,9 +512,26 @@ fn plain_components(bytes: &[u8]) -> Option<Vec<&OsStr>> {
     (!dots).then_some(components)
 }
 
-/// At most [`SHOWN_CHARS`] characters of a path, for a message.
+/// At most [`SHOWN_CHARS`] characters of a path, for a message: control characters (a NUL, a
+/// newline, an escape) escaped, since the path is the client's and the message goes to logs
+/// and terminals.
 pub(crate) fn shown(path: &Path) -> String {
-    truncate(path.display().to_string())
+    let text = path.display().to_string();
+    if !text.chars().any(char::is_control) {
+        return truncate(text);
+    }
+    truncate(
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_debug().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect(),
+    )
 }
 
 fn truncate(mut text: String) -> String {

@@ -98,6 +98,44 @@ fn symlinks_anywhere_on_the_path_are_refused() {
 }
 
 #[test]
+fn a_path_in_a_message_has_its_control_characters_escaped() {
+    assert_eq!(shown(Path::new("/tmp/a b/ü")), "/tmp/a b/ü");
+    assert_eq!(
+        shown(Path::new("/tmp/f\0\n\x1b[2J")),
+        "/tmp/f\\0\\n\\u{1b}[2J"
+    );
+    let message = invalid(stdio(
+        Path::new(OsStr::from_bytes(b"/tmp/f\0x")),
+        Access::Write,
+        &Peer::root(),
+    ));
+    assert!(
+        !message.contains('\0') && message.contains("\\0"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_path_ending_in_a_slash_names_only_a_directory_as_the_kernel_takes_it() {
+    let dir = open_tempdir();
+    let root = Peer::root();
+    let file = dir.path().join("out.log");
+    std::fs::write(&file, "").unwrap();
+    let fifo = dir.path().join("out.fifo");
+    mkfifo(&fifo);
+    for path in [&file, &fifo] {
+        let slashed = PathBuf::from(format!("{}/", path.display()));
+        let message = invalid(stdio(&slashed, Access::Write, &root));
+        assert!(message.contains("ends in '/'"), "{message}");
+        assert!(
+            std::fs::File::open(&slashed).is_err(),
+            "the kernel takes it"
+        );
+        stdio(path, Access::Write, &root).unwrap();
+    }
+}
+
+#[test]
 fn stdio_refuses_directories_sockets_and_devices_but_takes_dev_null() {
     let dir = open_tempdir();
     let root = Peer::root();

@@ -105,6 +105,17 @@ impl<'a> Walk<'a> {
         if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
             return Err(self.symlink(&at));
         }
+        // The kernel opens `file/` only as a directory (ENOTDIR); so does berthd.
+        if self.path.as_os_str().as_bytes().ends_with(b"/")
+            && FileType::from_raw_mode(st.st_mode) != FileType::Directory
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} {} ends in '/' but is {}, not a directory; name it without the '/'",
+                self.what,
+                shown(self.path),
+                kind_name(&st)
+            )));
+        }
         self.not_forbidden(&st, &at)?;
         Ok((leaf, st))
     }

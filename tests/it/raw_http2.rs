@@ -95,11 +95,16 @@ impl Connection {
 
     /// Sends one unary call, its header block split into `pieces` frames, and reads its answer.
     async fn call(&mut self, block: &[u8], pieces: usize, message: &[u8]) -> Answer {
-        let (stream, mut wire) = self.header_frames(block, pieces);
         let mut grpc = vec![0];
         grpc.extend_from_slice(&(message.len() as u32).to_be_bytes());
         grpc.extend_from_slice(message);
-        wire.extend(frame(DATA, END_STREAM, stream, &grpc));
+        self.call_with_body(block, pieces, &grpc).await
+    }
+
+    /// A call whose request body is `body` as it is, gRPC's framing included.
+    async fn call_with_body(&mut self, block: &[u8], pieces: usize, body: &[u8]) -> Answer {
+        let (stream, mut wire) = self.header_frames(block, pieces);
+        wire.extend(frame(DATA, END_STREAM, stream, body));
         self.socket.write_all(&wire).await.expect("send the call");
         tokio::time::timeout(Duration::from_secs(20), self.answer(stream))
             .await
@@ -257,6 +262,33 @@ async fn bytes_that_are_not_the_request_are_invalid_argument() {
             );
         }
         // The connection still serves a well-formed request.
+        let answer = connection.call(&block, 1, &[]).await;
+        assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
+/// A request body without a whole message (none at all, a length prefix promising more bytes
+/// than follow) is malformed input too, where tonic says INTERNAL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_without_a_whole_message_is_invalid_argument() {
+    within(async {
+        let daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let block = request("/types.API/State", "localhost", false, false);
+        for (body, says) in [
+            (&[][..], "no message"),
+            (&[0, 0, 0, 0, 5, 0x0a][..], "cut short"),
+        ] {
+            let answer = connection.call_with_body(&block, 1, body).await;
+            assert_eq!(
+                answer.header("grpc-status"),
+                Some("3"),
+                "{body:?}: {answer:?}"
+            );
+            let text = answer.header("grpc-message").expect("grpc-message");
+            assert!(text.contains(says), "{text}");
+        }
         let answer = connection.call(&block, 1, &[]).await;
         assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
     })
