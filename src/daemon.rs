@@ -94,6 +94,10 @@ pub async fn run(
             if !config.socket_activated {
                 let _ = std::fs::remove_file(&config.listen);
             }
+            // A unix socket the metrics endpoint bound, as the API's is removed.
+            if let Some(path) = config.metrics_listen.as_ref().filter(|a| a.contains('/')) {
+                let _ = std::fs::remove_file(path);
+            }
             stopped.map(|_| Exit::Stopped)
         }
     }

@@ -457,10 +457,14 @@ async fn regular_file_stdout_is_not_truncated() {
     .await
 }
 
-/// berthd stops cleanly on `signal`: exit status 0, socket removed, containers still running.
+/// berthd stops cleanly on `signal`: exit status 0, its sockets removed (the API's and the
+/// metrics endpoint's), containers still running.
 async fn stopping_leaves_containers_running(signal: Signal) {
-    let mut d = daemon!();
+    let metrics_dir = tempfile::tempdir().expect("tempdir");
+    let metrics = metrics_dir.path().join("metrics.sock");
+    let mut d = daemon!(Options::args(&["--metrics-listen", &path_str(&metrics)]));
     let c = d.run(&numbered("survive"), &["sleep", "1000"]).await;
+    assert!(metrics.exists(), "no metrics socket");
 
     let status = d.stop_with(signal);
     assert!(
@@ -468,6 +472,7 @@ async fn stopping_leaves_containers_running(signal: Signal) {
         "berthd exit status after {signal}: {status}"
     );
     assert!(!d.socket().exists(), "socket left behind");
+    assert!(!metrics.exists(), "metrics socket left behind");
     let init = proc_stat(c.pid).expect("the container outlives berthd");
     assert_ne!(init.state, 'Z');
     assert_eq!(d.runtime_ids(), vec![c.id]);
