@@ -91,6 +91,7 @@ impl Supervisor {
             &init_spec.additional_gids,
         )?;
 
+        self.refuse_a_leftover_id(&request.id)?;
         let mut undo = Undo::new(self, &request.id, Asker::Uid(request.caller.peer.uid));
         undo.reserved(self.reserve(&request.id).await?);
         let pid_file = self.scratch_path(".pid");

@@ -89,6 +89,9 @@ pub struct Supervisor {
     /// The checkpoint directories taken from their owners for as long as they are (see
     /// checkpoint).
     held_ledger: checkpoint::HeldLedger,
+    /// Ids whose runtime directory a create or restore cut off by berthd's last stop left, too
+    /// recent to remove yet (see recovery): a create of one is refused saying so.
+    leftover_runtime_dirs: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Supervisor {
@@ -139,6 +142,7 @@ impl Supervisor {
             cleanup_pacing: Arc::default(),
             namespace_budget: exit::NamespaceBudget::of_fd_limit(cpus),
             held_ledger,
+            leftover_runtime_dirs: Mutex::default(),
         }))
     }
 

@@ -14,7 +14,7 @@ use super::registry::{Container, Mutable, Process, Status};
 use super::scratch::{ScratchFiles, exec_pid_file_container};
 use super::{StdioPaths, Supervisor, validate};
 use crate::client_fs::Peer;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::reaper::UNKNOWN_EXIT;
 use crate::runtime::{Asker, Operation, SpawnStdio};
@@ -333,20 +333,47 @@ impl Supervisor {
             ids = ?young,
             "runtime directories of creates or restores cut off half-way are too recent to remove yet"
         );
+        self.leftover_runtime_dirs().extend(young.iter().cloned());
         let supervisor = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(supervisor.runtime.timeout()).await;
             let candidates: HashSet<String> = young
-                .into_iter()
+                .iter()
                 .filter(|id| !supervisor.holds_id(id))
+                .cloned()
                 .collect();
             let still_young = supervisor
                 .remove_stateless_dirs_once(move |id| !candidates.contains(id))
                 .await;
+            let mut leftovers = supervisor.leftover_runtime_dirs();
+            for id in &young {
+                if !still_young.contains(id) {
+                    leftovers.remove(id);
+                }
+            }
             for id in still_young {
                 tracing::warn!(id = %id, "a runtime directory no container is recorded in keeps changing; the next start looks at it again");
             }
         });
+    }
+
+    fn leftover_runtime_dirs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.leftover_runtime_dirs
+            .lock()
+            .expect("leftover runtime dirs lock poisoned")
+    }
+
+    /// Refuses a create of `id` while its runtime directory is one a create or restore cut off
+    /// by berthd's last stop left and berthd has not removed yet: the runtime would say only
+    /// that the container exists, which State denies.
+    pub(super) fn refuse_a_leftover_id(&self, id: &str) -> Result<()> {
+        if !self.leftover_runtime_dirs().contains(id) {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "the runtime still holds a directory for {id}, left by a create or restore cut off when berthd last stopped; berthd removes it once it has not changed for --runtime-timeout ({} s): ask again then",
+            self.runtime.timeout().as_secs()
+        )))
     }
 
     /// One pass of `RuntimeBinary::remove_stateless_dirs` over the ids `skipped` does not name,

@@ -300,6 +300,17 @@ async fn a_runtime_directory_no_container_was_recorded_in_is_removed_at_restart_
             young.exists(),
             "a directory changed just now was removed at once"
         );
+        // Its id is refused meanwhile saying why, not with the runtime's "already exists"
+        // about a container State does not know.
+        let refused = d
+            .client
+            .create_container(create_req(&young_id, &bundle))
+            .await;
+        let message = expect_code(refused, tonic::Code::FailedPrecondition);
+        assert!(
+            message.contains("cut off when berthd last stopped"),
+            "{message}"
+        );
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
         assert!(
             !mountinfo.contains(&*dir.to_string_lossy()),
