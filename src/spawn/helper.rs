@@ -121,8 +121,8 @@ pub fn serve(socket: OwnedFd) -> ! {
 }
 
 /// berthd is gone (it closed its end, or died): the commands that asked for it are killed, each
-/// with what it started (a dump or restore, whose checkpoint a restarted berthd gives back), and
-/// the helper exits; the others run to their end.
+/// with its process group (a dump or restore, whose checkpoint a restarted berthd gives back; an
+/// exec, whose process nothing would track), and the helper exits; the others run to their end.
 fn abandon(running: &HashMap<u64, Running>) -> ! {
     for r in running.values().filter(|r| r.kill_if_abandoned) {
         r.kill();

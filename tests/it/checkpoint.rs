@@ -628,16 +628,17 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
 }
 
 /// Once berthd is gone the spawn helper kills a dump still running (CRIU must not go on in a
-/// checkpoint a restarted berthd gives back), and lets other runtime commands run to their end
-/// (a runtime killed half-way can leave what a restarted berthd cannot list and remove). The
-/// next berthd removes the cut-off dump's directory.
+/// checkpoint a restarted berthd gives back) and an exec (its process would run with nothing
+/// to track it), and lets other runtime commands run to their end (a create killed half-way can
+/// leave what a restarted berthd cannot list and remove). The next berthd removes the cut-off
+/// dump's directory.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dump_cut_off_by_berthds_death_is_killed_and_an_exec_is_not() {
+async fn a_dump_or_exec_cut_off_by_berthds_death_is_killed_and_a_create_is_not() {
     within(async {
         let Some(criu) = criu_or_skip() else { return };
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let body = format!(
-            "#!/bin/sh\nfor arg in \"$@\"; do\n  case \"$arg\" in\n    checkpoint) exec sleep 61 ;;\n    exec) exec sleep 62 ;;\n  esac\ndone\nexec {} \"$@\"\n",
+            "#!/bin/sh\nfor arg in \"$@\"; do\n  case \"$arg\" in\n    checkpoint) exec sleep 61 ;;\n    exec) exec sleep 62 ;;\n    *cut-create*) exec sleep 63 ;;\n  esac\ndone\nexec {} \"$@\"\n",
             runc_in_path().display()
         );
         let wrapper = write_script(scripts.path(), "slow-dump-and-exec-runc", &body);
@@ -661,28 +662,39 @@ async fn a_dump_cut_off_by_berthds_death_is_killed_and_an_exec_is_not() {
                 .add_process(exec_req(&added_id, &["sleep", "1000"]))
                 .await
         });
+        let mut creator = d.client.clone();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let create = create_req(&id("cut-create"), &bundle);
+        let create = tokio::spawn(async move { creator.create_container(create).await });
         let deadline = Instant::now() + Duration::from_secs(20);
-        let (dumping, execing) = loop {
-            let (dumping, execing) = (slow_starts(d.pid(), 61), slow_starts(d.pid(), 62));
-            if !dumping.is_empty() && !execing.is_empty() {
-                break (dumping, execing);
+        let (dumping, execing, creating) = loop {
+            let (dumping, execing, creating) = (
+                slow_starts(d.pid(), 61),
+                slow_starts(d.pid(), 62),
+                slow_starts(d.pid(), 63),
+            );
+            if !dumping.is_empty() && !execing.is_empty() && !creating.is_empty() {
+                break (dumping, execing, creating);
             }
             assert!(Instant::now() < deadline, "the runtime commands never ran");
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         d.crash();
-        let _ = (dump.await, exec.await);
+        let _ = (dump.await, exec.await, create.await);
         let ended = |pids: &[u32]| {
             pids.iter()
                 .all(|&pid| proc_stat(pid).is_none_or(|stat| stat.state == 'Z'))
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ended(&dumping) {
-            assert!(Instant::now() < deadline, "the dump still runs without berthd");
+        while !(ended(&dumping) && ended(&execing)) {
+            assert!(
+                Instant::now() < deadline,
+                "the dump or the exec still runs without berthd"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(!ended(&execing), "the exec was killed with berthd");
-        for pid in execing {
+        assert!(!ended(&creating), "the create was killed with berthd");
+        for pid in creating {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
