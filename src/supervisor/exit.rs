@@ -2,9 +2,9 @@
 //! follows.
 //!
 //! When an init exits: its container is hidden (State no longer lists it, lookups say it has
-//! exited) and its state file removal is queued; an OOM kill the cgroup counted and nobody
-//! reported yet is published; then `exit`, as soon as the pidfd fired and the status is
-//! collected. Only then the stats registration goes and the runtime deletes its state.
+//! exited), an operation on it under way ends (its event comes before the exit), and its state
+//! file removal is queued; an OOM kill the cgroup counted and nobody reported yet is published;
+//! then `exit`, as soon as the pidfd fired and the status is collected. Only then the stats registration goes and the runtime deletes its state.
 //!
 //! berthd holds each init's mount and network namespaces from registration until its delete
 //! may start, and lets go of them before the delete takes its turn ([`HeldNamespaces`]). Without
@@ -104,6 +104,9 @@ impl Supervisor {
             namespaces.release().await;
             return;
         };
+        // An operation under way when the init exited (a resume that thawed it into a pending
+        // kill, a dump that ended it) publishes its event first: `exit` is the container's last.
+        drop(container.operations.lock().await);
         // The record goes first: once the exit is published, a restart has nothing to adopt.
         self.remove_record(container);
         // Reads the OOM counter a last time, so an OOM kill is published before the exit; and

@@ -627,6 +627,39 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
     .await
 }
 
+/// A dump that ends its container publishes `checkpoint` before the container's `exit`, which
+/// is its last event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dump_that_ends_its_container_is_published_before_its_exit() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let mut d = criu_daemon!(criu);
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let container = id("cp-event-order");
+        let mut events = d.events().await;
+        let pid = d.create(create_req(&container, &bundle)).await;
+        counted(&bundle, 1).await;
+        d.client
+            .create_checkpoint(checkpoint(&container, "ordered", true))
+            .await
+            .expect("CreateCheckpoint");
+        let mut kinds = Vec::new();
+        loop {
+            let event = events.next().await;
+            if event.id != container {
+                continue;
+            }
+            kinds.push(event.r#type.clone());
+            if event.r#type == "exit" && event.pid == pid {
+                break;
+            }
+        }
+        assert_eq!(kinds, ["start-container", "checkpoint", "exit"]);
+        d.assert_gone(&container).await;
+    })
+    .await
+}
+
 /// Once berthd is gone the spawn helper kills a dump still running (CRIU must not go on in a
 /// checkpoint a restarted berthd gives back) and an exec (its process would run with nothing
 /// to track it), and lets other runtime commands run to their end (a create killed half-way can

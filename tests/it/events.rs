@@ -81,6 +81,52 @@ async fn a_container_lifecycle_publishes_its_events_in_order() {
     .await
 }
 
+/// A paused init killed and then resumed exits as the resume thaws it: the `resume` still comes
+/// before the `exit`, which is the container's last event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_that_thaws_a_killed_init_is_published_before_its_exit() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let mut events = d.events().await;
+        for round in 0..5 {
+            let id = id(&format!("resume-into-exit-{round}"));
+            let init = d.create(create_req(&id, &bundle)).await;
+            for status in ["paused", "running"] {
+                if status == "running" {
+                    d.signal(&id, init, SIGKILL).await;
+                }
+                let req = UpdateContainerRequest {
+                    id: id.clone(),
+                    signal: 0,
+                    status: status.into(),
+                };
+                d.client.update_container(req).await.expect(status);
+            }
+            let mut seen = events_until_exit(&mut events, &id, init).await;
+            // Anything published for it after its exit comes before a later container's start.
+            let later = d.run(&format!("after-{round}"), &["sleep", "1000"]).await;
+            loop {
+                let event = events.next().await;
+                if event.id == later.id {
+                    break;
+                }
+                if event.id == id {
+                    seen.push(event);
+                }
+            }
+            d.kill_container(&mut events, &later.id, later.pid).await;
+            let kinds: Vec<&str> = seen.iter().map(|e| e.r#type.as_str()).collect();
+            assert_eq!(
+                kinds,
+                ["start-container", "pause", "resume", "exit"],
+                "round {round}: {seen:#?}"
+            );
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_sees_only_what_happens_after_it_subscribed() {
     within(async {
