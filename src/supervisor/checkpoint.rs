@@ -854,7 +854,10 @@ impl Supervisor {
         id: &str,
         caller: &Caller,
     ) -> Result<Vec<Checkpoint>> {
-        list(caller, &self.container(id)?.bundle).await
+        let bundle = self.container(id)?.bundle.clone();
+        // A dump of the bundle ends first: its directory is not a checkpoint until it has.
+        let _bundle = self.checkpoint_locks.take(bundle.clone()).await;
+        list(caller, &bundle).await
     }
 
     /// Removes checkpoint `name` from container `id`'s bundle, as the caller may remove it.
@@ -867,7 +870,16 @@ impl Supervisor {
         validate_name(name)?;
         let container = self.container(id)?;
         let _bundle = self.checkpoint_locks.take(container.bundle.clone()).await;
-        let fd = caller.open_dir("bundle", &container.bundle).await?;
+        let fd = Arc::new(caller.open_dir("bundle", &container.bundle).await?);
+        // A restore of this directory (under whatever name) ends first: removed under it, its
+        // CRIU would fail half-way.
+        let (looked_up, path) = (Arc::clone(&fd), relative(name));
+        let key = caller
+            .off_reactor("finding the checkpoint", move || {
+                Ok(client_fs::dir_id_beneath(&looked_up, &path))
+            })
+            .await?;
+        let _restores = self.restores.take(key).await;
         let (peer, path) = (caller.peer.clone(), relative(name));
         let missing = format!(
             "checkpoint {name} does not exist in {}",

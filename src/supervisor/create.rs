@@ -69,6 +69,9 @@ impl Supervisor {
         let restore = match request.checkpoint.as_str() {
             "" => None,
             name => {
+                // A dump into this bundle ends first: until it has, its directory is no
+                // checkpoint to restore from.
+                let _dumps = self.checkpoint_locks.take(bundle.clone()).await;
                 Some(checkpoint::for_restore(&request.caller, &bundle, name, &self.restores).await?)
             }
         };

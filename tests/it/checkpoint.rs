@@ -627,6 +627,103 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
     .await
 }
 
+/// A DeleteCheckpoint of a checkpoint being restored (into a new container, named through the
+/// one it was taken of, left running) waits for the restore: removed under it, the restore
+/// would fail half-way with CRIU's errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_being_restored_is_deleted_only_once_the_restore_is_done() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let wrapper = delayed_runtime(scripts.path(), "restore", 3);
+        let flags = ["--runtime", &path_str(&wrapper)];
+        let criu = criu.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::args(&flags)
+        });
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let taken = id("cp-delete-restoring");
+        let pid = d.create(create_req(&taken, &bundle)).await;
+        let mut events = d.events().await;
+        counted(&bundle, 2).await;
+        d.client
+            .create_checkpoint(checkpoint(&taken, "restoring", false))
+            .await
+            .expect("CreateCheckpoint");
+
+        let copy = id("cp-delete-restoring-copy");
+        let mut restore = create_req(&copy, &bundle);
+        restore.checkpoint = "restoring".into();
+        let mut client = d.client.clone();
+        let restoring = tokio::spawn(async move {
+            let restored = client.create_container(restore).await;
+            (restored, Instant::now())
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while slow_starts(d.pid(), 3).is_empty() {
+            assert!(Instant::now() < deadline, "the restore never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        d.client
+            .delete_checkpoint(delete(&taken, "restoring"))
+            .await
+            .expect("DeleteCheckpoint");
+        let deleted = Instant::now();
+        let (restored, restored_at) = restoring.await.expect("join");
+        let copy_pid = restored.expect("the restore").into_inner().pid;
+        assert!(
+            restored_at <= deleted,
+            "the delete did not wait for the restore"
+        );
+        assert!(!bundle.path().join("checkpoints/restoring").exists());
+        d.kill_container(&mut events, &copy, copy_pid).await;
+        d.kill_container(&mut events, &taken, pid).await;
+    })
+    .await
+}
+
+/// ListCheckpoint while a dump writes into the bundle waits for it: until the dump has ended
+/// its directory is no checkpoint (a restore from it would fail), and once it has it is one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_being_dumped_is_listed_only_once_the_dump_is_done() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let wrapper = delayed_runtime(scripts.path(), "checkpoint", 3);
+        let flags = ["--runtime", &path_str(&wrapper)];
+        let criu = criu.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::args(&flags)
+        });
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let container = id("cp-list-dumping");
+        let pid = d.create(create_req(&container, &bundle)).await;
+        let mut events = d.events().await;
+        let mut client = d.client.clone();
+        let request = checkpoint(&container, "dumping", false);
+        let dumping = tokio::spawn(async move {
+            let dumped = client.create_checkpoint(request).await;
+            (dumped, Instant::now())
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while slow_starts(d.pid(), 3).is_empty() {
+            assert!(Instant::now() < deadline, "the dump never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let listed = list(&mut d.client, &container).await;
+        let listed_at = Instant::now();
+        let (dumped, dumped_at) = dumping.await.expect("join");
+        dumped.expect("CreateCheckpoint");
+        assert!(dumped_at <= listed_at, "listed while the dump ran");
+        let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["dumping"]);
+        d.kill_container(&mut events, &container, pid).await;
+    })
+    .await
+}
+
 /// A dump that ends its container publishes `checkpoint` before the container's `exit`, which
 /// is its last event.
 #[tokio::test(flavor = "multi_thread")]
