@@ -289,9 +289,9 @@ impl HeldLedger {
         for (path, (entry, bytes)) in entries {
             let checkpoint = shown_checkpoint(&entry.bundle, &entry.name);
             match give_back_entry(&entry, &self.dir) {
-                Ok(()) => tracing::info!(
+                Ok(what) => tracing::info!(
                     checkpoint,
-                    "a checkpoint held when berthd stopped was given back"
+                    "a checkpoint held when berthd stopped was {what}"
                 ),
                 Err(e) => tracing::warn!(
                     checkpoint,
@@ -320,8 +320,9 @@ fn read_entry(path: &Path) -> Result<(HeldEntry, Vec<u8>)> {
 
 /// Gives one held directory back, if what `<bundle>/checkpoints/<name>` names now is still the
 /// directory berthd held (its device and inode) and still root's: a client may have renamed,
-/// removed or replaced it since, and then nothing of it is berthd's to touch.
-fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<()> {
+/// removed or replaced it since, and then nothing of it is berthd's to touch. Says what became
+/// of it.
+fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<&'static str> {
     validate_name(&entry.name)?;
     let root = Peer::root();
     let shown = shown_checkpoint(&entry.bundle, &entry.name);
@@ -338,16 +339,21 @@ fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<()> {
     }
     match &entry.held {
         Held::Restore { uid, gid, mode } => client_fs::set_owner(&image, (*uid, *gid), *mode)
+            .map(|()| "given back to its owner")
             .map_err(|e| Error::io(&shown, e.into())),
-        Held::Dump {
-            finished: false, ..
-        } => client_fs::remove_held(&bundle, &image_path, image),
         Held::Dump {
             uid,
             gid,
             checkpoint,
-            finished: true,
+            finished,
         } => {
+            // CRIU writes its inventory once every image is: a dump berthd died waiting for
+            // may have finished, and with `exit` its container is gone, the images all that is
+            // left of it.
+            if !finished && !dumped_whole(&image) {
+                client_fs::remove_held(&bundle, &image_path, image)?;
+                return Ok("removed: its dump was cut off half-way");
+            }
             // Written already if berthd was killed between that and the giving.
             match write_metadata(&image, checkpoint) {
                 Err(Error::Io { source, .. })
@@ -360,9 +366,23 @@ fn give_back_entry(entry: &HeldEntry, ledger: &Path) -> Result<()> {
                 gid: *gid,
                 groups: Vec::new(),
             };
-            client_fs::give_to(&image, &shown, &caller)
+            client_fs::give_to(&image, &shown, &caller)?;
+            Ok("given to its caller: its dump had finished")
         }
     }
+}
+
+/// Whether CRIU finished dumping into `image`: the inventory, which it writes once every other
+/// image is written, is there.
+fn dumped_whole(image: &OwnedFd) -> bool {
+    rustix::fs::statat(
+        image,
+        "inventory.img",
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    })
 }
 
 /// A checkpoint a create restores from: its directory, held open, and the CRIU options its

@@ -724,6 +724,64 @@ async fn a_checkpoint_being_dumped_is_listed_only_once_the_dump_is_done() {
     .await
 }
 
+/// A dump CRIU finished but berthd died waiting for (the runtime had not returned yet): with
+/// `exit` its container is gone and the images are all that is left of it, so the next start
+/// gives them to the caller as the dump would have, and a restore from them works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dump_finished_when_berthd_died_is_kept_and_restores() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let body = format!(
+            "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = checkpoint ] && {{ {runc} \"$@\" || exit; exec sleep 64; }}\ndone\nexec {runc} \"$@\"\n",
+            runc = runc_in_path().display()
+        );
+        let wrapper = write_script(scripts.path(), "slow-after-dump-runc", &body);
+        let flags = ["--runtime", &path_str(&wrapper)];
+        let criu = criu.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::args(&flags)
+        });
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let container = id("cp-finished-then-crash");
+        let pid = d.create(create_req(&container, &bundle)).await;
+        counted(&bundle, 2).await;
+        let mut client = d.client.clone();
+        let request = checkpoint(&container, "finished", true);
+        let dumping = tokio::spawn(async move { client.create_checkpoint(request).await });
+        // CRIU ended the container (its exit is published once the dump's request ends).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while slow_starts(d.pid(), 64).is_empty()
+            || proc_stat(pid).is_some_and(|stat| stat.state != 'Z')
+        {
+            assert!(Instant::now() < deadline, "the runtime's dump never returned");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = counts(&bundle).len();
+        d.crash();
+        let _ = dumping.await;
+
+        d.start_again_with(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::default()
+        })
+        .await;
+        let image = bundle.path().join("checkpoints/finished");
+        assert!(
+            image.join("berth-checkpoint.json").exists(),
+            "the finished dump was not given to its caller"
+        );
+        let mut restore = create_req(&container, &bundle);
+        restore.checkpoint = "finished".into();
+        let mut events = d.events().await;
+        let pid = d.create(restore).await;
+        assert!(first_count_after(&bundle, seen).await > 2, "not restored");
+        d.kill_container(&mut events, &container, pid).await;
+    })
+    .await
+}
+
 /// A dump that ends its container publishes `checkpoint` before the container's `exit`, which
 /// is its last event.
 #[tokio::test(flavor = "multi_thread")]
