@@ -350,15 +350,14 @@ impl StatsHub {
         &self.shared.counters
     }
 
-    /// Registered containers and their subscribers in total.
+    /// Containers whose stats files are open (those with a subscriber), and their subscribers
+    /// in total.
     pub fn tracked(&self) -> (usize, usize) {
         let registry = self.shared.registry();
-        let subscribers = registry
-            .values()
-            .filter_map(|r| r.open.as_ref())
-            .map(|c| c.subscribers())
-            .sum();
-        (registry.len(), subscribers)
+        let open = registry.values().filter_map(|r| r.open.as_ref());
+        let (containers, subscribers) =
+            open.fold((0, 0), |(n, all), c| (n + 1, all + c.subscribers()));
+        (containers, subscribers)
     }
 }
 

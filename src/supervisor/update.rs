@@ -43,8 +43,15 @@ impl Supervisor {
                 )));
             }
         };
+        // 0 is no signal here, not Signal's check that the process exists.
         let signal = (signal != 0)
-            .then(|| validate::signal(signal))
+            .then(|| {
+                validate::signal(signal).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "invalid signal {signal}: use a number from 1 to 64, or 0 for none (see man 7 signal)"
+                    ))
+                })
+            })
             .transpose()?;
         let container = self.container(id)?;
         if let Some(target) = target {

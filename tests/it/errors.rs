@@ -423,10 +423,11 @@ async fn update_rejects_unknown_ids_and_statuses() {
             signal: 65,
             ..req(&unknown, "")
         };
-        expect_code(
+        let message = expect_code(
             d.client.update_container(bad_signal).await,
             Code::InvalidArgument,
         );
+        assert!(message.contains("or 0 for none"), "{message}");
         for bad in ["frozen", "PAUSED", "stopped"] {
             expect_code(
                 d.client.update_container(req(&ctr.id, bad)).await,

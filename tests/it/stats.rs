@@ -142,6 +142,7 @@ async fn two_hundred_subscribers_share_one_read_batch_per_tick() {
         }
         // Nothing is read for a container nobody subscribes to, so counting starts here.
         let before = scrape(&socket).await;
+        assert_eq!(metric(&before, "berth_stats_containers"), 0.0);
         let (batches_before, files_before) = (
             metric(&before, "berth_sampler_batches_total"),
             metric(&before, "berth_sampler_files_read_total"),
