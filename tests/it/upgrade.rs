@@ -120,3 +120,68 @@ async fn a_second_upgrade_while_one_runs_is_refused_unavailable() {
     })
     .await
 }
+
+/// An attached `berth exec` across an in-place upgrade: the upgrade ends its event stream, and
+/// the CLI subscribes again once the new image serves, relaying the process's output and
+/// exiting with its code as if nothing happened.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attached_berth_exec_outlives_an_in_place_upgrade() {
+    within(async {
+        let cli = berth_cli();
+        if !host_supports(
+            "needs the berth CLI",
+            cli.as_ref().map(drop).map_err(Clone::clone),
+        ) {
+            return;
+        }
+        let mut d = daemon!();
+        let c = d.run("cli-across-upgrade", &["sleep", "1000"]).await;
+        let attached = std::process::Command::new(cli.expect("checked"))
+            .arg("--address")
+            .arg(d.socket())
+            .args([
+                "exec",
+                &c.id,
+                "--",
+                "sh",
+                "-c",
+                "echo before; sleep 4; echo after; exit 5",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run berth exec");
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let state = d.state().await;
+            let ours = state
+                .containers
+                .iter()
+                .find(|x| x.id == c.id)
+                .expect("listed");
+            if ours.processes.len() == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the exec never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        upgrade_in_place(&d.socket()).await;
+        let out = tokio::task::spawn_blocking(move || attached.wait_with_output())
+            .await
+            .expect("join")
+            .expect("berth exec");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "stdout {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, "before\nafter\n");
+        d.client = d.connect().await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &c.id, c.pid).await;
+    })
+    .await
+}

@@ -20,6 +20,7 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::error::{Error, io_error};
+use crate::events;
 use crate::utf8;
 
 pub fn exit_code(status: u32) -> ExitCode {
@@ -99,7 +100,7 @@ impl Attachment {
     pub async fn attach(
         self,
         mut client: ApiClient<Channel>,
-        mut events: Streaming<Event>,
+        events: Streaming<Event>,
         id: String,
         pid: u32,
     ) -> Result<u32, Error> {
@@ -115,11 +116,12 @@ impl Attachment {
         forward_stdin(stdin_writer);
         let stdout_relayed = relay_in_thread(stdout_reader, io::stdout());
         let stderr_relayed = relay_in_thread(stderr_reader, io::stderr());
+        let mut resubscriber = client.clone();
         let finished = async {
             let ((), (), status) = tokio::try_join!(
                 stdout_relayed,
                 stderr_relayed,
-                wait_for_exit(&mut events, &id, pid)
+                wait_for_exit(&mut resubscriber, events, &id, pid)
             )?;
             Ok(status)
         };
@@ -212,21 +214,46 @@ fn relay(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
     }
 }
 
-async fn wait_for_exit(events: &mut Streaming<Event>, id: &str, pid: u32) -> Result<u32, Error> {
+/// The exit status of process `pid` of container `id`, from its `exit` event. A stream lost
+/// to berthd's upgrade or restart is subscribed to again: the process runs on, its output
+/// relays are berthd's to hand over, and an exit while berthd was away is replayed.
+async fn wait_for_exit(
+    client: &mut ApiClient<Channel>,
+    mut events: Streaming<Event>,
+    id: &str,
+    pid: u32,
+) -> Result<u32, Error> {
     let lost = |status| Error::EventsLost {
         id: id.to_owned(),
         pid,
         status,
     };
-    while let Some(event) = events.message().await.map_err(lost)? {
-        if event.r#type == "exit" && event.id == id && event.pid == pid {
-            return Ok(event.status);
-        }
+    loop {
+        let went_away = match events.message().await {
+            Ok(Some(event)) => {
+                if event.r#type == "exit" && event.id == id && event.pid == pid {
+                    return Ok(event.status);
+                }
+                continue;
+            }
+            Ok(None) => None,
+            Err(status) if events::berthd_went_away(&status) => Some(status),
+            Err(status) => return Err(lost(status)),
+        };
+        events::note_lost(went_away.as_ref());
+        events = match events::resubscribe(client).await {
+            Some(again) => again,
+            None => {
+                return Err(match went_away {
+                    Some(status) => lost(status),
+                    None => Error::EventsEnded {
+                        id: id.to_owned(),
+                        pid,
+                    },
+                });
+            }
+        };
     }
-    Err(Error::EventsEnded {
-        id: id.to_owned(),
-        pid,
-    })
 }
 
 /// Our terminal in raw mode, so keys reach the process's terminal untouched; restored on drop.

@@ -7,6 +7,7 @@ mod attach;
 mod checkpoint;
 mod daemon;
 mod error;
+mod events;
 mod output;
 mod stats;
 
@@ -349,16 +350,28 @@ async fn exec(mut client: ApiClient<Channel>, args: ExecArgs) -> Result<ExitCode
 
 async fn watch_events(client: &mut ApiClient<Channel>, json: bool) -> Result<(), Error> {
     let mut events = client.events(EventsRequest {}).await?.into_inner();
-    while let Some(event) = events.message().await? {
-        let received = SystemTime::now();
-        let line = if json {
-            event_json(&event, received).to_string()
-        } else {
-            event_line(&event, received)
+    loop {
+        let lost = match events.message().await {
+            Ok(Some(event)) => {
+                let received = SystemTime::now();
+                let line = if json {
+                    event_json(&event, received).to_string()
+                } else {
+                    event_line(&event, received)
+                };
+                write_stdout(&format!("{line}\n"))?;
+                continue;
+            }
+            Ok(None) => None,
+            Err(status) if events::berthd_went_away(&status) => Some(status),
+            Err(status) => return Err(status.into()),
         };
-        write_stdout(&format!("{line}\n"))?;
+        events::note_lost(lost.as_ref());
+        match events::resubscribe(client).await {
+            Some(again) => events = again,
+            None => return lost.map_or(Ok(()), |status| Err(status.into())),
+        }
     }
-    Ok(())
 }
 
 fn utf8(path: PathBuf) -> Result<String, Error> {

@@ -987,6 +987,20 @@ pub async fn upgrade_in_place(
     (old, new)
 }
 
+/// The `berth` CLI beside berthd in the target directory, which scripts/test builds first (it
+/// is another package's binary, so cargo builds it for no test of this one); or why not.
+pub fn berth_cli() -> Result<PathBuf, String> {
+    let cli = Path::new(env!("CARGO_BIN_EXE_berthd")).with_file_name("berth");
+    if cli.exists() {
+        Ok(cli)
+    } else {
+        Err(format!(
+            "{} is not built (cargo build -p berth-cli; scripts/test does)",
+            cli.display()
+        ))
+    }
+}
+
 /// Waits until an image other than `old` answers Info on `socket` (clients reconnect to the
 /// same path; the new image answers once it has recovered), and returns its Info.
 pub async fn new_image(
