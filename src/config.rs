@@ -162,6 +162,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_UID", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections_per_uid: u64,
 
+    /// Events and GetStats streams one uid other than root's has open at once, over all its
+    /// connections; one more is RESOURCE_EXHAUSTED naming this flag.
+    #[arg(long, env = "BERTH_MAX_STREAMS_PER_UID", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams_per_uid: u64,
+
     /// HTTP/2 streams (requests and subscriptions) open at once on one connection.
     #[arg(long, env = "BERTH_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,

@@ -353,11 +353,13 @@ impl Serving {
                 accepted
                     .map(|a| Edge::new(Limited::new(a.socket, a.permit), limits.handshake_timeout))
             });
-        let api = ApiService::new(supervisor, stopping).limit(
-            max_message,
-            config.max_process_spec_bytes as usize,
-            config.max_processes_per_container as usize,
-        );
+        let api = ApiService::new(supervisor, stopping)
+            .limit(
+                max_message,
+                config.max_process_spec_bytes as usize,
+                config.max_processes_per_container as usize,
+            )
+            .limit_streams(usize::try_from(config.max_streams_per_uid).unwrap_or(usize::MAX));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(RpcMetricsLayer)

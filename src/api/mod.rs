@@ -6,3 +6,4 @@ pub mod pacing;
 pub mod peer;
 pub mod request_budget;
 pub mod service;
+pub mod stream_places;

@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::pacing::{socket_has_room, socket_room};
 use super::peer::{audit, logged, peer};
+use super::stream_places::StreamPlaces;
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
 use crate::model::{Checkpoint, ProcessSpec, SocketRoom};
@@ -22,6 +23,7 @@ pub struct ApiService {
     /// Turns true when berthd is stopping, which ends the streams that would otherwise never end.
     stopping: tokio::sync::watch::Receiver<bool>,
     limits: Limits,
+    stream_places: StreamPlaces,
 }
 
 /// The limits requests and responses are held to (their flags' defaults until set).
@@ -45,7 +47,14 @@ impl ApiService {
                 spec_bytes: 256 * 1024,
                 processes: 1024,
             },
+            stream_places: StreamPlaces::new(4096),
         }
+    }
+
+    /// Holds each uid other than root's to `most` Events and GetStats streams open at once.
+    pub fn limit_streams(mut self, most: usize) -> Self {
+        self.stream_places = StreamPlaces::new(most);
+        self
     }
 
     /// Holds responses to `message_bytes`, each process's args, env, cwd and additional gids
@@ -458,6 +467,7 @@ impl proto::api_server::Api for ApiService {
         let peer = peer(&request)?;
         tracing::info_span!("events", peer_uid = peer.uid, peer_pid = peer.pid)
             .in_scope(|| tracing::debug!("subscribed"));
+        let place = self.stream_places.take(peer.uid)?;
         let subscription = self.supervisor.events().subscribe();
         // Taken only while the connection's socket has room, so a client that stops reading
         // falls behind on the event ring instead of growing a buffer in h2, and is told how
@@ -465,9 +475,9 @@ impl proto::api_server::Api for ApiService {
         let room = socket_room(&request);
         let stopping = self.stopping.clone();
         let stream = futures_util::stream::unfold(
-            Some((subscription, room, stopping)),
+            Some((subscription, room, stopping, place)),
             |state| async move {
-                let (mut subscription, mut room, mut stopping) = state?;
+                let (mut subscription, mut room, mut stopping, place) = state?;
                 let next = match next_unless_stopping(&mut room, &mut stopping, subscription.next())
                     .await?
                 {
@@ -477,7 +487,7 @@ impl proto::api_server::Api for ApiService {
                 match next {
                     Ok(event) => Some((
                         Ok(event_to_wire(&event)),
-                        Some((subscription, room, stopping)),
+                        Some((subscription, room, stopping, place)),
                     )),
                     Err(Lagged::Missed(missed)) => Some((
                         Err(Status::resource_exhausted(format!(
@@ -507,6 +517,7 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::StatsRequest>,
     ) -> Result<Response<Self::GetStatsStream>, Status> {
         let peer = peer(&request)?;
+        let place = self.stream_places.take(peer.uid)?;
         let room = socket_room(&request);
         let id = request.into_inner().id;
         let span = tracing::info_span!("get_stats", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid);
@@ -531,9 +542,9 @@ impl proto::api_server::Api for ApiService {
         // upgrades.
         let stopping = self.stopping.clone();
         let stream = futures_util::stream::unfold(
-            Some((subscription, room, stopping)),
+            Some((subscription, room, stopping, place)),
             |state| async move {
-                let (mut subscription, mut room, mut stopping) = state?;
+                let (mut subscription, mut room, mut stopping, place) = state?;
                 let snapshot =
                     match next_unless_stopping(&mut room, &mut stopping, subscription.next())
                         .await?
@@ -543,7 +554,7 @@ impl proto::api_server::Api for ApiService {
                     };
                 Some((
                     Ok(stats_to_wire(&snapshot)),
-                    Some((subscription, room, stopping)),
+                    Some((subscription, room, stopping, place)),
                 ))
             },
         );

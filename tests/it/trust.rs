@@ -779,6 +779,27 @@ async fn checkpoints_through_a_symlink_are_neither_listed_nor_deleted() {
     .await
 }
 
+/// An idle stream costs berthd a few KiB, so one uid (not root) has at most
+/// `--max-streams-per-uid` Events and GetStats streams open at once; the one past it is
+/// RESOURCE_EXHAUSTED naming the flag, and a stream that ends gives its place back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_has_at_most_its_streams_open_and_gets_their_places_back() {
+    within(async {
+        let d = daemon!(Options::args(&[
+            "--group",
+            "65534",
+            "--max-streams-per-uid",
+            "2"
+        ]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let answer = member.ask(&["streams", "2"]).await;
+        assert_eq!(answer, "OK open,open,RESOURCE_EXHAUSTED;open");
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrade_is_refused_to_a_group_member() {
     within(async {

@@ -3,12 +3,14 @@
 usage: client.py GENERATED SOCKET create ID BUNDLE STDIN STDOUT STDERR
        client.py GENERATED SOCKET create-within SECONDS ID BUNDLE STDIN STDOUT STDERR
        client.py GENERATED SOCKET exec ID UID STDOUT ARG...
+       client.py GENERATED SOCKET streams N
        client.py GENERATED SOCKET upgrade
        client.py GENERATED SOCKET state
 Prints "OK <detail>" or "<CODE> <message>" on one line and exits 0 either way.
 """
 
 import sys
+import time
 
 sys.path.insert(0, sys.argv[1])
 
@@ -50,6 +52,25 @@ def main():
                 timeout=30,
             )
             print("OK", reply.pid)
+        elif op == "streams":
+            # N + 1 Events streams held open; then the first ended and one more opened: how
+            # each stood ("open" or its status code).
+            def opened():
+                call = api.Events(api_pb2.EventsRequest())
+                call.initial_metadata()
+                return call
+
+            def stood(call):
+                return call.code().name if call.done() else "open"
+
+            calls = [opened() for _ in range(int(args[0]) + 1)]
+            time.sleep(0.3)
+            first = ",".join(stood(call) for call in calls)
+            calls[0].cancel()
+            time.sleep(0.3)
+            again = opened()
+            time.sleep(0.3)
+            print("OK", first + ";" + stood(again))
         elif op == "upgrade":
             reply = daemon_pb2_grpc.DaemonStub(channel).Upgrade(
                 daemon_pb2.UpgradeRequest(), timeout=30
