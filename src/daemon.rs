@@ -126,7 +126,7 @@ async fn serve(
     let reaper = Reaper::new();
     tracing::info!(
         adopted_exit_codes = if reaper.exit_info_supported() {
-            "exact, from the pidfd (PIDFD_INFO_EXIT)"
+            "exact, from the pidfd (PIDFD_INFO_EXIT), for exits while berthd runs; those the host's init reaped while berthd was away are 255"
         } else {
             "unknown (255): this kernel has no PIDFD_INFO_EXIT"
         },

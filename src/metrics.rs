@@ -175,6 +175,15 @@ impl Metrics {
 
 fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
+    if !matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD) {
+        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        *response.body_mut() = Full::new(Bytes::from_static(b"method not allowed: GET /metrics\n"));
+        return response;
+    }
     if request.uri().path() != "/metrics" {
         *response.status_mut() = StatusCode::NOT_FOUND;
         *response.body_mut() = Full::new(Bytes::from_static(b"not found: try /metrics\n"));

@@ -56,8 +56,13 @@ impl Supervisor {
                     .get(&record.id)
                     .is_some_and(|l| l.status != "stopped");
             let init = match confirmed {
-                Err(why) => {
+                // A container the runtime lists as stopped, or not at all, simply ended.
+                Err(why) if unmatched_live => {
                     tracing::warn!(id = %record.id, pid = record.init.pid, why, "the runtime does not confirm this record; not adopted");
+                    Ok(None)
+                }
+                Err(why) => {
+                    tracing::debug!(id = %record.id, pid = record.init.pid, why, "the runtime does not confirm this record; not adopted");
                     Ok(None)
                 }
                 Ok(()) => self
@@ -440,7 +445,10 @@ impl Supervisor {
             let adopted = if same_cgroup(record.init.pid, process.pid) {
                 self.reaper.adopt(process.pid as i32, process.start_time)
             } else {
-                tracing::warn!(id = %record.id, pid = process.pid, "recorded added process is not in its container's cgroup; not adopted");
+                // One that is gone simply ended while berthd was away.
+                if crate::procfs::process_start_time(process.pid).is_ok() {
+                    tracing::warn!(id = %record.id, pid = process.pid, "recorded added process is not in its container's cgroup; not adopted");
+                }
                 Ok(None)
             };
             match adopted {

@@ -180,17 +180,23 @@ async fn readiness_watchdog_and_stop_reach_the_notify_socket() {
 
 async fn scrape(socket: &Path) -> (String, Duration) {
     let started = Instant::now();
+    let response = ask_metrics(socket, "GET /metrics HTTP/1.0").await;
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    (response, started.elapsed())
+}
+
+/// The metrics endpoint's whole answer to `request` (its request line).
+async fn ask_metrics(socket: &Path, request: &str) -> String {
     let mut stream = tokio::net::UnixStream::connect(socket)
         .await
         .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .write_all(format!("{request}\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
-    (response, started.elapsed())
+    response
 }
 
 fn value(text: &str, series: &str) -> f64 {
@@ -252,6 +258,11 @@ async fn metrics_count_rpcs_by_code_with_latency_and_runtime_histograms() {
         assert_eq!(value(&text, waits), 2.0);
         assert!(text.contains("# TYPE berth_grpc_server_handling_seconds histogram"));
         assert!(!text.contains("berth_container_cpu_usage_seconds"), "per-container series are opt-in");
+        // Only read: a POST is refused, a HEAD answered without the body.
+        let post = ask_metrics(&metrics, "POST /metrics HTTP/1.0").await;
+        assert!(post.starts_with("HTTP/1.0 405") && post.contains("allow: GET, HEAD"), "{post}");
+        let head = ask_metrics(&metrics, "HEAD /metrics HTTP/1.0").await;
+        assert!(head.starts_with("HTTP/1.0 200") && !head.contains("berth_containers"), "{head}");
 
         let mut events = d.events().await;
         for c in [&first, &second] {

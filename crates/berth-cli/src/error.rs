@@ -18,7 +18,7 @@ pub enum Error {
         address: PathBuf,
         source: tonic::transport::Error,
     },
-    #[error("{} ({})", status_message(.0), code_name(.0.code()))]
+    #[error("{} ({})", rpc_message(.0), code_name(.0.code()))]
     Rpc(#[from] Status),
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
@@ -81,6 +81,18 @@ pub fn status_message(status: &Status) -> &str {
     }
 }
 
+/// What berthd answered, or, where the connection to it broke mid-call (tonic says only
+/// "transport error"), that.
+fn rpc_message(status: &Status) -> String {
+    if status.code() == Code::Unknown && status.message().starts_with("transport error") {
+        return format!(
+            "lost the connection to berthd mid-call, so whether it was carried out is not known (did berthd stop or restart?): {}",
+            root_cause(status)
+        );
+    }
+    status_message(status).to_owned()
+}
+
 /// The canonical gRPC name of a status code, as other gRPC tools print it.
 pub fn code_name(code: Code) -> &'static str {
     match code {
@@ -136,5 +148,12 @@ mod tests {
         assert_eq!(error.to_string(), "no container \"x\" (NOT_FOUND)");
         let error = Error::from(Status::new(Code::Unavailable, ""));
         assert!(error.to_string().ends_with("(UNAVAILABLE)"));
+        let error = Error::from(Status::unknown("transport error"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("lost the connection to berthd mid-call"),
+            "{error}"
+        );
     }
 }
