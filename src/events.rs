@@ -43,8 +43,10 @@ pub(crate) enum EventKind {
     },
     Pause,
     Resume,
-    /// A container adopted by a restarted or upgraded berthd.
-    Live,
+    /// A container adopted by a restarted or upgraded berthd, from its bundle.
+    Live {
+        bundle: String,
+    },
     /// The container's cgroup hit its memory limit and the OOM killer killed in it.
     Oom,
     Checkpoint {
@@ -61,7 +63,7 @@ impl EventKind {
             EventKind::Exit { .. } => "exit",
             EventKind::Pause => "pause",
             EventKind::Resume => "resume",
-            EventKind::Live => "live",
+            EventKind::Live { .. } => "live",
             EventKind::Oom => "oom",
             EventKind::Checkpoint { .. } => "checkpoint",
         }
@@ -90,16 +92,14 @@ impl EventKind {
     fn bytes(&self) -> u64 {
         EVENT_BYTES
             + match self {
-                EventKind::StartContainer { bundle } => bundle.len() as u64,
+                EventKind::StartContainer { bundle } | EventKind::Live { bundle } => {
+                    bundle.len() as u64
+                }
                 EventKind::StartProcess { process } => {
                     (process.string_bytes() + 4 * process.additional_gids.len()) as u64
                 }
                 EventKind::Checkpoint { checkpoint } => checkpoint.name.len() as u64,
-                EventKind::Exit { .. }
-                | EventKind::Pause
-                | EventKind::Resume
-                | EventKind::Live
-                | EventKind::Oom => 0,
+                EventKind::Exit { .. } | EventKind::Pause | EventKind::Resume | EventKind::Oom => 0,
             }
     }
 }
@@ -317,10 +317,9 @@ impl EventBus {
             *recovery = None;
             return None;
         }
-        let was_live = backlog
-            .events
-            .iter()
-            .any(|e| e.kind == EventKind::Live && e.id == event.id && e.pid == event.pid);
+        let was_live = backlog.events.iter().any(|e| {
+            matches!(e.kind, EventKind::Live { .. }) && e.id == event.id && e.pid == event.pid
+        });
         if !was_live {
             return None;
         }
@@ -391,6 +390,12 @@ impl EventBus {
 mod tests {
     use super::*;
 
+    fn live() -> EventKind {
+        EventKind::Live {
+            bundle: "/b".into(),
+        }
+    }
+
     #[tokio::test]
     async fn subscribers_see_events_from_the_moment_they_subscribe_in_order() {
         let bus = EventBus::new(8);
@@ -405,7 +410,7 @@ mod tests {
     #[tokio::test]
     async fn recovery_events_come_first_within_the_window_only() {
         let bus = EventBus::new(8);
-        bus.record_recovery("a", 1, EventKind::Live, Duration::from_secs(60));
+        bus.record_recovery("a", 1, live(), Duration::from_secs(60));
         bus.record_recovery(
             "b",
             2,
@@ -414,12 +419,12 @@ mod tests {
         );
         let mut sub = bus.subscribe();
         bus.publish("a", 1, EventKind::Pause);
-        assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Live);
+        assert_eq!(sub.next().await.unwrap().unwrap().kind, live());
         assert_eq!(sub.next().await.unwrap().unwrap().id, "b");
         assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Pause);
 
         let late = EventBus::new(8);
-        late.record_recovery("a", 1, EventKind::Live, Duration::ZERO);
+        late.record_recovery("a", 1, live(), Duration::ZERO);
         let mut sub = late.subscribe();
         late.publish("a", 1, EventKind::Resume);
         assert_eq!(sub.next().await.unwrap().unwrap().kind, EventKind::Resume);
@@ -431,8 +436,8 @@ mod tests {
     #[tokio::test]
     async fn an_exit_within_the_window_follows_its_live_in_the_replay() {
         let bus = EventBus::new(8);
-        bus.record_recovery("a", 1, EventKind::Live, Duration::from_secs(60));
-        bus.record_recovery("b", 2, EventKind::Live, Duration::from_secs(60));
+        bus.record_recovery("a", 1, live(), Duration::from_secs(60));
+        bus.record_recovery("b", 2, live(), Duration::from_secs(60));
         let mut before = bus.subscribe();
         bus.publish("a", 1, EventKind::Exit { status: 3 });
         // Not a container the backlog names as live: not replayed.

@@ -160,7 +160,9 @@ fn event_to_wire(event: &Event) -> proto::Event {
         ..Default::default()
     };
     match &event.kind {
-        EventKind::StartContainer { bundle } => wire.bundle_path = bundle.clone(),
+        EventKind::StartContainer { bundle } | EventKind::Live { bundle } => {
+            wire.bundle_path = bundle.clone()
+        }
         EventKind::StartProcess { process } => {
             wire.process = Some(process_to_wire(event.pid, process))
         }
@@ -168,7 +170,7 @@ fn event_to_wire(event: &Event) -> proto::Event {
         EventKind::Checkpoint { checkpoint } => {
             wire.checkpoint = Some(checkpoint_to_wire(checkpoint))
         }
-        EventKind::Pause | EventKind::Resume | EventKind::Live | EventKind::Oom => {}
+        EventKind::Pause | EventKind::Resume | EventKind::Oom => {}
     }
     wire
 }

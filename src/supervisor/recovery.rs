@@ -553,8 +553,11 @@ impl Supervisor {
                 tracing::warn!(id = %record.id, error = %e, "no stats or OOM events for this adopted container")
             }
         }
+        let live = EventKind::Live {
+            bundle: record.bundle.display().to_string(),
+        };
         self.events
-            .record_recovery(&record.id, record.init.pid, EventKind::Live, replay);
+            .record_recovery(&record.id, record.init.pid, live, replay);
         for process in added {
             self.watch_process(Arc::clone(&container), process);
         }

@@ -365,6 +365,7 @@ async fn restart_events_are_replayed_only_within_the_recovery_replay_window() {
         let mut early = daemon.events().await;
         let live = early.wait_for("live", |e| e.r#type == "live").await;
         assert_eq!((live.id.as_str(), live.pid), (kept.id.as_str(), kept.pid));
+        assert_eq!(live.bundle_path, kept.bundle.path_str());
 
         // The window is what is under test here, so the test waits it out.
         tokio::time::sleep(WINDOW.saturating_sub(started.elapsed())).await;
