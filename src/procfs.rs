@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(parse_id_map(b"0 0\n"), None);
         assert_eq!(parse_id_map(b"0 0 1 2\n"), None);
         assert_eq!(parse_id_map(b"x 0 1\n"), None);
-        assert_eq!(process_uid_map(std::process::id()).unwrap().len(), 1);
+        assert!(!process_uid_map(std::process::id()).unwrap().is_empty());
     }
 
     #[test]

@@ -519,11 +519,11 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::StatsRequest>,
     ) -> Result<Response<Self::GetStatsStream>, Status> {
         let peer = peer(&request)?;
-        let place = self.stream_places.take(peer.uid)?;
         let room = socket_room(&request);
         let id = request.into_inner().id;
         let span = tracing::info_span!("get_stats", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid);
         crate::supervisor::validate::container_id(&id)?;
+        let place = self.stream_places.take(peer.uid)?;
         // Opening a container's stats files is file system work: off the reactor.
         let supervisor = Arc::clone(&self.supervisor);
         let subscribing = id.clone();

@@ -416,14 +416,19 @@ fn owner_only(shown: &str, owner: u32, peer: &Peer) -> Result<()> {
 /// checkpoints run side by side.
 pub type RestoreTurns = Turns<Option<(u64, u64)>>;
 
-/// Checkpoint `name` of `bundle`, to restore, once its turn among `turns` has come.
+/// Checkpoint `name` of `bundle`, to restore, once its turn among `turns` has come. A dump
+/// into the bundle (its turn among `dumps`) ends first: until it has, its directory is no
+/// checkpoint. That turn is let go of before this one is waited for, so a restore waiting for
+/// another of its checkpoint holds up nothing else of the bundle.
 pub async fn for_restore(
     caller: &Caller,
     bundle: &Path,
     name: &str,
     turns: &RestoreTurns,
+    dumps: &Turns<PathBuf>,
 ) -> Result<Restorable> {
     validate_name(name)?;
+    let dumped = dumps.take(bundle.to_owned()).await;
     let fd = Arc::new(caller.open_dir("bundle", bundle).await?);
     // Which directory the name leads to, before it is opened as the caller: while another
     // restore holds it, root's, the caller could not open it. A name that leads nowhere shares
@@ -437,6 +442,7 @@ pub async fn for_restore(
             ))
         })
         .await?;
+    drop(dumped);
     let turn = turns.take(key).await;
     let (peer, owned_name) = (caller.peer.clone(), name.to_owned());
     let missing = format!(
@@ -889,10 +895,10 @@ impl Supervisor {
     ) -> Result<()> {
         validate_name(name)?;
         let container = self.container(id)?;
-        let _bundle = self.checkpoint_locks.take(container.bundle.clone()).await;
         let fd = Arc::new(caller.open_dir("bundle", &container.bundle).await?);
         // A restore of this directory (under whatever name) ends first: removed under it, its
-        // CRIU would fail half-way.
+        // CRIU would fail half-way. Waited for before the bundle's turn, which nothing holds
+        // while it waits for a restore's.
         let (looked_up, path) = (Arc::clone(&fd), relative(name));
         let key = caller
             .off_reactor("finding the checkpoint", move || {
@@ -900,6 +906,7 @@ impl Supervisor {
             })
             .await?;
         let _restores = self.restores.take(key).await;
+        let _bundle = self.checkpoint_locks.take(container.bundle.clone()).await;
         let (peer, path) = (caller.peer.clone(), relative(name));
         let missing = format!(
             "checkpoint {name} does not exist in {}",
@@ -941,7 +948,14 @@ mod tests {
 
     /// `name` in `bundle`, for a restore in turns of its own.
     async fn open_to_restore(caller: &Caller, bundle: &Path, name: &str) -> Result<Restorable> {
-        for_restore(caller, bundle, name, &RestoreTurns::default()).await
+        for_restore(
+            caller,
+            bundle,
+            name,
+            &RestoreTurns::default(),
+            &Turns::default(),
+        )
+        .await
     }
 
     #[test]
@@ -1103,20 +1117,36 @@ mod tests {
         }
         let ledger = HeldLedger::in_state_dir(&bundle.path().join("state"));
         ledger.give_back_all();
-        let turns = RestoreTurns::default();
-        let first = for_restore(&caller, bundle.path(), "first", &turns)
+        let (turns, dumps) = (RestoreTurns::default(), Turns::default());
+        let first = for_restore(&caller, bundle.path(), "first", &turns, &dumps)
             .await
             .unwrap();
         let held = hold(&caller, &first, &ledger).await.unwrap();
         drop(first);
         std::fs::rename(dir.join("first"), dir.join("renamed")).unwrap();
+        let a_while = std::time::Duration::from_millis(100);
         let waits = |name: &'static str| {
             tokio::time::timeout(
-                std::time::Duration::from_millis(100),
-                for_restore(&caller, bundle.path(), name, &turns),
+                a_while,
+                for_restore(&caller, bundle.path(), name, &turns, &dumps),
             )
         };
-        assert!(waits("renamed").await.is_err(), "the same directory waits");
+        let mut renamed = Box::pin(for_restore(
+            &caller,
+            bundle.path(),
+            "renamed",
+            &turns,
+            &dumps,
+        ));
+        tokio::select! {
+            _ = &mut renamed => panic!("the same directory waits"),
+            () = tokio::time::sleep(a_while) => {}
+        }
+        // Waiting for its turn, it holds the bundle's dump turn no longer.
+        tokio::time::timeout(a_while, dumps.take(bundle.path().to_owned()))
+            .await
+            .expect("a restore waiting for its turn holds up a dump");
+        drop(renamed);
         waits("other")
             .await
             .expect("another directory does not wait")

@@ -68,12 +68,16 @@ impl Supervisor {
         } = validate::bundle(&request.bundle, &request.caller).await?;
         let restore = match request.checkpoint.as_str() {
             "" => None,
-            name => {
-                // A dump into this bundle ends first: until it has, its directory is no
-                // checkpoint to restore from.
-                let _dumps = self.checkpoint_locks.take(bundle.clone()).await;
-                Some(checkpoint::for_restore(&request.caller, &bundle, name, &self.restores).await?)
-            }
+            name => Some(
+                checkpoint::for_restore(
+                    &request.caller,
+                    &bundle,
+                    name,
+                    &self.restores,
+                    &self.checkpoint_locks,
+                )
+                .await?,
+            ),
         };
         if restore.is_some() {
             self.criu_ready().await?;
@@ -191,15 +195,12 @@ impl Supervisor {
         let id = &request.id;
         let asker = undo.asker();
         let opened = process_stdio(&request.stdio, console.is_some()).await?;
-        // A restored process's stdio is CRIU's to attach: runc's init, which gives it away,
-        // does not run.
+        // A restored process's stdio is CRIU's to attach: runc's init, which chowns it, does
+        // not run.
         if restore.is_none() {
-            request.stdio.refuse_a_file_given_away(
-                &opened,
-                true,
-                init_uid,
-                uids.host_uid(init_uid),
-            )?;
+            request
+                .stdio
+                .refuse_a_file_taken(&opened, true, init_uid, uids)?;
         }
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(&request.stdio).await?),

@@ -5,7 +5,7 @@
 //! args, env, cwd, user and terminal) and the order of exec (check, write, run, track, register,
 //! publish). Does not own: the argv (runtime), the stdio paths (stdio).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Supervisor;
@@ -14,6 +14,7 @@ use super::operation::Undo;
 use super::registry::{Container, Process, Status};
 use super::scratch::{ScratchFiles, read_pid_file};
 use super::stdio::{self, CONSOLE_TIMEOUT, StdioPaths, process_stdio};
+use super::validate::UidMap;
 use crate::error::{Error, Result};
 use crate::events::EventKind;
 use crate::model::ProcessSpec;
@@ -91,9 +92,28 @@ impl Supervisor {
         }
         let (process_json, spec) = added_process(&container.base_process, &request)?;
         within_container_limits(&container, &spec, &request)?;
-        let process_file = self.scratch_path(".json");
         let pid_file = self.exec_pid_path(&container.id);
-        let _scratch = ScratchFiles(vec![process_file.clone(), pid_file.clone()]);
+        let started = self
+            .exec_started(&container, &request, spec, process_json, &pid_file)
+            .await;
+        // Removed once the exec has ended, either way, and not when berthd stops with it in
+        // flight: the next start then finds the process the runtime may have started.
+        let _ = std::fs::remove_file(&pid_file);
+        started
+    }
+
+    /// The part of exec that runs the runtime with `pid_file`: from the process's spec to its
+    /// record.
+    async fn exec_started(
+        self: &Arc<Self>,
+        container: &Arc<Container>,
+        request: &ExecRequest,
+        spec: ProcessSpec,
+        process_json: Vec<u8>,
+        pid_file: &Path,
+    ) -> Result<u32> {
+        let process_file = self.scratch_path(".json");
+        let _scratch = ScratchFiles(vec![process_file.clone()]);
         std::fs::write(&process_file, process_json).map_err(|e| Error::io(&process_file, e))?;
         let console = spec
             .terminal
@@ -104,18 +124,20 @@ impl Supervisor {
         let exec = Operation::Exec {
             id: &container.id,
             process: &process_file,
-            pid_file: &pid_file,
+            pid_file,
             console_socket: console.as_ref().map(|c| c.path()),
         };
-        // The init's user namespace is the process's: its map says who the process is on the host.
-        let host_uid = crate::procfs::process_uid_map(container.init.pid())
-            .ok()
-            .and_then(|ranges| super::validate::UidMap::of_ranges(ranges).host_uid(spec.uid));
+        // The init's user namespace is the process's: its map says who the process is on the
+        // host.
+        let uids = crate::procfs::process_uid_map(container.init.pid())
+            .map_or(UidMap::Unknown, UidMap::of_ranges);
         let started = self
             .exec_steps(
                 exec,
+                &container.id,
+                pid_file,
                 &request.stdio,
-                (spec.uid, host_uid),
+                (spec.uid, &uids),
                 console.as_ref(),
                 &mut undo,
             )
@@ -153,35 +175,37 @@ impl Supervisor {
             spec: spec.clone(),
         });
         container.lock().added.push(Arc::clone(&process));
-        let saved = self.save_flushed(&container);
+        let saved = self.save_flushed(container);
         self.events.publish(
             &container.id,
             pid,
             EventKind::StartProcess { process: spec },
         );
-        self.watch_process(Arc::clone(&container), process);
+        self.watch_process(Arc::clone(container), process);
         // Answer once the record holds the process: a berthd that dies now still finds it.
         saved.await;
         Ok(pid)
     }
 
-    /// The steps of exec (an [`Operation::Exec`]) that leave something behind, each recorded in
-    /// `undo`: the runtime starts the process, berthd tracks it and relays its pty. `uid` is
-    /// the process's user, `host_uid` that user on the host, if known.
+    /// The steps of exec that leave something behind, each recorded in `undo`: the runtime
+    /// starts the process, berthd tracks it and relays its pty. `uid` is the process's user,
+    /// `uids` how the container's uids appear on the host.
+    // The operation and what it names, the stdio and who the process is: a struct of them
+    // would only restate this list.
+    #[allow(clippy::too_many_arguments)]
     async fn exec_steps(
         &self,
         exec: Operation<'_>,
+        id: &str,
+        pid_file: &Path,
         paths: &StdioPaths,
-        (uid, host_uid): (u32, Option<u32>),
+        (uid, uids): (u32, &UidMap),
         console: Option<&stdio::ConsoleSocket>,
         undo: &mut Undo<'_>,
     ) -> Result<()> {
-        let Operation::Exec { id, pid_file, .. } = exec else {
-            return Err(Error::Internal(format!("exec steps of {exec:?}")));
-        };
         let asker = undo.asker();
         let stdio = process_stdio(paths, console.is_some()).await?;
-        paths.refuse_a_file_given_away(&stdio, false, uid, host_uid)?;
+        paths.refuse_a_file_taken(&stdio, false, uid, uids)?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(paths).await?),
             None => None,

@@ -4,7 +4,8 @@
 //! When an init exits: its container is hidden (State no longer lists it, lookups say it has
 //! exited), an operation on it under way ends (its event comes before the exit), and its state
 //! file removal is queued; an OOM kill the cgroup counted and nobody reported yet is published;
-//! then `exit`, as soon as the pidfd fired and the status is collected. Only then the stats registration goes and the runtime deletes its state.
+//! then `exit`, as soon as the pidfd fired and the status is collected. Only then the stats
+//! registration goes and the runtime deletes its state.
 //!
 //! berthd holds each init's mount and network namespaces from registration until its delete
 //! may start, and lets go of them before the delete takes its turn ([`HeldNamespaces`]). Without

@@ -350,12 +350,13 @@ impl Supervisor {
             let still_young = supervisor
                 .remove_stateless_dirs_once(move |id| !candidates.contains(id))
                 .await;
+            // Those still changing are left to the next start, and their creates to the
+            // runtime's own answer: this refusal's "ask again then" would not come true.
             let mut leftovers = supervisor.leftover_runtime_dirs();
             for id in &young {
-                if !still_young.contains(id) {
-                    leftovers.remove(id);
-                }
+                leftovers.remove(id);
             }
+            drop(leftovers);
             for id in still_young {
                 tracing::warn!(id = %id, "a runtime directory no container is recorded in keeps changing; the next start looks at it again");
             }

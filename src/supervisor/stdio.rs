@@ -190,24 +190,26 @@ fn refuse_a_fifo_loop(
 }
 
 impl StdioPaths {
-    /// Refuses a stdio file the runtime would give away. runc hands each stdio descriptor it is
-    /// given, `/dev/null` aside, to the process's user (a chown, its `fixStdioPermissions`),
-    /// which a caller other than root may not do: take a file another user owns, or give away
-    /// its own. So for such a caller each file the runtime gets as it is from `opened` (not a
-    /// FIFO when `fifos_relayed`: berthd puts a pipe of its own in front of those) must already
-    /// be the process's user's: `process_uid`, which is `host_uid` on the host (`None`: not
-    /// known there).
-    pub(super) fn refuse_a_file_given_away(
+    /// Refuses a stdio file the runtime would take from its owner. runc hands each stdio
+    /// descriptor it is given, `/dev/null` aside, to the process's user (a chown, its
+    /// `fixStdioPermissions`), which a caller other than root may not do with a file another
+    /// user owns: it would take the file. So for such a caller each file the runtime gets as it
+    /// is from `opened` (not a FIFO when `fifos_relayed`: berthd puts a pipe of its own in front
+    /// of those) must be the caller's own, or already the process's user's (`process_uid`,
+    /// through `uids` on the host), or owned by a uid the container's user namespace does not
+    /// map (runc's chown is refused there, and it leaves the file).
+    pub(super) fn refuse_a_file_taken(
         &self,
         opened: &[SpawnStdio; 3],
         fifos_relayed: bool,
         process_uid: u32,
-        host_uid: Option<u32>,
+        uids: &super::validate::UidMap,
     ) -> Result<()> {
         let caller = self.caller()?;
         if caller.peer.uid == 0 {
             return Ok(());
         }
+        let host_uid = uids.host_uid(process_uid);
         let names = [
             ("stdin", &self.stdin),
             ("stdout", &self.stdout),
@@ -220,7 +222,12 @@ impl StdioPaths {
             let st = rustix::fs::fstat(fd).map_err(|e| Error::sys(format!("stat {what}"), e))?;
             let relayed = fifos_relayed
                 && rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo;
-            if relayed || crate::client_fs::is_dev_null(&st) || Some(st.st_uid) == host_uid {
+            if relayed
+                || crate::client_fs::is_dev_null(&st)
+                || st.st_uid == caller.peer.uid
+                || Some(st.st_uid) == host_uid
+                || !uids.maps_host_uid(st.st_uid)
+            {
                 continue;
             }
             let on_host = match host_uid {
@@ -229,7 +236,7 @@ impl StdioPaths {
                 None => ", a uid berthd cannot tell on the host".into(),
             };
             return Err(Error::PermissionDenied(format!(
-                "{what} {} is owned by uid {}, and the runtime gives a process's stdio files to its user (uid {process_uid}{on_host}), which uid {} may not do; name a file that user owns, or /dev/null",
+                "{what} {} is owned by uid {}, neither uid {} nor the process's user (uid {process_uid}{on_host}), to whom the runtime gives a process's stdio files; name a file of one of theirs, or /dev/null",
                 shown(Path::new(path.as_str())),
                 st.st_uid,
                 caller.peer.uid

@@ -217,6 +217,18 @@ impl UidMap {
         }
     }
 
+    /// Whether host uid `uid` has a uid in the container's user namespace; one berthd cannot
+    /// tell is taken to have.
+    pub fn maps_host_uid(&self, uid: u32) -> bool {
+        match self {
+            UidMap::Host | UidMap::Unknown => true,
+            UidMap::Mapped(ranges) => ranges.iter().any(|&(_, outside, count)| {
+                uid.checked_sub(outside)
+                    .is_some_and(|offset| offset < count)
+            }),
+        }
+    }
+
     fn of_spec(spec: &Spec) -> UidMap {
         let Some(linux) = spec.linux() else {
             return UidMap::Host;
@@ -323,6 +335,8 @@ mod tests {
         assert_eq!(map.host_uid(0), Some(100000));
         assert_eq!(map.host_uid(65535), Some(165535));
         assert_eq!(map.host_uid(65536), None);
+        assert!(map.maps_host_uid(100000) && map.maps_host_uid(165535));
+        assert!(!map.maps_host_uid(1000) && !map.maps_host_uid(165536));
         let joined = spec(serde_json::json!({
             "namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]
         }));

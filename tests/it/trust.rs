@@ -239,12 +239,12 @@ async fn a_group_member_cannot_make_berthd_read_or_write_what_it_cannot() {
     .await
 }
 
-/// runc gives each stdio file it is handed (but `/dev/null`) to the process's user: a chown the
-/// member may not make. So a member may not name a file another user owns for a process of its
-/// own uid (it would take the file), nor its own file for a process of another uid (it would
-/// give it away), for a container or an added process; its own file for its own process works.
+/// runc gives each stdio file it is handed (but `/dev/null`) to the process's user: a chown
+/// that would hand the member a file another user owns. So a member may not name one for a
+/// process of its own uid, nor of root's, for a container or an added process; its own files
+/// and FIFOs (which `berth exec` makes) work, as do the process's user's.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_runtime_never_gives_a_stdio_file_to_another_user_for_a_member() {
+async fn the_runtime_never_takes_a_stdio_file_from_its_owner_for_a_member() {
     within(async {
         let mut d = daemon!(Options::args(&["--group", "65534"]));
         let Some(member) = MemberClient::new(&d) else {
@@ -274,9 +274,9 @@ async fn the_runtime_never_gives_a_stdio_file_to_another_user_for_a_member() {
             .await;
         expect(&answer, "PERMISSION_DENIED", "owned by uid 1234");
         let answer = member
-            .create(&id_, &as_root, ["", "", &path_str(&own)])
+            .create(&id_, &as_root, ["", "", &path_str(&others)])
             .await;
-        expect(&answer, "PERMISSION_DENIED", "owned by uid 65534");
+        expect(&answer, "PERMISSION_DENIED", "owned by uid 1234");
         d.assert_nothing_left(&id_, &baseline).await;
 
         let mut events = d.events().await;
@@ -288,13 +288,22 @@ async fn the_runtime_never_gives_a_stdio_file_to_another_user_for_a_member() {
         for (uid, stdout, owned_by) in [
             (MEMBER, &others, "owned by uid 1234"),
             (MEMBER, &others_fifo, "owned by uid 1234"),
-            (0, &own, "owned by uid 65534"),
+            (0, &others_fifo, "owned by uid 1234"),
         ] {
             let answer = member
                 .ask(&["exec", &id_, &uid.to_string(), &path_str(stdout), "true"])
                 .await;
             expect(&answer, "PERMISSION_DENIED", owned_by);
         }
+        let own_fifo = mine.path().join("own.fifo");
+        mkfifo(&own_fifo);
+        chown(&own_fifo, Some(MEMBER), Some(MEMBER)).unwrap();
+        let mut reader = Reader::open(&own_fifo);
+        let answer = member
+            .ask(&["exec", &id_, "0", &path_str(&own_fifo), "echo", "as root"])
+            .await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        assert_eq!(reader.read_until("as root\n").await, "as root\n");
         let uid = MEMBER.to_string();
         let answer = member
             .ask(&["exec", &id_, &uid, &path_str(&own), "echo", "added"])

@@ -241,7 +241,7 @@ async fn wait_for_exit(
             Err(status) => return Err(lost(status)),
         };
         events::note_lost(went_away.as_ref());
-        events = match events::resubscribe(client).await {
+        events = match events::resubscribe(client).await.map_err(lost)? {
             Some(again) => again,
             None => {
                 return Err(match went_away {
@@ -253,7 +253,38 @@ async fn wait_for_exit(
                 });
             }
         };
+        // Gone by now, it exited while the stream was down: an init's exit is replayed, an
+        // added process's may have been published to nobody.
+        if !events::still_runs(client, id, pid).await.map_err(lost)? {
+            return match tokio::time::timeout(EXIT_REPLAYED_WITHIN, exit_of(&mut events, id, pid))
+                .await
+            {
+                Ok(Ok(Some(status))) => Ok(status),
+                Ok(Err(status)) => Err(lost(status)),
+                Ok(Ok(None)) | Err(_) => Err(Error::ExitUnknown {
+                    id: id.to_owned(),
+                    pid,
+                }),
+            };
+        }
     }
+}
+
+/// How long a replayed exit may take to come after subscribing again.
+const EXIT_REPLAYED_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The status of process `pid`'s exit on `events`; `None` if the stream ends first.
+async fn exit_of(
+    events: &mut Streaming<Event>,
+    id: &str,
+    pid: u32,
+) -> Result<Option<u32>, tonic::Status> {
+    while let Some(event) = events.message().await? {
+        if event.r#type == "exit" && event.id == id && event.pid == pid {
+            return Ok(Some(event.status));
+        }
+    }
+    Ok(None)
 }
 
 /// Our terminal in raw mode, so keys reach the process's terminal untouched; restored on drop.

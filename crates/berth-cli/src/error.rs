@@ -40,6 +40,10 @@ pub enum Error {
         pid: u32,
         status: Status,
     },
+    #[error(
+        "process {pid} of {id} exited while berthd was away (an upgrade or restart), and its exit status is not known"
+    )]
+    ExitUnknown { id: String, pid: u32 },
     #[error("detached from process {pid} of {id}, which keeps running")]
     Detached { id: String, pid: u32 },
     #[error(

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use berth_api::proto::api_client::ApiClient;
-use berth_api::proto::{Event, EventsRequest};
+use berth_api::proto::{Event, EventsRequest, StateRequest};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -20,18 +20,40 @@ pub fn berthd_went_away(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown)
 }
 
-/// A new Events stream once berthd serves again, within [`BERTHD_BACK_WITHIN`]; `None` if it
-/// does not.
-pub async fn resubscribe(client: &mut ApiClient<Channel>) -> Option<Streaming<Event>> {
+/// A new Events stream once berthd serves again, within [`BERTHD_BACK_WITHIN`] (each attempt
+/// bounded by it too: a socket handed to a new image accepts before that image answers);
+/// `Ok(None)` if it does not. An answer other than berthd being away is returned as it is.
+pub async fn resubscribe(
+    client: &mut ApiClient<Channel>,
+) -> Result<Option<Streaming<Event>>, Status> {
     let deadline = Instant::now() + BERTHD_BACK_WITHIN;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Ok(events) = client.events(EventsRequest {}).await {
-            return Some(events.into_inner());
+        match tokio::time::timeout_at(deadline, client.events(EventsRequest {})).await {
+            Ok(Ok(events)) => return Ok(Some(events.into_inner())),
+            Ok(Err(status)) if !berthd_went_away(&status) => return Err(status),
+            Ok(Err(_)) if Instant::now() < deadline => {}
+            Ok(Err(_)) | Err(_) => return Ok(None),
         }
-        if Instant::now() >= deadline {
-            return None;
-        }
+    }
+}
+
+/// Whether container `id` still lists process `pid`: after a stream was lost, one that is gone
+/// exited meanwhile.
+pub async fn still_runs(
+    client: &mut ApiClient<Channel>,
+    id: &str,
+    pid: u32,
+) -> Result<bool, Status> {
+    let request = StateRequest { id: id.to_owned() };
+    match client.state(request).await {
+        Ok(state) => Ok(state
+            .into_inner()
+            .containers
+            .iter()
+            .any(|c| c.id == id && c.processes.iter().any(|p| p.pid == pid))),
+        Err(status) if status.code() == Code::NotFound => Ok(false),
+        Err(status) => Err(status),
     }
 }
 

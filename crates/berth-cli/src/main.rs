@@ -367,7 +367,7 @@ async fn watch_events(client: &mut ApiClient<Channel>, json: bool) -> Result<(),
             Err(status) => return Err(status.into()),
         };
         events::note_lost(lost.as_ref());
-        match events::resubscribe(client).await {
+        match events::resubscribe(client).await? {
             Some(again) => events = again,
             None => return lost.map_or(Ok(()), |status| Err(status.into())),
         }

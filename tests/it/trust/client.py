@@ -67,9 +67,12 @@ def main():
             time.sleep(0.3)
             first = ",".join(stood(call) for call in calls)
             calls[0].cancel()
-            time.sleep(0.3)
-            again = opened()
-            time.sleep(0.3)
+            # The place comes back once berthd has seen the stream end: try for a while.
+            for _ in range(50):
+                again = opened()
+                time.sleep(0.1)
+                if stood(again) == "open":
+                    break
             print("OK", first + ";" + stood(again))
         elif op == "upgrade":
             reply = daemon_pb2_grpc.DaemonStub(channel).Upgrade(
