@@ -89,6 +89,14 @@ pub fn ticks_since_boot(time: std::time::SystemTime) -> Option<u64> {
     Some((after.as_nanos() * u128::from(per_second) / 1_000_000_000) as u64)
 }
 
+/// The parent of `pid`.
+pub fn process_parent(pid: u32) -> Result<u32> {
+    let (path, stat) = read_stat(pid)?;
+    stat_field(&stat, 4)
+        .and_then(|ppid| u32::try_from(ppid).ok())
+        .ok_or_else(|| Error::Internal(format!("{path}: no parent in its contents")))
+}
+
 /// The kernel's `PF_EXITING`: set when a task begins to exit, never cleared.
 const PF_EXITING: u64 = 0x4;
 
@@ -145,6 +153,7 @@ mod tests {
     fn start_time_is_field_22_even_with_odd_command_names() {
         let stat = b"4242 (sh (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 2461696 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
         assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(stat_field(stat, 4), Some(1));
         assert_eq!(parse_start_time(b"12 (sh) S 1 2"), None);
         assert_eq!(parse_start_time(b"garbage"), None);
     }

@@ -120,7 +120,7 @@ impl Supervisor {
                 recovery.leftovers += 1;
             }
         }
-        recovery.leftovers += self.kill_cut_off_execs();
+        recovery.leftovers += self.kill_cut_off_execs(&records);
         // Only from a whole listing: any container it failed to name would lose its state.
         if listed_whole {
             self.remove_stateless_runtime_dirs(&listed).await;
@@ -145,10 +145,11 @@ impl Supervisor {
     /// Kills the processes of execs cut off by the death of the berthd that asked for them: the
     /// runtime started them (their pid files say so), but no record holds them and no client
     /// was given their pids, so nothing would ever track, signal or report them. Only a process
-    /// an exec pid file names, in its adopted container's cgroups, held by no record of it, and
-    /// started no later than the file was written (a later process with its pid is not it).
-    /// Every exec pid file is removed. Returns how many were killed.
-    fn kill_cut_off_execs(&self) -> usize {
+    /// an exec pid file names, in its adopted container's cgroups, held by none of `records`,
+    /// whose parent is outside the container (the container's own processes have theirs
+    /// inside), and started no later than the file was written (a later process with its pid
+    /// is not it). Every exec pid file is removed. Returns how many were killed.
+    fn kill_cut_off_execs(&self, records: &[ContainerRecord]) -> usize {
         let files = match std::fs::read_dir(&self.exec_pids) {
             Ok(files) => files,
             Err(e) => {
@@ -159,7 +160,7 @@ impl Supervisor {
         let mut killed = 0;
         for file in files.flatten() {
             let path = file.path();
-            if let Some((id, pid)) = self.cut_off_exec(&path) {
+            if let Some((id, pid)) = self.cut_off_exec(&path, records) {
                 match pid.signal(libc::SIGKILL) {
                     Ok(()) => {
                         tracing::warn!(
@@ -181,24 +182,34 @@ impl Supervisor {
 
     /// The container and the process of the exec pid file `path` if that process is one
     /// [`Self::kill_cut_off_execs`] kills.
-    fn cut_off_exec(&self, path: &Path) -> Option<(String, crate::reaper::TrackedProcess)> {
+    fn cut_off_exec(
+        &self,
+        path: &Path,
+        records: &[ContainerRecord],
+    ) -> Option<(String, crate::reaper::TrackedProcess)> {
         let id = exec_pid_file_container(path.file_name()?.to_str()?)?;
         let container = self.container(id).ok()?;
-        let pid = crate::reaper::read_pid_file(path).ok()??;
+        let pid = crate::reaper::read_pid_file(path).ok()?? as u32;
         let written = std::fs::symlink_metadata(path).ok()?.modified().ok()?;
         let init = container.init.pid();
-        let recorded =
-            pid == init as i32 || container.lock().added.iter().any(|p| p.pid() as i32 == pid);
-        if recorded || !same_cgroup(init, pid as u32) {
+        let recorded = records
+            .iter()
+            .filter(|r| r.id == id)
+            .any(|r| r.init.pid == pid || r.processes.iter().any(|p| p.pid == pid));
+        if recorded || !same_cgroup(init, pid) {
             return None;
         }
-        let started = crate::procfs::process_start_time(pid as u32).ok()?;
-        // A tick of slack: the file's time is rounded down to one.
+        let parent = crate::procfs::process_parent(pid).ok()?;
+        if same_cgroup(init, parent) {
+            return None;
+        }
+        let started = crate::procfs::process_start_time(pid).ok()?;
+        // A tick of slack: the two clocks are read apart, and each is cut to a tick.
         if started > crate::procfs::ticks_since_boot(written)? + 1 {
             return None;
         }
         // Checked again through its pidfd: the process it opens started then.
-        let process = self.reaper.adopt(pid, started).ok()??;
+        let process = self.reaper.adopt(pid as i32, started).ok()??;
         Some((id.to_owned(), process))
     }
 
