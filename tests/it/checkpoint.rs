@@ -773,6 +773,44 @@ async fn a_dump_finished_when_berthd_died_is_kept_and_restores() {
     .await
 }
 
+/// A restore of a checkpoint still being dumped waits for the dump: until it has ended, the
+/// directory holds no images to restore from (runc's `descriptors.json` is not there yet).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_of_a_checkpoint_being_dumped_waits_for_the_dump() {
+    within(async {
+        let Some(criu) = criu_or_skip() else { return };
+        let scripts = tempfile::TempDir::new().expect("temp dir");
+        let wrapper = delayed_runtime(scripts.path(), "checkpoint", 3);
+        let flags = ["--runtime", &path_str(&wrapper)];
+        let criu = criu.to_str().expect("utf-8 path");
+        let mut d = daemon!(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::args(&flags)
+        });
+        let bundle = writable(&["sh", "-c", COUNTER]);
+        let taken = id("cp-restore-dumping");
+        let pid = d.create(create_req(&taken, &bundle)).await;
+        let mut events = d.events().await;
+        counted(&bundle, 2).await;
+        let mut client = d.client.clone();
+        let request = checkpoint(&taken, "dumping", false);
+        let dumping = tokio::spawn(async move { client.create_checkpoint(request).await });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while slow_starts(d.pid(), 3).is_empty() {
+            assert!(Instant::now() < deadline, "the dump never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let copy = id("cp-restore-dumping-copy");
+        let mut restore = create_req(&copy, &bundle);
+        restore.checkpoint = "dumping".into();
+        let copy_pid = d.create(restore).await;
+        dumping.await.expect("join").expect("CreateCheckpoint");
+        d.kill_container(&mut events, &copy, copy_pid).await;
+        d.kill_container(&mut events, &taken, pid).await;
+    })
+    .await
+}
+
 /// A dump that ends its container publishes `checkpoint` before the container's `exit`, which
 /// is its last event.
 #[tokio::test(flavor = "multi_thread")]
