@@ -106,14 +106,24 @@ const NO_WHOLE_MESSAGE: [(&str, &str); 2] = [
     ),
 ];
 
-fn no_whole_message_is_invalid_argument(headers: &mut HeaderMap) {
-    if headers.get(GRPC_STATUS).map(HeaderValue::as_bytes) != Some(b"13") {
-        return;
-    }
-    let said: Vec<u8> = headers
+/// Whether `headers` carry `grpc-status` `code`.
+fn has_status(headers: &HeaderMap, code: &[u8]) -> bool {
+    headers.get(GRPC_STATUS).map(HeaderValue::as_bytes) == Some(code)
+}
+
+/// The `grpc-message` of `headers`, decoded.
+fn message(headers: &HeaderMap) -> Vec<u8> {
+    headers
         .get(GRPC_MESSAGE)
         .map(|value| percent_decode(value.as_bytes()).collect())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn no_whole_message_is_invalid_argument(headers: &mut HeaderMap) {
+    if !has_status(headers, b"13") {
+        return;
+    }
+    let said = message(headers);
     let Some((_, text)) = NO_WHOLE_MESSAGE
         .iter()
         .find(|(tonics, _)| tonics.as_bytes() == said)
@@ -125,13 +135,10 @@ fn no_whole_message_is_invalid_argument(headers: &mut HeaderMap) {
 }
 
 fn over_size_is_resource_exhausted(headers: &mut HeaderMap, limits: &MessageLimits) {
-    if headers.get(GRPC_STATUS).map(HeaderValue::as_bytes) != Some(b"11") {
+    if !has_status(headers, b"11") {
         return;
     }
-    let said: Vec<u8> = headers
-        .get(GRPC_MESSAGE)
-        .map(|value| percent_decode(value.as_bytes()).collect())
-        .unwrap_or_default();
+    let said = message(headers);
     let said = String::from_utf8_lossy(&said);
     let (what, limit) = if said.contains("decoded") {
         ("request", limits.request_limit())

@@ -200,7 +200,7 @@ impl Supervisor {
         if restore.is_none() {
             request
                 .stdio
-                .refuse_a_file_taken(&opened, true, init_uid, uids)?;
+                .refuse_a_file_taken(&opened, true, init_uid, || uids.clone())?;
         }
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(&request.stdio).await?),

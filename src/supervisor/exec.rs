@@ -127,17 +127,13 @@ impl Supervisor {
             pid_file,
             console_socket: console.as_ref().map(|c| c.path()),
         };
-        // The init's user namespace is the process's: its map says who the process is on the
-        // host.
-        let uids = crate::procfs::process_uid_map(container.init.pid())
-            .map_or(UidMap::Unknown, UidMap::of_ranges);
         let started = self
             .exec_steps(
                 exec,
                 &container.id,
                 pid_file,
                 &request.stdio,
-                (spec.uid, &uids),
+                (spec.uid, container.init.pid()),
                 console.as_ref(),
                 &mut undo,
             )
@@ -189,7 +185,7 @@ impl Supervisor {
 
     /// The steps of exec that leave something behind, each recorded in `undo`: the runtime
     /// starts the process, berthd tracks it and relays its pty. `uid` is the process's user,
-    /// `uids` how the container's uids appear on the host.
+    /// `init` the container's init, whose user namespace is the process's.
     // The operation and what it names, the stdio and who the process is: a struct of them
     // would only restate this list.
     #[allow(clippy::too_many_arguments)]
@@ -199,13 +195,15 @@ impl Supervisor {
         id: &str,
         pid_file: &Path,
         paths: &StdioPaths,
-        (uid, uids): (u32, &UidMap),
+        (uid, init): (u32, u32),
         console: Option<&stdio::ConsoleSocket>,
         undo: &mut Undo<'_>,
     ) -> Result<()> {
         let asker = undo.asker();
         let stdio = process_stdio(paths, console.is_some()).await?;
-        paths.refuse_a_file_taken(&stdio, false, uid, uids)?;
+        paths.refuse_a_file_taken(&stdio, false, uid, || {
+            crate::procfs::process_uid_map(init).map_or(UidMap::Unknown, UidMap::of_ranges)
+        })?;
         let relay_ends = match console {
             Some(_) => Some(stdio::relay_ends(paths).await?),
             None => None,

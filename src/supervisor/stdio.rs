@@ -197,18 +197,20 @@ impl StdioPaths {
     /// is from `opened` (not a FIFO when `fifos_relayed`: berthd puts a pipe of its own in front
     /// of those) must be the caller's own, or already the process's user's (`process_uid`,
     /// through `uids` on the host), or owned by a uid the container's user namespace does not
-    /// map (runc's chown is refused there, and it leaves the file).
+    /// map (runc's chown is refused there, and it leaves the file). `uids` is asked only for a
+    /// caller other than root.
     pub(super) fn refuse_a_file_taken(
         &self,
         opened: &[SpawnStdio; 3],
         fifos_relayed: bool,
         process_uid: u32,
-        uids: &super::validate::UidMap,
+        uids: impl FnOnce() -> super::validate::UidMap,
     ) -> Result<()> {
         let caller = self.caller()?;
         if caller.peer.uid == 0 {
             return Ok(());
         }
+        let uids = uids();
         let host_uid = uids.host_uid(process_uid);
         let names = [
             ("stdin", &self.stdin),

@@ -91,13 +91,23 @@ fn criu_or_skip() -> Option<PathBuf> {
     }
 }
 
-/// A berthd using `criu`, or a skipped test (use `criu_daemon!(criu)`).
+/// A berthd using `criu`, and the runtime `runtime` when given, or a skipped test (use
+/// `criu_daemon!(criu)` or `criu_daemon!(criu, &wrapper)`).
 macro_rules! criu_daemon {
     ($criu:expr) => {{
         let criu = $criu.to_str().expect("utf-8 path");
         daemon!(Options {
             env: &[("BERTH_CRIU", criu)],
             ..Options::default()
+        })
+    }};
+    ($criu:expr, $runtime:expr) => {{
+        let criu = $criu.to_str().expect("utf-8 path");
+        let runtime = path_str($runtime);
+        let flags = ["--runtime", runtime.as_str()];
+        daemon!(Options {
+            env: &[("BERTH_CRIU", criu)],
+            ..Options::args(&flags)
         })
     }};
 }
@@ -636,12 +646,7 @@ async fn a_checkpoint_being_restored_is_deleted_only_once_the_restore_is_done() 
         let Some(criu) = criu_or_skip() else { return };
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "restore", 3);
-        let flags = ["--runtime", &path_str(&wrapper)];
-        let criu = criu.to_str().expect("utf-8 path");
-        let mut d = daemon!(Options {
-            env: &[("BERTH_CRIU", criu)],
-            ..Options::args(&flags)
-        });
+        let mut d = criu_daemon!(criu, &wrapper);
         let bundle = writable(&["sh", "-c", COUNTER]);
         let taken = id("cp-delete-restoring");
         let pid = d.create(create_req(&taken, &bundle)).await;
@@ -657,11 +662,7 @@ async fn a_checkpoint_being_restored_is_deleted_only_once_the_restore_is_done() 
         restore.checkpoint = "restoring".into();
         let mut client = d.client.clone();
         let restoring = tokio::spawn(async move { client.create_container(restore).await });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while slow_starts(d.pid(), 3).is_empty() {
-            assert!(Instant::now() < deadline, "the restore never ran");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        slow_start_running(d.pid(), 3).await;
         d.client
             .delete_checkpoint(delete(&taken, "restoring"))
             .await
@@ -684,12 +685,7 @@ async fn a_checkpoint_being_dumped_is_listed_only_once_the_dump_is_done() {
         let Some(criu) = criu_or_skip() else { return };
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "checkpoint", 3);
-        let flags = ["--runtime", &path_str(&wrapper)];
-        let criu = criu.to_str().expect("utf-8 path");
-        let mut d = daemon!(Options {
-            env: &[("BERTH_CRIU", criu)],
-            ..Options::args(&flags)
-        });
+        let mut d = criu_daemon!(criu, &wrapper);
         let bundle = writable(&["sh", "-c", COUNTER]);
         let container = id("cp-list-dumping");
         let pid = d.create(create_req(&container, &bundle)).await;
@@ -700,11 +696,7 @@ async fn a_checkpoint_being_dumped_is_listed_only_once_the_dump_is_done() {
             flags.tcp = true;
         }
         let dumping = tokio::spawn(async move { client.create_checkpoint(request).await });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while slow_starts(d.pid(), 3).is_empty() {
-            assert!(Instant::now() < deadline, "the dump never ran");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        slow_start_running(d.pid(), 3).await;
         let listed = list(&mut d.client, &container).await;
         dumping.await.expect("join").expect("CreateCheckpoint");
         // Listed while the dump ran, it had no metadata yet, so no flags.
@@ -728,12 +720,7 @@ async fn a_dump_finished_when_berthd_died_is_kept_and_restores() {
             runc = runc_in_path().display()
         );
         let wrapper = write_script(scripts.path(), "slow-after-dump-runc", &body);
-        let flags = ["--runtime", &path_str(&wrapper)];
-        let criu = criu.to_str().expect("utf-8 path");
-        let mut d = daemon!(Options {
-            env: &[("BERTH_CRIU", criu)],
-            ..Options::args(&flags)
-        });
+        let mut d = criu_daemon!(criu, &wrapper);
         let bundle = writable(&["sh", "-c", COUNTER]);
         let container = id("cp-finished-then-crash");
         let pid = d.create(create_req(&container, &bundle)).await;
@@ -754,7 +741,7 @@ async fn a_dump_finished_when_berthd_died_is_kept_and_restores() {
         let _ = dumping.await;
 
         d.start_again_with(Options {
-            env: &[("BERTH_CRIU", criu)],
+            env: &[("BERTH_CRIU", criu.to_str().expect("utf-8 path"))],
             ..Options::default()
         })
         .await;
@@ -781,12 +768,7 @@ async fn a_restore_of_a_checkpoint_being_dumped_waits_for_the_dump() {
         let Some(criu) = criu_or_skip() else { return };
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "checkpoint", 3);
-        let flags = ["--runtime", &path_str(&wrapper)];
-        let criu = criu.to_str().expect("utf-8 path");
-        let mut d = daemon!(Options {
-            env: &[("BERTH_CRIU", criu)],
-            ..Options::args(&flags)
-        });
+        let mut d = criu_daemon!(criu, &wrapper);
         let bundle = writable(&["sh", "-c", COUNTER]);
         let taken = id("cp-restore-dumping");
         let pid = d.create(create_req(&taken, &bundle)).await;
@@ -795,11 +777,7 @@ async fn a_restore_of_a_checkpoint_being_dumped_waits_for_the_dump() {
         let mut client = d.client.clone();
         let request = checkpoint(&taken, "dumping", false);
         let dumping = tokio::spawn(async move { client.create_checkpoint(request).await });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while slow_starts(d.pid(), 3).is_empty() {
-            assert!(Instant::now() < deadline, "the dump never ran");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        slow_start_running(d.pid(), 3).await;
         let copy = id("cp-restore-dumping-copy");
         let mut restore = create_req(&copy, &bundle);
         restore.checkpoint = "dumping".into();
@@ -859,12 +837,7 @@ async fn a_dump_or_exec_cut_off_by_berthds_death_is_killed_and_a_create_is_not()
             runc_in_path().display()
         );
         let wrapper = write_script(scripts.path(), "slow-dump-and-exec-runc", &body);
-        let flags = ["--runtime", &path_str(&wrapper)];
-        let criu = criu.to_str().expect("utf-8 path");
-        let mut d = daemon!(Options {
-            env: &[("BERTH_CRIU", criu)],
-            ..Options::args(&flags)
-        });
+        let mut d = criu_daemon!(criu, &wrapper);
         let dumped = d.run("cut-dump", &["sleep", "1000"]).await;
         let added = d.run("cut-exec", &["sleep", "1000"]).await;
         let (mut dumper, mut adder) = (d.client.clone(), d.client.clone());
@@ -1263,12 +1236,7 @@ async fn restores_of_different_checkpoints_run_side_by_side() {
                 runc = runc_in_path().display()
             ),
         );
-        let criu = criu.to_str().expect("utf-8 path");
-        let mut d = daemon!(Options {
-            args: &["--runtime", &path_str(&wrapper)],
-            env: &[("BERTH_CRIU", criu)],
-            ..Options::default()
-        });
+        let mut d = criu_daemon!(criu, &wrapper);
         let mut events = d.events().await;
         let (gated, free) = (id("cp-gated"), id("cp-free"));
         let (gated_bundle, free_bundle) = (

@@ -247,18 +247,6 @@ async fn a_container_that_ended_while_berthd_was_down_is_reported_and_its_id_fre
     .await;
 }
 
-/// The pids of processes anywhere on the host whose command line is `sleep <secs>`.
-fn sleeps_of(secs: u32) -> Vec<u32> {
-    let cmdline = format!("sleep\0{secs}\0");
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
-        })
-        .collect()
-}
-
 /// A runtime that is real runc, except that once `<dir>/hang` exists an exec hangs (in
 /// `sleep <HANG_SECS>`) after it has started its process, so berthd is still waiting for it
 /// when the test kills berthd.

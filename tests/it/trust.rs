@@ -133,6 +133,13 @@ fn member_bundle(args: &[&str]) -> Bundle {
     bundle
 }
 
+/// A bundle the member may read whose process runs as the member.
+fn members_own_bundle(args: &[&str]) -> Bundle {
+    let bundle = member_bundle(args);
+    bundle.edit(|c| c["process"]["user"] = serde_json::json!({"uid": MEMBER, "gid": MEMBER}));
+    bundle
+}
+
 /// A directory of the member's own, where it keeps its FIFOs and log files.
 fn member_dir() -> tempfile::TempDir {
     let dir = tempfile::TempDir::new().expect("temp dir");
@@ -216,8 +223,7 @@ async fn a_group_member_cannot_make_berthd_read_or_write_what_it_cannot() {
 
         // The normal paths still work: a FIFO it made, /dev/null, its own log file (for a
         // process of its own uid: the runtime gives a stdio file to the process's user).
-        let bundle = member_bundle(&["cat"]);
-        bundle.edit(|c| c["process"]["user"] = serde_json::json!({"uid": MEMBER, "gid": MEMBER}));
+        let bundle = members_own_bundle(&["cat"]);
         let fifo = mine.path().join("in.fifo");
         mkfifo(&fifo);
         chown(&fifo, Some(MEMBER), Some(MEMBER)).unwrap();
@@ -263,9 +269,7 @@ async fn the_runtime_never_takes_a_stdio_file_from_its_owner_for_a_member() {
         chown(&others_fifo, Some(1234), Some(1234)).unwrap();
         chmod(&others_fifo, 0o666);
         let as_root = member_bundle(&["sleep", "1000"]);
-        let as_member = member_bundle(&["sleep", "1000"]);
-        as_member
-            .edit(|c| c["process"]["user"] = serde_json::json!({"uid": MEMBER, "gid": MEMBER}));
+        let as_member = members_own_bundle(&["sleep", "1000"]);
         let owner = |path: &Path| std::os::unix::fs::MetadataExt::uid(&fs::metadata(path).unwrap());
 
         let id_ = id("given-away");

@@ -24,11 +24,7 @@ async fn sigusr2_upgrades_in_place_and_a_create_in_flight_finishes() {
         let request = create_req(&id, &bundle);
         let in_flight = tokio::spawn(async move { client.create_container(request).await });
         let berthd = d.pid();
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        while slow_starts(berthd, 2).is_empty() {
-            assert!(Instant::now() < deadline, "the delayed run never ran");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        slow_start_running(berthd, 2).await;
         kill(Pid::from_raw(berthd as i32), Signal::SIGUSR2).expect("SIGUSR2 to berthd");
 
         let pid = in_flight
@@ -95,14 +91,7 @@ async fn a_second_upgrade_while_one_runs_is_refused_unavailable() {
         let first = tokio::spawn(async move { first_admin.upgrade(UpgradeRequest {}).await });
         // The first is in its pre-flight: the slow binary's `sleep 2` runs below berthd.
         let berthd = d.pid();
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        while slow_starts(berthd, 2).is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "the first upgrade's pre-flight never ran"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        slow_start_running(berthd, 2).await;
         let second = admin.upgrade(UpgradeRequest {}).await;
         let message = expect_code(second, tonic::Code::Unavailable);
         assert!(message.contains("already upgrading"), "{message}");

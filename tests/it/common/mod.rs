@@ -1127,14 +1127,42 @@ pub fn delayed_runtime(dir: &Path, command: &str, secs: u32) -> PathBuf {
     write_script(dir, &format!("delayed-{command}-runc"), &body)
 }
 
+/// Whether process `pid` runs `sleep <secs>`.
+fn sleeps_for(pid: u32, secs: u32) -> bool {
+    let cmdline = format!("sleep\0{secs}\0");
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+}
+
 /// The pids of the slow runtime's `sleep <secs>` below berthd.
 pub fn slow_starts(berthd: u32, secs: u32) -> Vec<u32> {
-    let cmdline = format!("sleep\0{secs}\0");
     descendants_of(berthd)
         .into_iter()
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
-        })
+        .filter(|&pid| sleeps_for(pid, secs))
+        .collect()
+}
+
+/// The slow runtime's `sleep <secs>` below berthd, once one runs.
+pub async fn slow_start_running(berthd: u32, secs: u32) -> Vec<u32> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let running = slow_starts(berthd, secs);
+        if !running.is_empty() {
+            return running;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runtime command that sleeps {secs} s never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The pids of processes anywhere on the host that run `sleep <secs>`.
+pub fn sleeps_of(secs: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| sleeps_for(pid, secs))
         .collect()
 }
 
