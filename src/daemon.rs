@@ -24,6 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
+use crate::api::content_type::GrpcOnlyLayer;
 use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
 use crate::api::grpc_message::{MessageLimits, status_on_the_wire};
 use crate::api::pacing::AnswerPacingLayer;
@@ -362,6 +363,7 @@ impl Serving {
             .limit_streams(usize::try_from(config.max_streams_per_uid).unwrap_or(usize::MAX));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(GrpcOnlyLayer)
                 .layer(RpcMetricsLayer)
                 .layer(tower::util::MapResponseLayer::new(status_on_the_wire(
                     message_limits,

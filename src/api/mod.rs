@@ -1,5 +1,6 @@
 //! The gRPC layer: thin tonic services that convert requests and delegate.
 
+pub mod content_type;
 pub mod daemon;
 pub mod grpc_message;
 pub mod pacing;

@@ -219,6 +219,54 @@ async fn any_authority_in_any_encoding_gets_an_answer() {
     .await
 }
 
+/// A request that is not gRPC's (another content-type, or none) is answered 415, as the gRPC
+/// spec asks, so that no HTTP/2 client reads a 200; it never reaches the service.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_is_not_grpc_is_unsupported_media_type() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let name = id("not-grpc");
+        let bundle = Bundle::new(&["sleep", "600"]);
+        let message = create_req(&name, &bundle).encode_to_vec();
+        for content_type in [Some(&b"text/plain"[..]), Some(b"application/grpcx"), None] {
+            let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+            hpack::literal(4, b"/types.API/CreateContainer", false, false, &mut block);
+            hpack::literal(1, b"localhost", false, false, &mut block);
+            if let Some(value) = content_type {
+                hpack::literal(31, value, false, false, &mut block);
+            }
+            let answer = connection.call(&block, 1, &message).await;
+            assert_eq!(answer.header(":status"), Some("415"), "{answer:?}");
+            assert_eq!(answer.header("grpc-status"), Some("13"), "{answer:?}");
+            assert_eq!(answer.ended_by, HEADERS, "{answer:?}");
+            assert!(
+                answer
+                    .header("grpc-message")
+                    .is_some_and(|m| m.contains("application/grpc")),
+                "{answer:?}"
+            );
+        }
+        let state = daemon.state().await;
+        assert!(
+            !state.containers.iter().any(|c| c.id == name),
+            "a create that was not gRPC's ran"
+        );
+        assert!(
+            daemon.runtime_ids().is_empty(),
+            "{:?}",
+            daemon.runtime_ids()
+        );
+        // gRPC's own content-type, with a subtype, is served on the same connection.
+        let mut block = vec![0x83, 0x86];
+        hpack::literal(4, b"/types.API/State", false, false, &mut block);
+        hpack::literal(31, b"application/grpc+proto", false, false, &mut block);
+        let answer = connection.call(&block, 1, &[]).await;
+        assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_errors_grpc_message_is_readable_on_the_wire() {
     within(async {

@@ -1,0 +1,153 @@
+//! Which requests are gRPC's: those whose `content-type` is `application/grpc`, alone or with a
+//! `+subtype` or `;parameters`, as the gRPC over HTTP/2 spec has it. tonic serves any request on
+//! a method's path whatever its content-type (a `text/plain` POST got a gRPC answer with status
+//! 200). The spec asks a server to answer anything else with HTTP 415 (Unsupported Media Type), so
+//! that an HTTP/2 client that is not gRPC's cannot read the answer's 200 as a success; berthd
+//! does, with `grpc-status` INTERNAL and a message in the same header block for gRPC clients
+//! that sent a wrong content-type by mistake (grpc-go answers the same).
+//!
+//! Owns: that check and its answer. Does not own: the status text of any other error
+//! (grpc_message, crate::error).
+
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::header::{CONTENT_TYPE, HeaderValue};
+use tonic::body::Body;
+
+const GRPC: &[u8] = b"application/grpc";
+const REFUSAL: &str = "a grpc request's content-type must be application/grpc (or application/grpc+proto); this request's was not";
+
+/// Whether `content_type` names gRPC: `application/grpc` and nothing else, or followed by a
+/// `+subtype` or `;parameters` (the type compared without regard to case, as HTTP's are).
+pub fn is_grpc(content_type: &[u8]) -> bool {
+    content_type.len() >= GRPC.len()
+        && content_type[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(content_type.get(GRPC.len()), None | Some(b'+' | b';'))
+}
+
+/// Answers requests that are not gRPC's with 415 before they reach the services.
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcOnlyLayer;
+
+impl<S> tower::Layer<S> for GrpcOnlyLayer {
+    type Service = GrpcOnly<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcOnly { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcOnly<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<Body>> for GrpcOnly<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<http::Response<Body>, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let grpc = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|value| is_grpc(value.as_bytes()));
+        if grpc {
+            Either::Right(self.inner.call(request))
+        } else {
+            Either::Left(ready(Ok(unsupported_media_type())))
+        }
+    }
+}
+
+/// 415, ending the stream with its headers, carrying a gRPC status a gRPC client can show.
+fn unsupported_media_type() -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(tonic::Code::Internal as i32),
+    );
+    headers.insert("grpc-message", HeaderValue::from_static(REFUSAL));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_with_or_without_a_subtype_or_parameters_is_grpc() {
+        for value in [
+            &b"application/grpc"[..],
+            b"application/grpc+proto",
+            b"application/grpc+json",
+            b"application/grpc;charset=utf-8",
+            b"Application/GRPC",
+        ] {
+            assert!(is_grpc(value), "{}", String::from_utf8_lossy(value));
+        }
+    }
+
+    #[test]
+    fn anything_else_is_not() {
+        for value in [
+            &b""[..],
+            b"application/grpcx",
+            b"application/grp",
+            b"application/json",
+            b"text/plain",
+            b"application/grpc-web",
+            b" application/grpc",
+        ] {
+            assert!(!is_grpc(value), "{}", String::from_utf8_lossy(value));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_grpc_never_reaches_the_service() {
+        use tower::{Layer, ServiceExt};
+        let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service = {
+            let reached = std::sync::Arc::clone(&reached);
+            tower::service_fn(move |_: http::Request<Body>| {
+                reached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                    Body::empty(),
+                )))
+            })
+        };
+        let service = GrpcOnlyLayer.layer(service);
+        let request = |content_type: Option<&'static str>| {
+            let mut request = http::Request::new(Body::empty());
+            if let Some(value) = content_type {
+                request
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(value));
+            }
+            request
+        };
+        for refused in [None, Some("text/plain")] {
+            let answer = service.clone().oneshot(request(refused)).await.unwrap();
+            assert_eq!(answer.status(), 415, "{refused:?}");
+            assert_eq!(answer.headers()["grpc-status"], "13");
+        }
+        assert_eq!(reached.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let answer = service
+            .oneshot(request(Some("application/grpc")))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(reached.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+}
