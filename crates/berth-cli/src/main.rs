@@ -393,7 +393,14 @@ fn optional_absolute_utf8(path: Option<&Path>) -> Result<String, Error> {
 /// Parses a signal given as a number or a name, with or without the SIG prefix, in any case.
 fn parse_signal(text: &str) -> Result<u32, String> {
     if let Ok(number) = text.parse::<u32>() {
-        return Ok(number);
+        // Said here, before the container is looked up: berthd would refuse it the same way.
+        return if number <= 64 {
+            Ok(number)
+        } else {
+            Err(format!(
+                "signal {number} is out of range: use a number from 1 to 64, or 0 to check that the process exists (see man 7 signal)"
+            ))
+        };
     }
     let upper = text.to_ascii_uppercase();
     let name = upper.strip_prefix("SIG").unwrap_or(&upper);
@@ -456,6 +463,9 @@ mod tests {
         assert_eq!(parse_signal("TERM"), Ok(15));
         assert_eq!(parse_signal("SIGTERM"), Ok(15));
         assert_eq!(parse_signal("kill"), Ok(9));
+        assert_eq!(parse_signal("64"), Ok(64));
+        assert_eq!(parse_signal("0"), Ok(0));
+        assert!(parse_signal("65").unwrap_err().contains("out of range"));
         assert_eq!(parse_signal("sigHup"), Ok(1));
         assert_eq!(parse_signal("USR1"), Ok(10));
         assert!(parse_signal("NOPE").is_err());
