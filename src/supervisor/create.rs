@@ -163,9 +163,15 @@ impl Supervisor {
                 bundle: bundle.display().to_string(),
             },
         );
-        // After the start: an OOM kill in the first instant is published at once by the watch.
-        self.stats.watch_oom(&request.id);
-        self.watch_init(container);
+        // Beside the answer rather than before it: the client waits for neither watch. In this
+        // order an OOM kill in the first instant is still published at once (the watch looks at
+        // the counter when it starts) and before the exit (watched only once the OOM watch is).
+        let supervisor = Arc::clone(self);
+        let id = request.id.clone();
+        tokio::spawn(async move {
+            supervisor.stats.watch_oom(&id);
+            supervisor.watch_init(container);
+        });
         // Answer once the record is on disk: a berthd that dies now still finds the container.
         saved.await;
         Ok(pid)

@@ -559,9 +559,18 @@ async fn run_level(
 }
 
 async fn run_paired(options: &Options, session: &Arc<Session>) -> Result<Paired, LoadError> {
-    let Berthd { socket, .. } = berthd(options, session, "berthd-paired").await?;
+    let Berthd {
+        socket, metrics, ..
+    } = berthd(options, session, "berthd-paired").await?;
     let clients = daemon::clients(&socket, ChannelMode::Shared, 1).await?;
-    let paired = paired::measure(session, &clients[0], &session.runtime, options.paired).await;
+    let paired = paired::measure(
+        session,
+        &clients[0],
+        metrics.as_deref(),
+        &session.runtime,
+        options.paired,
+    )
+    .await;
     drop(clients);
     session.stop_berthd().await;
     paired

@@ -107,6 +107,28 @@ pub fn tick_time(before: &[Sample], after: &[Sample]) -> Option<TickTime> {
     })
 }
 
+/// The mean in milliseconds of histogram `base` (a `_seconds` one, or any unit [`unit_to_ms`]
+/// knows) over the series whose labels include `label` (`grpc_method="CreateContainer"`),
+/// between two scrapes: Δsum / Δcount. None where nothing was observed between them.
+pub fn histogram_mean_ms(
+    before: &[Sample],
+    after: &[Sample],
+    base: &str,
+    label: &str,
+) -> Option<f64> {
+    let total = |samples: &[Sample], suffix: &str| -> f64 {
+        let name = format!("{base}{suffix}");
+        samples
+            .iter()
+            .filter(|s| s.name == name && s.labels.split(',').any(|l| l == label))
+            .map(|s| s.value)
+            .sum()
+    };
+    let d_sum = total(after, "_sum") - total(before, "_sum");
+    let d_count = total(after, "_count") - total(before, "_count");
+    (d_count > 0.0).then(|| d_sum / d_count * unit_to_ms(base).unwrap_or(1.0))
+}
+
 fn unit_to_ms(name: &str) -> Option<f64> {
     [
         ("_seconds", 1e3),
@@ -173,6 +195,24 @@ berth_sampler_tick_seconds_bucket{le=\"+Inf\"} 20
 berth_sampler_tick_seconds_sum 0.07
 berth_sampler_tick_seconds_count 20
 ";
+
+    #[test]
+    fn a_histograms_mean_is_taken_over_the_series_with_the_label() {
+        let before = parse(
+            "h_seconds_sum{op=\"run\"} 1\nh_seconds_count{op=\"run\"} 10\n\
+             h_seconds_sum{op=\"delete\"} 5\nh_seconds_count{op=\"delete\"} 5\n",
+        );
+        let after = parse(
+            "h_seconds_sum{op=\"run\"} 1.5\nh_seconds_count{op=\"run\"} 30\n\
+             h_seconds_sum{op=\"delete\"} 9\nh_seconds_count{op=\"delete\"} 6\n",
+        );
+        let mean = histogram_mean_ms(&before, &after, "h_seconds", "op=\"run\"").unwrap();
+        assert!((mean - 25.0).abs() < 1e-9, "{mean}");
+        assert_eq!(
+            histogram_mean_ms(&after, &after, "h_seconds", "op=\"run\""),
+            None
+        );
+    }
 
     #[test]
     fn parse_reads_names_labels_and_values() {

@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::LoadError;
 use super::daemon::{self, Client};
 use super::direct;
+use super::metrics;
 use super::progress::Progress;
 use super::session::{Runtime, Session, reap_zombie_children};
 use super::summary::Percentiles;
@@ -28,6 +29,20 @@ pub struct Paired {
     pub berthd: Option<Percentiles>,
     /// `run -d --pid-file`, from the spawn to the runtime's exit.
     pub direct: Option<Percentiles>,
+    /// Where berthd's creates spent their time, from its metrics.
+    pub inside_berthd: Option<InsideBerthd>,
+}
+
+/// Means over the paired creates from berthd's own histograms (scraped before and after): the
+/// gap to `run -d` split into the runtime command, the rest of the handler, and what is outside
+/// the handler (the client, HTTP/2, the socket).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct InsideBerthd {
+    /// `berth_grpc_server_handling_seconds` of CreateContainer.
+    pub handling_ms: f64,
+    /// `berth_runtime_command_duration_seconds` of `run`: the spawn to the runtime's exit, as
+    /// the direct figure is taken.
+    pub runtime_ms: f64,
 }
 
 impl Paired {
@@ -43,6 +58,7 @@ impl Paired {
 pub async fn measure(
     session: &Arc<Session>,
     client: &Client,
+    metrics_address: Option<&str>,
     runtime: &Runtime,
     pairs: usize,
 ) -> Result<Paired, LoadError> {
@@ -56,6 +72,7 @@ pub async fn measure(
     let mut containers = Vec::with_capacity(pairs);
     let mut by_hand = Vec::with_capacity(pairs);
     crate::memory::cgroups_settled().await;
+    let metrics_before = scrape(metrics_address).await;
     let progress = Progress::start(
         format!("paired berthd / {} run -d C=1", runtime.name),
         pairs,
@@ -93,6 +110,25 @@ pub async fn measure(
         progress.inc();
     }
     progress.finish();
+    let metrics_after = scrape(metrics_address).await;
+    let inside_berthd = metrics_before
+        .zip(metrics_after)
+        .and_then(|(before, after)| {
+            Some(InsideBerthd {
+                handling_ms: metrics::histogram_mean_ms(
+                    &before,
+                    &after,
+                    "berth_grpc_server_handling_seconds",
+                    "grpc_method=\"CreateContainer\"",
+                )?,
+                runtime_ms: metrics::histogram_mean_ms(
+                    &before,
+                    &after,
+                    "berth_runtime_command_duration_seconds",
+                    "operation=\"run\"",
+                )?,
+            })
+        });
     let label = "berthd paired kill C=1";
     daemon::kill_all(session, std::slice::from_ref(&client), &containers, label).await?;
     delete_by_hand(runtime, &root, &by_hand, &stderr).await?;
@@ -100,7 +136,17 @@ pub async fn measure(
         pairs,
         berthd: Percentiles::of(&berthd),
         direct: Percentiles::of(&direct),
+        inside_berthd,
     })
+}
+
+/// berthd's metrics, or None where there is no endpoint or it cannot be read (the split is then
+/// left out, not guessed).
+async fn scrape(address: Option<&str>) -> Option<Vec<metrics::Sample>> {
+    let text = metrics::scrape(address?).await;
+    text.map(|t| metrics::parse(&t))
+        .map_err(|e| eprintln!("paired: no split of berthd's time: {e}"))
+        .ok()
 }
 
 /// SIGKILL and reap each init started by hand (this process is their subreaper), then `delete`.

@@ -670,7 +670,7 @@ fn render_paired(paired: &Paired) -> String {
         p.map(|p| format!("{:.1} / {:.1} / {:.1}", p.p50_ms, p.mean_ms, p.p99_ms))
             .unwrap_or_default()
     };
-    format!(
+    let mut out = format!(
         "\npaired at C=1, {} creates each way, interleaved (which goes first swaps every pair)\n\
          create p50 / mean / p99 (ms): berthd {}, run -d {}; rate ratio {}\n",
         paired.pairs,
@@ -680,7 +680,21 @@ fn render_paired(paired: &Paired) -> String {
             .rate_ratio()
             .map(|r| format!("{r:.2}"))
             .unwrap_or_default()
-    )
+    );
+    if let (Some(inside), Some(client)) = (paired.inside_berthd, paired.berthd) {
+        out.push_str(&format!(
+            "berthd's mean create, split (its metrics): runtime command {:.2} ms (run -d by hand {}), \
+             rest of the handler {:.2} ms, outside the handler (client, HTTP/2, socket) {:.2} ms\n",
+            inside.runtime_ms,
+            paired
+                .direct
+                .map(|d| format!("{:.2} ms", d.mean_ms))
+                .unwrap_or_default(),
+            inside.handling_ms - inside.runtime_ms,
+            client.mean_ms - inside.handling_ms,
+        ));
+    }
+    out
 }
 
 /// youki by hand in the direct column, and berthd over it.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::direct::Throughput;
-use crate::paired::Paired;
+use crate::paired::{InsideBerthd, Paired};
 
 fn run() -> Run {
     let latency = Percentiles::of(&[Duration::from_millis(40), Duration::from_millis(60)]);
@@ -317,6 +317,10 @@ fn paired_creates_are_held_to_the_rate_target_by_their_means() {
         pairs: 4,
         berthd: ms(&[20, 22, 22, 24]),
         direct: ms(&[19, 21, 21, 23]),
+        inside_berthd: Some(InsideBerthd {
+            handling_ms: 21.5,
+            runtime_ms: 20.75,
+        }),
     });
     let paired = paired_target(&mut report);
     assert!(paired.pass, "{paired:?}");
@@ -329,10 +333,15 @@ fn paired_creates_are_held_to_the_rate_target_by_their_means() {
         text.contains("create p50 / mean / p99 (ms): berthd 22.0 / 22.0 / 24.0, run -d 21.0 / 21.0 / 23.0; rate ratio 0.95"),
         "{text}"
     );
+    assert!(
+        text.contains("runtime command 20.75 ms (run -d by hand 21.00 ms), rest of the handler 0.75 ms, outside the handler (client, HTTP/2, socket) 0.50 ms"),
+        "{text}"
+    );
     report.paired = Some(Paired {
         pairs: 4,
         berthd: ms(&[30, 30, 30, 30]),
         direct: ms(&[21, 21, 21, 21]),
+        inside_berthd: None,
     });
     let paired = paired_target(&mut report);
     assert!(!paired.pass, "{paired:?}");
