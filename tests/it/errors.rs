@@ -727,8 +727,8 @@ async fn an_unusable_terminal_path_is_refused_before_the_runtime_runs() {
 }
 
 /// Process fields no kernel takes (a NUL in args, env or cwd, an env entry that is not
-/// NAME=value, a cwd longer than PATH_MAX, more than NGROUPS_MAX groups, a uid or gid runc
-/// does not set) are INVALID_ARGUMENT
+/// NAME=value, a cwd longer than PATH_MAX, an arg or env entry longer than MAX_ARG_STRLEN,
+/// more than NGROUPS_MAX groups, a uid or gid runc does not set) are INVALID_ARGUMENT
 /// naming the field, from AddProcess on any id and from a bundle's config.json, and leave
 /// nothing behind.
 #[tokio::test(flavor = "multi_thread")]
@@ -754,6 +754,10 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
         with("cwd", &|r| r.cwd = "/tm\0p".into());
         with("cwd", &|r| r.cwd = long_cwd.clone());
         with("args[0]", &|r| r.args = vec![long_cwd.clone()]);
+        // Longer than the kernel's MAX_ARG_STRLEN: the exec would fail after the start.
+        let huge = "y".repeat(140_000);
+        with("args[1]", &|r| r.args.push(huge.clone()));
+        with("env[0]", &|r| r.env = vec![format!("A={huge}")]);
         with("user.additionalGids", &|r| {
             r.user = Some(User {
                 uid: 0,
@@ -798,9 +802,12 @@ async fn malformed_process_fields_are_refused_naming_the_field() {
         let bundle = Bundle::new(&["sleep", "1000"]);
         let id = id("bad-fields-bundle");
         type Edit = fn(&mut serde_json::Value);
-        let edits: [(&str, Edit); 6] = [
+        let edits: [(&str, Edit); 7] = [
             ("process.args[1]", |c| {
                 c["process"]["args"][1] = "a\0".into()
+            }),
+            ("process.env[0] is 140002 bytes", |c| {
+                c["process"]["env"] = vec![format!("A={}", "y".repeat(140_000))].into()
             }),
             ("process.env[0]", |c| {
                 c["process"]["env"] = vec!["PATH"].into()
