@@ -347,6 +347,7 @@ impl Serving {
             config.max_connections_per_uid,
             config.handshake_timeout,
             request_budget_size,
+            crate::api::pacing::answer_bytes_per_uid(max_message),
         );
         let incoming = listener::accept(listener, limits)
             .map_err(|e| Error::sys("register the listener", e))?

@@ -87,6 +87,13 @@ const CHECK_STEP: u64 = 64 << 10;
 /// What an event takes besides its strings.
 const EVENT_BYTES: u64 = 64;
 
+impl Event {
+    /// What the event holds, roughly (about what it comes to on the wire).
+    pub fn bytes(&self) -> u64 {
+        self.id.len() as u64 + self.kind.bytes()
+    }
+}
+
 impl EventKind {
     /// What the event holds, roughly: its strings, an added process's spec most of all.
     fn bytes(&self) -> u64 {

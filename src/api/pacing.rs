@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyStream, StreamBody};
@@ -28,7 +29,7 @@ use tonic::body::Body;
 
 #[cfg(doc)]
 use crate::model::ANSWERS_AHEAD;
-use crate::model::{ConnectionInfo, SentBytes, SocketRoom};
+use crate::model::{AnswerBytes, ConnectionInfo, Hold, SentBytes, SocketRoom};
 
 /// The methods whose answers grow with what berthd holds (every container, every checkpoint).
 const PACED: [&str; 2] = ["/types.API/State", "/types.API/ListCheckpoint"];
@@ -36,6 +37,12 @@ const PACED: [&str; 2] = ["/types.API/State", "/types.API/ListCheckpoint"];
 /// An answer this small gives its place back once made: waiting for the socket would cost more
 /// than it holds.
 const HELD_FROM: u64 = 16 * 1024;
+
+/// How many bytes of answers and stream messages made ahead of its reading one uid may have
+/// berthd hold ([`AnswerBytes`]): as many as [`ANSWERS_AHEAD`] of the largest answers.
+pub fn answer_bytes_per_uid(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(crate::model::ANSWERS_AHEAD)
+}
 
 /// The room on the socket of `request`'s connection; none for a request that did not come
 /// through the listener (in-process tests).
@@ -52,6 +59,36 @@ pub async fn socket_has_room(room: &mut Option<SocketRoom>) {
     if let Some(SocketRoom(room)) = room {
         // An error is the connection gone, and the request with it.
         let _ = room.wait_for(|room| *room).await;
+    }
+}
+
+/// A stream's share of its uid's budget for messages made ahead of its reading.
+pub struct MessageBudget {
+    sent: Arc<SentBytes>,
+    answer_bytes: Arc<AnswerBytes>,
+}
+
+/// The budget of streams on `request`'s connection; none for a request that did not come
+/// through the listener (in-process tests).
+pub fn message_budget<T>(request: &Request<T>) -> Option<MessageBudget> {
+    request
+        .extensions()
+        .get::<ConnectionInfo>()
+        .map(|connection| MessageBudget {
+            sent: Arc::clone(&connection.sent),
+            answer_bytes: Arc::clone(&connection.answer_bytes),
+        })
+}
+
+/// Waits until the uid's budget has room, then counts a message of `bytes` about to be made
+/// until the socket has taken as many bytes more, or the connection ends. Room on the socket
+/// alone is no bound: a client that gives its streams no window has h2 hold one message a
+/// stream, and the socket never fills.
+pub async fn made_ahead(budget: &Option<MessageBudget>, bytes: usize) {
+    if let Some(budget) = budget {
+        let hold = budget.answer_bytes.take(bytes).await;
+        let mark = budget.sent.count().saturating_add(bytes as u64);
+        budget.sent.release_at(mark, hold);
     }
 }
 
@@ -100,39 +137,53 @@ where
             let Ok(place) = places.acquire_owned().await else {
                 return inner.call(request).await;
             };
+            let turn = connection.answer_bytes.making().await;
             let (parts, body) = inner.call(request).await?.into_parts();
             // An answer with no body (an error, whose status is in its headers) has nothing to
             // pace, and wrapped it would no longer say it has ended: hyper would send its headers
             // without END_STREAM and then an empty DATA frame, which grpc-go takes for a stream
             // ended without trailers (INTERNAL instead of the error's code).
-            let body = if body.is_end_stream() {
-                body
-            } else {
-                held_until_sent(body, place, connection.sent)
+            if body.is_end_stream() {
+                return Ok(http::Response::from_parts(parts, body));
+            }
+            // Made here, in the turn, rather than when h2 first has window for it: its size
+            // counts before the uid's next answer is made.
+            let mut frames = BodyStream::new(body);
+            let first = frames.next().await;
+            let made = match &first {
+                Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+                _ => 0,
             };
+            let hold = turn.made(made);
+            let body = Body::new(StreamBody::new(
+                futures_util::stream::iter(first).chain(frames),
+            ));
+            let body = held_until_sent(body, place, hold, connection.sent);
             Ok(http::Response::from_parts(parts, body))
         })
     }
 }
 
-/// `body`, holding `place` until the socket has taken as many bytes as it had taken when the
-/// answer's last data was made, plus that data: the answer's end (its trailers) waits for that.
-/// A body dropped first (the stream reset, the connection gone) gives the place back with it.
+/// `body`, holding `place` and `hold` until the socket has taken as many bytes as it had taken
+/// when the answer's last data was made, plus that data: the answer's end (its trailers) waits
+/// for that. A body dropped first (the stream reset, the connection gone) gives both back with
+/// it.
 fn held_until_sent(
     body: Body,
     place: tokio::sync::OwnedSemaphorePermit,
+    hold: Hold,
     sent: Arc<SentBytes>,
 ) -> Body {
     struct Answer {
         frames: BodyStream<Body>,
-        place: Option<tokio::sync::OwnedSemaphorePermit>,
+        place: Option<(tokio::sync::OwnedSemaphorePermit, Hold)>,
         sent: Arc<SentBytes>,
         made: u64,
         mark: u64,
     }
     let answer = Answer {
         frames: BodyStream::new(body),
-        place: Some(place),
+        place: Some((place, hold)),
         sent,
         made: 0,
         mark: 0,
@@ -161,12 +212,17 @@ fn held_until_sent(
 mod tests {
     use std::time::Duration;
 
-    use bytes::Bytes;
     use http_body_util::BodyExt;
 
     use super::*;
 
     const PATIENCE: Duration = Duration::from_millis(200);
+
+    /// A hold of `bytes` in a budget of its own, and the budget.
+    async fn hold(bytes: usize) -> (Hold, Arc<AnswerBytes>) {
+        let budget = Arc::new(AnswerBytes::new(1 << 20));
+        (budget.take(bytes).await, budget)
+    }
 
     /// An answer of `len` bytes of data and then trailers, as tonic makes a unary one.
     fn answer(len: usize) -> Body {
@@ -184,7 +240,8 @@ mod tests {
         sent.add(1000);
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
-        let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
+        let (hold, budget) = hold(64 * 1024).await;
+        let mut body = held_until_sent(answer(64 * 1024), place, hold, Arc::clone(&sent));
         let data = body.frame().await.unwrap().unwrap();
         assert_eq!(data.data_ref().map(Bytes::len), Some(64 * 1024));
         let end = tokio::spawn(async move { body.frame().await.map(|f| f.unwrap().is_trailers()) });
@@ -195,12 +252,14 @@ mod tests {
             "the answer ended before the socket took it"
         );
         assert_eq!(places.available_permits(), 0);
+        assert_eq!(budget.held(), 64 * 1024);
         sent.add(1);
         let end = tokio::time::timeout(PATIENCE, end)
             .await
             .expect("not ended once taken");
         assert_eq!(end.unwrap(), Some(true));
         assert_eq!(places.available_permits(), 1);
+        assert_eq!(budget.held(), 0);
     }
 
     #[tokio::test]
@@ -208,7 +267,8 @@ mod tests {
         let sent = Arc::new(SentBytes::default());
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
-        let body = held_until_sent(answer(100), place, sent);
+        let (hold, _budget) = hold(100).await;
+        let body = held_until_sent(answer(100), place, hold, sent);
         let collected = tokio::time::timeout(PATIENCE, body.collect()).await;
         assert!(
             collected
@@ -223,12 +283,14 @@ mod tests {
         let sent = Arc::new(SentBytes::default());
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
-        let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
+        let (hold, budget) = hold(64 * 1024).await;
+        let mut body = held_until_sent(answer(64 * 1024), place, hold, Arc::clone(&sent));
         body.frame().await.unwrap().unwrap();
         assert!(tokio::time::timeout(PATIENCE, body.frame()).await.is_err());
         assert_eq!(places.available_permits(), 0);
         drop(body);
         assert_eq!(places.available_permits(), 1);
+        assert_eq!(budget.held(), 0);
         assert_eq!(sent.waiters(), 0);
     }
 }

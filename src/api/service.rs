@@ -8,7 +8,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::pacing::{socket_has_room, socket_room};
+use super::pacing::{made_ahead, message_budget, socket_has_room, socket_room};
 use super::peer::{audit, logged, peer};
 use super::stream_places::StreamPlaces;
 use crate::error::Error;
@@ -471,25 +471,36 @@ impl proto::api_server::Api for ApiService {
             .in_scope(|| tracing::debug!("subscribed"));
         let place = self.stream_places.take(peer.uid)?;
         let subscription = self.supervisor.events().subscribe();
-        // Taken only while the connection's socket has room, so a client that stops reading
-        // falls behind on the event ring instead of growing a buffer in h2, and is told how
-        // much it missed.
+        // Taken only while the connection's socket has room, and made only while the uid's
+        // budget for messages not yet read has room, so a client that stops reading, or gives
+        // its streams no window, falls behind on the event ring instead of growing buffers in
+        // h2, and is told how much it missed.
         let room = socket_room(&request);
+        let budget = message_budget(&request);
         let stopping = self.stopping.clone();
         let stream = futures_util::stream::unfold(
-            Some((subscription, room, stopping, place)),
+            Some((subscription, room, budget, stopping, place)),
             |state| async move {
-                let (mut subscription, mut room, mut stopping, place) = state?;
-                let next = match next_unless_stopping(&mut room, &mut stopping, subscription.next())
-                    .await?
-                {
+                let (mut subscription, mut room, budget, mut stopping, place) = state?;
+                let made = async {
+                    let next = subscription.next().await?;
+                    Some(match next {
+                        Ok(event) => {
+                            let bytes = usize::try_from(event.bytes()).unwrap_or(usize::MAX);
+                            made_ahead(&budget, bytes).await;
+                            Ok(event_to_wire(&event))
+                        }
+                        Err(lagged) => Err(lagged),
+                    })
+                };
+                let next = match next_unless_stopping(&mut room, &mut stopping, made).await? {
                     Ok(next) => next,
                     Err(going_away) => return Some((Err(going_away), None)),
                 };
                 match next {
-                    Ok(event) => Some((
-                        Ok(event_to_wire(&event)),
-                        Some((subscription, room, stopping, place)),
+                    Ok(wire) => Some((
+                        Ok(wire),
+                        Some((subscription, room, budget, stopping, place)),
                     )),
                     Err(Lagged::Missed(missed)) => Some((
                         Err(Status::resource_exhausted(format!(

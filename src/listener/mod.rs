@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::model::AnswerBytes;
+
 #[allow(unsafe_code)]
 mod peer_groups;
 mod socket;
@@ -52,6 +54,8 @@ pub struct Limits {
     /// Bytes of requests still arriving that one uid's connections may hold at once (each of
     /// uid 0's connections this much of its own).
     pub request_bytes_per_uid: usize,
+    /// Bytes of answers and stream messages made ahead of one uid's reading, as for requests.
+    pub answer_bytes_per_uid: usize,
 }
 
 impl Limits {
@@ -63,6 +67,7 @@ impl Limits {
         max_per_uid: u64,
         handshake_timeout: Duration,
         request_bytes_per_uid: usize,
+        answer_bytes_per_uid: usize,
     ) -> Limits {
         let cap = crate::fd_limit::quarter();
         if max_connections > cap {
@@ -77,6 +82,7 @@ impl Limits {
             max_per_uid: usize::try_from(max_per_uid).unwrap_or(usize::MAX),
             handshake_timeout,
             request_bytes_per_uid: request_bytes_per_uid.min(Semaphore::MAX_PERMITS),
+            answer_bytes_per_uid,
         }
     }
 }
@@ -87,12 +93,19 @@ pub struct ConnectionPermit {
     _uid_place: Option<UidPlace>,
 }
 
-/// A uid's open connections (0 is not counted) and the budget they share for requests still
-/// arriving.
+/// A uid's open connections (0 is not counted) and the budgets they share.
 #[derive(Default)]
 struct UidConnections {
     open: usize,
-    request_bytes: Option<Arc<Semaphore>>,
+    budgets: Option<Budgets>,
+}
+
+/// What a uid's connections share (each of uid 0's has its own): the bytes of its requests
+/// still arriving, and of answers made ahead of its reading.
+#[derive(Clone)]
+pub struct Budgets {
+    pub request_bytes: Arc<Semaphore>,
+    pub answer_bytes: Arc<AnswerBytes>,
 }
 
 type ByUid = Arc<Mutex<HashMap<u32, UidConnections>>>;
@@ -104,14 +117,17 @@ struct UidPlace {
 }
 
 impl UidPlace {
-    /// A place for a connection from `uid` (`None` for uid 0) with the budget its requests
-    /// share, or `Err` with how many it has open when that is `limits.max_per_uid`.
+    /// A place for a connection from `uid` (`None` for uid 0) with the budgets it shares, or
+    /// `Err` with how many it has open when that is `limits.max_per_uid`.
     fn take(
         by_uid: &ByUid,
         uid: u32,
         limits: &Limits,
-    ) -> Result<(Option<UidPlace>, Arc<Semaphore>), usize> {
-        let budget = || Arc::new(Semaphore::new(limits.request_bytes_per_uid));
+    ) -> Result<(Option<UidPlace>, Budgets), usize> {
+        let budget = || Budgets {
+            request_bytes: Arc::new(Semaphore::new(limits.request_bytes_per_uid)),
+            answer_bytes: Arc::new(AnswerBytes::new(limits.answer_bytes_per_uid)),
+        };
         if uid == 0 {
             return Ok((None, budget()));
         }
@@ -121,7 +137,7 @@ impl UidPlace {
             return Err(connections.open);
         }
         connections.open += 1;
-        let shared = Arc::clone(connections.request_bytes.get_or_insert_with(budget));
+        let shared = connections.budgets.get_or_insert_with(budget).clone();
         let place = UidPlace {
             uid,
             by_uid: Arc::clone(by_uid),
@@ -212,8 +228,8 @@ async fn accept_loop(
         // requests are refused anyway.
         let uid = socket.peer_uid().unwrap_or(u32::MAX);
         let uid_place = match UidPlace::take(&by_uid, uid, &limits) {
-            Ok((place, request_bytes)) => {
-                socket.set_request_budget(request_bytes);
+            Ok((place, budgets)) => {
+                socket.set_budgets(budgets);
                 place
             }
             Err(open) => {
@@ -385,6 +401,7 @@ mod tests {
             max_per_uid: 2,
             handshake_timeout: Duration::from_millis(300),
             request_bytes_per_uid: 1 << 20,
+            answer_bytes_per_uid: 1 << 20,
         };
         let mut incoming = accept(listener, limits).unwrap();
         // Two silent connections fill the table; a third that talks still gets in.
@@ -416,6 +433,7 @@ mod tests {
             max_per_uid: 1,
             handshake_timeout: Duration::from_secs(10),
             request_bytes_per_uid: 1 << 20,
+            answer_bytes_per_uid: 1 << 20,
         };
         let mut incoming = accept(listener, limits).unwrap();
         let mut a = UnixStream::connect(&path).await.unwrap();
@@ -439,24 +457,30 @@ mod tests {
             max_per_uid: 2,
             handshake_timeout: Duration::from_secs(1),
             request_bytes_per_uid: 100,
+            answer_bytes_per_uid: 200,
+        };
+        let shared = |a: &Budgets, b: &Budgets| {
+            let requests = Arc::ptr_eq(&a.request_bytes, &b.request_bytes);
+            assert_eq!(requests, Arc::ptr_eq(&a.answer_bytes, &b.answer_bytes));
+            requests
         };
         let (first, first_budget) = UidPlace::take(&by_uid, 1000, &limits).unwrap();
         let (second, second_budget) = UidPlace::take(&by_uid, 1000, &limits).unwrap();
         assert!(first.is_some() && second.is_some());
         assert!(
-            Arc::ptr_eq(&first_budget, &second_budget),
-            "a uid's connections share one budget for their requests"
+            shared(&first_budget, &second_budget),
+            "a uid's connections share one budget for their requests and one for their answers"
         );
-        assert_eq!(first_budget.available_permits(), 100);
+        assert_eq!(first_budget.request_bytes.available_permits(), 100);
         assert_eq!(UidPlace::take(&by_uid, 1000, &limits).err(), Some(2));
         let (other, other_budget) = UidPlace::take(&by_uid, 1001, &limits).unwrap();
-        assert!(other.is_some() && !Arc::ptr_eq(&first_budget, &other_budget));
-        let mut root_budgets = Vec::new();
+        assert!(other.is_some() && !shared(&first_budget, &other_budget));
+        let mut root_budgets: Vec<Budgets> = Vec::new();
         for _ in 0..5 {
             let (place, budget) = UidPlace::take(&by_uid, 0, &limits).unwrap();
             assert!(place.is_none());
             assert!(
-                root_budgets.iter().all(|b| !Arc::ptr_eq(b, &budget)),
+                root_budgets.iter().all(|b| !shared(b, &budget)),
                 "each of root's its own"
             );
             root_budgets.push(budget);
@@ -475,10 +499,10 @@ mod tests {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap();
-        let limits = Limits::within_fd_limit(u64::MAX, 1, Duration::from_secs(1), 1);
+        let limits = Limits::within_fd_limit(u64::MAX, 1, Duration::from_secs(1), 1, 1);
         assert_eq!(limits.max_connections as u64, (soft / 4).max(1));
         assert_eq!(
-            Limits::within_fd_limit(1, 1, Duration::ZERO, 1).max_connections,
+            Limits::within_fd_limit(1, 1, Duration::ZERO, 1, 1).max_connections,
             1
         );
     }

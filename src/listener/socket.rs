@@ -27,7 +27,9 @@ use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::model::{ANSWERS_AHEAD, ConnectionInfo, PeerCredentials, SentBytes, SocketRoom};
+use crate::model::{
+    ANSWERS_AHEAD, AnswerBytes, ConnectionInfo, PeerCredentials, SentBytes, SocketRoom,
+};
 
 /// How long a write waits before it tries again when it found the socket full and could not
 /// register a descriptor to wait for space on.
@@ -51,6 +53,9 @@ pub struct ApiSocket {
     /// The peer's budget for requests still arriving ([`ConnectionInfo`]), set once its uid's
     /// place is taken.
     request_bytes: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The peer's budget for answers made ahead of its reading ([`ConnectionInfo`]), set with
+    /// `request_bytes`.
+    answer_bytes: std::sync::Arc<AnswerBytes>,
 }
 
 enum SpaceWait {
@@ -101,12 +106,14 @@ impl ApiSocket {
             answers: std::sync::Arc::new(tokio::sync::Semaphore::new(ANSWERS_AHEAD)),
             sent: std::sync::Arc::default(),
             request_bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+            answer_bytes: std::sync::Arc::new(AnswerBytes::new(0)),
         })
     }
 
-    /// Gives the connection its peer's budget for requests still arriving.
-    pub fn set_request_budget(&mut self, budget: std::sync::Arc<tokio::sync::Semaphore>) {
-        self.request_bytes = budget;
+    /// Gives the connection its peer's budgets.
+    pub fn set_budgets(&mut self, budgets: super::Budgets) {
+        self.request_bytes = budgets.request_bytes;
+        self.answer_bytes = budgets.answer_bytes;
     }
 
     /// The peer's uid, as `SO_PEERCRED` gave it at accept.
@@ -261,6 +268,7 @@ impl tonic::transport::server::Connected for ApiSocket {
             answers: std::sync::Arc::clone(&self.answers),
             sent: std::sync::Arc::clone(&self.sent),
             request_bytes: std::sync::Arc::clone(&self.request_bytes),
+            answer_bytes: std::sync::Arc::clone(&self.answer_bytes),
         }
     }
 }

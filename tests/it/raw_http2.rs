@@ -707,6 +707,72 @@ async fn an_events_subscriber_that_stops_reading_is_cut_off_past_its_bytes() {
     .await
 }
 
+/// Events streams given no window, each with a large event to send: h2 would hold one message
+/// a stream whatever the socket's room, so berthd makes them only within the budget for
+/// messages made ahead of a uid's reading (shared by a uid's connections; each of root's has
+/// its own), and the rest wait for the client to read. Reading, every stream gets the event.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_given_no_window_are_made_messages_only_within_the_answer_budget() {
+    const STREAMS: usize = 200;
+    within(async {
+        // A budget of 4 MiB: four of the largest messages.
+        let mut daemon = daemon!(Options::args(&["--max-message-bytes", "1048576"]));
+        let mut events = daemon.events().await;
+        let ctr = daemon.run("no-window", &["sleep", "1000"]).await;
+        let mut connection = Connection::open(&daemon).await;
+        let mut wire = windows(0);
+        let (streams, calls) = connection.calls("/types.API/Events", &[], STREAMS);
+        wire.extend(calls);
+        connection.socket.write_all(&wire).await.expect("subscribe");
+        // Every stream subscribed: each gets its headers, which need no window.
+        let mut answered = std::collections::HashSet::new();
+        let subscribed = connection.read_until(|kind, _, on, _| {
+            if kind == HEADERS {
+                answered.insert(on);
+            }
+            answered.len() == STREAMS
+        });
+        tokio::time::timeout(Duration::from_secs(30), subscribed)
+            .await
+            .expect("every stream subscribed");
+        let rss_before = status_kib(daemon.pid(), "VmRSS");
+        // A start-process event of 200 KB (no one string past the kernel's 128 KiB): 40 MB for
+        // 200 streams, held in h2, without the budget.
+        let mut exec = exec_req(&ctr.id, &["/bin/sh", "-c", "exit 0"]);
+        exec.env = (0..4)
+            .map(|n| format!("BIG{n}={}", "b".repeat(50_000)))
+            .collect();
+        let pid = daemon.exec(exec).await;
+        assert_eq!(events.exit_status(&ctr.id, pid).await, 0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let grown = status_kib(daemon.pid(), "VmRSS").saturating_sub(rss_before);
+        assert!(
+            grown < 12 * 1024,
+            "berthd's RSS grew by {grown} KiB for {STREAMS} streams given no window"
+        );
+        // Given windows, every stream is sent the event (and the exit after it).
+        let mut data = std::collections::HashMap::<u32, usize>::new();
+        let mut update = Vec::new();
+        for &stream in &streams {
+            update.extend(window_update(stream, 1 << 30));
+        }
+        connection.socket.write_all(&update).await.expect("windows");
+        let read = connection.read_until(|kind, _, on, payload| {
+            match kind {
+                DATA => *data.entry(on).or_default() += payload.len(),
+                0x3 | 0x7 => panic!("stream {on} ended: kind {kind} {payload:?}"),
+                _ => {}
+            }
+            data.len() == STREAMS && data.values().all(|&n| n >= 200_000)
+        });
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("every stream sent the event within 60 s of reading");
+        daemon.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
 /// A client that asks for State over and over without reading is answered as it reads, with
 /// the default flow-control windows and with the largest: berthd does not make and hold a whole
 /// State for each request it has not read an answer to yet.

@@ -813,6 +813,43 @@ async fn a_member_has_at_most_its_streams_open_and_gets_their_places_back() {
     .await
 }
 
+/// A member that asks for State on many connections giving their streams no window, and reads
+/// nothing, has berthd make answers ahead of its reading only within its uid's budget (four of
+/// the largest messages, 16 MiB by default) across all its connections, not ANSWERS_AHEAD on
+/// each (1 MB answers, 32 connections: 128 MB).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_members_unread_answers_hold_no_more_than_its_budget_across_its_connections() {
+    within(async {
+        let mut d = daemon!(Options::args(&[
+            "--group",
+            "65534",
+            "--max-process-spec-bytes",
+            "1100000"
+        ]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        // About 1 MB of State: its init's args, which `sh -c` takes past its script.
+        let filler = "x".repeat(4000);
+        let mut args = vec!["sh", "-c", "sleep 600", "sh"];
+        args.extend(std::iter::repeat_n(filler.as_str(), 250));
+        let big = d.run("big-unread", &args).await;
+        let mut events = d.events().await;
+        let rss_before = status_kib(d.pid(), "VmRSS");
+        let holding =
+            tokio::spawn(async move { member.ask(&["unread-state", "32", "4", "8"]).await });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let grown = status_kib(d.pid(), "VmRSS").saturating_sub(rss_before);
+        assert_eq!(holding.await.expect("join"), "OK 128");
+        assert!(
+            grown < 40 * 1024,
+            "berthd's RSS grew by {grown} KiB for 128 unread answers of 1 MB"
+        );
+        d.kill_container(&mut events, &big.id, big.pid).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrade_is_refused_to_a_group_member() {
     within(async {

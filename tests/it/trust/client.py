@@ -4,11 +4,13 @@ usage: client.py GENERATED SOCKET create ID BUNDLE STDIN STDOUT STDERR
        client.py GENERATED SOCKET create-within SECONDS ID BUNDLE STDIN STDOUT STDERR
        client.py GENERATED SOCKET exec ID UID STDOUT ARG...
        client.py GENERATED SOCKET streams N
+       client.py GENERATED SOCKET unread-state CONNECTIONS CALLS SECONDS
        client.py GENERATED SOCKET upgrade
        client.py GENERATED SOCKET state
 Prints "OK <detail>" or "<CODE> <message>" on one line and exits 0 either way.
 """
 
+import socket as sockets
 import sys
 import time
 
@@ -74,6 +76,43 @@ def main():
                 if stood(again) == "open":
                     break
             print("OK", first + ";" + stood(again))
+        elif op == "unread-state":
+            # Raw HTTP/2: CONNECTIONS connections that give their streams no window, CALLS State
+            # calls on each, no answer read, all held open for SECONDS.
+            connections, calls, seconds = int(args[0]), int(args[1]), float(args[2])
+
+            def frame(kind, flags, stream, payload):
+                return (
+                    len(payload).to_bytes(3, "big")
+                    + bytes([kind, flags])
+                    + stream.to_bytes(4, "big")
+                    + payload
+                )
+
+            def literal(index, value):  # without indexing, the name from the static table
+                prefix = bytes([index]) if index < 15 else bytes([15, index - 15])
+                return prefix + bytes([len(value)]) + value
+
+            block = (
+                b"\x83\x86"  # :method POST, :scheme http
+                + literal(4, b"/types.API/State")
+                + literal(1, b"localhost")
+                + literal(31, b"application/grpc")
+            )
+            no_window = (4).to_bytes(2, "big") + (0).to_bytes(4, "big")
+            held = []
+            for _ in range(connections):
+                s = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+                s.setsockopt(sockets.SOL_SOCKET, sockets.SO_RCVBUF, 4096)
+                s.connect(socket)
+                wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, no_window)
+                for n in range(calls):
+                    stream = 1 + 2 * n
+                    wire += frame(1, 4, stream, block) + frame(0, 1, stream, bytes(5))
+                s.sendall(wire)
+                held.append(s)
+            time.sleep(seconds)
+            print("OK", connections * calls)
         elif op == "upgrade":
             reply = daemon_pb2_grpc.DaemonStub(channel).Upgrade(
                 daemon_pb2.UpgradeRequest(), timeout=30
