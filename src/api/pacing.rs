@@ -12,6 +12,14 @@
 //! drops the body). Room alone says nothing of a burst of calls that all found it before the
 //! first answer was written; a place freed when h2 took the answer would be freed at once.
 //!
+//! Room on the socket bounds nothing for a client that gives its streams no flow-control window:
+//! the socket never fills while h2 holds a message on each stream. So what is made ahead of one
+//! uid's reading, Events messages and paced answers alike, is also held to the uid's budget
+//! ([`AnswerBytes`], [`answer_bytes_per_uid`]): a message is made only while the budget has room
+//! ([`made_ahead`]); a paced answer, whose size is known only once made, is made in the uid's
+//! turn and counted before the next is ([`AnswerPacingLayer`]). GetStats messages, small and of
+//! a size no client chooses, are not counted.
+//!
 //! Owns: when an answer or a stream's next message is made. Does not own: the socket's room, the
 //! places and the byte count (listener, which publishes them with the connection), what is
 //! answered (service).
