@@ -88,14 +88,16 @@ pub fn message_budget<T>(request: &Request<T>) -> Option<MessageBudget> {
         })
 }
 
-/// Waits until the uid's budget has room, then counts a message of `bytes` about to be made
-/// until the socket has taken as many bytes more, or the connection ends. Room on the socket
-/// alone is no bound: a client that gives its streams no window has h2 hold one message a
-/// stream, and the socket never fills.
-pub async fn made_ahead(budget: &Option<MessageBudget>, bytes: usize) {
+/// Waits until the uid's budget has room, then counts a message that holds `bytes` and comes to
+/// `sent_at_least` on the wire until the socket has taken that many bytes more, or the
+/// connection ends. Room on the socket alone is no bound: a client that gives its streams no
+/// window has h2 hold one message a stream, and the socket never fills. The mark must be no
+/// later than the message's own end: one never reached would keep its bytes from an idle
+/// connection until more was sent, and a uid's streams could all wait on one another.
+pub async fn made_ahead(budget: &Option<MessageBudget>, bytes: usize, sent_at_least: usize) {
     if let Some(budget) = budget {
         let hold = budget.answer_bytes.take(bytes).await;
-        let mark = budget.sent.count().saturating_add(bytes as u64);
+        let mark = budget.sent.count().saturating_add(sent_at_least as u64);
         budget.sent.release_at(mark, hold);
     }
 }

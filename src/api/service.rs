@@ -486,8 +486,9 @@ impl proto::api_server::Api for ApiService {
                     let next = subscription.next().await?;
                     Some(match next {
                         Ok(event) => {
-                            let bytes = usize::try_from(event.bytes()).unwrap_or(usize::MAX);
-                            made_ahead(&budget, bytes).await;
+                            let bytes = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+                            let (held, sent) = (event.bytes(), event.wire_bytes_at_least());
+                            made_ahead(&budget, bytes(held), bytes(sent)).await;
                             Ok(event_to_wire(&event))
                         }
                         Err(lagged) => Err(lagged),
@@ -574,5 +575,58 @@ impl proto::api_server::Api for ApiService {
         Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
             stream,
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+
+    /// Events' budget marks (`pacing::made_ahead`) must come no later than the message's end.
+    #[test]
+    fn an_events_least_wire_bytes_are_no_more_than_it_encodes_to() {
+        let process = ProcessSpec {
+            args: vec!["sh".into(), "-c".into(), "x".repeat(300)],
+            env: vec!["A=1".into(); 40],
+            cwd: "/".into(),
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![1, 70_000, 4_000_000_000],
+            terminal: false,
+        };
+        let checkpoint = Checkpoint {
+            name: "before".into(),
+            ..Default::default()
+        };
+        let kinds = [
+            EventKind::StartContainer {
+                bundle: "/b".into(),
+            },
+            EventKind::StartProcess { process },
+            EventKind::Exit { status: 137 },
+            EventKind::Pause,
+            EventKind::Resume,
+            EventKind::Live {
+                bundle: "/b".into(),
+            },
+            EventKind::Oom,
+            EventKind::Checkpoint { checkpoint },
+        ];
+        for kind in kinds {
+            let event = Event {
+                id: "c".repeat(60),
+                pid: 4_000_000,
+                kind,
+                published_bytes: 0,
+            };
+            let encoded = prost::Message::encoded_len(&event_to_wire(&event)) as u64;
+            assert!(
+                event.wire_bytes_at_least() <= encoded,
+                "{}: {} > {encoded}",
+                event.kind.name(),
+                event.wire_bytes_at_least()
+            );
+        }
     }
 }
