@@ -3,8 +3,9 @@
 //!
 //! Owns: the plain data that the supervisor builds and the event bus, the store and the API
 //! carry, and the byte counts an API connection's socket shares with the api ([`SentBytes`],
-//! [`AnswerBytes`]), whose counting and waiting sides stay together here. Does not own: how the records are made
-//! (supervisor), stored (store) or put on the wire (api); nothing else here does any work.
+//! [`AnswerBytes`]), whose counting and waiting sides stay together here. Does not own: how the
+//! records are made (supervisor), stored (store) or put on the wire (api); nothing else here
+//! does any work.
 
 use serde::{Deserialize, Serialize};
 
@@ -73,10 +74,14 @@ pub struct AnswerBytes {
     held: std::sync::atomic::AtomicUsize,
     most: usize,
     freed: tokio::sync::Notify,
-    /// Answers whose size is known only once made take turns: the budget is checked before each
-    /// and its size counted before the next.
-    making: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Answers whose size is known only once made take turns, in one queue for each method that
+    /// makes them (a ListCheckpoint waiting for a dump holds up no State): the budget is checked
+    /// before each and its size counted before the next.
+    making: [std::sync::Arc<tokio::sync::Mutex<()>>; MAKING_QUEUES],
 }
+
+/// The queues of [`AnswerBytes::making`]: one for each method whose answers are made in turns.
+pub const MAKING_QUEUES: usize = 2;
 
 impl AnswerBytes {
     pub fn new(most: usize) -> AnswerBytes {
@@ -84,7 +89,7 @@ impl AnswerBytes {
             held: std::sync::atomic::AtomicUsize::new(0),
             most,
             freed: tokio::sync::Notify::new(),
-            making: std::sync::Arc::default(),
+            making: Default::default(),
         }
     }
 
@@ -106,10 +111,12 @@ impl AnswerBytes {
         }
     }
 
-    /// A turn to make an answer whose size is not known yet, once what is held is under the
-    /// budget; count it with [`MakingTurn::made`] before the turn ends.
-    pub async fn making(self: &std::sync::Arc<Self>) -> MakingTurn {
-        let turn = std::sync::Arc::clone(&self.making).lock_owned().await;
+    /// A turn in `queue` (below [`MAKING_QUEUES`]) to make an answer whose size is not known
+    /// yet, once what is held is under the budget; count it with [`MakingTurn::made`] before the
+    /// turn ends.
+    pub async fn making(self: &std::sync::Arc<Self>, queue: usize) -> MakingTurn {
+        let queue = &self.making[queue.min(MAKING_QUEUES - 1)];
+        let turn = std::sync::Arc::clone(queue).lock_owned().await;
         drop(self.take(0).await);
         MakingTurn {
             budget: std::sync::Arc::clone(self),
@@ -351,16 +358,22 @@ mod tests {
     #[tokio::test]
     async fn answers_of_unknown_size_take_turns_and_count_what_they_made() {
         let budget = Arc::new(AnswerBytes::new(100));
-        let turn = budget.making().await;
+        let turn = budget.making(0).await;
         let next = tokio::spawn({
             let budget = Arc::clone(&budget);
-            async move { budget.making().await.made(5) }
+            async move { budget.making(0).await.made(5) }
         });
         tokio::time::sleep(PATIENCE).await;
         assert!(!next.is_finished(), "two answers made at once");
+        // Another queue's turn is not held up by this one's.
+        let other = tokio::time::timeout(PATIENCE, budget.making(1))
+            .await
+            .expect("held up by another queue's turn")
+            .made(0);
         let big = turn.made(150);
         tokio::time::sleep(PATIENCE).await;
         assert!(!next.is_finished(), "made over the budget");
+        drop(other);
         drop(big);
         let next = tokio::time::timeout(PATIENCE, next)
             .await

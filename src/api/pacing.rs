@@ -17,8 +17,8 @@
 //! uid's reading, Events messages and paced answers alike, is also held to the uid's budget
 //! ([`AnswerBytes`], [`answer_bytes_per_uid`]): a message is made only while the budget has room
 //! ([`made_ahead`]); a paced answer, whose size is known only once made, is made in the uid's
-//! turn and counted before the next is ([`AnswerPacingLayer`]). GetStats messages, small and of
-//! a size no client chooses, are not counted.
+//! turn (one queue per method) and counted before the next is ([`AnswerPacingLayer`]). GetStats
+//! messages, small and of a size no client chooses, are not counted.
 //!
 //! Owns: when an answer or a stream's next message is made. Does not own: the socket's room, the
 //! places and the byte count (listener, which publishes them with the connection), what is
@@ -39,8 +39,10 @@ use tonic::body::Body;
 use crate::model::ANSWERS_AHEAD;
 use crate::model::{AnswerBytes, ConnectionInfo, Hold, SentBytes, SocketRoom};
 
-/// The methods whose answers grow with what berthd holds (every container, every checkpoint).
-const PACED: [&str; 2] = ["/types.API/State", "/types.API/ListCheckpoint"];
+/// The methods whose answers grow with what berthd holds (every container, every checkpoint),
+/// each made in its own queue of a uid's turns.
+const PACED: [&str; crate::model::MAKING_QUEUES] =
+    ["/types.API/State", "/types.API/ListCheckpoint"];
 
 /// An answer this small gives its place back once made: waiting for the socket would cost more
 /// than it holds.
@@ -135,8 +137,8 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let connection = request.extensions().get::<ConnectionInfo>().cloned();
-        let paced = PACED.contains(&request.uri().path());
-        let Some(connection) = connection.filter(|_| paced) else {
+        let queue = PACED.iter().position(|path| *path == request.uri().path());
+        let Some((connection, queue)) = connection.zip(queue) else {
             return Box::pin(self.inner.call(request));
         };
         // The service made ready is the one called, later: a clone takes its place.
@@ -147,7 +149,7 @@ where
             let Ok(place) = places.acquire_owned().await else {
                 return inner.call(request).await;
             };
-            let turn = connection.answer_bytes.making().await;
+            let turn = connection.answer_bytes.making(queue).await;
             let (parts, body) = inner.call(request).await?.into_parts();
             // An answer with no body (an error, whose status is in its headers) has nothing to
             // pace, and wrapped it would no longer say it has ended: hyper would send its headers

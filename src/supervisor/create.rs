@@ -163,15 +163,12 @@ impl Supervisor {
                 bundle: bundle.display().to_string(),
             },
         );
-        // Beside the answer rather than before it: the client waits for neither watch. In this
-        // order an OOM kill in the first instant is still published at once (the watch looks at
-        // the counter when it starts) and before the exit (watched only once the OOM watch is).
-        let supervisor = Arc::clone(self);
-        let id = request.id.clone();
-        tokio::spawn(async move {
-            supervisor.stats.watch_oom(&id);
-            supervisor.watch_init(container);
-        });
+        // After the start: an OOM kill in the first instant is published at once by the watch.
+        // Before the answer, not beside it (which took 0.18 ms off the handler, measured): what a
+        // container holds in berthd (its namespaces, the OOM eventfd) is in place when its
+        // create is answered, so a count of berthd's fds then is the container's.
+        self.stats.watch_oom(&request.id);
+        self.watch_init(container);
         // Answer once the record is on disk: a berthd that dies now still finds the container.
         saved.await;
         Ok(pid)
