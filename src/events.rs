@@ -92,18 +92,6 @@ impl Event {
     pub fn bytes(&self) -> u64 {
         self.id.len() as u64 + self.kind.bytes()
     }
-
-    /// What it comes to on the wire at least: its strings, each sent whole, and a byte for
-    /// each additional gid.
-    pub fn wire_bytes_at_least(&self) -> u64 {
-        let kind = match &self.kind {
-            EventKind::StartProcess { process } => {
-                process.string_bytes() + process.additional_gids.len()
-            }
-            kind => (kind.bytes() - EVENT_BYTES) as usize,
-        };
-        (self.id.len() + kind) as u64
-    }
 }
 
 impl EventKind {

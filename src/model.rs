@@ -65,18 +65,16 @@ pub struct ConnectionInfo {
     pub answer_bytes: std::sync::Arc<AnswerBytes>,
 }
 
-/// What answers and stream messages made ahead of a uid's reading hold in berthd: each is
-/// counted from when it is made until its connection's socket has taken as many bytes ([`Hold`],
-/// [`SentBytes::release_at`]) or it is dropped. A new one is made only while the count is under
-/// the budget, so it goes past by one message at most.
+/// What answers and stream messages made ahead of a uid's reading hold in berthd, at most: each
+/// holds its bytes of the budget ([`Hold`]) from before it is made until h2 has let go of the
+/// data it was encoded into (written to the socket, or dropped with its stream or connection).
+/// Holds are given in the order asked for.
 #[derive(Debug)]
 pub struct AnswerBytes {
-    held: std::sync::atomic::AtomicUsize,
-    most: usize,
-    freed: tokio::sync::Notify,
+    bytes: std::sync::Arc<tokio::sync::Semaphore>,
+    most: u32,
     /// Answers whose size is known only once made take turns, in one queue for each method that
-    /// makes them (a ListCheckpoint waiting for a dump holds up no State): the budget is checked
-    /// before each and its size counted before the next.
+    /// makes them: each waits for its bytes with the answer made, so one at a time holds one.
     making: [std::sync::Arc<tokio::sync::Mutex<()>>; MAKING_QUEUES],
 }
 
@@ -85,90 +83,44 @@ pub const MAKING_QUEUES: usize = 2;
 
 impl AnswerBytes {
     pub fn new(most: usize) -> AnswerBytes {
+        let most = most.min(tokio::sync::Semaphore::MAX_PERMITS);
         AnswerBytes {
-            held: std::sync::atomic::AtomicUsize::new(0),
-            most,
-            freed: tokio::sync::Notify::new(),
+            bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(most)),
+            most: u32::try_from(most).unwrap_or(u32::MAX),
             making: Default::default(),
         }
     }
 
-    /// Waits until what is held is under the budget, then holds `bytes` more.
-    pub async fn take(self: &std::sync::Arc<Self>, bytes: usize) -> Hold {
-        use std::sync::atomic::Ordering::SeqCst;
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let under = |held: usize| (held < self.most).then(|| held.saturating_add(bytes));
-            if self.held.fetch_update(SeqCst, SeqCst, under).is_ok() {
-                return Hold {
-                    budget: std::sync::Arc::clone(self),
-                    bytes,
-                };
-            }
-            freed.await;
+    /// Waits for `bytes` of the budget (all of it, for a message larger than the budget).
+    pub async fn take(&self, bytes: usize) -> Hold {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.most);
+        // The semaphore is never closed.
+        Hold {
+            _bytes: std::sync::Arc::clone(&self.bytes)
+                .acquire_many_owned(bytes)
+                .await
+                .ok(),
         }
     }
 
-    /// A turn in `queue` (below [`MAKING_QUEUES`]) to make an answer whose size is not known
-    /// yet, once what is held is under the budget; count it with [`MakingTurn::made`] before the
-    /// turn ends.
-    pub async fn making(self: &std::sync::Arc<Self>, queue: usize) -> MakingTurn {
-        let queue = &self.making[queue.min(MAKING_QUEUES - 1)];
-        let turn = std::sync::Arc::clone(queue).lock_owned().await;
-        drop(self.take(0).await);
-        MakingTurn {
-            budget: std::sync::Arc::clone(self),
-            _turn: turn,
-        }
+    /// A turn in `queue` (one of [`MAKING_QUEUES`]) to make an answer and wait for its bytes.
+    pub async fn making(&self, queue: usize) -> tokio::sync::OwnedMutexGuard<()> {
+        std::sync::Arc::clone(&self.making[queue])
+            .lock_owned()
+            .await
     }
 
     /// The bytes held now.
     #[cfg(test)]
     pub fn held(&self) -> usize {
-        self.held.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn give_back(&self, bytes: usize) {
-        if bytes > 0 {
-            self.held
-                .fetch_sub(bytes, std::sync::atomic::Ordering::SeqCst);
-            self.freed.notify_waiters();
-        }
+        self.most as usize - self.bytes.available_permits()
     }
 }
 
-/// A turn of [`AnswerBytes::making`].
-pub struct MakingTurn {
-    budget: std::sync::Arc<AnswerBytes>,
-    _turn: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl MakingTurn {
-    /// Holds the `bytes` the answer made in this turn came to, and ends the turn.
-    pub fn made(self, bytes: usize) -> Hold {
-        self.budget
-            .held
-            .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst);
-        Hold {
-            budget: std::sync::Arc::clone(&self.budget),
-            bytes,
-        }
-    }
-}
-
-/// Bytes counted in an [`AnswerBytes`], given back when dropped.
+/// Bytes of an [`AnswerBytes`], given back when dropped.
 #[derive(Debug)]
 pub struct Hold {
-    budget: std::sync::Arc<AnswerBytes>,
-    bytes: usize,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
-    }
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The bytes an API connection's socket has taken, all told: the socket counts them
@@ -179,38 +131,6 @@ pub struct SentBytes {
     /// Tasks waiting in `progress`: the socket wakes them only when there are any.
     waiting: std::sync::atomic::AtomicUsize,
     progress: tokio::sync::Notify,
-    /// Holds given back once the count reaches their marks ([`SentBytes::release_at`]); the
-    /// rest go with the connection.
-    releases: std::sync::Mutex<std::collections::BinaryHeap<Release>>,
-    /// How many `releases` holds: the socket looks at them only when there are any.
-    pending: std::sync::atomic::AtomicUsize,
-}
-
-/// A hold due back once the socket has taken `mark` bytes; the heap's greatest is the earliest.
-#[derive(Debug)]
-struct Release {
-    mark: u64,
-    _hold: Hold,
-}
-
-impl PartialEq for Release {
-    fn eq(&self, other: &Self) -> bool {
-        self.mark == other.mark
-    }
-}
-
-impl Eq for Release {}
-
-impl PartialOrd for Release {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Release {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.mark.cmp(&self.mark)
-    }
 }
 
 impl SentBytes {
@@ -228,45 +148,6 @@ impl SentBytes {
         if self.waiting.load(SeqCst) > 0 {
             self.progress.notify_waiters();
         }
-        if self.pending.load(SeqCst) > 0 {
-            self.release_reached();
-        }
-    }
-
-    /// Gives `hold` back once the socket has taken `mark` bytes, all told (at once if it has),
-    /// or when the connection ends.
-    pub fn release_at(&self, mark: u64, hold: Hold) {
-        if self.count() >= mark {
-            return;
-        }
-        {
-            let mut releases = self.releases();
-            releases.push(Release { mark, _hold: hold });
-            self.pending
-                .store(releases.len(), std::sync::atomic::Ordering::SeqCst);
-        }
-        // SeqCst with `add`: a count that reached the mark meanwhile either saw this one pending
-        // or is seen here.
-        self.release_reached();
-    }
-
-    fn release_reached(&self) {
-        let count = self.count();
-        let mut due = Vec::new();
-        {
-            let mut releases = self.releases();
-            while releases.peek().is_some_and(|release| release.mark <= count) {
-                due.extend(releases.pop());
-            }
-            self.pending
-                .store(releases.len(), std::sync::atomic::Ordering::SeqCst);
-        }
-        // Given back outside the lock: each wakes who waits for the budget.
-        drop(due);
-    }
-
-    fn releases(&self) -> std::sync::MutexGuard<'_, std::collections::BinaryHeap<Release>> {
-        self.releases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits until the socket has taken `mark` bytes, all told.
@@ -334,73 +215,54 @@ mod tests {
     const PATIENCE: Duration = Duration::from_millis(200);
 
     #[tokio::test]
-    async fn a_message_is_made_only_while_the_budget_has_room_and_may_go_past_it_by_one() {
+    async fn bytes_are_held_within_the_budget_in_the_order_asked_for() {
         let budget = Arc::new(AnswerBytes::new(100));
         let first = budget.take(60).await;
-        let second = budget.take(60).await;
-        assert_eq!(budget.held(), 120, "the second went past by one message");
-        let third = tokio::spawn({
+        let waiting = |bytes| {
             let budget = Arc::clone(&budget);
-            async move { budget.take(10).await }
-        });
+            tokio::spawn(async move { budget.take(bytes).await })
+        };
+        let second = waiting(60);
         tokio::time::sleep(PATIENCE).await;
-        assert!(!third.is_finished(), "made over the budget");
+        let third = waiting(10);
+        tokio::time::sleep(PATIENCE).await;
+        assert!(!second.is_finished(), "held past the budget");
+        assert!(!third.is_finished(), "went ahead of one asked for before");
         drop(first);
+        let second = tokio::time::timeout(PATIENCE, second)
+            .await
+            .unwrap()
+            .unwrap();
         let third = tokio::time::timeout(PATIENCE, third)
             .await
-            .expect("not made once there was room")
+            .unwrap()
             .unwrap();
         assert_eq!(budget.held(), 70);
         drop((second, third));
+        // A message larger than the budget holds all of it.
+        let whole = budget.take(1000).await;
+        assert_eq!(budget.held(), 100);
+        drop(whole);
         assert_eq!(budget.held(), 0);
     }
 
     #[tokio::test]
-    async fn answers_of_unknown_size_take_turns_and_count_what_they_made() {
+    async fn answers_take_turns_in_their_own_queue_only() {
         let budget = Arc::new(AnswerBytes::new(100));
         let turn = budget.making(0).await;
         let next = tokio::spawn({
             let budget = Arc::clone(&budget);
-            async move { budget.making(0).await.made(5) }
+            async move { drop(budget.making(0).await) }
         });
         tokio::time::sleep(PATIENCE).await;
-        assert!(!next.is_finished(), "two answers made at once");
-        // Another queue's turn is not held up by this one's.
-        let other = tokio::time::timeout(PATIENCE, budget.making(1))
+        assert!(!next.is_finished(), "two turns of one queue at once");
+        tokio::time::timeout(PATIENCE, budget.making(1))
             .await
-            .expect("held up by another queue's turn")
-            .made(0);
-        let big = turn.made(150);
-        tokio::time::sleep(PATIENCE).await;
-        assert!(!next.is_finished(), "made over the budget");
-        drop(other);
-        drop(big);
-        let next = tokio::time::timeout(PATIENCE, next)
+            .expect("held up by another queue's turn");
+        drop(turn);
+        tokio::time::timeout(PATIENCE, next)
             .await
-            .expect("not made once there was room")
+            .expect("the next turn did not come")
             .unwrap();
-        assert_eq!(budget.held(), 5);
-        drop(next);
-        assert_eq!(budget.held(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_hold_comes_back_when_the_socket_reaches_its_mark_or_with_the_connection() {
-        let budget = Arc::new(AnswerBytes::new(1000));
-        let sent = SentBytes::default();
-        sent.add(10);
-        sent.release_at(20, budget.take(100).await);
-        sent.release_at(40, budget.take(200).await);
-        sent.release_at(10, budget.take(400).await);
-        assert_eq!(
-            budget.held(),
-            300,
-            "one already reached was given back at once"
-        );
-        sent.add(15);
-        assert_eq!(budget.held(), 200, "only the first mark was reached");
-        sent.release_at(1000, budget.take(1).await);
-        drop(sent);
-        assert_eq!(budget.held(), 0, "the rest went with the connection");
     }
 }

@@ -14,11 +14,12 @@
 //!
 //! Room on the socket bounds nothing for a client that gives its streams no flow-control window:
 //! the socket never fills while h2 holds a message on each stream. So what is made ahead of one
-//! uid's reading, Events messages and paced answers alike, is also held to the uid's budget
-//! ([`AnswerBytes`], [`answer_bytes_per_uid`]): a message is made only while the budget has room
-//! ([`made_ahead`]); a paced answer, whose size is known only once made, is made in the uid's
-//! turn (one queue per method) and counted before the next is ([`AnswerPacingLayer`]). GetStats
-//! messages, small and of a size no client chooses, are not counted.
+//! uid's reading, Events messages and paced answers alike, also holds its bytes of the uid's
+//! budget ([`AnswerBytes`], [`answer_bytes_per_uid`]) from before it is made until h2 lets go
+//! of the data it went into ([`MadeAhead`]): written to the socket, or dropped with its stream
+//! or connection. A paced answer, whose size is known only once made, waits for its bytes in the
+//! uid's turn for its method ([`answer_turn`]), so one at a time waits with its answer made.
+//! GetStats messages, small and of a size no client chooses, are not counted.
 //!
 //! Owns: when an answer or a stream's next message is made. Does not own: the socket's room, the
 //! places and the byte count (listener, which publishes them with the connection), what is
@@ -30,7 +31,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use http_body_util::{BodyStream, StreamBody};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Body as _;
 use tonic::Request;
 use tonic::body::Body;
@@ -39,10 +40,8 @@ use tonic::body::Body;
 use crate::model::ANSWERS_AHEAD;
 use crate::model::{AnswerBytes, ConnectionInfo, Hold, SentBytes, SocketRoom};
 
-/// The methods whose answers grow with what berthd holds (every container, every checkpoint),
-/// each made in its own queue of a uid's turns.
-const PACED: [&str; crate::model::MAKING_QUEUES] =
-    ["/types.API/State", "/types.API/ListCheckpoint"];
+/// The methods whose answers grow with what berthd holds (every container, every checkpoint).
+const PACED: [&str; 2] = ["/types.API/State", "/types.API/ListCheckpoint"];
 
 /// An answer this small gives its place back once made: waiting for the socket would cost more
 /// than it holds.
@@ -72,35 +71,83 @@ pub async fn socket_has_room(room: &mut Option<SocketRoom>) {
     }
 }
 
-/// A stream's share of its uid's budget for messages made ahead of its reading.
-pub struct MessageBudget {
-    sent: Arc<SentBytes>,
-    answer_bytes: Arc<AnswerBytes>,
-}
-
-/// The budget of streams on `request`'s connection; none for a request that did not come
-/// through the listener (in-process tests).
-pub fn message_budget<T>(request: &Request<T>) -> Option<MessageBudget> {
+/// The budget for messages made ahead of the reading of `request`'s uid; none for a request
+/// that did not come through the listener (in-process tests).
+pub fn answer_budget<T>(request: &Request<T>) -> Option<Arc<AnswerBytes>> {
     request
         .extensions()
         .get::<ConnectionInfo>()
-        .map(|connection| MessageBudget {
-            sent: Arc::clone(&connection.sent),
-            answer_bytes: Arc::clone(&connection.answer_bytes),
-        })
+        .map(|connection| Arc::clone(&connection.answer_bytes))
 }
 
-/// Waits until the uid's budget has room, then counts a message that holds `bytes` and comes to
-/// `sent_at_least` on the wire until the socket has taken that many bytes more, or the
-/// connection ends. Room on the socket alone is no bound: a client that gives its streams no
-/// window has h2 hold one message a stream, and the socket never fills. The mark must be no
-/// later than the message's own end: one never reached would keep its bytes from an idle
-/// connection until more was sent, and a uid's streams could all wait on one another.
-pub async fn made_ahead(budget: &Option<MessageBudget>, bytes: usize, sent_at_least: usize) {
-    if let Some(budget) = budget {
-        let hold = budget.answer_bytes.take(bytes).await;
-        let mark = budget.sent.count().saturating_add(sent_at_least as u64);
-        budget.sent.release_at(mark, hold);
+/// The methods whose answers are made in a uid's turns, each in its own queue.
+#[derive(Clone, Copy, Debug)]
+pub enum AnswerQueue {
+    State = 0,
+    ListCheckpoint = 1,
+}
+
+const _: () = assert!(crate::model::MAKING_QUEUES == 2);
+
+/// The uid's turn to make an answer of `queue` and wait for its bytes: taken once the request is
+/// in (never across a wait the client controls), let go of once the answer holds its bytes.
+pub async fn answer_turn(
+    budget: &Option<Arc<AnswerBytes>>,
+    queue: AnswerQueue,
+) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    match budget {
+        Some(budget) => Some(budget.making(queue as usize).await),
+        None => None,
+    }
+}
+
+/// The holds of messages made for one response, each given to the data the message went into
+/// ([`AnswerPacingLayer`] takes it from the response's extensions): h2 drops that data once it
+/// has written it, or with its stream or connection, and the bytes go back to the budget then.
+#[derive(Clone, Debug, Default)]
+pub struct MadeAhead(Arc<std::sync::Mutex<Vec<Hold>>>);
+
+impl MadeAhead {
+    /// Waits for `bytes` of `budget` for a message about to be made for this response.
+    pub async fn hold(&self, budget: &Option<Arc<AnswerBytes>>, bytes: usize) {
+        if let Some(budget) = budget {
+            let hold = budget.take(bytes).await;
+            self.holds().push(hold);
+        }
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, Vec<Hold>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `body`, each of its data carrying the holds of the messages made before it: all of them
+    /// went into it or into data before it.
+    fn given_to(self, body: Body) -> Body {
+        Body::new(body.map_frame(move |frame| {
+            frame.map_data(|data| {
+                let holds = std::mem::take(&mut *self.holds());
+                if holds.is_empty() {
+                    data
+                } else {
+                    Bytes::from_owner(HeldData {
+                        data,
+                        _holds: holds,
+                    })
+                }
+            })
+        }))
+    }
+}
+
+/// Data h2 has yet to write, and the holds of the messages in it.
+struct HeldData {
+    data: Bytes,
+    _holds: Vec<Hold>,
+}
+
+impl AsRef<[u8]> for HeldData {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
     }
 }
 
@@ -137,9 +184,10 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let connection = request.extensions().get::<ConnectionInfo>().cloned();
-        let queue = PACED.iter().position(|path| *path == request.uri().path());
-        let Some((connection, queue)) = connection.zip(queue) else {
-            return Box::pin(self.inner.call(request));
+        let paced = PACED.contains(&request.uri().path());
+        let Some(connection) = connection.filter(|_| paced) else {
+            let answer = self.inner.call(request);
+            return Box::pin(async move { Ok(with_holds(answer.await?)) });
         };
         // The service made ready is the one called, later: a clone takes its place.
         let ready = self.inner.clone();
@@ -147,55 +195,52 @@ where
         Box::pin(async move {
             let places = Arc::clone(&connection.answers);
             let Ok(place) = places.acquire_owned().await else {
-                return inner.call(request).await;
+                return Ok(with_holds(inner.call(request).await?));
             };
-            let turn = connection.answer_bytes.making(queue).await;
-            let (parts, body) = inner.call(request).await?.into_parts();
+            let (parts, body) = with_holds(inner.call(request).await?).into_parts();
             // An answer with no body (an error, whose status is in its headers) has nothing to
             // pace, and wrapped it would no longer say it has ended: hyper would send its headers
             // without END_STREAM and then an empty DATA frame, which grpc-go takes for a stream
             // ended without trailers (INTERNAL instead of the error's code).
-            if body.is_end_stream() {
-                return Ok(http::Response::from_parts(parts, body));
-            }
-            // Made here, in the turn, rather than when h2 first has window for it: its size
-            // counts before the uid's next answer is made.
-            let mut frames = BodyStream::new(body);
-            let first = frames.next().await;
-            let made = match &first {
-                Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
-                _ => 0,
+            let body = if body.is_end_stream() {
+                body
+            } else {
+                held_until_sent(body, place, connection.sent)
             };
-            let hold = turn.made(made);
-            let body = Body::new(StreamBody::new(
-                futures_util::stream::iter(first).chain(frames),
-            ));
-            let body = held_until_sent(body, place, hold, connection.sent);
             Ok(http::Response::from_parts(parts, body))
         })
     }
 }
 
-/// `body`, holding `place` and `hold` until the socket has taken as many bytes as it had taken
-/// when the answer's last data was made, plus that data: the answer's end (its trailers) waits
-/// for that. A body dropped first (the stream reset, the connection gone) gives both back with
-/// it.
+/// `answer` with the holds its service left in its extensions ([`MadeAhead`]) given to its data.
+/// An answer with no body keeps it (see above) and lets its holds go.
+fn with_holds(answer: http::Response<Body>) -> http::Response<Body> {
+    let (mut parts, body) = answer.into_parts();
+    let body = match parts.extensions.remove::<MadeAhead>() {
+        Some(made) if !body.is_end_stream() => made.given_to(body),
+        _ => body,
+    };
+    http::Response::from_parts(parts, body)
+}
+
+/// `body`, holding `place` until the socket has taken as many bytes as it had taken when the
+/// answer's last data was made, plus that data: the answer's end (its trailers) waits for that.
+/// A body dropped first (the stream reset, the connection gone) gives the place back with it.
 fn held_until_sent(
     body: Body,
     place: tokio::sync::OwnedSemaphorePermit,
-    hold: Hold,
     sent: Arc<SentBytes>,
 ) -> Body {
     struct Answer {
         frames: BodyStream<Body>,
-        place: Option<(tokio::sync::OwnedSemaphorePermit, Hold)>,
+        place: Option<tokio::sync::OwnedSemaphorePermit>,
         sent: Arc<SentBytes>,
         made: u64,
         mark: u64,
     }
     let answer = Answer {
         frames: BodyStream::new(body),
-        place: Some((place, hold)),
+        place: Some(place),
         sent,
         made: 0,
         mark: 0,
@@ -230,12 +275,6 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_millis(200);
 
-    /// A hold of `bytes` in a budget of its own, and the budget.
-    async fn hold(bytes: usize) -> (Hold, Arc<AnswerBytes>) {
-        let budget = Arc::new(AnswerBytes::new(1 << 20));
-        (budget.take(bytes).await, budget)
-    }
-
     /// An answer of `len` bytes of data and then trailers, as tonic makes a unary one.
     fn answer(len: usize) -> Body {
         let frames = [
@@ -252,8 +291,7 @@ mod tests {
         sent.add(1000);
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
-        let (hold, budget) = hold(64 * 1024).await;
-        let mut body = held_until_sent(answer(64 * 1024), place, hold, Arc::clone(&sent));
+        let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
         let data = body.frame().await.unwrap().unwrap();
         assert_eq!(data.data_ref().map(Bytes::len), Some(64 * 1024));
         let end = tokio::spawn(async move { body.frame().await.map(|f| f.unwrap().is_trailers()) });
@@ -264,14 +302,12 @@ mod tests {
             "the answer ended before the socket took it"
         );
         assert_eq!(places.available_permits(), 0);
-        assert_eq!(budget.held(), 64 * 1024);
         sent.add(1);
         let end = tokio::time::timeout(PATIENCE, end)
             .await
             .expect("not ended once taken");
         assert_eq!(end.unwrap(), Some(true));
         assert_eq!(places.available_permits(), 1);
-        assert_eq!(budget.held(), 0);
     }
 
     #[tokio::test]
@@ -279,8 +315,7 @@ mod tests {
         let sent = Arc::new(SentBytes::default());
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
-        let (hold, _budget) = hold(100).await;
-        let body = held_until_sent(answer(100), place, hold, sent);
+        let body = held_until_sent(answer(100), place, sent);
         let collected = tokio::time::timeout(PATIENCE, body.collect()).await;
         assert!(
             collected
@@ -295,14 +330,12 @@ mod tests {
         let sent = Arc::new(SentBytes::default());
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&places).try_acquire_owned().unwrap();
-        let (hold, budget) = hold(64 * 1024).await;
-        let mut body = held_until_sent(answer(64 * 1024), place, hold, Arc::clone(&sent));
+        let mut body = held_until_sent(answer(64 * 1024), place, Arc::clone(&sent));
         body.frame().await.unwrap().unwrap();
         assert!(tokio::time::timeout(PATIENCE, body.frame()).await.is_err());
         assert_eq!(places.available_permits(), 0);
         drop(body);
         assert_eq!(places.available_permits(), 1);
-        assert_eq!(budget.held(), 0);
         assert_eq!(sent.waiters(), 0);
     }
 }

@@ -8,7 +8,9 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::pacing::{made_ahead, message_budget, socket_has_room, socket_room};
+use super::pacing::{
+    AnswerQueue, MadeAhead, answer_budget, answer_turn, socket_has_room, socket_room,
+};
 use super::peer::{audit, logged, peer};
 use super::stream_places::StreamPlaces;
 use crate::error::Error;
@@ -419,6 +421,7 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::ListCheckpointRequest>,
     ) -> Result<Response<proto::ListCheckpointResponse>, Status> {
         let peer = peer(&request)?;
+        let budget = answer_budget(&request);
         let r = request.into_inner();
         let span = tracing::info_span!("list_checkpoint", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         let caller = self.supervisor.caller(peer);
@@ -427,9 +430,18 @@ impl proto::api_server::Api for ApiService {
             .list_checkpoints(&r.id, &caller)
             .instrument(span)
             .await?;
-        Ok(Response::new(proto::ListCheckpointResponse {
+        // The turn after the listing, which may wait for a dump into the bundle.
+        let turn = answer_turn(&budget, AnswerQueue::ListCheckpoint).await;
+        let response = proto::ListCheckpointResponse {
             checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
-        }))
+        };
+        let made = MadeAhead::default();
+        made.hold(&budget, prost::Message::encoded_len(&response))
+            .await;
+        drop(turn);
+        let mut response = Response::new(response);
+        response.extensions_mut().insert(made);
+        Ok(response)
     }
 
     async fn state(
@@ -437,27 +449,35 @@ impl proto::api_server::Api for ApiService {
         request: Request<proto::StateRequest>,
     ) -> Result<Response<proto::StateResponse>, Status> {
         let peer = peer(&request)?;
+        let budget = answer_budget(&request);
         let id = request.into_inner().id;
-        let _span =
-            tracing::info_span!("state", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid)
-                .entered();
-        let machine = self.supervisor.machine();
-        let containers = if id.is_empty() {
-            self.supervisor
-                .containers_within(self.limits.message_bytes)?
-        } else {
-            vec![self.supervisor.container_info(&id)?]
-        };
-        let response = proto::StateResponse {
-            containers: containers.iter().map(container_to_wire).collect(),
-            machine: Some(proto::Machine {
-                id: machine.id.clone(),
-                cpus: machine.cpus,
-                memory: machine.memory,
-            }),
-        };
+        let span = tracing::info_span!("state", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid);
+        let turn = answer_turn(&budget, AnswerQueue::State).await;
+        let response = span.in_scope(|| -> Result<proto::StateResponse, Status> {
+            let machine = self.supervisor.machine();
+            let containers = if id.is_empty() {
+                self.supervisor
+                    .containers_within(self.limits.message_bytes)?
+            } else {
+                vec![self.supervisor.container_info(&id)?]
+            };
+            Ok(proto::StateResponse {
+                containers: containers.iter().map(container_to_wire).collect(),
+                machine: Some(proto::Machine {
+                    id: machine.id.clone(),
+                    cpus: machine.cpus,
+                    memory: machine.memory,
+                }),
+            })
+        })?;
         within_message_limit(&response, self.limits.message_bytes)?;
-        Ok(Response::new(response))
+        let made = MadeAhead::default();
+        made.hold(&budget, prost::Message::encoded_len(&response))
+            .await;
+        drop(turn);
+        let mut response = Response::new(response);
+        response.extensions_mut().insert(made);
+        Ok(response)
     }
 
     type EventsStream = EventStream;
@@ -476,33 +496,30 @@ impl proto::api_server::Api for ApiService {
         // its streams no window, falls behind on the event ring instead of growing buffers in
         // h2, and is told how much it missed.
         let room = socket_room(&request);
-        let budget = message_budget(&request);
+        let budget = answer_budget(&request);
+        let made = MadeAhead::default();
         let stopping = self.stopping.clone();
         let stream = futures_util::stream::unfold(
-            Some((subscription, room, budget, stopping, place)),
+            Some((subscription, room, budget, made.clone(), stopping, place)),
             |state| async move {
-                let (mut subscription, mut room, budget, mut stopping, place) = state?;
-                let made = async {
-                    let next = subscription.next().await?;
-                    Some(match next {
-                        Ok(event) => {
-                            let bytes = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-                            let (held, sent) = (event.bytes(), event.wire_bytes_at_least());
-                            made_ahead(&budget, bytes(held), bytes(sent)).await;
-                            Ok(event_to_wire(&event))
-                        }
-                        Err(lagged) => Err(lagged),
-                    })
-                };
-                let next = match next_unless_stopping(&mut room, &mut stopping, made).await? {
+                let (mut subscription, mut room, budget, made, mut stopping, place) = state?;
+                let next = match next_unless_stopping(&mut room, &mut stopping, subscription.next())
+                    .await?
+                {
                     Ok(next) => next,
                     Err(going_away) => return Some((Err(going_away), None)),
                 };
                 match next {
-                    Ok(wire) => Some((
-                        Ok(wire),
-                        Some((subscription, room, budget, stopping, place)),
-                    )),
+                    Ok(event) => {
+                        // An event taken goes out before the stream ends, even past the budget.
+                        let bytes = usize::try_from(event.bytes()).unwrap_or(usize::MAX);
+                        tokio::select! {
+                            () = made.hold(&budget, bytes) => {}
+                            _ = stopping.wait_for(|stop| *stop) => {}
+                        }
+                        let state = (subscription, room, budget, made, stopping, place);
+                        Some((Ok(event_to_wire(&event)), Some(state)))
+                    }
                     Err(Lagged::Missed(missed)) => Some((
                         Err(Status::resource_exhausted(format!(
                             "events subscriber fell behind: {missed} events were dropped before it read them, and the stream ends here, so none after them is sent either; subscribe again and re-read State"
@@ -519,9 +536,11 @@ impl proto::api_server::Api for ApiService {
                 }
             },
         );
-        Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
-            stream,
-        ))))
+        let mut response = Response::new(
+            Box::pin(crate::heap::release_when_dropped(stream)) as Self::EventsStream
+        );
+        response.extensions_mut().insert(made);
+        Ok(response)
     }
 
     type GetStatsStream = StatsStream;
@@ -575,58 +594,5 @@ impl proto::api_server::Api for ApiService {
         Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
             stream,
         ))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::events::EventKind;
-
-    /// Events' budget marks (`pacing::made_ahead`) must come no later than the message's end.
-    #[test]
-    fn an_events_least_wire_bytes_are_no_more_than_it_encodes_to() {
-        let process = ProcessSpec {
-            args: vec!["sh".into(), "-c".into(), "x".repeat(300)],
-            env: vec!["A=1".into(); 40],
-            cwd: "/".into(),
-            uid: 1000,
-            gid: 1000,
-            additional_gids: vec![1, 70_000, 4_000_000_000],
-            terminal: false,
-        };
-        let checkpoint = Checkpoint {
-            name: "before".into(),
-            ..Default::default()
-        };
-        let kinds = [
-            EventKind::StartContainer {
-                bundle: "/b".into(),
-            },
-            EventKind::StartProcess { process },
-            EventKind::Exit { status: 137 },
-            EventKind::Pause,
-            EventKind::Resume,
-            EventKind::Live {
-                bundle: "/b".into(),
-            },
-            EventKind::Oom,
-            EventKind::Checkpoint { checkpoint },
-        ];
-        for kind in kinds {
-            let event = Event {
-                id: "c".repeat(60),
-                pid: 4_000_000,
-                kind,
-                published_bytes: 0,
-            };
-            let encoded = prost::Message::encoded_len(&event_to_wire(&event)) as u64;
-            assert!(
-                event.wire_bytes_at_least() <= encoded,
-                "{}: {} > {encoded}",
-                event.kind.name(),
-                event.wire_bytes_at_least()
-            );
-        }
     }
 }

@@ -49,10 +49,12 @@ pub fn signal(signal: u32) -> Result<i32> {
 const PATH_MAX: usize = 4096;
 /// The most supplementary groups a process can have: `setgroups` refuses more.
 const NGROUPS_MAX: usize = 65536;
-/// The longest single argument or environment string `execve` takes, with its NUL (32 pages of
-/// 4 KiB): a longer one fails the exec with E2BIG, after the runtime has reported the process
-/// started.
-const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// The longest single argument or environment string `execve` takes, with its NUL (the kernel's
+/// MAX_ARG_STRLEN, 32 pages: 128 KiB with 4 KiB pages): a longer one fails the exec with E2BIG,
+/// after the runtime has reported the process started.
+fn max_arg_strlen() -> usize {
+    32 * rustix::param::page_size()
+}
 
 /// What one process runs with, as an AddProcess request or a bundle's config.json gives it
 /// (`field` names where, e.g. `"config.json: process."`). The kernel takes args, env and cwd as
@@ -74,9 +76,10 @@ pub fn process(
             crate::error::quote(value)
         ))
     };
+    let max_arg_strlen = max_arg_strlen();
     let too_long = |name: String, value: &str| {
         Error::InvalidArgument(format!(
-            "{field}{name} is {} bytes, longer than the kernel takes one argument or environment string to be (MAX_ARG_STRLEN, {MAX_ARG_STRLEN} with its NUL); pass it in a file",
+            "{field}{name} is {} bytes, longer than the kernel takes one argument or environment string to be (MAX_ARG_STRLEN, {max_arg_strlen} with its NUL); pass it in a file",
             value.len()
         ))
     };
@@ -84,7 +87,7 @@ pub fn process(
         if arg.contains('\0') {
             return Err(nul(format!("args[{i}]"), arg));
         }
-        if arg.len() >= MAX_ARG_STRLEN {
+        if arg.len() >= max_arg_strlen {
             return Err(too_long(format!("args[{i}]"), arg));
         }
     }
@@ -92,7 +95,7 @@ pub fn process(
         if entry.contains('\0') {
             return Err(nul(format!("env[{i}]"), entry));
         }
-        if entry.len() >= MAX_ARG_STRLEN {
+        if entry.len() >= max_arg_strlen {
             return Err(too_long(format!("env[{i}]"), entry));
         }
         if matches!(entry.find('='), None | Some(0)) {
@@ -482,13 +485,16 @@ mod tests {
             "cwd is 4096 bytes, longer than a path may be (PATH_MAX, 4096 with its NUL)"
         );
         // The kernel's per-string limit, for args and env alike: one byte under it runs.
-        let longest = "v".repeat(MAX_ARG_STRLEN - 1);
+        let longest = "v".repeat(max_arg_strlen() - 1);
         let longest_entry = format!("A={}", &longest[2..]);
         assert!(check(&["sh", &longest], &[&longest_entry], "", &[]).is_ok());
         let message = invalid(check(&["sh", "x", &format!("{longest}v")], &[], "", &[]));
+        let limit = max_arg_strlen();
         assert_eq!(
             message,
-            "args[2] is 131072 bytes, longer than the kernel takes one argument or environment string to be (MAX_ARG_STRLEN, 131072 with its NUL); pass it in a file"
+            format!(
+                "args[2] is {limit} bytes, longer than the kernel takes one argument or environment string to be (MAX_ARG_STRLEN, {limit} with its NUL); pass it in a file"
+            )
         );
         let message = invalid(check(
             &["sh"],
@@ -496,7 +502,10 @@ mod tests {
             "",
             &[],
         ));
-        assert!(message.starts_with("env[1] is 131072 bytes"), "{message}");
+        assert!(
+            message.starts_with(&format!("env[1] is {limit} bytes")),
+            "{message}"
+        );
         let groups = vec![7; NGROUPS_MAX];
         assert!(check(&["sh"], &[], "", &groups).is_ok());
         let message = invalid(check(&["sh"], &[], "", &vec![7; NGROUPS_MAX + 1]));
