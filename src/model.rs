@@ -2,10 +2,10 @@
 //! at the other end of an API connection.
 //!
 //! Owns: the plain data that the supervisor builds and the event bus, the store and the API
-//! carry, and the byte counts an API connection's socket shares with the api ([`SentBytes`],
-//! [`AnswerBytes`]), whose counting and waiting sides stay together here. Does not own: how the
-//! records are made (supervisor), stored (store) or put on the wire (api); nothing else here
-//! does any work.
+//! carry, the byte count an API connection's socket shares with the api ([`SentBytes`]) and the
+//! budget a uid's answers hold until h2 lets go of their data ([`AnswerBytes`]), whose counting
+//! and waiting sides stay together here. Does not own: how the records are made (supervisor),
+//! stored (store) or put on the wire (api); nothing else here does any work.
 
 use serde::{Deserialize, Serialize};
 
@@ -60,8 +60,8 @@ pub struct ConnectionInfo {
     /// Bytes of requests still arriving that this connection's uid may hold in berthd, shared by
     /// all of the uid's connections (each of root's has its own): `api::request_budget`.
     pub request_bytes: std::sync::Arc<tokio::sync::Semaphore>,
-    /// Bytes of answers and stream messages made for this connection's uid and not yet taken by
-    /// its sockets, shared as `request_bytes` is: `api::pacing`.
+    /// Bytes of answers and stream messages made for this connection's uid whose data h2 still
+    /// holds, shared as `request_bytes` is: `api::pacing`.
     pub answer_bytes: std::sync::Arc<AnswerBytes>,
 }
 
@@ -74,19 +74,27 @@ pub struct AnswerBytes {
     bytes: std::sync::Arc<tokio::sync::Semaphore>,
     most: u32,
     /// Answers whose size is known only once made take turns, in one queue for each method that
-    /// makes them: each waits for its bytes with the answer made, so one at a time holds one.
-    making: [std::sync::Arc<tokio::sync::Mutex<()>>; MAKING_QUEUES],
+    /// makes them ([`AnswerQueue`]): each waits for its bytes with the answer made, so one at a
+    /// time holds one.
+    making: [std::sync::Arc<tokio::sync::Mutex<()>>; 2],
 }
 
-/// The queues of [`AnswerBytes::making`]: one for each method whose answers are made in turns.
-pub const MAKING_QUEUES: usize = 2;
+/// The methods whose answers are made in a uid's turns, each in its own queue.
+#[derive(Clone, Copy, Debug)]
+pub enum AnswerQueue {
+    State = 0,
+    ListCheckpoint = 1,
+}
 
 impl AnswerBytes {
     pub fn new(most: usize) -> AnswerBytes {
-        let most = most.min(tokio::sync::Semaphore::MAX_PERMITS);
+        // A hold takes at most u32::MAX permits at once: the budget is no larger.
+        let most = most
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
         AnswerBytes {
             bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(most)),
-            most: u32::try_from(most).unwrap_or(u32::MAX),
+            most: most as u32,
             making: Default::default(),
         }
     }
@@ -103,9 +111,9 @@ impl AnswerBytes {
         }
     }
 
-    /// A turn in `queue` (one of [`MAKING_QUEUES`]) to make an answer and wait for its bytes.
-    pub async fn making(&self, queue: usize) -> tokio::sync::OwnedMutexGuard<()> {
-        std::sync::Arc::clone(&self.making[queue])
+    /// A turn in `queue` to make an answer and wait for its bytes.
+    pub async fn making(&self, queue: AnswerQueue) -> tokio::sync::OwnedMutexGuard<()> {
+        std::sync::Arc::clone(&self.making[queue as usize])
             .lock_owned()
             .await
     }
@@ -249,14 +257,14 @@ mod tests {
     #[tokio::test]
     async fn answers_take_turns_in_their_own_queue_only() {
         let budget = Arc::new(AnswerBytes::new(100));
-        let turn = budget.making(0).await;
+        let turn = budget.making(AnswerQueue::State).await;
         let next = tokio::spawn({
             let budget = Arc::clone(&budget);
-            async move { drop(budget.making(0).await) }
+            async move { drop(budget.making(AnswerQueue::State).await) }
         });
         tokio::time::sleep(PATIENCE).await;
         assert!(!next.is_finished(), "two turns of one queue at once");
-        tokio::time::timeout(PATIENCE, budget.making(1))
+        tokio::time::timeout(PATIENCE, budget.making(AnswerQueue::ListCheckpoint))
             .await
             .expect("held up by another queue's turn");
         drop(turn);

@@ -38,7 +38,7 @@ use tonic::body::Body;
 
 #[cfg(doc)]
 use crate::model::ANSWERS_AHEAD;
-use crate::model::{AnswerBytes, ConnectionInfo, Hold, SentBytes, SocketRoom};
+use crate::model::{AnswerBytes, AnswerQueue, ConnectionInfo, Hold, SentBytes, SocketRoom};
 
 /// The methods whose answers grow with what berthd holds (every container, every checkpoint).
 const PACED: [&str; 2] = ["/types.API/State", "/types.API/ListCheckpoint"];
@@ -80,23 +80,15 @@ pub fn answer_budget<T>(request: &Request<T>) -> Option<Arc<AnswerBytes>> {
         .map(|connection| Arc::clone(&connection.answer_bytes))
 }
 
-/// The methods whose answers are made in a uid's turns, each in its own queue.
-#[derive(Clone, Copy, Debug)]
-pub enum AnswerQueue {
-    State = 0,
-    ListCheckpoint = 1,
-}
-
-const _: () = assert!(crate::model::MAKING_QUEUES == 2);
-
 /// The uid's turn to make an answer of `queue` and wait for its bytes: taken once the request is
-/// in (never across a wait the client controls), let go of once the answer holds its bytes.
+/// in (never across the request's arrival, which the client controls), let go of once the
+/// answer holds its bytes.
 pub async fn answer_turn(
     budget: &Option<Arc<AnswerBytes>>,
     queue: AnswerQueue,
 ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
     match budget {
-        Some(budget) => Some(budget.making(queue as usize).await),
+        Some(budget) => Some(budget.making(queue).await),
         None => None,
     }
 }
@@ -268,8 +260,6 @@ fn held_until_sent(
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
-
-    use http_body_util::BodyExt;
 
     use super::*;
 

@@ -8,14 +8,12 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::pacing::{
-    AnswerQueue, MadeAhead, answer_budget, answer_turn, socket_has_room, socket_room,
-};
+use super::pacing::{MadeAhead, answer_budget, answer_turn, socket_has_room, socket_room};
 use super::peer::{audit, logged, peer};
 use super::stream_places::StreamPlaces;
 use crate::error::Error;
 use crate::events::{Event, EventKind, Lagged};
-use crate::model::{Checkpoint, ProcessSpec, SocketRoom};
+use crate::model::{AnswerQueue, Checkpoint, ProcessSpec, SocketRoom};
 use crate::proto;
 use crate::stats::snapshot::{self, Snapshot};
 use crate::supervisor::{ContainerInfo, CreateRequest, ExecRequest, StdioPaths, Supervisor, User};
@@ -425,13 +423,14 @@ impl proto::api_server::Api for ApiService {
         let r = request.into_inner();
         let span = tracing::info_span!("list_checkpoint", id = %logged(&r.id), peer_uid = peer.uid, peer_pid = peer.pid);
         let caller = self.supervisor.caller(peer);
+        // Before the listing, so that listings waiting for their bytes are never more than one:
+        // a listing that waits for a dump into its bundle holds up the uid's other listings only.
+        let turn = answer_turn(&budget, AnswerQueue::ListCheckpoint).await;
         let checkpoints = self
             .supervisor
             .list_checkpoints(&r.id, &caller)
             .instrument(span)
             .await?;
-        // The turn after the listing, which may wait for a dump into the bundle.
-        let turn = answer_turn(&budget, AnswerQueue::ListCheckpoint).await;
         let response = proto::ListCheckpointResponse {
             checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
         };
@@ -491,10 +490,10 @@ impl proto::api_server::Api for ApiService {
             .in_scope(|| tracing::debug!("subscribed"));
         let place = self.stream_places.take(peer.uid)?;
         let subscription = self.supervisor.events().subscribe();
-        // Taken only while the connection's socket has room, and made only while the uid's
-        // budget for messages not yet read has room, so a client that stops reading, or gives
-        // its streams no window, falls behind on the event ring instead of growing buffers in
-        // h2, and is told how much it missed.
+        // Taken only while the connection's socket has room, and each made only once it holds
+        // its bytes of the uid's budget for messages not yet read, so a client that stops
+        // reading, or gives its streams no window, falls behind on the event ring instead of
+        // growing buffers in h2, and is told how much it missed.
         let room = socket_room(&request);
         let budget = answer_budget(&request);
         let made = MadeAhead::default();
@@ -503,20 +502,28 @@ impl proto::api_server::Api for ApiService {
             Some((subscription, room, budget, made.clone(), stopping, place)),
             |state| async move {
                 let (mut subscription, mut room, budget, made, mut stopping, place) = state?;
-                let next = match next_unless_stopping(&mut room, &mut stopping, subscription.next())
-                    .await?
-                {
-                    Ok(next) => next,
-                    Err(going_away) => return Some((Err(going_away), None)),
+                let next = loop {
+                    let next = next_unless_stopping(&mut room, &mut stopping, subscription.next());
+                    let event = match next.await? {
+                        Ok(Ok(event)) => event,
+                        Ok(Err(lagged)) => break Err(lagged),
+                        Err(going_away) => return Some((Err(going_away), None)),
+                    };
+                    let bytes = usize::try_from(event.bytes()).unwrap_or(usize::MAX);
+                    let held = tokio::select! {
+                        biased;
+                        () = made.hold(&budget, bytes) => true,
+                        _ = stopping.wait_for(|stop| *stop) => false,
+                    };
+                    // At a stop, only an exit goes out past the budget: berthd collects none
+                    // after it, so a restart would not report it again. The rest the client
+                    // reads again in State once it has subscribed again.
+                    if held || matches!(event.kind, EventKind::Exit { .. }) {
+                        break Ok(event);
+                    }
                 };
                 match next {
                     Ok(event) => {
-                        // An event taken goes out before the stream ends, even past the budget.
-                        let bytes = usize::try_from(event.bytes()).unwrap_or(usize::MAX);
-                        tokio::select! {
-                            () = made.hold(&budget, bytes) => {}
-                            _ = stopping.wait_for(|stop| *stop) => {}
-                        }
                         let state = (subscription, room, budget, made, stopping, place);
                         Some((Ok(event_to_wire(&event)), Some(state)))
                     }
