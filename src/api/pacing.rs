@@ -93,6 +93,21 @@ pub async fn answer_turn(
     }
 }
 
+/// `answer`, made in `turn`, once it holds its bytes of `budget` (the turn ends then), with the
+/// hold in its extensions for [`AnswerPacingLayer`] to give to its data.
+pub async fn held_answer<T: prost::Message>(
+    answer: T,
+    budget: &Option<Arc<AnswerBytes>>,
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+) -> tonic::Response<T> {
+    let made = MadeAhead::default();
+    made.hold(budget, answer.encoded_len()).await;
+    drop(turn);
+    let mut answer = tonic::Response::new(answer);
+    answer.extensions_mut().insert(made);
+    answer
+}
+
 /// The holds of messages made for one response, each given to the data the message went into
 /// ([`AnswerPacingLayer`] takes it from the response's extensions): h2 drops that data once it
 /// has written it, or with its stream or connection, and the bytes go back to the budget then.
@@ -298,6 +313,41 @@ mod tests {
             .expect("not ended once taken");
         assert_eq!(end.unwrap(), Some(true));
         assert_eq!(places.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_messages_bytes_come_back_when_the_data_it_went_into_is_dropped() {
+        let budget = Some(Arc::new(AnswerBytes::new(100)));
+        let made = MadeAhead::default();
+        made.hold(&budget, 60).await;
+        let mut body = made.clone().given_to(answer(10));
+        let held = |budget: &Option<Arc<AnswerBytes>>| budget.as_ref().unwrap().held();
+        assert_eq!(held(&budget), 60, "held before its data is made");
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        drop(body);
+        assert_eq!(
+            held(&budget),
+            60,
+            "given back while its data was still held"
+        );
+        let copy = data.slice(2..4);
+        drop(data);
+        assert_eq!(
+            held(&budget),
+            60,
+            "given back while a piece of its data was still held"
+        );
+        drop(copy);
+        assert_eq!(held(&budget), 0);
+        // A message larger than the budget waits for all of it, and none is lost on the way.
+        made.hold(&budget, 1000).await;
+        assert_eq!(held(&budget), 100);
+        drop(made);
+        assert_eq!(
+            held(&budget),
+            0,
+            "holds given to no data go with the response"
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,9 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::pacing::{MadeAhead, answer_budget, answer_turn, socket_has_room, socket_room};
+use super::pacing::{
+    MadeAhead, answer_budget, answer_turn, held_answer, socket_has_room, socket_room,
+};
 use super::peer::{audit, logged, peer};
 use super::stream_places::StreamPlaces;
 use crate::error::Error;
@@ -434,13 +436,7 @@ impl proto::api_server::Api for ApiService {
         let response = proto::ListCheckpointResponse {
             checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
         };
-        let made = MadeAhead::default();
-        made.hold(&budget, prost::Message::encoded_len(&response))
-            .await;
-        drop(turn);
-        let mut response = Response::new(response);
-        response.extensions_mut().insert(made);
-        Ok(response)
+        Ok(held_answer(response, &budget, turn).await)
     }
 
     async fn state(
@@ -470,13 +466,7 @@ impl proto::api_server::Api for ApiService {
             })
         })?;
         within_message_limit(&response, self.limits.message_bytes)?;
-        let made = MadeAhead::default();
-        made.hold(&budget, prost::Message::encoded_len(&response))
-            .await;
-        drop(turn);
-        let mut response = Response::new(response);
-        response.extensions_mut().insert(made);
-        Ok(response)
+        Ok(held_answer(response, &budget, turn).await)
     }
 
     type EventsStream = EventStream;
