@@ -103,16 +103,18 @@ fn container_to_wire(info: &ContainerInfo) -> proto::Container {
     }
 }
 
-/// Refuses a response that would be larger than `limit` once framed: berthd never builds a
-/// message it cannot send, and says what to ask for instead.
-fn within_message_limit(response: &proto::StateResponse, limit: usize) -> Result<(), Error> {
+/// Refuses a response that would be larger than `limit` once framed, with `refusal` of its size:
+/// berthd never builds a message it cannot send (tonic's own refusal would name a request's
+/// limit), and says what to ask for instead.
+fn within_message_limit(
+    response: &impl prost::Message,
+    limit: usize,
+    refusal: impl FnOnce(usize) -> String,
+) -> Result<(), Error> {
     // The gRPC frame adds a flag byte and a 4-byte length.
-    let size = prost::Message::encoded_len(response) + 5;
+    let size = response.encoded_len() + 5;
     if size > limit {
-        return Err(Error::ResourceExhausted(format!(
-            "State of {} containers would be {size} bytes, more than --max-message-bytes ({limit}); ask for one container with StateRequest.id",
-            response.containers.len()
-        )));
+        return Err(Error::ResourceExhausted(refusal(size)));
     }
     Ok(())
 }
@@ -436,6 +438,14 @@ impl proto::api_server::Api for ApiService {
         let response = proto::ListCheckpointResponse {
             checkpoints: checkpoints.iter().map(checkpoint_to_wire).collect(),
         };
+        let limit = self.limits.message_bytes;
+        within_message_limit(&response, limit, |size| {
+            format!(
+                "the {} checkpoints of {} would be {size} bytes listed, more than --max-message-bytes ({limit}); delete those no longer needed, or raise the limit",
+                response.checkpoints.len(),
+                logged(&r.id)
+            )
+        })?;
         Ok(held_answer(response, &budget, turn).await)
     }
 
@@ -465,7 +475,13 @@ impl proto::api_server::Api for ApiService {
                 }),
             })
         })?;
-        within_message_limit(&response, self.limits.message_bytes)?;
+        let limit = self.limits.message_bytes;
+        within_message_limit(&response, limit, |size| {
+            format!(
+                "State of {} containers would be {size} bytes, more than --max-message-bytes ({limit}); ask for one container with StateRequest.id",
+                response.containers.len()
+            )
+        })?;
         Ok(held_answer(response, &budget, turn).await)
     }
 
@@ -591,5 +607,29 @@ impl proto::api_server::Api for ApiService {
         Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
             stream,
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_over_the_message_limit_is_refused_with_what_to_do() {
+        let listing = proto::ListCheckpointResponse {
+            checkpoints: (0..100)
+                .map(|n| proto::Checkpoint {
+                    name: format!("checkpoint-{n:04}"),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let size = prost::Message::encoded_len(&listing) + 5;
+        assert!(within_message_limit(&listing, size, |_| unreachable!()).is_ok());
+        let refused = within_message_limit(&listing, size - 1, |size| format!("{size} bytes"));
+        match refused {
+            Err(Error::ResourceExhausted(message)) => assert_eq!(message, format!("{size} bytes")),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -218,6 +218,46 @@ fn delete(id: &str, name: &str) -> DeleteCheckpointRequest {
     }
 }
 
+/// A listing larger than an answer may be is refused with what to do, before it is made or
+/// takes any of the answer budget (tonic's own refusal at encoding named a request's limit).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_over_the_message_limit_says_what_to_do() {
+    within(async {
+        let mut d = daemon!(Options::args(&[
+            "--max-message-bytes",
+            "65536",
+            "--max-process-spec-bytes",
+            "32768"
+        ]));
+        let mut events = d.events().await;
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let name = id("cp-many");
+        let pid = d.create(create_req(&name, &bundle)).await;
+        // 600 checkpoint directories of 120-character names: about 75 KB listed.
+        for n in 0..600 {
+            let dir = bundle
+                .path()
+                .join("checkpoints")
+                .join(format!("{n:03}{}", "c".repeat(117)));
+            std::fs::create_dir_all(dir).expect("a checkpoint directory");
+        }
+        let listed = d
+            .client
+            .list_checkpoint(ListCheckpointRequest { id: name.clone() })
+            .await;
+        let message = expect_code(listed, Code::ResourceExhausted);
+        assert!(
+            message.starts_with("the 600 checkpoints of ")
+                && message.contains("--max-message-bytes (65536)"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(bundle.path().join("checkpoints")).expect("remove them");
+        assert!(list(&mut d.client, &name).await.is_empty());
+        d.kill_container(&mut events, &name, pid).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoint_requests_are_validated() {
     within(async {
