@@ -352,24 +352,12 @@ pub async fn stats(
             };
         }
     };
-    let scrape = |address: Option<&str>| {
-        let address = address.map(str::to_owned);
-        async move {
-            match address {
-                None => Err(
-                    "no metrics endpoint configured (pass --metrics-listen with --address)"
-                        .to_owned(),
-                ),
-                Some(address) => metrics::scrape(&address).await.map(|t| metrics::parse(&t)),
-            }
-        }
-    };
     let before = ProcSample::take(berthd_pid);
-    let metrics_before = scrape(metrics_address).await;
+    let metrics_before = metrics::scrape_samples(metrics_address).await;
     let start = Instant::now();
     tokio::time::sleep(window).await;
     let after = ProcSample::take(berthd_pid);
-    let metrics_after = scrape(metrics_address).await;
+    let metrics_after = metrics::scrape_samples(metrics_address).await;
     let secs = start.elapsed().as_secs_f64();
     streams.abort_all();
     let (tick, tick_skipped) = match (metrics_before, metrics_after) {

@@ -69,9 +69,7 @@ pub fn tick_time(before: &[Sample], after: &[Sample]) -> Option<TickTime> {
             .then(|| base.to_owned())
     });
     if let Some(base) = histogram {
-        let (sum, count) = (format!("{base}_sum"), format!("{base}_count"));
-        let d_sum = total(after, &sum)? - total(before, &sum).unwrap_or(0.0);
-        let d_count = total(after, &count)? - total(before, &count).unwrap_or(0.0);
+        let (d_sum, d_count) = histogram_window(before, after, &base, None)?;
         let factor = unit_to_ms(&base)?;
         return (d_count > 0.0).then(|| TickTime {
             mean_ms: d_sum / d_count * factor,
@@ -116,17 +114,40 @@ pub fn histogram_mean_ms(
     base: &str,
     label: &str,
 ) -> Option<f64> {
-    let total = |samples: &[Sample], suffix: &str| -> f64 {
-        let name = format!("{base}{suffix}");
-        samples
-            .iter()
-            .filter(|s| s.name == name && s.labels.split(',').any(|l| l == label))
-            .map(|s| s.value)
-            .sum()
-    };
-    let d_sum = total(after, "_sum") - total(before, "_sum");
-    let d_count = total(after, "_count") - total(before, "_count");
+    let (d_sum, d_count) = histogram_window(before, after, base, Some(label))?;
     (d_count > 0.0).then(|| d_sum / d_count * unit_to_ms(base).unwrap_or(1.0))
+}
+
+/// How much histogram `base`'s sum and count grew between two scrapes, over its series whose
+/// labels include `label` (all of them for None); None where `after` has no such sum or count.
+fn histogram_window(
+    before: &[Sample],
+    after: &[Sample],
+    base: &str,
+    label: Option<&str>,
+) -> Option<(f64, f64)> {
+    let total = |samples: &[Sample], suffix: &str| -> Option<f64> {
+        let name = format!("{base}{suffix}");
+        let matching: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| label.is_none_or(|label| s.labels.split(',').any(|l| l == label)))
+            .map(|s| s.value)
+            .collect();
+        (!matching.is_empty()).then(|| matching.iter().sum())
+    };
+    let growth = |suffix: &str| Some(total(after, suffix)? - total(before, suffix).unwrap_or(0.0));
+    Some((growth("_sum")?, growth("_count")?))
+}
+
+/// berthd's metrics from `address`, parsed, or why there are none.
+pub async fn scrape_samples(address: Option<&str>) -> Result<Vec<Sample>, String> {
+    match address {
+        None => {
+            Err("no metrics endpoint configured (pass --metrics-listen with --address)".to_owned())
+        }
+        Some(address) => scrape(address).await.map(|t| parse(&t)),
+    }
 }
 
 fn unit_to_ms(name: &str) -> Option<f64> {

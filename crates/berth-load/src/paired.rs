@@ -143,8 +143,8 @@ pub async fn measure(
 /// berthd's metrics, or None where there is no endpoint or it cannot be read (the split is then
 /// left out, not guessed).
 async fn scrape(address: Option<&str>) -> Option<Vec<metrics::Sample>> {
-    let text = metrics::scrape(address?).await;
-    text.map(|t| metrics::parse(&t))
+    metrics::scrape_samples(Some(address?))
+        .await
         .map_err(|e| eprintln!("paired: no split of berthd's time: {e}"))
         .ok()
 }
