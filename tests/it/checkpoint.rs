@@ -124,6 +124,15 @@ fn writable(args: &[&str]) -> Bundle {
     bundle
 }
 
+/// A container named after `name` counting in a writable bundle ([`COUNTER`]), its id and
+/// its init's pid.
+async fn counter_container(d: &mut Daemon, name: &str) -> (Bundle, String, u32) {
+    let bundle = writable(&["sh", "-c", COUNTER]);
+    let container = id(name);
+    let pid = d.create(create_req(&container, &bundle)).await;
+    (bundle, container, pid)
+}
+
 /// The counter's value now: the last line it appended.
 fn count(bundle: &Bundle) -> Option<u64> {
     let text = std::fs::read_to_string(bundle.path().join("rootfs/tmp/count")).ok()?;
@@ -496,9 +505,7 @@ async fn checkpoint_leave_running_exit_and_restore_under_the_same_and_a_new_id()
     within(async {
         let Some(criu) = criu_or_skip() else { return };
         let mut d = criu_daemon!(criu);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let container = id("cp-cycle");
-        let pid = d.create(create_req(&container, &bundle)).await;
+        let (bundle, container, pid) = counter_container(&mut d, "cp-cycle").await;
         let mut events = d.events().await;
         counted(&bundle, 2).await;
 
@@ -605,9 +612,7 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
     within(async {
         let Some(criu) = criu_or_skip() else { return };
         let mut d = criu_daemon!(criu);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let container = id("cp-crash");
-        let pid = d.create(create_req(&container, &bundle)).await;
+        let (bundle, container, pid) = counter_container(&mut d, "cp-crash").await;
         let mut events = d.events().await;
         counted(&bundle, 2).await;
         assert_eq!(
@@ -687,9 +692,7 @@ async fn a_checkpoint_being_restored_is_deleted_only_once_the_restore_is_done() 
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "restore", 3);
         let mut d = criu_daemon!(criu, &wrapper);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let taken = id("cp-delete-restoring");
-        let pid = d.create(create_req(&taken, &bundle)).await;
+        let (bundle, taken, pid) = counter_container(&mut d, "cp-delete-restoring").await;
         let mut events = d.events().await;
         counted(&bundle, 2).await;
         d.client
@@ -726,9 +729,7 @@ async fn a_checkpoint_being_dumped_is_listed_only_once_the_dump_is_done() {
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "checkpoint", 3);
         let mut d = criu_daemon!(criu, &wrapper);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let container = id("cp-list-dumping");
-        let pid = d.create(create_req(&container, &bundle)).await;
+        let (_bundle, container, pid) = counter_container(&mut d, "cp-list-dumping").await;
         let mut events = d.events().await;
         let mut client = d.client.clone();
         let mut request = checkpoint(&container, "dumping", false);
@@ -761,9 +762,7 @@ async fn a_dump_finished_when_berthd_died_is_kept_and_restores() {
         );
         let wrapper = write_script(scripts.path(), "slow-after-dump-runc", &body);
         let mut d = criu_daemon!(criu, &wrapper);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let container = id("cp-finished-then-crash");
-        let pid = d.create(create_req(&container, &bundle)).await;
+        let (bundle, container, pid) = counter_container(&mut d, "cp-finished-then-crash").await;
         counted(&bundle, 2).await;
         let mut client = d.client.clone();
         let request = checkpoint(&container, "finished", true);
@@ -809,9 +808,7 @@ async fn a_restore_of_a_checkpoint_being_dumped_waits_for_the_dump() {
         let scripts = tempfile::TempDir::new().expect("temp dir");
         let wrapper = delayed_runtime(scripts.path(), "checkpoint", 3);
         let mut d = criu_daemon!(criu, &wrapper);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let taken = id("cp-restore-dumping");
-        let pid = d.create(create_req(&taken, &bundle)).await;
+        let (bundle, taken, pid) = counter_container(&mut d, "cp-restore-dumping").await;
         let mut events = d.events().await;
         counted(&bundle, 2).await;
         let mut client = d.client.clone();
@@ -1032,9 +1029,7 @@ async fn a_paused_container_is_checkpointed_and_stays_paused() {
     within(async {
         let Some(criu) = criu_or_skip() else { return };
         let mut d = criu_daemon!(criu);
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let container = id("cp-paused");
-        let pid = d.create(create_req(&container, &bundle)).await;
+        let (bundle, container, pid) = counter_container(&mut d, "cp-paused").await;
         counted(&bundle, 1).await;
         d.client
             .update_container(update(&container, "paused"))
@@ -1346,9 +1341,7 @@ async fn a_restore_cut_off_by_the_runtime_bound_leaves_the_rootfs_it_mounted_int
             env: &[("BERTH_CRIU", &path_str(&wrapper))],
             ..Options::default()
         });
-        let bundle = writable(&["sh", "-c", COUNTER]);
-        let container = id("cp-cut");
-        let pid = d.create(create_req(&container, &bundle)).await;
+        let (bundle, container, pid) = counter_container(&mut d, "cp-cut").await;
         let mut events = d.events().await;
         counted(&bundle, 1).await;
         dump_and_end(&mut d, &mut events, &container, pid, "dumped").await;
