@@ -27,6 +27,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::api::content_type::GrpcOnlyLayer;
 use crate::api::daemon::{DaemonService, UpgradeOrder, UpgradeReady};
 use crate::api::grpc_message::{MessageLimits, status_on_the_wire};
+use crate::api::one_message::OneMessageLayer;
 use crate::api::pacing::AnswerPacingLayer;
 use crate::api::peer::Gate;
 use crate::api::request_budget::{self, RequestBudgetLayer};
@@ -373,6 +374,7 @@ impl Serving {
                 .layer(RequestBudgetLayer {
                     size: request_budget_size,
                 })
+                .layer(OneMessageLayer)
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_max_header_list_size(edge::MAX_HEADER_LIST_SIZE)
                 // Streams h2 resets for the client's errors, and streams the client resets

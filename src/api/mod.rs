@@ -3,6 +3,7 @@
 pub mod content_type;
 pub mod daemon;
 pub mod grpc_message;
+pub mod one_message;
 pub mod pacing;
 pub mod peer;
 pub mod request_budget;

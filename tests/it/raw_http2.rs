@@ -343,6 +343,53 @@ async fn a_request_without_a_whole_message_is_invalid_argument() {
     .await
 }
 
+/// No method of this API streams from the client: a request with a second message is refused
+/// before its handler runs (tonic would serve the first and drop the rest), and nothing is made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_a_second_message_is_invalid_argument_and_makes_nothing() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let (first, second) = (id("two-messages-a"), id("two-messages-b"));
+        let bundle = Bundle::new(&["sleep", "600"]);
+        let mut body = Vec::new();
+        for name in [&first, &second] {
+            let message = create_req(name, &bundle).encode_to_vec();
+            body.push(0);
+            body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            body.extend_from_slice(&message);
+        }
+        let block = request("/types.API/CreateContainer", "localhost", false, false);
+        let answer = connection.call_with_body(&block, 1, &body).await;
+        assert_eq!(answer.header("grpc-status"), Some("3"), "{answer:?}");
+        let text = answer.header("grpc-message").expect("grpc-message");
+        assert!(text.contains("second"), "{text}");
+        let state = daemon.state().await;
+        assert!(
+            !state
+                .containers
+                .iter()
+                .any(|c| c.id == first || c.id == second),
+            "a create with two messages ran: {:?}",
+            state.containers
+        );
+        assert!(
+            daemon.runtime_ids().is_empty(),
+            "{:?}",
+            daemon.runtime_ids()
+        );
+        // An empty message after the first is a second message all the same.
+        let block = request("/types.API/State", "localhost", false, false);
+        let answer = connection
+            .call_with_body(&block, 1, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            .await;
+        assert_eq!(answer.header("grpc-status"), Some("3"), "{answer:?}");
+        let answer = connection.call(&block, 1, &[]).await;
+        assert_eq!(answer.header("grpc-status"), Some("0"), "{answer:?}");
+    })
+    .await
+}
+
 /// An error answer, a State's included (whose answers are paced), is Trailers-Only: one header
 /// block carrying the status, with END_STREAM on it. grpc-go reads a stream that ends on an empty
 /// DATA frame instead as one ended without trailers, INTERNAL whatever the status said.
