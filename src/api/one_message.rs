@@ -2,7 +2,8 @@
 //! streams from the client), and tonic reads a request to its end before its handler runs,
 //! decoding a second message or more and dropping them: a request with two was served with the
 //! first. grpc-java and grpc-go refuse such a request, and so does berthd, INVALID_ARGUMENT, as
-//! soon as a second message begins and before any handler sees the first.
+//! soon as a second message begins and before any handler sees the first. (A method added later
+//! that streams from the client would have to be exempted by path here.)
 //!
 //! Owns: counting the messages of a request body by gRPC's framing (a flag byte, a four-byte
 //! big-endian length, that many bytes). Does not own: the size of a message (tonic's limit,
