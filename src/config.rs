@@ -180,15 +180,6 @@ pub struct Config {
     /// within the same interval is disconnected.
     #[arg(long, env = "BERTH_KEEPALIVE", default_value = "60s", value_parser = parse_interval)]
     pub keepalive: Duration,
-
-    /// Threads that run berthd's async work: requests, streams, exits. Blocking work (files,
-    /// the store, the sampler) has threads of its own. One carries far more creates a second
-    /// than a runtime starts on a host of this size (berthd's share of a create is about 1 ms of
-    /// CPU), and a second made creates slower on the 2-CPU host measured (README, Performance).
-    #[arg(long, env = "BERTH_WORKER_THREADS", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub worker_threads: u16,
-
     /// Check that this binary can start with this configuration, and exit: loads the config,
     /// finds the runtime and the group, probes the kernel features berthd needs (pidfds,
     /// openat2) and opens the state dir read-only. An upgrade runs the new binary so first.

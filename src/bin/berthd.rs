@@ -120,7 +120,6 @@ fn main() -> ExitCode {
         // A runtime per run: dropping it ends every task of the run before the next adopts
         // the same containers.
         let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(config.worker_threads))
             .enable_all()
             .build()
         {
