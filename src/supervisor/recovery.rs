@@ -20,6 +20,9 @@ use crate::reaper::UNKNOWN_EXIT;
 use crate::runtime::{Asker, Operation, SpawnStdio};
 use crate::store::{ContainerRecord, ProcessRecord};
 
+/// Bundle configs restart reads at once.
+const RECOVERY_READS: usize = 16;
+
 /// What a recovery found, for the start-up log.
 #[derive(Debug, Default)]
 pub struct Recovery {
@@ -41,9 +44,7 @@ impl Supervisor {
         let listed_whole = listing.is_some();
         let listed = listing.unwrap_or_default();
         let records = self.store.load_all()?;
-        // Every bundle's config at once, each bounded: one that hangs costs one bound in all.
-        let base_processes =
-            futures_util::future::join_all(records.iter().map(|r| self.recorded_process(r))).await;
+        let base_processes = self.recorded_processes(&records).await;
         for (record, base_process) in records.iter().zip(base_processes) {
             if let Err(e) = validate::container_id(&record.id) {
                 tracing::error!(error = %e, "state file with an invalid id skipped");
@@ -293,6 +294,43 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The bundle's process of each record, in order: [`RECOVERY_READS`] at a time (all at
+    /// once took more places than a uid has for trips off the reactor, and the reads refused
+    /// fell back to the recorded process), all within two of the client file bound, so a mount
+    /// that hangs costs that much in all, not a bound for each of its records. A record not
+    /// read by then has its recorded process.
+    async fn recorded_processes(
+        &self,
+        records: &[ContainerRecord],
+    ) -> Vec<oci_spec::runtime::Process> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + 2 * self.client_files.timeout;
+        let mut read: Vec<Option<oci_spec::runtime::Process>> = vec![None; records.len()];
+        let mut waiting = records.iter().enumerate();
+        let mut reading = futures_util::stream::FuturesUnordered::new();
+        loop {
+            while reading.len() < RECOVERY_READS
+                && let Some((at, record)) = waiting.next()
+            {
+                reading.push(async move { (at, self.recorded_process(record).await) });
+            }
+            match tokio::time::timeout_at(deadline, reading.next()).await {
+                Ok(Some((at, process))) => read[at] = Some(process),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        records
+            .iter()
+            .zip(read)
+            .map(|(record, process)| {
+                process.unwrap_or_else(|| {
+                    tracing::warn!(id = %record.id, "bundle config not read within two of --client-file-timeout; added processes will run with the recorded process only, with no new privileges");
+                    minimal_process(&record.init)
+                })
+            })
+            .collect()
+    }
+
     /// The bundle's process of a record, the base of later added processes: read as berthd
     /// reads any client's config (as the client who created the container may, no link,
     /// bounded size, off the reactor within a bound), or the recorded init's process when it
@@ -303,7 +341,7 @@ impl Supervisor {
         match super::validate::bundle(&path, &caller).await {
             Ok(config) => config.process,
             Err(e) => {
-                tracing::warn!(id = %record.id, error = %e, "bundle config unreadable; added processes will run with the recorded process only");
+                tracing::warn!(id = %record.id, error = %e, "bundle config unreadable; added processes will run with the recorded process only, with no new privileges");
                 minimal_process(&record.init)
             }
         }
@@ -615,7 +653,8 @@ fn minimal_process(init: &ProcessRecord) -> oci_spec::runtime::Process {
     process.set_console_size(None);
     process.set_capabilities(None);
     process.set_rlimits(None);
-    process.set_no_new_privileges(None);
+    // Fails closed: what the bundle allowed is not known, so no process gains privileges.
+    process.set_no_new_privileges(Some(true));
     process.set_apparmor_profile(None);
     process.set_selinux_label(None);
     process.set_oom_score_adj(None);
@@ -632,7 +671,7 @@ mod tests {
     use crate::model::ProcessSpec;
 
     #[test]
-    fn the_minimal_process_is_the_inits_own_and_nothing_more() {
+    fn the_minimal_process_is_the_inits_own_with_no_new_privileges() {
         let init = ProcessRecord {
             pid: 10,
             start_time: 99,
@@ -655,6 +694,7 @@ mod tests {
                 "cwd": "/srv",
                 "user": {"uid": 5, "gid": 6, "additionalGids": [7]},
                 "terminal": false,
+                "noNewPrivileges": true,
             })
         );
     }

@@ -1,6 +1,7 @@
 //! Restart and in-place upgrade: a real berthd is killed with SIGKILL or upgraded while real runc
 //! containers run, and the next berthd (or the new image) must know every one of them.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -411,21 +412,43 @@ async fn a_corrupt_state_file_is_skipped_with_a_log_line_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restart_with_200_containers_reattaches_them_all() {
+async fn a_restart_with_200_members_containers_reattaches_them_all_with_their_bundles_process() {
     // Half a minute alone here; beside three other tests on a slower host, it may take twice
     // that and more.
     within_for(Duration::from_secs(240), async {
         let mut daemon = daemon!();
-        let bundle = Arc::new(Bundle::new(&["sleep", "1000"]));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        // Deep down, so that each read of its config (a walk checking every directory on the
+        // way) takes a while and restart's reads overlap; readable by the member, as whom
+        // restart reads it.
+        let deep = tempfile::TempDir::new().expect("temp dir");
+        let mut path = deep.path().to_owned();
+        for _ in 0..400 {
+            path.push("d");
+        }
+        std::fs::create_dir_all(&path).expect("deep dirs");
+        let mut dir = path.clone();
+        while dir.as_path() != std::path::Path::new("/tmp") {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            dir.pop();
+        }
+        path.push("bundle");
+        std::fs::rename(bundle.path(), &path).expect("move the bundle down");
+        let bundle_path = path.display().to_string();
         let ids: Vec<String> = (0..200).map(|n| id(&format!("many{n}"))).collect();
         let mut tasks = Vec::new();
         for chunk in ids.chunks(50) {
             let chunk = chunk.to_vec();
-            let bundle = Arc::clone(&bundle);
+            let bundle_path = bundle_path.clone();
             let mut client = daemon.connect().await;
             tasks.push(tokio::spawn(async move {
                 for id in chunk {
-                    create(&mut client, create_req(&id, &bundle)).await;
+                    let request = berth_api::proto::CreateContainerRequest {
+                        id: id.clone(),
+                        bundle_path: bundle_path.clone(),
+                        ..Default::default()
+                    };
+                    create(&mut client, request).await;
                 }
             }));
         }
@@ -434,9 +457,25 @@ async fn a_restart_with_200_containers_reattaches_them_all() {
         }
         let before = daemon.state().await;
         assert_eq!(before.containers.len(), 200);
+        let sampled = [&ids[0], &ids[100], &ids[199]];
+        let mut added_before = Vec::new();
+        for id in sampled {
+            added_before.push(added_process_limits(&mut daemon, id).await);
+        }
 
+        daemon.crash();
+        // As if a member of --group had created them all: restart reads each bundle's config
+        // as that client, and a member has 32 places for file-system trips at once; the
+        // configs it could not read left added processes without the bundle's rlimits.
+        for id in &ids {
+            let path = daemon.state_file(id);
+            let mut record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("JSON");
+            record["named_by"] = serde_json::json!({"uid": 65534, "gid": 65534, "groups": [65534]});
+            std::fs::write(&path, record.to_string()).expect("rewrite record");
+        }
         let started = Instant::now();
-        crash_and_restart(&mut daemon).await;
+        daemon.start_again().await;
         let after = daemon.state().await;
         let took = started.elapsed();
         let pids = |s: &berth_api::proto::StateResponse| {
@@ -446,8 +485,20 @@ async fn a_restart_with_200_containers_reattaches_them_all() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(pids(&after), pids(&before));
-        let recovered = daemon
-            .log()
+        let log = daemon.log();
+        let unread: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("bundle config"))
+            .collect();
+        assert!(
+            unread.is_empty(),
+            "{} configs unread: {unread:?}",
+            unread.len()
+        );
+        for (id, before) in sampled.into_iter().zip(added_before) {
+            assert_eq!(added_process_limits(&mut daemon, id).await, before, "{id}");
+        }
+        let recovered = log
             .lines()
             .find(|l| l.contains("state directory recovered"))
             .unwrap_or_default()
@@ -455,6 +506,25 @@ async fn a_restart_with_200_containers_reattaches_them_all() {
         eprintln!("restart with 200 containers: serving again after {took:?}; {recovered}");
     })
     .await;
+}
+
+/// What an added process of container `id` is held to that its bundle's process sets: its
+/// open-file limit and NoNewPrivs, read from /proc while it runs; it is then killed.
+async fn added_process_limits(daemon: &mut Daemon, id: &str) -> (String, String) {
+    let pid = daemon.exec(exec_req(id, &["sleep", "60"])).await;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} line"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let held = (line(&limits, "Max open files"), line(&status, "NoNewPrivs"));
+    daemon.signal(id, pid, 9).await;
+    held
 }
 
 #[tokio::test(flavor = "multi_thread")]
