@@ -95,6 +95,10 @@ type Waiting = Arc<Mutex<Option<Box<ContainerRecord>>>>;
 /// Each container's write still waiting in the queue, by id.
 type WaitingWrites = Arc<Mutex<HashMap<String, Waiting>>>;
 
+/// Why the last write of a container's state file failed, by id, until one succeeds or the
+/// file is removed.
+type FailedWrites = Arc<Mutex<HashMap<String, Error>>>;
+
 /// What the writer thread is asked to do, in order.
 enum Job {
     /// With a sender when the write is flushed too: answered once it and every job before it
@@ -110,6 +114,7 @@ pub struct Store {
     /// The writer thread's queue; the thread ends once the store is dropped and its queue done.
     jobs: mpsc::Sender<Job>,
     waiting: WaitingWrites,
+    failed: FailedWrites,
     /// How the writer answers a flush: through the reactor, not by waking a worker itself.
     hand_back: HandBack,
 }
@@ -122,15 +127,18 @@ impl Store {
             .map_err(|e| Error::io(&dir, e))?;
         let (jobs, queue) = mpsc::channel();
         let waiting = WaitingWrites::default();
-        let (writer_dir, writer_waiting) = (dir.clone(), Arc::clone(&waiting));
+        let failed = FailedWrites::default();
+        let (writer_dir, writer_waiting, writer_failed) =
+            (dir.clone(), Arc::clone(&waiting), Arc::clone(&failed));
         std::thread::Builder::new()
             .name("berth-store".into())
-            .spawn(move || write_in_order(&writer_dir, &writer_waiting, queue))
+            .spawn(move || write_in_order(&writer_dir, &writer_waiting, &writer_failed, queue))
             .map_err(|e| Error::sys("start the state file writer thread", e))?;
         Ok(Store {
             dir,
             jobs,
             waiting,
+            failed,
             hand_back,
         })
     }
@@ -174,6 +182,12 @@ impl Store {
         let mut waiting = lock(&self.waiting);
         waiting.remove(id);
         self.send(Job::Remove(id.to_owned()));
+    }
+
+    /// Why the last write of container `id`'s state file failed, if it did: ask once a flush
+    /// after that write has resolved. Taken: a second call says nothing of the same failure.
+    pub(crate) fn take_failure(&self, id: &str) -> Option<Error> {
+        lock(&self.failed).remove(id)
     }
 
     /// Resolves once every write and removal asked before this call is done. Asked at once,
@@ -248,7 +262,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The writer thread: does each job in the order it was queued.
-fn write_in_order(dir: &Path, waiting: &WaitingWrites, queue: mpsc::Receiver<Job>) {
+fn write_in_order(
+    dir: &Path,
+    waiting: &WaitingWrites,
+    failed: &FailedWrites,
+    queue: mpsc::Receiver<Job>,
+) {
     for job in queue {
         match job {
             Job::Write(write, flushed) => {
@@ -264,16 +283,23 @@ fn write_in_order(dir: &Path, waiting: &WaitingWrites, queue: mpsc::Receiver<Job
                     }
                     record
                 };
-                if let Some(record) = record
-                    && let Err(e) = write_record(dir, &record)
-                {
-                    tracing::error!(id = %record.id, error = %e, "could not write the state file");
+                if let Some(record) = record {
+                    match write_record(dir, &record) {
+                        Ok(()) => {
+                            lock(failed).remove(&record.id);
+                        }
+                        Err(e) => {
+                            tracing::error!(id = %record.id, error = %e, "could not write the state file");
+                            lock(failed).insert(record.id, e);
+                        }
+                    }
                 }
                 if let Some(done) = flushed {
                     done.send(());
                 }
             }
             Job::Remove(id) => {
+                lock(failed).remove(&id);
                 if let Err(e) = remove_record(dir, &id) {
                     tracing::error!(id = %id, error = %e, "could not remove the state file");
                 }
@@ -431,6 +457,7 @@ mod tests {
             dir: containers.clone(),
             jobs,
             waiting: WaitingWrites::default(),
+            failed: FailedWrites::default(),
             hand_back: HandBack::start().unwrap(),
         };
         for pid in 1..=1000 {
@@ -457,12 +484,33 @@ mod tests {
             replay.send(job).unwrap();
         }
         drop(replay);
-        write_in_order(&containers, &waiting, queue);
+        write_in_order(&containers, &waiting, &FailedWrites::default(), queue);
         assert!(lock(&waiting).is_empty());
         let store = Store::open(containers, HandBack::start().unwrap()).unwrap();
         let loaded = store.load_all().unwrap();
         let pids: Vec<(&str, u32)> = loaded.iter().map(|r| (r.id.as_str(), r.init.pid)).collect();
         assert_eq!(pids, [("a", 1001), ("b", 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_told_once_until_a_write_of_the_same_record_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let containers = dir.path().join("containers");
+        let store = Store::open(containers.clone(), HandBack::start().unwrap()).unwrap();
+        // The temp file's name taken by a directory: the write cannot create it.
+        std::fs::create_dir(containers.join(".a.json.tmp")).unwrap();
+        store.write_flushed(record("a", 1)).await;
+        store.write_flushed(record("b", 1)).await;
+        assert!(store.take_failure("b").is_none());
+        let failure = store.take_failure("a").expect("the write of a failed");
+        assert!(failure.to_string().contains(".a.json.tmp"), "{failure}");
+        assert!(store.take_failure("a").is_none(), "told once");
+        // Failed again, then written: the failure is no longer told.
+        store.write_flushed(record("a", 2)).await;
+        std::fs::remove_dir(containers.join(".a.json.tmp")).unwrap();
+        store.write_flushed(record("a", 3)).await;
+        assert!(store.take_failure("a").is_none(), "a later write succeeded");
+        assert_eq!(store.load_all().unwrap()[0].init.pid, 3);
     }
 
     #[test]

@@ -497,6 +497,57 @@ async fn runtime_timeout_fails_create_and_cleans_up() {
 /// README: a failed request leaves no cgroup. runc makes the container's cgroups before its
 /// `createRuntime` hooks run; killed at the runtime timeout while one sleeps, it removes none,
 /// and its delete cannot, knowing no container without a `state.json`. berthd removes them.
+/// A container whose state file cannot be written is not answered as created: a restart would
+/// take it for a create cut off and delete it unannounced. It is killed, its exit reported and
+/// cleaned up as any other's, and its id is free again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_or_exec_whose_state_file_cannot_be_written_fails_and_leaves_nothing() {
+    within(async {
+        let mut d = daemon!();
+        let baseline = warm_up(&mut d).await;
+        let mut events = d.events().await;
+        let id = id("unrecorded");
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        // The writer's temp file taken by a directory: the write fails.
+        let blocker = d.state_dir().join(format!("containers/.{id}.json.tmp"));
+        std::fs::create_dir(&blocker).expect("plant the blocker");
+        let status = d
+            .client
+            .create_container(create_req(&id, &bundle))
+            .await
+            .expect_err("a create without its state file");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(
+            status.message().contains("was killed") && status.message().contains("state file"),
+            "{status:?}"
+        );
+        let started = events.started(&id).await;
+        assert_eq!(events.exit_status(&id, started.pid).await, 137);
+        d.assert_nothing_left(&id, &baseline).await;
+        std::fs::remove_dir(&blocker).expect("remove the blocker");
+        let pid = d.create(create_req(&id, &bundle)).await;
+        assert!(d.state_file(&id).exists());
+        // The same for an added process, which a restart would not know either.
+        std::fs::create_dir(&blocker).expect("plant the blocker again");
+        let status = d
+            .client
+            .add_process(exec_req(&id, &["sleep", "1000"]))
+            .await
+            .expect_err("an exec without its record");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(status.message().contains("was killed"), "{status:?}");
+        let started = events
+            .wait_for("its start-process", |e| {
+                e.r#type == "start-process" && e.id == id
+            })
+            .await;
+        assert_eq!(events.exit_status(&id, started.pid).await, 137);
+        std::fs::remove_dir(&blocker).expect("remove the blocker again");
+        d.kill_container(&mut events, &id, pid).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_create_killed_in_a_hook_at_the_runtime_timeout_leaves_no_cgroup() {
     within(async {
