@@ -303,6 +303,31 @@ impl Reaper {
         }
     }
 
+    /// Kills with SIGKILL, through a pidfd, each of `pids` that is berthd's own child and
+    /// neither tracked nor claimed; returns how many. For what a runtime killed at its timeout
+    /// left in the container's cgroups: its init stage (runc's `init`, which runs the
+    /// createContainer hooks), reparented to berthd as the runtime died. Any other process there
+    /// is not berthd's to kill. Blocks on /proc: call it off the reactor.
+    pub(crate) fn kill_left_children(&self, pids: &[i32]) -> usize {
+        let own = std::process::id();
+        let mut killed = 0;
+        for &pid in pids {
+            // Looked at once the pidfd is open, so what is looked at is what is signalled.
+            let Ok(pidfd) = sys::open(pid) else {
+                continue;
+            };
+            let mine = crate::procfs::process_parent(pid as u32).is_ok_and(|parent| parent == own);
+            let registered = {
+                let mut tables = self.tables.lock().expect("reaper lock poisoned");
+                tables.tracked.contains(&pid) || tables.claimed(pid)
+            };
+            if mine && !registered && sys::send_signal(pidfd.as_fd(), libc::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+        killed
+    }
+
     /// Reaps every zombie child that is neither tracked nor claimed. Returns false when such a
     /// zombie is in the way and the sweep should be retried shortly.
     fn sweep(&self) -> bool {

@@ -355,15 +355,45 @@ impl Supervisor {
             dirs.extend(mounts.dir_in(*hierarchy, controllers, &placed));
         }
         let id = id.to_owned();
+        let reaper = Arc::clone(&self.reaper);
         let removing = tokio::task::spawn_blocking(move || {
-            for dir in dirs {
+            // A runtime killed while its init stage ran (a createContainer hook that hangs)
+            // leaves that stage, and what it started, in the container's cgroups, reparented
+            // to berthd as each parent dies.
+            let kill_left = || {
+                let mut left: Vec<i32> = dirs
+                    .iter()
+                    .filter_map(|dir| {
+                        crate::procfs::read_generated(dir.join("cgroup.procs"), 64).ok()
+                    })
+                    .flat_map(|procs| {
+                        String::from_utf8_lossy(&procs)
+                            .lines()
+                            .filter_map(|line| line.trim().parse().ok())
+                            .collect::<Vec<i32>>()
+                    })
+                    .collect();
+                left.sort_unstable();
+                left.dedup();
+                let killed = reaper.kill_left_children(&left);
+                if killed > 0 {
+                    tracing::info!(
+                        id,
+                        killed,
+                        "killed what the runtime left running in the container's cgroups"
+                    );
+                }
+            };
+            kill_left();
+            for dir in &dirs {
                 // A process killed with the runtime leaves its cgroup as it finishes exiting.
                 let mut tries = 0;
                 let removed = loop {
-                    match std::fs::remove_dir(&dir) {
+                    match std::fs::remove_dir(dir) {
                         Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 10 => {
                             tries += 1;
                             std::thread::sleep(std::time::Duration::from_millis(100));
+                            kill_left();
                         }
                         other => break other,
                     }

@@ -556,26 +556,43 @@ async fn a_create_killed_in_a_hook_at_the_runtime_timeout_leaves_no_cgroup() {
         }
         let mut d = daemon!(Options::args(&["--runtime-timeout", "3"]));
         let bundle = Bundle::new(&["sleep", "1000"]);
-        bundle.edit(|c| {
-            c["hooks"] = serde_json::json!({
-                "createRuntime": [{"path": BUSYBOX, "args": ["busybox", "sleep", "1000"]}]
-            });
-        });
         let id = id("hook-timeout");
-        for cgroups_path in [None, Some("/berth-test-hook-abs")] {
-            if let Some(path) = cgroups_path {
-                bundle.edit(|c| c["linux"]["cgroupsPath"] = path.into());
-            }
+        // createRuntime hooks run in the runtime's own process group, killed with it;
+        // createContainer hooks run in its init stage (runc's `init`, in the container's pid
+        // namespace and cgroups), which the kill leaves to berthd, reparented.
+        for (hook, cgroups_path) in [
+            ("createRuntime", None),
+            ("createRuntime", Some("/berth-test-hook-abs")),
+            ("createContainer", None),
+            ("createContainer", Some("/berth-test-hook-abs")),
+        ] {
+            bundle.edit(|c| {
+                c["hooks"] = serde_json::json!({
+                    hook: [{"path": BUSYBOX, "args": ["busybox", "sleep", "1000"]}]
+                });
+                if let Some(path) = cgroups_path {
+                    c["linux"]["cgroupsPath"] = path.into();
+                }
+            });
             let result = d.client.create_container(create_req(&id, &bundle)).await;
             expect_code(result, Code::DeadlineExceeded);
             d.assert_gone(&id).await;
             if let Some(path) = cgroups_path {
                 for mount in cgroup_mounts() {
                     let left = mount.dir.join(path.trim_start_matches('/'));
-                    assert!(!left.exists(), "{} was left", left.display());
+                    assert!(!left.exists(), "{hook}: {} was left", left.display());
                 }
             }
             d.assert_no_zombies().await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !d.children().is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let children = d.children();
+            assert!(
+                children.is_empty(),
+                "{hook}: berthd's children left: {children:?}"
+            );
         }
     })
     .await
