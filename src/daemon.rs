@@ -370,10 +370,12 @@ impl Serving {
                 .layer(tower::util::MapResponseLayer::new(status_on_the_wire(
                     message_limits,
                 )))
-                .layer(AnswerPacingLayer)
+                // Before the pacing, which may hold a request waiting for its turn: a stream
+                // is charged from its first frame.
                 .layer(RequestBudgetLayer {
                     size: request_budget_size,
                 })
+                .layer(AnswerPacingLayer)
                 .layer(OneMessageLayer)
                 .max_concurrent_streams(config.max_streams_per_connection)
                 .http2_max_header_list_size(edge::MAX_HEADER_LIST_SIZE)
