@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt;
+use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::content_type::GrpcOnlyLayer;
@@ -386,14 +387,21 @@ impl Serving {
                 .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
                 .http2_keepalive_interval(Some(config.keepalive))
                 .http2_keepalive_timeout(Some(config.keepalive))
+                // Requests compressed as grpc-java's, C-core's and grpc-go's servers take them
+                // (decompressed within the request limit); answers go uncompressed, which
+                // every client reads.
                 .add_service(InterceptedService::new(
                     ApiServer::new(api)
+                        .accept_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Deflate)
                         .max_decoding_message_size(message_limits.request_bytes)
                         .max_encoding_message_size(max_message),
                     gate,
                 ))
                 .add_service(InterceptedService::new(
                     DaemonServer::new(daemon)
+                        .accept_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Deflate)
                         .max_decoding_message_size(message_limits.request_bytes)
                         .max_encoding_message_size(max_message),
                     gate,

@@ -90,7 +90,31 @@ pub fn status_on_the_wire(
 fn fix(headers: &mut HeaderMap, limits: &MessageLimits) {
     over_size_is_resource_exhausted(headers, limits);
     no_whole_message_is_invalid_argument(headers);
+    unimplemented_says_what(headers);
     reencode(headers);
+}
+
+/// tonic's UNIMPLEMENTED says nothing for a method no service has, and, capitalised, only that
+/// a request's compression "isn't supported": each says what berthd takes instead.
+fn unimplemented_says_what(headers: &mut HeaderMap) {
+    if !has_status(headers, b"12") {
+        return;
+    }
+    let said = message(headers);
+    let text = if said.is_empty() {
+        "no such method: berthd serves types.API (proto/api.proto) and berth.daemon.Daemon (proto/daemon.proto)".to_owned()
+    } else if let Some(rest) = said.strip_prefix(b"Content is compressed with `".as_slice()) {
+        let encoding = rest.split(|&b| b == b'`').next().unwrap_or_default();
+        format!(
+            "requests compressed with {} are not taken: send them uncompressed, or with gzip or deflate",
+            crate::error::quote(&String::from_utf8_lossy(encoding))
+        )
+    } else {
+        return;
+    };
+    if let Ok(value) = HeaderValue::try_from(text) {
+        headers.insert(GRPC_MESSAGE, value);
+    }
 }
 
 /// tonic's texts for a request body without a whole message (`tonic::server::Grpc` and
@@ -201,6 +225,30 @@ mod tests {
         fix(&mut headers, &limits);
         let code = tonic::Code::from_bytes(headers[GRPC_STATUS].as_bytes());
         (code, headers[GRPC_MESSAGE].to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn unimplemented_says_which_services_and_compressions_berthd_takes() {
+        let limits = MessageLimits::new(4_194_304, 4_194_304);
+        let (code, text) = over_limits(tonic::Status::unimplemented(""), limits);
+        assert_eq!(code, tonic::Code::Unimplemented);
+        assert!(
+            text.starts_with("no such method") && text.contains("types.API"),
+            "{text}"
+        );
+        let zstd =
+            tonic::Status::unimplemented("Content is compressed with `zstd` which isn't supported");
+        let (code, text) = over_limits(zstd, limits);
+        assert_eq!(code, tonic::Code::Unimplemented);
+        let text = percent_decode(text.as_bytes())
+            .decode_utf8_lossy()
+            .into_owned();
+        assert!(
+            text.contains("zstd") && text.contains("gzip or deflate"),
+            "{text}"
+        );
+        let other = tonic::Status::unimplemented("something else");
+        assert_eq!(over_limits(other, limits).1, "something else");
     }
 
     #[test]

@@ -285,6 +285,12 @@ async fn an_errors_grpc_message_is_readable_on_the_wire() {
         let text = answer.header("grpc-message").expect("grpc-message");
         assert!(!text.contains("%20"), "{text}");
         assert!(text.contains(&missing) && text.contains(' '), "{text}");
+        // A method no service has is told so, not answered with a bare code.
+        let block = request("/types.API/NoSuchMethod", "localhost", false, true);
+        let answer = connection.call(&block, 1, &[]).await;
+        assert_eq!(answer.header("grpc-status"), Some("12"), "{answer:?}");
+        let text = answer.header("grpc-message").expect("grpc-message");
+        assert!(text.starts_with("no such method"), "{text}");
     })
     .await
 }
