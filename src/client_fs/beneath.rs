@@ -689,8 +689,8 @@ impl<'a> Beneath<'a> {
         .map_err(|e| match e {
             Errno::NOENT => Error::NotFound(format!("{} does not exist", self.shown())),
             Errno::LOOP => Error::InvalidArgument(format!(
-                "{}: {} is a symbolic link, which berthd does not follow here; put the directory \
-                 itself in its place",
+                "{}: {} is a symbolic link, which berthd does not follow here; replace it with \
+                 what it points to",
                 self.shown(),
                 Path::new(name).display()
             )),
