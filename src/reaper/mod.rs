@@ -373,12 +373,17 @@ impl Reaper {
         }
     }
 
-    /// Runs the orphan sweep on every SIGCHLD, for as long as the runtime lives.
+    /// Runs the orphan sweep once SIGCHLD is watched, then on every SIGCHLD, for as long as the
+    /// runtime lives.
     pub fn spawn_orphan_sweeper(self: &Arc<Self>) -> io::Result<()> {
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
         let reaper = Arc::clone(self);
         tokio::spawn(async move {
-            let mut retry = false;
+            // A child that ended before the watch signalled no one: SIGCHLD's default action
+            // discards it. After an upgrade that is the old image's spawn helper, which exits
+            // when the execve closes its socket; at any start, an orphan that ended during
+            // recovery. Swept now, since no later SIGCHLD need come.
+            let mut retry = !reaper.sweep();
             loop {
                 if retry {
                     tokio::select! {

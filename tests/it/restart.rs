@@ -633,6 +633,27 @@ async fn an_in_place_upgrade_keeps_pids_exit_codes_and_the_socket() {
     .await;
 }
 
+/// Each image's spawn helper exits when the upgrade's execve closes its socket, before the next
+/// image watches SIGCHLD, so its SIGCHLD reaches no one: the next image must reap it all the
+/// same, with no other child's exit to prompt a sweep.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_place_upgrades_leave_no_spawn_helper_unreaped() {
+    within(async {
+        let mut daemon = daemon!();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let kept = id("helpers-reaped");
+        let pid = daemon.create(create_req(&kept, &bundle)).await;
+        for _ in 0..3 {
+            upgrade_in_place(&daemon.socket()).await;
+        }
+        daemon.client = daemon.connect().await;
+        daemon.assert_no_zombies().await;
+        let mut events = daemon.events().await;
+        daemon.kill_container(&mut events, &kept, pid).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_to_a_broken_binary_is_refused_and_berthd_keeps_serving() {
     within(async {

@@ -391,12 +391,15 @@ impl Daemon {
         fds
     }
 
-    /// berthd's direct children other than its spawn helper: container inits, added processes,
-    /// and whatever else it has become the parent of.
+    /// berthd's direct children other than its live spawn helper: container inits, added
+    /// processes, and whatever else it has become the parent of, an ended helper it has not
+    /// reaped among them.
     pub fn children(&self) -> BTreeSet<u32> {
         children_of(self.pid())
             .into_iter()
-            .filter(|&pid| !is_spawn_helper(pid))
+            .filter(|&pid| {
+                !(is_spawn_helper(pid) && proc_stat(pid).is_some_and(|s| s.state != 'Z'))
+            })
             .collect()
     }
 
@@ -707,11 +710,14 @@ pub fn multiset_minus(now: &[String], before: &[String]) -> Vec<String> {
 
 fn describe(pid: u32) -> String {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     let state = proc_stat(pid).map_or('?', |s| s.state);
-    format!(
-        "{pid} ({state}) {}",
-        String::from_utf8_lossy(&cmdline).replace('\0', " ").trim()
-    )
+    // A zombie has no command line left, only its name.
+    let what = match cmdline.trim() {
+        "" => fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default(),
+        cmdline => cmdline.to_owned(),
+    };
+    format!("{pid} ({state}) {}", what.trim())
 }
 
 fn spawn_berthd(dir: &Path, socket: &Path, options: &Options) -> Child {
