@@ -158,7 +158,8 @@ pub struct Config {
     pub max_connections: u64,
 
     /// Client connections open at once from one uid other than root's (one more is closed at
-    /// once): a client that holds connections open, silent or not, cannot take every place.
+    /// once), at most half of --max-connections as in effect: a client that holds connections
+    /// open, silent or not, cannot take every place.
     #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_UID", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections_per_uid: u64,
 

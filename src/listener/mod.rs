@@ -5,8 +5,8 @@
 //! speak gives its place to a new one, so idle sockets can never lock out a client that talks.
 //! A connection that has spoken holds its place until it closes: the edge closes one whose
 //! HTTP/2 preface is not whole within `--handshake-timeout`, h2's keepalive one that stops
-//! answering pings, and the per-uid limit keeps one client's connections from taking every
-//! place meanwhile.
+//! answering pings, and the per-uid limit, at most half of the connections in effect, keeps one
+//! client's connections from taking every place meanwhile.
 //! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
 //! ENOMEM) back off instead of spinning.
 //!
@@ -61,7 +61,8 @@ pub struct Limits {
 impl Limits {
     /// `max_connections` capped at a quarter of the open file limit (a connection holds one
     /// descriptor, two while a write waits for space): the rest is kept for containers (a pidfd
-    /// each), stats files and runtime commands.
+    /// each), stats files and runtime commands. `max_per_uid` capped at half of what that leaves
+    /// ([`per_uid_cap`]).
     pub fn within_fd_limit(
         max_connections: u64,
         max_per_uid: u64,
@@ -77,14 +78,31 @@ impl Limits {
                 "--max-connections lowered to a quarter of the open file limit"
             );
         }
+        let max_connections = max_connections.min(cap);
+        let per_uid_cap = per_uid_cap(max_connections);
+        if max_per_uid > per_uid_cap {
+            tracing::warn!(
+                max_connections_per_uid = max_per_uid,
+                cap = per_uid_cap,
+                max_connections,
+                "--max-connections-per-uid lowered to half of the connections allowed at once, so one uid cannot take every place"
+            );
+        }
         Limits {
-            max_connections: max_connections.min(cap) as usize,
-            max_per_uid: usize::try_from(max_per_uid).unwrap_or(usize::MAX),
+            max_connections: max_connections as usize,
+            max_per_uid: usize::try_from(max_per_uid.min(per_uid_cap)).unwrap_or(usize::MAX),
             handshake_timeout,
             request_bytes_per_uid: request_bytes_per_uid.min(Semaphore::MAX_PERMITS),
             answer_bytes_per_uid,
         }
     }
+}
+
+/// The most connections one uid other than 0 may hold out of `max_connections`: half, at least
+/// one. A connection that has spoken keeps its place until it closes, so one uid holding more
+/// could leave too few for everyone else (root included, whose connection would wait for one).
+fn per_uid_cap(max_connections: u64) -> u64 {
+    (max_connections / 2).max(1)
 }
 
 /// A connection's place under `max_connections` and its uid's, given back when dropped.
@@ -491,6 +509,23 @@ mod tests {
         assert!(
             by_uid.lock().unwrap().is_empty(),
             "uids without connections are forgotten"
+        );
+    }
+
+    #[test]
+    fn one_uid_gets_at_most_half_of_the_connections_in_effect() {
+        let limits = |total, per_uid| Limits::within_fd_limit(total, per_uid, Duration::ZERO, 1, 1);
+        assert_eq!(limits(20, 128).max_per_uid, 10);
+        assert_eq!(limits(20, 8).max_per_uid, 8, "a lower flag stands");
+        assert_eq!(limits(21, 128).max_per_uid, 10);
+        assert_eq!(limits(1, 128).max_per_uid, 1, "at least one");
+        // Lowered to a quarter of the open file limit (75 at a limit of 300), the total
+        // still leaves half for others.
+        let lowered = limits(u64::MAX, u64::MAX);
+        assert_eq!(
+            lowered.max_per_uid,
+            (lowered.max_connections / 2).max(1),
+            "half of the lowered total"
         );
     }
 

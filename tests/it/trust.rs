@@ -463,13 +463,9 @@ async fn the_members_own_cgroup_procs_is_not_a_containers_stdout() {
     .await
 }
 
-/// One uid's connections, each of which has spoken (so none gives way), cannot take every place:
-/// past `--max-connections-per-uid` the next is closed at once, and others still get in.
-#[tokio::test(flavor = "multi_thread")]
-async fn one_uids_connections_cannot_take_every_place() {
-    // Opens 12 connections that each send one byte, prints how many berthd kept open once four
-    // are closed (or after 10 s), and holds them until its stdin closes.
-    const HOLDER: &str = r#"
+/// Opens 12 connections that each send one byte, prints how many berthd kept open once four
+/// are closed (or after 10 s), and holds them until its stdin closes.
+const HOLDER: &str = r#"
 import socket, sys, time
 held = []
 for _ in range(12):
@@ -501,6 +497,40 @@ while len(closed) < 4 and time.monotonic() < deadline:
 print(len(held) - len(closed), flush=True)
 sys.stdin.read()
 "#;
+
+/// The member's 12 connections ([`HOLDER`]) must leave it 8 places, and root `free` more.
+async fn member_keeps_8_of_12_and_root_gets_in(d: &Daemon, free: usize) {
+    let mut holder = tokio::process::Command::from(as_member(PYTHON))
+        .args(["-c", HOLDER])
+        .arg(d.socket())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the member's connections");
+    let mut kept = String::new();
+    let stdout = holder.stdout.take().expect("stdout");
+    tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut kept)
+        .await
+        .expect("read the count");
+    assert_eq!(kept.trim(), "8", "connections berthd kept for the member");
+    // The places the member could not take serve others meanwhile (the test's own client
+    // holds one).
+    let mut clients = Vec::new();
+    for _ in 0..free {
+        let mut client = d.connect().await;
+        let answer = tokio::time::timeout(SETTLE, state(&mut client)).await;
+        assert!(answer.is_ok(), "a place was left for root");
+        clients.push(client);
+    }
+    drop(holder.stdin.take());
+    holder.wait().await.expect("the member's connections end");
+}
+
+/// One uid's connections, each of which has spoken (so none gives way), cannot take every place:
+/// past `--max-connections-per-uid` the next is closed at once, and others still get in.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_uids_connections_cannot_take_every_place() {
     within(async {
         let d = daemon!(Options::args(&[
             "--group",
@@ -513,31 +543,31 @@ sys.stdin.read()
         if MemberClient::new(&d).is_none() {
             return;
         }
-        let mut holder = tokio::process::Command::from(as_member(PYTHON))
-            .args(["-c", HOLDER])
-            .arg(d.socket())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("run the member's connections");
-        let mut kept = String::new();
-        let stdout = holder.stdout.take().expect("stdout");
-        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut kept)
-            .await
-            .expect("read the count");
-        assert_eq!(kept.trim(), "8", "connections berthd kept for the member");
-        // The places the member could not take serve others meanwhile (the test's own client
-        // holds one).
-        let mut clients = Vec::new();
-        for _ in 0..10 {
-            let mut client = d.connect().await;
-            let answer = tokio::time::timeout(SETTLE, state(&mut client)).await;
-            assert!(answer.is_ok(), "a place was left for root");
-            clients.push(client);
+        member_keeps_8_of_12_and_root_gets_in(&d, 10).await;
+    })
+    .await
+}
+
+/// Where the connections in effect are fewer than `--max-connections-per-uid` (its default 128
+/// here; a quarter of a low open file limit does the same), one uid still gets at most half.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_uid_gets_at_most_half_of_a_lowered_connection_limit() {
+    within(async {
+        let d = daemon!(Options::args(&[
+            "--group",
+            "65534",
+            "--max-connections",
+            "16"
+        ]));
+        if MemberClient::new(&d).is_none() {
+            return;
         }
-        drop(holder.stdin.take());
-        holder.wait().await.expect("the member's connections end");
+        member_keeps_8_of_12_and_root_gets_in(&d, 7).await;
+        assert!(
+            d.log().contains("--max-connections-per-uid lowered"),
+            "the lowering is not logged:\n{}",
+            d.log()
+        );
     })
     .await
 }
