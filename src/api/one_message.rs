@@ -9,12 +9,11 @@
 //! big-endian length, that many bytes). Does not own: the size of a message (tonic's limit,
 //! grpc_message) or what the request holds while it arrives (request_budget).
 
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use hyper::body::{Frame, SizeHint};
 use tonic::body::Body;
+
+use super::request_body::{Inspect, Inspected};
 
 /// gRPC's prefix of a message: the compressed flag and the length.
 const PREFIX: usize = 5;
@@ -121,53 +120,26 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        self.inner.call(request.map(|body| {
-            Body::new(Counted {
-                body,
-                framing: Framing::default(),
-            })
-        }))
+        self.inner
+            .call(request.map(|body| Body::new(Inspected::new(body, Framing::default()))))
     }
 }
 
-/// A request body that ends in an error where a second message begins.
-struct Counted {
-    body: Body,
-    framing: Framing,
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-            && self.framing.feed(data).is_err()
-        {
-            return Poll::Ready(Some(Err(tonic::Status::invalid_argument(
+impl Inspect for Framing {
+    fn inspect(&mut self, data: &[u8]) -> Result<(), tonic::Status> {
+        self.feed(data).map_err(|SecondMessage| {
+            tonic::Status::invalid_argument(
                 "a request holds one message and a second one followed it: no method of this API streams from the client",
-            ))));
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+            )
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
     use proptest::prelude::*;
 
     use super::*;
@@ -245,10 +217,10 @@ mod tests {
             .into_iter()
             .map(|data| Ok(Frame::data(Bytes::from(data))))
             .collect();
-        let mut body = Counted {
-            body: Body::new(StreamBody::new(futures_util::stream::iter(frames))),
-            framing: Framing::default(),
-        };
+        let mut body = Inspected::new(
+            Body::new(StreamBody::new(futures_util::stream::iter(frames))),
+            Framing::default(),
+        );
         assert!(body.frame().await.unwrap().is_ok(), "the first message");
         let refused = body.frame().await.unwrap().unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);

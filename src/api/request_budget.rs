@@ -11,15 +11,14 @@
 //! Owns: that accounting and the budget's size. Does not own: handing budgets to connections
 //! (listener), the request's size limit (grpc_message).
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use hyper::body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
+
+use super::request_body::{Inspect, Inspected};
 
 use crate::model::ConnectionInfo;
 
@@ -83,8 +82,10 @@ where
         let request = match budget {
             Some(budget) => {
                 let (parts, body) = request.into_parts();
-                match Budgeted::new(body, budget, self.size) {
-                    Ok(body) => http::Request::from_parts(parts, Body::new(body)),
+                match Charge::new(budget, self.size) {
+                    Ok(charge) => {
+                        http::Request::from_parts(parts, Body::new(Inspected::new(body, charge)))
+                    }
                     // At once, before any layer within holds the stream waiting for its turn.
                     Err(refused) => return Box::pin(async move { Ok(refused.into_http()) }),
                 }
@@ -96,26 +97,24 @@ where
     }
 }
 
-/// A request body that holds what it received from `budget` (of `size` bytes in all), and
+/// What a request body holds of `budget` (of `size` bytes in all): what it received, and
 /// [`ARRIVING_REQUEST_BYTES`] for its stream, until it is dropped.
-struct Budgeted {
-    body: Body,
+struct Charge {
     budget: Arc<Semaphore>,
     size: usize,
     held: Option<OwnedSemaphorePermit>,
 }
 
-impl Budgeted {
-    /// The body, charged for its stream; refused when the budget has no room for that.
-    fn new(body: Body, budget: Arc<Semaphore>, size: usize) -> Result<Budgeted, tonic::Status> {
-        let mut budgeted = Budgeted {
-            body,
+impl Charge {
+    /// A body's charge, its stream's taken; refused when the budget has no room for that.
+    fn new(budget: Arc<Semaphore>, size: usize) -> Result<Charge, tonic::Status> {
+        let mut charge = Charge {
             budget,
             size,
             held: None,
         };
-        budgeted.take(ARRIVING_REQUEST_BYTES)?;
-        Ok(budgeted)
+        charge.take(ARRIVING_REQUEST_BYTES)?;
+        Ok(charge)
     }
 
     /// Takes `bytes` more from the budget, or says why not.
@@ -138,37 +137,20 @@ impl Budgeted {
     }
 }
 
-impl hyper::body::Body for Budgeted {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-            && !data.is_empty()
-            && let Err(over) = self.take(data.len())
-        {
-            return Poll::Ready(Some(Err(over)));
+impl Inspect for Charge {
+    fn inspect(&mut self, data: &[u8]) -> Result<(), tonic::Status> {
+        match data.len() {
+            0 => Ok(()),
+            bytes => self.take(bytes),
         }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
 
     use super::*;
 
@@ -185,7 +167,8 @@ mod tests {
         const STREAM: usize = ARRIVING_REQUEST_BYTES;
         let size = 2 * STREAM + 100;
         let budget = Arc::new(Semaphore::new(size));
-        let mut first = Budgeted::new(body(&[30, 30]), Arc::clone(&budget), size).unwrap();
+        let charge = |budget: &Arc<Semaphore>| Charge::new(Arc::clone(budget), size);
+        let mut first = Inspected::new(body(&[30, 30]), charge(&budget).unwrap());
         assert_eq!(
             budget.available_permits(),
             STREAM + 100,
@@ -194,7 +177,7 @@ mod tests {
         first.frame().await.unwrap().unwrap();
         first.frame().await.unwrap().unwrap();
         assert_eq!(budget.available_permits(), STREAM + 40);
-        let mut second = Budgeted::new(body(&[30, 30]), Arc::clone(&budget), size).unwrap();
+        let mut second = Inspected::new(body(&[30, 30]), charge(&budget).unwrap());
         second.frame().await.unwrap().unwrap();
         let over = second.frame().await.unwrap().unwrap_err();
         assert_eq!(over.code(), tonic::Code::ResourceExhausted);
@@ -203,7 +186,7 @@ mod tests {
             "{over:?}"
         );
         // A third stream finds no room even for its own charge: refused before any frame.
-        let third = Budgeted::new(body(&[1]), Arc::clone(&budget), size).err();
+        let third = charge(&budget).err();
         assert_eq!(
             third.map(|refused| refused.code()),
             Some(tonic::Code::ResourceExhausted)
