@@ -423,7 +423,6 @@ impl Supervisor {
     }
 }
 
-/// What State and events report of an OCI process.
 /// What a create or exec answers when the state file of its container could not be written
 /// once `what` (the container, an added process) had started, and it was killed for it: the
 /// file's own error, with its errno (a full disk or no descriptor left is RESOURCE_EXHAUSTED).
@@ -442,6 +441,7 @@ pub(super) fn killed_for(failure: Error, what: &str) -> Error {
     }
 }
 
+/// What State and events report of an OCI process.
 pub(super) fn spec_of(process: &oci_spec::runtime::Process) -> ProcessSpec {
     ProcessSpec {
         args: process.args().clone().unwrap_or_default(),
