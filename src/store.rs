@@ -10,8 +10,11 @@
 //! still waits replaces what that one writes, so the queue holds at most one record per
 //! container however fast its processes come and go. [`Store::flush`], or a write with
 //! [`Store::write_flushed`], waits for what was asked before it (a create answers once its
-//! record is on disk; a stop or upgrade leaves nothing queued).
-//! Does not own: what goes in a record or when it is written (supervisor).
+//! record is on disk; a stop or upgrade leaves nothing queued). A write that fails is logged and
+//! kept by id until a later write of that record succeeds ([`Store::take_failure`]), for the
+//! create or exec that waited on it.
+//! Does not own: what goes in a record or when it is written, or what a failed write costs the
+//! container (supervisor).
 
 use std::collections::HashMap;
 use std::io::Write;

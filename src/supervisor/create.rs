@@ -2,7 +2,9 @@
 //!
 //! Owns: the order of create (reserve the id, pipe FIFO stdio, runtime `run --detach`, or create
 //! and later start, or restore; track the init, hand over the pty, register, publish) and
-//! undoing it on failure. Does not own: what happens when the init exits (exit), the argv or
+//! undoing it on failure: after a runtime killed at its timeout, what it left running in the
+//! container's cgroups and the cgroups themselves; after the record could not be written, the
+//! container, killed. Does not own: what happens when the init exits (exit), the argv or
 //! which create mode (runtime), CRIU images (checkpoint), the stdio paths (stdio), the stdio
 //! pipes (stdio_pipes).
 
