@@ -6,7 +6,13 @@
 //! does, with `grpc-status` INTERNAL and a message in the same header block for gRPC clients
 //! that sent a wrong content-type by mistake (grpc-go answers the same).
 //!
-//! Owns: that check and its answer. Does not own: the status text of any other error
+//!
+//! A request's `grpc-timeout`, when it has one, is 1 to 8 digits and a unit (`H`, `M`, `S`, `m`,
+//! `u`, `n`); tonic ignores one that is not, serving the call with no deadline, where grpc-go
+//! refuses it. berthd refuses it as malformed input, INVALID_ARGUMENT, as it does a request that
+//! does not decode.
+//!
+//! Owns: those checks and their answers. Does not own: the status text of any other error
 //! (grpc_message, crate::error).
 
 use std::task::{Context, Poll};
@@ -26,7 +32,22 @@ pub fn is_grpc(content_type: &[u8]) -> bool {
         && matches!(content_type.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
-/// Answers requests that are not gRPC's with 415 before they reach the services.
+/// Whether `value` is a `grpc-timeout` as the spec has it: 1 to 8 ASCII digits, then one unit.
+pub fn is_grpc_timeout(value: &[u8]) -> bool {
+    match value.split_last() {
+        Some((unit, digits)) => {
+            b"HMSmun".contains(unit)
+                && (1..=8).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+        }
+        None => false,
+    }
+}
+
+const MALFORMED_TIMEOUT: &str = "malformed grpc-timeout: give 1 to 8 digits and a unit (H, M, S, m, u or n), as 100m for 100 milliseconds";
+
+/// Answers requests that are not gRPC's with 415, and those with a malformed `grpc-timeout`
+/// with INVALID_ARGUMENT, before they reach the services.
 #[derive(Clone, Copy, Debug)]
 pub struct GrpcOnlyLayer;
 
@@ -60,25 +81,39 @@ where
             .headers()
             .get(CONTENT_TYPE)
             .is_some_and(|value| is_grpc(value.as_bytes()));
-        if grpc {
-            Either::Right(self.inner.call(request))
-        } else {
-            Either::Left(ready(Ok(unsupported_media_type())))
+        if !grpc {
+            return Either::Left(ready(Ok(refusal(
+                http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                tonic::Code::Internal,
+                REFUSAL,
+            ))));
         }
+        let timeout = request.headers().get("grpc-timeout");
+        if timeout.is_some_and(|value| !is_grpc_timeout(value.as_bytes())) {
+            let refused = refusal(
+                http::StatusCode::OK,
+                tonic::Code::InvalidArgument,
+                MALFORMED_TIMEOUT,
+            );
+            return Either::Left(ready(Ok(refused)));
+        }
+        Either::Right(self.inner.call(request))
     }
 }
 
-/// 415, ending the stream with its headers, carrying a gRPC status a gRPC client can show.
-fn unsupported_media_type() -> http::Response<Body> {
+/// An answer with HTTP `status` that ends the stream with its headers, carrying gRPC `code` and
+/// `message` (printable ASCII, sent as it is) for a gRPC client to show.
+fn refusal(
+    status: http::StatusCode,
+    code: tonic::Code,
+    message: &'static str,
+) -> http::Response<Body> {
     let mut response = http::Response::new(Body::empty());
-    *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert(
-        "grpc-status",
-        HeaderValue::from(tonic::Code::Internal as i32),
-    );
-    headers.insert("grpc-message", HeaderValue::from_static(REFUSAL));
+    headers.insert("grpc-status", HeaderValue::from(code as i32));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
     response
 }
 
@@ -96,6 +131,50 @@ mod tests {
             b"Application/GRPC",
         ] {
             assert!(is_grpc(value), "{}", String::from_utf8_lossy(value));
+        }
+    }
+
+    #[test]
+    fn a_grpc_timeout_is_one_to_eight_digits_and_a_unit() {
+        for value in [&b"1S"[..], b"100m", b"99999999n", b"0H", b"5M", b"30u"] {
+            assert!(is_grpc_timeout(value), "{}", String::from_utf8_lossy(value));
+        }
+        for value in [
+            &b""[..],
+            b"S",
+            b"-1S",
+            b"1X",
+            b"1.5S",
+            b" 1S",
+            b"1S ",
+            b"100000000S",
+            b"1s",
+            b"\xff1S",
+        ] {
+            assert!(
+                !is_grpc_timeout(value),
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_a_timeout_only_in_the_spec_s_form(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12)) {
+            let text = String::from_utf8_lossy(&value);
+            let spec = value.len() >= 2
+                && value.len() <= 9
+                && text.chars().last().is_some_and(|unit| "HMSmun".contains(unit))
+                && text[..text.len() - 1].chars().all(|c| c.is_ascii_digit())
+                && !text.contains('\u{fffd}');
+            proptest::prop_assert_eq!(is_grpc_timeout(&value), spec);
+        }
+
+        #[test]
+        fn every_timeout_in_the_spec_s_form_is_taken(digits in "[0-9]{1,8}", unit in "[HMSmun]") {
+            let value = format!("{digits}{unit}");
+            proptest::prop_assert!(is_grpc_timeout(value.as_bytes()));
         }
     }
 

@@ -349,6 +349,42 @@ async fn a_request_without_a_whole_message_is_invalid_argument() {
     .await
 }
 
+/// A `grpc-timeout` that is not the spec's form is refused (tonic would serve the call with no
+/// deadline); one that is, is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_grpc_timeout_is_invalid_argument() {
+    within(async {
+        let daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        for (timeout, status) in [
+            (&b"1.5S"[..], "3"),
+            (b"-1S", "3"),
+            (b"100000000S", "3"),
+            (b"20S", "0"),
+        ] {
+            let mut block = request("/types.API/State", "localhost", false, false);
+            // A literal field with a new name, not indexed (RFC 7541 6.2.2): both strings short.
+            block.push(0x00);
+            for text in [&b"grpc-timeout"[..], timeout] {
+                block.push(text.len() as u8);
+                block.extend_from_slice(text);
+            }
+            let answer = connection.call(&block, 1, &[]).await;
+            let shown = String::from_utf8_lossy(timeout);
+            assert_eq!(
+                answer.header("grpc-status"),
+                Some(status),
+                "{shown}: {answer:?}"
+            );
+            if status == "3" {
+                let text = answer.header("grpc-message").expect("grpc-message");
+                assert!(text.starts_with("malformed grpc-timeout"), "{text}");
+            }
+        }
+    })
+    .await
+}
+
 /// No method of this API streams from the client: a request with a second message is refused
 /// before its handler runs (tonic would serve the first and drop the rest), and nothing is made.
 #[tokio::test(flavor = "multi_thread")]
