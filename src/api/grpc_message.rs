@@ -90,8 +90,38 @@ pub fn status_on_the_wire(
 fn fix(headers: &mut HeaderMap, limits: &MessageLimits) {
     over_size_is_resource_exhausted(headers, limits);
     no_whole_message_is_invalid_argument(headers);
+    bad_compressed_flag_is_invalid_argument(headers);
     unimplemented_says_what(headers);
     reencode(headers);
+}
+
+/// tonic's text for a message whose compressed-flag is neither 0 nor 1 ("…, while sending
+/// request", from a server), up to the flag.
+const BAD_FLAG: &[u8] = b"protocol error: received message with invalid compression flag: ";
+
+/// A compressed-flag other than 0 and 1 is malformed input: INVALID_ARGUMENT, saying which
+/// flags are. (A flag of 1 with no `grpc-encoding` stays INTERNAL, as gRPC's compression spec
+/// requires.)
+fn bad_compressed_flag_is_invalid_argument(headers: &mut HeaderMap) {
+    if !has_status(headers, b"13") {
+        return;
+    }
+    let said = message(headers);
+    let Some(rest) = said.strip_prefix(BAD_FLAG) else {
+        return;
+    };
+    let flag: String = rest
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|&b| char::from(b))
+        .collect();
+    let text = format!(
+        "the request's message has compressed-flag {flag}: it must be 0, or 1 with a grpc-encoding header"
+    );
+    if let Ok(value) = HeaderValue::try_from(text) {
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("3"));
+        headers.insert(GRPC_MESSAGE, value);
+    }
 }
 
 /// tonic's UNIMPLEMENTED says nothing for a method no service has, and, capitalised, only that
@@ -225,6 +255,24 @@ mod tests {
         fix(&mut headers, &limits);
         let code = tonic::Code::from_bytes(headers[GRPC_STATUS].as_bytes());
         (code, headers[GRPC_MESSAGE].to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn a_compressed_flag_other_than_0_and_1_is_invalid_argument() {
+        let limits = MessageLimits::new(4_194_304, 4_194_304);
+        let tonics = tonic::Status::internal(
+            "protocol error: received message with invalid compression flag: 2 (valid flags are 0 and 1), while sending request",
+        );
+        let (code, text) = over_limits(tonics, limits);
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert!(
+            text.contains("compressed-flag 2") && text.contains("must be 0"),
+            "{text}"
+        );
+        let no_encoding = tonic::Status::internal(
+            "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+        );
+        assert_eq!(over_limits(no_encoding, limits).0, tonic::Code::Internal);
     }
 
     #[test]

@@ -333,6 +333,7 @@ async fn a_request_without_a_whole_message_is_invalid_argument() {
         for (body, says) in [
             (&[][..], "no message"),
             (&[0, 0, 0, 0, 5, 0x0a][..], "cut short"),
+            (&[2, 0, 0, 0, 0][..], "compressed-flag 2"),
         ] {
             let answer = connection.call_with_body(&block, 1, body).await;
             assert_eq!(
