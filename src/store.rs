@@ -328,7 +328,11 @@ fn write_record(dir: &Path, record: &ContainerRecord) -> Result<()> {
 /// then renamed over `path`.
 pub(crate) fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = create_private(tmp).map_err(|e| Error::io(tmp, e))?;
-    file.write_all(bytes).map_err(|e| Error::io(tmp, e))?;
+    if let Err(e) = file.write_all(bytes) {
+        // A full disk: nothing half written is left to the next start.
+        let _ = std::fs::remove_file(tmp);
+        return Err(Error::io(tmp, e));
+    }
     std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
 }
 

@@ -125,7 +125,8 @@ fn bad_compressed_flag_is_invalid_argument(headers: &mut HeaderMap) {
 }
 
 /// tonic's UNIMPLEMENTED says nothing for a method no service has, and, capitalised, only that
-/// a request's compression "isn't supported": each says what berthd takes instead.
+/// a request's compression "isn't supported": each says what to do instead. (berthd takes no
+/// compressed request: see the services' setup in crate::daemon.)
 fn unimplemented_says_what(headers: &mut HeaderMap) {
     if !has_status(headers, b"12") {
         return;
@@ -134,9 +135,11 @@ fn unimplemented_says_what(headers: &mut HeaderMap) {
     let text = if said.is_empty() {
         "no such method: berthd serves types.API (proto/api.proto) and berth.daemon.Daemon (proto/daemon.proto)".to_owned()
     } else if let Some(rest) = said.strip_prefix(b"Content is compressed with `".as_slice()) {
-        let encoding = rest.split(|&b| b == b'`').next().unwrap_or_default();
+        let encoding = rest
+            .strip_suffix(b"` which isn't supported".as_slice())
+            .unwrap_or(rest);
         format!(
-            "requests compressed with {} are not taken: send them uncompressed, or with gzip or deflate",
+            "compressed requests ({}) are not taken: send them uncompressed (grpc's default)",
             crate::error::quote(&String::from_utf8_lossy(encoding))
         )
     } else {
@@ -292,7 +295,7 @@ mod tests {
             .decode_utf8_lossy()
             .into_owned();
         assert!(
-            text.contains("zstd") && text.contains("gzip or deflate"),
+            text.contains("zstd") && text.contains("uncompressed"),
             "{text}"
         );
         let other = tonic::Status::unimplemented("something else");

@@ -121,7 +121,7 @@ impl Charge {
     fn take(&mut self, bytes: usize) -> Result<(), tonic::Status> {
         let over = || {
             tonic::Status::resource_exhausted(format!(
-                "this client's requests still arriving would hold more than {} bytes in berthd, the most one uid may ({REQUESTS_PER_UID} of the largest request); send fewer large requests at once or finish those begun",
+                "this client's requests still arriving would hold more than {} bytes in berthd, the most one uid may ({REQUESTS_PER_UID} of the largest request, and {ARRIVING_REQUEST_BYTES} bytes for each request arriving); send fewer requests at once or finish those begun",
                 self.size
             ))
         };

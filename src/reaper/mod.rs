@@ -160,6 +160,32 @@ impl Namespace {
     }
 }
 
+/// Every process descending from `pid`, from each of its threads' `children` in /proc.
+fn descendants_of(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut looking = vec![pid];
+    while let Some(parent) = looking.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = crate::procfs::read_generated(task.path().join("children"), 64);
+            let children = children.unwrap_or_default();
+            for child in String::from_utf8_lossy(&children)
+                .split_whitespace()
+                .filter_map(|child| child.parse::<i32>().ok())
+            {
+                // A bound against a loop through a pid reused meanwhile.
+                if !found.contains(&child) && found.len() < 4096 {
+                    found.push(child);
+                    looking.push(child);
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Tracks child processes by pidfd and reaps orphans.
 pub struct Reaper {
     tables: Mutex<Tables>,
@@ -303,12 +329,15 @@ impl Reaper {
         }
     }
 
-    /// Kills with SIGKILL, through a pidfd, each of `pids` that is berthd's own child and
-    /// neither tracked nor claimed; returns how many. For what a runtime killed at its timeout
-    /// left in the container's cgroups: its init stage (runc's `init`, which runs the
-    /// createContainer hooks), reparented to berthd as the runtime died. Any other process there
-    /// is not berthd's to kill. Blocks on /proc: call it off the reactor.
-    pub(crate) fn kill_left_children(&self, pids: &[i32]) -> usize {
+    /// Kills with SIGKILL, through pidfds, each of `pids` that is a runtime's init stage a
+    /// runtime killed at its timeout left behind (runc's `init`, running the createContainer
+    /// hooks), and every process descending from it; returns how many. An init stage is
+    /// berthd's own child, reparented as the runtime died, neither tracked nor claimed, started
+    /// at tick `since` or later, with `runtime` as its `argv[0]` (runc's init runs a sealed copy
+    /// of runc, so its executable's path says nothing). Nothing else is berthd's to kill: the
+    /// cgroup may be another container's, whose orphans are berthd's children too. Blocks on
+    /// /proc: call it off the reactor.
+    pub(crate) fn kill_left_init_stages(&self, pids: &[i32], runtime: &[u8], since: u64) -> usize {
         let own = std::process::id();
         let mut killed = 0;
         for &pid in pids {
@@ -317,12 +346,26 @@ impl Reaper {
                 continue;
             };
             let mine = crate::procfs::process_parent(pid as u32).is_ok_and(|parent| parent == own);
+            let runs_runtime = crate::procfs::read_generated(format!("/proc/{pid}/cmdline"), 256)
+                .is_ok_and(|cmdline| cmdline.split(|&b| b == 0).next() == Some(runtime));
+            let started = crate::procfs::process_start_time(pid as u32).is_ok_and(|t| t >= since);
             let registered = {
                 let mut tables = self.tables.lock().expect("reaper lock poisoned");
                 tables.tracked.contains(&pid) || tables.claimed(pid)
             };
-            if mine && !registered && sys::send_signal(pidfd.as_fd(), libc::SIGKILL).is_ok() {
-                killed += 1;
+            if !(mine && runs_runtime && started) || registered {
+                continue;
+            }
+            // Its descendants are held by pidfd before it dies: without a pid namespace of
+            // their own they would outlive it, reparented to berthd like any orphan.
+            let descendants: Vec<OwnedFd> = descendants_of(pid)
+                .into_iter()
+                .filter_map(|child| sys::open(child).ok())
+                .collect();
+            for fd in std::iter::once(&pidfd).chain(&descendants) {
+                if sys::send_signal(fd.as_fd(), libc::SIGKILL).is_ok() {
+                    killed += 1;
+                }
             }
         }
         killed

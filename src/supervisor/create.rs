@@ -316,7 +316,12 @@ impl Supervisor {
     /// a unified host; for the built-in runtime beneath its memory cgroup in every hierarchy, as
     /// it places them). Only the leaf, never berthd's own cgroup, one above it or a root, and
     /// only when empty (the kernel refuses otherwise), as the runtime's own delete would.
-    pub(super) async fn remove_left_cgroups(&self, id: &str, cgroups_path: Option<&Path>) {
+    pub(super) async fn remove_left_cgroups(
+        &self,
+        id: &str,
+        cgroups_path: Option<&Path>,
+        since: u64,
+    ) {
         let own = match crate::procfs::read_generated("/proc/self/cgroup", 2048) {
             Ok(own) => own,
             Err(e) => {
@@ -358,10 +363,26 @@ impl Supervisor {
         }
         let id = id.to_owned();
         let reaper = Arc::clone(&self.reaper);
+        // The runtime's init stage is started as the runtime (as berthd, built in).
+        let runtime: Option<Vec<u8>> = if self.runtime.binary().is_builtin() {
+            std::env::args_os()
+                .next()
+                .map(|arg0| arg0.into_encoded_bytes())
+        } else {
+            Some(
+                self.runtime
+                    .binary()
+                    .path
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .to_vec(),
+            )
+        };
         let removing = tokio::task::spawn_blocking(move || {
             // A runtime killed while its init stage ran (a createContainer hook that hangs)
             // leaves that stage, and what it started, in the container's cgroups, reparented
-            // to berthd as each parent dies.
+            // to berthd. Only that stage is looked for, with what descends from it: a cgroup
+            // the bundle names may hold another container's processes, orphans of berthd's too.
             let kill_left = || {
                 let mut left: Vec<i32> = dirs
                     .iter()
@@ -377,7 +398,10 @@ impl Supervisor {
                     .collect();
                 left.sort_unstable();
                 left.dedup();
-                let killed = reaper.kill_left_children(&left);
+                let Some(runtime) = &runtime else {
+                    return;
+                };
+                let killed = reaper.kill_left_init_stages(&left, runtime, since);
                 if killed > 0 {
                     tracing::info!(
                         id,

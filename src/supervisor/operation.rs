@@ -206,8 +206,9 @@ pub(super) struct Undo<'a> {
     /// Whose operation it is: its runtime delete takes that uid's runtime turn.
     asker: Asker,
     reservation: Option<Reservation<'a>>,
-    /// Set once the runtime may hold state, with the bundle's `cgroupsPath`.
-    runtime_state: Option<Option<PathBuf>>,
+    /// Set once the runtime may hold state, with the bundle's `cgroupsPath` and when (in clock
+    /// ticks since boot, as process start times count) the runtime was about to run.
+    runtime_state: Option<(Option<PathBuf>, u64)>,
     started_pid: Option<i32>,
     process: Option<TrackedProcess>,
     relay: Option<RelayId>,
@@ -242,7 +243,9 @@ impl<'a> Undo<'a> {
     /// The runtime may hold state for the container from here on: delete it, and the cgroups
     /// a runtime killed at its timeout leaves behind (`cgroups_path` as the bundle gives it).
     pub(super) fn runtime_state(&mut self, cgroups_path: Option<PathBuf>) {
-        self.runtime_state = Some(cgroups_path);
+        let now = crate::procfs::ticks_since_boot(std::time::SystemTime::now()).unwrap_or(0);
+        // A tick early: start times are whole ticks, and this moment may round up.
+        self.runtime_state = Some((cgroups_path, now.saturating_sub(1)));
     }
 
     /// The runtime started process `pid` (a child of berthd): kill and reap it.
@@ -307,9 +310,9 @@ impl<'a> Undo<'a> {
         }
         // Only a runtime killed at its timeout leaves its cgroups: one that failed removed them
         // on its way out, and what is there now may be another's.
-        if let (Some(cgroups_path), Error::Timeout { .. }) = (runtime_state, &err) {
+        if let (Some((cgroups_path, since)), Error::Timeout { .. }) = (runtime_state, &err) {
             self.supervisor
-                .remove_left_cgroups(id, cgroups_path.as_deref())
+                .remove_left_cgroups(id, cgroups_path.as_deref(), since)
                 .await;
         }
         drop(self.reservation.take());
