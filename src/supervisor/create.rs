@@ -172,16 +172,12 @@ impl Supervisor {
         self.stats.watch_oom(&request.id);
         let init = Arc::clone(&container.init);
         self.watch_init(container);
-        // Answer once the record is on disk: a berthd that dies now still finds the container.
-        saved.await;
-        if let Some(failure) = self.store.take_failure(&request.id) {
-            // Without its record a restart would take it for a create cut off and delete it
-            // unannounced: it goes now, its exit reported and cleaned up as any other's.
-            if let Err(e) = init.tracked.signal(libc::SIGKILL) {
-                tracing::warn!(id = %request.id, error = %e, "could not kill a container whose state file could not be written");
-            }
-            return Err(killed_for(failure, &format!("container {}", request.id)));
-        }
+        // Answer once the record is on disk: a berthd that dies now still finds the container
+        // (without it, a restart would take it for a create cut off and delete it unannounced).
+        self.recorded_or_killed(&request.id, saved, &init.tracked, || {
+            format!("container {}", request.id)
+        })
+        .await?;
         Ok(pid)
     }
 
@@ -446,24 +442,6 @@ impl Supervisor {
         if let Err(e) = self.runtime.run(Operation::Delete { id }, asker).await {
             tracing::debug!(id, error = %e, "runtime delete after a failed request");
         }
-    }
-}
-
-/// What a create or exec answers when the state file of its container could not be written
-/// once `what` (the container, an added process) had started, and it was killed for it: the
-/// file's own error, with its errno (a full disk or no descriptor left is RESOURCE_EXHAUSTED).
-pub(super) fn killed_for(failure: Error, what: &str) -> Error {
-    match failure {
-        Error::Io { path, source } => Error::sys(
-            format!(
-                "{what} was killed: the state file {} could not be written",
-                path.display()
-            ),
-            source,
-        ),
-        other => Error::Internal(format!(
-            "{what} was killed: the state file could not be written: {other}"
-        )),
     }
 }
 

@@ -179,17 +179,10 @@ impl Supervisor {
         );
         self.watch_process(Arc::clone(container), Arc::clone(&process));
         // Answer once the record holds the process: a berthd that dies now still finds it.
-        saved.await;
-        if let Some(failure) = self.store.take_failure(&container.id) {
-            // A restart would not know it: it goes now, its exit reported as any other's.
-            if let Err(e) = process.tracked.signal(libc::SIGKILL) {
-                tracing::warn!(id = %container.id, pid, error = %e, "could not kill an added process whose container's state file could not be written");
-            }
-            return Err(super::create::killed_for(
-                failure,
-                &format!("process {pid} of container {}", container.id),
-            ));
-        }
+        self.recorded_or_killed(&container.id, saved, &process.tracked, || {
+            format!("process {pid} of container {}", container.id)
+        })
+        .await?;
         Ok(pid)
     }
 

@@ -338,6 +338,39 @@ impl Supervisor {
             .write_flushed(container.record(&self.runtime.binary().path, &mutable))
     }
 
+    /// Waits for `saved`, the write of container `id`'s record that holds `process`, just
+    /// started. If that write failed, a restart would not know the process: it is killed, its
+    /// exit then reported and cleaned up as any other's, and the file's own error is returned,
+    /// naming `what` (a full disk or no descriptor left is RESOURCE_EXHAUSTED).
+    pub(super) async fn recorded_or_killed(
+        &self,
+        id: &str,
+        saved: Flushed,
+        process: &TrackedProcess,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        saved.await;
+        let Some(failure) = self.store.take_failure(id) else {
+            return Ok(());
+        };
+        let what = what();
+        if let Err(e) = process.signal(libc::SIGKILL) {
+            tracing::warn!(id, error = %e, "could not kill {what}, whose state file could not be written");
+        }
+        Err(match failure {
+            Error::Io { path, source } => Error::sys(
+                format!(
+                    "{what} was killed: the state file {} could not be written",
+                    path.display()
+                ),
+                source,
+            ),
+            other => Error::Internal(format!(
+                "{what} was killed: the state file could not be written: {other}"
+            )),
+        })
+    }
+
     /// Removes the container's state file for good (its init has exited).
     pub(super) fn remove_record(&self, container: &Container) {
         let mut mutable = container.lock();
