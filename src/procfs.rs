@@ -137,6 +137,21 @@ fn mount_type(mountinfo: &[u8], mount_id: u64) -> Option<&[u8]> {
     })
 }
 
+/// The pids a kernel list of them holds (`cgroup.procs`, a thread's `children`): numbers
+/// separated by white space; anything else is skipped.
+pub fn parse_pids(list: &[u8]) -> Vec<i32> {
+    list.split(u8::is_ascii_whitespace)
+        .filter_map(|pid| std::str::from_utf8(pid).ok()?.parse().ok())
+        .collect()
+}
+
+/// The pids listed in the kernel file at `path`, none when it cannot be read.
+pub fn read_pids(path: impl AsRef<Path>) -> Vec<i32> {
+    read_generated(path, 64)
+        .map(|list| parse_pids(&list))
+        .unwrap_or_default()
+}
+
 /// Field `n` (from 3, the state) of a `/proc/<pid>/stat` line. The command name (field 2) may
 /// hold spaces and parentheses, so fields are counted from the last `)`.
 fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
@@ -148,6 +163,14 @@ fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pid_lists_are_numbers_between_white_space() {
+        assert_eq!(parse_pids(b"12\n345\n"), [12, 345]);
+        assert_eq!(parse_pids(b"7 8 "), [7, 8]);
+        assert_eq!(parse_pids(b""), Vec::<i32>::new());
+        assert_eq!(parse_pids(b"1 x -\xff 2"), [1, 2]);
+    }
 
     #[test]
     fn start_time_is_field_22_even_with_odd_command_names() {

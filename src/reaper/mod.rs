@@ -169,12 +169,7 @@ fn descendants_of(pid: i32) -> Vec<i32> {
             continue;
         };
         for task in tasks.flatten() {
-            let children = crate::procfs::read_generated(task.path().join("children"), 64);
-            let children = children.unwrap_or_default();
-            for child in String::from_utf8_lossy(&children)
-                .split_whitespace()
-                .filter_map(|child| child.parse::<i32>().ok())
-            {
+            for child in crate::procfs::read_pids(task.path().join("children")) {
                 // A bound against a loop through a pid reused meanwhile.
                 if !found.contains(&child) && found.len() < 4096 {
                     found.push(child);

@@ -382,15 +382,7 @@ impl Supervisor {
             let kill_left = || {
                 let mut left: Vec<i32> = dirs
                     .iter()
-                    .filter_map(|dir| {
-                        crate::procfs::read_generated(dir.join("cgroup.procs"), 64).ok()
-                    })
-                    .flat_map(|procs| {
-                        String::from_utf8_lossy(&procs)
-                            .lines()
-                            .filter_map(|line| line.trim().parse().ok())
-                            .collect::<Vec<i32>>()
-                    })
+                    .flat_map(|dir| crate::procfs::read_pids(dir.join("cgroup.procs")))
                     .collect();
                 left.sort_unstable();
                 left.dedup();
