@@ -1,9 +1,9 @@
 //! Typed runtime operations and the one place they become argv for runc, crun or youki.
 //!
 //! Owns: the argv of every runtime invocation, how many run at once ([`turns`]), its timeout and
-//! log file, turning a failed invocation into an error that carries the runtime's own message
-//! (from its JSON log, which it then removes; a successful invocation's log is the spawner's to
-//! remove), and the [`Spawner`] interface with what it takes ([`SpawnStdio`], [`SpawnOptions`])
+//! log file ([`log_files`]), turning a failed invocation into an error that carries the
+//! runtime's own message (from its JSON log, which it then empties; a successful invocation's
+//! log is the spawner's to empty), and the [`Spawner`] interface with what it takes ([`SpawnStdio`], [`SpawnOptions`])
 //! and returns ([`Completion`]); with `--runtime builtin`, the same operations as calls for the
 //! built-in runtime ([`builtin`]); what runtime commands cut off half-way leave in the
 //! runtime's root that the runtime itself would mishandle (a restore's `criu-root` mount, which
@@ -13,18 +13,20 @@
 
 pub mod builtin;
 mod criu;
+mod log_files;
 mod turns;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
 use crate::error::{Error, Result};
 use builtin::BuiltinCall;
+use log_files::LogFiles;
+pub(crate) use log_files::empty_if_written;
 use turns::Turns;
 pub(crate) use turns::{Asker, Turn};
 
@@ -413,9 +415,9 @@ impl RuntimeBinary {
 pub struct SpawnOptions {
     /// The command (and its process group) is killed after this long.
     pub timeout: Duration,
-    /// The log file the command writes, which the spawner removes once the command has exited
-    /// 0 (nothing in it is wanted then). After any other ending it is left for the caller to
-    /// read and remove.
+    /// The log file the command writes, which the spawner empties once the command has exited
+    /// 0 (nothing in it is wanted then, and the file goes to the next command). After any other
+    /// ending it is left for the caller to read and empty.
     pub log: Option<PathBuf>,
     /// Killed with its process group (not what left it, such as restored tasks) if berthd dies
     /// or closes the spawn helper's socket while it runs. Other commands run to their end, and
@@ -491,8 +493,7 @@ pub struct Runtime {
     binary: RuntimeBinary,
     spawner: Arc<dyn Spawner>,
     timeout: Duration,
-    log_dir: PathBuf,
-    next_log: AtomicU64,
+    logs: LogFiles,
     criu: criu::Criu,
     create_mode: CreateMode,
     turns: Turns,
@@ -510,8 +511,7 @@ impl Runtime {
             binary,
             spawner,
             timeout,
-            log_dir,
-            next_log: AtomicU64::new(0),
+            logs: LogFiles::new(log_dir),
             create_mode: CreateMode::Run,
             turns: Turns::new(Turns::per_cpu(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -636,10 +636,7 @@ impl Runtime {
         op: Operation<'_>,
         stdio: [SpawnStdio; 3],
     ) -> Result<String> {
-        let log = self.log_dir.join(format!(
-            "{}.log",
-            self.next_log.fetch_add(1, Ordering::Relaxed)
-        ));
+        let log = self.logs.take();
         let what = format!("{} {}", self.binary.name(), op.name());
         let started = std::time::Instant::now();
         let options = SpawnOptions {
@@ -667,11 +664,21 @@ impl Runtime {
                 ..
             })
         );
-        // After a success the spawner has removed the log.
-        let log_text = if succeeded {
-            String::new()
-        } else {
-            take_log(log).await
+        // After a success the spawner has emptied the log. A command whose end is unknown (no
+        // completion) may still write to its log: that file is not given back.
+        let log_text = match &completion {
+            Ok(_) if succeeded => {
+                self.logs.give_back(log);
+                String::new()
+            }
+            Ok(_) => {
+                let (text, emptied) = log_files::take_text(log.clone()).await;
+                if emptied {
+                    self.logs.give_back(log);
+                }
+                text
+            }
+            Err(_) => String::new(),
         };
         let completion = completion?;
         match completion.outcome {
@@ -703,16 +710,6 @@ impl Runtime {
             }
         }
     }
-}
-
-/// What a failed command wrote to its log file, which is then removed; off the reactor.
-async fn take_log(log: PathBuf) -> String {
-    let take = move || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
-        text
-    };
-    tokio::task::spawn_blocking(take).await.unwrap_or_default()
 }
 
 /// The most useful line a failed runtime left: the last error in its JSON log, else the last

@@ -246,32 +246,50 @@ async fn success_returns_stdout() {
 }
 
 #[tokio::test]
-async fn the_log_of_a_success_is_the_spawners_to_remove_and_of_a_failure_is_read_and_removed() {
+async fn a_log_goes_to_the_next_command_once_emptied_by_the_spawner_or_read_and_emptied() {
     let logs = tempfile::tempdir().unwrap();
     let exited = |code| Outcome::Exited { code: Some(code) };
     let (runtime, stub) = runtime_logging(exited(0), "", "", logs.path().to_owned());
     runtime.run(Operation::List, Asker::Berthd).await.unwrap();
-    let options = stub.options.lock().unwrap()[0].clone();
-    let log = options.log.expect("the log is named to the spawner");
-    assert!(log.starts_with(logs.path()), "{log:?}");
-    assert!(
-        log.exists(),
-        "berthd itself leaves a success's log to the spawner"
-    );
-    std::fs::remove_file(&log).unwrap();
+    runtime.run(Operation::List, Asker::Berthd).await.unwrap();
+    let named: Vec<_> = stub
+        .options
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|o| o.log.clone().unwrap())
+        .collect();
+    assert!(named[0].starts_with(logs.path()), "{named:?}");
+    assert_eq!(named[0], named[1], "a success's log is the next command's");
 
     let line = r#"{"level":"error","msg":"container \"a\" does not exist","time":"t"}"#;
     let (runtime, stub) = runtime_logging(exited(1), "", line, logs.path().to_owned());
-    let err = runtime
-        .run(Operation::Pause { id: "a" }, Asker::Berthd)
-        .await
-        .unwrap_err();
+    for _ in 0..2 {
+        let err = runtime
+            .run(Operation::Pause { id: "a" }, Asker::Berthd)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "runc pause failed: container \"a\" does not exist"
+        );
+    }
+    let named: Vec<_> = stub
+        .options
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|o| o.log.clone().unwrap())
+        .collect();
     assert_eq!(
-        err.to_string(),
-        "runc pause failed: container \"a\" does not exist"
+        named[0], named[1],
+        "a failure's log, once read, is the next command's"
     );
-    let log = stub.options.lock().unwrap()[0].log.clone().unwrap();
-    assert!(!log.exists(), "a failure's log is removed once read");
+    assert_eq!(
+        std::fs::metadata(&named[0]).unwrap().len(),
+        0,
+        "read and emptied"
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The spawn helper's side: a single-threaded loop that starts runtime commands (programs, or
 //! built-in runtime calls in a forked child), captures their output, enforces their timeouts,
-//! removes the log of a command that exited 0 and reports how they ended; once berthd is gone it
+//! empties the log of a command that exited 0 and reports how they ended; once berthd is gone it
 //! kills the commands that asked for it and exits. It runs in a small process forked before
 //! berthd's runtime exists (or exec'd afresh when berthd restarts it), so forking here is cheap
 //! and safe.
@@ -75,7 +75,7 @@ struct Running {
     timed_out: bool,
     stdout: Capture,
     stderr: Capture,
-    /// Removed here if the command exits 0, so berthd's reactor never waits on a removal.
+    /// Emptied here if the command exits 0, so berthd's reactor never waits on the file.
     log: Option<PathBuf>,
     kill_if_abandoned: bool,
 }
@@ -364,7 +364,7 @@ fn reap_and_report(socket: &OwnedFd, running: &mut HashMap<u64, Running>, ready:
         if let (Outcome::Exited { wait_status }, Some(log)) = (&outcome, &r.log)
             && exit_code(*wait_status) == Some(0)
         {
-            let _ = std::fs::remove_file(log);
+            crate::runtime::empty_if_written(log);
         }
         let response = Response {
             id: *id,
@@ -502,5 +502,35 @@ mod tests {
         sleeping.kill();
         rustix::process::waitpid(Some(sleeping.pid), rustix::process::WaitOptions::empty())
             .unwrap();
+    }
+
+    #[test]
+    fn a_log_is_emptied_after_a_success_and_left_as_written_after_a_failure() {
+        let _children = crate::reaper::tests::CHILD_PROCESSES.blocking_lock();
+        let (berthd_end, helper_end) = super::super::socketpair().unwrap();
+        let mut running = HashMap::new();
+        let dir = tempfile::tempdir().unwrap();
+        let minute = Duration::from_secs(60);
+        for (id, exit) in [(1, 0), (2, 1)] {
+            let log = dir.path().join(format!("{id}.log"));
+            let script = format!("echo a warning >> {}; exit {exit}", log.display());
+            let request = Request {
+                log: Some(log),
+                ..shell(id, &script, minute)
+            };
+            start(&helper_end, request, Vec::new(), &mut running);
+        }
+        serve_until(&helper_end, &berthd_end, &mut running, 2);
+        let written = |id| std::fs::read_to_string(dir.path().join(format!("{id}.log"))).unwrap();
+        assert_eq!(
+            written(1),
+            "",
+            "a success's log is kept, empty, for the next command"
+        );
+        assert_eq!(
+            written(2),
+            "a warning\n",
+            "a failure's log is berthd's to read"
+        );
     }
 }

@@ -37,7 +37,7 @@ pub(crate) struct Request {
     pub command: Command,
     pub stdio: [StdioSpec; 3],
     pub timeout_ms: u64,
-    /// The command's log file, removed by the helper once the command has exited 0.
+    /// The command's log file, emptied by the helper once the command has exited 0.
     pub log: Option<PathBuf>,
     /// Killed with its process group once berthd is gone (see `SpawnOptions`).
     pub kill_if_abandoned: bool,

@@ -329,10 +329,33 @@ async fn many_containers_killed_at_once_all_report_their_exit_and_leave_nothing(
             .expect("containers dir")
             .count();
         assert_eq!(records, 0, "no state file, no temp file left");
+        assert_runtime_logs_reused(&d, 2 * COUNT + 2);
         d.assert_settles(&baseline).await;
         d.assert_no_zombies().await;
     })
     .await
+}
+
+/// The runtime commands' log files are kept for the next command, empty, rather than made and
+/// removed per command: after `commands` commands there are no more of them than commands that
+/// can run at once (four per CPU). A runtime program makes its log when it starts; the built-in
+/// runtime writes one only to say why it failed.
+fn assert_runtime_logs_reused(d: &Daemon, commands: usize) {
+    let logs: Vec<_> = std::fs::read_dir(d.state_dir().join("tmp"))
+        .expect("scratch dir")
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "log"))
+        .collect();
+    let at_once = 4 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        (builtin_runtime() || !logs.is_empty()) && logs.len() <= at_once,
+        "{} log files after {commands} runtime commands, at most {at_once} at once: {logs:?}",
+        logs.len()
+    );
+    for log in &logs {
+        let len = std::fs::metadata(log).unwrap().len();
+        assert_eq!(len, 0, "{} is not empty", log.display());
+    }
 }
 
 /// berthd holds a running container's mount and network namespaces, so the kernel does not tear

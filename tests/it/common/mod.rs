@@ -412,13 +412,22 @@ impl Daemon {
         }
     }
 
-    /// The names in berthd's scratch directory (`<state-dir>/tmp`: runtime logs, pid files,
-    /// console sockets), sorted.
+    /// The names in berthd's scratch directory (`<state-dir>/tmp`: pid files, console sockets,
+    /// runtime logs with something in them), sorted. An empty runtime log is kept for the next
+    /// runtime command (`runtime::log_files`), not left over.
     pub fn scratch_files(&self) -> Vec<String> {
         let dir = self.state_dir().join("tmp");
+        let kept_log = |entry: &fs::DirEntry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with("runtime-")
+                && name.ends_with(".log")
+                && entry.metadata().is_ok_and(|m| m.len() == 0)
+        };
         let mut names: Vec<String> = match fs::read_dir(&dir) {
             Ok(entries) => entries
-                .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+                .filter_map(|entry| entry.ok())
+                .filter(|entry| !kept_log(entry))
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => panic!("{}: {e}", dir.display()),
@@ -429,7 +438,7 @@ impl Daemon {
 
     /// Waits until every fd berthd holds was already open in `baseline` (by target, counted per
     /// target), it has no child that was not there then, and its scratch directory holds no
-    /// file that was not there then (a runtime's log is removed after a success and a failure
+    /// file that was not there then (a runtime's log is emptied after a success and a failure
     /// alike).
     pub async fn assert_settles(&self, baseline: &Baseline) {
         let deadline = Instant::now() + SETTLE;
