@@ -1205,7 +1205,11 @@ exec '{runc}' "$@"
             let answer = member
                 .ask(&["create-within", "1", id_, &bundle_str, "", "", ""])
                 .await;
-            expect(&answer, "DEADLINE_EXCEEDED", "");
+            // Given up at its deadline: by the client's own timer, or, where the client runs
+            // later than berthd, by tonic's answer to the expired grpc-timeout.
+            let given_up = answer.starts_with("DEADLINE_EXCEEDED")
+                || answer.starts_with("CANCELLED Timeout expired");
+            assert!(given_up, "{answer}");
         }
 
         // No request of the member's is open now, but both creates still are.
