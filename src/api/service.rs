@@ -570,18 +570,12 @@ impl proto::api_server::Api for ApiService {
         let place = self.stream_places.take(peer.uid)?;
         // Opening a container's stats files is file system work: off the reactor.
         let supervisor = Arc::clone(&self.supervisor);
-        let subscribing = id.clone();
-        let subscribed = tokio::task::spawn_blocking(move || {
+        let subscription = tokio::task::spawn_blocking(move || {
             let _span = span.entered();
-            supervisor.stats().subscribe(&subscribing)
+            supervisor.subscribe_stats(&id)
         })
         .await
-        .map_err(|e| Error::Internal(format!("subscribing to stats ended abnormally: {e}")))?;
-        let subscription = subscribed?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "container {id} does not exist or has no stats (its cgroup could not be read when it started)"
-            ))
-        })?;
+        .map_err(|e| Error::Internal(format!("subscribing to stats ended abnormally: {e}")))??;
         // Each subscriber waits for the shared snapshot, while its connection's socket has room
         // (a client that stops reading skips snapshots); the stream ends with OK when the
         // container is unregistered (its init exited), with UNAVAILABLE when berthd stops or

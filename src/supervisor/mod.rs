@@ -39,7 +39,7 @@ use crate::events::EventBus;
 use crate::hand_back::HandBack;
 use crate::reaper::Reaper;
 use crate::runtime::Runtime;
-use crate::stats::StatsHub;
+use crate::stats::{StatsHub, Subscription};
 use crate::store::Store;
 pub(crate) use caller::Caller;
 pub use caller::ClientFileLimits;
@@ -150,8 +150,18 @@ impl Supervisor {
         &self.events
     }
 
-    pub(crate) fn stats(&self) -> &StatsHub {
-        &self.stats
+    /// Subscribes to container `id`'s stats snapshots, opening its stats files if it has no
+    /// subscriber yet (file system work: call it off the reactor). A container with no stats
+    /// registered is refused as any other call on its id would be (unknown, still being created,
+    /// exited), or, running, as one whose cgroup could not be read when it started.
+    pub(crate) fn subscribe_stats(&self, id: &str) -> Result<Subscription> {
+        if let Some(subscription) = self.stats.subscribe(id)? {
+            return Ok(subscription);
+        }
+        self.container(id)?;
+        Err(Error::NotFound(format!(
+            "container {id} has no stats: its cgroup could not be read when it started"
+        )))
     }
 
     pub(crate) fn machine(&self) -> &Machine {

@@ -5,7 +5,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use berth_api::proto::{SignalRequest, UpdateContainerRequest};
+use berth_api::proto::{SignalRequest, StatsRequest, UpdateContainerRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::Code;
@@ -594,6 +594,46 @@ async fn a_create_killed_in_a_hook_at_the_runtime_timeout_leaves_no_cgroup() {
                 "{hook}: berthd's children left: {children:?}"
             );
         }
+    })
+    .await
+}
+
+/// While its create is under way an id answers GetStats as it answers every other call:
+/// FAILED_PRECONDITION "still being created" (it was NOT_FOUND, as for an unknown id).
+#[tokio::test(flavor = "multi_thread")]
+async fn get_stats_on_a_container_still_being_created_fails_precondition() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let mut d = daemon!(Options::args(&["--runtime-timeout", "3"]));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        let id = id("stats-creating");
+        bundle.edit(|c| {
+            c["hooks"] = serde_json::json!({
+                "createRuntime": [{"path": BUSYBOX, "args": ["busybox", "sleep", "1000"]}]
+            });
+        });
+        let mut client = d.client.clone();
+        let request = create_req(&id, &bundle);
+        let create = tokio::spawn(async move { client.create_container(request).await });
+        let deadline = Instant::now() + Duration::from_millis(2500);
+        let message = loop {
+            let answer = d
+                .client
+                .get_stats(StatsRequest { id: id.clone() })
+                .await
+                .map(|_| "a stats stream");
+            match answer {
+                Err(status) if status.code() == Code::NotFound && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break expect_code(other, Code::FailedPrecondition),
+            }
+        };
+        assert!(message.contains("still being created"), "{message}");
+        expect_code(create.await.unwrap(), Code::DeadlineExceeded);
+        d.assert_gone(&id).await;
     })
     .await
 }
