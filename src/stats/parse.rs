@@ -2,10 +2,13 @@
 //! `/proc/<pid>/cgroup`.
 //!
 //! Owns: turning the bytes of one read into values. Every parser works on a borrowed `&[u8]` and
-//! hands what it finds to a callback, so parsing allocates nothing; malformed input is an error
+//! hands what it finds to a callback, so parsing allocates nothing (but the lossy copy of an
+//! interface name that is not UTF-8); malformed input is an error
 //! naming the file kind and the offending line, never a panic.
 //! Does not own: which files exist or are read (cgroup), what the values mean in a snapshot
 //! (snapshot), or reading (sampler).
+
+use std::borrow::Cow;
 
 use crate::error::{Error, Result};
 
@@ -169,9 +172,11 @@ pub fn io_stat(buf: &[u8], mut visit: impl FnMut(u64, u64, &str, u64)) -> Result
 }
 
 /// One interface of `/proc/<pid>/net/dev`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetDevLine<'a> {
-    pub name: &'a str,
+    /// Lossy: the kernel takes any bytes but `/`, `:` and white space in a name, and a container
+    /// that may name its interfaces must not cost the others their stats.
+    pub name: Cow<'a, str>,
     pub rx_bytes: u64,
     pub rx_packets: u64,
     pub rx_errors: u64,
@@ -198,7 +203,7 @@ pub fn net_dev(buf: &[u8], mut visit: impl FnMut(&NetDevLine<'_>)) -> Result<()>
             .iter()
             .position(|&b| b == b':')
             .ok_or_else(|| malformed(KIND, "no interface name", line))?;
-        let name = text(KIND, line[..colon].trim_ascii(), line)?;
+        let name = String::from_utf8_lossy(line[..colon].trim_ascii());
         let mut counters = [0u64; 16];
         let mut f = fields(&line[colon + 1..]);
         for counter in &mut counters {
@@ -436,7 +441,7 @@ mod tests {
         let mut seen = Vec::new();
         net_dev(NET_DEV.as_bytes(), |l| {
             seen.push((
-                l.name.to_owned(),
+                l.name.to_string(),
                 [l.rx_bytes, l.rx_packets, l.rx_errors, l.rx_dropped],
                 [l.tx_bytes, l.tx_packets, l.tx_errors, l.tx_dropped],
             ))
@@ -460,6 +465,18 @@ mod tests {
         assert!(err_text(net_dev(long.as_bytes(), |_| {})).contains("not name: 16 counters"));
         let nameless = format!("{header}\n  {}\n", "1 ".repeat(16));
         assert!(err_text(net_dev(nameless.as_bytes(), |_| {})).contains("no interface name"));
+    }
+
+    #[test]
+    fn net_dev_keeps_every_interface_when_one_name_is_not_utf8() {
+        let header = NET_DEV.lines().take(2).collect::<Vec<_>>().join("\n");
+        let counters = "1 ".repeat(16);
+        let mut file = format!("{header}\n").into_bytes();
+        file.extend_from_slice(b"  \xff\xfe\xc3x: ");
+        file.extend_from_slice(format!("{counters}\n    v0: {counters}\n").as_bytes());
+        let mut names = Vec::new();
+        net_dev(&file, |l| names.push(l.name.clone().into_owned())).unwrap();
+        assert_eq!(names, ["\u{fffd}\u{fffd}\u{fffd}x", "v0"]);
     }
 
     #[test]

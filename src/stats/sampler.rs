@@ -6,14 +6,15 @@
 //! registry of containers or subscriptions (the hub in `mod.rs`), what a file means (snapshot),
 //! the unsafe part of io_uring (uring).
 
+use std::borrow::Cow;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::Error;
-use crate::stats::snapshot::Builder;
+use crate::stats::snapshot::{Builder, FileKind};
 use crate::stats::uring::Ring;
 use crate::stats::{ContainerStats, Shared};
 
@@ -21,6 +22,10 @@ use crate::stats::{ContainerStats, Shared};
 pub const SMALL_BUFFER: usize = 64;
 /// Buffer for a table (memory.stat, cpuacct.usage_all, blkio, net/dev).
 pub const LARGE_BUFFER: usize = 16 * 1024;
+/// The most of a `net/dev` read. The kernel hands that file over a page at a time, a line an
+/// interface, and a container may make as many interfaces as it likes: past this, the rest are
+/// left out of its stats (about 600 interfaces).
+pub const NET_DEV_MOST: usize = 64 * 1024;
 
 /// How the sampler reads files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,25 +106,38 @@ impl Sampler {
             }
         }
         let mut failures = Vec::new();
+        let mut cut_short = Vec::new();
+        let paged_past = rustix::param::page_size() / 2;
         let mut done = |index: usize, result: io::Result<&[u8]>| {
             let (ci, fi) = owners[index];
             let file = &containers[ci].source.files[fi];
             let applied = result
-                .map_err(|e| Error::io(&file.path, e))
                 .and_then(|content| {
+                    // Its first read may have been its first page only: read on to its end.
+                    if file.kind != FileKind::NetDev || content.len() < paged_past {
+                        return Ok((content.into(), false));
+                    }
+                    let (whole, cut) = read_on(reads[index].0, content, NET_DEV_MOST)?;
+                    Ok((whole.into(), cut))
+                })
+                .map_err(|e| Error::io(&file.path, e))
+                .and_then(|(content, cut): (Cow<'_, [u8]>, bool)| {
                     let capacity = if reads[index].1 {
                         LARGE_BUFFER
                     } else {
                         SMALL_BUFFER
                     };
-                    if content.len() == capacity {
+                    if content.len() == capacity && file.kind != FileKind::NetDev {
                         return Err(Error::Internal(format!(
                             "{}: larger than the {capacity}-byte read buffer",
                             file.path.display()
                         )));
                     }
+                    if cut {
+                        cut_short.push((ci, fi));
+                    }
                     builders[ci]
-                        .apply(file.kind, content)
+                        .apply(file.kind, &content)
                         .map_err(|e| Error::Internal(format!("{}: {e}", file.path.display())))
                 });
             if let Err(e) = applied {
@@ -146,6 +164,12 @@ impl Sampler {
             container
                 .sender
                 .send_replace(Some(Arc::new(builder.finish(timestamp))));
+        }
+        for (ci, fi) in cut_short {
+            if !std::mem::replace(&mut states[ci].warned[fi], true) {
+                let path = containers[ci].source.files[fi].path.display();
+                tracing::warn!(id = %containers[ci].id, file = %path, "more interfaces than fit in {} KiB of net/dev: the rest are left out of the container's stats", NET_DEV_MOST / 1024);
+            }
         }
         let read_errors = failures.len() as u64;
         for (ci, fi, error) in failures {
@@ -181,6 +205,33 @@ fn pread_all(
         done(index, result.map(|n| &buffer[..n]).map_err(io::Error::from));
     }
     reads.len() as u64
+}
+
+/// `first`, the start of the file at `fd`, and what follows it up to `most` bytes in all; and
+/// whether the file went on past that (the result then ends at its last whole line).
+fn read_on(fd: BorrowedFd<'_>, first: &[u8], most: usize) -> io::Result<(Vec<u8>, bool)> {
+    let mut whole = first.to_vec();
+    while whole.len() < most {
+        let filled = whole.len();
+        whole.resize(most, 0);
+        let read = loop {
+            match rustix::io::pread(fd, &mut whole[filled..], filled as u64) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other,
+            }
+        };
+        let n = read?;
+        whole.truncate(filled + n);
+        if n == 0 {
+            return Ok((whole, false));
+        }
+    }
+    let end = whole
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1);
+    whole.truncate(end);
+    Ok((whole, true))
 }
 
 /// The sampler thread: a tick every `interval` until the hub is dropped (`stop` disconnects).
@@ -234,7 +285,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::stats::cgroup::{Location, Source, V1Dirs};
+    use crate::stats::cgroup::{Location, Source, StatsFile, V1Dirs};
     use crate::stats::{Snapshot, Subscription};
 
     fn write_all(dir: &Path, files: &[(&str, &str)]) {
@@ -379,6 +430,67 @@ mod tests {
             assert_eq!(snap.cpu.total, 0);
             assert_eq!(snap.memory.usage.usage, 0);
             assert!(snap.memory.stats.is_empty());
+        }
+    }
+
+    /// A `net/dev` of `interfaces` interfaces, each line as long as the kernel's.
+    fn net_dev_text(interfaces: usize) -> String {
+        let mut text = String::from(
+            "Inter-|   Receive                      |  Transmit\n face |bytes    packets|bytes    packets\n",
+        );
+        for n in 0..interfaces {
+            text += &format!("{:>6}:{}\n", format!("v{n}"), " 1234567".repeat(16));
+        }
+        text
+    }
+
+    fn net_dev_sample(backend: Backend, text: &str) -> (Arc<Snapshot>, Tick) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        std::fs::write(&path, text).unwrap();
+        let fd = rustix::fs::open(
+            &path,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let file = StatsFile {
+            kind: FileKind::NetDev,
+            fd,
+            path: path.into(),
+        };
+        let source = Source {
+            files: vec![file],
+            ..Source::default()
+        };
+        let container = Arc::new(ContainerStats::new("c", source));
+        let mut sub = container.subscribe();
+        let tick = Sampler::new(backend, None).tick(std::slice::from_ref(&container));
+        let snapshot = sub.receiver.borrow_and_update().clone().expect("published");
+        (snapshot, tick)
+    }
+
+    #[test]
+    fn a_net_dev_longer_than_its_first_read_is_read_to_its_end() {
+        let text = net_dev_text(300);
+        assert!(text.len() > LARGE_BUFFER && text.len() < NET_DEV_MOST);
+        for backend in [Backend::IoUring, Backend::Pread] {
+            let (snap, tick) = net_dev_sample(backend, &text);
+            assert_eq!(tick.read_errors, 0, "{backend:?}");
+            assert_eq!(snap.network.len(), 300, "{backend:?}");
+            assert_eq!(&*snap.network[299].name, "v299");
+        }
+    }
+
+    #[test]
+    fn a_net_dev_past_its_most_keeps_the_interfaces_that_fit() {
+        let text = net_dev_text(1000);
+        let fit = text[..NET_DEV_MOST].matches('\n').count() - 2;
+        for backend in [Backend::IoUring, Backend::Pread] {
+            let (snap, tick) = net_dev_sample(backend, &text);
+            assert_eq!(tick.read_errors, 0, "{backend:?}");
+            assert_eq!(snap.network.len(), fit, "{backend:?}");
+            assert_eq!(snap.network[fit - 1].rx_bytes, 1234567);
         }
     }
 

@@ -193,6 +193,10 @@ pub struct Names {
 }
 
 impl Names {
+    /// The most kept: a container may rename its interfaces every tick, and what it names must
+    /// not grow berthd without bound. Past it they start over (snapshots keep their own copies).
+    const MOST: usize = 4096;
+
     /// The shared copy of `name`. Files list their names in the same order every tick, so the
     /// name after the previous one is tried first.
     pub fn get(&mut self, name: &str) -> Arc<str> {
@@ -201,6 +205,9 @@ impl Names {
             _ => match self.names.iter().position(|n| &**n == name) {
                 Some(found) => found,
                 None => {
+                    if self.names.len() == Self::MOST {
+                        self.names.clear();
+                    }
                     self.names.push(Arc::from(name));
                     self.names.len() - 1
                 }
@@ -382,7 +389,7 @@ impl<'a> Builder<'a> {
                 let mut network = Vec::new();
                 parse::net_dev(content, |line| {
                     network.push(Interface {
-                        name: names.get(line.name),
+                        name: names.get(&line.name),
                         rx_bytes: line.rx_bytes,
                         rx_packets: line.rx_packets,
                         rx_errors: line.rx_errors,
@@ -587,5 +594,17 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &names.get("cache")));
         assert_eq!(&*names.get("rss"), "rss");
         assert_eq!(names.names.len(), 2);
+    }
+
+    #[test]
+    fn names_that_never_repeat_are_kept_up_to_a_bound() {
+        let mut names = Names::default();
+        let kept = names.get("eth0");
+        for n in 0..3 * Names::MOST {
+            names.get(&format!("renamed{n}"));
+            assert!(names.names.len() <= Names::MOST);
+        }
+        assert_eq!(&*kept, "eth0", "a snapshot's copy outlives the start over");
+        assert_eq!(&*names.get("eth0"), "eth0");
     }
 }

@@ -126,6 +126,66 @@ async fn a_busy_container_reports_growing_cpu_memory_and_its_network() {
     .await;
 }
 
+/// Runs `ip` with `args` in the network namespace of `pid`, `input` on its stdin.
+fn ip_in_netns_of(pid: u32, args: &[&std::ffi::OsStr], input: &str) {
+    use std::io::Write;
+    let mut ip = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "ip"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nsenter (util-linux) and ip (iproute2)");
+    ip.stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let status = ip.wait().unwrap();
+    assert!(status.success(), "ip {args:?}: {status}");
+}
+
+/// The kernel hands `net/dev` over a page at a time, about 35 interfaces: a container with more
+/// has every one reported, and one it names with bytes that are not UTF-8 (the kernel takes
+/// any but `/`, `:` and white space) costs the others nothing.
+#[tokio::test]
+async fn every_interface_of_a_container_with_many_is_reported() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut d) = stats_daemon(&metrics_socket(&dir)).await else {
+        return;
+    };
+    within(async {
+        let ctr = d.run("stats-veths", &["sleep", "1000"]).await;
+        let pairs = 40;
+        let batch: String = (0..pairs)
+            .map(|n| format!("link add va{n} type veth peer name vb{n}\n"))
+            .collect();
+        ip_in_netns_of(ctr.pid, &[OsStr::new("-batch"), OsStr::new("-")], &batch);
+        let not_utf8 = OsStr::from_bytes(b"\xff\xfeq");
+        let rename = ["link", "set", "vb0", "name"].map(OsStr::new);
+        ip_in_netns_of(ctr.pid, &[&rename[..], &[not_utf8]].concat(), "");
+        let mut stream = subscribe(&mut d.client, &ctr.id).await;
+        let sample = next_sample(&mut stream).await;
+        let names: std::collections::BTreeSet<&str> = sample
+            .network_stats
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(sample.network_stats.len(), 2 * pairs + 1, "{names:?}");
+        let mut expected: std::collections::BTreeSet<String> = (0..pairs)
+            .map(|n| format!("va{n}"))
+            .chain((1..pairs).map(|n| format!("vb{n}")))
+            .collect();
+        expected.extend(["lo".to_owned(), "\u{fffd}\u{fffd}q".to_owned()]);
+        let expected: std::collections::BTreeSet<&str> =
+            expected.iter().map(String::as_str).collect();
+        assert_eq!(names, expected);
+        d.signal(&ctr.id, ctr.pid, SIGKILL).await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn two_hundred_subscribers_share_one_read_batch_per_tick() {
     let dir = tempfile::tempdir().unwrap();
