@@ -6,6 +6,9 @@
 //! does, with `grpc-status` INTERNAL and a message in the same header block for gRPC clients
 //! that sent a wrong content-type by mistake (grpc-go answers the same).
 //!
+//! A gRPC request's method is POST. tonic serves any (a GET or PUT CreateContainer made a
+//! container); berthd answers another with HTTP 405 (Method Not Allowed) and `grpc-status`
+//! INTERNAL, as grpc-go does.
 //!
 //! A request's `grpc-timeout`, when it has one, is 1 to 8 digits and a unit (`H`, `M`, `S`, `m`,
 //! `u`, `n`); tonic ignores one that is not, serving the call with no deadline, where grpc-go
@@ -44,10 +47,13 @@ pub fn is_grpc_timeout(value: &[u8]) -> bool {
     }
 }
 
+const NOT_POST: &str = "a grpc request's method must be POST; this request's was not";
+
 const MALFORMED_TIMEOUT: &str = "malformed grpc-timeout: give 1 to 8 digits and a unit (H, M, S, m, u or n), as 100m for 100 milliseconds";
 
-/// Answers requests that are not gRPC's with 415, and those with a malformed `grpc-timeout`
-/// with INVALID_ARGUMENT, before they reach the services.
+/// Answers requests that are not gRPC's with 415, those whose method is not POST with 405,
+/// and those with a malformed `grpc-timeout` with INVALID_ARGUMENT, before they reach the
+/// services.
 #[derive(Clone, Copy, Debug)]
 pub struct GrpcOnlyLayer;
 
@@ -86,6 +92,13 @@ where
                 http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 tonic::Code::Internal,
                 REFUSAL,
+            ))));
+        }
+        if request.method() != http::Method::POST {
+            return Either::Left(ready(Ok(refusal(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                tonic::Code::Internal,
+                NOT_POST,
             ))));
         }
         let timeout = request.headers().get("grpc-timeout");
@@ -209,6 +222,7 @@ mod tests {
         let service = GrpcOnlyLayer.layer(service);
         let request = |content_type: Option<&'static str>| {
             let mut request = http::Request::new(Body::empty());
+            *request.method_mut() = http::Method::POST;
             if let Some(value) = content_type {
                 request
                     .headers_mut()
@@ -219,6 +233,13 @@ mod tests {
         for refused in [None, Some("text/plain")] {
             let answer = service.clone().oneshot(request(refused)).await.unwrap();
             assert_eq!(answer.status(), 415, "{refused:?}");
+            assert_eq!(answer.headers()["grpc-status"], "13");
+        }
+        for method in [http::Method::GET, http::Method::PUT] {
+            let mut not_post = request(Some("application/grpc"));
+            *not_post.method_mut() = method.clone();
+            let answer = service.clone().oneshot(not_post).await.unwrap();
+            assert_eq!(answer.status(), 405, "{method}");
             assert_eq!(answer.headers()["grpc-status"], "13");
         }
         assert_eq!(reached.load(std::sync::atomic::Ordering::Relaxed), 0);

@@ -267,6 +267,48 @@ async fn a_request_that_is_not_grpc_is_unsupported_media_type() {
     .await
 }
 
+/// A gRPC request's method is POST: another is answered 405, as grpc-go answers it, and never
+/// reaches the service (tonic alone made a container for a GET or a PUT CreateContainer).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_method_is_not_post_is_method_not_allowed() {
+    within(async {
+        let mut daemon = daemon!();
+        let mut connection = Connection::open(&daemon).await;
+        let name = id("not-post");
+        let bundle = Bundle::new(&["sleep", "600"]);
+        let message = create_req(&name, &bundle).encode_to_vec();
+        let get = vec![0x82, 0x86]; // :method GET, :scheme http
+        let mut put = vec![0x86];
+        hpack::literal(2, b"PUT", false, false, &mut put);
+        for mut block in [get, put] {
+            hpack::literal(4, b"/types.API/CreateContainer", false, false, &mut block);
+            hpack::literal(1, b"localhost", false, false, &mut block);
+            hpack::literal(31, b"application/grpc", false, false, &mut block);
+            let answer = connection.call(&block, 1, &message).await;
+            assert_eq!(answer.header(":status"), Some("405"), "{answer:?}");
+            assert_eq!(answer.header("grpc-status"), Some("13"), "{answer:?}");
+            assert_eq!(answer.ended_by, HEADERS, "{answer:?}");
+            assert!(
+                answer
+                    .header("grpc-message")
+                    .is_some_and(|m| m.contains("POST")),
+                "{answer:?}"
+            );
+        }
+        let state = daemon.state().await;
+        assert!(
+            !state.containers.iter().any(|c| c.id == name),
+            "a create that was not a POST ran"
+        );
+        assert!(
+            daemon.runtime_ids().is_empty(),
+            "{:?}",
+            daemon.runtime_ids()
+        );
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_errors_grpc_message_is_readable_on_the_wire() {
     within(async {
