@@ -19,6 +19,7 @@
 //! (grpc_message, crate::error).
 
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::{Either, Ready, ready};
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -35,15 +36,24 @@ pub fn is_grpc(content_type: &[u8]) -> bool {
         && matches!(content_type.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
-/// Whether `value` is a `grpc-timeout` as the spec has it: 1 to 8 ASCII digits, then one unit.
-pub fn is_grpc_timeout(value: &[u8]) -> bool {
-    match value.split_last() {
-        Some((unit, digits)) => {
-            b"HMSmun".contains(unit)
-                && (1..=8).contains(&digits.len())
-                && digits.iter().all(u8::is_ascii_digit)
-        }
-        None => false,
+/// The time a `grpc-timeout` gives, if `value` is one as the spec has it: 1 to 8 ASCII digits,
+/// then one unit.
+pub fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (unit, digits) = value.split_last()?;
+    if !(1..=8).contains(&digits.len()) || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let count = digits
+        .iter()
+        .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+    match unit {
+        b'H' => Some(Duration::from_secs(count * 3600)),
+        b'M' => Some(Duration::from_secs(count * 60)),
+        b'S' => Some(Duration::from_secs(count)),
+        b'm' => Some(Duration::from_millis(count)),
+        b'u' => Some(Duration::from_micros(count)),
+        b'n' => Some(Duration::from_nanos(count)),
+        _ => None,
     }
 }
 
@@ -102,7 +112,7 @@ where
             ))));
         }
         let timeout = request.headers().get("grpc-timeout");
-        if timeout.is_some_and(|value| !is_grpc_timeout(value.as_bytes())) {
+        if timeout.is_some_and(|value| grpc_timeout(value.as_bytes()).is_none()) {
             let refused = refusal(
                 http::StatusCode::OK,
                 tonic::Code::InvalidArgument,
@@ -149,8 +159,18 @@ mod tests {
 
     #[test]
     fn a_grpc_timeout_is_one_to_eight_digits_and_a_unit() {
-        for value in [&b"1S"[..], b"100m", b"99999999n", b"0H", b"5M", b"30u"] {
-            assert!(is_grpc_timeout(value), "{}", String::from_utf8_lossy(value));
+        for (value, time) in [
+            (&b"1S"[..], Duration::from_secs(1)),
+            (b"100m", Duration::from_millis(100)),
+            (b"99999999n", Duration::from_nanos(99_999_999)),
+            (b"0H", Duration::ZERO),
+            (b"5M", Duration::from_secs(300)),
+            (b"30u", Duration::from_micros(30)),
+            (b"99999999H", Duration::from_secs(99_999_999 * 3600)),
+            (b"00000007S", Duration::from_secs(7)),
+        ] {
+            let text = String::from_utf8_lossy(value);
+            assert_eq!(grpc_timeout(value), Some(time), "{text}");
         }
         for value in [
             &b""[..],
@@ -164,8 +184,9 @@ mod tests {
             b"1s",
             b"\xff1S",
         ] {
-            assert!(
-                !is_grpc_timeout(value),
+            assert_eq!(
+                grpc_timeout(value),
+                None,
                 "{}",
                 String::from_utf8_lossy(value)
             );
@@ -181,13 +202,23 @@ mod tests {
                 && text.chars().last().is_some_and(|unit| "HMSmun".contains(unit))
                 && text[..text.len() - 1].chars().all(|c| c.is_ascii_digit())
                 && !text.contains('\u{fffd}');
-            proptest::prop_assert_eq!(is_grpc_timeout(&value), spec);
+            proptest::prop_assert_eq!(grpc_timeout(&value).is_some(), spec);
         }
 
         #[test]
         fn every_timeout_in_the_spec_s_form_is_taken(digits in "[0-9]{1,8}", unit in "[HMSmun]") {
             let value = format!("{digits}{unit}");
-            proptest::prop_assert!(is_grpc_timeout(value.as_bytes()));
+            let count: u64 = digits.parse().unwrap();
+            let nanos = u128::from(count) * match unit.as_str() {
+                "H" => 3_600_000_000_000,
+                "M" => 60_000_000_000,
+                "S" => 1_000_000_000,
+                "m" => 1_000_000,
+                "u" => 1_000,
+                _ => 1,
+            };
+            let time = grpc_timeout(value.as_bytes());
+            proptest::prop_assert_eq!(time.map(|t| t.as_nanos()), Some(nanos));
         }
     }
 

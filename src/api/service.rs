@@ -3,8 +3,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -144,6 +145,40 @@ async fn next_unless_stopping<T>(
         } => next.map(Ok),
         _ = stopping.wait_for(|stop| *stop) => Some(Err(going_away())),
     }
+}
+
+/// The time the call's `grpc-timeout` gives it, if it has one (a malformed one never gets here:
+/// [`super::content_type`] refuses it).
+fn call_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?;
+    super::content_type::grpc_timeout(value.as_bytes())
+}
+
+/// `stream`, ended with DEADLINE_EXCEEDED once `timeout` has passed: tonic holds a call to its
+/// `grpc-timeout` only until its answer starts, and an Events or GetStats stream never ends by
+/// itself.
+fn until_deadline<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    timeout: Option<Duration>,
+) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
+    let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
+    let stream = Box::pin(stream);
+    futures_util::stream::unfold(Some(stream), move |stream| async move {
+        let mut stream = stream?;
+        let Some(deadline) = deadline else {
+            let item = stream.next().await?;
+            return Some((item, Some(stream)));
+        };
+        tokio::select! {
+            item = stream.next() => Some((item?, Some(stream))),
+            () = tokio::time::sleep_until(deadline) => Some((
+                Err(Status::deadline_exceeded(
+                    "the call's deadline (its grpc-timeout) has passed: the stream ends here",
+                )),
+                None,
+            )),
+        }
+    })
 }
 
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {
@@ -495,6 +530,7 @@ impl proto::api_server::Api for ApiService {
         tracing::info_span!("events", peer_uid = peer.uid, peer_pid = peer.pid)
             .in_scope(|| tracing::debug!("subscribed"));
         let place = self.stream_places.take(peer.uid)?;
+        let timeout = call_timeout(&request);
         let subscription = self.supervisor.events().subscribe();
         // Taken only while the connection's socket has room, and each made only once it holds
         // its bytes of the uid's budget for messages not yet read, so a client that stops
@@ -549,6 +585,7 @@ impl proto::api_server::Api for ApiService {
                 }
             },
         );
+        let stream = until_deadline(stream, timeout);
         let mut response = Response::new(
             Box::pin(crate::heap::release_when_dropped(stream)) as Self::EventsStream
         );
@@ -564,6 +601,7 @@ impl proto::api_server::Api for ApiService {
     ) -> Result<Response<Self::GetStatsStream>, Status> {
         let peer = peer(&request)?;
         let room = socket_room(&request);
+        let timeout = call_timeout(&request);
         let id = request.into_inner().id;
         let span = tracing::info_span!("get_stats", id = %logged(&id), peer_uid = peer.uid, peer_pid = peer.pid);
         crate::supervisor::validate::container_id(&id)?;
@@ -598,6 +636,7 @@ impl proto::api_server::Api for ApiService {
                 ))
             },
         );
+        let stream = until_deadline(stream, timeout);
         Ok(Response::new(Box::pin(crate::heap::release_when_dropped(
             stream,
         ))))

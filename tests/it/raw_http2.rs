@@ -309,6 +309,53 @@ async fn a_request_whose_method_is_not_post_is_method_not_allowed() {
     .await
 }
 
+/// tonic holds a call to its `grpc-timeout` only until the answer starts, and an Events or
+/// GetStats stream never ends by itself: berthd ends either with DEADLINE_EXCEEDED once the
+/// timeout has passed. Raw HTTP/2, so that no client-side timer ends the call instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_with_deadline_exceeded_at_its_grpc_timeout() {
+    within(async {
+        let mut daemon = daemon!();
+        let ctr = daemon.run("stream-deadline", &["sleep", "600"]).await;
+        let mut connection = Connection::open(&daemon).await;
+        let calls = [
+            ("/types.API/Events", EventsRequest {}.encode_to_vec()),
+            (
+                "/types.API/GetStats",
+                StatsRequest { id: ctr.id.clone() }.encode_to_vec(),
+            ),
+        ];
+        for (path, message) in calls {
+            let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+            hpack::literal(4, path.as_bytes(), false, false, &mut block);
+            hpack::literal(31, b"application/grpc", false, false, &mut block);
+            block.push(0x00);
+            hpack::string(b"grpc-timeout", false, &mut block);
+            hpack::string(b"1S", false, &mut block);
+            let began = std::time::Instant::now();
+            let answer = connection.call(&block, 1, &message).await;
+            let lasted = began.elapsed();
+            assert_eq!(
+                answer.header("grpc-status"),
+                Some("4"),
+                "{path}: {answer:?}"
+            );
+            assert!(
+                answer
+                    .header("grpc-message")
+                    .is_some_and(|m| m.contains("grpc-timeout")),
+                "{path}: {answer:?}"
+            );
+            assert!(
+                lasted >= Duration::from_millis(900),
+                "{path}: over after {lasted:?}"
+            );
+        }
+        daemon.signal(&ctr.id, ctr.pid, SIGKILL).await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_errors_grpc_message_is_readable_on_the_wire() {
     within(async {
