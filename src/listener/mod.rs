@@ -6,9 +6,12 @@
 //! A connection that has spoken holds its place until it closes: the edge closes one whose
 //! HTTP/2 preface is not whole within `--handshake-timeout`, h2's keepalive one that stops
 //! answering pings, and the per-uid limit, at most half of the connections in effect, keeps one
-//! client's connections from taking every place meanwhile.
-//! A new connection waits (beyond the limit by one) for a place; accept errors (EMFILE, ENFILE,
-//! ENOMEM) back off instead of spinning.
+//! client's connections from taking every place meanwhile. Two uids can still take them all, so
+//! uid 0 has [`ROOT_PLACES`] of its own beyond the limit: the operator always gets in.
+//! When every place is held by connections that have spoken, a new one from a uid other than 0
+//! is closed at once (waiting for a place, it would hold up the accept loop, and so root, for as
+//! long as the others keep theirs); one from uid 0 past its own places waits (beyond the limit
+//! by one) for a place. Accept errors (EMFILE, ENFILE, ENOMEM) back off instead of spinning.
 //!
 //! Owns: the accept loop and its limits. [`accept`] yields each connection's [`ApiSocket`] with
 //! its permit, so whatever wraps a stream (an `:authority` rewriter) composes between it and
@@ -42,6 +45,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the refusals of one uid's connections over its limit are logged.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Places for uid 0's connections beyond `--max-connections`, taken once those are all held. A
+/// few, as databases keep for their superuser: berth's CLI under sudo, an operator's agent.
+pub const ROOT_PLACES: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -49,6 +55,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections open at once from one uid other than 0.
     pub max_per_uid: usize,
+    /// Places only uid 0 takes, once `max_connections` are held.
+    pub root_places: usize,
     /// How long a new connection may stay silent before it is closed.
     pub handshake_timeout: Duration,
     /// Bytes of requests still arriving that one uid's connections may hold at once (each of
@@ -91,6 +99,7 @@ impl Limits {
         Limits {
             max_connections: max_connections as usize,
             max_per_uid: usize::try_from(max_per_uid.min(per_uid_cap)).unwrap_or(usize::MAX),
+            root_places: ROOT_PLACES,
             handshake_timeout,
             request_bytes_per_uid: request_bytes_per_uid.min(Semaphore::MAX_PERMITS),
             answer_bytes_per_uid,
@@ -219,9 +228,11 @@ async fn accept_loop(
     accepted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let root_places = Arc::new(Semaphore::new(limits.root_places));
     let by_uid = ByUid::default();
     // When each uid was last told about in the log, so that a flood logs a line a minute.
     let mut warned: HashMap<u32, Instant> = HashMap::new();
+    let mut warned_full: Option<Instant> = None;
     let silent = Arc::new(Mutex::new(Silent::default()));
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -271,21 +282,39 @@ async fn accept_loop(
             Ok(permit) => permit,
             Err(_) => {
                 // Full: the oldest silent connection makes room for this one; if none is silent,
-                // wait until a connection closes (new ones queue in the socket's backlog).
+                // root takes one of its own places, or waits until a connection closes (new ones
+                // queue in the socket's backlog); another uid's is closed.
                 let evicted = silent
                     .lock()
                     .expect("silent lock poisoned")
                     .waiting
                     .pop_front();
-                if let Some((_, evict)) = evicted {
+                let own_place = if let Some((_, evict)) = evicted {
                     let _ = evict.send(());
-                }
-                tokio::select! {
-                    permit = Arc::clone(&places).acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => return,
+                    None
+                } else if uid == 0 {
+                    Arc::clone(&root_places).try_acquire_owned().ok()
+                } else {
+                    let now = Instant::now();
+                    if warned_full.is_none_or(|at| now - at >= REFUSAL_LOG_EVERY) {
+                        warned_full = Some(now);
+                        tracing::warn!(
+                            uid,
+                            max_connections = limits.max_connections,
+                            "every connection place is held by connections that have spoken: closing new ones from uids other than 0 (logged once a minute)"
+                        );
+                    }
+                    continue;
+                };
+                match own_place {
+                    Some(permit) => permit,
+                    None => tokio::select! {
+                        permit = Arc::clone(&places).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
+                        () = accepted.closed() => return,
                     },
-                    () = accepted.closed() => return,
                 }
             }
         };
@@ -417,6 +446,7 @@ mod tests {
         let limits = Limits {
             max_connections: 2,
             max_per_uid: 2,
+            root_places: 0,
             handshake_timeout: Duration::from_millis(300),
             request_bytes_per_uid: 1 << 20,
             answer_bytes_per_uid: 1 << 20,
@@ -433,15 +463,24 @@ mod tests {
         drop(first);
         // The silent ones are closed by berthd: reading them ends.
         for mut stream in silent {
-            let mut buf = [0u8; 1];
-            let read = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
-            );
-            assert!(matches!(read.await, Ok(Ok(0)) | Ok(Err(_))), "still open");
+            assert!(closed(&mut stream).await, "still open");
         }
     }
 
+    /// Whether a connection to `stream`'s peer was closed by the accept loop.
+    async fn closed(stream: &mut UnixStream) -> bool {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(stream, &mut buf),
+        );
+        matches!(read.await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    /// A connection that has spoken holds its place until dropped. Past every place (and, for
+    /// root, past its own), root's next waits for one; another uid's is closed at once, as the
+    /// accept loop must not wait on it with root's connections behind. This test's uid decides
+    /// which it sees.
     #[tokio::test]
     async fn a_talking_connection_holds_its_place_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -449,22 +488,33 @@ mod tests {
         let limits = Limits {
             max_connections: 1,
             max_per_uid: 1,
+            root_places: 1,
             handshake_timeout: Duration::from_secs(10),
             request_bytes_per_uid: 1 << 20,
             answer_bytes_per_uid: 1 << 20,
         };
+        let root = rustix::process::getuid().is_root();
         let mut incoming = accept(listener, limits).unwrap();
         let mut a = UnixStream::connect(&path).await.unwrap();
         a.write_all(b"a").await.unwrap();
         let held = next(&mut incoming).await.expect("first connection");
         let mut b = UnixStream::connect(&path).await.unwrap();
         b.write_all(b"b").await.unwrap();
-        assert!(next(&mut incoming).await.is_none(), "over the limit");
+        if !root {
+            assert!(next(&mut incoming).await.is_none(), "over the limit");
+            assert!(closed(&mut b).await, "another uid's is closed at once");
+            return;
+        }
+        let own = next(&mut incoming).await.expect("root's own place");
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"c").await.unwrap();
+        assert!(next(&mut incoming).await.is_none(), "over root's places");
         drop(held);
         assert!(
             next(&mut incoming).await.is_some(),
             "its place was given back"
         );
+        drop(own);
     }
 
     #[test]
@@ -473,6 +523,7 @@ mod tests {
         let limits = Limits {
             max_connections: 10,
             max_per_uid: 2,
+            root_places: 0,
             handshake_timeout: Duration::from_secs(1),
             request_bytes_per_uid: 100,
             answer_bytes_per_uid: 200,

@@ -572,6 +572,112 @@ async fn one_uid_gets_at_most_half_of_a_lowered_connection_limit() {
     .await
 }
 
+/// Opens argv[2] connections that each speak, waits (10 s at most) until argv[3] of them are
+/// closed, prints how many are still open, and holds them until stdin ends.
+const HOLD: &str = r#"
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    try:
+        s.send(b"P")
+    except OSError:
+        pass
+    s.setblocking(False)
+    held.append(s)
+closed = set()
+deadline = time.monotonic() + 10
+while len(closed) < int(sys.argv[3]) and time.monotonic() < deadline:
+    for i, s in enumerate(held):
+        try:
+            if i not in closed and s.recv(4096) == b"":
+                closed.add(i)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.add(i)
+    time.sleep(0.05)
+print(len(held) - len(closed), flush=True)
+sys.stdin.read()
+"#;
+
+/// Runs [`HOLD`] as `uid` (a member by its group, gid 65534): `count` connections, `closing` of
+/// them expected closed; returns the process (holding them until dropped) and how many it keeps.
+async fn hold_as(
+    d: &Daemon,
+    uid: u32,
+    count: usize,
+    closing: usize,
+) -> (tokio::process::Child, usize) {
+    let mut holder = tokio::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={MEMBER}"),
+            "--clear-groups".into(),
+        ])
+        .args([PYTHON, "-c", HOLD])
+        .arg(d.socket())
+        .args([count.to_string(), closing.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run a member's connections");
+    let mut kept = String::new();
+    let stdout = holder.stdout.take().expect("stdout");
+    tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut kept)
+        .await
+        .expect("read the count");
+    let kept = kept.trim().parse().expect("a count");
+    (holder, kept)
+}
+
+/// Two uids may hold every place between them (each at most half). Root still gets in, on
+/// places of its own, and a third uid's connection is closed at once instead of holding up the
+/// accept loop (and so root) until a place frees.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_holding_every_place_lock_out_neither_root_nor_the_accept_loop() {
+    within(async {
+        let d = daemon!(Options::args(&[
+            "--group",
+            "65534",
+            "--max-connections",
+            "8",
+            "--max-connections-per-uid",
+            "4",
+            "--handshake-timeout",
+            "60s",
+        ]));
+        if MemberClient::new(&d).is_none() {
+            return;
+        }
+        // The test's own client holds one of the 8 places.
+        let (_first, kept) = hold_as(&d, MEMBER, 4, 0).await;
+        assert_eq!(kept, 4, "the first member's connections");
+        let (_second, kept) = hold_as(&d, MEMBER - 1, 4, 1).await;
+        assert_eq!(kept, 3, "the second member's, with every place taken");
+        let mut roots = Vec::new();
+        for _ in 0..4 {
+            let mut client = d.connect().await;
+            let answer = tokio::time::timeout(SETTLE, state(&mut client)).await;
+            assert!(answer.is_ok(), "root is locked out with every place held");
+            roots.push(client);
+        }
+        let (_third, kept) = hold_as(&d, MEMBER - 2, 1, 1).await;
+        assert_eq!(kept, 0, "a third member's connection with every place held");
+        let past = tokio::time::timeout(SETTLE, async {
+            let mut client = d.connect().await;
+            state(&mut client).await
+        });
+        assert!(
+            past.await.is_err(),
+            "root past its own places waits for one"
+        );
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn berthds_own_state_is_refused_as_stdio_even_to_root() {
     within(async {
