@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -156,29 +157,30 @@ fn call_timeout<T>(request: &Request<T>) -> Option<Duration> {
 
 /// `stream`, ended with DEADLINE_EXCEEDED once `timeout` has passed: tonic holds a call to its
 /// `grpc-timeout` only until its answer starts, and an Events or GetStats stream never ends by
-/// itself.
+/// itself. Without a timeout (or one too far off to count), `stream` as it is.
 fn until_deadline<T: Send + 'static>(
     stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
     timeout: Option<Duration>,
 ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
-    let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
+    let Some(deadline) = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t)) else {
+        return Either::Left(stream);
+    };
     let stream = Box::pin(stream);
-    futures_util::stream::unfold(Some(stream), move |stream| async move {
-        let mut stream = stream?;
-        let Some(deadline) = deadline else {
-            let item = stream.next().await?;
-            return Some((item, Some(stream)));
-        };
-        tokio::select! {
-            item = stream.next() => Some((item?, Some(stream))),
-            () = tokio::time::sleep_until(deadline) => Some((
-                Err(Status::deadline_exceeded(
-                    "the call's deadline (its grpc-timeout) has passed: the stream ends here",
+    Either::Right(futures_util::stream::unfold(
+        Some(stream),
+        move |stream| async move {
+            let mut stream = stream?;
+            tokio::select! {
+                item = stream.next() => Some((item?, Some(stream))),
+                () = tokio::time::sleep_until(deadline) => Some((
+                    Err(Status::deadline_exceeded(
+                        "the call's deadline (its grpc-timeout) has passed: the stream ends here",
+                    )),
+                    None,
                 )),
-                None,
-            )),
-        }
-    })
+            }
+        },
+    ))
 }
 
 fn checkpoint_to_wire(checkpoint: &Checkpoint) -> proto::Checkpoint {

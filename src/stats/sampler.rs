@@ -196,12 +196,8 @@ fn pread_all(
 ) -> u64 {
     for (index, &(fd, large)) in reads.iter().enumerate() {
         let capacity = if large { LARGE_BUFFER } else { SMALL_BUFFER };
-        let result = loop {
-            match rustix::io::pread(fd, &mut buffer[..capacity], 0) {
-                Err(rustix::io::Errno::INTR) => continue,
-                other => break other,
-            }
-        };
+        let result =
+            rustix::io::retry_on_intr(|| rustix::io::pread(fd, &mut buffer[..capacity], 0));
         done(index, result.map(|n| &buffer[..n]).map_err(io::Error::from));
     }
     reads.len() as u64
@@ -214,13 +210,9 @@ fn read_on(fd: BorrowedFd<'_>, first: &[u8], most: usize) -> io::Result<(Vec<u8>
     while whole.len() < most {
         let filled = whole.len();
         whole.resize(most, 0);
-        let read = loop {
-            match rustix::io::pread(fd, &mut whole[filled..], filled as u64) {
-                Err(rustix::io::Errno::INTR) => continue,
-                other => break other,
-            }
-        };
-        let n = read?;
+        let n = rustix::io::retry_on_intr(|| {
+            rustix::io::pread(fd, &mut whole[filled..], filled as u64)
+        })?;
         whole.truncate(filled + n);
         if n == 0 {
             return Ok((whole, false));
