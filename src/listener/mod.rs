@@ -334,12 +334,15 @@ async fn accept_loop(
                 _ = evicted => false,
                 () = tokio::time::sleep(limits.handshake_timeout) => false,
             };
-            silent
-                .lock()
-                .expect("silent lock poisoned")
-                .waiting
-                .retain(|(k, _)| *k != key);
-            if spoke {
+            // Still listed unless the accept loop took it to give way, which it then does even
+            // if its first bytes came meanwhile: the loop is waiting for its place.
+            let listed = {
+                let mut silent = silent.lock().expect("silent lock poisoned");
+                let before = silent.waiting.len();
+                silent.waiting.retain(|(k, _)| *k != key);
+                silent.waiting.len() < before
+            };
+            if spoke && listed {
                 let permit = ConnectionPermit {
                     _place: permit,
                     _uid_place: uid_place,
