@@ -219,6 +219,31 @@ async fn any_authority_in_any_encoding_gets_an_answer() {
     .await
 }
 
+/// `answer` is a refusal before any service ran: HTTP `status`, `grpc-status` INTERNAL and a
+/// message naming `names`, all in the one header block that ends the stream.
+fn assert_refused_in_headers(answer: &Answer, status: &str, names: &str) {
+    assert_eq!(answer.header(":status"), Some(status), "{answer:?}");
+    assert_eq!(answer.header("grpc-status"), Some("13"), "{answer:?}");
+    assert_eq!(answer.ended_by, HEADERS, "{answer:?}");
+    assert!(
+        answer
+            .header("grpc-message")
+            .is_some_and(|m| m.contains(names)),
+        "{answer:?}"
+    );
+}
+
+/// Neither berthd nor its runtime has a container `name` (`ran` if one does).
+async fn assert_not_created(daemon: &mut Daemon, name: &str, ran: &str) {
+    let state = daemon.state().await;
+    assert!(!state.containers.iter().any(|c| c.id == name), "{ran}");
+    assert!(
+        daemon.runtime_ids().is_empty(),
+        "{:?}",
+        daemon.runtime_ids()
+    );
+}
+
 /// A request that is not gRPC's (another content-type, or none) is answered 415, as the gRPC
 /// spec asks, so that no HTTP/2 client reads a 200; it never reaches the service.
 #[tokio::test(flavor = "multi_thread")]
@@ -237,26 +262,9 @@ async fn a_request_that_is_not_grpc_is_unsupported_media_type() {
                 hpack::literal(31, value, false, false, &mut block);
             }
             let answer = connection.call(&block, 1, &message).await;
-            assert_eq!(answer.header(":status"), Some("415"), "{answer:?}");
-            assert_eq!(answer.header("grpc-status"), Some("13"), "{answer:?}");
-            assert_eq!(answer.ended_by, HEADERS, "{answer:?}");
-            assert!(
-                answer
-                    .header("grpc-message")
-                    .is_some_and(|m| m.contains("application/grpc")),
-                "{answer:?}"
-            );
+            assert_refused_in_headers(&answer, "415", "application/grpc");
         }
-        let state = daemon.state().await;
-        assert!(
-            !state.containers.iter().any(|c| c.id == name),
-            "a create that was not gRPC's ran"
-        );
-        assert!(
-            daemon.runtime_ids().is_empty(),
-            "{:?}",
-            daemon.runtime_ids()
-        );
+        assert_not_created(&mut daemon, &name, "a create that was not gRPC's ran").await;
         // gRPC's own content-type, with a subtype, is served on the same connection.
         let mut block = vec![0x83, 0x86];
         hpack::literal(4, b"/types.API/State", false, false, &mut block);
@@ -285,26 +293,9 @@ async fn a_request_whose_method_is_not_post_is_method_not_allowed() {
             hpack::literal(1, b"localhost", false, false, &mut block);
             hpack::literal(31, b"application/grpc", false, false, &mut block);
             let answer = connection.call(&block, 1, &message).await;
-            assert_eq!(answer.header(":status"), Some("405"), "{answer:?}");
-            assert_eq!(answer.header("grpc-status"), Some("13"), "{answer:?}");
-            assert_eq!(answer.ended_by, HEADERS, "{answer:?}");
-            assert!(
-                answer
-                    .header("grpc-message")
-                    .is_some_and(|m| m.contains("POST")),
-                "{answer:?}"
-            );
+            assert_refused_in_headers(&answer, "405", "POST");
         }
-        let state = daemon.state().await;
-        assert!(
-            !state.containers.iter().any(|c| c.id == name),
-            "a create that was not a POST ran"
-        );
-        assert!(
-            daemon.runtime_ids().is_empty(),
-            "{:?}",
-            daemon.runtime_ids()
-        );
+        assert_not_created(&mut daemon, &name, "a create that was not a POST ran").await;
     })
     .await
 }

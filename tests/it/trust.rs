@@ -24,10 +24,15 @@ const MEMBER: u32 = 65534;
 
 /// `program` run as the member: uid and gid 65534, no other groups.
 fn as_member(program: &str) -> Command {
+    as_uid_in_group(MEMBER, program)
+}
+
+/// `program` run as `uid`, a member of berthd's group by its gid 65534, no other groups.
+fn as_uid_in_group(uid: u32, program: &str) -> Command {
     let mut command = Command::new("setpriv");
     command
         .args([
-            format!("--reuid={MEMBER}"),
+            format!("--reuid={uid}"),
             format!("--regid={MEMBER}"),
             "--clear-groups".into(),
         ])
@@ -463,66 +468,85 @@ async fn the_members_own_cgroup_procs_is_not_a_containers_stdout() {
     .await
 }
 
-/// Opens 12 connections that each send one byte, prints how many berthd kept open once four
-/// are closed (or after 10 s), and holds them until its stdin closes.
-const HOLDER: &str = r#"
+/// Opens argv[2] connections, each sending HTTP/2's preface and SETTINGS, waits (10 s at most)
+/// until each has an answer (berthd's SETTINGS: it holds a place and has spoken) or is closed,
+/// prints how many are answered and open, and holds them until stdin ends. Waiting for every
+/// answer matters: one of them still silent when the table fills would give way to a newcomer.
+const HOLD: &str = r#"
 import socket, sys, time
 held = []
-for _ in range(12):
+for _ in range(int(sys.argv[2])):
     s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
     try:
-        s.send(b"P")
+        s.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
     except OSError:
-        pass  # closed already: one over the limit
-    held.append(s)
-for s in held:
+        pass
     s.setblocking(False)
-# Waits (10 s at most) until the four over the limit are closed; more are never closed.
-closed = set()
+    held.append(s)
+answered, closed = set(), set()
 deadline = time.monotonic() + 10
-while len(closed) < 4 and time.monotonic() < deadline:
+while len(answered | closed) < len(held) and time.monotonic() < deadline:
     for i, s in enumerate(held):
         if i in closed:
             continue
         try:
-            while s.recv(4096):
-                pass
-            closed.add(i)
+            while True:
+                data = s.recv(4096)
+                if data == b"":
+                    closed.add(i)
+                    break
+                answered.add(i)
         except BlockingIOError:
             pass
         except OSError:
             closed.add(i)
     time.sleep(0.05)
-print(len(held) - len(closed), flush=True)
+print(len(answered - closed), flush=True)
 sys.stdin.read()
 "#;
 
-/// The member's 12 connections ([`HOLDER`]) must leave it 8 places, and root `free` more.
-async fn member_keeps_8_of_12_and_root_gets_in(d: &Daemon, free: usize) {
-    let mut holder = tokio::process::Command::from(as_member(PYTHON))
-        .args(["-c", HOLDER])
+/// Runs [`HOLD`] as `uid` (a member by its group, gid 65534) with `count` connections; returns
+/// the process (holding them until dropped) and how many berthd kept.
+async fn hold_as(d: &Daemon, uid: u32, count: usize) -> (tokio::process::Child, usize) {
+    let mut holder = tokio::process::Command::from(as_uid_in_group(uid, PYTHON))
+        .args(["-c", HOLD])
         .arg(d.socket())
+        .arg(count.to_string())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("run the member's connections");
+        .expect("run a member's connections");
     let mut kept = String::new();
     let stdout = holder.stdout.take().expect("stdout");
     tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut kept)
         .await
         .expect("read the count");
-    assert_eq!(kept.trim(), "8", "connections berthd kept for the member");
-    // The places the member could not take serve others meanwhile (the test's own client
-    // holds one).
+    let kept = kept.trim().parse().expect("a count");
+    (holder, kept)
+}
+
+/// `count` new connections of root's, each answered within [`SETTLE`] (`why` if one is not),
+/// kept open by the caller.
+async fn roots_answered(d: &Daemon, count: usize, why: &str) -> Vec<Client> {
     let mut clients = Vec::new();
-    for _ in 0..free {
+    for _ in 0..count {
         let mut client = d.connect().await;
         let answer = tokio::time::timeout(SETTLE, state(&mut client)).await;
-        assert!(answer.is_ok(), "a place was left for root");
+        assert!(answer.is_ok(), "{why}");
         clients.push(client);
     }
+    clients
+}
+
+/// The member's 12 connections ([`HOLD`]) must leave it 8 places, and root `free` more.
+async fn member_keeps_8_of_12_and_root_gets_in(d: &Daemon, free: usize) {
+    let (mut holder, kept) = hold_as(d, MEMBER, 12).await;
+    assert_eq!(kept, 8, "connections berthd kept for the member");
+    // The places the member could not take serve others meanwhile (the test's own client
+    // holds one).
+    let _clients = roots_answered(d, free, "a place was left for root").await;
     drop(holder.stdin.take());
     holder.wait().await.expect("the member's connections end");
 }
@@ -572,67 +596,6 @@ async fn one_uid_gets_at_most_half_of_a_lowered_connection_limit() {
     .await
 }
 
-/// Opens argv[2] connections that each speak, waits (10 s at most) until argv[3] of them are
-/// closed, prints how many are still open, and holds them until stdin ends.
-const HOLD: &str = r#"
-import socket, sys, time
-held = []
-for _ in range(int(sys.argv[2])):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sys.argv[1])
-    try:
-        s.send(b"P")
-    except OSError:
-        pass
-    s.setblocking(False)
-    held.append(s)
-closed = set()
-deadline = time.monotonic() + 10
-while len(closed) < int(sys.argv[3]) and time.monotonic() < deadline:
-    for i, s in enumerate(held):
-        try:
-            if i not in closed and s.recv(4096) == b"":
-                closed.add(i)
-        except BlockingIOError:
-            pass
-        except OSError:
-            closed.add(i)
-    time.sleep(0.05)
-print(len(held) - len(closed), flush=True)
-sys.stdin.read()
-"#;
-
-/// Runs [`HOLD`] as `uid` (a member by its group, gid 65534): `count` connections, `closing` of
-/// them expected closed; returns the process (holding them until dropped) and how many it keeps.
-async fn hold_as(
-    d: &Daemon,
-    uid: u32,
-    count: usize,
-    closing: usize,
-) -> (tokio::process::Child, usize) {
-    let mut holder = tokio::process::Command::new("setpriv")
-        .args([
-            format!("--reuid={uid}"),
-            format!("--regid={MEMBER}"),
-            "--clear-groups".into(),
-        ])
-        .args([PYTHON, "-c", HOLD])
-        .arg(d.socket())
-        .args([count.to_string(), closing.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run a member's connections");
-    let mut kept = String::new();
-    let stdout = holder.stdout.take().expect("stdout");
-    tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut kept)
-        .await
-        .expect("read the count");
-    let kept = kept.trim().parse().expect("a count");
-    (holder, kept)
-}
-
 /// Two uids may hold every place between them (each at most half). Root still gets in, on
 /// places of its own, and a third uid's connection is closed at once instead of holding up the
 /// accept loop (and so root) until a place frees.
@@ -653,18 +616,12 @@ async fn members_holding_every_place_lock_out_neither_root_nor_the_accept_loop()
             return;
         }
         // The test's own client holds one of the 8 places.
-        let (_first, kept) = hold_as(&d, MEMBER, 4, 0).await;
+        let (_first, kept) = hold_as(&d, MEMBER, 4).await;
         assert_eq!(kept, 4, "the first member's connections");
-        let (_second, kept) = hold_as(&d, MEMBER - 1, 4, 1).await;
+        let (_second, kept) = hold_as(&d, MEMBER - 1, 4).await;
         assert_eq!(kept, 3, "the second member's, with every place taken");
-        let mut roots = Vec::new();
-        for _ in 0..4 {
-            let mut client = d.connect().await;
-            let answer = tokio::time::timeout(SETTLE, state(&mut client)).await;
-            assert!(answer.is_ok(), "root is locked out with every place held");
-            roots.push(client);
-        }
-        let (_third, kept) = hold_as(&d, MEMBER - 2, 1, 1).await;
+        let _roots = roots_answered(&d, 4, "root is locked out with every place held").await;
+        let (_third, kept) = hold_as(&d, MEMBER - 2, 1).await;
         assert_eq!(kept, 0, "a third member's connection with every place held");
         let past = tokio::time::timeout(SETTLE, async {
             let mut client = d.connect().await;
