@@ -274,12 +274,92 @@ impl RuntimeBinary {
                 found.young.push(id);
                 continue;
             }
-            match remove_stateless_dir(&dir) {
+            match remove_stateless_dir(&dir)
+                .and_then(|()| self.remove_config(&id).map_err(|e| e.to_string()))
+            {
                 Ok(()) => found.removed.push(id),
                 Err(why) => found.left.push(format!("{}: {why}", dir.display())),
             }
         }
+        self.remove_unheld_configs(&listed, settled, &mut found);
         found
+    }
+
+    /// Removes the specs for the runtime ([`RuntimeBinary::config_dir`]) of ids the runtime
+    /// holds no directory for: a create cut off before the runtime made one. By the same rules
+    /// as the runtime's directories.
+    fn remove_unheld_configs(
+        &self,
+        listed: &impl Fn(&str) -> bool,
+        settled: std::time::Duration,
+        found: &mut StatelessDirs,
+    ) {
+        let configs = self.root.with_extension("configs");
+        let Ok(entries) = std::fs::read_dir(&configs) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if listed(&id) || self.root.join(&id).symlink_metadata().is_ok() {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|m| m.elapsed().ok());
+            if age.is_none_or(|age| age < settled) {
+                found.young.push(id);
+                continue;
+            }
+            match self.remove_config(&id) {
+                Ok(()) => found.removed.push(id),
+                Err(e) => found.left.push(e.to_string()),
+            }
+        }
+    }
+
+    /// The bundle container `id`'s runtime is given: `<root>.configs/<id>`, holding the spec
+    /// berthd checked as `config.json` (see `validate::runtime_config` in the supervisor). It
+    /// stays while the runtime holds the container, for the hooks its delete runs.
+    pub(crate) fn config_dir(&self, id: &str) -> PathBuf {
+        self.root.with_extension("configs").join(id)
+    }
+
+    /// Writes `config` as container `id`'s spec for the runtime, in place of any left there;
+    /// returns the bundle to give the runtime. Inline: a few calls in berthd's own state
+    /// directory, as the create's pid file and console socket are made.
+    pub(crate) fn write_config(&self, id: &str, config: &[u8]) -> Result<PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = self.config_dir(id);
+        self.remove_config(id)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join("config.json");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(config))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(dir)
+    }
+
+    /// Removes container `id`'s spec for the runtime, if there is one, with whatever a hook
+    /// (root, as the runtime runs it) put beside it: the directory is berthd's, no client's.
+    pub(crate) fn remove_config(&self, id: &str) -> Result<()> {
+        let dir = self.config_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&dir, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Unmounts the bundle's rootfs that runc's restore bind-mounts at `criu-root` in container
@@ -629,6 +709,17 @@ impl Runtime {
         turn
     }
 
+    /// Removes container `id`'s spec for the runtime once the runtime holds no directory for
+    /// it: whatever the delete's outcome, a container the runtime no longer has needs none.
+    fn forget_config_once_deleted(&self, id: &str) {
+        if self.binary.root.join(id).symlink_metadata().is_ok() {
+            return;
+        }
+        if let Err(e) = self.binary.remove_config(id) {
+            tracing::warn!(id, error = %e, "the container's spec for the runtime stays");
+        }
+    }
+
     /// Runs `op` with the given stdio in `turn`.
     pub(crate) async fn run_in_turn(
         &self,
@@ -657,6 +748,9 @@ impl Runtime {
             Turns::hold(turn, self.spawner.spawn(argv, stdio, options)).await
         };
         crate::instruments::runtime_command(op.name(), started.elapsed());
+        if let Operation::Delete { id } = op {
+            self.forget_config_once_deleted(id);
+        }
         let succeeded = matches!(
             completion,
             Ok(Completion {

@@ -26,7 +26,8 @@ use crate::runtime::{Asker, CreateMode, Operation, RecordedCgroup};
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
     request: &'a CreateRequest,
-    bundle: &'a Path,
+    /// The spec berthd checked, which the runtime is given instead of the bundle's.
+    runtime_config: &'a [u8],
     cgroups_path: Option<&'a Path>,
     restore: Option<&'a checkpoint::Restorable>,
     /// The init's uid, and how the container's uids appear on the host.
@@ -65,6 +66,7 @@ impl Supervisor {
         let validate::BundleConfig {
             dir: bundle,
             process: base_process,
+            runtime_config,
             cgroups_path,
             uids,
         } = validate::bundle(&request.bundle, &request.caller).await?;
@@ -112,7 +114,7 @@ impl Supervisor {
                 .transpose()?;
             let steps = CreateSteps {
                 request: &request,
-                bundle: &bundle,
+                runtime_config: &runtime_config,
                 cgroups_path: cgroups_path.as_deref(),
                 restore: restore.as_ref(),
                 init_uid: init_spec.uid,
@@ -194,7 +196,7 @@ impl Supervisor {
     ) -> Result<PipeInodes> {
         let CreateSteps {
             request,
-            bundle,
+            runtime_config,
             cgroups_path,
             restore,
             init_uid,
@@ -224,6 +226,8 @@ impl Supervisor {
         } = stdio_pipes::pipe_fifos(opened)?;
         let console_socket = console.map(|c| c.path());
         undo.runtime_state(cgroups_path.map(Path::to_path_buf));
+        // Removed with the runtime's state: by the undo's delete, or the exit's.
+        let bundle = &self.runtime.binary().write_config(id, runtime_config)?;
         let claim = self.reaper.claim(pid_file);
         let create_mode = self.runtime.create_mode();
         match restore {

@@ -272,7 +272,7 @@ impl Supervisor {
     }
 
     /// Whether the runtime confirms `record`: it holds a live container of that id, with that
-    /// init pid, from that bundle. A record the runtime does not confirm is never adopted, so a
+    /// init pid, from that bundle (or berthd's copy of its spec). A record the runtime does not confirm is never adopted, so a
     /// forged or stale record cannot make berthd signal a process that is not its container's.
     fn confirmed(&self, record: &ContainerRecord, listed: Option<&Listed>) -> Result<(), String> {
         let Some(listed) = listed else {
@@ -284,7 +284,9 @@ impl Supervisor {
                 listed.pid, listed.status, record.init.pid
             ));
         }
-        if listed.bundle != record.bundle {
+        // Its spec for the runtime since berthd wrote one; the client's bundle before.
+        let given = self.runtime.binary().config_dir(&record.id);
+        if listed.bundle != given && listed.bundle != record.bundle {
             return Err(format!(
                 "the runtime reports bundle {}, the record {}",
                 listed.bundle.display(),

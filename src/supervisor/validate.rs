@@ -196,6 +196,9 @@ pub(super) fn spec_bytes(
 pub struct BundleConfig {
     pub dir: PathBuf,
     pub process: Process,
+    /// The spec as berthd read it, written out again for the runtime
+    /// ([`runtime_config`]).
+    pub runtime_config: Vec<u8>,
     /// `linux.cgroupsPath`, where the runtime puts the container's cgroups.
     pub cgroups_path: Option<PathBuf>,
     /// How the container's uids appear on the host.
@@ -303,6 +306,7 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
             crate::error::bounded(&e.to_string())
         ))
     })?;
+    let runtime_config = runtime_config(&mut spec, dir)?;
     let Some(process) = spec.process_mut().take() else {
         return Err(Error::InvalidArgument(format!(
             "{} has no process to run",
@@ -324,6 +328,7 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
     Ok(BundleConfig {
         dir: dir.to_owned(),
         process,
+        runtime_config,
         uids: UidMap::of_spec(&spec),
         // Empty is unset, as the runtime takes it.
         cgroups_path: spec
@@ -331,6 +336,41 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
             .as_ref()
             .and_then(|l| l.cgroups_path().clone())
             .filter(|path| !path.as_os_str().is_empty()),
+    })
+}
+
+/// The spec the runtime is given instead of the bundle's `config.json`, which its owner may
+/// change between berthd's read and the runtime's, or write so that the runtime's JSON parser
+/// reads it otherwise than berthd's (Go's takes `"User"` for `"user"`, the last of two): what
+/// berthd checked is what runs. Paths the runtime takes as relative to the bundle (the root,
+/// the source of a bind mount) are made absolute, since the copy lies elsewhere. A field
+/// oci-spec does not know is not carried over.
+fn runtime_config(spec: &mut Spec, bundle: &Path) -> Result<Vec<u8>> {
+    if let Some(root) = spec.root_mut()
+        && root.path().is_relative()
+    {
+        let absolute = bundle.join(root.path());
+        root.set_path(absolute);
+    }
+    for mount in spec.mounts_mut().iter_mut().flatten() {
+        let binds = mount.typ().as_deref() == Some("bind")
+            || mount
+                .options()
+                .iter()
+                .flatten()
+                .any(|option| option == "bind" || option == "rbind");
+        if let Some(source) = mount.source().as_ref().filter(|s| s.is_relative())
+            && binds
+        {
+            let absolute = bundle.join(source);
+            mount.set_source(Some(absolute));
+        }
+    }
+    serde_json::to_vec(spec).map_err(|e| {
+        Error::Internal(format!(
+            "the spec of {} could not be written out again: {e}",
+            shown(bundle)
+        ))
     })
 }
 
@@ -364,6 +404,37 @@ mod tests {
         let overflow = UidMap::of_ranges(vec![(10, u32::MAX - 1, 5)]);
         assert_eq!(overflow.host_uid(11), Some(u32::MAX));
         assert_eq!(overflow.host_uid(12), None);
+    }
+
+    #[test]
+    fn the_runtimes_spec_has_its_bundle_paths_absolute_and_no_field_berthd_did_not_read() {
+        let mut spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "User": {"uid": 5, "gid": 5}},
+            "mounts": [
+                {"destination": "/a", "type": "bind", "source": "data"},
+                {"destination": "/b", "type": "none", "source": "more", "options": ["rbind"]},
+                {"destination": "/c", "source": "/abs", "options": ["bind"]},
+                {"destination": "/proc", "type": "proc", "source": "proc"}
+            ]
+        }))
+        .unwrap();
+        let bytes = runtime_config(&mut spec, Path::new("/b/x")).unwrap();
+        let copy: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(copy["root"]["path"], "/b/x/rootfs");
+        let sources: Vec<&str> = copy["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["source"].as_str().unwrap())
+            .collect();
+        assert_eq!(sources, ["/b/x/data", "/b/x/more", "/abs", "proc"]);
+        assert_eq!(
+            copy["process"]["user"],
+            serde_json::json!({"uid": 0, "gid": 0})
+        );
+        assert!(copy["process"].get("User").is_none(), "{copy}");
     }
 
     #[test]

@@ -330,6 +330,62 @@ async fn the_runtime_never_takes_a_stdio_file_from_its_owner_for_a_member() {
     .await
 }
 
+/// runc is given the spec berthd checked, not the bundle's `config.json`. Go's JSON parser takes
+/// a later `"User"` for `"user"`: without the copy, a config berthd reads as a root process,
+/// whose stdout may be a file of root's, would run as the member, and runc would give the
+/// member that file. (Swapping `config.json` between berthd's read and runc's did the same.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runtime_runs_the_spec_berthd_checked() {
+    within(async {
+        let mut d = daemon!(Options::args(&["--group", "65534"]));
+        let Some(member) = MemberClient::new(&d) else {
+            return;
+        };
+        let mine = member_dir();
+        let roots = mine.path().join("roots.log");
+        fs::write(&roots, "").unwrap();
+        chmod(&roots, 0o666);
+        let bundle = member_bundle(&["sleep", "1000"]);
+        let mut spec = bundle.config();
+        spec["process"].as_object_mut().unwrap().remove("user");
+        let text = serde_json::to_string_pretty(&spec).unwrap().replacen(
+            "\"process\": {",
+            &format!(
+                "\"process\": {{\"user\": {{\"uid\": 0, \"gid\": 0}}, \"User\": {{\"uid\": {MEMBER}, \"gid\": {MEMBER}}},"
+            ),
+            1,
+        );
+        fs::write(bundle.path().join("config.json"), text).unwrap();
+
+        let mut events = d.events().await;
+        let id_ = id("checked-spec");
+        let answer = member
+            .create(&id_, &bundle, ["", &path_str(&roots), ""])
+            .await;
+        assert!(answer.starts_with("OK "), "{answer}");
+        let pid: u32 = answer[3..].parse().expect("a pid");
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert_eq!(
+            uids.split_whitespace().nth(1),
+            Some("0"),
+            "the init runs as berthd read the config: {uids}"
+        );
+        let owner = std::os::unix::fs::MetadataExt::uid(&fs::metadata(&roots).unwrap());
+        assert_eq!(owner, 0, "runc gave root's file to the process's user");
+        let given = d.state_dir().join("runtime.configs").join(&id_);
+        let copy: serde_json::Value =
+            serde_json::from_slice(&fs::read(given.join("config.json")).unwrap()).unwrap();
+        assert!(copy["process"].get("User").is_none(), "{copy}");
+        assert_eq!(
+            copy["root"]["path"],
+            path_str(&bundle.path().join("rootfs")).as_str()
+        );
+        d.kill_container(&mut events, &id_, pid).await;
+    })
+    .await
+}
+
 /// Sets `path`'s access ACL to `entries` (tag, permissions, id; the xattr form), as `setfacl`
 /// would; false after a loud skip where the file system keeps no ACLs.
 fn set_access_acl(path: &Path, entries: &[(u16, u16, u32)]) -> bool {

@@ -545,7 +545,8 @@ impl Daemon {
         assert!(!listed.contains(&id.to_owned()), "State still lists {id}");
         let mut left = self.cgroup_dirs(id);
         left.push(self.state_file(id));
-        // The built-in runtime's private copy of the container's bundle.
+        // The spec the runtime is given, and the built-in runtime's own copy of it.
+        left.push(self.state_dir().join("runtime.configs").join(id));
         left.push(self.state_dir().join("runtime.bundles").join(id));
         let deadline = Instant::now() + SETTLE;
         loop {
@@ -556,7 +557,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "left behind by {id} (state file, cgroups, private bundle; still in the runtime: {in_runtime}): {left:#?}"
+                "left behind by {id} (state file, cgroups, spec for the runtime, private bundle; still in the runtime: {in_runtime}): {left:#?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
