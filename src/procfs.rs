@@ -89,6 +89,17 @@ pub fn ticks_since_boot(time: std::time::SystemTime) -> Option<u64> {
     Some((after.as_nanos() * u128::from(per_second) / 1_000_000_000) as u64)
 }
 
+/// The first number a run of berthd gives its scratch files and runtime logs: microseconds
+/// since boot at its start. A berthd that died may have left runtime commands running that
+/// still write the files it named (the spawn helper lets them run to their end); numbered from
+/// where it began, at most one a microsecond, its names never reach this run's.
+pub fn first_scratch_number() -> u64 {
+    let boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    (boot.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(boot.tv_nsec as u64 / 1000)
+}
+
 /// The parent of `pid`.
 pub fn process_parent(pid: u32) -> Result<u32> {
     let (path, stat) = read_stat(pid)?;

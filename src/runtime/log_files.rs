@@ -32,11 +32,12 @@ pub(super) struct LogFiles {
 }
 
 impl LogFiles {
-    pub(super) fn new(dir: PathBuf) -> LogFiles {
+    /// Log files in `dir`, numbered from `first` on.
+    pub(super) fn new(dir: PathBuf, first: u64) -> LogFiles {
         LogFiles {
             dir,
             free: Mutex::new(Vec::new()),
-            named: AtomicU64::new(0),
+            named: AtomicU64::new(first),
         }
     }
 
@@ -102,7 +103,7 @@ mod tests {
 
     #[test]
     fn a_log_in_use_is_not_handed_out_again_and_one_given_back_is() {
-        let logs = LogFiles::new(PathBuf::from("/state/tmp"));
+        let logs = LogFiles::new(PathBuf::from("/state/tmp"), 0);
         let first = logs.take();
         let second = logs.take();
         assert_ne!(first, second);

@@ -591,7 +591,7 @@ impl Runtime {
             binary,
             spawner,
             timeout,
-            logs: LogFiles::new(log_dir),
+            logs: LogFiles::new(log_dir, crate::procfs::first_scratch_number()),
             create_mode: CreateMode::Run,
             turns: Turns::new(Turns::per_cpu(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -110,10 +110,7 @@ impl Supervisor {
         operations: OperationLimits,
         hand_back: HandBack,
     ) -> Result<Arc<Self>> {
-        // Scratch files belong to requests in flight; any found now are from a berthd that died.
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
-        }
+        scratch::empty_scratch_dir(&scratch);
         std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
         let exec_pids = scratch.parent().unwrap_or(&scratch).join("execs");
         std::fs::create_dir_all(&exec_pids).map_err(|e| Error::io(&exec_pids, e))?;
@@ -129,7 +126,7 @@ impl Supervisor {
             store,
             scratch,
             exec_pids,
-            next_scratch: AtomicU64::new(0),
+            next_scratch: AtomicU64::new(crate::procfs::first_scratch_number()),
             machine,
             checkpoint_locks: checkpoint::Turns::default(),
             restores: checkpoint::RestoreTurns::default(),

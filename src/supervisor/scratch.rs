@@ -38,6 +38,24 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Removes what is in the scratch directory: scratch files belong to requests in flight, and
+/// any found at start are from a berthd that died. Its runtime commands may still be running and
+/// adding pid files and logs while the directory is emptied: what is still there after a few
+/// tries is left to the next start (this run's names are never theirs, see
+/// `procfs::first_scratch_number`), not a reason to stay down.
+pub(super) fn empty_scratch_dir(scratch: &Path) {
+    let mut last = None;
+    for _ in 0..3 {
+        match std::fs::remove_dir_all(scratch) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
+            _ => return,
+        }
+    }
+    if let Some(e) = last {
+        tracing::warn!(dir = %scratch.display(), error = %e, "scratch files of a berthd that died stay until the next start");
+    }
+}
+
 impl Supervisor {
     /// A fresh path in the scratch directory, ending in `suffix`.
     pub(super) fn scratch_path(&self, suffix: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -690,4 +691,38 @@ async fn an_upgrade_to_a_broken_binary_is_refused_and_berthd_keeps_serving() {
         );
     })
     .await;
+}
+
+/// A scratch directory the start cannot empty (a berthd that died left runtime commands adding
+/// files to it; here, something mounted in it) does not keep berthd down: it starts, serves,
+/// and names its scratch files apart from what is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scratch_directory_that_cannot_be_emptied_does_not_keep_berthd_down() {
+    within(async {
+        let mut d = daemon!();
+        let busy = d.state_dir().join("tmp/left-by-a-dead-berthd");
+        std::fs::create_dir_all(&busy).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "scratch-test", &path_str(&busy)])
+            .status()
+            .expect("mount");
+        assert!(mounted.success(), "mount a tmpfs at {}", busy.display());
+        let _unmount = DetachOnDrop(busy);
+        d.kill_and_restart().await;
+        let ctr = d
+            .run(&numbered("after-busy-scratch"), &["sleep", "1000"])
+            .await;
+        let mut events = d.events().await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
+    })
+    .await
+}
+
+/// Unmounts (lazily) what the test mounted, however the test ends.
+struct DetachOnDrop(std::path::PathBuf);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
