@@ -281,19 +281,15 @@ impl RuntimeBinary {
                 Err(why) => found.left.push(format!("{}: {why}", dir.display())),
             }
         }
-        self.remove_unheld_configs(&listed, settled, &mut found);
+        self.remove_unheld_configs(&listed, &mut found);
         found
     }
 
     /// Removes the specs for the runtime ([`RuntimeBinary::config_dir`]) of ids the runtime
-    /// holds no directory for: a create cut off before the runtime made one. By the same rules
-    /// as the runtime's directories.
-    fn remove_unheld_configs(
-        &self,
-        listed: &impl Fn(&str) -> bool,
-        settled: std::time::Duration,
-        found: &mut StatelessDirs,
-    ) {
+    /// holds no directory for: a create cut off before the runtime made one. At once, however
+    /// recent: a runtime command of the berthd that died that has yet to read its spec would
+    /// make a container no berthd answered for, which a failed read spares.
+    fn remove_unheld_configs(&self, listed: &impl Fn(&str) -> bool, found: &mut StatelessDirs) {
         let configs = self.root.with_extension("configs");
         let Ok(entries) = std::fs::read_dir(&configs) else {
             return;
@@ -303,15 +299,6 @@ impl RuntimeBinary {
                 continue;
             };
             if listed(&id) || self.root.join(&id).symlink_metadata().is_ok() {
-                continue;
-            }
-            let age = entry
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|m| m.elapsed().ok());
-            if age.is_none_or(|age| age < settled) {
-                found.young.push(id);
                 continue;
             }
             match self.remove_config(&id) {
