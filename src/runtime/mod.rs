@@ -220,6 +220,9 @@ pub(crate) struct StatelessDirs {
     pub young: Vec<String>,
     /// For each directory that could not be removed, why.
     pub left: Vec<String>,
+    /// The ids not skipped whose directory the runtime has recorded a container in: on a look
+    /// after the start, a create of the previous berthd that finished since.
+    pub recorded: Vec<String>,
 }
 
 /// The runtime binary and where it keeps its state.
@@ -266,7 +269,11 @@ impl RuntimeBinary {
             let recorded = RUNTIME_STATE_FILES
                 .iter()
                 .any(|f| dir.join(f).symlink_metadata().is_ok());
-            if !meta.is_dir() || listed(&id) || recorded {
+            if !meta.is_dir() || listed(&id) {
+                continue;
+            }
+            if recorded {
+                found.recorded.push(id);
                 continue;
             }
             let age = meta.modified().ok().and_then(|m| m.elapsed().ok());

@@ -379,7 +379,8 @@ impl Supervisor {
     /// such a create is past the runtime bound, unless a request has taken their id meanwhile.
     async fn remove_stateless_runtime_dirs(self: &Arc<Self>, listed: &HashMap<String, Listed>) {
         let listed: HashSet<String> = listed.keys().cloned().collect();
-        let young = self
+        // The runtime lists every directory it recorded a container in.
+        let (young, _) = self
             .remove_stateless_dirs_once(move |id| listed.contains(id))
             .await;
         if young.is_empty() {
@@ -398,9 +399,16 @@ impl Supervisor {
                 .filter(|id| !supervisor.holds_id(id))
                 .cloned()
                 .collect();
-            let still_young = supervisor
+            let (still_young, finished) = supervisor
                 .remove_stateless_dirs_once(move |id| !candidates.contains(id))
                 .await;
+            // A create the previous berthd gave up on that finished since made a container no
+            // one was answered for and no record names: deleted, as the start deletes one it
+            // finds, before its id is free again.
+            for id in finished {
+                tracing::warn!(id = %id, "a create cut off when berthd last stopped finished since; its container is deleted");
+                supervisor.delete_from_runtime(&id, Asker::Berthd).await;
+            }
             // Those still changing are left to the next start, and their creates to the
             // runtime's own answer: this refusal's "ask again then" would not come true.
             let mut leftovers = supervisor.leftover_runtime_dirs();
@@ -434,11 +442,12 @@ impl Supervisor {
     }
 
     /// One pass of `RuntimeBinary::remove_stateless_dirs` over the ids `skipped` does not name,
-    /// logged; returns the ids too recent to remove.
+    /// logged; returns the ids too recent to remove, and those the runtime has recorded a
+    /// container in.
     async fn remove_stateless_dirs_once(
         &self,
         skipped: impl Fn(&str) -> bool + Send + 'static,
-    ) -> Vec<String> {
+    ) -> (Vec<String>, Vec<String>) {
         let binary = self.runtime.binary().clone();
         let settled = self.runtime.timeout();
         let found =
@@ -448,7 +457,7 @@ impl Supervisor {
             Ok(found) => found,
             Err(e) => {
                 tracing::error!(error = %e, "the runtime's directories were not looked through");
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
         for id in found.removed {
@@ -460,7 +469,7 @@ impl Supervisor {
                 "a runtime directory of a create or restore cut off half-way was left; remove it by hand"
             );
         }
-        found.young
+        (found.young, found.recorded)
     }
 
     async fn runtime_list(&self) -> Result<Vec<u8>> {

@@ -340,3 +340,64 @@ async fn a_runtime_directory_no_container_was_recorded_in_is_removed_at_restart_
     })
     .await
 }
+
+/// A create cut off by berthd's death that the runtime finishes after the next start (a
+/// `createRuntime` hook held it while berthd restarted): its container is deleted once the
+/// runtime bound has passed, not left running with no record, no events and its id refused
+/// for good; then the id can be created again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_cut_off_by_a_crash_that_finishes_after_the_restart_is_deleted() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let bound = ["--runtime-timeout", "5"];
+        let mut d = daemon!(Options::args(&bound));
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        bundle.edit(|c| {
+            c["hooks"] = serde_json::json!({
+                "createRuntime": [{"path": BUSYBOX, "args": ["busybox", "sleep", "2"]}]
+            });
+        });
+        let id = id("finished-late");
+        let mut client = d.client.clone();
+        let request = create_req(&id, &bundle);
+        let create = tokio::spawn(async move { client.create_container(request).await });
+        let runtime_dir = d.state_dir().join("runtime").join(&id);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !runtime_dir.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the runtime never began the create"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        d.crash();
+        let _ = create.await;
+        d.start_again_with(Options::args(&bound)).await;
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.runtime_ids().contains(&id) {
+            assert!(
+                Instant::now() < deadline,
+                "the cut-off create never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while d.runtime_ids().contains(&id) {
+            assert!(
+                Instant::now() < deadline,
+                "the container of the cut-off create is left in the runtime"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        d.assert_gone(&id).await;
+        let mut events = d.events().await;
+        bundle.edit(|c| {
+            c.as_object_mut().unwrap().remove("hooks");
+        });
+        let pid = d.create(create_req(&id, &bundle)).await;
+        d.kill_container(&mut events, &id, pid).await;
+    })
+    .await
+}
