@@ -493,9 +493,15 @@ fn only_unlisted_directories_without_state_are_removed_and_never_what_is_mounted
         root: root.clone(),
         ..binary()
     };
+    // Specs for the runtime: of the cut-off create, of one cut off before the runtime made its
+    // directory (however new), and of a listed container.
+    for id in ["cut-off", "before-the-runtime", "listed"] {
+        binary.write_config(id, b"{}").unwrap();
+    }
 
-    let found =
+    let mut found =
         binary.remove_stateless_dirs(|id| id == "listed", std::time::Duration::from_secs(60));
+    found.recorded.sort();
     let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let still_mounted = mounted.contains(&*cut_off.to_string_lossy());
     if still_mounted {
@@ -507,11 +513,14 @@ fn only_unlisted_directories_without_state_are_removed_and_never_what_is_mounted
     assert_eq!(
         found,
         StatelessDirs {
-            removed: vec!["cut-off".to_owned()],
+            removed: vec!["cut-off".to_owned(), "before-the-runtime".to_owned()],
             young: vec!["young".to_owned()],
             left: Vec::new(),
+            recorded: vec!["crun-recorded".to_owned(), "recorded".to_owned()],
         }
     );
+    assert!(!binary.config_dir("cut-off").exists());
+    assert!(binary.config_dir("listed").join("config.json").exists());
     assert!(!still_mounted, "the rootfs is still mounted");
     assert!(!cut_off.exists());
     assert_eq!(
