@@ -52,6 +52,38 @@ async fn events_and_stats_streams_end_with_unavailable_when_berthd_stops() {
     .await
 }
 
+/// A pause that races its container's exit is answered as every other call racing an exit is:
+/// NOT_FOUND "has exited" (or done, if it came first), never the runtime's "container not
+/// running" as a FAILED_PRECONDITION.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pause_racing_the_inits_exit_says_the_container_has_exited() {
+    within(async {
+        let mut d = daemon!();
+        let mut events = d.events().await;
+        for round in 0..20 {
+            let c = d
+                .run(&format!("pause-exit-{round}"), &["sleep", "1000"])
+                .await;
+            d.signal(&c.id, c.pid, SIGKILL).await;
+            let paused = d.client.update_container(update(&c.id, "paused", 0)).await;
+            match paused {
+                Err(status) => assert_eq!(
+                    (status.code(), status.message()),
+                    (Code::NotFound, &*format!("container {} has exited", c.id)),
+                    "round {round}"
+                ),
+                // Frozen before the kill took it: it dies once thawed.
+                Ok(_) => {
+                    let _ = d.client.update_container(update(&c.id, "running", 0)).await;
+                }
+            }
+            assert_eq!(events.exit_status(&c.id, c.pid).await, 137);
+            d.assert_gone(&c.id).await;
+        }
+    })
+    .await
+}
+
 /// DESIGN: "FailedPrecondition (the state of things forbids it)": pausing a paused container and
 /// resuming a running one are refused, and change nothing.
 #[tokio::test(flavor = "multi_thread")]
