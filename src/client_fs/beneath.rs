@@ -158,9 +158,8 @@ pub fn list_dirs_beneath(
 /// and its entries are removed with `unlinkat`, so a symbolic link inside is removed itself and
 /// never followed, and a mount point inside stops the removal instead of being emptied.
 ///
-/// `<dir>/<relative>` itself must not be a symbolic link (it is refused, as
-/// [`list_dirs_beneath`] does not list it); anything else that is not a directory is NotFound,
-/// as it is not listed either (a checkpoint is a directory). The peer must be allowed to write
+/// `<dir>/<relative>` itself must be a directory (a checkpoint is one): a symbolic link or
+/// anything else is refused, as [`list_dirs_beneath`] does not list it. The peer must be allowed to write
 /// to and search the directory that holds it (and own it or the directory, when that one is
 /// sticky), and each directory it empties (one with entries), as the kernel asks of a peer that
 /// removes the tree itself (the sticky rule included); where it may not, the removal stops
@@ -207,8 +206,9 @@ pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()>
             )?;
             remove_tree(top, parent.as_fd(), leaf, &beneath.shown(), Some(peer))
         }
-        _ => Err(Error::NotFound(format!(
-            "{} is {}, not a directory",
+        // There, but no checkpoint: said so, as a link is, not as if nothing were there.
+        _ => Err(Error::InvalidArgument(format!(
+            "{} is {}, not a directory: no checkpoint, and berthd does not remove it",
             beneath.shown(),
             kind_name(&st)
         ))),

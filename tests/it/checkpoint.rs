@@ -358,6 +358,17 @@ async fn hand_made_checkpoints_are_listed_refused_as_duplicates_and_deleted() {
         assert!(!dir.join("plain").exists());
         let names: Vec<_> = list(c, &container).await.into_iter().map(|cp| cp.name).collect();
         assert_eq!(names, ["flagged"]);
+        // An entry that is there but no directory is said to be what it is, and stays.
+        std::fs::write(dir.join("stray"), "").unwrap();
+        let message = expect_code(
+            c.delete_checkpoint(delete(&container, "stray")).await,
+            Code::InvalidArgument,
+        );
+        assert!(
+            message.contains("stray is a regular file, not a directory"),
+            "{message}"
+        );
+        assert!(dir.join("stray").exists());
     })
     .await
 }
