@@ -55,7 +55,8 @@ fn execute(call: &BuiltinCall) -> Result<(), String> {
                   pid_file: &std::path::Path,
                   console_socket: Option<&std::path::Path>| {
         let private = private_bundle(call, id, bundle)?;
-        // Relative mount sources are the bundle's, as with runc, which runs in the bundle.
+        // As runc does, it runs in the bundle it is given: berthd's copy of the spec, whose
+        // relative bind-mount sources are already the client's bundle's, made absolute.
         std::env::set_current_dir(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
         builder(id)?
             .validate_id()
