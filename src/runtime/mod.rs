@@ -322,10 +322,19 @@ impl RuntimeBinary {
         self.root.with_extension("configs").join(id)
     }
 
-    /// Writes `config` as container `id`'s spec for the runtime, in place of any left there;
-    /// returns the bundle to give the runtime. Inline: a few calls in berthd's own state
-    /// directory, as the create's pid file and console socket are made.
-    pub(crate) fn write_config(&self, id: &str, config: &[u8]) -> Result<PathBuf> {
+    /// Writes `config` as container `id`'s spec for the runtime, in place of any left there,
+    /// beside a symbolic link to `<bundle>/<name>` for each of `names`: OCI hooks are given the
+    /// copy as their bundle and run in it, and find the files beside the client's
+    /// `config.json` there, as before (a relative hook path, a file a hook reads). Returns the
+    /// bundle to give the runtime. Inline: a few calls in berthd's own state directory, as the
+    /// create's pid file and console socket are made.
+    pub(crate) fn write_config(
+        &self,
+        id: &str,
+        config: &[u8],
+        bundle: &Path,
+        names: &[std::ffi::OsString],
+    ) -> Result<PathBuf> {
         use std::io::Write;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let dir = self.config_dir(id);
@@ -343,6 +352,11 @@ impl RuntimeBinary {
             .open(&path)
             .and_then(|mut file| file.write_all(config))
             .map_err(|e| Error::io(&path, e))?;
+        for name in names {
+            let link = dir.join(name);
+            std::os::unix::fs::symlink(bundle.join(name), &link)
+                .map_err(|e| Error::io(&link, e))?;
+        }
         Ok(dir)
     }
 

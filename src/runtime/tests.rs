@@ -496,7 +496,9 @@ fn only_unlisted_directories_without_state_are_removed_and_never_what_is_mounted
     // Specs for the runtime: of the cut-off create, of one cut off before the runtime made its
     // directory (however new), and of a listed container.
     for id in ["cut-off", "before-the-runtime", "listed"] {
-        binary.write_config(id, b"{}").unwrap();
+        binary
+            .write_config(id, b"{}", Path::new("/bundle"), &[])
+            .unwrap();
     }
 
     let mut found =

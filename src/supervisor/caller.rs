@@ -10,6 +10,7 @@
 //! Owns: which client_fs call each kind of client path takes, and the bounds. Does not own:
 //! reading the peer off a connection (api) or resolving paths (client_fs).
 
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -160,34 +161,41 @@ impl Caller {
         )
     }
 
-    /// A directory the client named (`what`: a bundle), checked as [`Caller::open_dir`] checks
-    /// it, and the regular file `name` in it, of at most the size limit, read in the same trip
-    /// off the reactor within the time limit; `Ok(None)` when the directory is there and the
-    /// file is not.
-    pub async fn read_in_dir(&self, what: &str, dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+    /// A bundle directory the client named, checked as [`Caller::open_dir`] checks it, and the
+    /// regular file `config.json` in it, of at most the size limit, with the names beside it
+    /// (at most [`BUNDLE_NAMES`]; none where they cannot be listed), all in one trip off the
+    /// reactor within the time limit; `Ok(None)` when the directory is there and the file is
+    /// not. The runtime's copy of the spec mirrors the names (`RuntimeBinary::write_config`).
+    pub async fn read_bundle(&self, dir: &Path) -> Result<Option<(Vec<u8>, Vec<OsString>)>> {
         let label = Doing {
             verb: "reading",
-            what,
+            what: "bundle",
             dir,
-            name: Some(name),
+            name: Some("config.json"),
         };
-        let (what, dir, name) = (what.to_owned(), dir.to_owned(), name.to_owned());
+        let dir = dir.to_owned();
         let limit = self.limits.max_bytes;
         let (peer, state_dir) = (self.peer.clone(), self.state_dir.clone());
         self.off_reactor(label, move || {
             // One walk when both are there: reading the file checks every directory on the way
             // as opening the directory would. Only a failure looks at the directory on its own,
             // so a directory that is missing or refused is reported as such.
-            let file = dir.join(&name);
-            let read = client_fs::read_regular(&name, &file, limit, &peer, &[&state_dir]);
-            if read.is_err() {
-                client_fs::open_dir(&what, &dir, &peer, &[&state_dir])?;
-            }
-            match read {
-                Ok(bytes) => Ok(Some(bytes)),
-                Err(Error::NotFound(_)) => Ok(None),
-                Err(e) => Err(e),
-            }
+            let file = dir.join("config.json");
+            let bytes =
+                match client_fs::read_regular("config.json", &file, limit, &peer, &[&state_dir]) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        client_fs::open_dir("bundle", &dir, &peer, &[&state_dir])?;
+                        return match e {
+                            Error::NotFound(_) => Ok(None),
+                            e => Err(e),
+                        };
+                    }
+                };
+            let names = client_fs::open_dir("bundle", &dir, &peer, &[&state_dir])
+                .map(|fd| names_beside_the_config(&fd))
+                .unwrap_or_default();
+            Ok(Some((bytes, names)))
         })
         .await
     }
@@ -236,6 +244,24 @@ impl Caller {
     }
 }
 
+/// The most names beside a bundle's `config.json` that the runtime's copy of the spec mirrors.
+pub const BUNDLE_NAMES: usize = 256;
+
+/// The names in the bundle directory `dir` but `config.json`, `.` and `..`: at most
+/// [`BUNDLE_NAMES`], whatever the listing reached before an error.
+fn names_beside_the_config(dir: &OwnedFd) -> Vec<OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(entries) = rustix::fs::Dir::read_from(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map_while(|entry| entry.ok())
+        .map(|entry| std::ffi::OsStr::from_bytes(entry.file_name().to_bytes()).to_owned())
+        .filter(|name| !matches!(name.as_bytes(), b"." | b".." | b"config.json"))
+        .take(BUNDLE_NAMES)
+        .collect()
+}
+
 /// What a trip off the reactor does, for its error messages, formatted only when one is made:
 /// formatting the path on every trip was 1% of berthd's CPU a create at C=1.
 struct Doing<'a> {
@@ -265,16 +291,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.json");
         std::fs::write(&file, "{}").unwrap();
-        let caller = Caller::berthd(dir.path().join("state"));
-        let bytes = caller
-            .read_in_dir("bundle", dir.path(), "config.json")
-            .await;
-        assert_eq!(bytes.unwrap(), Some(b"{}".to_vec()));
-        let missing = caller.read_in_dir("bundle", dir.path(), "other.json").await;
-        assert_eq!(missing.unwrap(), None);
-        let no_dir = caller
-            .read_in_dir("bundle", &file.join("x"), "config.json")
-            .await;
+        let state = tempfile::tempdir().unwrap();
+        let caller = Caller::berthd(state.path().to_owned());
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("hook.sh"), "").unwrap();
+        let mut read = caller.read_bundle(dir.path()).await.unwrap().unwrap();
+        read.1.sort();
+        let names: Vec<OsString> = vec!["hook.sh".into(), "rootfs".into()];
+        assert_eq!(read, (b"{}".to_vec(), names));
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(caller.read_bundle(dir.path()).await.unwrap(), None);
+        let no_dir = caller.read_bundle(&file.join("x")).await;
         assert!(no_dir.is_err());
     }
 

@@ -26,8 +26,11 @@ use crate::runtime::{Asker, CreateMode, Operation, RecordedCgroup};
 /// What [`Supervisor::create_steps`] works from.
 struct CreateSteps<'a> {
     request: &'a CreateRequest,
-    /// The spec berthd checked, which the runtime is given instead of the bundle's.
+    /// The spec berthd checked, which the runtime is given instead of the bundle's, and the
+    /// bundle with the names beside its `config.json`, which the copy mirrors.
     runtime_config: &'a [u8],
+    bundle: &'a Path,
+    names: &'a [std::ffi::OsString],
     cgroups_path: Option<&'a Path>,
     restore: Option<&'a checkpoint::Restorable>,
     /// The init's uid, and how the container's uids appear on the host.
@@ -67,6 +70,7 @@ impl Supervisor {
             dir: bundle,
             process: base_process,
             runtime_config,
+            names,
             cgroups_path,
             uids,
         } = validate::bundle(&request.bundle, &request.caller).await?;
@@ -115,6 +119,8 @@ impl Supervisor {
             let steps = CreateSteps {
                 request: &request,
                 runtime_config: &runtime_config,
+                bundle: &bundle,
+                names: &names,
                 cgroups_path: cgroups_path.as_deref(),
                 restore: restore.as_ref(),
                 init_uid: init_spec.uid,
@@ -197,6 +203,8 @@ impl Supervisor {
         let CreateSteps {
             request,
             runtime_config,
+            bundle,
+            names,
             cgroups_path,
             restore,
             init_uid,
@@ -227,7 +235,10 @@ impl Supervisor {
         let console_socket = console.map(|c| c.path());
         undo.runtime_state(cgroups_path.map(Path::to_path_buf));
         // Removed with the runtime's state: by the undo's delete, or the exit's.
-        let bundle = &self.runtime.binary().write_config(id, runtime_config)?;
+        let bundle = &self
+            .runtime
+            .binary()
+            .write_config(id, runtime_config, bundle, names)?;
         let claim = self.reaper.claim(pid_file);
         let create_mode = self.runtime.create_mode();
         match restore {

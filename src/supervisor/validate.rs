@@ -199,6 +199,8 @@ pub struct BundleConfig {
     /// The spec as berthd read it, written out again for the runtime
     /// ([`runtime_config`]).
     pub runtime_config: Vec<u8>,
+    /// The names beside `config.json` in the bundle, which the runtime's copy mirrors.
+    pub names: Vec<std::ffi::OsString>,
     /// `linux.cgroupsPath`, where the runtime puts the container's cgroups.
     pub cgroups_path: Option<PathBuf>,
     /// How the container's uids appear on the host.
@@ -292,7 +294,7 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
         )));
     }
     let config = dir.join("config.json");
-    let Some(bytes) = caller.read_in_dir("bundle", dir, "config.json").await? else {
+    let Some((bytes, names)) = caller.read_bundle(dir).await? else {
         return Err(Error::NotFound(format!(
             "{} does not exist: a bundle needs a config.json (runc spec makes one)",
             shown(&config)
@@ -329,6 +331,7 @@ pub async fn bundle(path: &str, caller: &Caller) -> Result<BundleConfig> {
         dir: dir.to_owned(),
         process,
         runtime_config,
+        names,
         uids: UidMap::of_spec(&spec),
         // Empty is unset, as the runtime takes it.
         cgroups_path: spec

@@ -386,6 +386,46 @@ async fn the_runtime_runs_the_spec_berthd_checked() {
     .await
 }
 
+/// The runtime is given berthd's copy of the spec as the bundle, so OCI hooks run in it and are
+/// told it: the files beside the client's `config.json` are there too (links to them), so a
+/// relative hook path, a hook that reads a file in its working directory and one that reads
+/// one in the bundle it is told still find them.
+#[tokio::test(flavor = "multi_thread")]
+async fn hooks_find_the_bundles_files_in_the_runtimes_copy() {
+    within(async {
+        if builtin_runtime() {
+            return;
+        }
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        fs::write(bundle.path().join("marker"), "beside the config\n").unwrap();
+        let out = bundle.path().join("hook.out");
+        write_script(
+            bundle.path(),
+            "hook.sh",
+            &format!(
+                "#!/bin/sh\nbundle=$(sed 's/.*\"bundle\": *\"\\([^\"]*\\)\".*/\\1/')\n\
+                 {{ cat marker; cat \"$bundle/marker\"; }} > {}\n",
+                path_str(&out)
+            ),
+        );
+        bundle.edit(|c| {
+            c["hooks"] = serde_json::json!({
+                "createRuntime": [{"path": "./hook.sh", "args": ["hook.sh"]}]
+            });
+        });
+        let mut events = d.events().await;
+        let id_ = id("hooks-see-the-bundle");
+        let pid = d.create(create_req(&id_, &bundle)).await;
+        assert_eq!(
+            fs::read_to_string(&out).unwrap(),
+            "beside the config\nbeside the config\n"
+        );
+        d.kill_container(&mut events, &id_, pid).await;
+    })
+    .await
+}
+
 /// Sets `path`'s access ACL to `entries` (tag, permissions, id; the xattr form), as `setfacl`
 /// would; false after a loud skip where the file system keeps no ACLs.
 fn set_access_acl(path: &Path, entries: &[(u16, u16, u32)]) -> bool {
