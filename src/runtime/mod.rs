@@ -297,15 +297,14 @@ impl RuntimeBinary {
     /// recent: a runtime command of the berthd that died that has yet to read its spec would
     /// make a container no berthd answered for, which a failed read spares.
     fn remove_unheld_configs(&self, listed: &impl Fn(&str) -> bool, found: &mut StatelessDirs) {
-        let configs = self.root.with_extension("configs");
-        let Ok(entries) = std::fs::read_dir(&configs) else {
+        let Ok(entries) = std::fs::read_dir(self.configs_root()) else {
             return;
         };
         for entry in entries.flatten() {
             let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if listed(&id) || self.root.join(&id).symlink_metadata().is_ok() {
+            if listed(&id) || self.holds_dir(&id) {
                 continue;
             }
             match self.remove_config(&id) {
@@ -319,7 +318,17 @@ impl RuntimeBinary {
     /// berthd checked as `config.json` (see `validate::runtime_config` in the supervisor). It
     /// stays while the runtime holds the container, for the hooks its delete runs.
     pub(crate) fn config_dir(&self, id: &str) -> PathBuf {
-        self.root.with_extension("configs").join(id)
+        self.configs_root().join(id)
+    }
+
+    /// Where the specs for the runtime are: `<root>.configs`.
+    fn configs_root(&self) -> PathBuf {
+        self.root.with_extension("configs")
+    }
+
+    /// Whether the runtime holds a directory for container `id` in its root.
+    fn holds_dir(&self, id: &str) -> bool {
+        self.root.join(id).symlink_metadata().is_ok()
     }
 
     /// Writes `config` as container `id`'s spec for the runtime, in place of any left there,
@@ -720,7 +729,7 @@ impl Runtime {
     /// Removes container `id`'s spec for the runtime once the runtime holds no directory for
     /// it: whatever the delete's outcome, a container the runtime no longer has needs none.
     fn forget_config_once_deleted(&self, id: &str) {
-        if self.binary.root.join(id).symlink_metadata().is_ok() {
+        if self.binary.holds_dir(id) {
             return;
         }
         if let Err(e) = self.binary.remove_config(id) {

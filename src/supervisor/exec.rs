@@ -139,17 +139,12 @@ impl Supervisor {
             )
             .await;
         if let Err(e) = started {
-            // The runtime's refusal of a container whose init has just exited ("container does
-            // not exist", "cannot exec in a stopped container") is that exit, seen first there.
-            let e = match e {
-                Error::Runtime { .. } if container.init.tracked.has_exited() => {
-                    Error::NotFound(format!(
-                        "container {} has exited; no process can be added to it",
-                        container.id
-                    ))
-                }
-                e => e,
-            };
+            let e = container.exit_seen_by_the_runtime(e, || {
+                format!(
+                    "container {} has exited; no process can be added to it",
+                    container.id
+                )
+            });
             return Err(undo.undo(e).await);
         }
         let (Some(tracked), _) = undo.keep() else {

@@ -93,6 +93,21 @@ pub(super) struct Container {
 }
 
 impl Container {
+    /// `err`, or NOT_FOUND with `exited`'s message when `err` is the runtime's refusal and the
+    /// init has exited: the runtime's refusal of a container whose init has just exited
+    /// ("container not running", "cannot exec in a stopped container") is that exit, seen first
+    /// there, and is said as every other call racing an exit says it.
+    pub(super) fn exit_seen_by_the_runtime(
+        &self,
+        err: Error,
+        exited: impl FnOnce() -> String,
+    ) -> Error {
+        match err {
+            Error::Runtime { .. } if self.init.tracked.has_exited() => Error::NotFound(exited()),
+            err => err,
+        }
+    }
+
     /// What a process counts toward its container's limit: its spec's bytes as
     /// `--max-process-spec-bytes` counts them, and the pid, user and flags beside them.
     pub(super) fn process_bytes(spec: &ProcessSpec) -> usize {

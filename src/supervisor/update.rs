@@ -66,17 +66,9 @@ impl Supervisor {
                 Status::Paused => (Operation::Pause { id }, EventKind::Pause),
                 Status::Running => (Operation::Resume { id }, EventKind::Resume),
             };
-            // The runtime's refusal of a container whose init has just exited ("container not
-            // running") is that exit, seen first there: said as every other call says it.
-            self.runtime
-                .run(op, Asker::Uid(uid))
-                .await
-                .map_err(|e| match e {
-                    Error::Runtime { .. } if container.init.tracked.has_exited() => {
-                        Error::NotFound(format!("container {id} has exited"))
-                    }
-                    e => e,
-                })?;
+            self.runtime.run(op, Asker::Uid(uid)).await.map_err(|e| {
+                container.exit_seen_by_the_runtime(e, || format!("container {id} has exited"))
+            })?;
             container.lock().status = target;
             self.events.publish(id, container.init.pid(), kind);
         }
