@@ -159,11 +159,12 @@ pub fn list_dirs_beneath(
 /// never followed, and a mount point inside stops the removal instead of being emptied.
 ///
 /// `<dir>/<relative>` itself must be a directory (a checkpoint is one): a symbolic link or
-/// anything else is refused, as [`list_dirs_beneath`] does not list it. The peer must be allowed to write
-/// to and search the directory that holds it (and own it or the directory, when that one is
-/// sticky), and each directory it empties (one with entries), as the kernel asks of a peer that
-/// removes the tree itself (the sticky rule included); where it may not, the removal stops
-/// there with PERMISSION_DENIED, as `rm -r` would. At most [`MAX_REMOVE_DEPTH`] levels are descended.
+/// anything else is refused, as [`list_dirs_beneath`] does not list it. The peer must be
+/// allowed to write to and search the directory that holds it (and own it or the directory,
+/// when that one is sticky), and each directory it empties (one with entries), as the kernel
+/// asks of a peer that removes the tree itself (the sticky rule included); where it may not,
+/// the removal stops there with PERMISSION_DENIED, as `rm -r` would. At most
+/// [`MAX_REMOVE_DEPTH`] levels are descended.
 pub fn remove_beneath(dir: &OwnedFd, relative: &Path, peer: &Peer) -> Result<()> {
     let beneath = Beneath::new(dir, relative)?;
     let (parent, leaf) = beneath.parent(peer)?;

@@ -118,8 +118,9 @@ fn execute(call: &BuiltinCall) -> Result<(), String> {
     Ok(())
 }
 
-/// The bundle libcontainer is given: `<bundles>/<id>/config.json`, the bundle's spec with its
-/// root made absolute and its cgroups path where runc would put it (libcontainer puts a spec
+/// The bundle libcontainer is given: `<bundles>/<id>/config.json`, the spec in `bundle`
+/// (berthd's copy of the one it checked, its root already absolute) with its cgroups path
+/// where runc would put it (libcontainer puts a spec
 /// without one at `:youki:<id>` at each hierarchy's root), beside a `bundle` file naming the
 /// bundle it came from. libcontainer reads the spec again at every exec: from this copy, an
 /// edit of the client's `config.json` after the create cannot move an added process into
@@ -144,12 +145,6 @@ fn private_bundle(
     if let Some(linux) = spec.linux_mut() {
         let placed = cgroup_placement(linux.cgroups_path().as_deref(), id, &own);
         linux.set_cgroups_path(Some(placed));
-    }
-    if let Some(root) = spec.root_mut()
-        && root.path().is_relative()
-    {
-        let absolute = bundle.join(root.path());
-        root.set_path(absolute);
     }
     let shares_pids = spec
         .linux()

@@ -272,8 +272,9 @@ impl Supervisor {
     }
 
     /// Whether the runtime confirms `record`: it holds a live container of that id, with that
-    /// init pid, from that bundle (or berthd's copy of its spec). A record the runtime does not confirm is never adopted, so a
-    /// forged or stale record cannot make berthd signal a process that is not its container's.
+    /// init pid, from that bundle (or berthd's copy of its spec). A record the runtime does not
+    /// confirm is never adopted, so a forged or stale record cannot make berthd signal a
+    /// process that is not its container's.
     fn confirmed(&self, record: &ContainerRecord, listed: Option<&Listed>) -> Result<(), String> {
         let Some(listed) = listed else {
             return Err("the runtime holds no container of this id".into());
