@@ -643,13 +643,13 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
         let mut client = d.client.clone();
         let restoring = tokio::spawn(async move { client.create_container(restore).await });
         let deadline = Instant::now() + Duration::from_secs(30);
-        while owner_and_mode(&image) != (0, 0o700) {
-            assert!(
-                Instant::now() < deadline,
-                "the restore never held the checkpoint"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        poll_until(
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+            "the restore never held the checkpoint",
+            || owner_and_mode(&image) == (0, 0o700),
+        )
+        .await;
         // Until the runtime's restore runs, CRIU reading the checkpoint.
         let restore_runs = || {
             descendants_of(d.pid()).into_iter().any(|pid| {
@@ -657,13 +657,13 @@ async fn a_checkpoint_held_by_a_restore_when_berthd_is_killed_is_given_back_at_i
                     .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"restore"))
             })
         };
-        while !restore_runs() {
-            assert!(
-                Instant::now() < deadline,
-                "the runtime never ran the restore"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        poll_until(
+            deadline.saturating_duration_since(Instant::now()),
+            Duration::from_millis(1),
+            "the runtime never ran the restore",
+            restore_runs,
+        )
+        .await;
         d.crash();
         let _ = restoring.await;
         assert_eq!(owner_and_mode(&image), (0, 0o700), "held when berthd died");

@@ -364,33 +364,32 @@ async fn a_create_cut_off_by_a_crash_that_finishes_after_the_restart_is_deleted(
         let request = create_req(&id, &bundle);
         let create = tokio::spawn(async move { client.create_container(request).await });
         let runtime_dir = d.state_dir().join("runtime").join(&id);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !runtime_dir.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the runtime never began the create"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        poll_until(
+            Duration::from_secs(2),
+            Duration::from_millis(5),
+            "the runtime never began the create",
+            || runtime_dir.exists(),
+        )
+        .await;
         d.crash();
         let _ = create.await;
         d.start_again_with(Options::args(&bound)).await;
 
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.runtime_ids().contains(&id) {
-            assert!(
-                Instant::now() < deadline,
-                "the cut-off create never finished"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        while d.runtime_ids().contains(&id) {
-            assert!(
-                Instant::now() < deadline,
-                "the container of the cut-off create is left in the runtime"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        poll_until(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            "the cut-off create never finished",
+            || d.runtime_ids().contains(&id),
+        )
+        .await;
+        poll_until(
+            deadline.saturating_duration_since(Instant::now()),
+            Duration::from_millis(100),
+            "the container of the cut-off create is left in the runtime",
+            || !d.runtime_ids().contains(&id),
+        )
+        .await;
         d.assert_gone(&id).await;
         let mut events = d.events().await;
         bundle.edit(|c| {

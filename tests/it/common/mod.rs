@@ -1045,6 +1045,21 @@ pub fn runc_in_path() -> PathBuf {
         .expect("runc in PATH")
 }
 
+/// Looks at `done` every `every` until it holds; fails the test saying `what` if it does not
+/// within `limit`.
+pub async fn poll_until(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Writes an executable script `name` with `body` in `dir`: a wrapper runtime for one test.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let script = dir.join(name);
