@@ -299,6 +299,15 @@ mod tests {
         read.1.sort();
         let names: Vec<OsString> = vec!["hook.sh".into(), "rootfs".into()];
         assert_eq!(read, (b"{}".to_vec(), names));
+        // A bundle crowded with names (one not UTF-8) gives the copy no more than its bound.
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(b"\xff")), "").unwrap();
+        for i in 0..BUNDLE_NAMES {
+            std::fs::write(dir.path().join(format!("n{i}")), "").unwrap();
+        }
+        let (_, names) = caller.read_bundle(dir.path()).await.unwrap().unwrap();
+        assert_eq!(names.len(), BUNDLE_NAMES);
+        assert!(!names.iter().any(|n| n == "config.json"));
         std::fs::remove_file(&file).unwrap();
         assert_eq!(caller.read_bundle(dir.path()).await.unwrap(), None);
         let no_dir = caller.read_bundle(&file.join("x")).await;
