@@ -191,6 +191,8 @@ struct StubSpawner {
     log: String,
     seen: Mutex<Vec<Vec<String>>>,
     options: Mutex<Vec<SpawnOptions>>,
+    /// The log directory of a runtime made by [`runtime_with`], removed with the stub.
+    own_log_dir: Option<tempfile::TempDir>,
 }
 
 impl Spawner for StubSpawner {
@@ -216,7 +218,10 @@ impl Spawner for StubSpawner {
 }
 
 fn runtime_with(outcome: Outcome, stderr: &str) -> (Runtime, Arc<StubSpawner>) {
-    runtime_logging(outcome, stderr, "", std::env::temp_dir())
+    let logs = tempfile::tempdir().unwrap();
+    let stub = stub_spawner(outcome, stderr, "", Some(logs));
+    let log_dir = stub.own_log_dir.as_ref().unwrap().path().to_owned();
+    (runtime_on(stub.clone(), log_dir), stub)
 }
 
 /// A runtime whose stub spawner writes `log` to each command's log file under `log_dir`.
@@ -226,15 +231,28 @@ fn runtime_logging(
     log: &str,
     log_dir: PathBuf,
 ) -> (Runtime, Arc<StubSpawner>) {
-    let stub = Arc::new(StubSpawner {
+    let stub = stub_spawner(outcome, stderr, log, None);
+    (runtime_on(stub.clone(), log_dir), stub)
+}
+
+fn stub_spawner(
+    outcome: Outcome,
+    stderr: &str,
+    log: &str,
+    own_log_dir: Option<tempfile::TempDir>,
+) -> Arc<StubSpawner> {
+    Arc::new(StubSpawner {
         outcome,
         stderr: stderr.into(),
         log: log.into(),
         seen: Mutex::new(Vec::new()),
         options: Mutex::new(Vec::new()),
-    });
-    let runtime = Runtime::new(binary(), stub.clone(), Duration::from_secs(3), log_dir);
-    (runtime, stub)
+        own_log_dir,
+    })
+}
+
+fn runtime_on(stub: Arc<StubSpawner>, log_dir: PathBuf) -> Runtime {
+    Runtime::new(binary(), stub, Duration::from_secs(3), log_dir)
 }
 
 #[tokio::test]
