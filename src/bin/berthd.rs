@@ -4,6 +4,7 @@
 //! [`berth::daemon::run`] until SIGTERM or SIGINT, or an upgrade's `execve`. Containers keep
 //! running when berthd stops.
 
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
@@ -181,8 +182,10 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 fn init_tracing(config: &Config) -> std::result::Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .map_err(|e| format!("invalid --log-level {:?}: {e}", config.log_level))?;
+    // Colours only on a terminal: a log file or the journal would keep the escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),
