@@ -232,19 +232,21 @@ impl Watcher {
                     tracing::error!(error = %e, "reading the OOM eventfd failed; v1 OOM events stop");
                     return;
                 }
-                let v1: Vec<Arc<Watch>> = lock(&watches)
-                    .values()
-                    .filter(|w| matches!(w.waker, Waker::SharedEventfd))
-                    .cloned()
-                    .collect();
-                let v1 = Arc::new(v1);
                 for delay in RECHECKS {
                     tokio::time::sleep(delay).await;
                     let host_kills = host_oom_kills();
                     if host_kills.is_some() && host_kills == looked_at {
                         continue;
                     }
-                    let (v1, events) = (Arc::clone(&v1), Arc::clone(&events));
+                    // Taken after the host's count, so every watch looked at or not (one
+                    // started later looks at its own counter when it starts) has had its
+                    // counter read since that count: the next look may skip those it covers.
+                    let v1: Vec<Arc<Watch>> = lock(&watches)
+                        .values()
+                        .filter(|w| matches!(w.waker, Waker::SharedEventfd))
+                        .cloned()
+                        .collect();
+                    let events = Arc::clone(&events);
                     let look = move || v1.iter().fold(false, |any, w| w.check(&events) | any);
                     let reported = tokio::task::spawn_blocking(look).await.unwrap_or(false);
                     looked_at = host_kills;

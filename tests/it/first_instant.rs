@@ -10,14 +10,6 @@ use crate::common::*;
 /// time.
 const ROUNDS: usize = 20;
 
-/// Takes the pid namespace out of `bundle`'s spec: its containers share the host's.
-fn share_the_hosts_pids(bundle: &Bundle) {
-    bundle.edit(|c| {
-        let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
-        namespaces.retain(|ns| ns["type"] != "pid");
-    });
-}
-
 /// Writes, in `dir`, a runtime that is real runc but lingers half a second after `run`: berthd
 /// registers the init only after that, when an init that ends at once has long been a zombie
 /// (berthd's child, seen by its orphan sweep; on cgroup v1 shown in the roots by `/proc`).
@@ -101,7 +93,7 @@ async fn killed_by_a_signal_at_once_exits_128_plus_it() {
         let bundle = Bundle::new(&["sh", "-c", "kill -9 $$"]);
         // Without its own pid namespace: the init of one ignores the signals its own processes
         // send it, SIGKILL included, and would exit 0.
-        share_the_hosts_pids(&bundle);
+        bundle.share_the_hosts_pids();
         each_exits_with(&mut d, "first-kill9", &bundle, 137, ROUNDS).await;
     })
     .await
@@ -117,7 +109,7 @@ async fn a_container_sharing_the_hosts_pids_sees_its_own_memory_cgroup() {
             "-c",
             "for f in /sys/fs/cgroup/memory/cgroup.procs /sys/fs/cgroup/cgroup.procs; do [ -f $f ] && { grep -qx $$ $f; exit $?; }; done; exit 2",
         ]);
-        share_the_hosts_pids(&bundle);
+        bundle.share_the_hosts_pids();
         each_exits_with(&mut d, "host-pids-cgroup", &bundle, 0, 1).await;
     })
     .await
@@ -129,6 +121,42 @@ async fn an_oom_kill_in_the_first_instant_gives_oom_then_exit_137() {
         let mut d = daemon!();
         // No gate: the kill may come before berthd registers the init or after.
         each_oom_then_exit_137(&mut d, "first-oom", 3).await;
+    })
+    .await
+}
+
+/// A container's process killed by the OOM killer in its first instant while the init lives
+/// on: `oom` comes when the cgroup counts the kill, not with the init's exit. Each round starts
+/// right after the exit of the round before, whose cgroup removal also wakes the OOM watch
+/// (cgroup v1): a kill during that wake-up's looks was missed until the init exited.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oom_kill_in_the_first_instant_is_published_while_the_init_lives_on() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&[
+            "sh",
+            "-c",
+            "busybox dd if=/dev/zero of=/dev/null bs=64M count=1; exec sleep 1000",
+        ]);
+        bundle.edit(|c| {
+            c["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 * 1024 * 1024});
+        });
+        let mut events = d.events().await;
+        for round in 0..8 {
+            let id = id(&format!("oom-lives-on-{round}"));
+            let pid = d.create(create_req(&id, &bundle)).await;
+            let first = events
+                .wait_for("oom or exit", |e| {
+                    e.id == id && (e.r#type == "oom" || e.r#type == "exit")
+                })
+                .await;
+            assert_eq!(
+                (first.r#type.as_str(), first.pid),
+                ("oom", pid),
+                "round {round}: {first:?}"
+            );
+            d.kill_container(&mut events, &id, pid).await;
+        }
     })
     .await
 }

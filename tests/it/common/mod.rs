@@ -170,6 +170,14 @@ impl Bundle {
         self.write_config(&spec);
     }
 
+    /// Takes the pid namespace out of the spec: the containers share the host's.
+    pub fn share_the_hosts_pids(&self) {
+        self.edit(|c| {
+            let namespaces = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+            namespaces.retain(|ns| ns["type"] != "pid");
+        });
+    }
+
     pub fn config(&self) -> Value {
         let text = fs::read_to_string(self.path().join("config.json")).expect("config.json");
         serde_json::from_str(&text).expect("config.json is JSON")
