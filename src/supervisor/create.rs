@@ -147,12 +147,12 @@ impl Supervisor {
             bundle: bundle.clone(),
             stdio: request.stdio,
             base_process,
-            init: Arc::new(Process {
-                start_time: process_start_time(pid).unwrap_or(0),
-                tracked: init,
-                spec: init_spec,
-                terminal: None,
-            }),
+            init: Arc::new(Process::new(
+                init,
+                init_spec,
+                process_start_time(pid).unwrap_or(0),
+                None,
+            )),
             lost_terminals: Vec::new(),
             pipes,
             mutable: Mutex::new(Mutable {

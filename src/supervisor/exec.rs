@@ -154,17 +154,14 @@ impl Supervisor {
             )));
         };
         let pid = tracked.pid() as u32;
-        let process = Arc::new(Process {
-            start_time: process_start_time(pid).unwrap_or(0),
-            tracked,
-            terminal: spec.terminal.then(|| TerminalPaths {
-                stdin: request.stdio.stdin.clone(),
-                stdout: request.stdio.stdout.clone(),
-                console: request.stdio.console.clone(),
-                named_by: request.stdio.named_by(),
-            }),
-            spec: spec.clone(),
+        let terminal = spec.terminal.then(|| TerminalPaths {
+            stdin: request.stdio.stdin.clone(),
+            stdout: request.stdio.stdout.clone(),
+            console: request.stdio.console.clone(),
+            named_by: request.stdio.named_by(),
         });
+        let start_time = process_start_time(pid).unwrap_or(0);
+        let process = Arc::new(Process::new(tracked, spec.clone(), start_time, terminal));
         container.lock().added.push(Arc::clone(&process));
         let saved = self.save_flushed(container);
         self.events.publish(

@@ -2,8 +2,9 @@
 //! follows.
 //!
 //! When an init exits: its container is hidden (State no longer lists it, lookups say it has
-//! exited), an operation on it under way ends (its event comes before the exit), and its state
-//! file removal is queued; an OOM kill the cgroup counted and nobody reported yet is published;
+//! exited), an operation on it under way ends (its event comes before the exit), added
+//! processes that outlive it (in a container without a pid namespace of its own) are killed and
+//! their exits published, and its state file removal is queued; an OOM kill the cgroup counted and nobody reported yet is published;
 //! then `exit`, as soon as the pidfd fired and the status is collected. Only then the stats
 //! registration goes and the runtime deletes its state.
 //!
@@ -67,6 +68,10 @@ use crate::runtime::{Asker, Operation, SpawnStdio};
 /// blocking thread; the turn goes to the next.
 const RELEASE_TURN: Duration = Duration::from_secs(2);
 
+/// The longest an init's `exit` waits for those of the added processes killed with it: one
+/// stuck in the kernel must not hold back the container's end.
+const ADDED_EXITS_WAIT: Duration = Duration::from_secs(2);
+
 impl Supervisor {
     /// Publishes the init's exit once it exits, then cleans up after the container.
     pub(super) fn watch_init(self: &Arc<Self>, container: Arc<Container>) {
@@ -108,6 +113,7 @@ impl Supervisor {
         // An operation under way when the init exited (a resume that thawed it into a pending
         // kill, a dump that ended it) publishes its event first: `exit` is the container's last.
         drop(container.operations.lock().await);
+        self.end_added_processes(container).await;
         // The record goes first: once the exit is published, a restart has nothing to adopt.
         self.remove_record(container);
         // Reads the OOM counter a last time, so an OOM kill is published before the exit; and
@@ -145,6 +151,32 @@ impl Supervisor {
         drop(exited);
     }
 
+    /// Kills the added processes still running after the init's exit and waits for their `exit`
+    /// events (at most [`ADDED_EXITS_WAIT`]), so that the init's `exit` is the container's last.
+    /// Only a container without a pid namespace of its own has any: the kernel kills the rest
+    /// with the init. The runtime's delete would kill them too, after the init's `exit`.
+    async fn end_added_processes(&self, container: &Container) {
+        let added = container.lock().added.clone();
+        if added.is_empty() {
+            return;
+        }
+        for process in &added {
+            // An error is an exit already under way: its event still comes.
+            let _ = process.tracked.signal(libc::SIGKILL);
+        }
+        let published = async {
+            for process in &added {
+                process.exit_published.notified().await;
+            }
+        };
+        if tokio::time::timeout(ADDED_EXITS_WAIT, published)
+            .await
+            .is_err()
+        {
+            tracing::warn!(id = %container.id, secs = ADDED_EXITS_WAIT.as_secs(), "added processes killed with their init did not exit in time; the init's exit is published before theirs");
+        }
+    }
+
     /// Publishes an added process's exit once it exits, and forgets it.
     pub(super) fn watch_process(
         self: &Arc<Self>,
@@ -164,6 +196,7 @@ impl Supervisor {
             supervisor
                 .events
                 .publish(&container.id, process.pid(), EventKind::Exit { status });
+            process.exit_published.notify_one();
             // Skipped by `save` once the init's exit has removed the record.
             supervisor.save(&container);
         });

@@ -514,12 +514,12 @@ impl Supervisor {
                 Ok(None)
             };
             match adopted {
-                Ok(Some(tracked)) => added.push(Arc::new(Process {
+                Ok(Some(tracked)) => added.push(Arc::new(Process::new(
                     tracked,
-                    spec: process.spec.clone(),
-                    start_time: process.start_time,
-                    terminal: process.terminal.clone(),
-                })),
+                    process.spec.clone(),
+                    process.start_time,
+                    process.terminal.clone(),
+                ))),
                 Ok(None) | Err(_) => self.events.record_recovery(
                     &record.id,
                     process.pid,
@@ -592,12 +592,12 @@ impl Supervisor {
             bundle: record.bundle.clone(),
             stdio,
             base_process,
-            init: Arc::new(Process {
-                tracked: init,
-                spec: record.init.spec.clone(),
-                start_time: record.init.start_time,
-                terminal: None,
-            }),
+            init: Arc::new(Process::new(
+                init,
+                record.init.spec.clone(),
+                record.init.start_time,
+                None,
+            )),
             lost_terminals,
             pipes: record.pipes,
             mutable: Mutex::new(Mutable {

@@ -52,9 +52,27 @@ pub(super) struct Process {
     /// Where an added process's terminal is relayed; `None` for the init (its container's
     /// paths) and for a process without a terminal.
     pub(super) terminal: Option<TerminalPaths>,
+    /// Given a permit once an added process's `exit` is published (the init's `exit` waits for
+    /// it: it is the container's last event).
+    pub(super) exit_published: tokio::sync::Notify,
 }
 
 impl Process {
+    pub(super) fn new(
+        tracked: TrackedProcess,
+        spec: ProcessSpec,
+        start_time: u64,
+        terminal: Option<TerminalPaths>,
+    ) -> Process {
+        Process {
+            tracked,
+            spec,
+            start_time,
+            terminal,
+            exit_published: tokio::sync::Notify::new(),
+        }
+    }
+
     pub(super) fn pid(&self) -> u32 {
         self.tracked.pid() as u32
     }

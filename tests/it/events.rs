@@ -131,6 +131,58 @@ async fn a_resume_that_thaws_a_killed_init_is_published_before_its_exit() {
     .await
 }
 
+/// In a container without a pid namespace of its own, added processes outlive the init until
+/// berthd kills them: their `exit`s still come before the init's, the container's last event.
+#[tokio::test(flavor = "multi_thread")]
+async fn added_processes_outliving_their_init_exit_before_it() {
+    within(async {
+        let mut d = daemon!();
+        let bundle = Bundle::new(&["sleep", "1000"]);
+        bundle.share_the_hosts_pids();
+        let mut events = d.events().await;
+        for round in 0..3 {
+            let id = id(&format!("outlived-{round}"));
+            let init = d.create(create_req(&id, &bundle)).await;
+            let added = [
+                d.exec(exec_req(&id, &["sleep", "1000"])).await,
+                d.exec(exec_req(&id, &["sleep", "1000"])).await,
+            ];
+            d.signal(&id, init, SIGKILL).await;
+            let seen = events_until_exit(&mut events, &id, init).await;
+            // Anything published for it after its exit comes before a later container's start.
+            let later = d
+                .run(&format!("after-outlived-{round}"), &["sleep", "1000"])
+                .await;
+            let mut after = Vec::new();
+            loop {
+                let event = events.next().await;
+                if event.id == later.id {
+                    break;
+                }
+                if event.id == id {
+                    after.push(event);
+                }
+            }
+            assert_eq!(after, [], "round {round}: events after the init's exit");
+            let exits: Vec<(u32, u32)> = seen
+                .iter()
+                .filter(|e| e.r#type == "exit")
+                .map(|e| (e.pid, e.status))
+                .collect();
+            let mut added_exits = exits[..exits.len() - 1].to_vec();
+            added_exits.sort();
+            let mut expected: Vec<(u32, u32)> = added.iter().map(|&p| (p, 137)).collect();
+            expected.sort();
+            assert_eq!(added_exits, expected, "round {round}: {seen:#?}");
+            assert_eq!(exits.last(), Some(&(init, 137)), "round {round}: {seen:#?}");
+            d.kill_container(&mut events, &later.id, later.pid).await;
+            d.assert_gone(&id).await;
+        }
+        d.assert_no_zombies().await;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_sees_only_what_happens_after_it_subscribed() {
     within(async {
