@@ -200,10 +200,15 @@ fn exec(argv: &[String], stdio: [StdioSpec; 3], fds: Vec<OwnedFd>) -> Result<Sta
     let Some((program, args)) = argv.split_first() else {
         return Err("empty argv".into());
     };
-    // A group of its own, so a timeout kills what the command started as well.
+    // A group of its own, so a timeout kills what the command started as well. Without the
+    // service manager's variables berthd keeps for itself (notify): given `NOTIFY_SOCKET`, runc
+    // passes it into the container and waits for a `READY=1` the container never sends.
     let mut command = Command::new(program);
     command
         .args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .process_group(0)
         .stdin(stdin)
         .stdout(stdout)

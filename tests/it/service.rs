@@ -152,12 +152,17 @@ async fn readiness_watchdog_and_stop_reach_the_notify_socket() {
         let notify = path_str(&path);
         let mut d = daemon!(Options {
             env: &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+            // A runtime given the notify socket waits for the container's READY=1, in vain.
+            args: &["--runtime-timeout", "10"],
             ..Options::default()
         });
         let ready = read_until(&socket, "READY=1");
         assert!(ready.contains(&format!("MAINPID={}", d.pid())), "{ready}");
         // Ready means serving: a request answers at once.
         d.state().await;
+        let mut events = d.events().await;
+        let ctr = d.run("notified", &["sleep", "1000"]).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         read_until(&socket, "WATCHDOG=1");
         read_until(&socket, "WATCHDOG=1");
         // An upgrade: RELOADING=1 from the old image, READY=1 from the new one, same pid.
@@ -171,6 +176,9 @@ async fn readiness_watchdog_and_stop_reach_the_notify_socket() {
         assert!(ready.contains(&format!("MAINPID={}", d.pid())), "{ready}");
         d.client = d.connect().await;
         d.state().await;
+        let mut events = d.events().await;
+        let ctr = d.run("notified-after-upgrade", &["sleep", "1000"]).await;
+        d.kill_container(&mut events, &ctr.id, ctr.pid).await;
         let status = d.stop();
         assert!(status.success(), "{status}");
         read_until(&socket, "STOPPING=1");
