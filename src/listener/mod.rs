@@ -8,10 +8,12 @@
 //! answering pings, and the per-uid limit, at most half of the connections in effect, keeps one
 //! client's connections from taking every place meanwhile. Two uids can still take them all, so
 //! uid 0 has [`ROOT_PLACES`] of its own beyond the limit: the operator always gets in.
-//! When every place is held by connections that have spoken, a new one from a uid other than 0
-//! is closed at once (waiting for a place, it would hold up the accept loop, and so root, for as
-//! long as the others keep theirs); one from uid 0 past its own places waits (beyond the limit
-//! by one) for a place. Accept errors (EMFILE, ENFILE, ENOMEM) back off instead of spinning.
+//! When every place is held, root takes one of its own if one is free; otherwise a connection
+//! still silent gives way (root's own places only to root's next). When every place is held by
+//! connections that have spoken, a new one from a uid other than 0 is closed at once (waiting
+//! for a place, it would hold up the accept loop, and so root, for as long as the others keep
+//! theirs); one from uid 0 past its own places waits (beyond the limit by one) for a place of
+//! either kind. Accept errors (EMFILE, ENFILE, ENOMEM) back off instead of spinning.
 //!
 //! Owns: the accept loop and its limits. [`accept`] yields each connection's [`ApiSocket`] with
 //! its permit, so whatever wraps a stream (an `:authority` rewriter) composes between it and
@@ -191,11 +193,42 @@ pub struct Accepted {
     pub permit: ConnectionPermit,
 }
 
-/// Connections accepted but still silent, oldest first: each can be told to give up its place.
+/// Which semaphore a connection's place came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// One of `--max-connections`.
+    Shared,
+    /// One of uid 0's own, beyond them.
+    Root,
+}
+
+/// A connection accepted but still silent, which can be told to give up its place.
+struct SilentConnection {
+    key: u64,
+    pool: Pool,
+    evict: oneshot::Sender<()>,
+}
+
+/// Connections accepted but still silent, oldest first.
 #[derive(Default)]
 struct Silent {
     next: u64,
-    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+    waiting: VecDeque<SilentConnection>,
+}
+
+impl Silent {
+    /// Tells the oldest silent connection whose place a new one from uid 0 (`for_root`) or from
+    /// another uid may take to give it up, and returns the pool that place goes back to. Root's
+    /// own places go only to root: a place waited for in the other pool would never come.
+    fn evict_oldest(&mut self, for_root: bool) -> Option<Pool> {
+        let at = self
+            .waiting
+            .iter()
+            .position(|c| for_root || c.pool == Pool::Shared)?;
+        let connection = self.waiting.remove(at)?;
+        let _ = connection.evict.send(());
+        Some(connection.pool)
+    }
 }
 
 /// Accepts connections on `listener`, a listening unix socket, within `limits` until the
@@ -278,23 +311,27 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match Arc::clone(&places).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
+        let free = Arc::clone(&places)
+            .try_acquire_owned()
+            .map(|permit| (permit, Pool::Shared))
+            .ok()
+            .or_else(|| {
+                (uid == 0)
+                    .then(|| Arc::clone(&root_places).try_acquire_owned().ok())
+                    .flatten()
+                    .map(|permit| (permit, Pool::Root))
+            });
+        let (permit, pool) = match free {
+            Some(place) => place,
+            None => {
                 // Full: the oldest silent connection makes room for this one; if none is silent,
-                // root takes one of its own places, or waits until a connection closes (new ones
-                // queue in the socket's backlog); another uid's is closed.
+                // root waits until a connection closes (new ones queue in the socket's backlog);
+                // another uid's is closed.
                 let evicted = silent
                     .lock()
                     .expect("silent lock poisoned")
-                    .waiting
-                    .pop_front();
-                let own_place = if let Some((_, evict)) = evicted {
-                    let _ = evict.send(());
-                    None
-                } else if uid == 0 {
-                    Arc::clone(&root_places).try_acquire_owned().ok()
-                } else {
+                    .evict_oldest(uid == 0);
+                if evicted.is_none() && uid != 0 {
                     let now = Instant::now();
                     if warned_full.is_none_or(|at| now - at >= REFUSAL_LOG_EVERY) {
                         warned_full = Some(now);
@@ -305,16 +342,17 @@ async fn accept_loop(
                         );
                     }
                     continue;
+                }
+                let shared = async { (Arc::clone(&places).acquire_owned().await, Pool::Shared) };
+                let root = async { (Arc::clone(&root_places).acquire_owned().await, Pool::Root) };
+                let place = tokio::select! {
+                    place = shared, if evicted != Some(Pool::Root) => place,
+                    place = root, if evicted != Some(Pool::Shared) => place,
+                    () = accepted.closed() => return,
                 };
-                match own_place {
-                    Some(permit) => permit,
-                    None => tokio::select! {
-                        permit = Arc::clone(&places).acquire_owned() => match permit {
-                            Ok(permit) => permit,
-                            Err(_) => return,
-                        },
-                        () = accepted.closed() => return,
-                    },
+                match place {
+                    (Ok(permit), pool) => (permit, pool),
+                    (Err(_), _) => return,
                 }
             }
         };
@@ -323,7 +361,9 @@ async fn accept_loop(
             let mut silent = silent.lock().expect("silent lock poisoned");
             let key = silent.next;
             silent.next += 1;
-            silent.waiting.push_back((key, evict));
+            silent
+                .waiting
+                .push_back(SilentConnection { key, pool, evict });
             key
         };
         let silent = Arc::clone(&silent);
@@ -339,7 +379,7 @@ async fn accept_loop(
             let listed = {
                 let mut silent = silent.lock().expect("silent lock poisoned");
                 let before = silent.waiting.len();
-                silent.waiting.retain(|(k, _)| *k != key);
+                silent.waiting.retain(|c| c.key != key);
                 silent.waiting.len() < before
             };
             if spoke && listed {
@@ -518,6 +558,46 @@ mod tests {
             "its place was given back"
         );
         drop(own);
+    }
+
+    /// With every shared place held, root's connections arriving together take root's own
+    /// places, and once those are taken, a newer one takes the place of root's oldest still
+    /// silent. Waiting for a shared place instead, the accept loop stopped until one was given
+    /// back, with root's own places free. Runs as root only (the uid decides the pool).
+    #[tokio::test]
+    async fn roots_connections_arriving_together_take_roots_own_places() {
+        if !rustix::process::getuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bound(&dir);
+        let limits = Limits {
+            max_connections: 1,
+            max_per_uid: 1,
+            root_places: 2,
+            handshake_timeout: Duration::from_secs(10),
+            request_bytes_per_uid: 1 << 20,
+            answer_bytes_per_uid: 1 << 20,
+        };
+        let mut incoming = accept(listener, limits).unwrap();
+        let mut member = UnixStream::connect(&path).await.unwrap();
+        member.write_all(b"m").await.unwrap();
+        let _held = next(&mut incoming).await.expect("the shared place");
+        let mut oldest = UnixStream::connect(&path).await.unwrap();
+        let mut burst = Vec::new();
+        for _ in 0..2 {
+            burst.push(UnixStream::connect(&path).await.unwrap());
+        }
+        for stream in &mut burst {
+            stream.write_all(b"r").await.unwrap();
+        }
+        for n in 0..2 {
+            assert!(
+                next(&mut incoming).await.is_some(),
+                "root's connection {n} got no place"
+            );
+        }
+        assert!(closed(&mut oldest).await, "the oldest silent one stayed");
     }
 
     #[test]
