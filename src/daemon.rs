@@ -96,9 +96,10 @@ pub async fn run(
             if !config.socket_activated {
                 let _ = std::fs::remove_file(&config.listen);
             }
-            // A unix socket the metrics endpoint bound, as the API's is removed.
+            // A unix socket the metrics endpoint bound, as the API's is removed (only a socket:
+            // a start that failed may have refused a file there).
             if let Some(path) = config.metrics_listen.as_ref().filter(|a| a.contains('/')) {
-                let _ = std::fs::remove_file(path);
+                let _ = crate::listener::remove_stale_socket(Path::new(path));
             }
             stopped.map(|_| Exit::Stopped)
         }
@@ -581,16 +582,12 @@ impl SocketLock {
         })
     }
 
-    /// Binds the socket afresh, replacing a stale socket file: mode 0660, owned by `group` (a
+    /// Binds the socket afresh, replacing a stale socket file (nothing else): mode 0660, owned by `group` (a
     /// name or a numeric gid).
     pub fn bind(&self, group: &str) -> Result<UnixListener> {
         let path = &self.listen;
         // We hold the socket's lock, so a socket file left there is stale.
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(path, e)),
-        }
+        crate::listener::remove_stale_socket(path)?;
         let gid = group_id(group)?;
         let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))

@@ -304,11 +304,7 @@ impl Listener {
     pub async fn bind(addr: &str) -> Result<Listener> {
         if addr.contains('/') {
             // A socket file left by a berthd that died; the caller holds berthd's locks.
-            match std::fs::remove_file(addr) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(addr, e)),
-            }
+            crate::listener::remove_stale_socket(std::path::Path::new(addr))?;
             let listener = tokio::net::UnixListener::bind(addr).map_err(|e| Error::io(addr, e))?;
             return Ok(Listener::Unix(listener));
         }

@@ -15,7 +15,7 @@
 //! theirs); one from uid 0 past its own places waits (beyond the limit by one) for a place of
 //! either kind. Accept errors (EMFILE, ENFILE, ENOMEM) back off instead of spinning.
 //!
-//! Owns: the accept loop and its limits. [`accept`] yields each connection's [`ApiSocket`] with
+//! Owns: the accept loop and its limits, and clearing a stale socket file before a bind. [`accept`] yields each connection's [`ApiSocket`] with
 //! its permit, so whatever wraps a stream (an `:authority` rewriter) composes between it and
 //! [`Limited`], which holds the permit for the connection's life.
 //! Does not own: HTTP/2 (tonic and h2: streams per connection, keepalive, message sizes).
@@ -23,6 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -34,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::error::{Error, Result};
 use crate::model::AnswerBytes;
 
 #[allow(unsafe_code)]
@@ -390,6 +392,24 @@ async fn accept_loop(
                 let _ = accepted.send(Ok(Accepted { socket, permit })).await;
             }
         });
+    }
+}
+
+/// Removes the socket file a berthd that died left at `path` (the caller holds the lock that
+/// makes it stale), so a listener can be bound there. Anything else at `path` (a file given by
+/// mistake, a directory, a link) is left alone and refused.
+pub fn remove_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))
+        }
+        Ok(_) => Err(Error::FailedPrecondition(format!(
+            "{} exists and is not a socket: refusing to replace it with berthd's (remove it or listen elsewhere)",
+            path.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
     }
 }
 

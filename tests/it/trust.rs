@@ -1276,6 +1276,46 @@ async fn a_symlinked_lock_file_is_left_untouched() {
     .await
 }
 
+/// `--listen` (or `--metrics-listen`) naming a file by mistake: berthd replaced it with its
+/// socket, deleting the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listen_path_that_is_not_a_socket_is_refused_and_kept() {
+    within(async {
+        if !ready() {
+            return;
+        }
+        let dir = tempfile::TempDir::new().unwrap();
+        let file = dir.path().join("notes");
+        fs::write(&file, "precious").unwrap();
+        let link = dir.path().join("link");
+        symlink(&file, &link).unwrap();
+        for (flag, path) in [
+            ("--listen", &file),
+            ("--listen", &link),
+            ("--metrics-listen", &file),
+        ] {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_berthd"));
+            command.arg("--state-dir").arg(dir.path().join("state"));
+            if flag == "--listen" {
+                command.arg("--listen").arg(path);
+            } else {
+                command
+                    .arg("--listen")
+                    .arg(dir.path().join("berth.sock"))
+                    .arg("--metrics-listen")
+                    .arg(path);
+            }
+            let out = command.output().expect("run berthd");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "berthd started at {flag} {path:?}");
+            assert!(stderr.contains("is not a socket"), "{stderr}");
+            assert_eq!(fs::read_to_string(&file).unwrap(), "precious");
+            assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_whose_preflight_hangs_or_fails_is_refused() {
     within(async {
