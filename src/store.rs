@@ -218,11 +218,9 @@ impl Store {
             if !name.ends_with(".json") {
                 continue;
             }
-            let parsed = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    serde_json::from_slice::<ContainerRecord>(&bytes).map_err(|e| e.to_string())
-                });
+            let parsed = read_record_file(&path).and_then(|bytes| {
+                serde_json::from_slice::<ContainerRecord>(&bytes).map_err(|e| e.to_string())
+            });
             match parsed {
                 Ok(record) if name == format!("{}.json", record.id) => records.push(record),
                 Ok(record) => tracing::error!(
@@ -310,6 +308,52 @@ fn write_in_order(
             Job::Flush(done) => done.send(()),
         }
     }
+}
+
+/// The most bytes a state file may hold: far more than any record (a container's process
+/// specs, each within a request's size), far less than would hurt to read.
+const MAX_RECORD_BYTES: u64 = 64 << 20;
+
+/// A state file's bytes, if it is a regular file within [`MAX_RECORD_BYTES`]. Opened without
+/// following a link and without blocking, so a link or a FIFO put in its place is refused
+/// rather than followed or waited on for ever.
+fn read_record_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => "a symbolic link, not a state file".to_owned(),
+            _ => e.to_string(),
+        })?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("{what}, not a state file"));
+    }
+    if meta.len() > MAX_RECORD_BYTES {
+        return Err(format!(
+            "{} bytes, more than a state file holds ({MAX_RECORD_BYTES})",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_RECORD_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err(format!(
+            "more than {MAX_RECORD_BYTES} bytes, more than a state file holds"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn record_path(dir: &Path, id: &str) -> PathBuf {
@@ -430,6 +474,43 @@ mod tests {
         assert!(!path.exists());
         store.remove("a");
         store.flush().await;
+    }
+
+    /// What is not a record is skipped without being followed, waited on or read whole: a
+    /// FIFO (read, it blocked berthd's start for ever), a link to a valid record elsewhere, a
+    /// file far larger than any record.
+    #[tokio::test]
+    async fn only_regular_files_of_a_records_size_are_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let containers = dir.path().join("containers");
+        let store = Store::open(containers.clone(), HandBack::start().unwrap()).unwrap();
+        store.write_flushed(record("a", 10)).await;
+        let elsewhere = dir.path().join("b.json");
+        std::fs::write(&elsewhere, serde_json::to_vec(&record("b", 11)).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, containers.join("b.json")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            containers.join("c.json"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let huge = std::fs::File::create(containers.join("d.json")).unwrap();
+        huge.set_len(MAX_RECORD_BYTES + 1).unwrap();
+        // On a thread of its own, which a wait on the FIFO would leave behind, not hang on.
+        let (loaded, loading) = std::sync::mpsc::channel();
+        std::thread::spawn(move || loaded.send(store.load_all().unwrap()));
+        let loaded = loading
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading waited on the FIFO");
+        assert_eq!(loaded, vec![record("a", 10)]);
+        for name in ["b.json", "c.json", "d.json"] {
+            assert!(
+                containers.join(name).symlink_metadata().is_ok(),
+                "{name} kept"
+            );
+        }
     }
 
     #[tokio::test]
