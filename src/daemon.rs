@@ -582,8 +582,8 @@ impl SocketLock {
         })
     }
 
-    /// Binds the socket afresh, replacing a stale socket file (nothing else): mode 0660, owned by `group` (a
-    /// name or a numeric gid).
+    /// Binds the socket afresh, replacing a stale socket file (nothing else): mode 0660, owned
+    /// by `group` (a name or a numeric gid).
     pub fn bind(&self, group: &str) -> Result<UnixListener> {
         let path = &self.listen;
         // We hold the socket's lock, so a socket file left there is stale.

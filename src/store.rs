@@ -218,9 +218,11 @@ impl Store {
             if !name.ends_with(".json") {
                 continue;
             }
-            let parsed = read_record_file(&path).and_then(|bytes| {
-                serde_json::from_slice::<ContainerRecord>(&bytes).map_err(|e| e.to_string())
-            });
+            let parsed = read_state_file(&path, MAX_RECORD_BYTES)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    serde_json::from_slice::<ContainerRecord>(&bytes).map_err(|e| e.to_string())
+                });
             match parsed {
                 Ok(record) if name == format!("{}.json", record.id) => records.push(record),
                 Ok(record) => tracing::error!(
@@ -314,21 +316,23 @@ fn write_in_order(
 /// specs, each within a request's size), far less than would hurt to read.
 const MAX_RECORD_BYTES: u64 = 64 << 20;
 
-/// A state file's bytes, if it is a regular file within [`MAX_RECORD_BYTES`]. Opened without
-/// following a link and without blocking, so a link or a FIFO put in its place is refused
-/// rather than followed or waited on for ever.
-fn read_record_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
+/// The bytes of a file in berthd's state directory (a record, a held checkpoint entry), if it
+/// is a regular file of at most `limit` bytes. Opened without following a link and without
+/// blocking, so a link or a FIFO put in its place is refused rather than followed or waited on
+/// for ever.
+pub(crate) fn read_state_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let refused = |what: String| Error::Internal(format!("{}: {what}", path.display()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => "a symbolic link, not a state file".to_owned(),
-            _ => e.to_string(),
+            Some(libc::ELOOP) => refused("a symbolic link, not a state file".to_owned()),
+            _ => Error::io(path, e),
         })?;
-    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     let kind = meta.file_type();
     if !kind.is_file() {
         let what = if kind.is_fifo() {
@@ -336,22 +340,22 @@ fn read_record_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
         } else {
             "not a regular file"
         };
-        return Err(format!("{what}, not a state file"));
+        return Err(refused(format!("{what}, not a state file")));
     }
-    if meta.len() > MAX_RECORD_BYTES {
-        return Err(format!(
-            "{} bytes, more than a state file holds ({MAX_RECORD_BYTES})",
+    if meta.len() > limit {
+        return Err(refused(format!(
+            "{} bytes, more than a state file holds ({limit})",
             meta.len()
-        ));
+        )));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_RECORD_BYTES + 1)
+    file.take(limit + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > MAX_RECORD_BYTES {
-        return Err(format!(
-            "more than {MAX_RECORD_BYTES} bytes, more than a state file holds"
-        ));
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(refused(format!(
+            "more than {limit} bytes, more than a state file holds"
+        )));
     }
     Ok(bytes)
 }

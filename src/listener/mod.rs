@@ -15,9 +15,10 @@
 //! theirs); one from uid 0 past its own places waits (beyond the limit by one) for a place of
 //! either kind. Accept errors (EMFILE, ENFILE, ENOMEM) back off instead of spinning.
 //!
-//! Owns: the accept loop and its limits, and clearing a stale socket file before a bind. [`accept`] yields each connection's [`ApiSocket`] with
-//! its permit, so whatever wraps a stream (an `:authority` rewriter) composes between it and
-//! [`Limited`], which holds the permit for the connection's life.
+//! Owns: the accept loop and its limits, and clearing a stale socket file before a bind.
+//! [`accept`] yields each connection's [`ApiSocket`] with its permit, so whatever wraps a stream
+//! (an `:authority` rewriter) composes between it and [`Limited`], which holds the permit for
+//! the connection's life.
 //! Does not own: HTTP/2 (tonic and h2: streams per connection, keepalive, message sizes).
 
 use std::collections::{HashMap, VecDeque};
@@ -313,16 +314,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        let free = Arc::clone(&places)
-            .try_acquire_owned()
-            .map(|permit| (permit, Pool::Shared))
-            .ok()
-            .or_else(|| {
-                (uid == 0)
-                    .then(|| Arc::clone(&root_places).try_acquire_owned().ok())
-                    .flatten()
-                    .map(|permit| (permit, Pool::Root))
-            });
+        let free = match Arc::clone(&places).try_acquire_owned() {
+            Ok(permit) => Some((permit, Pool::Shared)),
+            Err(_) if uid == 0 => Arc::clone(&root_places)
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| (permit, Pool::Root)),
+            Err(_) => None,
+        };
         let (permit, pool) = match free {
             Some(place) => place,
             None => {

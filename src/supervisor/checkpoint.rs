@@ -300,7 +300,7 @@ impl HeldLedger {
                 ),
             }
             // Unless a hold wrote it again meanwhile.
-            if std::fs::read(&path).is_ok_and(|now| now == bytes) {
+            if crate::store::read_state_file(&path, MAX_ENTRY_BYTES).is_ok_and(|now| now == bytes) {
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -309,10 +309,7 @@ impl HeldLedger {
 
 /// An entry and its bytes as read.
 fn read_entry(path: &Path) -> Result<(HeldEntry, Vec<u8>)> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_ENTRY_BYTES).read_to_end(&mut bytes))
-        .map_err(|e| Error::io(path, e))?;
+    let bytes = crate::store::read_state_file(path, MAX_ENTRY_BYTES)?;
     let entry = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
     Ok((entry, bytes))
